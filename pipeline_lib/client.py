@@ -1,0 +1,127 @@
+"""Query the served ensemble with raw, untransformed feature rows over HTTP or gRPC (tritonclient)."""
+from __future__ import annotations
+
+from typing import Iterable, Literal, Mapping, Optional, Union
+
+import numpy as np
+import pandas as pd
+
+Protocol = Literal["http", "grpc"]
+
+_NP = {
+    "BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
+}
+
+
+class RequestError(ValueError):
+    """A request could not be built from the given rows (names the offending field)."""
+
+
+class RecsysClient:
+    """Sends raw rows to the Triton ensemble; the server applies the fitted workflow + model."""
+
+    def __init__(self, url: str, protocol: Protocol = "http", model_name: str = "recsys", timeout_s: float = 60.0):
+        if protocol == "http":
+            import tritonclient.http as tc
+
+            self._client = tc.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        elif protocol == "grpc":
+            import tritonclient.grpc as tc
+        else:
+            raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+        if protocol == "grpc":
+            self._client = tc.InferenceServerClient(url)
+        self._tc = tc
+        self.protocol = protocol
+        self.model_name = model_name
+        self._inputs: Optional[dict[str, str]] = None
+        self._outputs: Optional[list[str]] = None
+
+    def _metadata(self) -> None:
+        if self._inputs is not None:
+            return
+        md = self._client.get_model_metadata(self.model_name)
+        if self.protocol == "grpc":
+            inputs = [(i.name, i.datatype) for i in md.inputs]
+            outputs = [o.name for o in md.outputs]
+        else:
+            inputs = [(i["name"], i["datatype"]) for i in md["inputs"]]
+            outputs = [o["name"] for o in md["outputs"]]
+        self._inputs, self._outputs = dict(inputs), outputs
+
+    @property
+    def raw_columns(self) -> list[str]:
+        """The raw feature names the served model expects (list features without suffixes)."""
+        self._metadata()
+        names = []
+        for n in self._inputs:
+            base = n.rsplit("__", 1)[0] if n.endswith(("__values", "__offsets")) else n
+            if base not in names:
+                names.append(base)
+        return names
+
+    def build_inputs(self, rows: Union[pd.DataFrame, Iterable[Mapping]]) -> list:
+        self._metadata()
+        df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+        missing = [c for c in self.raw_columns if c not in df.columns]
+        if missing:
+            raise RequestError(f"request is missing field(s) {missing}; the model expects {self.raw_columns}")
+        arrays: dict[str, np.ndarray] = {}
+        for name, dtype in self._inputs.items():
+            if name.endswith("__values") or name.endswith("__offsets"):
+                base = name.rsplit("__", 1)[0]
+                values, offsets = _ragged(df[base], base)
+                arr = values if name.endswith("__values") else offsets
+            else:
+                arr = df[name].to_numpy()
+            arrays[name] = _cast(arr, dtype, name)
+        inputs = []
+        for name, arr in arrays.items():
+            inp = self._tc.InferInput(name, list(arr.shape), self._inputs[name])
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        return inputs
+
+    def predict(self, rows: Union[pd.DataFrame, Iterable[Mapping]]) -> np.ndarray:
+        """Scores (one per row) for raw feature rows."""
+        inputs = self.build_inputs(rows)
+        outputs = [self._tc.InferRequestedOutput(n) for n in self._outputs]
+        result = self._client.infer(self.model_name, inputs, outputs=outputs)
+        return np.asarray(result.as_numpy(self._outputs[0])).reshape(-1)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "RecsysClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _ragged(col: pd.Series, name: str) -> tuple[np.ndarray, np.ndarray]:
+    lists = []
+    for i, v in enumerate(col):
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            v = []
+        if not isinstance(v, (list, tuple, np.ndarray)):
+            raise RequestError(f"field '{name}' row {i}: expected a list, got {type(v).__name__} {v!r}")
+        lists.append(np.asarray(v))
+    lengths = np.array([len(v) for v in lists], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = np.concatenate(lists) if lengths.sum() else np.array([], dtype=np.int64)
+    return values, offsets
+
+
+def _cast(arr: np.ndarray, triton_dtype: str, name: str) -> np.ndarray:
+    target = _NP.get(triton_dtype)
+    if target is None:
+        raise RequestError(f"field '{name}': unsupported server datatype {triton_dtype}")
+    if target is np.object_:
+        return np.array([str(x).encode("utf-8") if not isinstance(x, bytes) else x for x in arr], dtype=np.object_)
+    try:
+        return np.asarray(arr).astype(target)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(f"field '{name}': cannot cast values to {triton_dtype}: {exc}") from exc

@@ -1,0 +1,139 @@
+"""Stage 3 -- validated -> transformed + schema: the NVTabular workflow.
+
+The workflow is built from the run's column roles, fitted on the training split only, and
+applied to train and validation. Output: parquet with its Merlin ``schema.pbtxt`` + the fitted workflow (``workflow/``). GPU (cudf + dask-cuda
+LocalCUDACluster) is used when a GPU is visible, pandas/dask otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from pipeline_lib.config import ColumnsConfig, EtlConfig, FeatureKind, FeatureSide, SplitConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitPaths:
+    train: Path
+    valid: Path
+
+
+@dataclass
+class EtlOutput:
+    workflow_dir: Path
+    train_dir: Path
+    valid_dir: Path
+    schema_path: Path
+    device: str
+
+
+def split_raw(raw_path: Path, split: SplitConfig, columns: ColumnsConfig, seed: int, out_dir: Path) -> SplitPaths:
+    """Split the raw table into train/valid parquet (random by seed, or by time)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = pd.read_parquet(raw_path)
+    if split.method == "time":
+        if not columns.timestamp or columns.timestamp not in df.columns:
+            raise ValueError("split.method=time needs columns.timestamp present in the data")
+        cut = df[columns.timestamp].quantile(1.0 - split.valid_fraction)
+        is_valid = (df[columns.timestamp] > cut).to_numpy()
+    else:
+        is_valid = np.random.default_rng(seed).random(len(df)) < split.valid_fraction
+    paths = SplitPaths(out_dir / "train.parquet", out_dir / "valid.parquet")
+    df.loc[~is_valid].reset_index(drop=True).to_parquet(paths.train, index=False)
+    df.loc[is_valid].reset_index(drop=True).to_parquet(paths.valid, index=False)
+    return paths
+
+
+def to_float32(col):
+    """Models take float32; NVTabular's Normalize emits float64 (module-level: picklable)."""
+    return col.astype("float32")
+
+
+def build_workflow(columns: ColumnsConfig):
+    """Build (unfitted) NVTabular workflow from column roles, with Merlin tags."""
+    import nvtabular as nvt
+    from merlin.schema import Tags
+
+    side_tags = {FeatureSide.user: [Tags.USER], FeatureSide.item: [Tags.ITEM], FeatureSide.context: [Tags.CONTEXT]}
+
+    user_id = [columns.user_id] >> nvt.ops.Categorify() >> nvt.ops.TagAsUserID()
+    item_id = [columns.item_id] >> nvt.ops.Categorify() >> nvt.ops.TagAsItemID()
+    outputs = user_id + item_id
+
+    for f in columns.features:
+        if f.kind in (FeatureKind.categorical, FeatureKind.list):
+            node = [f.name] >> nvt.ops.Categorify(freq_threshold=f.freq_threshold)
+        else:
+            node = [f.name] >> nvt.ops.FillMissing(fill_val=0.0)
+            if f.log:
+                node = node >> nvt.ops.LogOp()
+            node = node >> nvt.ops.Normalize() >> nvt.ops.LambdaOp(to_float32, dtype="float32")
+            node = node >> nvt.ops.AddTags([Tags.CONTINUOUS])
+        outputs = outputs + (node >> nvt.ops.AddTags(side_tags[f.side]))
+
+    label = [columns.label] >> nvt.ops.AddTags([Tags.BINARY_CLASSIFICATION, Tags.TARGET])
+    outputs = outputs + label
+    return nvt.Workflow(outputs)
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' -> 'gpu' when a GPU is visible (merlin's HAS_GPU), else 'cpu'."""
+    from merlin.core.compat import HAS_GPU
+
+    if requested == "gpu" and not HAS_GPU:
+        raise RuntimeError("etl.device=gpu but no GPU is visible (merlin.core.compat.HAS_GPU is False)")
+    if requested == "auto":
+        return "gpu" if HAS_GPU else "cpu"
+    return requested
+
+
+@contextlib.contextmanager
+def _dask_context(device: str) -> Iterator[None]:
+    """On GPU, run NVTabular on a dask-cuda LocalCUDACluster; on CPU use the in-process scheduler."""
+    if device != "gpu":
+        yield
+        return
+    from dask.distributed import Client
+    from dask_cuda import LocalCUDACluster
+
+    with LocalCUDACluster() as cluster, Client(cluster):
+        log.info("NVTabular on GPU: %s", cluster)
+        yield
+
+
+def fit_transform(
+    columns: ColumnsConfig, etl: EtlConfig, split: SplitPaths, out_dir: Path
+) -> EtlOutput:
+    """Fit the workflow on train, transform train and valid, save workflow + schema."""
+    import nvtabular as nvt
+    from merlin.io import Dataset
+
+    device = resolve_device(etl.device)
+    cpu = device == "cpu"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workflow = build_workflow(columns)
+    with _dask_context(device):
+        train_ds = Dataset(str(split.train), engine="parquet", part_size=etl.part_size, cpu=cpu)
+        valid_ds = Dataset(str(split.valid), engine="parquet", part_size=etl.part_size, cpu=cpu)
+        workflow.fit(train_ds)
+        train_dir, valid_dir = out_dir / "train", out_dir / "valid"
+        workflow.transform(train_ds).to_parquet(str(train_dir), output_files=1)
+        workflow.transform(valid_ds).to_parquet(str(valid_dir), output_files=1)
+    workflow_dir = out_dir / "workflow"
+    workflow.save(str(workflow_dir))
+    # Dataset.to_parquet writes the Merlin schema (schema.pbtxt) beside the data.
+    return EtlOutput(workflow_dir, train_dir, valid_dir, train_dir / "schema.pbtxt", device)
+
+
+def load_workflow(workflow_dir: Path):
+    import nvtabular as nvt
+
+    return nvt.Workflow.load(str(workflow_dir))

@@ -1,0 +1,242 @@
+"""Stage 5 -- workflow + model -> ensemble: a merlin-systems ensemble in a Triton model repository.
+
+The ensemble is ``raw columns >> fitted workflow (label removed) >> model``. Both steps run
+in-process inside Triton's python backend (merlin-systems' ``executor_model``), so the
+repository needs no TensorFlow backend (Triton dropped it in 25.03 and the CPU server here has
+none) and no BLS hop between models. merlin-systems swaps ops by *exact* type at export, so
+the subclasses below are left in place; they save their own artifacts (workflow, SavedModel)
+inside the version directory, which makes each version self-contained and relocatable.
+
+Before anything is written, the ensemble's in-process output is compared with the offline
+path (NVTabular ``Workflow.transform`` + the Keras model's ``predict``) on a raw sample; after
+writing, the *exported* copy is loaded back and checked the same way. A version only appears
+in the repository (atomically, via rename) when both checks pass.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from merlin.systems.dag.ops.tensorflow import PredictTensorflow  # sets protobuf impl; import first
+from merlin.systems.dag.ops.workflow import TransformWorkflow
+
+log = logging.getLogger(__name__)
+
+ENSEMBLE_SUBDIR = "ensemble"
+
+
+class ParityError(AssertionError):
+    """The ensemble does not reproduce offline predictions."""
+
+
+class InProcessWorkflow(TransformWorkflow):
+    """TransformWorkflow that runs inside the executor model instead of a separate Triton model.
+
+    The workflow is stored as an artifact (``ensemble/workflow``) rather than inside the
+    ensemble pickle, so Categorify's vocabulary files travel with the version directory.
+    """
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "workflow"}
+
+    def save_artifacts(self, artifact_path: str) -> None:
+        self.workflow.save(os.path.join(artifact_path, "workflow"))
+
+    def load_artifacts(self, artifact_path: str) -> None:
+        import nvtabular as nvt
+
+        if not artifact_path:  # merlin.dag.Graph() calls load_artifacts("") on construction
+            return
+
+        self.workflow = nvt.Workflow.load(os.path.join(artifact_path, "workflow"))
+
+    def compute_output_schema(self, input_schema, col_selector, prev_output_schema=None):
+        return self.output_schema
+
+
+class InProcessTensorflow(PredictTensorflow):
+    """PredictTensorflow that calls the SavedModel's serving signature in-process."""
+
+    def __init__(self, model_path: str | os.PathLike):
+        super().__init__(str(model_path))
+        self._bind(self.model)
+
+    def _bind(self, model) -> None:
+        self.model = model
+        self._signature = model.signatures["serving_default"]
+        self._input_dtypes = {k: v.dtype for k, v in self._signature.structured_input_signature[1].items()}
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("model", "_signature", "_input_dtypes")}
+
+    def save_artifacts(self, artifact_path: str) -> None:
+        dst = os.path.join(artifact_path, "model")
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        shutil.copytree(self.path, dst)
+
+    def load_artifacts(self, artifact_path: str) -> None:
+        import tensorflow as tf
+
+        if not artifact_path:
+            return
+
+        self._bind(tf.saved_model.load(os.path.join(artifact_path, "model")))
+
+    def transform(self, col_selector, transformable):
+        import tensorflow as tf
+        from merlin.table import TensorTable
+
+        if not isinstance(transformable, TensorTable):
+            transformable = TensorTable.from_df(transformable)
+        arrays = transformable.to_dict()
+        inputs = {}
+        for name, dtype in self._input_dtypes.items():
+            if name not in arrays:
+                raise KeyError(f"model input '{name}' not produced by the workflow")
+            inputs[name] = tf.convert_to_tensor(np.asarray(arrays[name]), dtype=dtype)
+        outputs = self._signature(**inputs)
+        return type(transformable)({k: np.asarray(outputs[k].numpy()) for k in self.output_schema.column_names})
+
+
+@dataclass
+class ExportOutput:
+    repository: Path
+    model_name: str
+    version: int
+    version_dir: Path
+    output_name: str
+    parity_max_abs_diff: float
+
+
+def build_ensemble(workflow, model_dir: Path, label: str):
+    from merlin.systems.dag import Ensemble
+
+    serving_wf = workflow.remove_inputs([label])
+    graph = serving_wf.input_schema.column_names >> InProcessWorkflow(serving_wf) >> InProcessTensorflow(model_dir)
+    return Ensemble(graph, serving_wf.input_schema)
+
+
+def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, label: str, batch_size: int = 1024) -> np.ndarray:
+    """The training-time path: NVTabular transform of the raw rows, then Keras ``predict``."""
+    import merlin.models.tf as mm
+    import tensorflow as tf
+    from merlin.io import Dataset
+
+    frame = raw.copy()
+    if label not in frame.columns:
+        frame[label] = 0  # the workflow's fitted graph includes the label column
+    transformed = workflow.transform(Dataset(frame, cpu=True)).to_ddf().compute()
+    model = tf.keras.models.load_model(str(model_dir))
+    ds = Dataset(transformed.reset_index(drop=True), schema=workflow.output_schema, cpu=True)
+    loader = mm.Loader(ds, batch_size=batch_size, shuffle=False)
+    return np.asarray(model.predict(loader, verbose=0)).reshape(-1)
+
+
+def ensemble_scores(ensemble, raw: pd.DataFrame) -> np.ndarray:
+    """Run the ensemble in-process on raw rows, as the served executor model does."""
+    from merlin.dag.runtime import Runtime
+    from merlin.table import TensorTable
+
+    cols = ensemble.input_schema.column_names
+    table = raw_to_tensor_table(raw[cols])
+    out = ensemble.transform(table, runtime=Runtime())
+    name = ensemble.output_schema.column_names[0]
+    return np.asarray(out[name].values).reshape(-1)
+
+
+def raw_to_tensor_table(raw: pd.DataFrame):
+    """Raw rows -> TensorTable with ragged list columns (what Triton hands the executor)."""
+    from merlin.table import TensorTable
+
+    cols = {}
+    for name in raw.columns:
+        s = raw[name]
+        if s.dtype == object and len(s) and isinstance(s.iloc[0], (list, tuple, np.ndarray)):
+            lengths = s.map(len).to_numpy()
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            values = np.concatenate([np.asarray(v) for v in s]) if lengths.sum() else np.array([], dtype=np.int64)
+            cols[name] = (values, offsets)
+        else:
+            cols[name] = s.to_numpy()
+    return TensorTable(cols)
+
+
+def _check(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
+    if got.shape != want.shape:
+        raise ParityError(f"{name}: shape {got.shape} != offline {want.shape}")
+    diff = float(np.max(np.abs(got - want))) if len(got) else 0.0
+    if not diff <= atol:
+        raise ParityError(f"{name}: max |ensemble - offline| = {diff:.3g} > {atol}")
+    return diff
+
+
+def next_version(repo: Path, model_name: str) -> int:
+    d = repo / model_name
+    versions = [int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()] if d.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def export_ensemble(
+    workflow_dir: Path,
+    model_dir: Path,
+    sample_raw: pd.DataFrame,
+    label: str,
+    repository: Path,
+    model_name: str,
+    atol: float = 1e-5,
+    run_info: dict | None = None,
+) -> ExportOutput:
+    """Check parity, export into a staging dir, verify the exported copy, then publish atomically."""
+    import nvtabular as nvt
+    from merlin.systems.dag import Ensemble
+
+    workflow = nvt.Workflow.load(str(workflow_dir))
+    ensemble = build_ensemble(workflow, model_dir, label)
+    want = offline_scores(workflow, model_dir, sample_raw, label)
+    diff_inproc = _check("in-process ensemble", ensemble_scores(ensemble, sample_raw), want, atol)
+
+    repository.mkdir(parents=True, exist_ok=True)
+    version = next_version(repository, model_name)
+    # Staging lives inside the repository's parent filesystem so the final move is a rename.
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{model_name}-", dir=repository))
+    try:
+        ensemble.export(str(staging), name=model_name, version=version)
+        version_dir_staged = staging / model_name / str(version)
+        exported = Ensemble.load(str(version_dir_staged / ENSEMBLE_SUBDIR))
+        from merlin.dag import postorder_iter_nodes
+
+        for node in postorder_iter_nodes(exported.graph.output_node, flatten_subgraphs=True):
+            node.op.load_artifacts(str(version_dir_staged / ENSEMBLE_SUBDIR))
+        diff_exported = _check("exported ensemble", ensemble_scores(exported, sample_raw), want, atol)
+        (version_dir_staged / "run_info.json").write_text(
+            json.dumps({**(run_info or {}), "version": version, "parity_max_abs_diff": diff_exported}, indent=2)
+        )
+        _publish(staging / model_name, repository / model_name, version)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportOutput(
+        repository=repository,
+        model_name=model_name,
+        version=version,
+        version_dir=repository / model_name / str(version),
+        output_name=ensemble.output_schema.column_names[0],
+        parity_max_abs_diff=max(diff_inproc, diff_exported),
+    )
+
+
+def _publish(staged_model: Path, target_model: Path, version: int) -> None:
+    """Move a staged model version into the live repository with renames only."""
+    target_model.mkdir(parents=True, exist_ok=True)
+    os.replace(staged_model / str(version), target_model / str(version))
+    tmp_cfg = target_model / ".config.pbtxt.tmp"
+    shutil.copyfile(staged_model / "config.pbtxt", tmp_cfg)
+    os.replace(tmp_cfg, target_model / "config.pbtxt")

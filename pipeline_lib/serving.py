@@ -1,0 +1,188 @@
+"""Stage 6 -- ensemble -> served: run a real Triton Inference Server over the model repository.
+
+On CPU machines the ``tritonserver`` binary comes from the ``nvidia-pytriton`` wheel (Triton
+2.51 with the python backend). On GPU/production, the same repository is served by NVIDIA's
+Triton/Merlin container (``docker/``); :func:`find_tritonserver` prefers a ``tritonserver`` on
+PATH only when ``TRITONSERVER_BIN`` points at it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+@dataclass
+class TritonPaths:
+    binary: Path
+    backend_dir: Path
+    lib_dirs: list[Path]
+
+
+def find_tritonserver(cache_dir: Optional[Path] = None) -> TritonPaths:
+    """Locate tritonserver + python backend; prepare a backend dir holding the stub for this Python."""
+    override = os.environ.get("TRITONSERVER_BIN")
+    if override:
+        binary = Path(override)
+        backend_dir = Path(os.environ.get("TRITON_BACKEND_DIR", "/opt/tritonserver/backends"))
+        return TritonPaths(binary, backend_dir, [])
+
+    try:
+        import pytriton
+    except ImportError as exc:  # pragma: no cover - dependency of the project
+        raise ServerError("nvidia-pytriton is not installed: it provides the tritonserver binary") from exc
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / ver / "triton_python_backend_stub"
+    if not binary.exists() or not stub.exists():
+        raise ServerError(f"tritonserver or the Python {ver} backend stub is missing under {root}")
+
+    # A private backend directory (never mutate site-packages): python backend + this Python's stub.
+    cache_dir = cache_dir or Path(os.environ.get("RECSYS_CACHE_DIR", Path.home() / ".cache" / "recsys-pipeline"))
+    backend_dir = cache_dir / f"triton-backends-py{ver}"
+    py_backend = backend_dir / "python"
+    py_backend.mkdir(parents=True, exist_ok=True)
+    for src in [*(root / "backends" / "python").iterdir(), stub]:
+        dst = py_backend / src.name
+        if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+            tmp = dst.with_suffix(dst.suffix + ".tmp")
+            shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+    return TritonPaths(binary, backend_dir, [libs, Path(sysconfig.get_config_var("LIBDIR"))])
+
+
+def server_env(paths: TritonPaths) -> dict:
+    env = dict(os.environ)
+    # The stub's embedded interpreter finds its prefix from the first python3 on PATH.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    ld = [str(p) for p in paths.lib_dirs] + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else [])
+    if ld:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(ld)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+class TritonServer:
+    """A tritonserver child process; use as a context manager or call start()/stop()."""
+
+    def __init__(
+        self,
+        model_repository: Path,
+        host: str = "127.0.0.1",
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        log_file: Optional[Path] = None,
+        extra_args: Optional[list[str]] = None,
+    ):
+        self.model_repository = Path(model_repository).resolve()
+        self.host = host
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.log_file = Path(log_file) if log_file else self.model_repository.parent / "triton.log"
+        self.extra_args = extra_args or []
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def command(self, paths: TritonPaths) -> list[str]:
+        return [
+            str(paths.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={paths.backend_dir}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            f"--metrics-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--exit-timeout-secs=10",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout_s: float = 180.0, models: Optional[list[str]] = None) -> "TritonServer":
+        if not self.model_repository.is_dir():
+            raise ServerError(f"model repository not found: {self.model_repository}")
+        paths = find_tritonserver()
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_file, "ab")
+        log.info("starting tritonserver on http %s grpc %s (log: %s)", self.http_url, self.grpc_url, self.log_file)
+        self.process = subprocess.Popen(
+            self.command(paths), env=server_env(paths), stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            self.wait_ready(timeout_s, models or [])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout_s: float, models: list[str]) -> None:
+        import tritonclient.http as httpclient
+
+        deadline = time.monotonic() + timeout_s
+        with httpclient.InferenceServerClient(self.http_url) as client:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    raise ServerError(
+                        f"tritonserver exited with code {self.process.returncode} during start-up:\n{self.log_tail()}"
+                    )
+                try:
+                    if client.is_server_ready() and all(client.is_model_ready(m) for m in models):
+                        return
+                except Exception:
+                    pass
+                time.sleep(0.5)
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # Triton shuts down gracefully on SIGINT/SIGTERM
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "TritonServer":
+        if self.process is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
