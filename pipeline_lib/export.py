@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +59,19 @@ class InProcessWorkflow(TransformWorkflow):
 
     def compute_output_schema(self, input_schema, col_selector, prev_output_schema=None):
         return self.output_schema
+
+    def transform(self, col_selector, transformable):
+        # Triton hands string (BYTES) inputs over as numpy object arrays of ``bytes``; the
+        # workflow's vocabularies were fitted on ``str``. Decode, or every string would be OOV.
+        from merlin.table import TensorTable
+
+        if isinstance(transformable, TensorTable):
+            transformable = transformable.to_df()
+        for name in transformable.columns:
+            col = transformable[name]
+            if col.dtype == object and len(col) and isinstance(col.iloc[0], bytes):
+                transformable[name] = col.str.decode("utf-8")
+        return super().transform(col_selector, transformable)
 
 
 class InProcessTensorflow(PredictTensorflow):
@@ -109,12 +121,15 @@ class InProcessTensorflow(PredictTensorflow):
 
 @dataclass
 class ExportOutput:
-    repository: Path
+    staged_repository: Path  # a complete Triton model repository holding only this version
     model_name: str
     version: int
-    version_dir: Path
     output_name: str
     parity_max_abs_diff: float
+
+    @property
+    def version_dir(self) -> Path:
+        return self.staged_repository / self.model_name / str(self.version)
 
 
 def build_ensemble(workflow, model_dir: Path, label: str):
@@ -154,7 +169,7 @@ def ensemble_scores(ensemble, raw: pd.DataFrame) -> np.ndarray:
 
 
 def raw_to_tensor_table(raw: pd.DataFrame):
-    """Raw rows -> TensorTable with ragged list columns (what Triton hands the executor)."""
+    """Raw rows -> TensorTable as Triton hands them to the executor: ragged lists, strings as bytes."""
     from merlin.table import TensorTable
 
     cols = {}
@@ -165,6 +180,9 @@ def raw_to_tensor_table(raw: pd.DataFrame):
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
             values = np.concatenate([np.asarray(v) for v in s]) if lengths.sum() else np.array([], dtype=np.int64)
             cols[name] = (values, offsets)
+        elif s.dtype == object:
+            # Triton delivers BYTES inputs as bytes objects: reproduce that here.
+            cols[name] = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in s], dtype=object)
         else:
             cols[name] = s.to_numpy()
     return TensorTable(cols)
@@ -190,13 +208,16 @@ def export_ensemble(
     model_dir: Path,
     sample_raw: pd.DataFrame,
     label: str,
-    repository: Path,
+    staging_dir: Path,
     model_name: str,
+    version: int,
     atol: float = 1e-5,
     run_info: dict | None = None,
 ) -> ExportOutput:
-    """Check parity, export into a staging dir, verify the exported copy, then publish atomically."""
+    """Check parity in-process, export the ensemble as ``staging_dir/<model_name>/<version>``,
+    load the exported copy back and check it again. Nothing touches the live repository."""
     import nvtabular as nvt
+    from merlin.dag import postorder_iter_nodes
     from merlin.systems.dag import Ensemble
 
     workflow = nvt.Workflow.load(str(workflow_dir))
@@ -204,39 +225,39 @@ def export_ensemble(
     want = offline_scores(workflow, model_dir, sample_raw, label)
     diff_inproc = _check("in-process ensemble", ensemble_scores(ensemble, sample_raw), want, atol)
 
-    repository.mkdir(parents=True, exist_ok=True)
-    version = next_version(repository, model_name)
-    # Staging lives inside the repository's parent filesystem so the final move is a rename.
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{model_name}-", dir=repository))
-    try:
-        ensemble.export(str(staging), name=model_name, version=version)
-        version_dir_staged = staging / model_name / str(version)
-        exported = Ensemble.load(str(version_dir_staged / ENSEMBLE_SUBDIR))
-        from merlin.dag import postorder_iter_nodes
-
-        for node in postorder_iter_nodes(exported.graph.output_node, flatten_subgraphs=True):
-            node.op.load_artifacts(str(version_dir_staged / ENSEMBLE_SUBDIR))
-        diff_exported = _check("exported ensemble", ensemble_scores(exported, sample_raw), want, atol)
-        (version_dir_staged / "run_info.json").write_text(
-            json.dumps({**(run_info or {}), "version": version, "parity_max_abs_diff": diff_exported}, indent=2)
-        )
-        _publish(staging / model_name, repository / model_name, version)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return ExportOutput(
-        repository=repository,
-        model_name=model_name,
-        version=version,
-        version_dir=repository / model_name / str(version),
-        output_name=ensemble.output_schema.column_names[0],
-        parity_max_abs_diff=max(diff_inproc, diff_exported),
+    if staging_dir.exists():
+        shutil.rmtree(staging_dir)
+    staging_dir.mkdir(parents=True)
+    ensemble.export(str(staging_dir), name=model_name, version=version)
+    artifacts = staging_dir / model_name / str(version) / ENSEMBLE_SUBDIR
+    exported = Ensemble.load(str(artifacts))
+    for node in postorder_iter_nodes(exported.graph.output_node, flatten_subgraphs=True):
+        node.op.load_artifacts(str(artifacts))
+    diff_exported = _check("exported ensemble", ensemble_scores(exported, sample_raw), want, atol)
+    out = ExportOutput(staging_dir, model_name, version, ensemble.output_schema.column_names[0],
+                       max(diff_inproc, diff_exported))
+    (out.version_dir / "run_info.json").write_text(
+        json.dumps({**(run_info or {}), "version": version, "parity_max_abs_diff": out.parity_max_abs_diff}, indent=2)
     )
+    return out
 
 
-def _publish(staged_model: Path, target_model: Path, version: int) -> None:
-    """Move a staged model version into the live repository with renames only."""
+def publish(export: ExportOutput, repository: Path) -> Path:
+    """Copy a staged version into the live repository; it appears there by a single rename.
+
+    Triton only considers numeric version folders, so the half-copied ``.incoming-N`` folder is
+    never loaded, and ``config.pbtxt`` is replaced atomically as well.
+    """
+    target_model = repository / export.model_name
     target_model.mkdir(parents=True, exist_ok=True)
-    os.replace(staged_model / str(version), target_model / str(version))
-    tmp_cfg = target_model / ".config.pbtxt.tmp"
-    shutil.copyfile(staged_model / "config.pbtxt", tmp_cfg)
+    final = target_model / str(export.version)
+    if final.exists():
+        raise FileExistsError(f"version {export.version} already exists in {target_model}")
+    incoming = target_model / f".incoming-{export.version}"
+    shutil.rmtree(incoming, ignore_errors=True)
+    shutil.copytree(export.version_dir, incoming)
+    tmp_cfg = target_model / ".config.pbtxt.incoming"
+    shutil.copyfile(export.staged_repository / export.model_name / "config.pbtxt", tmp_cfg)
+    os.replace(incoming, final)
     os.replace(tmp_cfg, target_model / "config.pbtxt")
+    return final

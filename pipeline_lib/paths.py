@@ -1,0 +1,53 @@
+"""Where a run's outputs land: ``runs/<run_name>/`` (one folder per stage) and ``model_repository/``."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipeline_lib.config import RunConfig
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def raw(self) -> Path:  # raw/interactions.parquet
+        return self.root / "raw"
+
+    @property
+    def validated(self) -> Path:  # validated/stats.json
+        return self.root / "validated"
+
+    @property
+    def split(self) -> Path:  # split/{train,valid}.parquet (raw columns)
+        return self.root / "split"
+
+    @property
+    def transformed(self) -> Path:  # transformed/{train,valid}/ parquet + schema.pbtxt, workflow/
+        return self.root / "transformed"
+
+    @property
+    def model(self) -> Path:  # model/model (SavedModel), model/metrics.json
+        return self.root / "model"
+
+    @property
+    def ensemble(self) -> Path:  # ensemble/<model_name>/<version>: the staged Triton model
+        return self.root / "ensemble"
+
+    @property
+    def serving(self) -> Path:  # serving/smoke.json, triton.log
+        return self.root / "serving"
+
+
+def new_run(cfg: RunConfig) -> RunPaths:
+    """Create the run folder and save the validated config in it."""
+    name = cfg.run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    root = Path(cfg.runs_dir) / name
+    root.mkdir(parents=True, exist_ok=False)
+    (root / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    return RunPaths(root.resolve())

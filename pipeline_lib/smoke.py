@@ -1,0 +1,78 @@
+"""Serving smoke test: start Triton on a repository, send raw rows over HTTP and gRPC, compare
+with the offline (workflow + model) scores, stop. Used as the gate before a version is published."""
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline_lib.client import RecsysClient
+from pipeline_lib.serving import TritonServer
+
+
+class ServingMismatch(AssertionError):
+    pass
+
+
+@dataclass
+class SmokeResult:
+    n_rows: int
+    max_abs_diff_http: float
+    max_abs_diff_grpc: float
+    offline: list[float]
+    http: list[float]
+    grpc: list[float]
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(self.max_abs_diff_http, self.max_abs_diff_grpc)
+
+    def table(self, rows: pd.DataFrame) -> pd.DataFrame:
+        out = rows.reset_index(drop=True).copy()
+        out["served_http"], out["served_grpc"], out["offline"] = self.http, self.grpc, self.offline
+        return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smoke_test(
+    repository: Path,
+    model_name: str,
+    rows: pd.DataFrame,
+    offline: np.ndarray,
+    atol: float,
+    out_dir: Path,
+    startup_timeout_s: float = 180.0,
+) -> SmokeResult:
+    """Serve ``repository`` on free local ports and check served == offline for raw ``rows``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    server = TritonServer(
+        repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        log_file=out_dir / "triton.log",
+    )
+    with server.start(timeout_s=startup_timeout_s, models=[model_name]):
+        with RecsysClient(server.http_url, "http", model_name) as c:
+            http = c.predict(rows)
+        with RecsysClient(server.grpc_url, "grpc", model_name) as c:
+            grpc = c.predict(rows)
+    offline = np.asarray(offline, dtype=np.float64).reshape(-1)
+    res = SmokeResult(
+        n_rows=len(rows),
+        max_abs_diff_http=float(np.max(np.abs(http - offline))),
+        max_abs_diff_grpc=float(np.max(np.abs(grpc - offline))),
+        offline=offline.tolist(), http=http.astype(float).tolist(), grpc=grpc.astype(float).tolist(),
+    )
+    (out_dir / "smoke.json").write_text(json.dumps(asdict(res) | {"max_abs_diff": res.max_abs_diff}, indent=2))
+    if not res.max_abs_diff <= atol:
+        raise ServingMismatch(
+            f"served scores differ from offline: http {res.max_abs_diff_http:.3g}, grpc {res.max_abs_diff_grpc:.3g} > {atol}"
+        )
+    return res
