@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -132,12 +132,15 @@ class ModelConfig(_Strict):
     batch_size: int = Field(1024, ge=1)
     epochs: int = Field(2, ge=1)
 
-    @field_validator("bottom_mlp")
-    @classmethod
-    def _bottom_nonempty(cls, v: list[int]) -> list[int]:
-        if not v:
+    @model_validator(mode="after")
+    def _dlrm_bottom_matches_embeddings(self) -> "ModelConfig":
+        if not self.bottom_mlp:
             raise ValueError("bottom_mlp needs at least one layer")
-        return v
+        if self.type == "dlrm" and self.bottom_mlp[-1] != self.embedding_dim:
+            raise ValueError(
+                f"DLRM: the last bottom_mlp layer ({self.bottom_mlp[-1]}) must equal embedding_dim ({self.embedding_dim})"
+            )
+        return self
 
 
 class ExportConfig(_Strict):

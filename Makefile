@@ -1,0 +1,34 @@
+# The two README commands:  `make run`  and  `make test`.
+# Both install everything first (uv + the locked environment in .venv), so they work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
+export UV_PYTHON_DOWNLOADS ?= never
+PYTEST_ARGS ?=
+
+.PHONY: install run test serve predict lint clean
+
+# uv is bootstrapped from PyPI into .tools/ when the machine has none.
+$(CURDIR)/.tools/bin/uv:
+	$(PYTHON) -m venv $(CURDIR)/.tools
+	$(CURDIR)/.tools/bin/pip install --quiet uv
+
+install: $(if $(findstring .tools,$(UV)),$(CURDIR)/.tools/bin/uv)
+	$(UV) sync --frozen --python $(PYTHON)
+
+## run: install, then the whole pipeline on the embedded synthetic default, ending in served predictions
+run: install
+	$(UV) run --frozen recsys run $(ARGS)
+
+## test: install, then the test suite (unit + integration with a real Triton and a real Prefect flow)
+test: install
+	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+serve: install
+	$(UV) run --frozen recsys serve $(ARGS)
+
+predict: install
+	$(UV) run --frozen recsys predict $(ARGS)
+
+clean:
+	rm -rf runs model_repository/recsys .pytest_cache

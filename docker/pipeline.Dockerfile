@@ -1,0 +1,23 @@
+# Pipeline worker image (GPU): NVIDIA's Merlin TensorFlow image already holds cudf, dask-cuda,
+# NVTabular, Merlin Models/Systems and tritonserver built for CUDA. We add this project and the
+# orchestration stack, and run the Prefect worker that executes scheduled pipeline runs.
+# The ETL selects the GPU path (cudf + LocalCUDACluster) automatically when a GPU is visible.
+ARG MERLIN_IMAGE=nvcr.io/nvidia/merlin/merlin-tensorflow:23.08
+FROM ${MERLIN_IMAGE}
+
+WORKDIR /app
+ENV PYTHONUNBUFFERED=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    PREFECT_LOGGING_EXTRA_LOGGERS=pipeline_lib
+
+COPY pyproject.toml README.md ./
+COPY pipeline_lib ./pipeline_lib
+COPY flows ./flows
+COPY configs ./configs
+# The Merlin stack comes from the base image; only the orchestration/CLI layer is added.
+RUN pip install --no-cache-dir "prefect>=3.7,<3.8" "fastapi<0.116" "pydantic>=2.7,<3" "typer>=0.12" \
+        "scikit-learn>=1.3,<1.6" "matplotlib>=3.7,<3.10" "tritonclient[grpc,http]" \
+ && pip install --no-cache-dir --no-deps --ignore-requires-python -e .
+
+HEALTHCHECK --interval=30s --timeout=5s --retries=5 CMD python -c "import pipeline_lib, flows" || exit 1
+CMD ["prefect", "worker", "start", "--pool", "recsys-gpu"]

@@ -1,0 +1,60 @@
+"""Shared fixtures: one small synthetic run (ETL + training) reused by the stage tests.
+
+Everything here is real: NVTabular on CPU, Merlin Models/TensorFlow, merlin-systems, and the
+tritonserver binary from the nvidia-pytriton wheel. No GPU exists on CI machines; the GPU path
+is only checked for its selection logic (see test_etl.py).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+warnings.filterwarnings("ignore", category=UserWarning)
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline_lib import data, etl, train
+from pipeline_lib.config import RunConfig, load_config
+
+SMALL = {
+    "data": {"synthetic": {"n_users": 300, "n_items": 150, "n_interactions": 6000}},
+    "model": {"epochs": 1, "batch_size": 256},
+    "export": {"parity_rows": 64},
+}
+
+
+def small_config(tmp: Path, **extra) -> RunConfig:
+    over = {**SMALL, "runs_dir": str(tmp / "runs"), "export": {**SMALL["export"], "model_repository": str(tmp / "model_repository")}}
+    for k, v in extra.items():
+        over[k] = {**over.get(k, {}), **v} if isinstance(v, dict) else v
+    return load_config(None, over)
+
+
+@dataclass
+class Trained:
+    cfg: RunConfig
+    root: Path
+    raw: Path
+    split: etl.SplitPaths
+    etl: etl.EtlOutput
+    model: train.TrainOutput
+
+    def valid_rows(self, n: int) -> pd.DataFrame:
+        return pd.read_parquet(self.split.valid).head(n)[self.cfg.columns.serving_columns].reset_index(drop=True)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Trained:
+    root = tmp_path_factory.mktemp("trained")
+    cfg = small_config(root)
+    raw = data.write_raw(cfg.data, cfg.seed, root / "raw")
+    split = etl.split_raw(raw, cfg.split, cfg.columns, cfg.seed, root / "split")
+    etl_out = etl.fit_transform(cfg.columns, cfg.etl, split, root / "transformed")
+    model = train.train(etl_out.train_dir, etl_out.valid_dir, cfg.model, cfg.columns.label, cfg.seed, root / "model")
+    return Trained(cfg, root, raw, split, etl_out, model)

@@ -1,0 +1,73 @@
+import numpy as np
+import pandas as pd
+import pytest
+from merlin.schema import Tags
+
+from pipeline_lib import etl
+from pipeline_lib.config import SplitConfig
+
+
+def _read(d):
+    return pd.concat([pd.read_parquet(p) for p in sorted(d.glob("*.parquet"))], ignore_index=True)
+
+
+def test_random_and_time_splits(tmp_path, trained):
+    cols = trained.cfg.columns
+    raw = pd.read_parquet(trained.raw)
+    r = etl.split_raw(trained.raw, SplitConfig(method="random", valid_fraction=0.25), cols, 0, tmp_path / "r")
+    tr, va = pd.read_parquet(r.train), pd.read_parquet(r.valid)
+    assert len(tr) + len(va) == len(raw) and 0.2 < len(va) / len(raw) < 0.3
+    t = etl.split_raw(trained.raw, SplitConfig(method="time", valid_fraction=0.25), cols, 0, tmp_path / "t")
+    tr, va = pd.read_parquet(t.train), pd.read_parquet(t.valid)
+    assert tr["timestamp"].max() <= va["timestamp"].min()
+
+
+def test_transformed_output_types_and_schema_tags(trained):
+    out = trained.etl
+    df = _read(out.train_dir)
+    schema = trained.etl  # noqa
+    from merlin.io import Dataset
+
+    schema = Dataset(str(out.train_dir), engine="parquet").schema
+    assert out.schema_path.exists() and (out.workflow_dir / "workflow.pkl").exists()
+    assert set(schema.select_by_tag([Tags.USER, Tags.ID]).column_names) >= {"user_id"}
+    assert schema.select_by_tag(Tags.ITEM_ID).column_names == ["item_id"]
+    assert schema.select_by_tag(Tags.TARGET).column_names == ["click"]
+    assert set(schema.select_by_tag(Tags.CONTINUOUS).column_names) == {"user_age", "item_price"}
+    assert {"item_category", "item_tags"} <= set(schema.select_by_tag(Tags.ITEM).column_names)
+    assert "device" in schema.select_by_tag(Tags.CONTEXT).column_names
+    assert schema["item_tags"].is_list and schema["item_tags"].is_ragged
+    assert df["user_age"].dtype == np.float32 and df["item_price"].dtype == np.float32
+    # Normalize fitted on train: train continuous features have ~zero mean / unit std.
+    assert abs(df["user_age"].mean()) < 0.05 and abs(df["user_age"].std() - 1) < 0.05
+    # Categorify: ids are contiguous small integers, 0/1 reserved (pad/null)
+    assert df["user_country"].min() >= 2
+
+
+def test_workflow_is_fitted_on_train_only(trained):
+    """An id that appears only in validation is out-of-vocabulary: it maps to the OOV index (2)."""
+    tr, va = pd.read_parquet(trained.split.train), pd.read_parquet(trained.split.valid)
+    only_valid = sorted(set(va["user_id"]) - set(tr["user_id"]))
+    wf = etl.load_workflow(trained.etl.workflow_dir)
+    from merlin.io import Dataset
+
+    probe = va.head(3).copy()
+    probe["user_id"] = 10_000_000  # never seen anywhere
+    if only_valid:
+        probe.loc[0, "user_id"] = only_valid[0]
+    out = wf.transform(Dataset(probe, cpu=True)).to_ddf().compute()
+    assert (out["user_id"] == 2).all()
+
+
+def test_device_selection_on_this_machine(monkeypatch):
+    from merlin.core import compat
+
+    # CI machines have no GPU: auto resolves to CPU, and forcing GPU is a clear error.
+    monkeypatch.setattr(compat, "HAS_GPU", False)
+    assert etl.resolve_device("auto") == "cpu"
+    with pytest.raises(RuntimeError, match="no GPU"):
+        etl.resolve_device("gpu")
+    # Mocked GPU (none can run here): auto must select the GPU path.
+    monkeypatch.setattr(compat, "HAS_GPU", True)
+    assert etl.resolve_device("auto") == "gpu"
+    assert etl.resolve_device("cpu") == "cpu"

@@ -1,0 +1,74 @@
+import json
+
+import numpy as np
+import pytest
+
+from pipeline_lib import export
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    staging = tmp_path_factory.mktemp("export") / "ensemble"
+    rows = trained.valid_rows(64)
+    out = export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, rows, "click",
+                                 staging, "recsys", 1, run_info={"run": "test"})
+    return out, rows
+
+
+def test_export_layout_needs_only_the_python_backend(exported):
+    out, _ = exported
+    cfg = (out.staged_repository / "recsys" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in cfg and 'platform: "merlin_executor"' in cfg
+    # One Triton model only; no TensorFlow backend model anywhere in the repository.
+    assert [p.name for p in out.staged_repository.iterdir()] == ["recsys"]
+    assert "tensorflow" not in "".join(p.read_text() for p in out.staged_repository.rglob("config.pbtxt"))
+    ens = out.version_dir / "ensemble"
+    assert (ens / "workflow" / "workflow.pkl").exists() and (ens / "model" / "saved_model.pb").exists()
+    # raw feature inputs, list feature as values/offsets, no label
+    for name in ("user_country", "item_tags__values", "item_tags__offsets", "item_price"):
+        assert f'name: "{name}"' in cfg
+    assert 'name: "click"' not in cfg
+    info = json.loads((out.version_dir / "run_info.json").read_text())
+    assert info["version"] == 1 and info["parity_max_abs_diff"] <= 1e-5 and info["run"] == "test"
+
+
+def test_exported_ensemble_equals_offline(exported, trained):
+    out, rows = exported
+    import nvtabular as nvt
+    from merlin.dag import postorder_iter_nodes
+    from merlin.systems.dag import Ensemble
+
+    ens_dir = out.version_dir / "ensemble"
+    ens = Ensemble.load(str(ens_dir))
+    for node in postorder_iter_nodes(ens.graph.output_node, flatten_subgraphs=True):
+        node.op.load_artifacts(str(ens_dir))
+    wf = nvt.Workflow.load(str(trained.etl.workflow_dir))
+    offline = export.offline_scores(wf, trained.model.model_dir, rows, "click")
+    served_path = export.ensemble_scores(ens, rows)
+    assert len(offline) == len(rows) and np.ptp(offline) > 0
+    np.testing.assert_allclose(served_path, offline, atol=1e-5, rtol=0)
+
+
+def test_parity_check_catches_the_stock_bytes_bug(trained, tmp_path, monkeypatch):
+    """Stock TransformWorkflow feeds Triton's BYTES (``bytes``) to vocabularies fitted on ``str``,
+    so every string category becomes OOV. The pre-export check must catch that, writing nothing."""
+    from merlin.systems.dag.ops.workflow import TransformWorkflow
+
+    monkeypatch.setattr(export.InProcessWorkflow, "transform", TransformWorkflow.transform)
+    staging = tmp_path / "ensemble"
+    with pytest.raises(export.ParityError, match="in-process ensemble: max \\|ensemble - offline\\|"):
+        export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, trained.valid_rows(64),
+                               "click", staging, "recsys", 1)
+    assert not staging.exists()
+
+
+def test_publish_is_atomic_and_refuses_to_overwrite(exported, tmp_path):
+    out, _ = exported
+    repo = tmp_path / "model_repository"
+    final = export.publish(out, repo)
+    assert final == repo / "recsys" / "1"
+    assert sorted(p.name for p in (repo / "recsys").iterdir()) == ["1", "config.pbtxt"]
+    assert export.next_version(repo, "recsys") == 2
+    with pytest.raises(FileExistsError):
+        export.publish(out, repo)
+    assert export.next_version(tmp_path / "empty", "recsys") == 1

@@ -1,0 +1,107 @@
+"""The whole Prefect flow on a small synthetic set, then the README's serve/predict commands."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline_lib import export
+from pipeline_lib.client import RecsysClient
+from pipeline_lib.serving import TritonServer
+from pipeline_lib.smoke import free_port
+
+from .conftest import SMALL
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def flow_run(prefect_harness, tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    tmp = tmp_path_factory.mktemp("flow")
+    overrides = {**SMALL, "runs_dir": str(tmp / "runs"), "run_name": "it",
+                 "export": {**SMALL["export"], "model_repository": str(tmp / "model_repository")}}
+    summary = pipeline(overrides=overrides)
+    return tmp, overrides, summary
+
+
+def test_flow_runs_every_stage_and_publishes(flow_run):
+    tmp, _, summary = flow_run
+    run = tmp / "runs" / "it"
+    assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "serving-smoke-test", "publish"]
+    assert summary["model_version"] == 1 and summary["etl_device"] == "cpu"
+    assert summary["max_abs_diff_served_vs_offline"] <= 1e-5
+    assert 0.5 < summary["metrics"]["auc"] <= 1
+    for f in ["config.yaml", "raw/interactions.parquet", "validated/stats.json", "split/train.parquet",
+              "transformed/workflow/workflow.pkl", "transformed/train/schema.pbtxt", "model/model/saved_model.pb",
+              "model/metrics.json", "serving/smoke.json", "summary.json"]:
+        assert (run / f).exists(), f
+    assert (tmp / "model_repository" / "recsys" / "1" / "ensemble" / "ensemble.pkl").exists()
+    preds = summary["predictions"]
+    np.testing.assert_allclose(preds["served_http"], preds["offline"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(preds["served_grpc"], preds["offline"], atol=1e-5, rtol=0)
+
+
+def test_flow_run_is_recorded_in_prefect_with_artifacts(flow_run):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    import asyncio
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["served-predictions", "run-summary"])))
+            return runs, arts
+
+    runs, arts = asyncio.run(read())
+    assert any(r.state.is_completed() for r in runs)
+    assert {a.key for a in arts} == {"served-predictions", "run-summary"}
+
+
+def test_serve_and_predict_commands_on_the_published_repository(flow_run):
+    """`recsys serve` (real Triton), raw rows over HTTP and gRPC == offline, `recsys predict`, clean stop."""
+    tmp, overrides, _ = flow_run
+    run = tmp / "runs" / "it"
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    sets = [f"export.model_repository={tmp / 'model_repository'}", f"serving.http_port={http}",
+            f"serving.grpc_port={grpc}", f"serving.metrics_port={metrics}", f"runs_dir={tmp / 'runs'}"]
+    args = sum((["--set", s] for s in sets), [])
+    recsys = [sys.executable, "-m", "pipeline_lib.cli"]
+    proc = subprocess.Popen(recsys + ["serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        TritonServer(tmp / "model_repository", http_port=http).wait_ready(240, ["recsys"])
+        rows = pd.read_parquet(run / "split" / "valid.parquet").head(16)
+        cols = [c for c in rows.columns if c not in ("click", "timestamp")]
+        import nvtabular as nvt
+
+        offline = export.offline_scores(nvt.Workflow.load(str(run / "transformed" / "workflow")),
+                                        run / "model" / "model", rows[cols], "click")
+        for proto, port in (("http", http), ("grpc", grpc)):
+            with RecsysClient(f"127.0.0.1:{port}", proto) as c:
+                np.testing.assert_allclose(c.predict(rows[cols]), offline, atol=1e-5, rtol=0)
+        rows_file = tmp / "rows.json"
+        rows_file.write_text(rows[cols].head(3).to_json(orient="records"))
+        out = subprocess.run(recsys + ["predict", "--rows", str(rows_file), "--protocol", "http", *args],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        printed = [float(line.split()[-1]) for line in out.stdout.strip().splitlines()[1:]]
+        np.testing.assert_allclose(printed, offline[:3], atol=1e-5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, log
+    assert "Triton ready" in log and "Triton stopped." in log
