@@ -57,20 +57,25 @@ def to_float32(col):
     return col.astype("float32")
 
 
-def build_workflow(columns: ColumnsConfig):
-    """Build (unfitted) NVTabular workflow from column roles, with Merlin tags."""
+def build_workflow(columns: ColumnsConfig, categories_dir: Path):
+    """Build (unfitted) NVTabular workflow from column roles, with Merlin tags.
+
+    Categorify writes its vocabularies under ``categories_dir`` while fitting (NVTabular's
+    default is ``./categories`` in the working directory, which concurrent runs would share).
+    """
     import nvtabular as nvt
     from merlin.schema import Tags
 
     side_tags = {FeatureSide.user: [Tags.USER], FeatureSide.item: [Tags.ITEM], FeatureSide.context: [Tags.CONTEXT]}
 
-    user_id = [columns.user_id] >> nvt.ops.Categorify() >> nvt.ops.TagAsUserID()
-    item_id = [columns.item_id] >> nvt.ops.Categorify() >> nvt.ops.TagAsItemID()
+    out_path = str(categories_dir)
+    user_id = [columns.user_id] >> nvt.ops.Categorify(out_path=out_path) >> nvt.ops.TagAsUserID()
+    item_id = [columns.item_id] >> nvt.ops.Categorify(out_path=out_path) >> nvt.ops.TagAsItemID()
     outputs = user_id + item_id
 
     for f in columns.features:
         if f.kind in (FeatureKind.categorical, FeatureKind.list):
-            node = [f.name] >> nvt.ops.Categorify(freq_threshold=f.freq_threshold)
+            node = [f.name] >> nvt.ops.Categorify(freq_threshold=f.freq_threshold, out_path=out_path)
         else:
             node = [f.name] >> nvt.ops.FillMissing(fill_val=0.0)
             if f.log:
@@ -119,7 +124,7 @@ def fit_transform(
     device = resolve_device(etl.device)
     cpu = device == "cpu"
     out_dir.mkdir(parents=True, exist_ok=True)
-    workflow = build_workflow(columns)
+    workflow = build_workflow(columns, out_dir / "fit")
     with _dask_context(device):
         train_ds = Dataset(str(split.train), engine="parquet", part_size=etl.part_size, cpu=cpu)
         valid_ds = Dataset(str(split.valid), engine="parquet", part_size=etl.part_size, cpu=cpu)

@@ -71,3 +71,11 @@ def test_device_selection_on_this_machine(monkeypatch):
     monkeypatch.setattr(compat, "HAS_GPU", True)
     assert etl.resolve_device("auto") == "gpu"
     assert etl.resolve_device("cpu") == "cpu"
+
+
+def test_vocabularies_are_written_inside_the_run_not_the_working_directory(trained):
+    fit_dir = trained.etl.workflow_dir.parent / "fit" / "categories"
+    assert (fit_dir / "unique.user_id.parquet").exists()
+    wf = etl.load_workflow(trained.etl.workflow_dir)
+    assert (trained.etl.workflow_dir / "categories" / "unique.item_tags.parquet").exists()
+    assert wf.output_schema["item_tags"].properties["cat_path"].endswith("unique.item_tags.parquet")
