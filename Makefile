@@ -18,17 +18,17 @@ install: $(if $(findstring .tools,$(UV)),$(CURDIR)/.tools/bin/uv)
 
 ## run: install, then the whole pipeline on the embedded synthetic default, ending in served predictions
 run: install
-	$(UV) run --frozen recsys run $(ARGS)
+	$(UV) run --frozen --no-sync recsys run $(ARGS)
 
 ## test: install, then the test suite (unit + integration with a real Triton and a real Prefect flow)
 test: install
-	$(UV) run --frozen pytest $(PYTEST_ARGS)
+	$(UV) run --frozen --no-sync pytest $(PYTEST_ARGS)
 
 serve: install
-	$(UV) run --frozen recsys serve $(ARGS)
+	$(UV) run --frozen --no-sync recsys serve $(ARGS)
 
 predict: install
-	$(UV) run --frozen recsys predict $(ARGS)
+	$(UV) run --frozen --no-sync recsys predict $(ARGS)
 
 clean:
 	rm -rf runs model_repository/recsys .pytest_cache
