@@ -16,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry writes racing the ephemeral DB
 
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +25,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline_lib import data, etl, export, smoke, train, validate
+from pipeline_lib import data, etl, export, lineage, repository, serving, smoke, train, validate
 from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.paths import RunPaths, new_run
 
@@ -41,7 +42,17 @@ def validate_data(cfg: RunConfig, paths: RunPaths, raw_path: Path) -> Path:
     return report.save(paths.validated / "stats.json")
 
 
-@task(name="etl", cache_policy=NO_CACHE)
+def _etl_cache_key(context, parameters) -> str:
+    """Same raw data (content hash) + same ETL-relevant config + same code -> reuse the ETL output."""
+    cfg: RunConfig = parameters["cfg"]
+    return "etl-" + lineage.config_fingerprint({
+        "data": lineage.file_fingerprint(parameters["raw_path"]),
+        "config": cfg.model_dump(mode="json", include={"seed", "columns", "split", "etl"}),
+        "code": lineage.code_version(),
+    })
+
+
+@task(name="etl", cache_key_fn=_etl_cache_key, persist_result=True, cache_expiration=timedelta(days=7))
 def run_etl(cfg: RunConfig, paths: RunPaths, raw_path: Path) -> etl.EtlOutput:
     split = etl.split_raw(raw_path, cfg.split, cfg.columns, cfg.seed, paths.split)
     return etl.fit_transform(cfg.columns, cfg.etl, split, paths.transformed)
@@ -52,16 +63,16 @@ def run_train(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput) -> train.
     return train.train(etl_out.train_dir, etl_out.valid_dir, cfg.model, cfg.columns.label, cfg.seed, paths.model)
 
 
-def _valid_sample(cfg: RunConfig, paths: RunPaths, n: int) -> pd.DataFrame:
-    df = pd.read_parquet(paths.split / "valid.parquet").head(n)
+def _valid_sample(cfg: RunConfig, etl_out: etl.EtlOutput, n: int) -> pd.DataFrame:
+    df = pd.read_parquet(etl_out.split.valid).head(n)
     return df[cfg.columns.serving_columns].reset_index(drop=True)
 
 
 @task(name="export", cache_policy=NO_CACHE)
 def run_export(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, model: train.TrainOutput) -> export.ExportOutput:
-    version = export.next_version(cfg.export.model_repository, cfg.export.model_name)
+    version = repository.next_version(cfg.export.model_repository, cfg.export.model_name)
     return export.export_ensemble(
-        etl_out.workflow_dir, model.model_dir, _valid_sample(cfg, paths, cfg.export.parity_rows),
+        etl_out.workflow_dir, model.model_dir, _valid_sample(cfg, etl_out, cfg.export.parity_rows),
         cfg.columns.label, paths.ensemble, cfg.export.model_name, version, cfg.export.parity_atol,
         run_info={"run_dir": str(paths.root), "metrics": model.metrics},
     )
@@ -71,7 +82,7 @@ def run_export(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, model: t
 def run_smoke(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, exp: export.ExportOutput) -> smoke.SmokeResult:
     import nvtabular as nvt
 
-    rows = _valid_sample(cfg, paths, cfg.serving.smoke_rows)
+    rows = _valid_sample(cfg, etl_out, cfg.serving.smoke_rows)
     offline = export.offline_scores(nvt.Workflow.load(str(etl_out.workflow_dir)), exp.version_dir / "ensemble" / "model",
                                     rows, cfg.columns.label)
     return smoke.smoke_test(exp.staged_repository, exp.model_name, rows, offline, cfg.serving.smoke_atol,
@@ -79,8 +90,23 @@ def run_smoke(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, exp: expo
 
 
 @task(name="publish", cache_policy=NO_CACHE)
-def run_publish(cfg: RunConfig, exp: export.ExportOutput) -> Path:
-    return export.publish(exp, cfg.export.model_repository)
+def run_publish(cfg: RunConfig, paths: RunPaths, raw_path: Path, etl_out: etl.EtlOutput,
+                model: train.TrainOutput, exp: export.ExportOutput) -> tuple[Path, dict]:
+    info = lineage.build_lineage(paths.root, raw_path, cfg.model_dump(mode="json"), etl_out.workflow_dir,
+                                 model.model_dir, model.metrics, exp.version)
+    path = repository.publish(exp.version_dir, exp.config_path, cfg.export.model_repository, exp.model_name,
+                              exp.version, info)
+    return path, info
+
+
+@task(name="promote", retries=2, retry_delay_seconds=[5, 20], cache_policy=NO_CACHE)
+def run_promote(cfg: RunConfig, version: int) -> dict:
+    """Serve the new version; a Triton started by `recsys serve` (explicit mode) switches without restart."""
+    live = serving.live_server(cfg.serving) if cfg.serving.notify_live_server else None
+    event = repository.promote(cfg.export.model_repository, cfg.export.model_name, version, live,
+                               cfg.serving.instance_count)
+    event["pruned"] = repository.prune(cfg.export.model_repository, cfg.export.model_name, cfg.export.keep_versions)
+    return event
 
 
 @flow(name="recsys-pipeline", log_prints=True)
@@ -100,19 +126,27 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     raw_path = timed("raw-data", raw_data, cfg, paths)
     timed("validate", validate_data, cfg, paths, raw_path)
     etl_out = timed("etl", run_etl, cfg, paths, raw_path)
+    if not etl_out.workflow_dir.exists():  # cached result whose run folder was deleted: recompute
+        etl_out = timed("etl", run_etl.with_options(refresh_cache=True), cfg, paths, raw_path)
     model = timed("train", run_train, cfg, paths, etl_out)
     exp = timed("export", run_export, cfg, paths, etl_out, model)
     result = timed("serving-smoke-test", run_smoke, cfg, paths, etl_out, exp)
-    served_dir = timed("publish", run_publish, cfg, exp)
+    served_dir, info = timed("publish", run_publish, cfg, paths, raw_path, etl_out, model, exp)
+    event = timed("promote", run_promote, cfg, exp.version)
 
-    rows = _valid_sample(cfg, paths, cfg.serving.smoke_rows)
+    rows = _valid_sample(cfg, etl_out, cfg.serving.smoke_rows)
     table = result.table(rows)
     summary = {
         "run_dir": str(paths.root),
         "etl_device": etl_out.device,
+        "etl_from": str(etl_out.workflow_dir.parent),
         "metrics": {k: model.metrics[k] for k in ("auc", "logloss", "n_train", "n_valid")},
         "model_version": exp.version,
         "served_dir": str(served_dir),
+        "served_version": event["version"],
+        "previous_version": event["previous"],
+        "pruned_versions": event["pruned"],
+        "data_fingerprint": info["data"]["fingerprint"],
         "max_abs_diff_served_vs_offline": result.max_abs_diff,
         "stage_seconds": timings,
     }
@@ -122,10 +156,27 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
         description="Raw rows sent to Triton over HTTP and gRPC, with served and offline scores",
     )
     create_markdown_artifact(key="run-summary", markdown=_markdown(summary), description="recsys pipeline run")
+    create_table_artifact(key="metrics", table=[{"metric": k, "value": v} for k, v in summary["metrics"].items()],
+                          description="validation metrics of this run's model")
+    create_markdown_artifact(key="promotion", markdown=_promotion_md(event, info), description="served version and lineage")
     print("Served predictions (Triton, raw rows in, scores out):\n" + table.to_string())
     print(f"validation AUC {model.metrics['auc']:.4f}, logloss {model.metrics['logloss']:.4f}; "
           f"max |served - offline| = {result.max_abs_diff:.2e}; published {served_dir}")
     return summary | {"predictions": table}
+
+
+def _promotion_md(event: dict, info: dict) -> str:
+    return "\n".join([
+        "# promotion", "",
+        f"- decision: **{event['action']}** version **{event['version']}** (previously served: {event['previous']})",
+        f"- live server switched: {event['live_server'] or 'none running (served at next start)'}",
+        f"- pruned versions: {event['pruned'] or 'none'}",
+        f"- data fingerprint: `{info['data']['fingerprint']}`",
+        f"- config fingerprint: `{info['config_fingerprint']}`",
+        f"- workflow: `{info['workflow']['path']}` (`{info['workflow']['fingerprint']}`)",
+        f"- model: `{info['model']['path']}` (`{info['model']['fingerprint']}`)",
+        f"- code version: `{info['code_version']}`",
+    ])
 
 
 def _markdown(summary: dict) -> str:

@@ -53,18 +53,19 @@ def serve(
     repository: Optional[Path] = typer.Option(None, help="model repository (default: export.model_repository)"),
 ) -> None:
     """Start Triton over the model repository and keep it running until Ctrl-C."""
-    from pipeline_lib.serving import ServerError, TritonServer
+    from pipeline_lib.serving import ServerError, server_from_config
 
     cfg = _cfg(config, set_)
     repo = repository or cfg.export.model_repository
     s = cfg.serving
-    server = TritonServer(repo, s.host, s.http_port, s.grpc_port, s.metrics_port, log_file=Path(repo).resolve().parent / "triton.log")
+    server = server_from_config(s, repo, cfg.export.model_name)
     try:
         server.start(timeout_s=s.startup_timeout_s, models=[cfg.export.model_name])
     except ServerError as exc:
         _fail(str(exc))
     typer.echo(f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {s.host}:{s.metrics_port}/metrics")
-    typer.echo(f"model '{cfg.export.model_name}' from {Path(repo).resolve()}; log {server.log_file}. Ctrl-C stops.")
+    typer.echo(f"model '{cfg.export.model_name}' from {Path(repo).resolve()} (model control: {s.model_control}); "
+               f"log {server.log_file}. Ctrl-C stops.")
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     try:
@@ -75,6 +76,65 @@ def serve(
     finally:
         server.stop()
     typer.echo("Triton stopped.")
+
+
+def _live(cfg):
+    from pipeline_lib.serving import live_server
+
+    return live_server(cfg.serving) if cfg.serving.notify_live_server else None
+
+
+@app.command()
+def versions(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """List published versions with their lineage; '*' marks the served one."""
+    from pipeline_lib.repository import describe
+
+    cfg = _cfg(config, set_)
+    rows = describe(cfg.export.model_repository, cfg.export.model_name)
+    if not rows:
+        typer.echo(f"no published version of '{cfg.export.model_name}' in {cfg.export.model_repository}")
+    for r in rows:
+        auc = (r["metrics"] or {}).get("auc")
+        typer.echo(f"{'*' if r['served'] else ' '} v{r['version']:<4} created {r['created']}  "
+                   f"auc {auc if auc is None else round(auc, 4)}  data {r['data_fingerprint']}  run {r['run_dir']}")
+
+
+@app.command()
+def promote(version: int = typer.Argument(..., help="version number to serve"),
+            config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Serve VERSION; a running `recsys serve` switches to it without restart."""
+    from pipeline_lib.repository import RepositoryError, promote as _promote
+
+    cfg = _cfg(config, set_)
+    try:
+        event = _promote(cfg.export.model_repository, cfg.export.model_name, version, _live(cfg), cfg.serving.instance_count)
+    except RepositoryError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(event))
+
+
+@app.command()
+def rollback(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Serve the previous (next older) version; a running `recsys serve` switches without restart."""
+    from pipeline_lib.repository import RepositoryError, rollback as _rollback
+
+    cfg = _cfg(config, set_)
+    try:
+        event = _rollback(cfg.export.model_repository, cfg.export.model_name, _live(cfg), cfg.serving.instance_count)
+    except RepositoryError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(event))
+
+
+@app.command()
+def prune(keep: Optional[int] = typer.Option(None, help="versions to keep (default export.keep_versions)"),
+          config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Delete old versions beyond the retention setting (never the served one)."""
+    from pipeline_lib.repository import prune as _prune
+
+    cfg = _cfg(config, set_)
+    removed = _prune(cfg.export.model_repository, cfg.export.model_name, keep or cfg.export.keep_versions)
+    typer.echo(f"removed versions: {removed or 'none'}")
 
 
 @app.command()

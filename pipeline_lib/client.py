@@ -86,10 +86,16 @@ class RecsysClient:
 
     def predict(self, rows: Union[pd.DataFrame, Iterable[Mapping]]) -> np.ndarray:
         """Scores (one per row) for raw feature rows."""
+        return self.infer(rows)[0]
+
+    def infer(self, rows: Union[pd.DataFrame, Iterable[Mapping]]) -> tuple[np.ndarray, str]:
+        """Scores and the model version that produced them."""
         inputs = self.build_inputs(rows)
         outputs = [self._tc.InferRequestedOutput(n) for n in self._outputs]
         result = self._client.infer(self.model_name, inputs, outputs=outputs)
-        return np.asarray(result.as_numpy(self._outputs[0])).reshape(-1)
+        response = result.get_response()
+        version = response["model_version"] if isinstance(response, dict) else response.model_version
+        return np.asarray(result.as_numpy(self._outputs[0])).reshape(-1), str(version)
 
     def close(self) -> None:
         self._client.close()

@@ -148,6 +148,7 @@ class ExportConfig(_Strict):
     model_name: str = Field("recsys", pattern=r"^[A-Za-z0-9_\-]+$")
     parity_rows: int = Field(256, ge=1, description="rows checked in-process before writing the ensemble")
     parity_atol: float = 1e-5
+    keep_versions: int = Field(5, ge=1, description="retention: newest versions kept (the served one always is)")
 
 
 class ServingConfig(_Strict):
@@ -156,6 +157,16 @@ class ServingConfig(_Strict):
     grpc_port: int = 8001
     metrics_port: int = 8002
     startup_timeout_s: float = 180.0
+    model_control: Literal["explicit", "poll", "none"] = Field(
+        "explicit", description="explicit: promotion reloads the model via the API; poll: Triton watches the repository"
+    )
+    repository_poll_secs: int = Field(5, ge=1)
+    instance_count: int = Field(1, ge=1, description="model instances (python backend processes)")
+    admin_api_key: Optional[str] = Field(
+        None, description="restrict Triton's model-repository API (load/unload) to requests with this key; "
+        "default: env RECSYS_ADMIN_KEY"
+    )
+    notify_live_server: bool = Field(True, description="after a promotion, switch a Triton running at host:http_port")
     smoke_rows: int = Field(8, ge=1, description="raw rows sent in the end-of-run smoke test")
     smoke_atol: float = 1e-5
 

@@ -33,6 +33,7 @@ class EtlOutput:
     valid_dir: Path
     schema_path: Path
     device: str
+    split: SplitPaths  # the raw train/valid split the workflow was fitted on / applied to
 
 
 def split_raw(raw_path: Path, split: SplitConfig, columns: ColumnsConfig, seed: int, out_dir: Path) -> SplitPaths:
@@ -135,7 +136,7 @@ def fit_transform(
     workflow_dir = out_dir / "workflow"
     workflow.save(str(workflow_dir))
     # Dataset.to_parquet writes the Merlin schema (schema.pbtxt) beside the data.
-    return EtlOutput(workflow_dir, train_dir, valid_dir, train_dir / "schema.pbtxt", device)
+    return EtlOutput(workflow_dir, train_dir, valid_dir, train_dir / "schema.pbtxt", device, split)
 
 
 def load_workflow(workflow_dir: Path):

@@ -10,7 +10,7 @@ inside the version directory, which makes each version self-contained and reloca
 Before anything is written, the ensemble's in-process output is compared with the offline
 path (NVTabular ``Workflow.transform`` + the Keras model's ``predict``) on a raw sample; after
 writing, the *exported* copy is loaded back and checked the same way. A version only appears
-in the repository (atomically, via rename) when both checks pass.
+in the repository after both checks and the served smoke test pass (``pipeline_lib.repository``).
 """
 from __future__ import annotations
 
@@ -131,6 +131,10 @@ class ExportOutput:
     def version_dir(self) -> Path:
         return self.staged_repository / self.model_name / str(self.version)
 
+    @property
+    def config_path(self) -> Path:
+        return self.staged_repository / self.model_name / "config.pbtxt"
+
 
 def build_ensemble(workflow, model_dir: Path, label: str):
     from merlin.systems.dag import Ensemble
@@ -197,12 +201,6 @@ def _check(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
     return diff
 
 
-def next_version(repo: Path, model_name: str) -> int:
-    d = repo / model_name
-    versions = [int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()] if d.is_dir() else []
-    return max(versions, default=0) + 1
-
-
 def export_ensemble(
     workflow_dir: Path,
     model_dir: Path,
@@ -228,7 +226,12 @@ def export_ensemble(
     if staging_dir.exists():
         shutil.rmtree(staging_dir)
     staging_dir.mkdir(parents=True)
-    ensemble.export(str(staging_dir), name=model_name, version=version)
+    # merlin-systems 23.08 writes ensemble.pkl/model.py into version "1" whatever ``version`` says
+    # (TritonExecutorRuntime._executor_model_export is called without it) while the op artifacts
+    # go to ``<version>/``; so export as 1 and rename the folder.
+    ensemble.export(str(staging_dir), name=model_name, version=1)
+    if version != 1:
+        os.rename(staging_dir / model_name / "1", staging_dir / model_name / str(version))
     artifacts = staging_dir / model_name / str(version) / ENSEMBLE_SUBDIR
     exported = Ensemble.load(str(artifacts))
     for node in postorder_iter_nodes(exported.graph.output_node, flatten_subgraphs=True):
@@ -240,24 +243,3 @@ def export_ensemble(
         json.dumps({**(run_info or {}), "version": version, "parity_max_abs_diff": out.parity_max_abs_diff}, indent=2)
     )
     return out
-
-
-def publish(export: ExportOutput, repository: Path) -> Path:
-    """Copy a staged version into the live repository; it appears there by a single rename.
-
-    Triton only considers numeric version folders, so the half-copied ``.incoming-N`` folder is
-    never loaded, and ``config.pbtxt`` is replaced atomically as well.
-    """
-    target_model = repository / export.model_name
-    target_model.mkdir(parents=True, exist_ok=True)
-    final = target_model / str(export.version)
-    if final.exists():
-        raise FileExistsError(f"version {export.version} already exists in {target_model}")
-    incoming = target_model / f".incoming-{export.version}"
-    shutil.rmtree(incoming, ignore_errors=True)
-    shutil.copytree(export.version_dir, incoming)
-    tmp_cfg = target_model / ".config.pbtxt.incoming"
-    shutil.copyfile(export.staged_repository / export.model_name / "config.pbtxt", tmp_cfg)
-    os.replace(incoming, final)
-    os.replace(tmp_cfg, target_model / "config.pbtxt")
-    return final

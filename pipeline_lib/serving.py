@@ -91,12 +91,20 @@ class TritonServer:
         metrics_port: int = 8002,
         log_file: Optional[Path] = None,
         extra_args: Optional[list[str]] = None,
+        model_control: str = "none",
+        load_models: Optional[list[str]] = None,
+        repository_poll_secs: int = 5,
+        admin_api_key: Optional[str] = None,
     ):
         self.model_repository = Path(model_repository).resolve()
         self.host = host
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.log_file = Path(log_file) if log_file else self.model_repository.parent / "triton.log"
         self.extra_args = extra_args or []
+        self.model_control = model_control
+        self.load_models = load_models or []
+        self.repository_poll_secs = repository_poll_secs
+        self.admin_api_key = admin_api_key
         self.process: Optional[subprocess.Popen] = None
 
     @property
@@ -121,8 +129,21 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--exit-timeout-secs=10",
+            f"--model-control-mode={self.model_control}",
+            *(f"--load-model={m}" for m in (self.load_models if self.model_control == "explicit" else [])),
+            *([f"--repository-poll-secs={self.repository_poll_secs}"] if self.model_control == "poll" else []),
+            *self._restricted_api_args(),
             *self.extra_args,
         ]
+
+    def _restricted_api_args(self) -> list[str]:
+        """Load/unload (model-repository API) only with the admin key; inference stays open."""
+        if not self.admin_api_key:
+            return []
+        from pipeline_lib.repository import ADMIN_HEADER
+
+        rule = f"model-repository:{ADMIN_HEADER}={self.admin_api_key}"
+        return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
 
     def start(self, timeout_s: float = 180.0, models: Optional[list[str]] = None) -> "TritonServer":
         if not self.model_repository.is_dir():
@@ -186,3 +207,36 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def admin_key(cfg) -> Optional[str]:
+    return cfg.admin_api_key or os.environ.get("RECSYS_ADMIN_KEY") or None
+
+
+def server_from_config(serving_cfg, repository: Path, model_name: str, log_file: Optional[Path] = None) -> TritonServer:
+    """The long-running server of `recsys serve`: explicit model control by default, so a
+    promotion switches versions through the (optionally key-restricted) model-repository API."""
+    s = serving_cfg
+    return TritonServer(
+        repository, s.host, s.http_port, s.grpc_port, s.metrics_port,
+        log_file=log_file or Path(repository).resolve().parent / "triton.log",
+        model_control=s.model_control, load_models=[model_name],
+        repository_poll_secs=s.repository_poll_secs, admin_api_key=admin_key(s),
+    )
+
+
+def live_server(serving_cfg):
+    """The running Triton to switch after a promotion, or None (nothing running / not explicit mode)."""
+    from pipeline_lib.repository import LiveServer
+    import tritonclient.http as httpclient
+
+    if serving_cfg.model_control != "explicit":
+        return None  # poll: Triton picks the new config up itself; none: served at next start
+    url = f"{serving_cfg.host}:{serving_cfg.http_port}"
+    try:
+        with httpclient.InferenceServerClient(url, connection_timeout=2.0, network_timeout=2.0) as c:
+            if not c.is_server_live():
+                return None
+    except Exception:
+        return None
+    return LiveServer(url, admin_key(serving_cfg))

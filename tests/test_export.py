@@ -60,15 +60,3 @@ def test_parity_check_catches_the_stock_bytes_bug(trained, tmp_path, monkeypatch
         export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, trained.valid_rows(64),
                                "click", staging, "recsys", 1)
     assert not staging.exists()
-
-
-def test_publish_is_atomic_and_refuses_to_overwrite(exported, tmp_path):
-    out, _ = exported
-    repo = tmp_path / "model_repository"
-    final = export.publish(out, repo)
-    assert final == repo / "recsys" / "1"
-    assert sorted(p.name for p in (repo / "recsys").iterdir()) == ["1", "config.pbtxt"]
-    assert export.next_version(repo, "recsys") == 2
-    with pytest.raises(FileExistsError):
-        export.publish(out, repo)
-    assert export.next_version(tmp_path / "empty", "recsys") == 1

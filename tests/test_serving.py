@@ -5,7 +5,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from pipeline_lib import export
+from pipeline_lib import export, repository
 from pipeline_lib.client import RecsysClient, RequestError
 from pipeline_lib.serving import ServerError, TritonServer
 from pipeline_lib.smoke import free_port, smoke_test
@@ -22,7 +22,8 @@ def served(trained, tmp_path_factory):
     exp = export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, rows, "click",
                                  tmp / "staged", "recsys", 1)
     repo = tmp / "model_repository"
-    export.publish(exp, repo)
+    repository.publish(exp.version_dir, exp.config_path, repo, "recsys", 1)
+    repository.promote(repo, "recsys", 1)
     offline = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), trained.model.model_dir, rows, "click")
     server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                           log_file=tmp / "triton.log")

@@ -1,0 +1,203 @@
+"""The live Triton model repository: numbered versions, which one is served, promotion without
+restart, rollback, retention, and per-version lineage.
+
+Layout (see model_repository/README.md)::
+
+    <repo>/<model>/config.pbtxt          the served version's config + version_policy pinning it
+    <repo>/<model>/<N>/                  one published version (self-contained ensemble)
+    <repo>/<model>/<N>/model_config.pbtxt  the config this version was exported with
+    <repo>/<model>/<N>/lineage.json      data fingerprint, config, workflow, model, metrics
+    <repo>/<model>/history.jsonl         every promotion / rollback, appended
+
+Every change is made with renames (``os.replace``), so Triton -- polling or told to reload --
+never reads a half-written version or config. The served version is pinned through Triton's own
+``version_policy { specific { versions: N } }``; a running server in explicit model-control mode
+switches with ``load_model`` (the old version keeps serving until the new one is ready).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from google.protobuf import text_format
+
+CONFIG = "config.pbtxt"
+VERSION_CONFIG = "model_config.pbtxt"
+LINEAGE = "lineage.json"
+HISTORY = "history.jsonl"
+
+
+class RepositoryError(RuntimeError):
+    pass
+
+
+def list_versions(repo: Path, model: str) -> list[int]:
+    d = Path(repo) / model
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
+
+
+def next_version(repo: Path, model: str) -> int:
+    return max(list_versions(repo, model), default=0) + 1
+
+
+def served_version(repo: Path, model: str) -> Optional[int]:
+    """The version pinned in the model's config.pbtxt (None when nothing is published)."""
+    cfg = Path(repo) / model / CONFIG
+    if not cfg.exists():
+        return None
+    m = _read_config(cfg)
+    if m.version_policy.HasField("specific") and m.version_policy.specific.versions:
+        return int(max(m.version_policy.specific.versions))
+    versions = list_versions(repo, model)
+    return versions[-1] if versions else None
+
+
+def _read_config(path: Path):
+    import tritonclient.grpc.model_config_pb2 as mc
+
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def publish(version_dir: Path, version_config: Path, repo: Path, model: str, version: int,
+            lineage: Optional[dict] = None) -> Path:
+    """Copy a staged, verified version into the repository; it appears by a single rename.
+
+    Publishing does not change what is served (see :func:`promote`). The half-copied
+    ``.incoming-N`` folder is not a numeric version, so Triton never considers it.
+    """
+    target = Path(repo) / model
+    target.mkdir(parents=True, exist_ok=True)
+    final = target / str(version)
+    if final.exists():
+        raise RepositoryError(f"version {version} already exists in {target}")
+    incoming = target / f".incoming-{version}-{os.getpid()}"
+    shutil.rmtree(incoming, ignore_errors=True)
+    shutil.copytree(version_dir, incoming)
+    shutil.copyfile(version_config, incoming / VERSION_CONFIG)
+    if lineage is not None:
+        (incoming / LINEAGE).write_text(json.dumps(lineage, indent=2, default=str))
+    try:
+        os.rename(incoming, final)  # fails if another run took this number meanwhile
+    except OSError as exc:
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise RepositoryError(f"could not publish version {version} of {model}: {exc}") from exc
+    return final
+
+
+def write_served_config(repo: Path, model: str, version: int, instance_count: int = 1) -> None:
+    """Make ``version`` the served one: its own config + a version_policy pinning it."""
+    vdir = Path(repo) / model / str(version)
+    if not vdir.is_dir():
+        raise RepositoryError(f"version {version} of model '{model}' not found in {repo}")
+    m = _read_config(vdir / VERSION_CONFIG)
+    m.version_policy.Clear()
+    m.version_policy.specific.versions.append(version)
+    del m.instance_group[:]
+    group = m.instance_group.add()
+    group.count = instance_count
+    _atomic_write(Path(repo) / model / CONFIG, text_format.MessageToString(m))
+
+
+@dataclass
+class LiveServer:
+    """A running Triton to switch (explicit model-control mode). ``api_key`` for the restricted API."""
+
+    url: str
+    api_key: Optional[str] = None
+    timeout_s: float = 300.0
+
+    @property
+    def headers(self) -> Optional[dict]:
+        return {ADMIN_HEADER: self.api_key} if self.api_key else None
+
+
+ADMIN_HEADER = "recsys-admin-key"
+
+
+def _reload(live: LiveServer, model: str, version: int) -> None:
+    import tritonclient.http as httpclient
+
+    with httpclient.InferenceServerClient(live.url, network_timeout=live.timeout_s, connection_timeout=live.timeout_s) as c:
+        c.load_model(model, headers=live.headers)  # blocks until loaded; old version serves meanwhile
+        deadline = time.monotonic() + live.timeout_s
+        while not c.is_model_ready(model, str(version)):
+            if time.monotonic() > deadline:
+                raise RepositoryError(f"Triton at {live.url} did not make {model} v{version} ready")
+            time.sleep(0.2)
+
+
+def promote(repo: Path, model: str, version: int, live: Optional[LiveServer] = None,
+            instance_count: int = 1, reason: str = "promote") -> dict:
+    """Serve ``version``: pin it in config.pbtxt and, if a live server is given, reload it there."""
+    previous = served_version(repo, model)
+    cfg_path = Path(repo) / model / CONFIG
+    backup = cfg_path.read_text() if cfg_path.exists() else None
+    write_served_config(repo, model, version, instance_count)
+    if live is not None:
+        try:
+            _reload(live, model, version)
+        except Exception:
+            # the server kept serving the previous version; put the config back to match it
+            if backup is not None:
+                _atomic_write(cfg_path, backup)
+            raise
+    event = {"time": time.time(), "action": reason, "version": version, "previous": previous,
+             "live_server": live.url if live else None}
+    with open(Path(repo) / model / HISTORY, "a") as f:
+        f.write(json.dumps(event) + "\n")
+    return event
+
+
+def rollback(repo: Path, model: str, live: Optional[LiveServer] = None, instance_count: int = 1) -> dict:
+    """Serve the newest version older than the one served now."""
+    current = served_version(repo, model)
+    older = [v for v in list_versions(repo, model) if current is None or v < current]
+    if not older:
+        raise RepositoryError(f"no version older than {current} to roll back to for model '{model}'")
+    return promote(repo, model, older[-1], live, instance_count, reason="rollback")
+
+
+def prune(repo: Path, model: str, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` versions; never the served one. Returns removed versions."""
+    if keep < 1:
+        raise ValueError("keep must be >= 1")
+    served = served_version(repo, model)
+    versions = list_versions(repo, model)
+    doomed = [v for v in versions[:-keep] if v != served]
+    for v in doomed:
+        src = Path(repo) / model / str(v)
+        trash = src.with_name(f".deleted-{v}-{os.getpid()}")
+        os.rename(src, trash)  # disappears from Triton's view at once
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
+
+
+def describe(repo: Path, model: str) -> list[dict]:
+    """One row per version: lineage summary and whether it is served."""
+    served = served_version(repo, model)
+    rows = []
+    for v in list_versions(repo, model):
+        lin_path = Path(repo) / model / str(v) / LINEAGE
+        lin = json.loads(lin_path.read_text()) if lin_path.exists() else {}
+        rows.append({
+            "version": v,
+            "served": v == served,
+            "created": lin.get("created"),
+            "run_dir": lin.get("run_dir"),
+            "data_fingerprint": (lin.get("data") or {}).get("fingerprint"),
+            "metrics": lin.get("metrics"),
+        })
+    return rows
+
+
