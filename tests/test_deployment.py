@@ -1,0 +1,123 @@
+"""A real local Prefect server, the scheduled deployment registered by flows.deploy (flow.serve),
+a triggered run executed to completion, and its artifacts read back from the API."""
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from pipeline_lib.smoke import free_port
+
+from .conftest import SMALL
+
+pytestmark = pytest.mark.integration
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _wait_http(url, timeout, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_http(f"{api}/health", 180, proc)
+        yield api, home, env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+def test_scheduled_deployment_runs_to_completion_with_artifacts(prefect_server, tmp_path):
+    api, home, env = prefect_server
+    env = {**env, "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    overrides = {**SMALL, "runs_dir": str(tmp_path / "runs"),
+                 "export": {**SMALL["export"], "model_repository": str(tmp_path / "model_repository")},
+                 "serving": {"notify_live_server": False}}
+    runner_log = open(tmp_path / "runner.log", "w")
+    runner = subprocess.Popen([sys.executable, "-m", "flows.deploy", "--name", "test-nightly", "--cron", "0 3 * * *",
+                               "--overrides-json", json.dumps(overrides)],
+                              cwd=ROOT, env=env, stdout=runner_log, stderr=subprocess.STDOUT)
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        async def scenario():
+            async with get_client() as client:
+                deadline = time.monotonic() + 180
+                while True:
+                    try:
+                        dep = await client.read_deployment_by_name("recsys-pipeline/test-nightly")
+                        break
+                    except Exception:
+                        assert runner.poll() is None, (tmp_path / "runner.log").read_text()[-3000:]
+                        assert time.monotonic() < deadline, "deployment never registered"
+                        await asyncio.sleep(1)
+                crons = [s.schedule.cron for s in dep.schedules]
+                run = await client.create_flow_run_from_deployment(dep.id)
+                deadline = time.monotonic() + 900
+                while True:
+                    fr = await client.read_flow_run(run.id)
+                    if fr.state and fr.state.is_final():
+                        break
+                    assert runner.poll() is None, (tmp_path / "runner.log").read_text()[-3000:]
+                    assert time.monotonic() < deadline, f"flow run stuck in {fr.state}"
+                    await asyncio.sleep(2)
+                arts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+                return dep, crons, fr, arts
+
+        with temporary_settings({PREFECT_API_URL: api}):
+            dep, crons, fr, arts = asyncio.run(scenario())
+    finally:
+        runner.terminate()
+        runner.wait(timeout=60)
+        runner_log.close()
+    assert crons == ["0 3 * * *"]
+    assert dep.parameters["overrides"]["runs_dir"] == str(tmp_path / "runs")
+    assert fr.state.is_completed(), (tmp_path / "runner.log").read_text()[-3000:]
+    assert {"served-predictions", "run-summary", "metrics", "promotion"} <= {a.key for a in arts}
+    promotion = next(a for a in arts if a.key == "promotion").data
+    assert "promote** version **1**" in promotion and "data fingerprint: `sha256:" in promotion
+    assert (tmp_path / "model_repository" / "recsys" / "1" / "lineage.json").exists()
+
+
+def test_prefect_yaml_declares_the_scheduled_deployment():
+    spec = yaml.safe_load(open(os.path.join(ROOT, "prefect.yaml")))
+    (dep,) = spec["deployments"]
+    path, func = dep["entrypoint"].split(":")
+    assert os.path.exists(os.path.join(ROOT, path))
+    from prefect.flows import load_flow_from_entrypoint
+
+    flow = load_flow_from_entrypoint(os.path.join(ROOT, dep["entrypoint"]))
+    assert flow.name == "recsys-pipeline" and func == "pipeline"
+    assert set(dep["parameters"]) == set(flow.parameters.properties)
+    from prefect.client.schemas.schedules import CronSchedule
+
+    assert [CronSchedule(cron=s["cron"], timezone=s["timezone"]).cron for s in dep["schedules"]] == ["0 3 * * *"]
+    assert dep["work_pool"]["name"] == "recsys-gpu"
