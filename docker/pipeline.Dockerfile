@@ -8,16 +8,19 @@ FROM ${MERLIN_IMAGE}
 WORKDIR /app
 ENV PYTHONUNBUFFERED=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
-    PREFECT_LOGGING_EXTRA_LOGGERS=pipeline_lib
+    PREFECT_LOGGING_EXTRA_LOGGERS=pipeline_lib \
+    TRITONSERVER_BIN=/opt/tritonserver/bin/tritonserver \
+    TRITON_BACKEND_DIR=/opt/tritonserver/backends
 
 COPY pyproject.toml README.md ./
 COPY pipeline_lib ./pipeline_lib
 COPY flows ./flows
 COPY configs ./configs
+COPY prefect.yaml ./
 # The Merlin stack comes from the base image; only the orchestration/CLI layer is added.
 RUN pip install --no-cache-dir "prefect>=3.7,<3.8" "fastapi<0.116" "pydantic>=2.7,<3" "typer>=0.12" \
         "scikit-learn>=1.3,<1.6" "matplotlib>=3.7,<3.10" "tritonclient[grpc,http]" \
  && pip install --no-cache-dir --no-deps --ignore-requires-python -e .
 
 HEALTHCHECK --interval=30s --timeout=5s --retries=5 CMD python -c "import pipeline_lib, flows" || exit 1
-CMD ["prefect", "worker", "start", "--pool", "recsys-gpu"]
+CMD ["prefect", "worker", "start", "--pool", "recsys-gpu", "--type", "process"]

@@ -1,7 +1,9 @@
 # Triton image (GPU) serving the shared model repository. The repository's models use only the
-# python backend (merlin-systems executor model running the workflow + SavedModel in-process), so
-# the image needs the Merlin libraries and this project's pipeline_lib (the ensemble's ops are
-# importable classes from pipeline_lib.export), not Triton's TensorFlow backend.
+# python backend (the merlin-systems executor model runs the NVTabular workflow and the SavedModel
+# in-process), so the image needs the Merlin libraries -- all in NVIDIA's Merlin image -- and this
+# project's pipeline_lib (the ensemble's ops are classes in pipeline_lib.export), not Triton's
+# TensorFlow backend. Same base image as the worker: the pickled workflow/ensemble need the same
+# package versions and Python minor version as the process that exported them.
 ARG MERLIN_IMAGE=nvcr.io/nvidia/merlin/merlin-tensorflow:23.08
 FROM ${MERLIN_IMAGE}
 
@@ -10,8 +12,8 @@ COPY pyproject.toml README.md ./
 COPY pipeline_lib ./pipeline_lib
 COPY flows ./flows
 RUN pip install --no-cache-dir --no-deps --ignore-requires-python -e .
+COPY docker/triton-entrypoint.sh /usr/local/bin/triton-entrypoint.sh
 
 EXPOSE 8000 8001 8002
-HEALTHCHECK --interval=15s --timeout=5s --retries=20 CMD curl -fsS localhost:8000/v2/health/ready || exit 1
-CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=poll", \
-     "--repository-poll-secs=15", "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002"]
+HEALTHCHECK --interval=15s --timeout=5s --retries=20 CMD curl -fsS localhost:8000/v2/health/live || exit 1
+ENTRYPOINT ["/usr/local/bin/triton-entrypoint.sh"]
