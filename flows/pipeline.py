@@ -70,11 +70,12 @@ def _valid_sample(cfg: RunConfig, etl_out: etl.EtlOutput, n: int) -> pd.DataFram
 
 @task(name="export", cache_policy=NO_CACHE)
 def run_export(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, model: train.TrainOutput) -> export.ExportOutput:
-    version = repository.next_version(cfg.export.model_repository, cfg.export.model_name)
+    # staged as version 1 of the run's own repository; publish assigns the live version number
     return export.export_ensemble(
         etl_out.workflow_dir, model.model_dir, _valid_sample(cfg, etl_out, cfg.export.parity_rows),
-        cfg.columns.label, paths.ensemble, cfg.export.model_name, version, cfg.export.parity_atol,
+        cfg.columns.label, paths.ensemble, cfg.export.model_name, 1, cfg.export.parity_atol,
         run_info={"run_dir": str(paths.root), "metrics": model.metrics},
+        max_request_rows=cfg.export.max_request_rows,
     )
 
 
@@ -91,12 +92,12 @@ def run_smoke(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, exp: expo
 
 @task(name="publish", cache_policy=NO_CACHE)
 def run_publish(cfg: RunConfig, paths: RunPaths, raw_path: Path, etl_out: etl.EtlOutput,
-                model: train.TrainOutput, exp: export.ExportOutput) -> tuple[Path, dict]:
+                model: train.TrainOutput, exp: export.ExportOutput) -> tuple[int, Path, dict]:
     info = lineage.build_lineage(paths.root, raw_path, cfg.model_dump(mode="json"), etl_out.workflow_dir,
-                                 model.model_dir, model.metrics, exp.version)
-    path = repository.publish(exp.version_dir, exp.config_path, cfg.export.model_repository, exp.model_name,
-                              exp.version, info)
-    return path, info
+                                 model.model_dir, model.metrics)
+    version, path = repository.publish(exp.version_dir, exp.config_path, cfg.export.model_repository,
+                                       exp.model_name, info)
+    return version, path, info
 
 
 @task(name="promote", retries=2, retry_delay_seconds=[5, 20], cache_policy=NO_CACHE)
@@ -131,8 +132,8 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     model = timed("train", run_train, cfg, paths, etl_out)
     exp = timed("export", run_export, cfg, paths, etl_out, model)
     result = timed("serving-smoke-test", run_smoke, cfg, paths, etl_out, exp)
-    served_dir, info = timed("publish", run_publish, cfg, paths, raw_path, etl_out, model, exp)
-    event = timed("promote", run_promote, cfg, exp.version)
+    version, served_dir, info = timed("publish", run_publish, cfg, paths, raw_path, etl_out, model, exp)
+    event = timed("promote", run_promote, cfg, version)
 
     rows = _valid_sample(cfg, etl_out, cfg.serving.smoke_rows)
     table = result.table(rows)
@@ -141,7 +142,7 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
         "etl_device": etl_out.device,
         "etl_from": str(etl_out.workflow_dir.parent),
         "metrics": {k: model.metrics[k] for k in ("auc", "logloss", "n_train", "n_valid")},
-        "model_version": exp.version,
+        "model_version": version,
         "served_dir": str(served_dir),
         "served_version": event["version"],
         "previous_version": event["previous"],

@@ -62,7 +62,8 @@ class RecsysClient:
                 names.append(base)
         return names
 
-    def build_inputs(self, rows: Union[pd.DataFrame, Iterable[Mapping]]) -> list:
+    def to_arrays(self, rows: Union[pd.DataFrame, Iterable[Mapping]]) -> dict[str, np.ndarray]:
+        """Raw rows -> the request tensors (list features as values/offsets, strings as bytes)."""
         self._metadata()
         df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
         missing = [c for c in self.raw_columns if c not in df.columns]
@@ -77,9 +78,20 @@ class RecsysClient:
             else:
                 arr = df[name].to_numpy()
             arrays[name] = _cast(arr, dtype, name)
+        return arrays
+
+    def build_inputs(self, rows: Union[pd.DataFrame, Iterable[Mapping]]) -> list:
+        return self.inputs_from_arrays(self.to_arrays(rows))
+
+    def inputs_from_arrays(self, arrays: Mapping[str, np.ndarray]) -> list:
+        """tritonclient inputs for the given tensors, typed by their numpy dtype (to_arrays casts to the
+        server's types; a mismatch is left for the server to reject)."""
+        from tritonclient.utils import np_to_triton_dtype
+
+        self._metadata()
         inputs = []
         for name, arr in arrays.items():
-            inp = self._tc.InferInput(name, list(arr.shape), self._inputs[name])
+            inp = self._tc.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
         return inputs
@@ -90,7 +102,10 @@ class RecsysClient:
 
     def infer(self, rows: Union[pd.DataFrame, Iterable[Mapping]]) -> tuple[np.ndarray, str]:
         """Scores and the model version that produced them."""
-        inputs = self.build_inputs(rows)
+        return self.infer_arrays(self.to_arrays(rows))
+
+    def infer_arrays(self, arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
+        inputs = self.inputs_from_arrays(arrays)
         outputs = [self._tc.InferRequestedOutput(n) for n in self._outputs]
         result = self._client.infer(self.model_name, inputs, outputs=outputs)
         response = result.get_response()

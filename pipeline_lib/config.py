@@ -149,6 +149,7 @@ class ExportConfig(_Strict):
     parity_rows: int = Field(256, ge=1, description="rows checked in-process before writing the ensemble")
     parity_atol: float = 1e-5
     keep_versions: int = Field(5, ge=1, description="retention: newest versions kept (the served one always is)")
+    max_request_rows: int = Field(65536, ge=1, description="served requests with more rows get a clear error")
 
 
 class ServingConfig(_Strict):

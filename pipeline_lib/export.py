@@ -211,6 +211,7 @@ def export_ensemble(
     version: int,
     atol: float = 1e-5,
     run_info: dict | None = None,
+    max_request_rows: int = 65536,
 ) -> ExportOutput:
     """Check parity in-process, export the ensemble as ``staging_dir/<model_name>/<version>``,
     load the exported copy back and check it again. Nothing touches the live repository."""
@@ -232,6 +233,7 @@ def export_ensemble(
     ensemble.export(str(staging_dir), name=model_name, version=1)
     if version != 1:
         os.rename(staging_dir / model_name / "1", staging_dir / model_name / str(version))
+    _install_serving_model(staging_dir / model_name, version, max_request_rows)
     artifacts = staging_dir / model_name / str(version) / ENSEMBLE_SUBDIR
     exported = Ensemble.load(str(artifacts))
     for node in postorder_iter_nodes(exported.graph.output_node, flatten_subgraphs=True):
@@ -240,6 +242,20 @@ def export_ensemble(
     out = ExportOutput(staging_dir, model_name, version, ensemble.output_schema.column_names[0],
                        max(diff_inproc, diff_exported))
     (out.version_dir / "run_info.json").write_text(
-        json.dumps({**(run_info or {}), "version": version, "parity_max_abs_diff": out.parity_max_abs_diff}, indent=2)
+        json.dumps({**(run_info or {}), "parity_max_abs_diff": out.parity_max_abs_diff}, indent=2)
     )
     return out
+
+
+def _install_serving_model(model_dir: Path, version: int, max_request_rows: int) -> None:
+    """Swap merlin-systems' executor model.py for ours (request checks, one-line errors) and
+    record the request-size limit as a model parameter in config.pbtxt."""
+    import tritonclient.grpc.model_config_pb2 as mc
+    from google.protobuf import text_format
+
+    # serving_model.py imports triton_python_backend_utils, so it is copied, never imported here
+    shutil.copyfile(Path(__file__).with_name("serving_model.py"), model_dir / str(version) / "model.py")
+    cfg_path = model_dir / "config.pbtxt"
+    cfg = text_format.Parse(cfg_path.read_text(), mc.ModelConfig())
+    cfg.parameters["max_request_rows"].string_value = str(max_request_rows)
+    cfg_path.write_text(text_format.MessageToString(cfg))

@@ -38,9 +38,9 @@ def code_version() -> Optional[str]:
 
 
 def build_lineage(run_dir: Path, raw_path: Path, config: dict, workflow_dir: Path, model_dir: Path,
-                  metrics: dict, version: int) -> dict:
+                  metrics: dict) -> dict:
+    """Lineage record of a version (``publish`` adds the version number it allocates)."""
     return {
-        "version": version,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run_dir),
         "code_version": code_version(),

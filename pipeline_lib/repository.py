@@ -16,6 +16,8 @@ switches with ``load_model`` (the old version keeps serving until the new one is
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -30,6 +32,7 @@ CONFIG = "config.pbtxt"
 VERSION_CONFIG = "model_config.pbtxt"
 LINEAGE = "lineage.json"
 HISTORY = "history.jsonl"
+LOCK = ".lock"
 
 
 class RepositoryError(RuntimeError):
@@ -69,30 +72,44 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def publish(version_dir: Path, version_config: Path, repo: Path, model: str, version: int,
-            lineage: Optional[dict] = None) -> Path:
-    """Copy a staged, verified version into the repository; it appears by a single rename.
+@contextlib.contextmanager
+def locked(repo: Path, model: str):
+    """Serialise changes to one model's repository folder across processes (concurrent runs)."""
+    d = Path(repo) / model
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / LOCK, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
-    Publishing does not change what is served (see :func:`promote`). The half-copied
-    ``.incoming-N`` folder is not a numeric version, so Triton never considers it.
+
+def publish(version_dir: Path, version_config: Path, repo: Path, model: str,
+            lineage: Optional[dict] = None) -> tuple[int, Path]:
+    """Copy a staged, verified version into the repository as the next free version number.
+
+    The copy is made under a hidden name (``.incoming-*`` is not a numeric version, so Triton never
+    considers it) and appears by a single rename. The number is allocated under the repository
+    lock, so concurrent runs get distinct versions. Publishing does not change what is served
+    (see :func:`promote`). Returns (version, path).
     """
     target = Path(repo) / model
     target.mkdir(parents=True, exist_ok=True)
-    final = target / str(version)
-    if final.exists():
-        raise RepositoryError(f"version {version} already exists in {target}")
-    incoming = target / f".incoming-{version}-{os.getpid()}"
-    shutil.rmtree(incoming, ignore_errors=True)
+    incoming = target / f".incoming-{os.getpid()}-{time.monotonic_ns()}"
     shutil.copytree(version_dir, incoming)
     shutil.copyfile(version_config, incoming / VERSION_CONFIG)
-    if lineage is not None:
-        (incoming / LINEAGE).write_text(json.dumps(lineage, indent=2, default=str))
     try:
-        os.rename(incoming, final)  # fails if another run took this number meanwhile
-    except OSError as exc:
+        with locked(repo, model):
+            version = next_version(repo, model)
+            if lineage is not None:
+                (incoming / LINEAGE).write_text(json.dumps({**lineage, "version": version}, indent=2, default=str))
+            final = target / str(version)
+            os.rename(incoming, final)
+    except BaseException:
         shutil.rmtree(incoming, ignore_errors=True)
-        raise RepositoryError(f"could not publish version {version} of {model}: {exc}") from exc
-    return final
+        raise
+    return version, final
 
 
 def write_served_config(repo: Path, model: str, version: int, instance_count: int = 1) -> None:
@@ -140,6 +157,12 @@ def _reload(live: LiveServer, model: str, version: int) -> None:
 def promote(repo: Path, model: str, version: int, live: Optional[LiveServer] = None,
             instance_count: int = 1, reason: str = "promote") -> dict:
     """Serve ``version``: pin it in config.pbtxt and, if a live server is given, reload it there."""
+    with locked(repo, model):
+        return _promote(repo, model, version, live, instance_count, reason)
+
+
+def _promote(repo: Path, model: str, version: int, live: Optional[LiveServer], instance_count: int,
+             reason: str) -> dict:
     previous = served_version(repo, model)
     cfg_path = Path(repo) / model / CONFIG
     backup = cfg_path.read_text() if cfg_path.exists() else None
@@ -161,17 +184,23 @@ def promote(repo: Path, model: str, version: int, live: Optional[LiveServer] = N
 
 def rollback(repo: Path, model: str, live: Optional[LiveServer] = None, instance_count: int = 1) -> dict:
     """Serve the newest version older than the one served now."""
-    current = served_version(repo, model)
-    older = [v for v in list_versions(repo, model) if current is None or v < current]
-    if not older:
-        raise RepositoryError(f"no version older than {current} to roll back to for model '{model}'")
-    return promote(repo, model, older[-1], live, instance_count, reason="rollback")
+    with locked(repo, model):
+        current = served_version(repo, model)
+        older = [v for v in list_versions(repo, model) if current is None or v < current]
+        if not older:
+            raise RepositoryError(f"no version older than {current} to roll back to for model '{model}'")
+        return _promote(repo, model, older[-1], live, instance_count, reason="rollback")
 
 
 def prune(repo: Path, model: str, keep: int) -> list[int]:
     """Delete all but the newest ``keep`` versions; never the served one. Returns removed versions."""
     if keep < 1:
         raise ValueError("keep must be >= 1")
+    with locked(repo, model):
+        return _prune(repo, model, keep)
+
+
+def _prune(repo: Path, model: str, keep: int) -> list[int]:
     served = served_version(repo, model)
     versions = list_versions(repo, model)
     doomed = [v for v in versions[:-keep] if v != served]

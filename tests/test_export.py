@@ -29,7 +29,8 @@ def test_export_layout_needs_only_the_python_backend(exported):
         assert f'name: "{name}"' in cfg
     assert 'name: "click"' not in cfg
     info = json.loads((out.version_dir / "run_info.json").read_text())
-    assert info["version"] == 1 and info["parity_max_abs_diff"] <= 1e-5 and info["run"] == "test"
+    assert info["parity_max_abs_diff"] <= 1e-5 and info["run"] == "test"
+    assert "max_request_rows" in cfg and "pipeline_lib.request_checks" in (out.version_dir / "model.py").read_text()
 
 
 def test_exported_ensemble_equals_offline(exported, trained):

@@ -105,3 +105,24 @@ def test_serve_and_predict_commands_on_the_published_repository(flow_run):
         log, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, log
     assert "Triton ready" in log and "Triton stopped." in log
+
+
+@pytest.mark.parametrize("stage, overrides, error", [
+    ("validate", {"columns": {"label": "no_such_label"}}, "required column is missing"),
+    ("serving-smoke-test", {"serving": {"startup_timeout_s": 0.01}}, "not ready after"),
+])
+def test_a_failed_run_leaves_the_served_version_untouched(flow_run, stage, overrides, error):
+    from flows.pipeline import pipeline
+    from pipeline_lib import repository
+
+    tmp, base, _ = flow_run
+    repo = tmp / "model_repository"
+    before = (repository.served_version(repo, "recsys"), repository.list_versions(repo, "recsys"),
+              (repo / "recsys" / "config.pbtxt").read_bytes())
+    bad = {**base, "run_name": None, **{k: {**base.get(k, {}), **v} for k, v in overrides.items()}}
+    with pytest.raises(Exception, match=error):
+        pipeline(overrides=bad)
+    after = (repository.served_version(repo, "recsys"), repository.list_versions(repo, "recsys"),
+             (repo / "recsys" / "config.pbtxt").read_bytes())
+    assert after == before and before[0] == 1
+    assert not [p for p in (repo / "recsys").iterdir() if p.name.startswith(".incoming")]

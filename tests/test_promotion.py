@@ -35,7 +35,7 @@ def live(trained, tmp_path_factory):
     for version, model_dir in ((1, trained.model.model_dir), (2, other)):
         exp = export.export_ensemble(trained.etl.workflow_dir, model_dir, rows, "click", tmp / f"staged{version}",
                                      "recsys", version)
-        repository.publish(exp.version_dir, exp.config_path, repo, "recsys", version)
+        assert repository.publish(exp.version_dir, exp.config_path, repo, "recsys")[0] == version
         offline[str(version)] = export.offline_scores(wf, model_dir, rows, "click")
     assert np.max(np.abs(offline["1"] - offline["2"])) > 1e-3  # the two versions are distinguishable
     repository.promote(repo, "recsys", 1)

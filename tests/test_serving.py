@@ -11,6 +11,7 @@ from pipeline_lib.serving import ServerError, TritonServer
 from pipeline_lib.smoke import free_port, smoke_test
 
 pytestmark = pytest.mark.integration
+MAX_ROWS = 500
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +21,9 @@ def served(trained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("served")
     rows = trained.valid_rows(64)
     exp = export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, rows, "click",
-                                 tmp / "staged", "recsys", 1)
+                                 tmp / "staged", "recsys", 1, max_request_rows=MAX_ROWS)
     repo = tmp / "model_repository"
-    repository.publish(exp.version_dir, exp.config_path, repo, "recsys", 1)
+    repository.publish(exp.version_dir, exp.config_path, repo, "recsys")
     repository.promote(repo, "recsys", 1)
     offline = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), trained.model.model_dir, rows, "click")
     server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
@@ -95,3 +96,63 @@ def test_server_start_errors_are_reported(tmp_path):
     with pytest.raises(ServerError, match="tritonserver exited|not ready"):
         server.start(timeout_s=120, models=["recsys"])
     assert server.process is None
+
+
+def _bad(server, mutate):
+    """Send a request built from good rows and then broken by ``mutate``; return Triton's error."""
+    _, rows, _ = server
+    srv = server[0]
+    with RecsysClient(srv.http_url, "http") as client:
+        arrays = client.to_arrays(rows.head(3))
+        mutate(arrays)
+        with pytest.raises(InferenceServerException) as err:
+            client.infer_arrays(arrays)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("case, mutate, expected", [
+    ("unknown input name", lambda a: a.update(foo=np.array([1, 2, 3])),
+     r"expected 9 inputs but got 10 .*Got input\(s\) \['foo'"),
+    ("missing input", lambda a: a.pop("device"), r"missing required input\(s\) \['device'\]"),
+    ("wrong dtype", lambda a: a.update(user_id=a["user_id"].astype(np.float32)),
+     r"inference input 'user_id' data-type is 'FP32', but model 'recsys' expects 'INT64'"),
+    ("wrong shape", lambda a: a.update(user_age=np.ones((3, 2))),
+     r"unexpected shape for input 'user_age' for model 'recsys'. Expected \[-1\], got \[3,2\]"),
+    ("row counts differ", lambda a: a.update(item_id=a["item_id"][:2]), r"bad request: inputs have different row counts"),
+    ("bad list offsets", lambda a: a.update(item_tags__offsets=a["item_tags__offsets"][::-1].copy()),
+     r"bad request: input 'item_tags__offsets' must start at 0"),
+    ("empty batch", lambda a: [a.update({k: (v[:1] if k.endswith("__offsets") else v[:0])}) for k, v in list(a.items())],
+     r"bad request: empty batch"),
+])
+def test_bad_requests_get_a_clear_error_and_the_server_keeps_answering(served, case, mutate, expected):
+    server, rows, offline = served
+    import re
+
+    msg = _bad(served, mutate)
+    assert re.search(expected, msg), f"{case}: {msg}"
+    assert "Traceback" not in msg
+    with RecsysClient(server.grpc_url, "grpc") as client:
+        np.testing.assert_allclose(client.predict(rows.head(4)), offline[:4], atol=1e-5, rtol=0)
+
+
+def test_very_large_batch_is_refused_clearly_and_a_batch_at_the_limit_is_served(served):
+    server, rows, _ = served
+    big = pd.concat([rows] * (MAX_ROWS // len(rows) + 1), ignore_index=True)
+    with RecsysClient(server.grpc_url, "grpc") as client:
+        with pytest.raises(InferenceServerException, match=rf"batch of {len(big)} rows exceeds the limit of {MAX_ROWS}"):
+            client.predict(big)
+        assert len(client.predict(big.head(MAX_ROWS))) == MAX_ROWS
+
+
+def test_missing_continuous_values_are_filled_as_in_training(served, trained):
+    import nvtabular as nvt
+
+    server, rows, _ = served
+    holes = rows.head(4).copy()
+    holes.loc[[0, 2], "user_age"] = np.nan
+    holes.loc[1, "item_price"] = None
+    offline = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), trained.model.model_dir, holes, "click")
+    with RecsysClient(server.http_url, "http") as client:
+        got = client.predict(holes)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, offline, atol=1e-5, rtol=0)

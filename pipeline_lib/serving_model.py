@@ -1,0 +1,63 @@
+"""Triton python-backend model for an exported ensemble; copied into each version as ``model.py``.
+
+It replaces merlin-systems' ``executor_model.py`` (same loading of the ensemble and its
+artifacts) with: request checks that answer a clear error naming the field
+(:mod:`pipeline_lib.request_checks`), internal errors reported as one line (the traceback goes to
+the server log, not to the client), and a plain in-process runtime. This file only runs inside
+Triton's python backend stub (it imports ``triton_python_backend_utils``).
+"""
+import json
+import pathlib
+import traceback
+
+import triton_python_backend_utils as pb_utils
+
+from merlin.dag import postorder_iter_nodes
+from merlin.dag.runtime import Runtime
+from merlin.systems.dag import Ensemble
+from merlin.systems.triton.conversions import tensor_names, tensor_table_to_triton_response
+from merlin.table import TensorTable
+from pipeline_lib.request_checks import BadRequest, check_request
+
+DEFAULT_MAX_ROWS = 65536
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        repo = args["model_repository"]
+        # Triton 22.06+ may pass the path of model.py instead of the model folder
+        model_dir = pathlib.Path(repo).parent.parent if repo.endswith(".py") else pathlib.Path(repo)
+        if model_dir.name != args["model_name"]:
+            model_dir = model_dir / args["model_name"]
+        ensemble_path = model_dir / str(args["model_version"]) / "ensemble"
+        self.ensemble = Ensemble.load(str(ensemble_path))
+        for node in postorder_iter_nodes(self.ensemble.graph.output_node, flatten_subgraphs=True):
+            node.op.load_artifacts(str(ensemble_path))
+        params = json.loads(args["model_config"]).get("parameters", {})
+        self.max_rows = int(params.get("max_request_rows", {}).get("string_value", DEFAULT_MAX_ROWS))
+        schema = self.ensemble.input_schema
+        self.input_names = tensor_names(schema)
+        self.ragged = {c.name for c in schema.column_schemas.values() if c.is_ragged}
+        self.runtime = Runtime()
+        self.logger = pb_utils.Logger
+
+    def execute(self, requests):
+        return [self._one(request) for request in requests]
+
+    def _one(self, request):
+        try:
+            arrays = {}
+            for name in self.input_names:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is None:
+                    raise BadRequest(f"missing input '{name}'")
+                arrays[name] = tensor.as_numpy()
+            table = TensorTable(check_request(arrays, self.ragged, self.max_rows))
+            outputs = self.ensemble.transform(table, runtime=self.runtime)
+            return tensor_table_to_triton_response(outputs, self.ensemble.output_schema)
+        except BadRequest as exc:
+            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"bad request: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - report, never crash the model instance
+            self.logger.log_error(traceback.format_exc())
+            msg = f"inference failed: {type(exc).__name__}: {exc}"
+            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(msg[:2000]))
