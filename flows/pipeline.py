@@ -15,6 +15,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry writes racing the ephemeral DB
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +28,19 @@ from prefect.cache_policies import NO_CACHE
 from pipeline_lib import data, etl, export, smoke, train, validate
 from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.paths import RunPaths, new_run
+
+
+class _NoTracebackForBadData(logging.Filter):
+    """Bad input data is the user's to fix, not a crash: Prefect logs it without a stack trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], validate.DataValidationError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_NoTracebackForBadData())
 
 
 def _retry_unless_bad_data(task, task_run, state) -> bool:

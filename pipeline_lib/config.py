@@ -40,7 +40,8 @@ class FeatureSpec(_Strict):
     freq_threshold: int = Field(0, ge=0, description="categorical/list: rarer values go to the OOV index")
     separator: Optional[str] = Field(
         None, min_length=1,
-        description="list only: the list arrives as one string joined by this separator (CSV), e.g. '|' for 'Action|Comedy'",
+        description="list only: the list arrives as one string joined by this separator (CSV), e.g. '|' for "
+        "'Action|Comedy'; when every token is an integer the list holds ints",
     )
     max_null_rate: Optional[float] = Field(None, ge=0, le=1, description="validation: largest allowed share of nulls")
     min: Optional[float] = Field(None, description="validation, continuous only: smallest allowed value")

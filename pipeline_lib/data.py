@@ -281,9 +281,7 @@ def build_raw(tables: list[Table], columns: ColumnsConfig, report: Optional[dict
 
     ts = columns.timestamp
     if ts and ts in df.columns and df[ts].dtype == object:
-        parsed = pd.to_datetime(df[ts], errors="coerce")
-        if parsed.notna().sum() == df[ts].notna().sum():  # every value parsed: store epoch seconds
-            df[ts] = parsed.astype("int64") // 10**9
+        df[ts] = _dates_to_epoch_seconds(df[ts])
 
     rule = columns.label_rule_parsed
     if rule:
@@ -305,6 +303,22 @@ def build_raw(tables: list[Table], columns: ColumnsConfig, report: Optional[dict
         if lab.notna().all() and as_num.isin([0, 1]).all():
             df[columns.label] = as_num.astype(np.int64)
     return df
+
+
+def _dates_to_epoch_seconds(s: pd.Series) -> pd.Series:
+    """Date strings -> int64 epoch seconds when every value parses; otherwise unchanged (validation reports it)."""
+    numeric = pd.to_numeric(s, errors="coerce")
+    if numeric.notna().sum() == s.notna().sum():  # numbers stored as text
+        return numeric
+    try:
+        parsed = pd.to_datetime(s, errors="coerce", utc=True)
+    except (ValueError, TypeError):
+        return s
+    if parsed.notna().sum() != s.notna().sum():
+        return s
+    if parsed.isna().any():  # missing timestamps stay missing (float seconds)
+        return pd.Series(np.where(parsed.isna(), np.nan, parsed.view("int64") // 10**9), index=s.index, dtype=np.float64)
+    return (parsed.astype("int64") // 10**9).astype(np.int64)
 
 
 def _align_key(left: pd.Series, right: pd.DataFrame, key: str) -> tuple[pd.DataFrame, Optional[str]]:

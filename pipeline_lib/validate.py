@@ -135,7 +135,8 @@ def validate_raw(
     if ts and present(ts):
         s = df[ts]
         if not (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_datetime64_any_dtype(s)):
-            bad = pd.to_numeric(s, errors="coerce").isna() & s.notna()
+            as_date = pd.to_datetime(s, errors="coerce", utc=True) if s.dtype == object else s.isna()
+            bad = pd.to_numeric(s, errors="coerce").isna() & pd.Series(as_date, index=s.index).isna() & s.notna()
             problems.append(Problem(where(ts), ts, "timestamp not castable to a number or a date", int(bad.sum()),
                                     _ex(s[bad]) if bad.any() else _ex(s)))
 

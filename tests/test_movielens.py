@@ -137,3 +137,23 @@ def test_flow_stops_at_bad_data_with_one_message_and_no_retries(prefect_harness,
     assert time.perf_counter() - t0 < 10  # raw-data retries (2 s + 10 s) are for transient errors only
     assert len(err.value.problems) == 4 and "no-such-dir/u.data: column '*': file not found" in str(err.value)
     assert not (tmp_path / "runs" / "bad" / "validated").exists()
+
+
+@pytest.mark.integration
+def test_cli_run_on_bad_data_prints_one_error_without_a_stack_trace(tmp_path):
+    """`recsys run` (real Prefect flow): bad ratings stop it with file, column, count and example."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "ml"
+    shutil.copytree(ML, bad)
+    lines = (bad / "u.data").read_text().splitlines()
+    lines[5] = lines[5].rsplit("\t", 2)[0] + "\tfive\t" + lines[5].rsplit("\t", 1)[1]
+    (bad / "u.data").write_text("\n".join(lines) + "\n")
+    out = subprocess.run([sys.executable, "-m", "pipeline_lib.cli", "run", "--config", str(EXAMPLE),
+                          "--set", f"data.path={bad}", "--set", f"runs_dir={tmp_path / 'runs'}"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert (f"error: raw data failed validation (1 problem(s)):\n  - {bad}/u.data: column 'rating': "
+            f"label_rule 'rating >= 4': value missing or not a number [1 rows] (e.g. 'five')") in out.stderr
