@@ -15,13 +15,14 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry writes racing the ephemeral DB
 
+import logging
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -30,16 +31,45 @@ from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.paths import RunPaths, new_run
 
 
-@task(name="raw-data", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+class _NoTracebackForBadData(logging.Filter):
+    """Bad input data is the user's to fix, not a crash: Prefect logs it without a stack trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], validate.DataValidationError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_NoTracebackForBadData())
+
+
+def _retry_unless_bad_data(task, task_run, state) -> bool:
+    """Retry transient read failures, not data the user has to fix (Prefect puts the exception in state.data)."""
+    return not isinstance(getattr(state, "data", None), validate.DataValidationError)
+
+
+@task(name="raw-data", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_unless_bad_data,
+      cache_policy=NO_CACHE)
 def raw_data(cfg: RunConfig, paths: RunPaths) -> Path:
-    return data.write_raw(cfg.data, cfg.seed, paths.raw)
+    return data.write_raw(cfg.data, cfg.seed, paths.raw, cfg.columns)
 
 
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_data(cfg: RunConfig, paths: RunPaths, raw_path: Path) -> Path:
-    report = validate.validate_raw(raw_path, cfg.columns)
+    logger = get_run_logger()
+    report = validate.validate_raw(raw_path, cfg.columns, cfg.validation)
+    for w in report.warnings:
+        logger.warning("data warning: %s", w)
     paths.validated.mkdir(parents=True, exist_ok=True)
-    return report.save(paths.validated / "stats.json")
+    stats = report.save(paths.validated / "stats.json")
+    drift = validate.drift_report(stats, cfg.runs_dir, paths.root, cfg.validation.drift, paths.validated / "drift.json")
+    create_markdown_artifact(key="data-drift", markdown=validate.drift_markdown(drift),
+                             description="raw-data statistics compared with the previous run")
+    if drift["drifted"]:
+        logger.warning("data drift against %s:\n  - %s", drift["previous"],
+                       "\n  - ".join(f["message"] for f in drift["findings"]))
+    return stats
 
 
 def _etl_cache_key(context, parameters) -> str:

@@ -40,8 +40,12 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) 
     except Exception as exc:
         _fail(str(exc))
     from flows.pipeline import pipeline
+    from pipeline_lib.validate import DataValidationError
 
-    summary = pipeline(config_path=str(config) if config else None, overrides=overrides or None)
+    try:
+        summary = pipeline(config_path=str(config) if config else None, overrides=overrides or None)
+    except DataValidationError as exc:  # bad input data: one clear message, no stack trace
+        _fail(str(exc))
     summary.pop("predictions", None)
     typer.echo(json.dumps(summary, indent=2, default=str))
 

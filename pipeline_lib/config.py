@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+import re
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -37,12 +38,41 @@ class FeatureSpec(_Strict):
     side: FeatureSide = FeatureSide.context
     log: bool = Field(False, description="continuous only: apply log(1+x) before normalizing")
     freq_threshold: int = Field(0, ge=0, description="categorical/list: rarer values go to the OOV index")
+    separator: Optional[str] = Field(
+        None, min_length=1,
+        description="list only: the list arrives as one string joined by this separator (CSV), e.g. '|' for "
+        "'Action|Comedy'; when every token is an integer the list holds ints",
+    )
+    max_null_rate: Optional[float] = Field(None, ge=0, le=1, description="validation: largest allowed share of nulls")
+    min: Optional[float] = Field(None, description="validation, continuous only: smallest allowed value")
+    max: Optional[float] = Field(None, description="validation, continuous only: largest allowed value")
 
     @model_validator(mode="after")
-    def _log_only_for_continuous(self) -> "FeatureSpec":
+    def _options_fit_the_kind(self) -> "FeatureSpec":
         if self.log and self.kind != FeatureKind.continuous:
             raise ValueError(f"feature '{self.name}': 'log' applies to continuous features only")
+        if self.separator is not None and self.kind != FeatureKind.list:
+            raise ValueError(f"feature '{self.name}': 'separator' applies to list features only")
+        if (self.min is not None or self.max is not None) and self.kind != FeatureKind.continuous:
+            raise ValueError(f"feature '{self.name}': 'min'/'max' apply to continuous features only")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"feature '{self.name}': min ({self.min}) is greater than max ({self.max})")
         return self
+
+
+_RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.\-]*)\s*(>=|<=|==|!=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+LABEL_RULE_OPS = (">=", ">", "<=", "<", "==", "!=")
+
+
+def parse_label_rule(rule: str) -> tuple[str, str, float]:
+    """``"rating >= 4"`` -> ``("rating", ">=", 4.0)``; anything else is a ValueError (no eval)."""
+    m = _RULE.match(rule)
+    if not m:
+        raise ValueError(
+            f"label_rule {rule!r} is not '<column> <op> <number>' with <op> one of {', '.join(LABEL_RULE_OPS)}"
+            " (e.g. 'rating >= 4')"
+        )
+    return m.group(1), m.group(2), float(m.group(3))
 
 
 class ColumnsConfig(_Strict):
@@ -52,6 +82,9 @@ class ColumnsConfig(_Strict):
     item_id: str = "item_id"
     label: str = "click"
     timestamp: Optional[str] = "timestamp"
+    label_rule: Optional[str] = Field(
+        None, description="derive the binary label from another column: '<column> <op> <number>', e.g. 'rating >= 4'"
+    )
     features: list[FeatureSpec] = Field(
         default_factory=lambda: [
             FeatureSpec(name="user_country", kind=FeatureKind.categorical, side=FeatureSide.user),
@@ -69,7 +102,13 @@ class ColumnsConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"column names used for more than one role: {dup}")
+        if self.label_rule is not None:
+            parse_label_rule(self.label_rule)
         return self
+
+    @property
+    def label_rule_parsed(self) -> Optional[tuple[str, str, float]]:
+        return parse_label_rule(self.label_rule) if self.label_rule else None
 
     def of_kind(self, kind: FeatureKind) -> list[FeatureSpec]:
         return [f for f in self.features if f.kind == kind]
@@ -98,16 +137,90 @@ class SyntheticConfig(_Strict):
     days: int = Field(30, ge=1)
 
 
+def _path_to_str(v):
+    return str(v) if isinstance(v, Path) else v
+
+
+class TableConfig(_Strict):
+    """One input file: a local path or an fsspec URL (``file://...``), CSV or Parquet."""
+
+    path: str = Field(..., min_length=1, description="file (or parquet directory): local path or fsspec URL")
+    format: Literal["auto", "csv", "parquet"] = Field(
+        "auto", description="auto: .csv/.tsv/.txt (optionally .gz/.bz2/.zip/.xz) are CSV, everything else parquet"
+    )
+    sep: Optional[str] = Field(None, description="CSV delimiter (default ',' or tab for .tsv)")
+    encoding: str = "utf-8"
+    header: bool = Field(True, description="CSV: the first line holds the column names")
+    names: Optional[list[str]] = Field(None, description="CSV: column names (needed when header is false)")
+    rename: dict[str, str] = Field(default_factory=dict, description="{name in the file: name in columns:}")
+
+    _path_str = field_validator("path", mode="before")(_path_to_str)
+
+    @model_validator(mode="after")
+    def _names_without_header(self) -> "TableConfig":
+        if not self.header and not self.names:
+            raise ValueError(f"table {self.path}: header: false needs names: [...]")
+        return self
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        name = self.path.lower()
+        for comp in (".gz", ".bz2", ".zip", ".xz"):
+            if name.endswith(comp):
+                name = name[: -len(comp)]
+        return "csv" if name.endswith((".csv", ".tsv", ".txt")) else "parquet"
+
+
 class DataConfig(_Strict):
-    source: Literal["synthetic", "parquet"] = "synthetic"
-    path: Optional[Path] = Field(None, description="parquet file or directory when source=parquet")
+    """Where the raw interactions come from.
+
+    - ``synthetic``: the embedded generator (``synthetic:``);
+    - ``parquet``: one denormalised parquet file or directory at ``path``;
+    - ``files``: an ``interactions:`` table (CSV or parquet) plus optional ``users:`` / ``items:``
+      tables left-joined on the user / item id column;
+    - ``movielens100k``: the GroupLens ml-100k folder at ``path`` (u.data, u.user, u.item, u.genre).
+    """
+
+    source: Literal["synthetic", "parquet", "files", "movielens100k"] = "synthetic"
+    path: Optional[str] = Field(None, description="parquet file/directory (parquet) or ml-100k folder (movielens100k)")
+    interactions: Optional[TableConfig] = Field(None, description="source=files: one row per interaction")
+    users: Optional[TableConfig] = Field(None, description="source=files: optional user features, keyed by columns.user_id")
+    items: Optional[TableConfig] = Field(None, description="source=files: optional item features, keyed by columns.item_id")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    _path_str = field_validator("path", mode="before")(_path_to_str)
 
     @model_validator(mode="after")
     def _path_when_files(self) -> "DataConfig":
-        if self.source != "synthetic" and self.path is None:
-            raise ValueError("data.path is required when data.source is not 'synthetic'")
+        if self.source in ("parquet", "movielens100k") and self.path is None:
+            raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        if self.source == "files" and self.interactions is None:
+            raise ValueError("data.interactions is required when data.source is 'files'")
+        if self.source != "files" and (self.interactions or self.users or self.items):
+            raise ValueError("data.interactions/users/items are read only when data.source is 'files'")
         return self
+
+
+class DriftConfig(_Strict):
+    """Thresholds for comparing this run's raw statistics with the previous run's."""
+
+    enabled: bool = True
+    max_null_rate_change: float = Field(0.05, ge=0, description="absolute change of a column's null rate")
+    max_cardinality_change: float = Field(0.3, ge=0, description="relative change of distinct values")
+    max_mean_shift: float = Field(0.5, ge=0, description="|mean - previous mean| in previous standard deviations")
+    max_std_change: float = Field(0.5, ge=0, description="relative change of the standard deviation")
+
+
+class ValidationConfig(_Strict):
+    """Raw-data checks run before ETL (per-feature bounds live on each feature)."""
+
+    max_null_rate: Optional[float] = Field(None, ge=0, le=1, description="default bound for every feature")
+    unmatched_ids: Literal["error", "warn"] = Field(
+        "error", description="interactions whose id has no row in the users/items table"
+    )
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
 
 class SplitConfig(_Strict):
@@ -178,6 +291,7 @@ class RunConfig(_Strict):
     run_name: Optional[str] = Field(None, description="default: a timestamp")
     data: DataConfig = Field(default_factory=DataConfig)
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     etl: EtlConfig = Field(default_factory=EtlConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

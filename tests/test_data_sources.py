@@ -1,0 +1,253 @@
+"""Bring your own data: CSV/parquet tables by config, joins, list separators, label rules, renames.
+
+Every bad input must end in one DataValidationError (or a pydantic error for a bad config) that
+names the file, the column, a count and an example value.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+
+from pipeline_lib.config import RunConfig, load_config, parse_label_rule
+from pipeline_lib.data import read_load_report, write_raw
+from pipeline_lib.validate import DataValidationError, validate_raw
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOP = ROOT / "tests" / "fixtures" / "shop"
+EXAMPLE = ROOT / "configs" / "examples" / "csv_users_items.yaml"
+
+
+def shop_config(inter=None, users=None, items=None, **over) -> RunConfig:
+    """The CSV example config with absolute fixture paths (optionally other files)."""
+    data = {"interactions": {"path": str(inter or SHOP / "interactions.csv"), "rename": {"product_id": "item_id"}},
+            "users": {"path": str(users or SHOP / "users.csv")},
+            "items": {"path": str(items or SHOP / "items.csv"), "rename": {"product_id": "item_id"}}}
+    return load_config(EXAMPLE, {"data": data, **over})
+
+
+def build(cfg: RunConfig, tmp: Path):
+    raw = write_raw(cfg.data, cfg.seed, tmp / "raw", cfg.columns)
+    return raw, pd.read_parquet(raw)
+
+
+def test_example_configs_validate_and_default_yaml_is_embedded_default():
+    for p in sorted((ROOT / "configs" / "examples").glob("*.yaml")):
+        load_config(p)
+    assert {p.stem for p in (ROOT / "configs" / "examples").glob("*.yaml")} >= {
+        "parquet_single_table", "csv_users_items", "time_split", "movielens100k"}
+    assert load_config(ROOT / "configs" / "default.yaml") == RunConfig()
+
+
+def test_csv_interactions_users_items_become_one_denormalised_table(tmp_path):
+    cfg = shop_config()
+    raw, df = build(cfg, tmp_path)
+    inter = pd.read_csv(SHOP / "interactions.csv")
+    users = pd.read_csv(SHOP / "users.csv")
+    items = pd.read_csv(SHOP / "items.csv")
+    assert len(df) == len(inter)  # left join keeps every interaction, once
+    # renamed id, joined features, derived label as int 0/1
+    assert "item_id" in df and "product_id" not in df
+    assert df["liked"].dtype == np.int64
+    np.testing.assert_array_equal(df["liked"], (inter["rating"] >= 4).astype(int))
+    row = df.iloc[7]
+    assert row["age"] == users.set_index("user_id").loc[row["user_id"], "age"]
+    assert row["genres"].tolist() == items.set_index("product_id").loc[row["item_id"], "genres"].split("|")
+    # ISO time strings -> epoch seconds (time split needs numbers)
+    assert df["time"].dtype == np.int64
+    assert df["time"].iloc[0] == pd.Timestamp(inter["time"].iloc[0]).value // 10**9
+    # validation passes and names the user's files
+    report = validate_raw(raw, cfg.columns, cfg.validation)
+    assert report.n_rows == len(inter) and report.warnings == []
+    assert report.sources == {"interactions": str(SHOP / "interactions.csv"), "users": str(SHOP / "users.csv"),
+                              "items": str(SHOP / "items.csv")}
+    assert report.stats["genres"]["kind"] == "list" and report.stats["genres"]["cardinality"] == 7
+
+
+def test_fsspec_urls_and_parquet_tables(tmp_path):
+    users = pd.read_csv(SHOP / "users.csv")
+    users.to_parquet(tmp_path / "users.parquet")
+    cfg = shop_config(users=f"file://{tmp_path / 'users.parquet'}",
+                      inter=f"file://{SHOP / 'interactions.csv'}")
+    _, df = build(cfg, tmp_path)
+    assert df["country"].notna().all() and len(df) == 500
+
+
+def test_parquet_source_accepts_a_file_url(tmp_path):
+    from pipeline_lib.config import SyntheticConfig
+    from pipeline_lib.data import generate_interactions
+
+    src = generate_interactions(SyntheticConfig(n_users=20, n_items=20, n_interactions=200), 0)
+    src.to_parquet(tmp_path / "in.parquet")
+    cfg = load_config(None, {"data": {"source": "parquet", "path": f"file://{tmp_path / 'in.parquet'}"}})
+    raw, df = build(cfg, tmp_path)
+    pd.testing.assert_frame_equal(df, src)
+    validate_raw(raw, cfg.columns, cfg.validation)
+
+
+def test_separator_list_of_integers_and_headerless_csv(tmp_path):
+    (tmp_path / "i.csv").write_text("1;10;1;4|7\n2;11;0;5\n3;10;1;\n")
+    cfg = load_config(None, {
+        "data": {"source": "files", "interactions": {"path": str(tmp_path / "i.csv"), "sep": ";", "header": False,
+                                                     "names": ["user_id", "item_id", "click", "tags"]}},
+        "columns": {"timestamp": None, "features": [{"name": "tags", "kind": "list", "separator": "|"}]},
+    })
+    raw, df = build(cfg, tmp_path)
+    assert df["tags"].map(list).tolist() == [[4, 7], [5], []]
+    validate_raw(raw, cfg.columns, cfg.validation)
+
+
+def test_missing_files_are_all_named_in_one_error(tmp_path):
+    cfg = shop_config(users=tmp_path / "nope_users.csv", items=tmp_path / "nope_items.csv")
+    with pytest.raises(DataValidationError) as err:
+        build(cfg, tmp_path)
+    msg = str(err.value)
+    assert len(err.value.problems) == 2
+    assert "nope_users.csv: column '*': file not found" in msg and "nope_items.csv" in msg
+
+
+def test_unreadable_csv_is_a_clear_error(tmp_path):
+    bad = tmp_path / "interactions.csv"
+    bad.write_bytes(b"user_id,item_id\n1,2\n3,4,5,6\n")  # a row with too many fields
+    with pytest.raises(DataValidationError, match=r"interactions.csv: column '\*': file not readable as csv: ParserError"):
+        build(shop_config(inter=bad), tmp_path)
+    bad.write_bytes(b"user_id,item_id\n\xff\xfe\x00bad,1\n")
+    with pytest.raises(DataValidationError, match="file not readable as csv: UnicodeDecodeError"):
+        build(shop_config(inter=bad), tmp_path)
+
+
+def test_missing_join_key_and_duplicate_ids_in_feature_tables(tmp_path):
+    users = pd.read_csv(SHOP / "users.csv").rename(columns={"user_id": "uid"})
+    users.to_csv(tmp_path / "users.csv", index=False)
+    items = pd.read_csv(SHOP / "items.csv")
+    items = pd.concat([items, items.iloc[[3]]])
+    items.to_csv(tmp_path / "items.csv", index=False)
+    with pytest.raises(DataValidationError) as err:
+        build(shop_config(users=tmp_path / "users.csv", items=tmp_path / "items.csv"), tmp_path)
+    msg = str(err.value)
+    assert len(err.value.problems) == 2
+    assert "users.csv: column 'user_id': join key missing from the users table" in msg and "'uid'" in msg
+    assert "items.csv: column 'item_id': id appears more than once in the items table [2 rows] (e.g. 4)" in msg
+
+
+def test_unmatched_join_ids_are_an_error_or_a_warning(tmp_path):
+    users = pd.read_csv(SHOP / "users.csv")
+    users[users["user_id"] != 12].to_csv(tmp_path / "users.csv", index=False)  # user 12 has no features
+    n12 = int((pd.read_csv(SHOP / "interactions.csv")["user_id"] == 12).sum())
+    cfg = shop_config(users=tmp_path / "users.csv", validation={"max_null_rate": 1.0})
+    raw, df = build(cfg, tmp_path)
+    assert len(df) == 500 and df.loc[df["user_id"] == 12, "age"].isna().all()
+    assert read_load_report(raw)["unmatched"][0]["rows"] == n12
+    with pytest.raises(DataValidationError) as err:
+        validate_raw(raw, cfg.columns, cfg.validation)
+    msg = str(err.value)
+    assert (f"users.csv: column 'user_id': 1 id(s) used in the interactions have no row in the users table "
+            f"(their user features are null) [{n12} rows] (e.g. 12)") in msg
+    # the example bounds 'country' at max_null_rate 0: the unmatched user's null country is caught too
+    assert f"column 'country': null rate {n12 / 500:.3f} above max_null_rate 0 [{n12} rows]" in msg
+    warn = shop_config(users=tmp_path / "users.csv", validation={"max_null_rate": 1.0, "unmatched_ids": "warn"})
+    features = [f.model_copy(update={"max_null_rate": None}) for f in warn.columns.features]
+    report = validate_raw(raw, warn.columns.model_copy(update={"features": features}), warn.validation)
+    assert len(report.warnings) == 1 and "no row in the users table" in report.warnings[0]
+
+
+def test_unmatched_ids_combine_with_other_problems_in_one_message(tmp_path):
+    users = pd.read_csv(SHOP / "users.csv")
+    users.loc[users["user_id"] == 3, "age"] = 250
+    users[users["user_id"] != 12].to_csv(tmp_path / "users.csv", index=False)
+    cfg = shop_config(users=tmp_path / "users.csv")
+    raw, _ = build(cfg, tmp_path)
+    with pytest.raises(DataValidationError) as err:
+        validate_raw(raw, cfg.columns, cfg.validation)
+    issues = {(p.column, p.issue.split(" ")[0]) for p in err.value.problems}
+    assert ("user_id", "1") in issues  # unmatched ids
+    assert ("age", "value") in issues  # above max 120, named in users.csv
+    assert all(p.file == str(tmp_path / "users.csv") for p in err.value.problems if p.column in ("age", "country"))
+
+
+def test_bad_label_rules_are_config_errors_naming_the_rule():
+    for rule in ["rating => 4", "rating >= four", "__import__('os').system('x') > 1", "rating >= 4 and 1", ">= 4"]:
+        with pytest.raises(ValidationError, match="is not '<column> <op> <number>'"):
+            load_config(EXAMPLE, {"columns": {"label_rule": rule}})
+    assert parse_label_rule("score!=-1.5") == ("score", "!=", -1.5)
+
+
+@pytest.mark.parametrize("rule,expected", [("rating > 4", [0, 0, 1]), ("rating <= 3", [1, 0, 0]), ("rating == 4", [0, 1, 0]),
+                                           ("rating != 4", [1, 0, 1]), ("rating < 4", [1, 0, 0]), ("rating >= 4", [0, 1, 1])])
+def test_label_rule_operators(tmp_path, rule, expected):
+    (tmp_path / "i.csv").write_text("user_id,item_id,rating\n1,1,3\n1,2,4\n2,1,5\n")
+    cfg = load_config(None, {"data": {"source": "files", "interactions": {"path": str(tmp_path / "i.csv")}},
+                             "columns": {"label": "y", "label_rule": rule, "timestamp": None, "features": []}})
+    _, df = build(cfg, tmp_path)
+    assert df["y"].tolist() == expected
+
+
+def test_label_rule_on_missing_or_non_numeric_column(tmp_path):
+    (tmp_path / "i.csv").write_text("user_id,item_id,rating\n1,1,3\n1,2,good\n2,1,5\n")
+    base = {"data": {"source": "files", "interactions": {"path": str(tmp_path / "i.csv")}},
+            "columns": {"label": "y", "timestamp": None, "features": []}}
+    cfg = load_config(None, base | {"columns": {**base["columns"], "label_rule": "stars >= 4"}})
+    with pytest.raises(DataValidationError, match=r"i.csv: column 'stars': label_rule 'stars >= 4': column not found"):
+        build(cfg, tmp_path)
+    cfg = load_config(None, base | {"columns": {**base["columns"], "label_rule": "rating >= 4"}})
+    with pytest.raises(DataValidationError, match=r"column 'rating': .*not a number \[1 rows\] \(e.g. 'good'\)"):
+        build(cfg, tmp_path)
+
+
+def test_config_rejects_misplaced_options():
+    with pytest.raises(ValidationError, match="'separator' applies to list features only"):
+        load_config(None, {"columns": {"features": [{"name": "x", "kind": "categorical", "separator": "|"}]}})
+    with pytest.raises(ValidationError, match="'min'/'max' apply to continuous"):
+        load_config(None, {"columns": {"features": [{"name": "x", "kind": "categorical", "min": 0}]}})
+    with pytest.raises(ValidationError, match="data.interactions is required"):
+        load_config(None, {"data": {"source": "files"}})
+    with pytest.raises(ValidationError, match="header: false needs names"):
+        load_config(None, {"data": {"source": "files", "interactions": {"path": "x.csv", "header": False}}})
+
+
+def test_rename_of_a_column_the_file_lacks(tmp_path):
+    cfg = shop_config()
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "users": cfg.data.users.model_copy(update={"rename": {"usr": "user_id"}})})})
+    with pytest.raises(DataValidationError, match=r"users.csv: column 'usr': rename: column not in the file"):
+        build(cfg, tmp_path)
+
+
+def test_cli_reports_a_bad_config_without_a_stack_trace(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(EXAMPLE.read_text().replace('"rating >= 4"', '"rating => 4"'))
+    out = subprocess.run([sys.executable, "-m", "pipeline_lib.cli", "run", "--config", str(bad)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2
+    assert "label_rule 'rating => 4' is not" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_parquet_example_config_on_generated_data(tmp_path):
+    from pipeline_lib.config import SyntheticConfig
+    from pipeline_lib.data import generate_interactions
+
+    generate_interactions(SyntheticConfig(n_users=50, n_items=40, n_interactions=500), 0).to_parquet(tmp_path / "in.parquet")
+    cfg = load_config(ROOT / "configs" / "examples" / "parquet_single_table.yaml",
+                      {"data": {"path": str(tmp_path / "in.parquet")}})
+    raw, df = build(cfg, tmp_path)
+    assert validate_raw(raw, cfg.columns, cfg.validation).n_rows == 500
+
+
+def test_csv_example_with_a_string_list_goes_through_the_nvtabular_workflow(tmp_path):
+    from pipeline_lib import etl
+
+    cfg = load_config(None, shop_config().model_dump(mode="json") | {"split": {"method": "time", "valid_fraction": 0.2}})
+    raw, df = build(cfg, tmp_path)
+    validate_raw(raw, cfg.columns, cfg.validation)
+    split = etl.split_raw(raw, cfg.split, cfg.columns, cfg.seed, tmp_path / "split")
+    train, valid = pd.read_parquet(split.train), pd.read_parquet(split.valid)
+    assert train["time"].max() <= valid["time"].min()  # time split on the parsed ISO times
+    out = etl.fit_transform(cfg.columns, cfg.etl, split, tmp_path / "transformed")
+    got = pd.read_parquet(next(out.train_dir.glob("*.parquet")))
+    assert set(got.columns) == set(cfg.columns.input_columns)
+    genres = got["genres"].map(list)
+    assert genres.map(len).tolist() == train["genres"].map(len).tolist()
+    assert min(min(g) for g in genres) >= 1  # string genres encoded as vocabulary indices
