@@ -26,7 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline_lib import data, etl, export, lineage, repository, serving, smoke, train, validate
+from pipeline_lib import data, etl, export, gate, lineage, repository, serving, smoke, train, validate
 from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.paths import RunPaths, new_run
 
@@ -140,9 +140,26 @@ def run_promote(cfg: RunConfig, version: int) -> dict:
     return event
 
 
+@task(name="gate", cache_policy=NO_CACHE)
+def run_gate(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, exp: export.ExportOutput) -> gate.GateDecision:
+    repo, name = cfg.export.model_repository, cfg.export.model_name
+    served = repository.served_version(repo, name)
+    served_dir = Path(repo) / name / str(served) if served else None
+    raw = pd.read_parquet(etl_out.split.valid).head(cfg.gate.max_rows)
+    if not cfg.gate.enabled:
+        decision = gate.GateDecision(True, cfg.gate.metric, float("nan"), None, served, cfg.gate.tolerance, 0,
+                                     "gate disabled (gate.enabled: false)")
+    else:
+        decision = gate.decide(exp.version_dir, served_dir, served, raw, cfg.columns.label, cfg.gate.metric,
+                               cfg.gate.tolerance)
+    decision.save(paths.root / "gate.json")
+    print(f"promotion gate: {'PROMOTE' if decision.promote else 'KEEP SERVED VERSION'}: {decision.reason}")
+    return decision
+
+
 @flow(name="recsys-pipeline", log_prints=True)
 def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, Any]] = None) -> dict:
-    """Run every stage for one config; returns a summary (metrics, timings, served predictions)."""
+    """Run every stage for one config; returns a summary (metrics, gate, timings, served predictions)."""
     cfg = load_config(config_path, overrides)
     paths = new_run(cfg)
     print(f"run folder: {paths.root}")
@@ -161,17 +178,35 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
         etl_out = timed("etl", run_etl.with_options(refresh_cache=True), cfg, paths, raw_path)
     model = timed("train", run_train, cfg, paths, etl_out)
     exp = timed("export", run_export, cfg, paths, etl_out, model)
+    decision = timed("gate", run_gate, cfg, paths, etl_out, exp)
+
+    summary = {
+        "run_dir": str(paths.root),
+        "etl_device": etl_out.device,
+        "etl_from": str(etl_out.workflow_dir.parent),
+        "model": cfg.model.type,
+        "metrics": {k: model.metrics[k] for k in ("auc", "logloss", "n_train", "n_valid")},
+        "gate": {"promote": decision.promote, "metric": decision.metric, "candidate": decision.candidate,
+                 "served": decision.served, "served_version": decision.served_version, "reason": decision.reason},
+        "stage_seconds": timings,
+    }
+    create_table_artifact(key="metrics", table=[{"metric": k, "value": v} for k, v in summary["metrics"].items()],
+                          description="validation metrics of this run's model")
+    if not decision.promote:
+        summary.update(model_version=None, served_version=decision.served_version)
+        (paths.root / "summary.json").write_text(pd.Series(summary).to_json(indent=2))
+        create_markdown_artifact(key="promotion", markdown=_refused_md(decision), description="promotion gate")
+        create_markdown_artifact(key="run-summary", markdown=_markdown(summary), description="recsys pipeline run")
+        print(f"candidate refused by the gate; version {decision.served_version} keeps serving")
+        return summary | {"predictions": None}
+
     result = timed("serving-smoke-test", run_smoke, cfg, paths, etl_out, exp)
     version, served_dir, info = timed("publish", run_publish, cfg, paths, raw_path, etl_out, model, exp)
     event = timed("promote", run_promote, cfg, version)
 
     rows = _valid_sample(cfg, etl_out, cfg.serving.smoke_rows)
     table = result.table(rows)
-    summary = {
-        "run_dir": str(paths.root),
-        "etl_device": etl_out.device,
-        "etl_from": str(etl_out.workflow_dir.parent),
-        "metrics": {k: model.metrics[k] for k in ("auc", "logloss", "n_train", "n_valid")},
+    summary.update({
         "model_version": version,
         "served_dir": str(served_dir),
         "served_version": event["version"],
@@ -179,27 +214,35 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
         "pruned_versions": event["pruned"],
         "data_fingerprint": info["data"]["fingerprint"],
         "max_abs_diff_served_vs_offline": result.max_abs_diff,
-        "stage_seconds": timings,
-    }
+    })
     (paths.root / "summary.json").write_text(pd.Series(summary).to_json(indent=2))
     create_table_artifact(
         key="served-predictions", table=table.astype(str).to_dict(orient="records"),
         description="Raw rows sent to Triton over HTTP and gRPC, with served and offline scores",
     )
     create_markdown_artifact(key="run-summary", markdown=_markdown(summary), description="recsys pipeline run")
-    create_table_artifact(key="metrics", table=[{"metric": k, "value": v} for k, v in summary["metrics"].items()],
-                          description="validation metrics of this run's model")
-    create_markdown_artifact(key="promotion", markdown=_promotion_md(event, info), description="served version and lineage")
+    create_markdown_artifact(key="promotion", markdown=_promotion_md(event, info, decision),
+                             description="gate decision, served version and lineage")
     print("Served predictions (Triton, raw rows in, scores out):\n" + table.to_string())
-    print(f"validation AUC {model.metrics['auc']:.4f}, logloss {model.metrics['logloss']:.4f}; "
-          f"max |served - offline| = {result.max_abs_diff:.2e}; published {served_dir}")
+    print(f"{cfg.model.type} validation AUC {model.metrics['auc']:.4f}, logloss {model.metrics['logloss']:.4f}; "
+          f"max |served - offline| = {result.max_abs_diff:.2e}; published and serving {served_dir}")
     return summary | {"predictions": table}
 
 
-def _promotion_md(event: dict, info: dict) -> str:
+def _refused_md(d: gate.GateDecision) -> str:
+    return "\n".join([
+        "# promotion", "",
+        f"- decision: **refused**; version **{d.served_version}** keeps serving",
+        f"- {d.reason}",
+        f"- {d.metric}: candidate {d.candidate:.5f}, served {d.served:.5f} on {d.n_rows} validation rows",
+    ])
+
+
+def _promotion_md(event: dict, info: dict, d: gate.GateDecision) -> str:
     return "\n".join([
         "# promotion", "",
         f"- decision: **{event['action']}** version **{event['version']}** (previously served: {event['previous']})",
+        f"- gate: {d.reason}",
         f"- live server switched: {event['live_server'] or 'none running (served at next start)'}",
         f"- pruned versions: {event['pruned'] or 'none'}",
         f"- data fingerprint: `{info['data']['fingerprint']}`",
@@ -215,8 +258,10 @@ def _markdown(summary: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in summary["stage_seconds"].items()]
     lines += ["", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary["metrics"].items()]
-    lines += ["", f"model version **{summary['model_version']}** at `{summary['served_dir']}`",
-              f"max |served - offline| = {summary['max_abs_diff_served_vs_offline']:.2e}"]
+    lines += ["", f"gate: {summary['gate']['reason']}"]
+    if summary.get("model_version"):
+        lines += [f"model version **{summary['model_version']}** at `{summary['served_dir']}`",
+                  f"max |served - offline| = {summary['max_abs_diff_served_vs_offline']:.2e}"]
     return "\n".join(lines)
 
 

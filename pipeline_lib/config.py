@@ -235,15 +235,26 @@ class EtlConfig(_Strict):
     part_size: str = Field("256MB", description="NVTabular partition size")
 
 
+RANKING_MODELS = ("dlrm", "dcn", "deepfm", "wide_deep")
+
+
 class ModelConfig(_Strict):
-    type: Literal["dlrm"] = "dlrm"
+    type: Literal["dlrm", "dcn", "deepfm", "wide_deep"] = Field(
+        "dlrm", description="ranking model: DLRM, DCN-v2 (dcn), DeepFM, Wide&Deep (wide_deep)"
+    )
     embedding_dim: int = Field(16, ge=2)
-    bottom_mlp: list[int] = Field(default_factory=lambda: [64, 16])
-    top_mlp: list[int] = Field(default_factory=lambda: [64, 32])
+    bottom_mlp: list[int] = Field(default_factory=lambda: [64, 16], description="DLRM bottom MLP")
+    top_mlp: list[int] = Field(
+        default_factory=lambda: [64, 32], description="DLRM top MLP; the deep MLP of DCN-v2, DeepFM and Wide&Deep"
+    )
+    cross_depth: int = Field(2, ge=1, description="DCN-v2: number of cross layers")
     optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
     learning_rate: float = Field(3e-3, gt=0)
     batch_size: int = Field(1024, ge=1)
     epochs: int = Field(2, ge=1)
+    early_stopping_patience: Optional[int] = Field(
+        None, ge=1, description="stop when validation AUC has not improved for this many epochs (best weights kept)"
+    )
 
     @model_validator(mode="after")
     def _dlrm_bottom_matches_embeddings(self) -> "ModelConfig":
@@ -254,6 +265,16 @@ class ModelConfig(_Strict):
                 f"DLRM: the last bottom_mlp layer ({self.bottom_mlp[-1]}) must equal embedding_dim ({self.embedding_dim})"
             )
         return self
+
+
+class GateConfig(_Strict):
+    """Promotion gate: the candidate must not be worse than the served version on this run's
+    validation data (both scored through their own exported ensembles from raw rows)."""
+
+    enabled: bool = True
+    metric: Literal["auc", "logloss"] = "auc"
+    tolerance: float = Field(0.0, ge=0, description="allowed degradation of the metric")
+    max_rows: int = Field(50_000, ge=100, description="validation rows scored for the comparison")
 
 
 class ExportConfig(_Strict):
@@ -295,6 +316,7 @@ class RunConfig(_Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     etl: EtlConfig = Field(default_factory=EtlConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
 

@@ -61,16 +61,21 @@ class InProcessWorkflow(TransformWorkflow):
         return self.output_schema
 
     def transform(self, col_selector, transformable):
-        # Triton hands string (BYTES) inputs over as numpy object arrays of ``bytes``; the
-        # workflow's vocabularies were fitted on ``str``. Decode, or every string would be OOV.
+        # Triton hands string (BYTES) inputs over as numpy object arrays of ``bytes`` (list values
+        # too); the workflow's vocabularies were fitted on ``str``. Decode, or every string is OOV.
         from merlin.table import TensorTable
 
         if isinstance(transformable, TensorTable):
             transformable = transformable.to_df()
         for name in transformable.columns:
             col = transformable[name]
-            if col.dtype == object and len(col) and isinstance(col.iloc[0], bytes):
+            if col.dtype != object or not len(col):
+                continue
+            first = col.iloc[0]
+            if isinstance(first, bytes):
                 transformable[name] = col.str.decode("utf-8")
+            elif isinstance(first, (list, np.ndarray)) and any(isinstance(v, bytes) for v in col.explode().head(1)):
+                transformable[name] = col.map(lambda vs: [v.decode("utf-8") if isinstance(v, bytes) else v for v in vs])
         return super().transform(col_selector, transformable)
 
 
@@ -160,6 +165,18 @@ def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, label: str, bat
     return np.asarray(model.predict(loader, verbose=0)).reshape(-1)
 
 
+def load_version(version_dir: Path):
+    """Load an exported version's ensemble in-process, with its artifacts (workflow, model)."""
+    from merlin.dag import postorder_iter_nodes
+    from merlin.systems.dag import Ensemble
+
+    artifacts = Path(version_dir) / ENSEMBLE_SUBDIR
+    ensemble = Ensemble.load(str(artifacts))
+    for node in postorder_iter_nodes(ensemble.graph.output_node, flatten_subgraphs=True):
+        node.op.load_artifacts(str(artifacts))
+    return ensemble
+
+
 def ensemble_scores(ensemble, raw: pd.DataFrame) -> np.ndarray:
     """Run the ensemble in-process on raw rows, as the served executor model does."""
     from merlin.dag.runtime import Runtime
@@ -183,6 +200,8 @@ def raw_to_tensor_table(raw: pd.DataFrame):
             lengths = s.map(len).to_numpy()
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
             values = np.concatenate([np.asarray(v) for v in s]) if lengths.sum() else np.array([], dtype=np.int64)
+            if values.dtype.kind in "OU":  # string lists travel as BYTES too
+                values = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in values], dtype=object)
             cols[name] = (values, offsets)
         elif s.dtype == object:
             # Triton delivers BYTES inputs as bytes objects: reproduce that here.
@@ -216,8 +235,6 @@ def export_ensemble(
     """Check parity in-process, export the ensemble as ``staging_dir/<model_name>/<version>``,
     load the exported copy back and check it again. Nothing touches the live repository."""
     import nvtabular as nvt
-    from merlin.dag import postorder_iter_nodes
-    from merlin.systems.dag import Ensemble
 
     workflow = nvt.Workflow.load(str(workflow_dir))
     ensemble = build_ensemble(workflow, model_dir, label)
@@ -234,10 +251,7 @@ def export_ensemble(
     if version != 1:
         os.rename(staging_dir / model_name / "1", staging_dir / model_name / str(version))
     _install_serving_model(staging_dir / model_name, version, max_request_rows)
-    artifacts = staging_dir / model_name / str(version) / ENSEMBLE_SUBDIR
-    exported = Ensemble.load(str(artifacts))
-    for node in postorder_iter_nodes(exported.graph.output_node, flatten_subgraphs=True):
-        node.op.load_artifacts(str(artifacts))
+    exported = load_version(staging_dir / model_name / str(version))
     diff_exported = _check("exported ensemble", ensemble_scores(exported, sample_raw), want, atol)
     out = ExportOutput(staging_dir, model_name, version, ensemble.output_schema.column_names[0],
                        max(diff_inproc, diff_exported))

@@ -36,16 +36,49 @@ def _dataset(path: Path):
 
 
 def build_model(schema, cfg: ModelConfig, label: str):
-    """A Merlin Models ranking model from the ETL schema (DLRM for now)."""
+    """A Merlin Models ranking model from the ETL schema."""
     import merlin.models.tf as mm
+    from merlin.schema import Tags
 
+    task = mm.BinaryOutput(label)
     if cfg.type == "dlrm":
         return mm.DLRMModel(
             schema,
             embedding_dim=cfg.embedding_dim,
             bottom_block=mm.MLPBlock(cfg.bottom_mlp),
             top_block=mm.MLPBlock(cfg.top_mlp),
-            prediction_tasks=mm.BinaryOutput(label),
+            prediction_tasks=task,
+        )
+    if cfg.type == "dcn":
+        return mm.DCNModel(
+            schema,
+            depth=cfg.cross_depth,
+            deep_block=mm.MLPBlock(cfg.top_mlp),
+            input_block=mm.InputBlockV2(schema, categorical=mm.Embeddings(
+                schema.select_by_tag(Tags.CATEGORICAL), dim=cfg.embedding_dim)),
+            prediction_tasks=task,
+        )
+    # The wide (first-order) parts one-hot encode categoricals with CategoryEncoding, which takes no
+    # ragged input: multi-hot list features feed the embedding/deep parts only.
+    cats = schema.select_by_tag(Tags.CATEGORICAL)
+    wide_cats = cats.select_by_name([c.name for c in cats if not c.is_list])
+    if cfg.type == "deepfm":
+        wide_input = mm.ParallelBlock({
+            "categorical": mm.CategoryEncoding(wide_cats, output_mode="multi_hot", sparse=True),
+            "continuous": mm.Filter(schema.select_by_tag(Tags.CONTINUOUS)).connect(mm.ToSparse()),
+        }, aggregation="concat")
+        return mm.DeepFMModel(
+            schema, embedding_dim=cfg.embedding_dim, deep_block=mm.MLPBlock(cfg.top_mlp),
+            wide_input_block=wide_input, prediction_tasks=task,
+        )
+    if cfg.type == "wide_deep":
+        return mm.WideAndDeepModel(
+            schema,
+            wide_schema=wide_cats,
+            deep_schema=schema,
+            deep_block=mm.MLPBlock(cfg.top_mlp),
+            wide_preprocess=mm.CategoryEncoding(wide_cats, output_mode="multi_hot", sparse=True),
+            prediction_tasks=task,
         )
     raise ValueError(f"unknown model type '{cfg.type}'")
 
@@ -71,21 +104,52 @@ def train(train_dir: Path, valid_dir: Path, cfg: ModelConfig, label: str, seed: 
     model.compile(optimizer=optimizer, run_eagerly=False, metrics=[tf.keras.metrics.AUC(name="auc")])
 
     train_loader = mm.Loader(train_ds, batch_size=cfg.batch_size, shuffle=True)
-    hist = model.fit(train_loader, epochs=cfg.epochs, verbose=0)
+    valid_loader = mm.Loader(valid_ds, batch_size=cfg.batch_size, shuffle=False)
+    callbacks = []
+    if cfg.early_stopping_patience:
+        callbacks.append(tf.keras.callbacks.EarlyStopping(
+            monitor="val_auc", mode="max", patience=cfg.early_stopping_patience, restore_best_weights=True))
+    hist = model.fit(train_loader, validation_data=valid_loader, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
     history = {k: [float(x) for x in v] for k, v in hist.history.items()}
 
     preds = predict_dataset(model, valid_ds, cfg.batch_size)
     labels = valid_ds.to_ddf()[label].compute().to_numpy()
     metrics = ranking_metrics(labels, preds)
-    metrics.update(n_train=int(train_ds.num_rows), n_valid=int(len(labels)), features=features.column_names)
+    metrics.update(model=cfg.type, epochs_run=len(history.get("loss", [])), n_train=int(train_ds.num_rows),
+                   n_valid=int(len(labels)), features=features.column_names)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = out_dir / "model"
     model.save(str(model_dir))
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
-    log.info("validation AUC %.4f logloss %.4f", metrics["auc"], metrics["logloss"])
+    plot_learning_curve(history, out_dir / "learning_curve.png", title=f"{cfg.type}: validation AUC {metrics['auc']:.4f}")
+    log.info("%s validation AUC %.4f logloss %.4f", cfg.type, metrics["auc"], metrics["logloss"])
     return TrainOutput(model_dir=model_dir, metrics=metrics, history=history, metrics_path=metrics_path)
+
+
+def plot_learning_curve(history: dict, path: Path, title: str = "") -> Path:
+    """Loss and AUC per epoch, train vs validation, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key in zip(axes, ("loss", "auc")):
+        for prefix, style in (("", "-o"), ("val_", "--s")):
+            values = history.get(prefix + key)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style, label=(prefix or "train_") + key)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def predict_dataset(model, dataset, batch_size: int) -> np.ndarray:

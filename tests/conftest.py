@@ -11,6 +11,11 @@ import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Persisted task results (the ETL cache) live in a per-session folder: a test run never reuses
+# results of an earlier session whose run folders pytest may have deleted.
+import tempfile  # noqa: E402
+
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = tempfile.mkdtemp(prefix="prefect-storage-")
 warnings.filterwarnings("ignore", category=UserWarning)
 
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ SMALL = {
     "data": {"synthetic": {"n_users": 300, "n_items": 150, "n_interactions": 6000}},
     "model": {"epochs": 1, "batch_size": 256},
     "export": {"parity_rows": 64},
+    "serving": {"notify_live_server": False},  # never switch a server someone runs on the default port
 }
 
 

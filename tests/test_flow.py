@@ -33,7 +33,8 @@ def flow_run(prefect_harness, tmp_path_factory):
     from flows.pipeline import pipeline
 
     tmp = tmp_path_factory.mktemp("flow")
-    overrides = {**SMALL, "runs_dir": str(tmp / "runs"), "run_name": "it",
+    # a seed of its own: no ETL cache hit on another module's run with the SMALL data
+    overrides = {**SMALL, "seed": 11, "runs_dir": str(tmp / "runs"), "run_name": "it",
                  "export": {**SMALL["export"], "model_repository": str(tmp / "model_repository")}}
     summary = pipeline(overrides=overrides)
     return tmp, overrides, summary
@@ -42,8 +43,11 @@ def flow_run(prefect_harness, tmp_path_factory):
 def test_flow_runs_every_stage_and_publishes(flow_run):
     tmp, _, summary = flow_run
     run = tmp / "runs" / "it"
-    assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "serving-smoke-test", "publish"]
+    assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
+                                              "serving-smoke-test", "publish", "promote"]
+    assert summary["gate"]["promote"] and summary["gate"]["served_version"] is None  # first run promotes
     assert summary["model_version"] == 1 and summary["etl_device"] == "cpu"
+    assert summary["etl_from"] == str(run / "transformed")  # first run in this session: no ETL cache hit
     assert summary["max_abs_diff_served_vs_offline"] <= 1e-5
     assert 0.5 < summary["metrics"]["auc"] <= 1
     for f in ["config.yaml", "raw/interactions.parquet", "validated/stats.json", "split/train.parquet",
@@ -126,3 +130,46 @@ def test_a_failed_run_leaves_the_served_version_untouched(flow_run, stage, overr
              (repo / "recsys" / "config.pbtxt").read_bytes())
     assert after == before and before[0] == 1
     assert not [p for p in (repo / "recsys").iterdir() if p.name.startswith(".incoming")]
+
+
+def test_csv_example_with_a_string_list_feature_is_served_like_offline(prefect_harness, tmp_path):
+    """configs/examples/csv_users_items.yaml end to end: the genres list holds strings, which
+    Triton delivers as bytes; the served workflow must map them exactly as in training."""
+    from flows.pipeline import pipeline
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    over = {"runs_dir": str(tmp_path / "runs"), "export": {"model_repository": str(tmp_path / "repo"), "parity_rows": 64},
+            "serving": {"notify_live_server": False}}
+    cwd = os.getcwd()
+    os.chdir(root)  # the example's fixture paths are relative to the project root
+    try:
+        summary = pipeline(config_path=os.path.join(root, "configs", "examples", "csv_users_items.yaml"), overrides=over)
+    finally:
+        os.chdir(cwd)
+    preds = summary["predictions"]
+    assert isinstance(preds["genres"].iloc[0][0], str)
+    np.testing.assert_allclose(preds["served_grpc"], preds["offline"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(preds["served_http"], preds["offline"], atol=1e-5, rtol=0)
+
+
+def test_the_gate_refuses_a_worse_model_and_keeps_the_served_version(flow_run):
+    from flows.pipeline import pipeline
+    from pipeline_lib import repository
+
+    tmp, base, first = flow_run
+    repo = tmp / "model_repository"
+    served_before = repository.served_version(repo, "recsys")
+    versions_before = repository.list_versions(repo, "recsys")
+    worse = {**base, "run_name": "worse", "model": {**base["model"], "learning_rate": 1e-9}}
+    summary = pipeline(overrides=worse)
+    g = summary["gate"]
+    assert not g["promote"] and g["served_version"] == served_before
+    assert g["candidate"] < g["served"] and "worse than served" in g["reason"]
+    assert summary["predictions"] is None and "serving-smoke-test" not in summary["stage_seconds"]
+    # same raw data + ETL config + code: the etl task was a cache hit on the first run's output
+    assert summary["etl_from"] == str(tmp / "runs" / "it" / "transformed")
+    assert not (tmp / "runs" / "worse" / "transformed").exists()
+    assert repository.served_version(repo, "recsys") == served_before
+    assert repository.list_versions(repo, "recsys") == versions_before
+    saved = json.loads((tmp / "runs" / "worse" / "gate.json").read_text())
+    assert saved["promote"] is False and saved["metric"] == "auc"

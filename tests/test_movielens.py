@@ -22,7 +22,7 @@ EXAMPLE = ROOT / "configs" / "examples" / "movielens100k.yaml"
 def ml_config(tmp: Path, path: Path = ML, **over):
     base = {"data": {"path": str(path)}, "runs_dir": str(tmp / "runs"),
             "export": {"model_repository": str(tmp / "model_repository"), "parity_rows": 64},
-            "model": {"epochs": 1, "batch_size": 128}}
+            "model": {"epochs": 1, "batch_size": 128}, "serving": {"notify_live_server": False}}
     return base | over
 
 
@@ -97,7 +97,8 @@ def test_movielens_flow_end_to_end_with_drift_against_the_previous_run(prefect_h
 
     summary = pipeline(config_path=str(EXAMPLE), overrides=ml_config(tmp_path, run_name="ml"))
     run = tmp_path / "runs" / "ml"
-    assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "serving-smoke-test", "publish"]
+    assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
+                                              "serving-smoke-test", "publish", "promote"]
     assert summary["model_version"] == 1 and summary["max_abs_diff_served_vs_offline"] <= 1e-5
     assert summary["metrics"]["n_train"] + summary["metrics"]["n_valid"] == 600
     assert 0 <= summary["metrics"]["auc"] <= 1

@@ -56,7 +56,9 @@ class Traffic:
                         for url, proto in ((server.http_url, "http"), (server.grpc_url, "grpc"))]
 
     def _loop(self, url, proto):
-        with RecsysClient(url, proto) as client:
+        # generous timeout: on a loaded 2-core machine a request can wait while the new version's
+        # python stub starts; slow is not failed, and every answer is still checked below
+        with RecsysClient(url, proto, timeout_s=300) as client:
             while not self.stop.is_set():
                 sent = time.monotonic()
                 try:
