@@ -79,3 +79,35 @@ def test_vocabularies_are_written_inside_the_run_not_the_working_directory(train
     wf = etl.load_workflow(trained.etl.workflow_dir)
     assert (trained.etl.workflow_dir / "categories" / "unique.item_tags.parquet").exists()
     assert wf.output_schema["item_tags"].properties["cat_path"].endswith("unique.item_tags.parquet")
+
+
+def test_two_runs_fitting_at_once_do_not_share_vocabularies(tmp_path):
+    """Concurrent runs (threads here) keep their own Categorify output: each workflow maps its own
+    data's categories. With NVTabular's default ./categories folder they would overwrite each other."""
+    import threading
+
+    from pipeline_lib import data
+    from pipeline_lib.config import ColumnsConfig, DataConfig, EtlConfig, SyntheticConfig
+
+    cols = ColumnsConfig()
+    outs, errors = {}, []
+
+    def run(name, seed, n_users):
+        try:
+            cfg = DataConfig(synthetic=SyntheticConfig(n_users=n_users, n_items=50, n_interactions=2000))
+            raw = data.write_raw(cfg, seed, tmp_path / name / "raw")
+            split = etl.split_raw(raw, SplitConfig(), cols, seed, tmp_path / name / "split")
+            outs[name] = etl.fit_transform(cols, EtlConfig(), split, tmp_path / name / "t")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=("a", 1, 40)), threading.Thread(target=run, args=("b", 2, 400))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for name, n_users in (("a", 40), ("b", 400)):
+        train_users = pd.read_parquet(outs[name].split.train)["user_id"].nunique()
+        vocab = pd.read_parquet(outs[name].workflow_dir / "categories" / "unique.user_id.parquet")
+        assert len(vocab) == train_users and set(vocab["user_id"]) <= set(range(1, n_users + 1))
