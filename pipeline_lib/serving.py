@@ -67,6 +67,17 @@ def find_tritonserver(cache_dir: Optional[Path] = None) -> TritonPaths:
     return TritonPaths(binary, backend_dir, [libs, Path(sysconfig.get_config_var("LIBDIR"))])
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM when the starting process dies, so a killed
+    `recsys serve` or test run never leaves an orphan tritonserver holding the ports."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def server_env(paths: TritonPaths) -> dict:
     env = dict(os.environ)
     # The stub's embedded interpreter finds its prefix from the first python3 on PATH.
@@ -154,7 +165,7 @@ class TritonServer:
         log.info("starting tritonserver on http %s grpc %s (log: %s)", self.http_url, self.grpc_url, self.log_file)
         self.process = subprocess.Popen(
             self.command(paths), env=server_env(paths), stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )
         try:
             self.wait_ready(timeout_s, models or [])
