@@ -1,0 +1,132 @@
+"""Training benchmark: DLRM fed by the Merlin loader (as pipeline_lib.train does) against the same
+Keras model fed by a tf.data pipeline built here from the same transformed parquet.
+
+The tf.data side reads the parquet with pyarrow into memory once, builds the list feature as a
+``tf.RaggedTensor`` (row splits = the parquet offsets), batches rows with ``tf.data`` and hands
+the model exactly what the Merlin loader hands it: one ``(batch,)`` tensor per scalar feature,
+``item_tags__values`` / ``item_tags__offsets`` for the ragged list, and the label tensor.
+
+Throughput is samples per second over one epoch, excluding the first batch (graph tracing);
+both sides use a freshly built model with the same seed, optimizer and batch size.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _first_parquet(d: Path) -> Path:
+    return sorted(Path(d).glob("*.parquet"))[0]
+
+
+def tf_dataset(train_dir: Path, schema, label: str, batch_size: int, shuffle: bool, seed: int = 42):
+    """tf.data from the transformed parquet, matching the Merlin loader's output structure."""
+    import pyarrow.parquet as pq
+    import tensorflow as tf
+
+    table = pq.read_table(_first_parquet(train_dir))
+    features, n = {}, table.num_rows
+    for col in schema:
+        if col.name == label:
+            continue
+        arr = table.column(col.name).combine_chunks()
+        if col.is_list:
+            offsets = arr.offsets.to_numpy().astype(np.int64)
+            values = arr.values.to_numpy(zero_copy_only=False)[offsets[0]: offsets[-1]]
+            features[col.name] = tf.RaggedTensor.from_row_splits(values, offsets - offsets[0])
+        else:
+            features[col.name] = arr.to_numpy(zero_copy_only=False)
+    labels = table.column(label).to_numpy()
+    ragged = [c.name for c in schema if c.is_list and c.name != label]
+
+    def to_loader_layout(x, y):
+        out = {}
+        for k, v in x.items():
+            if k in ragged:
+                out[f"{k}__values"] = v.values
+                out[f"{k}__offsets"] = v.row_splits
+            else:
+                out[k] = v
+        return out, y
+
+    ds = tf.data.Dataset.from_tensor_slices((features, labels))
+    if shuffle:
+        ds = ds.shuffle(min(n, 64 * batch_size), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.ragged_batch(batch_size) if hasattr(ds, "ragged_batch") else ds.apply(
+        tf.data.experimental.dense_to_ragged_batch(batch_size))
+    return ds.map(to_loader_layout, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE), n
+
+
+class _Clock:
+    """Keras callback: time from the end of the first batch to the end of the epoch."""
+
+    def __new__(cls):
+        import tensorflow as tf
+
+        class Clock(tf.keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.t_begin, self.t_first, self.batches = time.perf_counter(), None, 0
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.batches += 1
+                if self.t_first is None:
+                    self.t_first = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.t_end = time.perf_counter()
+
+        return Clock()
+
+
+def _fit_one_epoch(train_dir: Path, feed: str, batch_size: int, shuffle: bool, seed: int = 42) -> dict:
+    import merlin.models.tf as mm
+    import tensorflow as tf
+    from merlin.io import Dataset
+
+    from pipeline_lib.config import ModelConfig
+    from pipeline_lib.train import build_model
+
+    cfg = ModelConfig(batch_size=batch_size, epochs=1)
+    tf.keras.utils.set_random_seed(seed)
+    mds = Dataset(str(train_dir), engine="parquet")
+    schema = mds.schema
+    label = schema.select_by_tag(__import__("merlin.schema", fromlist=["Tags"]).Tags.TARGET).column_names[0]
+    model = build_model(schema, cfg, label)
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=cfg.learning_rate), run_eagerly=False,
+                  metrics=[tf.keras.metrics.AUC(name="auc")])
+    t0 = time.perf_counter()
+    if feed == "merlin":
+        data, n = mm.Loader(mds, batch_size=batch_size, shuffle=shuffle), int(mds.num_rows)
+    else:
+        data, n = tf_dataset(train_dir, schema, label, batch_size, shuffle, seed)
+    build_s = time.perf_counter() - t0
+    clock = _Clock()
+    hist = model.fit(data, epochs=1, verbose=0, callbacks=[clock])
+    total = clock.t_end - clock.t_begin
+    steady = clock.t_end - clock.t_first
+    n_steady = n - batch_size
+    return {
+        "feed": feed, "shuffle": shuffle, "rows": n, "batch_size": batch_size, "batches": clock.batches,
+        "input_build_seconds": round(build_s, 3), "epoch_seconds": round(total, 3),
+        "samples_per_s": round(n_steady / steady) if steady > 0 else None,
+        "samples_per_s_incl_first_batch": round(n / total),
+        "loss": float(hist.history["loss"][-1]), "auc": float(hist.history.get("auc", [float("nan")])[-1]),
+    }
+
+
+def bench(train_dir: Path, batch_size: int = 1024) -> dict:
+    """Merlin loader vs tf.data, both unshuffled (like for like) and shuffled (the pipeline's setting:
+    Merlin shuffles rows within partitions; tf.data here uses a 64-batch shuffle buffer)."""
+    runs = [_fit_one_epoch(train_dir, feed, batch_size, shuffle)
+            for shuffle in (False, True) for feed in ("merlin", "tfdata")]
+    out = {"train_dir": str(train_dir), "batch_size": batch_size, "runs": runs}
+    by = {(r["feed"], r["shuffle"]): r for r in runs}
+    for shuffle in (False, True):
+        m, t = by[("merlin", shuffle)]["samples_per_s"], by[("tfdata", shuffle)]["samples_per_s"]
+        out["ratio_merlin_over_tfdata" + ("_shuffled" if shuffle else "")] = round(m / t, 2) if m and t else None
+    return out
