@@ -41,9 +41,10 @@ def markdown(r: dict) -> str:
             n, p = e["nvt"], e["pandas"]
             rows.append([e["rows"], n["seconds"], n["rows_per_s"], f"{_f(n['peak_rss_mb'], 0)} ({_f(n['rss_after_imports_mb'], 0)})",
                          p["seconds"], p["rows_per_s"], f"{_f(p['peak_rss_mb'], 0)} ({_f(p['rss_after_imports_mb'], 0)})",
-                         f"**{e['time_ratio_nvt_over_pandas']}**", e["peak_mem_ratio_nvt_over_pandas"], e["outputs_equal"]])
+                         f"**{e['time_ratio_nvt_over_pandas']}**", e["peak_mem_ratio_nvt_over_pandas"],
+                         f"{_f(e.get('categoricals_identical'))} / {e.get('max_float_abs_diff', 0):.1e}"])
         lines += _table(["rows", "NVT s", "NVT rows/s", "NVT peak MB", "pandas s", "pandas rows/s", "pandas peak MB",
-                         "time NVT/pandas", "peak mem NVT/pandas", "outputs identical"], rows)
+                         "time NVT/pandas", "peak mem NVT/pandas", "categoricals identical / max float diff"], rows)
 
     if r.get("train"):
         t = r["train"]

@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
 
     results: dict = {
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "mode": "quick" if a.quick else "full",
+        "mode": ("quick" if a.quick else "full") + (" (sizes overridden)" if (a.etl_rows or a.train_rows or a.serve_model_rows or a.serve_requests) else ""),
         "machine": machine_info(),
         "params": {"etl_rows": etl_rows, "train_rows": train_rows, "train_batch_size": a.train_batch_size,
                    "serve_model_rows": serve_rows, "serve_requests": a.serve_requests,

@@ -78,7 +78,7 @@ def _pcts(lat_s: list[float]) -> dict:
 def request_budget(batch: int, quick: bool) -> tuple[int, float]:
     """(requests per client, seconds per configuration): bounded whatever the server's speed."""
     n = {1: 300, 64: 200, 1024: 40}.get(batch, 50)
-    return (max(10, n // 5), 4.0) if quick else (n, 12.0)
+    return (max(10, n // 5), 4.0) if quick else (n, 8.0)
 
 
 def load_clients(url: str, protocol: str, rows: pd.DataFrame, batch: int, clients: int,
