@@ -124,15 +124,8 @@ def main(argv=None) -> dict:
     section("train", _train)
 
     def _serving():
-        if a.serve_requests or a.serve_seconds:
-            orig = serving_bench.request_budget
-
-            def budget(batch, quick):
-                n, s = orig(batch, quick)
-                return (min(n, a.serve_requests) if a.serve_requests else n, a.serve_seconds or s)
-
-            serving_bench.request_budget = budget
-        return serving_bench.bench(work / "serving", data_dir, quick=a.quick, model_rows=serve_rows)
+        return serving_bench.bench_subprocess(work / "serving", data_dir, quick=a.quick, model_rows=serve_rows,
+                                              requests_cap=a.serve_requests, seconds_cap=a.serve_seconds)
 
     section("serving", _serving)
     section("e2e", lambda: e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json)))

@@ -75,7 +75,7 @@ def _pcts(lat_s: list[float]) -> dict:
             "p99_ms": round(float(np.percentile(a, 99)), 3), "mean_ms": round(float(a.mean()), 3)}
 
 
-def request_budget(batch: int, quick: bool) -> tuple[int, float]:
+def _budget(batch: int, quick: bool) -> tuple[int, float]:
     """(requests per client, seconds per configuration): bounded whatever the server's speed."""
     n = {1: 300, 64: 200, 1024: 40}.get(batch, 50)
     return (max(10, n // 5), 4.0) if quick else (n, 8.0)
@@ -251,14 +251,19 @@ def _stats_delta(before: dict, after: dict) -> dict:
 
 
 def bench(work: Path, data_dir: Path, batches=(1, 64, 1024), concurrency=(1, 8), protocols=("grpc", "http"),
-          quick: bool = False, model_rows: int = 20_000) -> dict:
+          quick: bool = False, model_rows: int = 20_000, requests_cap: int | None = None,
+          seconds_cap: float | None = None) -> dict:
     from pipeline_lib.serving import TritonServer
     from pipeline_lib.smoke import free_port
 
+    def request_budget(batch, quick):
+        n, secs = _budget(batch, quick)
+        return (min(n, requests_cap) if requests_cap else n), (seconds_cap or secs)
+
     t0 = time.perf_counter()
-    sm = prepare_model(work, data_dir, rows=model_rows, n_request_rows=max(batches))
+    sm = prepare_model_subprocess(work, data_dir, rows=model_rows, n_request_rows=max(batches))
     prep = time.perf_counter() - t0
-    out: dict = {"model_rows": model_rows, "prepare_seconds": sm.prepare_seconds, "published_version": sm.version,
+    out: dict = {"model_rows": model_rows, "requests_cap": requests_cap, "seconds_cap": seconds_cap, "prepare_seconds": sm.prepare_seconds, "published_version": sm.version,
                  "served": [], "in_process": [], "breakdown": []}
 
     inproc = InProcess(sm.ensemble_dir)
@@ -331,10 +336,69 @@ def targets(out: dict) -> dict:
     return t
 
 
-if __name__ == "__main__":  # quick manual run
+def _child(args: list[str], result: Path, log: Path, timeout_s: float = 1800) -> dict:
+    import subprocess
     import sys
-    import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        res = bench(Path(tmp), Path("benchmarks/results/.data"), quick="--quick" in sys.argv)
-        print(json.dumps(res, indent=1, default=str))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
+    with open(log, "wb") as fh:
+        rc = subprocess.run([sys.executable, "-m", "benchmarks.serving_bench", *args, "--result", str(result)],
+                            stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout_s,
+                            cwd=Path(__file__).resolve().parent.parent).returncode
+    if rc != 0:
+        raise RuntimeError(f"serving benchmark child failed ({rc}):\n{log.read_text(errors='replace')[-3000:]}")
+    return json.loads(result.read_text())
+
+
+def prepare_model_subprocess(work: Path, data_dir: Path, rows: int, n_request_rows: int) -> ServedModel:
+    """prepare_model in a child process: the process that measures the in-process reference then holds
+    only the loaded ensemble, like Triton's python-backend stub (training leaves millions of Python
+    objects behind, which makes every later garbage collection -- and so pandas-heavy code -- slower)."""
+    work.mkdir(parents=True, exist_ok=True)
+    r = _child(["prepare", "--work", str(work), "--data-dir", str(data_dir), "--rows", str(rows),
+                "--n-request-rows", str(n_request_rows)], work / "prepare.json", work / "prepare.log")
+    return ServedModel(Path(r["repo"]), r["version"], Path(r["ensemble_dir"]), pd.read_parquet(r["rows"]),
+                       r["prepare_seconds"])
+
+
+def bench_subprocess(work: Path, data_dir: Path, quick: bool = False, model_rows: int = 20_000,
+                     requests_cap: int | None = None, seconds_cap: float | None = None) -> dict:
+    """The whole serving benchmark in a fresh interpreter (not the one that ran the training benchmark)."""
+    work.mkdir(parents=True, exist_ok=True)
+    args = ["bench", "--work", str(work), "--data-dir", str(data_dir), "--model-rows", str(model_rows)]
+    args += ["--quick"] if quick else []
+    args += ["--requests-cap", str(requests_cap)] if requests_cap else []
+    args += ["--seconds-cap", str(seconds_cap)] if seconds_cap else []
+    return _child(args, work / "serving.json", work / "serving.log")
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["prepare", "bench"])
+    p.add_argument("--work", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--result", required=True)
+    p.add_argument("--rows", type=int, default=20_000)
+    p.add_argument("--n-request-rows", type=int, default=1024)
+    p.add_argument("--model-rows", type=int, default=20_000)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--requests-cap", type=int)
+    p.add_argument("--seconds-cap", type=float)
+    a = p.parse_args(argv)
+    work, data_dir = Path(a.work), Path(a.data_dir)
+    if a.mode == "prepare":
+        sm = prepare_model(work, data_dir, a.rows, a.n_request_rows)
+        rows_path = work / "request_rows.parquet"
+        sm.rows.to_parquet(rows_path, index=False)
+        res = {"repo": str(sm.repo), "version": sm.version, "ensemble_dir": str(sm.ensemble_dir),
+               "rows": str(rows_path), "prepare_seconds": sm.prepare_seconds}
+    else:
+        res = bench(work, data_dir, quick=a.quick, model_rows=a.model_rows, requests_cap=a.requests_cap,
+                    seconds_cap=a.seconds_cap)
+    Path(a.result).write_text(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -119,10 +119,29 @@ def _fit_one_epoch(train_dir: Path, feed: str, batch_size: int, shuffle: bool, s
     }
 
 
+def _fit_subprocess(train_dir: Path, feed: str, batch_size: int, shuffle: bool) -> dict:
+    """Each run in a fresh interpreter: no run inherits the previous run's graphs, threads or garbage."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "r.json"
+        cmd = [sys.executable, "-m", "benchmarks.train_bench", "--train-dir", str(train_dir), "--feed", feed,
+               "--batch-size", str(batch_size), "--result", str(result)] + (["--shuffle"] if shuffle else [])
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800,
+                           cwd=Path(__file__).resolve().parent.parent)
+        if p.returncode != 0:
+            raise RuntimeError(f"training run {feed} failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+        return json.loads(result.read_text())
+
+
 def bench(train_dir: Path, batch_size: int = 1024) -> dict:
     """Merlin loader vs tf.data, both unshuffled (like for like) and shuffled (the pipeline's setting:
     Merlin shuffles rows within partitions; tf.data here uses a 64-batch shuffle buffer)."""
-    runs = [_fit_one_epoch(train_dir, feed, batch_size, shuffle)
+    runs = [_fit_subprocess(train_dir, feed, batch_size, shuffle)
             for shuffle in (False, True) for feed in ("merlin", "tfdata")]
     out = {"train_dir": str(train_dir), "batch_size": batch_size, "runs": runs}
     by = {(r["feed"], r["shuffle"]): r for r in runs}
@@ -130,3 +149,22 @@ def bench(train_dir: Path, batch_size: int = 1024) -> dict:
         m, t = by[("merlin", shuffle)]["samples_per_s"], by[("tfdata", shuffle)]["samples_per_s"]
         out["ratio_merlin_over_tfdata" + ("_shuffled" if shuffle else "")] = round(m / t, 2) if m and t else None
     return out
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--train-dir", required=True)
+    p.add_argument("--feed", choices=["merlin", "tfdata"], required=True)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--shuffle", action="store_true")
+    p.add_argument("--result", required=True)
+    a = p.parse_args(argv)
+    r = _fit_one_epoch(Path(a.train_dir), a.feed, a.batch_size, a.shuffle)
+    Path(a.result).write_text(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
