@@ -58,7 +58,7 @@ def prepare_model(work: Path, data_dir: Path, rows: int = 20_000, n_request_rows
     t["train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     valid = pd.read_parquet(d["valid"])[columns.serving_columns]
-    request_rows = valid.sample(n=min(n_request_rows, len(valid)), random_state=0, replace=len(valid) < n_request_rows)
+    request_rows = valid.sample(n=n_request_rows, random_state=0, replace=len(valid) < n_request_rows)
     request_rows = request_rows.reset_index(drop=True)
     exp = export.export_ensemble(work / "etl" / "workflow", model.model_dir, request_rows.head(64), columns.label,
                                  work / "staging", MODEL, 1)
