@@ -83,17 +83,17 @@ def markdown(r: dict) -> str:
         rows = []
         if "grpc_batch1_p50_ms" in t:
             rows.append(["p50 <= 3 ms, batch 1, gRPC, 1 client", f"{t['grpc_batch1_p50_ms']} ms",
-                         t["grpc_batch1_p50_over_3ms"], t["grpc_batch1_p50_le_3ms"]])
+                         f"{t['grpc_batch1_p50_over_3ms']:.2f}", t["grpc_batch1_p50_le_3ms"]])
         for proto in ("grpc", "http"):
             k = f"{proto}_batch1024_throughput_over_inprocess"
             if k in t:
                 rows.append([f"served rows/s >= 0.8 x in-process, batch 1024, {proto}, 1 client",
-                             f"{t[k]} x in-process", round(t[k] / 0.8, 2), t[f"{proto}_batch1024_throughput_ge_0.8_inprocess"]])
+                             f"{t[k]} x in-process", f"{t[k] / 0.8:.2f}", t[f"{proto}_batch1024_throughput_ge_0.8_inprocess"]])
         for k, v in t.items():
             if k.endswith("_p99_over_p50"):
                 base = k[: -len("_p99_over_p50")]
                 proto, batch, _ = base.split("_")
-                rows.append([f"p99 <= 2 x p50, 8 clients, {proto}, {batch}", f"p99/p50 = {v}", round(v / 2, 2),
+                rows.append([f"p99 <= 2 x p50, 8 clients, {proto}, {batch}", f"p99/p50 = {v}", f"{v / 2:.2f}",
                              t[f"{base}_p99_le_2x_p50"]])
         lines += _table(["target", "measured", "measured / target", "met"], rows)
 
