@@ -48,7 +48,9 @@ def bench(work: Path, overrides: dict | None = None, timeout_s: float = 900) -> 
     work.mkdir(parents=True, exist_ok=True)
     result = work / "e2e.json"
     env = dict(os.environ, PREFECT_HOME=str(work / "prefect_home"), TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONWARNINGS="ignore", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+               PYTHONWARNINGS="ignore", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               # the ephemeral API starts in ~10-30 s; the default 20 s limit fails on a loaded machine
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     env.pop("PREFECT_API_URL", None)  # always the ephemeral API of this run
     cmd = [sys.executable, "-m", "benchmarks.e2e_bench", "--work", str(work), "--result", str(result),
            "--overrides-json", json.dumps(overrides or {})]
