@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 export UV_PYTHON_DOWNLOADS ?= never
 PYTEST_ARGS ?=
 
-.PHONY: install run test serve predict lint clean
+.PHONY: install run test bench serve predict lint clean
 
 # uv is bootstrapped from PyPI into .tools/ when the machine has none.
 $(CURDIR)/.tools/bin/uv:
@@ -23,6 +23,10 @@ run: install
 ## test: install, then the test suite (unit + integration with a real Triton and a real Prefect flow)
 test: install
 	$(UV) run --frozen --no-sync pytest $(PYTEST_ARGS)
+
+## bench: install, then the benchmark suite (ETL, training, serving, end to end); results in benchmarks/results/
+bench: install
+	$(UV) run --frozen --no-sync python -m benchmarks.run $(ARGS)
 
 serve: install
 	$(UV) run --frozen --no-sync recsys serve $(ARGS)

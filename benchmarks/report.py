@@ -1,0 +1,113 @@
+"""latest.json -> latest.md (markdown tables)."""
+from __future__ import annotations
+
+
+def _f(x, nd=1):
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "**no**"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def markdown(r: dict) -> str:
+    m = r.get("machine", {})
+    lines = [
+        f"# Benchmark results ({r.get('mode', '?')} mode)", "",
+        f"{r.get('started', '')} → {r.get('finished', '(running)')}, total {_f(r.get('total_seconds'))} s; "
+        f"{m.get('cpus')} CPUs ({m.get('cpu_model', '')}), {m.get('memory_gb')} GB, Python {m.get('python')}, "
+        f"commit {m.get('git_commit', '')}; load average at start {m.get('load_average_at_start')}, "
+        f"at end {m.get('load_average_at_end', '–')}. Shared, noisy machine: compare ratios within this run.", "",
+    ]
+    if r.get("errors"):
+        lines += ["**Errors:**", ""] + [f"- {k}: `{v[:300]}`" for k, v in r["errors"].items()] + [""]
+
+    if r.get("etl"):
+        lines += ["## ETL: pipeline NVTabular workflow vs plain pandas (same transforms, same parquet)", "",
+                  "Fit on train, transform train + valid, write parquet; rows/s over train + valid rows; "
+                  "peak RSS of each side's own child process (after-import RSS in brackets).", ""]
+        rows = []
+        for e in r["etl"]:
+            n, p = e["nvt"], e["pandas"]
+            rows.append([e["rows"], n["seconds"], n["rows_per_s"], f"{_f(n['peak_rss_mb'], 0)} ({_f(n['rss_after_imports_mb'], 0)})",
+                         p["seconds"], p["rows_per_s"], f"{_f(p['peak_rss_mb'], 0)} ({_f(p['rss_after_imports_mb'], 0)})",
+                         f"**{e['time_ratio_nvt_over_pandas']}**", e["peak_mem_ratio_nvt_over_pandas"],
+                         f"{_f(e.get('categoricals_identical'))} / {e.get('max_float_abs_diff', 0):.1e}"])
+        lines += _table(["rows", "NVT s", "NVT rows/s", "NVT peak MB", "pandas s", "pandas rows/s", "pandas peak MB",
+                         "time NVT/pandas", "peak mem NVT/pandas", "categoricals identical / max float diff"], rows)
+
+    if r.get("train"):
+        t = r["train"]
+        lines += ["## Training: DLRM, Merlin loader vs tf.data (same parquet, same model)", "",
+                  f"One epoch, batch {t['batch_size']}, samples/s excluding the first batch (tracing).", ""]
+        rows = [[x["feed"], "yes" if x["shuffle"] else "no", x["rows"], x["samples_per_s"],
+                 x["samples_per_s_incl_first_batch"], x["epoch_seconds"], f"{x['loss']:.5f}"] for x in t["runs"]]
+        lines += _table(["feed", "shuffle", "rows", "samples/s", "samples/s incl. 1st batch", "epoch s", "loss"], rows)
+        lines += [f"Merlin / tf.data samples/s: **{t.get('ratio_merlin_over_tfdata')}** unshuffled, "
+                  f"**{t.get('ratio_merlin_over_tfdata_shuffled')}** shuffled.", ""]
+
+    if r.get("serving"):
+        s = r["serving"]
+        lines += ["## Serving: Triton (python backend) vs the same ensemble in-process", "",
+                  f"Model trained on {_f(s.get('model_rows'))} rows; server start {s.get('server_start_seconds')} s; "
+                  f"served == in-process scores: max |diff| gRPC {s.get('max_abs_diff_served_vs_inprocess_grpc')}, "
+                  f"HTTP {s.get('max_abs_diff_served_vs_inprocess_http')}. Latency per request as seen by the client; "
+                  "server columns are Triton's own statistics per request (queue = waiting for the single model "
+                  "instance; compute = the python backend's execute).", ""]
+        rows = [[x["protocol"], x["batch"], x["clients"], x.get("requests"), x.get("p50_ms"), x.get("p95_ms"),
+                 x.get("p99_ms"), x.get("rows_per_s"), x.get("server_queue_ms"), x.get("server_compute_infer_ms"),
+                 "; ".join(x.get("errors") or []) or ""]
+                for x in s["served"]]
+        rows += [[f"in-process ({x.get('pass', '')})", x["batch"], 1, x["requests"], x["p50_ms"], x["p95_ms"],
+                  x["p99_ms"], x["rows_per_s"], None, None, ""] for x in s["in_process"]]
+        lines += _table(["protocol", "batch", "clients", "requests", "p50 ms", "p95 ms", "p99 ms", "rows/s",
+                         "server queue ms", "server compute ms", "errors"], rows)
+        if s.get("breakdown"):
+            lines += ["In-process time per request, by op (median ms):", ""]
+            rows = [[b["batch"], b["median_ms"]["ensemble_transform"], b["median_ms"]["workflow_op"],
+                     b["median_ms"]["tensorflow_op"], b["median_ms"]["dag_and_checks_overhead"]] for b in s["breakdown"]]
+            lines += _table(["batch", "ensemble.transform", "NVTabular workflow op", "TensorFlow op",
+                             "DAG runtime + request checks"], rows)
+        t = s.get("targets", {})
+        lines += ["### Targets", ""]
+        rows = []
+        if "grpc_batch1_p50_ms" in t:
+            rows.append(["p50 <= 3 ms, batch 1, gRPC, 1 client", f"{t['grpc_batch1_p50_ms']} ms",
+                         f"{t['grpc_batch1_p50_over_3ms']:.2f}", t["grpc_batch1_p50_le_3ms"]])
+        for proto in ("grpc", "http"):
+            k = f"{proto}_batch1024_throughput_over_inprocess"
+            if k in t:
+                rows.append([f"served rows/s >= 0.8 x in-process, batch 1024, {proto}, 1 client",
+                             f"{t[k]} x in-process", f"{t[k] / 0.8:.2f}", t[f"{proto}_batch1024_throughput_ge_0.8_inprocess"]])
+        for k, v in t.items():
+            if k.endswith("_p99_over_p50"):
+                base = k[: -len("_p99_over_p50")]
+                proto, batch, _ = base.split("_")
+                rows.append([f"p99 <= 2 x p50, 8 clients, {proto}, {batch}", f"p99/p50 = {v}", f"{v / 2:.2f}",
+                             t[f"{base}_p99_le_2x_p50"]])
+        lines += _table(["target", "measured", "measured / target", "met"], rows)
+
+    if r.get("e2e"):
+        e = r["e2e"]
+        lines += ["## End to end: default run (`flows.pipeline.pipeline`, embedded default)", "",
+                  f"Process start → first served prediction: **{e['process_start_to_first_prediction_seconds']} s** "
+                  f"(Python imports {e['python_imports_seconds']} s; whole process {e['process_wall_seconds']} s; "
+                  f"Prefect/flow overhead outside the stages {e['flow_overhead_seconds']} s, which includes starting "
+                  "the ephemeral Prefect API). Validation AUC "
+                  f"{_f((e.get('metrics') or {}).get('auc'), 3)}.", ""]
+        st = e["stage_seconds"]
+        lines += _table(list(st.keys()) + ["sum"], [list(st.values()) + [e["stages_sum_seconds"]]])
+
+    if r.get("section_seconds"):
+        lines += ["Section wall times (s): " + ", ".join(f"{k} {v}" for k, v in r["section_seconds"].items()), ""]
+    return "\n".join(lines)

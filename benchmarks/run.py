@@ -1,0 +1,161 @@
+"""The benchmark suite, one command:
+
+    make bench                                   # = uv run --frozen --no-sync python -m benchmarks.run
+    uv run --frozen --no-sync python -m benchmarks.run --quick
+    uv run --frozen --no-sync python -m benchmarks.run --etl-rows 1000000,5000000 --skip e2e
+
+Writes ``benchmarks/results/latest.json`` and ``benchmarks/results/latest.md`` (git-ignored;
+README.md / benchmarks/README.md keep a copy of the figures). Everything is measured in one run on
+one machine: compare the ratios, not absolute figures across machines.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+SECTIONS = ("etl", "train", "serving", "e2e")
+
+FULL = {"etl_rows": [1_000_000, 5_000_000], "train_rows": 1_000_000, "serve_model_rows": 20_000}
+QUICK = {"etl_rows": [100_000, 1_000_000], "train_rows": 100_000, "serve_model_rows": 20_000}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes: ETL 100k/1M rows, fewer requests")
+    p.add_argument("--etl-rows", help="comma-separated ETL sizes (default 1M,5M; quick 100k,1M)")
+    p.add_argument("--train-rows", type=int, help="rows of the training benchmark's synthetic set (default 1M, quick 100k; 80%% are trained on)")
+    p.add_argument("--train-batch-size", type=int, default=1024)
+    p.add_argument("--serve-model-rows", type=int, help="rows the served model is trained on (default 20k)")
+    p.add_argument("--serve-requests", type=int, default=None,
+                   help="cap on requests per client and configuration (default: 300/200/40 for batch 1/64/1024)")
+    p.add_argument("--serve-seconds", type=float, default=None, help="cap on seconds per serving configuration")
+    p.add_argument("--e2e-overrides-json", default="{}", help="config overrides for the end-to-end run (default: none)")
+    p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
+    p.add_argument("--out", default=str(RESULTS), help="folder for latest.json / latest.md")
+    p.add_argument("--data-dir", default=str(RESULTS / ".data"), help="cache of generated input data")
+    p.add_argument("--keep-work", action="store_true", help="keep the temporary work folder")
+    return p.parse_args(argv)
+
+
+def machine_info() -> dict:
+    cpu = ""
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    import psutil
+
+    return {"cpus": os.cpu_count(), "cpu_model": cpu, "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "platform": platform.platform(), "git_commit": commit,
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    sizes = QUICK if a.quick else FULL
+    etl_rows = [int(float(x)) for x in a.etl_rows.split(",")] if a.etl_rows else sizes["etl_rows"]
+    train_rows = a.train_rows or sizes["train_rows"]
+    serve_rows = a.serve_model_rows or sizes["serve_model_rows"]
+    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    bad = skip - set(SECTIONS)
+    if bad:
+        raise SystemExit(f"--skip: unknown section(s) {sorted(bad)}; choose from {SECTIONS}")
+    out_dir, data_dir = Path(a.out), Path(a.data_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="recsys-bench-"))
+
+    results: dict = {
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "mode": ("quick" if a.quick else "full") + (" (sizes overridden)" if (a.etl_rows or a.train_rows or a.serve_model_rows or a.serve_requests) else ""),
+        "machine": machine_info(),
+        "params": {"etl_rows": etl_rows, "train_rows": train_rows, "train_batch_size": a.train_batch_size,
+                   "serve_model_rows": serve_rows, "serve_requests": a.serve_requests,
+                   "serve_seconds": a.serve_seconds, "skip": sorted(skip)},
+        "section_seconds": {}, "errors": {},
+    }
+    t_all = time.perf_counter()
+
+    def section(name, fn):
+        if name in skip:
+            return
+        print(f"[bench] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            results[name] = fn()
+        except Exception as exc:  # one failing section does not lose the others' figures
+            results["errors"][name] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        results["section_seconds"][name] = round(time.perf_counter() - t0, 1)
+        print(f"[bench] {name} done in {results['section_seconds'][name]} s", flush=True)
+        _write(results, out_dir)  # partial results survive an interrupted run
+
+    from benchmarks import e2e_bench, etl_bench, serving_bench, train_bench
+
+    section("etl", lambda: [etl_bench.bench(n, work / "etl", data_dir) for n in etl_rows])
+
+    def _train():
+        # the NVTabular output of the ETL section when it has this size, else transform it here
+        done = [e for e in results.get("etl") or [] if e["rows"] == train_rows]
+        if done and Path(done[0]["nvt"]["train_dir"]).is_dir():
+            train_dir = Path(done[0]["nvt"]["train_dir"])
+        else:
+            from pipeline_lib.config import ColumnsConfig
+
+            d = etl_bench.prepare_data(train_rows, data_dir)
+            train_dir = Path(etl_bench.nvt_fit_transform(ColumnsConfig(), d["train"], d["valid"],
+                                                         work / "train_etl")["train_dir"])
+        return train_bench.bench(train_dir, a.train_batch_size)
+
+    section("train", _train)
+
+    def _serving():
+        return serving_bench.bench_subprocess(work / "serving", data_dir, quick=a.quick, model_rows=serve_rows,
+                                              requests_cap=a.serve_requests, seconds_cap=a.serve_seconds)
+
+    section("serving", _serving)
+    section("e2e", lambda: e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json)))
+
+    results["total_seconds"] = round(time.perf_counter() - t_all, 1)
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    _write(results, out_dir)
+    if a.keep_work:
+        print(f"[bench] work folder kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    print((out_dir / "latest.md").read_text())
+    print(f"[bench] wrote {out_dir / 'latest.json'} and {out_dir / 'latest.md'} in {results['total_seconds']} s")
+    return results
+
+
+def _write(results: dict, out_dir: Path) -> None:
+    from benchmarks.report import markdown
+
+    (out_dir / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    (out_dir / "latest.md").write_text(markdown(results))
+
+
+if __name__ == "__main__":
+    res = main()
+    sys.exit(1 if res.get("errors") else 0)

@@ -1,0 +1,404 @@
+"""Serving benchmark: latency and throughput through the real Triton server, against the same
+ensemble run in this process.
+
+A small model is trained on the synthetic default (reduced size) with the pipeline's own
+functions, exported with ``pipeline_lib.export.export_ensemble``, published and promoted into a
+temporary repository with ``pipeline_lib.repository``, and served by
+``pipeline_lib.serving.TritonServer`` on free loopback ports. Clients are threads, each with its
+own ``pipeline_lib.client.RecsysClient`` (tritonclient underneath); request tensors are built once
+per client, so the timed part is one ``infer`` call (tritonclient input encoding + network +
+Triton + python backend + workflow + TensorFlow + response decoding).
+
+The in-process reference loads the *published* version with ``merlin.systems.dag.Ensemble.load``
++ ``load_artifacts`` (as export.py and the served model.py do), and runs, per request, what the
+served ``model.py`` runs: ``check_request`` -> ``TensorTable`` -> ``ensemble.transform``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+MODEL = "recsys"
+
+
+@dataclass
+class ServedModel:
+    repo: Path
+    version: int
+    ensemble_dir: Path
+    rows: pd.DataFrame  # raw request rows (serving columns)
+    prepare_seconds: dict
+
+
+def prepare_model(work: Path, data_dir: Path, rows: int = 20_000, n_request_rows: int = 1024) -> ServedModel:
+    """Train a small DLRM with the pipeline's functions, export, publish and promote it."""
+    from pipeline_lib import export, repository, train
+    from pipeline_lib.config import ColumnsConfig, ModelConfig
+
+    from benchmarks import etl_bench
+
+    t = {}
+    t0 = time.perf_counter()
+    d = etl_bench.prepare_data(rows, data_dir)
+    columns = ColumnsConfig()
+    etl_out = etl_bench.nvt_fit_transform(columns, d["train"], d["valid"], work / "etl")
+    t["etl"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = train.train(Path(etl_out["train_dir"]), Path(etl_out["valid_dir"]), ModelConfig(epochs=1),
+                        columns.label, 42, work / "model")
+    t["train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    valid = pd.read_parquet(d["valid"])[columns.serving_columns]
+    request_rows = valid.sample(n=n_request_rows, random_state=0, replace=len(valid) < n_request_rows)
+    request_rows = request_rows.reset_index(drop=True)
+    exp = export.export_ensemble(work / "etl" / "workflow", model.model_dir, request_rows.head(64), columns.label,
+                                 work / "staging", MODEL, 1)
+    t["export"] = time.perf_counter() - t0
+    repo = work / "model_repository"
+    version, path = repository.publish(exp.version_dir, exp.config_path, repo, MODEL)
+    repository.promote(repo, MODEL, version)
+    return ServedModel(repo, version, path / "ensemble", request_rows, {k: round(v, 2) for k, v in t.items()})
+
+
+def _pcts(lat_s: list[float]) -> dict:
+    a = np.asarray(lat_s) * 1000.0
+    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p95_ms": round(float(np.percentile(a, 95)), 3),
+            "p99_ms": round(float(np.percentile(a, 99)), 3), "mean_ms": round(float(a.mean()), 3)}
+
+
+def _budget(batch: int, quick: bool) -> tuple[int, float]:
+    """(requests per client, seconds per configuration): bounded whatever the server's speed."""
+    n = {1: 300, 64: 200, 1024: 40}.get(batch, 50)
+    return (max(10, n // 5), 4.0) if quick else (n, 8.0)
+
+
+def load_clients(url: str, protocol: str, rows: pd.DataFrame, batch: int, clients: int,
+                 n_requests: int, max_seconds: float, warmup: int = 3) -> dict:
+    """``clients`` threads, each sending up to ``n_requests`` requests of ``batch`` rows (stopping
+    at ``max_seconds``); per-request latency percentiles and served rows/s."""
+    from pipeline_lib.client import RecsysClient
+
+    barrier = threading.Barrier(clients + 1)
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        try:
+            with RecsysClient(url, protocol, MODEL) as c:
+                start = (k * batch) % max(1, len(rows) - batch + 1)
+                arrays = c.to_arrays(rows.iloc[start:start + batch])
+                for _ in range(warmup):
+                    c.infer_arrays(arrays)
+                barrier.wait()
+                deadline = time.perf_counter() + max_seconds
+                for _ in range(n_requests):
+                    t0 = time.perf_counter()
+                    scores, _ = c.infer_arrays(arrays)
+                    lat[k].append(time.perf_counter() - t0)
+                    assert len(scores) == batch
+                    if t0 > deadline:
+                        break
+        except threading.BrokenBarrierError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - reported in the results
+            errors.append(f"{type(exc).__name__}: {exc}")
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(clients)]
+    for th in threads:
+        th.start()
+    try:
+        barrier.wait(timeout=300)
+    except threading.BrokenBarrierError:
+        pass
+    t0 = time.perf_counter()
+    for th in threads:
+        th.join(timeout=max_seconds + 120)
+    wall = time.perf_counter() - t0
+    all_lat = [x for per in lat for x in per]
+    out = {"protocol": protocol, "batch": batch, "clients": clients, "requests": len(all_lat),
+           "errors": errors[:3], "wall_s": round(wall, 3)}
+    if all_lat:
+        out.update(_pcts(all_lat))
+        out["rows_per_s"] = round(len(all_lat) * batch / wall, 1)
+        out["requests_per_s"] = round(len(all_lat) / wall, 1)
+    return out
+
+
+class InProcess:
+    """The published ensemble loaded in this process, run like the served model.py."""
+
+    def __init__(self, ensemble_dir: Path):
+        from merlin.dag import postorder_iter_nodes
+        from merlin.dag.runtime import Runtime
+        from merlin.systems.dag import Ensemble
+
+        self.ensemble = Ensemble.load(str(ensemble_dir))
+        for node in postorder_iter_nodes(self.ensemble.graph.output_node, flatten_subgraphs=True):
+            node.op.load_artifacts(str(ensemble_dir))
+        self.ragged = {c.name for c in self.ensemble.input_schema.column_schemas.values() if c.is_ragged}
+        self.runtime = Runtime()
+        self.output = self.ensemble.output_schema.column_names[0]
+
+    def arrays(self, rows: pd.DataFrame) -> dict:
+        """The request tensors as Triton hands them to model.py (bytes strings, values/offsets)."""
+        from pipeline_lib.client import _ragged
+
+        out = {}
+        for c in self.ensemble.input_schema:
+            s = rows[c.name]
+            if c.is_ragged:
+                v, o = _ragged(s, c.name)
+                out[f"{c.name}__values"], out[f"{c.name}__offsets"] = v.astype(np.int64), o.astype(np.int32)
+            elif s.dtype == object:
+                out[c.name] = np.array([str(x).encode() for x in s], dtype=object)
+            else:
+                out[c.name] = s.to_numpy()
+        return out
+
+    def __call__(self, arrays: dict) -> np.ndarray:
+        from merlin.table import TensorTable
+
+        from pipeline_lib.request_checks import check_request
+
+        table = TensorTable(check_request(arrays, self.ragged, 65536))
+        out = self.ensemble.transform(table, runtime=self.runtime)
+        return np.asarray(out[self.output].values).reshape(-1)
+
+
+def bench_inprocess(inproc: InProcess, rows: pd.DataFrame, batch: int, n: int, max_seconds: float) -> dict:
+    arrays = inproc.arrays(rows.iloc[:batch])
+    for _ in range(3):
+        inproc(arrays)
+    lat = []
+    t_end = time.perf_counter() + max_seconds
+    t0 = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        scores = inproc(arrays)
+        lat.append(time.perf_counter() - t)
+        assert len(scores) == batch
+        if t > t_end:
+            break
+    wall = time.perf_counter() - t0
+    return {"protocol": "in-process", "batch": batch, "clients": 1, "requests": len(lat), **_pcts(lat),
+            "rows_per_s": round(len(lat) * batch / wall, 1), "wall_s": round(wall, 3)}
+
+
+def breakdown(inproc: InProcess, rows: pd.DataFrame, batch: int, n: int = 30) -> dict:
+    """Median time of the two ops of the ensemble, called directly: the NVTabular workflow
+    (TensorTable -> pandas, bytes decode, Workflow._transform_df, -> TensorTable) and the TF
+    SavedModel signature call, against the whole ensemble.transform."""
+    from merlin.dag import ColumnSelector, postorder_iter_nodes
+    from merlin.table import TensorTable
+
+    from pipeline_lib.export import InProcessTensorflow, InProcessWorkflow
+    from pipeline_lib.request_checks import check_request
+
+    ops = {type(nd.op): nd for nd in postorder_iter_nodes(inproc.ensemble.graph.output_node, flatten_subgraphs=True)}
+    wf_node, tf_node = ops[InProcessWorkflow], ops[InProcessTensorflow]
+    arrays = inproc.arrays(rows.iloc[:batch])
+    times = {"ensemble_transform": [], "workflow_op": [], "tensorflow_op": []}
+    for _ in range(n + 3):
+        t0 = time.perf_counter()
+        inproc(arrays)
+        t1 = time.perf_counter()
+        table = TensorTable(check_request(arrays, inproc.ragged, 65536))
+        t2 = time.perf_counter()
+        mid = wf_node.op.transform(ColumnSelector(wf_node.input_schema.column_names), table)
+        t3 = time.perf_counter()
+        tf_node.op.transform(ColumnSelector(tf_node.input_schema.column_names), mid)
+        t4 = time.perf_counter()
+        times["ensemble_transform"].append(t1 - t0)
+        times["workflow_op"].append(t3 - t2)
+        times["tensorflow_op"].append(t4 - t3)
+    med = {k: round(float(np.median(v[3:])) * 1000, 3) for k, v in times.items()}
+    med["dag_and_checks_overhead"] = round(med["ensemble_transform"] - med["workflow_op"] - med["tensorflow_op"], 3)
+    return {"batch": batch, "median_ms": med}
+
+
+def _stats(url: str) -> dict:
+    """Triton's cumulative per-model statistics (ns), through the HTTP API."""
+    import tritonclient.http as httpclient
+
+    with httpclient.InferenceServerClient(url) as c:
+        s = c.get_inference_statistics(MODEL)["model_stats"]
+    keys = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+    tot = {k: (0, 0) for k in keys}
+    for m in s:
+        inf = m.get("inference_stats", {})
+        for k in keys:
+            c, ns = tot[k]
+            tot[k] = (c + int(inf.get(k, {}).get("count", 0)), ns + int(inf.get(k, {}).get("ns", 0)))
+    return tot
+
+
+def _stats_delta(before: dict, after: dict) -> dict:
+    n = after["success"][0] - before["success"][0]
+    if n <= 0:
+        return {}
+    return {f"server_{k}_ms": round((after[k][1] - before[k][1]) / n / 1e6, 3)
+            for k in ("success", "queue", "compute_input", "compute_infer", "compute_output")}
+
+
+def bench(work: Path, data_dir: Path, batches=(1, 64, 1024), concurrency=(1, 8), protocols=("grpc", "http"),
+          quick: bool = False, model_rows: int = 20_000, requests_cap: int | None = None,
+          seconds_cap: float | None = None) -> dict:
+    from pipeline_lib.serving import TritonServer
+    from pipeline_lib.smoke import free_port
+
+    def request_budget(batch, quick):
+        n, secs = _budget(batch, quick)
+        return (min(n, requests_cap) if requests_cap else n), (seconds_cap or secs)
+
+    t0 = time.perf_counter()
+    sm = prepare_model_subprocess(work, data_dir, rows=model_rows, n_request_rows=max(batches))
+    prep = time.perf_counter() - t0
+    out: dict = {"model_rows": model_rows, "requests_cap": requests_cap, "seconds_cap": seconds_cap, "prepare_seconds": sm.prepare_seconds, "published_version": sm.version,
+                 "served": [], "in_process": [], "breakdown": []}
+
+    inproc = InProcess(sm.ensemble_dir)
+    for b in batches:
+        n, secs = request_budget(b, quick)
+        out["in_process"].append(bench_inprocess(inproc, sm.rows, b, n, secs) | {"pass": "before server"})
+    for b in batches:
+        out["breakdown"].append(breakdown(inproc, sm.rows, b, n=10 if quick else 30))
+
+    server = TritonServer(sm.repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          log_file=work / "triton.log", model_control="explicit", load_models=[MODEL])
+    t0 = time.perf_counter()
+    server.start(timeout_s=300, models=[MODEL])
+    out["server_start_seconds"] = round(time.perf_counter() - t0, 2)
+    try:
+        # parity first: served scores equal the in-process scores for the same request
+        from pipeline_lib.client import RecsysClient
+
+        rows = sm.rows.iloc[:64]
+        want = inproc(inproc.arrays(rows))
+        for proto, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+            with RecsysClient(url, proto, MODEL) as c:
+                out[f"max_abs_diff_served_vs_inprocess_{proto}"] = float(np.max(np.abs(c.predict(rows) - want)))
+        for proto in protocols:
+            url = server.grpc_url if proto == "grpc" else server.http_url
+            for b in batches:
+                n, secs = request_budget(b, quick)
+                for k in concurrency:
+                    before = _stats(server.http_url)
+                    r = load_clients(url, proto, sm.rows, b, k, n, secs)
+                    r.update(_stats_delta(before, _stats(server.http_url)))
+                    out["served"].append(r)
+        # the reference again, now that the served runs are done (the machine is shared and noisy:
+        # the targets use the faster of the two passes, i.e. the stricter reference)
+        for b in batches:
+            n, secs = request_budget(b, quick)
+            out["in_process"].append(bench_inprocess(inproc, sm.rows, b, n, secs) | {"pass": "after served runs"})
+    finally:
+        server.stop()
+    out["targets"] = targets(out)
+    out["total_seconds"] = round(time.perf_counter() - t0 + prep, 1)
+    return out
+
+
+def _find(rows, **kw):
+    return next((r for r in rows if all(r.get(k) == v for k, v in kw.items())), None)
+
+
+def targets(out: dict) -> dict:
+    """The performance targets, as ratios (measured / target) and booleans."""
+    t: dict = {}
+    g1 = _find(out["served"], protocol="grpc", batch=1, clients=1)
+    if g1 and "p50_ms" in g1:
+        t["grpc_batch1_p50_ms"] = g1["p50_ms"]
+        t["grpc_batch1_p50_over_3ms"] = round(g1["p50_ms"] / 3.0, 2)
+        t["grpc_batch1_p50_le_3ms"] = g1["p50_ms"] <= 3.0
+    ips = [r for r in out["in_process"] if r["batch"] == 1024]
+    ip = max(ips, key=lambda r: r["rows_per_s"]) if ips else None
+    for proto in ("grpc", "http"):
+        s = _find(out["served"], protocol=proto, batch=1024, clients=1)
+        if ip and s and "rows_per_s" in s:
+            ratio = s["rows_per_s"] / ip["rows_per_s"]
+            t[f"{proto}_batch1024_throughput_over_inprocess"] = round(ratio, 3)
+            t[f"{proto}_batch1024_throughput_ge_0.8_inprocess"] = ratio >= 0.8
+    for r in out["served"]:
+        if r["clients"] == 8 and "p99_ms" in r:
+            key = f"{r['protocol']}_batch{r['batch']}_8clients"
+            t[f"{key}_p99_over_p50"] = round(r["p99_ms"] / r["p50_ms"], 2)
+            t[f"{key}_p99_le_2x_p50"] = r["p99_ms"] <= 2 * r["p50_ms"]
+    return t
+
+
+def _child(args: list[str], result: Path, log: Path, timeout_s: float = 1800) -> dict:
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
+    with open(log, "wb") as fh:
+        rc = subprocess.run([sys.executable, "-m", "benchmarks.serving_bench", *args, "--result", str(result)],
+                            stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout_s,
+                            cwd=Path(__file__).resolve().parent.parent).returncode
+    if rc != 0:
+        raise RuntimeError(f"serving benchmark child failed ({rc}):\n{log.read_text(errors='replace')[-3000:]}")
+    return json.loads(result.read_text())
+
+
+def prepare_model_subprocess(work: Path, data_dir: Path, rows: int, n_request_rows: int) -> ServedModel:
+    """prepare_model in a child process: the process that measures the in-process reference then holds
+    only the loaded ensemble, like Triton's python-backend stub (training leaves millions of Python
+    objects behind, which makes every later garbage collection -- and so pandas-heavy code -- slower)."""
+    work.mkdir(parents=True, exist_ok=True)
+    r = _child(["prepare", "--work", str(work), "--data-dir", str(data_dir), "--rows", str(rows),
+                "--n-request-rows", str(n_request_rows)], work / "prepare.json", work / "prepare.log")
+    return ServedModel(Path(r["repo"]), r["version"], Path(r["ensemble_dir"]), pd.read_parquet(r["rows"]),
+                       r["prepare_seconds"])
+
+
+def bench_subprocess(work: Path, data_dir: Path, quick: bool = False, model_rows: int = 20_000,
+                     requests_cap: int | None = None, seconds_cap: float | None = None) -> dict:
+    """The whole serving benchmark in a fresh interpreter (not the one that ran the training benchmark)."""
+    work.mkdir(parents=True, exist_ok=True)
+    args = ["bench", "--work", str(work), "--data-dir", str(data_dir), "--model-rows", str(model_rows)]
+    args += ["--quick"] if quick else []
+    args += ["--requests-cap", str(requests_cap)] if requests_cap else []
+    args += ["--seconds-cap", str(seconds_cap)] if seconds_cap else []
+    return _child(args, work / "serving.json", work / "serving.log")
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["prepare", "bench"])
+    p.add_argument("--work", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--result", required=True)
+    p.add_argument("--rows", type=int, default=20_000)
+    p.add_argument("--n-request-rows", type=int, default=1024)
+    p.add_argument("--model-rows", type=int, default=20_000)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--requests-cap", type=int)
+    p.add_argument("--seconds-cap", type=float)
+    a = p.parse_args(argv)
+    work, data_dir = Path(a.work), Path(a.data_dir)
+    if a.mode == "prepare":
+        sm = prepare_model(work, data_dir, a.rows, a.n_request_rows)
+        rows_path = work / "request_rows.parquet"
+        sm.rows.to_parquet(rows_path, index=False)
+        res = {"repo": str(sm.repo), "version": sm.version, "ensemble_dir": str(sm.ensemble_dir),
+               "rows": str(rows_path), "prepare_seconds": sm.prepare_seconds}
+    else:
+        res = bench(work, data_dir, quick=a.quick, model_rows=a.model_rows, requests_cap=a.requests_cap,
+                    seconds_cap=a.seconds_cap)
+    Path(a.result).write_text(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
