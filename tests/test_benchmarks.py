@@ -117,7 +117,8 @@ def test_suite_serving_and_end_to_end_sections_tiny(tmp_path):
     assert isinstance(tg["grpc_batch1024_throughput_ge_0.8_inprocess"], bool)
     assert isinstance(tg["grpc_batch1_8clients_p99_le_2x_p50"], bool)
     e = saved["e2e"]
-    assert list(e["stage_seconds"])[:6] == ["raw-data", "validate", "etl", "train", "export", "serving-smoke-test"]
+    assert list(e["stage_seconds"])[:7] == ["raw-data", "validate", "etl", "train", "export", "gate",
+                                            "serving-smoke-test"]
     assert e["process_start_to_first_prediction_seconds"] <= e["process_wall_seconds"]
     assert e["max_abs_diff_served_vs_offline"] <= 1e-5
     assert "## Serving" in md and "### Targets" in md and "## End to end" in md
