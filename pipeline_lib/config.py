@@ -235,9 +235,6 @@ class EtlConfig(_Strict):
     part_size: str = Field("256MB", description="NVTabular partition size")
 
 
-RANKING_MODELS = ("dlrm", "dcn", "deepfm", "wide_deep")
-
-
 class ModelConfig(_Strict):
     type: Literal["dlrm", "dcn", "deepfm", "wide_deep"] = Field(
         "dlrm", description="ranking model: DLRM, DCN-v2 (dcn), DeepFM, Wide&Deep (wide_deep)"
