@@ -235,9 +235,37 @@ class EtlConfig(_Strict):
     part_size: str = Field("256MB", description="NVTabular partition size")
 
 
+RANKING_MODELS = ("dlrm", "dcn", "deepfm", "wide_deep")
+RETRIEVAL_MODELS = ("two_tower", "youtube_dnn", "mf")
+RANKING_METRICS = ("auc", "logloss")
+RETRIEVAL_METRICS = ("recall", "ndcg", "mrr", "precision")
+
+
+class RetrievalConfig(_Strict):
+    """Retrieval models (two_tower, youtube_dnn, mf): training, top-k serving, the optional ranking stage."""
+
+    k: int = Field(10, ge=1, description="items returned per request; metrics are reported @k")
+    tower_mlp: list[int] = Field(
+        default_factory=lambda: [64],
+        description="two_tower: hidden layers of each tower; youtube_dnn: of the query tower (output size = embedding_dim)",
+    )
+    history_length: int = Field(
+        20, ge=2, description="youtube_dnn: the user's most recent positive items kept in the history feature"
+    )
+    num_sampled: int = Field(100, ge=1, description="youtube_dnn: sampled-softmax negatives per batch")
+    logits_temperature: float = Field(1.0, gt=0, description="youtube_dnn: logits / T")
+    min_sampled_id: int = Field(
+        3, ge=0, description="youtube_dnn: smallest item index sampled (NVTabular reserves 0-2 for pad, null, OOV)"
+    )
+    rerank_with: Optional[Literal["dlrm", "dcn", "deepfm", "wide_deep"]] = Field(
+        None, description="two-stage endpoint: also train this ranking model; it re-scores the retrieved candidates"
+    )
+    candidates: int = Field(100, ge=1, description="two-stage: candidates retrieved per request before re-ranking")
+
+
 class ModelConfig(_Strict):
-    type: Literal["dlrm", "dcn", "deepfm", "wide_deep"] = Field(
-        "dlrm", description="ranking model: DLRM, DCN-v2 (dcn), DeepFM, Wide&Deep (wide_deep)"
+    type: Literal["dlrm", "dcn", "deepfm", "wide_deep", "two_tower", "youtube_dnn", "mf"] = Field(
+        "dlrm", description="ranking: dlrm | dcn (DCN-v2) | deepfm | wide_deep; retrieval: two_tower | youtube_dnn | mf"
     )
     embedding_dim: int = Field(16, ge=2)
     bottom_mlp: list[int] = Field(default_factory=lambda: [64, 16], description="DLRM bottom MLP")
@@ -252,12 +280,22 @@ class ModelConfig(_Strict):
     early_stopping_patience: Optional[int] = Field(
         None, ge=1, description="stop when validation AUC has not improved for this many epochs (best weights kept)"
     )
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+
+    @property
+    def is_retrieval(self) -> bool:
+        return self.type in RETRIEVAL_MODELS
 
     @model_validator(mode="after")
     def _dlrm_bottom_matches_embeddings(self) -> "ModelConfig":
         if not self.bottom_mlp:
             raise ValueError("bottom_mlp needs at least one layer")
-        if self.type == "dlrm" and self.bottom_mlp[-1] != self.embedding_dim:
+        if self.retrieval.rerank_with and not self.is_retrieval:
+            raise ValueError("model.retrieval.rerank_with applies to retrieval models (two_tower, youtube_dnn, mf)")
+        if self.retrieval.rerank_with and self.retrieval.candidates < self.retrieval.k:
+            raise ValueError(f"model.retrieval.candidates ({self.retrieval.candidates}) must be >= k ({self.retrieval.k})")
+        dlrm = self.type == "dlrm" or self.retrieval.rerank_with == "dlrm"
+        if dlrm and self.bottom_mlp[-1] != self.embedding_dim:
             raise ValueError(
                 f"DLRM: the last bottom_mlp layer ({self.bottom_mlp[-1]}) must equal embedding_dim ({self.embedding_dim})"
             )
@@ -269,7 +307,9 @@ class GateConfig(_Strict):
     validation data (both scored through their own exported ensembles from raw rows)."""
 
     enabled: bool = True
-    metric: Literal["auc", "logloss"] = "auc"
+    metric: Literal["auto", "auc", "logloss", "recall", "ndcg", "mrr", "precision"] = Field(
+        "auto", description="auto: auc for ranking models, recall@k for retrieval models"
+    )
     tolerance: float = Field(0.0, ge=0, description="allowed degradation of the metric")
     max_rows: int = Field(50_000, ge=100, description="validation rows scored for the comparison")
 
@@ -316,6 +356,21 @@ class RunConfig(_Strict):
     gate: GateConfig = Field(default_factory=GateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+
+    @model_validator(mode="after")
+    def _gate_metric_fits_the_model(self) -> "RunConfig":
+        m = self.gate.metric
+        if m != "auto":
+            allowed = RETRIEVAL_METRICS if self.model.is_retrieval else RANKING_METRICS
+            if m not in allowed:
+                raise ValueError(f"gate.metric '{m}' does not apply to model.type '{self.model.type}' (use one of {allowed})")
+        return self
+
+    @property
+    def gate_metric(self) -> str:
+        if self.gate.metric != "auto":
+            return self.gate.metric
+        return "recall" if self.model.is_retrieval else "auc"
 
 
 def load_config(path: Optional[Path | str] = None, overrides: Optional[dict] = None) -> RunConfig:

@@ -36,10 +36,46 @@ class EtlOutput:
     split: SplitPaths  # the raw train/valid split the workflow was fitted on / applied to
 
 
-def split_raw(raw_path: Path, split: SplitConfig, columns: ColumnsConfig, seed: int, out_dir: Path) -> SplitPaths:
-    """Split the raw table into train/valid parquet (random by seed, or by time)."""
+def history_column(columns: ColumnsConfig) -> str:
+    """Name of the user-history list feature (YouTube DNN's query input)."""
+    return f"{columns.item_id}_history"
+
+
+def add_user_history(df: pd.DataFrame, columns: ColumnsConfig, length: int) -> pd.DataFrame:
+    """Add ``<item_id>_history``: for every row, the user's most recent earlier *positive* items
+    (oldest first, at most ``length``), ordered by timestamp (row order when there is none).
+
+    A row's own item is never in its history, so the column is a legitimate request-time feature
+    (the user's recent clicks) for ranking and retrieval alike.
+    """
+    ts = columns.timestamp if columns.timestamp and columns.timestamp in df.columns else None
+    order = df.sort_values([columns.user_id, ts], kind="stable").index if ts else \
+        df.sort_values([columns.user_id], kind="stable").index
+    users = df[columns.user_id].to_numpy()[order]
+    items = df[columns.item_id].to_numpy()[order]
+    positive = (pd.to_numeric(df[columns.label], errors="coerce").to_numpy()[order] == 1)
+    hist: list = [None] * len(df)
+    current, past = object(), []
+    for pos, (u, it, p) in enumerate(zip(users, items, positive)):
+        if u != current:
+            current, past = u, []
+        hist[pos] = past[-length:]
+        if p:
+            past.append(it)
+    out = df.copy()
+    col = pd.Series(hist, index=order)
+    out[history_column(columns)] = col.reindex(df.index)
+    return out
+
+
+def split_raw(raw_path: Path, split: SplitConfig, columns: ColumnsConfig, seed: int, out_dir: Path,
+              history_length: int = 0) -> SplitPaths:
+    """Split the raw table into train/valid parquet (random by seed, or by time); with
+    ``history_length`` > 0, add the user-history feature first (see :func:`add_user_history`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     df = pd.read_parquet(raw_path)
+    if history_length:
+        df = add_user_history(df, columns, history_length)
     if split.method == "time":
         if not columns.timestamp or columns.timestamp not in df.columns:
             raise ValueError("split.method=time needs columns.timestamp present in the data")
@@ -58,8 +94,11 @@ def to_float32(col):
     return col.astype("float32")
 
 
-def build_workflow(columns: ColumnsConfig, categories_dir: Path):
+def build_workflow(columns: ColumnsConfig, categories_dir: Path, history: bool = False):
     """Build (unfitted) NVTabular workflow from column roles, with Merlin tags.
+
+    With ``history``, the user-history list column is encoded jointly with the item id (one
+    shared vocabulary, so a history entry and an item id map to the same index).
 
     Categorify writes its vocabularies under ``categories_dir`` while fitting (NVTabular's
     default is ``./categories`` in the working directory, which concurrent runs would share).
@@ -71,7 +110,13 @@ def build_workflow(columns: ColumnsConfig, categories_dir: Path):
 
     out_path = str(categories_dir)
     user_id = [columns.user_id] >> nvt.ops.Categorify(out_path=out_path) >> nvt.ops.TagAsUserID()
-    item_id = [columns.item_id] >> nvt.ops.Categorify(out_path=out_path) >> nvt.ops.TagAsItemID()
+    if history:
+        hist = history_column(columns)
+        items = [[columns.item_id, hist]] >> nvt.ops.Categorify(encode_type="joint", out_path=out_path)
+        item_id = (items[columns.item_id] >> nvt.ops.TagAsItemID()) + (
+            items[hist] >> nvt.ops.AddTags([Tags.CATEGORICAL, Tags.USER, Tags.LIST, Tags.SEQUENCE]))
+    else:
+        item_id = [columns.item_id] >> nvt.ops.Categorify(out_path=out_path) >> nvt.ops.TagAsItemID()
     outputs = user_id + item_id
 
     for f in columns.features:
@@ -116,7 +161,7 @@ def _dask_context(device: str) -> Iterator[None]:
 
 
 def fit_transform(
-    columns: ColumnsConfig, etl: EtlConfig, split: SplitPaths, out_dir: Path
+    columns: ColumnsConfig, etl: EtlConfig, split: SplitPaths, out_dir: Path, history: bool = False
 ) -> EtlOutput:
     """Fit the workflow on train, transform train and valid, save workflow + schema."""
     import nvtabular as nvt
@@ -125,7 +170,7 @@ def fit_transform(
     device = resolve_device(etl.device)
     cpu = device == "cpu"
     out_dir.mkdir(parents=True, exist_ok=True)
-    workflow = build_workflow(columns, out_dir / "fit")
+    workflow = build_workflow(columns, out_dir / "fit", history=history)
     with _dask_context(device):
         train_ds = Dataset(str(split.train), engine="parquet", part_size=etl.part_size, cpu=cpu)
         valid_ds = Dataset(str(split.valid), engine="parquet", part_size=etl.part_size, cpu=cpu)

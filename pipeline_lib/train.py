@@ -128,15 +128,15 @@ def train(train_dir: Path, valid_dir: Path, cfg: ModelConfig, label: str, seed: 
     return TrainOutput(model_dir=model_dir, metrics=metrics, history=history, metrics_path=metrics_path)
 
 
-def plot_learning_curve(history: dict, path: Path, title: str = "") -> Path:
-    """Loss and AUC per epoch, train vs validation, as a PNG."""
+def plot_learning_curve(history: dict, path: Path, title: str = "", keys: tuple[str, ...] = ("loss", "auc")) -> Path:
+    """Loss and a metric per epoch, train vs validation, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key in zip(axes, ("loss", "auc")):
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5))
+    for ax, key in zip(axes, keys):
         for prefix, style in (("", "-o"), ("val_", "--s")):
             values = history.get(prefix + key)
             if values:

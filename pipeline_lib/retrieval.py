@@ -1,0 +1,347 @@
+"""Stage 4 (retrieval) -- transformed + schema -> query encoder + item embeddings, and top-k.
+
+Three Merlin Models retrieval models, trained on the positive interactions of the ETL output:
+
+- ``two_tower``: ``TwoTowerModelV2``; query tower = user id + user + context features, item tower
+  = item id + item features; in-batch negatives.
+- ``youtube_dnn``: ``YoutubeDNNRetrievalModelV2`` with sampled softmax (``num_sampled``,
+  ``logits_temperature``, ``min_sampled_id``); query = the user's recent positive items (the
+  ``<item_id>_history`` list, encoded jointly with the item id) + user + context features; the
+  item embeddings are the history embedding table; trained with ``SequencePredictLast`` on
+  history + the clicked item.
+- ``mf``: ``MatrixFactorizationModelV2`` (user id x item id), in-batch negatives.
+
+Retrieval is exact brute force: scores = query embeddings . item embeddings, top-k by
+``np.argsort`` (stable: ties go to the lower catalogue row). The catalogue is every item of the
+training split with its latest features; its embeddings are computed from the raw catalogue
+through the item part of the fitted workflow (:func:`item_embeddings`).
+
+Metrics (Recall/Precision/NDCG/MRR@k) use Merlin Models' own top-k metric classes on the full
+catalogue score matrix of the held-out positives.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from pipeline_lib.config import ColumnsConfig, FeatureSide, ModelConfig
+from pipeline_lib.etl import history_column
+
+log = logging.getLogger(__name__)
+
+QUERY_ENCODER = "query_encoder"
+ITEM_ENCODER = "item_encoder"
+ITEM_TABLE = "item_table.npy"  # youtube_dnn: the history embedding table (rows = item indices)
+
+
+@dataclass
+class RetrievalSpec:
+    """Which raw columns form the query and the item side of a retrieval model."""
+
+    model_type: str
+    item_id: str
+    query_columns: list[str]
+    item_columns: list[str]
+    history: Optional[str] = None
+
+    @classmethod
+    def from_config(cls, columns: ColumnsConfig, model_type: str) -> "RetrievalSpec":
+        user = [f.name for f in columns.features if f.side == FeatureSide.user]
+        context = [f.name for f in columns.features if f.side == FeatureSide.context]
+        item = [f.name for f in columns.features if f.side == FeatureSide.item]
+        if model_type == "mf":
+            return cls(model_type, columns.item_id, [columns.user_id], [columns.item_id])
+        if model_type == "two_tower":
+            return cls(model_type, columns.item_id, [columns.user_id] + user + context, [columns.item_id] + item)
+        if model_type == "youtube_dnn":
+            hist = history_column(columns)
+            return cls(model_type, columns.item_id, [hist, columns.user_id] + user + context, [columns.item_id], hist)
+        raise ValueError(f"'{model_type}' is not a retrieval model")
+
+    def to_json(self) -> dict:
+        return dict(model_type=self.model_type, item_id=self.item_id, query_columns=self.query_columns,
+                    item_columns=self.item_columns, history=self.history)
+
+
+@dataclass
+class RetrievalTrainOutput:
+    model_dir: Path
+    metrics: dict
+    history: dict = field(default_factory=dict)
+    metrics_path: Optional[Path] = None
+
+
+def _tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    return tf
+
+
+def side_transform(workflow, raw: pd.DataFrame, keep: list[str], filler: dict) -> pd.DataFrame:
+    """Transform only the raw columns ``keep`` with the fitted (serving) workflow.
+
+    Every feature's chain in the workflow reads only its own raw column (the joint item-id /
+    history vocabulary is fixed once fitted), so the other inputs are filled with a constant
+    training value (``filler``) and their outputs dropped. NVTabular's ``Workflow.remove_inputs``
+    would be the library way, but in nvtabular 23.08 it also drops kept columns (user_country
+    disappears when item columns are removed), so it is not used.
+    """
+    from merlin.io import Dataset
+
+    frame = raw[keep].reset_index(drop=True).copy()
+    for name in workflow.input_schema.column_names:
+        if name not in frame.columns:
+            frame[name] = [filler[name]] * len(frame)
+    out = workflow.transform(Dataset(frame[workflow.input_schema.column_names], cpu=True)).to_ddf().compute()
+    return out[[c for c in out.columns if c in keep]].reset_index(drop=True)
+
+
+def filler_row(raw_train: pd.DataFrame, columns: list[str]) -> dict:
+    """A constant, valid value per raw input column (the first training row's)."""
+    first = raw_train.iloc[0]
+    return {c: first[c] for c in columns if c in raw_train.columns}
+
+
+def catalogue(raw_train: pd.DataFrame, spec: RetrievalSpec) -> pd.DataFrame:
+    """One row per item of the training split (its latest features), ordered by item id."""
+    cols = list(dict.fromkeys(spec.item_columns))
+    cat = raw_train[cols].drop_duplicates(spec.item_id, keep="last")
+    return cat.sort_values(spec.item_id, kind="stable").reset_index(drop=True)
+
+
+def _model_schema(schema, spec: RetrievalSpec, side: str):
+    """The transformed columns a tower reads, with the tags Merlin Models selects by."""
+    from merlin.schema import Tags
+
+    names = spec.query_columns if side == "query" else spec.item_columns
+    sub = schema.select_by_name([n for n in names if n in schema.column_names])
+    if spec.history and side == "query":
+        # The history is the candidate-id feature of YoutubeDNN: its own table name (the joint
+        # vocabulary's domain is shared with item_id, which the query does not read).
+        cols = []
+        for col in sub:
+            if col.name == spec.history:
+                dom = col.int_domain
+                col = col.with_tags([Tags.ITEM_ID, Tags.ITEM, Tags.SEQUENCE, Tags.LIST, Tags.CATEGORICAL])
+                col = col.with_properties({**col.properties, "domain": {"min": dom.min, "max": dom.max,
+                                                                         "name": spec.history}})
+            cols.append(col)
+        from merlin.schema import Schema
+
+        sub = Schema(cols)
+    return sub
+
+
+def build_model(schema, spec: RetrievalSpec, cfg: ModelConfig):
+    import merlin.models.tf as mm
+    from merlin.schema import Tags
+
+    r = cfg.retrieval
+    dims = list(r.tower_mlp) + [cfg.embedding_dim]
+    if spec.model_type == "mf":
+        mf_schema = schema.select_by_name([spec.query_columns[0], spec.item_id])
+        return mm.MatrixFactorizationModelV2(mf_schema, negative_samplers="in-batch", dim=cfg.embedding_dim)
+    if spec.model_type == "two_tower":
+        q = _model_schema(schema, spec, "query")
+        i = _model_schema(schema, spec, "item")
+        query = mm.Encoder(q, mm.MLPBlock(dims, no_activation_last_layer=True))
+        candidate = mm.Encoder(i, mm.MLPBlock(dims, no_activation_last_layer=True))
+        return mm.TwoTowerModelV2(query, candidate, negative_samplers="in-batch")
+    q = _model_schema(schema, spec, "query")
+    inputs = mm.InputBlockV2(q, categorical=mm.Embeddings(q.select_by_tag(Tags.CATEGORICAL), dim=cfg.embedding_dim))
+    return mm.YoutubeDNNRetrievalModelV2(
+        q, inputs=inputs, top_block=mm.MLPBlock(dims, no_activation_last_layer=True),
+        num_sampled=r.num_sampled, logits_temperature=r.logits_temperature, min_sampled_id=r.min_sampled_id,
+    )
+
+
+def training_frame(transformed: pd.DataFrame, label: str, spec: RetrievalSpec, history_length: int) -> pd.DataFrame:
+    """Positive interactions; for youtube_dnn the history becomes history + clicked item (the
+    target that ``SequencePredictLast`` takes off), keeping rows with at least one earlier item."""
+    pos = transformed[transformed[label] == 1].reset_index(drop=True)
+    if spec.history:
+        seq = [list(h)[-(history_length - 1):] + [i] for h, i in zip(pos[spec.history], pos[spec.item_id])]
+        pos[spec.history] = seq
+        pos = pos[pos[spec.history].map(len) >= 2].reset_index(drop=True)
+    return pos
+
+
+def _optimizer(cfg: ModelConfig):
+    tf = _tf()
+    return {"adam": tf.keras.optimizers.Adam, "adagrad": tf.keras.optimizers.Adagrad,
+            "sgd": tf.keras.optimizers.SGD}[cfg.optimizer](learning_rate=cfg.learning_rate)
+
+
+def train(workflow_dir: Path, train_dir: Path, raw_train: Path, raw_valid: Path, columns: ColumnsConfig,
+          cfg: ModelConfig, seed: int, out_dir: Path) -> RetrievalTrainOutput:
+    """Train a retrieval model, save its encoders, evaluate top-k on the held-out positives."""
+    tf = _tf()
+    import merlin.models.tf as mm
+    import nvtabular as nvt
+    from merlin.io import Dataset
+
+    from pipeline_lib.train import plot_learning_curve
+
+    tf.keras.utils.set_random_seed(seed)
+    spec = RetrievalSpec.from_config(columns, cfg.type)
+    ds = Dataset(str(train_dir), engine="parquet")
+    schema = ds.schema
+    frame = training_frame(ds.to_ddf().compute(), columns.label, spec, cfg.retrieval.history_length)
+    if not len(frame):
+        raise ValueError(f"no positive interactions ({columns.label} == 1) to train the retrieval model on")
+    model = build_model(schema, spec, cfg)
+    if spec.model_type == "youtube_dnn":
+        model_schema = _model_schema(schema, spec, "query")
+    elif spec.model_type == "mf":
+        model_schema = schema.select_by_name([spec.query_columns[0], spec.item_id])
+    else:
+        model_schema = schema.select_by_name(list(dict.fromkeys(spec.query_columns + spec.item_columns)))
+    train_ds = Dataset(frame[model_schema.column_names], schema=model_schema, cpu=True)
+    model.compile(optimizer=_optimizer(cfg), run_eagerly=False)
+    fit_kwargs = {}
+    if spec.history:
+        fit_kwargs["pre"] = mm.SequencePredictLast(schema=model_schema.select_by_name([spec.history]),
+                                                   target=spec.history)
+    loader = mm.Loader(train_ds, batch_size=cfg.batch_size, shuffle=True)
+    workflow = nvt.Workflow.load(str(workflow_dir))
+    valid_raw = pd.read_parquet(raw_valid)
+    train_raw = pd.read_parquet(raw_train)
+    cat_raw = catalogue(train_raw, spec)
+    workflow = workflow.remove_inputs([columns.label])
+    filler = filler_row(train_raw, workflow.input_schema.column_names)
+
+    history: dict[str, list] = {"loss": []}
+    for epoch in range(cfg.epochs):  # one epoch at a time: validation top-k metrics after each
+        hist = model.fit(loader, epochs=1, verbose=0, **fit_kwargs)
+        history["loss"].append(float(hist.history["loss"][-1]))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model_dir = out_dir / "model"
+        save(model, spec, model_dir)
+        m = evaluate(workflow, model_dir, spec, cat_raw, valid_raw, columns.label, cfg.retrieval.k, filler)
+        for key in ("recall", "ndcg"):
+            history.setdefault(f"val_{key}", []).append(m[key])
+    metrics = m | {"model": cfg.type, "epochs_run": cfg.epochs, "n_train": int(len(frame))}
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
+    plot_learning_curve(history, out_dir / "learning_curve.png",
+                        title=f"{cfg.type}: validation recall@{cfg.retrieval.k} {metrics['recall']:.4f}",
+                        keys=("loss", "recall", "ndcg"))
+    log.info("%s validation recall@%d %.4f ndcg@%d %.4f", cfg.type, cfg.retrieval.k, metrics["recall"],
+             cfg.retrieval.k, metrics["ndcg"])
+    return RetrievalTrainOutput(model_dir=model_dir, metrics=metrics, history=history, metrics_path=metrics_path)
+
+
+def save(model, spec: RetrievalSpec, model_dir: Path) -> Path:
+    """Save the query encoder (and item encoder / item table) as SavedModels + spec.json."""
+    import shutil
+
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True)
+    model.query_encoder.save(str(model_dir / QUERY_ENCODER))
+    if spec.history:
+        table = model.query_encoder.first["categorical"][spec.history]
+        np.save(model_dir / ITEM_TABLE, np.asarray(table.table.embeddings.numpy(), dtype=np.float32))
+    else:
+        model.candidate_encoder.save(str(model_dir / ITEM_ENCODER))
+    (model_dir / "spec.json").write_text(json.dumps(spec.to_json(), indent=2))
+    return model_dir
+
+
+# -- inference: raw rows -> embeddings -> top-k (shared by export, smoke test, gate, served model) --
+
+
+def encode(encoder, transformed: pd.DataFrame, names: list[str], batch_size: int = 4096) -> np.ndarray:
+    """Call a saved encoder on transformed rows (Merlin Loader batches: lists as values/offsets)."""
+    import merlin.models.tf as mm
+    from merlin.io import Dataset
+    from merlin.schema import Schema
+
+    df = transformed.reset_index(drop=True)
+    out = []
+    schema = Schema([c for c in _schema_of(df) if c.name in names])
+    ds = Dataset(df[schema.column_names], schema=schema, cpu=True)
+    for inputs, _ in mm.Loader(ds, batch_size=batch_size, shuffle=False):
+        emb = encoder(inputs)
+        out.append(np.asarray(emb, dtype=np.float32))
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def _schema_of(df: pd.DataFrame):
+    from merlin.io import Dataset
+
+    return Dataset(df.head(1), cpu=True).schema
+
+
+def load_encoder(path: Path):
+    tf = _tf()
+    return tf.saved_model.load(str(path))
+
+
+def item_embeddings(workflow, model_dir: Path, spec: RetrievalSpec, cat_raw: pd.DataFrame,
+                    filler: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(raw item ids, embeddings) of the catalogue, computed from the raw catalogue rows through
+    the item part of the fitted workflow."""
+    if spec.history:  # youtube_dnn: rows of the history table, indexed by the joint vocabulary
+        lists = pd.DataFrame({spec.history: [[i] for i in cat_raw[spec.item_id]]})
+        idx = np.array([v[0] for v in side_transform(workflow, lists, [spec.history], filler)[spec.history]])
+        table = np.load(Path(model_dir) / ITEM_TABLE)
+        return cat_raw[spec.item_id].to_numpy(), table[idx]
+    transformed = side_transform(workflow, cat_raw, spec.item_columns, filler)
+    emb = encode(load_encoder(Path(model_dir) / ITEM_ENCODER), transformed, spec.item_columns)
+    return cat_raw[spec.item_id].to_numpy(), emb
+
+
+def query_embeddings(workflow, model_dir: Path, spec: RetrievalSpec, raw: pd.DataFrame, filler: dict) -> np.ndarray:
+    """Offline query path: NVTabular transform of the raw query columns + the saved query encoder."""
+    transformed = side_transform(workflow, raw, spec.query_columns, filler)
+    return encode(load_encoder(Path(model_dir) / QUERY_ENCODER), transformed, spec.query_columns)
+
+
+def top_k(query: np.ndarray, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by dot product: (catalogue row indices [n, k], scores [n, k]), best first;
+    ties go to the lower row."""
+    scores = np.asarray(query, dtype=np.float32) @ np.asarray(items, dtype=np.float32).T
+    k = min(k, scores.shape[1])
+    idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(scores, idx, axis=1)
+
+
+def evaluate(workflow, model_dir: Path, spec: RetrievalSpec, cat_raw: pd.DataFrame, valid_raw: pd.DataFrame,
+             label: str, k: int, filler: dict) -> dict:
+    """Recall/Precision/NDCG/MRR@k of the held-out positives against the whole catalogue."""
+    item_ids, item_emb = item_embeddings(workflow, model_dir, spec, cat_raw, filler)
+    pos = valid_raw[valid_raw[label] == 1].reset_index(drop=True)
+    q = query_embeddings(workflow, model_dir, spec, pos, filler)
+    return retrieval_metrics(q @ item_emb.T, item_ids, pos[spec.item_id].to_numpy(), k)
+
+
+def retrieval_metrics(scores: np.ndarray, item_ids: np.ndarray, targets: np.ndarray, k: int) -> dict:
+    """Merlin Models' RecallAt/PrecisionAt/NDCGAt/MRRAt over a [queries, catalogue] score matrix;
+    one relevant item per query (its target). Queries whose target is not in the catalogue (an
+    item never seen in training) count as misses."""
+    tf = _tf()
+    import merlin.models.tf as mm
+
+    row = pd.Series(np.arange(len(item_ids)), index=item_ids)
+    target_row = row.reindex(targets).to_numpy()
+    known = ~np.isnan(target_row)
+    y_true = np.zeros(scores.shape, dtype=np.float32)
+    y_true[np.nonzero(known)[0], target_row[known].astype(int)] = 1.0
+    out = {"k": k, "n_queries": int(len(targets)), "target_in_catalogue": float(known.mean()) if len(known) else 0.0}
+    metrics = {"recall": mm.RecallAt(k), "precision": mm.PrecisionAt(k), "ndcg": mm.NDCGAt(k), "mrr": mm.MRRAt(k)}
+    for name, metric in metrics.items():
+        if not known.any():
+            out[name] = 0.0
+            continue
+        metric.update_state(tf.constant(y_true[known]), tf.constant(scores[known], dtype=tf.float32))
+        out[name] = float(metric.result().numpy()) * float(known.mean())  # unknown targets: misses
+    return out
