@@ -1,0 +1,61 @@
+"""Triton python-backend model for a retrieval (top-k) version; copied into each version as ``model.py``.
+
+Raw query columns in (checked by :mod:`pipeline_lib.request_checks`), ``item_ids`` and ``scores``
+[rows, k] out, computed by :class:`pipeline_lib.topk.TopKRecommender` (fitted workflow, query
+encoder, catalogue embeddings, optional ranker). Only runs inside Triton's python backend stub.
+"""
+import json
+import pathlib
+import traceback
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from pipeline_lib.request_checks import BadRequest, check_request
+from pipeline_lib.topk import OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, TopKRecommender, arrays_to_frame
+
+DEFAULT_MAX_ROWS = 65536
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        repo = args["model_repository"]
+        model_dir = pathlib.Path(repo).parent.parent if repo.endswith(".py") else pathlib.Path(repo)
+        if model_dir.name != args["model_name"]:
+            model_dir = model_dir / args["model_name"]
+        self.rec = TopKRecommender(model_dir / str(args["model_version"]) / TOPK_DIR)
+        config = json.loads(args["model_config"])
+        params = config.get("parameters", {})
+        self.max_rows = int(params.get("max_request_rows", {}).get("string_value", DEFAULT_MAX_ROWS))
+        self.input_names = [i["name"] for i in config["input"]]
+        self.ragged = {n[: -len("__values")] for n in self.input_names if n.endswith("__values")}
+        self.logger = pb_utils.Logger
+
+    def execute(self, requests):
+        return [self._one(request) for request in requests]
+
+    def _one(self, request):
+        try:
+            arrays = {}
+            for name in self.input_names:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is None:
+                    raise BadRequest(f"missing input '{name}'")
+                arrays[name] = tensor.as_numpy()
+            arrays = check_request(arrays, self.ragged, self.max_rows)
+            frame = arrays_to_frame(arrays, self.rec.request_columns, self.ragged)
+            ids, scores = self.rec.recommend(frame)
+            if ids.dtype.kind in "OUS":
+                ids = np.array([str(v).encode("utf-8") for v in ids.reshape(-1)], dtype=object).reshape(ids.shape)
+            else:
+                ids = ids.astype(np.int64)
+            return pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(OUTPUT_IDS, ids),
+                pb_utils.Tensor(OUTPUT_SCORES, scores.astype(np.float32)),
+            ])
+        except BadRequest as exc:
+            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"bad request: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - report, never crash the model instance
+            self.logger.log_error(traceback.format_exc())
+            msg = f"inference failed: {type(exc).__name__}: {exc}"
+            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(msg[:2000]))

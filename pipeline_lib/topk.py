@@ -1,0 +1,312 @@
+"""Stage 5 (retrieval) -- query encoder + item embeddings (+ ranker) -> a top-k Triton model.
+
+A version directory of a retrieval model::
+
+    <N>/model.py                 the python-backend model (pipeline_lib/serving_topk_model.py)
+    <N>/topk/spec.json           query/item columns, k, candidates, output dtype
+    <N>/topk/workflow/           the run's fitted NVTabular workflow (the same one training used)
+    <N>/topk/query_encoder/      SavedModel of the query tower
+    <N>/topk/items.npz           raw item ids + their embeddings, computed at export from the raw
+                                 catalogue through the item part of the workflow
+    <N>/topk/item_features.parquet  the catalogue's raw item features (two-stage)
+    <N>/topk/filler.parquet      one raw training row (constant inputs for the unused side)
+    <N>/topk/ranker/             two-stage only: SavedModel of the ranking model
+
+A request carries raw query columns (user, context, history); the response holds ``item_ids``
+[rows, k] (raw ids) and ``scores`` [rows, k], best first. With a ranker, the top ``candidates``
+retrieved items of each row are joined with their item features and the row's query features,
+scored by the ranking model through the same workflow, and the k best by ranking score returned
+(the shape of Merlin's multi-stage example, without its Feast/Faiss dependencies).
+
+This is not a merlin-systems ``Ensemble``: merlin-systems has no brute-force top-k op (its
+``QueryFaiss`` needs faiss and a TF backend), so the recommender below is a plain class that
+the served model and the offline checks share; the transforms are the fitted NVTabular workflow
+and the models are the trained SavedModels, as in the ranking ensemble.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from pipeline_lib import retrieval
+from pipeline_lib.retrieval import RetrievalSpec
+
+TOPK_DIR = "topk"
+OUTPUT_IDS, OUTPUT_SCORES = "item_ids", "scores"
+
+
+class TopKParityError(AssertionError):
+    """The served top-k differs from the offline top-k."""
+
+
+@dataclass
+class TopKExport:
+    staged_repository: Path
+    model_name: str
+    version: int
+    parity: dict
+
+    @property
+    def version_dir(self) -> Path:
+        return self.staged_repository / self.model_name / str(self.version)
+
+    @property
+    def config_path(self) -> Path:
+        return self.staged_repository / self.model_name / "config.pbtxt"
+
+
+def request_columns(spec: RetrievalSpec, ranker_columns: Optional[list[str]], item_side: list[str]) -> list[str]:
+    """Raw columns a request carries: the retrieval query, plus the ranker's non-item columns."""
+    cols = list(spec.query_columns)
+    for c in ranker_columns or []:
+        if c not in item_side and c not in cols:
+            cols.append(c)
+    return cols
+
+
+class TopKRecommender:
+    """Raw query rows -> top-k item ids and scores (the served path; also run in-process)."""
+
+    def __init__(self, artifact_dir: Path):
+        import nvtabular as nvt
+
+        self.dir = Path(artifact_dir)
+        meta = json.loads((self.dir / "spec.json").read_text())
+        self.meta = meta
+        self.spec = RetrievalSpec(**meta["spec"])
+        self.k, self.candidates, self.label = meta["k"], meta["candidates"], meta["label"]
+        self.request_columns: list[str] = meta["request_columns"]
+        self.ranker_columns: Optional[list[str]] = meta.get("ranker_columns")
+        full = nvt.Workflow.load(str(self.dir / "workflow"))
+        self.workflow_with_label = full
+        self.workflow = full.remove_inputs([self.label])
+        self.filler = pd.read_parquet(self.dir / "filler.parquet").iloc[0].to_dict()
+        z = np.load(self.dir / "items.npz", allow_pickle=True)
+        self.item_ids, self.item_emb = z["ids"], z["embeddings"].astype(np.float32)
+        self.query_fn = _signature(self.dir / retrieval.QUERY_ENCODER)
+        self.ranker_fn = _signature(self.dir / "ranker") if self.ranker_columns else None
+        if self.ranker_columns:
+            feats = pd.read_parquet(self.dir / "item_features.parquet")
+            self.item_features = feats.set_index(self.spec.item_id, drop=False)
+
+    # -- served path: NVTabular on the request frame, SavedModel signatures called directly --
+    def query_embeddings(self, raw: pd.DataFrame) -> np.ndarray:
+        transformed = retrieval.side_transform(self.workflow, raw, self.spec.query_columns, self.filler)
+        return _call(self.query_fn, transformed)
+
+    def recommend(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        n = self.candidates if self.ranker_fn else self.k
+        idx, scores = retrieval.top_k(self.query_embeddings(raw), self.item_emb, n)
+        ids = self.item_ids[idx]
+        if not self.ranker_fn:
+            return ids, scores
+        frame = self.rank_frame(raw, ids)
+        transformed = self.workflow.transform(_dataset(frame[self.ranker_columns])).to_ddf().compute()
+        rank = _call(self.ranker_fn, transformed).reshape(ids.shape)
+        return rerank(ids, rank, self.k)
+
+    def rank_frame(self, raw: pd.DataFrame, ids: np.ndarray) -> pd.DataFrame:
+        """One row per (query row, candidate): the row's query columns + the candidate's item features."""
+        rows, width = ids.shape
+        query_cols = [c for c in self.ranker_columns if c not in self.item_features.columns]
+        frame = raw[query_cols].reset_index(drop=True).iloc[np.repeat(np.arange(rows), width)].reset_index(drop=True)
+        items = self.item_features.loc[ids.reshape(-1)].reset_index(drop=True)
+        for c in self.ranker_columns:
+            if c in items.columns:
+                frame[c] = items[c].to_numpy()
+        return frame
+
+    # -- offline reference: Dataset + Merlin Loader + the encoders' Keras call, as in training --
+    def offline(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        from pipeline_lib import export
+
+        n = self.candidates if self.ranker_fn else self.k
+        q = retrieval.query_embeddings(self.workflow, self.dir, self.spec, raw, self.filler)
+        idx, scores = retrieval.top_k(q, self.item_emb, n)
+        ids = self.item_ids[idx]
+        if not self.ranker_fn:
+            return ids, scores
+        frame = self.rank_frame(raw, ids)
+        rank = export.offline_scores(self.workflow_with_label, self.dir / "ranker", frame[self.ranker_columns],
+                                     self.label).reshape(ids.shape)
+        return rerank(ids, rank, self.k)
+
+
+def rerank(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Order each row's candidates by score (best first, ties by retrieval order) and keep k."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1).astype(np.float32)
+
+
+def _dataset(frame: pd.DataFrame):
+    from merlin.io import Dataset
+
+    return Dataset(frame.reset_index(drop=True), cpu=True)
+
+
+def _signature(path: Path):
+    import tensorflow as tf
+
+    model = tf.saved_model.load(str(path))
+    fn = model.signatures["serving_default"]
+    dtypes = {k: v.dtype for k, v in fn.structured_input_signature[1].items()}
+    return model, fn, dtypes
+
+
+def _call(bound, transformed: pd.DataFrame) -> np.ndarray:
+    """Call a SavedModel's serving signature on transformed rows (lists as values/offsets)."""
+    import tensorflow as tf
+    from merlin.table import TensorTable
+
+    _, fn, dtypes = bound
+    arrays = TensorTable.from_df(transformed.reset_index(drop=True)).to_dict()
+    inputs = {}
+    for name, dtype in dtypes.items():
+        if name not in arrays:
+            raise KeyError(f"model input '{name}' not produced by the workflow")
+        inputs[name] = tf.convert_to_tensor(np.asarray(arrays[name]), dtype=dtype)
+    out = fn(**inputs)
+    out = next(iter(out.values())) if isinstance(out, dict) else out
+    return np.asarray(out.numpy(), dtype=np.float32)
+
+
+def compare(served: tuple[np.ndarray, np.ndarray], offline: tuple[np.ndarray, np.ndarray], atol: float,
+            what: str = "served") -> float:
+    """Same ids in the same order, scores within ``atol``; returns the largest score difference."""
+    (ids, scores), (ids_ref, scores_ref) = served, offline
+    if ids.shape != ids_ref.shape:
+        raise TopKParityError(f"{what} top-k shape {ids.shape} != offline {ids_ref.shape}")
+    bad = np.nonzero((ids != ids_ref).any(axis=1))[0]
+    if len(bad):
+        i = bad[0]
+        raise TopKParityError(f"{what} top-k differs from offline in {len(bad)} row(s); row {i}: "
+                              f"{ids[i].tolist()} vs {ids_ref[i].tolist()}")
+    diff = float(np.max(np.abs(scores.astype(np.float64) - scores_ref))) if scores.size else 0.0
+    if not diff <= atol:
+        raise TopKParityError(f"{what} top-k scores differ from offline by {diff:.3g} > {atol}")
+    return diff
+
+
+def export_topk(
+    workflow_dir: Path,
+    model_dir: Path,
+    raw_train: Path,
+    sample_raw: pd.DataFrame,
+    columns,
+    k: int,
+    staging_dir: Path,
+    model_name: str,
+    version: int = 1,
+    ranker_dir: Optional[Path] = None,
+    candidates: int = 100,
+    atol: float = 1e-5,
+    run_info: dict | None = None,
+    max_request_rows: int = 65536,
+) -> TopKExport:
+    """Write a top-k model version into ``staging_dir/<model_name>/<version>`` and check that its
+    in-process recommender equals the offline path on ``sample_raw`` (ids exactly, scores to atol)."""
+    import nvtabular as nvt
+
+    spec = RetrievalSpec(**json.loads((Path(model_dir) / "spec.json").read_text()))
+    workflow = nvt.Workflow.load(str(workflow_dir))
+    serving_wf = workflow.remove_inputs([columns.label])
+    train_raw = pd.read_parquet(raw_train)
+    item_side = [columns.item_id] + [f.name for f in columns.features if f.side.value == "item"]
+    ranker_columns = [c for c in columns.serving_columns] if ranker_dir else None
+    if ranker_columns and spec.history and spec.history not in ranker_columns:
+        ranker_columns.append(spec.history)
+    req_cols = request_columns(spec, ranker_columns, item_side)
+
+    if staging_dir.exists():
+        shutil.rmtree(staging_dir)
+    vdir = staging_dir / model_name / str(version)
+    art = vdir / TOPK_DIR
+    art.mkdir(parents=True)
+    workflow.save(str(art / "workflow"))
+    shutil.copytree(Path(model_dir) / retrieval.QUERY_ENCODER, art / retrieval.QUERY_ENCODER)
+    shutil.copyfile(Path(model_dir) / "spec.json", art / "model_spec.json")
+    filler = retrieval.filler_row(train_raw, serving_wf.input_schema.column_names)
+    train_raw.head(1)[list(filler)].to_parquet(art / "filler.parquet", index=False)
+    cat = retrieval.catalogue(train_raw, RetrievalSpec(**{**spec.to_json(), "item_columns": item_side}))
+    ids, emb = retrieval.item_embeddings(serving_wf, model_dir, spec, cat, filler)
+    np.savez(art / "items.npz", ids=ids, embeddings=emb)
+    if ranker_dir:
+        shutil.copytree(ranker_dir, art / "ranker")
+        cat.to_parquet(art / "item_features.parquet", index=False)
+    meta = {"spec": spec.to_json(), "k": k, "candidates": candidates if ranker_dir else k, "label": columns.label,
+            "request_columns": req_cols, "ranker_columns": ranker_columns, "n_items": int(len(ids)),
+            "item_id_dtype": str(ids.dtype)}
+    (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
+
+    rec = TopKRecommender(art)
+    sample = sample_raw[req_cols].reset_index(drop=True)
+    diff = compare(rec.recommend(sample), rec.offline(sample), atol, "in-process")
+    shutil.copyfile(Path(__file__).with_name("serving_topk_model.py"), vdir / "model.py")
+    _write_config(staging_dir / model_name, model_name, serving_wf, req_cols, ids, k, max_request_rows)
+    out = TopKExport(staging_dir, model_name, version, {"max_abs_score_diff": diff, "rows": len(sample)})
+    (vdir / "run_info.json").write_text(json.dumps({**(run_info or {}), "parity": out.parity}, indent=2, default=str))
+    return out
+
+
+def _write_config(model_dir: Path, name: str, serving_wf, req_cols: list[str], ids: np.ndarray, k: int,
+                  max_request_rows: int) -> None:
+    import tritonclient.grpc.model_config_pb2 as mc
+    from google.protobuf import text_format
+    from merlin.systems.triton.export import _add_model_param
+
+    cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
+    schema = serving_wf.input_schema
+    for col in req_cols:
+        cs = schema[col]
+        _add_model_param(cs, mc.ModelInput, cfg.input, dims=None if cs.is_list else [-1])
+    id_type = mc.TYPE_STRING if ids.dtype.kind in "OUS" else mc.TYPE_INT64
+    cfg.output.append(mc.ModelOutput(name=OUTPUT_IDS, data_type=id_type, dims=[-1, k]))
+    cfg.output.append(mc.ModelOutput(name=OUTPUT_SCORES, data_type=mc.TYPE_FP32, dims=[-1, k]))
+    cfg.parameters["max_request_rows"].string_value = str(max_request_rows)
+    cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
+    (model_dir / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+
+
+def arrays_to_frame(arrays: dict[str, np.ndarray], columns: list[str], ragged: set[str]) -> pd.DataFrame:
+    """Checked request tensors -> raw frame (bytes decoded to str, lists rebuilt from values/offsets)."""
+    data = {}
+    for col in columns:
+        if col in ragged:
+            values, offsets = arrays[f"{col}__values"], arrays[f"{col}__offsets"].astype(np.int64)
+            values = _decode(values)
+            data[col] = [values[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
+        else:
+            data[col] = _decode(arrays[col])
+    return pd.DataFrame(data)
+
+
+def _decode(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == object and len(arr) and isinstance(arr[0], bytes):
+        return np.array([v.decode("utf-8") for v in arr], dtype=object)
+    return arr
+
+
+def frame_to_arrays(raw: pd.DataFrame, columns: list[str]) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Raw frame -> tensors as Triton hands them to the model (strings as bytes, lists as values/offsets)."""
+    out, ragged = {}, set()
+    for col in columns:
+        s = raw[col]
+        if s.dtype == object and len(s) and isinstance(s.iloc[0], (list, tuple, np.ndarray)):
+            lengths = s.map(len).to_numpy()
+            values = np.concatenate([np.asarray(v) for v in s]) if lengths.sum() else np.array([], dtype=np.int64)
+            if values.dtype.kind in "OU":
+                values = np.array([v.encode("utf-8") for v in values], dtype=object)
+            out[f"{col}__values"] = values
+            out[f"{col}__offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            ragged.add(col)
+        elif s.dtype == object:
+            out[col] = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in s], dtype=object)
+        else:
+            out[col] = s.to_numpy()
+    return out, ragged
