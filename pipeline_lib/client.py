@@ -112,6 +112,24 @@ class RecsysClient:
         version = response["model_version"] if isinstance(response, dict) else response.model_version
         return np.asarray(result.as_numpy(self._outputs[0])).reshape(-1), str(version)
 
+    def recommend(self, rows: Union[pd.DataFrame, Iterable[Mapping]]) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of a retrieval model: (item ids [rows, k], scores [rows, k]), best first."""
+        self._metadata()
+        if "item_ids" not in self._outputs:
+            raise RequestError(f"model '{self.model_name}' is not a top-k model (outputs {self._outputs})")
+        inputs = self.build_inputs(rows)
+        outputs = [self._tc.InferRequestedOutput(n) for n in ("item_ids", "scores")]
+        result = self._client.infer(self.model_name, inputs, outputs=outputs)
+        ids = result.as_numpy("item_ids")
+        if ids.dtype == object:
+            ids = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v, otypes=[object])(ids)
+        return ids, result.as_numpy("scores")
+
+    @property
+    def is_topk(self) -> bool:
+        self._metadata()
+        return "item_ids" in self._outputs
+
     def close(self) -> None:
         self._client.close()
 

@@ -150,30 +150,28 @@ def build_ensemble(workflow, model_dir: Path, label: str):
 
 
 def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, label: str, batch_size: int = 1024) -> np.ndarray:
-    """The training-time path: NVTabular ``Workflow.transform`` of the raw rows as a Dataset, Merlin
-    Loader batches, and the trained SavedModel called on them.
+    """The training-time path: NVTabular ``Workflow.transform`` of the raw rows as a Dataset, and the
+    trained SavedModel's serving signature called on batches of the transformed rows (lists as
+    values/offsets, as the Merlin loader and merlin-systems hand them to the model).
 
     The SavedModel object is used rather than ``tf.keras.models.load_model``: Keras' rebuild of
     Merlin's DCN-v2 from its config does not reproduce the trained model (differences ~1e-3,
     checked against the in-memory model), while the SavedModel's traced functions match it to
-    ~1e-7.
+    ~1e-7. Batches are built with merlin's ``TensorTable`` rather than the Merlin ``Loader``:
+    merlin-dataloader 23.08 fails on a batch in which every row holds an empty list.
     """
-    import merlin.models.tf as mm
-    import tensorflow as tf
     from merlin.io import Dataset
+
+    from pipeline_lib.retrieval import encode, load_encoder
 
     frame = raw.copy()
     if label not in frame.columns:
         frame[label] = 0  # the workflow's fitted graph includes the label column
     transformed = workflow.transform(Dataset(frame, cpu=True)).to_ddf().compute()
-    model = tf.saved_model.load(str(model_dir))
-    ds = Dataset(transformed.reset_index(drop=True), schema=workflow.output_schema, cpu=True)
-    scores = []
-    for inputs, _ in mm.Loader(ds, batch_size=batch_size, shuffle=False):
-        out = model(inputs)
-        out = next(iter(out.values())) if isinstance(out, dict) else out
-        scores.append(np.asarray(out).reshape(-1))
-    return np.concatenate(scores) if scores else np.array([], dtype=np.float32)
+    if not len(transformed):
+        return np.array([], dtype=np.float32)
+    features = [c for c in transformed.columns if c != label]
+    return encode(load_encoder(model_dir), transformed[features], batch_size=batch_size).reshape(-1)
 
 
 def load_version(version_dir: Path):

@@ -259,31 +259,41 @@ def save(model, spec: RetrievalSpec, model_dir: Path) -> Path:
 # -- inference: raw rows -> embeddings -> top-k (shared by export, smoke test, gate, served model) --
 
 
-def encode(encoder, transformed: pd.DataFrame, names: list[str], batch_size: int = 4096) -> np.ndarray:
-    """Call a saved encoder on transformed rows (Merlin Loader batches: lists as values/offsets)."""
-    import merlin.models.tf as mm
-    from merlin.io import Dataset
-    from merlin.schema import Schema
-
-    df = transformed.reset_index(drop=True)
-    out = []
-    schema = Schema([c for c in _schema_of(df) if c.name in names])
-    ds = Dataset(df[schema.column_names], schema=schema, cpu=True)
-    for inputs, _ in mm.Loader(ds, batch_size=batch_size, shuffle=False):
-        emb = encoder(inputs)
-        out.append(np.asarray(emb, dtype=np.float32))
-    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
-
-
-def _schema_of(df: pd.DataFrame):
-    from merlin.io import Dataset
-
-    return Dataset(df.head(1), cpu=True).schema
-
-
 def load_encoder(path: Path):
+    """A SavedModel's serving signature and its input dtypes."""
     tf = _tf()
-    return tf.saved_model.load(str(path))
+    model = tf.saved_model.load(str(path))
+    fn = model.signatures["serving_default"]
+    dtypes = {k: v.dtype for k, v in fn.structured_input_signature[1].items()}
+    return model, fn, dtypes
+
+
+def encode(bound, transformed: pd.DataFrame, names: list[str] | None = None, batch_size: int = 4096) -> np.ndarray:
+    """Call a SavedModel's serving signature on transformed rows, in batches; list columns go in
+    as values/offsets (merlin ``TensorTable``, as merlin-systems hands them to a model).
+
+    (The Merlin ``Loader`` is not used here: merlin-dataloader 23.08 fails on a batch whose first
+    row holds an empty list, which an empty user history is.)
+    """
+    tf = _tf()
+    from merlin.table import TensorTable
+
+    _, fn, dtypes = bound
+    df = transformed.reset_index(drop=True)
+    if names is not None:
+        df = df[[c for c in df.columns if c in names]]
+    out = []
+    for start in range(0, len(df), batch_size):
+        arrays = TensorTable.from_df(df.iloc[start:start + batch_size].reset_index(drop=True)).to_dict()
+        inputs = {}
+        for name, dtype in dtypes.items():
+            if name not in arrays:
+                raise KeyError(f"model input '{name}' not produced by the workflow")
+            inputs[name] = tf.convert_to_tensor(np.asarray(arrays[name]), dtype=dtype)
+        res = fn(**inputs)
+        res = next(iter(res.values())) if isinstance(res, dict) else res
+        out.append(np.asarray(res.numpy(), dtype=np.float32))
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
 def item_embeddings(workflow, model_dir: Path, spec: RetrievalSpec, cat_raw: pd.DataFrame,

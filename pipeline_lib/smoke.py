@@ -76,3 +76,49 @@ def smoke_test(
             f"served scores differ from offline: http {res.max_abs_diff_http:.3g}, grpc {res.max_abs_diff_grpc:.3g} > {atol}"
         )
     return res
+
+
+@dataclass
+class TopKSmokeResult:
+    n_rows: int
+    max_abs_diff: float
+    item_ids: list
+    scores: list
+
+    def table(self, rows: pd.DataFrame) -> pd.DataFrame:
+        out = rows.reset_index(drop=True).copy()
+        out["top_items"] = [list(map(str, r)) for r in self.item_ids]
+        out["top_scores"] = [[round(float(s), 4) for s in r] for r in self.scores]
+        return out
+
+
+def smoke_test_topk(
+    repository: Path,
+    model_name: str,
+    rows: pd.DataFrame,
+    offline: tuple[np.ndarray, np.ndarray],
+    atol: float,
+    out_dir: Path,
+    startup_timeout_s: float = 180.0,
+) -> TopKSmokeResult:
+    """Serve a top-k ``repository`` on free ports; the served top-k over HTTP and gRPC must equal
+    the offline top-k for the same raw rows (same ids in the same order, scores within atol)."""
+    from pipeline_lib.topk import TopKParityError, compare
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    server = TritonServer(
+        repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        log_file=out_dir / "triton.log",
+    )
+    with server.start(timeout_s=startup_timeout_s, models=[model_name]):
+        with RecsysClient(server.http_url, "http", model_name) as c:
+            http = c.recommend(rows)
+        with RecsysClient(server.grpc_url, "grpc", model_name) as c:
+            grpc = c.recommend(rows)
+    try:
+        diff = max(compare(http, offline, atol, "served (HTTP)"), compare(grpc, offline, atol, "served (gRPC)"))
+    except TopKParityError as exc:
+        raise ServingMismatch(str(exc)) from exc
+    res = TopKSmokeResult(len(rows), diff, http[0].tolist(), http[1].astype(float).tolist())
+    (out_dir / "smoke.json").write_text(json.dumps(asdict(res), indent=2, default=str))
+    return res

@@ -89,8 +89,8 @@ class TopKRecommender:
         self.filler = pd.read_parquet(self.dir / "filler.parquet").iloc[0].to_dict()
         z = np.load(self.dir / "items.npz", allow_pickle=True)
         self.item_ids, self.item_emb = z["ids"], z["embeddings"].astype(np.float32)
-        self.query_fn = _signature(self.dir / retrieval.QUERY_ENCODER)
-        self.ranker_fn = _signature(self.dir / "ranker") if self.ranker_columns else None
+        self.query_fn = retrieval.load_encoder(self.dir / retrieval.QUERY_ENCODER)
+        self.ranker_fn = retrieval.load_encoder(self.dir / "ranker") if self.ranker_columns else None
         if self.ranker_columns:
             feats = pd.read_parquet(self.dir / "item_features.parquet")
             self.item_features = feats.set_index(self.spec.item_id, drop=False)
@@ -98,7 +98,7 @@ class TopKRecommender:
     # -- served path: NVTabular on the request frame, SavedModel signatures called directly --
     def query_embeddings(self, raw: pd.DataFrame) -> np.ndarray:
         transformed = retrieval.side_transform(self.workflow, raw, self.spec.query_columns, self.filler)
-        return _call(self.query_fn, transformed)
+        return retrieval.encode(self.query_fn, transformed)
 
     def recommend(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         n = self.candidates if self.ranker_fn else self.k
@@ -108,7 +108,7 @@ class TopKRecommender:
             return ids, scores
         frame = self.rank_frame(raw, ids)
         transformed = self.workflow.transform(_dataset(frame[self.ranker_columns])).to_ddf().compute()
-        rank = _call(self.ranker_fn, transformed).reshape(ids.shape)
+        rank = retrieval.encode(self.ranker_fn, transformed).reshape(ids.shape)
         return rerank(ids, rank, self.k)
 
     def rank_frame(self, raw: pd.DataFrame, ids: np.ndarray) -> pd.DataFrame:
@@ -122,7 +122,8 @@ class TopKRecommender:
                 frame[c] = items[c].to_numpy()
         return frame
 
-    # -- offline reference: Dataset + Merlin Loader + the encoders' Keras call, as in training --
+    # -- offline reference: the evaluation path of training (retrieval.query_embeddings) and, for
+    # the ranker, the ranking pipeline's offline path (Merlin Loader batches + the SavedModel) --
     def offline(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         from pipeline_lib import export
 
@@ -148,32 +149,6 @@ def _dataset(frame: pd.DataFrame):
     from merlin.io import Dataset
 
     return Dataset(frame.reset_index(drop=True), cpu=True)
-
-
-def _signature(path: Path):
-    import tensorflow as tf
-
-    model = tf.saved_model.load(str(path))
-    fn = model.signatures["serving_default"]
-    dtypes = {k: v.dtype for k, v in fn.structured_input_signature[1].items()}
-    return model, fn, dtypes
-
-
-def _call(bound, transformed: pd.DataFrame) -> np.ndarray:
-    """Call a SavedModel's serving signature on transformed rows (lists as values/offsets)."""
-    import tensorflow as tf
-    from merlin.table import TensorTable
-
-    _, fn, dtypes = bound
-    arrays = TensorTable.from_df(transformed.reset_index(drop=True)).to_dict()
-    inputs = {}
-    for name, dtype in dtypes.items():
-        if name not in arrays:
-            raise KeyError(f"model input '{name}' not produced by the workflow")
-        inputs[name] = tf.convert_to_tensor(np.asarray(arrays[name]), dtype=dtype)
-    out = fn(**inputs)
-    out = next(iter(out.values())) if isinstance(out, dict) else out
-    return np.asarray(out.numpy(), dtype=np.float32)
 
 
 def compare(served: tuple[np.ndarray, np.ndarray], offline: tuple[np.ndarray, np.ndarray], atol: float,
@@ -248,14 +223,14 @@ def export_topk(
     sample = sample_raw[req_cols].reset_index(drop=True)
     diff = compare(rec.recommend(sample), rec.offline(sample), atol, "in-process")
     shutil.copyfile(Path(__file__).with_name("serving_topk_model.py"), vdir / "model.py")
-    _write_config(staging_dir / model_name, model_name, serving_wf, req_cols, ids, k, max_request_rows)
+    _write_config(staging_dir / model_name, model_name, serving_wf, req_cols, ids, k, max_request_rows, spec)
     out = TopKExport(staging_dir, model_name, version, {"max_abs_score_diff": diff, "rows": len(sample)})
     (vdir / "run_info.json").write_text(json.dumps({**(run_info or {}), "parity": out.parity}, indent=2, default=str))
     return out
 
 
 def _write_config(model_dir: Path, name: str, serving_wf, req_cols: list[str], ids: np.ndarray, k: int,
-                  max_request_rows: int) -> None:
+                  max_request_rows: int, spec: RetrievalSpec) -> None:
     import tritonclient.grpc.model_config_pb2 as mc
     from google.protobuf import text_format
     from merlin.systems.triton.export import _add_model_param
@@ -264,6 +239,8 @@ def _write_config(model_dir: Path, name: str, serving_wf, req_cols: list[str], i
     schema = serving_wf.input_schema
     for col in req_cols:
         cs = schema[col]
+        if col == spec.history:  # a derived list of item ids (its raw dtype is only known from the item id)
+            cs = cs.with_dtype(schema[spec.item_id].dtype, is_list=True, is_ragged=True)
         _add_model_param(cs, mc.ModelInput, cfg.input, dims=None if cs.is_list else [-1])
     id_type = mc.TYPE_STRING if ids.dtype.kind in "OUS" else mc.TYPE_INT64
     cfg.output.append(mc.ModelOutput(name=OUTPUT_IDS, data_type=id_type, dims=[-1, k]))
