@@ -26,7 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline_lib import data, etl, export, gate, lineage, repository, serving, smoke, train, validate
+from pipeline_lib import data, etl, export, gate, lineage, repository, retrieval, serving, smoke, topk, train, validate
 from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.paths import RunPaths, new_run
 
@@ -78,29 +78,61 @@ def _etl_cache_key(context, parameters) -> str:
     return "etl-" + lineage.config_fingerprint({
         "data": lineage.file_fingerprint(parameters["raw_path"]),
         "config": cfg.model_dump(mode="json", include={"seed", "columns", "split", "etl"}),
+        "history": _history_length(cfg),
         "code": lineage.code_version(),
     })
 
 
+def _history_length(cfg: RunConfig) -> int:
+    """YouTube DNN reads the user's recent positive items: the ETL adds that list feature."""
+    return cfg.model.retrieval.history_length if cfg.model.type == "youtube_dnn" else 0
+
+
 @task(name="etl", cache_key_fn=_etl_cache_key, persist_result=True, cache_expiration=timedelta(days=7))
 def run_etl(cfg: RunConfig, paths: RunPaths, raw_path: Path) -> etl.EtlOutput:
-    split = etl.split_raw(raw_path, cfg.split, cfg.columns, cfg.seed, paths.split)
-    return etl.fit_transform(cfg.columns, cfg.etl, split, paths.transformed)
+    hist = _history_length(cfg)
+    split = etl.split_raw(raw_path, cfg.split, cfg.columns, cfg.seed, paths.split, history_length=hist)
+    return etl.fit_transform(cfg.columns, cfg.etl, split, paths.transformed, history=bool(hist))
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def run_train(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput) -> train.TrainOutput:
+def run_train(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput):
+    if cfg.model.is_retrieval:
+        return retrieval.train(etl_out.workflow_dir, etl_out.train_dir, etl_out.split.train, etl_out.split.valid,
+                               cfg.columns, cfg.model, cfg.seed, paths.model)
     return train.train(etl_out.train_dir, etl_out.valid_dir, cfg.model, cfg.columns.label, cfg.seed, paths.model)
+
+
+@task(name="train-ranker", cache_policy=NO_CACHE)
+def run_train_ranker(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput) -> train.TrainOutput:
+    """Two-stage: the ranking model that re-scores the retrieved candidates (same ETL output)."""
+    ranker_cfg = cfg.model.model_copy(update={"type": cfg.model.retrieval.rerank_with})
+    return train.train(etl_out.train_dir, etl_out.valid_dir, ranker_cfg, cfg.columns.label, cfg.seed,
+                       paths.model / "ranker")
+
+
+def _request_columns(cfg: RunConfig) -> list[str]:
+    hist = [etl.history_column(cfg.columns)] if _history_length(cfg) else []
+    return cfg.columns.serving_columns + hist
 
 
 def _valid_sample(cfg: RunConfig, etl_out: etl.EtlOutput, n: int) -> pd.DataFrame:
     df = pd.read_parquet(etl_out.split.valid).head(n)
-    return df[cfg.columns.serving_columns].reset_index(drop=True)
+    return df[_request_columns(cfg)].reset_index(drop=True)
 
 
 @task(name="export", cache_policy=NO_CACHE)
-def run_export(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, model: train.TrainOutput) -> export.ExportOutput:
+def run_export(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, model, ranker=None):
     # staged as version 1 of the run's own repository; publish assigns the live version number
+    if cfg.model.is_retrieval:
+        r = cfg.model.retrieval
+        return topk.export_topk(
+            etl_out.workflow_dir, model.model_dir, etl_out.split.train,
+            _valid_sample(cfg, etl_out, cfg.export.parity_rows), cfg.columns, r.k, paths.ensemble,
+            cfg.export.model_name, 1, ranker_dir=ranker.model_dir if ranker else None, candidates=r.candidates,
+            atol=cfg.export.parity_atol, run_info={"run_dir": str(paths.root), "metrics": model.metrics},
+            max_request_rows=cfg.export.max_request_rows,
+        )
     return export.export_ensemble(
         etl_out.workflow_dir, model.model_dir, _valid_sample(cfg, etl_out, cfg.export.parity_rows),
         cfg.columns.label, paths.ensemble, cfg.export.model_name, 1, cfg.export.parity_atol,
@@ -110,10 +142,15 @@ def run_export(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, model: t
 
 
 @task(name="serving-smoke-test", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def run_smoke(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, exp: export.ExportOutput) -> smoke.SmokeResult:
+def run_smoke(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, exp):
     import nvtabular as nvt
 
     rows = _valid_sample(cfg, etl_out, cfg.serving.smoke_rows)
+    if cfg.model.is_retrieval:
+        rec = topk.TopKRecommender(exp.version_dir / topk.TOPK_DIR)
+        rows = rows[rec.request_columns]
+        return smoke.smoke_test_topk(exp.staged_repository, exp.model_name, rows, rec.offline(rows),
+                                     cfg.serving.smoke_atol, paths.serving, cfg.serving.startup_timeout_s)
     offline = export.offline_scores(nvt.Workflow.load(str(etl_out.workflow_dir)), exp.version_dir / "ensemble" / "model",
                                     rows, cfg.columns.label)
     return smoke.smoke_test(exp.staged_repository, exp.model_name, rows, offline, cfg.serving.smoke_atol,
@@ -122,7 +159,7 @@ def run_smoke(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, exp: expo
 
 @task(name="publish", cache_policy=NO_CACHE)
 def run_publish(cfg: RunConfig, paths: RunPaths, raw_path: Path, etl_out: etl.EtlOutput,
-                model: train.TrainOutput, exp: export.ExportOutput) -> tuple[int, Path, dict]:
+                model, exp) -> tuple[int, Path, dict]:
     info = lineage.build_lineage(paths.root, raw_path, cfg.model_dump(mode="json"), etl_out.workflow_dir,
                                  model.model_dir, model.metrics)
     version, path = repository.publish(exp.version_dir, exp.config_path, cfg.export.model_repository,
@@ -141,17 +178,17 @@ def run_promote(cfg: RunConfig, version: int) -> dict:
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def run_gate(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, exp: export.ExportOutput) -> gate.GateDecision:
+def run_gate(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, exp) -> gate.GateDecision:
     repo, name = cfg.export.model_repository, cfg.export.model_name
     served = repository.served_version(repo, name)
     served_dir = Path(repo) / name / str(served) if served else None
     raw = pd.read_parquet(etl_out.split.valid).head(cfg.gate.max_rows)
     if not cfg.gate.enabled:
-        decision = gate.GateDecision(True, cfg.gate.metric, float("nan"), None, served, cfg.gate.tolerance, 0,
+        decision = gate.GateDecision(True, cfg.gate_metric, float("nan"), None, served, cfg.gate.tolerance, 0,
                                      "gate disabled (gate.enabled: false)")
     else:
-        decision = gate.decide(exp.version_dir, served_dir, served, raw, cfg.columns.label, cfg.gate.metric,
-                               cfg.gate.tolerance)
+        decision = gate.decide(exp.version_dir, served_dir, served, raw, cfg.columns.label, cfg.gate_metric,
+                               cfg.gate.tolerance, topk=cfg.model.is_retrieval)
     decision.save(paths.root / "gate.json")
     print(f"promotion gate: {'PROMOTE' if decision.promote else 'KEEP SERVED VERSION'}: {decision.reason}")
     return decision
@@ -177,7 +214,8 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     if not etl_out.workflow_dir.exists():  # cached result whose run folder was deleted: recompute
         etl_out = timed("etl", run_etl.with_options(refresh_cache=True), cfg, paths, raw_path)
     model = timed("train", run_train, cfg, paths, etl_out)
-    exp = timed("export", run_export, cfg, paths, etl_out, model)
+    ranker = timed("train-ranker", run_train_ranker, cfg, paths, etl_out) if cfg.model.retrieval.rerank_with else None
+    exp = timed("export", run_export, cfg, paths, etl_out, model, ranker)
     decision = timed("gate", run_gate, cfg, paths, etl_out, exp)
 
     summary = {
@@ -185,7 +223,7 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
         "etl_device": etl_out.device,
         "etl_from": str(etl_out.workflow_dir.parent),
         "model": cfg.model.type,
-        "metrics": {k: model.metrics[k] for k in ("auc", "logloss", "n_train", "n_valid")},
+        "metrics": _headline_metrics(cfg, model, ranker),
         "gate": {"promote": decision.promote, "metric": decision.metric, "candidate": decision.candidate,
                  "served": decision.served, "served_version": decision.served_version, "reason": decision.reason},
         "stage_seconds": timings,
@@ -224,9 +262,24 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     create_markdown_artifact(key="promotion", markdown=_promotion_md(event, info, decision),
                              description="gate decision, served version and lineage")
     print("Served predictions (Triton, raw rows in, scores out):\n" + table.to_string())
-    print(f"{cfg.model.type} validation AUC {model.metrics['auc']:.4f}, logloss {model.metrics['logloss']:.4f}; "
+    print(f"{cfg.model.type} validation {_metrics_line(summary['metrics'])}; "
           f"max |served - offline| = {result.max_abs_diff:.2e}; published and serving {served_dir}")
     return summary | {"predictions": table}
+
+
+def _headline_metrics(cfg: RunConfig, model, ranker) -> dict:
+    if not cfg.model.is_retrieval:
+        return {k: model.metrics[k] for k in ("auc", "logloss", "n_train", "n_valid")}
+    k = cfg.model.retrieval.k
+    out = {f"{m}@{k}": model.metrics[m] for m in ("recall", "precision", "ndcg", "mrr")}
+    out.update(n_train=model.metrics["n_train"], n_queries=model.metrics["n_queries"])
+    if ranker is not None:
+        out.update({f"ranker_{m}": ranker.metrics[m] for m in ("auc", "logloss")})
+    return out
+
+
+def _metrics_line(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
 def _refused_md(d: gate.GateDecision) -> str:

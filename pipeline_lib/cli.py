@@ -162,17 +162,22 @@ def predict(
         runs = sorted(Path(cfg.runs_dir).glob("*/split/valid.parquet"), key=lambda p: p.stat().st_mtime)
         if not runs:
             _fail(f"no run found under {cfg.runs_dir}; pass --rows FILE.json")
-        df = pd.read_parquet(runs[-1]).head(n)[cfg.columns.serving_columns]
+        df = pd.read_parquet(runs[-1]).head(n)
     port = cfg.serving.grpc_port if protocol == "grpc" else cfg.serving.http_port
     address = url or f"{cfg.serving.host}:{port}"
     try:
         with RecsysClient(address, protocol, cfg.export.model_name) as client:
-            scores = client.predict(df)
+            df = df[[c for c in df.columns if c in client.raw_columns]]
+            if client.is_topk:  # retrieval model: the k best items per row
+                ids, scores = client.recommend(df)
+                df = df.assign(top_items=[list(map(str, r)) for r in ids],
+                               top_scores=[[round(float(x), 4) for x in r] for r in scores])
+            else:
+                df = df.assign(score=client.predict(df))
     except RequestError as exc:
         _fail(str(exc))
     except Exception as exc:  # connection refused, server-side error: say it plainly
         _fail(f"request to {protocol}://{address} failed: {exc}")
-    df = df.assign(score=scores)
     typer.echo(df.to_string())
 
 

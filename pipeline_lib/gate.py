@@ -17,7 +17,7 @@ import pandas as pd
 from pipeline_lib import export
 from pipeline_lib.train import ranking_metrics
 
-HIGHER_IS_BETTER = {"auc": True, "logloss": False}
+HIGHER_IS_BETTER = {"auc": True, "logloss": False, "recall": True, "ndcg": True, "mrr": True, "precision": True}
 
 
 @dataclass
@@ -46,14 +46,42 @@ def score_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: int =
     return ranking_metrics(raw[label].to_numpy(), scores)
 
 
+def score_topk_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: int = 4096) -> dict:
+    """Recall/Precision/NDCG/MRR@k of what a top-k version *returns* for the held-out positives
+    (its own k; the two-stage output when it has a ranker), over its item catalogue."""
+    from pipeline_lib.retrieval import retrieval_metrics
+    from pipeline_lib.topk import TOPK_DIR, TopKRecommender
+
+    art = Path(version_dir) / TOPK_DIR
+    if not art.is_dir():
+        raise KeyError(f"version {Path(version_dir).name} is not a top-k model")
+    rec = TopKRecommender(art)
+    missing = [c for c in rec.request_columns if c not in raw.columns]
+    if missing:
+        raise KeyError(f"validation data lacks column(s) {missing} that version {Path(version_dir).name} needs")
+    pos = raw[raw[label] == 1].reset_index(drop=True)
+    row = pd.Series(np.arange(len(rec.item_ids)), index=rec.item_ids)
+    preds = []
+    for i in range(0, len(pos), batch):
+        ids, scores = rec.recommend(pos.iloc[i:i + batch])
+        # returned items ranked by their returned order; everything else below them
+        pred = np.full((len(ids), len(rec.item_ids)), -1.0, dtype=np.float32)
+        np.put_along_axis(pred, row.loc[ids.reshape(-1)].to_numpy().reshape(ids.shape),
+                          np.arange(ids.shape[1], 0, -1, dtype=np.float32)[None, :].repeat(len(ids), 0), 1)
+        preds.append(pred)
+    pred = np.concatenate(preds) if preds else np.zeros((0, len(rec.item_ids)), dtype=np.float32)
+    return retrieval_metrics(pred, rec.item_ids, pos[rec.spec.item_id].to_numpy(), rec.k)
+
+
 def decide(candidate_dir: Path, served_dir: Optional[Path], served_version: Optional[int], raw: pd.DataFrame,
-           label: str, metric: str, tolerance: float) -> GateDecision:
-    cand = score_version(candidate_dir, raw, label)[metric]
+           label: str, metric: str, tolerance: float, topk: bool = False) -> GateDecision:
+    score = score_topk_version if topk else score_version
+    cand = score(candidate_dir, raw, label)[metric]
     base = dict(metric=metric, candidate=cand, served_version=served_version, tolerance=tolerance, n_rows=len(raw))
     if served_dir is None:
         return GateDecision(promote=True, served=None, reason="nothing served yet: first version promotes", **base)
     try:
-        served = score_version(served_dir, raw, label)[metric]
+        served = score(served_dir, raw, label)[metric]
     except Exception as exc:  # e.g. the served version was trained on other columns
         return GateDecision(promote=True, served=None,
                             reason=f"served version {served_version} cannot score this data ({exc}); promoting", **base)
