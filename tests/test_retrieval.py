@@ -1,0 +1,190 @@
+"""Retrieval models (two-tower, YouTube DNN, MF), top-k serving and the two-stage endpoint.
+
+The unit tests check the pieces (user history, top-k order, Merlin's metrics on known ranks); the
+integration tests run the whole Prefect flow for each retrieval model on small synthetic data and
+query the published versions through a real Triton server.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline_lib import etl, retrieval, topk
+from pipeline_lib.client import RecsysClient, RequestError
+from pipeline_lib.config import ColumnsConfig, load_config
+from pipeline_lib.serving import TritonServer
+from pipeline_lib.smoke import free_port
+
+from .conftest import SMALL
+
+
+def test_user_history_holds_only_earlier_positive_items_in_time_order():
+    df = pd.DataFrame({"user_id": [1, 1, 2, 1, 2, 1], "item_id": [10, 11, 12, 13, 14, 15],
+                       "click": [1, 0, 1, 1, 1, 0], "timestamp": [1, 2, 1, 3, 0, 4]})
+    out = etl.add_user_history(df, ColumnsConfig(), length=2)
+    assert out["item_id_history"].tolist() == [[], [10], [14], [10], [], [10, 13]]
+    short = etl.add_user_history(df, ColumnsConfig(), length=1)
+    assert short["item_id_history"].tolist()[5] == [13]  # the most recent one is kept
+
+
+def test_top_k_orders_by_score_and_breaks_ties_by_catalogue_row():
+    query = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    items = np.array([[0.5, 0.0], [2.0, 0.0], [0.5, 1.0], [0.0, 3.0]], dtype=np.float32)
+    idx, scores = retrieval.top_k(query, items, 3)
+    assert idx.tolist() == [[1, 0, 2], [3, 2, 0]]
+    np.testing.assert_allclose(scores, [[2.0, 0.5, 0.5], [3.0, 1.0, 0.0]])
+    ids, ranked = topk.rerank(np.array([[7, 8, 9]]), np.array([[0.1, 0.9, 0.5]]), 2)
+    assert ids.tolist() == [[8, 9]] and ranked[0].tolist() == pytest.approx([0.9, 0.5])
+
+
+def test_retrieval_metrics_match_hand_computed_values():
+    item_ids = np.array([100, 101, 102, 103])
+    # query 0: target ranked 1st; query 1: ranked 3rd; query 2: not in the top 2; query 3: unknown item
+    scores = np.array([[4, 3, 2, 1], [4, 3, 2, 1], [4, 3, 2, 1], [4, 3, 2, 1]], dtype=np.float32)
+    targets = np.array([100, 102, 103, 999])
+    m = retrieval.retrieval_metrics(scores, item_ids, targets, k=3)
+    assert m["target_in_catalogue"] == 0.75
+    assert m["recall"] == pytest.approx(2 / 4)  # hits at rank 1 and 3 out of 4 queries
+    assert m["precision"] == pytest.approx((1 / 3 + 1 / 3) / 4)
+    assert m["mrr"] == pytest.approx((1 + 1 / 3) / 4)
+    assert m["ndcg"] == pytest.approx((1 + 1 / np.log2(4)) / 4)
+
+
+def test_config_rejects_a_ranking_metric_for_a_retrieval_model_and_rerank_without_retrieval():
+    with pytest.raises(ValueError, match="does not apply"):
+        load_config(None, {"model": {"type": "mf"}, "gate": {"metric": "auc"}})
+    with pytest.raises(ValueError, match="rerank_with applies to retrieval"):
+        load_config(None, {"model": {"type": "dlrm", "retrieval": {"rerank_with": "dlrm"}}})
+    assert load_config(None, {"model": {"type": "two_tower"}}).gate_metric == "recall"
+    assert load_config(None, {}).gate_metric == "auc"
+
+
+# -- the flow, per retrieval model, and the published versions served by one Triton ----------------
+
+RUNS = {
+    "recsys_mf": {"type": "mf"},
+    "recsys_youtube": {"type": "youtube_dnn", "retrieval": {"num_sampled": 20}},
+    "recsys_two_stage": {"type": "two_tower", "retrieval": {"rerank_with": "dlrm", "candidates": 30}},
+}
+
+
+@pytest.fixture(scope="module")
+def retrieval_runs(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    tmp = tmp_path_factory.mktemp("retrieval")
+    repo = tmp / "model_repository"
+    summaries = {}
+    with prefect_test_harness(server_startup_timeout=120):
+        for name, model in RUNS.items():
+            overrides = {**SMALL, "seed": 5, "runs_dir": str(tmp / "runs"), "run_name": name,
+                         "model": {**SMALL["model"], **model},
+                         "export": {**SMALL["export"], "model_repository": str(repo), "model_name": name}}
+            summaries[name] = pipeline(overrides=overrides)
+    return tmp, repo, summaries
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", list(RUNS))
+def test_flow_trains_exports_and_publishes_each_retrieval_model(retrieval_runs, name):
+    tmp, repo, summaries = retrieval_runs
+    s = summaries[name]
+    assert s["model"] == RUNS[name]["type"] and s["model_version"] == 1 and s["gate"]["promote"]
+    assert s["gate"]["metric"] == "recall"
+    assert s["max_abs_diff_served_vs_offline"] <= 1e-5  # the smoke test compared served and offline top-k
+    m = s["metrics"]
+    for key in ("recall@10", "precision@10", "ndcg@10", "mrr@10"):
+        assert 0.0 <= m[key] <= 1.0, key
+    if name == "recsys_youtube":  # the history makes it learnable in one epoch: well above random (10/150)
+        assert m["recall@10"] > 0.2
+    run = tmp / "runs" / name
+    saved = json.loads((run / "model" / "metrics.json").read_text())
+    assert len(saved["history"]["val_recall"]) == saved["metrics"]["epochs_run"]
+    assert (run / "model" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    art = repo / name / "1" / topk.TOPK_DIR
+    for f in ("spec.json", "items.npz", "workflow/workflow.pkl", "query_encoder/saved_model.pb"):
+        assert (art / f).exists(), f
+    assert ("train-ranker" in s["stage_seconds"]) == ("rerank_with" in RUNS[name].get("retrieval", {}))
+    table = s["predictions"]
+    assert len(table) == SMALL.get("serving", {}).get("smoke_rows", 8)
+    assert all(len(items) == 10 for items in table["top_items"])
+
+
+@pytest.fixture(scope="module")
+def served(retrieval_runs):
+    tmp, repo, _ = retrieval_runs
+    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          log_file=tmp / "triton.log")
+    with server.start(timeout_s=300, models=list(RUNS)):
+        yield server
+
+
+def _rows(runs, name, rec, n=24):
+    # the ETL (and its split) may come from an earlier run's cache: take the folder the run used
+    split = Path(runs[2][name]["etl_from"]).parent / "split" / "valid.parquet"
+    df = pd.read_parquet(split).iloc[40:40 + n]
+    return df[rec.request_columns].reset_index(drop=True)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", list(RUNS))
+def test_served_top_k_equals_offline_top_k_for_the_same_raw_request(retrieval_runs, served, name):
+    tmp, repo, _ = retrieval_runs
+    rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
+    rows = _rows(retrieval_runs, name, rec)
+    want_ids, want_scores = rec.offline(rows)
+    for url, protocol in ((served.http_url, "http"), (served.grpc_url, "grpc")):
+        with RecsysClient(url, protocol, name) as client:
+            ids, scores = client.recommend(rows)
+        assert ids.shape == (len(rows), 10)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+        assert (np.diff(scores, axis=1) <= 0).all()  # best first
+        assert all(len(set(r)) == 10 for r in ids.tolist())  # no item twice
+        assert set(ids.reshape(-1)) <= set(rec.item_ids)  # raw catalogue ids, decoded
+
+
+@pytest.mark.integration
+def test_two_stage_returns_k_candidates_ordered_by_the_ranking_score(retrieval_runs, served):
+    tmp, repo, _ = retrieval_runs
+    name = "recsys_two_stage"
+    rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
+    rows = _rows(retrieval_runs, name, rec, n=4)
+    with RecsysClient(served.grpc_url, "grpc", name) as client:
+        ids, scores = client.recommend(rows)
+    # retrieval's own candidates for these rows, and the ranking model's score for every candidate
+    cand_idx, _ = retrieval.top_k(rec.query_embeddings(rows), rec.item_emb, rec.candidates)
+    cands = rec.item_ids[cand_idx]
+    from pipeline_lib import export
+
+    frame = rec.rank_frame(rows, cands)
+    rank = export.offline_scores(rec.workflow_with_label, rec.dir / "ranker", frame[rec.ranker_columns],
+                                 "click").reshape(cands.shape)
+    for i in range(len(rows)):
+        by_rank = sorted(zip(rank[i], cands[i]), key=lambda t: -t[0])[:10]
+        assert ids[i].tolist() == [c for _, c in by_rank]  # the k best candidates by ranking score
+        np.testing.assert_allclose(scores[i], [s for s, _ in by_rank], atol=1e-5)
+        assert set(ids[i]) <= set(cands[i])  # only retrieved candidates are returned
+
+
+@pytest.mark.integration
+def test_bad_top_k_requests_get_a_clear_error_and_the_server_keeps_answering(retrieval_runs, served):
+    tmp, repo, _ = retrieval_runs
+    name = "recsys_youtube"
+    rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
+    rows = _rows(retrieval_runs, name, rec, n=2)
+    with RecsysClient(served.http_url, "http", name) as client:
+        with pytest.raises(RequestError, match="item_id_history"):
+            client.recommend(rows.drop(columns=["item_id_history"]))
+        arrays = client.to_arrays(rows)
+        arrays["item_id_history__offsets"] = np.array([0, 5, 1], dtype=np.int32)
+        with pytest.raises(Exception, match="item_id_history__offsets"):
+            client._client.infer(name, client.inputs_from_arrays(arrays))
+        unseen = rows.assign(item_id_history=[[987654, 987655], []])  # unknown items: OOV, still answered
+        ids, _ = client.recommend(unseen)
+        assert ids.shape == (2, 10)
+        np.testing.assert_array_equal(client.recommend(rows)[0], rec.offline(rows)[0])
