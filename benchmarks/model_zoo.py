@@ -63,6 +63,10 @@ def main(argv=None) -> int:
                      **{k: m.get(k) for k in ("auc", "logloss", "recall", "precision", "ndcg", "mrr", "k")}})
         print(json.dumps(rows[-1]), flush=True)
 
+    if any(r["task"] == "retrieval" for r in rows):
+        rows.append(popularity_baseline(etl_for(0), cfg))
+        print(json.dumps(rows[-1]), flush=True)
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "models.json").write_text(json.dumps(rows, indent=2))
     k = cfg.model.retrieval.k
@@ -75,6 +79,24 @@ def main(argv=None) -> int:
     (RESULTS / "models.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def popularity_baseline(e, cfg) -> dict:
+    """Reference for the retrieval rows: every user gets the items most clicked in training."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline_lib.retrieval import retrieval_metrics
+
+    label, item = cfg.columns.label, cfg.columns.item_id
+    train_raw, valid_raw = pd.read_parquet(e.split.train), pd.read_parquet(e.split.valid)
+    counts = train_raw[train_raw[label] == 1][item].value_counts()
+    items = train_raw[item].drop_duplicates().sort_values().to_numpy()
+    pop = counts.reindex(items).fillna(0).to_numpy(dtype=np.float32)
+    targets = valid_raw[valid_raw[label] == 1][item].to_numpy()
+    m = retrieval_metrics(np.tile(pop, (len(targets), 1)), items, targets, cfg.model.retrieval.k)
+    return {"model": "most_popular (baseline)", "task": "retrieval", "train_seconds": 0.0,
+            **{k: m.get(k) for k in ("auc", "logloss", "recall", "precision", "ndcg", "mrr", "k")}}
 
 
 if __name__ == "__main__":

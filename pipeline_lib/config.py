@@ -257,6 +257,10 @@ class RetrievalConfig(_Strict):
     min_sampled_id: int = Field(
         3, ge=0, description="youtube_dnn: smallest item index sampled (NVTabular reserves 0-2 for pad, null, OOV)"
     )
+    logq_correction: bool = Field(
+        True, description="two_tower, mf: correct in-batch negatives for item popularity (logits -= log q, "
+        "Merlin's PopularityLogitsCorrection); without it popular items are over-penalised as negatives",
+    )
     rerank_with: Optional[Literal["dlrm", "dcn", "deepfm", "wide_deep"]] = Field(
         None, description="two-stage endpoint: also train this ranking model; it re-scores the retrieved candidates"
     )

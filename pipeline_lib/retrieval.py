@@ -140,21 +140,32 @@ def _model_schema(schema, spec: RetrievalSpec, side: str):
     return sub
 
 
-def build_model(schema, spec: RetrievalSpec, cfg: ModelConfig):
+def build_model(schema, spec: RetrievalSpec, cfg: ModelConfig, item_counts: Optional[np.ndarray] = None):
+    """A Merlin Models retrieval model. ``item_counts`` (positives per encoded item id) enables the
+    logQ correction of in-batch negatives (two_tower, mf)."""
     import merlin.models.tf as mm
+    from merlin.models.tf.outputs.base import DotProduct
+    from merlin.models.tf.transforms.bias import PopularityLogitsCorrection
     from merlin.schema import Tags
 
     r = cfg.retrieval
     dims = list(r.tower_mlp) + [cfg.embedding_dim]
+    item_id_schema = schema.select_by_name([spec.item_id])
+    correction = {}
+    if r.logq_correction and item_counts is not None and spec.model_type in ("mf", "two_tower"):
+        correction["post"] = PopularityLogitsCorrection(item_counts.astype(np.float32), schema=item_id_schema)
+        correction["store_negative_ids"] = True  # the correction needs the in-batch negatives' ids
     if spec.model_type == "mf":
         mf_schema = schema.select_by_name([spec.query_columns[0], spec.item_id])
-        return mm.MatrixFactorizationModelV2(mf_schema, negative_samplers="in-batch", dim=cfg.embedding_dim)
+        output = mm.ContrastiveOutput(to_call=DotProduct(), negative_samplers="in-batch", schema=item_id_schema,
+                                      **correction)
+        return mm.MatrixFactorizationModelV2(mf_schema, dim=cfg.embedding_dim, outputs=output)
     if spec.model_type == "two_tower":
         q = _model_schema(schema, spec, "query")
         i = _model_schema(schema, spec, "item")
         query = mm.Encoder(q, mm.MLPBlock(dims, no_activation_last_layer=True))
         candidate = mm.Encoder(i, mm.MLPBlock(dims, no_activation_last_layer=True))
-        return mm.TwoTowerModelV2(query, candidate, negative_samplers="in-batch")
+        return mm.TwoTowerModelV2(query, candidate, negative_samplers="in-batch", **correction)
     q = _model_schema(schema, spec, "query")
     inputs = mm.InputBlockV2(q, categorical=mm.Embeddings(q.select_by_tag(Tags.CATEGORICAL), dim=cfg.embedding_dim))
     return mm.YoutubeDNNRetrievalModelV2(
@@ -197,7 +208,10 @@ def train(workflow_dir: Path, train_dir: Path, raw_train: Path, raw_valid: Path,
     frame = training_frame(ds.to_ddf().compute(), columns.label, spec, cfg.retrieval.history_length)
     if not len(frame):
         raise ValueError(f"no positive interactions ({columns.label} == 1) to train the retrieval model on")
-    model = build_model(schema, spec, cfg)
+    cardinality = int(schema[spec.item_id].int_domain.max) + 1
+    # positives per item index, +1 so that no item has probability 0 (log q finite)
+    counts = np.bincount(frame[spec.item_id].to_numpy(), minlength=cardinality)[:cardinality] + 1
+    model = build_model(schema, spec, cfg, item_counts=counts)
     if spec.model_type == "youtube_dnn":
         model_schema = _model_schema(schema, spec, "query")
     elif spec.model_type == "mf":
