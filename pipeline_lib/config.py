@@ -282,7 +282,7 @@ class ModelConfig(_Strict):
     batch_size: int = Field(1024, ge=1)
     epochs: int = Field(2, ge=1)
     early_stopping_patience: Optional[int] = Field(
-        None, ge=1, description="stop when validation AUC has not improved for this many epochs (best weights kept)"
+        None, ge=1, description="stop when validation AUC (retrieval: recall@k) has not improved for this many epochs; the best epoch is kept"
     )
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
 

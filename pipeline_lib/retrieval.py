@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -233,16 +234,26 @@ def train(workflow_dir: Path, train_dir: Path, raw_train: Path, raw_valid: Path,
     filler = filler_row(train_raw, workflow.input_schema.column_names)
 
     history: dict[str, list] = {"loss": []}
-    for epoch in range(cfg.epochs):  # one epoch at a time: validation top-k metrics after each
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, trial_dir = out_dir / "model", out_dir / "model-epoch"
+    best, best_epoch = None, -1
+    for epoch in range(cfg.epochs):  # one epoch at a time: full-catalogue validation top-k after each
         hist = model.fit(loader, epochs=1, verbose=0, **fit_kwargs)
         history["loss"].append(float(hist.history["loss"][-1]))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model_dir = out_dir / "model"
-        save(model, spec, model_dir)
-        m = evaluate(workflow, model_dir, spec, cat_raw, valid_raw, columns.label, cfg.retrieval.k, filler)
+        save(model, spec, trial_dir)
+        m = evaluate(workflow, trial_dir, spec, cat_raw, valid_raw, columns.label, cfg.retrieval.k, filler)
         for key in ("recall", "ndcg"):
             history.setdefault(f"val_{key}", []).append(m[key])
-    metrics = m | {"model": cfg.type, "epochs_run": cfg.epochs, "n_train": int(len(frame))}
+        if best is None or m["recall"] > best["recall"]:  # keep the best epoch by validation recall@k
+            best, best_epoch = m, epoch
+            if model_dir.exists():
+                shutil.rmtree(model_dir)
+            os.replace(trial_dir, model_dir)
+        elif cfg.early_stopping_patience and epoch - best_epoch >= cfg.early_stopping_patience:
+            break
+    shutil.rmtree(trial_dir, ignore_errors=True)
+    metrics = best | {"model": cfg.type, "epochs_run": len(history["loss"]), "best_epoch": best_epoch + 1,
+                      "n_train": int(len(frame))}
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
     plot_learning_curve(history, out_dir / "learning_curve.png",
@@ -255,8 +266,6 @@ def train(workflow_dir: Path, train_dir: Path, raw_train: Path, raw_valid: Path,
 
 def save(model, spec: RetrievalSpec, model_dir: Path) -> Path:
     """Save the query encoder (and item encoder / item table) as SavedModels + spec.json."""
-    import shutil
-
     if model_dir.exists():
         shutil.rmtree(model_dir)
     model_dir.mkdir(parents=True)
