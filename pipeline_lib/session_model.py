@@ -207,14 +207,16 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 # --- metrics (Merlin's) and baselines ----------------------------------------------------------------
 
 
-def topk_metrics(scores: np.ndarray, targets: np.ndarray, k: int, batch: int = 2048) -> dict:
-    """Recall@k, NDCG@k, MRR@k of score rows against one target index each (mm.RecallAt/NDCGAt/MRRAt)."""
+def topk_metrics(scores: np.ndarray, targets: np.ndarray, k: int, batch: int = 2048, mask_special: bool = True) -> dict:
+    """Recall@k, NDCG@k, MRR@k of score rows against one target index each (mm.RecallAt/NDCGAt/MRRAt).
+    Ties are broken at random (Merlin's ``extract_topk``, seeded)."""
     tf = _tf()
     import merlin.models.tf as mm
 
     metrics = {f"recall@{k}": mm.RecallAt(k, seed=0), f"ndcg@{k}": mm.NDCGAt(k, seed=0), f"mrr@{k}": mm.MRRAt(k, seed=0)}
     s = np.array(scores, dtype=np.float32, copy=True)
-    s[:, :N_SPECIAL] = MASKED
+    if mask_special:
+        s[:, :N_SPECIAL] = MASKED
     n_items = s.shape[1]
     for i in range(0, len(s), batch):
         t = np.asarray(targets[i:i + batch], dtype=np.int64)

@@ -1,0 +1,189 @@
+"""Session-based next-item recommendation (task: session): ETL, model vs baselines, and the whole
+flow with a real Triton server (served top-k == offline top-k). Real NVTabular, TensorFlow,
+merlin-systems, Prefect and tritonserver; small data."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline_lib import sessions
+from pipeline_lib.config import SessionColumns, SessionSyntheticConfig, load_config
+
+COLS = SessionColumns()
+
+
+def _events() -> pd.DataFrame:
+    """Hand-made log: session 10 arrives out of order, 20 has one event, 30 has 7 (max length 5)."""
+    rows = [
+        (10, 103, 1, 1_000), (10, 101, 1, 900), (10, 102, 2, 950),   # sorted: 101, 102, 103
+        (20, 104, 3, 500),                                           # too short: dropped
+        *[(30, 200 + j, j % 2, 2_000 + 10 * j * j) for j in range(7)],  # 7 events, deltas grow
+        (40, 101, 1, 3_000), (40, 102, 2, 3_001),
+    ]
+    df = pd.DataFrame(rows, columns=["session_id", "item_id", "item_category", "timestamp"])
+    return df.sample(frac=1.0, random_state=0).reset_index(drop=True)  # shuffled event order
+
+
+def test_generator_is_deterministic_and_sequential():
+    cfg = SessionSyntheticConfig(n_sessions=300, n_items=50, n_categories=5)
+    a, b = sessions.generate_sessions(cfg, 7), sessions.generate_sessions(cfg, 7)
+    pd.testing.assert_frame_equal(a, b)
+    assert set(a.columns) == {"session_id", "item_id", "item_category", "timestamp"}
+    lengths = a.groupby("session_id").size()
+    assert lengths.min() >= cfg.min_length and lengths.max() <= cfg.max_length and len(lengths) == 300
+    # learnable structure: the next item is far more predictable from the current one than by chance
+    s = a.sort_values(["session_id", "timestamp"], kind="stable")
+    pairs = pd.DataFrame({"a": s.item_id.to_numpy()[:-1], "b": s.item_id.to_numpy()[1:],
+                          "same": (s.session_id.to_numpy()[:-1] == s.session_id.to_numpy()[1:])})
+    pairs = pairs[pairs.same]
+    top_share = pairs.groupby("a").b.agg(lambda x: x.value_counts().iloc[0] / len(x)).mean()
+    assert top_share > 0.3
+    # categories are a property of the item
+    assert (a.groupby("item_id").item_category.nunique() == 1).all()
+
+
+def test_session_etl_groups_sorts_filters_truncates_and_tags(tmp_path):
+    from merlin.io import Dataset
+    from merlin.schema import Tags
+
+    events = tmp_path / "events.parquet"
+    _events().to_parquet(events, index=False)
+    cfg = load_config(None, {"task": "session", "split": {"valid_fraction": 0.3},
+                             "session": {"etl": {"min_session_length": 2, "max_session_length": 5}}})
+    out = sessions.run_session_etl(events, cfg, tmp_path / "transformed", tmp_path / "split")
+
+    grouped = pd.read_parquet(out.sessions_path).set_index("session_id")
+    assert sorted(grouped.index) == [10, 30, 40]  # session 20 (1 event) filtered out
+    assert list(grouped.loc[10, "item_id"]) == [101, 102, 103]  # sorted by timestamp
+    assert list(grouped.loc[10, "item_category"]) == [1, 2, 1]
+    assert list(grouped.loc[10, "timestamp"]) == [900, 950, 1_000]
+    assert len(grouped.loc[30, "item_id"]) == 7  # raw sessions keep every event; the feature workflow truncates
+
+    # the fitted feature workflow on one raw session: last 5 events, time deltas log1p(seconds)
+    import nvtabular as nvt
+
+    wf = nvt.Workflow.load(str(out.workflow_dir))
+    raw30 = grouped.loc[[30], ["item_id", "item_category", "timestamp"]].reset_index(drop=True)
+    t = wf.transform(Dataset(raw30, cpu=True)).to_ddf().compute()
+    assert len(t["item_id"].iloc[0]) == 5
+    ts = np.array(grouped.loc[30, "timestamp"], dtype=float)
+    want = np.log1p(np.diff(ts, prepend=ts[0]))[-5:]
+    np.testing.assert_allclose(t[sessions.TIME_DELTA].iloc[0], want, rtol=1e-6)
+    vocab = sessions.item_vocabulary(wf, "item_id")
+    decoded = [vocab[i] for i in t["item_id"].iloc[0]]
+    train_items = set(np.concatenate(pd.read_parquet(out.split.train)["item_id"].to_numpy()))
+    assert decoded == [v if v in train_items else None for v in grouped.loc[30, "item_id"][-5:]]
+
+    # split by session: no session in both parts, all kept sessions present once
+    tr, va = pd.read_parquet(out.split.train), pd.read_parquet(out.split.valid)
+    assert set(tr.session_id).isdisjoint(va.session_id) and len(tr) + len(va) == 3
+
+    # the Merlin schema marks the list features
+    schema = Dataset(str(out.train_dir), engine="parquet").schema
+    for name in ("item_id", "item_category", sessions.TIME_DELTA):
+        col = schema[name]
+        assert col.is_list and col.is_ragged, name
+        assert {Tags.SEQUENCE, Tags.LIST} <= set(col.tags), name
+        assert col.shape.dims[1].max == 5, name
+    assert Tags.ITEM_ID in schema["item_id"].tags and Tags.CATEGORICAL in schema["item_category"].tags
+    assert Tags.CONTINUOUS in schema[sessions.TIME_DELTA].tags
+    assert (out.grouping_workflow_dir / "workflow.pkl").exists() and (out.workflow_dir / "workflow.pkl").exists()
+
+
+def test_time_split_holds_out_the_latest_sessions(tmp_path):
+    df = pd.DataFrame({"session_id": [1, 2, 3, 4, 5], "item_id": [[1, 2]] * 5, "item_category": [[1, 1]] * 5,
+                       "timestamp": [[t, t + 1] for t in (50, 10, 40, 20, 30)]})
+    df.to_parquet(tmp_path / "s.parquet", index=False)
+    cfg = load_config(None, {"task": "session", "split": {"method": "time", "valid_fraction": 0.4}})
+    out = sessions.split_sessions(tmp_path / "s.parquet", cfg.split, COLS, 0, tmp_path / "split")
+    assert sorted(pd.read_parquet(out.valid).session_id) == [1, 3]
+
+
+@pytest.fixture(scope="module")
+def session_etl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sess")
+    cfg = load_config(None, {"task": "session", "session": {
+        "synthetic": {"n_sessions": 3000, "n_items": 200, "n_categories": 10},
+        "model": {"epochs": 3, "batch_size": 128}}})
+    raw = sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, root / "raw")
+    return cfg, root, sessions.run_session_etl(raw, cfg, root / "transformed", root / "split")
+
+
+@pytest.mark.parametrize("kind", ["gru", "transformer"])
+def test_model_trains_and_beats_the_popularity_baseline(session_etl, kind):
+    from pipeline_lib import session_model
+
+    cfg, root, etl_out = session_etl
+    cfg = cfg.model_copy(update={"session": cfg.session.model_copy(update={
+        "model": cfg.session.model.model_copy(update={"type": kind})})})
+    out = session_model.train_and_evaluate(etl_out, cfg, root / f"model_{kind}")
+    m = out.metrics
+    assert m["model"] == f"session_{kind}" and (out.model_dir / "saved_model.pb").exists()
+    pop = m["baselines"]["most_popular"]
+    assert m["recall@10"] > pop["recall@10"] + 0.05, m
+    assert m["ndcg@10"] > pop["ndcg@10"] + 0.05, m
+    assert 0 < m["mrr@10"] <= m["ndcg@10"] <= m["recall@10"] <= 1
+    assert out.history["loss"][-1] < out.history["loss"][0]
+
+
+# --- the whole flow with a real Triton server ---------------------------------------------------
+
+
+@pytest.mark.integration
+def test_session_flow_end_to_end_served_topk_equals_offline(tmp_path):
+    import os
+
+    import nvtabular as nvt
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+    from pipeline_lib import repository
+    from pipeline_lib.serving import TritonServer
+    from pipeline_lib.session_client import SessionClient
+    from pipeline_lib.session_serving_model import offline_topk
+    from pipeline_lib.smoke import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    over = {"runs_dir": str(tmp_path / "runs"), "run_name": "s1",
+            "export": {"model_repository": str(tmp_path / "repo"), "parity_rows": 32},
+            "serving": {"notify_live_server": False},
+            "session": {"synthetic": {"n_sessions": 1500, "n_items": 150, "n_categories": 8},
+                        "model": {"epochs": 1}}}
+    with prefect_test_harness(server_startup_timeout=180):
+        summary = pipeline(config_path=os.path.join(root, "configs", "examples", "session.yaml"), overrides=over)
+    run = tmp_path / "runs" / "s1"
+    assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
+                                              "serving-smoke-test", "publish", "promote"]
+    assert summary["task"] == "session" and summary["model"] == "session_gru"
+    assert summary["gate"]["promote"] and summary["model_version"] == 1 and summary["served_topk_equals_offline"]
+    assert summary["max_abs_diff_served_vs_offline"] <= 1e-5
+    for f in ["raw/interactions.parquet", "validated/stats.json", "transformed/sessions/sessions.parquet",
+              "transformed/sessions/grouping_workflow/workflow.pkl", "transformed/workflow/workflow.pkl",
+              "transformed/train/schema.pbtxt", "model/model/saved_model.pb", "model/metrics.json",
+              "serving/smoke.json", "summary.json"]:
+        assert (run / f).exists(), f
+    preds = summary["predictions"]
+    for proto in ("served_http", "served_grpc"):
+        assert [list(x) for x in preds[proto]] == [list(x) for x in preds["offline"]]
+
+    # the published version, served by a fresh Triton: raw sessions in, top-k raw item ids out
+    repo = tmp_path / "repo"
+    assert repository.served_version(repo, "recsys_session") == 1
+    valid = pd.read_parquet(run / "split" / "valid.parquet").head(20)
+    req, _ = sessions.prefixes(valid, COLS)
+    req.loc[0, "item_id"] = [987654, *req.loc[0, "item_id"][1:]]  # an unseen item id maps to OOV as in training
+    wf = nvt.Workflow.load(str(run / "transformed" / "workflow"))
+    want_ids, want_scores = offline_topk(wf, run / "model" / "model", req, "item_id", 10)
+    vocab = set(pd.read_parquet(run / "split" / "train.parquet")["item_id"].explode())
+    assert set(want_ids.ravel()) <= vocab  # raw ids of trained items, never special/OOV slots
+    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          log_file=tmp_path / "triton.log", model_control="explicit", load_models=["recsys_session"])
+    with server.start(timeout_s=240, models=["recsys_session"]):
+        for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+            with SessionClient(url, proto, "recsys_session") as client:
+                ids, scores = client.recommend(req)
+                one_ids, _ = client.recommend(req.head(1).to_dict(orient="records"))
+            np.testing.assert_array_equal(ids, want_ids)
+            np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+            np.testing.assert_array_equal(one_ids, want_ids[:1])
