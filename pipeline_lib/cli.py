@@ -156,6 +156,8 @@ def predict(
     from pipeline_lib.client import RecsysClient, RequestError
 
     cfg = _cfg(config, set_)
+    if cfg.task == "session":
+        return _predict_sessions(cfg, rows, n, protocol, url)
     if rows is not None:
         df = pd.DataFrame(json.loads(rows.read_text()))
     else:
@@ -173,6 +175,35 @@ def predict(
     except Exception as exc:  # connection refused, server-side error: say it plainly
         _fail(f"request to {protocol}://{address} failed: {exc}")
     df = df.assign(score=scores)
+    typer.echo(df.to_string())
+
+
+def _predict_sessions(cfg, rows: Optional[Path], n: int, protocol: str, url: Optional[str]) -> None:
+    """task: session -- raw sessions so far (list columns) in, top-k next item ids and scores out."""
+    import pandas as pd
+
+    from pipeline_lib.client import RequestError
+    from pipeline_lib.session_client import SessionClient
+    from pipeline_lib.sessions import prefixes
+
+    if rows is not None:
+        df = pd.DataFrame(json.loads(rows.read_text()))
+    else:
+        runs = sorted(Path(cfg.runs_dir).glob("*/split/valid.parquet"), key=lambda p: p.stat().st_mtime)
+        runs = [p for p in runs if (p.parent.parent / "transformed" / "sessions").is_dir()]  # session runs only
+        if not runs:
+            _fail(f"no session run found under {cfg.runs_dir}; pass --rows FILE.json")
+        df = prefixes(pd.read_parquet(runs[-1]).head(n), cfg.session.columns)[0]
+    port = cfg.serving.grpc_port if protocol == "grpc" else cfg.serving.http_port
+    address = url or f"{cfg.serving.host}:{port}"
+    try:
+        with SessionClient(address, protocol, cfg.export.model_name) as client:
+            ids, scores = client.recommend(df)
+    except RequestError as exc:
+        _fail(str(exc))
+    except Exception as exc:
+        _fail(f"request to {protocol}://{address} failed: {exc}")
+    df = df.assign(next_item_ids=list(ids), scores=[list(map(lambda x: round(float(x), 4), s)) for s in scores])
     typer.echo(df.to_string())
 
 

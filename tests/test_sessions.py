@@ -49,7 +49,7 @@ def test_session_etl_groups_sorts_filters_truncates_and_tags(tmp_path):
 
     events = tmp_path / "events.parquet"
     _events().to_parquet(events, index=False)
-    cfg = load_config(None, {"task": "session", "split": {"valid_fraction": 0.3},
+    cfg = load_config(None, {"task": "session", "split": {"method": "time", "valid_fraction": 0.34},
                              "session": {"etl": {"min_session_length": 2, "max_session_length": 5}}})
     out = sessions.run_session_etl(events, cfg, tmp_path / "transformed", tmp_path / "split")
 
@@ -72,12 +72,14 @@ def test_session_etl_groups_sorts_filters_truncates_and_tags(tmp_path):
     np.testing.assert_allclose(t[sessions.TIME_DELTA].iloc[0], want, rtol=1e-6)
     vocab = sessions.item_vocabulary(wf, "item_id")
     decoded = [vocab[i] for i in t["item_id"].iloc[0]]
-    train_items = set(np.concatenate(pd.read_parquet(out.split.train)["item_id"].to_numpy()))
-    assert decoded == [v if v in train_items else None for v in grouped.loc[30, "item_id"][-5:]]
+    assert decoded == list(grouped.loc[30, "item_id"][-5:])  # session 30 is a training session
+    held_out = pd.DataFrame({"item_id": [[101, 999]], "item_category": [[1, 1]], "timestamp": [[1, 2]]})
+    enc = wf.transform(Dataset(held_out, cpu=True)).to_ddf().compute()["item_id"].iloc[0]
+    assert vocab[enc[0]] == 101 and enc[1] == 2  # an item unseen in training maps to the OOV index
 
-    # split by session: no session in both parts, all kept sessions present once
+    # split by session (time): the session that starts last is held out
     tr, va = pd.read_parquet(out.split.train), pd.read_parquet(out.split.valid)
-    assert set(tr.session_id).isdisjoint(va.session_id) and len(tr) + len(va) == 3
+    assert sorted(tr.session_id) == [10, 30] and list(va.session_id) == [40]
 
     # the Merlin schema marks the list features
     schema = Dataset(str(out.train_dir), engine="parquet").schema
@@ -86,7 +88,8 @@ def test_session_etl_groups_sorts_filters_truncates_and_tags(tmp_path):
         assert col.is_list and col.is_ragged, name
         assert {Tags.SEQUENCE, Tags.LIST} <= set(col.tags), name
         assert col.shape.dims[1].max == 5, name
-    assert Tags.ITEM_ID in schema["item_id"].tags and Tags.CATEGORICAL in schema["item_category"].tags
+    assert schema.select_by_tag(Tags.ITEM_ID).column_names == ["item_id"]
+    assert Tags.CATEGORICAL in schema["item_category"].tags
     assert Tags.CONTINUOUS in schema[sessions.TIME_DELTA].tags
     assert (out.grouping_workflow_dir / "workflow.pkl").exists() and (out.workflow_dir / "workflow.pkl").exists()
 
