@@ -187,7 +187,10 @@ def run_session(cfg: RunConfig, paths: RunPaths) -> dict:
     create_markdown_artifact(key="run-summary", markdown="\n".join(
         ["# session run", "", "| stage | seconds |", "|---|---|", *[f"| {s} | {v} |" for s, v in timings.items()],
          "", f"gate: {decision.reason}", f"model version **{version}** at `{served_dir}`"]), description="session run")
-    print("Served top-k (Triton, raw sessions in, next item ids out):\n" + preds.head(4).to_string())
+    item = cfg.session.columns.item_id
+    shown = pd.DataFrame({f"{item} (last 5 of the session)": preds[item].map(lambda v: list(v)[-5:]),
+                          "served_grpc top-k": preds["served_grpc"], "offline top-k": preds["offline"]})
+    print("Served top-k (Triton, raw sessions in, next item ids out):\n" + shown.head(4).to_string())
     print(f"{model.metrics['model']} recall@{k} {model.metrics[f'recall@{k}']:.4f}, ndcg@{k} "
           f"{model.metrics[f'ndcg@{k}']:.4f}; served top-k == offline; published and serving {served_dir}")
     return summary | {"predictions": preds}

@@ -359,7 +359,7 @@ class SessionModelConfig(_Strict):
     dropout: float = Field(0.1, ge=0, lt=1)
     learning_rate: float = Field(3e-3, gt=0)
     batch_size: int = Field(128, ge=1)
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(10, ge=1)
 
 
 class SessionConfig(_Strict):
