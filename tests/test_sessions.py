@@ -108,7 +108,7 @@ def session_etl(tmp_path_factory):
     root = tmp_path_factory.mktemp("sess")
     cfg = load_config(None, {"task": "session", "session": {
         "synthetic": {"n_sessions": 3000, "n_items": 200, "n_categories": 10},
-        "model": {"epochs": 3, "batch_size": 128}}})
+        "model": {"epochs": 6, "batch_size": 128}}})
     raw = sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, root / "raw")
     return cfg, root, sessions.run_session_etl(raw, cfg, root / "transformed", root / "split")
 
