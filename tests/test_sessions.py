@@ -190,3 +190,34 @@ def test_session_flow_end_to_end_served_topk_equals_offline(tmp_path):
             np.testing.assert_array_equal(ids, want_ids)
             np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
             np.testing.assert_array_equal(one_ids, want_ids[:1])
+
+
+def test_session_config_is_additive_and_the_example_loads():
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert load_config(os.path.join(root, "configs", "default.yaml")).task == "ranking"
+    cfg = load_config(os.path.join(root, "configs", "examples", "session.yaml"))
+    assert cfg.task == "session" and cfg.export.model_name == "recsys_session"
+    assert cfg.session.model.type == "gru" and cfg.session.top_k == 10
+    assert load_config(None, {"task": "session", "session": {"model": {"type": "transformer"}}}).session.model.type == "transformer"
+    with pytest.raises(Exception, match="movielens100k|synthetic, parquet or files"):
+        load_config(None, {"task": "session", "data": {"source": "movielens100k", "path": "x"}})
+
+
+def test_user_event_log_from_csv_with_an_items_table(tmp_path):
+    from pipeline_lib.validate import DataValidationError
+
+    (tmp_path / "events.csv").write_text("sid,item_id,ts\n1,7,2024-01-01T10:00:00\n1,8,2024-01-01T10:01:00\n2,7,2024-01-02T09:00:00\n")
+    (tmp_path / "items.csv").write_text("item_id,item_category\n7,shoes\n8,socks\n")
+    cfg = load_config(None, {"task": "session", "data": {"source": "files",
+        "interactions": {"path": str(tmp_path / "events.csv"), "rename": {"sid": "session_id", "ts": "timestamp"}},
+        "items": {"path": str(tmp_path / "items.csv")}}})
+    raw = sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw")
+    df = pd.read_parquet(raw)
+    assert list(df.item_category) == ["shoes", "socks", "shoes"]
+    assert df.timestamp.tolist()[1] - df.timestamp.tolist()[0] == 60  # dates -> epoch seconds
+    sessions.validate_events(raw, COLS, tmp_path / "validated")
+    df.drop(columns=["item_category"]).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataValidationError, match="item_category.*required column is missing"):
+        sessions.validate_events(tmp_path / "bad.parquet", COLS, tmp_path / "validated")
