@@ -18,4 +18,7 @@ class SessionClient(RecsysClient):
         inputs = self.inputs_from_arrays(self.to_arrays(sessions))
         outputs = [self._tc.InferRequestedOutput(n) for n in ("item_ids", "scores")]
         result = self._client.infer(self.model_name, inputs, outputs=outputs)
-        return np.asarray(result.as_numpy("item_ids")), np.asarray(result.as_numpy("scores"))
+        ids = np.asarray(result.as_numpy("item_ids"))
+        if ids.dtype == object:  # string item ids travel as BYTES
+            ids = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v, otypes=[object])(ids)
+        return ids, np.asarray(result.as_numpy("scores"))

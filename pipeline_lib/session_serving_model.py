@@ -59,7 +59,9 @@ class TopKItems(BaseOperator):
 
     def compute_output_schema(self, input_schema, col_selector, prev_output_schema=None) -> Schema:
         return Schema([
-            ColumnSchema(ITEM_IDS, dtype=self.id_dtype, dims=(None, self.k)),
+            # string ids: 'object' (bytes objects), which Triton sends as BYTES; a 'str' schema would be
+            # cast to a numpy unicode array, which the python backend cannot send
+            ColumnSchema(ITEM_IDS, dtype="int64" if self.id_dtype == "int64" else "object", dims=(None, self.k)),
             ColumnSchema(SCORES, dtype="float32", dims=(None, self.k)),
         ])
 
@@ -68,7 +70,10 @@ class TopKItems(BaseOperator):
         col = transformable[name]
         scores = np.asarray(col.values if hasattr(col, "values") else col)
         idx, best = top_k(scores, self.k)
-        return type(transformable)({ITEM_IDS: decode(self.vocabulary, idx, self.id_dtype), SCORES: best.astype(np.float32)})
+        ids = decode(self.vocabulary, idx, self.id_dtype)
+        if ids.dtype == object:  # Triton's python backend sends BYTES from an object array of bytes
+            ids = np.vectorize(lambda v: v.encode("utf-8"), otypes=[object])(ids)
+        return type(transformable)({ITEM_IDS: ids, SCORES: best.astype(np.float32)})
 
 
 def _id_dtype(vocabulary: np.ndarray) -> str:
@@ -114,7 +119,10 @@ def ensemble_topk(ensemble, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
     table = ranking_export.raw_to_tensor_table(raw[ensemble.input_schema.column_names])
     out = ensemble.transform(table, runtime=Runtime())
-    return np.asarray(out[ITEM_IDS].values), np.asarray(out[SCORES].values)
+    ids = np.asarray(out[ITEM_IDS].values)
+    if ids.dtype == object:  # string ids leave the ensemble as bytes (see TopKItems)
+        ids = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v, otypes=[object])(ids)
+    return ids, np.asarray(out[SCORES].values)
 
 
 def _check(name: str, got, want, atol: float) -> float:

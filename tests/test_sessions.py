@@ -221,3 +221,39 @@ def test_user_event_log_from_csv_with_an_items_table(tmp_path):
     df.drop(columns=["item_category"]).to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(DataValidationError, match="item_category.*required column is missing"):
         sessions.validate_events(tmp_path / "bad.parquet", COLS, tmp_path / "validated")
+
+
+@pytest.mark.integration
+def test_string_item_ids_are_served_like_offline(tmp_path):
+    """Item ids as strings (BYTES on the wire, in and out): Triton's top-k == offline top-k."""
+    from pipeline_lib import export as ranking_export, repository, session_model, session_serving_model as ssm
+    from pipeline_lib.serving import TritonServer
+    from pipeline_lib.session_client import SessionClient
+    from pipeline_lib.smoke import free_port
+
+    ev = sessions.generate_sessions(SessionSyntheticConfig(n_sessions=600, n_items=60, n_categories=5), 3)
+    ev["item_id"] = "sku-" + ev["item_id"].astype(str)
+    ev.to_parquet(tmp_path / "events.parquet")
+    cfg = load_config(None, {"task": "session", "data": {"source": "parquet", "path": str(tmp_path / "events.parquet")},
+                             "session": {"model": {"epochs": 1, "hidden_dim": 16, "embedding_dim": 16}}})
+    raw = sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw")
+    etl_out = sessions.run_session_etl(raw, cfg, tmp_path / "transformed", tmp_path / "split")
+    model = session_model.train_and_evaluate(etl_out, cfg, tmp_path / "model")
+    req, _ = sessions.prefixes(pd.read_parquet(etl_out.split.valid).head(12), COLS)
+    exp = ssm.export_session_ensemble(etl_out.workflow_dir, model.model_dir, req, "item_id", 5, tmp_path / "staged", "sess")
+    repo = tmp_path / "repo"
+    repository.publish(exp.version_dir, exp.config_path, repo, "sess")
+    repository.promote(repo, "sess", 1)
+    import nvtabular as nvt
+
+    want_ids, want_scores = ssm.offline_topk(nvt.Workflow.load(str(etl_out.workflow_dir)), model.model_dir, req, "item_id", 5)
+    assert all(isinstance(v, str) and v.startswith("sku-") for v in want_ids.ravel())
+    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          log_file=tmp_path / "triton.log")
+    with server.start(timeout_s=240, models=["sess"]):
+        for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+            with SessionClient(url, proto, "sess") as client:
+                ids, scores = client.recommend(req)
+            assert ids.tolist() == want_ids.tolist()
+            np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+    assert ranking_export.load_version(repo / "sess" / "1") is not None
