@@ -124,8 +124,9 @@ def test_model_trains_and_beats_the_popularity_baseline(session_etl, kind):
     m = out.metrics
     assert m["model"] == f"session_{kind}" and (out.model_dir / "saved_model.pb").exists()
     pop = m["baselines"]["most_popular"]
-    assert m["recall@10"] > pop["recall@10"] + 0.05, m
-    assert m["ndcg@10"] > pop["ndcg@10"] + 0.05, m
+    # measured here: recall@10 0.71 (GRU) / 0.77 (transformer) vs 0.46 for most popular
+    assert m["recall@10"] > pop["recall@10"] + 0.15, m
+    assert m["ndcg@10"] > pop["ndcg@10"] + 0.1, m
     assert 0 < m["mrr@10"] <= m["ndcg@10"] <= m["recall@10"] <= 1
     assert out.history["loss"][-1] < out.history["loss"][0]
 
@@ -153,8 +154,14 @@ def test_session_flow_end_to_end_served_topk_equals_offline(tmp_path):
             "serving": {"notify_live_server": False},
             "session": {"synthetic": {"n_sessions": 1500, "n_items": 150, "n_categories": 8},
                         "model": {"epochs": 1}}}
+    config = os.path.join(root, "configs", "examples", "session.yaml")
+    worse = {**over, "run_name": "s2", "session": {**over["session"], "model": {"epochs": 1, "learning_rate": 1e-9}}}
     with prefect_test_harness(server_startup_timeout=180):
-        summary = pipeline(config_path=os.path.join(root, "configs", "examples", "session.yaml"), overrides=over)
+        summary = pipeline(config_path=config, overrides=over)
+        refused = pipeline(config_path=config, overrides=worse)  # an untrained candidate must not replace v1
+    g = refused["gate"]
+    assert not g["promote"] and g["served_version"] == 1 and g["candidate"] < g["served"], g
+    assert "serving-smoke-test" not in refused["stage_seconds"] and refused["predictions"] is None
     run = tmp_path / "runs" / "s1"
     assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
                                               "serving-smoke-test", "publish", "promote"]
