@@ -98,9 +98,11 @@ def versions(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
     if not rows:
         typer.echo(f"no published version of '{cfg.export.model_name}' in {cfg.export.model_repository}")
     for r in rows:
-        auc = (r["metrics"] or {}).get("auc")
+        m = r["metrics"] or {}
+        name = "auc" if "auc" in m else next((k for k in m if k.startswith("recall@")), "auc")  # session models: recall@k
+        auc = m.get(name)
         typer.echo(f"{'*' if r['served'] else ' '} v{r['version']:<4} created {r['created']}  "
-                   f"auc {auc if auc is None else round(auc, 4)}  data {r['data_fingerprint']}  run {r['run_dir']}")
+                   f"{name} {auc if auc is None else round(auc, 4)}  data {r['data_fingerprint']}  run {r['run_dir']}")
 
 
 @app.command()
@@ -203,8 +205,10 @@ def _predict_sessions(cfg, rows: Optional[Path], n: int, protocol: str, url: Opt
         _fail(str(exc))
     except Exception as exc:
         _fail(f"request to {protocol}://{address} failed: {exc}")
-    df = df.assign(next_item_ids=list(ids), scores=[list(map(lambda x: round(float(x), 4), s)) for s in scores])
-    typer.echo(df.to_string())
+    item = cfg.session.columns.item_id
+    out = pd.DataFrame({f"{item} (last 5)": df[item].map(lambda v: list(v)[-5:]), "next_item_ids": list(ids),
+                        "scores": [[round(float(x), 3) for x in s] for s in scores]})
+    typer.echo(out.to_string())
 
 
 @app.command("generate-data")
