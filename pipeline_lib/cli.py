@@ -164,6 +164,7 @@ def predict(
         df = pd.DataFrame(json.loads(rows.read_text()))
     else:
         runs = sorted(Path(cfg.runs_dir).glob("*/split/valid.parquet"), key=lambda p: p.stat().st_mtime)
+        runs = [p for p in runs if not (p.parent.parent / "transformed" / "sessions").is_dir()]  # not session runs
         if not runs:
             _fail(f"no run found under {cfg.runs_dir}; pass --rows FILE.json")
         df = pd.read_parquet(runs[-1]).head(n)[cfg.columns.serving_columns]
