@@ -200,6 +200,10 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     cfg = load_config(config_path, overrides)
     paths = new_run(cfg)
     print(f"run folder: {paths.root}")
+    if cfg.task == "session":  # next-item prediction: the same stages in flows/session_pipeline.py
+        from flows.session_pipeline import run_session
+
+        return run_session(cfg, paths)
     timings: dict[str, float] = {}
 
     def timed(name, fn, *args):

@@ -98,9 +98,11 @@ def versions(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
     if not rows:
         typer.echo(f"no published version of '{cfg.export.model_name}' in {cfg.export.model_repository}")
     for r in rows:
-        auc = (r["metrics"] or {}).get("auc")
+        m = r["metrics"] or {}
+        name = "auc" if "auc" in m else next((k for k in m if k.startswith("recall@")), "auc")  # session models: recall@k
+        auc = m.get(name)
         typer.echo(f"{'*' if r['served'] else ' '} v{r['version']:<4} created {r['created']}  "
-                   f"auc {auc if auc is None else round(auc, 4)}  data {r['data_fingerprint']}  run {r['run_dir']}")
+                   f"{name} {auc if auc is None else round(auc, 4)}  data {r['data_fingerprint']}  run {r['run_dir']}")
 
 
 @app.command()
@@ -156,10 +158,13 @@ def predict(
     from pipeline_lib.client import RecsysClient, RequestError
 
     cfg = _cfg(config, set_)
+    if cfg.task == "session":
+        return _predict_sessions(cfg, rows, n, protocol, url)
     if rows is not None:
         df = pd.DataFrame(json.loads(rows.read_text()))
     else:
         runs = sorted(Path(cfg.runs_dir).glob("*/split/valid.parquet"), key=lambda p: p.stat().st_mtime)
+        runs = [p for p in runs if not (p.parent.parent / "transformed" / "sessions").is_dir()]  # not session runs
         if not runs:
             _fail(f"no run found under {cfg.runs_dir}; pass --rows FILE.json")
         df = pd.read_parquet(runs[-1]).head(n)
@@ -179,6 +184,37 @@ def predict(
     except Exception as exc:  # connection refused, server-side error: say it plainly
         _fail(f"request to {protocol}://{address} failed: {exc}")
     typer.echo(df.to_string())
+
+
+def _predict_sessions(cfg, rows: Optional[Path], n: int, protocol: str, url: Optional[str]) -> None:
+    """task: session -- raw sessions so far (list columns) in, top-k next item ids and scores out."""
+    import pandas as pd
+
+    from pipeline_lib.client import RequestError
+    from pipeline_lib.session_client import SessionClient
+    from pipeline_lib.sessions import prefixes
+
+    if rows is not None:
+        df = pd.DataFrame(json.loads(rows.read_text()))
+    else:
+        runs = sorted(Path(cfg.runs_dir).glob("*/split/valid.parquet"), key=lambda p: p.stat().st_mtime)
+        runs = [p for p in runs if (p.parent.parent / "transformed" / "sessions").is_dir()]  # session runs only
+        if not runs:
+            _fail(f"no session run found under {cfg.runs_dir}; pass --rows FILE.json")
+        df = prefixes(pd.read_parquet(runs[-1]).head(n), cfg.session.columns)[0]
+    port = cfg.serving.grpc_port if protocol == "grpc" else cfg.serving.http_port
+    address = url or f"{cfg.serving.host}:{port}"
+    try:
+        with SessionClient(address, protocol, cfg.export.model_name) as client:
+            ids, scores = client.recommend(df)
+    except RequestError as exc:
+        _fail(str(exc))
+    except Exception as exc:
+        _fail(f"request to {protocol}://{address} failed: {exc}")
+    item = cfg.session.columns.item_id
+    out = pd.DataFrame({f"{item} (last 5)": df[item].map(lambda v: list(v)[-5:]), "next_item_ids": list(ids),
+                        "scores": [[round(float(x), 3) for x in s] for s in scores]})
+    typer.echo(out.to_string())
 
 
 @app.command("generate-data")

@@ -347,7 +347,80 @@ class ServingConfig(_Strict):
     smoke_atol: float = 1e-5
 
 
+class SessionSyntheticConfig(_Strict):
+    """The embedded session generator (``task: session``): Markov transitions between items plus a
+    session-level intent category (see :func:`pipeline_lib.sessions.generate_sessions`)."""
+
+    n_sessions: int = Field(12_000, ge=20)
+    n_items: int = Field(600, ge=10)
+    n_categories: int = Field(20, ge=2)
+    mean_length: float = Field(8.0, gt=1)
+    min_length: int = Field(2, ge=1)
+    max_length: int = Field(40, ge=2)
+    successors: int = Field(4, ge=1, description="successor items per item (Markov transitions)")
+    p_successor: float = Field(0.55, ge=0, le=1, description="share of moves to a successor of the current item")
+    p_intent: float = Field(0.3, ge=0, le=1, description="share of moves to an item of the session's intent category")
+    popularity_skew: float = Field(1.0, gt=0)
+    days: int = Field(30, ge=1)
+
+    @model_validator(mode="after")
+    def _probabilities(self) -> "SessionSyntheticConfig":
+        if self.p_successor + self.p_intent > 1:
+            raise ValueError("p_successor + p_intent must be <= 1")
+        if self.min_length > self.max_length:
+            raise ValueError("min_length must be <= max_length")
+        return self
+
+
+class SessionColumns(_Strict):
+    """Column roles of a session event log (one row per interaction)."""
+
+    session_id: str = "session_id"
+    item_id: str = "item_id"
+    timestamp: str = "timestamp"
+    item_features: list[str] = Field(
+        default_factory=lambda: ["item_category"], description="categorical per-event item features (become lists)"
+    )
+
+    @property
+    def raw_columns(self) -> list[str]:
+        return [self.session_id, self.item_id, self.timestamp, *self.item_features]
+
+
+class SessionEtlConfig(_Strict):
+    min_session_length: int = Field(2, ge=2, description="shorter sessions are dropped (a target needs a prefix)")
+    max_session_length: int = Field(20, ge=2, description="sessions are truncated to their last N events")
+
+
+class SessionModelConfig(_Strict):
+    type: Literal["gru", "transformer"] = Field(
+        "gru", description="gru: a GRU over the sequence; transformer: causal self-attention blocks"
+    )
+    embedding_dim: int = Field(64, ge=4, description="item-id embedding size (other features: a quarter of it)")
+    hidden_dim: int = Field(64, ge=4, description="GRU units / transformer d_model")
+    num_layers: int = Field(1, ge=1)
+    num_heads: int = Field(2, ge=1, description="transformer only")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(10, ge=1)
+
+
+class SessionConfig(_Strict):
+    """Settings of ``task: session`` (next-item prediction); ignored by ranking runs."""
+
+    synthetic: SessionSyntheticConfig = Field(default_factory=SessionSyntheticConfig)
+    columns: SessionColumns = Field(default_factory=SessionColumns)
+    etl: SessionEtlConfig = Field(default_factory=SessionEtlConfig)
+    model: SessionModelConfig = Field(default_factory=SessionModelConfig)
+    top_k: int = Field(10, ge=1, description="items returned per served session; Recall/NDCG/MRR cut-off")
+    gate_metric: Literal["recall", "ndcg", "mrr"] = Field("recall", description="promotion gate metric (at top_k)")
+
+
 class RunConfig(_Strict):
+    task: Literal["ranking", "session"] = Field(
+        "ranking", description="ranking: click models on interactions; session: next-item prediction (session:)"
+    )
     seed: int = 42
     runs_dir: Path = Path("runs")
     run_name: Optional[str] = Field(None, description="default: a timestamp")
@@ -360,6 +433,13 @@ class RunConfig(_Strict):
     gate: GateConfig = Field(default_factory=GateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    session: SessionConfig = Field(default_factory=SessionConfig)
+
+    @model_validator(mode="after")
+    def _session_sources(self) -> "RunConfig":
+        if self.task == "session" and self.data.source == "movielens100k":
+            raise ValueError("task: session reads data.source synthetic, parquet or files")
+        return self
 
     @model_validator(mode="after")
     def _gate_metric_fits_the_model(self) -> "RunConfig":

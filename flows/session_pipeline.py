@@ -1,0 +1,196 @@
+"""The session-based (next-item) run: the same stages as the ranking flow, for ``task: session``.
+
+raw events -> validated -> NVTabular (grouping by session + fitted feature workflow) -> sequence
+model vs baselines -> ensemble (workflow + model + top-k decoding) -> gate -> Triton smoke test
+(served top-k == offline top-k) -> publish -> promote. ``flows.pipeline.pipeline`` calls
+:func:`run_session` when the config says ``task: session``; every task is a thin wrapper over
+``pipeline_lib`` functions.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from pipeline_lib import lineage, repository, serving, validate
+from pipeline_lib.config import RunConfig
+from pipeline_lib.paths import RunPaths
+
+
+@task(name="raw-data", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE,
+      retry_condition_fn=lambda t, r, s: not isinstance(getattr(s, "data", None), validate.DataValidationError))
+def session_raw_data(cfg: RunConfig, paths: RunPaths) -> Path:
+    from pipeline_lib import sessions
+
+    return sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, paths.raw)
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def session_validate(cfg: RunConfig, paths: RunPaths, raw_path: Path) -> Path:
+    from pipeline_lib import sessions
+
+    stats = sessions.validate_events(raw_path, cfg.session.columns, paths.validated)
+    drift = validate.drift_report(stats, cfg.runs_dir, paths.root, cfg.validation.drift, paths.validated / "drift.json")
+    if drift["drifted"]:
+        get_run_logger().warning("data drift against %s:\n  - %s", drift["previous"],
+                                 "\n  - ".join(f["message"] for f in drift["findings"]))
+    return stats
+
+
+@task(name="etl", cache_policy=NO_CACHE)
+def session_etl(cfg: RunConfig, paths: RunPaths, raw_path: Path):
+    from pipeline_lib import sessions
+
+    return sessions.run_session_etl(raw_path, cfg, paths.transformed, paths.split)
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def session_train(cfg: RunConfig, paths: RunPaths, etl_out):
+    from pipeline_lib import session_model
+
+    return session_model.train_and_evaluate(etl_out, cfg, paths.model)
+
+
+def _requests(cfg: RunConfig, etl_out, n: int) -> pd.DataFrame:
+    """Held-out sessions minus their last event: what a client would send."""
+    from pipeline_lib.sessions import prefixes
+
+    return prefixes(pd.read_parquet(etl_out.split.valid).head(n), cfg.session.columns)[0]
+
+
+@task(name="export", cache_policy=NO_CACHE)
+def session_export(cfg: RunConfig, paths: RunPaths, etl_out, model):
+    from pipeline_lib import session_serving_model as ssm
+
+    return ssm.export_session_ensemble(
+        etl_out.workflow_dir, model.model_dir, _requests(cfg, etl_out, cfg.export.parity_rows),
+        cfg.session.columns.item_id, cfg.session.top_k, paths.ensemble, cfg.export.model_name, 1,
+        cfg.export.parity_atol, run_info={"run_dir": str(paths.root), "metrics": model.metrics},
+        max_request_rows=cfg.export.max_request_rows,
+    )
+
+
+@task(name="gate", cache_policy=NO_CACHE)
+def session_gate(cfg: RunConfig, paths: RunPaths, etl_out, exp):
+    from pipeline_lib import gate, session_serving_model as ssm
+
+    repo, name = cfg.export.model_repository, cfg.export.model_name
+    served = repository.served_version(repo, name)
+    served_dir = Path(repo) / name / str(served) if served else None
+    valid = pd.read_parquet(etl_out.split.valid).head(cfg.gate.max_rows)
+    if not cfg.gate.enabled:
+        decision = gate.GateDecision(True, cfg.session.gate_metric, float("nan"), None, served, cfg.gate.tolerance, 0,
+                                     "gate disabled (gate.enabled: false)")
+    else:
+        decision = ssm.decide(exp.version_dir, served_dir, served, valid, cfg.session.columns, cfg.session.top_k,
+                              cfg.session.gate_metric, cfg.gate.tolerance)
+    decision.save(paths.root / "gate.json")
+    print(f"promotion gate: {'PROMOTE' if decision.promote else 'KEEP SERVED VERSION'}: {decision.reason}")
+    return decision
+
+
+@task(name="serving-smoke-test", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def session_smoke(cfg: RunConfig, paths: RunPaths, etl_out, exp):
+    import nvtabular as nvt
+
+    from pipeline_lib import session_serving_model as ssm
+
+    rows = _requests(cfg, etl_out, cfg.serving.smoke_rows)
+    offline = ssm.offline_topk(nvt.Workflow.load(str(etl_out.workflow_dir)), exp.version_dir / "ensemble" / "model",
+                               rows, cfg.session.columns.item_id, cfg.session.top_k)
+    return ssm.session_smoke_test(exp.staged_repository, exp.model_name, rows, offline, cfg.serving.smoke_atol,
+                                  paths.serving, cfg.serving.startup_timeout_s)
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def session_publish(cfg: RunConfig, paths: RunPaths, raw_path: Path, etl_out, model, exp):
+    info = lineage.build_lineage(paths.root, raw_path, cfg.model_dump(mode="json"), etl_out.workflow_dir,
+                                 model.model_dir, model.metrics)
+    version, path = repository.publish(exp.version_dir, exp.config_path, cfg.export.model_repository,
+                                       exp.model_name, info)
+    return version, path, info
+
+
+@task(name="promote", retries=2, retry_delay_seconds=[5, 20], cache_policy=NO_CACHE)
+def session_promote(cfg: RunConfig, version: int) -> dict:
+    live = serving.live_server(cfg.serving) if cfg.serving.notify_live_server else None
+    event = repository.promote(cfg.export.model_repository, cfg.export.model_name, version, live,
+                               cfg.serving.instance_count)
+    event["pruned"] = repository.prune(cfg.export.model_repository, cfg.export.model_name, cfg.export.keep_versions)
+    return event
+
+
+def metric_table(metrics: dict, k: int) -> list[dict]:
+    """Model vs baselines, one row each."""
+    rows = [{"method": metrics["model"], **{m: metrics[f"{m}@{k}"] for m in ("recall", "ndcg", "mrr")}}]
+    for name, vals in metrics["baselines"].items():
+        rows.append({"method": name, **{m: vals[f"{m}@{k}"] for m in ("recall", "ndcg", "mrr")}})
+    return [{"method": r["method"], f"recall@{k}": round(r["recall"], 4), f"ndcg@{k}": round(r["ndcg"], 4),
+             f"mrr@{k}": round(r["mrr"], 4)} for r in rows]
+
+
+def run_session(cfg: RunConfig, paths: RunPaths) -> dict:
+    """Every stage of a session run (called inside the ``recsys-pipeline`` flow)."""
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        timings[name] = round(time.perf_counter() - t0, 2)
+        return out
+
+    k = cfg.session.top_k
+    raw_path = timed("raw-data", session_raw_data, cfg, paths)
+    timed("validate", session_validate, cfg, paths, raw_path)
+    etl_out = timed("etl", session_etl, cfg, paths, raw_path)
+    model = timed("train", session_train, cfg, paths, etl_out)
+    exp = timed("export", session_export, cfg, paths, etl_out, model)
+    decision = timed("gate", session_gate, cfg, paths, etl_out, exp)
+    table = metric_table(model.metrics, k)
+    summary = {
+        "task": "session",
+        "run_dir": str(paths.root),
+        "etl_device": etl_out.device,
+        "etl_from": str(etl_out.workflow_dir.parent),
+        "model": model.metrics["model"],
+        "metrics": {key: model.metrics[key] for key in (f"recall@{k}", f"ndcg@{k}", f"mrr@{k}", "n_train", "n_valid")},
+        "baselines": model.metrics["baselines"],
+        "gate": {"promote": decision.promote, "metric": decision.metric, "candidate": decision.candidate,
+                 "served": decision.served, "served_version": decision.served_version, "reason": decision.reason},
+        "stage_seconds": timings,
+    }
+    create_table_artifact(key="metrics", table=table, description=f"next-item metrics on held-out sessions (k={k})")
+    print("Next-item metrics on the held-out sessions (last item):\n" + pd.DataFrame(table).to_string(index=False))
+    if not decision.promote:
+        summary.update(model_version=None, served_version=decision.served_version)
+        (paths.root / "summary.json").write_text(pd.Series(summary).to_json(indent=2))
+        print(f"candidate refused by the gate; version {decision.served_version} keeps serving")
+        return summary | {"predictions": None}
+
+    result = timed("serving-smoke-test", session_smoke, cfg, paths, etl_out, exp)
+    version, served_dir, info = timed("publish", session_publish, cfg, paths, raw_path, etl_out, model, exp)
+    event = timed("promote", session_promote, cfg, version)
+    preds = result.table(_requests(cfg, etl_out, cfg.serving.smoke_rows))
+    summary.update({
+        "model_version": version, "served_dir": str(served_dir), "served_version": event["version"],
+        "previous_version": event["previous"], "pruned_versions": event["pruned"],
+        "data_fingerprint": info["data"]["fingerprint"],
+        "max_abs_diff_served_vs_offline": result.max_abs_diff, "served_topk_equals_offline": True,
+    })
+    (paths.root / "summary.json").write_text(pd.Series(summary).to_json(indent=2))
+    create_table_artifact(key="served-predictions", table=preds.astype(str).to_dict(orient="records"),
+                          description="Raw sessions sent to Triton, served (HTTP, gRPC) and offline top-k item ids")
+    create_markdown_artifact(key="run-summary", markdown="\n".join(
+        ["# session run", "", "| stage | seconds |", "|---|---|", *[f"| {s} | {v} |" for s, v in timings.items()],
+         "", f"gate: {decision.reason}", f"model version **{version}** at `{served_dir}`"]), description="session run")
+    item = cfg.session.columns.item_id
+    shown = pd.DataFrame({f"{item} (last 5 of the session)": preds[item].map(lambda v: list(v)[-5:]),
+                          "served_grpc top-k": preds["served_grpc"], "offline top-k": preds["offline"]})
+    print("Served top-k (Triton, raw sessions in, next item ids out):\n" + shown.head(4).to_string())
+    print(f"{model.metrics['model']} recall@{k} {model.metrics[f'recall@{k}']:.4f}, ndcg@{k} "
+          f"{model.metrics[f'ndcg@{k}']:.4f}; served top-k == offline; published and serving {served_dir}")
+    return summary | {"predictions": preds}

@@ -1,0 +1,304 @@
+"""Session-based next-item model (Merlin Models, TensorFlow), its evaluation and two baselines.
+
+The model is ``mm.Model(InputBlockV2 -> SessionEncoder -> CategoricalOutput(item_id))``:
+
+- inputs: Merlin ``Embeddings`` of the categorical sequences (``sequence_combiner=None``, so
+  one vector per event) and the time-delta sequence, concatenated per event;
+- ``SessionEncoder`` (``session.model.type``): ``gru`` -- stacked Keras GRUs over the ragged
+  sequence; ``transformer`` -- causal self-attention blocks (Keras ``MultiHeadAttention`` with a
+  causal + padding mask, learned positions, GPT-style pre-norm). Merlin's own
+  ``mm.GPT2Block``/``XLNetBlock`` wrap HuggingFace ``transformers``, which this environment does
+  not install (it is not in the lock file), so the transformer is built from Keras layers;
+- trained with ``mm.SequencePredictNext`` (targets = the sequence shifted by one, every position
+  predicts the next item; causal encoders see only the past). At inference (and evaluation) the
+  encoder returns the state of the *last* event: the logits over the item vocabulary are the
+  next-item scores of the session so far.
+
+Evaluation: every held-out session minus its last event goes through the fitted feature workflow
+and the trained SavedModel (the offline path that serving must reproduce); the last item is the
+target; Recall@k, NDCG@k and MRR@k come from Merlin's ``mm.RecallAt``/``mm.NDCGAt``/``mm.MRRAt``.
+The same metrics score two baselines on the same held-out prefixes: most-popular items (train
+frequency) and item-to-item transitions (next-item counts after the prefix's last item in train
+sessions, popularity as the fallback).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline_lib.config import SessionColumns, SessionModelConfig
+
+log = logging.getLogger(__name__)
+
+N_SPECIAL = 3  # Categorify: 0 padding, 1 null, 2 out-of-vocabulary; never recommended
+MASKED = -1e9
+
+
+def _tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    return tf
+
+
+_ENCODER = None
+
+
+def _encoder_class():
+    """The Keras layer class, defined once on first use (TensorFlow is imported lazily)."""
+    global _ENCODER
+    if _ENCODER is None:
+        _ENCODER = _define_encoder()
+    return _ENCODER
+
+
+def _define_encoder():
+    tf = _tf()
+
+    @tf.keras.utils.register_keras_serializable(package="recsys_pipeline")
+    class SessionEncoder(tf.keras.layers.Layer):
+        """Ragged [batch, events, features] -> per-event states (training) or last-event state."""
+
+        def __init__(self, kind="gru", hidden_dim=64, num_layers=1, num_heads=2, dropout=0.1, max_length=20, **kwargs):
+            super().__init__(**kwargs)
+            self.kind, self.hidden_dim, self.num_layers = kind, hidden_dim, num_layers
+            self.num_heads, self.dropout, self.max_length = num_heads, dropout, max_length
+            self.supports_masking = True
+            self.project = tf.keras.layers.Dense(hidden_dim)
+            self.drop = tf.keras.layers.Dropout(dropout)
+            if kind == "gru":
+                self.rnns = [tf.keras.layers.GRU(hidden_dim, return_sequences=True) for _ in range(num_layers)]
+            else:
+                self.positions = tf.keras.layers.Embedding(max_length, hidden_dim)
+                self.attn = [tf.keras.layers.MultiHeadAttention(num_heads, hidden_dim // num_heads, dropout=dropout)
+                             for _ in range(num_layers)]
+                self.norm1 = [tf.keras.layers.LayerNormalization() for _ in range(num_layers)]
+                self.norm2 = [tf.keras.layers.LayerNormalization() for _ in range(num_layers)]
+                self.ffn = [tf.keras.Sequential([tf.keras.layers.Dense(2 * hidden_dim, activation="gelu"),
+                                                 tf.keras.layers.Dense(hidden_dim)]) for _ in range(num_layers)]
+                self.final_norm = tf.keras.layers.LayerNormalization()
+
+        def call(self, inputs, training=False, mask=None):
+            x = inputs if isinstance(inputs, tf.RaggedTensor) else tf.RaggedTensor.from_tensor(inputs)
+            lengths = x.row_lengths()
+            h = x.with_flat_values(self.drop(self.project(x.flat_values), training=training))
+            if self.kind == "gru":
+                for rnn in self.rnns:
+                    h = rnn(h, training=training)
+            else:
+                dense = h.to_tensor()  # [B, T, d], zero padded at the end
+                T = tf.shape(dense)[1]
+                dense = dense + self.positions(tf.range(T))[tf.newaxis]
+                pad = tf.sequence_mask(lengths, T)  # [B, T]
+                attn_mask = tf.logical_and(pad[:, tf.newaxis, :], pad[:, :, tf.newaxis])
+                causal = tf.linalg.band_part(tf.ones((T, T), tf.bool), -1, 0)
+                attn_mask = tf.logical_and(attn_mask, causal[tf.newaxis])
+                for attn, n1, n2, ffn in zip(self.attn, self.norm1, self.norm2, self.ffn):
+                    a = n1(dense)
+                    dense = dense + self.drop(attn(a, a, attention_mask=attn_mask, training=training), training=training)
+                    dense = dense + self.drop(ffn(n2(dense)), training=training)
+                dense = self.final_norm(dense)
+                h = tf.RaggedTensor.from_tensor(dense, lengths=lengths)
+            if training:
+                return h  # every position predicts the next item (SequencePredictNext)
+            last = h.row_limits() - 1
+            return tf.gather(h.flat_values, last)
+
+        def compute_mask(self, inputs, mask=None):
+            return mask
+
+        def get_config(self):
+            return {**super().get_config(), "kind": self.kind, "hidden_dim": self.hidden_dim,
+                    "num_layers": self.num_layers, "num_heads": self.num_heads, "dropout": self.dropout,
+                    "max_length": self.max_length}
+
+    return SessionEncoder
+
+
+def item_column(schema, cols: SessionColumns):
+    return schema[cols.item_id]
+
+
+def build_session_model(schema, cfg: SessionModelConfig, cols: SessionColumns, max_length: int):
+    import merlin.models.tf as mm
+    from merlin.schema import Tags
+
+    seq = schema.select_by_tag(Tags.SEQUENCE)
+    cats = seq.select_by_tag(Tags.CATEGORICAL)
+    dims = {c: (cfg.embedding_dim if c == cols.item_id else max(4, cfg.embedding_dim // 4)) for c in cats.column_names}
+    input_block = mm.InputBlockV2(seq, categorical=mm.Embeddings(cats, dim=dims, sequence_combiner=None))
+    encoder = _encoder_class()(cfg.type, cfg.hidden_dim, cfg.num_layers, cfg.num_heads, cfg.dropout, max_length,
+                               name="session_encoder")
+    return mm.Model(input_block, encoder, mm.CategoricalOutput(item_column(schema, cols)))
+
+
+@dataclass
+class SessionTrainOutput:
+    model_dir: Path
+    metrics: dict
+    history: dict = field(default_factory=dict)
+    metrics_path: Path | None = None
+
+
+def train_session_model(train_dir: Path, cfg: SessionModelConfig, cols: SessionColumns, max_length: int, seed: int,
+                        out_dir: Path):
+    """Fit with ``mm.SequencePredictNext`` and save the SavedModel; returns (model, model_dir, history)."""
+    tf = _tf()
+    import merlin.models.tf as mm
+    from merlin.io import Dataset
+    from merlin.schema import Tags
+
+    tf.keras.utils.set_random_seed(seed)
+    ds = Dataset(str(train_dir), engine="parquet")
+    schema = ds.schema.select_by_tag(Tags.SEQUENCE)
+    model = build_session_model(schema, cfg, cols, max_length)
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=cfg.learning_rate), run_eagerly=False)
+    loader = mm.Loader(ds, batch_size=cfg.batch_size, shuffle=True, schema=schema)
+    hist = model.fit(loader, epochs=cfg.epochs, verbose=0,
+                     pre=mm.SequencePredictNext(schema=schema, target=cols.item_id))
+    history = {k: [float(x) for x in v] for k, v in hist.history.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = out_dir / "model"
+    model.save(str(model_dir))
+    return model, model_dir, history
+
+
+# --- scoring: the offline path that serving reproduces ----------------------------------------------
+
+
+def raw_to_transformed(workflow, raw: pd.DataFrame) -> pd.DataFrame:
+    """Raw session lists -> the feature workflow's output (NVTabular ``Workflow.transform`` on a Dataset)."""
+    from merlin.io import Dataset
+
+    return workflow.transform(Dataset(raw.reset_index(drop=True), cpu=True)).to_ddf().compute().reset_index(drop=True)
+
+
+def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, batch_size: int = 512, model=None) -> np.ndarray:
+    """Next-item scores [sessions, vocabulary] for raw sessions so far: workflow + Merlin Loader + SavedModel."""
+    tf = _tf()
+    import merlin.models.tf as mm
+    from merlin.io import Dataset
+
+    transformed = raw_to_transformed(workflow, raw)
+    model = model or tf.saved_model.load(str(model_dir))
+    ds = Dataset(transformed, schema=workflow.output_schema, cpu=True)
+    out = []
+    for inputs, _ in mm.Loader(ds, batch_size=batch_size, shuffle=False):
+        pred = model(inputs)
+        pred = next(iter(pred.values())) if isinstance(pred, dict) else pred
+        out.append(np.asarray(pred, dtype=np.float32))
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and scores of the k best items per row, best first; special indices excluded; ties by index."""
+    s = np.array(scores, dtype=np.float32, copy=True)
+    s[:, :N_SPECIAL] = -np.inf
+    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return idx.astype(np.int64), np.take_along_axis(s, idx, axis=1)
+
+
+# --- metrics (Merlin's) and baselines ----------------------------------------------------------------
+
+
+def topk_metrics(scores: np.ndarray, targets: np.ndarray, k: int, batch: int = 2048, mask_special: bool = True) -> dict:
+    """Recall@k, NDCG@k, MRR@k of score rows against one target index each (mm.RecallAt/NDCGAt/MRRAt).
+    Ties are broken at random (Merlin's ``extract_topk``, seeded)."""
+    tf = _tf()
+    import merlin.models.tf as mm
+
+    metrics = {f"recall@{k}": mm.RecallAt(k, seed=0), f"ndcg@{k}": mm.NDCGAt(k, seed=0), f"mrr@{k}": mm.MRRAt(k, seed=0)}
+    s = np.array(scores, dtype=np.float32, copy=True)
+    if mask_special:
+        s[:, :N_SPECIAL] = MASKED
+    n_items = s.shape[1]
+    for i in range(0, len(s), batch):
+        t = np.asarray(targets[i:i + batch], dtype=np.int64)
+        y_true = tf.one_hot(np.clip(t, 0, n_items - 1), n_items) * tf.cast((t < n_items)[:, None], tf.float32)
+        y_pred = tf.constant(s[i:i + batch])
+        for m in metrics.values():
+            m.update_state(y_true, y_pred)
+    return {name: float(m.result().numpy()) for name, m in metrics.items()}
+
+
+def popularity_scores(train_lists: pd.Series, n_items: int) -> np.ndarray:
+    """Train frequency of every (encoded) item."""
+    counts = np.bincount(np.concatenate(train_lists.map(np.asarray).to_numpy()), minlength=n_items)[:n_items]
+    return counts.astype(np.float32)
+
+
+def transition_counts(train_lists: pd.Series, n_items: int) -> np.ndarray:
+    """counts[a, b] = how often b directly followed a in the training sessions."""
+    counts = np.zeros((n_items, n_items), dtype=np.float32)
+    for seq in train_lists:
+        a = np.asarray(seq)
+        if len(a) > 1:
+            np.add.at(counts, (a[:-1], a[1:]), 1.0)
+    return counts
+
+
+def baseline_scores(train_lists: pd.Series, last_items: np.ndarray, n_items: int) -> dict[str, np.ndarray]:
+    pop = popularity_scores(train_lists, n_items)
+    pop_norm = pop / max(pop.max(), 1.0)
+    trans = transition_counts(train_lists, n_items)
+    # co-occurrence: transition counts from the last item, popularity breaks ties / fills empty rows
+    cooc = trans[np.clip(last_items, 0, n_items - 1)] + 1e-3 * pop_norm[None, :]
+    return {"most_popular": np.tile(pop, (len(last_items), 1)), "cooccurrence": cooc}
+
+
+def evaluate(workflow, model_dir: Path, valid_sessions: pd.DataFrame, train_transformed: pd.DataFrame,
+             cols: SessionColumns, k: int, n_items: int) -> dict:
+    """Model vs baselines on the last item of every held-out session (prefix = the events before it)."""
+    from pipeline_lib.sessions import prefixes
+
+    req, _ = prefixes(valid_sessions, cols)
+    # targets in the model's index space: encode the full held-out sessions with the same workflow
+    full = raw_to_transformed(workflow, valid_sessions[req.columns])
+    targets = full[cols.item_id].map(lambda v: int(v[-1])).to_numpy()
+    enc_prefix = raw_to_transformed(workflow, req)
+    last_items = enc_prefix[cols.item_id].map(lambda v: int(v[-1])).to_numpy()
+    results = {"model": topk_metrics(offline_scores(workflow, model_dir, req), targets, k)}
+    for name, s in baseline_scores(train_transformed[cols.item_id], last_items, n_items).items():
+        results[name] = topk_metrics(s, targets, k)
+    results["n_sessions"] = int(len(targets))
+    results["target_oov_rate"] = float(np.mean(targets < N_SPECIAL))
+    return results
+
+
+def train_and_evaluate(etl_out, cfg, out_dir: Path) -> SessionTrainOutput:
+    """Train (``session.model``), evaluate against the baselines on the held-out sessions, save metrics.json."""
+    import time
+
+    import nvtabular as nvt
+
+    s = cfg.session
+    t0 = time.perf_counter()
+    model, model_dir, history = train_session_model(etl_out.train_dir, s.model, s.columns, s.etl.max_session_length,
+                                                    cfg.seed, out_dir)
+    train_s = time.perf_counter() - t0
+    workflow = nvt.Workflow.load(str(etl_out.workflow_dir))
+    n_items = int(workflow.output_schema[s.columns.item_id].int_domain.max) + 1
+    train_tf = pd.read_parquet(sorted(Path(etl_out.train_dir).glob("*.parquet"))[0])
+    valid = pd.read_parquet(etl_out.split.valid)
+    results = evaluate(workflow, model_dir, valid, train_tf, s.columns, s.top_k, n_items)
+    k = s.top_k
+    metrics = {
+        "model": f"session_{s.model.type}",
+        **{f"{m}@{k}": results["model"][f"{m}@{k}"] for m in ("recall", "ndcg", "mrr")},
+        "baselines": {n: results[n] for n in ("most_popular", "cooccurrence")},
+        "n_train": int(len(train_tf)), "n_valid": results["n_sessions"], "n_items": n_items,
+        "target_oov_rate": results["target_oov_rate"], "epochs_run": len(history.get("loss", [])),
+        "train_seconds": round(train_s, 1),
+    }
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
+    log.info("session_%s: recall@%d %.4f ndcg@%d %.4f (most popular %.4f, co-occurrence %.4f)", s.model.type, k,
+             metrics[f"recall@{k}"], k, metrics[f"ndcg@{k}"], results["most_popular"][f"recall@{k}"],
+             results["cooccurrence"][f"recall@{k}"])
+    return SessionTrainOutput(model_dir, metrics, history, metrics_path)
