@@ -43,6 +43,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_and_ask(repository: Path, model_name: str, out_dir: Path, startup_timeout_s: float, ask) -> tuple:
+    """Start Triton on ``repository`` (free local ports), call ``ask(client)`` over HTTP and then
+    gRPC, stop the server; returns (http answer, grpc answer)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    server = TritonServer(
+        repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        log_file=out_dir / "triton.log",
+    )
+    with server.start(timeout_s=startup_timeout_s, models=[model_name]):
+        with RecsysClient(server.http_url, "http", model_name) as c:
+            http = ask(c)
+        with RecsysClient(server.grpc_url, "grpc", model_name) as c:
+            grpc = ask(c)
+    return http, grpc
+
+
 def smoke_test(
     repository: Path,
     model_name: str,
@@ -53,16 +69,7 @@ def smoke_test(
     startup_timeout_s: float = 180.0,
 ) -> SmokeResult:
     """Serve ``repository`` on free local ports and check served == offline for raw ``rows``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(
-        repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-        log_file=out_dir / "triton.log",
-    )
-    with server.start(timeout_s=startup_timeout_s, models=[model_name]):
-        with RecsysClient(server.http_url, "http", model_name) as c:
-            http = c.predict(rows)
-        with RecsysClient(server.grpc_url, "grpc", model_name) as c:
-            grpc = c.predict(rows)
+    http, grpc = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, lambda c: c.predict(rows))
     offline = np.asarray(offline, dtype=np.float64).reshape(-1)
     res = SmokeResult(
         n_rows=len(rows),
@@ -105,16 +112,7 @@ def smoke_test_topk(
     the offline top-k for the same raw rows (same ids in the same order, scores within atol)."""
     from pipeline_lib.topk import TopKParityError, compare
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(
-        repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-        log_file=out_dir / "triton.log",
-    )
-    with server.start(timeout_s=startup_timeout_s, models=[model_name]):
-        with RecsysClient(server.http_url, "http", model_name) as c:
-            http = c.recommend(rows)
-        with RecsysClient(server.grpc_url, "grpc", model_name) as c:
-            grpc = c.recommend(rows)
+    http, grpc = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, lambda c: c.recommend(rows))
     try:
         diff = max(compare(http, offline, atol, "served (HTTP)"), compare(grpc, offline, atol, "served (gRPC)"))
     except TopKParityError as exc:
