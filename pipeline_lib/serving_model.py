@@ -17,6 +17,7 @@ from merlin.dag.runtime import Runtime
 from merlin.systems.dag import Ensemble
 from merlin.systems.triton.conversions import tensor_names, tensor_table_to_triton_response
 from merlin.table import TensorTable
+from pipeline_lib.export import DirectPredictor
 from pipeline_lib.request_checks import BadRequest, check_request
 
 DEFAULT_MAX_ROWS = 65536
@@ -40,6 +41,9 @@ class TritonPythonModel:
         self.ragged = {c.name for c in schema.column_schemas.values() if c.is_ragged}
         self.runtime = Runtime()
         self.logger = pb_utils.Logger
+        # workflow >> model ensembles (all this project exports) skip merlin's DAG runtime
+        self.direct = DirectPredictor.from_ensemble(self.ensemble)
+        self.output_names = self.ensemble.output_schema.column_names
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
@@ -52,8 +56,11 @@ class TritonPythonModel:
                 if tensor is None:
                     raise BadRequest(f"missing input '{name}'")
                 arrays[name] = tensor.as_numpy()
-            table = TensorTable(check_request(arrays, self.ragged, self.max_rows))
-            outputs = self.ensemble.transform(table, runtime=self.runtime)
+            checked = check_request(arrays, self.ragged, self.max_rows)
+            if self.direct is not None:
+                outputs = self.direct(checked)
+                return pb_utils.InferenceResponse([pb_utils.Tensor(n, outputs[n]) for n in self.output_names])
+            outputs = self.ensemble.transform(TensorTable(checked), runtime=self.runtime)
             return tensor_table_to_triton_response(outputs, self.ensemble.output_schema)
         except BadRequest as exc:
             return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"bad request: {exc}"))
