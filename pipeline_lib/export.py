@@ -436,4 +436,15 @@ def _install_serving_model(model_dir: Path, version: int, max_request_rows: int,
     cfg_path = model_dir / "config.pbtxt"
     cfg = text_format.Parse(cfg_path.read_text(), mc.ModelConfig())
     cfg.parameters["max_request_rows"].string_value = str(max_request_rows)
+    if dynamic_batching is not None and dynamic_batching.enabled:
+        # One request = one batch entry: every input gets a leading batch dimension of 1 and is a
+        # ragged-batch input (requests of different row and list-value counts are queued together;
+        # the python backend hands them to model.py as separate requests, which scores them in one
+        # call). Row-wise batching with ragged lists is refused by Triton ("input 'device' batch size
+        # does not match other inputs"): values/offsets have no row-sized first dimension.
+        cfg.max_batch_size = dynamic_batching.max_batch_size
+        for inp in cfg.input:
+            inp.allow_ragged_batch = True
+        cfg.dynamic_batching.max_queue_delay_microseconds = dynamic_batching.max_queue_delay_microseconds
+        cfg.dynamic_batching.preferred_batch_size.extend(dynamic_batching.preferred_batch_size)
     cfg_path.write_text(text_format.MessageToString(cfg))
