@@ -206,7 +206,8 @@ def _op_step(op, selection: list[str]) -> Callable[[dict], dict]:
 @dataclass
 class _Node:
     upstream: list[int]  # indices into CompiledWorkflow.nodes
-    input_columns: list[str]  # node.input_schema columns + dependency columns (root columns if not upstream)
+    input_columns: list[str]  # node.input_schema columns: taken from the request when no upstream has them
+    dependency_columns: list[str]  # raw-column dependencies: always taken from the request (as merlin does)
     step: Callable[[dict], dict] | None
 
 
@@ -225,14 +226,15 @@ class CompiledWorkflow:
             if id(node) in ids:
                 return ids[id(node)]
             upstream = [add(p) for p in node.parents_with_dependencies]
-            cols = list(dict.fromkeys([*node.input_schema.column_names, *node.dependency_columns.names]))
+            cols = list(node.input_schema.column_names)
+            deps = [c for c in node.dependency_columns.names if c not in cols]
             step = None
             if node.op is not None:
                 selection = node.input_columns.resolve(node.input_schema)
                 if selection.subgroups:
                     raise Unsupported("column groups (subgroups) are not compiled")
                 step = _op_step(node.op, list(selection.names))
-            self.nodes.append(_Node(upstream, cols, step))
+            self.nodes.append(_Node(upstream, cols, deps, step))
             ids[id(node)] = len(self.nodes) - 1
             return ids[id(node)]
 
@@ -244,16 +246,16 @@ class CompiledWorkflow:
             x = inputs[name]
             if isinstance(x, Ragged) != (name in self.ragged_inputs):
                 raise Unsupported(f"input {name}: list/scalar representation differs from the workflow's")
-            kind = (x.values if isinstance(x, Ragged) else x).dtype.kind
-            want = self.input_kinds[name]
-            if kind != want and not (want in "iu" and kind in "iu") and not (len(x.values if isinstance(x, Ragged) else x) == 0):
+            kind, want = (x.values if isinstance(x, Ragged) else x).dtype.kind, self.input_kinds[name]
+            if kind != want and not (want in "iu" and kind in "iu"):
                 raise Unsupported(f"input {name}: dtype kind {kind!r}, the workflow was fitted on {want!r}")
         results: list[dict | None] = [None] * len(self.nodes)
         for i, node in enumerate(self.nodes):
-            upstream = [results[j] for j in node.upstream]
-            upstream = [u for u in upstream if u]
+            # merlin's LocalExecutor: upstream outputs merged in order (later ones win), then the
+            # node's input columns no upstream produced and its raw-column dependencies, from the request
+            upstream = [u for u in (results[j] for j in node.upstream) if u]
             present = set().union(*upstream) if upstream else set()
-            root = [c for c in node.input_columns if c not in present]
+            root = [c for c in node.input_columns if c not in present] + node.dependency_columns
             merged: dict = {}
             for u in upstream:
                 merged.update(u)
