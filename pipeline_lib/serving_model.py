@@ -3,7 +3,11 @@
 It replaces merlin-systems' ``executor_model.py`` (same loading of the ensemble and its
 artifacts) with: request checks that answer a clear error naming the field
 (:mod:`pipeline_lib.request_checks`), internal errors reported as one line (the traceback goes to
-the server log, not to the client), and a plain in-process runtime. This file only runs inside
+the server log, not to the client), and a direct ``workflow >> model`` call on numpy arrays
+(:class:`pipeline_lib.export.DirectPredictor`: the workflow op's compiled transform, then the
+SavedModel signature) instead of merlin's DAG runtime. With dynamic batching in config.pbtxt
+(``max_batch_size`` > 0), the requests Triton queued together are checked one by one, scored in
+one call and answered with their own rows. This file only runs inside
 Triton's python backend stub (it imports ``triton_python_backend_utils``).
 """
 import json
