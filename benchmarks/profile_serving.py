@@ -8,7 +8,7 @@ which are NOT project dependencies):
    batch size, and samples the python-backend stub process (the process that runs model.py:
    request tensors -> workflow -> TensorFlow -> response) with ``py-spy record``; prints the share of
    samples spent in each part of the request path;
-2. profiles the same request in-process with pyinstrument (``ensemble.transform``) and prints
+2. profiles the same request in-process with pyinstrument (model.py's path) and prints
    the call tree.
 
 Writes benchmarks/results/profile_*.txt.
@@ -34,7 +34,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # (label, frame-name substrings), checked in order: the first match (innermost-first) labels a sample
 BUCKETS = [
-    ("TensorFlow SavedModel call", ("InProcessTensorflow.transform",)),
+    ("TensorFlow SavedModel call", ("InProcessTensorflow.transform", "predict_tensors")),
+    ("compiled workflow transform (numpy)", ("CompiledWorkflow.__call__",)),
     ("NVTabular Workflow._transform_df (ops: Categorify, Normalize, ...)", ("_transform_df",)),
     ("TensorTable -> pandas (to_df) / bytes decode", ("to_df", "str.decode", "StringMethods")),
     ("pandas -> TensorTable (from_df)", ("from_df",)),
@@ -130,7 +131,7 @@ def main(argv=None) -> None:
         inproc(arrays)
         n += 1
     prof.stop()
-    report += ["", f"# pyinstrument, in-process ensemble.transform, batch {a.batch}, {n} calls in 5 s", "",
+    report += ["", f"# pyinstrument, in-process (model.py path: checks, DirectPredictor), batch {a.batch}, {n} calls in 5 s", "",
                prof.output_text(unicode=False, color=False, show_all=False)]
     text = "\n".join(report)
     (RESULTS / f"profile_serving_batch{a.batch}.txt").write_text(text)

@@ -28,6 +28,8 @@ import pandas as pd
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MODEL = "recsys"
+# the dynamically batched variant served in a second pass (8 clients)
+BATCHING = {"enabled": True, "max_batch_size": 16, "max_queue_delay_microseconds": 0}
 
 
 @dataclass
@@ -66,6 +68,14 @@ def prepare_model(work: Path, data_dir: Path, rows: int = 20_000, n_request_rows
     repo = work / "model_repository"
     version, path = repository.publish(exp.version_dir, exp.config_path, repo, MODEL)
     repository.promote(repo, MODEL, version)
+    # the same model with Triton's dynamic batcher on (serving.dynamic_batching), in its own repository
+    from pipeline_lib.config import DynamicBatchingConfig
+
+    exp_b = export.export_ensemble(work / "etl" / "workflow", model.model_dir, request_rows.head(64), columns.label,
+                                   work / "staging_batched", MODEL, 1, dynamic_batching=DynamicBatchingConfig(**BATCHING))
+    repo_b = work / "model_repository_batched"
+    version_b, _ = repository.publish(exp_b.version_dir, exp_b.config_path, repo_b, MODEL)
+    repository.promote(repo_b, MODEL, version_b)
     return ServedModel(repo, version, path / "ensemble", request_rows, {k: round(v, 2) for k, v in t.items()})
 
 
@@ -145,9 +155,12 @@ class InProcess:
         self.ensemble = Ensemble.load(str(ensemble_dir))
         for node in postorder_iter_nodes(self.ensemble.graph.output_node, flatten_subgraphs=True):
             node.op.load_artifacts(str(ensemble_dir))
+        from pipeline_lib.export import DirectPredictor
+
         self.ragged = {c.name for c in self.ensemble.input_schema.column_schemas.values() if c.is_ragged}
         self.runtime = Runtime()
         self.output = self.ensemble.output_schema.column_names[0]
+        self.direct = DirectPredictor.from_ensemble(self.ensemble)  # model.py's per-request path
 
     def arrays(self, rows: pd.DataFrame) -> dict:
         """The request tensors as Triton hands them to model.py (bytes strings, values/offsets)."""
@@ -170,8 +183,10 @@ class InProcess:
 
         from pipeline_lib.request_checks import check_request
 
-        table = TensorTable(check_request(arrays, self.ragged, 65536))
-        out = self.ensemble.transform(table, runtime=self.runtime)
+        checked = check_request(arrays, self.ragged, 65536)
+        if self.direct is not None:
+            return np.asarray(self.direct(checked)[self.output]).reshape(-1)
+        out = self.ensemble.transform(TensorTable(checked), runtime=self.runtime)
         return np.asarray(out[self.output].values).reshape(-1)
 
 
@@ -195,35 +210,37 @@ def bench_inprocess(inproc: InProcess, rows: pd.DataFrame, batch: int, n: int, m
 
 
 def breakdown(inproc: InProcess, rows: pd.DataFrame, batch: int, n: int = 30) -> dict:
-    """Median time of the two ops of the ensemble, called directly: the NVTabular workflow
-    (TensorTable -> pandas, bytes decode, Workflow._transform_df, -> TensorTable) and the TF
-    SavedModel signature call, against the whole ensemble.transform."""
-    from merlin.dag import ColumnSelector, postorder_iter_nodes
-    from merlin.table import TensorTable
-
-    from pipeline_lib.export import InProcessTensorflow, InProcessWorkflow
+    """Median time of the parts of model.py's request path, called directly: request checks, the
+    workflow op (compiled numpy transform when enabled), the TF SavedModel signature call; and, for
+    comparison in the same run, the same workflow op executed by NVTabular (the path before the
+    compiled transform: TensorTable -> pandas, bytes decode, Workflow._transform_df)."""
+    from pipeline_lib.fast_transform import columns_from_tensors, tensors_from_columns
     from pipeline_lib.request_checks import check_request
 
-    ops = {type(nd.op): nd for nd in postorder_iter_nodes(inproc.ensemble.graph.output_node, flatten_subgraphs=True)}
-    wf_node, tf_node = ops[InProcessWorkflow], ops[InProcessTensorflow]
     arrays = inproc.arrays(rows.iloc[:batch])
-    times = {"ensemble_transform": [], "workflow_op": [], "tensorflow_op": []}
+    direct = inproc.direct
+    times = {"request": [], "checks": [], "workflow_op": [], "tensorflow_op": [], "nvtabular_workflow_op": []}
     for _ in range(n + 3):
         t0 = time.perf_counter()
         inproc(arrays)
         t1 = time.perf_counter()
-        table = TensorTable(check_request(arrays, inproc.ragged, 65536))
+        checked = check_request(arrays, inproc.ragged, 65536)
         t2 = time.perf_counter()
-        mid = wf_node.op.transform(ColumnSelector(wf_node.input_schema.column_names), table)
+        cols = direct.wf_op.transform_columns(columns_from_tensors(checked, inproc.ragged))
         t3 = time.perf_counter()
-        tf_node.op.transform(ColumnSelector(tf_node.input_schema.column_names), mid)
+        direct.tf_op.predict_tensors(tensors_from_columns(cols))
         t4 = time.perf_counter()
-        times["ensemble_transform"].append(t1 - t0)
-        times["workflow_op"].append(t3 - t2)
-        times["tensorflow_op"].append(t4 - t3)
+        fast, direct.wf_op._fast = direct.wf_op.fast, None
+        try:
+            direct.wf_op.transform_columns(columns_from_tensors(checked, inproc.ragged))
+        finally:
+            direct.wf_op._fast = fast
+        t5 = time.perf_counter()
+        for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            times[k].append(v)
     med = {k: round(float(np.median(v[3:])) * 1000, 3) for k, v in times.items()}
-    med["dag_and_checks_overhead"] = round(med["ensemble_transform"] - med["workflow_op"] - med["tensorflow_op"], 3)
-    return {"batch": batch, "median_ms": med}
+    med["other"] = round(med["request"] - med["checks"] - med["workflow_op"] - med["tensorflow_op"], 3)
+    return {"batch": batch, "fast_transform": direct.wf_op.fast is not None, "median_ms": med}
 
 
 def _stats(url: str) -> dict:
@@ -239,7 +256,15 @@ def _stats(url: str) -> dict:
         for k in keys:
             c, ns = tot[k]
             tot[k] = (c + int(inf.get(k, {}).get("count", 0)), ns + int(inf.get(k, {}).get("ns", 0)))
+    tot["executions"] = sum(int(m.get("execution_count", 0)) for m in s)
     return tot
+
+
+def _executions_per_request(url: str, before: dict) -> float | None:
+    """Model executions per request since ``before`` (< 1: the dynamic batcher combined requests)."""
+    after = _stats(url)
+    n = after["success"][0] - before["success"][0]
+    return round((after["executions"] - before["executions"]) / n, 3) if n > 0 else None
 
 
 def _stats_delta(before: dict, after: dict) -> dict:
@@ -296,13 +321,31 @@ def bench(work: Path, data_dir: Path, batches=(1, 64, 1024), concurrency=(1, 8),
                     r = load_clients(url, proto, sm.rows, b, k, n, secs)
                     r.update(_stats_delta(before, _stats(server.http_url)))
                     out["served"].append(r)
-        # the reference again, now that the served runs are done (the machine is shared and noisy:
-        # the targets use the faster of the two passes, i.e. the stricter reference)
-        for b in batches:
-            n, secs = request_budget(b, quick)
-            out["in_process"].append(bench_inprocess(inproc, sm.rows, b, n, secs) | {"pass": "after served runs"})
     finally:
         server.stop()
+    # the dynamically batched variant: 8 clients, gRPC (one instance; requests queued together)
+    repo_b = sm.repo.parent / "model_repository_batched"
+    if repo_b.is_dir() and 8 in concurrency:
+        server = TritonServer(repo_b, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                              log_file=work / "triton_batched.log", model_control="explicit", load_models=[MODEL])
+        server.start(timeout_s=300, models=[MODEL])
+        out["dynamic_batching"] = {"config": BATCHING, "served": []}
+        try:
+            for b in batches:
+                n, secs = request_budget(b, quick)
+                for k in concurrency:
+                    before = _stats(server.http_url)
+                    r = load_clients(server.grpc_url, "grpc", sm.rows, b, k, n, secs)
+                    r.update(_stats_delta(before, _stats(server.http_url)))
+                    r["executions_per_request"] = _executions_per_request(server.http_url, before)
+                    out["dynamic_batching"]["served"].append(r)
+        finally:
+            server.stop()
+    # the reference again, now that the served runs are done (the machine is shared and noisy:
+    # the targets use the faster of the two passes, i.e. the stricter reference)
+    for b in batches:
+        n, secs = request_budget(b, quick)
+        out["in_process"].append(bench_inprocess(inproc, sm.rows, b, n, secs) | {"pass": "after served runs"})
     out["targets"] = targets(out)
     out["total_seconds"] = round(time.perf_counter() - t0 + prep, 1)
     return out

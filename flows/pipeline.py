@@ -137,7 +137,8 @@ def run_export(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, model, r
         etl_out.workflow_dir, model.model_dir, _valid_sample(cfg, etl_out, cfg.export.parity_rows),
         cfg.columns.label, paths.ensemble, cfg.export.model_name, 1, cfg.export.parity_atol,
         run_info={"run_dir": str(paths.root), "metrics": model.metrics},
-        max_request_rows=cfg.export.max_request_rows,
+        max_request_rows=cfg.export.max_request_rows, fast_transform=cfg.export.fast_transform,
+        dynamic_batching=cfg.serving.dynamic_batching,
     )
 
 

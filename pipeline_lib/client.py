@@ -37,6 +37,7 @@ class RecsysClient:
         self.protocol = protocol
         self.model_name = model_name
         self._inputs: Optional[dict[str, str]] = None
+        self._batch_dim = False  # the model batches requests (dynamic batching): inputs are [1, rows]
         self._outputs: Optional[list[str]] = None
 
     def _metadata(self) -> None:
@@ -45,11 +46,15 @@ class RecsysClient:
         md = self._client.get_model_metadata(self.model_name)
         if self.protocol == "grpc":
             inputs = [(i.name, i.datatype) for i in md.inputs]
+            ranks = [len(i.shape) for i in md.inputs]
             outputs = [o.name for o in md.outputs]
         else:
             inputs = [(i["name"], i["datatype"]) for i in md["inputs"]]
+            ranks = [len(i["shape"]) for i in md["inputs"]]
             outputs = [o["name"] for o in md["outputs"]]
         self._inputs, self._outputs = dict(inputs), outputs
+        # with max_batch_size > 0 the metadata shows the batch dimension: [-1, -1]
+        self._batch_dim = bool(ranks) and all(r == 2 for r in ranks)
 
     @property
     def raw_columns(self) -> list[str]:
@@ -91,6 +96,8 @@ class RecsysClient:
         self._metadata()
         inputs = []
         for name, arr in arrays.items():
+            if self._batch_dim and arr.ndim == 1:
+                arr = arr.reshape(1, -1)  # one request = one batch entry of the dynamic batcher
             inp = self._tc.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
             inp.set_data_from_numpy(arr)
             inputs.append(inp)

@@ -325,6 +325,32 @@ class ExportConfig(_Strict):
     parity_atol: float = 1e-5
     keep_versions: int = Field(5, ge=1, description="retention: newest versions kept (the served one always is)")
     max_request_rows: int = Field(65536, ge=1, description="served requests with more rows get a clear error")
+    fast_transform: bool = Field(
+        True, description="serve the fitted workflow compiled to numpy (verified identical to NVTabular at export)"
+    )
+
+
+class DynamicBatchingConfig(_Strict):
+    """Triton's dynamic batcher for the served model (written into the version's config.pbtxt).
+
+    With it on, one request is one batch entry: each input carries a leading batch dimension of 1
+    (shape ``[1, rows]``; ``RecsysClient`` adds it by itself), every input is a ragged-batch input,
+    and the model receives the queued requests together, encodes and scores their rows in one
+    call, and answers each request with its own rows' scores."""
+
+    enabled: bool = False
+    max_batch_size: int = Field(32, ge=1, description="most requests Triton hands to one model call")
+    max_queue_delay_microseconds: int = Field(
+        0, ge=0, description="how long Triton may hold a request to form a larger batch (0: only what is queued)"
+    )
+    preferred_batch_size: list[int] = Field(default_factory=list, description="request counts Triton aims for")
+
+    @model_validator(mode="after")
+    def _preferred_within_max(self) -> "DynamicBatchingConfig":
+        bad = [p for p in self.preferred_batch_size if not 1 <= p <= self.max_batch_size]
+        if bad:
+            raise ValueError(f"preferred_batch_size {bad} outside 1..max_batch_size ({self.max_batch_size})")
+        return self
 
 
 class ServingConfig(_Strict):
@@ -338,6 +364,7 @@ class ServingConfig(_Strict):
     )
     repository_poll_secs: int = Field(5, ge=1)
     instance_count: int = Field(1, ge=1, description="model instances (python backend processes)")
+    dynamic_batching: DynamicBatchingConfig = Field(default_factory=DynamicBatchingConfig)
     admin_api_key: Optional[str] = Field(
         None, description="restrict Triton's model-repository API (load/unload) to requests with this key; "
         "default: env RECSYS_ADMIN_KEY"
@@ -443,6 +470,9 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _gate_metric_fits_the_model(self) -> "RunConfig":
+        if self.serving.dynamic_batching.enabled and (self.model.is_retrieval or self.task != "ranking"):
+            raise ValueError("serving.dynamic_batching applies to ranking models only (retrieval and session "
+                             "models are served one request per call)")
         m = self.gate.metric
         if m != "auto":
             allowed = RETRIEVAL_METRICS if self.model.is_retrieval else RANKING_METRICS

@@ -9,7 +9,10 @@ inside the version directory, which makes each version self-contained and reloca
 
 Before anything is written, the ensemble's in-process output is compared with the offline
 path (NVTabular ``Workflow.transform`` + the Keras model's ``predict``) on a raw sample; after
-writing, the *exported* copy is loaded back and checked the same way. A version only appears
+writing, the *exported* copy is loaded back and checked the same way, through the ensemble and
+through the :class:`DirectPredictor` the served ``model.py`` uses. Before that, the workflow op's
+compiled numpy transform (:mod:`pipeline_lib.fast_transform`) is verified column by column against
+``Workflow.transform`` and enabled only if identical. A version only appears
 in the repository after both checks and the served smoke test pass (``pipeline_lib.repository``).
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -41,10 +45,18 @@ class InProcessWorkflow(TransformWorkflow):
 
     The workflow is stored as an artifact (``ensemble/workflow``) rather than inside the
     ensemble pickle, so Categorify's vocabulary files travel with the version directory.
+
+    Fast path: :meth:`enable_fast_path` (at export) compiles the fitted workflow into a numpy-only
+    transform (:mod:`pipeline_lib.fast_transform`) and verifies it against ``Workflow.transform``
+    on raw rows; only then is ``fast_status["enabled"]`` pickled with the ensemble, and
+    ``load_artifacts`` compiles it again from the version's own workflow. A request the compiled
+    path does not cover (other dtypes) and a workflow that does not compile run NVTabular.
     """
 
+    fast_status: Optional[dict] = None  # class default: versions exported before the fast path
+
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "workflow"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("workflow", "_fast")}
 
     def save_artifacts(self, artifact_path: str) -> None:
         self.workflow.save(os.path.join(artifact_path, "workflow"))
@@ -56,11 +68,75 @@ class InProcessWorkflow(TransformWorkflow):
             return
 
         self.workflow = nvt.Workflow.load(os.path.join(artifact_path, "workflow"))
+        self._fast = None
+        if (self.fast_status or {}).get("enabled"):
+            from pipeline_lib.fast_transform import Unsupported, compile_workflow
+
+            try:
+                self._fast = compile_workflow(self.workflow)
+            except Unsupported as exc:  # verified at export, so not expected: keep NVTabular
+                log.warning("fast transform not compiled, using NVTabular: %s", exc)
+
+    def enable_fast_path(self, sample_raw: pd.DataFrame) -> dict:
+        """Compile the fitted workflow and verify it against ``Workflow.transform`` on ``sample_raw``
+        (plus edge rows); enable it only if every output column is identical."""
+        from pipeline_lib.fast_transform import Unsupported, compile_workflow, verify
+
+        self._fast = None
+        try:
+            compiled = compile_workflow(self.workflow)
+            cols = [c for c in self.workflow.input_schema.column_names]
+            n = verify(compiled, self.workflow, sample_raw[cols], raw_to_columns)
+        except (Unsupported, AssertionError) as exc:
+            self.fast_status = {"enabled": False, "reason": f"{type(exc).__name__}: {exc}"}
+            log.warning("serving fast path disabled, NVTabular runs per request: %s", exc)
+            return self.fast_status
+        self._fast = compiled
+        self.fast_status = {"enabled": True, "verified_rows": n}
+        return self.fast_status
+
+    @property
+    def fast(self):
+        return getattr(self, "_fast", None)
+
+    def transform_columns(self, cols: dict) -> dict:
+        """Request columns (``Ragged`` lists) -> the workflow's output columns: compiled path, or
+        NVTabular when it is not enabled or the request is outside it."""
+        from pipeline_lib.fast_transform import Unsupported, columns_from_tensors, tensors_from_columns
+
+        if self.fast is not None:
+            try:
+                return self.fast(cols)
+            except Unsupported:
+                pass
+        from merlin.dag import ColumnSelector
+        from merlin.table import TensorTable
+
+        out = self._nvt_transform(ColumnSelector(self.workflow.input_schema.column_names),
+                                  TensorTable(tensors_from_columns(cols)))
+        if not isinstance(out, TensorTable):
+            out = TensorTable.from_df(out)
+        ragged = {c.name for c in self.workflow.output_schema if c.is_list}
+        return columns_from_tensors(out.to_dict(), ragged)
 
     def compute_output_schema(self, input_schema, col_selector, prev_output_schema=None):
         return self.output_schema
 
     def transform(self, col_selector, transformable):
+        from merlin.table import TensorTable
+
+        if self.fast is not None and isinstance(transformable, TensorTable):
+            from pipeline_lib.fast_transform import Unsupported, columns_from_tensors, tensors_from_columns
+
+            ragged = {c.name for c in self.workflow.input_schema if c.is_list}
+            try:
+                cols = self.fast(columns_from_tensors(transformable.to_dict(), ragged))
+                return TensorTable(tensors_from_columns(cols))
+            except Unsupported:
+                pass
+        return self._nvt_transform(col_selector, transformable)
+
+    def _nvt_transform(self, col_selector, transformable):
         # Triton hands string (BYTES) inputs over as numpy object arrays of ``bytes`` (list values
         # too); the workflow's vocabularies were fitted on ``str``. Decode, or every string is OOV.
         from merlin.table import TensorTable
@@ -109,19 +185,23 @@ class InProcessTensorflow(PredictTensorflow):
         self._bind(tf.saved_model.load(os.path.join(artifact_path, "model")))
 
     def transform(self, col_selector, transformable):
-        import tensorflow as tf
         from merlin.table import TensorTable
 
         if not isinstance(transformable, TensorTable):
             transformable = TensorTable.from_df(transformable)
-        arrays = transformable.to_dict()
+        return type(transformable)(self.predict_tensors(transformable.to_dict()))
+
+    def predict_tensors(self, arrays: dict) -> dict:
+        """Model input tensors (numpy) -> {output name: numpy array}: one call of the serving signature."""
+        import tensorflow as tf
+
         inputs = {}
         for name, dtype in self._input_dtypes.items():
             if name not in arrays:
                 raise KeyError(f"model input '{name}' not produced by the workflow")
             inputs[name] = tf.convert_to_tensor(np.asarray(arrays[name]), dtype=dtype)
         outputs = self._signature(**inputs)
-        return type(transformable)({k: np.asarray(outputs[k].numpy()) for k in self.output_schema.column_names})
+        return {k: np.asarray(outputs[k].numpy()) for k in self.output_schema.column_names}
 
 
 @dataclass
@@ -131,6 +211,7 @@ class ExportOutput:
     version: int
     output_name: str
     parity_max_abs_diff: float
+    fast_transform: Optional[dict] = None  # {"enabled": bool, "verified_rows" | "reason"}
 
     @property
     def version_dir(self) -> Path:
@@ -141,12 +222,45 @@ class ExportOutput:
         return self.staged_repository / self.model_name / "config.pbtxt"
 
 
-def build_ensemble(workflow, model_dir: Path, label: str):
+def build_ensemble(workflow, model_dir: Path, label: str, fast_sample: Optional[pd.DataFrame] = None):
+    """``raw columns >> workflow (label removed) >> model``. With ``fast_sample`` (raw rows), the
+    workflow op's compiled fast path is verified on them and enabled if identical to NVTabular."""
     from merlin.systems.dag import Ensemble
 
     serving_wf = workflow.remove_inputs([label])
-    graph = serving_wf.input_schema.column_names >> InProcessWorkflow(serving_wf) >> InProcessTensorflow(model_dir)
+    wf_op = InProcessWorkflow(serving_wf)
+    if fast_sample is not None:
+        wf_op.enable_fast_path(fast_sample)
+    graph = serving_wf.input_schema.column_names >> wf_op >> InProcessTensorflow(model_dir)
     return Ensemble(graph, serving_wf.input_schema)
+
+
+class DirectPredictor:
+    """What the served model runs per request when the ensemble is ``workflow >> model`` (every
+    version this module exports): request tensors -> workflow op -> TensorFlow signature, on plain
+    dicts of numpy arrays, without merlin's DAG runtime and TensorTable conversions. The ops are the
+    ensemble's own (same compiled transform / NVTabular fallback, same SavedModel signature), so it
+    returns what ``ensemble.transform`` returns."""
+
+    def __init__(self, wf_op: InProcessWorkflow, tf_op: InProcessTensorflow, ragged: set[str]):
+        self.wf_op, self.tf_op, self.ragged = wf_op, tf_op, ragged
+
+    @classmethod
+    def from_ensemble(cls, ensemble) -> Optional["DirectPredictor"]:
+        from merlin.dag import postorder_iter_nodes
+
+        ops = [n.op for n in postorder_iter_nodes(ensemble.graph.output_node, flatten_subgraphs=True) if n.op is not None]
+        ops = [op for op in ops if type(op).__name__ != "SelectionOp"]
+        if len(ops) != 2 or type(ops[0]) is not InProcessWorkflow or type(ops[1]) is not InProcessTensorflow:
+            return None
+        ragged = {c.name for c in ensemble.input_schema if c.is_ragged}
+        return cls(ops[0], ops[1], ragged)
+
+    def __call__(self, tensors: dict) -> dict:
+        from pipeline_lib.fast_transform import columns_from_tensors, tensors_from_columns
+
+        cols = self.wf_op.transform_columns(columns_from_tensors(tensors, self.ragged))
+        return self.tf_op.predict_tensors(tensors_from_columns(cols))
 
 
 def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, label: str, batch_size: int = 1024) -> np.ndarray:
@@ -202,13 +316,25 @@ def raw_to_tensor_table(raw: pd.DataFrame):
     """Raw rows -> TensorTable as Triton hands them to the executor: ragged lists, strings as bytes."""
     from merlin.table import TensorTable
 
+    return TensorTable(_raw_columns(raw))
+
+
+def raw_to_columns(raw: pd.DataFrame) -> dict:
+    """Raw rows -> the fast transform's input columns, as Triton hands them over (bytes strings,
+    lists as values + offsets)."""
+    from pipeline_lib.fast_transform import Ragged
+
+    return {k: (Ragged(*v) if isinstance(v, tuple) else v) for k, v in _raw_columns(raw).items()}
+
+
+def _raw_columns(raw: pd.DataFrame) -> dict:
     cols = {}
     for name in raw.columns:
         s = raw[name]
         if s.dtype == object and len(s) and isinstance(s.iloc[0], (list, tuple, np.ndarray)):
             lengths = s.map(len).to_numpy()
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-            values = np.concatenate([np.asarray(v) for v in s]) if lengths.sum() else np.array([], dtype=np.int64)
+            values = np.concatenate([np.asarray(v) for v in s if len(v)]) if lengths.sum() else np.array([], dtype=np.int64)
             if values.dtype.kind in "OU":  # string lists travel as BYTES too
                 values = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in values], dtype=object)
             cols[name] = (values, offsets)
@@ -217,7 +343,7 @@ def raw_to_tensor_table(raw: pd.DataFrame):
             cols[name] = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in s], dtype=object)
         else:
             cols[name] = s.to_numpy()
-    return TensorTable(cols)
+    return cols
 
 
 def _check(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
@@ -240,13 +366,19 @@ def export_ensemble(
     atol: float = 1e-5,
     run_info: dict | None = None,
     max_request_rows: int = 65536,
+    fast_transform: bool = True,
+    dynamic_batching=None,
 ) -> ExportOutput:
     """Check parity in-process, export the ensemble as ``staging_dir/<model_name>/<version>``,
-    load the exported copy back and check it again. Nothing touches the live repository."""
+    load the exported copy back and check it again. Nothing touches the live repository.
+
+    ``fast_transform``: compile the fitted workflow for serving (verified identical to NVTabular
+    on ``sample_raw`` plus edge rows, else NVTabular serves). ``dynamic_batching``: a
+    :class:`pipeline_lib.config.DynamicBatchingConfig` written into the version's config.pbtxt."""
     import nvtabular as nvt
 
     workflow = nvt.Workflow.load(str(workflow_dir))
-    ensemble = build_ensemble(workflow, model_dir, label)
+    ensemble = build_ensemble(workflow, model_dir, label, fast_sample=sample_raw if fast_transform else None)
     want = offline_scores(workflow, model_dir, sample_raw, label)
     diff_inproc = _check("in-process ensemble", ensemble_scores(ensemble, sample_raw), want, atol)
 
@@ -259,18 +391,42 @@ def export_ensemble(
     ensemble.export(str(staging_dir), name=model_name, version=1)
     if version != 1:
         os.rename(staging_dir / model_name / "1", staging_dir / model_name / str(version))
-    _install_serving_model(staging_dir / model_name, version, max_request_rows)
+    _install_serving_model(staging_dir / model_name, version, max_request_rows, dynamic_batching)
     exported = load_version(staging_dir / model_name / str(version))
     diff_exported = _check("exported ensemble", ensemble_scores(exported, sample_raw), want, atol)
+    direct = DirectPredictor.from_ensemble(exported)
+    if direct is not None:  # what the served model.py runs per request
+        got = next(iter(direct(_raw_tensors(sample_raw[ensemble.input_schema.column_names])).values())).reshape(-1)
+        diff_exported = max(diff_exported, _check("exported ensemble (direct path)", got, want, atol))
+    fast_status = _workflow_op(ensemble).fast_status or {"enabled": False, "reason": "export.fast_transform is off"}
     out = ExportOutput(staging_dir, model_name, version, ensemble.output_schema.column_names[0],
-                       max(diff_inproc, diff_exported))
+                       max(diff_inproc, diff_exported), fast_status)
     (out.version_dir / "run_info.json").write_text(
-        json.dumps({**(run_info or {}), "parity_max_abs_diff": out.parity_max_abs_diff}, indent=2)
+        json.dumps({**(run_info or {}), "parity_max_abs_diff": out.parity_max_abs_diff,
+                    "fast_transform": fast_status}, indent=2)
     )
     return out
 
 
-def _install_serving_model(model_dir: Path, version: int, max_request_rows: int) -> None:
+def _workflow_op(ensemble) -> InProcessWorkflow:
+    from merlin.dag import postorder_iter_nodes
+
+    return next(n.op for n in postorder_iter_nodes(ensemble.graph.output_node, flatten_subgraphs=True)
+                if isinstance(n.op, InProcessWorkflow))
+
+
+def _raw_tensors(raw: pd.DataFrame) -> dict:
+    """Raw rows -> request tensors (``col``, ``col__values``/``col__offsets``) as Triton delivers them."""
+    out = {}
+    for name, v in _raw_columns(raw).items():
+        if isinstance(v, tuple):
+            out[f"{name}__values"], out[f"{name}__offsets"] = v
+        else:
+            out[name] = v
+    return out
+
+
+def _install_serving_model(model_dir: Path, version: int, max_request_rows: int, dynamic_batching=None) -> None:
     """Swap merlin-systems' executor model.py for ours (request checks, one-line errors) and
     record the request-size limit as a model parameter in config.pbtxt."""
     import tritonclient.grpc.model_config_pb2 as mc
@@ -281,4 +437,15 @@ def _install_serving_model(model_dir: Path, version: int, max_request_rows: int)
     cfg_path = model_dir / "config.pbtxt"
     cfg = text_format.Parse(cfg_path.read_text(), mc.ModelConfig())
     cfg.parameters["max_request_rows"].string_value = str(max_request_rows)
+    if dynamic_batching is not None and dynamic_batching.enabled:
+        # One request = one batch entry: every input gets a leading batch dimension of 1 and is a
+        # ragged-batch input (requests of different row and list-value counts are queued together;
+        # the python backend hands them to model.py as separate requests, which scores them in one
+        # call). Row-wise batching with ragged lists is refused by Triton ("input 'device' batch size
+        # does not match other inputs"): values/offsets have no row-sized first dimension.
+        cfg.max_batch_size = dynamic_batching.max_batch_size
+        for inp in cfg.input:
+            inp.allow_ragged_batch = True
+        cfg.dynamic_batching.max_queue_delay_microseconds = dynamic_batching.max_queue_delay_microseconds
+        cfg.dynamic_batching.preferred_batch_size.extend(dynamic_batching.preferred_batch_size)
     cfg_path.write_text(text_format.MessageToString(cfg))

@@ -54,3 +54,32 @@ def check_request(arrays: Mapping[str, np.ndarray], ragged: set[str], max_rows: 
     if n > max_rows:
         raise BadRequest(f"batch of {n} rows exceeds the limit of {max_rows} rows per request (export.max_request_rows)")
     return out
+
+
+def concat_requests(requests: list[dict[str, np.ndarray]], ragged: set[str]) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Several checked requests (from :func:`check_request`) -> one request holding all their rows in
+    order, and each request's row count (to split the scores again). A list column's values are
+    concatenated and its offsets shifted by the values before them."""
+    counts = []
+    for arrays in requests:
+        col = next(iter(sorted(ragged)), None)
+        counts.append(len(arrays[f"{col}__offsets"]) - 1 if col else len(next(iter(arrays.values()))))
+    if len(requests) == 1:
+        return requests[0], counts
+    out: dict[str, np.ndarray] = {}
+    for name in requests[0]:
+        if name.endswith("__offsets") and name[: -len("__offsets")] in ragged:
+            parts, base = [np.zeros(1, dtype=np.int64)], 0
+            for arrays in requests:
+                offsets = arrays[name].astype(np.int64)
+                parts.append(offsets[1:] + base)
+                base += int(offsets[-1])
+            out[name] = np.concatenate(parts).astype(requests[0][name].dtype)
+        else:
+            out[name] = np.concatenate([arrays[name] for arrays in requests])
+    return out, counts
+
+
+def split_rows(array: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+    """Split a per-row output (first axis = rows of the concatenated requests) back per request."""
+    return np.split(array, np.cumsum(counts)[:-1])

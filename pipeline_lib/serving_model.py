@@ -3,7 +3,11 @@
 It replaces merlin-systems' ``executor_model.py`` (same loading of the ensemble and its
 artifacts) with: request checks that answer a clear error naming the field
 (:mod:`pipeline_lib.request_checks`), internal errors reported as one line (the traceback goes to
-the server log, not to the client), and a plain in-process runtime. This file only runs inside
+the server log, not to the client), and a direct ``workflow >> model`` call on numpy arrays
+(:class:`pipeline_lib.export.DirectPredictor`: the workflow op's compiled transform, then the
+SavedModel signature) instead of merlin's DAG runtime. With dynamic batching in config.pbtxt
+(``max_batch_size`` > 0), the requests Triton queued together are checked one by one, scored in
+one call and answered with their own rows. This file only runs inside
 Triton's python backend stub (it imports ``triton_python_backend_utils``).
 """
 import json
@@ -17,7 +21,8 @@ from merlin.dag.runtime import Runtime
 from merlin.systems.dag import Ensemble
 from merlin.systems.triton.conversions import tensor_names, tensor_table_to_triton_response
 from merlin.table import TensorTable
-from pipeline_lib.request_checks import BadRequest, check_request
+from pipeline_lib.export import DirectPredictor
+from pipeline_lib.request_checks import BadRequest, check_request, concat_requests, split_rows
 
 DEFAULT_MAX_ROWS = 65536
 
@@ -33,31 +38,95 @@ class TritonPythonModel:
         self.ensemble = Ensemble.load(str(ensemble_path))
         for node in postorder_iter_nodes(self.ensemble.graph.output_node, flatten_subgraphs=True):
             node.op.load_artifacts(str(ensemble_path))
-        params = json.loads(args["model_config"]).get("parameters", {})
+        config = json.loads(args["model_config"])
+        params = config.get("parameters", {})
+        # dynamic batching (max_batch_size > 0): each request is one batch entry ([1, rows] tensors);
+        # execute() gets the queued requests together, scores their rows in one call and splits them
+        self.batched = int(config.get("max_batch_size", 0)) > 0
         self.max_rows = int(params.get("max_request_rows", {}).get("string_value", DEFAULT_MAX_ROWS))
         schema = self.ensemble.input_schema
         self.input_names = tensor_names(schema)
         self.ragged = {c.name for c in schema.column_schemas.values() if c.is_ragged}
         self.runtime = Runtime()
         self.logger = pb_utils.Logger
+        # workflow >> model ensembles (all this project exports) skip merlin's DAG runtime
+        self.direct = DirectPredictor.from_ensemble(self.ensemble)
+        self.output_names = self.ensemble.output_schema.column_names
 
     def execute(self, requests):
-        return [self._one(request) for request in requests]
+        if not self.batched:
+            return [self._one(request) for request in requests]
+        return self._batch(requests)
+
+    def _read(self, request):
+        arrays = {}
+        for name in self.input_names:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise BadRequest(f"missing input '{name}'")
+            arr = tensor.as_numpy()
+            if self.batched:
+                if arr.ndim < 1 or arr.shape[0] != 1:
+                    raise BadRequest(
+                        f"input '{name}' has shape {list(arr.shape)}; with dynamic batching a request is one "
+                        f"batch entry: send [1, rows] (values/offsets: [1, n])"
+                    )
+                arr = arr[0]
+            arrays[name] = arr
+        return check_request(arrays, self.ragged, self.max_rows)
+
+    def _predict(self, checked):
+        """Checked request tensors -> {output name: array with one row per request row}."""
+        if self.direct is not None:
+            return self.direct(checked)
+        outputs = self.ensemble.transform(TensorTable(checked), runtime=self.runtime)
+        return {n: outputs[n].values for n in self.output_names}
 
     def _one(self, request):
         try:
-            arrays = {}
-            for name in self.input_names:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                if tensor is None:
-                    raise BadRequest(f"missing input '{name}'")
-                arrays[name] = tensor.as_numpy()
-            table = TensorTable(check_request(arrays, self.ragged, self.max_rows))
-            outputs = self.ensemble.transform(table, runtime=self.runtime)
+            checked = self._read(request)
+            if self.direct is not None:
+                outputs = self.direct(checked)
+                return pb_utils.InferenceResponse([pb_utils.Tensor(n, outputs[n]) for n in self.output_names])
+            outputs = self.ensemble.transform(TensorTable(checked), runtime=self.runtime)
             return tensor_table_to_triton_response(outputs, self.ensemble.output_schema)
         except BadRequest as exc:
-            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"bad request: {exc}"))
+            return _error(f"bad request: {exc}")
         except Exception as exc:  # noqa: BLE001 - report, never crash the model instance
-            self.logger.log_error(traceback.format_exc())
-            msg = f"inference failed: {type(exc).__name__}: {exc}"
-            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(msg[:2000]))
+            return self._internal_error(exc)
+
+    def _batch(self, requests):
+        """Requests queued together by Triton's dynamic batcher: bad ones answered alone, the others'
+        rows scored in one call and each request answered with its own rows."""
+        responses = [None] * len(requests)
+        good, checked = [], []
+        for i, request in enumerate(requests):
+            try:
+                checked.append(self._read(request))
+                good.append(i)
+            except BadRequest as exc:
+                responses[i] = _error(f"bad request: {exc}")
+            except Exception as exc:  # noqa: BLE001
+                responses[i] = self._internal_error(exc)
+        if good:
+            try:
+                combined, counts = concat_requests(checked, self.ragged)
+                outputs = self._predict(combined)
+                parts = {n: split_rows(outputs[n], counts) for n in self.output_names}
+                for k, i in enumerate(good):
+                    # one batch entry per request: the outputs get the leading batch dimension of 1
+                    responses[i] = pb_utils.InferenceResponse(
+                        [pb_utils.Tensor(n, parts[n][k][None, ...]) for n in self.output_names])
+            except Exception as exc:  # noqa: BLE001
+                self.logger.log_error(traceback.format_exc())
+                for i in good:
+                    responses[i] = _error(f"inference failed: {type(exc).__name__}: {exc}"[:2000])
+        return responses
+
+    def _internal_error(self, exc):
+        self.logger.log_error(traceback.format_exc())
+        return _error(f"inference failed: {type(exc).__name__}: {exc}"[:2000])
+
+
+def _error(msg: str):
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(msg))

@@ -110,6 +110,10 @@ def test_suite_serving_and_end_to_end_sections_tiny(tmp_path):
         assert r["errors"] == [] and r["requests"] >= 1
         assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["rows_per_s"] > 0
     assert {r["batch"] for r in s["in_process"]} == {1, 64, 1024}
+    batched = s["dynamic_batching"]["served"]  # the dynamically batched variant, gRPC
+    assert {(r["batch"], r["clients"]) for r in batched} == {(b, k) for b in (1, 64, 1024) for k in (1, 8)}
+    assert all(r["errors"] == [] and r["requests"] >= 1 for r in batched)
+    assert all(b["fast_transform"] for b in s["breakdown"])
     assert s["max_abs_diff_served_vs_inprocess_grpc"] <= 1e-5
     assert s["max_abs_diff_served_vs_inprocess_http"] <= 1e-5
     tg = s["targets"]

@@ -60,3 +60,16 @@ def test_shipped_configs_validate_and_default_yaml_is_the_embedded_default():
     root = Path(__file__).resolve().parents[1] / "configs"
     assert load_config(root / "default.yaml") == RunConfig()
     assert load_config(root / "small.yaml").data.synthetic.n_interactions == 6000
+
+
+def test_dynamic_batching_is_configurable_and_checked():
+    cfg = load_config(None, {"serving": {"dynamic_batching": {"enabled": True, "max_batch_size": 16,
+                                                              "max_queue_delay_microseconds": 500,
+                                                              "preferred_batch_size": [4, 8]}}})
+    db = cfg.serving.dynamic_batching
+    assert db.enabled and db.max_batch_size == 16 and db.preferred_batch_size == [4, 8]
+    assert RunConfig().serving.dynamic_batching.enabled is False
+    with pytest.raises(ValidationError, match="preferred_batch_size"):
+        load_config(None, {"serving": {"dynamic_batching": {"max_batch_size": 4, "preferred_batch_size": [8]}}})
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        load_config(None, {"serving": {"dynamic_batching": {"max_batch_size": 0}}})

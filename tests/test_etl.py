@@ -111,3 +111,28 @@ def test_two_runs_fitting_at_once_do_not_share_vocabularies(tmp_path):
         train_users = pd.read_parquet(outs[name].split.train)["user_id"].nunique()
         vocab = pd.read_parquet(outs[name].workflow_dir / "categories" / "unique.user_id.parquet")
         assert len(vocab) == train_users and set(vocab["user_id"]) <= set(range(1, n_users + 1))
+
+
+@pytest.mark.parametrize("rows", [
+    [np.array([1, 2], np.int64), np.array([], np.int64), np.array([3], np.int64)],
+    [np.array([1.5, np.nan]), np.array([2.0])],
+    [[1, 2], [3]],                                          # python lists: the original path
+    [np.array([1], np.int32), np.array([2], np.int32)],     # other dtypes: the original path
+    [np.array([], np.int64), np.array([], np.int64)],       # no values: the original path
+    [np.array(["a", "b"], dtype=object), np.array(["c"], dtype=object)],
+])
+def test_fast_list_flatten_gives_nvtabulars_series(rows):
+    """Inside fit_transform, NVTabular's list flattening is replaced by np.concatenate where that
+    yields the identical Series (values, dtype, index), else the original runs."""
+    import itertools
+
+    from merlin.core import dispatch
+
+    s = pd.Series(rows)
+    want = pd.Series(itertools.chain(*s))
+    original = dispatch.flatten_list_column_values
+    with etl.fast_list_flatten():
+        assert dispatch.flatten_list_column_values is not original
+        got = dispatch.flatten_list_column_values(s)
+    assert dispatch.flatten_list_column_values is original
+    pd.testing.assert_series_equal(got, want)

@@ -30,6 +30,10 @@ def test_export_layout_needs_only_the_python_backend(exported):
     assert 'name: "click"' not in cfg
     info = json.loads((out.version_dir / "run_info.json").read_text())
     assert info["parity_max_abs_diff"] <= 1e-5 and info["run"] == "test"
+    # the fitted workflow compiled to numpy was verified identical to NVTabular and serves
+    assert info["fast_transform"]["enabled"] is True and info["fast_transform"]["verified_rows"] > 64
+    assert out.fast_transform == info["fast_transform"]
+    assert "max_batch_size" not in cfg and "dynamic_batching" not in cfg  # off unless configured
     assert "max_request_rows" in cfg and "pipeline_lib.request_checks" in (out.version_dir / "model.py").read_text()
 
 

@@ -188,3 +188,8 @@ def test_bad_top_k_requests_get_a_clear_error_and_the_server_keeps_answering(ret
         ids, _ = client.recommend(unseen)
         assert ids.shape == (2, 10)
         np.testing.assert_array_equal(client.recommend(rows)[0], rec.offline(rows)[0])
+
+
+def test_dynamic_batching_is_refused_for_top_k_models():
+    with pytest.raises(ValueError, match="dynamic_batching applies to ranking models"):
+        load_config(None, {"model": {"type": "two_tower"}, "serving": {"dynamic_batching": {"enabled": True}}})

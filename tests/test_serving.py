@@ -156,3 +156,130 @@ def test_missing_continuous_values_are_filled_as_in_training(served, trained):
         got = client.predict(holes)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, offline, atol=1e-5, rtol=0)
+
+
+# --- dynamic batching (serving.dynamic_batching) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_batched(trained, tmp_path_factory):
+    """The same model exported with Triton's dynamic batcher on, and a queue delay long enough that
+    concurrent requests are really executed together."""
+    import nvtabular as nvt
+
+    from pipeline_lib.config import DynamicBatchingConfig
+
+    tmp = tmp_path_factory.mktemp("served_batched")
+    rows = trained.valid_rows(200)
+    db = DynamicBatchingConfig(enabled=True, max_batch_size=8, max_queue_delay_microseconds=20_000)
+    exp = export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, rows.head(64), "click",
+                                 tmp / "staged", "recsys", 1, max_request_rows=MAX_ROWS, dynamic_batching=db)
+    repo = tmp / "model_repository"
+    repository.publish(exp.version_dir, exp.config_path, repo, "recsys")
+    repository.promote(repo, "recsys", 1)
+    rows = rows.copy()
+    rows.loc[::5, "item_tags"] = pd.Series([[]] * len(rows.loc[::5]), index=rows.index[::5])  # empty lists too
+    offline = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), trained.model.model_dir, rows, "click")
+    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          log_file=tmp / "triton.log")
+    server.start(timeout_s=240, models=["recsys"])
+    yield server, rows, offline
+    server.stop()
+
+
+def test_dynamic_batching_config_is_written(served_batched):
+    server, _, _ = served_batched
+    cfg = (server.model_repository / "recsys" / "config.pbtxt").read_text()
+    assert "max_batch_size: 8" in cfg and "max_queue_delay_microseconds: 20000" in cfg
+    assert cfg.count("allow_ragged_batch: true") == cfg.count("input {")
+
+
+def test_dynamic_batching_concurrent_clients_get_their_own_rows(served_batched):
+    """8 clients at once, each request a different slice (1-7 rows, list lengths 0-n): every answer
+    equals the offline scores of exactly its own rows, and Triton executed requests together."""
+    import threading
+
+    server, rows, offline = served_batched
+    with httpclient.InferenceServerClient(server.http_url) as c:
+        before = c.get_inference_statistics("recsys")["model_stats"][0]
+    failures, answered = [], []
+
+    def client(k: int) -> None:
+        rng = np.random.default_rng(k)
+        proto, url = ("grpc", server.grpc_url) if k % 2 else ("http", server.http_url)
+        try:
+            with RecsysClient(url, proto) as cl:
+                for _ in range(12):
+                    n = int(rng.integers(1, 8))
+                    start = int(rng.integers(0, len(rows) - n))
+                    got = cl.predict(rows.iloc[start:start + n])
+                    answered.append(n)
+                    if got.shape != (n,) or not np.allclose(got, offline[start:start + n], atol=1e-5, rtol=0):
+                        failures.append((k, start, n, got, offline[start:start + n]))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            failures.append((k, repr(exc)))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:2]
+    assert len(answered) == 96
+    with httpclient.InferenceServerClient(server.http_url) as c:
+        after = c.get_inference_statistics("recsys")["model_stats"][0]
+    requests = int(after["inference_count"]) - int(before["inference_count"])
+    executions = int(after["execution_count"]) - int(before["execution_count"])
+    assert requests == 96
+    assert executions < requests, f"no request was batched with another ({executions} executions)"
+
+
+def test_dynamic_batching_a_bad_request_fails_alone(served_batched):
+    """A malformed request queued together with good ones gets its own clear error; the others are served."""
+    import threading
+
+    server, rows, offline = served_batched
+    errors, good = [], []
+
+    def bad() -> None:
+        with RecsysClient(server.http_url, "http") as cl:
+            arrays = cl.to_arrays(rows.head(3))
+            arrays["item_id"] = arrays["item_id"][:2]
+            for _ in range(5):
+                try:
+                    cl.infer_arrays(arrays)
+                except InferenceServerException as exc:
+                    errors.append(str(exc))
+
+    def ok(k: int) -> None:
+        try:
+            with RecsysClient(server.grpc_url, "grpc") as cl:
+                for _ in range(5):
+                    good.append(bool(np.allclose(cl.predict(rows.iloc[k:k + 4]), offline[k:k + 4], atol=1e-5, rtol=0)))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            good.append(repr(exc))
+
+    threads = [threading.Thread(target=bad)] + [threading.Thread(target=ok, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 5 and all("bad request: inputs have different row counts" in e for e in errors), errors[:1]
+    assert len(good) == 20 and all(g is True for g in good), good
+
+
+def test_dynamic_batching_request_with_two_batch_entries_is_refused_clearly(served_batched):
+    """A request is one batch entry ([1, rows]); a [2, ...] request gets a clear error, not wrong scores."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    server, rows, _ = served_batched
+    with RecsysClient(server.http_url, "http") as cl:
+        arrays = cl.to_arrays(rows.head(2))
+    inputs = []
+    for name, arr in arrays.items():
+        inp = httpclient.InferInput(name, [2, len(arr)], np_to_triton_dtype(arr.dtype))
+        inp.set_data_from_numpy(np.stack([arr, arr]))
+        inputs.append(inp)
+    with httpclient.InferenceServerClient(server.http_url) as c:
+        with pytest.raises(InferenceServerException, match=r"bad request: input '\w+' has shape \[2, \d+\]; with dynamic batching"):
+            c.infer("recsys", inputs)

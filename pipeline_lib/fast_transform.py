@@ -1,0 +1,392 @@
+"""A fitted NVTabular workflow compiled into a numpy-only per-request transform (the serving fast path).
+
+NVTabular executes a fitted workflow per request through pandas: every DAG node builds and merges
+small DataFrames and Categorify merges the request against each vocabulary table -- ~45 ms per
+request whatever its size (benchmarks/README.md). :func:`compile_workflow` reads the *fitted*
+workflow's graph, ops and statistics (vocabulary files, fill values, means/stds) -- nothing is
+re-fitted -- and returns a :class:`CompiledWorkflow` that runs the same graph on numpy arrays:
+
+- ``Categorify`` (joint encoding, one column per group, no hash buckets): value -> index exactly as
+  NVTabular 23.08 encodes: the vocabulary file's row index is the label (first label >= 3), 0 is
+  padding, 1 null, 2 out-of-vocabulary; numeric vocabularies use ``np.searchsorted`` on a sorted
+  copy, string vocabularies a dict (keys as ``str`` and as the ``bytes`` Triton delivers); list
+  columns encode their flat values and keep their offsets;
+- ``FillMissing`` (no indicator columns), ``LogOp`` (``log(float32(x) + 1)``), ``Normalize``
+  (``(x - mean) / std`` or ``x - mean``, then the op's output dtype), the pipeline's
+  ``etl.to_float32`` lambda, and the schema-only ops (selection, concatenation, tags).
+
+Any other op, option or input representation is *not supported*: :func:`compile_workflow` raises
+:class:`Unsupported` and the caller keeps NVTabular. The graph is interpreted the way merlin's
+``LocalExecutor`` interprets it (upstream outputs merged, missing root columns taken from the
+request), so a node's columns flow exactly as in NVTabular. :func:`verify` compares the compiled
+transform with ``Workflow.transform`` on raw rows (plus edge rows: nulls, unseen values, empty
+lists, every vocabulary entry up to a cap) and demands identical columns, dtypes and values;
+export only enables the fast path when it passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+
+PAD, NULL, OOV = 0, 1, 2
+
+
+class Unsupported(Exception):
+    """The workflow (or a request's representation) is outside what the compiled path reproduces."""
+
+
+@dataclass
+class Ragged:
+    """A list column: flat ``values`` and row ``offsets`` (len rows + 1)."""
+
+    values: np.ndarray
+    offsets: np.ndarray
+
+
+# --- Categorify ---------------------------------------------------------------------------------
+
+
+class _Vocabulary:
+    """One Categorify vocabulary file: value -> label, as NVTabular's ``_encode`` merges it."""
+
+    def __init__(self, path: str, column: str, dtype):
+        table = pd.read_parquet(path, columns=[column])
+        labels = table.index.to_numpy().astype(np.int64)
+        if len(labels) and labels[0] < OOV + 1:  # NVTabular shifts a 0-based index the same way
+            labels = labels + OOV + 1
+        keys = table[column]
+        keep = ~keys.isna().to_numpy()
+        keys, labels = keys[keep], labels[keep]
+        self.dtype = np.dtype(dtype)
+        self.key_dtype = keys.dtype
+        if keys.dtype.kind in "iuf":
+            order = np.argsort(keys.to_numpy(), kind="stable")
+            self.sorted_keys = keys.to_numpy()[order]
+            self.sorted_labels = labels[order]
+            if len(self.sorted_keys) != len(np.unique(self.sorted_keys)):
+                raise Unsupported(f"vocabulary {path} has duplicate values")
+            self.lookup = None
+        elif keys.dtype == object and all(isinstance(k, str) for k in keys):
+            self.lookup = {}
+            for k, lab in zip(keys.tolist(), labels.tolist()):
+                self.lookup[k] = lab
+                self.lookup[k.encode("utf-8")] = lab
+            self.lookup[None] = NULL
+        else:
+            raise Unsupported(f"vocabulary {path}: values of dtype {keys.dtype} are not supported")
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        if self.lookup is None:
+            if x.dtype.kind not in "iuf" or (x.dtype.kind == "f") != (self.key_dtype.kind == "f"):
+                raise Unsupported(f"values of dtype {x.dtype} against a {self.key_dtype} vocabulary")
+            n = len(self.sorted_keys)
+            if n == 0:
+                out = np.full(len(x), OOV, dtype=np.int64)
+            else:
+                pos = np.searchsorted(self.sorted_keys, x)
+                np.minimum(pos, n - 1, out=pos)
+                out = np.where(self.sorted_keys[pos] == x, self.sorted_labels[pos], OOV)
+            if x.dtype.kind == "f":
+                out[np.isnan(x)] = NULL
+        else:
+            if x.dtype != object:
+                raise Unsupported(f"values of dtype {x.dtype} against a string vocabulary")
+            get = self.lookup.get
+            # v != v: NaN (pandas' null for object columns) -> null index
+            out = np.fromiter((get(v, OOV) if v == v else NULL for v in x), dtype=np.int64, count=len(x))
+        return out.astype(self.dtype, copy=False)
+
+
+# --- the per-node steps ---------------------------------------------------------------------------
+
+
+def _floats(x, what: str) -> np.ndarray:
+    if isinstance(x, Ragged) or x.dtype.kind not in "iuf":
+        raise Unsupported(f"{what}: non-numeric or list input")
+    return x
+
+
+def _op_step(op, selection: list[str]) -> Callable[[dict], dict]:
+    """The numpy equivalent of ``op.transform(selection, df)`` for a supported op; raises Unsupported."""
+    import nvtabular as nvt
+    from merlin.dag.operator import Operator
+    from merlin.dag.ops.add_metadata import AddMetadata
+    from merlin.dag.ops.concat_columns import ConcatColumns
+    from merlin.dag.ops.selection import SelectionOp
+    from merlin.dag.ops.udf import UDF
+
+    from pipeline_lib import etl
+
+    kind = type(op)
+    if kind is SelectionOp:
+        names = list(selection) if selection else list(op.selector.names)
+        return lambda cols: {c: cols[c] for c in names}
+    if kind is ConcatColumns:
+        return lambda cols: {c: cols[c] for c in selection}
+    if kind is nvt.ops.Categorify:
+        if op.encode_type != "joint" or op.single_table or op.num_buckets or op.max_size or op.vocabs:
+            raise Unsupported("Categorify with buckets, max_size, single_table, vocabs or combo encoding")
+        if (op.split_out if isinstance(op.split_out, int) else 1) != 1 or op.search_sorted:
+            raise Unsupported("Categorify with split_out > 1 or search_sorted")
+        if op.storage_name:
+            raise Unsupported("Categorify with storage names (multi-column groups)")
+        vocabs = {}
+        for name in selection:
+            if name not in op.categories:
+                raise Unsupported(f"Categorify has no vocabulary for {name}")
+            vocabs[name] = _Vocabulary(op.categories[name], name, op.output_dtype)
+
+        def categorify(cols):
+            out = dict(cols)
+            for name, vocab in vocabs.items():
+                x = cols[name]
+                out[name] = Ragged(vocab.encode(x.values), x.offsets) if isinstance(x, Ragged) else vocab.encode(x)
+            return out
+
+        return categorify
+    if kind is nvt.ops.FillMissing:
+        if op.add_binary_cols:
+            raise Unsupported("FillMissing with indicator columns")
+        fill = op.fill_val
+
+        def fill_missing(cols):
+            out = dict(cols)
+            for name in selection:
+                x = _floats(cols[name], "FillMissing")
+                if x.dtype.kind == "f":
+                    nan = np.isnan(x)
+                    if nan.any():
+                        x = x.copy()
+                        x[nan] = fill
+                    out[name] = x
+            return out
+
+        return fill_missing
+    if kind is nvt.ops.LogOp:
+        dtype = op.output_dtype
+
+        def log_op(cols):
+            out = dict(cols)
+            for name in selection:
+                out[name] = np.log(_floats(cols[name], "LogOp").astype(dtype) + 1)
+            return out
+
+        return log_op
+    if kind is nvt.ops.Normalize:
+        if op.out_dtype not in (None,) and np.dtype(op.out_dtype).kind != "f":
+            raise Unsupported("Normalize with a non-float output dtype")
+        dtype = op.output_dtype
+        stats = {n: (op.means[n], op.stds[n]) for n in selection}
+
+        def normalize(cols):
+            out = {}
+            for name, (mean, std) in stats.items():
+                x = _floats(cols[name], "Normalize")
+                x = (x - mean) / std if std > 0 else x - mean
+                out[name] = x.astype(dtype)
+            return out
+
+        return normalize
+    if kind is UDF:
+        if op.f is not etl.to_float32 or op._param_count != 1:
+            raise Unsupported(f"LambdaOp {getattr(op.f, '__qualname__', op.f)!r} (only etl.to_float32 is compiled)")
+        return lambda cols: {c: _floats(cols[c], "to_float32").astype("float32") for c in selection}
+    from nvtabular.ops.add_metadata import AddMetadata as NvtAddMetadata
+
+    if (isinstance(op, AddMetadata) and kind.transform is Operator.transform) or (
+        isinstance(op, NvtAddMetadata) and kind.transform is NvtAddMetadata.transform
+    ):
+        return lambda cols: cols  # AddTags / TagAs*: schema only
+    raise Unsupported(f"op {kind.__module__}.{kind.__qualname__} is not compiled")
+
+
+@dataclass
+class _Node:
+    upstream: list[int]  # indices into CompiledWorkflow.nodes
+    input_columns: list[str]  # node.input_schema columns: taken from the request when no upstream has them
+    dependency_columns: list[str]  # raw-column dependencies: always taken from the request (as merlin does)
+    step: Callable[[dict], dict] | None
+
+
+class CompiledWorkflow:
+    """Runs a fitted workflow's graph on a dict of numpy arrays (``Ragged`` for list columns)."""
+
+    def __init__(self, workflow):
+        self.input_columns = list(workflow.input_schema.column_names)
+        self.output_columns = list(workflow.output_schema.column_names)
+        self.ragged_inputs = {c.name for c in workflow.input_schema if c.is_list}
+        self.input_kinds = {c.name: np.dtype(c.dtype.to_numpy).kind for c in workflow.input_schema}
+        self.nodes: list[_Node] = []
+        ids: dict[int, int] = {}
+
+        def add(node) -> int:
+            if id(node) in ids:
+                return ids[id(node)]
+            upstream = [add(p) for p in node.parents_with_dependencies]
+            cols = list(node.input_schema.column_names)
+            deps = [c for c in node.dependency_columns.names if c not in cols]
+            step = None
+            if node.op is not None:
+                selection = node.input_columns.resolve(node.input_schema)
+                if selection.subgroups:
+                    raise Unsupported("column groups (subgroups) are not compiled")
+                step = _op_step(node.op, list(selection.names))
+            self.nodes.append(_Node(upstream, cols, deps, step))
+            ids[id(node)] = len(self.nodes) - 1
+            return ids[id(node)]
+
+        self.output = add(workflow.output_node)
+
+    def __call__(self, inputs: Mapping[str, object]) -> dict:
+        """Raw columns -> transformed columns (the workflow's output schema, in order)."""
+        for name in self.input_columns:
+            x = inputs[name]
+            if isinstance(x, Ragged) != (name in self.ragged_inputs):
+                raise Unsupported(f"input {name}: list/scalar representation differs from the workflow's")
+            kind, want = (x.values if isinstance(x, Ragged) else x).dtype.kind, self.input_kinds[name]
+            if kind != want and not (want in "iu" and kind in "iu"):
+                raise Unsupported(f"input {name}: dtype kind {kind!r}, the workflow was fitted on {want!r}")
+        results: list[dict | None] = [None] * len(self.nodes)
+        for i, node in enumerate(self.nodes):
+            # merlin's LocalExecutor: upstream outputs merged in order (later ones win), then the
+            # node's input columns no upstream produced and its raw-column dependencies, from the request
+            upstream = [u for u in (results[j] for j in node.upstream) if u]
+            present = set().union(*upstream) if upstream else set()
+            root = [c for c in node.input_columns if c not in present] + node.dependency_columns
+            merged: dict = {}
+            for u in upstream:
+                merged.update(u)
+            for c in root:
+                merged[c] = inputs[c]
+            results[i] = node.step(merged) if node.step is not None else merged
+        out = results[self.output]
+        return {c: out[c] for c in self.output_columns}
+
+
+def compile_workflow(workflow) -> CompiledWorkflow:
+    """Compile a fitted workflow; raises :class:`Unsupported` for anything not reproduced exactly."""
+    return CompiledWorkflow(workflow)
+
+
+# --- request tensors <-> columns -------------------------------------------------------------------
+
+
+def columns_from_tensors(arrays: Mapping[str, np.ndarray], ragged: set[str]) -> dict:
+    """Request tensors (``col``, ``col__values``/``col__offsets``) -> columns (``Ragged`` for lists)."""
+    cols: dict = {}
+    for name, arr in arrays.items():
+        if name.endswith("__values") and name[:-8] in ragged:
+            base = name[:-8]
+            cols[base] = Ragged(arr, np.asarray(arrays[f"{base}__offsets"]))
+        elif name.endswith("__offsets") and name[:-9] in ragged:
+            continue
+        else:
+            cols[name] = arr
+    return cols
+
+
+def tensors_from_columns(cols: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Columns -> model input tensors (a list column becomes ``col__values``/``col__offsets``)."""
+    out: dict[str, np.ndarray] = {}
+    for name, x in cols.items():
+        if isinstance(x, Ragged):
+            out[f"{name}__values"], out[f"{name}__offsets"] = x.values, x.offsets
+        else:
+            out[name] = x
+    return out
+
+
+# --- verification against NVTabular ---------------------------------------------------------------
+
+
+def edge_rows(workflow, raw: pd.DataFrame, vocab_cap: int = 2048) -> pd.DataFrame:
+    """``raw`` plus rows that exercise the encodings: every vocabulary entry (up to ``vocab_cap`` per
+    column, first and last), unseen values, nulls in continuous and string columns, empty lists."""
+    import nvtabular as nvt
+    from merlin.dag import postorder_iter_nodes
+
+    if raw.empty:
+        return raw
+    frames = [raw.reset_index(drop=True)]
+    n = len(raw)
+    vocabs: dict[str, pd.Series] = {}
+    for node in postorder_iter_nodes(workflow.output_node):
+        if isinstance(node.op, nvt.ops.Categorify):
+            for name, path in node.op.categories.items():
+                if name in raw.columns and isinstance(path, str):
+                    v = pd.read_parquet(path, columns=[name])[name].dropna()
+                    vocabs[name] = pd.concat([v.head(vocab_cap // 2), v.tail(vocab_cap // 2)]).drop_duplicates()
+    size = max([len(v) for v in vocabs.values()] + [n])
+    base = raw.iloc[np.arange(size) % n].reset_index(drop=True)
+    for name, v in vocabs.items():
+        vals = v.to_numpy()[np.arange(size) % len(v)] if len(v) else None
+        if vals is None:
+            continue
+        if _is_list(raw[name]):
+            base[name] = [[x] for x in vals]
+        else:
+            base[name] = pd.Series(vals, dtype=raw[name].dtype)
+    frames.append(base)
+    odd = raw.iloc[np.arange(min(n, 8))].reset_index(drop=True).copy()
+    for name in raw.columns:
+        s = raw[name]
+        if _is_list(s):
+            sample = next((x for x in s if len(x)), [0])
+            unseen = _unseen(pd.Series(list(sample)))
+            odd[name] = [[] if i % 2 == 0 else [unseen, *list(sample)] for i in range(len(odd))]
+        elif s.dtype.kind == "f":
+            odd.loc[odd.index % 2 == 0, name] = np.nan
+        elif s.dtype == object:
+            odd[name] = [None if i % 3 == 0 else (_unseen(s) if i % 3 == 1 else s.iloc[0]) for i in range(len(odd))]
+        elif s.dtype.kind in "iu":
+            odd.loc[odd.index % 2 == 0, name] = _unseen(s)
+    frames.append(odd)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _is_list(s: pd.Series) -> bool:
+    return s.dtype == object and len(s) > 0 and isinstance(s.iloc[0], (list, tuple, np.ndarray))
+
+
+def _unseen(s: pd.Series):
+    if s.dtype.kind in "iu" or (len(s) and isinstance(s.iloc[0], (int, np.integer))):
+        return int(pd.to_numeric(s).max()) + 7919
+    return "__never_seen_in_training__"
+
+
+def verify(compiled: CompiledWorkflow, workflow, raw: pd.DataFrame, to_columns: Callable[[pd.DataFrame], dict]) -> int:
+    """Compare the compiled transform with ``workflow.transform`` on ``raw`` (plus :func:`edge_rows`):
+    same columns in the same order, same dtypes, equal values (NaN == NaN). ``to_columns`` turns raw
+    rows into request columns as the server receives them. Returns the rows checked; raises
+    AssertionError on any difference."""
+    from merlin.io import Dataset
+
+    rows = edge_rows(workflow, raw)
+    want = workflow.transform(Dataset(rows.copy(), cpu=True)).to_ddf().compute().reset_index(drop=True)
+    got = compiled(to_columns(rows))
+    if list(got) != list(want.columns):
+        raise AssertionError(f"columns {list(got)} != workflow's {list(want.columns)}")
+    for name, x in got.items():
+        w = want[name]
+        if isinstance(x, Ragged):
+            if not _is_list(w) and len(w):
+                raise AssertionError(f"{name}: list in the compiled path, not in the workflow's output")
+            lengths = np.array([len(v) for v in w], dtype=np.int64)
+            if not np.array_equal(np.diff(x.offsets.astype(np.int64)), lengths):
+                raise AssertionError(f"{name}: list lengths differ")
+            flat = np.concatenate([np.asarray(v) for v in w]) if lengths.sum() else np.array([], dtype=x.values.dtype)
+            if flat.dtype != x.values.dtype or not np.array_equal(flat, x.values):
+                raise AssertionError(f"{name}: list values differ ({x.values.dtype} vs {flat.dtype})")
+        else:
+            wv = w.to_numpy()
+            if wv.dtype != x.dtype:
+                raise AssertionError(f"{name}: dtype {x.dtype} != workflow's {wv.dtype}")
+            floats = wv.dtype.kind == "f"
+            eq = ((wv == x) | (np.isnan(wv) & np.isnan(x))) if floats else (wv == x)
+            if not eq.all():
+                bad = int(np.flatnonzero(~eq)[0])
+                raise AssertionError(f"{name}: values differ, e.g. row {bad}: {x[bad]!r} vs workflow {wv[bad]!r}")
+    return len(rows)
