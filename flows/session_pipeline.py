@@ -16,9 +16,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline_lib import lineage, repository, serving, validate
+from pipeline_lib import repository, validate
 from pipeline_lib.config import RunConfig
 from pipeline_lib.paths import RunPaths
+
+from flows.pipeline import run_promote, run_publish  # the same publish / promote tasks as ranking runs
 
 
 @task(name="raw-data", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE,
@@ -106,24 +108,6 @@ def session_smoke(cfg: RunConfig, paths: RunPaths, etl_out, exp):
                                   paths.serving, cfg.serving.startup_timeout_s)
 
 
-@task(name="publish", cache_policy=NO_CACHE)
-def session_publish(cfg: RunConfig, paths: RunPaths, raw_path: Path, etl_out, model, exp):
-    info = lineage.build_lineage(paths.root, raw_path, cfg.model_dump(mode="json"), etl_out.workflow_dir,
-                                 model.model_dir, model.metrics)
-    version, path = repository.publish(exp.version_dir, exp.config_path, cfg.export.model_repository,
-                                       exp.model_name, info)
-    return version, path, info
-
-
-@task(name="promote", retries=2, retry_delay_seconds=[5, 20], cache_policy=NO_CACHE)
-def session_promote(cfg: RunConfig, version: int) -> dict:
-    live = serving.live_server(cfg.serving) if cfg.serving.notify_live_server else None
-    event = repository.promote(cfg.export.model_repository, cfg.export.model_name, version, live,
-                               cfg.serving.instance_count)
-    event["pruned"] = repository.prune(cfg.export.model_repository, cfg.export.model_name, cfg.export.keep_versions)
-    return event
-
-
 def metric_table(metrics: dict, k: int) -> list[dict]:
     """Model vs baselines, one row each."""
     rows = [{"method": metrics["model"], **{m: metrics[f"{m}@{k}"] for m in ("recall", "ndcg", "mrr")}}]
@@ -172,8 +156,8 @@ def run_session(cfg: RunConfig, paths: RunPaths) -> dict:
         return summary | {"predictions": None}
 
     result = timed("serving-smoke-test", session_smoke, cfg, paths, etl_out, exp)
-    version, served_dir, info = timed("publish", session_publish, cfg, paths, raw_path, etl_out, model, exp)
-    event = timed("promote", session_promote, cfg, version)
+    version, served_dir, info = timed("publish", run_publish, cfg, paths, raw_path, etl_out, model, exp)
+    event = timed("promote", run_promote, cfg, version)
     preds = result.table(_requests(cfg, etl_out, cfg.serving.smoke_rows))
     summary.update({
         "model_version": version, "served_dir": str(served_dir), "served_version": event["version"],
