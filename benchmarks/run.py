@@ -2,7 +2,7 @@
 
     make bench                                   # = uv run --frozen --no-sync python -m benchmarks.run
     uv run --frozen --no-sync python -m benchmarks.run --quick
-    uv run --frozen --no-sync python -m benchmarks.run --etl-rows 1000000,5000000 --skip e2e
+    uv run --frozen --no-sync python -m benchmarks.run --etl-rows 1000000,5000000 --skip e2e   # other sizes
 
 Writes ``benchmarks/results/latest.json`` and ``benchmarks/results/latest.md`` (git-ignored;
 README.md / benchmarks/README.md keep a copy of the figures). Everything is measured in one run on
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SECTIONS = ("etl", "train", "serving", "e2e")
 
-FULL = {"etl_rows": [1_000_000, 5_000_000], "train_rows": 1_000_000, "serve_model_rows": 20_000}
+FULL = {"etl_rows": [1_000_000, 10_000_000], "train_rows": 1_000_000, "serve_model_rows": 20_000}
 QUICK = {"etl_rows": [100_000, 1_000_000], "train_rows": 100_000, "serve_model_rows": 20_000}
 
 
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: ETL 100k/1M rows, fewer requests")
-    p.add_argument("--etl-rows", help="comma-separated ETL sizes (default 1M,5M; quick 100k,1M)")
+    p.add_argument("--etl-rows", help="comma-separated ETL sizes (default 1M,10M; quick 100k,1M)")
     p.add_argument("--train-rows", type=int, help="rows of the training benchmark's synthetic set (default 1M, quick 100k; 80%% are trained on)")
     p.add_argument("--train-batch-size", type=int, default=1024)
     p.add_argument("--serve-model-rows", type=int, help="rows the served model is trained on (default 20k)")
