@@ -91,9 +91,11 @@ class TopKSmokeResult:
     max_abs_diff: float
     item_ids: list
     scores: list
+    request_columns: list
 
     def table(self, rows: pd.DataFrame) -> pd.DataFrame:
-        out = rows.reset_index(drop=True).copy()
+        """The request columns that were sent, with the served top items and scores."""
+        out = rows[self.request_columns].reset_index(drop=True).copy()
         out["top_items"] = [list(map(str, r)) for r in self.item_ids]
         out["top_scores"] = [[round(float(s), 4) for s in r] for r in self.scores]
         return out
@@ -117,6 +119,6 @@ def smoke_test_topk(
         diff = max(compare(http, offline, atol, "served (HTTP)"), compare(grpc, offline, atol, "served (gRPC)"))
     except TopKParityError as exc:
         raise ServingMismatch(str(exc)) from exc
-    res = TopKSmokeResult(len(rows), diff, http[0].tolist(), http[1].astype(float).tolist())
+    res = TopKSmokeResult(len(rows), diff, http[0].tolist(), http[1].astype(float).tolist(), list(rows.columns))
     (out_dir / "smoke.json").write_text(json.dumps(asdict(res), indent=2, default=str))
     return res

@@ -112,6 +112,10 @@ def test_flow_trains_exports_and_publishes_each_retrieval_model(retrieval_runs, 
     table = s["predictions"]
     assert len(table) == SMALL.get("serving", {}).get("smoke_rows", 8)
     assert all(len(items) == 10 for items in table["top_items"])
+    rec = topk.TopKRecommender(art)  # the table shows what was sent: the request columns only
+    assert list(table.columns) == rec.request_columns + ["top_items", "top_scores"]
+    if name == "recsys_mf":
+        assert rec.request_columns == ["user_id"]
 
 
 @pytest.fixture(scope="module")
