@@ -195,6 +195,17 @@ def run_gate(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, exp) -> ga
     return decision
 
 
+def stage_timer(timings: dict[str, float]):
+    """``timed(name, fn, *args)``: call ``fn`` and record its wall seconds under ``name``."""
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        timings[name] = round(time.perf_counter() - t0, 2)
+        return out
+
+    return timed
+
+
 @flow(name="recsys-pipeline", log_prints=True)
 def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, Any]] = None) -> dict:
     """Run every stage for one config; returns a summary (metrics, gate, timings, served predictions)."""
@@ -206,12 +217,7 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
 
         return run_session(cfg, paths)
     timings: dict[str, float] = {}
-
-    def timed(name, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        timings[name] = round(time.perf_counter() - t0, 2)
-        return out
+    timed = stage_timer(timings)
 
     raw_path = timed("raw-data", raw_data, cfg, paths)
     timed("validate", validate_data, cfg, paths, raw_path)

@@ -8,7 +8,6 @@ model vs baselines -> ensemble (workflow + model + top-k decoding) -> gate -> Tr
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +19,7 @@ from pipeline_lib import repository, validate
 from pipeline_lib.config import RunConfig
 from pipeline_lib.paths import RunPaths
 
-from flows.pipeline import run_promote, run_publish  # the same publish / promote tasks as ranking runs
+from flows.pipeline import run_promote, run_publish, stage_timer  # the same tasks and timer as ranking runs
 
 
 @task(name="raw-data", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE,
@@ -120,12 +119,7 @@ def metric_table(metrics: dict, k: int) -> list[dict]:
 def run_session(cfg: RunConfig, paths: RunPaths) -> dict:
     """Every stage of a session run (called inside the ``recsys-pipeline`` flow)."""
     timings: dict[str, float] = {}
-
-    def timed(name, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        timings[name] = round(time.perf_counter() - t0, 2)
-        return out
+    timed = stage_timer(timings)
 
     k = cfg.session.top_k
     raw_path = timed("raw-data", session_raw_data, cfg, paths)

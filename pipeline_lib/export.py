@@ -205,13 +205,12 @@ class InProcessTensorflow(PredictTensorflow):
 
 
 @dataclass
-class ExportOutput:
-    staged_repository: Path  # a complete Triton model repository holding only this version
+class StagedVersion:
+    """A complete Triton model repository holding only one exported version (before publishing)."""
+
+    staged_repository: Path
     model_name: str
     version: int
-    output_name: str
-    parity_max_abs_diff: float
-    fast_transform: Optional[dict] = None  # {"enabled": bool, "verified_rows" | "reason"}
 
     @property
     def version_dir(self) -> Path:
@@ -220,6 +219,13 @@ class ExportOutput:
     @property
     def config_path(self) -> Path:
         return self.staged_repository / self.model_name / "config.pbtxt"
+
+
+@dataclass
+class ExportOutput(StagedVersion):
+    output_name: str
+    parity_max_abs_diff: float
+    fast_transform: Optional[dict] = None  # {"enabled": bool, "verified_rows" | "reason"}
 
 
 def build_ensemble(workflow, model_dir: Path, label: str, fast_sample: Optional[pd.DataFrame] = None):
@@ -382,15 +388,7 @@ def export_ensemble(
     want = offline_scores(workflow, model_dir, sample_raw, label)
     diff_inproc = _check("in-process ensemble", ensemble_scores(ensemble, sample_raw), want, atol)
 
-    if staging_dir.exists():
-        shutil.rmtree(staging_dir)
-    staging_dir.mkdir(parents=True)
-    # merlin-systems 23.08 writes ensemble.pkl/model.py into version "1" whatever ``version`` says
-    # (TritonExecutorRuntime._executor_model_export is called without it) while the op artifacts
-    # go to ``<version>/``; so export as 1 and rename the folder.
-    ensemble.export(str(staging_dir), name=model_name, version=1)
-    if version != 1:
-        os.rename(staging_dir / model_name / "1", staging_dir / model_name / str(version))
+    export_as_version(ensemble, staging_dir, model_name, version)
     _install_serving_model(staging_dir / model_name, version, max_request_rows, dynamic_batching)
     exported = load_version(staging_dir / model_name / str(version))
     diff_exported = _check("exported ensemble", ensemble_scores(exported, sample_raw), want, atol)
@@ -424,6 +422,21 @@ def _raw_tensors(raw: pd.DataFrame) -> dict:
         else:
             out[name] = v
     return out
+
+
+def export_as_version(ensemble, staging_dir: Path, model_name: str, version: int) -> None:
+    """``Ensemble.export`` into a fresh ``staging_dir`` as ``<model_name>/<version>``.
+
+    merlin-systems 23.08 writes ensemble.pkl/model.py into version "1" whatever ``version`` says
+    (TritonExecutorRuntime._executor_model_export is called without it) while the op artifacts
+    go to ``<version>/``; so export as 1 and rename the folder.
+    """
+    if staging_dir.exists():
+        shutil.rmtree(staging_dir)
+    staging_dir.mkdir(parents=True)
+    ensemble.export(str(staging_dir), name=model_name, version=1)
+    if version != 1:
+        os.rename(staging_dir / model_name / "1", staging_dir / model_name / str(version))
 
 
 def _install_serving_model(model_dir: Path, version: int, max_request_rows: int, dynamic_batching=None) -> None:

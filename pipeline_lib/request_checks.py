@@ -6,13 +6,32 @@ batch within the size limit. Those are checked here, with the offending field na
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+DEFAULT_MAX_ROWS = 65536
+
 
 class BadRequest(ValueError):
     pass
+
+
+def version_dir(args: Mapping) -> Path:
+    """The version folder a python-backend model instance serves, from Triton's ``initialize`` args
+    (Triton 22.06+ may pass the path of model.py instead of the model folder)."""
+    repo = args["model_repository"]
+    model_dir = Path(repo).parent.parent if repo.endswith(".py") else Path(repo)
+    if model_dir.name != args["model_name"]:
+        model_dir = model_dir / args["model_name"]
+    return model_dir / str(args["model_version"])
+
+
+def max_request_rows(config: Mapping) -> int:
+    """The ``max_request_rows`` parameter of a model's config (export writes it)."""
+    params = config.get("parameters", {})
+    return int(params.get("max_request_rows", {}).get("string_value", DEFAULT_MAX_ROWS))
 
 
 def check_request(arrays: Mapping[str, np.ndarray], ragged: set[str], max_rows: int) -> dict[str, np.ndarray]:

@@ -11,7 +11,6 @@ one call and answered with their own rows. This file only runs inside
 Triton's python backend stub (it imports ``triton_python_backend_utils``).
 """
 import json
-import pathlib
 import traceback
 
 import triton_python_backend_utils as pb_utils
@@ -22,28 +21,21 @@ from merlin.systems.dag import Ensemble
 from merlin.systems.triton.conversions import tensor_names, tensor_table_to_triton_response
 from merlin.table import TensorTable
 from pipeline_lib.export import DirectPredictor
-from pipeline_lib.request_checks import BadRequest, check_request, concat_requests, split_rows
-
-DEFAULT_MAX_ROWS = 65536
+from pipeline_lib.request_checks import (BadRequest, check_request, concat_requests, max_request_rows, split_rows,
+                                         version_dir)
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        repo = args["model_repository"]
-        # Triton 22.06+ may pass the path of model.py instead of the model folder
-        model_dir = pathlib.Path(repo).parent.parent if repo.endswith(".py") else pathlib.Path(repo)
-        if model_dir.name != args["model_name"]:
-            model_dir = model_dir / args["model_name"]
-        ensemble_path = model_dir / str(args["model_version"]) / "ensemble"
+        ensemble_path = version_dir(args) / "ensemble"
         self.ensemble = Ensemble.load(str(ensemble_path))
         for node in postorder_iter_nodes(self.ensemble.graph.output_node, flatten_subgraphs=True):
             node.op.load_artifacts(str(ensemble_path))
         config = json.loads(args["model_config"])
-        params = config.get("parameters", {})
         # dynamic batching (max_batch_size > 0): each request is one batch entry ([1, rows] tensors);
         # execute() gets the queued requests together, scores their rows in one call and splits them
         self.batched = int(config.get("max_batch_size", 0)) > 0
-        self.max_rows = int(params.get("max_request_rows", {}).get("string_value", DEFAULT_MAX_ROWS))
+        self.max_rows = max_request_rows(config)
         schema = self.ensemble.input_schema
         self.input_names = tensor_names(schema)
         self.ragged = {c.name for c in schema.column_schemas.values() if c.is_ragged}

@@ -5,28 +5,20 @@ Raw query columns in (checked by :mod:`pipeline_lib.request_checks`), ``item_ids
 encoder, catalogue embeddings, optional ranker). Only runs inside Triton's python backend stub.
 """
 import json
-import pathlib
 import traceback
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pipeline_lib.request_checks import BadRequest, check_request
+from pipeline_lib.request_checks import BadRequest, check_request, max_request_rows, version_dir
 from pipeline_lib.topk import OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, TopKRecommender, arrays_to_frame
-
-DEFAULT_MAX_ROWS = 65536
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        repo = args["model_repository"]
-        model_dir = pathlib.Path(repo).parent.parent if repo.endswith(".py") else pathlib.Path(repo)
-        if model_dir.name != args["model_name"]:
-            model_dir = model_dir / args["model_name"]
-        self.rec = TopKRecommender(model_dir / str(args["model_version"]) / TOPK_DIR)
+        self.rec = TopKRecommender(version_dir(args) / TOPK_DIR)
         config = json.loads(args["model_config"])
-        params = config.get("parameters", {})
-        self.max_rows = int(params.get("max_request_rows", {}).get("string_value", DEFAULT_MAX_ROWS))
+        self.max_rows = max_request_rows(config)
         self.input_names = [i["name"] for i in config["input"]]
         self.ragged = {n[: -len("__values")] for n in self.input_names if n.endswith("__values")}
         self.logger = pb_utils.Logger

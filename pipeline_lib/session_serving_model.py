@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,12 +147,7 @@ def export_session_ensemble(workflow_dir: Path, model_dir: Path, sample_raw: pd.
     ensemble = build_session_ensemble(workflow, model_dir, item_col, k)
     want = offline_topk(workflow, model_dir, sample_raw, item_col, k)
     diff_inproc = _check("in-process ensemble", ensemble_topk(ensemble, sample_raw), want, atol)
-    if staging_dir.exists():
-        shutil.rmtree(staging_dir)
-    staging_dir.mkdir(parents=True)
-    ensemble.export(str(staging_dir), name=model_name, version=1)  # see export.export_ensemble on versions
-    if version != 1:
-        os.rename(staging_dir / model_name / "1", staging_dir / model_name / str(version))
+    ranking_export.export_as_version(ensemble, staging_dir, model_name, version)
     ranking_export._install_serving_model(staging_dir / model_name, version, max_request_rows)
     exported = ranking_export.load_version(staging_dir / model_name / str(version))
     diff_exported = _check("exported ensemble", ensemble_topk(exported, sample_raw), want, atol)
@@ -190,18 +184,10 @@ def session_smoke_test(repository: Path, model_name: str, rows: pd.DataFrame, of
                        atol: float, out_dir: Path, startup_timeout_s: float = 180.0) -> SessionSmokeResult:
     """Serve ``repository`` on free ports; served top-k ids must equal offline ids (scores within atol)
     over HTTP and gRPC."""
-    from pipeline_lib.serving import TritonServer
-    from pipeline_lib.session_client import SessionClient
-    from pipeline_lib.smoke import ServingMismatch, free_port
+    from pipeline_lib.smoke import ServingMismatch, serve_and_ask
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=out_dir / "triton.log")
-    served = {}
-    with server.start(timeout_s=startup_timeout_s, models=[model_name]):
-        for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
-            with SessionClient(url, proto, model_name) as c:
-                served[proto] = c.recommend(rows)
+    http, grpc = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, lambda c: c.recommend(rows))
+    served = {"http": http, "grpc": grpc}
     want_ids, want_scores = offline
     diffs, problems = {}, []
     for proto, (ids, scores) in served.items():

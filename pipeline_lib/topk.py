@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib import retrieval
+from pipeline_lib.export import StagedVersion
 from pipeline_lib.retrieval import RetrievalSpec
 
 TOPK_DIR = "topk"
@@ -46,19 +47,8 @@ class TopKParityError(AssertionError):
 
 
 @dataclass
-class TopKExport:
-    staged_repository: Path
-    model_name: str
-    version: int
+class TopKExport(StagedVersion):
     parity: dict
-
-    @property
-    def version_dir(self) -> Path:
-        return self.staged_repository / self.model_name / str(self.version)
-
-    @property
-    def config_path(self) -> Path:
-        return self.staged_repository / self.model_name / "config.pbtxt"
 
 
 def request_columns(spec: RetrievalSpec, ranker_columns: Optional[list[str]], item_side: list[str]) -> list[str]:
@@ -267,23 +257,3 @@ def _decode(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == object and len(arr) and isinstance(arr[0], bytes):
         return np.array([v.decode("utf-8") for v in arr], dtype=object)
     return arr
-
-
-def frame_to_arrays(raw: pd.DataFrame, columns: list[str]) -> tuple[dict[str, np.ndarray], set[str]]:
-    """Raw frame -> tensors as Triton hands them to the model (strings as bytes, lists as values/offsets)."""
-    out, ragged = {}, set()
-    for col in columns:
-        s = raw[col]
-        if s.dtype == object and len(s) and isinstance(s.iloc[0], (list, tuple, np.ndarray)):
-            lengths = s.map(len).to_numpy()
-            values = np.concatenate([np.asarray(v) for v in s]) if lengths.sum() else np.array([], dtype=np.int64)
-            if values.dtype.kind in "OU":
-                values = np.array([v.encode("utf-8") for v in values], dtype=object)
-            out[f"{col}__values"] = values
-            out[f"{col}__offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-            ragged.add(col)
-        elif s.dtype == object:
-            out[col] = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in s], dtype=object)
-        else:
-            out[col] = s.to_numpy()
-    return out, ragged
