@@ -77,12 +77,10 @@ def main(argv=None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     from pipeline_lib.client import RecsysClient
     from pipeline_lib.serving import TritonServer
-    from pipeline_lib.smoke import free_port
 
     work = Path(tempfile.mkdtemp(prefix="recsys-profile-"))
     sm = serving_bench.prepare_model(work, Path(a.data_dir))
-    server = TritonServer(sm.repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=work / "triton.log", model_control="explicit", load_models=[serving_bench.MODEL])
+    server = TritonServer.on_free_ports(sm.repo, log_file=work / "triton.log", model_control="explicit", load_models=[serving_bench.MODEL])
     server.start(timeout_s=300, models=[serving_bench.MODEL])
     report = [f"# py-spy of the python backend stub, gRPC, batch {a.batch}, 1 client, {a.seconds:.0f} s", ""]
     try:

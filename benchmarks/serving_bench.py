@@ -279,7 +279,6 @@ def bench(work: Path, data_dir: Path, batches=(1, 64, 1024), concurrency=(1, 8),
           quick: bool = False, model_rows: int = 20_000, requests_cap: int | None = None,
           seconds_cap: float | None = None) -> dict:
     from pipeline_lib.serving import TritonServer
-    from pipeline_lib.smoke import free_port
 
     def request_budget(batch, quick):
         n, secs = _budget(batch, quick)
@@ -298,8 +297,7 @@ def bench(work: Path, data_dir: Path, batches=(1, 64, 1024), concurrency=(1, 8),
     for b in batches:
         out["breakdown"].append(breakdown(inproc, sm.rows, b, n=10 if quick else 30))
 
-    server = TritonServer(sm.repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=work / "triton.log", model_control="explicit", load_models=[MODEL])
+    server = TritonServer.on_free_ports(sm.repo, log_file=work / "triton.log", model_control="explicit", load_models=[MODEL])
     t0 = time.perf_counter()
     server.start(timeout_s=300, models=[MODEL])
     out["server_start_seconds"] = round(time.perf_counter() - t0, 2)
@@ -326,8 +324,7 @@ def bench(work: Path, data_dir: Path, batches=(1, 64, 1024), concurrency=(1, 8),
     # the dynamically batched variant: 8 clients, gRPC (one instance; requests queued together)
     repo_b = sm.repo.parent / "model_repository_batched"
     if repo_b.is_dir() and 8 in concurrency:
-        server = TritonServer(repo_b, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                              log_file=work / "triton_batched.log", model_control="explicit", load_models=[MODEL])
+        server = TritonServer.on_free_ports(repo_b, log_file=work / "triton_batched.log", model_control="explicit", load_models=[MODEL])
         server.start(timeout_s=300, models=[MODEL])
         out["dynamic_batching"] = {"config": BATCHING, "served": []}
         try:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -24,6 +26,37 @@ log = logging.getLogger(__name__)
 
 class ServerError(RuntimeError):
     pass
+
+
+class PortClash(ServerError):
+    """Triton could not bind one of its ports (taken by another process since it was picked)."""
+
+
+# What Triton 2.51 prints when it cannot bind a port. A failed gRPC bind exits; a failed HTTP or
+# metrics bind is logged ("failed to start HTTP service: ... already in use") and the process keeps
+# running without that endpoint, so the log is watched during start-up as well.
+_PORT_CLASH = re.compile(r"already in use|cannot listen to .* at the same address", re.IGNORECASE)
+_SERVICE_FAILED = re.compile(r"failed to start (\w+) service: ([^\n\"]*)", re.IGNORECASE)
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct free TCP ports on ``host``. All the sockets stay bound until every port is
+    picked, so the same port is never handed out twice in one call (which separate bind-to-0 calls
+    can do: the kernel may return a just-released port)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(1, host)[0]
 
 
 @dataclass
@@ -106,7 +139,10 @@ class TritonServer:
         load_models: Optional[list[str]] = None,
         repository_poll_secs: int = 5,
         admin_api_key: Optional[str] = None,
+        auto_ports: bool = False,
     ):
+        """``auto_ports=True`` ignores the three ports given and picks free ones at start(); if
+        another process takes one of them before Triton binds it, start() picks again."""
         self.model_repository = Path(model_repository).resolve()
         self.host = host
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
@@ -117,6 +153,12 @@ class TritonServer:
         self.repository_poll_secs = repository_poll_secs
         self.admin_api_key = admin_api_key
         self.process: Optional[subprocess.Popen] = None
+        self.auto_ports = auto_ports
+
+    @classmethod
+    def on_free_ports(cls, model_repository: Path, **kwargs) -> "TritonServer":
+        """A local server on three free ports (tests, smoke checks, benchmarks)."""
+        return cls(model_repository, auto_ports=True, **kwargs)
 
     @property
     def http_url(self) -> str:
@@ -156,11 +198,28 @@ class TritonServer:
         rule = f"model-repository:{ADMIN_HEADER}={self.admin_api_key}"
         return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
 
-    def start(self, timeout_s: float = 180.0, models: Optional[list[str]] = None) -> "TritonServer":
+    def start(self, timeout_s: float = 180.0, models: Optional[list[str]] = None,
+              attempts: int = 3) -> "TritonServer":
+        """Start and wait until the server and ``models`` are ready. With auto ports, a start that
+        fails only because a port was taken in the meantime is retried on fresh ports."""
         if not self.model_repository.is_dir():
             raise ServerError(f"model repository not found: {self.model_repository}")
         paths = find_tritonserver()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, max(attempts, 1) + 1):
+            if self.auto_ports:
+                self.http_port, self.grpc_port, self.metrics_port = free_ports(3, self.host)
+            try:
+                return self._start_once(paths, timeout_s, models or [])
+            except PortClash as exc:
+                if not self.auto_ports or attempt >= attempts:
+                    raise
+                log.warning("tritonserver could not bind its ports (attempt %d): %s; retrying on new ports",
+                            attempt, str(exc).splitlines()[-1])
+        raise AssertionError("unreachable")
+
+    def _start_once(self, paths: TritonPaths, timeout_s: float, models: list[str]) -> "TritonServer":
+        self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         self._log = open(self.log_file, "ab")
         log.info("starting tritonserver on http %s grpc %s (log: %s)", self.http_url, self.grpc_url, self.log_file)
         self.process = subprocess.Popen(
@@ -168,7 +227,7 @@ class TritonServer:
             start_new_session=True, preexec_fn=_die_with_parent,
         )
         try:
-            self.wait_ready(timeout_s, models or [])
+            self.wait_ready(timeout_s, models)
         except BaseException:
             self.stop()
             raise
@@ -178,12 +237,20 @@ class TritonServer:
         import tritonclient.http as httpclient
 
         deadline = time.monotonic() + timeout_s
-        with httpclient.InferenceServerClient(self.http_url) as client:
+        # Short timeouts: a foreign process listening on the port must not stall the readiness loop.
+        with httpclient.InferenceServerClient(self.http_url, connection_timeout=2.0, network_timeout=2.0) as client:
             while time.monotonic() < deadline:
-                if self.process is not None and self.process.poll() is not None:
-                    raise ServerError(
-                        f"tritonserver exited with code {self.process.returncode} during start-up:\n{self.log_tail()}"
-                    )
+                this_start = self._log_since_start()
+                exited = self.process is not None and self.process.poll() is not None
+                failed = _SERVICE_FAILED.search(this_start)
+                if exited or failed:
+                    kind = PortClash if _PORT_CLASH.search(this_start) else ServerError
+                    what = (f"exited with code {self.process.returncode}" if exited
+                            else f"could not start its {failed.group(1)} endpoint ({failed.group(2).strip()})")
+                    hint = (f"\na port is taken by another process (http {self.http_port}, grpc {self.grpc_port}, "
+                            f"metrics {self.metrics_port}); pick others with serving.http_port/grpc_port/metrics_port"
+                            if kind is PortClash else "")
+                    raise kind(f"tritonserver {what} during start-up{hint}:\n{self.log_tail()}")
                 try:
                     if client.is_server_ready() and all(client.is_model_ready(m) for m in models):
                         return
@@ -191,6 +258,14 @@ class TritonServer:
                     pass
                 time.sleep(0.5)
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def _log_since_start(self) -> str:
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(getattr(self, "_log_offset", 0))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, n: int = 40) -> str:
         try:

@@ -3,7 +3,6 @@ with the offline (workflow + model) scores, stop. Used as the gate before a vers
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,20 +36,11 @@ class SmokeResult:
         return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_and_ask(repository: Path, model_name: str, out_dir: Path, startup_timeout_s: float, ask) -> tuple:
     """Start Triton on ``repository`` (free local ports), call ``ask(client)`` over HTTP and then
     gRPC, stop the server; returns (http answer, grpc answer)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(
-        repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-        log_file=out_dir / "triton.log",
-    )
+    server = TritonServer.on_free_ports(repository, log_file=out_dir / "triton.log")
     with server.start(timeout_s=startup_timeout_s, models=[model_name]):
         with RecsysClient(server.http_url, "http", model_name) as c:
             http = ask(c)

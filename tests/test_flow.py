@@ -13,7 +13,7 @@ import pytest
 from pipeline_lib import export
 from pipeline_lib.client import RecsysClient
 from pipeline_lib.serving import TritonServer
-from pipeline_lib.smoke import free_port
+from pipeline_lib.serving import free_ports
 
 from .conftest import SMALL
 
@@ -80,7 +80,7 @@ def test_serve_and_predict_commands_on_the_published_repository(flow_run):
     """`recsys serve` (real Triton), raw rows over HTTP and gRPC == offline, `recsys predict`, clean stop."""
     tmp, overrides, _ = flow_run
     run = tmp / "runs" / "it"
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     sets = [f"export.model_repository={tmp / 'model_repository'}", f"serving.http_port={http}",
             f"serving.grpc_port={grpc}", f"serving.metrics_port={metrics}", f"runs_dir={tmp / 'runs'}"]
     args = sum((["--set", s] for s in sets), [])

@@ -7,7 +7,6 @@ import pytest
 from pipeline_lib import export, repository, train
 from pipeline_lib.client import RecsysClient
 from pipeline_lib.serving import TritonServer
-from pipeline_lib.smoke import free_port
 
 OTHERS = ["dcn", "deepfm", "wide_deep"]  # dlrm is covered by the shared `trained` fixture
 
@@ -47,8 +46,7 @@ def test_model_trains_with_metrics_history_and_learning_curve(zoo, kind):
 @pytest.mark.integration
 def test_every_model_type_is_served_like_offline(zoo):
     repo, rows, out = zoo
-    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=repo.parent / "triton.log")
+    server = TritonServer.on_free_ports(repo, log_file=repo.parent / "triton.log")
     with server.start(timeout_s=300, models=list(out)):
         for kind, (_, offline) in out.items():
             assert np.ptp(offline) > 0, kind

@@ -15,7 +15,6 @@ from pipeline_lib import export, repository, train
 from pipeline_lib.client import RecsysClient
 from pipeline_lib.repository import LiveServer
 from pipeline_lib.serving import TritonServer
-from pipeline_lib.smoke import free_port
 
 pytestmark = pytest.mark.integration
 KEY = "test-admin-key"
@@ -39,8 +38,7 @@ def live(trained, tmp_path_factory):
         offline[str(version)] = export.offline_scores(wf, model_dir, rows, "click")
     assert np.max(np.abs(offline["1"] - offline["2"])) > 1e-3  # the two versions are distinguishable
     repository.promote(repo, "recsys", 1)
-    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=tmp / "triton.log", model_control="explicit", load_models=["recsys"],
+    server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log", model_control="explicit", load_models=["recsys"],
                           admin_api_key=KEY)
     server.start(timeout_s=240, models=["recsys"])
     yield server, repo, rows, offline

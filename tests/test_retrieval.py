@@ -15,7 +15,6 @@ from pipeline_lib import etl, retrieval, topk
 from pipeline_lib.client import RecsysClient, RequestError
 from pipeline_lib.config import ColumnsConfig, load_config
 from pipeline_lib.serving import TritonServer
-from pipeline_lib.smoke import free_port
 
 from .conftest import SMALL
 
@@ -121,8 +120,7 @@ def test_flow_trains_exports_and_publishes_each_retrieval_model(retrieval_runs, 
 @pytest.fixture(scope="module")
 def served(retrieval_runs):
     tmp, repo, _ = retrieval_runs
-    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=tmp / "triton.log")
+    server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log")
     with server.start(timeout_s=300, models=list(RUNS)):
         yield server
 

@@ -8,7 +8,7 @@ from tritonclient.utils import InferenceServerException
 from pipeline_lib import export, repository
 from pipeline_lib.client import RecsysClient, RequestError
 from pipeline_lib.serving import ServerError, TritonServer
-from pipeline_lib.smoke import free_port, smoke_test
+from pipeline_lib.smoke import smoke_test
 
 pytestmark = pytest.mark.integration
 MAX_ROWS = 500
@@ -26,8 +26,7 @@ def served(trained, tmp_path_factory):
     repository.publish(exp.version_dir, exp.config_path, repo, "recsys")
     repository.promote(repo, "recsys", 1)
     offline = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), trained.model.model_dir, rows, "click")
-    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=tmp / "triton.log")
+    server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log")
     server.start(timeout_s=240, models=["recsys"])
     yield server, rows, offline
     server.stop()
@@ -87,15 +86,74 @@ def test_smoke_test_gate_fails_on_mismatch(trained, served, tmp_path):
 
 def test_server_start_errors_are_reported(tmp_path):
     with pytest.raises(ServerError, match="model repository not found"):
-        TritonServer(tmp_path / "missing").start()
+        TritonServer.on_free_ports(tmp_path / "missing").start()
     broken = tmp_path / "repo" / "recsys"
     (broken / "1").mkdir(parents=True)
     (broken / "config.pbtxt").write_text('backend: "python"\n')
     (broken / "1" / "model.py").write_text("raise ImportError('boom')\n")
-    server = TritonServer(tmp_path / "repo", http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    server = TritonServer.on_free_ports(tmp_path / "repo")
     with pytest.raises(ServerError, match="tritonserver exited|not ready"):
         server.start(timeout_s=120, models=["recsys"])
     assert server.process is None
+
+
+def test_free_ports_are_distinct():
+    from pipeline_lib.serving import free_ports
+
+    ports = free_ports(64)
+    assert len(set(ports)) == 64 and all(p > 0 for p in ports)
+
+
+@pytest.fixture
+def busy_port():
+    """A port held by another listener, as when a second server or a test run took it first."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("endpoint", ["http_port", "grpc_port", "metrics_port"])
+def test_a_taken_port_is_reported_naming_the_clash(tmp_path, busy_port, endpoint):
+    """Triton exits on a taken gRPC port but keeps running without a taken HTTP or metrics
+    endpoint; either way start() fails at once with the port in the message, and no process is left."""
+    from pipeline_lib.serving import PortClash, free_ports
+
+    ports = dict(zip(["http_port", "grpc_port", "metrics_port"], free_ports(3)))
+    ports[endpoint] = busy_port
+    (tmp_path / "repo").mkdir()
+    server = TritonServer(tmp_path / "repo", log_file=tmp_path / "triton.log", **ports)
+    with pytest.raises(PortClash) as err:
+        server.start(timeout_s=60)
+    assert f"127.0.0.1:{busy_port}' already in use" in str(err.value)
+    assert server.process is None
+
+
+def test_auto_ports_retry_when_a_picked_port_is_taken(tmp_path, busy_port, monkeypatch):
+    """The race the CI run hit: a picked port is taken before Triton binds it. The first pick is
+    forced to contain the taken port; start() must come up on fresh ports."""
+    from pipeline_lib import serving
+
+    real, picks = serving.free_ports, []
+
+    def first_pick_clashes(n, host="127.0.0.1"):
+        got = real(n, host)
+        if not picks:
+            got[1] = busy_port  # the gRPC port: Triton exits on it
+        picks.append(got)
+        return got
+
+    monkeypatch.setattr(serving, "free_ports", first_pick_clashes)
+    (tmp_path / "repo").mkdir()
+    server = TritonServer.on_free_ports(tmp_path / "repo", log_file=tmp_path / "triton.log")
+    with server.start(timeout_s=120):
+        assert len(picks) == 2 and server.grpc_port != busy_port
+        assert [server.http_port, server.grpc_port, server.metrics_port] == picks[1]
+        with httpclient.InferenceServerClient(server.http_url) as c:
+            assert c.is_server_ready()
+    assert "already in use" in (tmp_path / "triton.log").read_text()
 
 
 def _bad(server, mutate):
@@ -180,8 +238,7 @@ def served_batched(trained, tmp_path_factory):
     rows = rows.copy()
     rows.loc[::5, "item_tags"] = pd.Series([[]] * len(rows.loc[::5]), index=rows.index[::5])  # empty lists too
     offline = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), trained.model.model_dir, rows, "click")
-    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=tmp / "triton.log")
+    server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log")
     server.start(timeout_s=240, models=["recsys"])
     yield server, rows, offline
     server.stop()

@@ -146,7 +146,6 @@ def test_session_flow_end_to_end_served_topk_equals_offline(tmp_path):
     from pipeline_lib.serving import TritonServer
     from pipeline_lib.session_client import SessionClient
     from pipeline_lib.session_serving_model import offline_topk
-    from pipeline_lib.smoke import free_port
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     over = {"runs_dir": str(tmp_path / "runs"), "run_name": "s1",
@@ -187,8 +186,7 @@ def test_session_flow_end_to_end_served_topk_equals_offline(tmp_path):
     want_ids, want_scores = offline_topk(wf, run / "model" / "model", req, "item_id", 10)
     vocab = set(pd.read_parquet(run / "split" / "train.parquet")["item_id"].explode())
     assert set(want_ids.ravel()) <= vocab  # raw ids of trained items, never special/OOV slots
-    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=tmp_path / "triton.log", model_control="explicit", load_models=["recsys_session"])
+    server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log", model_control="explicit", load_models=["recsys_session"])
     with server.start(timeout_s=240, models=["recsys_session"]):
         for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             with SessionClient(url, proto, "recsys_session") as client:
@@ -236,7 +234,6 @@ def test_string_item_ids_are_served_like_offline(tmp_path):
     from pipeline_lib import export as ranking_export, repository, session_model, session_serving_model as ssm
     from pipeline_lib.serving import TritonServer
     from pipeline_lib.session_client import SessionClient
-    from pipeline_lib.smoke import free_port
 
     ev = sessions.generate_sessions(SessionSyntheticConfig(n_sessions=600, n_items=60, n_categories=5), 3)
     ev["item_id"] = "sku-" + ev["item_id"].astype(str)
@@ -255,8 +252,7 @@ def test_string_item_ids_are_served_like_offline(tmp_path):
 
     want_ids, want_scores = ssm.offline_topk(nvt.Workflow.load(str(etl_out.workflow_dir)), model.model_dir, req, "item_id", 5)
     assert all(isinstance(v, str) and v.startswith("sku-") for v in want_ids.ravel())
-    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=tmp_path / "triton.log")
+    server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log")
     with server.start(timeout_s=240, models=["sess"]):
         for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             with SessionClient(url, proto, "sess") as client:
