@@ -6,7 +6,7 @@ request whatever its size (benchmarks/README.md). :func:`compile_workflow` reads
 workflow's graph, ops and statistics (vocabulary files, fill values, means/stds) -- nothing is
 re-fitted -- and returns a :class:`CompiledWorkflow` that runs the same graph on numpy arrays:
 
-- ``Categorify`` (joint encoding, one column per group, no hash buckets): value -> index exactly as
+- ``Categorify`` (joint encoding, single columns or joint column groups, no hash buckets): value -> index exactly as
   NVTabular 23.08 encodes: the vocabulary file's row index is the label (first label >= 3), 0 is
   padding, 1 null, 2 out-of-vocabulary; numeric vocabularies use ``np.searchsorted`` on a sorted
   copy, string vocabularies a dict (keys as ``str`` and as the ``bytes`` Triton delivers); list
@@ -103,6 +103,15 @@ class _Vocabulary:
 # --- the per-node steps ---------------------------------------------------------------------------
 
 
+def _group_ok(op) -> bool:
+    """Column groups are compiled where they only name columns: a selection, or a jointly encoded
+    Categorify group (one shared vocabulary)."""
+    import nvtabular as nvt
+    from merlin.dag.ops.selection import SelectionOp
+
+    return type(op) is SelectionOp or (type(op) is nvt.ops.Categorify and op.encode_type == "joint")
+
+
 def _floats(x, what: str) -> np.ndarray:
     if isinstance(x, Ragged) or x.dtype.kind not in "iuf":
         raise Unsupported(f"{what}: non-numeric or list input")
@@ -116,6 +125,7 @@ def _op_step(op, selection: list[str]) -> Callable[[dict], dict]:
     from merlin.dag.ops.add_metadata import AddMetadata
     from merlin.dag.ops.concat_columns import ConcatColumns
     from merlin.dag.ops.selection import SelectionOp
+    from merlin.dag.ops.subset_columns import SubsetColumns
     from merlin.dag.ops.udf import UDF
 
     from pipeline_lib import etl
@@ -124,20 +134,23 @@ def _op_step(op, selection: list[str]) -> Callable[[dict], dict]:
     if kind is SelectionOp:
         names = list(selection) if selection else list(op.selector.names)
         return lambda cols: {c: cols[c] for c in names}
-    if kind is ConcatColumns:
+    if kind is ConcatColumns or kind is SubsetColumns:  # `a + b` and `a[...]`: the selected columns
         return lambda cols: {c: cols[c] for c in selection}
     if kind is nvt.ops.Categorify:
         if op.encode_type != "joint" or op.single_table or op.num_buckets or op.max_size or op.vocabs:
             raise Unsupported("Categorify with buckets, max_size, single_table, vocabs or combo encoding")
         if (op.split_out if isinstance(op.split_out, int) else 1) != 1 or op.search_sorted:
             raise Unsupported("Categorify with split_out > 1 or search_sorted")
-        if op.storage_name:
-            raise Unsupported("Categorify with storage names (multi-column groups)")
-        vocabs = {}
+        # joint encoding of a column group ([item_id, item_id_history]): every column of the group is
+        # looked up in the group's one vocabulary, stored under its storage name (NVTabular's transform)
+        vocabs, tables = {}, {}
         for name in selection:
-            if name not in op.categories:
+            storage = op.storage_name.get(name, name)
+            if storage not in op.categories:
                 raise Unsupported(f"Categorify has no vocabulary for {name}")
-            vocabs[name] = _Vocabulary(op.categories[name], name, op.output_dtype)
+            if storage not in tables:
+                tables[storage] = _Vocabulary(op.categories[storage], storage, op.output_dtype)
+            vocabs[name] = tables[storage]
 
         def categorify(cols):
             out = dict(cols)
@@ -218,7 +231,7 @@ class CompiledWorkflow:
         self.input_columns = list(workflow.input_schema.column_names)
         self.output_columns = list(workflow.output_schema.column_names)
         self.ragged_inputs = {c.name for c in workflow.input_schema if c.is_list}
-        self.input_kinds = {c.name: np.dtype(c.dtype.to_numpy).kind for c in workflow.input_schema}
+        self.input_kinds = {c.name: _numpy_kind(c.dtype) for c in workflow.input_schema}
         self.nodes: list[_Node] = []
         ids: dict[int, int] = {}
 
@@ -231,7 +244,7 @@ class CompiledWorkflow:
             step = None
             if node.op is not None:
                 selection = node.input_columns.resolve(node.input_schema)
-                if selection.subgroups:
+                if selection.subgroups and not _group_ok(node.op):
                     raise Unsupported("column groups (subgroups) are not compiled")
                 step = _op_step(node.op, list(selection.names))
             self.nodes.append(_Node(upstream, cols, deps, step))
@@ -247,7 +260,7 @@ class CompiledWorkflow:
             if isinstance(x, Ragged) != (name in self.ragged_inputs):
                 raise Unsupported(f"input {name}: list/scalar representation differs from the workflow's")
             kind, want = (x.values if isinstance(x, Ragged) else x).dtype.kind, self.input_kinds[name]
-            if kind != want and not (want in "iu" and kind in "iu"):
+            if want is not None and kind != want and not (want in "iu" and kind in "iu"):
                 raise Unsupported(f"input {name}: dtype kind {kind!r}, the workflow was fitted on {want!r}")
         results: list[dict | None] = [None] * len(self.nodes)
         for i, node in enumerate(self.nodes):
@@ -264,6 +277,15 @@ class CompiledWorkflow:
             results[i] = node.step(merged) if node.step is not None else merged
         out = results[self.output]
         return {c: out[c] for c in self.output_columns}
+
+
+def _numpy_kind(dtype) -> str | None:
+    """The numpy kind of a schema dtype; None when the schema does not know it (a derived column
+    such as the user history), in which case only :func:`verify` vouches for the representation."""
+    try:
+        return np.dtype(dtype.to_numpy).kind
+    except (ValueError, TypeError):
+        return None
 
 
 def compile_workflow(workflow) -> CompiledWorkflow:
@@ -286,6 +308,22 @@ def columns_from_tensors(arrays: Mapping[str, np.ndarray], ragged: set[str]) -> 
         else:
             cols[name] = arr
     return cols
+
+
+def take_rows(x, rows: np.ndarray):
+    """Rows ``rows`` (any order, repeats allowed) of a column: ``x[rows]``, or for a ``Ragged`` list
+    column the selected rows' lists with new offsets (vectorised, no per-row Python)."""
+    if not isinstance(x, Ragged):
+        return x[rows]
+    off = np.asarray(x.offsets, dtype=np.int64)
+    starts, lengths = off[rows], np.diff(off)[rows]
+    new = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.repeat(starts - new[:-1], lengths) + np.arange(new[-1], dtype=np.int64)
+    return Ragged(x.values[flat], new.astype(x.offsets.dtype))
+
+
+def n_rows(x) -> int:
+    return len(x.offsets) - 1 if isinstance(x, Ragged) else len(x)
 
 
 def tensors_from_columns(cols: Mapping[str, object]) -> dict[str, np.ndarray]:

@@ -298,25 +298,29 @@ def encode(bound, transformed: pd.DataFrame, names: list[str] | None = None, bat
     (The Merlin ``Loader`` is not used here: merlin-dataloader 23.08 fails on a batch whose first
     row holds an empty list, which an empty user history is.)
     """
-    tf = _tf()
     from merlin.table import TensorTable
 
-    _, fn, dtypes = bound
     df = transformed.reset_index(drop=True)
     if names is not None:
         df = df[[c for c in df.columns if c in names]]
-    out = []
-    for start in range(0, len(df), batch_size):
-        arrays = TensorTable.from_df(df.iloc[start:start + batch_size].reset_index(drop=True)).to_dict()
-        inputs = {}
-        for name, dtype in dtypes.items():
-            if name not in arrays:
-                raise KeyError(f"model input '{name}' not produced by the workflow")
-            inputs[name] = tf.convert_to_tensor(np.asarray(arrays[name]), dtype=dtype)
-        res = fn(**inputs)
-        res = next(iter(res.values())) if isinstance(res, dict) else res
-        out.append(np.asarray(res.numpy(), dtype=np.float32))
+    out = [call_signature(bound, TensorTable.from_df(df.iloc[start:start + batch_size].reset_index(drop=True)).to_dict())
+           for start in range(0, len(df), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def call_signature(bound, arrays: dict) -> np.ndarray:
+    """One call of a SavedModel's serving signature on model input tensors (numpy; lists as
+    ``name__values``/``name__offsets``); returns its (first) output as float32."""
+    tf = _tf()
+    _, fn, dtypes = bound
+    inputs = {}
+    for name, dtype in dtypes.items():
+        if name not in arrays:
+            raise KeyError(f"model input '{name}' not produced by the workflow")
+        inputs[name] = tf.convert_to_tensor(np.asarray(arrays[name]), dtype=dtype)
+    res = fn(**inputs)
+    res = next(iter(res.values())) if isinstance(res, dict) else res
+    return np.asarray(res.numpy(), dtype=np.float32)
 
 
 def item_embeddings(workflow, model_dir: Path, spec: RetrievalSpec, cat_raw: pd.DataFrame,

@@ -1,8 +1,8 @@
 """Triton python-backend model for a retrieval (top-k) version; copied into each version as ``model.py``.
 
 Raw query columns in (checked by :mod:`pipeline_lib.request_checks`), ``item_ids`` and ``scores``
-[rows, k] out, computed by :class:`pipeline_lib.topk.TopKRecommender` (fitted workflow, query
-encoder, catalogue embeddings, optional ranker). Only runs inside Triton's python backend stub.
+[rows, k] out, computed by :class:`pipeline_lib.topk.TopKRecommender` (fitted workflow -- compiled
+transform when verified at export --, query encoder, catalogue embeddings, optional ranker). Only runs inside Triton's python backend stub.
 """
 import json
 import traceback
@@ -11,7 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from pipeline_lib.request_checks import BadRequest, check_request, max_request_rows, version_dir
-from pipeline_lib.topk import OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, TopKRecommender, arrays_to_frame
+from pipeline_lib.topk import OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, TopKRecommender
 
 
 class TritonPythonModel:
@@ -35,8 +35,7 @@ class TritonPythonModel:
                     raise BadRequest(f"missing input '{name}'")
                 arrays[name] = tensor.as_numpy()
             arrays = check_request(arrays, self.ragged, self.max_rows)
-            frame = arrays_to_frame(arrays, self.rec.request_columns, self.ragged)
-            ids, scores = self.rec.recommend(frame)
+            ids, scores = self.rec.recommend_tensors(arrays, self.ragged)
             if ids.dtype.kind in "OUS":
                 ids = np.array([str(v).encode("utf-8") for v in ids.reshape(-1)], dtype=object).reshape(ids.shape)
             else:

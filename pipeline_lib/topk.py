@@ -3,7 +3,7 @@
 A version directory of a retrieval model::
 
     <N>/model.py                 the python-backend model (pipeline_lib/serving_topk_model.py)
-    <N>/topk/spec.json           query/item columns, k, candidates, output dtype
+    <N>/topk/spec.json           query/item columns, k, candidates, output dtype, fast-path status
     <N>/topk/workflow/           the run's fitted NVTabular workflow (the same one training used)
     <N>/topk/query_encoder/      SavedModel of the query tower
     <N>/topk/items.npz           raw item ids + their embeddings, computed at export from the raw
@@ -18,6 +18,12 @@ retrieved items of each row are joined with their item features and the row's qu
 scored by the ranking model through the same workflow, and the k best by ranking score returned
 (the shape of Merlin's multi-stage example, without its Feast/Faiss dependencies).
 
+Per request the fitted workflow runs as the compiled numpy transform of
+:mod:`pipeline_lib.fast_transform` (query side, and the ranker's candidate rows), verified at export
+against ``Workflow.transform`` on the sample, the candidate rows and edge rows, and end to end against
+the NVTabular path; a workflow or request outside it runs NVTabular (``fast_transform`` in spec.json
+says which and why).
+
 This is not a merlin-systems ``Ensemble``: merlin-systems has no brute-force top-k op (its
 ``QueryFaiss`` needs faiss and a TF backend), so the recommender below is a plain class that
 the served model and the offline checks share; the transforms are the fitted NVTabular workflow
@@ -26,6 +32,7 @@ and the models are the trained SavedModels, as in the ranking ensemble.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +44,8 @@ import pandas as pd
 from pipeline_lib import retrieval
 from pipeline_lib.export import StagedVersion
 from pipeline_lib.retrieval import RetrievalSpec
+
+log = logging.getLogger(__name__)
 
 TOPK_DIR = "topk"
 OUTPUT_IDS, OUTPUT_SCORES = "item_ids", "scores"
@@ -84,8 +93,77 @@ class TopKRecommender:
         if self.ranker_columns:
             feats = pd.read_parquet(self.dir / "item_features.parquet")
             self.item_features = feats.set_index(self.spec.item_id, drop=False)
+        self.fast_status: dict = meta.get("fast_transform") or {"enabled": False, "reason": "not verified at export"}
+        self.fast = None
+        if self.fast_status.get("enabled"):
+            self.fast = self.compile_fast()
 
-    # -- served path: NVTabular on the request frame, SavedModel signatures called directly --
+    # -- served fast path: compiled workflow on request columns, SavedModel signatures called directly --
+    def compile_fast(self):
+        """The compiled transform of the serving workflow plus the constant columns it needs (filler
+        row, catalogue item features), in request representation; None when it does not compile."""
+        from pipeline_lib.export import raw_to_columns
+        from pipeline_lib.fast_transform import Unsupported, compile_workflow
+
+        try:
+            compiled = compile_workflow(self.workflow)
+        except Unsupported as exc:
+            log.warning("top-k fast transform not compiled, NVTabular runs per request: %s", exc)
+            return None
+        self._filler_cols = raw_to_columns(pd.read_parquet(self.dir / "filler.parquet"))
+        self._item_cols = {}
+        if self.ranker_columns:
+            feats = self.item_features.reset_index(drop=True)
+            if not np.array_equal(feats[self.spec.item_id].to_numpy(), self.item_ids):
+                return None  # candidate rows are looked up by catalogue position
+            self._item_cols = raw_to_columns(feats[[c for c in self.ranker_columns if c in feats.columns]])
+        return compiled
+
+    def _complete(self, cols: dict, n: int) -> dict:
+        """Request columns + the filler's constant value for every other workflow input."""
+        from pipeline_lib.fast_transform import take_rows
+
+        out = dict(cols)
+        zeros = np.zeros(n, dtype=np.int64)
+        for name in self.workflow.input_schema.column_names:
+            if name not in out:
+                out[name] = take_rows(self._filler_cols[name], zeros)
+        return out
+
+    def recommend_columns(self, cols: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Request columns as Triton hands them over (bytes strings, ``Ragged`` lists) -> top-k,
+        through the compiled transform. Raises ``fast_transform.Unsupported`` outside it."""
+        from pipeline_lib.fast_transform import Unsupported, n_rows, take_rows, tensors_from_columns
+
+        if self.fast is None:
+            raise Unsupported("the compiled transform is not enabled for this version")
+        rows = n_rows(cols[self.request_columns[0]])
+        query = self.fast(self._complete({c: cols[c] for c in self.spec.query_columns}, rows))
+        q = retrieval.call_signature(self.query_fn, tensors_from_columns(query))
+        idx, scores = retrieval.top_k(q, self.item_emb, self.candidates if self.ranker_fn else self.k)
+        ids = self.item_ids[idx]
+        if not self.ranker_fn:
+            return ids, scores
+        per_row = np.repeat(np.arange(rows), idx.shape[1])
+        cand = {c: take_rows(cols[c], per_row) for c in self.ranker_columns if c not in self._item_cols}
+        cand.update({c: take_rows(x, idx.reshape(-1)) for c, x in self._item_cols.items()})
+        ranked = self.fast(self._complete(cand, len(per_row)))
+        rank = retrieval.call_signature(self.ranker_fn, tensors_from_columns(ranked)).reshape(ids.shape)
+        return rerank(ids, rank, self.k)
+
+    def recommend_tensors(self, arrays: dict[str, np.ndarray], ragged: set[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Checked request tensors -> top-k: the compiled path, or NVTabular on a frame when the
+        version or the request is outside it. Both give the same answer (verified at export)."""
+        from pipeline_lib.fast_transform import Unsupported, columns_from_tensors
+
+        if self.fast is not None:
+            try:
+                return self.recommend_columns(columns_from_tensors(arrays, ragged))
+            except Unsupported:
+                pass
+        return self.recommend(arrays_to_frame(arrays, self.request_columns, ragged))
+
+    # -- NVTabular path (the fallback): the workflow on the request frame, SavedModel signatures called directly --
     def query_embeddings(self, raw: pd.DataFrame) -> np.ndarray:
         transformed = retrieval.side_transform(self.workflow, raw, self.spec.query_columns, self.filler)
         return retrieval.encode(self.query_fn, transformed)
@@ -211,12 +289,53 @@ def export_topk(
 
     rec = TopKRecommender(art)
     sample = sample_raw[req_cols].reset_index(drop=True)
-    diff = compare(rec.recommend(sample), rec.offline(sample), atol, "in-process")
+    in_process = rec.recommend(sample)
+    diff = compare(in_process, rec.offline(sample), atol, "in-process")
+    meta["fast_transform"] = verify_fast_path(rec, sample, cat, in_process, atol)
+    (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
     shutil.copyfile(Path(__file__).with_name("serving_topk_model.py"), vdir / "model.py")
     _write_config(staging_dir / model_name, model_name, serving_wf, req_cols, ids, k, max_request_rows, spec)
     out = TopKExport(staging_dir, model_name, version, {"max_abs_score_diff": diff, "rows": len(sample)})
     (vdir / "run_info.json").write_text(json.dumps({**(run_info or {}), "parity": out.parity}, indent=2, default=str))
     return out
+
+
+def verify_fast_path(rec: TopKRecommender, sample: pd.DataFrame, catalogue: pd.DataFrame,
+                     expected: tuple[np.ndarray, np.ndarray], atol: float) -> dict:
+    """Enable the compiled transform for this version only if (1) it equals ``Workflow.transform``
+    column by column on every kind of row it will see -- request rows, catalogue rows, the ranker's
+    candidate rows, plus edge rows (nulls, unseen values, empty lists, the vocabularies) -- and
+    (2) the top-k it gives on ``sample`` equals the NVTabular path's (same ids in the same order)."""
+    from pipeline_lib.export import raw_to_columns
+    from pipeline_lib.fast_transform import Unsupported, verify
+
+    rec.fast = rec.compile_fast()
+    if rec.fast is None:
+        return {"enabled": False, "reason": "the serving workflow does not compile"}
+    inputs = rec.workflow.input_schema.column_names
+    filled = [rec.filler[c] for c in inputs]
+    frames = [sample, catalogue]
+    if rec.ranker_fn is not None:
+        frames.append(rec.rank_frame(sample, _candidates(rec, sample)))
+    try:
+        checked = 0
+        for frame in frames:
+            full = frame.reset_index(drop=True).copy()
+            for c, v in zip(inputs, filled):
+                if c not in full.columns:
+                    full[c] = [v] * len(full)
+            checked += verify(rec.fast, rec.workflow, full[inputs], raw_to_columns)
+        compare(rec.recommend_columns(raw_to_columns(sample)), expected, atol, "compiled transform")
+    except (Unsupported, AssertionError) as exc:
+        rec.fast = None
+        log.warning("top-k fast transform disabled, NVTabular runs per request: %s", exc)
+        return {"enabled": False, "reason": f"{type(exc).__name__}: {str(exc)[:500]}"}
+    return {"enabled": True, "verified_rows": int(checked)}
+
+
+def _candidates(rec: TopKRecommender, sample: pd.DataFrame) -> np.ndarray:
+    idx, _ = retrieval.top_k(rec.query_embeddings(sample), rec.item_emb, rec.candidates)
+    return rec.item_ids[idx]
 
 
 def _write_config(model_dir: Path, name: str, serving_wf, req_cols: list[str], ids: np.ndarray, k: int,

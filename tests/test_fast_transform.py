@@ -94,6 +94,34 @@ def test_requests_outside_the_compiled_path_fall_back_to_nvtabular(trained, serv
     np.testing.assert_array_equal(got["user_id"], want["user_id"])
 
 
+def test_take_rows_selects_and_repeats_rows_of_lists_and_scalars():
+    tags = Ragged(np.array([5, 6, 7, 8]), np.array([0, 1, 1, 4], dtype=np.int32))  # [5], [], [6, 7, 8]
+    got = fast_transform.take_rows(tags, np.array([2, 0, 0, 1]))
+    assert got.offsets.dtype == np.int32 and got.offsets.tolist() == [0, 3, 4, 5, 5]
+    assert got.values.tolist() == [6, 7, 8, 5, 5]
+    assert fast_transform.take_rows(np.array(["a", "b"], dtype=object), np.zeros(3, dtype=int)).tolist() == ["a"] * 3
+    empty = fast_transform.take_rows(tags, np.array([], dtype=int))
+    assert empty.offsets.tolist() == [0] and len(empty.values) == 0
+
+
+def test_a_jointly_encoded_column_group_compiles_like_nvtabular(tmp_path):
+    """[item_id, history] share one vocabulary (Categorify joint group, as the YouTube DNN ETL fits it)."""
+    import nvtabular as nvt
+    from merlin.io import Dataset
+
+    df = pd.DataFrame({"item": ["a", "b", "a", "c", "a"],
+                       "hist": [[], ["a"], ["a", "b"], ["d"], ["c", "c", "b"]],
+                       "x": [1.0, 2.0, 3.0, 4.0, 5.0]})
+    wf = nvt.Workflow(([["item", "hist"]] >> nvt.ops.Categorify(encode_type="joint", out_path=str(tmp_path)))
+                      + (["x"] >> nvt.ops.Normalize()))
+    wf.fit(Dataset(df, cpu=True))
+    compiled = compile_workflow(wf)
+    assert verify(compiled, wf, df, export.raw_to_columns) > len(df)
+    got = compiled(export.raw_to_columns(df))
+    assert got["item"][0] == got["hist"].values[0]  # "a" has the same index in both columns
+    assert got["hist"].values[2] == got["item"][1]  # and so has "b"
+
+
 def test_concat_and_split_requests():
     a = {"u": np.array([1, 2]), "t__values": np.array([5, 6, 7]), "t__offsets": np.array([0, 1, 3], dtype=np.int32)}
     b = {"u": np.array([3]), "t__values": np.array([], dtype=np.int64), "t__offsets": np.array([0, 0], dtype=np.int32)}

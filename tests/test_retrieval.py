@@ -150,6 +150,26 @@ def test_served_top_k_equals_offline_top_k_for_the_same_raw_request(retrieval_ru
         assert set(ids.reshape(-1)) <= set(rec.item_ids)  # raw catalogue ids, decoded
 
 
+@pytest.mark.parametrize("name", list(RUNS))
+def test_the_compiled_transform_serves_every_retrieval_version_like_nvtabular(retrieval_runs, name):
+    """Every version (MF; YouTube DNN with its jointly encoded history; two-tower + DLRM) was exported
+    with the compiled transform verified on; per request it gives what the NVTabular path gives,
+    including rows with unseen users, unseen history items and empty histories."""
+    from pipeline_lib.export import raw_to_columns
+
+    tmp, repo, _ = retrieval_runs
+    rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
+    assert rec.fast_status["enabled"] is True and rec.fast is not None, rec.fast_status
+    rows = _rows(retrieval_runs, name, rec, n=6)
+    rows.loc[0, "user_id"] = 987654321
+    if rec.spec.history:
+        rows[rec.spec.history] = [[], [987654], *rows[rec.spec.history].iloc[2:]]
+    ids, scores = rec.recommend_columns(raw_to_columns(rows))
+    want_ids, want_scores = rec.recommend(rows)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6, rtol=0)
+
+
 @pytest.mark.integration
 def test_two_stage_returns_k_candidates_ordered_by_the_ranking_score(retrieval_runs, served):
     tmp, repo, _ = retrieval_runs
