@@ -120,6 +120,13 @@ def markdown(r: dict) -> str:
         st = e["stage_seconds"]
         lines += _table(list(st.keys()) + ["sum"], [list(st.values()) + [e["stages_sum_seconds"]]])
 
+    if r.get("topk"):
+        from benchmarks.topk_bench import markdown as topk_markdown
+
+        lines += ["## Top-k serving: retrieval and two-stage (`benchmarks/topk_bench.py`)", "",
+                  "Per request, one client; in-process = the served model.py's path in this process.", ""]
+        lines += topk_markdown(r["topk"]) + [""]
+
     if r.get("section_seconds"):
         lines += ["Section wall times (s): " + ", ".join(f"{k} {v}" for k, v in r["section_seconds"].items()), ""]
     return "\n".join(lines)

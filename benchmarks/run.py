@@ -28,7 +28,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("etl", "train", "serving", "e2e")
+SECTIONS = ("etl", "train", "serving", "topk", "e2e")
 
 FULL = {"etl_rows": [1_000_000, 10_000_000], "train_rows": 1_000_000, "serve_model_rows": 20_000}
 QUICK = {"etl_rows": [100_000, 1_000_000], "train_rows": 100_000, "serve_model_rows": 20_000}
@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
         print(f"[bench] {name} done in {results['section_seconds'][name]} s", flush=True)
         _write(results, out_dir)  # partial results survive an interrupted run
 
-    from benchmarks import e2e_bench, etl_bench, serving_bench, train_bench
+    from benchmarks import e2e_bench, etl_bench, serving_bench, topk_bench, train_bench
 
     section("etl", lambda: [etl_bench.bench(n, work / "etl", data_dir) for n in etl_rows])
 
@@ -134,6 +134,7 @@ def main(argv=None) -> dict:
                                               requests_cap=a.serve_requests, seconds_cap=a.serve_seconds)
 
     section("serving", _serving)
+    section("topk", lambda: topk_bench.bench(work / "topk", quick=a.quick))
     section("e2e", lambda: e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json)))
 
     results["total_seconds"] = round(time.perf_counter() - t_all, 1)

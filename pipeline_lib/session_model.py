@@ -298,6 +298,10 @@ def train_and_evaluate(etl_out, cfg, out_dir: Path) -> SessionTrainOutput:
     }
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
+    from pipeline_lib.train import plot_learning_curve
+
+    plot_learning_curve(history, out_dir / "learning_curve.png", keys=("loss",),
+                        title=f"session_{s.model.type}: recall@{k} {metrics[f'recall@{k}']:.4f} (held-out sessions)")
     log.info("session_%s: recall@%d %.4f ndcg@%d %.4f (most popular %.4f, co-occurrence %.4f)", s.model.type, k,
              metrics[f"recall@{k}"], k, metrics[f"ndcg@{k}"], results["most_popular"][f"recall@{k}"],
              results["cooccurrence"][f"recall@{k}"])

@@ -135,8 +135,8 @@ def plot_learning_curve(history: dict, path: Path, title: str = "", keys: tuple[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5))
-    for ax, key in zip(axes, keys):
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
         for prefix, style in (("", "-o"), ("val_", "--s")):
             values = history.get(prefix + key)
             if values:

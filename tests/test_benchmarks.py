@@ -71,7 +71,7 @@ def _check_common(res: dict, out: Path) -> tuple[dict, str]:
 
 def test_suite_etl_and_training_sections_tiny(tmp_path):
     out = tmp_path / "results"
-    res = run.main(["--etl-rows", "2000", "--train-rows", "2000", "--skip", "serving,e2e",
+    res = run.main(["--etl-rows", "2000", "--train-rows", "2000", "--skip", "serving,topk,e2e",
                     "--out", str(out), "--data-dir", str(tmp_path / "data")])
     saved, md = _check_common(res, out)
     assert set(saved["section_seconds"]) == {"etl", "train"}
@@ -99,7 +99,7 @@ def test_suite_serving_and_end_to_end_sections_tiny(tmp_path):
     out = tmp_path / "results"
     tiny_e2e = {"data": {"synthetic": {"n_users": 200, "n_items": 100, "n_interactions": 3000}},
                 "model": {"epochs": 1, "batch_size": 256}, "export": {"parity_rows": 32}}
-    res = run.main(["--skip", "etl,train", "--serve-model-rows", "2000", "--serve-requests", "3",
+    res = run.main(["--skip", "etl,train,topk", "--serve-model-rows", "2000", "--serve-requests", "3",
                     "--serve-seconds", "2", "--e2e-overrides-json", json.dumps(tiny_e2e),
                     "--out", str(out), "--data-dir", str(tmp_path / "data")])
     saved, md = _check_common(res, out)
@@ -126,3 +126,24 @@ def test_suite_serving_and_end_to_end_sections_tiny(tmp_path):
     assert e["process_start_to_first_prediction_seconds"] <= e["process_wall_seconds"]
     assert e["max_abs_diff_served_vs_offline"] <= 1e-5
     assert "## Serving" in md and "### Targets" in md and "## End to end" in md
+
+
+@pytest.mark.integration
+def test_top_k_section_tiny(tmp_path):
+    """Two real flows (two-tower; two-tower + DLRM), each version served by Triton and run in-process,
+    through the compiled transform and through NVTabular; served top-k equals in-process first."""
+    from benchmarks import topk_bench
+
+    tiny = {"data": {"synthetic": {"n_users": 200, "n_items": 100, "n_interactions": 3000}},
+            "model": {"epochs": 1, "batch_size": 256}, "export": {"parity_rows": 32}}
+    r = topk_bench.bench(tmp_path, quick=True, data=tiny)
+    assert set(r) == {"two_tower", "two_stage"}
+    for name, v in r.items():
+        assert v["fast_transform"]["enabled"] is True, v["fast_transform"]
+        assert {x["batch"] for x in v["in_process"]} == {1, 64}
+        assert all(x["compiled"]["requests"] >= 1 and x["nvtabular"]["p50_ms"] > 0 for x in v["in_process"])
+        assert {(s["protocol"], s["batch"]) for s in v["served"]} == {(p, b) for p in ("grpc", "http") for b in (1, 64)}
+        assert all(s["p50_ms"] <= s["p99_ms"] for s in v["served"])
+    assert r["two_stage"]["candidates"] == 100 and r["two_tower"]["candidates"] == 10
+    md = "\n".join(topk_bench.markdown(r))
+    assert "two_stage (100 candidates" in md

@@ -172,6 +172,7 @@ def test_session_flow_end_to_end_served_topk_equals_offline(tmp_path):
               "transformed/train/schema.pbtxt", "model/model/saved_model.pb", "model/metrics.json",
               "serving/smoke.json", "summary.json"]:
         assert (run / f).exists(), f
+    assert (run / "model" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     preds = summary["predictions"]
     for proto in ("served_http", "served_grpc"):
         assert [list(x) for x in preds[proto]] == [list(x) for x in preds["offline"]]
