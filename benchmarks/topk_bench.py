@@ -38,10 +38,9 @@ def _timed(fn, n: int, seconds: float) -> dict:
             "p99_ms": round(float(np.percentile(a, 99)), 3)}
 
 
-def measure(repo: Path, model: str, rows: pd.DataFrame, quick: bool = False) -> dict:
-    from pipeline_lib.client import RecsysClient
+def in_process(repo: Path, model: str, rows: pd.DataFrame, quick: bool = False):
+    """The served model.py's path in this process, compiled and NVTabular, at batch 1 and 64."""
     from pipeline_lib.export import raw_to_columns
-    from pipeline_lib.serving import TritonServer
     from pipeline_lib.topk import TOPK_DIR, TopKRecommender
 
     version = max(int(p.name) for p in (repo / model).iterdir() if p.name.isdigit())
@@ -56,39 +55,58 @@ def measure(repo: Path, model: str, rows: pd.DataFrame, quick: bool = False) -> 
         nvt = _timed(lambda: rec.recommend(req), max(10, n // 5), secs)
         out["in_process"].append({"batch": batch, "compiled": fast, "nvtabular": nvt,
                                   "nvtabular_over_compiled_p50": round(nvt["p50_ms"] / fast["p50_ms"], 1)})
-    server = TritonServer.on_free_ports(repo, log_file=repo.parent / f"triton_{model}.log")
-    with server.start(timeout_s=300, models=[model]):
-        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
-            with RecsysClient(url, protocol, model) as c:
-                for batch in (1, 64):
-                    req = rows.head(batch)[rec.request_columns].reset_index(drop=True)
-                    ids, _ = c.recommend(req)
-                    want, _ = rec.recommend_columns(raw_to_columns(req))
-                    if not np.array_equal(ids, want):
-                        raise AssertionError(f"{model}: served top-k differs from in-process top-k")
-                    inputs = c.build_inputs(req)
-                    outputs = [c._tc.InferRequestedOutput(x) for x in ("item_ids", "scores")]
-                    r = _timed(lambda: c._client.infer(model, inputs, outputs=outputs), n, secs)
-                    out["served"].append({"protocol": protocol, "batch": batch, **r})
+    return rec, out
+
+
+def served(url: str, protocol: str, model: str, rec, rows: pd.DataFrame, quick: bool = False) -> list[dict]:
+    """One client, batch 1 and 64; the served top-k is checked equal to the in-process top-k first."""
+    from pipeline_lib.client import RecsysClient
+    from pipeline_lib.export import raw_to_columns
+
+    n, secs = (30, 3.0) if quick else (150, 8.0)
+    out = []
+    with RecsysClient(url, protocol, model) as c:
+        for batch in (1, 64):
+            req = rows.head(batch)[rec.request_columns].reset_index(drop=True)
+            ids, _ = c.recommend(req)
+            if not np.array_equal(ids, rec.recommend_columns(raw_to_columns(req))[0]):
+                raise AssertionError(f"{model}: served top-k differs from in-process top-k")
+            inputs = c.build_inputs(req)
+            outputs = [c._tc.InferRequestedOutput(x) for x in ("item_ids", "scores")]
+            r = _timed(lambda: c._client.infer(model, inputs, outputs=outputs), n, secs)
+            out.append({"protocol": protocol, "batch": batch, **r})
     return out
 
 
 def bench(work: Path, quick: bool = False, data: dict | None = None) -> dict:
-    """``data``: config overrides for both flows (default: 50k synthetic interactions)."""
-    from benchmarks import e2e_bench
+    """``data``: config overrides for both flows (default: 20k synthetic interactions, 1 epoch).
+    Both published models are then served by one Triton (one start-up instead of two)."""
+    import shutil
 
-    results = {}
+    from benchmarks import e2e_bench
+    from pipeline_lib.serving import TritonServer
+
+    results, recs, repo = {}, {}, work / "model_repository"
     for name, over in RUNS.items():
         w = work / name
         model = f"topk_{name}"
         base = data or DATA
         flow = e2e_bench.bench(w, {**base, **over, "model": {**base.get("model", {}), **over["model"]},
                                    "export": {**base.get("export", {}), "model_name": model}})
-        repo = w / "model_repository"
         split = Path(json.loads((w / "e2e.json").read_text())["summary"]["etl_from"]).parent / "split"
         rows = pd.read_parquet(split / "valid.parquet").sample(n=64, random_state=0).reset_index(drop=True)
-        results[name] = {"flow_metrics": flow.get("metrics"), "flow_seconds": flow["process_wall_seconds"],
-                         **measure(repo, model, rows, quick)}
+        shutil.copytree(w / "model_repository" / model, repo / model)
+        recs[name], out = in_process(repo, model, rows, quick)
+        results[name] = {"flow_metrics": flow.get("metrics"), "flow_seconds": flow["process_wall_seconds"], **out}
+        results[name]["_rows"] = rows
+    server = TritonServer.on_free_ports(repo, log_file=work / "triton.log")
+    with server.start(timeout_s=300, models=[f"topk_{n}" for n in RUNS]):
+        for name in RUNS:
+            for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+                results[name]["served"] += served(url, protocol, f"topk_{name}", recs[name],
+                                                  results[name]["_rows"], quick)
+    for name in RUNS:
+        del results[name]["_rows"]
     return results
 
 
