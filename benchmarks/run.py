@@ -3,6 +3,8 @@
     make bench                                   # = uv run --frozen --no-sync python -m benchmarks.run
     uv run --frozen --no-sync python -m benchmarks.run --quick
     uv run --frozen --no-sync python -m benchmarks.run --etl-rows 1000000,5000000 --skip e2e   # other sizes
+    uv run --frozen --no-sync python -m benchmarks.run --with topk   # + top-k serving (retrieval, two-stage)
+    uv run --frozen --no-sync python -m benchmarks.run --skip etl,train,serving,e2e --with topk  # top-k only
 
 Writes ``benchmarks/results/latest.json`` and ``benchmarks/results/latest.md`` (git-ignored;
 README.md / benchmarks/README.md keep a copy of the figures). Everything is measured in one run on
@@ -29,6 +31,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SECTIONS = ("etl", "train", "serving", "topk", "e2e")
+OPTIONAL = ("topk",)  # not in the default run (keeps `make bench` under 15 min here); add with --with
 
 FULL = {"etl_rows": [1_000_000, 10_000_000], "train_rows": 1_000_000, "serve_model_rows": 20_000}
 QUICK = {"etl_rows": [100_000, 1_000_000], "train_rows": 100_000, "serve_model_rows": 20_000}
@@ -47,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--serve-seconds", type=float, default=None, help="cap on seconds per serving configuration")
     p.add_argument("--e2e-overrides-json", default="{}", help="config overrides for the end-to-end run (default: none)")
     p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
+    p.add_argument("--with", dest="with_", default="",
+                   help=f"comma-separated optional sections to run as well: {','.join(OPTIONAL)} (top-k serving, ~3-5 min)")
     p.add_argument("--out", default=str(RESULTS), help="folder for latest.json / latest.md")
     p.add_argument("--data-dir", default=str(RESULTS / ".data"), help="cache of generated input data")
     p.add_argument("--keep-work", action="store_true", help="keep the temporary work folder")
@@ -81,6 +86,10 @@ def main(argv=None) -> dict:
     bad = skip - set(SECTIONS)
     if bad:
         raise SystemExit(f"--skip: unknown section(s) {sorted(bad)}; choose from {SECTIONS}")
+    extra = {s.strip() for s in a.with_.split(",") if s.strip()}
+    if extra - set(OPTIONAL):
+        raise SystemExit(f"--with: unknown optional section(s) {sorted(extra - set(OPTIONAL))}; choose from {OPTIONAL}")
+    skip |= set(OPTIONAL) - extra
     out_dir, data_dir = Path(a.out), Path(a.data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="recsys-bench-"))

@@ -1,12 +1,13 @@
 """Top-k serving: retrieval-only (two-tower) and two-stage (two-tower + DLRM re-ranking 100
-candidates) versions, each produced by the real pipeline flow, served by Triton and run in-process.
+candidates) versions from one run of the real pipeline flow, served by Triton and run in-process.
 
 For each version: the request path of the served ``model.py`` in-process, once through the compiled
 numpy transform (``TopKRecommender.recommend_columns``, what a version verified at export serves)
 and once through NVTabular (``TopKRecommender.recommend`` on the request frame, the fallback), at
 batch 1 and 64; then Triton over gRPC and HTTP, one client, same batches. Served top-k is checked
-equal to the in-process top-k first. Each flow runs in a child process with a private Prefect home
-(``e2e_bench.bench``) on a smaller synthetic set (20k interactions, 1 epoch; the default 2,000 users and 1,000 items).
+equal to the in-process top-k first. The flow runs in a child process with a private Prefect home
+(``e2e_bench.bench``) on a smaller synthetic set (20k interactions, 1 epoch; the default 2,000 users
+and 1,000 items).
 """
 from __future__ import annotations
 
@@ -17,11 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-RUNS = {
-    "two_tower": {"model": {"type": "two_tower", "retrieval": {"k": 10}}},
-    "two_stage": {"model": {"type": "two_tower", "retrieval": {"k": 10, "rerank_with": "dlrm", "candidates": 100}}},
-}
+RUN = {"model": {"type": "two_tower", "retrieval": {"k": 10, "rerank_with": "dlrm", "candidates": 100}}}
 DATA = {"data": {"synthetic": {"n_interactions": 20_000}}, "model": {"epochs": 1}}
+NAMES = ("two_tower", "two_stage")
 
 
 def _timed(fn, n: int, seconds: float) -> dict:
@@ -47,7 +46,7 @@ def in_process(repo: Path, model: str, rows: pd.DataFrame, quick: bool = False):
     rec = TopKRecommender(repo / model / str(version) / TOPK_DIR)
     out = {"fast_transform": rec.fast_status, "candidates": rec.candidates, "k": rec.k,
            "catalogue_items": int(len(rec.item_ids)), "in_process": [], "served": []}
-    n, secs = (30, 3.0) if quick else (150, 8.0)
+    n, secs = (30, 2.0) if quick else (100, 4.0)
     for batch in (1, 64):
         req = rows.head(batch)[rec.request_columns].reset_index(drop=True)
         cols = raw_to_columns(req)
@@ -63,7 +62,7 @@ def served(url: str, protocol: str, model: str, rec, rows: pd.DataFrame, quick: 
     from pipeline_lib.client import RecsysClient
     from pipeline_lib.export import raw_to_columns
 
-    n, secs = (30, 3.0) if quick else (150, 8.0)
+    n, secs = (30, 2.0) if quick else (100, 4.0)
     out = []
     with RecsysClient(url, protocol, model) as c:
         for batch in (1, 64):
@@ -79,34 +78,40 @@ def served(url: str, protocol: str, model: str, rec, rows: pd.DataFrame, quick: 
 
 
 def bench(work: Path, quick: bool = False, data: dict | None = None) -> dict:
-    """``data``: config overrides for both flows (default: 20k synthetic interactions, 1 epoch).
-    Both published models are then served by one Triton (one start-up instead of two)."""
+    """``data``: config overrides for the flow (default: 20k synthetic interactions, 1 epoch). One
+    two-stage flow; the retrieval-only version is exported from the same run's workflow and
+    two-tower model (``topk.export_topk`` without a ranker, as the flow does for a retrieval run).
+    Both versions are then served by one Triton."""
     import shutil
 
     from benchmarks import e2e_bench
+    from pipeline_lib import repository, topk
+    from pipeline_lib.config import ColumnsConfig
     from pipeline_lib.serving import TritonServer
 
-    results, recs, repo = {}, {}, work / "model_repository"
-    for name, over in RUNS.items():
-        w = work / name
-        model = f"topk_{name}"
-        base = data or DATA
-        flow = e2e_bench.bench(w, {**base, **over, "model": {**base.get("model", {}), **over["model"]},
-                                   "export": {**base.get("export", {}), "model_name": model}})
-        split = Path(json.loads((w / "e2e.json").read_text())["summary"]["etl_from"]).parent / "split"
-        rows = pd.read_parquet(split / "valid.parquet").sample(n=64, random_state=0).reset_index(drop=True)
-        shutil.copytree(w / "model_repository" / model, repo / model)
-        recs[name], out = in_process(repo, model, rows, quick)
+    base = data or DATA
+    flow = e2e_bench.bench(work / "flow", {**base, **RUN, "model": {**base.get("model", {}), **RUN["model"]},
+                                          "export": {**base.get("export", {}), "model_name": "topk_two_stage"}})
+    summary = json.loads((work / "flow" / "e2e.json").read_text())["summary"]
+    etl_dir, run_dir = Path(summary["etl_from"]), Path(summary["run_dir"])
+    split = etl_dir.parent / "split"
+    rows = pd.read_parquet(split / "valid.parquet").sample(n=64, random_state=0).reset_index(drop=True)
+    repo = work / "model_repository"
+    shutil.copytree(work / "flow" / "model_repository" / "topk_two_stage", repo / "topk_two_stage")
+    exp = topk.export_topk(etl_dir / "workflow", run_dir / "model" / "model", split / "train.parquet",
+                           rows.head(32), ColumnsConfig(), 10, work / "staging", "topk_two_tower", 1)
+    version, _ = repository.publish(exp.version_dir, exp.config_path, repo, "topk_two_tower")
+    repository.promote(repo, "topk_two_tower", version)
+
+    results, recs = {}, {}
+    for name in NAMES:
+        recs[name], out = in_process(repo, f"topk_{name}", rows, quick)
         results[name] = {"flow_metrics": flow.get("metrics"), "flow_seconds": flow["process_wall_seconds"], **out}
-        results[name]["_rows"] = rows
     server = TritonServer.on_free_ports(repo, log_file=work / "triton.log")
-    with server.start(timeout_s=300, models=[f"topk_{n}" for n in RUNS]):
-        for name in RUNS:
+    with server.start(timeout_s=300, models=[f"topk_{n}" for n in NAMES]):
+        for name in NAMES:
             for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
-                results[name]["served"] += served(url, protocol, f"topk_{name}", recs[name],
-                                                  results[name]["_rows"], quick)
-    for name in RUNS:
-        del results[name]["_rows"]
+                results[name]["served"] += served(url, protocol, f"topk_{name}", recs[name], rows, quick)
     return results
 
 

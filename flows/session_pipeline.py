@@ -71,7 +71,7 @@ def session_export(cfg: RunConfig, paths: RunPaths, etl_out, model):
         etl_out.workflow_dir, model.model_dir, _requests(cfg, etl_out, cfg.export.parity_rows),
         cfg.session.columns.item_id, cfg.session.top_k, paths.ensemble, cfg.export.model_name, 1,
         cfg.export.parity_atol, run_info={"run_dir": str(paths.root), "metrics": model.metrics},
-        max_request_rows=cfg.export.max_request_rows,
+        max_request_rows=cfg.export.max_request_rows, fast_transform=cfg.export.fast_transform,
     )
 
 

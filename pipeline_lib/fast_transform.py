@@ -13,7 +13,8 @@ re-fitted -- and returns a :class:`CompiledWorkflow` that runs the same graph on
   columns encode their flat values and keep their offsets;
 - ``FillMissing`` (no indicator columns), ``LogOp`` (``log(float32(x) + 1)``), ``Normalize``
   (``(x - mean) / std`` or ``x - mean``, then the op's output dtype), the pipeline's
-  ``etl.to_float32`` lambda, and the schema-only ops (selection, concatenation, tags).
+  ``etl.to_float32`` and ``sessions.time_deltas`` lambdas, ``ListSlice`` without padding,
+  ``Rename``, and the schema-only ops (selection, subsets, concatenation, tags).
 
 Any other op, option or input representation is *not supported*: :func:`compile_workflow` raises
 :class:`Unsupported` and the caller keeps NVTabular. The graph is interpreted the way merlin's
@@ -204,9 +205,24 @@ def _op_step(op, selection: list[str]) -> Callable[[dict], dict]:
 
         return normalize
     if kind is UDF:
-        if op.f is not etl.to_float32 or op._param_count != 1:
-            raise Unsupported(f"LambdaOp {getattr(op.f, '__qualname__', op.f)!r} (only etl.to_float32 is compiled)")
-        return lambda cols: {c: _floats(cols[c], "to_float32").astype("float32") for c in selection}
+        from pipeline_lib import sessions
+
+        if op.f is etl.to_float32 and op._param_count == 1:
+            return lambda cols: {c: _floats(cols[c], "to_float32").astype("float32") for c in selection}
+        if op.f is sessions.time_deltas and op._param_count == 1:
+            return lambda cols: {c: _time_deltas(cols[c]) for c in selection}
+        raise Unsupported(f"LambdaOp {getattr(op.f, '__qualname__', op.f)!r} "
+                          "(only etl.to_float32 and sessions.time_deltas are compiled)")
+    if kind is nvt.ops.Rename:
+        from merlin.dag import ColumnSelector
+
+        mapping = op.column_mapping(ColumnSelector(list(selection)))  # new name -> [old name]
+        return lambda cols: {new: cols[old[0]] for new, old in mapping.items()}
+    if kind is nvt.ops.ListSlice:
+        if op.pad:
+            raise Unsupported("ListSlice with padding")
+        start, end = int(op.start), int(op.end)
+        return lambda cols: {c: _list_slice(cols[c], start, end) for c in selection}
     from nvtabular.ops.add_metadata import AddMetadata as NvtAddMetadata
 
     if (isinstance(op, AddMetadata) and kind.transform is Operator.transform) or (
@@ -214,6 +230,32 @@ def _op_step(op, selection: list[str]) -> Callable[[dict], dict]:
     ):
         return lambda cols: cols  # AddTags / TagAs*: schema only
     raise Unsupported(f"op {kind.__module__}.{kind.__qualname__} is not compiled")
+
+
+def _list_slice(x, start: int, end: int) -> Ragged:
+    """Every row's ``row[start:end]`` (Python slice semantics, as NVTabular's CPU ListSlice)."""
+    if not isinstance(x, Ragged):
+        raise Unsupported("ListSlice of a non-list input")
+    off = np.asarray(x.offsets, dtype=np.int64)
+    length = np.diff(off)
+    lo = np.maximum(length + start, 0) if start < 0 else np.minimum(start, length)
+    hi = np.maximum(length + end, 0) if end < 0 else np.minimum(end, length)
+    n = np.maximum(hi - lo, 0)
+    new = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+    flat = np.repeat(off[:-1] + lo - new[:-1], n) + np.arange(new[-1], dtype=np.int64)
+    return Ragged(x.values[flat], new.astype(x.offsets.dtype))
+
+
+def _time_deltas(x) -> Ragged:
+    """``sessions.time_deltas`` on flat values: log1p(seconds since the previous event of the same
+    session, clipped at 0), 0 for a session's first event; float64 arithmetic, float32 result."""
+    if not isinstance(x, Ragged) or x.values.dtype.kind not in "iuf":
+        raise Unsupported("time_deltas of a non-numeric or non-list input")
+    a = x.values.astype(np.float64)
+    d = np.diff(a, prepend=a[:1]) if len(a) else np.zeros(0, dtype=np.float64)
+    off = np.asarray(x.offsets, dtype=np.int64)
+    d[off[:-1][np.diff(off) > 0]] = 0.0
+    return Ragged(np.log1p(np.clip(d, 0.0, None)).astype(np.float32), x.offsets)
 
 
 @dataclass

@@ -91,14 +91,19 @@ def decode(vocabulary: np.ndarray, idx: np.ndarray, id_dtype: str = "int64") -> 
     return np.where(missing, "", raw).astype(str).astype(object)
 
 
-def build_session_ensemble(workflow, model_dir: Path, item_col: str, k: int):
+def build_session_ensemble(workflow, model_dir: Path, item_col: str, k: int, fast_sample: pd.DataFrame | None = None):
+    """``raw session lists >> workflow >> model >> TopKItems``. With ``fast_sample`` (raw sessions) the
+    workflow op's compiled transform is verified on them (plus edge rows) and enabled if identical."""
     from merlin.systems.dag import Ensemble
 
     from pipeline_lib.sessions import item_vocabulary
 
     tf_op = ranking_export.InProcessTensorflow(model_dir)
     score_col = tf_op.output_schema.column_names[0]
-    graph = (workflow.input_schema.column_names >> ranking_export.InProcessWorkflow(workflow) >> tf_op
+    wf_op = ranking_export.InProcessWorkflow(workflow)
+    if fast_sample is not None:
+        wf_op.enable_fast_path(fast_sample)
+    graph = (workflow.input_schema.column_names >> wf_op >> tf_op
              >> TopKItems(k, item_vocabulary(workflow, item_col), score_col))
     return Ensemble(graph, workflow.input_schema)
 
@@ -138,23 +143,27 @@ def _check(name: str, got, want, atol: float) -> float:
 
 def export_session_ensemble(workflow_dir: Path, model_dir: Path, sample_raw: pd.DataFrame, item_col: str, k: int,
                             staging_dir: Path, model_name: str, version: int = 1, atol: float = 1e-5,
-                            run_info: dict | None = None, max_request_rows: int = 65536) -> ranking_export.ExportOutput:
+                            run_info: dict | None = None, max_request_rows: int = 65536,
+                            fast_transform: bool = True) -> ranking_export.ExportOutput:
     """Parity in-process (ids equal, scores within ``atol``), export as ``staging_dir/<model_name>/<version>``,
     load the exported copy back and check again."""
     import nvtabular as nvt
 
     workflow = nvt.Workflow.load(str(workflow_dir))
-    ensemble = build_session_ensemble(workflow, model_dir, item_col, k)
+    ensemble = build_session_ensemble(workflow, model_dir, item_col, k,
+                                      fast_sample=sample_raw if fast_transform else None)
     want = offline_topk(workflow, model_dir, sample_raw, item_col, k)
     diff_inproc = _check("in-process ensemble", ensemble_topk(ensemble, sample_raw), want, atol)
     ranking_export.export_as_version(ensemble, staging_dir, model_name, version)
     ranking_export._install_serving_model(staging_dir / model_name, version, max_request_rows)
     exported = ranking_export.load_version(staging_dir / model_name / str(version))
     diff_exported = _check("exported ensemble", ensemble_topk(exported, sample_raw), want, atol)
-    out = ranking_export.ExportOutput(staging_dir, model_name, version, ITEM_IDS, max(diff_inproc, diff_exported))
+    fast = ranking_export._workflow_op(ensemble).fast_status or {"enabled": False, "reason": "export.fast_transform is off"}
+    out = ranking_export.ExportOutput(staging_dir, model_name, version, ITEM_IDS, max(diff_inproc, diff_exported),
+                                      fast_transform=fast)
     (out.version_dir / "run_info.json").write_text(
-        json.dumps({**(run_info or {}), "task": "session", "top_k": k, "parity_max_abs_diff": out.parity_max_abs_diff},
-                   indent=2, default=str))
+        json.dumps({**(run_info or {}), "task": "session", "top_k": k, "parity_max_abs_diff": out.parity_max_abs_diff,
+                    "fast_transform": fast}, indent=2, default=str))
     return out
 
 

@@ -3,6 +3,8 @@ flow with a real Triton server (served top-k == offline top-k). Real NVTabular, 
 merlin-systems, Prefect and tritonserver; small data."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -131,6 +133,32 @@ def test_model_trains_and_beats_the_popularity_baseline(session_etl, kind):
     assert out.history["loss"][-1] < out.history["loss"][0]
 
 
+def test_the_session_workflow_compiles_to_the_numpy_serving_transform(session_etl):
+    """Categorify on lists, ListSlice to the last max_length events, the time-delta lambda and the
+    rename: the compiled transform equals NVTabular on held-out sessions plus edge rows (empty
+    sessions, unseen items, every vocabulary entry), and truncation keeps the *last* events."""
+    import nvtabular as nvt
+
+    from pipeline_lib import export
+    from pipeline_lib.fast_transform import Ragged, compile_workflow, verify
+
+    cfg, _, etl_out = session_etl
+    wf = nvt.Workflow.load(str(etl_out.workflow_dir))
+    compiled = compile_workflow(wf)
+    raw = pd.read_parquet(etl_out.split.valid)[wf.input_schema.column_names].head(200).reset_index(drop=True)
+    assert verify(compiled, wf, raw, export.raw_to_columns) > len(raw)
+    n = cfg.session.etl.max_session_length
+    long = raw.iloc[[0]].copy()
+    long["item_id"] = [list(raw.item_id[0]) * (n + 3)]
+    long["item_category"] = [list(raw.item_category[0]) * (n + 3)]
+    long["timestamp"] = [list(range(0, 10 * len(long.item_id[0]), 10))]
+    out = compiled(export.raw_to_columns(long))
+    assert isinstance(out["item_id"], Ragged) and len(out["item_id"].values) == n
+    deltas = out[sessions.TIME_DELTA].values
+    assert deltas.dtype == np.float32 and np.allclose(deltas, np.log1p(10.0))  # the first events were cut
+    assert verify(compiled, wf, long, export.raw_to_columns) >= 1
+
+
 # --- the whole flow with a real Triton server ---------------------------------------------------
 
 
@@ -173,6 +201,8 @@ def test_session_flow_end_to_end_served_topk_equals_offline(tmp_path):
               "serving/smoke.json", "summary.json"]:
         assert (run / f).exists(), f
     assert (run / "model" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    info = json.loads((tmp_path / "repo" / "recsys_session" / "1" / "run_info.json").read_text())
+    assert info["fast_transform"]["enabled"] is True, info["fast_transform"]  # served through the compiled transform
     preds = summary["predictions"]
     for proto in ("served_http", "served_grpc"):
         assert [list(x) for x in preds[proto]] == [list(x) for x in preds["offline"]]
