@@ -240,9 +240,13 @@ def _list_slice(x, start: int, end: int) -> Ragged:
     length = np.diff(off)
     lo = np.maximum(length + start, 0) if start < 0 else np.minimum(start, length)
     hi = np.maximum(length + end, 0) if end < 0 else np.minimum(end, length)
-    n = np.maximum(hi - lo, 0)
-    new = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
-    flat = np.repeat(off[:-1] + lo - new[:-1], n) + np.arange(new[-1], dtype=np.int64)
+    return _gather(x, off[:-1] + lo, np.maximum(hi - lo, 0))
+
+
+def _gather(x: Ragged, starts: np.ndarray, lengths: np.ndarray) -> Ragged:
+    """A list column whose row i is ``x.values[starts[i]:starts[i] + lengths[i]]`` (vectorised)."""
+    new = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.repeat(starts - new[:-1], lengths) + np.arange(new[-1], dtype=np.int64)
     return Ragged(x.values[flat], new.astype(x.offsets.dtype))
 
 
@@ -358,10 +362,7 @@ def take_rows(x, rows: np.ndarray):
     if not isinstance(x, Ragged):
         return x[rows]
     off = np.asarray(x.offsets, dtype=np.int64)
-    starts, lengths = off[rows], np.diff(off)[rows]
-    new = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    flat = np.repeat(starts - new[:-1], lengths) + np.arange(new[-1], dtype=np.int64)
-    return Ragged(x.values[flat], new.astype(x.offsets.dtype))
+    return _gather(x, off[rows], np.diff(off)[rows])
 
 
 def n_rows(x) -> int:

@@ -97,12 +97,19 @@ def side_transform(workflow, raw: pd.DataFrame, keep: list[str], filler: dict) -
     """
     from merlin.io import Dataset
 
-    frame = raw[keep].reset_index(drop=True).copy()
-    for name in workflow.input_schema.column_names:
-        if name not in frame.columns:
-            frame[name] = [filler[name]] * len(frame)
-    out = workflow.transform(Dataset(frame[workflow.input_schema.column_names], cpu=True)).to_ddf().compute()
+    inputs = workflow.input_schema.column_names
+    out = workflow.transform(Dataset(with_filler(raw[keep], inputs, filler), cpu=True)).to_ddf().compute()
     return out[[c for c in out.columns if c in keep]].reset_index(drop=True)
+
+
+def with_filler(frame: pd.DataFrame, inputs: list[str], filler: dict) -> pd.DataFrame:
+    """``frame``'s rows with every workflow input it lacks set to the filler row's constant value,
+    columns in ``inputs`` order."""
+    out = frame.reset_index(drop=True).copy()
+    for name in inputs:
+        if name not in out.columns:
+            out[name] = [filler[name]] * len(out)
+    return out[inputs]
 
 
 def filler_row(raw_train: pd.DataFrame, columns: list[str]) -> dict:

@@ -110,6 +110,7 @@ class TopKRecommender:
         except Unsupported as exc:
             log.warning("top-k fast transform not compiled, NVTabular runs per request: %s", exc)
             return None
+        self._inputs = list(self.workflow.input_schema.column_names)
         self._filler_cols = raw_to_columns(pd.read_parquet(self.dir / "filler.parquet"))
         self._item_cols = {}
         if self.ranker_columns:
@@ -125,7 +126,7 @@ class TopKRecommender:
 
         out = dict(cols)
         zeros = np.zeros(n, dtype=np.int64)
-        for name in self.workflow.input_schema.column_names:
+        for name in self._inputs:
             if name not in out:
                 out[name] = take_rows(self._filler_cols[name], zeros)
         return out
@@ -168,10 +169,14 @@ class TopKRecommender:
         transformed = retrieval.side_transform(self.workflow, raw, self.spec.query_columns, self.filler)
         return retrieval.encode(self.query_fn, transformed)
 
+    def retrieve(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Retrieval's own top-k (the candidates of a two-stage version): raw ids and scores."""
+        idx, scores = retrieval.top_k(self.query_embeddings(raw), self.item_emb,
+                                      self.candidates if self.ranker_fn else self.k)
+        return self.item_ids[idx], scores
+
     def recommend(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        n = self.candidates if self.ranker_fn else self.k
-        idx, scores = retrieval.top_k(self.query_embeddings(raw), self.item_emb, n)
-        ids = self.item_ids[idx]
+        ids, scores = self.retrieve(raw)
         if not self.ranker_fn:
             return ids, scores
         frame = self.rank_frame(raw, ids)
@@ -312,30 +317,20 @@ def verify_fast_path(rec: TopKRecommender, sample: pd.DataFrame, catalogue: pd.D
     rec.fast = rec.compile_fast()
     if rec.fast is None:
         return {"enabled": False, "reason": "the serving workflow does not compile"}
-    inputs = rec.workflow.input_schema.column_names
-    filled = [rec.filler[c] for c in inputs]
     frames = [sample, catalogue]
     if rec.ranker_fn is not None:
-        frames.append(rec.rank_frame(sample, _candidates(rec, sample)))
+        frames.append(rec.rank_frame(sample, rec.retrieve(sample)[0]))
     try:
         checked = 0
         for frame in frames:
-            full = frame.reset_index(drop=True).copy()
-            for c, v in zip(inputs, filled):
-                if c not in full.columns:
-                    full[c] = [v] * len(full)
-            checked += verify(rec.fast, rec.workflow, full[inputs], raw_to_columns)
+            full = retrieval.with_filler(frame, rec._inputs, rec.filler)
+            checked += verify(rec.fast, rec.workflow, full, raw_to_columns)
         compare(rec.recommend_columns(raw_to_columns(sample)), expected, atol, "compiled transform")
     except (Unsupported, AssertionError) as exc:
         rec.fast = None
         log.warning("top-k fast transform disabled, NVTabular runs per request: %s", exc)
         return {"enabled": False, "reason": f"{type(exc).__name__}: {str(exc)[:500]}"}
     return {"enabled": True, "verified_rows": int(checked)}
-
-
-def _candidates(rec: TopKRecommender, sample: pd.DataFrame) -> np.ndarray:
-    idx, _ = retrieval.top_k(rec.query_embeddings(sample), rec.item_emb, rec.candidates)
-    return rec.item_ids[idx]
 
 
 def _write_config(model_dir: Path, name: str, serving_wf, req_cols: list[str], ids: np.ndarray, k: int,
