@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import warnings
 
+import flows  # noqa: F401 - the project's Prefect defaults (start-up wait, storage under PREFECT_HOME), before Prefect loads
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Persisted task results (the ETL cache) live in a per-session folder: a test run never reuses
 # results of an earlier session whose run folders pytest may have deleted.
 import tempfile  # noqa: E402
@@ -53,6 +54,19 @@ class Trained:
 
     def valid_rows(self, n: int) -> pd.DataFrame:
         return pd.read_parquet(self.split.valid).head(n)[self.cfg.columns.serving_columns].reset_index(drop=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API (its own SQLite database) for every in-process flow run of the session.
+
+    The wait is the project's own start-up timeout: a fresh database is migrated on first start,
+    which on a busy 2-core machine takes longer than Prefect's 20 s default.
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=flows.EPHEMERAL_STARTUP_TIMEOUT_S):
+        yield
 
 
 @pytest.fixture(scope="session")

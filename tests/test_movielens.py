@@ -71,14 +71,6 @@ def test_missing_or_malformed_ml100k_files(tmp_path):
         load_movielens100k(bad)
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.integration
 def test_movielens_flow_end_to_end_with_drift_against_the_previous_run(prefect_harness, tmp_path):
     from flows.pipeline import pipeline

@@ -70,20 +70,17 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def retrieval_runs(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
+def retrieval_runs(prefect_harness, tmp_path_factory):
     from flows.pipeline import pipeline
 
     tmp = tmp_path_factory.mktemp("retrieval")
     repo = tmp / "model_repository"
     summaries = {}
-    with prefect_test_harness(server_startup_timeout=120):
-        for name, model in RUNS.items():
-            overrides = {**SMALL, "seed": 5, "runs_dir": str(tmp / "runs"), "run_name": name,
-                         "model": {**SMALL["model"], **model},
-                         "export": {**SMALL["export"], "model_repository": str(repo), "model_name": name}}
-            summaries[name] = pipeline(overrides=overrides)
+    for name, model in RUNS.items():
+        overrides = {**SMALL, "seed": 5, "runs_dir": str(tmp / "runs"), "run_name": name,
+                     "model": {**SMALL["model"], **model},
+                     "export": {**SMALL["export"], "model_repository": str(repo), "model_name": name}}
+        summaries[name] = pipeline(overrides=overrides)
     return tmp, repo, summaries
 
 

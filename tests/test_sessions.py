@@ -163,12 +163,10 @@ def test_the_session_workflow_compiles_to_the_numpy_serving_transform(session_et
 
 
 @pytest.mark.integration
-def test_session_flow_end_to_end_served_topk_equals_offline(tmp_path):
+def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp_path):
     import os
 
     import nvtabular as nvt
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.pipeline import pipeline
     from pipeline_lib import repository
     from pipeline_lib.serving import TritonServer
@@ -183,9 +181,8 @@ def test_session_flow_end_to_end_served_topk_equals_offline(tmp_path):
                         "model": {"epochs": 1}}}
     config = os.path.join(root, "configs", "examples", "session.yaml")
     worse = {**over, "run_name": "s2", "session": {**over["session"], "model": {"epochs": 1, "learning_rate": 1e-9}}}
-    with prefect_test_harness(server_startup_timeout=180):
-        summary = pipeline(config_path=config, overrides=over)
-        refused = pipeline(config_path=config, overrides=worse)  # an untrained candidate must not replace v1
+    summary = pipeline(config_path=config, overrides=over)
+    refused = pipeline(config_path=config, overrides=worse)  # an untrained candidate must not replace v1
     g = refused["gate"]
     assert not g["promote"] and g["served_version"] == 1 and g["candidate"] < g["served"], g
     assert "serving-smoke-test" not in refused["stage_seconds"] and refused["predictions"] is None
