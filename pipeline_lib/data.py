@@ -14,6 +14,12 @@ Files brought by the user (``source: parquet | files | movielens100k``) are read
 normalised here into the same single denormalised table (``raw/interactions.parquet``):
 optional user/item feature tables are left-joined on the id columns, separator-joined list
 strings become lists, the label is derived by ``columns.label_rule`` and stored as int 0/1.
+Only the columns the config uses are kept (:func:`needed_columns`: ids, label or the label
+rule's column, timestamp, features; for ``task: session`` the session columns): every other
+column of a file -- an unnamed index column written by ``DataFrame.to_csv``, notes, anything
+unused -- is dropped right after the file is read (parquet: not read at all), logged at INFO and
+listed per file under ``ignored_columns`` in the load report, so only used columns can clash
+in the join.
 Anything that prevents building that table (missing or unreadable file, missing key column,
 duplicate ids in a feature table, a label rule on a missing or non-numeric column) is
 collected and raised together as one :class:`~pipeline_lib.validate.DataValidationError`.
@@ -25,9 +31,10 @@ from __future__ import annotations
 import json
 import logging
 import operator
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import pandas as pd
@@ -123,6 +130,38 @@ class Table:
     role: str
     file: str
     df: pd.DataFrame
+    file_columns: Optional[list[str]] = None  # every column of the file (after rename:), kept or not
+    ignored: tuple[str, ...] = ()  # columns of the file the config does not use (dropped)
+
+    @property
+    def all_columns(self) -> list[str]:
+        return list(self.file_columns) if self.file_columns is not None else list(self.df.columns)
+
+
+def needed_columns(columns: ColumnsConfig) -> list[str]:
+    """The columns a ranking run reads from the user's files (names after ``rename:``).
+
+    Ids, timestamp, every declared feature, and the label -- or, with ``label_rule``, the column
+    the rule reads (the label is then derived, so a file's own label column is not needed).
+    """
+    rule = columns.label_rule_parsed
+    names = [columns.user_id, columns.item_id]
+    if columns.timestamp:
+        names.append(columns.timestamp)
+    names.append(rule[0] if rule else columns.label)
+    names += [f.name for f in columns.features]
+    return list(dict.fromkeys(names))
+
+
+def keep_only(table: Table, keep: Iterable[str]) -> Table:
+    """Drop the columns of ``table`` that are not in ``keep``; log (INFO) which were ignored."""
+    keep = set(keep)
+    all_cols = table.all_columns
+    ignored = tuple(str(c) for c in all_cols if c not in keep)
+    if ignored:
+        log.info("%s: ignoring %d column(s) the config does not use: %s", table.file, len(ignored), list(ignored))
+    df = table.df.loc[:, [c in keep for c in table.df.columns]]
+    return Table(table.role, table.file, df, all_cols, ignored)
 
 
 def write_raw(cfg: DataConfig, seed: int, out_dir: Path, columns: Optional[ColumnsConfig] = None) -> Path:
@@ -139,7 +178,7 @@ def write_raw(cfg: DataConfig, seed: int, out_dir: Path, columns: Optional[Colum
     if cfg.source == "synthetic":
         df = generate_interactions(cfg.synthetic, seed)
     else:
-        df = build_raw(load_tables(cfg), columns, report)
+        df = build_raw(load_tables(cfg, needed_columns(columns)), columns, report)
     df.to_parquet(out, index=False)
     (out_dir / LOAD_REPORT).write_text(json.dumps(report, indent=2, default=str))
     return out
@@ -154,10 +193,16 @@ def read_load_report(raw_path: Path) -> dict:
 # --- reading files ----------------------------------------------------------------------
 
 
-def load_tables(cfg: DataConfig) -> list[Table]:
-    """Read every input table of a file source; all unreadable/missing files in one error."""
+def load_tables(cfg: DataConfig, keep: Optional[Iterable[str]] = None) -> list[Table]:
+    """Read every input table of a file source; all unreadable/missing files in one error.
+
+    With ``keep`` (column names after ``rename:``, e.g. :func:`needed_columns`), each table holds
+    only the columns of ``keep`` that its file has; the rest are ignored (see :func:`keep_only`).
+    """
+    keep = list(keep) if keep is not None else None
     if cfg.source == "movielens100k":
-        return load_movielens100k(cfg.path)
+        tables = load_movielens100k(cfg.path)
+        return tables if keep is None else [keep_only(t, keep) for t in tables]
     if cfg.source == "parquet":
         specs = [("interactions", TableConfig(path=cfg.path, format="parquet"))]
     else:
@@ -165,7 +210,7 @@ def load_tables(cfg: DataConfig) -> list[Table]:
     tables, problems = [], []
     for role, spec in specs:
         try:
-            tables.append(Table(role, spec.path, read_table_file(spec)))
+            tables.append(read_table(role, spec, keep))
         except DataValidationError as exc:
             problems += exc.problems
     if problems:
@@ -173,32 +218,70 @@ def load_tables(cfg: DataConfig) -> list[Table]:
     return tables
 
 
-def read_table_file(spec: TableConfig) -> pd.DataFrame:
-    """Read one CSV/parquet file (local path or fsspec URL); a clear error when it cannot be."""
+def read_table_file(spec: TableConfig, keep: Optional[Iterable[str]] = None) -> pd.DataFrame:
+    """Read one CSV/parquet file (local path or fsspec URL); a clear error when it cannot be.
+
+    ``keep``: only these columns (names after ``rename:``) are returned; None returns all.
+    """
+    return read_table("table", spec, keep).df
+
+
+def read_table(role: str, spec: TableConfig, keep: Optional[Iterable[str]] = None) -> Table:
+    """Read one file into a :class:`Table`, keeping only the columns in ``keep`` (None: all).
+
+    CSV files are parsed whole (pandas' ``usecols`` would silently accept a row with too many
+    fields) and the unused columns dropped at once; parquet files read only the kept columns
+    when their schema can be read first.
+    """
     path = spec.path
     fmt = spec.resolved_format
+    keep = set(keep) if keep is not None else None
     if not _exists(path):
         raise DataValidationError([Problem(path, "*", "file not found")])
+    file_columns = None  # parquet read with a column selection: every column of its schema
     try:
         if fmt == "csv":
             sep = spec.sep or ("\t" if ".tsv" in path.lower().rsplit("/", 1)[-1] else ",")
             df = pd.read_csv(path, sep=sep, encoding=spec.encoding, header=0 if spec.header else None,
                              names=spec.names, skipinitialspace=True)
         else:
-            df = pd.read_parquet(path)
+            schema = _parquet_columns(path) if keep is not None and not spec.names else None
+            if schema is not None:
+                file_columns = schema
+                df = pd.read_parquet(path, columns=[c for c in schema if spec.rename.get(c, c) in keep])
+            else:
+                df = pd.read_parquet(path)
             if spec.names:
                 df.columns = spec.names
     except Exception as exc:  # parser, decoding and arrow errors come in many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise DataValidationError([Problem(path, "*", f"file not readable as {fmt}: {type(exc).__name__}: {first}")]) from exc
+    file_columns = file_columns if file_columns is not None else list(df.columns)
     if spec.rename:
-        missing = [k for k in spec.rename if k not in df.columns]
+        missing = [k for k in spec.rename if k not in file_columns]
         if missing:
             raise DataValidationError(
-                [Problem(path, k, "rename: column not in the file", example=list(df.columns)[:10]) for k in missing]
+                [Problem(path, k, "rename: column not in the file", example=list(file_columns)[:10]) for k in missing]
             )
         df = df.rename(columns=spec.rename)
-    return df
+        file_columns = [spec.rename.get(c, c) for c in file_columns]
+    table = Table(role, path, df, file_columns)
+    return table if keep is None else keep_only(table, keep)
+
+
+def _parquet_columns(path: str) -> Optional[list[str]]:
+    """Column names of a parquet file or directory (partition columns included) without reading
+    its data; None when the schema cannot be read this way (the caller then reads everything)."""
+    try:
+        import fsspec
+        import pyarrow.parquet as pq
+
+        fs, root = fsspec.core.url_to_fs(path)
+        names = pq.ParquetDataset(root, filesystem=fs).schema.names
+        return [c for c in names if not re.fullmatch(r"__index_level_\d+__", c)]  # pandas' stored index
+    except Exception:  # noqa: BLE001 -- any failure: fall back to a full read, which reports real errors
+        log.debug("%s: parquet schema not readable ahead; reading every column", path, exc_info=True)
+        return None
 
 
 def _exists(path: str) -> bool:
@@ -226,6 +309,9 @@ def build_raw(tables: list[Table], columns: ColumnsConfig, report: Optional[dict
     report.setdefault("files", {})
     report.setdefault("unmatched", [])
     sources: dict[str, str] = report.setdefault("column_sources", {})
+    ignored = {t.file: list(t.ignored) for t in tables if t.ignored}
+    if ignored:
+        report["ignored_columns"] = ignored
     problems: list[Problem] = []
     inter = next(t for t in tables if t.role == "interactions")
     df = inter.df.copy()
@@ -239,9 +325,9 @@ def build_raw(tables: list[Table], columns: ColumnsConfig, report: Optional[dict
         key = columns.user_id if t.role == "users" else columns.item_id
         report["files"][t.role] = t.file
         bad = False
-        for name, frame, f in (("interactions", df, inter.file), (t.role, t.df, t.file)):
+        for name, frame, f, cols in (("interactions", df, inter.file, inter.all_columns), (t.role, t.df, t.file, t.all_columns)):
             if key not in frame.columns:
-                problems.append(Problem(f, key, f"join key missing from the {name} table", example=list(frame.columns)[:10]))
+                problems.append(Problem(f, key, f"join key missing from the {name} table", example=cols[:10]))
                 bad = True
         if bad:
             continue
@@ -288,8 +374,9 @@ def build_raw(tables: list[Table], columns: ColumnsConfig, report: Optional[dict
         col, op, num = rule
         f = sources.get(col, inter.file)
         if col not in df.columns:
+            seen = {str(c) for t in tables for c in t.all_columns} | {str(c) for c in df.columns}
             raise DataValidationError([Problem(f, col, f"label_rule {columns.label_rule!r}: column not found",
-                                               example=sorted(map(str, df.columns))[:10])])
+                                               example=sorted(seen)[:10])])
         vals = pd.to_numeric(df[col], errors="coerce")
         bad = vals.isna()
         if bad.any():

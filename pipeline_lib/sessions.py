@@ -116,9 +116,12 @@ def write_raw_events(data: DataConfig, session: SessionConfig, seed: int, out_di
 
     ``data.source: parquet`` reads ``data.path``; ``files`` reads ``data.interactions`` (CSV or
     parquet, with ``rename:``) and left-joins an optional ``data.items`` table on the item id.
+    Only the session columns (``session.columns``) are kept from each file; the others (an unnamed
+    index column, anything unused) are ignored and listed in the load report. A used column
+    present in both files (other than the item id) is an error naming both.
     """
-    from pipeline_lib.data import read_table_file
     from pipeline_lib.config import TableConfig
+    from pipeline_lib.data import _dates_to_epoch_seconds, read_table
 
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "interactions.parquet"
@@ -130,18 +133,30 @@ def write_raw_events(data: DataConfig, session: SessionConfig, seed: int, out_di
         if cols.item_features != ["item_category"]:
             df = df.drop(columns=["item_category"])
     elif data.source in ("parquet", "files"):
+        keep = cols.raw_columns
         spec = TableConfig(path=data.path, format="parquet") if data.source == "parquet" else data.interactions
-        df = read_table_file(spec)
+        inter = read_table("interactions", spec, keep)
+        tables = [inter]
+        df = inter.df
         report["files"]["interactions"] = spec.path
+        report["column_sources"] = {str(c): spec.path for c in df.columns}
         if data.source == "files" and data.items is not None:
-            items = read_table_file(data.items)
+            items = read_table("items", data.items, keep)
+            tables.append(items)
             report["files"]["items"] = data.items.path
-            if cols.item_id not in items.columns:
-                raise DataValidationError([Problem(data.items.path, cols.item_id, "join key missing from the items table")])
-            df = df.merge(items.drop_duplicates(cols.item_id), on=cols.item_id, how="left")
+            key = cols.item_id
+            problems = [Problem(t.file, key, f"join key missing from the {t.role} table", example=t.all_columns[:10])
+                        for t in tables if key not in t.df.columns]
+            problems += [Problem(data.items.path, c, f"column also present in {spec.path}; rename it (rename:)")
+                         for c in items.df.columns if c != key and c in df.columns]
+            if problems:
+                raise DataValidationError(problems)
+            df = df.merge(items.df.drop_duplicates(key), on=key, how="left")
+            report["column_sources"].update({str(c): data.items.path for c in items.df.columns if c != key})
+        ignored = {t.file: list(t.ignored) for t in tables if t.ignored}
+        if ignored:
+            report["ignored_columns"] = ignored
         if cols.timestamp in df.columns and df[cols.timestamp].dtype == object:
-            from pipeline_lib.data import _dates_to_epoch_seconds
-
             df[cols.timestamp] = _dates_to_epoch_seconds(df[cols.timestamp])
     else:
         raise ValueError(f"task: session reads data.source synthetic, parquet or files, not '{data.source}'")
@@ -158,9 +173,12 @@ def validate_events(path: Path, cols: SessionColumns, out_dir: Path) -> Path:
     where = str(path)
     if len(df) == 0:
         problems.append(Problem(where, "*", "table has no rows"))
+    side = Path(path).parent / "load_report.json"  # columns of the user's files the raw stage ignored
+    ignored = json.loads(side.read_text()).get("ignored_columns", {}) if side.is_file() else {}
+    in_files = sorted({str(c) for c in df.columns} | {str(c) for v in ignored.values() for c in v})
     for c in cols.raw_columns:
         if c not in df.columns:
-            problems.append(Problem(where, c, "required column is missing", example=sorted(map(str, df.columns))[:10]))
+            problems.append(Problem(where, c, "required column is missing", example=in_files[:10]))
     for c in (cols.session_id, cols.item_id, cols.timestamp):
         if c in df.columns and df[c].isna().any():
             problems.append(Problem(where, c, "column has nulls", int(df[c].isna().sum())))

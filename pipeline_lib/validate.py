@@ -66,6 +66,11 @@ def _ex(s: pd.Series):
     return v
 
 
+def _ignored_columns(load_report: dict) -> set[str]:
+    """Columns of the user's files that the raw stage dropped as unused (``ignored_columns``)."""
+    return {str(c) for cols in load_report.get("ignored_columns", {}).values() for c in cols}
+
+
 def validate_raw(
     path: Path,
     columns: ColumnsConfig,
@@ -109,10 +114,11 @@ def validate_raw(
     required = list(columns.input_columns)
     if columns.timestamp:
         required.append(columns.timestamp)
+    # the raw stage keeps only the columns the config uses; what it ignored is the likely typo
+    in_files = sorted({str(c) for c in df.columns} | _ignored_columns(load_report))
     for col in required:
         if col not in df.columns:
-            problems.append(Problem(", ".join(input_files), col, "required column is missing",
-                                    example=sorted(map(str, df.columns))[:10]))
+            problems.append(Problem(", ".join(input_files), col, "required column is missing", example=in_files[:10]))
 
     def present(c: str) -> bool:
         return c in df.columns

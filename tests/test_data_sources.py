@@ -3,6 +3,7 @@
 Every bad input must end in one DataValidationError (or a pydantic error for a bad config) that
 names the file, the column, a count and an example value.
 """
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,103 @@ def test_csv_example_with_a_string_list_goes_through_the_nvtabular_workflow(tmp_
     genres = got["genres"].map(list)
     assert genres.map(len).tolist() == train["genres"].map(len).tolist()
     assert min(min(g) for g in genres) >= 1  # string genres encoded as vocabulary indices
+
+
+# --- only the columns the config uses are read ----------------------------------------------------
+
+BYO_COLUMNS = {"user_id": "user_id", "item_id": "item_id", "label": "click", "timestamp": "ts",
+               "features": [{"name": "age", "kind": "continuous", "side": "user"},
+                            {"name": "category", "kind": "categorical", "side": "item"},
+                            {"name": "device", "kind": "categorical", "side": "context"}]}
+
+
+def _byo_files(tmp_path, items_extra=None):
+    """interactions.csv, users.parquet and items.csv as a public log ships them: each written with
+    DataFrame.to_csv's unnamed index column and an unused 'note' column of the same name."""
+    inter = pd.DataFrame({"user_id": [1, 2, 1, 3], "item_id": [10, 11, 12, 10], "click": [1, 0, 0, 1],
+                          "ts": [100, 200, 300, 400], "device": ["m", "d", "m", "t"], "note": ["a", "b", "c", "d"]})
+    users = pd.DataFrame({"user_id": [1, 2, 3], "age": [30.0, 41.0, 25.0], "note": ["u1", "u2", "u3"]})
+    items = pd.DataFrame({"item_id": [10, 11, 12], "category": ["x", "y", "z"], "note": ["i1", "i2", "i3"],
+                          **(items_extra or {})})
+    inter.to_csv(tmp_path / "interactions.csv")  # index=True: header ',user_id,...' -> 'Unnamed: 0'
+    items.to_csv(tmp_path / "items.csv")
+    pd.read_csv(io.StringIO(users.to_csv())).to_parquet(tmp_path / "users.parquet")
+    data = {"source": "files", "interactions": {"path": str(tmp_path / "interactions.csv")},
+            "users": {"path": str(tmp_path / "users.parquet")}, "items": {"path": str(tmp_path / "items.csv")}}
+    return data, inter
+
+
+def test_unnamed_index_and_unused_columns_in_every_file_are_ignored(tmp_path, caplog):
+    data, inter = _byo_files(tmp_path)
+    assert "Unnamed: 0" in pd.read_csv(tmp_path / "items.csv") and "Unnamed: 0" in pd.read_parquet(tmp_path / "users.parquet")
+    cfg = load_config(None, {"data": data, "columns": BYO_COLUMNS})
+    with caplog.at_level("INFO", logger="pipeline_lib.data"):
+        raw, df = build(cfg, tmp_path)
+    # exactly the columns the config uses, in file order then join order
+    assert list(df.columns) == ["user_id", "item_id", "click", "ts", "device", "age", "category"]
+    assert df["user_id"].tolist() == [1, 2, 1, 3] and df["click"].tolist() == [1, 0, 0, 1]
+    assert df["age"].tolist() == [30.0, 41.0, 30.0, 25.0]  # joined from users.parquet
+    assert df["category"].tolist() == ["x", "y", "z", "x"]  # joined from items.csv
+    assert df["device"].tolist() == inter["device"].tolist()
+    report = read_load_report(raw)
+    ignored = {Path(f).name: cols for f, cols in report["ignored_columns"].items()}
+    assert ignored == {"interactions.csv": ["Unnamed: 0", "note"], "users.parquet": ["Unnamed: 0", "note"],
+                       "items.csv": ["Unnamed: 0", "note"]}
+    assert report["column_sources"]["age"].endswith("users.parquet")
+    logged = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert len(logged) == 3 and any("items.csv: ignoring 2 column(s)" in m and "'Unnamed: 0', 'note'" in m for m in logged)
+    validate_raw(raw, cfg.columns, cfg.validation)
+
+
+def test_a_clash_on_a_used_column_still_names_the_column_and_both_files(tmp_path):
+    data, _ = _byo_files(tmp_path, items_extra={"device": ["m", "m", "d"]})  # 'device' is a used feature
+    cfg = load_config(None, {"data": data, "columns": BYO_COLUMNS})
+    with pytest.raises(DataValidationError) as err:
+        build(cfg, tmp_path)
+    assert len(err.value.problems) == 1  # 'Unnamed: 0' and 'note' are in every file too, but unused
+    p = err.value.problems[0]
+    assert p.column == "device" and p.file == str(tmp_path / "items.csv")
+    assert f"items.csv: column 'device': column also present in {tmp_path / 'interactions.csv'}" in str(err.value)
+
+
+def test_a_used_column_missing_everywhere_is_still_named_with_the_ignored_columns_as_hint(tmp_path):
+    data, _ = _byo_files(tmp_path)
+    cols = {**BYO_COLUMNS, "features": BYO_COLUMNS["features"] + [{"name": "Note", "kind": "categorical"}]}
+    cfg = load_config(None, {"data": data, "columns": cols})
+    raw, df = build(cfg, tmp_path)
+    with pytest.raises(DataValidationError) as err:
+        validate_raw(raw, cfg.columns, cfg.validation)
+    (p,) = err.value.problems
+    assert p.column == "Note" and p.issue == "required column is missing"
+    assert all(str(tmp_path / f) in p.file for f in ("interactions.csv", "users.parquet", "items.csv"))
+    assert "note" in p.example and "Unnamed: 0" in p.example  # what the files had instead
+    # a label rule on a column no file has: named with the interactions file, ignored columns listed
+    cfg = load_config(None, {"data": data, "columns": {**BYO_COLUMNS, "label": "y", "label_rule": "stars >= 4"}})
+    with pytest.raises(DataValidationError, match=r"interactions.csv: column 'stars': label_rule .*column not found.*'note'"):
+        build(cfg, tmp_path)
+
+
+def test_session_files_keep_only_the_session_columns_and_report_a_used_clash(tmp_path):
+    from pipeline_lib import sessions
+
+    ev = pd.DataFrame({"sid": [1, 1, 2], "item_id": [7, 8, 7], "ts": [100, 160, 200], "note": ["a", "b", "c"]})
+    ev.to_csv(tmp_path / "events.csv")
+    pd.DataFrame({"item_id": [7, 8], "item_category": ["shoes", "socks"], "note": ["i", "j"]}).to_csv(tmp_path / "items.csv")
+    data = {"source": "files", "interactions": {"path": str(tmp_path / "events.csv"),
+                                                "rename": {"sid": "session_id", "ts": "timestamp"}},
+            "items": {"path": str(tmp_path / "items.csv")}}
+    cfg = load_config(None, {"task": "session", "data": data})
+    raw = sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw")
+    df = pd.read_parquet(raw)
+    assert list(df.columns) == ["session_id", "item_id", "timestamp", "item_category"]
+    assert df["item_category"].tolist() == ["shoes", "socks", "shoes"]
+    assert {Path(f).name: c for f, c in read_load_report(raw)["ignored_columns"].items()} == {
+        "events.csv": ["Unnamed: 0", "note"], "items.csv": ["Unnamed: 0", "note"]}
+    sessions.validate_events(raw, cfg.session.columns, tmp_path / "validated")
+    # a used column in both files is an error naming both (it used to become item_category_x/_y)
+    ev.assign(item_category=["a", "b", "c"]).to_csv(tmp_path / "events.csv")
+    with pytest.raises(DataValidationError) as err:
+        sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw2")
+    (p,) = err.value.problems
+    assert p.column == "item_category" and p.file == str(tmp_path / "items.csv")
+    assert str(tmp_path / "events.csv") in p.issue
