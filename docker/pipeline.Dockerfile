@@ -18,7 +18,7 @@ COPY flows ./flows
 COPY configs ./configs
 COPY prefect.yaml ./
 # The Merlin stack comes from the base image; only the orchestration/CLI layer is added.
-RUN pip install --no-cache-dir "prefect>=3.7,<3.8" "fastapi<0.116" "pydantic>=2.7,<3" "typer>=0.12" \
+RUN pip install --no-cache-dir "prefect>=3.7,<3.8" "sqlalchemy>=2.0.30,<2.1" "fastapi<0.116" "pydantic>=2.7,<3" "typer>=0.12" \
         "scikit-learn>=1.3,<1.6" "matplotlib>=3.7,<3.10" "tritonclient[grpc,http]" \
  && pip install --no-cache-dir --no-deps --ignore-requires-python -e .
 

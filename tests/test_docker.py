@@ -54,8 +54,11 @@ def test_compose_shares_the_model_repository_and_reserves_gpus():
 
 def test_compose_builds_point_at_existing_dockerfiles_and_configs():
     s = _compose()["services"]
-    for name in ("worker", "triton"):
+    for name in ("worker", "triton", "prefect-server"):
         assert os.path.exists(os.path.join(ROOT, s[name]["build"]["dockerfile"]))
+    # the compose scheduler runs on SQLAlchemy < 2.1 like the local one (2.1 breaks Prefect 3.7's scheduler)
+    server_build = _dockerfile(os.path.basename(s["prefect-server"]["build"]["dockerfile"]))
+    assert any('"sqlalchemy>=2.0.30,<2.1"' in line for line in server_build if line.startswith("RUN"))
     worker_cmd = s["worker"]["command"]
     assert "prefect --no-prompt deploy --all" in worker_cmd and "--pool recsys-gpu" in worker_cmd
     prefect_yaml = yaml.safe_load(open(os.path.join(ROOT, "prefect.yaml")))
