@@ -248,7 +248,11 @@ def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
     gt = s > v[:, None]
     eq = s == v[:, None]
     need = ke - gt.sum(axis=1)                                # how many of the boundary ties to take
-    sel = gt | (eq & (np.cumsum(eq, axis=1, dtype=np.int32) <= need[:, None]))  # lowest columns first
+    sel = gt | eq
+    tied = np.nonzero(eq.sum(axis=1) > need)[0]               # rows with more boundary ties than slots:
+    if len(tied):                                             # keep the lowest columns among them
+        e = eq[tied]
+        sel[tied] = gt[tied] | (e & (np.cumsum(e, axis=1, dtype=np.int32) <= need[tied, None]))
     cols = np.nonzero(sel)[1].reshape(b, ke)
     vals = np.take_along_axis(s, cols, axis=1)
     order = np.lexsort((cols, -vals), axis=1)                 # score desc, then column asc
@@ -422,14 +426,33 @@ def cooccurrence_scorer(p: TopKProtocol) -> Callable:
 
 
 def ease_weights(x: sp.spmatrix, lam: float = DEFAULT_EASE_LAMBDA) -> np.ndarray:
-    """EASE item-item weights: ``B = I - P diag(1/diag(P))``, ``P = (X^T X + lam I)^-1`` (zero diagonal)."""
+    """EASE item-item weights: ``B = I - P diag(1/diag(P))``, ``P = (X^T X + lam I)^-1`` (zero diagonal).
+
+    ``X^T X + lam I`` is symmetric positive definite: inverted in place through its Cholesky
+    factor (LAPACK potrf/potri), so the peak is about two dense n_items^2 float64 matrices."""
+    from scipy.linalg import lapack
+
     x = sp.csr_matrix(x, dtype=np.float64)
-    g = (x.T @ x).toarray()
+    g = np.asfortranarray((x.T @ x).toarray())
     g[np.diag_indices_from(g)] += lam
-    p = np.linalg.inv(g)
-    b = p / (-np.diag(p))
-    b[np.diag_indices_from(b)] = 0.0
-    return b
+    c, info = lapack.dpotrf(g, lower=False, clean=False, overwrite_a=True)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"Cholesky of X^T X + lambda I failed (info={info}); lambda={lam}")
+    p, info = lapack.dpotri(c, lower=False, overwrite_c=True)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"inverse from the Cholesky factor failed (info={info})")
+    del g, c
+    n = p.shape[0]
+    step = 1024
+    for i in range(0, n, step):  # potri fills the upper triangle: mirror it, one block of columns at a time
+        j = min(i + step, n)
+        blk = p[i:j, i:j]
+        blk[:] = np.triu(blk) + np.triu(blk, 1).T
+        p[j:, i:j] = p[i:j, j:].T
+    d = -np.diag(p).copy()
+    p /= d[None, :]               # B_ij = -P_ij / P_jj off the diagonal
+    p[np.diag_indices_from(p)] = 0.0
+    return p
 
 
 def ease_scorer(p: TopKProtocol, lam: float = DEFAULT_EASE_LAMBDA) -> Callable:
