@@ -5,6 +5,7 @@ from typing import Iterable, Literal, Mapping, Optional, Union
 
 import numpy as np
 import pandas as pd
+from tritonclient.utils import InferenceServerException
 
 Protocol = Literal["http", "grpc"]
 
@@ -16,7 +17,32 @@ _NP = {
 
 
 class RequestError(ValueError):
-    """A request could not be built from the given rows (names the offending field)."""
+    """A request could not be built from the given rows (names the offending field), or the server
+    refused it as invalid (:class:`BadRequestError`)."""
+
+
+class BadRequestError(RequestError, InferenceServerException):
+    """The server answered the request as invalid: HTTP 400 / gRPC ``INVALID_ARGUMENT`` (the served
+    model's request checks -- row counts, list offsets, empty or too large batch -- and Triton's own
+    checks of input names, datatypes and shapes). The client's fault: retrying the same request fails
+    again. It is still an ``InferenceServerException`` with the server's message, ``status()``
+    (``"400"`` or ``"StatusCode.INVALID_ARGUMENT"``) and ``debug_details()``; other server errors
+    (internal failures: HTTP 500 / ``INTERNAL``, unavailable, ...) stay plain
+    ``InferenceServerException``."""
+
+    def __init__(self, msg: str, status: Optional[str] = None, debug_details: Optional[str] = None):
+        InferenceServerException.__init__(self, msg, status, debug_details)
+        ValueError.__init__(self, msg)
+
+
+# how each protocol's tritonclient reports an invalid-argument answer in InferenceServerException.status()
+CLIENT_ERROR_STATUSES = frozenset({"400", "StatusCode.INVALID_ARGUMENT"})
+
+
+def is_client_error(exc: BaseException) -> bool:
+    """Whether a tritonclient error is the server refusing the request as invalid (HTTP 400 / gRPC
+    INVALID_ARGUMENT), as opposed to a failure of the server (500 / INTERNAL, ...)."""
+    return isinstance(exc, InferenceServerException) and exc.status() in CLIENT_ERROR_STATUSES
 
 
 class RecsysClient:
@@ -113,8 +139,7 @@ class RecsysClient:
 
     def infer_arrays(self, arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
         inputs = self.inputs_from_arrays(arrays)
-        outputs = [self._tc.InferRequestedOutput(n) for n in self._outputs]
-        result = self._client.infer(self.model_name, inputs, outputs=outputs)
+        result = self._infer(inputs, self._outputs)
         response = result.get_response()
         version = response["model_version"] if isinstance(response, dict) else response.model_version
         return np.asarray(result.as_numpy(self._outputs[0])).reshape(-1), str(version)
@@ -124,13 +149,22 @@ class RecsysClient:
         self._metadata()
         if "item_ids" not in self._outputs:
             raise RequestError(f"model '{self.model_name}' is not a top-k model (outputs {self._outputs})")
-        inputs = self.build_inputs(rows)
-        outputs = [self._tc.InferRequestedOutput(n) for n in ("item_ids", "scores")]
-        result = self._client.infer(self.model_name, inputs, outputs=outputs)
+        result = self._infer(self.build_inputs(rows), ["item_ids", "scores"])
         ids = result.as_numpy("item_ids")
         if ids.dtype == object:
             ids = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v, otypes=[object])(ids)
         return ids, result.as_numpy("scores")
+
+    def _infer(self, inputs: list, output_names: list[str]):
+        """One inference call; a request the server refuses as invalid raises :class:`BadRequestError`
+        (with the server's message and status), any other server error propagates unchanged."""
+        outputs = [self._tc.InferRequestedOutput(n) for n in output_names]
+        try:
+            return self._client.infer(self.model_name, inputs, outputs=outputs)
+        except InferenceServerException as exc:
+            if is_client_error(exc):
+                raise BadRequestError(exc.message(), exc.status(), exc.debug_details()) from exc
+            raise
 
     @property
     def is_topk(self) -> bool:

@@ -3,6 +3,10 @@
 Triton itself rejects unknown or missing input names and wrong datatypes (against config.pbtxt);
 what it cannot know is how the inputs relate: equal row counts, valid ragged offsets, a non-empty
 batch within the size limit. Those are checked here, with the offending field named.
+
+:func:`error_response` turns an exception of a served model into Triton's error response: a
+:class:`BadRequest` as invalid-argument (HTTP 400, gRPC ``INVALID_ARGUMENT``), anything else as
+internal (HTTP 500, gRPC ``INTERNAL``), so clients and load balancers can tell the two apart.
 """
 from __future__ import annotations
 
@@ -15,7 +19,26 @@ DEFAULT_MAX_ROWS = 65536
 
 
 class BadRequest(ValueError):
-    pass
+    """The request itself is wrong (the client's fault): answered as invalid-argument / HTTP 400."""
+
+
+def error_response(pb_utils, exc: BaseException):
+    """Triton's error response for an exception raised while serving one request.
+
+    ``pb_utils`` is the python backend's ``triton_python_backend_utils`` module (passed in: this
+    module is imported outside Triton too). A :class:`BadRequest` is answered as
+    ``"bad request: ..."`` with the ``INVALID_ARG`` code (HTTP 400, gRPC ``INVALID_ARGUMENT``); any
+    other exception as ``"inference failed: <type>: ..."`` (one line, at most 2000 characters; the
+    caller logs the traceback) with the ``INTERNAL`` code (HTTP 500, gRPC ``INTERNAL``). A python
+    backend without error codes (before 23.03) gets a plain ``TritonError``, which is INTERNAL.
+    """
+    if isinstance(exc, BadRequest):
+        message, code_name = f"bad request: {exc}", "INVALID_ARG"
+    else:
+        message, code_name = f"inference failed: {type(exc).__name__}: {exc}"[:2000], "INTERNAL"
+    code = getattr(pb_utils.TritonError, code_name, None)
+    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
 def version_dir(args: Mapping) -> Path:

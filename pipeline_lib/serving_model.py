@@ -1,9 +1,10 @@
 """Triton python-backend model for an exported ensemble; copied into each version as ``model.py``.
 
 It replaces merlin-systems' ``executor_model.py`` (same loading of the ensemble and its
-artifacts) with: request checks that answer a clear error naming the field
-(:mod:`pipeline_lib.request_checks`), internal errors reported as one line (the traceback goes to
-the server log, not to the client), and a direct ``workflow >> model`` call on numpy arrays
+artifacts) with: request checks that answer a clear error naming the field, as invalid-argument
+(HTTP 400, gRPC INVALID_ARGUMENT; :mod:`pipeline_lib.request_checks`), internal errors reported as
+one line with the INTERNAL code (HTTP 500; the traceback goes to the server log, not to the
+client), and a direct ``workflow >> model`` call on numpy arrays
 (:class:`pipeline_lib.export.DirectPredictor`: the workflow op's compiled transform, then the
 SavedModel signature) instead of merlin's DAG runtime. With dynamic batching in config.pbtxt
 (``max_batch_size`` > 0), the requests Triton queued together are checked one by one, scored in
@@ -21,8 +22,8 @@ from merlin.systems.dag import Ensemble
 from merlin.systems.triton.conversions import tensor_names, tensor_table_to_triton_response
 from merlin.table import TensorTable
 from pipeline_lib.export import DirectPredictor
-from pipeline_lib.request_checks import (BadRequest, check_request, concat_requests, max_request_rows, split_rows,
-                                         version_dir)
+from pipeline_lib.request_checks import (BadRequest, check_request, concat_requests, error_response, max_request_rows,
+                                         split_rows, version_dir)
 
 
 class TritonPythonModel:
@@ -82,8 +83,8 @@ class TritonPythonModel:
                 return pb_utils.InferenceResponse([pb_utils.Tensor(n, outputs[n]) for n in self.output_names])
             outputs = self.ensemble.transform(TensorTable(checked), runtime=self.runtime)
             return tensor_table_to_triton_response(outputs, self.ensemble.output_schema)
-        except BadRequest as exc:
-            return _error(f"bad request: {exc}")
+        except BadRequest as exc:  # the client's fault: INVALID_ARG (HTTP 400)
+            return error_response(pb_utils, exc)
         except Exception as exc:  # noqa: BLE001 - report, never crash the model instance
             return self._internal_error(exc)
 
@@ -97,7 +98,7 @@ class TritonPythonModel:
                 checked.append(self._read(request))
                 good.append(i)
             except BadRequest as exc:
-                responses[i] = _error(f"bad request: {exc}")
+                responses[i] = error_response(pb_utils, exc)
             except Exception as exc:  # noqa: BLE001
                 responses[i] = self._internal_error(exc)
         if good:
@@ -112,13 +113,10 @@ class TritonPythonModel:
             except Exception as exc:  # noqa: BLE001
                 self.logger.log_error(traceback.format_exc())
                 for i in good:
-                    responses[i] = _error(f"inference failed: {type(exc).__name__}: {exc}"[:2000])
+                    responses[i] = error_response(pb_utils, exc)
         return responses
 
     def _internal_error(self, exc):
+        """INTERNAL (HTTP 500): a one-line message to the client, the traceback to the server log."""
         self.logger.log_error(traceback.format_exc())
-        return _error(f"inference failed: {type(exc).__name__}: {exc}"[:2000])
-
-
-def _error(msg: str):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(msg))
+        return error_response(pb_utils, exc)

@@ -1,8 +1,10 @@
 """Triton python-backend model for a retrieval (top-k) version; copied into each version as ``model.py``.
 
-Raw query columns in (checked by :mod:`pipeline_lib.request_checks`), ``item_ids`` and ``scores``
-[rows, k] out, computed by :class:`pipeline_lib.topk.TopKRecommender` (fitted workflow -- compiled
-transform when verified at export --, query encoder, catalogue embeddings, optional ranker). Only runs inside Triton's python backend stub.
+Raw query columns in (checked by :mod:`pipeline_lib.request_checks`; a bad request is answered as
+invalid-argument, HTTP 400), ``item_ids`` and ``scores`` [rows, k] out, computed by
+:class:`pipeline_lib.topk.TopKRecommender` (fitted workflow -- compiled transform when verified at
+export --, query encoder, catalogue embeddings, optional ranker). Only runs inside Triton's python
+backend stub.
 """
 import json
 import traceback
@@ -10,7 +12,7 @@ import traceback
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pipeline_lib.request_checks import BadRequest, check_request, max_request_rows, version_dir
+from pipeline_lib.request_checks import BadRequest, check_request, error_response, max_request_rows, version_dir
 from pipeline_lib.topk import OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, TopKRecommender
 
 
@@ -44,9 +46,8 @@ class TritonPythonModel:
                 pb_utils.Tensor(OUTPUT_IDS, ids),
                 pb_utils.Tensor(OUTPUT_SCORES, scores.astype(np.float32)),
             ])
-        except BadRequest as exc:
-            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"bad request: {exc}"))
-        except Exception as exc:  # noqa: BLE001 - report, never crash the model instance
+        except BadRequest as exc:  # the client's fault: INVALID_ARG (HTTP 400)
+            return error_response(pb_utils, exc)
+        except Exception as exc:  # noqa: BLE001 - report, never crash the model instance: INTERNAL (HTTP 500)
             self.logger.log_error(traceback.format_exc())
-            msg = f"inference failed: {type(exc).__name__}: {exc}"
-            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(msg[:2000]))
+            return error_response(pb_utils, exc)

@@ -36,3 +36,37 @@ def test_empty_and_oversized_batches():
         check_request(empty, RAGGED, 10)
     with pytest.raises(BadRequest, match="batch of 3 rows exceeds the limit of 2"):
         check_request(req(), RAGGED, 2)
+
+
+class _PbUtils:
+    """Stand-in for the python backend's ``triton_python_backend_utils`` (compiled into the stub, not
+    importable here): records what ``error_response`` builds. The real server's answers (400 /
+    INVALID_ARGUMENT) are checked in test_serving, test_retrieval and test_sessions."""
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self.output_tensors, self.error = output_tensors, error
+
+    def __init__(self, with_codes: bool = True):
+        class TritonError:
+            def __init__(self, message, code=None):
+                self.message, self.code = message, code
+
+        if with_codes:
+            TritonError.INTERNAL, TritonError.INVALID_ARG = "INTERNAL", "INVALID_ARG"
+        self.TritonError = TritonError
+
+
+def test_error_response_codes_a_bad_request_as_invalid_argument_and_anything_else_as_internal():
+    from pipeline_lib.request_checks import error_response
+
+    pb = _PbUtils()
+    bad = error_response(pb, BadRequest("empty batch: the request has 0 rows"))
+    assert bad.output_tensors == [] and bad.error.code == "INVALID_ARG"
+    assert bad.error.message == "bad request: empty batch: the request has 0 rows"
+    internal = error_response(pb, KeyError("x" * 3000))
+    assert internal.error.code == "INTERNAL" and internal.error.message.startswith("inference failed: KeyError: ")
+    assert len(internal.error.message) == 2000
+    assert error_response(pb, ValueError("not a BadRequest")).error.code == "INTERNAL"
+    old = error_response(_PbUtils(with_codes=False), BadRequest("x"))  # a backend without error codes
+    assert old.error.code is None and old.error.message == "bad request: x"

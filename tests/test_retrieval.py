@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from tritonclient.utils import InferenceServerException
 
 from pipeline_lib import etl, retrieval, topk
-from pipeline_lib.client import RecsysClient, RequestError
+from pipeline_lib.client import BadRequestError, RecsysClient, RequestError
 from pipeline_lib.config import ColumnsConfig, load_config
 from pipeline_lib.serving import TritonServer
 
@@ -199,14 +200,22 @@ def test_bad_top_k_requests_get_a_clear_error_and_the_server_keeps_answering(ret
     with RecsysClient(served.http_url, "http", name) as client:
         with pytest.raises(RequestError, match="item_id_history"):
             client.recommend(rows.drop(columns=["item_id_history"]))
-        arrays = client.to_arrays(rows)
-        arrays["item_id_history__offsets"] = np.array([0, 5, 1], dtype=np.int32)
-        with pytest.raises(Exception, match="item_id_history__offsets"):
-            client._client.infer(name, client.inputs_from_arrays(arrays))
-        unseen = rows.assign(item_id_history=[[987654, 987655], []])  # unknown items: OOV, still answered
-        ids, _ = client.recommend(unseen)
-        assert ids.shape == (2, 10)
-        np.testing.assert_array_equal(client.recommend(rows)[0], rec.offline(rows)[0])
+    # the model's own checks answer invalid-argument (HTTP 400 / gRPC INVALID_ARGUMENT), message kept
+    for protocol, url, status in (("http", served.http_url, "400"), ("grpc", served.grpc_url, "StatusCode.INVALID_ARGUMENT")):
+        with RecsysClient(url, protocol, name) as client:
+            arrays = client.to_arrays(rows)
+            arrays["item_id_history__offsets"] = np.array([0, 5, 1], dtype=np.int32)
+            with pytest.raises(InferenceServerException, match="item_id_history__offsets") as err:
+                client._client.infer(name, client.inputs_from_arrays(arrays))  # plain tritonclient
+            assert err.value.status() == status
+            assert err.value.message() == "bad request: input 'item_id_history__offsets' must be non-decreasing"
+            with pytest.raises(BadRequestError, match=r"bad request: empty batch") as err:
+                client.recommend(rows.head(0))
+            assert err.value.status() == status
+            unseen = rows.assign(item_id_history=[[987654, 987655], []])  # unknown items: OOV, still answered
+            ids, _ = client.recommend(unseen)
+            assert ids.shape == (2, 10)
+            np.testing.assert_array_equal(client.recommend(rows)[0], rec.offline(rows)[0])
 
 
 def test_dynamic_batching_is_refused_for_top_k_models():

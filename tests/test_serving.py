@@ -6,12 +6,14 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from pipeline_lib import export, repository
-from pipeline_lib.client import RecsysClient, RequestError
+from pipeline_lib.client import BadRequestError, RecsysClient, RequestError
 from pipeline_lib.serving import ServerError, TritonServer
 from pipeline_lib.smoke import smoke_test
 
 pytestmark = pytest.mark.integration
 MAX_ROWS = 500
+# what tritonclient's InferenceServerException.status() says for an invalid-argument answer
+INVALID = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
 
 
 @pytest.fixture(scope="module")
@@ -156,16 +158,16 @@ def test_auto_ports_retry_when_a_picked_port_is_taken(tmp_path, busy_port, monke
     assert "already in use" in (tmp_path / "triton.log").read_text()
 
 
-def _bad(server, mutate):
+def _bad(server, mutate, protocol="http"):
     """Send a request built from good rows and then broken by ``mutate``; return Triton's error."""
     _, rows, _ = server
     srv = server[0]
-    with RecsysClient(srv.http_url, "http") as client:
+    with RecsysClient(srv.http_url if protocol == "http" else srv.grpc_url, protocol) as client:
         arrays = client.to_arrays(rows.head(3))
         mutate(arrays)
         with pytest.raises(InferenceServerException) as err:
             client.infer_arrays(arrays)
-    return str(err.value)
+    return err.value
 
 
 @pytest.mark.parametrize("case, mutate, expected", [
@@ -182,13 +184,19 @@ def _bad(server, mutate):
     ("empty batch", lambda a: [a.update({k: (v[:1] if k.endswith("__offsets") else v[:0])}) for k, v in list(a.items())],
      r"bad request: empty batch"),
 ])
-def test_bad_requests_get_a_clear_error_and_the_server_keeps_answering(served, case, mutate, expected):
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_requests_get_a_clear_error_and_the_server_keeps_answering(served, case, mutate, expected, protocol):
+    """Triton's own checks and the model's request checks alike answer invalid-argument (HTTP 400,
+    gRPC INVALID_ARGUMENT) with the message naming the field; the client raises BadRequestError."""
     server, rows, offline = served
     import re
 
-    msg = _bad(served, mutate)
+    err = _bad(served, mutate, protocol)
+    msg = err.message()
     assert re.search(expected, msg), f"{case}: {msg}"
     assert "Traceback" not in msg
+    assert err.status() == INVALID[protocol], f"{case}: {err.status()} {msg}"
+    assert isinstance(err, BadRequestError) and isinstance(err, RequestError)
     with RecsysClient(server.grpc_url, "grpc") as client:
         np.testing.assert_allclose(client.predict(rows.head(4)), offline[:4], atol=1e-5, rtol=0)
 
@@ -196,10 +204,40 @@ def test_bad_requests_get_a_clear_error_and_the_server_keeps_answering(served, c
 def test_very_large_batch_is_refused_clearly_and_a_batch_at_the_limit_is_served(served):
     server, rows, _ = served
     big = pd.concat([rows] * (MAX_ROWS // len(rows) + 1), ignore_index=True)
-    with RecsysClient(server.grpc_url, "grpc") as client:
-        with pytest.raises(InferenceServerException, match=rf"batch of {len(big)} rows exceeds the limit of {MAX_ROWS}"):
-            client.predict(big)
-        assert len(client.predict(big.head(MAX_ROWS))) == MAX_ROWS
+    for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+        with RecsysClient(url, protocol) as client:
+            with pytest.raises(BadRequestError, match=rf"batch of {len(big)} rows exceeds the limit of {MAX_ROWS}") as err:
+                client.predict(big)
+            assert err.value.status() == INVALID[protocol]
+            assert len(client.predict(big.head(MAX_ROWS))) == MAX_ROWS
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_bad_request_is_a_client_error_on_the_wire(served, protocol):
+    """Plain tritonclient, no RecsysClient: the model's own check (row counts) reaches the client as
+    HTTP 400 / gRPC INVALID_ARGUMENT, not INTERNAL / 500, with the model's message."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    server, rows, _ = served
+    with RecsysClient(server.http_url, "http") as cl:
+        arrays = cl.to_arrays(rows.head(3))
+    arrays["user_id"] = arrays["user_id"][:2]
+    tc, url = (httpclient, server.http_url) if protocol == "http" else (grpcclient, server.grpc_url)
+    inputs = []
+    for name, arr in arrays.items():
+        inp = tc.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    c = tc.InferenceServerClient(url)
+    try:
+        with pytest.raises(InferenceServerException) as err:
+            c.infer("recsys", inputs)
+    finally:
+        c.close()
+    assert err.value.status() == INVALID[protocol]
+    assert err.value.message().startswith("bad request: inputs have different row counts: ")
+    assert "user_id=2" in err.value.message()
 
 
 def test_missing_continuous_values_are_filled_as_in_training(served, trained):
@@ -305,7 +343,7 @@ def test_dynamic_batching_a_bad_request_fails_alone(served_batched):
             for _ in range(5):
                 try:
                     cl.infer_arrays(arrays)
-                except InferenceServerException as exc:
+                except BadRequestError as exc:
                     errors.append(str(exc))
 
     def ok(k: int) -> None:
@@ -321,7 +359,8 @@ def test_dynamic_batching_a_bad_request_fails_alone(served_batched):
         t.start()
     for t in threads:
         t.join()
-    assert len(errors) == 5 and all("bad request: inputs have different row counts" in e for e in errors), errors[:1]
+    assert len(errors) == 5 and all(e.startswith("[400] bad request: inputs have different row counts")
+                                    for e in errors), errors[:1]
     assert len(good) == 20 and all(g is True for g in good), good
 
 
@@ -338,5 +377,7 @@ def test_dynamic_batching_request_with_two_batch_entries_is_refused_clearly(serv
         inp.set_data_from_numpy(np.stack([arr, arr]))
         inputs.append(inp)
     with httpclient.InferenceServerClient(server.http_url) as c:
-        with pytest.raises(InferenceServerException, match=r"bad request: input '\w+' has shape \[2, \d+\]; with dynamic batching"):
+        with pytest.raises(InferenceServerException, match=r"bad request: input '\w+' has shape \[2, \d+\]; with dynamic batching") as err:
             c.infer("recsys", inputs)
+    assert err.value.status() == "400"
+

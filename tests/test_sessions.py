@@ -285,6 +285,28 @@ def test_string_item_ids_are_served_like_offline(tmp_path):
         for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             with SessionClient(url, proto, "sess") as client:
                 ids, scores = client.recommend(req)
+                _assert_bad_requests_are_client_errors(client, req, proto)
             assert ids.tolist() == want_ids.tolist()
             np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
     assert ranking_export.load_version(repo / "sess" / "1") is not None
+
+
+def _assert_bad_requests_are_client_errors(client, req: pd.DataFrame, protocol: str) -> None:
+    """The session model's request checks answer invalid-argument (HTTP 400 / gRPC INVALID_ARGUMENT)
+    with their message, and the model keeps answering."""
+    from tritonclient.utils import InferenceServerException
+
+    from pipeline_lib.client import BadRequestError
+
+    status = "400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"
+    arrays = client.to_arrays(req.head(3))
+    offsets = next(k for k in arrays if k.endswith("__offsets"))
+    arrays[offsets] = arrays[offsets][::-1].copy()
+    with pytest.raises(InferenceServerException) as err:  # plain tritonclient
+        client._client.infer(client.model_name, client.inputs_from_arrays(arrays))
+    assert err.value.status() == status
+    assert err.value.message() == f"bad request: input '{offsets}' must start at 0 (got [{int(arrays[offsets][0])}])"
+    with pytest.raises(BadRequestError, match=r"^\[[\w.]+\] bad request: empty batch: the request has 0 rows$") as err:
+        client.recommend(req.head(0))
+    assert err.value.status() == status
+    assert client.recommend(req.head(2))[0].shape[0] == 2
