@@ -179,3 +179,71 @@ def test_dask_settings_validate():
         DaskConfig(scheduler_address="tcp://h:8786", local_workers=2)
     with pytest.raises(ValueError):
         DaskConfig(local_workers=0)
+
+
+def test_local_workers_equal_in_process_and_leave_nothing_behind(tmp_path, small_split):
+    from merlin.core import dispatch
+    from merlin.core.utils import global_dask_client
+
+    cfg, split = small_split
+    local = etl.fit_transform(cfg.columns, EtlConfig(device="cpu", part_size=PART_SIZE), split, tmp_path / "a")
+    original = dispatch.flatten_list_column_values
+    seen = {}
+    with etl._dask_context("cpu", DaskConfig(local_workers=2, memory_limit="1GB")):
+        client = global_dask_client()
+        seen["workers"] = len(client.scheduler_info()["workers"])
+        # the faster list flattening is installed in the worker processes too
+        seen["patched"] = set(client.run(_flatten_is_patched).values())
+    assert seen == {"workers": 2, "patched": {True}}
+    assert global_dask_client() is None and dispatch.flatten_list_column_values is original
+    on_workers = etl.fit_transform(
+        cfg.columns, EtlConfig(device="cpu", part_size=PART_SIZE, dask={"local_workers": 2}), split, tmp_path / "b")
+    _same_etl(local.workflow_dir.parent, on_workers.workflow_dir.parent)
+
+
+def _flatten_is_patched() -> bool:
+    from merlin.core import dispatch
+
+    return dispatch.flatten_list_column_values.__module__ == "pipeline_lib.etl"
+
+
+def test_gpu_context_builds_a_local_cuda_cluster_from_the_settings(monkeypatch):
+    """No GPU here: dask_cuda.LocalCUDACluster is replaced by an in-process LocalCluster that records
+    its arguments; the wiring (one worker per GPU unless local_workers, the RMM pool, the client
+    current only inside) is what is checked."""
+    import dask_cuda
+    from dask.distributed import LocalCluster
+    from merlin.core.utils import global_dask_client
+
+    calls = []
+
+    def fake(**kw):
+        calls.append(kw)
+        return LocalCluster(n_workers=1, processes=False, dashboard_address=None)
+
+    monkeypatch.setattr(dask_cuda, "LocalCUDACluster", fake)
+    with etl._dask_context("gpu", DaskConfig()):
+        assert global_dask_client() is not None
+    assert global_dask_client() is None
+    with etl._dask_context("gpu", DaskConfig(local_workers=2, rmm_pool_size="20GB")):
+        pass
+    assert [(c["n_workers"], c["rmm_pool_size"]) for c in calls] == [(None, "0.8"), (2, "20GB")]
+
+
+def test_gpu_check_dry_run_pieces(tmp_path):
+    """The GPU check script parses, and its GPU-vs-CPU output comparison works (the whole dry run,
+    ~1-2 min, is run by hand: scripts/gpu_check.sh --device cpu)."""
+    import numpy as np
+
+    from benchmarks import gpu_check
+
+    root = Path(__file__).resolve().parent.parent
+    assert subprocess.run(["bash", "-n", str(root / "scripts" / "gpu_check.sh")]).returncode == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    df = pd.DataFrame({"x": [3, 4], "f": np.array([0.5, 1.0], np.float32), "l": [np.array([3, 4]), np.array([5])]})
+    df.to_parquet(a / "part_0.parquet")
+    df.to_parquet(b / "part_0.parquet")
+    assert gpu_check._compare(a, b)["equal"]
+    df.assign(l=[np.array([3, 4]), np.array([6])]).to_parquet(b / "part_0.parquet")
+    assert not gpu_check._compare(a, b)["equal"]
