@@ -228,11 +228,42 @@ class SplitConfig(_Strict):
     valid_fraction: float = Field(0.2, gt=0, lt=1)
 
 
+class DaskConfig(_Strict):
+    """Where NVTabular's fit and transform run (``etl.dask``); see docs/scale.md.
+
+    Nothing set: on CPU in this process (dask's synchronous scheduler, as before); on GPU a
+    dask-cuda ``LocalCUDACluster`` with one worker per visible GPU. ``scheduler_address``: an
+    existing cluster (its workers need this project's environment and the run folder on shared
+    storage). ``local_workers``: a local cluster of worker processes started for the ETL.
+    """
+
+    scheduler_address: Optional[str] = Field(
+        None, description="an existing dask(-cuda) scheduler, e.g. tcp://10.0.0.5:8786; nothing is started or stopped"
+    )
+    local_workers: Optional[int] = Field(
+        None, ge=1, description="start this many local worker processes for the ETL (GPU: at most one per visible GPU)"
+    )
+    threads_per_worker: int = Field(1, ge=1, description="local workers: threads per worker")
+    memory_limit: str = Field("auto", description="local workers: host memory per worker ('2GB', 'auto', '0' = none)")
+    rmm_pool_size: Optional[str] = Field(
+        "0.8", description="GPU local cluster: RMM pool per worker, a size ('20GB') or a fraction of GPU memory "
+        "('0.8'); null = no pool"
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="scheduler_address: give up connecting after this long")
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> "DaskConfig":
+        if self.scheduler_address and self.local_workers:
+            raise ValueError("etl.dask: set scheduler_address (an existing cluster) or local_workers, not both")
+        return self
+
+
 class EtlConfig(_Strict):
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="auto = GPU (cudf + dask-cuda) when a GPU is visible, else CPU"
     )
     part_size: str = Field("256MB", description="NVTabular partition size")
+    dask: DaskConfig = Field(default_factory=DaskConfig)
 
 
 RANKING_MODELS = ("dlrm", "dcn", "deepfm", "wide_deep")

@@ -190,34 +190,131 @@ def fast_list_flatten() -> Iterator[None]:
         dispatch.flatten_list_column_values = original
 
 
+class _FastFlattenOnWorkers:
+    """Dask worker plugin: :func:`fast_list_flatten` inside every worker process of the ETL's
+    cluster (the patch in this process does not reach them). Module-level, so it pickles by
+    reference: workers import it from their own ``pipeline_lib`` (they need it anyway for the
+    workflow's ``to_float32``)."""
+
+    name = "recsys-fast-list-flatten"
+
+    def setup(self, worker=None):
+        self._ctx = fast_list_flatten()
+        self._ctx.__enter__()
+
+    def teardown(self, worker=None):
+        ctx = getattr(self, "_ctx", None)
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+
+def _connect(dask_cfg) -> "distributed.Client":  # noqa: F821
+    """A client of the existing scheduler at ``dask_cfg.scheduler_address``, or a clear error
+    naming the address (unreachable, or no workers) within ``connect_timeout_s``."""
+    from dask.distributed import Client
+
+    address, timeout = dask_cfg.scheduler_address, dask_cfg.connect_timeout_s
+    hint = ("Start one (`dask scheduler` + `dask worker <address>`, or `dask-cuda-worker` on GPU nodes; "
+            "see docs/scale.md), fix etl.dask.scheduler_address, or remove it to run the ETL in this process.")
+    try:
+        client = Client(address, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise RuntimeError(f"etl.dask.scheduler_address={address!r}: no dask scheduler reachable within "
+                           f"{timeout:g} s ({exc}). {hint}") from exc
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except (TimeoutError, OSError) as exc:
+        client.close()
+        raise RuntimeError(f"etl.dask.scheduler_address={address!r}: the scheduler answers but has no workers "
+                           f"after {timeout:g} s. {hint}") from exc
+    return client
+
+
 @contextlib.contextmanager
-def _dask_context(device: str) -> Iterator[None]:
-    """On GPU, run NVTabular on a dask-cuda LocalCUDACluster; on CPU use the in-process scheduler."""
-    if device != "gpu":
+def _dask_context(device: str, dask_cfg=None) -> Iterator[None]:
+    """Where NVTabular's fit and transform run (``etl.dask``, see docs/scale.md):
+
+    - ``scheduler_address``: a client of that existing cluster (nothing started; only the client
+      is closed afterwards);
+    - on GPU: a dask-cuda ``LocalCUDACluster``, one worker per visible GPU (``local_workers``: that
+      many), each with an RMM pool of ``rmm_pool_size``;
+    - on CPU with ``local_workers``: a ``LocalCluster`` of that many worker processes;
+    - otherwise (CPU, default): no cluster, NVTabular's in-process synchronous scheduler.
+
+    The client is made current only in this context (``Client.as_current`` and merlin's
+    ``set_dask_client``), never the process-wide default, so concurrent in-process ETLs in other
+    threads do not pick it up.
+    """
+    from pipeline_lib.config import DaskConfig
+
+    dask_cfg = dask_cfg or DaskConfig()
+    if device != "gpu" and not dask_cfg.scheduler_address and not dask_cfg.local_workers:
         yield
         return
     from dask.distributed import Client
-    from dask_cuda import LocalCUDACluster
+    from merlin.core import utils as merlin_utils
 
-    with LocalCUDACluster() as cluster, Client(cluster):
-        log.info("NVTabular on GPU: %s", cluster)
-        yield
+    cluster = None
+    if dask_cfg.scheduler_address:
+        client = _connect(dask_cfg)
+    elif device == "gpu":
+        from dask_cuda import LocalCUDACluster
+
+        cluster = LocalCUDACluster(n_workers=dask_cfg.local_workers, threads_per_worker=dask_cfg.threads_per_worker,
+                                   memory_limit=dask_cfg.memory_limit, rmm_pool_size=dask_cfg.rmm_pool_size,
+                                   dashboard_address=None)
+        client = Client(cluster, set_as_default=False)
+    else:
+        from dask.distributed import LocalCluster
+
+        cluster = LocalCluster(n_workers=dask_cfg.local_workers, threads_per_worker=dask_cfg.threads_per_worker,
+                               memory_limit=dask_cfg.memory_limit, processes=True, host="127.0.0.1",
+                               dashboard_address=None)
+        client = Client(cluster, set_as_default=False)
+    plugin = None
+    try:
+        log.info("NVTabular on %s: %s", device.upper(), cluster or client)
+        if device == "cpu":
+            plugin = _FastFlattenOnWorkers()
+            client.register_worker_plugin(plugin, name=plugin.name)
+        token = merlin_utils._merlin_dask_client.set(client)
+        try:
+            with client.as_current():
+                yield
+        finally:
+            merlin_utils._merlin_dask_client.reset(token)
+    finally:
+        try:
+            if plugin is not None and cluster is None:  # a shared cluster: leave its workers as they were
+                client.unregister_worker_plugin(plugin.name)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            log.warning("could not remove the list-flatten plugin from %s", dask_cfg.scheduler_address)
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def fit_transform(
     columns: ColumnsConfig, etl: EtlConfig, split: SplitPaths, out_dir: Path, history: bool = False
 ) -> EtlOutput:
-    """Fit the workflow on train, transform train and valid, save workflow + schema."""
+    """Fit the workflow on train, transform train and valid, save workflow + schema.
+
+    With ``etl.dask`` the fit and transform run on that dask cluster (see :func:`_dask_context`);
+    the outputs are the same as in-process. Paths are made absolute first, since workers of an
+    existing cluster do not share this process's working directory.
+    """
     import nvtabular as nvt
     from merlin.io import Dataset
 
     device = resolve_device(etl.device)
     cpu = device == "cpu"
+    out_dir = Path(out_dir).absolute()
+    train_path, valid_path = Path(split.train).absolute(), Path(split.valid).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     workflow = build_workflow(columns, out_dir / "fit", history=history)
-    with _dask_context(device), (fast_list_flatten() if cpu else contextlib.nullcontext()):
-        train_ds = Dataset(str(split.train), engine="parquet", part_size=etl.part_size, cpu=cpu)
-        valid_ds = Dataset(str(split.valid), engine="parquet", part_size=etl.part_size, cpu=cpu)
+    with _dask_context(device, etl.dask), (fast_list_flatten() if cpu else contextlib.nullcontext()):
+        train_ds = Dataset(str(train_path), engine="parquet", part_size=etl.part_size, cpu=cpu)
+        valid_ds = Dataset(str(valid_path), engine="parquet", part_size=etl.part_size, cpu=cpu)
         workflow.fit(train_ds)
         train_dir, valid_dir = out_dir / "train", out_dir / "valid"
         workflow.transform(train_ds).to_parquet(str(train_dir), output_files=1)

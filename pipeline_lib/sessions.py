@@ -332,21 +332,24 @@ def run_session_etl(events_path: Path, cfg, out_root: Path, split_dir: Path) -> 
     import nvtabular as nvt
     from merlin.io import Dataset
 
-    from pipeline_lib.etl import resolve_device
+    from pipeline_lib.etl import _dask_context, resolve_device
 
     s = cfg.session
     device = resolve_device(cfg.etl.device)
-    sessions_path, grouping_dir = group_sessions(events_path, s.columns, cfg.etl, s.etl.min_session_length,
-                                                 out_root / "sessions")
-    split = split_sessions(sessions_path, cfg.split, s.columns, cfg.seed, split_dir)
-    wf = build_feature_workflow(s.columns, s.etl.max_session_length, out_root / "fit")
-    cpu = device == "cpu"
-    train_ds = Dataset(str(split.train), engine="parquet", cpu=cpu)
-    valid_ds = Dataset(str(split.valid), engine="parquet", cpu=cpu)
-    wf.fit(train_ds)
-    train_dir, valid_dir = out_root / "train", out_root / "valid"
-    wf.transform(train_ds).to_parquet(str(train_dir), output_files=1)
-    wf.transform(valid_ds).to_parquet(str(valid_dir), output_files=1)
+    # absolute: workers of an existing dask cluster (etl.dask) do not share our working directory
+    events_path, out_root, split_dir = Path(events_path).absolute(), Path(out_root).absolute(), Path(split_dir).absolute()
+    with _dask_context(device, cfg.etl.dask):
+        sessions_path, grouping_dir = group_sessions(events_path, s.columns, cfg.etl, s.etl.min_session_length,
+                                                     out_root / "sessions")
+        split = split_sessions(sessions_path, cfg.split, s.columns, cfg.seed, split_dir)
+        wf = build_feature_workflow(s.columns, s.etl.max_session_length, out_root / "fit")
+        cpu = device == "cpu"
+        train_ds = Dataset(str(split.train), engine="parquet", cpu=cpu)
+        valid_ds = Dataset(str(split.valid), engine="parquet", cpu=cpu)
+        wf.fit(train_ds)
+        train_dir, valid_dir = out_root / "train", out_root / "valid"
+        wf.transform(train_ds).to_parquet(str(train_dir), output_files=1)
+        wf.transform(valid_ds).to_parquet(str(valid_dir), output_files=1)
     wf.save(str(out_root / "workflow"))
     log.info("sessions: %d train, %d held out", train_ds.num_rows, valid_ds.num_rows)
     return SessionEtlOutput(out_root / "workflow", grouping_dir, train_dir, valid_dir, train_dir / "schema.pbtxt",

@@ -28,13 +28,29 @@ def _dockerfile(name):
 def test_compose_services_health_checks_and_dependencies():
     c = _compose()
     services = c["services"]
-    assert set(services) == {"postgres", "prefect-server", "worker", "triton"}
+    assert set(services) == {"postgres", "prefect-server", "worker", "triton", "dask-scheduler", "dask-cuda-worker"}
+    # the ETL cluster is opt-in (docker compose --profile dask): the default stack is unchanged
+    assert {n for n, svc in services.items() if "profiles" in svc} == {"dask-scheduler", "dask-cuda-worker"}
     for name in ("postgres", "prefect-server", "triton"):
         assert services[name]["healthcheck"]["test"], name
     assert services["prefect-server"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["worker"]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
     assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert services["worker"]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+
+
+def test_compose_dask_pair_shares_the_runs_folder_with_the_pipeline_worker():
+    s = _compose()["services"]
+    sched, worker = s["dask-scheduler"], s["dask-cuda-worker"]
+    assert "dask scheduler" in sched["command"] and "--port 8786" in sched["command"]
+    assert worker["command"].startswith("dask-cuda-worker tcp://dask-scheduler:8786")
+    assert worker["depends_on"]["dask-scheduler"]["condition"] == "service_healthy"
+    # workers read the split and write the transformed data where the pipeline worker reads them
+    assert "runs:/app/runs" in worker["volumes"] and "runs:/app/runs" in s["worker"]["volumes"]
+    # the same image as the pipeline worker: the cloudpickled workflow needs the same packages
+    assert sched["build"] == worker["build"] == s["worker"]["build"]
+    (dev,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
 
 
 def test_compose_shares_the_model_repository_and_reserves_gpus():
