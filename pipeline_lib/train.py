@@ -105,12 +105,19 @@ def train(train_dir: Path, valid_dir: Path, cfg: ModelConfig, label: str, seed: 
 
     train_loader = mm.Loader(train_ds, batch_size=cfg.batch_size, shuffle=True)
     valid_loader = mm.Loader(valid_ds, batch_size=cfg.batch_size, shuffle=False)
-    callbacks = []
+    from pipeline_lib.progress import epoch_logger
+
+    callbacks = [epoch_logger(cfg.epochs, log)]
     if cfg.early_stopping_patience:
         callbacks.append(tf.keras.callbacks.EarlyStopping(
             monitor="val_auc", mode="max", patience=cfg.early_stopping_patience, restore_best_weights=True))
+    log.info("training %s: %d epochs over %d rows (batch %d), validation on %d rows", cfg.type, cfg.epochs,
+             train_ds.num_rows, cfg.batch_size, valid_ds.num_rows)
     hist = model.fit(train_loader, validation_data=valid_loader, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
     history = {k: [float(x) for x in v] for k, v in hist.history.items()}
+    if cfg.early_stopping_patience and len(history.get("loss", [])) < cfg.epochs:
+        log.info("early stopping after %d epochs (no better validation auc for %d epochs); best weights restored",
+                 len(history["loss"]), cfg.early_stopping_patience)
 
     preds = predict_dataset(model, valid_ds, cfg.batch_size)
     labels = valid_ds.to_ddf()[label].compute().to_numpy()
