@@ -23,6 +23,15 @@ KNOWN_WARNINGS: list[tuple[str, type[Warning], str, str]] = [
      "Prefect's own settings models (pydantic UnsupportedFieldAttributeWarning)"),
 ]
 
+# The same, for child Python processes (Prefect's temporary API server, which prints the pydantic one):
+# PYTHONWARNINGS entries "action:message prefix:category:module", builtin categories only.
+CHILD_WARNINGS = ",".join([
+    "ignore:Initializing an NVTabular Dataset in CPU mode:UserWarning:merlin.io.dataset",
+    "ignore:PyTorch dtype mappings did not load successfully:UserWarning:merlin.dtypes.mappings.torch",
+    "ignore:The 'deprecated' attribute with value True was provided to the `Field()` function"
+    ":UserWarning:pydantic._internal._generate_schema",
+])
+
 # logger name -> message regexes (libraries that report through `logging`, not `warnings`)
 KNOWN_LOG_MESSAGES: dict[str, list[str]] = {
     "tensorflow": [
@@ -66,6 +75,9 @@ def _pydantic_category() -> type[Warning]:
 def install() -> None:
     """Install the filters (idempotent: ``warnings.filterwarnings`` replaces an identical entry)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up notices
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if CHILD_WARNINGS not in current:
+        os.environ["PYTHONWARNINGS"] = f"{current},{CHILD_WARNINGS}" if current else CHILD_WARNINGS
     for message, category, module, _ in KNOWN_WARNINGS:
         if module == r"pydantic":
             category, module = _pydantic_category(), r"pydantic\..*"

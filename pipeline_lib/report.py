@@ -113,7 +113,9 @@ def learning_curve_markdown(pngs: Iterable[tuple[str, Path]]) -> str:
 # -- how to query the served model ------------------------------------------------------------------
 
 # what `recsys serve` / `recsys predict` need of the run's overrides (not the training settings)
-_SERVE_KEYS = ("export.", "serving.", "runs_dir", "task", "session.columns.")
+_SERVE_KEYS = ("export.model_repository", "export.model_name", "serving.host", "serving.http_port",
+               "serving.grpc_port", "serving.metrics_port", "serving.model_control", "serving.repository_poll_secs",
+               "serving.instance_count", "runs_dir", "task", "session.columns.")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -228,7 +230,7 @@ def headline(summary: Mapping[str, Any]) -> str:
 def gate_line(summary: Mapping[str, Any]) -> str:
     g = summary["gate"]
     if g["promote"]:
-        return f"gate: promoted ({g['reason']})"
+        return f"gate: promoted; {g['reason']}"
     return (f"gate: REFUSED: {g['reason']} ({g['metric']}: candidate {num(g['candidate'])}, "
             f"served {num(g['served'])}); version {g['served_version']} keeps serving")
 

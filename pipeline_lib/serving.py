@@ -122,7 +122,10 @@ def server_env(paths: TritonPaths) -> dict:
     if ld:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(ld)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.setdefault("PYTHONWARNINGS", "ignore")
+    from pipeline_lib.quiet import CHILD_WARNINGS
+
+    if env.get("PYTHONWARNINGS", "") in ("", CHILD_WARNINGS):  # unless the user set their own: none in triton.log
+        env["PYTHONWARNINGS"] = "ignore"
     return env
 
 

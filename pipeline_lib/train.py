@@ -125,13 +125,14 @@ def train(train_dir: Path, valid_dir: Path, cfg: ModelConfig, label: str, seed: 
     metrics.update(model=cfg.type, epochs_run=len(history.get("loss", [])), n_train=int(train_ds.num_rows),
                    n_valid=int(len(labels)), features=features.column_names)
 
+    log.info("%s validation AUC %.4f logloss %.4f; saving the SavedModel ...", cfg.type, metrics["auc"],
+             metrics["logloss"])
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = out_dir / "model"
     model.save(str(model_dir))
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
     plot_learning_curve(history, out_dir / "learning_curve.png", title=f"{cfg.type}: validation AUC {metrics['auc']:.4f}")
-    log.info("%s validation AUC %.4f logloss %.4f", cfg.type, metrics["auc"], metrics["logloss"])
     return TrainOutput(model_dir=model_dir, metrics=metrics, history=history, metrics_path=metrics_path)
 
 

@@ -206,3 +206,45 @@ def test_keras_epoch_logger_logs_one_line_per_epoch(caplog):
         for figure in line.replace(";", ",").replace("(", ",").split(","):  # 4 significant digits at most
             digits = [c for c in figure.split()[-1].lstrip("0.") if c.isdigit()] if "." in figure else []
             assert len(digits) <= 4, line
+
+
+def test_child_processes_get_the_known_warnings_silenced_too(monkeypatch):
+    """Prefect's temporary API server is a child process: it inherits PYTHONWARNINGS entries that
+    match only the known messages; Triton's python backend still gets its blanket 'ignore'."""
+    import subprocess
+    import sys
+
+    from pipeline_lib.serving import TritonPaths, server_env
+
+    monkeypatch.delenv("PYTHONWARNINGS", raising=False)
+    quiet.install()
+    quiet.install()
+    import os
+
+    assert os.environ["PYTHONWARNINGS"] == quiet.CHILD_WARNINGS
+    code = ("import warnings\n"
+            "m = \"The 'deprecated' attribute with value True was provided to the `Field()` function, which has no\"\n"
+            "warnings.warn_explicit(m, UserWarning, 'g.py', 1, module='pydantic._internal._generate_schema')\n"
+            "warnings.warn_explicit('a real one', UserWarning, 'g.py', 2, module='pydantic._internal._generate_schema')\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stderr
+    assert "a real one" in err and "deprecated" not in err and "Invalid -W option" not in err
+    assert server_env(TritonPaths("tritonserver", "backends", []))["PYTHONWARNINGS"] == "ignore"
+
+
+def test_recsys_run_prints_the_summary_and_json_only_on_request(monkeypatch, tmp_path):
+    """The CLI's closing output (the flow itself is replaced: tests/test_flow.py runs the real one)."""
+    from typer.testing import CliRunner
+
+    import flows.pipeline
+    from pipeline_lib.cli import app
+
+    summary = _summary(run_dir=str(tmp_path / "runs" / "it"))
+    monkeypatch.setattr(flows.pipeline, "pipeline", lambda **kw: dict(summary, predictions=pd.DataFrame({"x": [1]})))
+    runner = CliRunner()
+    out = runner.invoke(app, ["run", "--set", "model.epochs=1"])
+    assert out.exit_code == 0, out.output
+    assert "dlrm: validation auc 0.7612" in out.output and "version 3" in out.output and "{" not in out.output
+    out = runner.invoke(app, ["run", "--set", "model.epochs=1", "--json"])
+    assert out.exit_code == 0, out.output
+    printed = json.loads(out.output)
+    assert printed["metrics"]["auc"] == 0.7612345 and "predictions" not in printed
