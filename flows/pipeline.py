@@ -294,17 +294,21 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
         "query": query_info(cfg, paths, rows, serve_args),
     })
     create_table_artifact(
-        key="served-predictions", table=report.compact_table(table),
-        description="Raw rows sent to Triton over HTTP and gRPC, with served and offline scores (rounded)",
+        key="served-predictions", table=report.compact_table(table, merge=SCORE),
+        description="Raw rows sent to Triton; score: served over HTTP, over gRPC and computed offline (one figure "
+                    "where the three agree to 4 significant digits, else HTTP / gRPC / offline)",
     )
     finish(paths, summary, "recsys pipeline run")
     create_markdown_artifact(key="promotion", markdown=_promotion_md(event, info, decision),
                              description="gate decision, served version and lineage")
     print("Served predictions (Triton, raw rows in, scores out):\n"
-          + pd.DataFrame(report.compact_table(table, max_rows=4)).to_string())
+          + pd.DataFrame(report.compact_table(table, max_rows=4, merge=SCORE)).to_string())
     print(f"{cfg.model.type} validation {_metrics_line(summary['metrics'])}; "
           f"max |served - offline| = {result.max_abs_diff:.1e}; published and serving {served_dir}")
     return summary | {"predictions": table}
+
+
+SCORE = ("score", report.SCORE_COLUMNS)  # served HTTP = served gRPC = offline: one column in tables
 
 
 def learning_curve_artifact(curves: list[tuple[str, Optional[Path]]]) -> None:

@@ -64,21 +64,40 @@ def metric_rows(metrics: Mapping[str, Any]) -> list[dict]:
     return [{"metric": k, "value": num(v)} for k, v in metrics.items() if not isinstance(v, (dict, list))]
 
 
-def _cell(v: Any, max_items: int) -> str:
+def _cell(v: Any, max_items: int, tail: bool = False) -> str:
     if isinstance(v, (list, tuple, np.ndarray)):
         items = [num(x, 3) if isinstance(x, (float, np.floating)) else num(x) for x in list(v)]
         more = len(items) - max_items
-        return "[" + ", ".join(items[:max_items]) + (f", … +{more}" if more > 0 else "") + "]"
+        if more <= 0:
+            return "[" + ", ".join(items) + "]"
+        if tail:  # the end of a sequence (a session so far) is what matters
+            return f"[+{more} …, " + ", ".join(items[-max_items:]) + "]"
+        return "[" + ", ".join(items[:max_items]) + f", … +{more}]"
     if isinstance(v, bytes):
         v = v.decode(errors="replace")
     return num(v)
 
 
-def compact_table(df: pd.DataFrame, max_items: int = 4, max_rows: Optional[int] = None) -> list[dict]:
+# served over HTTP, over gRPC and computed offline: one column when they agree
+SCORE_COLUMNS = ("served_http", "served_grpc", "offline")
+
+
+def compact_table(df: pd.DataFrame, max_items: int = 4, max_rows: Optional[int] = None,
+                  merge: Optional[tuple[str, tuple[str, ...]]] = None, tail: Iterable[str] = ()) -> list[dict]:
     """Records of strings that fit a UI pane: floats to 4 significant digits, long lists cut to
-    their first ``max_items`` (``[3, 8, 19, 4, … +6]``)."""
+    their first ``max_items`` (``[3, 8, 19, 4, … +6]``; the last ones for ``tail`` columns).
+    ``merge=(name, columns)`` folds ``columns`` into one column ``name``: one value where they all
+    read the same, else ``a / b / c``."""
     df = df if max_rows is None else df.head(max_rows)
-    return [{str(c): _cell(v, max_items) for c, v in row.items()} for row in df.to_dict(orient="records")]
+    tail = set(tail)
+    rows = []
+    for row in df.to_dict(orient="records"):
+        out = {str(c): _cell(v, max_items, c in tail) for c, v in row.items()}
+        if merge is not None and all(c in out for c in merge[1]):
+            values = [out.pop(c) for c in merge[1]]
+            out[merge[0]] = values[0] if len(set(values)) == 1 else " / ".join(values)
+        rows.append(out)
+    return rows
 
 
 # -- markdown artifacts -----------------------------------------------------------------------------
@@ -194,8 +213,9 @@ def query_commands(model_name: str, host: str, http_port: int, grpc_port: int, a
     head = f"curl -s {url} -H 'Content-Type: application/json'"
     if request_file is not None:
         out["curl"] = f"{head} -d @{shlex.quote(str(request_file))}"
-    if body is not None:
-        out["curl_inline"] = f"{head} -d {shlex.quote(json.dumps(body, separators=(',', ':')))}"
+    if body is not None:  # one input per line, as in the README
+        lines = ",\n    ".join(json.dumps(i, separators=(", ", ": ")) for i in body["inputs"])
+        out["curl_inline"] = f"{head} -d " + shlex.quote('{"inputs": [\n    ' + lines + "\n]}")
     return out
 
 

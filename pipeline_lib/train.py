@@ -142,6 +142,7 @@ def plot_learning_curve(history: dict, path: Path, title: str = "", keys: tuple[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -150,6 +151,7 @@ def plot_learning_curve(history: dict, path: Path, title: str = "", keys: tuple[
             if values:
                 ax.plot(range(1, len(values) + 1), values, style, label=(prefix or "train_") + key)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(key)
         ax.legend()
         ax.grid(alpha=0.3)

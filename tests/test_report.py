@@ -66,12 +66,16 @@ def test_figures_are_rounded_to_four_significant_digits():
 
 
 def test_served_predictions_table_stays_narrow():
-    df = pd.DataFrame({"user_id": [260], "item_tags": [np.array([16, 18, 19, 20, 21, 22])],
-                       "top_scores": [[0.123456789, 0.0987654321]], "served_http": [np.float32(0.33459878)],
-                       "offline": [0.334598779678345]})
-    (row,) = report.compact_table(df)
-    assert row == {"user_id": "260", "item_tags": "[16, 18, 19, 20, … +2]", "top_scores": "[0.123, 0.0988]",
-                   "served_http": "0.3346", "offline": "0.3346"}
+    df = pd.DataFrame({"user_id": [260, 183], "item_tags": [np.array([16, 18, 19, 20, 21, 22]), [20]],
+                       "top_scores": [[0.123456789, 0.0987654321], []],
+                       "served_http": [np.float32(0.33459878), 0.2], "served_grpc": [0.334598779678345, 0.2],
+                       "offline": [0.334598779678345, 0.2012]})
+    first, second = report.compact_table(df, merge=("score", report.SCORE_COLUMNS))
+    assert first == {"user_id": "260", "item_tags": "[16, 18, 19, 20, … +2]", "top_scores": "[0.123, 0.0988]",
+                     "score": "0.3346"}
+    assert second["score"] == "0.2 / 0.2 / 0.2012" and second["item_tags"] == "[20]"  # they differ: all three shown
+    (row,) = report.compact_table(df.head(1), tail=["item_tags"])
+    assert row["item_tags"] == "[+2 …, 19, 20, 21, 22]" and row["served_http"] == "0.3346"
 
 
 def test_effective_config_markdown_is_yaml_with_the_admin_key_redacted():
