@@ -107,7 +107,7 @@ def session_smoke(cfg: RunConfig, paths: RunPaths, etl_out, exp):
     result = ssm.session_smoke_test(exp.staged_repository, exp.model_name, rows, offline, cfg.serving.smoke_atol,
                                     paths.serving, cfg.serving.startup_timeout_s)
     get_run_logger().info("smoke test: %d raw sessions, served top-%d over HTTP and gRPC == offline top-k (same ids "
-                          "and order; max score diff %.1e)", result.n_rows, cfg.session.top_k, result.max_abs_diff)
+                          "and order; max score diff %.1e)", result.n_sessions, cfg.session.top_k, result.max_abs_diff)
     return result
 
 

@@ -16,14 +16,15 @@ from pipeline_lib.report import num
 
 log = logging.getLogger("pipeline_lib.train")
 
-# Merlin Models adds bookkeeping entries to the Keras logs that mean nothing to a reader.
-_HIDDEN = ("regularization_loss", "loss_batch")
+# Merlin Models adds bookkeeping entries to the Keras logs that mean nothing to a reader; with one
+# target per row MAP@k equals MRR@k and precision@k is recall@k / k.
+_HIDDEN = ("regularization_loss", "loss_batch", "map_at_", "precision_at_")
 
 
 def epoch_line(epoch: int, epochs: int, logs: Mapping[str, float], seconds: Optional[float] = None) -> str:
     """``epoch`` counts from 1. Train figures first, then the ``val_*`` ones, 4 significant digits."""
     def shown(items):
-        return ", ".join(f"{k} {num(v)}" for k, v in items if not any(h in k for h in _HIDDEN))
+        return ", ".join(f"{k.replace('_at_', '@')} {num(v)}" for k, v in items if not any(h in k for h in _HIDDEN))
 
     train = shown((k, v) for k, v in logs.items() if not k.startswith("val_"))
     valid = shown((k[4:], v) for k, v in logs.items() if k.startswith("val_"))

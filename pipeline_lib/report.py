@@ -289,7 +289,8 @@ def cli_summary(summary: Mapping[str, Any]) -> str:
         lines.append("query it:" if running else "serve and query it:")
         if not running:
             lines.append(f"  {q['serve']}    # Triton on HTTP {q['http']}, gRPC {q['grpc']}; Ctrl-C stops")
-        lines.append(f"  {q['predict']}    # from another shell: rows of the latest run in, scores out")
+        out = "scores" if "auc" in (summary.get("metrics") or {}) else "top-k item ids"
+        lines.append(f"  {q['predict']}    # from another shell: rows of the latest run in, {out} out")
         if q.get("curl"):
             lines.append(f"  {q['curl']}")
     return "\n".join(lines)

@@ -188,6 +188,9 @@ def test_epoch_line_rounds_and_separates_validation():
                                       "val_loss": 0.53012, "val_auc": 0.751234, "val_regularization_loss": 0.0},
                                12.34)
     assert line == "epoch 2/5: loss 0.5123, auc 0.7012; validation: loss 0.5301, auc 0.7512 (12.3 s)"
+    session = progress.epoch_line(1, 3, {"loss": 5.5761, "recall_at_10": 0.32041, "map_at_10": 0.1896,
+                                         "precision_at_10": 0.032041})
+    assert session == "epoch 1/3: loss 5.576, recall@10 0.3204"
 
 
 def test_keras_epoch_logger_logs_one_line_per_epoch(caplog):
