@@ -168,11 +168,13 @@ def run_session(cfg: RunConfig, paths: RunPaths, serve_args: list[str] | None = 
         "max_abs_diff_served_vs_offline": result.max_abs_diff, "served_topk_equals_offline": True,
         "live_server": event["live_server"], "query": query_info(cfg, paths, requests, serve_args or []),
     })
+    shown = preds.drop(columns=[cfg.session.columns.timestamp], errors="ignore")  # 10-digit lists: too wide
     create_table_artifact(key="served-predictions",
-                          table=report.compact_table(preds, merge=("top-k", report.SCORE_COLUMNS),
-                                                     tail=[c for c in preds.columns if c not in report.SCORE_COLUMNS]),
-                          description="Raw sessions sent to Triton (their last 4 events) and the top-k item ids: served "
-                                      "over HTTP, over gRPC and offline (one list where the three agree; first 4 shown)")
+                          table=report.compact_table(shown, merge=("top-k", report.SCORE_COLUMNS),
+                                                     tail=[c for c in shown.columns if c not in report.SCORE_COLUMNS]),
+                          description="Raw sessions sent to Triton (their last 4 events; timestamps not shown) and the "
+                                      "top-k item ids: served over HTTP, over gRPC and offline (one list where the three "
+                                      "agree; first 4 shown)")
     finish(paths, summary, "session run")
     create_markdown_artifact(key="promotion", markdown=_promotion_md(event, info, decision),
                              description="gate decision, served version and lineage")
