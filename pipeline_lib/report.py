@@ -251,8 +251,7 @@ def gate_line(summary: Mapping[str, Any]) -> str:
     g = summary["gate"]
     if g["promote"]:
         return f"gate: promoted; {g['reason']}"
-    return (f"gate: REFUSED: {g['reason']} ({g['metric']}: candidate {num(g['candidate'])}, "
-            f"served {num(g['served'])}); version {g['served_version']} keeps serving")
+    return f"gate: REFUSED: {g['reason']}; version {g['served_version']} keeps serving"
 
 
 def _duration(seconds: float) -> str:

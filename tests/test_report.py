@@ -158,9 +158,9 @@ def test_cli_summary_names_metric_gate_version_folder_and_how_to_query():
 def test_cli_summary_when_the_gate_refuses():
     s = _summary(model_version=None, served_version=2,
                  gate={"promote": False, "metric": "auc", "candidate": 0.5012345, "served": 0.7612345,
-                       "served_version": 2, "reason": "candidate auc is worse than served"})
+                       "served_version": 2, "reason": "candidate auc 0.50123 is worse than served v2 0.76123"})
     text = report.cli_summary(s)
-    assert "REFUSED" in text and "candidate 0.5012, served 0.7612" in text and "version 2 keeps serving" in text
+    assert "gate: REFUSED: candidate auc 0.50123 is worse than served v2 0.76123; version 2 keeps serving" in text
     assert "model 'recsys' version 2 (unchanged)" in text and "uv run recsys serve" in text
 
 
