@@ -15,6 +15,12 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry writes racing the ephemeral DB
 
+from pipeline_lib import quiet  # noqa: E402  (before Prefect, Merlin and TensorFlow are imported)
+
+quiet.install()
+quiet.show_progress()  # per-epoch lines, Triton start-up, ETL steps: console and Prefect UI
+
+import json
 import logging
 import time
 from datetime import timedelta
@@ -25,8 +31,10 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
 
-from pipeline_lib import data, etl, export, gate, lineage, repository, retrieval, serving, smoke, topk, train, validate
+from pipeline_lib import (data, etl, export, gate, lineage, report, repository, retrieval, serving, smoke, topk, train,
+                          validate)
 from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.paths import RunPaths, new_run
 
@@ -42,6 +50,20 @@ class _NoTracebackForBadData(logging.Filter):
 
 for _name in ("prefect.task_runs", "prefect.flow_runs"):
     logging.getLogger(_name).addFilter(_NoTracebackForBadData())
+
+
+class _ApiOnlyInsideRuns(logging.Filter):
+    """``pipeline_lib`` lines logged outside a flow or task run (tests, benchmarks calling the library
+    directly) stay on the console instead of making Prefect's API handler warn about a missing run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            record.send_to_api = False
+        return True
+
+
+if not any(isinstance(f, _ApiOnlyInsideRuns) for f in logging.getLogger("pipeline_lib").filters):
+    logging.getLogger("pipeline_lib").addFilter(_ApiOnlyInsideRuns())
 
 
 def _retry_unless_bad_data(task, task_run, state) -> bool:
@@ -213,10 +235,13 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     cfg = load_config(config_path, overrides)
     paths = new_run(cfg)
     print(f"run folder: {paths.root}")
+    create_markdown_artifact(key="effective-config", description="the validated config of this run",
+                             markdown=report.config_markdown(cfg.model_dump(mode="json"), paths.root / "config.yaml"))
+    serve_args = report.cli_args(config_path, overrides)
     if cfg.task == "session":  # next-item prediction: the same stages in flows/session_pipeline.py
         from flows.session_pipeline import run_session
 
-        return run_session(cfg, paths)
+        return run_session(cfg, paths, serve_args)
     timings: dict[str, float] = {}
     timed = stage_timer(timings)
 
@@ -227,6 +252,8 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
         etl_out = timed("etl", run_etl.with_options(refresh_cache=True), cfg, paths, raw_path)
     model = timed("train", run_train, cfg, paths, etl_out)
     ranker = timed("train-ranker", run_train_ranker, cfg, paths, etl_out) if cfg.model.retrieval.rerank_with else None
+    learning_curve_artifact([(cfg.model.type, model.metrics_path),
+                             *([(f"re-ranker {cfg.model.retrieval.rerank_with}", ranker.metrics_path)] if ranker else [])])
     exp = timed("export", run_export, cfg, paths, etl_out, model, ranker)
     decision = timed("gate", run_gate, cfg, paths, etl_out, exp)
 
@@ -240,13 +267,14 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
                  "served": decision.served, "served_version": decision.served_version, "reason": decision.reason},
         "stage_seconds": timings,
     }
-    create_table_artifact(key="metrics", table=[{"metric": k, "value": v} for k, v in summary["metrics"].items()],
-                          description="validation metrics of this run's model")
+    create_table_artifact(key="metrics", table=report.metric_rows(summary["metrics"]),
+                          description="validation metrics of this run's model (4 significant digits)")
+    rows = _valid_sample(cfg, etl_out, cfg.serving.smoke_rows)
     if not decision.promote:
-        summary.update(model_version=None, served_version=decision.served_version)
-        (paths.root / "summary.json").write_text(pd.Series(summary).to_json(indent=2))
+        summary.update(model_version=None, served_version=decision.served_version,
+                       query=query_info(cfg, paths, rows, serve_args))
+        finish(paths, summary, "recsys pipeline run")
         create_markdown_artifact(key="promotion", markdown=_refused_md(decision), description="promotion gate")
-        create_markdown_artifact(key="run-summary", markdown=_markdown(summary), description="recsys pipeline run")
         print(f"candidate refused by the gate; version {decision.served_version} keeps serving")
         return summary | {"predictions": None}
 
@@ -254,7 +282,6 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     version, served_dir, info = timed("publish", run_publish, cfg, paths, raw_path, etl_out, model, exp)
     event = timed("promote", run_promote, cfg, version)
 
-    rows = _valid_sample(cfg, etl_out, cfg.serving.smoke_rows)
     table = result.table(rows)
     summary.update({
         "model_version": version,
@@ -264,19 +291,55 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
         "pruned_versions": event["pruned"],
         "data_fingerprint": info["data"]["fingerprint"],
         "max_abs_diff_served_vs_offline": result.max_abs_diff,
+        "live_server": event["live_server"],
+        "query": query_info(cfg, paths, rows, serve_args),
     })
-    (paths.root / "summary.json").write_text(pd.Series(summary).to_json(indent=2))
     create_table_artifact(
-        key="served-predictions", table=table.astype(str).to_dict(orient="records"),
-        description="Raw rows sent to Triton over HTTP and gRPC, with served and offline scores",
+        key="served-predictions", table=report.compact_table(table, merge=SCORE),
+        description="Raw rows sent to Triton; score: served over HTTP, over gRPC and computed offline (one figure "
+                    "where the three agree to 4 significant digits, else HTTP / gRPC / offline)",
     )
-    create_markdown_artifact(key="run-summary", markdown=_markdown(summary), description="recsys pipeline run")
+    finish(paths, summary, "recsys pipeline run")
     create_markdown_artifact(key="promotion", markdown=_promotion_md(event, info, decision),
                              description="gate decision, served version and lineage")
-    print("Served predictions (Triton, raw rows in, scores out):\n" + table.to_string())
+    print("Served predictions (Triton, raw rows in, scores out):\n"
+          + pd.DataFrame(report.compact_table(table, max_rows=4, merge=SCORE)).to_string())
     print(f"{cfg.model.type} validation {_metrics_line(summary['metrics'])}; "
-          f"max |served - offline| = {result.max_abs_diff:.2e}; published and serving {served_dir}")
+          f"max |served - offline| = {result.max_abs_diff:.1e}; published and serving {served_dir}")
     return summary | {"predictions": table}
+
+
+SCORE = ("score", report.SCORE_COLUMNS)  # served HTTP = served gRPC = offline: one column in tables
+
+
+def learning_curve_artifact(curves: list[tuple[str, Optional[Path]]]) -> None:
+    """The learning-curve PNG(s) written beside metrics.json, embedded in a markdown artifact."""
+    pngs = [(title, Path(p).parent / "learning_curve.png") for title, p in curves if p is not None]
+    if any(png.exists() for _, png in pngs):
+        create_markdown_artifact(key="learning-curve", markdown=report.learning_curve_markdown(pngs),
+                                 description="loss and validation metric per epoch")
+
+
+def query_info(cfg: RunConfig, paths: RunPaths, rows: pd.DataFrame, serve_args: list[str]) -> dict:
+    """Endpoints and ready-to-paste commands for the served model; the curl body (one raw row of
+    this run, typed from the served config.pbtxt) is saved as serving/request.json."""
+    s, name = cfg.serving, cfg.export.model_name
+    body = request_file = None
+    try:
+        body = report.request_body(Path(cfg.export.model_repository) / name / "config.pbtxt", rows.iloc[0].to_dict())
+        request_file = paths.serving / "request.json"
+        request_file.parent.mkdir(parents=True, exist_ok=True)
+        request_file.write_text(json.dumps(body, indent=1))
+    except Exception as exc:  # the commands below still hold; only the curl example is missing
+        get_run_logger().warning("no curl example: %s", exc)
+    return report.query_commands(name, s.host, s.http_port, s.grpc_port, serve_args, request_file, body)
+
+
+def finish(paths: RunPaths, summary: dict, title: str) -> None:
+    """summary.json (every figure, full precision) and the run-summary artifact (rounded, with how to query)."""
+    (paths.root / "summary.json").write_text(pd.Series(summary).to_json(indent=2))
+    create_markdown_artifact(key="run-summary", markdown=report.run_summary_markdown(summary, title),
+                             description=f"{title}: served model, endpoints and how to query them")
 
 
 def _headline_metrics(cfg: RunConfig, model, ranker) -> dict:
@@ -291,7 +354,7 @@ def _headline_metrics(cfg: RunConfig, model, ranker) -> dict:
 
 
 def _metrics_line(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    return ", ".join(f"{k} {report.num(v)}" for k, v in metrics.items() if isinstance(v, float))
 
 
 def _refused_md(d: gate.GateDecision) -> str:
@@ -299,7 +362,7 @@ def _refused_md(d: gate.GateDecision) -> str:
         "# promotion", "",
         f"- decision: **refused**; version **{d.served_version}** keeps serving",
         f"- {d.reason}",
-        f"- {d.metric}: candidate {d.candidate:.5f}, served {d.served:.5f} on {d.n_rows} validation rows",
+        f"- {d.metric}: candidate {report.num(d.candidate)}, served {report.num(d.served)} on {d.n_rows} validation rows",
     ])
 
 
@@ -316,18 +379,6 @@ def _promotion_md(event: dict, info: dict, d: gate.GateDecision) -> str:
         f"- model: `{info['model']['path']}` (`{info['model']['fingerprint']}`)",
         f"- code version: `{info['code_version']}`",
     ])
-
-
-def _markdown(summary: dict) -> str:
-    lines = ["# recsys pipeline run", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in summary["stage_seconds"].items()]
-    lines += ["", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in summary["metrics"].items()]
-    lines += ["", f"gate: {summary['gate']['reason']}"]
-    if summary.get("model_version"):
-        lines += [f"model version **{summary['model_version']}** at `{summary['served_dir']}`",
-                  f"max |served - offline| = {summary['max_abs_diff_served_vs_offline']:.2e}"]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

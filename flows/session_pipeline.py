@@ -15,11 +15,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline_lib import repository, validate
+from pipeline_lib import report, repository, validate
 from pipeline_lib.config import RunConfig
 from pipeline_lib.paths import RunPaths
 
-from flows.pipeline import run_promote, run_publish, stage_timer  # the same tasks and timer as ranking runs
+from flows.pipeline import (_promotion_md, _refused_md, finish, learning_curve_artifact, query_info,  # shared with
+                            run_promote, run_publish, stage_timer)  # ranking runs: same tasks, timer, artifacts
 
 
 @task(name="raw-data", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE,
@@ -103,8 +104,11 @@ def session_smoke(cfg: RunConfig, paths: RunPaths, etl_out, exp):
     rows = _requests(cfg, etl_out, cfg.serving.smoke_rows)
     offline = ssm.offline_topk(nvt.Workflow.load(str(etl_out.workflow_dir)), exp.version_dir / "ensemble" / "model",
                                rows, cfg.session.columns.item_id, cfg.session.top_k)
-    return ssm.session_smoke_test(exp.staged_repository, exp.model_name, rows, offline, cfg.serving.smoke_atol,
-                                  paths.serving, cfg.serving.startup_timeout_s)
+    result = ssm.session_smoke_test(exp.staged_repository, exp.model_name, rows, offline, cfg.serving.smoke_atol,
+                                    paths.serving, cfg.serving.startup_timeout_s)
+    get_run_logger().info("smoke test: %d raw sessions, served top-%d over HTTP and gRPC == offline top-k (same ids "
+                          "and order; max score diff %.1e)", result.n_sessions, cfg.session.top_k, result.max_abs_diff)
+    return result
 
 
 def metric_table(metrics: dict, k: int) -> list[dict]:
@@ -116,7 +120,7 @@ def metric_table(metrics: dict, k: int) -> list[dict]:
              f"mrr@{k}": round(r["mrr"], 4)} for r in rows]
 
 
-def run_session(cfg: RunConfig, paths: RunPaths) -> dict:
+def run_session(cfg: RunConfig, paths: RunPaths, serve_args: list[str] | None = None) -> dict:
     """Every stage of a session run (called inside the ``recsys-pipeline`` flow)."""
     timings: dict[str, float] = {}
     timed = stage_timer(timings)
@@ -126,6 +130,7 @@ def run_session(cfg: RunConfig, paths: RunPaths) -> dict:
     timed("validate", session_validate, cfg, paths, raw_path)
     etl_out = timed("etl", session_etl, cfg, paths, raw_path)
     model = timed("train", session_train, cfg, paths, etl_out)
+    learning_curve_artifact([(model.metrics["model"], model.metrics_path)])
     exp = timed("export", session_export, cfg, paths, etl_out, model)
     decision = timed("gate", session_gate, cfg, paths, etl_out, exp)
     table = metric_table(model.metrics, k)
@@ -143,28 +148,36 @@ def run_session(cfg: RunConfig, paths: RunPaths) -> dict:
     }
     create_table_artifact(key="metrics", table=table, description=f"next-item metrics on held-out sessions (k={k})")
     print("Next-item metrics on the held-out sessions (last item):\n" + pd.DataFrame(table).to_string(index=False))
+    requests = _requests(cfg, etl_out, cfg.serving.smoke_rows)
     if not decision.promote:
-        summary.update(model_version=None, served_version=decision.served_version)
-        (paths.root / "summary.json").write_text(pd.Series(summary).to_json(indent=2))
+        summary.update(model_version=None, served_version=decision.served_version,
+                       query=query_info(cfg, paths, requests, serve_args or []))
+        finish(paths, summary, "session run")
+        create_markdown_artifact(key="promotion", markdown=_refused_md(decision), description="promotion gate")
         print(f"candidate refused by the gate; version {decision.served_version} keeps serving")
         return summary | {"predictions": None}
 
     result = timed("serving-smoke-test", session_smoke, cfg, paths, etl_out, exp)
     version, served_dir, info = timed("publish", run_publish, cfg, paths, raw_path, etl_out, model, exp)
     event = timed("promote", run_promote, cfg, version)
-    preds = result.table(_requests(cfg, etl_out, cfg.serving.smoke_rows))
+    preds = result.table(requests)
     summary.update({
         "model_version": version, "served_dir": str(served_dir), "served_version": event["version"],
         "previous_version": event["previous"], "pruned_versions": event["pruned"],
         "data_fingerprint": info["data"]["fingerprint"],
         "max_abs_diff_served_vs_offline": result.max_abs_diff, "served_topk_equals_offline": True,
+        "live_server": event["live_server"], "query": query_info(cfg, paths, requests, serve_args or []),
     })
-    (paths.root / "summary.json").write_text(pd.Series(summary).to_json(indent=2))
-    create_table_artifact(key="served-predictions", table=preds.astype(str).to_dict(orient="records"),
-                          description="Raw sessions sent to Triton, served (HTTP, gRPC) and offline top-k item ids")
-    create_markdown_artifact(key="run-summary", markdown="\n".join(
-        ["# session run", "", "| stage | seconds |", "|---|---|", *[f"| {s} | {v} |" for s, v in timings.items()],
-         "", f"gate: {decision.reason}", f"model version **{version}** at `{served_dir}`"]), description="session run")
+    shown = preds.drop(columns=[cfg.session.columns.timestamp], errors="ignore")  # 10-digit lists: too wide
+    create_table_artifact(key="served-predictions",
+                          table=report.compact_table(shown, merge=("top-k", report.SCORE_COLUMNS),
+                                                     tail=[c for c in shown.columns if c not in report.SCORE_COLUMNS]),
+                          description="Raw sessions sent to Triton (their last 4 events; timestamps not shown) and the "
+                                      "top-k item ids: served over HTTP, over gRPC and offline (one list where the three "
+                                      "agree; first 4 shown)")
+    finish(paths, summary, "session run")
+    create_markdown_artifact(key="promotion", markdown=_promotion_md(event, info, decision),
+                             description="gate decision, served version and lineage")
     item = cfg.session.columns.item_id
     shown = pd.DataFrame({f"{item} (last 5 of the session)": preds[item].map(lambda v: list(v)[-5:]),
                           "served_grpc top-k": preds["served_grpc"], "offline top-k": preds["offline"]})

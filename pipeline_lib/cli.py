@@ -12,6 +12,10 @@ from typing import List, Optional
 
 import typer
 
+from pipeline_lib import quiet
+
+quiet.install()  # before Merlin/TensorFlow/Prefect are imported: known-harmless library warnings off
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="End-to-end recommender pipeline on Merlin + Triton + Prefect.")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML run config (default: the embedded synthetic run)")
@@ -30,7 +34,9 @@ def _fail(msg: str) -> None:
 
 
 @app.command()
-def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+        as_json: bool = typer.Option(False, "--json", help="print the full run summary as JSON (as in summary.json)")
+        ) -> None:
     """Run the whole Prefect flow: data -> ETL -> train -> export -> Triton smoke test -> publish."""
     from pipeline_lib.config import parse_set_options
 
@@ -47,7 +53,12 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) 
     except DataValidationError as exc:  # bad input data: one clear message, no stack trace
         _fail(str(exc))
     summary.pop("predictions", None)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        return
+    from pipeline_lib.report import cli_summary
+
+    typer.echo("\n" + cli_summary(summary))
 
 
 @app.command()

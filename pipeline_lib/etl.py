@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -315,10 +316,17 @@ def fit_transform(
     with _dask_context(device, etl.dask), (fast_list_flatten() if cpu else contextlib.nullcontext()):
         train_ds = Dataset(str(train_path), engine="parquet", part_size=etl.part_size, cpu=cpu)
         valid_ds = Dataset(str(valid_path), engine="parquet", part_size=etl.part_size, cpu=cpu)
+        t0 = time.perf_counter()
+        log.info("ETL on %s: fitting the workflow on %d train rows (%d partitions) ...", device, train_ds.num_rows,
+                 train_ds.npartitions)
         workflow.fit(train_ds)
+        t1 = time.perf_counter()
+        log.info("workflow fitted in %.1f s; transforming train and validation (%d rows) ...", t1 - t0,
+                 valid_ds.num_rows)
         train_dir, valid_dir = out_dir / "train", out_dir / "valid"
         workflow.transform(train_ds).to_parquet(str(train_dir), output_files=1)
         workflow.transform(valid_ds).to_parquet(str(valid_dir), output_files=1)
+        log.info("transformed in %.1f s", time.perf_counter() - t1)
     workflow_dir = out_dir / "workflow"
     workflow.save(str(workflow_dir))
     # Dataset.to_parquet writes the Merlin schema (schema.pbtxt) beside the data.

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -244,13 +245,21 @@ def train(workflow_dir: Path, train_dir: Path, raw_train: Path, raw_valid: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir, trial_dir = out_dir / "model", out_dir / "model-epoch"
     best, best_epoch = None, -1
+    from pipeline_lib.progress import epoch_line
+
+    k = cfg.retrieval.k
+    log.info("training %s: %d epochs over %d positive interactions (batch %d), validation top-%d over %d items",
+             cfg.type, cfg.epochs, len(frame), cfg.batch_size, k, len(cat_raw))
     for epoch in range(cfg.epochs):  # one epoch at a time: full-catalogue validation top-k after each
+        t0 = time.perf_counter()
         hist = model.fit(loader, epochs=1, verbose=0, **fit_kwargs)
         history["loss"].append(float(hist.history["loss"][-1]))
         save(model, spec, trial_dir)
-        m = evaluate(workflow, trial_dir, spec, cat_raw, valid_raw, columns.label, cfg.retrieval.k, filler)
+        m = evaluate(workflow, trial_dir, spec, cat_raw, valid_raw, columns.label, k, filler)
         for key in ("recall", "ndcg"):
             history.setdefault(f"val_{key}", []).append(m[key])
+        log.info(epoch_line(epoch + 1, cfg.epochs, {"loss": history["loss"][-1], f"val_recall@{k}": m["recall"],
+                                                    f"val_ndcg@{k}": m["ndcg"]}, time.perf_counter() - t0))
         if best is None or m["recall"] > best["recall"]:  # keep the best epoch by validation recall@k
             best, best_epoch = m, epoch
             if model_dir.exists():

@@ -39,6 +39,9 @@ _PORT_CLASH = re.compile(r"already in use|cannot listen to .* at the same addres
 _SERVICE_FAILED = re.compile(r"failed to start (\w+) service: ([^\n\"]*)", re.IGNORECASE)
 
 
+PROGRESS_EVERY_S = 15.0  # a progress line while Triton starts (python-backend models load in ~20-50 s on CPU)
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct free TCP ports on ``host``. All the sockets stay bound until every port is
     picked, so the same port is never handed out twice in one call (which separate bind-to-0 calls
@@ -119,7 +122,10 @@ def server_env(paths: TritonPaths) -> dict:
     if ld:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(ld)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.setdefault("PYTHONWARNINGS", "ignore")
+    from pipeline_lib.quiet import CHILD_WARNINGS
+
+    if env.get("PYTHONWARNINGS", "") in ("", CHILD_WARNINGS):  # unless the user set their own: none in triton.log
+        env["PYTHONWARNINGS"] = "ignore"
     return env
 
 
@@ -209,8 +215,11 @@ class TritonServer:
         for attempt in range(1, max(attempts, 1) + 1):
             if self.auto_ports:
                 self.http_port, self.grpc_port, self.metrics_port = free_ports(3, self.host)
+            t0 = time.monotonic()
             try:
-                return self._start_once(paths, timeout_s, models or [])
+                self._start_once(paths, timeout_s, models or [])
+                log.info("Triton ready in %.0f s", time.monotonic() - t0)
+                return self
             except PortClash as exc:
                 if not self.auto_ports or attempt >= attempts:
                     raise
@@ -221,7 +230,9 @@ class TritonServer:
     def _start_once(self, paths: TritonPaths, timeout_s: float, models: list[str]) -> "TritonServer":
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         self._log = open(self.log_file, "ab")
-        log.info("starting tritonserver on http %s grpc %s (log: %s)", self.http_url, self.grpc_url, self.log_file)
+        what = f" and loading model {', '.join(repr(m) for m in models)}" if models else ""
+        log.info("starting Triton (HTTP :%d, gRPC :%d)%s ... (log: %s)", self.http_port, self.grpc_port, what,
+                 self.log_file)
         self.process = subprocess.Popen(
             self.command(paths), env=server_env(paths), stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_die_with_parent,
@@ -236,7 +247,8 @@ class TritonServer:
     def wait_ready(self, timeout_s: float, models: list[str]) -> None:
         import tritonclient.http as httpclient
 
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline, next_note = start + timeout_s, start + PROGRESS_EVERY_S
         # Short timeouts: a foreign process listening on the port must not stall the readiness loop.
         with httpclient.InferenceServerClient(self.http_url, connection_timeout=2.0, network_timeout=2.0) as client:
             while time.monotonic() < deadline:
@@ -256,6 +268,10 @@ class TritonServer:
                         return
                 except Exception:
                     pass
+                if time.monotonic() >= next_note:
+                    next_note += PROGRESS_EVERY_S
+                    log.info("still waiting for Triton to load %s (%.0f s of at most %.0f s)",
+                             ", ".join(models) or "its models", time.monotonic() - start, timeout_s)
                 time.sleep(0.5)
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 

@@ -160,7 +160,11 @@ def train_session_model(train_dir: Path, cfg: SessionModelConfig, cols: SessionC
     model = build_session_model(schema, cfg, cols, max_length)
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=cfg.learning_rate), run_eagerly=False)
     loader = mm.Loader(ds, batch_size=cfg.batch_size, shuffle=True, schema=schema)
-    hist = model.fit(loader, epochs=cfg.epochs, verbose=0,
+    from pipeline_lib.progress import epoch_logger
+
+    log.info("training session_%s: %d epochs over %d sessions (batch %d)", cfg.type, cfg.epochs, ds.num_rows,
+             cfg.batch_size)
+    hist = model.fit(loader, epochs=cfg.epochs, verbose=0, callbacks=[epoch_logger(cfg.epochs, log)],
                      pre=mm.SequencePredictNext(schema=schema, target=cols.item_id))
     history = {k: [float(x) for x in v] for k, v in hist.history.items()}
     out_dir.mkdir(parents=True, exist_ok=True)

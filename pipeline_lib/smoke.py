@@ -3,6 +3,8 @@ with the offline (workflow + model) scores, stop. Used as the gate before a vers
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import pandas as pd
 
 from pipeline_lib.client import RecsysClient
 from pipeline_lib.serving import TritonServer
+
+log = logging.getLogger(__name__)
 
 
 class ServingMismatch(AssertionError):
@@ -42,10 +46,13 @@ def serve_and_ask(repository: Path, model_name: str, out_dir: Path, startup_time
     out_dir.mkdir(parents=True, exist_ok=True)
     server = TritonServer.on_free_ports(repository, log_file=out_dir / "triton.log")
     with server.start(timeout_s=startup_timeout_s, models=[model_name]):
+        t0 = time.perf_counter()
         with RecsysClient(server.http_url, "http", model_name) as c:
             http = ask(c)
         with RecsysClient(server.grpc_url, "grpc", model_name) as c:
             grpc = ask(c)
+        log.info("sent the raw rows to model '%s' over HTTP and gRPC: answered in %.2f s; stopping Triton",
+                 model_name, time.perf_counter() - t0)
     return http, grpc
 
 
@@ -68,6 +75,8 @@ def smoke_test(
         offline=offline.tolist(), http=http.astype(float).tolist(), grpc=grpc.astype(float).tolist(),
     )
     (out_dir / "smoke.json").write_text(json.dumps(asdict(res) | {"max_abs_diff": res.max_abs_diff}, indent=2))
+    log.info("smoke test: %d raw rows, served scores vs offline (workflow + model in process): max |diff| "
+             "HTTP %.1e, gRPC %.1e (tolerance %g)", res.n_rows, res.max_abs_diff_http, res.max_abs_diff_grpc, atol)
     if not res.max_abs_diff <= atol:
         raise ServingMismatch(
             f"served scores differ from offline: http {res.max_abs_diff_http:.3g}, grpc {res.max_abs_diff_grpc:.3g} > {atol}"
@@ -110,5 +119,7 @@ def smoke_test_topk(
     except TopKParityError as exc:
         raise ServingMismatch(str(exc)) from exc
     res = TopKSmokeResult(len(rows), diff, http[0].tolist(), http[1].astype(float).tolist(), list(rows.columns))
+    log.info("smoke test: %d raw rows, served top-%d over HTTP and gRPC == offline top-k (same ids and order; "
+             "max score diff %.1e, tolerance %g)", res.n_rows, http[0].shape[1] if http[0].ndim == 2 else 0, diff, atol)
     (out_dir / "smoke.json").write_text(json.dumps(asdict(res), indent=2, default=str))
     return res

@@ -105,12 +105,19 @@ def train(train_dir: Path, valid_dir: Path, cfg: ModelConfig, label: str, seed: 
 
     train_loader = mm.Loader(train_ds, batch_size=cfg.batch_size, shuffle=True)
     valid_loader = mm.Loader(valid_ds, batch_size=cfg.batch_size, shuffle=False)
-    callbacks = []
+    from pipeline_lib.progress import epoch_logger
+
+    callbacks = [epoch_logger(cfg.epochs, log)]
     if cfg.early_stopping_patience:
         callbacks.append(tf.keras.callbacks.EarlyStopping(
             monitor="val_auc", mode="max", patience=cfg.early_stopping_patience, restore_best_weights=True))
+    log.info("training %s: %d epochs over %d rows (batch %d), validation on %d rows", cfg.type, cfg.epochs,
+             train_ds.num_rows, cfg.batch_size, valid_ds.num_rows)
     hist = model.fit(train_loader, validation_data=valid_loader, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
     history = {k: [float(x) for x in v] for k, v in hist.history.items()}
+    if cfg.early_stopping_patience and len(history.get("loss", [])) < cfg.epochs:
+        log.info("early stopping after %d epochs (no better validation auc for %d epochs); best weights restored",
+                 len(history["loss"]), cfg.early_stopping_patience)
 
     preds = predict_dataset(model, valid_ds, cfg.batch_size)
     labels = valid_ds.to_ddf()[label].compute().to_numpy()
@@ -118,13 +125,14 @@ def train(train_dir: Path, valid_dir: Path, cfg: ModelConfig, label: str, seed: 
     metrics.update(model=cfg.type, epochs_run=len(history.get("loss", [])), n_train=int(train_ds.num_rows),
                    n_valid=int(len(labels)), features=features.column_names)
 
+    log.info("%s validation AUC %.4f logloss %.4f; saving the SavedModel ...", cfg.type, metrics["auc"],
+             metrics["logloss"])
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = out_dir / "model"
     model.save(str(model_dir))
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
     plot_learning_curve(history, out_dir / "learning_curve.png", title=f"{cfg.type}: validation AUC {metrics['auc']:.4f}")
-    log.info("%s validation AUC %.4f logloss %.4f", cfg.type, metrics["auc"], metrics["logloss"])
     return TrainOutput(model_dir=model_dir, metrics=metrics, history=history, metrics_path=metrics_path)
 
 
@@ -134,6 +142,7 @@ def plot_learning_curve(history: dict, path: Path, title: str = "", keys: tuple[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -142,6 +151,7 @@ def plot_learning_curve(history: dict, path: Path, title: str = "", keys: tuple[
             if values:
                 ax.plot(range(1, len(values) + 1), values, style, label=(prefix or "train_") + key)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(key)
         ax.legend()
         ax.grid(alpha=0.3)

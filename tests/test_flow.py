@@ -50,6 +50,16 @@ def test_flow_runs_every_stage_and_publishes(flow_run):
     preds = summary["predictions"]
     np.testing.assert_allclose(preds["served_http"], preds["offline"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(preds["served_grpc"], preds["offline"], atol=1e-5, rtol=0)
+    # how to query it: commands for the served model, its endpoints, a curl body of one raw row
+    q = summary["query"]
+    assert q["model_name"] == "recsys" and q["http"] == "127.0.0.1:8000" and q["grpc"] == "127.0.0.1:8001"
+    assert q["serve"] == f"uv run recsys serve --set export.model_repository={tmp / 'model_repository'} --set runs_dir={tmp / 'runs'}"
+    assert q["predict"].startswith(q["serve"].replace(" serve ", " predict ")) and "notify_live_server" not in q["predict"]
+    assert q["curl"].endswith(str(run / "serving" / "request.json"))
+    from pipeline_lib.report import cli_summary
+
+    text = cli_summary(summary)
+    assert "served: model 'recsys' version 1" in text and "uv run recsys serve" in text and str(run) in text
 
 
 def test_flow_run_is_recorded_in_prefect_with_artifacts(flow_run):
@@ -66,6 +76,38 @@ def test_flow_run_is_recorded_in_prefect_with_artifacts(flow_run):
     runs, arts = asyncio.run(read())
     assert any(r.state.is_completed() for r in runs)
     assert {a.key for a in arts} == {"served-predictions", "run-summary"}
+
+
+def test_flow_artifacts_are_readable_in_the_prefect_ui(flow_run):
+    """Rounded figures, a narrow predictions table, the effective config, the learning curve as an
+    embedded image, and a run summary that says what serves where and how to query it."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    keys = ["metrics", "served-predictions", "run-summary", "effective-config", "learning-curve"]
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+
+    arts = {}
+    for a in asyncio.run(read()):  # the latest of each key
+        if a.key not in arts or a.created > arts[a.key].created:
+            arts[a.key] = a
+    assert set(arts) == set(keys)
+    metrics = json.loads(arts["metrics"].data) if isinstance(arts["metrics"].data, str) else arts["metrics"].data
+    auc = next(r["value"] for r in metrics if r["metric"] == "auc")
+    assert len(auc.replace("0.", "", 1)) <= 4, auc
+    table = arts["served-predictions"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert all(len(v) <= 24 for r in rows for v in r.values()), rows[0]
+    summary = arts["run-summary"].data
+    assert "model **recsys** version **1**" in summary and "HTTP `127.0.0.1:8000`, gRPC `127.0.0.1:8001`" in summary
+    assert "uv run recsys serve" in summary and "curl -s 127.0.0.1:8000/v2/models/recsys/infer" in summary
+    assert "```yaml" in arts["effective-config"].data and "n_interactions: 6000" in arts["effective-config"].data
+    assert "![dlrm learning curve](data:image/png;base64," in arts["learning-curve"].data
 
 
 def test_serve_and_predict_commands_on_the_published_repository(flow_run):
@@ -96,6 +138,18 @@ def test_serve_and_predict_commands_on_the_published_repository(flow_run):
         assert out.returncode == 0, out.stderr
         printed = [float(line.split()[-1]) for line in out.stdout.strip().splitlines()[1:]]
         np.testing.assert_allclose(printed, offline[:3], atol=1e-5)
+        # the curl example of the run summary: serving/request.json is one raw validation row
+        import urllib.request
+
+        req = urllib.request.Request(f"http://127.0.0.1:{http}/v2/models/recsys/infer",
+                                     data=(run / "serving" / "request.json").read_bytes(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+        first = pd.read_parquet(run / "split" / "valid.parquet").head(1)
+        np.testing.assert_allclose(answer["outputs"][0]["data"],
+                                   export.offline_scores(nvt.Workflow.load(str(run / "transformed" / "workflow")),
+                                                         run / "model" / "model", first[cols], "click"), atol=1e-5)
     finally:
         proc.send_signal(signal.SIGINT)
         log, _ = proc.communicate(timeout=60)
