@@ -38,6 +38,8 @@ def test_recsys_run_with_an_empty_prefect_home_ends_with_served_predictions(tmp_
     assert out.returncode == 0, printed[-5000:]
     assert "Starting temporary server" in printed  # no API configured: Prefect's own temporary server
     assert "Served predictions" in printed
+    assert "served: model 'recsys' version 1" in out.stdout  # the closing summary, not a JSON dump
+    assert "Warning" not in printed, printed[-5000:]  # known-harmless library warnings are silenced
     summary = json.loads((tmp_path / "runs" / "first" / "summary.json").read_text())
     assert summary["model_version"] == 1 and summary["served_version"] == 1
     assert summary["max_abs_diff_served_vs_offline"] <= 1e-5
