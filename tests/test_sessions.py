@@ -176,7 +176,7 @@ def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     over = {"runs_dir": str(tmp_path / "runs"), "run_name": "s1",
             "export": {"model_repository": str(tmp_path / "repo"), "parity_rows": 32},
-            "serving": {"notify_live_server": False},
+            "serving": {"notify_live_server": False}, "gate": {"require_beat_baseline": False},
             "session": {"synthetic": {"n_sessions": 1500, "n_items": 150, "n_categories": 8},
                         "model": {"epochs": 1}}}
     config = os.path.join(root, "configs", "examples", "session.yaml")
