@@ -69,6 +69,11 @@ class BaselineReport:
         return name, vals[name]
 
     @property
+    def label(self) -> str:
+        """The model's name with the protocol when it differs from the run's headline metrics."""
+        return f"{self.model_name} (per user, seen items excluded)" if self.family == "retrieval" else self.model_name
+
+    @property
     def model_value(self) -> float:
         return float(self.model.get(self.metric, float("nan")))
 

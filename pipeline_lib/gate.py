@@ -131,7 +131,7 @@ def baseline_args(gate_cfg, report) -> dict:
     if report is None or not gate_cfg.require_beat_baseline:
         return {}
     return dict(baselines=report.baselines, min_lift=gate_cfg.min_lift_over_baseline, baseline_metric=report.metric,
-                baseline_candidate=report.model_value, model_name=report.model_name)
+                baseline_candidate=report.model_value, model_name=report.label)
 
 
 def with_baselines(decision: GateDecision, baselines: Optional[Mapping[str, Mapping]], model_value: float,
