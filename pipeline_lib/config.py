@@ -265,6 +265,10 @@ class RetrievalConfig(_Strict):
         None, description="two-stage endpoint: also train this ranking model; it re-scores the retrieved candidates"
     )
     candidates: int = Field(100, ge=1, description="two-stage: candidates retrieved per request before re-ranking")
+    exclude_seen: bool = Field(
+        True, description="the served (and offline) top-k never returns a known user's training items; unknown "
+        "users get no exclusion (a request may also list item ids to exclude: input exclude_item_ids)"
+    )
 
 
 class ModelConfig(_Strict):
