@@ -190,6 +190,10 @@ def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp
     assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
                                               "serving-smoke-test", "publish", "promote"]
     assert summary["task"] == "session" and summary["model"] == "session_gru"
+    assert set(summary["baselines"]) == {"most_popular", "cooccurrence"}  # same shape as the other families
+    assert all(0 <= b["recall@10"] <= 1 for b in summary["baselines"].values())
+    assert summary["lift"].startswith(f"session_gru recall@10 {summary['metrics']['recall@10']:.4f} is ")
+    assert json.loads((run / "model" / "metrics.json").read_text())["metrics"]["lift"] == summary["lift"]
     assert summary["gate"]["promote"] and summary["model_version"] == 1 and summary["served_topk_equals_offline"]
     assert summary["max_abs_diff_served_vs_offline"] <= 1e-5
     for f in ["raw/interactions.parquet", "validated/stats.json", "transformed/sessions/sessions.parquet",
