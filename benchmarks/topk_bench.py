@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-RUN = {"model": {"type": "two_tower", "retrieval": {"k": 10, "rerank_with": "dlrm", "candidates": 100}}}
+# a serving benchmark: its 1-epoch model is published whether or not it beats the baselines
+RUN = {"model": {"type": "two_tower", "retrieval": {"k": 10, "rerank_with": "dlrm", "candidates": 100}},
+       "gate": {"require_beat_baseline": False}}
 DATA = {"data": {"synthetic": {"n_interactions": 20_000}}, "model": {"epochs": 1}}
 NAMES = ("two_tower", "two_stage")
 

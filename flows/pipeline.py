@@ -33,8 +33,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 
-from pipeline_lib import (data, etl, export, gate, lineage, report, repository, retrieval, serving, smoke, topk, train,
-                          validate)
+from pipeline_lib import (data, etl, evaluation, export, gate, lineage, report, repository, retrieval, serving, smoke,
+                          topk, train, validate)
 from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.paths import RunPaths, new_run
 
@@ -120,10 +120,21 @@ def run_etl(cfg: RunConfig, paths: RunPaths, raw_path: Path) -> etl.EtlOutput:
 
 @task(name="train", cache_policy=NO_CACHE)
 def run_train(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput):
+    """Train, then score the family's baselines on the same split (``model.metrics["baselines"]``, ``["lift"]``)."""
     if cfg.model.is_retrieval:
-        return retrieval.train(etl_out.workflow_dir, etl_out.train_dir, etl_out.split.train, etl_out.split.valid,
-                               cfg.columns, cfg.model, cfg.seed, paths.model)
-    return train.train(etl_out.train_dir, etl_out.valid_dir, cfg.model, cfg.columns.label, cfg.seed, paths.model)
+        model = retrieval.train(etl_out.workflow_dir, etl_out.train_dir, etl_out.split.train, etl_out.split.valid,
+                                cfg.columns, cfg.model, cfg.seed, paths.model)
+    else:
+        model = train.train(etl_out.train_dir, etl_out.valid_dir, cfg.model, cfg.columns.label, cfg.seed, paths.model)
+    return model, _baselines(cfg, etl_out, model)
+
+
+def _baselines(cfg: RunConfig, etl_out, model) -> evaluation.BaselineReport:
+    """The one library call for every family; the lift sentence goes to the run's log."""
+    comparison = evaluation.compare_with_baselines(cfg, etl_out.split.train, etl_out.split.valid, model,
+                                               etl_out.workflow_dir)
+    print(f"baselines: {comparison.lift}")
+    return comparison
 
 
 @task(name="train-ranker", cache_policy=NO_CACHE)
@@ -154,7 +165,7 @@ def run_export(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, model, r
             _valid_sample(cfg, etl_out, cfg.export.parity_rows), cfg.columns, r.k, paths.ensemble,
             cfg.export.model_name, 1, ranker_dir=ranker.model_dir if ranker else None, candidates=r.candidates,
             atol=cfg.export.parity_atol, run_info={"run_dir": str(paths.root), "metrics": model.metrics},
-            max_request_rows=cfg.export.max_request_rows,
+            max_request_rows=cfg.export.max_request_rows, exclude_seen=r.exclude_seen,
         )
     return export.export_ensemble(
         etl_out.workflow_dir, model.model_dir, _valid_sample(cfg, etl_out, cfg.export.parity_rows),
@@ -202,7 +213,8 @@ def run_promote(cfg: RunConfig, version: int) -> dict:
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def run_gate(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, exp) -> gate.GateDecision:
+def run_gate(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, exp,
+             baselines: Optional[evaluation.BaselineReport] = None) -> gate.GateDecision:
     repo, name = cfg.export.model_repository, cfg.export.model_name
     served = repository.served_version(repo, name)
     served_dir = Path(repo) / name / str(served) if served else None
@@ -212,7 +224,8 @@ def run_gate(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, exp) -> ga
                                      "gate disabled (gate.enabled: false)")
     else:
         decision = gate.decide(exp.version_dir, served_dir, served, raw, cfg.columns.label, cfg.gate_metric,
-                               cfg.gate.tolerance, topk=cfg.model.is_retrieval)
+                               cfg.gate.tolerance, topk=cfg.model.is_retrieval,
+                               **gate.baseline_args(cfg.gate, baselines))
     decision.save(paths.root / "gate.json")
     print(f"promotion gate: {'PROMOTE' if decision.promote else 'KEEP SERVED VERSION'}: {decision.reason}")
     return decision
@@ -250,12 +263,12 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     etl_out = timed("etl", run_etl, cfg, paths, raw_path)
     if not etl_out.workflow_dir.exists():  # cached result whose run folder was deleted: recompute
         etl_out = timed("etl", run_etl.with_options(refresh_cache=True), cfg, paths, raw_path)
-    model = timed("train", run_train, cfg, paths, etl_out)
+    model, baselines = timed("train", run_train, cfg, paths, etl_out)
     ranker = timed("train-ranker", run_train_ranker, cfg, paths, etl_out) if cfg.model.retrieval.rerank_with else None
     learning_curve_artifact([(cfg.model.type, model.metrics_path),
                              *([(f"re-ranker {cfg.model.retrieval.rerank_with}", ranker.metrics_path)] if ranker else [])])
     exp = timed("export", run_export, cfg, paths, etl_out, model, ranker)
-    decision = timed("gate", run_gate, cfg, paths, etl_out, exp)
+    decision = timed("gate", run_gate, cfg, paths, etl_out, exp, baselines)
 
     summary = {
         "run_dir": str(paths.root),
@@ -263,19 +276,22 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
         "etl_from": str(etl_out.workflow_dir.parent),
         "model": cfg.model.type,
         "metrics": _headline_metrics(cfg, model, ranker),
+        "baselines": baselines.baselines,
+        "lift": baselines.lift,
         "gate": {"promote": decision.promote, "metric": decision.metric, "candidate": decision.candidate,
                  "served": decision.served, "served_version": decision.served_version, "reason": decision.reason},
         "stage_seconds": timings,
     }
-    create_table_artifact(key="metrics", table=report.metric_rows(summary["metrics"]),
-                          description="validation metrics of this run's model (4 significant digits)")
+    create_table_artifact(key="metrics", table=report.metric_rows(summary["metrics"]) + baseline_rows(baselines),
+                          description="validation metrics of this run's model and its baselines (4 significant digits)")
     rows = _valid_sample(cfg, etl_out, cfg.serving.smoke_rows)
     if not decision.promote:
         summary.update(model_version=None, served_version=decision.served_version,
                        query=query_info(cfg, paths, rows, serve_args))
         finish(paths, summary, "recsys pipeline run")
         create_markdown_artifact(key="promotion", markdown=_refused_md(decision), description="promotion gate")
-        print(f"candidate refused by the gate; version {decision.served_version} keeps serving")
+        print(f"candidate refused by the gate; "
+              f"{f'version {decision.served_version} keeps serving' if decision.served_version else 'nothing is served'}")
         return summary | {"predictions": None}
 
     result = timed("serving-smoke-test", run_smoke, cfg, paths, etl_out, exp)
@@ -347,10 +363,18 @@ def _headline_metrics(cfg: RunConfig, model, ranker) -> dict:
         return {k: model.metrics[k] for k in ("auc", "logloss", "n_train", "n_valid")}
     k = cfg.model.retrieval.k
     out = {f"{m}@{k}": model.metrics[m] for m in ("recall", "precision", "ndcg", "mrr")}
+    out.update({key: model.metrics[key] for key in (f"user_recall@{k}", f"user_ndcg@{k}") if key in model.metrics})
     out.update(n_train=model.metrics["n_train"], n_queries=model.metrics["n_queries"])
     if ranker is not None:
         out.update({f"ranker_{m}": ranker.metrics[m] for m in ("auc", "logloss")})
     return out
+
+
+def baseline_rows(comparison: evaluation.BaselineReport) -> list[dict]:
+    """Rows of the ``metrics`` artifact for the baselines (same split, same protocol as the model)."""
+    rows = [{"metric": f"baseline {name}: {m}", "value": report.num(v)} for name, r in comparison.baselines.items()
+            for m, v in r.items() if m in ("skipped",) or (m.split("@")[0] in ("auc", "logloss", "recall", "ndcg", "mrr"))]
+    return rows + [{"metric": "lift over the best baseline", "value": comparison.lift}]
 
 
 def _metrics_line(metrics: dict) -> str:
@@ -358,11 +382,13 @@ def _metrics_line(metrics: dict) -> str:
 
 
 def _refused_md(d: gate.GateDecision) -> str:
+    kept = f"version **{d.served_version}** keeps serving" if d.served_version else "nothing is served"
+    served = f"served {report.num(d.served)}" if d.served is not None else "nothing served to compare"
     return "\n".join([
         "# promotion", "",
-        f"- decision: **refused**; version **{d.served_version}** keeps serving",
+        f"- decision: **refused**; {kept}",
         f"- {d.reason}",
-        f"- {d.metric}: candidate {report.num(d.candidate)}, served {report.num(d.served)} on {d.n_rows} validation rows",
+        f"- {d.metric}: candidate {report.num(d.candidate)}, {served} on {d.n_rows} validation rows",
     ])
 
 

@@ -19,8 +19,8 @@ from pipeline_lib import report, repository, validate
 from pipeline_lib.config import RunConfig
 from pipeline_lib.paths import RunPaths
 
-from flows.pipeline import (_promotion_md, _refused_md, finish, learning_curve_artifact, query_info,  # shared with
-                            run_promote, run_publish, stage_timer)  # ranking runs: same tasks, timer, artifacts
+from flows.pipeline import (_baselines, _promotion_md, _refused_md, finish, learning_curve_artifact,  # shared with
+                            query_info, run_promote, run_publish, stage_timer)  # ranking runs: same tasks, artifacts
 
 
 @task(name="raw-data", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE,
@@ -54,7 +54,8 @@ def session_etl(cfg: RunConfig, paths: RunPaths, raw_path: Path):
 def session_train(cfg: RunConfig, paths: RunPaths, etl_out):
     from pipeline_lib import session_model
 
-    return session_model.train_and_evaluate(etl_out, cfg, paths.model)
+    model = session_model.train_and_evaluate(etl_out, cfg, paths.model)
+    return model, _baselines(cfg, etl_out, model)
 
 
 def _requests(cfg: RunConfig, etl_out, n: int) -> pd.DataFrame:
@@ -77,7 +78,7 @@ def session_export(cfg: RunConfig, paths: RunPaths, etl_out, model):
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def session_gate(cfg: RunConfig, paths: RunPaths, etl_out, exp):
+def session_gate(cfg: RunConfig, paths: RunPaths, etl_out, exp, baselines=None):
     from pipeline_lib import gate, session_serving_model as ssm
 
     repo, name = cfg.export.model_repository, cfg.export.model_name
@@ -90,6 +91,10 @@ def session_gate(cfg: RunConfig, paths: RunPaths, etl_out, exp):
     else:
         decision = ssm.decide(exp.version_dir, served_dir, served, valid, cfg.session.columns, cfg.session.top_k,
                               cfg.session.gate_metric, cfg.gate.tolerance)
+        args = gate.baseline_args(cfg.gate, baselines)
+        if args:
+            decision = gate.with_baselines(decision, args["baselines"], args["baseline_candidate"],
+                                           args["baseline_metric"], args["min_lift"], args["model_name"])
     decision.save(paths.root / "gate.json")
     print(f"promotion gate: {'PROMOTE' if decision.promote else 'KEEP SERVED VERSION'}: {decision.reason}")
     return decision
@@ -129,10 +134,10 @@ def run_session(cfg: RunConfig, paths: RunPaths, serve_args: list[str] | None = 
     raw_path = timed("raw-data", session_raw_data, cfg, paths)
     timed("validate", session_validate, cfg, paths, raw_path)
     etl_out = timed("etl", session_etl, cfg, paths, raw_path)
-    model = timed("train", session_train, cfg, paths, etl_out)
+    model, baselines = timed("train", session_train, cfg, paths, etl_out)
     learning_curve_artifact([(model.metrics["model"], model.metrics_path)])
     exp = timed("export", session_export, cfg, paths, etl_out, model)
-    decision = timed("gate", session_gate, cfg, paths, etl_out, exp)
+    decision = timed("gate", session_gate, cfg, paths, etl_out, exp, baselines)
     table = metric_table(model.metrics, k)
     summary = {
         "task": "session",
@@ -141,7 +146,8 @@ def run_session(cfg: RunConfig, paths: RunPaths, serve_args: list[str] | None = 
         "etl_from": str(etl_out.workflow_dir.parent),
         "model": model.metrics["model"],
         "metrics": {key: model.metrics[key] for key in (f"recall@{k}", f"ndcg@{k}", f"mrr@{k}", "n_train", "n_valid")},
-        "baselines": model.metrics["baselines"],
+        "baselines": baselines.baselines,
+        "lift": baselines.lift,
         "gate": {"promote": decision.promote, "metric": decision.metric, "candidate": decision.candidate,
                  "served": decision.served, "served_version": decision.served_version, "reason": decision.reason},
         "stage_seconds": timings,
@@ -154,7 +160,8 @@ def run_session(cfg: RunConfig, paths: RunPaths, serve_args: list[str] | None = 
                        query=query_info(cfg, paths, requests, serve_args or []))
         finish(paths, summary, "session run")
         create_markdown_artifact(key="promotion", markdown=_refused_md(decision), description="promotion gate")
-        print(f"candidate refused by the gate; version {decision.served_version} keeps serving")
+        print(f"candidate refused by the gate; "
+              f"{f'version {decision.served_version} keeps serving' if decision.served_version else 'nothing is served'}")
         return summary | {"predictions": None}
 
     result = timed("serving-smoke-test", session_smoke, cfg, paths, etl_out, exp)

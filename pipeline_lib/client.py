@@ -8,6 +8,9 @@ import pandas as pd
 from tritonclient.utils import InferenceServerException
 
 Protocol = Literal["http", "grpc"]
+# optional inputs of a served model: sent only when the rows carry them (top-k: item ids never to
+# return for that row, pipeline_lib.topk.EXCLUDE_INPUT)
+OPTIONAL_FIELDS = ("exclude_item_ids",)
 
 _NP = {
     "BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
@@ -97,13 +100,15 @@ class RecsysClient:
         """Raw rows -> the request tensors (list features as values/offsets, strings as bytes)."""
         self._metadata()
         df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
-        missing = [c for c in self.raw_columns if c not in df.columns]
+        missing = [c for c in self.raw_columns if c not in df.columns and c not in OPTIONAL_FIELDS]
         if missing:
             raise RequestError(f"request is missing field(s) {missing}; the model expects {self.raw_columns}")
         arrays: dict[str, np.ndarray] = {}
         for name, dtype in self._inputs.items():
             if name.endswith("__values") or name.endswith("__offsets"):
                 base = name.rsplit("__", 1)[0]
+                if base in OPTIONAL_FIELDS and base not in df.columns:
+                    continue
                 values, offsets = _ragged(df[base], base)
                 arr = values if name.endswith("__values") else offsets
             else:

@@ -296,6 +296,10 @@ class RetrievalConfig(_Strict):
         None, description="two-stage endpoint: also train this ranking model; it re-scores the retrieved candidates"
     )
     candidates: int = Field(100, ge=1, description="two-stage: candidates retrieved per request before re-ranking")
+    exclude_seen: bool = Field(
+        True, description="the served (and offline) top-k never returns a known user's training items; unknown "
+        "users get no exclusion (a request may also list item ids to exclude: input exclude_item_ids)"
+    )
 
 
 class ModelConfig(_Strict):
@@ -338,14 +342,22 @@ class ModelConfig(_Strict):
 
 
 class GateConfig(_Strict):
-    """Promotion gate: the candidate must not be worse than the served version on this run's
-    validation data (both scored through their own exported ensembles from raw rows)."""
+    """Promotion gate: the candidate must beat the best baseline of its family (same split) and
+    must not be worse than the served version on this run's validation data (both scored through
+    their own exported ensembles from raw rows)."""
 
     enabled: bool = True
     metric: Literal["auto", "auc", "logloss", "recall", "ndcg", "mrr", "precision"] = Field(
         "auto", description="auto: auc for ranking models, recall@k for retrieval models"
     )
     tolerance: float = Field(0.0, ge=0, description="allowed degradation of the metric")
+    require_beat_baseline: bool = Field(
+        True, description="refuse a candidate that does not beat the best baseline of its family on the gate metric "
+        "(same split and protocol; the first run of a model family too)"
+    )
+    min_lift_over_baseline: float = Field(
+        0.0, ge=0, description="relative margin over the best baseline: 0.02 = the metric 2% better than it"
+    )
     max_rows: int = Field(50_000, ge=100, description="validation rows scored for the comparison")
 
 

@@ -1,15 +1,22 @@
-"""Evaluation gate: promote a candidate only if it is not worse than the served version.
+"""Evaluation gate: promote a candidate only if it beats the obvious baselines and is not worse
+than the served version.
 
-Both are scored on the *same* raw validation rows (this run's held-out split), each through its
-own exported ensemble (its own fitted workflow + model), so the comparison is what serving
-would produce. The first run (nothing served) promotes.
+Baselines (``gate.require_beat_baseline``, on by default): the candidate's gate metric, on the
+same split and protocol as the baselines of its family (``pipeline_lib.evaluation``), must beat
+the best baseline by ``gate.min_lift_over_baseline`` (relative: 0.02 = 2% above; for log loss,
+2% below); otherwise it is refused, first run of a model family included ("dlrm auc 0.70000 does
+not beat logistic_regression 0.71000").
+
+Served version: both are scored on the *same* raw validation rows (this run's held-out split),
+each through its own exported ensemble (its own fitted workflow + model), so the comparison is
+what serving would produce. With nothing served, a candidate that beats the baselines promotes.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -30,6 +37,7 @@ class GateDecision:
     tolerance: float
     n_rows: int
     reason: str
+    baseline_check: Optional[dict] = None  # see check_baselines
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -73,21 +81,108 @@ def score_topk_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: 
     return retrieval_metrics(pred, rec.item_ids, pos[rec.spec.item_id].to_numpy(), rec.k)
 
 
+def _higher_is_better(metric: str) -> bool:
+    return HIGHER_IS_BETTER[metric.split("@")[0]]
+
+
+def _finite(v) -> bool:
+    try:
+        return v is not None and np.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def check_baselines(model_name: str, metric: str, model_value: float, baselines: Mapping[str, Mapping],
+                    min_lift: float = 0.0) -> dict:
+    """Does the model beat the best baseline on ``metric`` by ``min_lift`` (relative)?
+
+    ``baselines``: ``{name: {metric: value}}`` (entries without a finite ``metric`` value, e.g.
+    ``{"skipped": reason}``, are left out). Higher-is-better metrics need ``model > best * (1 +
+    min_lift)``, log loss ``model < best * (1 - min_lift)``; a tie does not beat. With no usable
+    baseline the check passes (and says so); a NaN model value fails. Returns ``passed``,
+    ``reason``, ``metric``, ``model``, ``best``, ``best_value``, ``required``, ``min_lift``.
+    """
+    hib = _higher_is_better(metric)
+    usable = {n: float(r[metric]) for n, r in baselines.items() if isinstance(r, Mapping) and _finite(r.get(metric))}
+    out: dict[str, Any] = dict(metric=metric, model=float(model_value) if _finite(model_value) else None,
+                               min_lift=min_lift, best=None, best_value=None, required=None)
+    if not usable:
+        return out | dict(passed=True, reason=f"no baseline has a {metric} value to compare {model_name} against")
+    best = (max if hib else min)(usable, key=usable.get)
+    bv = usable[best]
+    required = bv * (1 + min_lift) if hib else bv * (1 - min_lift)
+    out.update(best=best, best_value=bv, required=required)
+    margin = f" by {min_lift:.1%}" if min_lift else ""
+    if not _finite(model_value):
+        return out | dict(passed=False, reason=f"{model_name} {metric} is NaN: it cannot beat {best} {bv:.5f}")
+    mv = float(model_value)
+    ok = mv > required if hib else mv < required
+    lift = (mv - bv) / abs(bv) * 100 if bv else float("nan")
+    if ok:
+        reason = f"{model_name} {metric} {mv:.5f} beats the best baseline {best} {bv:.5f}{margin} ({lift:+.1f}%)"
+    else:
+        reason = f"{model_name} {metric} {mv:.5f} does not beat {best} {bv:.5f}{margin} (the best baseline)"
+    return out | dict(passed=bool(ok), reason=reason)
+
+
+def baseline_args(gate_cfg, report) -> dict:
+    """``decide`` keyword arguments for a run's ``GateConfig`` and ``evaluation.BaselineReport``
+    (none when the report is missing or ``require_beat_baseline`` is off)."""
+    if report is None or not gate_cfg.require_beat_baseline:
+        return {}
+    return dict(baselines=report.baselines, min_lift=gate_cfg.min_lift_over_baseline, baseline_metric=report.metric,
+                baseline_candidate=report.model_value, model_name=report.label)
+
+
+def with_baselines(decision: GateDecision, baselines: Optional[Mapping[str, Mapping]], model_value: float,
+                   metric: str, min_lift: float = 0.0, model_name: str = "candidate") -> GateDecision:
+    """``decision`` after the baseline check: refused (with the check's reason first) when the
+    model does not beat the best baseline; unchanged, with the check recorded, otherwise."""
+    if baselines is None:
+        return decision
+    check = check_baselines(model_name, metric, model_value, baselines, min_lift)
+    decision.baseline_check = check
+    if check["passed"]:
+        decision.reason = f"{check['reason']}; {decision.reason}"
+    else:
+        decision.promote = False
+        decision.reason = f"{check['reason']}: not promoted (gate.require_beat_baseline); {decision.reason}"
+    return decision
+
+
 def decide(candidate_dir: Path, served_dir: Optional[Path], served_version: Optional[int], raw: pd.DataFrame,
-           label: str, metric: str, tolerance: float, topk: bool = False) -> GateDecision:
+           label: str, metric: str, tolerance: float, topk: bool = False,
+           baselines: Optional[Mapping[str, Mapping]] = None, min_lift: float = 0.0,
+           baseline_metric: Optional[str] = None, baseline_candidate: Optional[float] = None,
+           model_name: str = "candidate") -> GateDecision:
+    """Gate decision for a staged candidate version.
+
+    With ``baselines`` (``{name: {metric: value}}``), the candidate must first beat the best of
+    them (:func:`check_baselines`) on ``baseline_metric`` (default: ``metric``), using
+    ``baseline_candidate`` as its value (the model under the baselines' protocol; default: the
+    candidate's gate score on ``raw``) -- also when nothing is served yet.
+    """
     score = score_topk_version if topk else score_version
     cand = score(candidate_dir, raw, label)[metric]
     base = dict(metric=metric, candidate=cand, served_version=served_version, tolerance=tolerance, n_rows=len(raw))
+
+    def finish(d: GateDecision) -> GateDecision:
+        value = cand if baseline_candidate is None else baseline_candidate
+        return with_baselines(d, baselines, value, baseline_metric or metric, min_lift, model_name)
+
     if served_dir is None:
-        return GateDecision(promote=True, served=None, reason="nothing served yet: first version promotes", **base)
+        return finish(GateDecision(promote=True, served=None, reason="nothing served yet: first version promotes",
+                                   **base))
     try:
         served = score(served_dir, raw, label)[metric]
     except Exception as exc:  # e.g. the served version was trained on other columns
-        return GateDecision(promote=True, served=None,
-                            reason=f"served version {served_version} cannot score this data ({exc}); promoting", **base)
+        return finish(GateDecision(promote=True, served=None,
+                                   reason=f"served version {served_version} cannot score this data ({exc}); promoting",
+                                   **base))
     better = HIGHER_IS_BETTER[metric]
     ok = cand >= served - tolerance if better else cand <= served + tolerance
     word = "not worse than" if ok else "worse than"
-    return GateDecision(promote=ok, served=served,
-                        reason=f"candidate {metric} {cand:.5f} is {word} served v{served_version} {served:.5f} "
-                               f"(tolerance {tolerance})", **base)
+    d = GateDecision(promote=ok, served=served,
+                     reason=f"candidate {metric} {cand:.5f} is {word} served v{served_version} {served:.5f} "
+                            f"(tolerance {tolerance})", **base)
+    return finish(d)

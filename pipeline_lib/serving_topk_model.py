@@ -22,6 +22,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.max_rows = max_request_rows(config)
         self.input_names = [i["name"] for i in config["input"]]
+        self.optional = {i["name"] for i in config["input"] if i.get("optional")}  # exclude_item_ids
         self.ragged = {n[: -len("__values")] for n in self.input_names if n.endswith("__values")}
         self.logger = pb_utils.Logger
 
@@ -34,10 +35,16 @@ class TritonPythonModel:
             for name in self.input_names:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is None:
+                    if name in self.optional:
+                        continue
                     raise BadRequest(f"missing input '{name}'")
                 arrays[name] = tensor.as_numpy()
-            arrays = check_request(arrays, self.ragged, self.max_rows)
-            ids, scores = self.rec.recommend_tensors(arrays, self.ragged)
+            ragged = {c for c in self.ragged if f"{c}__values" in arrays and f"{c}__offsets" in arrays}
+            half = sorted({f"{c}__{p}" for c in self.ragged - ragged for p in ("values", "offsets")} & set(arrays))
+            if half:
+                raise BadRequest(f"input '{half[0]}' without its other half (a list input needs __values and __offsets)")
+            arrays = check_request(arrays, ragged, self.max_rows)
+            ids, scores = self.rec.recommend_tensors(arrays, ragged)
             if ids.dtype.kind in "OUS":
                 ids = np.array([str(v).encode("utf-8") for v in ids.reshape(-1)], dtype=object).reshape(ids.shape)
             else:

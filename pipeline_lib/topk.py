@@ -11,9 +11,20 @@ A version directory of a retrieval model::
     <N>/topk/item_features.parquet  the catalogue's raw item features (two-stage)
     <N>/topk/filler.parquet      one raw training row (constant inputs for the unused side)
     <N>/topk/ranker/             two-stage only: SavedModel of the ranking model
+    <N>/topk/seen.npz            ``exclude_seen``: each training user's positive items, a CSR of
+                                 catalogue rows per raw user id (``users``, ``indptr``, ``indices``)
 
 A request carries raw query columns (user, context, history); the response holds ``item_ids``
-[rows, k] (raw ids) and ``scores`` [rows, k], best first. With a ranker, the top ``candidates``
+[rows, k] (raw ids) and ``scores`` [rows, k], best first.
+
+Seen items (``model.retrieval.exclude_seen``, default on): a row whose user id is a training user
+never gets that user's training positives back; the retrieval scores of those items are set to
+-inf before the top-k (of the ``candidates`` in a two-stage version, so the ranker re-scores only
+unseen ones). A request may also carry the optional list input ``exclude_item_ids`` (raw item ids
+per row, unknown ids ignored): those are excluded too, for any user. An unknown user (not in
+training) gets no seen-item exclusion -- only its own ``exclude_item_ids`` -- and its
+recommendations are what its query tower gives for an unseen id (the OOV embedding plus its
+features). A row with fewer than k items left gets excluded ones last, at score -inf. With a ranker, the top ``candidates``
 retrieved items of each row are joined with their item features and the row's query features,
 scored by the ranking model through the same workflow, and the k best by ranking score returned
 (the shape of Merlin's multi-stage example, without its Feast/Faiss dependencies).
@@ -49,6 +60,8 @@ log = logging.getLogger(__name__)
 
 TOPK_DIR = "topk"
 OUTPUT_IDS, OUTPUT_SCORES = "item_ids", "scores"
+EXCLUDE_INPUT = "exclude_item_ids"  # optional request input: raw item ids never to return for that row
+SEEN_FILE = "seen.npz"
 
 
 class TopKParityError(AssertionError):
@@ -93,6 +106,13 @@ class TopKRecommender:
         if self.ranker_columns:
             feats = pd.read_parquet(self.dir / "item_features.parquet")
             self.item_features = feats.set_index(self.spec.item_id, drop=False)
+        self.user_column: Optional[str] = meta.get("user_id")
+        self.item_index = pd.Index(self.item_ids)
+        self.exclude_seen = bool(meta.get("exclude_seen")) and (self.dir / SEEN_FILE).is_file()
+        if self.exclude_seen:
+            z = np.load(self.dir / SEEN_FILE, allow_pickle=True)
+            self.seen_users = pd.Index(z["users"])
+            self.seen_indptr, self.seen_indices = z["indptr"].astype(np.int64), z["indices"].astype(np.int64)
         self.fast_status: dict = meta.get("fast_transform") or {"enabled": False, "reason": "not verified at export"}
         self.fast = None
         if self.fast_status.get("enabled"):
@@ -141,7 +161,12 @@ class TopKRecommender:
         rows = n_rows(cols[self.request_columns[0]])
         query = self.fast(self._complete({c: cols[c] for c in self.spec.query_columns}, rows))
         q = retrieval.call_signature(self.query_fn, tensors_from_columns(query))
-        idx, scores = retrieval.top_k(q, self.item_emb, self.candidates if self.ranker_fn else self.k)
+        extra = cols.get(EXCLUDE_INPUT)
+        if extra is not None:
+            off = np.asarray(extra.offsets, dtype=np.int64)
+            extra = [extra.values[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+        excl = self.excluded(cols.get(self.user_column) if self.user_column else None, extra, rows)
+        idx, scores = retrieval.top_k(q, self.item_emb, self.candidates if self.ranker_fn else self.k, excl)
         ids = self.item_ids[idx]
         if not self.ranker_fn:
             return ids, scores
@@ -162,7 +187,37 @@ class TopKRecommender:
                 return self.recommend_columns(columns_from_tensors(arrays, ragged))
             except Unsupported:
                 pass
-        return self.recommend(arrays_to_frame(arrays, self.request_columns, ragged))
+        cols = self.request_columns + ([EXCLUDE_INPUT] if EXCLUDE_INPUT in ragged else [])
+        return self.recommend(arrays_to_frame(arrays, cols, ragged))
+
+    # -- items never returned: the known user's training positives, the request's exclude_item_ids --
+    def excluded(self, users, extra=None, rows: Optional[int] = None) -> Optional[list[np.ndarray]]:
+        """Per request row, the catalogue rows not to return (None when there are none): the
+        training positives of a known user (``exclude_seen``) and the row's ``exclude_item_ids``."""
+        n = rows if rows is not None else len(users if users is not None else extra)
+        out = [np.zeros(0, dtype=np.int64)] * n
+        found = False
+        if self.exclude_seen and users is not None:
+            pos = self.seen_users.get_indexer(_decode(np.asarray(users)))
+            for i in np.nonzero(pos >= 0)[0]:
+                p = pos[i]
+                out[i] = self.seen_indices[self.seen_indptr[p]:self.seen_indptr[p + 1]]
+                found = found or len(out[i]) > 0
+        if extra is not None:
+            for i, ids in enumerate(extra):
+                if ids is None or (isinstance(ids, float) and np.isnan(ids)) or not len(ids):
+                    continue
+                r = self.item_index.get_indexer(_decode(np.asarray(ids)))
+                r = r[r >= 0]
+                if len(r):
+                    out[i] = np.union1d(out[i], r)
+                    found = True
+        return out if found else None
+
+    def _excluded_frame(self, raw: pd.DataFrame) -> Optional[list[np.ndarray]]:
+        users = raw[self.user_column].to_numpy() if self.user_column in raw.columns else None
+        extra = raw[EXCLUDE_INPUT].tolist() if EXCLUDE_INPUT in raw.columns else None
+        return self.excluded(users, extra, len(raw))
 
     # -- NVTabular path (the fallback): the workflow on the request frame, SavedModel signatures called directly --
     def query_embeddings(self, raw: pd.DataFrame) -> np.ndarray:
@@ -172,7 +227,7 @@ class TopKRecommender:
     def retrieve(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Retrieval's own top-k (the candidates of a two-stage version): raw ids and scores."""
         idx, scores = retrieval.top_k(self.query_embeddings(raw), self.item_emb,
-                                      self.candidates if self.ranker_fn else self.k)
+                                      self.candidates if self.ranker_fn else self.k, self._excluded_frame(raw))
         return self.item_ids[idx], scores
 
     def recommend(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +257,7 @@ class TopKRecommender:
 
         n = self.candidates if self.ranker_fn else self.k
         q = retrieval.query_embeddings(self.workflow, self.dir, self.spec, raw, self.filler)
-        idx, scores = retrieval.top_k(q, self.item_emb, n)
+        idx, scores = retrieval.top_k(q, self.item_emb, n, self._excluded_frame(raw))
         ids = self.item_ids[idx]
         if not self.ranker_fn:
             return ids, scores
@@ -256,9 +311,12 @@ def export_topk(
     atol: float = 1e-5,
     run_info: dict | None = None,
     max_request_rows: int = 65536,
+    exclude_seen: bool = True,
 ) -> TopKExport:
     """Write a top-k model version into ``staging_dir/<model_name>/<version>`` and check that its
-    in-process recommender equals the offline path on ``sample_raw`` (ids exactly, scores to atol)."""
+    in-process recommender equals the offline path on ``sample_raw`` (ids exactly, scores to atol).
+    ``exclude_seen``: store each training user's positive items (``seen.npz``); served and offline
+    top-k never return them to that user."""
     import nvtabular as nvt
 
     spec = RetrievalSpec(**json.loads((Path(model_dir) / "spec.json").read_text()))
@@ -289,7 +347,9 @@ def export_topk(
         cat.to_parquet(art / "item_features.parquet", index=False)
     meta = {"spec": spec.to_json(), "k": k, "candidates": candidates if ranker_dir else k, "label": columns.label,
             "request_columns": req_cols, "ranker_columns": ranker_columns, "n_items": int(len(ids)),
-            "item_id_dtype": str(ids.dtype)}
+            "item_id_dtype": str(ids.dtype), "user_id": columns.user_id, "exclude_seen": bool(exclude_seen)}
+    if exclude_seen:
+        meta["seen"] = write_seen(train_raw, columns.user_id, columns.item_id, columns.label, ids, art / SEEN_FILE)
     (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
 
     rec = TopKRecommender(art)
@@ -303,6 +363,22 @@ def export_topk(
     out = TopKExport(staging_dir, model_name, version, {"max_abs_score_diff": diff, "rows": len(sample)})
     (vdir / "run_info.json").write_text(json.dumps({**(run_info or {}), "parity": out.parity}, indent=2, default=str))
     return out
+
+
+def write_seen(train_raw: pd.DataFrame, user_col: str, item_col: str, label: str, item_ids: np.ndarray,
+               path: Path) -> dict:
+    """Each training user's positive items (``label > 0``) as catalogue rows, a CSR per raw user id."""
+    pos = train_raw.loc[train_raw[label] > 0, [user_col, item_col]].drop_duplicates()
+    rows = pd.Index(item_ids).get_indexer(pos[item_col])
+    pos = pos.assign(_row=rows)[rows >= 0]
+    codes, users = pd.factorize(pos[user_col], sort=True)
+    order = np.lexsort((pos["_row"].to_numpy(), codes))
+    counts = np.bincount(codes, minlength=len(users))
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    users = np.asarray(users)
+    np.savez(path, users=users.astype(object) if users.dtype.kind in "OUS" else users, indptr=indptr,
+             indices=pos["_row"].to_numpy()[order].astype(np.int64))
+    return {"n_users": int(len(users)), "n_pairs": int(len(pos)), "max_per_user": int(counts.max()) if len(counts) else 0}
 
 
 def verify_fast_path(rec: TopKRecommender, sample: pd.DataFrame, catalogue: pd.DataFrame,
@@ -346,6 +422,14 @@ def _write_config(model_dir: Path, name: str, serving_wf, req_cols: list[str], i
         if col == spec.history:  # a derived list of item ids (its raw dtype is only known from the item id)
             cs = cs.with_dtype(schema[spec.item_id].dtype, is_list=True, is_ragged=True)
         _add_model_param(cs, mc.ModelInput, cfg.input, dims=None if cs.is_list else [-1])
+    # optional: raw item ids per row never to return (values + offsets, the item id's dtype)
+    from merlin.schema import ColumnSchema
+
+    n_inputs = len(cfg.input)
+    _add_model_param(ColumnSchema(EXCLUDE_INPUT, dtype=schema[spec.item_id].dtype, is_list=True, is_ragged=True),
+                     mc.ModelInput, cfg.input)
+    for inp in cfg.input[n_inputs:]:
+        inp.optional = True
     id_type = mc.TYPE_STRING if ids.dtype.kind in "OUS" else mc.TYPE_INT64
     cfg.output.append(mc.ModelOutput(name=OUTPUT_IDS, data_type=id_type, dims=[-1, k]))
     cfg.output.append(mc.ModelOutput(name=OUTPUT_SCORES, data_type=mc.TYPE_FP32, dims=[-1, k]))

@@ -136,8 +136,10 @@ def train(train_dir: Path, valid_dir: Path, cfg: ModelConfig, label: str, seed: 
     return TrainOutput(model_dir=model_dir, metrics=metrics, history=history, metrics_path=metrics_path)
 
 
-def plot_learning_curve(history: dict, path: Path, title: str = "", keys: tuple[str, ...] = ("loss", "auc")) -> Path:
-    """Loss and a metric per epoch, train vs validation, as a PNG."""
+def plot_learning_curve(history: dict, path: Path, title: str = "", keys: tuple[str, ...] = ("loss", "auc"),
+                        references: dict[str, dict[str, float]] | None = None) -> Path:
+    """Loss and a metric per epoch, train vs validation, as a PNG. ``references``: ``{key:
+    {label: value}}`` drawn as horizontal lines on the panel of ``key`` (the baselines)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,10 +152,12 @@ def plot_learning_curve(history: dict, path: Path, title: str = "", keys: tuple[
             values = history.get(prefix + key)
             if values:
                 ax.plot(range(1, len(values) + 1), values, style, label=(prefix or "train_") + key)
+        for i, (label, value) in enumerate((references or {}).get(key, {}).items()):
+            ax.axhline(value, color=f"C{i + 2}", linestyle=":", linewidth=1.5, label=f"{label} {value:.4f}")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(key)
-        ax.legend()
+        ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

@@ -98,7 +98,8 @@ def test_suite_etl_and_training_sections_tiny(tmp_path):
 def test_suite_serving_and_end_to_end_sections_tiny(tmp_path):
     out = tmp_path / "results"
     tiny_e2e = {"data": {"synthetic": {"n_users": 200, "n_items": 100, "n_interactions": 3000}},
-                "model": {"epochs": 1, "batch_size": 256}, "export": {"parity_rows": 32}}
+                "model": {"epochs": 1, "batch_size": 256}, "export": {"parity_rows": 32},
+                "gate": {"require_beat_baseline": False}}
     res = run.main(["--skip", "etl,train", "--serve-model-rows", "2000", "--serve-requests", "3",
                     "--serve-seconds", "2", "--e2e-overrides-json", json.dumps(tiny_e2e),
                     "--out", str(out), "--data-dir", str(tmp_path / "data")])

@@ -42,6 +42,12 @@ def test_flow_runs_every_stage_and_publishes(flow_run):
     assert summary["etl_from"] == str(run / "transformed")  # first run in this session: no ETL cache hit
     assert summary["max_abs_diff_served_vs_offline"] <= 1e-5
     assert 0.5 < summary["metrics"]["auc"] <= 1
+    # the baselines of the same split, beside the model, in the summary and in metrics.json
+    assert set(summary["baselines"]) == {"logistic_regression", "item_click_rate"}
+    assert all(0 <= b["auc"] <= 1 for b in summary["baselines"].values())
+    assert summary["lift"].startswith(f"dlrm auc {summary['metrics']['auc']:.4f} is ")
+    saved = json.loads((run / "model" / "metrics.json").read_text())
+    assert saved["metrics"]["baselines"] == summary["baselines"] and saved["metrics"]["lift"] == summary["lift"]
     for f in ["config.yaml", "raw/interactions.parquet", "validated/stats.json", "split/train.parquet",
               "transformed/workflow/workflow.pkl", "transformed/train/schema.pbtxt", "model/model/saved_model.pb",
               "model/metrics.json", "serving/smoke.json", "summary.json"]:
@@ -78,36 +84,53 @@ def test_flow_run_is_recorded_in_prefect_with_artifacts(flow_run):
     assert {a.key for a in arts} == {"served-predictions", "run-summary"}
 
 
-def test_flow_artifacts_are_readable_in_the_prefect_ui(flow_run):
-    """Rounded figures, a narrow predictions table, the effective config, the learning curve as an
-    embedded image, and a run summary that says what serves where and how to query it."""
+def _latest_artifacts(keys: list[str]) -> dict:
+    """The newest artifact of each key in the test session's Prefect API."""
     import asyncio
 
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    keys = ["metrics", "served-predictions", "run-summary", "effective-config", "learning-curve"]
 
     async def read():
         async with get_client() as client:
             return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
 
     arts = {}
-    for a in asyncio.run(read()):  # the latest of each key
+    for a in asyncio.run(read()):
         if a.key not in arts or a.created > arts[a.key].created:
             arts[a.key] = a
+    return arts
+
+
+def _table(artifact) -> list[dict]:
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
+def test_flow_artifacts_are_readable_in_the_prefect_ui(flow_run):
+    """Rounded figures, a narrow predictions table, the effective config, the learning curve as an
+    embedded image, and a run summary that says what serves where and how to query it."""
+    keys = ["metrics", "served-predictions", "run-summary", "effective-config", "learning-curve"]
+    arts = _latest_artifacts(keys)
     assert set(arts) == set(keys)
-    metrics = json.loads(arts["metrics"].data) if isinstance(arts["metrics"].data, str) else arts["metrics"].data
+    metrics = _table(arts["metrics"])
     auc = next(r["value"] for r in metrics if r["metric"] == "auc")
     assert len(auc.replace("0.", "", 1)) <= 4, auc
-    table = arts["served-predictions"].data
-    rows = json.loads(table) if isinstance(table, str) else table
+    rows = _table(arts["served-predictions"])
     assert all(len(v) <= 24 for r in rows for v in r.values()), rows[0]
     summary = arts["run-summary"].data
     assert "model **recsys** version **1**" in summary and "HTTP `127.0.0.1:8000`, gRPC `127.0.0.1:8001`" in summary
     assert "uv run recsys serve" in summary and "curl -s 127.0.0.1:8000/v2/models/recsys/infer" in summary
     assert "```yaml" in arts["effective-config"].data and "n_interactions: 6000" in arts["effective-config"].data
     assert "![dlrm learning curve](data:image/png;base64," in arts["learning-curve"].data
+
+
+def test_metrics_artifact_holds_the_baselines_and_the_lift(flow_run):
+    _, _, summary = flow_run
+    rows = {r["metric"]: r["value"] for r in _table(_latest_artifacts(["metrics"])["metrics"])}
+    assert float(rows["baseline logistic_regression: auc"]) == pytest.approx(
+        summary["baselines"]["logistic_regression"]["auc"], rel=1e-3)
+    assert "baseline item_click_rate: logloss" in rows
+    assert rows["lift over the best baseline"] == summary["lift"]
 
 
 def test_serve_and_predict_commands_on_the_published_repository(flow_run):
@@ -185,7 +208,7 @@ def test_csv_example_with_a_string_list_feature_is_served_like_offline(prefect_h
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     over = {"runs_dir": str(tmp_path / "runs"), "export": {"model_repository": str(tmp_path / "repo"), "parity_rows": 64},
-            "serving": {"notify_live_server": False}}
+            "serving": {"notify_live_server": False}, "gate": {"require_beat_baseline": False}}
     cwd = os.getcwd()
     os.chdir(root)  # the example's fixture paths are relative to the project root
     try:
@@ -206,11 +229,15 @@ def test_the_gate_refuses_a_worse_model_and_keeps_the_served_version(flow_run):
     repo = tmp / "model_repository"
     served_before = repository.served_version(repo, "recsys")
     versions_before = repository.list_versions(repo, "recsys")
-    worse = {**base, "run_name": "worse", "model": {**base["model"], "learning_rate": 1e-9}}
+    # the baseline requirement on (as by default): an untrained model beats no baseline either
+    worse = {**base, "run_name": "worse", "model": {**base["model"], "learning_rate": 1e-9},
+             "gate": {"require_beat_baseline": True}}
     summary = pipeline(overrides=worse)
     g = summary["gate"]
     assert not g["promote"] and g["served_version"] == served_before
     assert g["candidate"] < g["served"] and "worse than served" in g["reason"]
+    best = max(summary["baselines"], key=lambda n: summary["baselines"][n]["auc"])
+    assert g["reason"].startswith(f"dlrm auc {summary['metrics']['auc']:.5f} does not beat {best} "), g["reason"]
     assert summary["predictions"] is None and "serving-smoke-test" not in summary["stage_seconds"]
     # same raw data + ETL config + code: the etl task was a cache hit on the first run's output
     assert summary["etl_from"] == str(tmp / "runs" / "it" / "transformed")

@@ -39,6 +39,15 @@ def test_top_k_orders_by_score_and_breaks_ties_by_catalogue_row():
     assert ids.tolist() == [[8, 9]] and ranked[0].tolist() == pytest.approx([0.9, 0.5])
 
 
+def test_top_k_never_returns_excluded_rows():
+    query = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    items = np.array([[0.5, 0.0], [2.0, 0.0], [0.5, 1.0], [0.0, 3.0]], dtype=np.float32)
+    idx, scores = retrieval.top_k(query, items, 2, exclude=[np.array([1]), np.array([], dtype=np.int64)])
+    assert idx.tolist() == [[0, 2], [3, 2]]  # row 0 loses item 1, row 1 is unchanged
+    idx, scores = retrieval.top_k(query, items, 3, exclude=[np.array([0, 1, 2]), np.array([3])])
+    assert idx[0, 0] == 3 and np.isneginf(scores[0, 1:]).all()  # too few left: excluded ones last, at -inf
+
+
 def test_retrieval_metrics_match_hand_computed_values():
     item_ids = np.array([100, 101, 102, 103])
     # query 0: target ranked 1st; query 1: ranked 3rd; query 2: not in the top 2; query 3: unknown item
@@ -98,6 +107,12 @@ def test_flow_trains_exports_and_publishes_each_retrieval_model(retrieval_runs, 
         assert 0.0 <= m[key] <= 1.0, key
     if name == "recsys_youtube":  # the history makes it learnable in one epoch: well above random (10/150)
         assert m["recall@10"] > 0.2
+    # the standard protocol (per user, training items excluded): the model and three baselines
+    assert set(s["baselines"]) == {"most_popular", "item_cooccurrence", "ease"}
+    for b in s["baselines"].values():
+        assert 0.0 <= b["recall@10"] <= 1.0 and 0.0 <= b["ndcg@10"] <= 1.0 and b["n_items"] > 0
+    assert 0.0 <= m["user_recall@10"] <= 1.0 and 0.0 <= m["user_ndcg@10"] <= 1.0
+    assert s["lift"].startswith(f"{RUNS[name]['type']} (per user, seen items excluded) recall@10 {m['user_recall@10']:.4f}")
     run = tmp / "runs" / name
     saved = json.loads((run / "model" / "metrics.json").read_text())
     assert len(saved["history"]["val_recall"]) == saved["metrics"]["epochs_run"]
@@ -130,22 +145,42 @@ def _rows(runs, name, rec, n=24):
     return df[rec.request_columns].reset_index(drop=True)
 
 
+def _seen(runs, name) -> dict:
+    """Each training user's positive items, from the split the run trained on."""
+    train = pd.read_parquet(Path(runs[2][name]["etl_from"]).parent / "split" / "train.parquet")
+    return train[train["click"] > 0].groupby("user_id")["item_id"].apply(set).to_dict()
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("name", list(RUNS))
 def test_served_top_k_equals_offline_top_k_for_the_same_raw_request(retrieval_runs, served, name):
     tmp, repo, _ = retrieval_runs
     rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
+    assert rec.exclude_seen  # model.retrieval.exclude_seen is on by default
     rows = _rows(retrieval_runs, name, rec)
+    seen = _seen(retrieval_runs, name)
+    assert sum(len(seen.get(u, ())) for u in rows["user_id"]) > 0  # known users with training items
     want_ids, want_scores = rec.offline(rows)
+    # the same rows with a few more items excluded per request (optional input exclude_item_ids)
+    more = rows.assign(**{topk.EXCLUDE_INPUT: [list(r[:3]) for r in want_ids.tolist()]})
+    want_more = rec.offline(more)
     for url, protocol in ((served.http_url, "http"), (served.grpc_url, "grpc")):
         with RecsysClient(url, protocol, name) as client:
             ids, scores = client.recommend(rows)
+            more_ids, more_scores = client.recommend(more)
         assert ids.shape == (len(rows), 10)
         np.testing.assert_array_equal(ids, want_ids)
         np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
         assert (np.diff(scores, axis=1) <= 0).all()  # best first
         assert all(len(set(r)) == 10 for r in ids.tolist())  # no item twice
         assert set(ids.reshape(-1)) <= set(rec.item_ids)  # raw catalogue ids, decoded
+        # a known user never gets its training items back
+        for user, items in zip(rows["user_id"], ids.tolist()):
+            assert not set(items) & seen.get(user, set()), (protocol, user)
+        np.testing.assert_array_equal(more_ids, want_more[0])
+        np.testing.assert_allclose(more_scores, want_more[1], atol=1e-5, rtol=0)
+        for items, dropped, user in zip(more_ids.tolist(), more[topk.EXCLUDE_INPUT], rows["user_id"]):
+            assert not set(items) & (set(dropped) | seen.get(user, set()))
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -166,6 +201,11 @@ def test_the_compiled_transform_serves_every_retrieval_version_like_nvtabular(re
     want_ids, want_scores = rec.recommend(rows)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(scores, want_scores, atol=1e-6, rtol=0)
+    # the unknown user gets no seen-item exclusion; the known ones do
+    excluded = rec.excluded(rows["user_id"].to_numpy())
+    assert excluded is not None and len(excluded[0]) == 0 and any(len(e) for e in excluded[1:])
+    seen = _seen(retrieval_runs, name)
+    assert {rec.item_ids[i] for i in excluded[1]} == seen.get(rows["user_id"].iloc[1], set()) & set(rec.item_ids)
 
 
 @pytest.mark.integration
@@ -177,7 +217,8 @@ def test_two_stage_returns_k_candidates_ordered_by_the_ranking_score(retrieval_r
     with RecsysClient(served.grpc_url, "grpc", name) as client:
         ids, scores = client.recommend(rows)
     # retrieval's own candidates for these rows, and the ranking model's score for every candidate
-    cand_idx, _ = retrieval.top_k(rec.query_embeddings(rows), rec.item_emb, rec.candidates)
+    cand_idx, _ = retrieval.top_k(rec.query_embeddings(rows), rec.item_emb, rec.candidates,
+                                  rec.excluded(rows["user_id"].to_numpy()))  # the user's training items excluded
     cands = rec.item_ids[cand_idx]
     from pipeline_lib import export
 
@@ -209,6 +250,11 @@ def test_bad_top_k_requests_get_a_clear_error_and_the_server_keeps_answering(ret
                 client._client.infer(name, client.inputs_from_arrays(arrays))  # plain tritonclient
             assert err.value.status() == status
             assert err.value.message() == "bad request: input 'item_id_history__offsets' must be non-decreasing"
+            half = client.to_arrays(rows)  # the optional exclude_item_ids list without its offsets
+            half[f"{topk.EXCLUDE_INPUT}__values"] = np.array([1], dtype=np.int64)
+            with pytest.raises(InferenceServerException, match="exclude_item_ids__values' without its other half") as err:
+                client._client.infer(name, client.inputs_from_arrays(half))
+            assert err.value.status() == status
             with pytest.raises(BadRequestError, match=r"bad request: empty batch") as err:
                 client.recommend(rows.head(0))
             assert err.value.status() == status

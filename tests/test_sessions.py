@@ -176,7 +176,7 @@ def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     over = {"runs_dir": str(tmp_path / "runs"), "run_name": "s1",
             "export": {"model_repository": str(tmp_path / "repo"), "parity_rows": 32},
-            "serving": {"notify_live_server": False},
+            "serving": {"notify_live_server": False}, "gate": {"require_beat_baseline": False},
             "session": {"synthetic": {"n_sessions": 1500, "n_items": 150, "n_categories": 8},
                         "model": {"epochs": 1}}}
     config = os.path.join(root, "configs", "examples", "session.yaml")
@@ -190,6 +190,10 @@ def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp
     assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
                                               "serving-smoke-test", "publish", "promote"]
     assert summary["task"] == "session" and summary["model"] == "session_gru"
+    assert set(summary["baselines"]) == {"most_popular", "cooccurrence"}  # same shape as the other families
+    assert all(0 <= b["recall@10"] <= 1 for b in summary["baselines"].values())
+    assert summary["lift"].startswith(f"session_gru recall@10 {summary['metrics']['recall@10']:.4f} is ")
+    assert json.loads((run / "model" / "metrics.json").read_text())["metrics"]["lift"] == summary["lift"]
     assert summary["gate"]["promote"] and summary["model_version"] == 1 and summary["served_topk_equals_offline"]
     assert summary["max_abs_diff_served_vs_offline"] <= 1e-5
     for f in ["raw/interactions.parquet", "validated/stats.json", "transformed/sessions/sessions.parquet",
