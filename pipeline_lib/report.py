@@ -227,7 +227,7 @@ def _k_of(metrics: Mapping[str, Any]) -> Optional[str]:
 
 
 def headline(summary: Mapping[str, Any]) -> str:
-    """The model's validation figures, with the baselines where the run computed any."""
+    """The model's validation figures (the baselines are in :func:`lift_line`)."""
     m = summary.get("metrics") or {}
     k = _k_of(m)
     if "auc" in m:  # ranking
@@ -238,20 +238,22 @@ def headline(summary: Mapping[str, Any]) -> str:
         return ", ".join(f"{key} {num(v)}" for key, v in m.items())
     names = [n for n in ("recall", "ndcg", "mrr", "precision") if f"{n}@{k}" in m][:3]
     line = "validation " + ", ".join(f"{n}@{k} {num(m[f'{n}@{k}'])}" for n in names)
-    baselines = summary.get("baselines") or {}
-    if baselines:
-        line += " vs " + ", ".join(f"{name.replace('_', ' ')} {num(v.get(f'recall@{k}'))}"
-                                   for name, v in baselines.items()) + f" (recall@{k} of the baselines)"
     if "ranker_auc" in m:
         line += f"; re-ranker auc {num(m['ranker_auc'])}"
     return line
+
+
+def lift_line(summary: Mapping[str, Any]) -> Optional[str]:
+    """The model against the best baseline on the same split, in plain words (None if none ran)."""
+    return f"baselines: {summary['lift']}" if summary.get("lift") else None
 
 
 def gate_line(summary: Mapping[str, Any]) -> str:
     g = summary["gate"]
     if g["promote"]:
         return f"gate: promoted; {g['reason']}"
-    return f"gate: REFUSED: {g['reason']}; version {g['served_version']} keeps serving"
+    kept = f"version {g['served_version']} keeps serving" if g.get("served_version") else "nothing is served"
+    return f"gate: REFUSED: {g['reason']}; {kept}"
 
 
 def _duration(seconds: float) -> str:
@@ -272,7 +274,7 @@ def cli_summary(summary: Mapping[str, Any]) -> str:
     total = sum((summary.get("stage_seconds") or {}).values())
     q = summary.get("query") or {}
     name = q.get("model_name", "the model")
-    lines = [f"{summary['model']}: {headline(summary)}", gate_line(summary)]
+    lines = [f"{summary['model']}: {headline(summary)}", *filter(None, [lift_line(summary)]), gate_line(summary)]
     if summary.get("model_version"):
         live = summary.get("live_server")
         lines.append(f"served: model '{name}' version {summary['served_version']}"
@@ -300,7 +302,8 @@ def run_summary_markdown(summary: Mapping[str, Any], title: str = "recsys pipeli
     q = summary.get("query") or {}
     name = q.get("model_name", "?")
     m = summary.get("metrics") or {}
-    lines = [f"# {title}", "", f"**{summary['model']}**: {headline(summary)}", "", f"- {gate_line(summary)}"]
+    lines = [f"# {title}", "", f"**{summary['model']}**: {headline(summary)}", ""]
+    lines += [f"- {line}" for line in filter(None, [lift_line(summary), gate_line(summary)])]
     if summary.get("model_version"):
         lines += [f"- serving: model **{name}** version **{summary['served_version']}** "
                   f"(previously {summary.get('previous_version') or 'none'}), published at `{summary['served_dir']}`",

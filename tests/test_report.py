@@ -164,15 +164,25 @@ def test_cli_summary_when_the_gate_refuses():
     assert "model 'recsys' version 2 (unchanged)" in text and "uv run recsys serve" in text
 
 
-def test_session_and_retrieval_headlines_show_the_baselines():
+def test_headlines_and_the_lift_over_the_baselines():
     s = _summary(model="session_gru", metrics={"recall@10": 0.31234, "ndcg@10": 0.1712345, "mrr@10": 0.12345,
                                                "n_train": 9600, "n_valid": 2400},
-                 baselines={"most_popular": {"recall@10": 0.0512345}, "cooccurrence": {"recall@10": 0.2801234}})
-    assert report.headline(s) == ("validation recall@10 0.3123, ndcg@10 0.1712, mrr@10 0.1235 vs most popular "
-                                  "0.05123, cooccurrence 0.2801 (recall@10 of the baselines)")
+                 lift="session_gru recall@10 0.3123 is 11.5% above the best baseline (cooccurrence 0.2801)")
+    assert report.headline(s) == "validation recall@10 0.3123, ndcg@10 0.1712, mrr@10 0.1235"
+    lines = report.cli_summary(s).splitlines()
+    assert lines[1] == "baselines: session_gru recall@10 0.3123 is 11.5% above the best baseline (cooccurrence 0.2801)"
+    assert "- baselines: session_gru recall@10" in report.run_summary_markdown(s)
+    assert not any(line.startswith("baselines:") for line in report.cli_summary(_summary()).splitlines())
     r = _summary(model="two_tower", metrics={"recall@10": 0.1469, "precision@10": 0.0147, "ndcg@10": 0.0576,
                                              "mrr@10": 0.0311, "n_train": 2508, "ranker_auc": 0.529023})
     assert report.headline(r) == "validation recall@10 0.1469, ndcg@10 0.0576, mrr@10 0.0311; re-ranker auc 0.529"
+
+
+def test_a_refused_first_run_says_nothing_is_served():
+    s = _summary(model_version=None, served_version=None,
+                 gate={"promote": False, "metric": "auc", "candidate": 0.52, "served": None, "served_version": None,
+                       "reason": "dlrm auc 0.52 does not beat logistic_regression 0.63"})
+    assert "gate: REFUSED: dlrm auc 0.52 does not beat logistic_regression 0.63; nothing is served" in report.cli_summary(s)
 
 
 def test_run_summary_markdown_names_model_version_endpoints_and_query():
