@@ -496,11 +496,23 @@ def retrieval_baselines(train: pd.DataFrame, valid: pd.DataFrame, user_col: str,
 # lift in words
 # ---------------------------------------------------------------------------------------------
 
-def _finite(v) -> bool:
+def finite(v) -> bool:
+    """A real, finite number (not None, NaN, inf, a bool or text)."""
     try:
-        return v is not None and math.isfinite(float(v))
+        return v is not None and not isinstance(v, bool) and math.isfinite(float(v))
     except (TypeError, ValueError):
         return False
+
+
+def best_baseline(baselines: Mapping[str, Mapping], metric: str,
+                  higher_is_better: bool) -> tuple[dict[str, float], Optional[str], Optional[float]]:
+    """The baselines with a finite ``metric`` value (``{name: value}``; skipped ones left out), the
+    best of them and its value ((None, None) when there is none)."""
+    usable = {n: float(r[metric]) for n, r in baselines.items() if isinstance(r, Mapping) and finite(r.get(metric))}
+    if not usable:
+        return usable, None, None
+    best = (max if higher_is_better else min)(usable, key=usable.get)
+    return usable, best, usable[best]
 
 
 def lift_sentence(model_name: str, model_value: float, baselines: Mapping[str, Mapping], metric: str,
@@ -511,7 +523,7 @@ def lift_sentence(model_name: str, model_value: float, baselines: Mapping[str, M
     baselines and NaN values are named in the sentence, never compared.
     """
     hib = ("loss" not in metric.lower()) if higher_is_better is None else higher_is_better
-    usable = {n: float(r[metric]) for n, r in baselines.items() if isinstance(r, Mapping) and _finite(r.get(metric))}
+    usable, best, bv = best_baseline(baselines, metric, hib)
     left_out = []
     for n, r in baselines.items():
         if n in usable:
@@ -522,13 +534,11 @@ def lift_sentence(model_name: str, model_value: float, baselines: Mapping[str, M
             left_out.append(f"{n} has no {metric} value")
     tail = f" ({'; '.join(left_out)})" if left_out else ""
     head = f"{model_name} {metric}"
-    if not _finite(model_value):
+    if not finite(model_value):
         return f"{head} is not available (NaN), so no lift over the baselines can be stated{tail}."
     mv = float(model_value)
     if not usable:
         return f"{head} {mv:.4f} has no baseline to compare against{tail}."
-    best = (max if hib else min)(usable, key=usable.get)
-    bv = usable[best]
     ref = f"the best baseline ({best} {bv:.4f})"
     if mv == bv:
         return f"{head} {mv:.4f} is equal to {ref}{tail}."

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -61,12 +60,8 @@ class BaselineReport:
     def best(self, metric: Optional[str] = None) -> tuple[Optional[str], Optional[float]]:
         """The best baseline on ``metric`` (default: the compared one) and its value; (None, None)
         when no baseline has a finite value."""
-        m = metric or self.metric
-        vals = {n: float(r[m]) for n, r in self.baselines.items() if _finite(r.get(m))}
-        if not vals:
-            return None, None
-        name = (max if self.higher_is_better else min)(vals, key=vals.get)
-        return name, vals[name]
+        _, name, value = bl.best_baseline(self.baselines, metric or self.metric, self.higher_is_better)
+        return name, value
 
     @property
     def label(self) -> str:
@@ -82,7 +77,7 @@ class BaselineReport:
 
     def table(self) -> list[dict]:
         """One row per method (the model first) and per metric: ``{"method", metric...}``."""
-        keys = [k for k in self.model if k not in _INFO_KEYS and _finite(self.model[k])]
+        keys = [k for k in self.model if k not in _INFO_KEYS and bl.finite(self.model[k])]
         rows = [{"method": f"{self.model_name} (model)", **{k: self.model[k] for k in keys}}]
         for name, r in self.baselines.items():
             if "skipped" in r:
@@ -90,13 +85,6 @@ class BaselineReport:
             else:
                 rows.append({"method": name, **{k: r.get(k) for k in keys}})
         return rows
-
-
-def _finite(v) -> bool:
-    try:
-        return v is not None and not isinstance(v, bool) and math.isfinite(float(v))
-    except (TypeError, ValueError):
-        return False
 
 
 def _json_default(o):
@@ -257,10 +245,10 @@ def reference_lines(report: BaselineReport, keys: tuple[str, ...]) -> dict[str, 
             k = report.metric.split("@")[-1]
             metric = f"{key}@{k}"
         for name, r in report.baselines.items():
-            if _finite(r.get(metric)):
+            if bl.finite(r.get(metric)):
                 label = name if report.family != "retrieval" else f"{name} (per user, seen excl.)"
                 lines[label] = float(r[metric])
-        if report.family != "ranking" and _finite(report.model.get(metric)):  # no per-epoch curve of it
+        if report.family != "ranking" and bl.finite(report.model.get(metric)):  # no per-epoch curve of it
             suffix = " (per user, seen excl.)" if report.family == "retrieval" else " (final)"
             lines[f"{report.model_name}{suffix}"] = float(report.model[metric])
         if lines:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib import export
+from pipeline_lib.baselines import best_baseline, finite
 from pipeline_lib.train import ranking_metrics
 
 HIGHER_IS_BETTER = {"auc": True, "logloss": False, "recall": True, "ndcg": True, "mrr": True, "precision": True}
@@ -85,13 +86,6 @@ def _higher_is_better(metric: str) -> bool:
     return HIGHER_IS_BETTER[metric.split("@")[0]]
 
 
-def _finite(v) -> bool:
-    try:
-        return v is not None and np.isfinite(float(v))
-    except (TypeError, ValueError):
-        return False
-
-
 def check_baselines(model_name: str, metric: str, model_value: float, baselines: Mapping[str, Mapping],
                     min_lift: float = 0.0) -> dict:
     """Does the model beat the best baseline on ``metric`` by ``min_lift`` (relative)?
@@ -103,17 +97,15 @@ def check_baselines(model_name: str, metric: str, model_value: float, baselines:
     ``reason``, ``metric``, ``model``, ``best``, ``best_value``, ``required``, ``min_lift``.
     """
     hib = _higher_is_better(metric)
-    usable = {n: float(r[metric]) for n, r in baselines.items() if isinstance(r, Mapping) and _finite(r.get(metric))}
-    out: dict[str, Any] = dict(metric=metric, model=float(model_value) if _finite(model_value) else None,
+    _, best, bv = best_baseline(baselines, metric, hib)
+    out: dict[str, Any] = dict(metric=metric, model=float(model_value) if finite(model_value) else None,
                                min_lift=min_lift, best=None, best_value=None, required=None)
-    if not usable:
+    if best is None:
         return out | dict(passed=True, reason=f"no baseline has a {metric} value to compare {model_name} against")
-    best = (max if hib else min)(usable, key=usable.get)
-    bv = usable[best]
     required = bv * (1 + min_lift) if hib else bv * (1 - min_lift)
     out.update(best=best, best_value=bv, required=required)
     margin = f" by {min_lift:.1%}" if min_lift else ""
-    if not _finite(model_value):
+    if not finite(model_value):
         return out | dict(passed=False, reason=f"{model_name} {metric} is NaN: it cannot beat {best} {bv:.5f}")
     mv = float(model_value)
     ok = mv > required if hib else mv < required
