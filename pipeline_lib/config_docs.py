@@ -34,8 +34,9 @@ _HEADER = f"""# Configuration reference
 
 One pydantic model, `RunConfig` in `pipeline_lib/config.py`, describes a run. Give it as YAML
 (`recsys run --config my.yaml`) and/or as overrides (`--set model.epochs=3`, repeatable; the value is
-parsed as YAML). Keys you leave out take the defaults below; `configs/default.yaml` writes the
-embedded default out in full and `configs/examples/` has one file per kind of data.
+parsed as YAML). Keys you leave out take the defaults below. `configs/default.yaml` writes the
+embedded default out (all but `task` and the `session:` section; a test keeps it equal to
+`RunConfig()`), and `configs/examples/` has one file per kind of data.
 Unknown keys are rejected, and so are values outside the allowed ones, each error naming the key.
 Checks across keys (for example `data.path` is required for `data.source: parquet`, `gate.metric`
 must fit `model.type`) live in the validators of `pipeline_lib/config.py`.
