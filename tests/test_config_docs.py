@@ -108,3 +108,45 @@ def test_relative_links_resolve(md: Path):
         if fragment and dest.suffix == ".md" and fragment not in _anchors(dest):
             broken.append(target)
     assert not broken, f"{md.relative_to(ROOT)}: links that do not resolve: {broken}"
+
+
+def _doc_text() -> str:
+    return "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+
+
+def test_recsys_commands_in_the_docs_exist():
+    """Every `recsys <command> --option` shown in README.md and docs/ is a real command and option."""
+    import typer.main
+
+    from pipeline_lib.cli import app
+
+    group = typer.main.get_command(app)
+    shown = re.findall(r"\brecsys ((?:[a-z][a-z-]*)(?:[ \t]+[^\s#`|)]+)*)", _doc_text())
+    assert len(shown) > 20
+    wrong = []
+    for line in shown:
+        words = line.split()
+        command = group.commands.get(words[0])
+        if command is None:
+            wrong.append(line)
+            continue
+        options = {o for p in command.params for o in p.opts}
+        wrong += [f"{line}  ({w})" for w in words[1:] if w.startswith("-") and w.lstrip("[") not in options]
+    assert not wrong, f"commands shown in the docs that `recsys` does not have: {wrong}"
+
+
+def test_make_targets_configs_and_modules_in_the_docs_exist():
+    import importlib.util
+
+    from pipeline_lib.config import load_config
+
+    text = _doc_text()
+    targets = set(re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), re.M))
+    shown = set(re.findall(r"(?:^|`)make ([a-z]+)\b", text, re.M))  # in code, not in prose
+    assert {"run", "test"} <= shown and shown <= targets, f"make targets not in the Makefile: {shown - targets}"
+    configs = set(re.findall(r"\b(configs/[\w/.-]+\.yaml)\b", text))
+    assert "configs/examples/session.yaml" in configs
+    for cfg in sorted(configs):
+        load_config(ROOT / cfg)  # exists and validates
+    for module in sorted(set(re.findall(r"python -m ([\w.]+)", text))):
+        assert importlib.util.find_spec(module) is not None, f"python -m {module}: no such module"
