@@ -149,8 +149,10 @@ def _models(cls: type[BaseModel], found: Optional[dict] = None) -> dict[str, typ
     return found
 
 
-def _default_of(cls: type[BaseModel], name: str) -> Any:
+def _default_of(cls: Optional[type[BaseModel]], name: str, prop: dict) -> Any:
     """The default of one key (``default_factory`` called), JSON-like; ``_MISSING`` when required."""
+    if cls is None or name not in cls.model_fields:  # a renamed model or an alias: the schema's default
+        return prop.get("default", _MISSING)
     info = cls.model_fields[name]
     if info.is_required():
         return _MISSING
@@ -183,7 +185,7 @@ class _Ctx:
 
 def _walk(path: str, node: dict, note: str, ctx: _Ctx) -> None:
     """Append the section of one object node, then (depth first) those of its nested objects."""
-    cls = ctx.models[node["title"]]
+    cls = ctx.models.get(node.get("title", ""))
     text = "\n\n".join(part for part in (note, _rst_to_md(node.get("description", ""))) if part)
     section = Section(path=path, text=text)
     ctx.out.append(section)
@@ -191,7 +193,7 @@ def _walk(path: str, node: dict, note: str, ctx: _Ctx) -> None:
     for name, prop in node["properties"].items():
         key = f"{path}.{name}" if path else name
         inner, nullable = _split_null(prop, ctx.defs)
-        default = _default_of(cls, name)
+        default = _default_of(cls, name, prop)
         items = _resolve(inner.get("items", {}), ctx.defs) if inner.get("type") == "array" else {}
         own = prop.get("description", "")
         if _is_object(items):
