@@ -213,7 +213,7 @@ def query_commands(model_name: str, host: str, http_port: int, grpc_port: int, a
     head = f"curl -s {url} -H 'Content-Type: application/json'"
     if request_file is not None:
         out["curl"] = f"{head} -d @{shlex.quote(str(request_file))}"
-    if body is not None:  # one input per line, as in the README
+    if body is not None:  # one input per line, as in docs/serving.md
         lines = ",\n    ".join(json.dumps(i, separators=(", ", ": ")) for i in body["inputs"])
         out["curl_inline"] = f"{head} -d " + shlex.quote('{"inputs": [\n    ' + lines + "\n]}")
     return out
