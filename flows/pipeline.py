@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 
 from pipeline_lib import (data, etl, evaluation, export, gate, lineage, report, repository, retrieval, serving, smoke,
-                          topk, train, validate)
+                          topk, train, tune, validate)
 from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.paths import RunPaths, new_run
 
@@ -116,6 +116,17 @@ def run_etl(cfg: RunConfig, paths: RunPaths, raw_path: Path) -> etl.EtlOutput:
     hist = _history_length(cfg)
     split = etl.split_raw(raw_path, cfg.split, cfg.columns, cfg.seed, paths.split, history_length=hist)
     return etl.fit_transform(cfg.columns, cfg.etl, split, paths.transformed, history=bool(hist))
+
+
+@task(name="tune", cache_policy=NO_CACHE)
+def run_tune(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput) -> tune.TuneResult:
+    """Optional (tune.enabled): search the model's hyperparameters; training then uses the best."""
+    result = tune.run_study(cfg, etl_out, paths.root / "tune")
+    create_table_artifact(key="tune-trials", table=report.compact_table(result.trials),
+                          description=f"every tuning trial: validation {result.metric}, state, seconds, params")
+    create_markdown_artifact(key="tune-history", markdown=tune.history_markdown(result),
+                             description="hyperparameter search: best trial and optimisation history")
+    return result
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -263,6 +274,9 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     etl_out = timed("etl", run_etl, cfg, paths, raw_path)
     if not etl_out.workflow_dir.exists():  # cached result whose run folder was deleted: recompute
         etl_out = timed("etl", run_etl.with_options(refresh_cache=True), cfg, paths, raw_path)
+    tuned = timed("tune", run_tune, cfg, paths, etl_out) if cfg.tune.enabled else None
+    if tuned is not None:
+        cfg = cfg.model_copy(update={"model": tuned.best_model})  # every later stage uses the best trial's config
     model, baselines = timed("train", run_train, cfg, paths, etl_out)
     ranker = timed("train-ranker", run_train_ranker, cfg, paths, etl_out) if cfg.model.retrieval.rerank_with else None
     learning_curve_artifact([(cfg.model.type, model.metrics_path),
@@ -282,6 +296,8 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
                  "served": decision.served, "served_version": decision.served_version, "reason": decision.reason},
         "stage_seconds": timings,
     }
+    if tuned is not None:
+        summary["tune"] = tuned.summary()
     create_table_artifact(key="metrics", table=report.metric_rows(summary["metrics"]) + baseline_rows(baselines),
                           description="validation metrics of this run's model and its baselines (4 significant digits)")
     rows = _valid_sample(cfg, etl_out, cfg.serving.smoke_rows)
