@@ -129,6 +129,15 @@ def run_tune(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput) -> tune.Tu
     return result
 
 
+def maybe_tune(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput,
+               timed) -> tuple[RunConfig, Optional[tune.TuneResult]]:
+    """With tune.enabled: the tune task, and the config every later stage uses (the best trial's model)."""
+    if not cfg.tune.enabled:
+        return cfg, None
+    tuned = timed("tune", run_tune, cfg, paths, etl_out)
+    return cfg.model_copy(update={"model": tuned.best_model}), tuned
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def run_train(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput):
     """Train, then score the family's baselines on the same split (``model.metrics["baselines"]``, ``["lift"]``)."""
@@ -274,9 +283,7 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     etl_out = timed("etl", run_etl, cfg, paths, raw_path)
     if not etl_out.workflow_dir.exists():  # cached result whose run folder was deleted: recompute
         etl_out = timed("etl", run_etl.with_options(refresh_cache=True), cfg, paths, raw_path)
-    tuned = timed("tune", run_tune, cfg, paths, etl_out) if cfg.tune.enabled else None
-    if tuned is not None:
-        cfg = cfg.model_copy(update={"model": tuned.best_model})  # every later stage uses the best trial's config
+    cfg, tuned = maybe_tune(cfg, paths, etl_out, timed)
     model, baselines = timed("train", run_train, cfg, paths, etl_out)
     ranker = timed("train-ranker", run_train_ranker, cfg, paths, etl_out) if cfg.model.retrieval.rerank_with else None
     learning_curve_artifact([(cfg.model.type, model.metrics_path),
@@ -295,9 +302,8 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
         "gate": {"promote": decision.promote, "metric": decision.metric, "candidate": decision.candidate,
                  "served": decision.served, "served_version": decision.served_version, "reason": decision.reason},
         "stage_seconds": timings,
+        **({"tune": tuned.summary()} if tuned else {}),
     }
-    if tuned is not None:
-        summary["tune"] = tuned.summary()
     create_table_artifact(key="metrics", table=report.metric_rows(summary["metrics"]) + baseline_rows(baselines),
                           description="validation metrics of this run's model and its baselines (4 significant digits)")
     rows = _valid_sample(cfg, etl_out, cfg.serving.smoke_rows)

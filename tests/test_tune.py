@@ -180,3 +180,13 @@ def _artifacts(flow_run_id) -> dict:
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
 
     return {a.key: a for a in asyncio.run(read())}
+
+
+def test_run_summary_names_the_best_trial():
+    from pipeline_lib import report
+
+    s = {"tune": {"metric": "auc", "best_trial": 5, "best_value": 0.7123456, "n_trials": 8,
+                  "best_params": {"learning_rate": 0.00123456, "embedding_dim": 16}}}
+    assert report.tune_line(s) == ("tune: best of 8 trials is #5, validation auc 0.7123 "
+                                   "(learning_rate=0.001235, embedding_dim=16); trained with it")
+    assert report.tune_line({}) is None
