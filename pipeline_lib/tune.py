@@ -48,7 +48,7 @@ class TuneResult:
     best_value: float
     best_params: dict
     best_model: ModelConfig
-    trials: pd.DataFrame  # one row per trial: number, state, value, seconds, <params>, note
+    trials: pd.DataFrame  # one row per trial: number, state, value (pruned: last per-epoch value), seconds, <params>, note
     out_dir: Path
     seconds: float = 0.0
 
@@ -271,11 +271,11 @@ def plot_history(trials: pd.DataFrame, metric: str, direction: str, path: Path, 
     best = values.cummax() if direction == "maximize" else values.cummin()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(done["number"], values, "o", label=f"trial {metric}")
-    ax.step(done["number"], best, "-", where="post", color="C1", label="best so far")
+    last = int(trials["number"].max())  # the best-so-far line runs to the last trial
+    ax.step([*done["number"], last], [*best, best.iloc[-1]], "-", where="post", color="C1", label="best so far")
     other = trials[trials["state"] != "COMPLETE"]
     if len(other):
-        ax.plot(other["number"], [values.min()] * len(other), "x", color="grey",
-                label="pruned / failed (no value)")
+        ax.plot(other["number"], [values.min()] * len(other), "x", color="grey", label="pruned / failed")
     ax.set_xlabel("trial")
     ax.set_ylabel(f"validation {metric}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
