@@ -532,8 +532,8 @@ class TuneConfig(_Strict):
     space: dict[str, list] = Field(
         default_factory=dict,
         description="search-space overrides by parameter, e.g. learning_rate: [1e-4, 1e-2] (a range for float/int "
-        "parameters, low == high pins it) or embedding_dim: [16, 32] (the choices); tunable parameters: "
-        + "; ".join(f"{k}: {', '.join(v)}" for k, v in TUNABLE.items()),
+        "parameters, low == high pins it) or embedding_dim: [16, 32] (the choices); the parameters of each "
+        "model.type and their default ranges: docs/tuning.md",
     )
 
     @field_validator("space")
