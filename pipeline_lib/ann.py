@@ -142,6 +142,12 @@ def ann_recall(exact_idx: np.ndarray, ann_idx: np.ndarray) -> float:
     return float(np.mean(hits) / exact_idx.shape[1])
 
 
+def no_index_info(cfg: AnnConfig, n_items: int) -> dict[str, Any]:
+    """spec.json's ``ann`` of a version ``cfg`` gives no index (exact search)."""
+    return {"mode": cfg.mode, "n_items": int(n_items), "min_items": cfg.min_items, "index": "exact",
+            "reason": f"mode {cfg.mode}, {n_items} items (auto: an index above {cfg.min_items})"}
+
+
 def export_index(art_dir: Path, items: np.ndarray, queries: np.ndarray, exclude: Optional[list[np.ndarray]],
                  k: int, cfg: AnnConfig) -> dict[str, Any]:
     """Build, check and save the version's index (``art_dir/items.faiss``) when ``cfg`` asks for one.
@@ -151,7 +157,7 @@ def export_index(art_dir: Path, items: np.ndarray, queries: np.ndarray, exclude:
     n = int(len(items))
     info: dict[str, Any] = {"mode": cfg.mode, "n_items": n, "min_items": cfg.min_items}
     if not wants_index(cfg, n):
-        return {**info, "index": "exact", "reason": f"mode {cfg.mode}, {n} items (index above {cfg.min_items})"}
+        return no_index_info(cfg, n)
     t0 = time.perf_counter()
     index = build_index(items, cfg.nlist or default_nlist(n), cfg.seed)
     nprobe = set_nprobe(index, cfg.nprobe)

@@ -373,6 +373,8 @@ def export_topk(
 def _attach_index(rec: TopKRecommender, art: Path, sample: pd.DataFrame, n: int, cfg: AnnConfig) -> dict:
     """Build the version's ANN index when ``cfg`` asks for one, check its recall@n against exact top-k on
     the held-out ``sample`` (:func:`ann.export_index`) and let ``rec`` search it; spec.json's ``ann``."""
+    if not ann.wants_index(cfg, len(rec.item_emb)):
+        return ann.no_index_info(cfg, len(rec.item_emb))  # no query rows encoded for nothing
     info = ann.export_index(art, rec.item_emb, rec.query_embeddings(sample), rec._excluded_frame(sample), n, cfg)
     rec.index = ann.load_version_index(art, info)
     return info
