@@ -185,7 +185,7 @@ def run_export(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, model, r
             _valid_sample(cfg, etl_out, cfg.export.parity_rows), cfg.columns, r.k, paths.ensemble,
             cfg.export.model_name, 1, ranker_dir=ranker.model_dir if ranker else None, candidates=r.candidates,
             atol=cfg.export.parity_atol, run_info={"run_dir": str(paths.root), "metrics": model.metrics},
-            max_request_rows=cfg.export.max_request_rows, exclude_seen=r.exclude_seen,
+            max_request_rows=cfg.export.max_request_rows, exclude_seen=r.exclude_seen, ann_config=r.ann,
         )
     return export.export_ensemble(
         etl_out.workflow_dir, model.model_dir, _valid_sample(cfg, etl_out, cfg.export.parity_rows),
@@ -304,6 +304,8 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
         "stage_seconds": timings,
         **({"tune": tuned.summary()} if tuned else {}),
     }
+    if cfg.model.is_retrieval:  # exact or FAISS top-k, and the index's recall measured at export (docs/ann.md)
+        summary["ann"] = exp.parity.get("ann")
     create_table_artifact(key="metrics", table=report.metric_rows(summary["metrics"]) + baseline_rows(baselines),
                           description="validation metrics of this run's model and its baselines (4 significant digits)")
     rows = _valid_sample(cfg, etl_out, cfg.serving.smoke_rows)

@@ -272,6 +272,25 @@ RANKING_METRICS = ("auc", "logloss")
 RETRIEVAL_METRICS = ("recall", "ndcg", "mrr", "precision")
 
 
+class AnnConfig(_Strict):
+    """Approximate top-k (FAISS IVF-Flat, inner product) for large catalogues; docs/ann.md."""
+
+    mode: Literal["auto", "exact", "faiss"] = Field(
+        "auto", description="auto: a FAISS index when the catalogue has more than min_items items, else exact "
+        "brute force; exact: never an index; faiss: always one (any catalogue size)"
+    )
+    min_items: int = Field(100_000, ge=1, description="auto: catalogues larger than this get an index")
+    nlist: Optional[int] = Field(
+        None, ge=1, description="IVF lists (k-means centroids); default sqrt(items), at most items/39"
+    )
+    nprobe: int = Field(64, ge=1, description="lists scanned per query (capped at nlist; nprobe = nlist is exact)")
+    min_recall: float = Field(
+        0.95, ge=0.0, le=1.0, description="export measures the index's recall@k against exact top-k on the "
+        "held-out parity rows; below this the version is exported without the index (exact search, logged)"
+    )
+    seed: int = Field(0, description="seed of the k-means training (the index is deterministic)")
+
+
 class RetrievalConfig(_Strict):
     """Retrieval models (two_tower, youtube_dnn, mf): training, top-k serving, the optional ranking stage."""
 
@@ -300,6 +319,7 @@ class RetrievalConfig(_Strict):
         True, description="the served (and offline) top-k never returns a known user's training items; unknown "
         "users get no exclusion (a request may also list item ids to exclude: input exclude_item_ids)"
     )
+    ann: AnnConfig = Field(default_factory=AnnConfig, description="approximate top-k index (FAISS) for large catalogues")
 
 
 class ModelConfig(_Strict):
