@@ -313,7 +313,7 @@ class ModelConfig(_Strict):
     )
     cross_depth: int = Field(2, ge=1, description="DCN-v2: number of cross layers")
     embedding_l2: float = Field(
-        1e-3, ge=0, description="L2 penalty on every embedding table (and Wide&Deep's wide weights): rare ids are "
+        1e-4, ge=0, description="L2 penalty on every embedding table (and Wide&Deep's wide weights): rare ids are "
         "not memorised, unused rows (out-of-vocabulary) shrink to zero",
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each hidden layer of the MLPs")
