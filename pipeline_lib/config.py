@@ -332,12 +332,17 @@ class ModelConfig(_Strict):
         default_factory=lambda: [64, 32], description="DLRM top MLP; the deep MLP of DCN-v2, DeepFM and Wide&Deep"
     )
     cross_depth: int = Field(2, ge=1, description="DCN-v2: number of cross layers")
+    embedding_l2: float = Field(
+        1e-4, ge=0, description="L2 penalty on every embedding table (and Wide&Deep's wide weights): rare ids are "
+        "not memorised, unused rows (out-of-vocabulary) shrink to zero",
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each hidden layer of the MLPs")
     optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
-    learning_rate: float = Field(3e-3, gt=0)
+    learning_rate: float = Field(6e-3, gt=0)
     batch_size: int = Field(1024, ge=1)
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(10, ge=1, description="at most this many; early_stopping_patience usually stops sooner")
     early_stopping_patience: Optional[int] = Field(
-        None, ge=1, description="stop when validation AUC (retrieval: recall@k) has not improved for this many epochs; the best epoch is kept"
+        1, ge=1, description="stop when validation AUC (retrieval: recall@k) has not improved for this many epochs; the best epoch is kept"
     )
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
 

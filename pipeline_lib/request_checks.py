@@ -2,7 +2,8 @@
 
 Triton itself rejects unknown or missing input names and wrong datatypes (against config.pbtxt);
 what it cannot know is how the inputs relate: equal row counts, valid ragged offsets, a non-empty
-batch within the size limit. Those are checked here, with the offending field named.
+batch within the size limit, and finite float inputs (``inf`` in a continuous feature; NaN is a
+missing value, filled by the workflow). Those are checked here, with the offending field named.
 
 :func:`error_response` turns an exception of a served model into Triton's error response: a
 :class:`BadRequest` as invalid-argument (HTTP 400, gRPC ``INVALID_ARGUMENT``), anything else as
@@ -86,6 +87,7 @@ def check_request(arrays: Mapping[str, np.ndarray], ragged: set[str], max_rows: 
     for name, arr in out.items():
         if not name.endswith(("__values", "__offsets")):
             rows[name] = len(arr)
+            _check_finite(name, arr)
     counts = set(rows.values())
     if len(counts) > 1:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(rows.items()))
@@ -96,6 +98,17 @@ def check_request(arrays: Mapping[str, np.ndarray], ragged: set[str], max_rows: 
     if n > max_rows:
         raise BadRequest(f"batch of {n} rows exceeds the limit of {max_rows} rows per request (export.max_request_rows)")
     return out
+
+
+def _check_finite(name: str, arr: np.ndarray) -> None:
+    """A continuous input may be NaN (missing: the workflow fills it) but never +-inf, which would
+    come out of the model as a NaN score."""
+    if arr.dtype.kind == "f":
+        inf = np.isinf(arr)
+        if inf.any():
+            first = int(np.flatnonzero(inf)[0])
+            raise BadRequest(f"input '{name}' has {int(inf.sum())} non-finite value(s) (e.g. row {first}: "
+                             f"{arr[first]}); send a finite number, or NaN for a missing value")
 
 
 def concat_requests(requests: list[dict[str, np.ndarray]], ragged: set[str]) -> tuple[dict[str, np.ndarray], list[int]]:
