@@ -485,6 +485,10 @@ class SessionConfig(_Strict):
     model: SessionModelConfig = Field(default_factory=SessionModelConfig)
     top_k: int = Field(10, ge=1, description="items returned per served session; Recall/NDCG/MRR cut-off")
     gate_metric: Literal["recall", "ndcg", "mrr"] = Field("recall", description="promotion gate metric (at top_k)")
+    exclude_seen: bool = Field(
+        True, description="never recommend an item already in the session so far (offline metrics, baselines and "
+        "served top-k); turn off where repeat consumption is expected (re-orders, replays)"
+    )
 
 
 class RunConfig(_Strict):

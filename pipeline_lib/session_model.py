@@ -200,12 +200,54 @@ def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, batch_size: int
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and scores of the k best items per row, best first; special indices excluded; ties by index."""
+def top_k(scores: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and scores of the k best items per row, best first; ties by index. Special indices
+    are never ranked above an item; ``exclude`` (per row, encoded indices, see :func:`exclusions`)
+    sets those items to -inf: a row left with fewer than k items gets them last, at -inf (as
+    :func:`pipeline_lib.retrieval.top_k`), and the special slots after them."""
+    s = mask_scores(scores, exclude, -np.inf)
+    real = np.argsort(-s[:, N_SPECIAL:], axis=1, kind="stable") + N_SPECIAL
+    order = np.concatenate([real, np.tile(np.arange(min(N_SPECIAL, s.shape[1])), (len(s), 1))], axis=1)[:, :k]
+    return order.astype(np.int64), np.take_along_axis(s, order, axis=1)
+
+
+def mask_scores(scores: np.ndarray, exclude: list[np.ndarray] | None, value: float = MASKED) -> np.ndarray:
+    """A copy of ``scores`` with the special slots and each row's excluded indices set to ``value``."""
     s = np.array(scores, dtype=np.float32, copy=True)
-    s[:, :N_SPECIAL] = -np.inf
-    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    return idx.astype(np.int64), np.take_along_axis(s, idx, axis=1)
+    s[:, :N_SPECIAL] = value
+    if exclude is not None:
+        lens = np.array([len(e) for e in exclude], dtype=np.int64)
+        if lens.sum():
+            s[np.repeat(np.arange(len(exclude)), lens), np.concatenate(exclude).astype(np.int64)] = value
+    return s
+
+
+def vocabulary_lookup(vocabulary: np.ndarray) -> pd.Index:
+    """Raw item id -> encoded index (position in the Index + ``N_SPECIAL``), from the decoded vocabulary."""
+    return pd.Index(np.asarray(vocabulary, dtype=object)[N_SPECIAL:], dtype=object)
+
+
+def exclusions(lookup: pd.Index, seen: list | None, extra: list | None, rows: int) -> list[np.ndarray] | None:
+    """Per row, the encoded items never to return: the session's own raw item ids so far (``seen``,
+    when ``session.exclude_seen``) and the request's ``exclude_item_ids`` (``extra``). Unknown ids
+    (not in the training vocabulary) are ignored. None when nothing is excluded."""
+    out, found = [], False
+    for i in range(rows):
+        ids = [v for part in (seen, extra) if part is not None for v in _as_list(part[i])]
+        if not ids:
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        raw = np.array([v.decode("utf-8") if isinstance(v, bytes) else v for v in ids], dtype=object)
+        pos = lookup.get_indexer(raw)
+        out.append(np.unique(pos[pos >= 0]).astype(np.int64) + N_SPECIAL)
+        found = found or len(out[-1]) > 0
+    return out if found else None
+
+
+def _as_list(v) -> list:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return []
+    return list(v)
 
 
 # --- metrics (Merlin's) and baselines ----------------------------------------------------------------
@@ -257,9 +299,10 @@ def baseline_scores(train_lists: pd.Series, last_items: np.ndarray, n_items: int
 
 
 def evaluate(workflow, model_dir: Path, valid_sessions: pd.DataFrame, train_transformed: pd.DataFrame,
-             cols: SessionColumns, k: int, n_items: int) -> dict:
-    """Model vs baselines on the last item of every held-out session (prefix = the events before it)."""
-    from pipeline_lib.sessions import prefixes
+             cols: SessionColumns, k: int, n_items: int, exclude_seen: bool = True) -> dict:
+    """Model vs baselines on the last item of every held-out session (prefix = the events before it).
+    ``exclude_seen``: the prefix's own items are never recommended, by the model and by the baselines."""
+    from pipeline_lib.sessions import item_vocabulary, prefixes
 
     req, _ = prefixes(valid_sessions, cols)
     # targets in the model's index space: encode the full held-out sessions with the same workflow
@@ -267,11 +310,16 @@ def evaluate(workflow, model_dir: Path, valid_sessions: pd.DataFrame, train_tran
     targets = full[cols.item_id].map(lambda v: int(v[-1])).to_numpy()
     enc_prefix = raw_to_transformed(workflow, req)
     last_items = enc_prefix[cols.item_id].map(lambda v: int(v[-1])).to_numpy()
-    results = {"model": topk_metrics(offline_scores(workflow, model_dir, req), targets, k)}
+    lookup = vocabulary_lookup(item_vocabulary(workflow, cols.item_id))
+    excl = exclusions(lookup, req[cols.item_id].tolist(), None, len(req)) if exclude_seen else None
+    results = {"model": topk_metrics(mask_scores(offline_scores(workflow, model_dir, req), excl), targets, k)}
     for name, s in baseline_scores(train_transformed[cols.item_id], last_items, n_items).items():
-        results[name] = topk_metrics(s, targets, k)
+        results[name] = topk_metrics(mask_scores(s, excl), targets, k)
     results["n_sessions"] = int(len(targets))
     results["target_oov_rate"] = float(np.mean(targets < N_SPECIAL))
+    seen = [set(v) for v in req[cols.item_id]]
+    results["target_in_prefix_rate"] = float(np.mean([t in p for t, p in zip(valid_sessions[cols.item_id].map(
+        lambda v: v[-1]), seen)])) if len(seen) else 0.0
     return results
 
 
@@ -290,14 +338,15 @@ def train_and_evaluate(etl_out, cfg, out_dir: Path) -> SessionTrainOutput:
     n_items = int(workflow.output_schema[s.columns.item_id].int_domain.max) + 1
     train_tf = pd.read_parquet(sorted(Path(etl_out.train_dir).glob("*.parquet"))[0])
     valid = pd.read_parquet(etl_out.split.valid)
-    results = evaluate(workflow, model_dir, valid, train_tf, s.columns, s.top_k, n_items)
+    results = evaluate(workflow, model_dir, valid, train_tf, s.columns, s.top_k, n_items, s.exclude_seen)
     k = s.top_k
     metrics = {
         "model": f"session_{s.model.type}",
         **{f"{m}@{k}": results["model"][f"{m}@{k}"] for m in ("recall", "ndcg", "mrr")},
         "baselines": {n: results[n] for n in ("most_popular", "cooccurrence")},
         "n_train": int(len(train_tf)), "n_valid": results["n_sessions"], "n_items": n_items,
-        "target_oov_rate": results["target_oov_rate"], "epochs_run": len(history.get("loss", [])),
+        "target_oov_rate": results["target_oov_rate"], "exclude_seen": s.exclude_seen,
+        "target_in_prefix_rate": results["target_in_prefix_rate"], "epochs_run": len(history.get("loss", [])),
         "train_seconds": round(train_s, 1),
     }
     metrics_path = out_dir / "metrics.json"
