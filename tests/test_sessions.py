@@ -283,7 +283,8 @@ def test_user_event_log_from_csv_with_an_items_table(tmp_path):
 
 @pytest.mark.integration
 def test_string_item_ids_are_served_like_offline(tmp_path):
-    """Item ids as strings (BYTES on the wire, in and out): Triton's top-k == offline top-k."""
+    """Item ids as strings (BYTES on the wire, in and out): Triton's top-k == offline top-k, with the
+    session's own items excluded (session.exclude_seen, default on) and with extra exclude_item_ids."""
     from pipeline_lib import export as ranking_export, repository, session_model, session_serving_model as ssm
     from pipeline_lib.serving import TritonServer
     from pipeline_lib.session_client import SessionClient
@@ -303,16 +304,26 @@ def test_string_item_ids_are_served_like_offline(tmp_path):
     repository.promote(repo, "sess", 1)
     import nvtabular as nvt
 
-    want_ids, want_scores = ssm.offline_topk(nvt.Workflow.load(str(etl_out.workflow_dir)), model.model_dir, req, "item_id", 5)
+    wf = nvt.Workflow.load(str(etl_out.workflow_dir))
+    want_ids, want_scores = ssm.offline_topk(wf, model.model_dir, req, "item_id", 5)
     assert all(isinstance(v, str) and v.startswith("sku-") for v in want_ids.ravel())
+    assert not any(set(r) & set(p) for r, p in zip(want_ids.tolist(), req["item_id"]))  # never an item of the session
+    plain_ids, _ = ssm.offline_topk(wf, model.model_dir, req, "item_id", 5, exclude_seen=False)
+    assert any(set(r) & set(p) for r, p in zip(plain_ids.tolist(), req["item_id"]))  # without it they come back
+    more = req.assign(exclude_item_ids=[list(r[:2]) + ["sku-unknown"] for r in want_ids.tolist()])
+    more_ids, more_scores = ssm.offline_topk(wf, model.model_dir, more, "item_id", 5)
+    assert [r[:3] for r in more_ids.tolist()] == [r[2:] for r in want_ids.tolist()]  # the next best move up
     server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log")
     with server.start(timeout_s=240, models=["sess"]):
         for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             with SessionClient(url, proto, "sess") as client:
                 ids, scores = client.recommend(req)
+                got_more = client.recommend(more)
                 _assert_bad_requests_are_client_errors(client, req, proto)
             assert ids.tolist() == want_ids.tolist()
             np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+            assert got_more[0].tolist() == more_ids.tolist()
+            np.testing.assert_allclose(got_more[1], more_scores, atol=1e-5, rtol=0)
     assert ranking_export.load_version(repo / "sess" / "1") is not None
 
 
@@ -333,5 +344,17 @@ def _assert_bad_requests_are_client_errors(client, req: pd.DataFrame, protocol: 
     assert err.value.message() == f"bad request: input '{offsets}' must start at 0 (got [{int(arrays[offsets][0])}])"
     with pytest.raises(BadRequestError, match=r"^\[[\w.]+\] bad request: empty batch: the request has 0 rows$") as err:
         client.recommend(req.head(0))
+    assert err.value.status() == status
+    # a bad exclude_item_ids list: one half only, or fewer rows than the sessions -> invalid argument
+    half = client.to_arrays(req.head(3))
+    half["exclude_item_ids__values"] = np.array([b"sku-1"], dtype=object)
+    with pytest.raises(InferenceServerException, match="exclude_item_ids__values' without its other half") as err:
+        client._client.infer(client.model_name, client.inputs_from_arrays(half))
+    assert err.value.status() == status
+    short = req.head(3).assign(exclude_item_ids=[["sku-1"], [], []])
+    arrays = client.to_arrays(short)
+    arrays["exclude_item_ids__offsets"] = arrays["exclude_item_ids__offsets"][:-1].copy()  # 2 rows, not 3
+    with pytest.raises(InferenceServerException, match="different row counts") as err:
+        client._client.infer(client.model_name, client.inputs_from_arrays(arrays))
     assert err.value.status() == status
     assert client.recommend(req.head(2))[0].shape[0] == 2
