@@ -474,6 +474,7 @@ class SessionModelConfig(_Strict):
     learning_rate: float = Field(3e-3, gt=0)
     batch_size: int = Field(128, ge=1)
     epochs: int = Field(10, ge=1)
+    tie_weights: bool = Field(False, description="score items with the input item embeddings (weight tying)")
 
 
 class SessionConfig(_Strict):

@@ -125,17 +125,27 @@ def item_column(schema, cols: SessionColumns):
     return schema[cols.item_id]
 
 
-def build_session_model(schema, cfg: SessionModelConfig, cols: SessionColumns, max_length: int):
+def build_session_model(schema, cfg: SessionModelConfig, cols: SessionColumns, max_length: int, tie=None):
+    """``tie`` (default ``cfg.tie_weights``): the output layer scores items with the input item-id
+    embedding table (plus a per-item bias), the session state projected to ``embedding_dim``."""
     import merlin.models.tf as mm
+    from merlin.models.tf.outputs.classification import EmbeddingTablePrediction
     from merlin.schema import Tags
 
+    tf = _tf()
+    tie = cfg.tie_weights if tie is None else tie
     seq = schema.select_by_tag(Tags.SEQUENCE)
     cats = seq.select_by_tag(Tags.CATEGORICAL)
     dims = {c: (cfg.embedding_dim if c == cols.item_id else max(4, cfg.embedding_dim // 4)) for c in cats.column_names}
-    input_block = mm.InputBlockV2(seq, categorical=mm.Embeddings(cats, dim=dims, sequence_combiner=None))
+    embeddings = mm.Embeddings(cats, dim=dims, sequence_combiner=None)
+    input_block = mm.InputBlockV2(seq, categorical=embeddings)
     encoder = _encoder_class()(cfg.type, cfg.hidden_dim, cfg.num_layers, cfg.num_heads, cfg.dropout, max_length,
                                name="session_encoder")
-    return mm.Model(input_block, encoder, mm.CategoricalOutput(item_column(schema, cols)))
+    if not tie:
+        return mm.Model(input_block, encoder, mm.CategoricalOutput(item_column(schema, cols)))
+    project = tf.keras.layers.Dense(cfg.embedding_dim, name="to_item_space")
+    table = EmbeddingTablePrediction(embeddings[cols.item_id], use_bias=True)
+    return mm.Model(input_block, encoder, project, mm.CategoricalOutput(to_call=table))
 
 
 @dataclass
