@@ -145,7 +145,7 @@ def build_session_model(schema, cfg: SessionModelConfig, cols: SessionColumns, m
         return mm.Model(input_block, encoder, mm.CategoricalOutput(item_column(schema, cols)))
     project = tf.keras.layers.Dense(cfg.embedding_dim, name="to_item_space")
     table = EmbeddingTablePrediction(embeddings[cols.item_id], use_bias=True)
-    return mm.Model(input_block, encoder, project, mm.CategoricalOutput(to_call=table))
+    return mm.Model(input_block, encoder, project, mm.CategoricalOutput(to_call=table, target_name=cols.item_id))
 
 
 @dataclass
@@ -157,8 +157,10 @@ class SessionTrainOutput:
 
 
 def train_session_model(train_dir: Path, cfg: SessionModelConfig, cols: SessionColumns, max_length: int, seed: int,
-                        out_dir: Path):
-    """Fit with ``mm.SequencePredictNext`` and save the SavedModel; returns (model, model_dir, history)."""
+                        out_dir: Path, k: int = 10):
+    """Fit with ``mm.SequencePredictNext`` and save the SavedModel; returns (model, model_dir, history).
+    With ``cfg.validation_fraction`` > 0 that share of the training sessions is held out of the fit to
+    pick the epoch (:func:`early_stopping`)."""
     tf = _tf()
     import merlin.models.tf as mm
     from merlin.io import Dataset
@@ -167,20 +169,87 @@ def train_session_model(train_dir: Path, cfg: SessionModelConfig, cols: SessionC
     tf.keras.utils.set_random_seed(seed)
     ds = Dataset(str(train_dir), engine="parquet")
     schema = ds.schema.select_by_tag(Tags.SEQUENCE)
+    n_items = int(schema[cols.item_id].int_domain.max) + 1
+    frame = pd.read_parquet(sorted(Path(train_dir).glob("*.parquet"))[0])
+    stop = np.random.default_rng(seed).random(len(frame)) < cfg.validation_fraction
+    fit_ds = Dataset(frame.loc[~stop].reset_index(drop=True), schema=ds.schema, cpu=True) if stop.any() else ds
     model = build_session_model(schema, cfg, cols, max_length)
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=cfg.learning_rate), run_eagerly=False)
-    loader = mm.Loader(ds, batch_size=cfg.batch_size, shuffle=True, schema=schema)
+    loader = mm.Loader(fit_ds, batch_size=cfg.batch_size, shuffle=True, schema=schema)
+    if cfg.popularity_prior:
+        init_output_bias(model, loader, frame.loc[~stop, cols.item_id], n_items)
     from pipeline_lib.progress import epoch_logger
 
-    log.info("training session_%s: %d epochs over %d sessions (batch %d)", cfg.type, cfg.epochs, ds.num_rows,
-             cfg.batch_size)
-    hist = model.fit(loader, epochs=cfg.epochs, verbose=0, callbacks=[epoch_logger(cfg.epochs, log)],
+    callbacks = [epoch_logger(cfg.epochs, log)]
+    if stop.any():
+        callbacks.insert(0, early_stopping(frame.loc[stop], ds.schema, cols.item_id, k, cfg.early_stopping_patience))
+    log.info("training session_%s: up to %d epochs over %d sessions (batch %d)", cfg.type, cfg.epochs,
+             int((~stop).sum()), cfg.batch_size)
+    hist = model.fit(loader, epochs=cfg.epochs, verbose=0, callbacks=callbacks,
                      pre=mm.SequencePredictNext(schema=schema, target=cols.item_id))
-    history = {k: [float(x) for x in v] for k, v in hist.history.items()}
+    history = {key: [float(x) for x in v] for key, v in hist.history.items()}
+    if stop.any():
+        history["best_epoch"] = callbacks[0].best_epoch
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = out_dir / "model"
     model.save(str(model_dir))
     return model, model_dir, history
+
+
+def early_stopping(sessions: pd.DataFrame, schema, item_col: str, k: int, patience: int):
+    """A Keras callback: after every epoch, Recall@k of the model on ``sessions`` (transformed training
+    sessions kept out of the fit: prefix in, last item as target, the prefix's items excluded); logs it
+    as ``val_recall``, stops after ``patience`` epochs without improvement and restores the best weights."""
+    tf = _tf()
+    import merlin.models.tf as mm
+    from merlin.io import Dataset
+
+    prefix = sessions.reset_index(drop=True).copy()
+    targets = prefix[item_col].map(lambda v: int(v[-1])).to_numpy()
+    for c in prefix.columns:
+        if prefix[c].map(lambda v: hasattr(v, "__len__")).all():
+            prefix[c] = prefix[c].map(lambda v: list(v)[:-1])
+    excl = [np.asarray(v, dtype=np.int64) for v in prefix[item_col]]
+
+    class EarlyStopping(tf.keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best, self.best_epoch, self.best_weights, self.wait = -1.0, 0, None, 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            out = []
+            for x, _ in mm.Loader(Dataset(prefix, schema=schema, cpu=True), batch_size=1024, shuffle=False):
+                pred = self.model(x)
+                out.append(np.asarray(next(iter(pred.values())) if isinstance(pred, dict) else pred))
+            recall = topk_metrics(mask_scores(np.concatenate(out), excl), targets, k)[f"recall@{k}"]
+            if logs is not None:
+                logs["val_recall"] = recall
+            if recall > self.best:
+                self.best, self.best_epoch, self.best_weights, self.wait = recall, epoch + 1, self.model.get_weights(), 0
+            else:
+                self.wait += 1
+                self.model.stop_training = self.wait >= patience > 0
+
+        def on_train_end(self, logs=None):
+            if self.best_weights is not None:
+                self.model.set_weights(self.best_weights)
+
+    return EarlyStopping()
+
+
+def init_output_bias(model, loader, train_lists: pd.Series, n_items: int) -> None:
+    """Start the output layer's per-item bias at the log training frequency of each item (add-one),
+    so the untrained model already ranks like the most-popular baseline and training fits what the
+    session adds to it (with a zero bias, the first epochs are spent learning popularity)."""
+    inputs, _ = next(iter(loader))
+    model(inputs)  # builds every layer
+    biases = [v for v in model.trainable_variables if "bias" in v.name and tuple(v.shape) == (n_items,)]
+    if not biases:
+        log.warning("no output bias of %d items found: the popularity prior is not applied", n_items)
+        return
+    bias = biases[-1]
+    counts = popularity_scores(train_lists, n_items).astype(np.float64) + 1.0
+    bias.assign(np.log(counts / counts.sum()).astype(np.float32))
 
 
 # --- scoring: the offline path that serving reproduces ----------------------------------------------
@@ -342,8 +411,9 @@ def train_and_evaluate(etl_out, cfg, out_dir: Path) -> SessionTrainOutput:
     s = cfg.session
     t0 = time.perf_counter()
     model, model_dir, history = train_session_model(etl_out.train_dir, s.model, s.columns, s.etl.max_session_length,
-                                                    cfg.seed, out_dir)
+                                                    cfg.seed, out_dir, s.top_k)
     train_s = time.perf_counter() - t0
+    best_epoch = history.pop("best_epoch", None)
     workflow = nvt.Workflow.load(str(etl_out.workflow_dir))
     n_items = int(workflow.output_schema[s.columns.item_id].int_domain.max) + 1
     train_tf = pd.read_parquet(sorted(Path(etl_out.train_dir).glob("*.parquet"))[0])
@@ -356,7 +426,7 @@ def train_and_evaluate(etl_out, cfg, out_dir: Path) -> SessionTrainOutput:
         "baselines": {n: results[n] for n in ("most_popular", "cooccurrence")},
         "n_train": int(len(train_tf)), "n_valid": results["n_sessions"], "n_items": n_items,
         "target_oov_rate": results["target_oov_rate"], "exclude_seen": s.exclude_seen,
-        "target_in_prefix_rate": results["target_in_prefix_rate"], "epochs_run": len(history.get("loss", [])),
+        "target_in_prefix_rate": results["target_in_prefix_rate"], "epochs_run": len(history.get("loss", [])), "best_epoch": best_epoch,
         "train_seconds": round(train_s, 1),
     }
     metrics_path = out_dir / "metrics.json"

@@ -239,15 +239,26 @@ def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp
     want_ids, want_scores = offline_topk(wf, run / "model" / "model", req, "item_id", 10)
     vocab = set(pd.read_parquet(run / "split" / "train.parquet")["item_id"].explode())
     assert set(want_ids.ravel()) <= vocab  # raw ids of trained items, never special/OOV slots
+    # session.exclude_seen (default on): never an item of the session so far, offline and served
+    assert not any(set(r) & set(p) for r, p in zip(want_ids.tolist(), req["item_id"]))
+    more = req.assign(exclude_item_ids=[list(r[:4]) + [987654] for r in want_ids.tolist()])  # + an unknown id
+    more_ids, more_scores = offline_topk(wf, run / "model" / "model", more, "item_id", 10)
+    assert [r[:6] for r in more_ids.tolist()] == [r[4:] for r in want_ids.tolist()]
+    metrics = json.loads((run / "model" / "metrics.json").read_text())
+    assert metrics["metrics"]["exclude_seen"] is True
+    assert metrics["baseline_comparison"]["protocol"]["exclude_seen"] is True  # baselines: the same protocol
     server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log", model_control="explicit", load_models=["recsys_session"])
     with server.start(timeout_s=240, models=["recsys_session"]):
         for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             with SessionClient(url, proto, "recsys_session") as client:
                 ids, scores = client.recommend(req)
                 one_ids, _ = client.recommend(req.head(1).to_dict(orient="records"))
+                got_more = client.recommend(more)
             np.testing.assert_array_equal(ids, want_ids)
             np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
             np.testing.assert_array_equal(one_ids, want_ids[:1])
+            np.testing.assert_array_equal(got_more[0], more_ids)
+            np.testing.assert_allclose(got_more[1], more_scores, atol=1e-5, rtol=0)
 
 
 def test_session_config_is_additive_and_the_example_loads():
