@@ -201,9 +201,10 @@ def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp
             "session": {"synthetic": {"n_sessions": 1500, "n_items": 150, "n_categories": 8},
                         "model": {"epochs": 1}}}
     config = os.path.join(root, "configs", "examples", "session.yaml")
-    worse = {**over, "run_name": "s2", "session": {**over["session"], "model": {"epochs": 1, "learning_rate": 1e-9}}}
+    untrained = {"epochs": 1, "learning_rate": 1e-9, "popularity_prior": False}
+    worse = {**over, "run_name": "s2", "session": {**over["session"], "model": untrained}}
     summary = pipeline(config_path=config, overrides=over)
-    refused = pipeline(config_path=config, overrides=worse)  # an untrained candidate must not replace v1
+    refused = pipeline(config_path=config, overrides=worse)  # an untrained (random) candidate must not replace v1
     g = refused["gate"]
     assert not g["promote"] and g["served_version"] == 1 and g["candidate"] < g["served"], g
     assert "serving-smoke-test" not in refused["stage_seconds"] and refused["predictions"] is None
