@@ -429,6 +429,10 @@ def train_and_evaluate(etl_out, cfg, out_dir: Path) -> SessionTrainOutput:
         "target_in_prefix_rate": results["target_in_prefix_rate"], "epochs_run": len(history.get("loss", [])), "best_epoch": best_epoch,
         "train_seconds": round(train_s, 1),
     }
+    if s.exclude_seen and results["target_in_prefix_rate"] > 0.1:
+        log.warning("%.0f%% of the held-out targets are items already in their session: with session.exclude_seen "
+                    "they are never recommended (repeat consumption; see docs/sessions.md)",
+                    100 * results["target_in_prefix_rate"])
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
     from pipeline_lib.train import plot_learning_curve
