@@ -12,14 +12,22 @@ The model is ``mm.Model(InputBlockV2 -> SessionEncoder -> CategoricalOutput(item
 - trained with ``mm.SequencePredictNext`` (targets = the sequence shifted by one, every position
   predicts the next item; causal encoders see only the past). At inference (and evaluation) the
   encoder returns the state of the *last* event: the logits over the item vocabulary are the
-  next-item scores of the session so far.
+  next-item scores of the session so far;
+- the output bias starts at the log training frequency of each item (``popularity_prior``): the
+  untrained model ranks like the most-popular baseline and training fits what the session adds.
+  Without it the first epochs only learn popularity, and on a log with little sequential signal
+  the model then memorises the training sessions before it ever beats popularity;
+- early stopping (``validation_fraction``, ``early_stopping_patience``): a random share of the
+  training sessions is kept out of the fit, their Recall@k is measured after each epoch
+  (``val_recall`` in the history) and the best epoch's weights are kept.
 
 Evaluation: every held-out session minus its last event goes through the fitted feature workflow
 and the trained SavedModel (the offline path that serving must reproduce); the last item is the
 target; Recall@k, NDCG@k and MRR@k come from Merlin's ``mm.RecallAt``/``mm.NDCGAt``/``mm.MRRAt``.
 The same metrics score two baselines on the same held-out prefixes: most-popular items (train
 frequency) and item-to-item transitions (next-item counts after the prefix's last item in train
-sessions, popularity as the fallback).
+sessions, popularity as the fallback). With ``session.exclude_seen`` (default on) the prefix's own
+items are masked for the model and both baselines alike (:func:`exclusions`, :func:`mask_scores`).
 """
 from __future__ import annotations
 

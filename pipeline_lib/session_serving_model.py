@@ -307,7 +307,7 @@ def score_version(version_dir: Path, sessions: pd.DataFrame, cols, k: int, batch
 
     ens = ranking_export.load_version(version_dir)
     req, targets = prefixes(sessions, cols)
-    missing = [c for c in ens.input_schema.column_names if c not in req.columns]
+    missing = [c for c in ens.input_schema.column_names if c not in req.columns and c != EXCLUDE_INPUT]
     if missing:
         raise KeyError(f"version {Path(version_dir).name} needs column(s) {missing}: not a session model for this data")
     parts = [ensemble_topk(ens, req.iloc[i:i + batch]) for i in range(0, len(req), batch)]
