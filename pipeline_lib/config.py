@@ -498,7 +498,14 @@ class SessionModelConfig(_Strict):
     dropout: float = Field(0.1, ge=0, lt=1)
     learning_rate: float = Field(3e-3, gt=0)
     batch_size: int = Field(128, ge=1)
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="at most; see validation_fraction")
+    validation_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of the training sessions kept out of the fit to pick the epoch (their "
+        "recall@top_k after each epoch); 0: every session trains, all epochs run")
+    early_stopping_patience: int = Field(2, ge=0, description="stop after this many epochs without a better "
+                                         "validation recall (the best epoch's weights are kept); 0: never stop early")
+    tie_weights: bool = Field(False, description="score items with the input item embeddings (weight tying)")
+    popularity_prior: bool = Field(True, description="start the output bias at the log training frequency of items")
 
 
 class SessionConfig(_Strict):
@@ -510,6 +517,10 @@ class SessionConfig(_Strict):
     model: SessionModelConfig = Field(default_factory=SessionModelConfig)
     top_k: int = Field(10, ge=1, description="items returned per served session; Recall/NDCG/MRR cut-off")
     gate_metric: Literal["recall", "ndcg", "mrr"] = Field("recall", description="promotion gate metric (at top_k)")
+    exclude_seen: bool = Field(
+        True, description="never recommend an item already in the session so far (offline metrics, baselines and "
+        "served top-k); turn off where repeat consumption is expected (re-orders, replays)"
+    )
 
 
 # -- the optional tune stage (pipeline_lib/tune.py) --------------------------------------------------
