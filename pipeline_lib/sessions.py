@@ -39,6 +39,27 @@ TIME_DELTA = "time_delta"  # feature-workflow output: log1p(seconds since the pr
 # --- the synthetic default ---------------------------------------------------------------------
 
 
+def _next_item(rng: np.random.Generator, r: float, cur: int, c: int, visited: set, succ: np.ndarray,
+               succ_w: np.ndarray, by_cat: list, p_cat: list, p_global: np.ndarray, cfg: SessionSyntheticConfig) -> int:
+    """One move of a session (successor, intent or popular item), never to an item the session
+    already holds: people rarely click the same item twice in a row of browsing, and the default
+    protocol (``session.exclude_seen``) never recommends it. Gives up after a few draws (tiny
+    catalogues) and then allows a revisit."""
+    for _ in range(8):
+        if r < cfg.p_successor:
+            w = np.where(np.isin(succ[cur], list(visited)), 0.0, succ_w[cur])
+            if w.sum() > 0:
+                return int(succ[cur, rng.choice(len(w), p=w / w.sum())])
+            r = cfg.p_successor  # every successor seen: an intent move instead
+        if r < cfg.p_successor + cfg.p_intent:
+            nxt = int(rng.choice(by_cat[c], p=p_cat[c]))
+        else:
+            nxt = int(rng.choice(len(p_global), p=p_global))
+        if nxt not in visited:
+            return nxt
+    return nxt
+
+
 def generate_sessions(cfg: SessionSyntheticConfig, seed: int) -> pd.DataFrame:
     """An event log with learnable sequential structure.
 
@@ -47,7 +68,7 @@ def generate_sessions(cfg: SessionSyntheticConfig, seed: int) -> pd.DataFrame:
     category, starts on an item of it, and then moves: with ``p_successor`` to a successor of the
     current item (a Markov transition), with ``p_intent`` to an item of the session's intent
     category (a session-level dependency a last-item model cannot see), otherwise to a globally
-    popular item (noise). Lengths are geometric (mean ``mean_length``) clipped to
+    popular item (noise), never to an item the session already holds (:func:`_next_item`). Lengths are geometric (mean ``mean_length``) clipped to
     ``[min_length, max_length]``; gaps between events are log-normal seconds.
     """
     rng = np.random.default_rng(seed)
@@ -83,14 +104,10 @@ def generate_sessions(cfg: SessionSyntheticConfig, seed: int) -> pd.DataFrame:
         c = intents[s]
         cur = rng.choice(by_cat[c], p=p_cat[c])
         items[pos] = cur
+        visited = {int(cur)}
         for j in range(1, lengths[s]):
-            r = u[pos + j]
-            if r < cfg.p_successor:
-                cur = succ[cur, rng.choice(S, p=succ_w[cur])]
-            elif r < cfg.p_successor + cfg.p_intent:
-                cur = rng.choice(by_cat[c], p=p_cat[c])
-            else:
-                cur = rng.choice(n, p=p_global)
+            cur = _next_item(rng, u[pos + j], cur, c, visited, succ, succ_w, by_cat, p_cat, p_global, cfg)
+            visited.add(int(cur))
             items[pos + j] = cur
         pos += lengths[s]
     gaps = np.exp(rng.normal(3.5, 1.0, total))  # seconds
