@@ -133,7 +133,12 @@ class SyntheticConfig(_Strict):
     n_segments: int = Field(8, ge=2, description="hidden user/item clusters driving affinity")
     n_tags: int = Field(40, ge=2)
     latent_dim: int = Field(8, ge=2)
-    popularity_skew: float = Field(1.1, gt=0, description="Zipf exponent of item exposure")
+    popularity_skew: float = Field(1.1, gt=0, description="Zipf exponent of item exposure (popularity^a)")
+    taste_exposure: float = Field(
+        1.5, ge=0, description="how much a user's taste steers what they see: p(item | user) ~ popularity^a * "
+        "exp(b * taste); 0 = exposure by popularity alone (every user sees the same mix)"
+    )
+    click_offset: float = Field(-2.8, description="constant of the click logit (sets the click rate)")
     days: int = Field(30, ge=1)
 
 
@@ -276,6 +281,15 @@ class RetrievalConfig(_Strict):
     """Retrieval models (two_tower, youtube_dnn, mf): training, top-k serving, the optional ranking stage."""
 
     k: int = Field(10, ge=1, description="items returned per request; metrics are reported @k")
+    epochs: Optional[int] = Field(
+        None, ge=1, description="retrieval models train up to this many epochs (null: model.epochs); the epoch with "
+        "the best per-user validation recall@k (seen items excluded) is kept"
+    )
+    early_stopping_patience: Optional[int] = Field(
+        None, ge=1, description="stop when per-user validation recall@k has not improved for this many epochs "
+        "(null: model.early_stopping_patience)"
+    )
+    learning_rate: Optional[float] = Field(None, gt=0, description="null: model.learning_rate")
     tower_mlp: list[int] = Field(
         default_factory=lambda: [64],
         description="two_tower: hidden layers of each tower; youtube_dnn: of the query tower (output size = embedding_dim)",
