@@ -267,3 +267,18 @@ def test_bad_top_k_requests_get_a_clear_error_and_the_server_keeps_answering(ret
 def test_dynamic_batching_is_refused_for_top_k_models():
     with pytest.raises(ValueError, match="dynamic_batching applies to ranking models"):
         load_config(None, {"model": {"type": "two_tower"}, "serving": {"dynamic_batching": {"enabled": True}}})
+
+
+def test_time_split_with_history_keeps_the_latest_rows_for_validation(tmp_path):
+    """The history ETL shuffles the rows before writing them: the split must move with them."""
+    from pipeline_lib.config import SplitConfig
+
+    n = 400
+    df = pd.DataFrame({"user_id": np.arange(n) % 37, "item_id": np.arange(n) % 23, "click": np.arange(n) % 2,
+                       "timestamp": np.arange(n)})
+    df.to_parquet(tmp_path / "raw.parquet")
+    paths = etl.split_raw(tmp_path / "raw.parquet", SplitConfig(method="time", valid_fraction=0.25), ColumnsConfig(),
+                          0, tmp_path / "split", history_length=5)
+    train, valid = pd.read_parquet(paths.train), pd.read_parquet(paths.valid)
+    assert sorted(valid["timestamp"]) == list(range(300, n)) and train["timestamp"].max() == 299
+    assert not train["timestamp"].is_monotonic_increasing     # the rows were shuffled all the same
