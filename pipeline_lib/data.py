@@ -81,6 +81,23 @@ def sample_per_user(logits_of: Callable[[np.ndarray], np.ndarray], n_users: int,
     return out
 
 
+def _item_features(cfg: SyntheticConfig, item_seg: np.ndarray, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """Observable item features, noisy views of the hidden segment: category, price, tags."""
+    S = cfg.n_segments
+    item_category = np.where(rng.random(cfg.n_items) < 0.8, item_seg, rng.integers(0, S, cfg.n_items))
+    item_price = np.round(np.exp(rng.normal(3.0 + 0.15 * (item_seg % 4), 0.6, cfg.n_items)), 2)
+    tags_per_seg = max(1, cfg.n_tags // S)
+    item_tags = []
+    for i in range(cfg.n_items):
+        k = int(rng.integers(1, 5))
+        seg_tags = item_seg[i] * tags_per_seg + rng.integers(0, tags_per_seg, k)
+        rand_tags = rng.integers(0, cfg.n_tags, k)
+        chosen = np.where(rng.random(k) < 0.7, seg_tags % cfg.n_tags, rand_tags)
+        item_tags.append(sorted(set(int(t) for t in chosen)))
+    return item_category, item_price, item_tags
+
+
 def generate_interactions(cfg: SyntheticConfig, seed: int) -> pd.DataFrame:
     """Return one denormalised interaction log (user + item + context features, label)."""
     rng = np.random.default_rng(seed)
@@ -100,17 +117,7 @@ def generate_interactions(cfg: SyntheticConfig, seed: int) -> pd.DataFrame:
     user_country = np.array([f"C{k:02d}" for k in noisy_u], dtype=object)
     user_age = np.clip(rng.normal(25 + 4 * (user_seg % 5), 8.0), 16, 80).round()
 
-    # --- observable item features ------------------------------------------------------
-    item_category = np.where(rng.random(cfg.n_items) < 0.8, item_seg, rng.integers(0, S, cfg.n_items))
-    item_price = np.round(np.exp(rng.normal(3.0 + 0.15 * (item_seg % 4), 0.6, cfg.n_items)), 2)
-    tags_per_seg = max(1, cfg.n_tags // S)
-    item_tags = []
-    for i in range(cfg.n_items):
-        k = int(rng.integers(1, 5))
-        seg_tags = item_seg[i] * tags_per_seg + rng.integers(0, tags_per_seg, k)
-        rand_tags = rng.integers(0, cfg.n_tags, k)
-        chosen = np.where(rng.random(k) < 0.7, seg_tags % cfg.n_tags, rand_tags)
-        item_tags.append(sorted(set(int(t) for t in chosen)))
+    item_category, item_price, item_tags = _item_features(cfg, item_seg, rng)
 
     # --- exposures: each user sees items by popularity AND by personal taste ------------------
     n = cfg.n_interactions

@@ -176,10 +176,13 @@ def build_model(schema, spec: RetrievalSpec, cfg: ModelConfig, item_counts: Opti
         candidate = mm.Encoder(i, mm.MLPBlock(dims, no_activation_last_layer=True))
         return mm.TwoTowerModelV2(query, candidate, negative_samplers="in-batch", **correction)
     q = _model_schema(schema, spec, "query")
+    n_classes = int(q[spec.history].int_domain.max) + 1
+    # at most every sampleable id once (Merlin asserts num_sampled <= the id range)
+    num_sampled = min(r.num_sampled, n_classes - r.min_sampled_id - 1)
     inputs = mm.InputBlockV2(q, categorical=mm.Embeddings(q.select_by_tag(Tags.CATEGORICAL), dim=cfg.embedding_dim))
     return mm.YoutubeDNNRetrievalModelV2(
         q, inputs=inputs, top_block=mm.MLPBlock(dims, no_activation_last_layer=True),
-        num_sampled=r.num_sampled, logits_temperature=r.logits_temperature, min_sampled_id=r.min_sampled_id,
+        num_sampled=num_sampled, logits_temperature=r.logits_temperature, min_sampled_id=r.min_sampled_id,
     )
 
 
