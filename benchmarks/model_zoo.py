@@ -42,6 +42,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(ALL), help=f"comma-separated, from {','.join(ALL)}")
     p.add_argument("--dataset", default=None, help="name in the results file names")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the other models' rows of an existing results file (run models one at a time)")
     return p.parse_args(argv)
 
 
@@ -127,6 +129,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps({k: rows[-1][k] for k in ("model", "train_seconds", "model_metrics", "lift")},
                          default=str), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    old = args.out / f"models-{name}.json"
+    if args.keep and old.is_file():
+        done = {r["model"] for r in rows}
+        rows = [r for r in json.loads(old.read_text())["models"] if r["model"] not in done] + rows
     meta = {"dataset": name, "config": args.config, "set": args.set_, "models": rows}
     (args.out / f"models-{name}.json").write_text(json.dumps(meta, indent=2, default=str))
     md = markdown(rows, f"Models on {name} ({args.config or 'embedded default config'}"

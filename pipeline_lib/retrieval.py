@@ -4,20 +4,30 @@ Three Merlin Models retrieval models, trained on the positive interactions of th
 
 - ``two_tower``: ``TwoTowerModelV2``; query tower = user id + user + context features, item tower
   = item id + item features; in-batch negatives.
-- ``youtube_dnn``: ``YoutubeDNNRetrievalModelV2`` with sampled softmax (``num_sampled``,
+- ``youtube_dnn``: ``YoutubeDNNRetrievalModelV2`` with sampled softmax (``num_sampled``, capped at the id range,
   ``logits_temperature``, ``min_sampled_id``); query = the user's recent positive items (the
   ``<item_id>_history`` list, encoded jointly with the item id) + user + context features; the
   item embeddings are the history embedding table; trained with ``SequencePredictLast`` on
   history + the clicked item.
 - ``mf``: ``MatrixFactorizationModelV2`` (user id x item id), in-batch negatives.
 
+Training (``model.retrieval.epochs`` at most, learning rate ``model.retrieval.learning_rate``; null
+= the model-wide value): after every epoch the in-memory model is scored under the baselines'
+per-user protocol (``baselines.TopKProtocol``: full catalogue, the user's training positives
+excluded, recall/NDCG@k per user; :class:`EpochEval`), the weights of the best epoch are kept and
+training stops after ``early_stopping_patience`` epochs without improvement. Measured on the
+synthetic default and an ml-100k-sized log: at the old 2 epochs and 0.003 (~100 optimiser steps)
+every model stopped far short of the item-item baselines; youtube_dnn with 100 sampled negatives
+fell below most-popular after its first epoch, with (nearly) the whole catalogue sampled it learns.
+
 Retrieval is exact brute force: scores = query embeddings . item embeddings, top-k by
 ``np.argsort`` (stable: ties go to the lower catalogue row). The catalogue is every item of the
 training split with its latest features; its embeddings are computed from the raw catalogue
 through the item part of the fitted workflow (:func:`item_embeddings`).
 
-Metrics (Recall/Precision/NDCG/MRR@k) use Merlin Models' own top-k metric classes on the full
-catalogue score matrix of the held-out positives.
+Metrics (Recall/Precision/NDCG/MRR@k, ``recall`` ...) use Merlin Models' own top-k metric classes
+on the full catalogue score matrix of the held-out positives (one query per positive row, seen
+items not excluded); ``user_recall@k`` / ``user_ndcg@k`` are the per-user figures of the best epoch.
 """
 from __future__ import annotations
 
