@@ -334,7 +334,8 @@ def _compiled_model(train_dir: Path, spec: RetrievalSpec, columns: ColumnsConfig
     if spec.history:
         fit_kwargs["pre"] = mm.SequencePredictLast(schema=model_schema.select_by_name([spec.history]),
                                                    target=spec.history)
-    loader = mm.Loader(train_ds, batch_size=cfg.batch_size, shuffle=True)
+    # drop_last: a last in-batch-negatives batch smaller than k breaks the top-k training metrics
+    loader = mm.Loader(train_ds, batch_size=min(cfg.batch_size, len(frame)), shuffle=True, drop_last=True)
 
     def fit() -> float:
         return float(model.fit(loader, epochs=1, verbose=0, **fit_kwargs).history["loss"][-1])
