@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
                                               requests_cap=a.serve_requests, seconds_cap=a.serve_seconds)
 
     section("serving", _serving)
-    section("topk", lambda: topk_bench.bench(work / "topk", quick=a.quick))
+    section("topk", lambda: topk_bench.bench(work / "topk", quick=a.quick, ann_items=topk_bench.ANN_ITEMS))
     section("e2e", lambda: e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json)))
 
     results["total_seconds"] = round(time.perf_counter() - t_all, 1)

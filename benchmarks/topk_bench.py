@@ -8,6 +8,13 @@ batch 1 and 64; then Triton over gRPC and HTTP, one client, same batches. Served
 equal to the in-process top-k first. The flow runs in a child process with a private Prefect home
 (``e2e_bench.bench``) on a smaller synthetic set (20k interactions, 1 epoch; the default 2,000 users
 and 1,000 items).
+
+ANN (``ann_bench``, with ``ann_items``; ``make bench ARGS="--with topk"`` runs it on 1M items): a
+synthetic catalogue of ``ann_items`` item embeddings of the default model's size, exact top-10
+(``retrieval.top_k``) against the FAISS IVF-Flat index of :mod:`pipeline_lib.ann` with the default
+``model.retrieval.ann`` parameters: index build time, p50 latency per query batch (1 and 64
+queries) and recall@10 of the index against exact top-10 on held-out queries. Alone:
+``uv run --frozen --no-sync python -m benchmarks.topk_bench --ann-only [--items N] [--quick]``.
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ RUN = {"model": {"type": "two_tower", "retrieval": {"k": 10, "rerank_with": "dlr
        "gate": {"require_beat_baseline": False}}
 DATA = {"data": {"synthetic": {"n_interactions": 20_000}}, "model": {"epochs": 1}}
 NAMES = ("two_tower", "two_stage")
+ANN_ITEMS = 1_000_000
+ANN_CLUSTERS = 2_000  # synthetic embeddings: a mixture of this many Gaussian clusters (learned ones group)
 
 
 def _timed(fn, n: int, seconds: float) -> dict:
@@ -79,11 +88,66 @@ def served(url: str, protocol: str, model: str, rec, rows: pd.DataFrame, quick: 
     return out
 
 
-def bench(work: Path, quick: bool = False, data: dict | None = None) -> dict:
+def _catalogue(n: int, dim: int, clustered: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` item embeddings and 64 held-out queries: a mixture of ``ANN_CLUSTERS`` Gaussians (queries
+    drawn from the same mixture), or isotropic Gaussian (no structure: the hard case for any index)."""
+    rng = np.random.default_rng(seed)
+    if not clustered:
+        return rng.normal(size=(n, dim)).astype(np.float32), rng.normal(size=(64, dim)).astype(np.float32)
+    centres = rng.normal(size=(ANN_CLUSTERS, dim))
+
+    def draw(m: int) -> np.ndarray:
+        return (centres[rng.integers(0, ANN_CLUSTERS, m)] + 0.3 * rng.normal(size=(m, dim))).astype(np.float32)
+    return draw(n), draw(64)
+
+
+def ann_case(n: int, dim: int, clustered: bool, quick: bool = False, k: int = 10) -> dict:
+    """Exact vs FAISS top-k on one synthetic catalogue: build time, p50 per batch (1, 64), recall@k."""
+    from pipeline_lib import ann, retrieval
+    from pipeline_lib.config import AnnConfig
+
+    items, queries = _catalogue(n, dim, clustered, seed=0)
+    cfg = AnnConfig()
+    t0 = time.perf_counter()
+    index = ann.build_index(items, cfg.nlist or ann.default_nlist(n), cfg.seed)
+    build_s = time.perf_counter() - t0
+    nprobe = ann.set_nprobe(index, cfg.nprobe)
+    t0 = time.perf_counter()
+    exact_idx = retrieval.top_k(queries, items, k)[0]  # as a served exact version runs; the batch-64 figure
+    exact64_ms = (time.perf_counter() - t0) * 1000.0
+    recall = ann.ann_recall(exact_idx, ann.search(index, queries, items, k)[0])
+    n_calls = 30 if quick else 100
+    out = {"items": n, "dim": dim, "catalogue": "clustered" if clustered else "isotropic", "nlist": int(index.nlist),
+           "nprobe": nprobe, "build_s": round(build_s, 2), "recall_at_10": round(recall, 4), "batches": []}
+    for batch in (1, 64):
+        q = queries[:batch]
+        if batch == 1:
+            exact = _timed(lambda: retrieval.top_k(q, items, k), 3 if quick else 5, 5.0)
+        else:
+            exact = {"requests": 1, "p50_ms": round(exact64_ms, 3), "p99_ms": round(exact64_ms, 3)}
+        approx = _timed(lambda: ann.search(index, q, items, k), n_calls, 5.0)
+        out["batches"].append({"batch": batch, "exact": exact, "ann": approx,
+                               "exact_over_ann_p50": round(exact["p50_ms"] / approx["p50_ms"], 1)})
+    return out
+
+
+def ann_bench(n_items: int = ANN_ITEMS, quick: bool = False) -> dict:
+    """The clustered catalogue (latency and recall) and, unless ``quick``, the isotropic one (recall
+    at the same parameters on data with no structure). Embedding size: the default model's."""
+    from pipeline_lib.config import ModelConfig
+
+    dim = ModelConfig().embedding_dim
+    cases = [ann_case(n_items, dim, True, quick)]
+    if not quick:
+        cases.append(ann_case(n_items, dim, False, quick))
+    return {"cases": cases}
+
+
+def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: int = 0) -> dict:
     """``data``: config overrides for the flow (default: 20k synthetic interactions, 1 epoch). One
     two-stage flow; the retrieval-only version is exported from the same run's workflow and
     two-tower model (``topk.export_topk`` without a ranker, as the flow does for a retrieval run).
-    Both versions are then served by one Triton."""
+    Both versions are then served by one Triton. ``ann_items``: also :func:`ann_bench` (key ``ann``)."""
     import shutil
 
     from benchmarks import e2e_bench
@@ -114,6 +178,8 @@ def bench(work: Path, quick: bool = False, data: dict | None = None) -> dict:
         for name in NAMES:
             for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
                 results[name]["served"] += served(url, protocol, f"topk_{name}", recs[name], rows, quick)
+    if ann_items:
+        results["ann"] = ann_bench(ann_items, quick)
     return results
 
 
@@ -121,6 +187,8 @@ def markdown(r: dict) -> list[str]:
     lines = ["| version | batch | in-process compiled p50 ms | in-process NVTabular p50 ms | NVTabular / compiled "
              "| served gRPC p50 ms (p99) | served HTTP p50 ms (p99) |", "|---|---|---|---|---|---|---|"]
     for name, v in r.items():
+        if name == "ann":
+            continue
         served = {(s["protocol"], s["batch"]): s for s in v["served"]}
         for ip in v["in_process"]:
             b = ip["batch"]
@@ -130,5 +198,30 @@ def markdown(r: dict) -> list[str]:
                          f"| {g.get('p50_ms')} ({g.get('p99_ms')}) | {h.get('p50_ms')} ({h.get('p99_ms')}) |")
     lines.append("")
     lines.append("Compiled transform enabled at export: "
-                 + ", ".join(f"{k}: {v['fast_transform'].get('enabled')}" for k, v in r.items()))
+                 + ", ".join(f"{k}: {v['fast_transform'].get('enabled')}" for k, v in r.items() if k != "ann"))
+    return lines + (["", *ann_markdown(r["ann"])] if r.get("ann") else [])
+
+
+def ann_markdown(r: dict) -> list[str]:
+    lines = ["Exact vs ANN (FAISS IVF-Flat, `pipeline_lib/ann.py`) top-10 on a synthetic catalogue:", "",
+             "| catalogue | batch | exact p50 ms | ANN p50 ms | exact / ANN | ANN recall@10 | index build s |",
+             "|---|---|---|---|---|---|---|"]
+    for c in r["cases"]:
+        for b in c["batches"]:
+            lines.append(f"| {c['items']:,} items x {c['dim']}, {c['catalogue']} (nlist {c['nlist']}, nprobe "
+                         f"{c['nprobe']}) | {b['batch']} | {b['exact']['p50_ms']} | {b['ann']['p50_ms']} "
+                         f"| {b['exact_over_ann_p50']}x | {c['recall_at_10']} | {c['build_s']} |")
     return lines
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.topk_bench", description="exact vs ANN top-k alone")
+    p.add_argument("--ann-only", action="store_true", required=True, help="run only the synthetic ANN benchmark")
+    p.add_argument("--items", type=int, default=ANN_ITEMS)
+    p.add_argument("--quick", action="store_true", help="the clustered catalogue only, fewer calls")
+    a = p.parse_args()
+    res = ann_bench(a.items, a.quick)
+    print(json.dumps(res, indent=2))
+    print("\n".join(ann_markdown(res)))

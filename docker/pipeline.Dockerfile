@@ -17,6 +17,9 @@ COPY pipeline_lib ./pipeline_lib
 COPY flows ./flows
 COPY configs ./configs
 COPY prefect.yaml ./
+# ANN top-k (pipeline_lib/ann.py, docs/ann.md): faiss-gpu in the GPU image when the base image lacks faiss
+# (its CPU IVF-Flat code reads and searches the topk/items.faiss written by faiss-cpu 1.8.0 at export)
+RUN python -c "import faiss" 2>/dev/null || pip install --no-cache-dir "faiss-gpu==1.7.2"
 # The Merlin stack comes from the base image; only the orchestration/CLI layer is added.
 RUN pip install --no-cache-dir "prefect>=3.7,<3.8" "sqlalchemy>=2.0.30,<2.1" "fastapi<0.116" "pydantic>=2.7,<3" "typer>=0.12" \
         "scikit-learn>=1.3,<1.6" "matplotlib>=3.7,<3.10" "tritonclient[grpc,http]" \

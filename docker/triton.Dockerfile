@@ -12,6 +12,9 @@ COPY pyproject.toml README.md ./
 COPY pipeline_lib ./pipeline_lib
 COPY flows ./flows
 RUN pip install --no-cache-dir --no-deps --ignore-requires-python -e .
+# ANN top-k (pipeline_lib/ann.py, docs/ann.md): faiss-gpu in the GPU image when the base image lacks faiss
+# (its CPU IVF-Flat code reads and searches the topk/items.faiss written by faiss-cpu 1.8.0 at export)
+RUN python -c "import faiss" 2>/dev/null || pip install --no-cache-dir "faiss-gpu==1.7.2"
 COPY docker/triton-entrypoint.sh /usr/local/bin/triton-entrypoint.sh
 
 EXPOSE 8000 8001 8002

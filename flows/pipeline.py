@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 
 from pipeline_lib import (data, etl, evaluation, export, gate, lineage, report, repository, retrieval, serving, smoke,
-                          topk, train, validate)
+                          topk, train, tune, validate)
 from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.paths import RunPaths, new_run
 
@@ -118,6 +118,26 @@ def run_etl(cfg: RunConfig, paths: RunPaths, raw_path: Path) -> etl.EtlOutput:
     return etl.fit_transform(cfg.columns, cfg.etl, split, paths.transformed, history=bool(hist))
 
 
+@task(name="tune", cache_policy=NO_CACHE)
+def run_tune(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput) -> tune.TuneResult:
+    """Optional (tune.enabled): search the model's hyperparameters; training then uses the best."""
+    result = tune.run_study(cfg, etl_out, paths.root / "tune")
+    create_table_artifact(key="tune-trials", table=report.compact_table(result.trials),
+                          description=f"every tuning trial: validation {result.metric}, state, seconds, params")
+    create_markdown_artifact(key="tune-history", markdown=tune.history_markdown(result),
+                             description="hyperparameter search: best trial and optimisation history")
+    return result
+
+
+def maybe_tune(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput,
+               timed) -> tuple[RunConfig, Optional[tune.TuneResult]]:
+    """With tune.enabled: the tune task, and the config every later stage uses (the best trial's model)."""
+    if not cfg.tune.enabled:
+        return cfg, None
+    tuned = timed("tune", run_tune, cfg, paths, etl_out)
+    return cfg.model_copy(update={"model": tuned.best_model}), tuned
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def run_train(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput):
     """Train, then score the family's baselines on the same split (``model.metrics["baselines"]``, ``["lift"]``)."""
@@ -165,7 +185,7 @@ def run_export(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, model, r
             _valid_sample(cfg, etl_out, cfg.export.parity_rows), cfg.columns, r.k, paths.ensemble,
             cfg.export.model_name, 1, ranker_dir=ranker.model_dir if ranker else None, candidates=r.candidates,
             atol=cfg.export.parity_atol, run_info={"run_dir": str(paths.root), "metrics": model.metrics},
-            max_request_rows=cfg.export.max_request_rows, exclude_seen=r.exclude_seen,
+            max_request_rows=cfg.export.max_request_rows, exclude_seen=r.exclude_seen, ann_config=r.ann,
         )
     return export.export_ensemble(
         etl_out.workflow_dir, model.model_dir, _valid_sample(cfg, etl_out, cfg.export.parity_rows),
@@ -263,6 +283,7 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     etl_out = timed("etl", run_etl, cfg, paths, raw_path)
     if not etl_out.workflow_dir.exists():  # cached result whose run folder was deleted: recompute
         etl_out = timed("etl", run_etl.with_options(refresh_cache=True), cfg, paths, raw_path)
+    cfg, tuned = maybe_tune(cfg, paths, etl_out, timed)
     model, baselines = timed("train", run_train, cfg, paths, etl_out)
     ranker = timed("train-ranker", run_train_ranker, cfg, paths, etl_out) if cfg.model.retrieval.rerank_with else None
     learning_curve_artifact([(cfg.model.type, model.metrics_path),
@@ -281,7 +302,10 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
         "gate": {"promote": decision.promote, "metric": decision.metric, "candidate": decision.candidate,
                  "served": decision.served, "served_version": decision.served_version, "reason": decision.reason},
         "stage_seconds": timings,
+        **({"tune": tuned.summary()} if tuned else {}),
     }
+    if cfg.model.is_retrieval:  # exact or FAISS top-k, and the index's recall measured at export (docs/ann.md)
+        summary["ann"] = exp.parity.get("ann")
     create_table_artifact(key="metrics", table=report.metric_rows(summary["metrics"]) + baseline_rows(baselines),
                           description="validation metrics of this run's model and its baselines (4 significant digits)")
     rows = _valid_sample(cfg, etl_out, cfg.serving.smoke_rows)

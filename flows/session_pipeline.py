@@ -74,6 +74,7 @@ def session_export(cfg: RunConfig, paths: RunPaths, etl_out, model):
         cfg.session.columns.item_id, cfg.session.top_k, paths.ensemble, cfg.export.model_name, 1,
         cfg.export.parity_atol, run_info={"run_dir": str(paths.root), "metrics": model.metrics},
         max_request_rows=cfg.export.max_request_rows, fast_transform=cfg.export.fast_transform,
+        exclude_seen=cfg.session.exclude_seen,
     )
 
 
@@ -108,7 +109,7 @@ def session_smoke(cfg: RunConfig, paths: RunPaths, etl_out, exp):
 
     rows = _requests(cfg, etl_out, cfg.serving.smoke_rows)
     offline = ssm.offline_topk(nvt.Workflow.load(str(etl_out.workflow_dir)), exp.version_dir / "ensemble" / "model",
-                               rows, cfg.session.columns.item_id, cfg.session.top_k)
+                               rows, cfg.session.columns.item_id, cfg.session.top_k, cfg.session.exclude_seen)
     result = ssm.session_smoke_test(exp.staged_repository, exp.model_name, rows, offline, cfg.serving.smoke_atol,
                                     paths.serving, cfg.serving.startup_timeout_s)
     get_run_logger().info("smoke test: %d raw sessions, served top-%d over HTTP and gRPC == offline top-k (same ids "

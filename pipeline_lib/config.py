@@ -277,6 +277,25 @@ RANKING_METRICS = ("auc", "logloss")
 RETRIEVAL_METRICS = ("recall", "ndcg", "mrr", "precision")
 
 
+class AnnConfig(_Strict):
+    """Approximate top-k (FAISS IVF-Flat, inner product) for large catalogues; docs/ann.md."""
+
+    mode: Literal["auto", "exact", "faiss"] = Field(
+        "auto", description="auto: a FAISS index when the catalogue has more than min_items items, else exact "
+        "brute force; exact: never an index; faiss: always one (any catalogue size)"
+    )
+    min_items: int = Field(100_000, ge=1, description="auto: catalogues larger than this get an index")
+    nlist: Optional[int] = Field(
+        None, ge=1, description="IVF lists (k-means centroids); default sqrt(items), at most items/39"
+    )
+    nprobe: int = Field(64, ge=1, description="lists scanned per query (capped at nlist; nprobe = nlist is exact)")
+    min_recall: float = Field(
+        0.95, ge=0.0, le=1.0, description="export measures the index's recall@k against exact top-k on the "
+        "held-out parity rows; below this the version is exported without the index (exact search, logged)"
+    )
+    seed: int = Field(0, description="seed of the k-means training (the index is deterministic)")
+
+
 class RetrievalConfig(_Strict):
     """Retrieval models (two_tower, youtube_dnn, mf): training, top-k serving, the optional ranking stage."""
 
@@ -321,6 +340,7 @@ class RetrievalConfig(_Strict):
         True, description="the served (and offline) top-k never returns a known user's training items; unknown "
         "users get no exclusion (a request may also list item ids to exclude: input exclude_item_ids)"
     )
+    ann: AnnConfig = Field(default_factory=AnnConfig, description="approximate top-k index (FAISS) for large catalogues")
 
 
 class ModelConfig(_Strict):
@@ -333,12 +353,17 @@ class ModelConfig(_Strict):
         default_factory=lambda: [64, 32], description="DLRM top MLP; the deep MLP of DCN-v2, DeepFM and Wide&Deep"
     )
     cross_depth: int = Field(2, ge=1, description="DCN-v2: number of cross layers")
+    embedding_l2: float = Field(
+        1e-4, ge=0, description="L2 penalty on every embedding table (and Wide&Deep's wide weights): rare ids are "
+        "not memorised, unused rows (out-of-vocabulary) shrink to zero",
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each hidden layer of the MLPs")
     optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
-    learning_rate: float = Field(3e-3, gt=0)
+    learning_rate: float = Field(6e-3, gt=0)
     batch_size: int = Field(1024, ge=1)
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(10, ge=1, description="at most this many; early_stopping_patience usually stops sooner")
     early_stopping_patience: Optional[int] = Field(
-        None, ge=1, description="stop when validation AUC (retrieval: recall@k) has not improved for this many epochs; the best epoch is kept"
+        1, ge=1, description="stop when validation AUC (retrieval: recall@k) has not improved for this many epochs; the best epoch is kept"
     )
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
 
@@ -494,7 +519,14 @@ class SessionModelConfig(_Strict):
     dropout: float = Field(0.1, ge=0, lt=1)
     learning_rate: float = Field(3e-3, gt=0)
     batch_size: int = Field(128, ge=1)
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="at most; see validation_fraction")
+    validation_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of the training sessions kept out of the fit to pick the epoch (their "
+        "recall@top_k after each epoch); 0: every session trains, all epochs run")
+    early_stopping_patience: int = Field(2, ge=0, description="stop after this many epochs without a better "
+                                         "validation recall (the best epoch's weights are kept); 0: never stop early")
+    tie_weights: bool = Field(False, description="score items with the input item embeddings (weight tying)")
+    popularity_prior: bool = Field(True, description="start the output bias at the log training frequency of items")
 
 
 class SessionConfig(_Strict):
@@ -506,6 +538,77 @@ class SessionConfig(_Strict):
     model: SessionModelConfig = Field(default_factory=SessionModelConfig)
     top_k: int = Field(10, ge=1, description="items returned per served session; Recall/NDCG/MRR cut-off")
     gate_metric: Literal["recall", "ndcg", "mrr"] = Field("recall", description="promotion gate metric (at top_k)")
+    exclude_seen: bool = Field(
+        True, description="never recommend an item already in the session so far (offline metrics, baselines and "
+        "served top-k); turn off where repeat consumption is expected (re-orders, replays)"
+    )
+
+
+# -- the optional tune stage (pipeline_lib/tune.py) --------------------------------------------------
+
+# Default search space. "float"/"int": [low, high] (low == high pins the value); "choice": the values.
+# mlp_width/mlp_depth set the deep MLP (top_mlp: width, width/2, ...; DLRM's bottom_mlp ends at
+# embedding_dim); tower_width sets every layer of retrieval.tower_mlp.
+SEARCH_SPACE: dict[str, tuple[str, list, bool]] = {  # name: (kind, values, log scale)
+    "learning_rate": ("float", [1e-4, 3e-2], True),
+    "embedding_dim": ("choice", [8, 16, 32, 64], False),
+    "batch_size": ("choice", [256, 512, 1024, 2048], False),
+    "epochs": ("int", [1, 4], False),
+    "mlp_width": ("choice", [32, 64, 128, 256], False),
+    "mlp_depth": ("int", [1, 3], False),
+    "cross_depth": ("int", [1, 3], False),
+    "tower_width": ("choice", [32, 64, 128], False),
+    "logits_temperature": ("float", [0.05, 1.0], True),
+    "num_sampled": ("choice", [25, 50, 100, 200], False),
+    "logq_correction": ("choice", [True, False], False),
+}
+_COMMON = ("learning_rate", "embedding_dim", "batch_size", "epochs")
+TUNABLE: dict[str, tuple[str, ...]] = {
+    "dlrm": _COMMON + ("mlp_width", "mlp_depth"),
+    "dcn": _COMMON + ("mlp_width", "mlp_depth", "cross_depth"),
+    "deepfm": _COMMON + ("mlp_width", "mlp_depth"),
+    "wide_deep": _COMMON + ("mlp_width", "mlp_depth"),
+    "two_tower": _COMMON + ("tower_width", "logq_correction"),
+    "youtube_dnn": _COMMON + ("tower_width", "logits_temperature", "num_sampled"),
+    "mf": _COMMON + ("logq_correction",),
+}
+
+
+class TuneConfig(_Strict):
+    """The optional ``tune`` stage (docs/tuning.md): an Optuna study (TPE sampler seeded by ``seed``,
+    median pruning on the per-epoch validation metric) over the main hyperparameters of
+    ``model.type``, scored by the gate metric on the validation split; training then uses the best."""
+
+    enabled: bool = Field(False, description="run the tune stage between ETL and training")
+    n_trials: int = Field(20, ge=1, description="most trials of the study")
+    timeout_s: Optional[float] = Field(
+        600.0, gt=0, description="no trial starts after this many seconds (the running one finishes); null = no limit"
+    )
+    pruning: bool = Field(True, description="stop trials whose per-epoch validation metric is below the median "
+                          "of earlier trials at the same epoch (ranking models)")
+    space: dict[str, list] = Field(
+        default_factory=dict,
+        description="search-space overrides by parameter, e.g. learning_rate: [1e-4, 1e-2] (a range for float/int "
+        "parameters, low == high pins it) or embedding_dim: [16, 32] (the choices); the parameters of each "
+        "model.type and their default ranges: docs/tuning.md",
+    )
+
+    @field_validator("space")
+    @classmethod
+    def _space_values(cls, space: dict[str, list]) -> dict[str, list]:
+        for name, values in space.items():
+            if name not in SEARCH_SPACE:
+                raise ValueError(f"tune.space: '{name}' is not a tunable parameter (tunable: {sorted(SEARCH_SPACE)})")
+            kind, _, log = SEARCH_SPACE[name]
+            if kind == "choice":
+                if not values:
+                    raise ValueError(f"tune.space.{name}: give at least one choice")
+                continue
+            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise ValueError(f"tune.space.{name}: give a range [low, high] of numbers, got {values}")
+            if values[0] > values[1] or (log and values[0] <= 0):
+                raise ValueError(f"tune.space.{name}: need {'0 < ' if log else ''}low <= high, got {values}")
+        return space
 
 
 class RunConfig(_Strict):
@@ -525,6 +628,17 @@ class RunConfig(_Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     session: SessionConfig = Field(default_factory=SessionConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _tune_space_fits_the_model(self) -> "RunConfig":
+        if self.tune.enabled and self.task != "ranking":
+            raise ValueError("tune applies to task: ranking (ranking and retrieval models), not task: session")
+        bad = [k for k in self.tune.space if k not in TUNABLE[self.model.type]]
+        if bad:
+            raise ValueError(f"tune.space: {', '.join(repr(k) for k in bad)} is not a tunable parameter of "
+                             f"model.type '{self.model.type}' (tunable: {', '.join(TUNABLE[self.model.type])})")
+        return self
 
     @model_validator(mode="after")
     def _session_sources(self) -> "RunConfig":

@@ -130,7 +130,9 @@ def build_workflow(columns: ColumnsConfig, categories_dir: Path, history: bool =
         if f.kind in (FeatureKind.categorical, FeatureKind.list):
             node = [f.name] >> nvt.ops.Categorify(freq_threshold=f.freq_threshold, out_path=out_path)
         else:
-            node = [f.name] >> nvt.ops.FillMissing(fill_val=0.0)
+            # a missing value takes the training median (a 0 would shift a year-like column's mean/std
+            # and put the filled rows tens of standard deviations away; docs/ranking.md)
+            node = [f.name] >> nvt.ops.FillMedian()
             if f.log:
                 node = node >> nvt.ops.LogOp()
             node = node >> nvt.ops.Normalize() >> nvt.ops.LambdaOp(to_float32, dtype="float32")

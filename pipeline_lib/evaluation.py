@@ -19,7 +19,8 @@ curve with the baselines as horizontal reference lines, and returns a :class:`Ba
   items excluded") beside the existing per-query metrics, which are kept as they are. In a
   two-stage run this is the retrieval stage, before re-ranking.
 - session (``task: session``): ``most_popular`` and ``cooccurrence`` are already scored on the
-  held-out sessions by :mod:`pipeline_lib.session_model`; they are reported in the same shape.
+  held-out sessions by :mod:`pipeline_lib.session_model`, with the model's exclusion of the
+  session's own items (``session.exclude_seen``); they are reported in the same shape.
 
 ``BaselineReport.metric`` is the key compared (``auc``, ``recall@10``), ``model`` the model's
 values under the baselines' protocol, ``baselines`` ``{name: {metric: value}}`` and ``lift`` one
@@ -184,7 +185,7 @@ def session_report(cfg: RunConfig, model_metrics: dict) -> BaselineReport:
     name = model_metrics.get("model", "session")
     return BaselineReport("session", name, metric, True, model, res,
                           bl.lift_sentence(name, model.get(metric, float("nan")), res, metric),
-                          {"k": k, "n_valid": model_metrics.get("n_valid")})
+                          {"k": k, "n_valid": model_metrics.get("n_valid"), "exclude_seen": model_metrics.get("exclude_seen")})
 
 
 # -------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ re-fitted -- and returns a :class:`CompiledWorkflow` that runs the same graph on
   padding, 1 null, 2 out-of-vocabulary; numeric vocabularies use ``np.searchsorted`` on a sorted
   copy, string vocabularies a dict (keys as ``str`` and as the ``bytes`` Triton delivers); list
   columns encode their flat values and keep their offsets;
-- ``FillMissing`` (no indicator columns), ``LogOp`` (``log(float32(x) + 1)``), ``Normalize``
+- ``FillMissing`` and ``FillMedian`` (the fitted medians; no indicator columns), ``LogOp`` (``log(float32(x) + 1)``), ``Normalize``
   (``(x - mean) / std`` or ``x - mean``, then the op's output dtype), the pipeline's
   ``etl.to_float32`` and ``sessions.time_deltas`` lambdas, ``ListSlice`` without padding,
   ``Rename``, and the schema-only ops (selection, subsets, concatenation, tags).
@@ -161,10 +161,11 @@ def _op_step(op, selection: list[str]) -> Callable[[dict], dict]:
             return out
 
         return categorify
-    if kind is nvt.ops.FillMissing:
+    if kind is nvt.ops.FillMissing or kind is nvt.ops.FillMedian:
         if op.add_binary_cols:
-            raise Unsupported("FillMissing with indicator columns")
-        fill = op.fill_val
+            raise Unsupported(f"{kind.__name__} with indicator columns")
+        fills = {n: op.fill_val for n in selection} if kind is nvt.ops.FillMissing else \
+            {n: op.medians[n] for n in selection}
 
         def fill_missing(cols):
             out = dict(cols)
@@ -174,7 +175,7 @@ def _op_step(op, selection: list[str]) -> Callable[[dict], dict]:
                     nan = np.isnan(x)
                     if nan.any():
                         x = x.copy()
-                        x[nan] = fill
+                        x[nan] = fills[name]
                     out[name] = x
             return out
 

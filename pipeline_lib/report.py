@@ -213,7 +213,7 @@ def query_commands(model_name: str, host: str, http_port: int, grpc_port: int, a
     head = f"curl -s {url} -H 'Content-Type: application/json'"
     if request_file is not None:
         out["curl"] = f"{head} -d @{shlex.quote(str(request_file))}"
-    if body is not None:  # one input per line, as in the README
+    if body is not None:  # one input per line, as in docs/serving.md
         lines = ",\n    ".join(json.dumps(i, separators=(", ", ": ")) for i in body["inputs"])
         out["curl_inline"] = f"{head} -d " + shlex.quote('{"inputs": [\n    ' + lines + "\n]}")
     return out
@@ -248,6 +248,16 @@ def lift_line(summary: Mapping[str, Any]) -> Optional[str]:
     return f"baselines: {summary['lift']}" if summary.get("lift") else None
 
 
+def tune_line(summary: Mapping[str, Any]) -> Optional[str]:
+    """The tune stage's best trial (None when it did not run)."""
+    t = summary.get("tune")
+    if not t:
+        return None
+    params = ", ".join(f"{k}={num(v)}" for k, v in t["best_params"].items())
+    return (f"tune: best of {t['n_trials']} trials is #{t['best_trial']}, validation {t['metric']} "
+            f"{num(t['best_value'])} ({params}); trained with it")
+
+
 def gate_line(summary: Mapping[str, Any]) -> str:
     g = summary["gate"]
     if g["promote"]:
@@ -274,7 +284,8 @@ def cli_summary(summary: Mapping[str, Any]) -> str:
     total = sum((summary.get("stage_seconds") or {}).values())
     q = summary.get("query") or {}
     name = q.get("model_name", "the model")
-    lines = [f"{summary['model']}: {headline(summary)}", *filter(None, [lift_line(summary)]), gate_line(summary)]
+    lines = [f"{summary['model']}: {headline(summary)}", *filter(None, [tune_line(summary), lift_line(summary)]),
+             gate_line(summary)]
     if summary.get("model_version"):
         live = summary.get("live_server")
         lines.append(f"served: model '{name}' version {summary['served_version']}"
@@ -303,7 +314,7 @@ def run_summary_markdown(summary: Mapping[str, Any], title: str = "recsys pipeli
     name = q.get("model_name", "?")
     m = summary.get("metrics") or {}
     lines = [f"# {title}", "", f"**{summary['model']}**: {headline(summary)}", ""]
-    lines += [f"- {line}" for line in filter(None, [lift_line(summary), gate_line(summary)])]
+    lines += [f"- {line}" for line in filter(None, [tune_line(summary), lift_line(summary), gate_line(summary)])]
     if summary.get("model_version"):
         lines += [f"- serving: model **{name}** version **{summary['served_version']}** "
                   f"(previously {summary.get('previous_version') or 'none'}), published at `{summary['served_dir']}`",

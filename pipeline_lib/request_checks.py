@@ -2,7 +2,8 @@
 
 Triton itself rejects unknown or missing input names and wrong datatypes (against config.pbtxt);
 what it cannot know is how the inputs relate: equal row counts, valid ragged offsets, a non-empty
-batch within the size limit. Those are checked here, with the offending field named.
+batch within the size limit, and finite float inputs (``inf`` in a continuous feature; NaN is a
+missing value, filled by the workflow). Those are checked here, with the offending field named.
 
 :func:`error_response` turns an exception of a served model into Triton's error response: a
 :class:`BadRequest` as invalid-argument (HTTP 400, gRPC ``INVALID_ARGUMENT``), anything else as
@@ -86,6 +87,7 @@ def check_request(arrays: Mapping[str, np.ndarray], ragged: set[str], max_rows: 
     for name, arr in out.items():
         if not name.endswith(("__values", "__offsets")):
             rows[name] = len(arr)
+            _check_finite(name, arr)
     counts = set(rows.values())
     if len(counts) > 1:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(rows.items()))
@@ -95,6 +97,39 @@ def check_request(arrays: Mapping[str, np.ndarray], ragged: set[str], max_rows: 
         raise BadRequest("empty batch: the request has 0 rows")
     if n > max_rows:
         raise BadRequest(f"batch of {n} rows exceeds the limit of {max_rows} rows per request (export.max_request_rows)")
+    return out
+
+
+def _check_finite(name: str, arr: np.ndarray) -> None:
+    """A continuous input may be NaN (missing: the workflow fills it) but never +-inf, which would
+    come out of the model as a NaN score."""
+    if arr.dtype.kind == "f":
+        inf = np.isinf(arr)
+        if inf.any():
+            first = int(np.flatnonzero(inf)[0])
+            raise BadRequest(f"input '{name}' has {int(inf.sum())} non-finite value(s) (e.g. row {first}: "
+                             f"{arr[first]}); send a finite number, or NaN for a missing value")
+
+
+def fill_optional_lists(arrays: dict[str, np.ndarray], optional: Mapping[str, np.dtype],
+                        ragged: set[str]) -> dict[str, np.ndarray]:
+    """Optional list inputs (``optional``: tensor name -> dtype) a request left out, as empty lists
+    (values ``[]``, offsets all 0) for each of its rows; one half of a list without the other is a
+    :class:`BadRequest`. Rows are counted from the first list input the request carries."""
+    out = dict(arrays)
+    for col in sorted(ragged):
+        halves = [f"{col}__values", f"{col}__offsets"]
+        if not set(halves) <= set(optional):
+            continue
+        present = [h for h in halves if h in out]
+        if len(present) == 1:
+            raise BadRequest(f"input '{present[0]}' without its other half (a list input needs __values and __offsets)")
+        if present:
+            continue
+        ref = next((np.asarray(out[f"{c}__offsets"]).reshape(-1) for c in sorted(ragged) if f"{c}__offsets" in out), None)
+        rows = len(ref) - 1 if ref is not None and len(ref) else 0
+        out[halves[0]] = np.zeros(0, dtype=optional[halves[0]])
+        out[halves[1]] = np.zeros(rows + 1, dtype=optional[halves[1]])
     return out
 
 

@@ -22,8 +22,8 @@ from merlin.systems.dag import Ensemble
 from merlin.systems.triton.conversions import tensor_names, tensor_table_to_triton_response
 from merlin.table import TensorTable
 from pipeline_lib.export import DirectPredictor
-from pipeline_lib.request_checks import (BadRequest, check_request, concat_requests, error_response, max_request_rows,
-                                         split_rows, version_dir)
+from pipeline_lib.request_checks import (BadRequest, check_request, concat_requests, error_response, fill_optional_lists,
+                                         max_request_rows, split_rows, version_dir)
 
 
 class TritonPythonModel:
@@ -40,6 +40,8 @@ class TritonPythonModel:
         schema = self.ensemble.input_schema
         self.input_names = tensor_names(schema)
         self.ragged = {c.name for c in schema.column_schemas.values() if c.is_ragged}
+        # optional list inputs (a session version's exclude_item_ids): absent from a request -> empty lists
+        self.optional = {i["name"]: i["data_type"] for i in config["input"] if i.get("optional")}
         self.runtime = Runtime()
         self.logger = pb_utils.Logger
         # workflow >> model ensembles (all this project exports) skip merlin's DAG runtime
@@ -55,6 +57,8 @@ class TritonPythonModel:
         arrays = {}
         for name in self.input_names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None and name in self.optional:
+                continue
             if tensor is None:
                 raise BadRequest(f"missing input '{name}'")
             arr = tensor.as_numpy()
@@ -66,6 +70,9 @@ class TritonPythonModel:
                     )
                 arr = arr[0]
             arrays[name] = arr
+        if self.optional:
+            arrays = fill_optional_lists(arrays, {n: pb_utils.triton_string_to_numpy(t)
+                                                  for n, t in self.optional.items()}, self.ragged)
         return check_request(arrays, self.ragged, self.max_rows)
 
     def _predict(self, checked):

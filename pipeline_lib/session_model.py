@@ -12,14 +12,22 @@ The model is ``mm.Model(InputBlockV2 -> SessionEncoder -> CategoricalOutput(item
 - trained with ``mm.SequencePredictNext`` (targets = the sequence shifted by one, every position
   predicts the next item; causal encoders see only the past). At inference (and evaluation) the
   encoder returns the state of the *last* event: the logits over the item vocabulary are the
-  next-item scores of the session so far.
+  next-item scores of the session so far;
+- the output bias starts at the log training frequency of each item (``popularity_prior``): the
+  untrained model ranks like the most-popular baseline and training fits what the session adds.
+  Without it the first epochs only learn popularity, and on a log with little sequential signal
+  the model then memorises the training sessions before it ever beats popularity;
+- early stopping (``validation_fraction``, ``early_stopping_patience``): a random share of the
+  training sessions is kept out of the fit, their Recall@k is measured after each epoch
+  (``val_recall`` in the history) and the best epoch's weights are kept.
 
 Evaluation: every held-out session minus its last event goes through the fitted feature workflow
 and the trained SavedModel (the offline path that serving must reproduce); the last item is the
 target; Recall@k, NDCG@k and MRR@k come from Merlin's ``mm.RecallAt``/``mm.NDCGAt``/``mm.MRRAt``.
 The same metrics score two baselines on the same held-out prefixes: most-popular items (train
 frequency) and item-to-item transitions (next-item counts after the prefix's last item in train
-sessions, popularity as the fallback).
+sessions, popularity as the fallback). With ``session.exclude_seen`` (default on) the prefix's own
+items are masked for the model and both baselines alike (:func:`exclusions`, :func:`mask_scores`).
 """
 from __future__ import annotations
 
@@ -125,17 +133,27 @@ def item_column(schema, cols: SessionColumns):
     return schema[cols.item_id]
 
 
-def build_session_model(schema, cfg: SessionModelConfig, cols: SessionColumns, max_length: int):
+def build_session_model(schema, cfg: SessionModelConfig, cols: SessionColumns, max_length: int, tie=None):
+    """``tie`` (default ``cfg.tie_weights``): the output layer scores items with the input item-id
+    embedding table (plus a per-item bias), the session state projected to ``embedding_dim``."""
     import merlin.models.tf as mm
+    from merlin.models.tf.outputs.classification import EmbeddingTablePrediction
     from merlin.schema import Tags
 
+    tf = _tf()
+    tie = cfg.tie_weights if tie is None else tie
     seq = schema.select_by_tag(Tags.SEQUENCE)
     cats = seq.select_by_tag(Tags.CATEGORICAL)
     dims = {c: (cfg.embedding_dim if c == cols.item_id else max(4, cfg.embedding_dim // 4)) for c in cats.column_names}
-    input_block = mm.InputBlockV2(seq, categorical=mm.Embeddings(cats, dim=dims, sequence_combiner=None))
+    embeddings = mm.Embeddings(cats, dim=dims, sequence_combiner=None)
+    input_block = mm.InputBlockV2(seq, categorical=embeddings)
     encoder = _encoder_class()(cfg.type, cfg.hidden_dim, cfg.num_layers, cfg.num_heads, cfg.dropout, max_length,
                                name="session_encoder")
-    return mm.Model(input_block, encoder, mm.CategoricalOutput(item_column(schema, cols)))
+    if not tie:
+        return mm.Model(input_block, encoder, mm.CategoricalOutput(item_column(schema, cols)))
+    project = tf.keras.layers.Dense(cfg.embedding_dim, name="to_item_space")
+    table = EmbeddingTablePrediction(embeddings[cols.item_id], use_bias=True)
+    return mm.Model(input_block, encoder, project, mm.CategoricalOutput(to_call=table, target_name=cols.item_id))
 
 
 @dataclass
@@ -147,8 +165,10 @@ class SessionTrainOutput:
 
 
 def train_session_model(train_dir: Path, cfg: SessionModelConfig, cols: SessionColumns, max_length: int, seed: int,
-                        out_dir: Path):
-    """Fit with ``mm.SequencePredictNext`` and save the SavedModel; returns (model, model_dir, history)."""
+                        out_dir: Path, k: int = 10):
+    """Fit with ``mm.SequencePredictNext`` and save the SavedModel; returns (model, model_dir, history).
+    With ``cfg.validation_fraction`` > 0 that share of the training sessions is held out of the fit to
+    pick the epoch (:func:`early_stopping`)."""
     tf = _tf()
     import merlin.models.tf as mm
     from merlin.io import Dataset
@@ -157,20 +177,87 @@ def train_session_model(train_dir: Path, cfg: SessionModelConfig, cols: SessionC
     tf.keras.utils.set_random_seed(seed)
     ds = Dataset(str(train_dir), engine="parquet")
     schema = ds.schema.select_by_tag(Tags.SEQUENCE)
+    n_items = int(schema[cols.item_id].int_domain.max) + 1
+    frame = pd.read_parquet(sorted(Path(train_dir).glob("*.parquet"))[0])
+    stop = np.random.default_rng(seed).random(len(frame)) < cfg.validation_fraction
+    fit_ds = Dataset(frame.loc[~stop].reset_index(drop=True), schema=ds.schema, cpu=True) if stop.any() else ds
     model = build_session_model(schema, cfg, cols, max_length)
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=cfg.learning_rate), run_eagerly=False)
-    loader = mm.Loader(ds, batch_size=cfg.batch_size, shuffle=True, schema=schema)
+    loader = mm.Loader(fit_ds, batch_size=cfg.batch_size, shuffle=True, schema=schema)
+    if cfg.popularity_prior:
+        init_output_bias(model, loader, frame.loc[~stop, cols.item_id], n_items)
     from pipeline_lib.progress import epoch_logger
 
-    log.info("training session_%s: %d epochs over %d sessions (batch %d)", cfg.type, cfg.epochs, ds.num_rows,
-             cfg.batch_size)
-    hist = model.fit(loader, epochs=cfg.epochs, verbose=0, callbacks=[epoch_logger(cfg.epochs, log)],
+    callbacks = [epoch_logger(cfg.epochs, log)]
+    if stop.any():
+        callbacks.insert(0, early_stopping(frame.loc[stop], ds.schema, cols.item_id, k, cfg.early_stopping_patience))
+    log.info("training session_%s: up to %d epochs over %d sessions (batch %d)", cfg.type, cfg.epochs,
+             int((~stop).sum()), cfg.batch_size)
+    hist = model.fit(loader, epochs=cfg.epochs, verbose=0, callbacks=callbacks,
                      pre=mm.SequencePredictNext(schema=schema, target=cols.item_id))
-    history = {k: [float(x) for x in v] for k, v in hist.history.items()}
+    history = {key: [float(x) for x in v] for key, v in hist.history.items()}
+    if stop.any():
+        history["best_epoch"] = callbacks[0].best_epoch
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = out_dir / "model"
     model.save(str(model_dir))
     return model, model_dir, history
+
+
+def early_stopping(sessions: pd.DataFrame, schema, item_col: str, k: int, patience: int):
+    """A Keras callback: after every epoch, Recall@k of the model on ``sessions`` (transformed training
+    sessions kept out of the fit: prefix in, last item as target, the prefix's items excluded); logs it
+    as ``val_recall``, stops after ``patience`` epochs without improvement and restores the best weights."""
+    tf = _tf()
+    import merlin.models.tf as mm
+    from merlin.io import Dataset
+
+    prefix = sessions.reset_index(drop=True).copy()
+    targets = prefix[item_col].map(lambda v: int(v[-1])).to_numpy()
+    for c in prefix.columns:
+        if prefix[c].map(lambda v: hasattr(v, "__len__")).all():
+            prefix[c] = prefix[c].map(lambda v: list(v)[:-1])
+    excl = [np.asarray(v, dtype=np.int64) for v in prefix[item_col]]
+
+    class EarlyStopping(tf.keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best, self.best_epoch, self.best_weights, self.wait = -1.0, 0, None, 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            out = []
+            for x, _ in mm.Loader(Dataset(prefix, schema=schema, cpu=True), batch_size=1024, shuffle=False):
+                pred = self.model(x)
+                out.append(np.asarray(next(iter(pred.values())) if isinstance(pred, dict) else pred))
+            recall = topk_metrics(mask_scores(np.concatenate(out), excl), targets, k)[f"recall@{k}"]
+            if logs is not None:
+                logs["val_recall"] = recall
+            if recall > self.best:
+                self.best, self.best_epoch, self.best_weights, self.wait = recall, epoch + 1, self.model.get_weights(), 0
+            else:
+                self.wait += 1
+                self.model.stop_training = self.wait >= patience > 0
+
+        def on_train_end(self, logs=None):
+            if self.best_weights is not None:
+                self.model.set_weights(self.best_weights)
+
+    return EarlyStopping()
+
+
+def init_output_bias(model, loader, train_lists: pd.Series, n_items: int) -> None:
+    """Start the output layer's per-item bias at the log training frequency of each item (add-one),
+    so the untrained model already ranks like the most-popular baseline and training fits what the
+    session adds to it (with a zero bias, the first epochs are spent learning popularity)."""
+    inputs, _ = next(iter(loader))
+    model(inputs)  # builds every layer
+    biases = [v for v in model.trainable_variables if "bias" in v.name and tuple(v.shape) == (n_items,)]
+    if not biases:
+        log.warning("no output bias of %d items found: the popularity prior is not applied", n_items)
+        return
+    bias = biases[-1]
+    counts = popularity_scores(train_lists, n_items).astype(np.float64) + 1.0
+    bias.assign(np.log(counts / counts.sum()).astype(np.float32))
 
 
 # --- scoring: the offline path that serving reproduces ----------------------------------------------
@@ -200,12 +287,54 @@ def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, batch_size: int
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and scores of the k best items per row, best first; special indices excluded; ties by index."""
+def top_k(scores: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and scores of the k best items per row, best first; ties by index. Special indices
+    are never ranked above an item; ``exclude`` (per row, encoded indices, see :func:`exclusions`)
+    sets those items to -inf: a row left with fewer than k items gets them last, at -inf (as
+    :func:`pipeline_lib.retrieval.top_k`), and the special slots after them."""
+    s = mask_scores(scores, exclude, -np.inf)
+    real = np.argsort(-s[:, N_SPECIAL:], axis=1, kind="stable") + N_SPECIAL
+    order = np.concatenate([real, np.tile(np.arange(min(N_SPECIAL, s.shape[1])), (len(s), 1))], axis=1)[:, :k]
+    return order.astype(np.int64), np.take_along_axis(s, order, axis=1)
+
+
+def mask_scores(scores: np.ndarray, exclude: list[np.ndarray] | None, value: float = MASKED) -> np.ndarray:
+    """A copy of ``scores`` with the special slots and each row's excluded indices set to ``value``."""
     s = np.array(scores, dtype=np.float32, copy=True)
-    s[:, :N_SPECIAL] = -np.inf
-    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    return idx.astype(np.int64), np.take_along_axis(s, idx, axis=1)
+    s[:, :N_SPECIAL] = value
+    if exclude is not None:
+        lens = np.array([len(e) for e in exclude], dtype=np.int64)
+        if lens.sum():
+            s[np.repeat(np.arange(len(exclude)), lens), np.concatenate(exclude).astype(np.int64)] = value
+    return s
+
+
+def vocabulary_lookup(vocabulary: np.ndarray) -> pd.Index:
+    """Raw item id -> encoded index (position in the Index + ``N_SPECIAL``), from the decoded vocabulary."""
+    return pd.Index(np.asarray(vocabulary, dtype=object)[N_SPECIAL:], dtype=object)
+
+
+def exclusions(lookup: pd.Index, seen: list | None, extra: list | None, rows: int) -> list[np.ndarray] | None:
+    """Per row, the encoded items never to return: the session's own raw item ids so far (``seen``,
+    when ``session.exclude_seen``) and the request's ``exclude_item_ids`` (``extra``). Unknown ids
+    (not in the training vocabulary) are ignored. None when nothing is excluded."""
+    out, found = [], False
+    for i in range(rows):
+        ids = [v for part in (seen, extra) if part is not None for v in _as_list(part[i])]
+        if not ids:
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        raw = np.array([v.decode("utf-8") if isinstance(v, bytes) else v for v in ids], dtype=object)
+        pos = lookup.get_indexer(raw)
+        out.append(np.unique(pos[pos >= 0]).astype(np.int64) + N_SPECIAL)
+        found = found or len(out[-1]) > 0
+    return out if found else None
+
+
+def _as_list(v) -> list:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return []
+    return list(v)
 
 
 # --- metrics (Merlin's) and baselines ----------------------------------------------------------------
@@ -257,9 +386,10 @@ def baseline_scores(train_lists: pd.Series, last_items: np.ndarray, n_items: int
 
 
 def evaluate(workflow, model_dir: Path, valid_sessions: pd.DataFrame, train_transformed: pd.DataFrame,
-             cols: SessionColumns, k: int, n_items: int) -> dict:
-    """Model vs baselines on the last item of every held-out session (prefix = the events before it)."""
-    from pipeline_lib.sessions import prefixes
+             cols: SessionColumns, k: int, n_items: int, exclude_seen: bool = True) -> dict:
+    """Model vs baselines on the last item of every held-out session (prefix = the events before it).
+    ``exclude_seen``: the prefix's own items are never recommended, by the model and by the baselines."""
+    from pipeline_lib.sessions import item_vocabulary, prefixes
 
     req, _ = prefixes(valid_sessions, cols)
     # targets in the model's index space: encode the full held-out sessions with the same workflow
@@ -267,11 +397,16 @@ def evaluate(workflow, model_dir: Path, valid_sessions: pd.DataFrame, train_tran
     targets = full[cols.item_id].map(lambda v: int(v[-1])).to_numpy()
     enc_prefix = raw_to_transformed(workflow, req)
     last_items = enc_prefix[cols.item_id].map(lambda v: int(v[-1])).to_numpy()
-    results = {"model": topk_metrics(offline_scores(workflow, model_dir, req), targets, k)}
+    lookup = vocabulary_lookup(item_vocabulary(workflow, cols.item_id))
+    excl = exclusions(lookup, req[cols.item_id].tolist(), None, len(req)) if exclude_seen else None
+    results = {"model": topk_metrics(mask_scores(offline_scores(workflow, model_dir, req), excl), targets, k)}
     for name, s in baseline_scores(train_transformed[cols.item_id], last_items, n_items).items():
-        results[name] = topk_metrics(s, targets, k)
+        results[name] = topk_metrics(mask_scores(s, excl), targets, k)
     results["n_sessions"] = int(len(targets))
     results["target_oov_rate"] = float(np.mean(targets < N_SPECIAL))
+    seen = [set(v) for v in req[cols.item_id]]
+    results["target_in_prefix_rate"] = float(np.mean([t in p for t, p in zip(valid_sessions[cols.item_id].map(
+        lambda v: v[-1]), seen)])) if len(seen) else 0.0
     return results
 
 
@@ -284,22 +419,28 @@ def train_and_evaluate(etl_out, cfg, out_dir: Path) -> SessionTrainOutput:
     s = cfg.session
     t0 = time.perf_counter()
     model, model_dir, history = train_session_model(etl_out.train_dir, s.model, s.columns, s.etl.max_session_length,
-                                                    cfg.seed, out_dir)
+                                                    cfg.seed, out_dir, s.top_k)
     train_s = time.perf_counter() - t0
+    best_epoch = history.pop("best_epoch", None)
     workflow = nvt.Workflow.load(str(etl_out.workflow_dir))
     n_items = int(workflow.output_schema[s.columns.item_id].int_domain.max) + 1
     train_tf = pd.read_parquet(sorted(Path(etl_out.train_dir).glob("*.parquet"))[0])
     valid = pd.read_parquet(etl_out.split.valid)
-    results = evaluate(workflow, model_dir, valid, train_tf, s.columns, s.top_k, n_items)
+    results = evaluate(workflow, model_dir, valid, train_tf, s.columns, s.top_k, n_items, s.exclude_seen)
     k = s.top_k
     metrics = {
         "model": f"session_{s.model.type}",
         **{f"{m}@{k}": results["model"][f"{m}@{k}"] for m in ("recall", "ndcg", "mrr")},
         "baselines": {n: results[n] for n in ("most_popular", "cooccurrence")},
         "n_train": int(len(train_tf)), "n_valid": results["n_sessions"], "n_items": n_items,
-        "target_oov_rate": results["target_oov_rate"], "epochs_run": len(history.get("loss", [])),
+        "target_oov_rate": results["target_oov_rate"], "exclude_seen": s.exclude_seen,
+        "target_in_prefix_rate": results["target_in_prefix_rate"], "epochs_run": len(history.get("loss", [])), "best_epoch": best_epoch,
         "train_seconds": round(train_s, 1),
     }
+    if s.exclude_seen and results["target_in_prefix_rate"] > 0.1:
+        log.warning("%.0f%% of the held-out targets are items already in their session: with session.exclude_seen "
+                    "they are never recommended (repeat consumption; see docs/sessions.md)",
+                    100 * results["target_in_prefix_rate"])
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
     from pipeline_lib.train import plot_learning_curve

@@ -9,6 +9,13 @@ null, out-of-vocabulary) and decodes the indices to raw item ids with the vocabu
 
 Requests carry list columns (``item_id``, item features, ``timestamp``) as ``__values`` /
 ``__offsets``; the response holds ``item_ids`` and ``scores``, each ``[sessions, k]``.
+
+Exclusion (``session.exclude_seen``, default on; the protocol of retrieval's ``exclude_seen``,
+:mod:`pipeline_lib.topk`): ``TopKItems`` also reads the request's raw ``item_id`` list (the whole
+session so far, not the truncated model input) and never returns those items; the optional
+request input ``exclude_item_ids`` (a list of raw item ids per session, the item id's type) adds
+more, with or without ``exclude_seen``. Unknown ids are ignored; a session left with fewer than
+k items gets excluded ones last, at score -inf (:func:`pipeline_lib.session_model.top_k`).
 """
 from __future__ import annotations
 
@@ -25,24 +32,29 @@ from merlin.dag import BaseOperator, ColumnSelector
 from merlin.schema import ColumnSchema, Schema
 
 from pipeline_lib import export as ranking_export
-from pipeline_lib.session_model import N_SPECIAL, offline_scores, top_k
+from pipeline_lib.session_model import N_SPECIAL, exclusions, offline_scores, top_k, vocabulary_lookup
+from pipeline_lib.topk import EXCLUDE_INPUT  # the same optional request input as retrieval's
 
 ITEM_IDS, SCORES = "item_ids", "scores"
 VOCAB_FILE = "item_vocabulary.parquet"
 
 
 class TopKItems(BaseOperator):
-    """Model scores [n, vocabulary] -> the k best raw item ids and their scores."""
+    """Model scores [n, vocabulary] (+ the request's raw item id lists) -> the k best raw item ids and
+    their scores, without the session's own items (``exclude_seen``) and the request's ``exclude_item_ids``."""
 
-    def __init__(self, k: int, vocabulary: np.ndarray | None = None, score_column: str | None = None):
+    def __init__(self, k: int, vocabulary: np.ndarray | None = None, score_column: str | None = None,
+                 item_column: str | None = None, exclude_seen: bool = False):
         super().__init__()
         self.k = int(k)
         self.vocabulary = vocabulary
         self.score_column = score_column
+        self.item_column, self.exclude_seen = item_column, bool(exclude_seen)
         self.id_dtype = _id_dtype(vocabulary) if vocabulary is not None else "int64"
+        self._lookup = None
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "vocabulary"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("vocabulary", "_lookup")}
 
     def save_artifacts(self, artifact_path: str) -> None:
         pd.DataFrame({"raw_id": pd.Series(self.vocabulary, dtype=object).map(lambda v: None if v is None else str(v))}
@@ -54,7 +66,7 @@ class TopKItems(BaseOperator):
         raw = pd.read_parquet(os.path.join(artifact_path, VOCAB_FILE))["raw_id"].to_numpy(dtype=object)
         if self.id_dtype == "int64":
             raw = np.array([None if v is None else int(v) for v in raw], dtype=object)
-        self.vocabulary = raw
+        self.vocabulary, self._lookup = raw, None
 
     def compute_output_schema(self, input_schema, col_selector, prev_output_schema=None) -> Schema:
         return Schema([
@@ -64,15 +76,30 @@ class TopKItems(BaseOperator):
             ColumnSchema(SCORES, dtype="float32", dims=(None, self.k)),
         ])
 
+    def excluded(self, transformable, rows: int) -> list[np.ndarray] | None:
+        """Per row, the encoded items not to return (the raw lists of the request, see module docstring)."""
+        if getattr(self, "_lookup", None) is None:
+            self._lookup = vocabulary_lookup(self.vocabulary)
+        cols = set(transformable.columns)
+        seen = _lists(transformable[self.item_column]) if self.exclude_seen and self.item_column in cols else None
+        extra = _lists(transformable[EXCLUDE_INPUT]) if EXCLUDE_INPUT in cols else None
+        return exclusions(self._lookup, seen, extra, rows)
+
     def transform(self, col_selector: ColumnSelector, transformable):
         name = self.score_column or next(iter(transformable.columns))
         col = transformable[name]
         scores = np.asarray(col.values if hasattr(col, "values") else col)
-        idx, best = top_k(scores, self.k)
+        idx, best = top_k(scores, self.k, self.excluded(transformable, len(scores)))
         ids = decode(self.vocabulary, idx, self.id_dtype)
         if ids.dtype == object:  # Triton's python backend sends BYTES from an object array of bytes
             ids = np.vectorize(lambda v: v.encode("utf-8"), otypes=[object])(ids)
         return type(transformable)({ITEM_IDS: ids, SCORES: best.astype(np.float32)})
+
+
+def _lists(col) -> list[np.ndarray]:
+    """A ragged column of a TensorTable -> one numpy array per row."""
+    values, offsets = np.asarray(col.values), np.asarray(col.offsets, dtype=np.int64)
+    return [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 
 
 def _id_dtype(vocabulary: np.ndarray) -> str:
@@ -91,9 +118,11 @@ def decode(vocabulary: np.ndarray, idx: np.ndarray, id_dtype: str = "int64") -> 
     return np.where(missing, "", raw).astype(str).astype(object)
 
 
-def build_session_ensemble(workflow, model_dir: Path, item_col: str, k: int, fast_sample: pd.DataFrame | None = None):
-    """``raw session lists >> workflow >> model >> TopKItems``. With ``fast_sample`` (raw sessions) the
-    workflow op's compiled transform is verified on them (plus edge rows) and enabled if identical."""
+def build_session_ensemble(workflow, model_dir: Path, item_col: str, k: int, fast_sample: pd.DataFrame | None = None,
+                           exclude_seen: bool = True):
+    """``raw session lists >> workflow >> model``, then ``TopKItems`` on the scores plus the raw item id
+    list and the optional ``exclude_item_ids`` list. With ``fast_sample`` (raw sessions) the workflow
+    op's compiled transform is verified on them (plus edge rows) and enabled if identical."""
     from merlin.systems.dag import Ensemble
 
     from pipeline_lib.sessions import item_vocabulary
@@ -103,17 +132,33 @@ def build_session_ensemble(workflow, model_dir: Path, item_col: str, k: int, fas
     wf_op = ranking_export.InProcessWorkflow(workflow)
     if fast_sample is not None:
         wf_op.enable_fast_path(fast_sample)
-    graph = (workflow.input_schema.column_names >> wf_op >> tf_op
-             >> TopKItems(k, item_vocabulary(workflow, item_col), score_col))
-    return Ensemble(graph, workflow.input_schema)
+    scores = workflow.input_schema.column_names >> wf_op >> tf_op
+    graph = (scores + [item_col, EXCLUDE_INPUT]) >> TopKItems(k, item_vocabulary(workflow, item_col), score_col,
+                                                                item_col, exclude_seen)
+    item = workflow.input_schema[item_col]
+    extra = ColumnSchema(EXCLUDE_INPUT, dtype=item.dtype, is_list=True, is_ragged=True)
+    return Ensemble(graph, workflow.input_schema + Schema([extra]))
 
 
-def offline_topk(workflow, model_dir: Path, raw: pd.DataFrame, item_col: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The training-time path: workflow.transform + Merlin Loader + SavedModel, then the same ranking."""
+def with_exclude_column(raw: pd.DataFrame) -> pd.DataFrame:
+    """The request frame with an ``exclude_item_ids`` column (empty lists where the request has none)."""
+    if EXCLUDE_INPUT in raw.columns:
+        return raw
+    return raw.assign(**{EXCLUDE_INPUT: [[] for _ in range(len(raw))]})
+
+
+def offline_topk(workflow, model_dir: Path, raw: pd.DataFrame, item_col: str, k: int,
+                 exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The training-time path: workflow.transform + Merlin Loader + SavedModel, then the same ranking
+    and the same exclusions (the session's raw item ids, the rows' ``exclude_item_ids``)."""
     from pipeline_lib.sessions import item_vocabulary
 
     vocab = item_vocabulary(workflow, item_col)
-    idx, best = top_k(offline_scores(workflow, model_dir, raw), k)
+    seen = raw[item_col].tolist() if exclude_seen else None
+    extra = raw[EXCLUDE_INPUT].tolist() if EXCLUDE_INPUT in raw.columns else None
+    excl = exclusions(vocabulary_lookup(vocab), seen, extra, len(raw))
+    feats = raw.drop(columns=[EXCLUDE_INPUT], errors="ignore")
+    idx, best = top_k(offline_scores(workflow, model_dir, feats), k, excl)
     return decode(vocab, idx, _id_dtype(vocab)), best
 
 
@@ -121,12 +166,24 @@ def ensemble_topk(ensemble, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Run the ensemble in-process on raw sessions, as the served executor model does."""
     from merlin.dag.runtime import Runtime
 
-    table = ranking_export.raw_to_tensor_table(raw[ensemble.input_schema.column_names])
+    names = ensemble.input_schema.column_names
+    if EXCLUDE_INPUT in names:  # optional on the wire: the served model fills it with empty lists
+        raw = with_exclude_column(raw)
+    table = ranking_export.raw_to_tensor_table(raw[names])
     out = ensemble.transform(table, runtime=Runtime())
     ids = np.asarray(out[ITEM_IDS].values)
     if ids.dtype == object:  # string ids leave the ensemble as bytes (see TopKItems)
         ids = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v, otypes=[object])(ids)
     return ids, np.asarray(out[SCORES].values)
+
+
+def score_diff(scores: np.ndarray, want: np.ndarray) -> float:
+    """Largest |score - offline|; the -inf of excluded items (a session with fewer than k left) match."""
+    if scores.shape != want.shape:
+        return float("inf")
+    both_inf = np.isneginf(scores) & np.isneginf(want)
+    d = np.abs(np.where(both_inf, 0.0, scores.astype(np.float64) - np.where(both_inf, 0.0, want)))
+    return float(np.max(d)) if d.size else 0.0
 
 
 def _check(name: str, got, want, atol: float) -> float:
@@ -135,7 +192,7 @@ def _check(name: str, got, want, atol: float) -> float:
     if ids.shape != want_ids.shape or not np.array_equal(ids, want_ids):
         bad = int(np.sum(np.any(ids != want_ids, axis=1))) if ids.shape == want_ids.shape else len(ids)
         raise ranking_export.ParityError(f"{name}: top-k item ids differ from offline in {bad} session(s)")
-    diff = float(np.max(np.abs(scores - want_scores))) if scores.size else 0.0
+    diff = score_diff(scores, want_scores)
     if not diff <= atol:
         raise ranking_export.ParityError(f"{name}: max |score - offline| = {diff:.3g} > {atol}")
     return diff
@@ -144,27 +201,45 @@ def _check(name: str, got, want, atol: float) -> float:
 def export_session_ensemble(workflow_dir: Path, model_dir: Path, sample_raw: pd.DataFrame, item_col: str, k: int,
                             staging_dir: Path, model_name: str, version: int = 1, atol: float = 1e-5,
                             run_info: dict | None = None, max_request_rows: int = 65536,
-                            fast_transform: bool = True) -> ranking_export.ExportOutput:
-    """Parity in-process (ids equal, scores within ``atol``), export as ``staging_dir/<model_name>/<version>``,
-    load the exported copy back and check again."""
+                            fast_transform: bool = True, exclude_seen: bool = True) -> ranking_export.ExportOutput:
+    """Parity in-process (ids equal, scores within ``atol``) on ``sample_raw`` and on the same sessions
+    with ``exclude_item_ids`` (their first 3 offline items), export as ``staging_dir/<model_name>/<version>``
+    (``exclude_item_ids`` an optional input), load the exported copy back and check again."""
     import nvtabular as nvt
 
     workflow = nvt.Workflow.load(str(workflow_dir))
     ensemble = build_session_ensemble(workflow, model_dir, item_col, k,
-                                      fast_sample=sample_raw if fast_transform else None)
-    want = offline_topk(workflow, model_dir, sample_raw, item_col, k)
-    diff_inproc = _check("in-process ensemble", ensemble_topk(ensemble, sample_raw), want, atol)
+                                      fast_sample=sample_raw if fast_transform else None, exclude_seen=exclude_seen)
+    want = offline_topk(workflow, model_dir, sample_raw, item_col, k, exclude_seen)
+    more = sample_raw.assign(**{EXCLUDE_INPUT: [list(r[:3]) for r in want[0].tolist()]})
+    want_more = offline_topk(workflow, model_dir, more, item_col, k, exclude_seen)
+    diffs = [_check("in-process ensemble", ensemble_topk(ensemble, sample_raw), want, atol),
+             _check("in-process ensemble (exclude_item_ids)", ensemble_topk(ensemble, more), want_more, atol)]
     ranking_export.export_as_version(ensemble, staging_dir, model_name, version)
     ranking_export._install_serving_model(staging_dir / model_name, version, max_request_rows)
+    _optional_inputs(staging_dir / model_name / "config.pbtxt", EXCLUDE_INPUT)
     exported = ranking_export.load_version(staging_dir / model_name / str(version))
-    diff_exported = _check("exported ensemble", ensemble_topk(exported, sample_raw), want, atol)
+    diffs += [_check("exported ensemble", ensemble_topk(exported, sample_raw), want, atol),
+              _check("exported ensemble (exclude_item_ids)", ensemble_topk(exported, more), want_more, atol)]
     fast = ranking_export._workflow_op(ensemble).fast_status or {"enabled": False, "reason": "export.fast_transform is off"}
-    out = ranking_export.ExportOutput(staging_dir, model_name, version, ITEM_IDS, max(diff_inproc, diff_exported),
-                                      fast_transform=fast)
+    out = ranking_export.ExportOutput(staging_dir, model_name, version, ITEM_IDS, max(diffs), fast_transform=fast)
     (out.version_dir / "run_info.json").write_text(
-        json.dumps({**(run_info or {}), "task": "session", "top_k": k, "parity_max_abs_diff": out.parity_max_abs_diff,
-                    "fast_transform": fast}, indent=2, default=str))
+        json.dumps({**(run_info or {}), "task": "session", "top_k": k, "exclude_seen": bool(exclude_seen),
+                    "parity_max_abs_diff": out.parity_max_abs_diff, "fast_transform": fast}, indent=2, default=str))
     return out
+
+
+def _optional_inputs(config_path: Path, column: str) -> None:
+    """Mark a list input (``<column>__values`` / ``__offsets``) optional in config.pbtxt: a request may
+    leave it out (the served model then fills it with empty lists)."""
+    import tritonclient.grpc.model_config_pb2 as mc
+    from google.protobuf import text_format
+
+    cfg = text_format.Parse(config_path.read_text(), mc.ModelConfig())
+    for inp in cfg.input:
+        if inp.name in (f"{column}__values", f"{column}__offsets"):
+            inp.optional = True
+    config_path.write_text(text_format.MessageToString(cfg))
 
 
 # --- served smoke test and promotion gate ----------------------------------------------------------
@@ -202,7 +277,7 @@ def session_smoke_test(repository: Path, model_name: str, rows: pd.DataFrame, of
     for proto, (ids, scores) in served.items():
         if ids.shape != want_ids.shape or not np.array_equal(ids, want_ids):
             problems.append(f"{proto}: served top-k item ids differ from offline")
-        diffs[proto] = float(np.max(np.abs(scores - want_scores))) if scores.shape == want_scores.shape else float("inf")
+        diffs[proto] = score_diff(scores, want_scores)
         if not diffs[proto] <= atol:
             problems.append(f"{proto}: max |served score - offline| = {diffs[proto]:.3g} > {atol}")
     res = SessionSmokeResult(len(rows), diffs["http"], diffs["grpc"], want_ids.tolist(),
@@ -232,7 +307,7 @@ def score_version(version_dir: Path, sessions: pd.DataFrame, cols, k: int, batch
 
     ens = ranking_export.load_version(version_dir)
     req, targets = prefixes(sessions, cols)
-    missing = [c for c in ens.input_schema.column_names if c not in req.columns]
+    missing = [c for c in ens.input_schema.column_names if c not in req.columns and c != EXCLUDE_INPUT]
     if missing:
         raise KeyError(f"version {Path(version_dir).name} needs column(s) {missing}: not a session model for this data")
     parts = [ensemble_topk(ens, req.iloc[i:i + batch]) for i in range(0, len(req), batch)]

@@ -52,7 +52,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from pipeline_lib import retrieval
+from pipeline_lib import ann, retrieval
+from pipeline_lib.config import AnnConfig
 from pipeline_lib.export import StagedVersion
 from pipeline_lib.retrieval import RetrievalSpec
 
@@ -101,6 +102,7 @@ class TopKRecommender:
         self.filler = pd.read_parquet(self.dir / "filler.parquet").iloc[0].to_dict()
         z = np.load(self.dir / "items.npz", allow_pickle=True)
         self.item_ids, self.item_emb = z["ids"], z["embeddings"].astype(np.float32)
+        self.index = ann.load_version_index(self.dir, meta.get("ann"))  # None: exact top-k (docs/ann.md)
         self.query_fn = retrieval.load_encoder(self.dir / retrieval.QUERY_ENCODER)
         self.ranker_fn = retrieval.load_encoder(self.dir / "ranker") if self.ranker_columns else None
         if self.ranker_columns:
@@ -166,7 +168,7 @@ class TopKRecommender:
             off = np.asarray(extra.offsets, dtype=np.int64)
             extra = [extra.values[off[i]:off[i + 1]] for i in range(len(off) - 1)]
         excl = self.excluded(cols.get(self.user_column) if self.user_column else None, extra, rows)
-        idx, scores = retrieval.top_k(q, self.item_emb, self.candidates if self.ranker_fn else self.k, excl)
+        idx, scores = ann.top_k(self.index, q, self.item_emb, self.candidates if self.ranker_fn else self.k, excl)
         ids = self.item_ids[idx]
         if not self.ranker_fn:
             return ids, scores
@@ -226,8 +228,8 @@ class TopKRecommender:
 
     def retrieve(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Retrieval's own top-k (the candidates of a two-stage version): raw ids and scores."""
-        idx, scores = retrieval.top_k(self.query_embeddings(raw), self.item_emb,
-                                      self.candidates if self.ranker_fn else self.k, self._excluded_frame(raw))
+        idx, scores = ann.top_k(self.index, self.query_embeddings(raw), self.item_emb,
+                                self.candidates if self.ranker_fn else self.k, self._excluded_frame(raw))
         return self.item_ids[idx], scores
 
     def recommend(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -257,7 +259,7 @@ class TopKRecommender:
 
         n = self.candidates if self.ranker_fn else self.k
         q = retrieval.query_embeddings(self.workflow, self.dir, self.spec, raw, self.filler)
-        idx, scores = retrieval.top_k(q, self.item_emb, n, self._excluded_frame(raw))
+        idx, scores = ann.top_k(self.index, q, self.item_emb, n, self._excluded_frame(raw))
         ids = self.item_ids[idx]
         if not self.ranker_fn:
             return ids, scores
@@ -312,11 +314,12 @@ def export_topk(
     run_info: dict | None = None,
     max_request_rows: int = 65536,
     exclude_seen: bool = True,
+    ann_config: Optional[AnnConfig] = None,
 ) -> TopKExport:
     """Write a top-k model version into ``staging_dir/<model_name>/<version>`` and check that its
     in-process recommender equals the offline path on ``sample_raw`` (ids exactly, scores to atol).
     ``exclude_seen``: store each training user's positive items (``seen.npz``); served and offline
-    top-k never return them to that user."""
+    top-k never return them to that user. ``ann_config``: FAISS index for large catalogues (docs/ann.md)."""
     import nvtabular as nvt
 
     spec = RetrievalSpec(**json.loads((Path(model_dir) / "spec.json").read_text()))
@@ -354,15 +357,27 @@ def export_topk(
 
     rec = TopKRecommender(art)
     sample = sample_raw[req_cols].reset_index(drop=True)
+    meta["ann"] = _attach_index(rec, art, sample, meta["candidates"], ann_config or AnnConfig())
     in_process = rec.recommend(sample)
     diff = compare(in_process, rec.offline(sample), atol, "in-process")
     meta["fast_transform"] = verify_fast_path(rec, sample, cat, in_process, atol)
     (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
     shutil.copyfile(Path(__file__).with_name("serving_topk_model.py"), vdir / "model.py")
     _write_config(staging_dir / model_name, model_name, serving_wf, req_cols, ids, k, max_request_rows, spec)
-    out = TopKExport(staging_dir, model_name, version, {"max_abs_score_diff": diff, "rows": len(sample)})
+    out = TopKExport(staging_dir, model_name, version,
+                     {"max_abs_score_diff": diff, "rows": len(sample), "ann": meta["ann"]})
     (vdir / "run_info.json").write_text(json.dumps({**(run_info or {}), "parity": out.parity}, indent=2, default=str))
     return out
+
+
+def _attach_index(rec: TopKRecommender, art: Path, sample: pd.DataFrame, n: int, cfg: AnnConfig) -> dict:
+    """Build the version's ANN index when ``cfg`` asks for one, check its recall@n against exact top-k on
+    the held-out ``sample`` (:func:`ann.export_index`) and let ``rec`` search it; spec.json's ``ann``."""
+    if not ann.wants_index(cfg, len(rec.item_emb)):
+        return ann.no_index_info(cfg, len(rec.item_emb))  # no query rows encoded for nothing
+    info = ann.export_index(art, rec.item_emb, rec.query_embeddings(sample), rec._excluded_frame(sample), n, cfg)
+    rec.index = ann.load_version_index(art, info)
+    return info
 
 
 def write_seen(train_raw: pd.DataFrame, user_col: str, item_col: str, label: str, item_ids: np.ndarray,

@@ -35,29 +35,45 @@ def _dataset(path: Path):
     return Dataset(str(path), engine="parquet")
 
 
+def _regularizer(l2: float):
+    import tensorflow as tf
+
+    return tf.keras.regularizers.L2(l2) if l2 > 0 else None
+
+
+def _embeddings(schema, cfg: ModelConfig):
+    """One embedding table per categorical/list feature, all ``embedding_dim`` wide (list features:
+    the mean of their values' embeddings), with an L2 penalty ``embedding_l2`` on every table: it
+    keeps rare ids near zero (a user or item seen a few times is not memorised) and, with Adam,
+    pulls rows no training row uses (the out-of-vocabulary index) to zero instead of leaving them
+    at their random initial values."""
+    import merlin.models.tf as mm
+    from merlin.schema import Tags
+
+    return mm.Embeddings(schema.select_by_tag(Tags.CATEGORICAL), dim=cfg.embedding_dim, sequence_combiner="mean",
+                         embeddings_regularizer=_regularizer(cfg.embedding_l2))
+
+
+def _mlp(dims: list[int], cfg: ModelConfig):
+    import merlin.models.tf as mm
+
+    return mm.MLPBlock(dims, dropout=cfg.dropout or None)
+
+
 def build_model(schema, cfg: ModelConfig, label: str):
-    """A Merlin Models ranking model from the ETL schema."""
+    """A Merlin Models ranking model from the ETL schema (embeddings and MLPs sized and regularised
+    alike for the four types; docs/ranking.md)."""
     import merlin.models.tf as mm
     from merlin.schema import Tags
 
     task = mm.BinaryOutput(label)
     if cfg.type == "dlrm":
-        return mm.DLRMModel(
-            schema,
-            embedding_dim=cfg.embedding_dim,
-            bottom_block=mm.MLPBlock(cfg.bottom_mlp),
-            top_block=mm.MLPBlock(cfg.top_mlp),
-            prediction_tasks=task,
-        )
+        return mm.DLRMModel(schema, embeddings=_embeddings(schema, cfg), bottom_block=_mlp(cfg.bottom_mlp, cfg),
+                            top_block=_mlp(cfg.top_mlp, cfg), prediction_tasks=task)
     if cfg.type == "dcn":
-        return mm.DCNModel(
-            schema,
-            depth=cfg.cross_depth,
-            deep_block=mm.MLPBlock(cfg.top_mlp),
-            input_block=mm.InputBlockV2(schema, categorical=mm.Embeddings(
-                schema.select_by_tag(Tags.CATEGORICAL), dim=cfg.embedding_dim)),
-            prediction_tasks=task,
-        )
+        return mm.DCNModel(schema, depth=cfg.cross_depth, deep_block=_mlp(cfg.top_mlp, cfg),
+                           input_block=mm.InputBlockV2(schema, categorical=_embeddings(schema, cfg)),
+                           prediction_tasks=task)
     # The wide (first-order) parts one-hot encode categoricals with CategoryEncoding, which takes no
     # ragged input: multi-hot list features feed the embedding/deep parts only.
     cats = schema.select_by_tag(Tags.CATEGORICAL)
@@ -68,16 +84,19 @@ def build_model(schema, cfg: ModelConfig, label: str):
             "continuous": mm.Filter(schema.select_by_tag(Tags.CONTINUOUS)).connect(mm.ToSparse()),
         }, aggregation="concat")
         return mm.DeepFMModel(
-            schema, embedding_dim=cfg.embedding_dim, deep_block=mm.MLPBlock(cfg.top_mlp),
-            wide_input_block=wide_input, prediction_tasks=task,
+            schema, deep_block=_mlp(cfg.top_mlp, cfg), wide_input_block=wide_input,
+            input_block=mm.InputBlockV2(schema, aggregation=None, categorical=_embeddings(schema, cfg)),
+            prediction_tasks=task,
         )
     if cfg.type == "wide_deep":
         return mm.WideAndDeepModel(
             schema,
             wide_schema=wide_cats,
             deep_schema=schema,
-            deep_block=mm.MLPBlock(cfg.top_mlp),
+            deep_block=_mlp(cfg.top_mlp, cfg),
+            deep_input_block=mm.InputBlockV2(schema, categorical=_embeddings(schema, cfg)),
             wide_preprocess=mm.CategoryEncoding(wide_cats, output_mode="multi_hot", sparse=True),
+            wide_regularizer=_regularizer(cfg.embedding_l2),
             prediction_tasks=task,
         )
     raise ValueError(f"unknown model type '{cfg.type}'")

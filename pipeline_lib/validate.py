@@ -2,8 +2,9 @@
 
 Every problem is collected first and reported together in one :class:`DataValidationError`
 (file, column, count, an example value), so a user fixes their data in one pass. Checks:
-required columns present, ids without nulls, label binary, continuous values castable to float
-and within ``min``/``max``, lists holding lists, categoricals holding scalars, timestamp numeric
+required columns present, ids without nulls, label binary, continuous values castable to float,
+finite (``inf``/``-inf`` are problems; a missing value is a null, filled with the training median by
+the ETL) and within ``min``/``max``, lists holding lists, categoricals holding scalars, timestamp numeric
 or a date, null rates within ``max_null_rate``, and ids matched by the user/item tables.
 
 Each run's statistics are saved (``validated/stats.json``); :func:`compute_drift` compares them
@@ -154,6 +155,10 @@ def validate_raw(
                 problems.append(
                     Problem(where(f.name), f.name, "continuous value not castable to float", int(bad.sum()), _ex(df.loc[bad, f.name]))
                 )
+            inf = np.isinf(vals.to_numpy(dtype=np.float64))
+            if inf.any():
+                problems.append(Problem(where(f.name), f.name, "continuous value is not finite (inf or -inf; a missing "
+                                        "value must be null)", int(inf.sum()), _ex(vals[inf])))
             if f.log and (vals < 0).any():
                 neg = vals < 0
                 problems.append(Problem(where(f.name), f.name, "log transform needs values >= 0", int(neg.sum()), _ex(vals[neg])))

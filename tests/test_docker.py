@@ -1,7 +1,7 @@
 """Static checks of docker-compose.yml and docker/*.Dockerfile.
 
 These machines have a docker client but no engine, so the images are never built or run here;
-these tests check structure and wiring only (see README, "GPU deployment").
+these tests check structure and wiring only (see docs/gpu.md).
 """
 import os
 import re

@@ -136,3 +136,36 @@ def test_fast_list_flatten_gives_nvtabulars_series(rows):
         got = dispatch.flatten_list_column_values(s)
     assert dispatch.flatten_list_column_values is original
     pd.testing.assert_series_equal(got, want)
+
+
+def _year_frame(n: int = 400, missing: int = 8) -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    year = rng.integers(1950, 1999, n).astype(np.float64)
+    year[:missing] = np.nan
+    return pd.DataFrame({"user_id": rng.integers(0, 20, n), "item_id": rng.integers(0, 30, n),
+                         "year": year, "click": rng.integers(0, 2, n)})
+
+
+def test_missing_continuous_values_take_the_training_median(tmp_path):
+    """A missing year is filled with the training median before Normalize: the statistics are the
+    observed years' and the filled rows sit near 0, not tens of standard deviations away (a 0 fill)."""
+    from merlin.io import Dataset
+
+    from pipeline_lib.config import ColumnsConfig, FeatureSpec
+
+    df = _year_frame()
+    cols = ColumnsConfig(timestamp=None, features=[FeatureSpec(name="year", kind="continuous", side="item")])
+    wf = etl.build_workflow(cols, tmp_path / "cats")
+    wf.fit(Dataset(df, cpu=True))
+    out = wf.transform(Dataset(df, cpu=True)).to_ddf().compute().reset_index(drop=True)
+    observed = df["year"].dropna()
+    filled = df["year"].fillna(observed.median())
+    assert out["year"].to_numpy()[:8] == pytest.approx(((observed.median() - filled.mean()) / filled.std()), abs=0.02)
+    assert np.abs(out["year"].to_numpy()).max() < 3
+    assert out["year"].std() == pytest.approx(1.0, abs=0.01)
+    # the fitted median is the observed years' median (the NVTabular op keeps it for serving)
+    from merlin.dag import postorder_iter_nodes
+    import nvtabular as nvt
+
+    ops = [n.op for n in postorder_iter_nodes(wf.output_node) if isinstance(n.op, nvt.ops.FillMedian)]
+    assert len(ops) == 1 and ops[0].medians["year"] == pytest.approx(observed.median(), abs=1.0)

@@ -29,6 +29,17 @@ def test_inconsistent_requests_name_the_field(over, message):
         check_request(req(**over), RAGGED, 10)
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+def test_non_finite_continuous_value_is_a_bad_request_naming_the_field(bad):
+    with pytest.raises(BadRequest, match=r"input 'price' has 1 non-finite value\(s\) \(e.g. row 1: -?inf\)"):
+        check_request(req(price=np.array([1.0, bad, 3.0])), RAGGED, 10)
+    with pytest.raises(BadRequest, match=r"input 'price' has 2 non-finite"):
+        check_request(req(price=np.array([[bad], [2.0], [bad]], dtype=np.float32)), RAGGED, 10)
+    # NaN is a missing value (the workflow fills it with the training median): accepted
+    out = check_request(req(price=np.array([1.0, np.nan, 3.0])), RAGGED, 10)
+    assert np.isnan(out["price"][1])
+
+
 def test_empty_and_oversized_batches():
     empty = {"user_id": np.array([], dtype=np.int64), "price": np.array([]),
              "tags__values": np.array([], dtype=np.int64), "tags__offsets": np.array([0])}

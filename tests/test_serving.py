@@ -183,6 +183,11 @@ def _bad(server, mutate, protocol="http"):
      r"bad request: input 'item_tags__offsets' must start at 0"),
     ("empty batch", lambda a: [a.update({k: (v[:1] if k.endswith("__offsets") else v[:0])}) for k, v in list(a.items())],
      r"bad request: empty batch"),
+    ("infinite continuous value", lambda a: a.update(user_age=np.where(np.arange(len(a["user_age"])) == 1, np.inf,
+                                                                       a["user_age"]).astype(a["user_age"].dtype)),
+     r"bad request: input 'user_age' has 1 non-finite value\(s\) \(e.g. row 1: inf\)"),
+    ("-inf continuous value", lambda a: a.update(item_price=np.full_like(a["item_price"], -np.inf)),
+     r"bad request: input 'item_price' has 3 non-finite value\(s\)"),
 ])
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_bad_requests_get_a_clear_error_and_the_server_keeps_answering(served, case, mutate, expected, protocol):

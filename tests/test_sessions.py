@@ -105,6 +105,27 @@ def test_time_split_holds_out_the_latest_sessions(tmp_path):
     assert sorted(pd.read_parquet(out.valid).session_id) == [1, 3]
 
 
+def test_top_k_never_returns_the_session_items_or_the_requested_exclusions():
+    from pipeline_lib.session_model import N_SPECIAL, exclusions, mask_scores, top_k, vocabulary_lookup
+
+    vocab = np.array([None, None, None, 101, 102, 103, 104], dtype=object)  # encoded 3..6
+    lookup = vocabulary_lookup(vocab)
+    seen = [[103, 999], [], np.array([101, 102, 103])]  # 999: unknown, ignored
+    extra = [[], [b"104"], [104]]  # bytes as Triton hands string ids over (no match here: int vocabulary)
+    excl = exclusions(lookup, seen, extra, 3)
+    assert [e.tolist() for e in excl] == [[5], [], [3, 4, 5, 6]]
+    assert exclusions(lookup, None, [[], [], []], 3) is None
+    scores = np.array([[9, 9, 9, 1, 2, 3, 4], [9, 9, 9, 4, 3, 2, 1], [9, 9, 9, 1, 2, 3, 4]], dtype=np.float32)
+    idx, best = top_k(scores, 3, excl)
+    assert idx[0].tolist() == [6, 4, 3]  # 103 (encoded 5) was in the session; specials never ranked
+    assert idx[1].tolist() == [3, 4, 5]
+    # every item excluded: the excluded ones last at -inf (ties by index), the special slots after them
+    assert idx[2].tolist() == [3, 4, 5] and np.isneginf(best[2]).all()
+    assert top_k(scores[:1], 6, None)[0][0].tolist() == [6, 5, 4, 3, 0, 1]
+    m = mask_scores(scores, excl)
+    assert (m[:, :N_SPECIAL] < -1e8).all() and m[0, 5] < -1e8 and m[0, 6] == 4
+
+
 @pytest.fixture(scope="module")
 def session_etl(tmp_path_factory):
     root = tmp_path_factory.mktemp("sess")
@@ -180,9 +201,10 @@ def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp
             "session": {"synthetic": {"n_sessions": 1500, "n_items": 150, "n_categories": 8},
                         "model": {"epochs": 1}}}
     config = os.path.join(root, "configs", "examples", "session.yaml")
-    worse = {**over, "run_name": "s2", "session": {**over["session"], "model": {"epochs": 1, "learning_rate": 1e-9}}}
+    untrained = {"epochs": 1, "learning_rate": 1e-9, "popularity_prior": False}
+    worse = {**over, "run_name": "s2", "session": {**over["session"], "model": untrained}}
     summary = pipeline(config_path=config, overrides=over)
-    refused = pipeline(config_path=config, overrides=worse)  # an untrained candidate must not replace v1
+    refused = pipeline(config_path=config, overrides=worse)  # an untrained (random) candidate must not replace v1
     g = refused["gate"]
     assert not g["promote"] and g["served_version"] == 1 and g["candidate"] < g["served"], g
     assert "serving-smoke-test" not in refused["stage_seconds"] and refused["predictions"] is None
@@ -218,15 +240,26 @@ def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp
     want_ids, want_scores = offline_topk(wf, run / "model" / "model", req, "item_id", 10)
     vocab = set(pd.read_parquet(run / "split" / "train.parquet")["item_id"].explode())
     assert set(want_ids.ravel()) <= vocab  # raw ids of trained items, never special/OOV slots
+    # session.exclude_seen (default on): never an item of the session so far, offline and served
+    assert not any(set(r) & set(p) for r, p in zip(want_ids.tolist(), req["item_id"]))
+    more = req.assign(exclude_item_ids=[list(r[:4]) + [987654] for r in want_ids.tolist()])  # + an unknown id
+    more_ids, more_scores = offline_topk(wf, run / "model" / "model", more, "item_id", 10)
+    assert [r[:6] for r in more_ids.tolist()] == [r[4:] for r in want_ids.tolist()]
+    metrics = json.loads((run / "model" / "metrics.json").read_text())
+    assert metrics["metrics"]["exclude_seen"] is True
+    assert metrics["baseline_comparison"]["protocol"]["exclude_seen"] is True  # baselines: the same protocol
     server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log", model_control="explicit", load_models=["recsys_session"])
     with server.start(timeout_s=240, models=["recsys_session"]):
         for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             with SessionClient(url, proto, "recsys_session") as client:
                 ids, scores = client.recommend(req)
                 one_ids, _ = client.recommend(req.head(1).to_dict(orient="records"))
+                got_more = client.recommend(more)
             np.testing.assert_array_equal(ids, want_ids)
             np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
             np.testing.assert_array_equal(one_ids, want_ids[:1])
+            np.testing.assert_array_equal(got_more[0], more_ids)
+            np.testing.assert_allclose(got_more[1], more_scores, atol=1e-5, rtol=0)
 
 
 def test_session_config_is_additive_and_the_example_loads():
@@ -262,7 +295,8 @@ def test_user_event_log_from_csv_with_an_items_table(tmp_path):
 
 @pytest.mark.integration
 def test_string_item_ids_are_served_like_offline(tmp_path):
-    """Item ids as strings (BYTES on the wire, in and out): Triton's top-k == offline top-k."""
+    """Item ids as strings (BYTES on the wire, in and out): Triton's top-k == offline top-k, with the
+    session's own items excluded (session.exclude_seen, default on) and with extra exclude_item_ids."""
     from pipeline_lib import export as ranking_export, repository, session_model, session_serving_model as ssm
     from pipeline_lib.serving import TritonServer
     from pipeline_lib.session_client import SessionClient
@@ -282,16 +316,26 @@ def test_string_item_ids_are_served_like_offline(tmp_path):
     repository.promote(repo, "sess", 1)
     import nvtabular as nvt
 
-    want_ids, want_scores = ssm.offline_topk(nvt.Workflow.load(str(etl_out.workflow_dir)), model.model_dir, req, "item_id", 5)
+    wf = nvt.Workflow.load(str(etl_out.workflow_dir))
+    want_ids, want_scores = ssm.offline_topk(wf, model.model_dir, req, "item_id", 5)
     assert all(isinstance(v, str) and v.startswith("sku-") for v in want_ids.ravel())
+    assert not any(set(r) & set(p) for r, p in zip(want_ids.tolist(), req["item_id"]))  # never an item of the session
+    plain_ids, _ = ssm.offline_topk(wf, model.model_dir, req, "item_id", 5, exclude_seen=False)
+    assert any(set(r) & set(p) for r, p in zip(plain_ids.tolist(), req["item_id"]))  # without it they come back
+    more = req.assign(exclude_item_ids=[list(r[:2]) + ["sku-unknown"] for r in want_ids.tolist()])
+    more_ids, more_scores = ssm.offline_topk(wf, model.model_dir, more, "item_id", 5)
+    assert [r[:3] for r in more_ids.tolist()] == [r[2:] for r in want_ids.tolist()]  # the next best move up
     server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log")
     with server.start(timeout_s=240, models=["sess"]):
         for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             with SessionClient(url, proto, "sess") as client:
                 ids, scores = client.recommend(req)
+                got_more = client.recommend(more)
                 _assert_bad_requests_are_client_errors(client, req, proto)
             assert ids.tolist() == want_ids.tolist()
             np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+            assert got_more[0].tolist() == more_ids.tolist()
+            np.testing.assert_allclose(got_more[1], more_scores, atol=1e-5, rtol=0)
     assert ranking_export.load_version(repo / "sess" / "1") is not None
 
 
@@ -312,5 +356,17 @@ def _assert_bad_requests_are_client_errors(client, req: pd.DataFrame, protocol: 
     assert err.value.message() == f"bad request: input '{offsets}' must start at 0 (got [{int(arrays[offsets][0])}])"
     with pytest.raises(BadRequestError, match=r"^\[[\w.]+\] bad request: empty batch: the request has 0 rows$") as err:
         client.recommend(req.head(0))
+    assert err.value.status() == status
+    # a bad exclude_item_ids list: one half only, or fewer rows than the sessions -> invalid argument
+    half = client.to_arrays(req.head(3))
+    half["exclude_item_ids__values"] = np.array([b"sku-1"], dtype=object)
+    with pytest.raises(InferenceServerException, match="exclude_item_ids__values' without its other half") as err:
+        client._client.infer(client.model_name, client.inputs_from_arrays(half))
+    assert err.value.status() == status
+    short = req.head(3).assign(exclude_item_ids=[["sku-1"], [], []])
+    arrays = client.to_arrays(short)
+    arrays["exclude_item_ids__offsets"] = arrays["exclude_item_ids__offsets"][:-1].copy()  # 2 rows, not 3
+    with pytest.raises(InferenceServerException, match="different row counts") as err:
+        client._client.infer(client.model_name, client.inputs_from_arrays(arrays))
     assert err.value.status() == status
     assert client.recommend(req.head(2))[0].shape[0] == 2

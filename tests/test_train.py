@@ -38,3 +38,18 @@ def test_default_synthetic_data_is_learnable(tmp_path):
     out = etl.fit_transform(cfg.columns, cfg.etl, split, tmp_path / "t")
     res = train.train(out.train_dir, out.valid_dir, cfg.model, cfg.columns.label, cfg.seed, tmp_path / "m")
     assert res.metrics["auc"] >= 0.70, res.metrics
+
+
+def test_embedding_l2_pulls_rows_no_training_row_uses_to_zero(trained):
+    """embedding_l2 (default on): the user table's padding/null/out-of-vocabulary rows, which no
+    training row uses (every training user is in the vocabulary), shrink to ~0 instead of keeping
+    their random initial values, so an unseen user adds ~nothing to a score; trained rows do not."""
+    from merlin.io import Dataset
+
+    assert trained.cfg.model.embedding_l2 > 0
+    rows = Dataset(str(trained.etl.train_dir), engine="parquet").schema["user_id"].int_domain.max + 1
+    tables = [v.numpy() for v in tf.saved_model.load(str(trained.model.model_dir)).variables
+              if "embeddings" in v.name and v.shape[0] == rows]
+    assert len(tables) == 1
+    norms = np.linalg.norm(tables[0], axis=1)
+    assert norms[:3].max() < 0.5 * np.median(norms[3:]), (norms[:3], np.median(norms[3:]))

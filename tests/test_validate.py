@@ -90,6 +90,21 @@ def test_value_ranges(raw):
     validate_raw(path, _cols(user_age={"min": -1, "max": 150}))
 
 
+def test_non_finite_continuous_values_are_a_problem_naming_column_and_count(raw):
+    df, path = raw
+    df.loc[3, "user_age"] = float("-inf")
+    df.loc[5, "user_age"] = float("inf")
+    df.loc[6, "item_price"] = float("inf")
+    df.loc[7, "user_age"] = float("nan")  # missing, not a problem: the ETL fills it with the median
+    df.to_parquet(path)
+    with pytest.raises(DataValidationError) as err:
+        validate_raw(path, ColumnsConfig())
+    msg = str(err.value)
+    assert "'user_age': continuous value is not finite (inf or -inf; a missing value must be null) [2 rows] (e.g. -inf)" in msg
+    assert "'item_price': continuous value is not finite (inf or -inf; a missing value must be null) [1 rows] (e.g. inf)" in msg
+    assert len(err.value.problems) == 2
+
+
 def test_dtype_problems_timestamp_categorical_list(raw):
     df, path = raw
     df["timestamp"] = df["timestamp"].astype(str)
