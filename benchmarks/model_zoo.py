@@ -1,13 +1,21 @@
-"""The model table: every model type trained on the default synthetic data, with its metrics.
+"""The model table: each requested model trained on one data set, beside the baselines of its family.
 
-    uv run --frozen --no-sync python -m benchmarks.model_zoo            # all seven (~15 min on 2 cores)
-    uv run --frozen --no-sync python -m benchmarks.model_zoo --models mf,two_tower --epochs 1
+    uv run --frozen --no-sync python -m benchmarks.model_zoo --models two_tower,mf,youtube_dnn
+    uv run --frozen --no-sync python -m benchmarks.model_zoo --config configs/examples/movielens100k.yaml \\
+        --set data.path=/tmp/ml-full --models two_tower,mf,youtube_dnn
+    uv run --frozen --no-sync python -m benchmarks.model_zoo --models dlrm --set model.epochs=1
 
-Ranking models (DLRM, DCN-v2, DeepFM, Wide&Deep): AUC and logloss on the held-out split.
-Retrieval models (two-tower, YouTube DNN, MF): Recall/Precision/NDCG/MRR@k of the held-out
-positive interactions against the whole item catalogue (exact top-k). Each uses the pipeline's
-own stage functions and the config defaults (configs/default.yaml) apart from ``model.type``.
-Writes ``benchmarks/results/models.json`` and ``models.md``.
+``--config`` (default: the embedded default config) and ``--set key=value`` (repeatable, as for
+``recsys run``) give the run config; for each model only ``model.type`` changes. Each model goes
+through the pipeline's own stage functions (raw data -> split -> NVTabular ETL -> training) and
+:func:`pipeline_lib.evaluation.compare_with_baselines` on the same split:
+
+- ranking models: validation AUC / log loss vs ``logistic_regression`` and ``item_click_rate``;
+- retrieval models: per-user Recall@k / NDCG@k with the user's training positives excluded
+  (``user_recall@k``) vs ``most_popular``, ``item_cooccurrence`` and ``ease`` (docs/evaluation.md).
+
+Writes ``benchmarks/results/models-<dataset>.json`` and ``.md`` (``--dataset``, default:
+``synthetic`` or the data path's folder name).
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -25,16 +34,85 @@ RESULTS = ROOT / "benchmarks" / "results"
 ALL = ["dlrm", "dcn", "deepfm", "wide_deep", "two_tower", "youtube_dnn", "mf"]
 
 
-def main(argv=None) -> int:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(ALL))
-    p.add_argument("--epochs", type=int, default=None, help="default: the config's (2)")
-    args = p.parse_args(argv)
+    p.add_argument("--config", default=None, help="run config YAML (default: the embedded default)")
+    p.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.epochs=3 (repeatable)")
+    p.add_argument("--models", default=",".join(ALL), help=f"comma-separated, from {','.join(ALL)}")
+    p.add_argument("--dataset", default=None, help="name in the results file names")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the other models' rows of an existing results file (run models one at a time)")
+    return p.parse_args(argv)
 
-    from pipeline_lib import data, etl, retrieval, train
-    from pipeline_lib.config import RunConfig
 
-    cfg = RunConfig()
+def dataset_name(cfg) -> str:
+    if cfg.data.source == "synthetic":
+        return "synthetic"
+    path = cfg.data.path or (cfg.data.interactions.path if cfg.data.interactions else "data")
+    return Path(str(path).rstrip("/")).name.replace(".", "-") or "data"
+
+
+def run_model(cfg, kind: str, work: Path, etl_for) -> dict:
+    """Train ``kind`` with the run config ``cfg`` (only model.type changed) and compare it with the
+    baselines of its family on the same split; one result row."""
+    from pipeline_lib import evaluation, retrieval, train
+
+    rcfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"type": kind})})
+    mcfg = rcfg.model
+    e = etl_for(mcfg.retrieval.history_length if kind == "youtube_dnn" else 0)
+    t0 = time.perf_counter()
+    if mcfg.is_retrieval:
+        out = retrieval.train(e.workflow_dir, e.train_dir, e.split.train, e.split.valid, cfg.columns, mcfg,
+                              cfg.seed, work / kind)
+    else:
+        out = train.train(e.train_dir, e.valid_dir, mcfg, cfg.columns.label, cfg.seed, work / kind)
+    seconds = time.perf_counter() - t0
+    report = evaluation.compare_with_baselines(rcfg, e.split.train, e.split.valid, out, e.workflow_dir)
+    m = out.metrics
+    return {"model": kind, "family": report.family, "metric": report.metric, "train_seconds": round(seconds, 1),
+            "epochs_run": m.get("epochs_run", len((out.history or {}).get("loss", []))),
+            "best_epoch": m.get("best_epoch"), "model_metrics": report.model, "baselines": report.baselines,
+            "lift": report.lift, "protocol": report.protocol}
+
+
+def _f(v) -> str:
+    from pipeline_lib.baselines import finite
+
+    return f"{float(v):.4f}" if finite(v) else ""
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    """One table per family: each model's figures, then the baselines on that model's own split
+    (models whose ETL differs, e.g. youtube_dnn's history feature, have their own split files)."""
+    lines = [f"# {title}", ""]
+    for family in ("retrieval", "ranking"):
+        fam = [r for r in rows if r["family"] == family]
+        if not fam:
+            continue
+        metric = fam[0]["metric"]
+        keys = [metric, metric.replace("recall", "ndcg")] if family == "retrieval" else ["auc", "logloss"]
+        names = list(fam[0]["baselines"])
+        unit = "per user, seen items excluded" if family == "retrieval" else "validation rows"
+        lines += [f"## {family} ({unit})", "",
+                  "| model | " + " | ".join(keys) + " | " + " | ".join(f"{n} {metric}" for n in names)
+                  + " | train s | epochs run (best) |", "|---" * (len(keys) + len(names) + 3) + "|"]
+        for r in fam:
+            base = [_f(r["baselines"].get(n, {}).get(metric)) or "skipped" for n in names]
+            lines.append(f"| {r['model']} | " + " | ".join(_f(r["model_metrics"].get(k)) for k in keys) + " | "
+                         + " | ".join(base) + f" | {r['train_seconds']} | {r['epochs_run']} ({r['best_epoch'] or '-'}) |")
+        lines += [""] + [f"- {r['lift']}" for r in fam] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    from pipeline_lib import data, etl
+    from pipeline_lib.config import load_config, parse_set_options
+
+    cfg = load_config(args.config, parse_set_options(args.set_) or None)
+    name = args.dataset or dataset_name(cfg)
     work = Path(tempfile.mkdtemp(prefix="model-zoo-"))
     raw = data.write_raw(cfg.data, cfg.seed, work / "raw", cfg.columns)
     etl_outs: dict[int, etl.EtlOutput] = {}
@@ -46,57 +124,22 @@ def main(argv=None) -> int:
         return etl_outs[hist]
 
     rows = []
-    for kind in args.models.split(","):
-        update = {"type": kind} | ({"epochs": args.epochs} if args.epochs else {})
-        mcfg = cfg.model.model_copy(update=update)
-        hist = mcfg.retrieval.history_length if kind == "youtube_dnn" else 0
-        e = etl_for(hist)
-        t0 = time.perf_counter()
-        if mcfg.is_retrieval:
-            out = retrieval.train(e.workflow_dir, e.train_dir, e.split.train, e.split.valid, cfg.columns, mcfg,
-                                  cfg.seed, work / kind)
-        else:
-            out = train.train(e.train_dir, e.valid_dir, mcfg, cfg.columns.label, cfg.seed, work / kind)
-        m = out.metrics
-        rows.append({"model": kind, "task": "retrieval" if mcfg.is_retrieval else "ranking",
-                     "train_seconds": round(time.perf_counter() - t0, 1),
-                     **{k: m.get(k) for k in ("auc", "logloss", "recall", "precision", "ndcg", "mrr", "k")}})
-        print(json.dumps(rows[-1]), flush=True)
-
-    if any(r["task"] == "retrieval" for r in rows):
-        rows.append(popularity_baseline(etl_for(0), cfg))
-        print(json.dumps(rows[-1]), flush=True)
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "models.json").write_text(json.dumps(rows, indent=2))
-    k = cfg.model.retrieval.k
-    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = [f"| model | task | AUC | logloss | Recall@{k} | Precision@{k} | NDCG@{k} | MRR@{k} | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['task']} | {fmt(r['auc'])} | {fmt(r['logloss'])} | {fmt(r['recall'])} | "
-                     f"{fmt(r['precision'])} | {fmt(r['ndcg'])} | {fmt(r['mrr'])} | {r['train_seconds']} |")
-    (RESULTS / "models.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    for kind in [m.strip() for m in args.models.split(",") if m.strip()]:
+        rows.append(run_model(cfg, kind, work, etl_for))
+        print(json.dumps({k: rows[-1][k] for k in ("model", "train_seconds", "model_metrics", "lift")},
+                         default=str), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    old = args.out / f"models-{name}.json"
+    if args.keep and old.is_file():
+        done = {r["model"] for r in rows}
+        rows = [r for r in json.loads(old.read_text())["models"] if r["model"] not in done] + rows
+    meta = {"dataset": name, "config": args.config, "set": args.set_, "models": rows}
+    (args.out / f"models-{name}.json").write_text(json.dumps(meta, indent=2, default=str))
+    md = markdown(rows, f"Models on {name} ({args.config or 'embedded default config'}"
+                        f"{''.join(' --set ' + s for s in args.set_)})")
+    (args.out / f"models-{name}.md").write_text(md)
+    print(md)
     return 0
-
-
-def popularity_baseline(e, cfg) -> dict:
-    """Reference for the retrieval rows: every user gets the items most clicked in training."""
-    import numpy as np
-    import pandas as pd
-
-    from pipeline_lib.retrieval import retrieval_metrics
-
-    label, item = cfg.columns.label, cfg.columns.item_id
-    train_raw, valid_raw = pd.read_parquet(e.split.train), pd.read_parquet(e.split.valid)
-    counts = train_raw[train_raw[label] == 1][item].value_counts()
-    items = train_raw[item].drop_duplicates().sort_values().to_numpy()
-    pop = counts.reindex(items).fillna(0).to_numpy(dtype=np.float32)
-    targets = valid_raw[valid_raw[label] == 1][item].to_numpy()
-    m = retrieval_metrics(np.tile(pop, (len(targets), 1)), items, targets, cfg.model.retrieval.k)
-    return {"model": "most_popular (baseline)", "task": "retrieval", "train_seconds": 0.0,
-            **{k: m.get(k) for k in ("auc", "logloss", "recall", "precision", "ndcg", "mrr", "k")}}
 
 
 if __name__ == "__main__":

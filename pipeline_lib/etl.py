@@ -87,7 +87,9 @@ def split_raw(raw_path: Path, split: SplitConfig, columns: ColumnsConfig, seed: 
     if history_length:
         # rows in random order: a time-ordered file starts with users who have no history yet, and
         # merlin-dataloader 23.08 fails on a batch in which every list is empty
-        df = df.iloc[np.random.default_rng(seed + 1).permutation(len(df))]
+        # (the split mask is permuted with the rows: it is positional)
+        perm = np.random.default_rng(seed + 1).permutation(len(df))
+        df, is_valid = df.iloc[perm], is_valid[perm]
     paths = SplitPaths(out_dir / "train.parquet", out_dir / "valid.parquet")
     df.loc[~is_valid].reset_index(drop=True).to_parquet(paths.train, index=False)
     df.loc[is_valid].reset_index(drop=True).to_parquet(paths.valid, index=False)

@@ -146,9 +146,7 @@ def retrieval_model_scorer(cfg: RunConfig, model_dir: Path, workflow_dir: Path, 
     ids, emb = retrieval.item_embeddings(workflow, Path(model_dir), spec, cat_raw, filler)
     row = pd.Series(np.arange(len(ids)), index=ids)
     emb = np.asarray(emb, dtype=np.float32)[row.reindex(protocol.item_ids).to_numpy().astype(np.int64)]
-    pos = bl.positives(valid, c.label)
-    first = pos.drop_duplicates(c.user_id, keep="first").set_index(c.user_id)
-    queries = first.loc[protocol.users].reset_index()
+    queries = retrieval.first_positive_rows(valid, c.label, c.user_id, protocol.users)
     q = retrieval.query_embeddings(workflow, Path(model_dir), spec, queries, filler).astype(np.float32)
 
     def score(rows: np.ndarray, xb) -> np.ndarray:

@@ -52,3 +52,26 @@ def test_write_raw_synthetic_and_parquet_roundtrip(tmp_path):
     assert len(df) == CFG.n_interactions
     q = write_raw(DataConfig(source="parquet", path=p), 0, tmp_path / "b")
     pd.testing.assert_frame_equal(pd.read_parquet(q), df)
+
+
+def test_default_size_generates_fast_with_a_sane_click_rate():
+    import time
+
+    t0 = time.perf_counter()
+    df = generate_interactions(SyntheticConfig(), 0)   # 2,000 users x 1,000 items x 200k rows
+    assert time.perf_counter() - t0 < 20               # ~2 s here; generous for a loaded machine
+    assert len(df) == 200_000
+    assert 0.3 < df["click"].mean() < 0.6
+
+
+def test_exposure_follows_personal_taste():
+    """Users of the same country (a noisy view of their hidden segment) see similar items; with
+    ``taste_exposure: 0`` every user sees the same popularity mix."""
+    def same_country_overlap(b: float) -> float:
+        df = generate_interactions(SyntheticConfig(n_users=500, n_items=300, n_interactions=40_000,
+                                                   taste_exposure=b), 0)
+        share = pd.crosstab(df["user_country"], df["item_category"], normalize="index")
+        spread = share.max(axis=0) - share.min(axis=0)        # per category: how much countries differ
+        return float(spread.mean())
+
+    assert same_country_overlap(1.5) > 3 * same_country_overlap(0.0)
