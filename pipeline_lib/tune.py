@@ -96,6 +96,9 @@ def apply_params(model: ModelConfig, params: dict[str, Any]) -> ModelConfig:
     for key in ("learning_rate", "embedding_dim", "batch_size", "epochs", "cross_depth"):
         if key in params:
             data[key] = params[key]
+    for key in ("learning_rate", "epochs"):  # retrieval models read their own (model.retrieval.*) first
+        if key in params and model.is_retrieval:
+            data["retrieval"][key] = params[key]
     if "mlp_width" in params or "mlp_depth" in params:
         width = int(params.get("mlp_width", model.top_mlp[0]))
         data["top_mlp"] = [max(1, width >> i) for i in range(max(1, int(params.get("mlp_depth", len(model.top_mlp)))))]

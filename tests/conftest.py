@@ -30,7 +30,7 @@ from pipeline_lib.config import RunConfig, load_config
 
 SMALL = {
     "data": {"synthetic": {"n_users": 300, "n_items": 150, "n_interactions": 6000}},
-    "model": {"epochs": 1, "batch_size": 256},
+    "model": {"epochs": 1, "batch_size": 256, "retrieval": {"epochs": 1}},  # retrieval's own default is 20
     "export": {"parity_rows": 64},
     "serving": {"notify_live_server": False},  # never switch a server someone runs on the default port
     # a 1-epoch model on 6,000 interactions does not beat logistic regression: tests about other

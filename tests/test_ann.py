@@ -126,7 +126,7 @@ def ann_run(prefect_harness, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ann")
     repo = tmp / "model_repository"
     over = {**SMALL, "seed": 5, "runs_dir": str(tmp / "runs"), "run_name": "ann",
-            "model": {**SMALL["model"], "type": "mf", "retrieval": {"ann": ANN}},
+            "model": {**SMALL["model"], "type": "mf", "retrieval": {"epochs": 1, "ann": ANN}},
             "export": {**SMALL["export"], "model_repository": str(repo), "model_name": "recsys_ann"}}
     return tmp, repo, pipeline(overrides=over)
 

@@ -74,8 +74,8 @@ def test_config_rejects_a_ranking_metric_for_a_retrieval_model_and_rerank_withou
 
 RUNS = {
     "recsys_mf": {"type": "mf"},
-    "recsys_youtube": {"type": "youtube_dnn", "retrieval": {"num_sampled": 20}},
-    "recsys_two_stage": {"type": "two_tower", "retrieval": {"rerank_with": "dlrm", "candidates": 30}},
+    "recsys_youtube": {"type": "youtube_dnn", "retrieval": {"epochs": 1, "num_sampled": 20}},
+    "recsys_two_stage": {"type": "two_tower", "retrieval": {"epochs": 1, "rerank_with": "dlrm", "candidates": 30}},
 }
 
 

@@ -79,6 +79,9 @@ def test_apply_params_maps_every_family():
     # two-stage with a DLRM re-ranker: DLRM's bottom MLP must still end at embedding_dim
     t = tune.apply_params(ModelConfig(type="two_tower", retrieval={"rerank_with": "dlrm"}), {"embedding_dim": 32})
     assert t.bottom_mlp[-1] == 32 and t.retrieval.rerank_with == "dlrm"
+    # retrieval models train with model.retrieval.epochs / learning_rate when set (defaults 20 / 0.01)
+    r = tune.apply_params(ModelConfig(type="mf"), {"epochs": 3, "learning_rate": 0.002})
+    assert (r.retrieval.epochs, r.retrieval.learning_rate) == (3, 0.002)
     assert list(tune.search_space("mf")) == ["learning_rate", "embedding_dim", "batch_size", "epochs",
                                              "logq_correction"]
 
