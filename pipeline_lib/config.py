@@ -340,6 +340,11 @@ class RetrievalConfig(_Strict):
         True, description="the served (and offline) top-k never returns a known user's training items; unknown "
         "users get no exclusion (a request may also list item ids to exclude: input exclude_item_ids)"
     )
+    unknown_users: Literal["auto", "popular", "model"] = Field(
+        "auto", description="top-k for a user without training positives: popular = the most popular items (by "
+        "training users; the request's exclude_item_ids still apply); model = the query tower on the unseen id and "
+        "the request's features; auto = model for youtube_dnn (its query is the request's history), popular otherwise"
+    )
     ann: AnnConfig = Field(default_factory=AnnConfig, description="approximate top-k index (FAISS) for large catalogues")
 
 
@@ -370,6 +375,12 @@ class ModelConfig(_Strict):
     @property
     def is_retrieval(self) -> bool:
         return self.type in RETRIEVAL_MODELS
+
+    @property
+    def unknown_users(self) -> str:
+        """``retrieval.unknown_users`` with ``auto`` resolved for this model type."""
+        u = self.retrieval.unknown_users
+        return ("model" if self.type == "youtube_dnn" else "popular") if u == "auto" else u
 
     @model_validator(mode="after")
     def _dlrm_bottom_matches_embeddings(self) -> "ModelConfig":

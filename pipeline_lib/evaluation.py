@@ -149,8 +149,14 @@ def retrieval_model_scorer(cfg: RunConfig, model_dir: Path, workflow_dir: Path, 
     queries = retrieval.first_positive_rows(valid, c.label, c.user_id, protocol.users)
     q = retrieval.query_embeddings(workflow, Path(model_dir), spec, queries, filler).astype(np.float32)
 
+    cold = np.asarray(protocol.train_matrix.sum(axis=1)).ravel() == 0  # users without training positives
+    popular = cfg.model.unknown_users == "popular" and cold.any()
+
     def score(rows: np.ndarray, xb) -> np.ndarray:
-        return q[rows] @ emb.T
+        s = q[rows] @ emb.T
+        if popular:  # what the served version answers them (model.retrieval.unknown_users)
+            s[cold[rows]] = protocol.popularity.astype(s.dtype)
+        return s
     return score
 
 

@@ -11,8 +11,9 @@ A version directory of a retrieval model::
     <N>/topk/item_features.parquet  the catalogue's raw item features (two-stage)
     <N>/topk/filler.parquet      one raw training row (constant inputs for the unused side)
     <N>/topk/ranker/             two-stage only: SavedModel of the ranking model
-    <N>/topk/seen.npz            ``exclude_seen``: each training user's positive items, a CSR of
-                                 catalogue rows per raw user id (``users``, ``indptr``, ``indices``)
+    <N>/topk/seen.npz            each training user's positive items, a CSR of catalogue rows per
+                                 raw user id (``users``, ``indptr``, ``indices``): the seen items
+                                 (``exclude_seen``), the known users and the item popularity
 
 A request carries raw query columns (user, context, history); the response holds ``item_ids``
 [rows, k] (raw ids) and ``scores`` [rows, k], best first.
@@ -21,10 +22,12 @@ Seen items (``model.retrieval.exclude_seen``, default on): a row whose user id i
 never gets that user's training positives back; the retrieval scores of those items are set to
 -inf before the top-k (of the ``candidates`` in a two-stage version, so the ranker re-scores only
 unseen ones). A request may also carry the optional list input ``exclude_item_ids`` (raw item ids
-per row, unknown ids ignored): those are excluded too, for any user. An unknown user (not in
-training) gets no seen-item exclusion -- only its own ``exclude_item_ids`` -- and its
-recommendations are what its query tower gives for an unseen id (the OOV embedding plus its
-features). A row with fewer than k items left gets excluded ones last, at score -inf. With a ranker, the top ``candidates``
+per row, unknown ids ignored): those are excluded too, for any user. An unknown user (no positive
+in training) gets no seen-item exclusion -- only its own ``exclude_item_ids`` -- and, with
+``model.retrieval.unknown_users: popular`` (the default except for youtube_dnn), the most popular
+items (score = training users with a positive on the item): an unseen id's query-tower output is an
+untrained embedding. ``model`` gives the query tower's answer instead (youtube_dnn: from the
+request's history). A row with fewer than k items left gets excluded ones last, at score -inf. With a ranker, the top ``candidates``
 retrieved items of each row are joined with their item features and the row's query features,
 scored by the ranking model through the same workflow, and the k best by ranking score returned
 (the shape of Merlin's multi-stage example, without its Feast/Faiss dependencies).
@@ -110,11 +113,15 @@ class TopKRecommender:
             self.item_features = feats.set_index(self.spec.item_id, drop=False)
         self.user_column: Optional[str] = meta.get("user_id")
         self.item_index = pd.Index(self.item_ids)
-        self.exclude_seen = bool(meta.get("exclude_seen")) and (self.dir / SEEN_FILE).is_file()
-        if self.exclude_seen:
+        has_seen = (self.dir / SEEN_FILE).is_file()
+        self.exclude_seen = bool(meta.get("exclude_seen")) and has_seen
+        self.popular_fallback = meta.get("unknown_users") == "popular" and has_seen
+        if has_seen:
             z = np.load(self.dir / SEEN_FILE, allow_pickle=True)
             self.seen_users = pd.Index(z["users"])
             self.seen_indptr, self.seen_indices = z["indptr"].astype(np.int64), z["indices"].astype(np.int64)
+            # training users per catalogue item: the ranking an unknown user gets (unknown_users: popular)
+            self.popularity = np.bincount(self.seen_indices, minlength=len(self.item_ids)).astype(np.float32)
         self.fast_status: dict = meta.get("fast_transform") or {"enabled": False, "reason": "not verified at export"}
         self.fast = None
         if self.fast_status.get("enabled"):
@@ -168,7 +175,8 @@ class TopKRecommender:
             off = np.asarray(extra.offsets, dtype=np.int64)
             extra = [extra.values[off[i]:off[i + 1]] for i in range(len(off) - 1)]
         excl = self.excluded(cols.get(self.user_column) if self.user_column else None, extra, rows)
-        idx, scores = ann.top_k(self.index, q, self.item_emb, self.candidates if self.ranker_fn else self.k, excl)
+        users = cols.get(self.user_column) if self.user_column else None
+        idx, scores = self.top_k(q, self.candidates if self.ranker_fn else self.k, excl, users)
         ids = self.item_ids[idx]
         if not self.ranker_fn:
             return ids, scores
@@ -216,8 +224,27 @@ class TopKRecommender:
                     found = True
         return out if found else None
 
+    def _users(self, raw: pd.DataFrame) -> Optional[np.ndarray]:
+        return raw[self.user_column].to_numpy() if self.user_column in raw.columns else None
+
+    def top_k(self, query: np.ndarray, n: int, excl: Optional[list[np.ndarray]], users=None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Catalogue rows and scores of the n best items per row (the index's search when the version
+        has one); rows of unknown users (no training positives) get the most popular items instead
+        when ``unknown_users`` is ``popular`` -- score = training users of the item."""
+        idx, scores = ann.top_k(self.index, query, self.item_emb, n, excl)
+        if not self.popular_fallback or users is None or not len(idx):
+            return idx, scores
+        cold = np.flatnonzero(self.seen_users.get_indexer(_decode(np.asarray(users))) < 0)
+        if len(cold):
+            pop_excl = [excl[i] for i in cold] if excl is not None else None
+            ci, cs = retrieval.top_k(np.ones((len(cold), 1), np.float32), self.popularity[:, None], n, pop_excl)
+            idx, scores = idx.copy(), scores.copy()
+            idx[cold], scores[cold] = ci, cs
+        return idx, scores
+
     def _excluded_frame(self, raw: pd.DataFrame) -> Optional[list[np.ndarray]]:
-        users = raw[self.user_column].to_numpy() if self.user_column in raw.columns else None
+        users = self._users(raw)
         extra = raw[EXCLUDE_INPUT].tolist() if EXCLUDE_INPUT in raw.columns else None
         return self.excluded(users, extra, len(raw))
 
@@ -228,8 +255,8 @@ class TopKRecommender:
 
     def retrieve(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Retrieval's own top-k (the candidates of a two-stage version): raw ids and scores."""
-        idx, scores = ann.top_k(self.index, self.query_embeddings(raw), self.item_emb,
-                                self.candidates if self.ranker_fn else self.k, self._excluded_frame(raw))
+        idx, scores = self.top_k(self.query_embeddings(raw), self.candidates if self.ranker_fn else self.k,
+                                 self._excluded_frame(raw), self._users(raw))
         return self.item_ids[idx], scores
 
     def recommend(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -259,7 +286,7 @@ class TopKRecommender:
 
         n = self.candidates if self.ranker_fn else self.k
         q = retrieval.query_embeddings(self.workflow, self.dir, self.spec, raw, self.filler)
-        idx, scores = ann.top_k(self.index, q, self.item_emb, n, self._excluded_frame(raw))
+        idx, scores = self.top_k(q, n, self._excluded_frame(raw), self._users(raw))
         ids = self.item_ids[idx]
         if not self.ranker_fn:
             return ids, scores
@@ -315,11 +342,14 @@ def export_topk(
     max_request_rows: int = 65536,
     exclude_seen: bool = True,
     ann_config: Optional[AnnConfig] = None,
+    unknown_users: str = "popular",
 ) -> TopKExport:
     """Write a top-k model version into ``staging_dir/<model_name>/<version>`` and check that its
     in-process recommender equals the offline path on ``sample_raw`` (ids exactly, scores to atol).
     ``exclude_seen``: store each training user's positive items (``seen.npz``); served and offline
-    top-k never return them to that user. ``ann_config``: FAISS index for large catalogues (docs/ann.md)."""
+    top-k never return them to that user. ``ann_config``: FAISS index for large catalogues (docs/ann.md).
+    ``unknown_users``: ``popular`` (a user without training positives gets the most popular items) or
+    ``model`` (the query tower on the unseen id)."""
     import nvtabular as nvt
 
     spec = RetrievalSpec(**json.loads((Path(model_dir) / "spec.json").read_text()))
@@ -350,9 +380,9 @@ def export_topk(
         cat.to_parquet(art / "item_features.parquet", index=False)
     meta = {"spec": spec.to_json(), "k": k, "candidates": candidates if ranker_dir else k, "label": columns.label,
             "request_columns": req_cols, "ranker_columns": ranker_columns, "n_items": int(len(ids)),
-            "item_id_dtype": str(ids.dtype), "user_id": columns.user_id, "exclude_seen": bool(exclude_seen)}
-    if exclude_seen:
-        meta["seen"] = write_seen(train_raw, columns.user_id, columns.item_id, columns.label, ids, art / SEEN_FILE)
+            "item_id_dtype": str(ids.dtype), "user_id": columns.user_id, "exclude_seen": bool(exclude_seen),
+            "unknown_users": unknown_users}
+    meta["seen"] = write_seen(train_raw, columns.user_id, columns.item_id, columns.label, ids, art / SEEN_FILE)
     (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
 
     rec = TopKRecommender(art)

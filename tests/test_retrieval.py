@@ -158,9 +158,16 @@ def test_served_top_k_equals_offline_top_k_for_the_same_raw_request(retrieval_ru
     rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
     assert rec.exclude_seen  # model.retrieval.exclude_seen is on by default
     rows = _rows(retrieval_runs, name, rec)
+    rows.loc[0, "user_id"] = 987654321  # a user the model never saw
     seen = _seen(retrieval_runs, name)
     assert sum(len(seen.get(u, ())) for u in rows["user_id"]) > 0  # known users with training items
     want_ids, want_scores = rec.offline(rows)
+    # unknown users: the most popular items (model.retrieval.unknown_users: auto = popular), but
+    # youtube_dnn asks its query tower (the request's history)
+    assert rec.popular_fallback == (name != "recsys_youtube")
+    if rec.popular_fallback and not rec.ranker_fn:
+        np.testing.assert_array_equal(want_ids[0], rec.item_ids[np.argsort(-rec.popularity, kind="stable")[:10]])
+        assert want_scores[0].tolist() == sorted(rec.popularity, reverse=True)[:10]
     # the same rows with a few more items excluded per request (optional input exclude_item_ids)
     more = rows.assign(**{topk.EXCLUDE_INPUT: [list(r[:3]) for r in want_ids.tolist()]})
     want_more = rec.offline(more)
