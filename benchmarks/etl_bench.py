@@ -12,7 +12,7 @@ a tiny input):
   ties broken exactly like NVTabular: values sorted ascending, then a quicksort on the count),
   dropping values rarer than ``freq_threshold``; index 0 = padding, 1 = null, 2 = out of
   vocabulary, vocabulary from 3. Lists: the same on the flattened values, offsets kept.
-- continuous: FillMissing(0.0) -> optional LogOp (``log(float32(x) + 1)``) -> Normalize with the
+- continuous: FillMedian (the training median) -> optional LogOp (``log(float32(x) + 1)``) -> Normalize with the
   training mean and the sum-of-squares sample std (ddof=1) -> float32.
 - the label passes through.
 """
@@ -118,10 +118,10 @@ class PandasEtl:
         self.thresholds = {f.name: f.freq_threshold for f in columns.features}
         self.vocabs: dict[str, pd.Index] = {}
         self.moments: dict[str, tuple[float, float]] = {}
+        self.medians: dict[str, float] = {}
 
-    @staticmethod
-    def _continuous(s: pd.Series, log: bool) -> pd.Series:
-        s = s.fillna(0.0)
+    def _continuous(self, s: pd.Series, log: bool) -> pd.Series:
+        s = s.fillna(self.medians[s.name])
         if log:
             s = np.log(s.astype(np.float32) + 1)
         return s
@@ -134,6 +134,7 @@ class PandasEtl:
             values, _ = _list_parts(table, c)
             self.vocabs[c] = _vocab(pd.Series(values), self.thresholds.get(c, 0))
         for f in self.continuous:
+            self.medians[f.name] = float(df[f.name].median())
             x = self._continuous(df[f.name], f.log)
             n = float(x.count())
             s, s2 = float(x.sum().astype("float64")), float(x.astype("float64").pow(2).sum())
