@@ -186,7 +186,7 @@ def run_export(cfg: RunConfig, paths: RunPaths, etl_out: etl.EtlOutput, model, r
             cfg.export.model_name, 1, ranker_dir=ranker.model_dir if ranker else None, candidates=r.candidates,
             atol=cfg.export.parity_atol, run_info={"run_dir": str(paths.root), "metrics": model.metrics},
             max_request_rows=cfg.export.max_request_rows, exclude_seen=r.exclude_seen, ann_config=r.ann,
-            unknown_users=cfg.model.unknown_users,
+            unknown_users=cfg.unknown_users,
         )
     return export.export_ensemble(
         etl_out.workflow_dir, model.model_dir, _valid_sample(cfg, etl_out, cfg.export.parity_rows),

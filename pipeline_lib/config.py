@@ -343,7 +343,8 @@ class RetrievalConfig(_Strict):
     unknown_users: Literal["auto", "popular", "model"] = Field(
         "auto", description="top-k for a user without training positives: popular = the most popular items (by "
         "training users; the request's exclude_item_ids still apply); model = the query tower on the unseen id and "
-        "the request's features; auto = model for youtube_dnn (its query is the request's history), popular otherwise"
+        "the request's features; auto = popular when the query is the user id alone (mf, or two_tower without "
+        "user/context features), model otherwise (youtube_dnn: the request's history)"
     )
     ann: AnnConfig = Field(default_factory=AnnConfig, description="approximate top-k index (FAISS) for large catalogues")
 
@@ -375,12 +376,6 @@ class ModelConfig(_Strict):
     @property
     def is_retrieval(self) -> bool:
         return self.type in RETRIEVAL_MODELS
-
-    @property
-    def unknown_users(self) -> str:
-        """``retrieval.unknown_users`` with ``auto`` resolved for this model type."""
-        u = self.retrieval.unknown_users
-        return ("model" if self.type == "youtube_dnn" else "popular") if u == "auto" else u
 
     @model_validator(mode="after")
     def _dlrm_bottom_matches_embeddings(self) -> "ModelConfig":
@@ -668,6 +663,17 @@ class RunConfig(_Strict):
             if m not in allowed:
                 raise ValueError(f"gate.metric '{m}' does not apply to model.type '{self.model.type}' (use one of {allowed})")
         return self
+
+    @property
+    def unknown_users(self) -> str:
+        """``model.retrieval.unknown_users`` with ``auto`` resolved: ``popular`` when the query tower
+        sees nothing but the user id (its embedding of an unseen id was never trained), else ``model``."""
+        u = self.model.retrieval.unknown_users
+        if u != "auto":
+            return u
+        query_features = [f for f in self.columns.features if f.side != FeatureSide.item]
+        alone = self.model.type == "mf" or (self.model.type == "two_tower" and not query_features)
+        return "popular" if alone else "model"
 
     @property
     def gate_metric(self) -> str:

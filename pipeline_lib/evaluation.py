@@ -150,7 +150,7 @@ def retrieval_model_scorer(cfg: RunConfig, model_dir: Path, workflow_dir: Path, 
     q = retrieval.query_embeddings(workflow, Path(model_dir), spec, queries, filler).astype(np.float32)
 
     cold = np.asarray(protocol.train_matrix.sum(axis=1)).ravel() == 0  # users without training positives
-    popular = cfg.model.unknown_users == "popular" and cold.any()
+    popular = cfg.unknown_users == "popular" and cold.any()
 
     def score(rows: np.ndarray, xb) -> np.ndarray:
         s = q[rows] @ emb.T

@@ -24,10 +24,10 @@ never gets that user's training positives back; the retrieval scores of those it
 unseen ones). A request may also carry the optional list input ``exclude_item_ids`` (raw item ids
 per row, unknown ids ignored): those are excluded too, for any user. An unknown user (no positive
 in training) gets no seen-item exclusion -- only its own ``exclude_item_ids`` -- and, with
-``model.retrieval.unknown_users: popular`` (the default except for youtube_dnn), the most popular
-items (score = training users with a positive on the item): an unseen id's query-tower output is an
-untrained embedding. ``model`` gives the query tower's answer instead (youtube_dnn: from the
-request's history). A row with fewer than k items left gets excluded ones last, at score -inf. With a ranker, the top ``candidates``
+``model.retrieval.unknown_users: popular`` (the default when the query is the user id alone, as in
+MF), the most popular items (score = training users with a positive on the item): an unseen id's
+embedding was never trained. ``model`` gives the query tower's answer instead (two-tower: the
+request's user/context features; youtube_dnn: its history). A row with fewer than k items left gets excluded ones last, at score -inf. With a ranker, the top ``candidates``
 retrieved items of each row are joined with their item features and the row's query features,
 scored by the ranking model through the same workflow, and the k best by ranking score returned
 (the shape of Merlin's multi-stage example, without its Feast/Faiss dependencies).

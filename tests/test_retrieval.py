@@ -162,9 +162,9 @@ def test_served_top_k_equals_offline_top_k_for_the_same_raw_request(retrieval_ru
     seen = _seen(retrieval_runs, name)
     assert sum(len(seen.get(u, ())) for u in rows["user_id"]) > 0  # known users with training items
     want_ids, want_scores = rec.offline(rows)
-    # unknown users: the most popular items (model.retrieval.unknown_users: auto = popular), but
-    # youtube_dnn asks its query tower (the request's history)
-    assert rec.popular_fallback == (name != "recsys_youtube")
+    # unknown users (model.retrieval.unknown_users: auto): MF's query is the user id alone, so the
+    # most popular items; two-tower (user and context features) and youtube_dnn (history) ask the tower
+    assert rec.popular_fallback == (name == "recsys_mf")
     if rec.popular_fallback and not rec.ranker_fn:
         np.testing.assert_array_equal(want_ids[0], rec.item_ids[np.argsort(-rec.popularity, kind="stable")[:10]])
         assert want_scores[0].tolist() == sorted(rec.popularity, reverse=True)[:10]
