@@ -672,7 +672,7 @@ class RunConfig(_Strict):
         if u != "auto":
             return u
         query_features = [f for f in self.columns.features if f.side != FeatureSide.item]
-        alone = self.model.type == "mf" or (self.model.type == "two_tower" and not query_features)  # else features
+        alone = self.model.type == "mf" or (self.model.type == "two_tower" and not query_features)
         return "popular" if alone else "model"
 
     @property
