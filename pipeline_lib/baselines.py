@@ -233,6 +233,16 @@ def drop_seen(topk_item_ids: Sequence[Sequence[Hashable]], seen: Sequence[Collec
     return out
 
 
+def mask_rows(scores: np.ndarray, exclude: Optional[Sequence[np.ndarray]], value: float) -> np.ndarray:
+    """Set, in place, each row's excluded column indices (``exclude[i]`` for row i) to ``value``;
+    returns ``scores``. The one masking of seen / requested items for retrieval and session top-k."""
+    if exclude is not None:
+        lens = np.array([len(e) for e in exclude], dtype=np.int64)
+        if lens.sum():
+            scores[np.repeat(np.arange(len(exclude)), lens), np.concatenate(exclude).astype(np.int64)] = value
+    return scores
+
+
 def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
     """Top-k column indices per row, best first, ties to the lower column; -inf/NaN never
     selected (padded with -1 when a row has fewer than k finite scores)."""

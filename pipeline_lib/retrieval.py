@@ -455,11 +455,9 @@ def top_k(query: np.ndarray, items: np.ndarray, k: int,
     """Exact top-k by dot product: (catalogue row indices [n, k], scores [n, k]), best first;
     ties go to the lower row. ``exclude``: per query, catalogue rows never returned (their score
     is -inf; a query left with fewer than k other items gets them last, at -inf)."""
-    scores = np.asarray(query, dtype=np.float32) @ np.asarray(items, dtype=np.float32).T
-    if exclude is not None:
-        lens = np.array([len(e) for e in exclude], dtype=np.int64)
-        if lens.sum():
-            scores[np.repeat(np.arange(len(exclude)), lens), np.concatenate(exclude).astype(np.int64)] = -np.inf
+    from pipeline_lib.baselines import mask_rows
+
+    scores = mask_rows(np.asarray(query, dtype=np.float32) @ np.asarray(items, dtype=np.float32).T, exclude, -np.inf)
     k = min(k, scores.shape[1])
     idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return idx, np.take_along_axis(scores, idx, axis=1)

@@ -300,13 +300,11 @@ def top_k(scores: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -
 
 def mask_scores(scores: np.ndarray, exclude: list[np.ndarray] | None, value: float = MASKED) -> np.ndarray:
     """A copy of ``scores`` with the special slots and each row's excluded indices set to ``value``."""
+    from pipeline_lib.baselines import mask_rows
+
     s = np.array(scores, dtype=np.float32, copy=True)
     s[:, :N_SPECIAL] = value
-    if exclude is not None:
-        lens = np.array([len(e) for e in exclude], dtype=np.int64)
-        if lens.sum():
-            s[np.repeat(np.arange(len(exclude)), lens), np.concatenate(exclude).astype(np.int64)] = value
-    return s
+    return mask_rows(s, exclude, value)
 
 
 def vocabulary_lookup(vocabulary: np.ndarray) -> pd.Index:
