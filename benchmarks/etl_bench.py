@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pipeline_lib.data import synthetic
 
 PAD, NULL, OOV, FIRST = 0, 1, 2, 3
 
@@ -43,9 +44,9 @@ def synthetic_config(rows: int):
 
 
 def prepare_data(rows: int, data_dir: Path, seed: int = 42) -> dict:
-    """Raw interactions (pipeline_lib.data.generate_interactions) split like the pipeline
-    (pipeline_lib.etl.split_raw). Cached per size/seed under ``data_dir``."""
-    from pipeline_lib import data, etl
+    """Raw interactions (pipeline_lib.data.sources.generate_interactions) split like the pipeline
+    (pipeline_lib.etl.workflow.split_raw). Cached per size/seed under ``data_dir``."""
+    from pipeline_lib.etl import workflow as etl
     from pipeline_lib.config import ColumnsConfig, SplitConfig
 
     d = data_dir / f"rows{rows}_seed{seed}"
@@ -53,7 +54,7 @@ def prepare_data(rows: int, data_dir: Path, seed: int = 42) -> dict:
     if not (train.exists() and valid.exists()):
         d.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        df = data.generate_interactions(synthetic_config(rows), seed)
+        df = synthetic.generate_interactions(synthetic_config(rows), seed)
         raw = d / "interactions.parquet"
         df.to_parquet(raw, index=False)
         del df
@@ -185,7 +186,7 @@ def pandas_fit_transform(columns, train: str, valid: str, out_dir: Path) -> dict
 
 
 def nvt_fit_transform(columns, train: str, valid: str, out_dir: Path) -> dict:
-    from pipeline_lib import etl
+    from pipeline_lib.etl import workflow as etl
     from pipeline_lib.config import EtlConfig
 
     out = etl.fit_transform(columns, EtlConfig(device="cpu"), etl.SplitPaths(Path(train), Path(valid)), out_dir)

@@ -31,7 +31,7 @@ def child_main(argv=None) -> None:
     a = p.parse_args(argv)
     import nvtabular  # noqa: F401  (imports are not part of the measured time)
 
-    from pipeline_lib import etl
+    from pipeline_lib.etl import workflow as etl
     from pipeline_lib.config import ColumnsConfig, EtlConfig
 
     cfg = EtlConfig(device="cpu", part_size=a.part_size,

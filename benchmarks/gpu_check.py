@@ -3,7 +3,7 @@
 Small synthetic data -> split -> NVTabular ETL with ``etl.device=gpu`` (cudf through a dask-cuda
 ``LocalCUDACluster``, one worker per visible GPU, RMM pool) -> the same ETL on CPU for comparison
 -> training (Merlin Models TF) -> export (in-process parity checks) -> a real Triton server via
-``pipeline_lib.smoke`` (``pipeline_lib.serving.TritonServer``) -> served == offline over HTTP and
+``pipeline_lib.release.smoke`` (``pipeline_lib.serving.server.TritonServer``) -> served == offline over HTTP and
 gRPC. Library calls only (no Prefect), so a failure points at one stage.
 
     python -m benchmarks.gpu_check --device gpu          # on a GPU machine (scripts/gpu_check.sh)
@@ -92,7 +92,11 @@ def run(summary: dict, device: str, work: Path, interactions: int, epochs: int, 
     summary["environment"] = stage("imports", _environment, device)
     print(f"[gpu_check] environment: {json.dumps(summary['environment'])}", flush=True)
 
-    from pipeline_lib import data, etl, export, smoke, train
+    from pipeline_lib.data import sources as data
+    from pipeline_lib.etl import workflow as etl
+    from pipeline_lib.export import ranking as export
+    from pipeline_lib.release import smoke
+    from pipeline_lib.models import ranking as train
     from pipeline_lib.config import load_config
 
     cfg = load_config(None, {

@@ -8,7 +8,7 @@
 ``--config`` (default: the embedded default config) and ``--set key=value`` (repeatable, as for
 ``recsys run``) give the run config; for each model only ``model.type`` changes. Each model goes
 through the pipeline's own stage functions (raw data -> split -> NVTabular ETL -> training) and
-:func:`pipeline_lib.evaluation.compare_with_baselines` on the same split:
+:func:`pipeline_lib.models.evaluation.compare_with_baselines` on the same split:
 
 - ranking models: validation AUC / log loss vs ``logistic_regression`` and ``item_click_rate``;
 - retrieval models: per-user Recall@k / NDCG@k with the user's training positives excluded
@@ -57,7 +57,9 @@ def dataset_name(cfg) -> str:
 def run_model(cfg, kind: str, work: Path, etl_for) -> dict:
     """Train ``kind`` with the run config ``cfg`` (only model.type changed) and compare it with the
     baselines of its family on the same split; one result row."""
-    from pipeline_lib import evaluation, retrieval, train
+    from pipeline_lib.models import evaluation
+    from pipeline_lib.models import retrieval
+    from pipeline_lib.models import ranking as train
 
     rcfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"type": kind})})
     mcfg = rcfg.model
@@ -78,7 +80,7 @@ def run_model(cfg, kind: str, work: Path, etl_for) -> dict:
 
 
 def _f(v) -> str:
-    from pipeline_lib.baselines import finite
+    from pipeline_lib.models.baselines import finite
 
     return f"{float(v):.4f}" if finite(v) else ""
 
@@ -108,7 +110,8 @@ def markdown(rows: list[dict], title: str) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    from pipeline_lib import data, etl
+    from pipeline_lib.data import sources as data
+    from pipeline_lib.etl import workflow as etl
     from pipeline_lib.config import load_config, parse_set_options
 
     cfg = load_config(args.config, parse_set_options(args.set_) or None)

@@ -16,7 +16,6 @@ Writes benchmarks/results/profile_*.txt.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -75,8 +74,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    from pipeline_lib.client import RecsysClient
-    from pipeline_lib.serving import TritonServer
+    from pipeline_lib.serving.client import RecsysClient
+    from pipeline_lib.serving.server import TritonServer
 
     work = Path(tempfile.mkdtemp(prefix="recsys-profile-"))
     sm = serving_bench.prepare_model(work, Path(a.data_dir))

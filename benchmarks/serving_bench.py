@@ -2,10 +2,10 @@
 ensemble run in this process.
 
 A small model is trained on the synthetic default (reduced size) with the pipeline's own
-functions, exported with ``pipeline_lib.export.export_ensemble``, published and promoted into a
-temporary repository with ``pipeline_lib.repository``, and served by
-``pipeline_lib.serving.TritonServer`` on free loopback ports. Clients are threads, each with its
-own ``pipeline_lib.client.RecsysClient`` (tritonclient underneath); request tensors are built once
+functions, exported with ``pipeline_lib.export.ranking.export_ensemble``, published and promoted into a
+temporary repository with ``pipeline_lib.serving.repository``, and served by
+``pipeline_lib.serving.server.TritonServer`` on free loopback ports. Clients are threads, each with its
+own ``pipeline_lib.serving.client.RecsysClient`` (tritonclient underneath); request tensors are built once
 per client, so the timed part is one ``infer`` call (tritonclient input encoding + network +
 Triton + python backend + workflow + TensorFlow + response decoding).
 
@@ -43,7 +43,9 @@ class ServedModel:
 
 def prepare_model(work: Path, data_dir: Path, rows: int = 20_000, n_request_rows: int = 1024) -> ServedModel:
     """Train a small DLRM with the pipeline's functions, export, publish and promote it."""
-    from pipeline_lib import export, repository, train
+    from pipeline_lib.export import ranking as export
+    from pipeline_lib.serving import repository
+    from pipeline_lib.models import ranking as train
     from pipeline_lib.config import ColumnsConfig, ModelConfig
 
     from benchmarks import etl_bench
@@ -95,7 +97,7 @@ def load_clients(url: str, protocol: str, rows: pd.DataFrame, batch: int, client
                  n_requests: int, max_seconds: float, warmup: int = 3) -> dict:
     """``clients`` threads, each sending up to ``n_requests`` requests of ``batch`` rows (stopping
     at ``max_seconds``); per-request latency percentiles and served rows/s."""
-    from pipeline_lib.client import RecsysClient
+    from pipeline_lib.serving.client import RecsysClient
 
     barrier = threading.Barrier(clients + 1)
     lat: list[list[float]] = [[] for _ in range(clients)]
@@ -155,7 +157,7 @@ class InProcess:
         self.ensemble = Ensemble.load(str(ensemble_dir))
         for node in postorder_iter_nodes(self.ensemble.graph.output_node, flatten_subgraphs=True):
             node.op.load_artifacts(str(ensemble_dir))
-        from pipeline_lib.export import DirectPredictor
+        from pipeline_lib.export.ranking import DirectPredictor
 
         self.ragged = {c.name for c in self.ensemble.input_schema.column_schemas.values() if c.is_ragged}
         self.runtime = Runtime()
@@ -164,7 +166,7 @@ class InProcess:
 
     def arrays(self, rows: pd.DataFrame) -> dict:
         """The request tensors as Triton hands them to model.py (bytes strings, values/offsets)."""
-        from pipeline_lib.client import _ragged
+        from pipeline_lib.serving.client import _ragged
 
         out = {}
         for c in self.ensemble.input_schema:
@@ -181,7 +183,7 @@ class InProcess:
     def __call__(self, arrays: dict) -> np.ndarray:
         from merlin.table import TensorTable
 
-        from pipeline_lib.request_checks import check_request
+        from pipeline_lib.validate.requests import check_request
 
         checked = check_request(arrays, self.ragged, 65536)
         if self.direct is not None:
@@ -214,8 +216,8 @@ def breakdown(inproc: InProcess, rows: pd.DataFrame, batch: int, n: int = 30) ->
     workflow op (compiled numpy transform when enabled), the TF SavedModel signature call; and, for
     comparison in the same run, the same workflow op executed by NVTabular (the path before the
     compiled transform: TensorTable -> pandas, bytes decode, Workflow._transform_df)."""
-    from pipeline_lib.fast_transform import columns_from_tensors, tensors_from_columns
-    from pipeline_lib.request_checks import check_request
+    from pipeline_lib.etl.fast_transform import columns_from_tensors, tensors_from_columns
+    from pipeline_lib.validate.requests import check_request
 
     arrays = inproc.arrays(rows.iloc[:batch])
     direct = inproc.direct
@@ -278,7 +280,7 @@ def _stats_delta(before: dict, after: dict) -> dict:
 def bench(work: Path, data_dir: Path, batches=(1, 64, 1024), concurrency=(1, 8), protocols=("grpc", "http"),
           quick: bool = False, model_rows: int = 20_000, requests_cap: int | None = None,
           seconds_cap: float | None = None) -> dict:
-    from pipeline_lib.serving import TritonServer
+    from pipeline_lib.serving.server import TritonServer
 
     def request_budget(batch, quick):
         n, secs = _budget(batch, quick)
@@ -303,7 +305,7 @@ def bench(work: Path, data_dir: Path, batches=(1, 64, 1024), concurrency=(1, 8),
     out["server_start_seconds"] = round(time.perf_counter() - t0, 2)
     try:
         # parity first: served scores equal the in-process scores for the same request
-        from pipeline_lib.client import RecsysClient
+        from pipeline_lib.serving.client import RecsysClient
 
         rows = sm.rows.iloc[:64]
         want = inproc(inproc.arrays(rows))

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from pipeline_lib.data import sessions as session_data
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="config override a.b.c=value (repeatable)")
     args = p.parse_args(argv)
 
-    from pipeline_lib import session_model, sessions
+    from pipeline_lib.models import session as session_model
+    from pipeline_lib.etl import sessions
     from pipeline_lib.config import load_config
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
         _set(over, s)
     cfg = load_config(str(args.out / "session_ml.yaml"), over)
     run = args.out / "run"
-    raw = sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, run / "raw")
+    raw = session_data.write_raw_events(cfg.data, cfg.session, cfg.seed, run / "raw")
     etl_out = sessions.run_session_etl(raw, cfg, run / "transformed", run / "split")
     t0 = time.perf_counter()
     out = session_model.train_and_evaluate(etl_out, cfg, run / "model")

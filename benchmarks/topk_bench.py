@@ -11,7 +11,7 @@ and 1,000 items).
 
 ANN (``ann_bench``, with ``ann_items``; ``make bench ARGS="--with topk"`` runs it on 1M items): a
 synthetic catalogue of ``ann_items`` item embeddings of the default model's size, exact top-10
-(``retrieval.top_k``) against the FAISS IVF-Flat index of :mod:`pipeline_lib.ann` with the default
+(``retrieval.top_k``) against the FAISS IVF-Flat index of :mod:`pipeline_lib.export.ann` with the default
 ``model.retrieval.ann`` parameters: index build time, p50 latency per query batch (1 and 64
 queries) and recall@10 of the index against exact top-10 on held-out queries. Alone:
 ``uv run --frozen --no-sync python -m benchmarks.topk_bench --ann-only [--items N] [--quick]``.
@@ -50,8 +50,8 @@ def _timed(fn, n: int, seconds: float) -> dict:
 
 def in_process(repo: Path, model: str, rows: pd.DataFrame, quick: bool = False):
     """The served model.py's path in this process, compiled and NVTabular, at batch 1 and 64."""
-    from pipeline_lib.export import raw_to_columns
-    from pipeline_lib.topk import TOPK_DIR, TopKRecommender
+    from pipeline_lib.export.ranking import raw_to_columns
+    from pipeline_lib.export.topk import TOPK_DIR, TopKRecommender
 
     version = max(int(p.name) for p in (repo / model).iterdir() if p.name.isdigit())
     rec = TopKRecommender(repo / model / str(version) / TOPK_DIR)
@@ -70,8 +70,8 @@ def in_process(repo: Path, model: str, rows: pd.DataFrame, quick: bool = False):
 
 def served(url: str, protocol: str, model: str, rec, rows: pd.DataFrame, quick: bool = False) -> list[dict]:
     """One client, batch 1 and 64; the served top-k is checked equal to the in-process top-k first."""
-    from pipeline_lib.client import RecsysClient
-    from pipeline_lib.export import raw_to_columns
+    from pipeline_lib.serving.client import RecsysClient
+    from pipeline_lib.export.ranking import raw_to_columns
 
     n, secs = (30, 2.0) if quick else (100, 4.0)
     out = []
@@ -103,7 +103,8 @@ def _catalogue(n: int, dim: int, clustered: bool, seed: int) -> tuple[np.ndarray
 
 def ann_case(n: int, dim: int, clustered: bool, quick: bool = False, k: int = 10) -> dict:
     """Exact vs FAISS top-k on one synthetic catalogue: build time, p50 per batch (1, 64), recall@k."""
-    from pipeline_lib import ann, retrieval
+    from pipeline_lib.export import ann
+    from pipeline_lib.models import retrieval
     from pipeline_lib.config import AnnConfig
 
     items, queries = _catalogue(n, dim, clustered, seed=0)
@@ -151,9 +152,10 @@ def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: 
     import shutil
 
     from benchmarks import e2e_bench
-    from pipeline_lib import repository, topk
+    from pipeline_lib.serving import repository
+    from pipeline_lib.export import topk
     from pipeline_lib.config import ColumnsConfig
-    from pipeline_lib.serving import TritonServer
+    from pipeline_lib.serving.server import TritonServer
 
     base = data or DATA
     flow = e2e_bench.bench(work / "flow", {**base, **RUN, "model": {**base.get("model", {}), **RUN["model"]},
@@ -203,7 +205,7 @@ def markdown(r: dict) -> list[str]:
 
 
 def ann_markdown(r: dict) -> list[str]:
-    lines = ["Exact vs ANN (FAISS IVF-Flat, `pipeline_lib/ann.py`) top-10 on a synthetic catalogue:", "",
+    lines = ["Exact vs ANN (FAISS IVF-Flat, `pipeline_lib/export/ann.py`) top-10 on a synthetic catalogue:", "",
              "| catalogue | batch | exact p50 ms | ANN p50 ms | exact / ANN | ANN recall@10 | index build s |",
              "|---|---|---|---|---|---|---|"]
     for c in r["cases"]:

@@ -1,4 +1,4 @@
-"""Training benchmark: DLRM fed by the Merlin loader (as pipeline_lib.train does) against the same
+"""Training benchmark: DLRM fed by the Merlin loader (as pipeline_lib.models.ranking does) against the same
 Keras model fed by a tf.data pipeline built here from the same transformed parquet.
 
 The tf.data side reads the parquet with pyarrow into memory once, builds the list feature as a
@@ -108,7 +108,7 @@ def _fit_one_epoch(train_dir: Path, feed: str, batch_size: int, shuffle: bool, s
     from merlin.io import Dataset
 
     from pipeline_lib.config import ModelConfig
-    from pipeline_lib.train import build_model
+    from pipeline_lib.models.ranking import build_model
 
     cfg = ModelConfig(batch_size=batch_size, epochs=1)
     tf.keras.utils.set_random_seed(seed)

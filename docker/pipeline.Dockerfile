@@ -17,7 +17,7 @@ COPY pipeline_lib ./pipeline_lib
 COPY flows ./flows
 COPY configs ./configs
 COPY prefect.yaml ./
-# ANN top-k (pipeline_lib/ann.py, docs/ann.md): faiss-gpu in the GPU image when the base image lacks faiss
+# ANN top-k (pipeline_lib/export/ann.py, docs/ann.md): faiss-gpu in the GPU image when the base image lacks faiss
 # (its CPU IVF-Flat code reads and searches the topk/items.faiss written by faiss-cpu 1.8.0 at export)
 RUN python -c "import faiss" 2>/dev/null || pip install --no-cache-dir "faiss-gpu==1.7.2"
 # The Merlin stack comes from the base image; only the orchestration/CLI layer is added.

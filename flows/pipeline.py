@@ -33,8 +33,21 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 
-from pipeline_lib import (data, etl, evaluation, export, gate, lineage, report, repository, retrieval, serving, smoke,
-                          topk, train, tune, validate)
+from pipeline_lib import report
+from pipeline_lib.data import sources as data
+from pipeline_lib.etl import workflow as etl
+from pipeline_lib.models import evaluation
+from pipeline_lib.export import ranking as export
+from pipeline_lib.release import gate
+from pipeline_lib.release import lineage
+from pipeline_lib.serving import repository
+from pipeline_lib.models import retrieval
+from pipeline_lib.serving import server as serving
+from pipeline_lib.release import smoke
+from pipeline_lib.export import topk
+from pipeline_lib.models import ranking as train
+from pipeline_lib.models import tune
+from pipeline_lib.validate import data as validate
 from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.paths import RunPaths, new_run
 

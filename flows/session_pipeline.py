@@ -15,7 +15,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline_lib import report, repository, validate
+from pipeline_lib.data import sessions as session_data
+from pipeline_lib.validate import sessions as session_checks
+from pipeline_lib.release import session_gate as session_release
+from pipeline_lib import report
+from pipeline_lib.serving import repository
+from pipeline_lib.validate import data as validate
 from pipeline_lib.config import RunConfig
 from pipeline_lib.paths import RunPaths
 
@@ -26,16 +31,14 @@ from flows.pipeline import (_baselines, _promotion_md, _refused_md, finish, lear
 @task(name="raw-data", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE,
       retry_condition_fn=lambda t, r, s: not isinstance(getattr(s, "data", None), validate.DataValidationError))
 def session_raw_data(cfg: RunConfig, paths: RunPaths) -> Path:
-    from pipeline_lib import sessions
 
-    return sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, paths.raw)
+    return session_data.write_raw_events(cfg.data, cfg.session, cfg.seed, paths.raw)
 
 
 @task(name="validate", cache_policy=NO_CACHE)
 def session_validate(cfg: RunConfig, paths: RunPaths, raw_path: Path) -> Path:
-    from pipeline_lib import sessions
 
-    stats = sessions.validate_events(raw_path, cfg.session.columns, paths.validated)
+    stats = session_checks.validate_events(raw_path, cfg.session.columns, paths.validated)
     drift = validate.drift_report(stats, cfg.runs_dir, paths.root, cfg.validation.drift, paths.validated / "drift.json")
     if drift["drifted"]:
         get_run_logger().warning("data drift against %s:\n  - %s", drift["previous"],
@@ -45,14 +48,14 @@ def session_validate(cfg: RunConfig, paths: RunPaths, raw_path: Path) -> Path:
 
 @task(name="etl", cache_policy=NO_CACHE)
 def session_etl(cfg: RunConfig, paths: RunPaths, raw_path: Path):
-    from pipeline_lib import sessions
+    from pipeline_lib.etl import sessions
 
     return sessions.run_session_etl(raw_path, cfg, paths.transformed, paths.split)
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def session_train(cfg: RunConfig, paths: RunPaths, etl_out):
-    from pipeline_lib import session_model
+    from pipeline_lib.models import session as session_model
 
     model = session_model.train_and_evaluate(etl_out, cfg, paths.model)
     return model, _baselines(cfg, etl_out, model)
@@ -60,14 +63,14 @@ def session_train(cfg: RunConfig, paths: RunPaths, etl_out):
 
 def _requests(cfg: RunConfig, etl_out, n: int) -> pd.DataFrame:
     """Held-out sessions minus their last event: what a client would send."""
-    from pipeline_lib.sessions import prefixes
+    from pipeline_lib.etl.sessions import prefixes
 
     return prefixes(pd.read_parquet(etl_out.split.valid).head(n), cfg.session.columns)[0]
 
 
 @task(name="export", cache_policy=NO_CACHE)
 def session_export(cfg: RunConfig, paths: RunPaths, etl_out, model):
-    from pipeline_lib import session_serving_model as ssm
+    from pipeline_lib.export import session as ssm
 
     return ssm.export_session_ensemble(
         etl_out.workflow_dir, model.model_dir, _requests(cfg, etl_out, cfg.export.parity_rows),
@@ -80,7 +83,7 @@ def session_export(cfg: RunConfig, paths: RunPaths, etl_out, model):
 
 @task(name="gate", cache_policy=NO_CACHE)
 def session_gate(cfg: RunConfig, paths: RunPaths, etl_out, exp, baselines=None):
-    from pipeline_lib import gate, session_serving_model as ssm
+    from pipeline_lib.release import gate
 
     repo, name = cfg.export.model_repository, cfg.export.model_name
     served = repository.served_version(repo, name)
@@ -90,7 +93,7 @@ def session_gate(cfg: RunConfig, paths: RunPaths, etl_out, exp, baselines=None):
         decision = gate.GateDecision(True, cfg.session.gate_metric, float("nan"), None, served, cfg.gate.tolerance, 0,
                                      "gate disabled (gate.enabled: false)")
     else:
-        decision = ssm.decide(exp.version_dir, served_dir, served, valid, cfg.session.columns, cfg.session.top_k,
+        decision = session_release.decide(exp.version_dir, served_dir, served, valid, cfg.session.columns, cfg.session.top_k,
                               cfg.session.gate_metric, cfg.gate.tolerance)
         args = gate.baseline_args(cfg.gate, baselines)
         if args:
@@ -105,12 +108,12 @@ def session_gate(cfg: RunConfig, paths: RunPaths, etl_out, exp, baselines=None):
 def session_smoke(cfg: RunConfig, paths: RunPaths, etl_out, exp):
     import nvtabular as nvt
 
-    from pipeline_lib import session_serving_model as ssm
+    from pipeline_lib.export import session as ssm
 
     rows = _requests(cfg, etl_out, cfg.serving.smoke_rows)
     offline = ssm.offline_topk(nvt.Workflow.load(str(etl_out.workflow_dir)), exp.version_dir / "ensemble" / "model",
                                rows, cfg.session.columns.item_id, cfg.session.top_k, cfg.session.exclude_seen)
-    result = ssm.session_smoke_test(exp.staged_repository, exp.model_name, rows, offline, cfg.serving.smoke_atol,
+    result = session_release.session_smoke_test(exp.staged_repository, exp.model_name, rows, offline, cfg.serving.smoke_atol,
                                     paths.serving, cfg.serving.startup_timeout_s)
     get_run_logger().info("smoke test: %d raw sessions, served top-%d over HTTP and gRPC == offline top-k (same ids "
                           "and order; max score diff %.1e)", result.n_sessions, cfg.session.top_k, result.max_abs_diff)

@@ -473,7 +473,7 @@ class ServingConfig(_Strict):
 
 class SessionSyntheticConfig(_Strict):
     """The embedded session generator (``task: session``): Markov transitions between items plus a
-    session-level intent category (see :func:`pipeline_lib.sessions.generate_sessions`)."""
+    session-level intent category (see :func:`pipeline_lib.data.sessions.generate_sessions`)."""
 
     n_sessions: int = Field(12_000, ge=20)
     n_items: int = Field(600, ge=10)
@@ -552,7 +552,7 @@ class SessionConfig(_Strict):
     )
 
 
-# -- the optional tune stage (pipeline_lib/tune.py) --------------------------------------------------
+# -- the optional tune stage (pipeline_lib/models/tune.py) --------------------------------------------------
 
 # Default search space. "float"/"int": [low, high] (low == high pins the value); "choice": the values.
 # mlp_width/mlp_depth set the deep MLP (top_mlp: width, width/2, ...; DLRM's bottom_mlp ends at

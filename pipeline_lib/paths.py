@@ -10,6 +10,9 @@ import yaml
 
 from pipeline_lib.config import RunConfig
 
+# The python-backend model.py files export installs into a version (they run inside Triton).
+TRITON_MODELS = Path(__file__).resolve().parent / "serving" / "triton_models"
+
 
 @dataclass(frozen=True)
 class RunPaths:

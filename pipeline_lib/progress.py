@@ -14,7 +14,7 @@ from typing import Mapping, Optional
 
 from pipeline_lib.report import num
 
-log = logging.getLogger("pipeline_lib.train")
+log = logging.getLogger("pipeline_lib.models.ranking")
 
 # Merlin Models adds bookkeeping entries to the Keras logs that mean nothing to a reader; with one
 # target per row MAP@k equals MRR@k and precision@k is recall@k / k.

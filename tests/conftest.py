@@ -25,7 +25,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline_lib import data, etl, train
+from pipeline_lib.data import sources as data
+from pipeline_lib.etl import workflow as etl
+from pipeline_lib.models import ranking as train
 from pipeline_lib.config import RunConfig, load_config
 
 SMALL = {

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from pipeline_lib import ann, retrieval, topk
-from pipeline_lib.client import RecsysClient
+from pipeline_lib.export import ann
+from pipeline_lib.models import retrieval
+from pipeline_lib.export import topk
+from pipeline_lib.serving.client import RecsysClient
 from pipeline_lib.config import AnnConfig, load_config
-from pipeline_lib.serving import TritonServer
+from pipeline_lib.serving.server import TritonServer
 
 from .conftest import SMALL
 

@@ -1,4 +1,4 @@
-"""Baselines beside the model (pipeline_lib.baselines): hand-computed values on tiny inline data,
+"""Baselines beside the model (pipeline_lib.models.baselines): hand-computed values on tiny inline data,
 plus one synthetic sanity check where taste-aware baselines beat most-popular."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
-from pipeline_lib import baselines as bl
+from pipeline_lib.models import baselines as bl
 
 # 4 training users x 5 items (A..E):
 #      A B C D E
@@ -267,7 +267,7 @@ def test_on_the_synthetic_generator_taste_aware_methods_beat_most_popular_only_w
     co-occurrence beat most-popular per user by far; with exposure by popularity alone
     (``taste_exposure: 0``) they do not, which is what the first case measures."""
     from pipeline_lib.config import SyntheticConfig
-    from pipeline_lib.data import generate_interactions
+    from pipeline_lib.data.synthetic import generate_interactions
 
     df = generate_interactions(SyntheticConfig(n_users=500, n_items=300, n_interactions=20_000,
                                                taste_exposure=taste_exposure), 0)

@@ -12,14 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from benchmarks import etl_bench, run
-from pipeline_lib import data, etl
+from pipeline_lib.data import synthetic
+from pipeline_lib.etl import workflow as etl
 from pipeline_lib.config import ColumnsConfig, SplitConfig, SyntheticConfig
 
 
 def _raw_with_nulls_and_unseen(tmp: Path) -> etl.SplitPaths:
     """2k synthetic rows, plus the cases a Categorify/FillMissing reference can get wrong: nulls in a
     categorical and a continuous column, empty lists, and values in valid never seen in train."""
-    df = data.generate_interactions(SyntheticConfig(n_users=300, n_items=150, n_interactions=2000), 7)
+    df = synthetic.generate_interactions(SyntheticConfig(n_users=300, n_items=150, n_interactions=2000), 7)
     rng = np.random.default_rng(0)
     df.loc[rng.random(len(df)) < 0.05, "user_age"] = np.nan
     df.loc[rng.random(len(df)) < 0.05, "device"] = None

@@ -114,7 +114,7 @@ def test_recsys_commands_in_the_docs_exist():
     """Every `recsys <command> --option` shown in README.md and docs/ is a real command and option."""
     import typer.main
 
-    from pipeline_lib.cli import app
+    from flows.cli import app
 
     group = typer.main.get_command(app)
     shown = re.findall(r"\brecsys ((?:[a-z][a-z-]*)(?:[ \t]+[^\s#`|)]+)*)", _doc_text())

@@ -1,8 +1,8 @@
-import numpy as np
 import pandas as pd
 
 from pipeline_lib.config import DataConfig, SyntheticConfig
-from pipeline_lib.data import generate_interactions, write_raw
+from pipeline_lib.data.synthetic import generate_interactions
+from pipeline_lib.data.sources import write_raw
 
 CFG = SyntheticConfig(n_users=500, n_items=300, n_interactions=20_000)
 

@@ -13,9 +13,12 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
+from pipeline_lib.data import sessions as session_data
+from pipeline_lib.validate import sessions as session_checks
 from pipeline_lib.config import RunConfig, load_config, parse_label_rule
-from pipeline_lib.data import read_load_report, write_raw
-from pipeline_lib.validate import DataValidationError, validate_raw
+from pipeline_lib.data.sources import read_load_report, write_raw
+from pipeline_lib.errors import DataValidationError
+from pipeline_lib.validate.data import validate_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOP = ROOT / "tests" / "fixtures" / "shop"
@@ -79,7 +82,7 @@ def test_fsspec_urls_and_parquet_tables(tmp_path):
 
 def test_parquet_source_accepts_a_file_url(tmp_path):
     from pipeline_lib.config import SyntheticConfig
-    from pipeline_lib.data import generate_interactions
+    from pipeline_lib.data.synthetic import generate_interactions
 
     src = generate_interactions(SyntheticConfig(n_users=20, n_items=20, n_interactions=200), 0)
     src.to_parquet(tmp_path / "in.parquet")
@@ -220,7 +223,7 @@ def test_rename_of_a_column_the_file_lacks(tmp_path):
 def test_cli_reports_a_bad_config_without_a_stack_trace(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(EXAMPLE.read_text().replace('"rating >= 4"', '"rating => 4"'))
-    out = subprocess.run([sys.executable, "-m", "pipeline_lib.cli", "run", "--config", str(bad)],
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(bad)],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 2
     assert "label_rule 'rating => 4' is not" in out.stderr and "Traceback" not in out.stderr
@@ -228,7 +231,7 @@ def test_cli_reports_a_bad_config_without_a_stack_trace(tmp_path):
 
 def test_parquet_example_config_on_generated_data(tmp_path):
     from pipeline_lib.config import SyntheticConfig
-    from pipeline_lib.data import generate_interactions
+    from pipeline_lib.data.synthetic import generate_interactions
 
     generate_interactions(SyntheticConfig(n_users=50, n_items=40, n_interactions=500), 0).to_parquet(tmp_path / "in.parquet")
     cfg = load_config(ROOT / "configs" / "examples" / "parquet_single_table.yaml",
@@ -238,7 +241,7 @@ def test_parquet_example_config_on_generated_data(tmp_path):
 
 
 def test_csv_example_with_a_string_list_goes_through_the_nvtabular_workflow(tmp_path):
-    from pipeline_lib import etl
+    from pipeline_lib.etl import workflow as etl
 
     cfg = load_config(None, shop_config().model_dump(mode="json") | {"split": {"method": "time", "valid_fraction": 0.2}})
     raw, df = build(cfg, tmp_path)
@@ -282,7 +285,7 @@ def test_unnamed_index_and_unused_columns_in_every_file_are_ignored(tmp_path, ca
     data, inter = _byo_files(tmp_path)
     assert "Unnamed: 0" in pd.read_csv(tmp_path / "items.csv") and "Unnamed: 0" in pd.read_parquet(tmp_path / "users.parquet")
     cfg = load_config(None, {"data": data, "columns": BYO_COLUMNS})
-    with caplog.at_level("INFO", logger="pipeline_lib.data"):
+    with caplog.at_level("INFO", logger="pipeline_lib.data.sources"):
         raw, df = build(cfg, tmp_path)
     # exactly the columns the config uses, in file order then join order
     assert list(df.columns) == ["user_id", "item_id", "click", "ts", "device", "age", "category"]
@@ -329,7 +332,6 @@ def test_a_used_column_missing_everywhere_is_still_named_with_the_ignored_column
 
 
 def test_session_files_keep_only_the_session_columns_and_report_a_used_clash(tmp_path):
-    from pipeline_lib import sessions
 
     ev = pd.DataFrame({"sid": [1, 1, 2], "item_id": [7, 8, 7], "ts": [100, 160, 200], "note": ["a", "b", "c"]})
     ev.to_csv(tmp_path / "events.csv")
@@ -338,17 +340,17 @@ def test_session_files_keep_only_the_session_columns_and_report_a_used_clash(tmp
                                                 "rename": {"sid": "session_id", "ts": "timestamp"}},
             "items": {"path": str(tmp_path / "items.csv")}}
     cfg = load_config(None, {"task": "session", "data": data})
-    raw = sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw")
+    raw = session_data.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw")
     df = pd.read_parquet(raw)
     assert list(df.columns) == ["session_id", "item_id", "timestamp", "item_category"]
     assert df["item_category"].tolist() == ["shoes", "socks", "shoes"]
     assert {Path(f).name: c for f, c in read_load_report(raw)["ignored_columns"].items()} == {
         "events.csv": ["Unnamed: 0", "note"], "items.csv": ["Unnamed: 0", "note"]}
-    sessions.validate_events(raw, cfg.session.columns, tmp_path / "validated")
+    session_checks.validate_events(raw, cfg.session.columns, tmp_path / "validated")
     # a used column in both files is an error naming both (it used to become item_category_x/_y)
     ev.assign(item_category=["a", "b", "c"]).to_csv(tmp_path / "events.csv")
     with pytest.raises(DataValidationError) as err:
-        sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw2")
+        session_data.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw2")
     (p,) = err.value.problems
     assert p.column == "item_category" and p.file == str(tmp_path / "items.csv")
     assert str(tmp_path / "events.csv") in p.issue

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import yaml
 
-from pipeline_lib.serving import free_port
+from pipeline_lib.serving.server import free_port
 
 from .conftest import SMALL
 

@@ -110,7 +110,7 @@ def test_triton_entrypoint_uses_explicit_control_and_restricts_the_admin_api():
     assert "--http-restricted-api=model-repository:recsys-admin-key=" in text
     assert "--grpc-restricted-protocol=model-repository:recsys-admin-key=" in text
     assert os.access(os.path.join(ROOT, "docker", "triton-entrypoint.sh"), os.X_OK)
-    from pipeline_lib.repository import ADMIN_HEADER
+    from pipeline_lib.serving.repository import ADMIN_HEADER
 
     assert ADMIN_HEADER == "recsys-admin-key"
 

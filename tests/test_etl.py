@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from merlin.schema import Tags
 
-from pipeline_lib import etl
+from pipeline_lib.etl import workflow as etl
 from pipeline_lib.config import SplitConfig
 
 
@@ -86,7 +86,7 @@ def test_two_runs_fitting_at_once_do_not_share_vocabularies(tmp_path):
     data's categories. With NVTabular's default ./categories folder they would overwrite each other."""
     import threading
 
-    from pipeline_lib import data
+    from pipeline_lib.data import sources as data
     from pipeline_lib.config import ColumnsConfig, DataConfig, EtlConfig, SyntheticConfig
 
     cols = ColumnsConfig()

@@ -15,7 +15,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_lib import etl, sessions
+from pipeline_lib.data import sessions as session_data
+from pipeline_lib.etl import workflow as etl
+from pipeline_lib.etl import sessions
 from pipeline_lib.config import DaskConfig, EtlConfig, load_config
 
 # several partitions per split, so the work really spreads over both workers
@@ -73,7 +75,7 @@ def dask_cluster(tmp_path_factory):
 def small_split(tmp_path_factory):
     """The suite's small synthetic run (tests/conftest.py), raw data split only (no training)."""
     from .conftest import small_config
-    from pipeline_lib import data
+    from pipeline_lib.data import sources as data
 
     root = tmp_path_factory.mktemp("split")
     cfg = small_config(root)
@@ -153,7 +155,7 @@ def test_session_etl_on_an_existing_cluster_equals_in_process(tmp_path, dask_clu
     over = {"task": "session", "etl": {"device": "cpu", "part_size": "20KB"},
             "session": {"synthetic": {"n_sessions": 400, "n_items": 60, "n_categories": 5}}}
     cfg = load_config(None, over)
-    raw = sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw")
+    raw = session_data.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw")
     local = sessions.run_session_etl(raw, cfg, tmp_path / "a", tmp_path / "split_a")
     cfg_c = load_config(None, {**over, "etl": {**over["etl"], "dask": {"scheduler_address": dask_cluster}}})
     on_cluster = sessions.run_session_etl(raw, cfg_c, tmp_path / "b", tmp_path / "split_b")
@@ -189,7 +191,7 @@ def test_local_workers_equal_in_process_and_leave_nothing_behind(tmp_path, small
     local = etl.fit_transform(cfg.columns, EtlConfig(device="cpu", part_size=PART_SIZE), split, tmp_path / "a")
     original = dispatch.flatten_list_column_values
     seen = {}
-    with etl._dask_context("cpu", DaskConfig(local_workers=2, memory_limit="1GB")):
+    with etl.dask_context("cpu", DaskConfig(local_workers=2, memory_limit="1GB")):
         client = global_dask_client()
         seen["workers"] = len(client.scheduler_info()["workers"])
         # the faster list flattening is installed in the worker processes too
@@ -204,7 +206,7 @@ def test_local_workers_equal_in_process_and_leave_nothing_behind(tmp_path, small
 def _flatten_is_patched() -> bool:
     from merlin.core import dispatch
 
-    return dispatch.flatten_list_column_values.__module__ == "pipeline_lib.etl"
+    return dispatch.flatten_list_column_values.__module__ == "pipeline_lib.etl.workflow"
 
 
 def test_gpu_context_builds_a_local_cuda_cluster_from_the_settings(monkeypatch):
@@ -222,10 +224,10 @@ def test_gpu_context_builds_a_local_cuda_cluster_from_the_settings(monkeypatch):
         return LocalCluster(n_workers=1, processes=False, dashboard_address=None)
 
     monkeypatch.setattr(dask_cuda, "LocalCUDACluster", fake)
-    with etl._dask_context("gpu", DaskConfig()):
+    with etl.dask_context("gpu", DaskConfig()):
         assert global_dask_client() is not None
     assert global_dask_client() is None
-    with etl._dask_context("gpu", DaskConfig(local_workers=2, rmm_pool_size="20GB")):
+    with etl.dask_context("gpu", DaskConfig(local_workers=2, rmm_pool_size="20GB")):
         pass
     assert [(c["n_workers"], c["rmm_pool_size"]) for c in calls] == [(None, "0.8"), (2, "20GB")]
 

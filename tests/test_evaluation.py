@@ -1,10 +1,10 @@
-"""Baselines beside the model on the run's own split (pipeline_lib.evaluation)."""
+"""Baselines beside the model on the run's own split (pipeline_lib.models.evaluation)."""
 import json
 import shutil
 
-import pytest
 
-from pipeline_lib import evaluation, train
+from pipeline_lib.models import evaluation
+from pipeline_lib.models import ranking as train
 
 
 def test_ranking_run_reports_baselines_next_to_the_model(trained, tmp_path):

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline_lib import export
+from pipeline_lib.export import ranking as export
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_export_layout_needs_only_the_python_backend(exported):
     assert info["fast_transform"]["enabled"] is True and info["fast_transform"]["verified_rows"] > 64
     assert out.fast_transform == info["fast_transform"]
     assert "max_batch_size" not in cfg and "dynamic_batching" not in cfg  # off unless configured
-    assert "max_request_rows" in cfg and "pipeline_lib.request_checks" in (out.version_dir / "model.py").read_text()
+    assert "max_request_rows" in cfg and "pipeline_lib.validate.requests" in (out.version_dir / "model.py").read_text()
 
 
 def test_exported_ensemble_equals_offline(exported, trained):

@@ -4,9 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib import export, fast_transform
-from pipeline_lib.fast_transform import Ragged, Unsupported, compile_workflow, verify
-from pipeline_lib.request_checks import check_request, concat_requests, split_rows
+from pipeline_lib.export import ranking as export
+from pipeline_lib.etl import fast_transform
+from pipeline_lib.etl.fast_transform import Ragged, Unsupported, compile_workflow, verify
+from pipeline_lib.validate.requests import check_request, concat_requests, split_rows
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def test_median_fill_is_compiled_and_equals_nvtabular(tmp_path):
     from merlin.dag import postorder_iter_nodes
     from merlin.io import Dataset
 
-    from pipeline_lib import etl
+    from pipeline_lib.etl import workflow as etl
     from pipeline_lib.config import ColumnsConfig, FeatureSpec
 
     rng = np.random.default_rng(5)

@@ -32,7 +32,7 @@ def test_recsys_run_with_an_empty_prefect_home_ends_with_served_predictions(tmp_
     sets = [f"runs_dir={tmp_path / 'runs'}", f"export.model_repository={tmp_path / 'model_repository'}",
             "serving.notify_live_server=false", "run_name=first",
             "gate.require_beat_baseline=false"]  # this test is about the first run, not the model: no baseline requirement
-    cmd = [sys.executable, "-m", "pipeline_lib.cli", "run", "--config", str(ROOT / "configs" / "small.yaml")]
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(ROOT / "configs" / "small.yaml")]
     out = subprocess.run(cmd + sum((["--set", s] for s in sets), []), cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1200)
     printed = out.stdout + out.stderr

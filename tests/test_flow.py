@@ -4,16 +4,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib import export
-from pipeline_lib.client import RecsysClient
-from pipeline_lib.serving import TritonServer
-from pipeline_lib.serving import free_ports
+from pipeline_lib.export import ranking as export
+from pipeline_lib.serving.client import RecsysClient
+from pipeline_lib.serving.server import TritonServer
+from pipeline_lib.serving.server import free_ports
 
 from .conftest import SMALL
 
@@ -141,7 +140,7 @@ def test_serve_and_predict_commands_on_the_published_repository(flow_run):
     sets = [f"export.model_repository={tmp / 'model_repository'}", f"serving.http_port={http}",
             f"serving.grpc_port={grpc}", f"serving.metrics_port={metrics}", f"runs_dir={tmp / 'runs'}"]
     args = sum((["--set", s] for s in sets), [])
-    recsys = [sys.executable, "-m", "pipeline_lib.cli"]
+    recsys = [sys.executable, "-m", "flows.cli"]
     proc = subprocess.Popen(recsys + ["serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         TritonServer(tmp / "model_repository", http_port=http).wait_ready(240, ["recsys"])
@@ -186,7 +185,7 @@ def test_serve_and_predict_commands_on_the_published_repository(flow_run):
 ])
 def test_a_failed_run_leaves_the_served_version_untouched(flow_run, stage, overrides, error):
     from flows.pipeline import pipeline
-    from pipeline_lib import repository
+    from pipeline_lib.serving import repository
 
     tmp, base, _ = flow_run
     repo = tmp / "model_repository"
@@ -223,7 +222,7 @@ def test_csv_example_with_a_string_list_feature_is_served_like_offline(prefect_h
 
 def test_the_gate_refuses_a_worse_model_and_keeps_the_served_version(flow_run):
     from flows.pipeline import pipeline
-    from pipeline_lib import repository
+    from pipeline_lib.serving import repository
 
     tmp, base, first = flow_run
     repo = tmp / "model_repository"

@@ -3,7 +3,9 @@ import math
 
 import pytest
 
-from pipeline_lib import export, gate, train
+from pipeline_lib.export import ranking as export
+from pipeline_lib.release import gate
+from pipeline_lib.models import ranking as train
 
 
 @pytest.fixture(scope="module")

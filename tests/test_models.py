@@ -4,9 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline_lib import export, repository, train
-from pipeline_lib.client import RecsysClient
-from pipeline_lib.serving import TritonServer
+from pipeline_lib.export import ranking as export
+from pipeline_lib.serving import repository
+from pipeline_lib.models import ranking as train
+from pipeline_lib.serving.client import RecsysClient
+from pipeline_lib.serving.server import TritonServer
 
 OTHERS = ["dcn", "deepfm", "wide_deep"]  # dlrm is covered by the shared `trained` fixture
 

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 
 from pipeline_lib.config import load_config
-from pipeline_lib.data import load_movielens100k, write_raw
-from pipeline_lib.validate import DataValidationError, validate_raw
+from pipeline_lib.data.sources import load_movielens100k, write_raw
+from pipeline_lib.errors import DataValidationError
+from pipeline_lib.validate.data import validate_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 ML = ROOT / "tests" / "fixtures" / "ml-100k"
@@ -144,7 +145,7 @@ def test_cli_run_on_bad_data_prints_one_error_without_a_stack_trace(tmp_path):
     lines = (bad / "u.data").read_text().splitlines()
     lines[5] = lines[5].rsplit("\t", 2)[0] + "\tfive\t" + lines[5].rsplit("\t", 1)[1]
     (bad / "u.data").write_text("\n".join(lines) + "\n")
-    out = subprocess.run([sys.executable, "-m", "pipeline_lib.cli", "run", "--config", str(EXAMPLE),
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(EXAMPLE),
                           "--set", f"data.path={bad}", "--set", f"runs_dir={tmp_path / 'runs'}"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 2, out.stdout + out.stderr

@@ -11,10 +11,12 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from pipeline_lib import export, repository, train
-from pipeline_lib.client import RecsysClient
-from pipeline_lib.repository import LiveServer
-from pipeline_lib.serving import TritonServer
+from pipeline_lib.export import ranking as export
+from pipeline_lib.serving import repository
+from pipeline_lib.models import ranking as train
+from pipeline_lib.serving.client import RecsysClient
+from pipeline_lib.serving.repository import LiveServer
+from pipeline_lib.serving.server import TritonServer
 
 pytestmark = pytest.mark.integration
 KEY = "test-admin-key"

@@ -7,7 +7,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from pipeline_lib import progress, quiet, report
 
@@ -88,7 +87,7 @@ def test_effective_config_markdown_is_yaml_with_the_admin_key_redacted():
 
 
 def test_learning_curve_is_embedded_as_a_data_uri(tmp_path):
-    from pipeline_lib.train import plot_learning_curve
+    from pipeline_lib.models.ranking import plot_learning_curve
 
     png = plot_learning_curve({"loss": [0.7, 0.6], "val_loss": [0.71, 0.65], "auc": [0.6, 0.7]}, tmp_path / "lc.png")
     md = report.learning_curve_markdown([("dlrm", png), ("missing", tmp_path / "nope.png")])
@@ -231,7 +230,7 @@ def test_child_processes_get_the_known_warnings_silenced_too(monkeypatch):
     import subprocess
     import sys
 
-    from pipeline_lib.serving import TritonPaths, server_env
+    from pipeline_lib.serving.server import TritonPaths, server_env
 
     monkeypatch.delenv("PYTHONWARNINGS", raising=False)
     quiet.install()
@@ -253,7 +252,7 @@ def test_recsys_run_prints_the_summary_and_json_only_on_request(monkeypatch, tmp
     from typer.testing import CliRunner
 
     import flows.pipeline
-    from pipeline_lib.cli import app
+    from flows.cli import app
 
     summary = _summary(run_dir=str(tmp_path / "runs" / "it"))
     monkeypatch.setattr(flows.pipeline, "pipeline", lambda **kw: dict(summary, predictions=pd.DataFrame({"x": [1]})))

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from pipeline_lib import export, repository
-from pipeline_lib.repository import RepositoryError
+from pipeline_lib.export import ranking as export
+from pipeline_lib.serving import repository
+from pipeline_lib.serving.repository import RepositoryError
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline_lib.request_checks import BadRequest, check_request
+from pipeline_lib.validate.requests import BadRequest, check_request
 
 RAGGED = {"tags"}
 
@@ -69,7 +69,7 @@ class _PbUtils:
 
 
 def test_error_response_codes_a_bad_request_as_invalid_argument_and_anything_else_as_internal():
-    from pipeline_lib.request_checks import error_response
+    from pipeline_lib.validate.requests import error_response
 
     pb = _PbUtils()
     bad = error_response(pb, BadRequest("empty batch: the request has 0 rows"))

@@ -12,10 +12,12 @@ import pandas as pd
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from pipeline_lib import etl, retrieval, topk
-from pipeline_lib.client import BadRequestError, RecsysClient, RequestError
+from pipeline_lib.etl import workflow as etl
+from pipeline_lib.models import retrieval
+from pipeline_lib.export import topk
+from pipeline_lib.serving.client import BadRequestError, RecsysClient, RequestError
 from pipeline_lib.config import ColumnsConfig, load_config
-from pipeline_lib.serving import TritonServer
+from pipeline_lib.serving.server import TritonServer
 
 from .conftest import SMALL
 
@@ -195,7 +197,7 @@ def test_the_compiled_transform_serves_every_retrieval_version_like_nvtabular(re
     """Every version (MF; YouTube DNN with its jointly encoded history; two-tower + DLRM) was exported
     with the compiled transform verified on; per request it gives what the NVTabular path gives,
     including rows with unseen users, unseen history items and empty histories."""
-    from pipeline_lib.export import raw_to_columns
+    from pipeline_lib.export.ranking import raw_to_columns
 
     tmp, repo, _ = retrieval_runs
     rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
@@ -227,7 +229,7 @@ def test_two_stage_returns_k_candidates_ordered_by_the_ranking_score(retrieval_r
     cand_idx, _ = retrieval.top_k(rec.query_embeddings(rows), rec.item_emb, rec.candidates,
                                   rec.excluded(rows["user_id"].to_numpy()))  # the user's training items excluded
     cands = rec.item_ids[cand_idx]
-    from pipeline_lib import export
+    from pipeline_lib.export import ranking as export
 
     frame = rec.rank_frame(rows, cands)
     rank = export.offline_scores(rec.workflow_with_label, rec.dir / "ranker", frame[rec.ranker_columns],
@@ -296,8 +298,8 @@ def test_trained_retrieval_model_beats_most_popular_on_default_generated_data(tm
     """Small data from the default generator (exposure follows taste), the default retrieval
     settings (model.type set, batches of 256 for the small data): the model's per-user recall@10 with seen items excluded
     (its best epoch) clearly beats most-popular-without-seen on the same split."""
-    from pipeline_lib import baselines as bl
-    from pipeline_lib import data
+    from pipeline_lib.models import baselines as bl
+    from pipeline_lib.data import sources as data
 
     cfg = load_config(None, {"data": {"synthetic": {"n_users": 500, "n_items": 300, "n_interactions": 20_000}},
                              "model": {"type": model_type, "batch_size": 256}})  # small data: more steps

@@ -5,10 +5,11 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from pipeline_lib import export, repository
-from pipeline_lib.client import BadRequestError, RecsysClient, RequestError
-from pipeline_lib.serving import ServerError, TritonServer
-from pipeline_lib.smoke import smoke_test
+from pipeline_lib.export import ranking as export
+from pipeline_lib.serving import repository
+from pipeline_lib.serving.client import BadRequestError, RecsysClient, RequestError
+from pipeline_lib.serving.server import ServerError, TritonServer
+from pipeline_lib.release.smoke import smoke_test
 
 pytestmark = pytest.mark.integration
 MAX_ROWS = 500
@@ -78,7 +79,7 @@ def test_bad_request_gets_an_error_and_the_server_keeps_answering(served):
 def test_smoke_test_gate_fails_on_mismatch(trained, served, tmp_path):
     """The pipeline's gate raises when served scores differ from the offline reference."""
     server, rows, offline = served
-    from pipeline_lib.smoke import ServingMismatch
+    from pipeline_lib.release.smoke import ServingMismatch
 
     repo = server.model_repository
     with pytest.raises(ServingMismatch, match="differ from offline"):
@@ -100,7 +101,7 @@ def test_server_start_errors_are_reported(tmp_path):
 
 
 def test_free_ports_are_distinct():
-    from pipeline_lib.serving import free_ports
+    from pipeline_lib.serving.server import free_ports
 
     ports = free_ports(64)
     assert len(set(ports)) == 64 and all(p > 0 for p in ports)
@@ -121,7 +122,7 @@ def busy_port():
 def test_a_taken_port_is_reported_naming_the_clash(tmp_path, busy_port, endpoint):
     """Triton exits on a taken gRPC port but keeps running without a taken HTTP or metrics
     endpoint; either way start() fails at once with the port in the message, and no process is left."""
-    from pipeline_lib.serving import PortClash, free_ports
+    from pipeline_lib.serving.server import PortClash, free_ports
 
     ports = dict(zip(["http_port", "grpc_port", "metrics_port"], free_ports(3)))
     ports[endpoint] = busy_port
@@ -136,7 +137,7 @@ def test_a_taken_port_is_reported_naming_the_clash(tmp_path, busy_port, endpoint
 def test_auto_ports_retry_when_a_picked_port_is_taken(tmp_path, busy_port, monkeypatch):
     """The race the CI run hit: a picked port is taken before Triton binds it. The first pick is
     forced to contain the taken port; start() must come up on fresh ports."""
-    from pipeline_lib import serving
+    from pipeline_lib.serving import server as serving
 
     real, picks = serving.free_ports, []
 

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib import sessions
+from pipeline_lib.data import sessions as session_data
+from pipeline_lib.validate import sessions as session_checks
+from pipeline_lib.etl import sessions
 from pipeline_lib.config import SessionColumns, SessionSyntheticConfig, load_config
 
 COLS = SessionColumns()
@@ -29,7 +31,7 @@ def _events() -> pd.DataFrame:
 
 def test_generator_is_deterministic_and_sequential():
     cfg = SessionSyntheticConfig(n_sessions=300, n_items=50, n_categories=5)
-    a, b = sessions.generate_sessions(cfg, 7), sessions.generate_sessions(cfg, 7)
+    a, b = session_data.generate_sessions(cfg, 7), session_data.generate_sessions(cfg, 7)
     pd.testing.assert_frame_equal(a, b)
     assert set(a.columns) == {"session_id", "item_id", "item_category", "timestamp"}
     lengths = a.groupby("session_id").size()
@@ -106,7 +108,7 @@ def test_time_split_holds_out_the_latest_sessions(tmp_path):
 
 
 def test_top_k_never_returns_the_session_items_or_the_requested_exclusions():
-    from pipeline_lib.session_model import N_SPECIAL, exclusions, mask_scores, top_k, vocabulary_lookup
+    from pipeline_lib.models.session import N_SPECIAL, exclusions, mask_scores, top_k, vocabulary_lookup
 
     vocab = np.array([None, None, None, 101, 102, 103, 104], dtype=object)  # encoded 3..6
     lookup = vocabulary_lookup(vocab)
@@ -132,13 +134,13 @@ def session_etl(tmp_path_factory):
     cfg = load_config(None, {"task": "session", "session": {
         "synthetic": {"n_sessions": 3000, "n_items": 200, "n_categories": 10},
         "model": {"epochs": 6, "batch_size": 128}}})
-    raw = sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, root / "raw")
+    raw = session_data.write_raw_events(cfg.data, cfg.session, cfg.seed, root / "raw")
     return cfg, root, sessions.run_session_etl(raw, cfg, root / "transformed", root / "split")
 
 
 @pytest.mark.parametrize("kind", ["gru", "transformer"])
 def test_model_trains_and_beats_the_popularity_baseline(session_etl, kind):
-    from pipeline_lib import session_model
+    from pipeline_lib.models import session as session_model
 
     cfg, root, etl_out = session_etl
     cfg = cfg.model_copy(update={"session": cfg.session.model_copy(update={
@@ -160,8 +162,8 @@ def test_the_session_workflow_compiles_to_the_numpy_serving_transform(session_et
     sessions, unseen items, every vocabulary entry), and truncation keeps the *last* events."""
     import nvtabular as nvt
 
-    from pipeline_lib import export
-    from pipeline_lib.fast_transform import Ragged, compile_workflow, verify
+    from pipeline_lib.export import ranking as export
+    from pipeline_lib.etl.fast_transform import Ragged, compile_workflow, verify
 
     cfg, _, etl_out = session_etl
     wf = nvt.Workflow.load(str(etl_out.workflow_dir))
@@ -189,10 +191,10 @@ def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp
 
     import nvtabular as nvt
     from flows.pipeline import pipeline
-    from pipeline_lib import repository
-    from pipeline_lib.serving import TritonServer
-    from pipeline_lib.session_client import SessionClient
-    from pipeline_lib.session_serving_model import offline_topk
+    from pipeline_lib.serving import repository
+    from pipeline_lib.serving.server import TritonServer
+    from pipeline_lib.serving.session_client import SessionClient
+    from pipeline_lib.export.session import offline_topk
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     over = {"runs_dir": str(tmp_path / "runs"), "run_name": "s1",
@@ -276,37 +278,40 @@ def test_session_config_is_additive_and_the_example_loads():
 
 
 def test_user_event_log_from_csv_with_an_items_table(tmp_path):
-    from pipeline_lib.validate import DataValidationError
+    from pipeline_lib.errors import DataValidationError
 
     (tmp_path / "events.csv").write_text("sid,item_id,ts\n1,7,2024-01-01T10:00:00\n1,8,2024-01-01T10:01:00\n2,7,2024-01-02T09:00:00\n")
     (tmp_path / "items.csv").write_text("item_id,item_category\n7,shoes\n8,socks\n")
     cfg = load_config(None, {"task": "session", "data": {"source": "files",
         "interactions": {"path": str(tmp_path / "events.csv"), "rename": {"sid": "session_id", "ts": "timestamp"}},
         "items": {"path": str(tmp_path / "items.csv")}}})
-    raw = sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw")
+    raw = session_data.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw")
     df = pd.read_parquet(raw)
     assert list(df.item_category) == ["shoes", "socks", "shoes"]
     assert df.timestamp.tolist()[1] - df.timestamp.tolist()[0] == 60  # dates -> epoch seconds
-    sessions.validate_events(raw, COLS, tmp_path / "validated")
+    session_checks.validate_events(raw, COLS, tmp_path / "validated")
     df.drop(columns=["item_category"]).to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(DataValidationError, match="item_category.*required column is missing"):
-        sessions.validate_events(tmp_path / "bad.parquet", COLS, tmp_path / "validated")
+        session_checks.validate_events(tmp_path / "bad.parquet", COLS, tmp_path / "validated")
 
 
 @pytest.mark.integration
 def test_string_item_ids_are_served_like_offline(tmp_path):
     """Item ids as strings (BYTES on the wire, in and out): Triton's top-k == offline top-k, with the
     session's own items excluded (session.exclude_seen, default on) and with extra exclude_item_ids."""
-    from pipeline_lib import export as ranking_export, repository, session_model, session_serving_model as ssm
-    from pipeline_lib.serving import TritonServer
-    from pipeline_lib.session_client import SessionClient
+    from pipeline_lib.export import ranking as ranking_export
+    from pipeline_lib.serving import repository
+    from pipeline_lib.models import session as session_model
+    from pipeline_lib.export import session as ssm
+    from pipeline_lib.serving.server import TritonServer
+    from pipeline_lib.serving.session_client import SessionClient
 
-    ev = sessions.generate_sessions(SessionSyntheticConfig(n_sessions=600, n_items=60, n_categories=5), 3)
+    ev = session_data.generate_sessions(SessionSyntheticConfig(n_sessions=600, n_items=60, n_categories=5), 3)
     ev["item_id"] = "sku-" + ev["item_id"].astype(str)
     ev.to_parquet(tmp_path / "events.parquet")
     cfg = load_config(None, {"task": "session", "data": {"source": "parquet", "path": str(tmp_path / "events.parquet")},
                              "session": {"model": {"epochs": 1, "hidden_dim": 16, "embedding_dim": 16}}})
-    raw = sessions.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw")
+    raw = session_data.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw")
     etl_out = sessions.run_session_etl(raw, cfg, tmp_path / "transformed", tmp_path / "split")
     model = session_model.train_and_evaluate(etl_out, cfg, tmp_path / "model")
     req, _ = sessions.prefixes(pd.read_parquet(etl_out.split.valid).head(12), COLS)
@@ -344,7 +349,7 @@ def _assert_bad_requests_are_client_errors(client, req: pd.DataFrame, protocol: 
     with their message, and the model keeps answering."""
     from tritonclient.utils import InferenceServerException
 
-    from pipeline_lib.client import BadRequestError
+    from pipeline_lib.serving.client import BadRequestError
 
     status = "400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"
     arrays = client.to_arrays(req.head(3))

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline_lib import data, etl, train
+from pipeline_lib.data import sources as data
+from pipeline_lib.etl import workflow as etl
+from pipeline_lib.models import ranking as train
 from pipeline_lib.config import RunConfig
 
 

@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from pipeline_lib import data, etl, tune
+from pipeline_lib.data import sources as data
+from pipeline_lib.etl import workflow as etl
+from pipeline_lib.models import tune
 from pipeline_lib.config import ModelConfig, load_config
 
 from .conftest import SMALL, small_config

@@ -1,13 +1,13 @@
 import json
 import time
 
-import pandas as pd
 import pytest
 
 from pipeline_lib.config import ColumnsConfig, DriftConfig, SyntheticConfig, ValidationConfig
-from pipeline_lib.data import generate_interactions
-from pipeline_lib.validate import (DataValidationError, compute_drift, drift_markdown, drift_report,
-                                   find_previous_stats, validate_raw)
+from pipeline_lib.data.synthetic import generate_interactions
+from pipeline_lib.errors import DataValidationError
+from pipeline_lib.validate.data import (compute_drift, drift_markdown, drift_report,
+                                        find_previous_stats, validate_raw)
 
 
 @pytest.fixture

@@ -291,7 +291,7 @@ def top_k(scores: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -
     """Indices and scores of the k best items per row, best first; ties by index. Special indices
     are never ranked above an item; ``exclude`` (per row, encoded indices, see :func:`exclusions`)
     sets those items to -inf: a row left with fewer than k items gets them last, at -inf (as
-    :func:`pipeline_lib.retrieval.top_k`), and the special slots after them."""
+    :func:`pipeline_lib.models.retrieval.top_k`), and the special slots after them."""
     s = mask_scores(scores, exclude, -np.inf)
     real = np.argsort(-s[:, N_SPECIAL:], axis=1, kind="stable") + N_SPECIAL
     order = np.concatenate([real, np.tile(np.arange(min(N_SPECIAL, s.shape[1])), (len(s), 1))], axis=1)[:, :k]
@@ -300,7 +300,7 @@ def top_k(scores: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -
 
 def mask_scores(scores: np.ndarray, exclude: list[np.ndarray] | None, value: float = MASKED) -> np.ndarray:
     """A copy of ``scores`` with the special slots and each row's excluded indices set to ``value``."""
-    from pipeline_lib.baselines import mask_rows
+    from pipeline_lib.models.baselines import mask_rows
 
     s = np.array(scores, dtype=np.float32, copy=True)
     s[:, :N_SPECIAL] = value
@@ -387,7 +387,7 @@ def evaluate(workflow, model_dir: Path, valid_sessions: pd.DataFrame, train_tran
              cols: SessionColumns, k: int, n_items: int, exclude_seen: bool = True) -> dict:
     """Model vs baselines on the last item of every held-out session (prefix = the events before it).
     ``exclude_seen``: the prefix's own items are never recommended, by the model and by the baselines."""
-    from pipeline_lib.sessions import item_vocabulary, prefixes
+    from pipeline_lib.etl.sessions import item_vocabulary, prefixes
 
     req, _ = prefixes(valid_sessions, cols)
     # targets in the model's index space: encode the full held-out sessions with the same workflow
@@ -441,7 +441,7 @@ def train_and_evaluate(etl_out, cfg, out_dir: Path) -> SessionTrainOutput:
                     100 * results["target_in_prefix_rate"])
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
-    from pipeline_lib.train import plot_learning_curve
+    from pipeline_lib.models.ranking import plot_learning_curve
 
     plot_learning_curve(history, out_dir / "learning_curve.png", keys=("loss",),
                         title=f"session_{s.model.type}: recall@{k} {metrics[f'recall@{k}']:.4f} (held-out sessions)")

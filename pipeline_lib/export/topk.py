@@ -2,7 +2,7 @@
 
 A version directory of a retrieval model::
 
-    <N>/model.py                 the python-backend model (pipeline_lib/serving_topk_model.py)
+    <N>/model.py                 the python-backend model (pipeline_lib/serving/triton_models/topk.py)
     <N>/topk/spec.json           query/item columns, k, candidates, output dtype, fast-path status
     <N>/topk/workflow/           the run's fitted NVTabular workflow (the same one training used)
     <N>/topk/query_encoder/      SavedModel of the query tower
@@ -33,7 +33,7 @@ scored by the ranking model through the same workflow, and the k best by ranking
 (the shape of Merlin's multi-stage example, without its Feast/Faiss dependencies).
 
 Per request the fitted workflow runs as the compiled numpy transform of
-:mod:`pipeline_lib.fast_transform` (query side, and the ranker's candidate rows), verified at export
+:mod:`pipeline_lib.etl.fast_transform` (query side, and the ranker's candidate rows), verified at export
 against ``Workflow.transform`` on the sample, the candidate rows and edge rows, and end to end against
 the NVTabular path; a workflow or request outside it runs NVTabular (``fast_transform`` in spec.json
 says which and why).
@@ -55,10 +55,12 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from pipeline_lib import ann, retrieval
+from pipeline_lib.paths import TRITON_MODELS
+from pipeline_lib.export import ann
+from pipeline_lib.models import retrieval
 from pipeline_lib.config import AnnConfig
-from pipeline_lib.export import StagedVersion
-from pipeline_lib.retrieval import RetrievalSpec
+from pipeline_lib.export.ranking import StagedVersion
+from pipeline_lib.models.retrieval import RetrievalSpec
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +133,8 @@ class TopKRecommender:
     def compile_fast(self):
         """The compiled transform of the serving workflow plus the constant columns it needs (filler
         row, catalogue item features), in request representation; None when it does not compile."""
-        from pipeline_lib.export import raw_to_columns
-        from pipeline_lib.fast_transform import Unsupported, compile_workflow
+        from pipeline_lib.export.ranking import raw_to_columns
+        from pipeline_lib.etl.fast_transform import Unsupported, compile_workflow
 
         try:
             compiled = compile_workflow(self.workflow)
@@ -151,7 +153,7 @@ class TopKRecommender:
 
     def _complete(self, cols: dict, n: int) -> dict:
         """Request columns + the filler's constant value for every other workflow input."""
-        from pipeline_lib.fast_transform import take_rows
+        from pipeline_lib.etl.fast_transform import take_rows
 
         out = dict(cols)
         zeros = np.zeros(n, dtype=np.int64)
@@ -163,7 +165,7 @@ class TopKRecommender:
     def recommend_columns(self, cols: dict) -> tuple[np.ndarray, np.ndarray]:
         """Request columns as Triton hands them over (bytes strings, ``Ragged`` lists) -> top-k,
         through the compiled transform. Raises ``fast_transform.Unsupported`` outside it."""
-        from pipeline_lib.fast_transform import Unsupported, n_rows, take_rows, tensors_from_columns
+        from pipeline_lib.etl.fast_transform import Unsupported, n_rows, take_rows, tensors_from_columns
 
         if self.fast is None:
             raise Unsupported("the compiled transform is not enabled for this version")
@@ -190,7 +192,7 @@ class TopKRecommender:
     def recommend_tensors(self, arrays: dict[str, np.ndarray], ragged: set[str]) -> tuple[np.ndarray, np.ndarray]:
         """Checked request tensors -> top-k: the compiled path, or NVTabular on a frame when the
         version or the request is outside it. Both give the same answer (verified at export)."""
-        from pipeline_lib.fast_transform import Unsupported, columns_from_tensors
+        from pipeline_lib.etl.fast_transform import Unsupported, columns_from_tensors
 
         if self.fast is not None:
             try:
@@ -282,7 +284,7 @@ class TopKRecommender:
     # -- offline reference: the evaluation path of training (retrieval.query_embeddings) and, for
     # the ranker, the ranking pipeline's offline path (Merlin Loader batches + the SavedModel) --
     def offline(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        from pipeline_lib import export
+        from pipeline_lib.export import ranking as export
 
         n = self.candidates if self.ranker_fn else self.k
         q = retrieval.query_embeddings(self.workflow, self.dir, self.spec, raw, self.filler)
@@ -392,7 +394,7 @@ def export_topk(
     diff = compare(in_process, rec.offline(sample), atol, "in-process")
     meta["fast_transform"] = verify_fast_path(rec, sample, cat, in_process, atol)
     (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
-    shutil.copyfile(Path(__file__).with_name("serving_topk_model.py"), vdir / "model.py")
+    shutil.copyfile(TRITON_MODELS / "topk.py", vdir / "model.py")
     _write_config(staging_dir / model_name, model_name, serving_wf, req_cols, ids, k, max_request_rows, spec)
     out = TopKExport(staging_dir, model_name, version,
                      {"max_abs_score_diff": diff, "rows": len(sample), "ann": meta["ann"]})
@@ -432,8 +434,8 @@ def verify_fast_path(rec: TopKRecommender, sample: pd.DataFrame, catalogue: pd.D
     column by column on every kind of row it will see -- request rows, catalogue rows, the ranker's
     candidate rows, plus edge rows (nulls, unseen values, empty lists, the vocabularies) -- and
     (2) the top-k it gives on ``sample`` equals the NVTabular path's (same ids in the same order)."""
-    from pipeline_lib.export import raw_to_columns
-    from pipeline_lib.fast_transform import Unsupported, verify
+    from pipeline_lib.export.ranking import raw_to_columns
+    from pipeline_lib.etl.fast_transform import Unsupported, verify
 
     rec.fast = rec.compile_fast()
     if rec.fast is None:

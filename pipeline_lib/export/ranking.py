@@ -11,9 +11,9 @@ Before anything is written, the ensemble's in-process output is compared with th
 path (NVTabular ``Workflow.transform`` + the Keras model's ``predict``) on a raw sample; after
 writing, the *exported* copy is loaded back and checked the same way, through the ensemble and
 through the :class:`DirectPredictor` the served ``model.py`` uses. Before that, the workflow op's
-compiled numpy transform (:mod:`pipeline_lib.fast_transform`) is verified column by column against
+compiled numpy transform (:mod:`pipeline_lib.etl.fast_transform`) is verified column by column against
 ``Workflow.transform`` and enabled only if identical. A version only appears
-in the repository after both checks and the served smoke test pass (``pipeline_lib.repository``).
+in the repository after both checks and the served smoke test pass (``pipeline_lib.serving.repository``).
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ import pandas as pd
 from merlin.systems.dag.ops.tensorflow import PredictTensorflow  # sets protobuf impl; import first
 from merlin.systems.dag.ops.workflow import TransformWorkflow
 
+from pipeline_lib.paths import TRITON_MODELS
+
 log = logging.getLogger(__name__)
 
 ENSEMBLE_SUBDIR = "ensemble"
@@ -47,7 +49,7 @@ class InProcessWorkflow(TransformWorkflow):
     ensemble pickle, so Categorify's vocabulary files travel with the version directory.
 
     Fast path: :meth:`enable_fast_path` (at export) compiles the fitted workflow into a numpy-only
-    transform (:mod:`pipeline_lib.fast_transform`) and verifies it against ``Workflow.transform``
+    transform (:mod:`pipeline_lib.etl.fast_transform`) and verifies it against ``Workflow.transform``
     on raw rows; only then is ``fast_status["enabled"]`` pickled with the ensemble, and
     ``load_artifacts`` compiles it again from the version's own workflow. A request the compiled
     path does not cover (other dtypes) and a workflow that does not compile run NVTabular.
@@ -70,7 +72,7 @@ class InProcessWorkflow(TransformWorkflow):
         self.workflow = nvt.Workflow.load(os.path.join(artifact_path, "workflow"))
         self._fast = None
         if (self.fast_status or {}).get("enabled"):
-            from pipeline_lib.fast_transform import Unsupported, compile_workflow
+            from pipeline_lib.etl.fast_transform import Unsupported, compile_workflow
 
             try:
                 self._fast = compile_workflow(self.workflow)
@@ -80,7 +82,7 @@ class InProcessWorkflow(TransformWorkflow):
     def enable_fast_path(self, sample_raw: pd.DataFrame) -> dict:
         """Compile the fitted workflow and verify it against ``Workflow.transform`` on ``sample_raw``
         (plus edge rows); enable it only if every output column is identical."""
-        from pipeline_lib.fast_transform import Unsupported, compile_workflow, verify
+        from pipeline_lib.etl.fast_transform import Unsupported, compile_workflow, verify
 
         self._fast = None
         try:
@@ -102,7 +104,7 @@ class InProcessWorkflow(TransformWorkflow):
     def transform_columns(self, cols: dict) -> dict:
         """Request columns (``Ragged`` lists) -> the workflow's output columns: compiled path, or
         NVTabular when it is not enabled or the request is outside it."""
-        from pipeline_lib.fast_transform import Unsupported, columns_from_tensors, tensors_from_columns
+        from pipeline_lib.etl.fast_transform import Unsupported, columns_from_tensors, tensors_from_columns
 
         if self.fast is not None:
             try:
@@ -126,7 +128,7 @@ class InProcessWorkflow(TransformWorkflow):
         from merlin.table import TensorTable
 
         if self.fast is not None and isinstance(transformable, TensorTable):
-            from pipeline_lib.fast_transform import Unsupported, columns_from_tensors, tensors_from_columns
+            from pipeline_lib.etl.fast_transform import Unsupported, columns_from_tensors, tensors_from_columns
 
             ragged = {c.name for c in self.workflow.input_schema if c.is_list}
             try:
@@ -263,7 +265,7 @@ class DirectPredictor:
         return cls(ops[0], ops[1], ragged)
 
     def __call__(self, tensors: dict) -> dict:
-        from pipeline_lib.fast_transform import columns_from_tensors, tensors_from_columns
+        from pipeline_lib.etl.fast_transform import columns_from_tensors, tensors_from_columns
 
         cols = self.wf_op.transform_columns(columns_from_tensors(tensors, self.ragged))
         return self.tf_op.predict_tensors(tensors_from_columns(cols))
@@ -282,7 +284,7 @@ def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, label: str, bat
     """
     from merlin.io import Dataset
 
-    from pipeline_lib.retrieval import encode, load_encoder
+    from pipeline_lib.models.retrieval import encode, load_encoder
 
     frame = raw.copy()
     if label not in frame.columns:
@@ -309,7 +311,6 @@ def load_version(version_dir: Path):
 def ensemble_scores(ensemble, raw: pd.DataFrame) -> np.ndarray:
     """Run the ensemble in-process on raw rows, as the served executor model does."""
     from merlin.dag.runtime import Runtime
-    from merlin.table import TensorTable
 
     cols = ensemble.input_schema.column_names
     table = raw_to_tensor_table(raw[cols])
@@ -328,7 +329,7 @@ def raw_to_tensor_table(raw: pd.DataFrame):
 def raw_to_columns(raw: pd.DataFrame) -> dict:
     """Raw rows -> the fast transform's input columns, as Triton hands them over (bytes strings,
     lists as values + offsets)."""
-    from pipeline_lib.fast_transform import Ragged
+    from pipeline_lib.etl.fast_transform import Ragged
 
     return {k: (Ragged(*v) if isinstance(v, tuple) else v) for k, v in _raw_columns(raw).items()}
 
@@ -389,7 +390,7 @@ def export_ensemble(
     diff_inproc = _check("in-process ensemble", ensemble_scores(ensemble, sample_raw), want, atol)
 
     export_as_version(ensemble, staging_dir, model_name, version)
-    _install_serving_model(staging_dir / model_name, version, max_request_rows, dynamic_batching)
+    install_serving_model(staging_dir / model_name, version, max_request_rows, dynamic_batching)
     exported = load_version(staging_dir / model_name / str(version))
     diff_exported = _check("exported ensemble", ensemble_scores(exported, sample_raw), want, atol)
     direct = DirectPredictor.from_ensemble(exported)
@@ -439,14 +440,14 @@ def export_as_version(ensemble, staging_dir: Path, model_name: str, version: int
         os.rename(staging_dir / model_name / "1", staging_dir / model_name / str(version))
 
 
-def _install_serving_model(model_dir: Path, version: int, max_request_rows: int, dynamic_batching=None) -> None:
+def install_serving_model(model_dir: Path, version: int, max_request_rows: int, dynamic_batching=None) -> None:
     """Swap merlin-systems' executor model.py for ours (request checks, one-line errors) and
     record the request-size limit as a model parameter in config.pbtxt."""
     import tritonclient.grpc.model_config_pb2 as mc
     from google.protobuf import text_format
 
     # serving_model.py imports triton_python_backend_utils, so it is copied, never imported here
-    shutil.copyfile(Path(__file__).with_name("serving_model.py"), model_dir / str(version) / "model.py")
+    shutil.copyfile(TRITON_MODELS / "ranking.py", model_dir / str(version) / "model.py")
     cfg_path = model_dir / "config.pbtxt"
     cfg = text_format.Parse(cfg_path.read_text(), mc.ModelConfig())
     cfg.parameters["max_request_rows"].string_value = str(max_request_rows)

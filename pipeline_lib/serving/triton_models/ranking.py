@@ -2,10 +2,10 @@
 
 It replaces merlin-systems' ``executor_model.py`` (same loading of the ensemble and its
 artifacts) with: request checks that answer a clear error naming the field, as invalid-argument
-(HTTP 400, gRPC INVALID_ARGUMENT; :mod:`pipeline_lib.request_checks`), internal errors reported as
+(HTTP 400, gRPC INVALID_ARGUMENT; :mod:`pipeline_lib.validate.requests`), internal errors reported as
 one line with the INTERNAL code (HTTP 500; the traceback goes to the server log, not to the
 client), and a direct ``workflow >> model`` call on numpy arrays
-(:class:`pipeline_lib.export.DirectPredictor`: the workflow op's compiled transform, then the
+(:class:`pipeline_lib.export.ranking.DirectPredictor`: the workflow op's compiled transform, then the
 SavedModel signature) instead of merlin's DAG runtime. With dynamic batching in config.pbtxt
 (``max_batch_size`` > 0), the requests Triton queued together are checked one by one, scored in
 one call and answered with their own rows. This file only runs inside
@@ -21,8 +21,8 @@ from merlin.dag.runtime import Runtime
 from merlin.systems.dag import Ensemble
 from merlin.systems.triton.conversions import tensor_names, tensor_table_to_triton_response
 from merlin.table import TensorTable
-from pipeline_lib.export import DirectPredictor
-from pipeline_lib.request_checks import (BadRequest, check_request, concat_requests, error_response, fill_optional_lists,
+from pipeline_lib.export.ranking import DirectPredictor
+from pipeline_lib.validate.requests import (BadRequest, check_request, concat_requests, error_response, fill_optional_lists,
                                          max_request_rows, split_rows, version_dir)
 
 

@@ -1,7 +1,7 @@
 """The served session model: raw session so far in, top-k next item ids (raw) and scores out.
 
 The ensemble is ``raw session lists >> fitted feature workflow >> SavedModel >> TopKItems``, all
-in-process inside Triton's python backend, like the ranking ensemble (:mod:`pipeline_lib.export`,
+in-process inside Triton's python backend, like the ranking ensemble (:mod:`pipeline_lib.export.ranking`,
 whose ``InProcessWorkflow``/``InProcessTensorflow`` ops and ``model.py`` it reuses). ``TopKItems``
 ranks the model's scores over the item vocabulary, drops Categorify's special indices (padding,
 null, out-of-vocabulary) and decodes the indices to raw item ids with the vocabulary of the
@@ -11,17 +11,16 @@ Requests carry list columns (``item_id``, item features, ``timestamp``) as ``__v
 ``__offsets``; the response holds ``item_ids`` and ``scores``, each ``[sessions, k]``.
 
 Exclusion (``session.exclude_seen``, default on; the protocol of retrieval's ``exclude_seen``,
-:mod:`pipeline_lib.topk`): ``TopKItems`` also reads the request's raw ``item_id`` list (the whole
+:mod:`pipeline_lib.export.topk`): ``TopKItems`` also reads the request's raw ``item_id`` list (the whole
 session so far, not the truncated model input) and never returns those items; the optional
 request input ``exclude_item_ids`` (a list of raw item ids per session, the item id's type) adds
 more, with or without ``exclude_seen``. Unknown ids are ignored; a session left with fewer than
-k items gets excluded ones last, at score -inf (:func:`pipeline_lib.session_model.top_k`).
+k items gets excluded ones last, at score -inf (:func:`pipeline_lib.models.session.top_k`).
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +30,9 @@ from merlin.systems.dag.ops.tensorflow import PredictTensorflow  # noqa: F401  s
 from merlin.dag import BaseOperator, ColumnSelector
 from merlin.schema import ColumnSchema, Schema
 
-from pipeline_lib import export as ranking_export
-from pipeline_lib.session_model import N_SPECIAL, exclusions, offline_scores, top_k, vocabulary_lookup
-from pipeline_lib.topk import EXCLUDE_INPUT  # the same optional request input as retrieval's
+from pipeline_lib.export import ranking as ranking_export
+from pipeline_lib.models.session import N_SPECIAL, exclusions, offline_scores, top_k, vocabulary_lookup
+from pipeline_lib.export.topk import EXCLUDE_INPUT  # the same optional request input as retrieval's
 
 ITEM_IDS, SCORES = "item_ids", "scores"
 VOCAB_FILE = "item_vocabulary.parquet"
@@ -125,7 +124,7 @@ def build_session_ensemble(workflow, model_dir: Path, item_col: str, k: int, fas
     op's compiled transform is verified on them (plus edge rows) and enabled if identical."""
     from merlin.systems.dag import Ensemble
 
-    from pipeline_lib.sessions import item_vocabulary
+    from pipeline_lib.etl.sessions import item_vocabulary
 
     tf_op = ranking_export.InProcessTensorflow(model_dir)
     score_col = tf_op.output_schema.column_names[0]
@@ -151,7 +150,7 @@ def offline_topk(workflow, model_dir: Path, raw: pd.DataFrame, item_col: str, k:
                  exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The training-time path: workflow.transform + Merlin Loader + SavedModel, then the same ranking
     and the same exclusions (the session's raw item ids, the rows' ``exclude_item_ids``)."""
-    from pipeline_lib.sessions import item_vocabulary
+    from pipeline_lib.etl.sessions import item_vocabulary
 
     vocab = item_vocabulary(workflow, item_col)
     seen = raw[item_col].tolist() if exclude_seen else None
@@ -216,7 +215,7 @@ def export_session_ensemble(workflow_dir: Path, model_dir: Path, sample_raw: pd.
     diffs = [_check("in-process ensemble", ensemble_topk(ensemble, sample_raw), want, atol),
              _check("in-process ensemble (exclude_item_ids)", ensemble_topk(ensemble, more), want_more, atol)]
     ranking_export.export_as_version(ensemble, staging_dir, model_name, version)
-    ranking_export._install_serving_model(staging_dir / model_name, version, max_request_rows)
+    ranking_export.install_serving_model(staging_dir / model_name, version, max_request_rows)
     _optional_inputs(staging_dir / model_name / "config.pbtxt", EXCLUDE_INPUT)
     exported = ranking_export.load_version(staging_dir / model_name / str(version))
     diffs += [_check("exported ensemble", ensemble_topk(exported, sample_raw), want, atol),
@@ -241,100 +240,3 @@ def _optional_inputs(config_path: Path, column: str) -> None:
             inp.optional = True
     config_path.write_text(text_format.MessageToString(cfg))
 
-
-# --- served smoke test and promotion gate ----------------------------------------------------------
-
-
-@dataclass
-class SessionSmokeResult:
-    n_sessions: int
-    max_abs_diff_http: float
-    max_abs_diff_grpc: float
-    offline_ids: list
-    http_ids: list
-    grpc_ids: list
-
-    @property
-    def max_abs_diff(self) -> float:
-        return max(self.max_abs_diff_http, self.max_abs_diff_grpc)
-
-    def table(self, rows: pd.DataFrame) -> pd.DataFrame:
-        out = rows.reset_index(drop=True).copy()
-        out["served_http"], out["served_grpc"], out["offline"] = self.http_ids, self.grpc_ids, self.offline_ids
-        return out
-
-
-def session_smoke_test(repository: Path, model_name: str, rows: pd.DataFrame, offline: tuple[np.ndarray, np.ndarray],
-                       atol: float, out_dir: Path, startup_timeout_s: float = 180.0) -> SessionSmokeResult:
-    """Serve ``repository`` on free ports; served top-k ids must equal offline ids (scores within atol)
-    over HTTP and gRPC."""
-    from pipeline_lib.smoke import ServingMismatch, serve_and_ask
-
-    http, grpc = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, lambda c: c.recommend(rows))
-    served = {"http": http, "grpc": grpc}
-    want_ids, want_scores = offline
-    diffs, problems = {}, []
-    for proto, (ids, scores) in served.items():
-        if ids.shape != want_ids.shape or not np.array_equal(ids, want_ids):
-            problems.append(f"{proto}: served top-k item ids differ from offline")
-        diffs[proto] = score_diff(scores, want_scores)
-        if not diffs[proto] <= atol:
-            problems.append(f"{proto}: max |served score - offline| = {diffs[proto]:.3g} > {atol}")
-    res = SessionSmokeResult(len(rows), diffs["http"], diffs["grpc"], want_ids.tolist(),
-                             served["http"][0].tolist(), served["grpc"][0].tolist())
-    (out_dir / "smoke.json").write_text(json.dumps({**res.__dict__, "max_abs_diff": res.max_abs_diff,
-                                                    "ids_equal": not problems}, indent=2, default=str))
-    if problems:
-        raise ServingMismatch("; ".join(problems))
-    return res
-
-
-def metrics_from_topk(ids: np.ndarray, scores: np.ndarray, targets: np.ndarray, k: int) -> dict:
-    """Recall/NDCG/MRR@k of served top-k lists against raw target ids, with Merlin's metrics: the k
-    served items plus one 'everything else' column (where a missed target goes) form the score rows."""
-    from pipeline_lib.session_model import topk_metrics
-
-    n = len(ids)
-    hit = ids == np.asarray(targets).reshape(-1, 1)
-    rank = np.where(hit.any(axis=1), hit.argmax(axis=1), k)
-    s = np.concatenate([np.tile(np.arange(k, 0, -1, dtype=np.float32), (n, 1)), np.zeros((n, 1), np.float32)], axis=1)
-    return topk_metrics(s, rank, k, mask_special=False)
-
-
-def score_version(version_dir: Path, sessions: pd.DataFrame, cols, k: int, batch: int = 2048) -> dict:
-    """A published/staged version's metrics on raw held-out sessions (prefix in, last item as target)."""
-    from pipeline_lib.sessions import prefixes
-
-    ens = ranking_export.load_version(version_dir)
-    req, targets = prefixes(sessions, cols)
-    missing = [c for c in ens.input_schema.column_names if c not in req.columns and c != EXCLUDE_INPUT]
-    if missing:
-        raise KeyError(f"version {Path(version_dir).name} needs column(s) {missing}: not a session model for this data")
-    parts = [ensemble_topk(ens, req.iloc[i:i + batch]) for i in range(0, len(req), batch)]
-    ids = np.concatenate([p[0] for p in parts])
-    if ids.shape[1] < k:
-        raise ValueError(f"version {Path(version_dir).name} returns {ids.shape[1]} items, fewer than top_k={k}")
-    ids = ids[:, :k]
-    targets = np.asarray(targets).astype(ids.dtype) if ids.dtype != object else np.asarray(targets).astype(str)
-    return metrics_from_topk(ids, None, targets, k)
-
-
-def decide(candidate_dir: Path, served_dir: Path | None, served_version: int | None, sessions: pd.DataFrame, cols,
-           k: int, metric: str, tolerance: float):
-    """Promotion gate on held-out sessions, both versions through their own ensembles."""
-    from pipeline_lib.gate import GateDecision
-
-    key = f"{metric}@{k}"
-    cand = score_version(candidate_dir, sessions, cols, k)[key]
-    base = dict(metric=key, candidate=cand, served_version=served_version, tolerance=tolerance, n_rows=len(sessions))
-    if served_dir is None:
-        return GateDecision(promote=True, served=None, reason="nothing served yet: first version promotes", **base)
-    try:
-        served = score_version(served_dir, sessions, cols, k)[key]
-    except Exception as exc:  # e.g. the served version is a ranking model
-        return GateDecision(promote=True, served=None,
-                            reason=f"served version {served_version} cannot score these sessions ({exc}); promoting", **base)
-    ok = cand >= served - tolerance
-    word = "not worse than" if ok else "worse than"
-    return GateDecision(promote=ok, served=served, reason=f"candidate {key} {cand:.5f} is {word} served "
-                        f"v{served_version} {served:.5f} (tolerance {tolerance})", **base)

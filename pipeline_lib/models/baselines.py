@@ -42,7 +42,7 @@ A neural model goes through the same protocol with ``TopKProtocol.evaluate_score
 function over the catalogue) or ``TopKProtocol.evaluate_topk`` / ``topk_metrics`` (its own top-k
 item ids; ``drop_seen`` removes seen items from an over-fetched list).
 
-Session baselines (most popular, last-item transitions) live in ``pipeline_lib.session_model``.
+Session baselines (most popular, last-item transitions) live in ``pipeline_lib.models.session``.
 
 ``lift_sentence`` states a model's lift over the best baseline in plain words.
 """

@@ -1,8 +1,8 @@
 """Triton python-backend model for a retrieval (top-k) version; copied into each version as ``model.py``.
 
-Raw query columns in (checked by :mod:`pipeline_lib.request_checks`; a bad request is answered as
+Raw query columns in (checked by :mod:`pipeline_lib.validate.requests`; a bad request is answered as
 invalid-argument, HTTP 400), ``item_ids`` and ``scores`` [rows, k] out, computed by
-:class:`pipeline_lib.topk.TopKRecommender` (fitted workflow -- compiled transform when verified at
+:class:`pipeline_lib.export.topk.TopKRecommender` (fitted workflow -- compiled transform when verified at
 export --, query encoder, catalogue embeddings, optional ranker). Only runs inside Triton's python
 backend stub.
 """
@@ -12,8 +12,8 @@ import traceback
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pipeline_lib.request_checks import BadRequest, check_request, error_response, max_request_rows, version_dir
-from pipeline_lib.topk import OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, TopKRecommender
+from pipeline_lib.validate.requests import BadRequest, check_request, error_response, max_request_rows, version_dir
+from pipeline_lib.export.topk import OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, TopKRecommender
 
 
 class TritonPythonModel:

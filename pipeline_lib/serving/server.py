@@ -199,7 +199,7 @@ class TritonServer:
         """Load/unload (model-repository API) only with the admin key; inference stays open."""
         if not self.admin_api_key:
             return []
-        from pipeline_lib.repository import ADMIN_HEADER
+        from pipeline_lib.serving.repository import ADMIN_HEADER
 
         rule = f"model-repository:{ADMIN_HEADER}={self.admin_api_key}"
         return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
@@ -329,7 +329,7 @@ def server_from_config(serving_cfg, repository: Path, model_name: str, log_file:
 
 def live_server(serving_cfg):
     """The running Triton to switch after a promotion, or None (nothing running / not explicit mode)."""
-    from pipeline_lib.repository import LiveServer
+    from pipeline_lib.serving.repository import LiveServer
     import tritonclient.http as httpclient
 
     if serving_cfg.model_control != "explicit":

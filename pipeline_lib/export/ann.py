@@ -8,7 +8,7 @@ one search-time knob; training and building take seconds for 1M items and the bu
 deterministic (HNSW's graph depends on insertion threads); memory is the raw embeddings plus the
 list ids (HNSW adds ~2*M ints per item).
 
-:func:`search` keeps :func:`pipeline_lib.retrieval.top_k`'s contract: catalogue rows and scores
+:func:`search` keeps :func:`pipeline_lib.models.retrieval.top_k`'s contract: catalogue rows and scores
 [n, k] best first, ties to the lower row, per-row ``exclude`` rows never returned. It asks the
 index for k + (most rows excluded in any request row) candidates, re-scores them with the
 embeddings (the scores are the same dot products as exact search), drops excluded ones and keeps
@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from pipeline_lib import retrieval
+from pipeline_lib.models import retrieval
 from pipeline_lib.config import AnnConfig
 
 log = logging.getLogger(__name__)

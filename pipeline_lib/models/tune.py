@@ -10,8 +10,8 @@ bound the study.
 - Ranking trials train in memory (no SavedModel written) and report Keras' per-epoch validation
   AUC (or loss, for logloss) to a ``MedianPruner``, which stops trials that fall below the median
   of earlier trials at the same epoch. Their value is the exact AUC/logloss of the last epoch, as
-  :func:`pipeline_lib.train.train` computes it.
-- Retrieval trials run :func:`pipeline_lib.retrieval.train` (full-catalogue top-k after every
+  :func:`pipeline_lib.models.ranking.train` computes it.
+- Retrieval trials run :func:`pipeline_lib.models.retrieval.train` (full-catalogue top-k after every
   epoch; value = the best epoch's metric, the epoch that training keeps). Its epoch loop has no
   hook, so their per-epoch values are recorded after the trial and they are not pruned.
 
@@ -31,9 +31,11 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from pipeline_lib import report, retrieval, train
+from pipeline_lib import report
+from pipeline_lib.models import retrieval
+from pipeline_lib.models import ranking as train
 from pipeline_lib.config import SEARCH_SPACE, TUNABLE, ModelConfig, RunConfig
-from pipeline_lib.etl import EtlOutput
+from pipeline_lib.etl.workflow import EtlOutput
 
 log = logging.getLogger(__name__)
 

@@ -21,27 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.config import ColumnsConfig, DriftConfig, FeatureKind, ValidationConfig
-
-
-@dataclass
-class Problem:
-    file: str
-    column: str
-    issue: str
-    count: int = 0
-    example: object = None
-
-    def __str__(self) -> str:
-        ex = "" if self.example is None else f" (e.g. {self.example!r})"
-        cnt = f" [{self.count} rows]" if self.count else ""
-        return f"{self.file}: column '{self.column}': {self.issue}{cnt}{ex}"
-
-
-class DataValidationError(ValueError):
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        lines = "\n  - ".join(str(p) for p in problems)
-        super().__init__(f"raw data failed validation ({len(problems)} problem(s)):\n  - {lines}")
+from pipeline_lib.errors import DataValidationError, Problem  # noqa: F401  (re-exported: raised by validate_raw)
 
 
 @dataclass

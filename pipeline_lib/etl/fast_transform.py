@@ -129,7 +129,7 @@ def _op_step(op, selection: list[str]) -> Callable[[dict], dict]:
     from merlin.dag.ops.subset_columns import SubsetColumns
     from merlin.dag.ops.udf import UDF
 
-    from pipeline_lib import etl
+    from pipeline_lib.etl import workflow as etl
 
     kind = type(op)
     if kind is SelectionOp:
@@ -206,7 +206,7 @@ def _op_step(op, selection: list[str]) -> Callable[[dict], dict]:
 
         return normalize
     if kind is UDF:
-        from pipeline_lib import sessions
+        from pipeline_lib.etl import sessions
 
         if op.f is etl.to_float32 and op._param_count == 1:
             return lambda cols: {c: _floats(cols[c], "to_float32").astype("float32") for c in selection}

@@ -1,7 +1,7 @@
 """Query the served session model: raw sessions so far in, top-k next item ids and scores out."""
 from __future__ import annotations
 
-from pipeline_lib.client import RecsysClient
+from pipeline_lib.serving.client import RecsysClient
 
 
 class SessionClient(RecsysClient):

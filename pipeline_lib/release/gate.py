@@ -2,7 +2,7 @@
 than the served version.
 
 Baselines (``gate.require_beat_baseline``, on by default): the candidate's gate metric, on the
-same split and protocol as the baselines of its family (``pipeline_lib.evaluation``), must beat
+same split and protocol as the baselines of its family (``pipeline_lib.models.evaluation``), must beat
 the best baseline by ``gate.min_lift_over_baseline`` (relative: 0.02 = 2% above; for log loss,
 2% below); otherwise it is refused, first run of a model family included ("dlrm auc 0.70000 does
 not beat logistic_regression 0.71000").
@@ -21,9 +21,9 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import pandas as pd
 
-from pipeline_lib import export
-from pipeline_lib.baselines import best_baseline, finite
-from pipeline_lib.train import ranking_metrics
+from pipeline_lib.export import ranking as export
+from pipeline_lib.models.baselines import best_baseline, finite
+from pipeline_lib.models.ranking import ranking_metrics
 
 HIGHER_IS_BETTER = {"auc": True, "logloss": False, "recall": True, "ndcg": True, "mrr": True, "precision": True}
 
@@ -58,8 +58,8 @@ def score_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: int =
 def score_topk_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: int = 4096) -> dict:
     """Recall/Precision/NDCG/MRR@k of what a top-k version *returns* for the held-out positives
     (its own k; the two-stage output when it has a ranker), over its item catalogue."""
-    from pipeline_lib.retrieval import retrieval_metrics
-    from pipeline_lib.topk import TOPK_DIR, TopKRecommender
+    from pipeline_lib.models.retrieval import retrieval_metrics
+    from pipeline_lib.export.topk import TOPK_DIR, TopKRecommender
 
     art = Path(version_dir) / TOPK_DIR
     if not art.is_dir():

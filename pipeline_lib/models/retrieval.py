@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.config import ColumnsConfig, FeatureSide, ModelConfig
-from pipeline_lib.etl import history_column
+from pipeline_lib.etl.workflow import history_column
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def _optimizer(cfg: ModelConfig):
 
 def first_positive_rows(valid: pd.DataFrame, label: str, user_col: str, users: np.ndarray) -> pd.DataFrame:
     """The query of each user of the per-user protocol: the user's first positive validation row."""
-    from pipeline_lib.baselines import positives
+    from pipeline_lib.models.baselines import positives
 
     first = positives(valid, label).drop_duplicates(user_col, keep="first").set_index(user_col)
     return first.loc[users].reset_index()
@@ -235,7 +235,7 @@ class EpochEval:
     @classmethod
     def build(cls, workflow, spec: RetrievalSpec, train_raw: pd.DataFrame, valid_raw: pd.DataFrame,
               columns: ColumnsConfig, filler: dict, k: int) -> "EpochEval":
-        from pipeline_lib.baselines import TopKProtocol
+        from pipeline_lib.models.baselines import TopKProtocol
 
         p = TopKProtocol.build(train_raw, valid_raw, columns.user_id, columns.item_id, columns.label)
         cat = catalogue(train_raw, spec).set_index(spec.item_id).loc[p.item_ids].reset_index()
@@ -299,7 +299,7 @@ def train(workflow_dir: Path, train_dir: Path, raw_train: Path, raw_valid: Path,
                    f"user_ndcg@{k}": history["val_ndcg"][best_epoch]}
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
-    from pipeline_lib.train import plot_learning_curve
+    from pipeline_lib.models.ranking import plot_learning_curve
 
     plot_learning_curve(history, out_dir / "learning_curve.png", keys=("loss", "recall", "ndcg"),
                         title=f"{cfg.type}: validation recall@{k} {metrics['recall']:.4f}")
@@ -455,7 +455,7 @@ def top_k(query: np.ndarray, items: np.ndarray, k: int,
     """Exact top-k by dot product: (catalogue row indices [n, k], scores [n, k]), best first;
     ties go to the lower row. ``exclude``: per query, catalogue rows never returned (their score
     is -inf; a query left with fewer than k other items gets them last, at -inf)."""
-    from pipeline_lib.baselines import mask_rows
+    from pipeline_lib.models.baselines import mask_rows
 
     scores = mask_rows(np.asarray(query, dtype=np.float32) @ np.asarray(items, dtype=np.float32).T, exclude, -np.inf)
     k = min(k, scores.shape[1])

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline_lib.client import RecsysClient
-from pipeline_lib.serving import TritonServer
+from pipeline_lib.serving.client import RecsysClient
+from pipeline_lib.serving.server import TritonServer
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def smoke_test_topk(
 ) -> TopKSmokeResult:
     """Serve a top-k ``repository`` on free ports; the served top-k over HTTP and gRPC must equal
     the offline top-k for the same raw rows (same ids in the same order, scores within atol)."""
-    from pipeline_lib.topk import TopKParityError, compare
+    from pipeline_lib.export.topk import TopKParityError, compare
 
     http, grpc = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, lambda c: c.recommend(rows))
     try:

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -46,7 +43,7 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
     except Exception as exc:
         _fail(str(exc))
     from flows.pipeline import pipeline
-    from pipeline_lib.validate import DataValidationError
+    from pipeline_lib.errors import DataValidationError
 
     try:
         summary = pipeline(config_path=str(config) if config else None, overrides=overrides or None)
@@ -68,7 +65,7 @@ def serve(
     repository: Optional[Path] = typer.Option(None, help="model repository (default: export.model_repository)"),
 ) -> None:
     """Start Triton over the model repository and keep it running until Ctrl-C."""
-    from pipeline_lib.serving import ServerError, server_from_config
+    from pipeline_lib.serving.server import ServerError, server_from_config
 
     cfg = _cfg(config, set_)
     repo = repository or cfg.export.model_repository
@@ -94,7 +91,7 @@ def serve(
 
 
 def _live(cfg):
-    from pipeline_lib.serving import live_server
+    from pipeline_lib.serving.server import live_server
 
     return live_server(cfg.serving) if cfg.serving.notify_live_server else None
 
@@ -102,7 +99,7 @@ def _live(cfg):
 @app.command()
 def versions(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """List published versions with their lineage; '*' marks the served one."""
-    from pipeline_lib.repository import describe
+    from pipeline_lib.serving.repository import describe
 
     cfg = _cfg(config, set_)
     rows = describe(cfg.export.model_repository, cfg.export.model_name)
@@ -120,7 +117,7 @@ def versions(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
 def promote(version: int = typer.Argument(..., help="version number to serve"),
             config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Serve VERSION; a running `recsys serve` switches to it without restart."""
-    from pipeline_lib.repository import RepositoryError, promote as _promote
+    from pipeline_lib.serving.repository import RepositoryError, promote as _promote
 
     cfg = _cfg(config, set_)
     try:
@@ -133,7 +130,7 @@ def promote(version: int = typer.Argument(..., help="version number to serve"),
 @app.command()
 def rollback(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Serve the previous (next older) version; a running `recsys serve` switches without restart."""
-    from pipeline_lib.repository import RepositoryError, rollback as _rollback
+    from pipeline_lib.serving.repository import RepositoryError, rollback as _rollback
 
     cfg = _cfg(config, set_)
     try:
@@ -147,7 +144,7 @@ def rollback(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
 def prune(keep: Optional[int] = typer.Option(None, help="versions to keep (default export.keep_versions)"),
           config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Delete old versions beyond the retention setting (never the served one)."""
-    from pipeline_lib.repository import prune as _prune
+    from pipeline_lib.serving.repository import prune as _prune
 
     cfg = _cfg(config, set_)
     removed = _prune(cfg.export.model_repository, cfg.export.model_name, keep or cfg.export.keep_versions)
@@ -166,7 +163,7 @@ def predict(
     """Send raw feature rows to the running Triton server and print the scores."""
     import pandas as pd
 
-    from pipeline_lib.client import RecsysClient, RequestError
+    from pipeline_lib.serving.client import RecsysClient, RequestError
 
     cfg = _cfg(config, set_)
     if cfg.task == "session":
@@ -201,9 +198,9 @@ def _predict_sessions(cfg, rows: Optional[Path], n: int, protocol: str, url: Opt
     """task: session -- raw sessions so far (list columns) in, top-k next item ids and scores out."""
     import pandas as pd
 
-    from pipeline_lib.client import RequestError
-    from pipeline_lib.session_client import SessionClient
-    from pipeline_lib.sessions import prefixes
+    from pipeline_lib.serving.client import RequestError
+    from pipeline_lib.serving.session_client import SessionClient
+    from pipeline_lib.etl.sessions import prefixes
 
     if rows is not None:
         df = pd.DataFrame(json.loads(rows.read_text()))
@@ -235,7 +232,7 @@ def generate_data(
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Write the synthetic interaction log (interactions.parquet) for the config's seed and size."""
-    from pipeline_lib.data import write_raw
+    from pipeline_lib.data.sources import write_raw
 
     cfg = _cfg(config, set_)
     path = write_raw(cfg.data.model_copy(update={"source": "synthetic"}), cfg.seed, out)

@@ -9,7 +9,7 @@ from tritonclient.utils import InferenceServerException
 
 Protocol = Literal["http", "grpc"]
 # optional inputs of a served model: sent only when the rows carry them (top-k: item ids never to
-# return for that row, pipeline_lib.topk.EXCLUDE_INPUT)
+# return for that row, pipeline_lib.export.topk.EXCLUDE_INPUT)
 OPTIONAL_FIELDS = ("exclude_item_ids",)
 
 _NP = {

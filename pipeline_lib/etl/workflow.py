@@ -236,7 +236,7 @@ def _connect(dask_cfg) -> "distributed.Client":  # noqa: F821
 
 
 @contextlib.contextmanager
-def _dask_context(device: str, dask_cfg=None) -> Iterator[None]:
+def dask_context(device: str, dask_cfg=None) -> Iterator[None]:
     """Where NVTabular's fit and transform run (``etl.dask``, see docs/scale.md):
 
     - ``scheduler_address``: a client of that existing cluster (nothing started; only the client
@@ -304,11 +304,10 @@ def fit_transform(
 ) -> EtlOutput:
     """Fit the workflow on train, transform train and valid, save workflow + schema.
 
-    With ``etl.dask`` the fit and transform run on that dask cluster (see :func:`_dask_context`);
+    With ``etl.dask`` the fit and transform run on that dask cluster (see :func:`dask_context`);
     the outputs are the same as in-process. Paths are made absolute first, since workers of an
     existing cluster do not share this process's working directory.
     """
-    import nvtabular as nvt
     from merlin.io import Dataset
 
     device = resolve_device(etl.device)
@@ -317,7 +316,7 @@ def fit_transform(
     train_path, valid_path = Path(split.train).absolute(), Path(split.valid).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     workflow = build_workflow(columns, out_dir / "fit", history=history)
-    with _dask_context(device, etl.dask), (fast_list_flatten() if cpu else contextlib.nullcontext()):
+    with dask_context(device, etl.dask), (fast_list_flatten() if cpu else contextlib.nullcontext()):
         train_ds = Dataset(str(train_path), engine="parquet", part_size=etl.part_size, cpu=cpu)
         valid_ds = Dataset(str(valid_path), engine="parquet", part_size=etl.part_size, cpu=cpu)
         t0 = time.perf_counter()

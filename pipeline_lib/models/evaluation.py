@@ -8,10 +8,10 @@ curve with the baselines as horizontal reference lines, and returns a :class:`Ba
 
 - ranking (dlrm, dcn, deepfm, wide_deep): ``logistic_regression`` (one-hot user id, item id and
   categorical features) and ``item_click_rate``, fitted on the raw training split and scored on the
-  raw validation split (:func:`pipeline_lib.baselines.ranking_baselines`); compared on AUC (and
+  raw validation split (:func:`pipeline_lib.models.baselines.ranking_baselines`); compared on AUC (and
   log loss) with the model's validation metrics, which are computed on the same rows.
 - retrieval (two_tower, youtube_dnn, mf): ``most_popular``, ``item_cooccurrence`` and ``ease``
-  under the standard top-k protocol (:class:`pipeline_lib.baselines.TopKProtocol`: full
+  under the standard top-k protocol (:class:`pipeline_lib.models.baselines.TopKProtocol`: full
   catalogue, the user's training positives excluded, Recall@k / NDCG@k per user, averaged over
   users), and the retrieval model under the *same* protocol: one query per evaluated user (the
   query columns of the user's first positive validation row), scored against every catalogue
@@ -19,12 +19,12 @@ curve with the baselines as horizontal reference lines, and returns a :class:`Ba
   items excluded") beside the existing per-query metrics, which are kept as they are. In a
   two-stage run this is the retrieval stage, before re-ranking.
 - session (``task: session``): ``most_popular`` and ``cooccurrence`` are already scored on the
-  held-out sessions by :mod:`pipeline_lib.session_model`, with the model's exclusion of the
+  held-out sessions by :mod:`pipeline_lib.models.session`, with the model's exclusion of the
   session's own items (``session.exclude_seen``); they are reported in the same shape.
 
 ``BaselineReport.metric`` is the key compared (``auc``, ``recall@10``), ``model`` the model's
 values under the baselines' protocol, ``baselines`` ``{name: {metric: value}}`` and ``lift`` one
-sentence (:func:`pipeline_lib.baselines.lift_sentence`).
+sentence (:func:`pipeline_lib.models.baselines.lift_sentence`).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from pipeline_lib import baselines as bl
+from pipeline_lib.models import baselines as bl
 from pipeline_lib.config import FeatureKind, RunConfig
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def retrieval_model_scorer(cfg: RunConfig, model_dir: Path, workflow_dir: Path, 
     user (the query columns of the user's first positive validation row) . every catalogue item."""
     import nvtabular as nvt
 
-    from pipeline_lib import retrieval
+    from pipeline_lib.models import retrieval
 
     c = cfg.columns
     spec = retrieval.RetrievalSpec.from_config(c, cfg.model.type)
@@ -262,7 +262,7 @@ def reference_lines(report: BaselineReport, keys: tuple[str, ...]) -> dict[str, 
 
 
 def _replot(cfg: RunConfig, model, report: BaselineReport, path: Path) -> None:
-    from pipeline_lib.train import plot_learning_curve
+    from pipeline_lib.models.ranking import plot_learning_curve
 
     history = getattr(model, "history", None) or {}
     m = model.metrics

@@ -1,0 +1,112 @@
+"""Release of a session version: the served smoke test (served == offline) and the promotion gate.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from merlin.systems.dag.ops.tensorflow import PredictTensorflow  # noqa: F401  sets protobuf impl; import first
+
+from pipeline_lib.export import ranking as ranking_export
+from pipeline_lib.export.session import ensemble_topk, score_diff
+from pipeline_lib.export.topk import EXCLUDE_INPUT  # the same optional request input as retrieval's
+
+
+
+@dataclass
+class SessionSmokeResult:
+    n_sessions: int
+    max_abs_diff_http: float
+    max_abs_diff_grpc: float
+    offline_ids: list
+    http_ids: list
+    grpc_ids: list
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(self.max_abs_diff_http, self.max_abs_diff_grpc)
+
+    def table(self, rows: pd.DataFrame) -> pd.DataFrame:
+        out = rows.reset_index(drop=True).copy()
+        out["served_http"], out["served_grpc"], out["offline"] = self.http_ids, self.grpc_ids, self.offline_ids
+        return out
+
+
+def session_smoke_test(repository: Path, model_name: str, rows: pd.DataFrame, offline: tuple[np.ndarray, np.ndarray],
+                       atol: float, out_dir: Path, startup_timeout_s: float = 180.0) -> SessionSmokeResult:
+    """Serve ``repository`` on free ports; served top-k ids must equal offline ids (scores within atol)
+    over HTTP and gRPC."""
+    from pipeline_lib.release.smoke import ServingMismatch, serve_and_ask
+
+    http, grpc = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, lambda c: c.recommend(rows))
+    served = {"http": http, "grpc": grpc}
+    want_ids, want_scores = offline
+    diffs, problems = {}, []
+    for proto, (ids, scores) in served.items():
+        if ids.shape != want_ids.shape or not np.array_equal(ids, want_ids):
+            problems.append(f"{proto}: served top-k item ids differ from offline")
+        diffs[proto] = score_diff(scores, want_scores)
+        if not diffs[proto] <= atol:
+            problems.append(f"{proto}: max |served score - offline| = {diffs[proto]:.3g} > {atol}")
+    res = SessionSmokeResult(len(rows), diffs["http"], diffs["grpc"], want_ids.tolist(),
+                             served["http"][0].tolist(), served["grpc"][0].tolist())
+    (out_dir / "smoke.json").write_text(json.dumps({**res.__dict__, "max_abs_diff": res.max_abs_diff,
+                                                    "ids_equal": not problems}, indent=2, default=str))
+    if problems:
+        raise ServingMismatch("; ".join(problems))
+    return res
+
+
+def metrics_from_topk(ids: np.ndarray, scores: np.ndarray, targets: np.ndarray, k: int) -> dict:
+    """Recall/NDCG/MRR@k of served top-k lists against raw target ids, with Merlin's metrics: the k
+    served items plus one 'everything else' column (where a missed target goes) form the score rows."""
+    from pipeline_lib.models.session import topk_metrics
+
+    n = len(ids)
+    hit = ids == np.asarray(targets).reshape(-1, 1)
+    rank = np.where(hit.any(axis=1), hit.argmax(axis=1), k)
+    s = np.concatenate([np.tile(np.arange(k, 0, -1, dtype=np.float32), (n, 1)), np.zeros((n, 1), np.float32)], axis=1)
+    return topk_metrics(s, rank, k, mask_special=False)
+
+
+def score_version(version_dir: Path, sessions: pd.DataFrame, cols, k: int, batch: int = 2048) -> dict:
+    """A published/staged version's metrics on raw held-out sessions (prefix in, last item as target)."""
+    from pipeline_lib.etl.sessions import prefixes
+
+    ens = ranking_export.load_version(version_dir)
+    req, targets = prefixes(sessions, cols)
+    missing = [c for c in ens.input_schema.column_names if c not in req.columns and c != EXCLUDE_INPUT]
+    if missing:
+        raise KeyError(f"version {Path(version_dir).name} needs column(s) {missing}: not a session model for this data")
+    parts = [ensemble_topk(ens, req.iloc[i:i + batch]) for i in range(0, len(req), batch)]
+    ids = np.concatenate([p[0] for p in parts])
+    if ids.shape[1] < k:
+        raise ValueError(f"version {Path(version_dir).name} returns {ids.shape[1]} items, fewer than top_k={k}")
+    ids = ids[:, :k]
+    targets = np.asarray(targets).astype(ids.dtype) if ids.dtype != object else np.asarray(targets).astype(str)
+    return metrics_from_topk(ids, None, targets, k)
+
+
+def decide(candidate_dir: Path, served_dir: Path | None, served_version: int | None, sessions: pd.DataFrame, cols,
+           k: int, metric: str, tolerance: float):
+    """Promotion gate on held-out sessions, both versions through their own ensembles."""
+    from pipeline_lib.release.gate import GateDecision
+
+    key = f"{metric}@{k}"
+    cand = score_version(candidate_dir, sessions, cols, k)[key]
+    base = dict(metric=key, candidate=cand, served_version=served_version, tolerance=tolerance, n_rows=len(sessions))
+    if served_dir is None:
+        return GateDecision(promote=True, served=None, reason="nothing served yet: first version promotes", **base)
+    try:
+        served = score_version(served_dir, sessions, cols, k)[key]
+    except Exception as exc:  # e.g. the served version is a ranking model
+        return GateDecision(promote=True, served=None,
+                            reason=f"served version {served_version} cannot score these sessions ({exc}); promoting", **base)
+    ok = cand >= served - tolerance
+    word = "not worse than" if ok else "worse than"
+    return GateDecision(promote=ok, served=served, reason=f"candidate {key} {cand:.5f} is {word} served "
+                        f"v{served_version} {served:.5f} (tolerance {tolerance})", **base)
