@@ -94,9 +94,9 @@ def _budget(batch: int, quick: bool) -> tuple[int, float]:
 
 
 def load_clients(url: str, protocol: str, rows: pd.DataFrame, batch: int, clients: int,
-                 n_requests: int, max_seconds: float, warmup: int = 3) -> dict:
+                 n_requests: int, max_seconds: float, warmup: int = 3, model: str = MODEL) -> dict:
     """``clients`` threads, each sending up to ``n_requests`` requests of ``batch`` rows (stopping
-    at ``max_seconds``); per-request latency percentiles and served rows/s."""
+    at ``max_seconds``) to ``model``; per-request latency percentiles and served rows/s."""
     from pipeline_lib.serving.client import RecsysClient
 
     barrier = threading.Barrier(clients + 1)
@@ -105,7 +105,7 @@ def load_clients(url: str, protocol: str, rows: pd.DataFrame, batch: int, client
 
     def worker(k: int) -> None:
         try:
-            with RecsysClient(url, protocol, MODEL) as c:
+            with RecsysClient(url, protocol, model) as c:
                 start = (k * batch) % max(1, len(rows) - batch + 1)
                 arrays = c.to_arrays(rows.iloc[start:start + batch])
                 for _ in range(warmup):
