@@ -125,18 +125,11 @@ def main(argv=None) -> dict:
         print(f"[bench] {name} done in {results['section_seconds'][name]} s", flush=True)
         _write(results, out_dir)  # partial results survive an interrupted run
 
-    from benchmarks import e2e_bench, etl_bench, etl_peers, serving_bench, serving_peers, topk_bench, train_bench
+    from benchmarks import e2e_bench, etl_bench, serving_bench, topk_bench, train_bench
 
     section("etl", lambda: [etl_bench.bench(n, work / "etl", data_dir) for n in etl_rows])
 
-    def _etl_peers():
-        done = {e["rows"]: e for e in results.get("etl") or []}
-        out = [etl_peers.bench(n, work / "etl", data_dir, done.get(n)) for n in peers_rows]
-        for line in (x for e in out for x in etl_peers.ratio_lines(e)):
-            print(f"[peers] {line}", flush=True)
-        return out
-
-    section("etl_peers", _etl_peers)
+    section("etl_peers", lambda: etl_peers_section(results.get("etl"), peers_rows, work, data_dir))
 
     def _train():
         # the NVTabular output of the ETL section when it has this size, else transform it here
@@ -159,15 +152,7 @@ def main(argv=None) -> dict:
 
     section("serving", _serving)
 
-    def _serving_peers():
-        out = serving_peers.bench_subprocess(work / "serving_peers", data_dir, quick=a.quick, model_rows=serve_rows,
-                                             serving_work=work / "serving", requests_cap=a.serve_requests,
-                                             seconds_cap=a.serve_seconds)
-        for line in serving_peers.ratio_lines(out):
-            print(f"[peers] {line}", flush=True)
-        return out
-
-    section("serving_peers", _serving_peers)
+    section("serving_peers", lambda: serving_peers_section(a, serve_rows, work, data_dir))
     section("topk", lambda: topk_bench.bench(work / "topk", quick=a.quick, ann_items=topk_bench.ANN_ITEMS))
     section("e2e", lambda: e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json)))
 
@@ -182,6 +167,29 @@ def main(argv=None) -> dict:
     print((out_dir / "latest.md").read_text())
     print(f"[bench] wrote {out_dir / 'latest.json'} and {out_dir / 'latest.md'} in {results['total_seconds']} s")
     return results
+
+
+def etl_peers_section(etl_results: list | None, peers_rows: list[int], work: Path, data_dir: Path) -> list:
+    """ETL peers at each size (reusing the ETL section's pipeline and pandas runs of that size); prints the ratios."""
+    from benchmarks import etl_peers
+
+    done = {e["rows"]: e for e in etl_results or []}
+    out = [etl_peers.bench(n, work / "etl", data_dir, done.get(n)) for n in peers_rows]
+    for line in (x for e in out for x in etl_peers.ratio_lines(e)):
+        print(f"[peers] {line}", flush=True)
+    return out
+
+
+def serving_peers_section(a: argparse.Namespace, serve_rows: int, work: Path, data_dir: Path) -> dict:
+    """Serving peers on one Triton (the serving section's model when it ran); prints the ratios."""
+    from benchmarks import serving_peers
+
+    out = serving_peers.bench_subprocess(work / "serving_peers", data_dir, quick=a.quick, model_rows=serve_rows,
+                                         serving_work=work / "serving", requests_cap=a.serve_requests,
+                                         seconds_cap=a.serve_seconds)
+    for line in serving_peers.ratio_lines(out):
+        print(f"[peers] {line}", flush=True)
+    return out
 
 
 def _write(results: dict, out_dir: Path) -> None:

@@ -155,7 +155,7 @@ def bench(work: Path, data_dir: Path, quick: bool = False, model_rows: int = 20_
     server = TritonServer.on_free_ports(repo, log_file=work / "triton_peers.log", model_control="explicit",
                                         load_models=models)
     t0 = time.perf_counter()
-    server.start(timeout_s=300, models=models)
+    server.start(timeout_s=600, models=models)  # four python-backend models import TF or NVTabular at once
     out: dict = {"models": models, "server_start_seconds": round(time.perf_counter() - t0, 2), "served": {}}
     try:
         out["max_abs_diff_served_vs_inprocess"] = _parity(inproc, server.grpc_url, sm.rows.iloc[:64])
@@ -215,12 +215,9 @@ def bench_subprocess(work: Path, data_dir: Path, quick: bool = False, model_rows
                      seconds_cap: float | None = None) -> dict:
     """bench() in a fresh interpreter (the in-process reference then holds only the ensemble)."""
     work.mkdir(parents=True, exist_ok=True)
-    args = ["bench", "--work", str(work), "--data-dir", str(data_dir), "--model-rows", str(model_rows),
-            "--result", str(work / "peers.json")]
-    args += ["--quick"] if quick else []
-    args += ["--serving-work", str(serving_work)] if serving_work else []
-    args += ["--requests-cap", str(requests_cap)] if requests_cap else []
-    args += ["--seconds-cap", str(seconds_cap)] if seconds_cap else []
+    options = {"--work": work, "--data-dir": data_dir, "--model-rows": model_rows, "--serving-work": serving_work,
+               "--requests-cap": requests_cap, "--seconds-cap": seconds_cap, "--result": work / "peers.json"}
+    args = ["bench", *(["--quick"] if quick else [])] + [x for k, v in options.items() if v for x in (k, str(v))]
     return _run(args, work / "peers.log", work / "peers.json")
 
 
