@@ -4,7 +4,7 @@
     uv run --frozen --no-sync python -m benchmarks.run --quick
     uv run --frozen --no-sync python -m benchmarks.run --etl-rows 1000000,5000000 --skip e2e   # other sizes
     uv run --frozen --no-sync python -m benchmarks.run --with topk   # + top-k serving (retrieval, two-stage)
-    uv run --frozen --no-sync python -m benchmarks.run --skip etl,train,serving,e2e --with topk  # top-k only
+    uv run --frozen --no-sync python -m benchmarks.run --skip etl,etl_peers,train,serving,serving_peers,e2e --with topk  # top-k only
     uv run --frozen --no-sync python -m benchmarks.run --skip train,e2e --peers-etl-rows 1e6,1e7   # peers, bigger
 
 Writes ``benchmarks/results/latest.json`` and ``benchmarks/results/latest.md`` (git-ignored;
