@@ -74,7 +74,13 @@ def prepare_data(rows: int, data_dir: Path, seed: int = 42) -> dict:
 def _vocab(values: pd.Series, freq_threshold: int = 0) -> pd.Index:
     """Distinct non-null values in NVTabular's order (frequency descending, same tie-breaking)."""
     counts = values.value_counts(dropna=True, sort=False)
-    df = pd.DataFrame({"v": counts.index, "size": counts.to_numpy()})
+    return vocab_order(counts.index, counts.to_numpy(), freq_threshold)
+
+
+def vocab_order(values, sizes: np.ndarray, freq_threshold: int = 0) -> pd.Index:
+    """Distinct values and their training counts -> NVTabular's vocabulary order: values sorted
+    ascending, then a quicksort on the count, descending (NVTabular's tie-breaking); rare values dropped."""
+    df = pd.DataFrame({"v": values, "size": sizes})
     df = df.sort_values("v", na_position="first", ignore_index=True)
     df = df.sort_values("size", ascending=False, ignore_index=True)
     if freq_threshold:
@@ -195,6 +201,18 @@ def nvt_fit_transform(columns, train: str, valid: str, out_dir: Path) -> dict:
 
 # --- child process --------------------------------------------------------------------------------
 
+# nvt: the pipeline's ETL (NVTabular + the project's fast paths); nvt_stock: the same workflow with the
+# fast paths off; pandas: the reference above; polars: benchmarks/etl_peers.py
+IMPLS = ("nvt", "pandas", "nvt_stock", "polars")
+
+
+def _implementation(impl: str):
+    if impl == "polars":
+        from benchmarks.etl_peers import polars_fit_transform
+
+        return polars_fit_transform
+    return pandas_fit_transform if impl == "pandas" else nvt_fit_transform
+
 
 def _rss_mb() -> float:
     import psutil
@@ -217,7 +235,7 @@ def _peak_rss_mb() -> float:
 
 def child_main(argv=None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--impl", choices=["nvt", "pandas"], required=True)
+    p.add_argument("--impl", choices=IMPLS, required=True)
     p.add_argument("--train", required=True)
     p.add_argument("--valid", required=True)
     p.add_argument("--out", required=True)
@@ -226,14 +244,18 @@ def child_main(argv=None) -> None:
     t0 = time.perf_counter()
     from pipeline_lib.config import ColumnsConfig
 
-    if a.impl == "nvt":
+    if a.impl.startswith("nvt"):
         import nvtabular  # noqa: F401  (imports are not part of the measured ETL time)
         from merlin.io import Dataset  # noqa: F401
+    if a.impl == "nvt_stock":  # stock NVTabular: the project's fast paths off (benchmarks/etl_peers.py)
+        os.environ["RECSYS_NVT_FAST_FLATTEN"] = "0"
+    if a.impl == "polars":
+        import polars  # noqa: F401
     import pyarrow.parquet  # noqa: F401
 
     import_s = time.perf_counter() - t0
     rss_after_imports = _rss_mb()
-    fn = nvt_fit_transform if a.impl == "nvt" else pandas_fit_transform
+    fn = _implementation(a.impl)
     t1 = time.perf_counter()
     out = fn(ColumnsConfig(), a.train, a.valid, Path(a.out))
     seconds = time.perf_counter() - t1
@@ -307,18 +329,22 @@ def compare_outputs(nvt_dir: str, pandas_dir: str) -> dict:
     return report
 
 
+def side_summary(r: dict, n_rows: int) -> dict:
+    """A child's result (run_child) -> the figures the report keeps; rows/s over ``n_rows``."""
+    return {
+        "seconds": round(r["seconds"], 3), "rows_per_s": round(n_rows / r["seconds"]),
+        "peak_rss_mb": round(r["peak_rss_mb"], 1), "rss_after_imports_mb": round(r["rss_after_imports_mb"], 1),
+        "import_seconds": round(r["import_seconds"], 2), "train_dir": r["train_dir"], "valid_dir": r["valid_dir"],
+    }
+
+
 def bench(rows: int, work: Path, data_dir: Path) -> dict:
     """Both sides on the same data; ratio = NVTabular pipeline time / pandas time."""
     d = prepare_data(rows, data_dir)
     out = {"rows": rows, "n_train": d["n_train"], "n_valid": d["n_valid"], "input_mb": d["bytes"] / 2**20}
     n = d["n_train"] + d["n_valid"]
     for impl in ("nvt", "pandas"):
-        r = run_child(impl, d["train"], d["valid"], work / f"etl_{rows}")
-        out[impl] = {
-            "seconds": round(r["seconds"], 3), "rows_per_s": round(n / r["seconds"]),
-            "peak_rss_mb": round(r["peak_rss_mb"], 1), "rss_after_imports_mb": round(r["rss_after_imports_mb"], 1),
-            "import_seconds": round(r["import_seconds"], 2), "train_dir": r["train_dir"],
-        }
+        out[impl] = side_summary(run_child(impl, d["train"], d["valid"], work / f"etl_{rows}"), n)
     out["time_ratio_nvt_over_pandas"] = round(out["nvt"]["seconds"] / out["pandas"]["seconds"], 2)
     out["peak_mem_ratio_nvt_over_pandas"] = round(out["nvt"]["peak_rss_mb"] / out["pandas"]["peak_rss_mb"], 2)
     cmp = compare_outputs(out["nvt"]["train_dir"], out["pandas"]["train_dir"])

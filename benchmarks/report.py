@@ -109,6 +109,9 @@ def markdown(r: dict) -> str:
                              t[f"{base}_p99_le_2x_p50"]])
         lines += _table(["target", "measured", "measured / target", "met"], rows)
 
+    if r.get("etl_peers") or r.get("serving_peers"):
+        lines += _peers(r)
+
     if r.get("e2e"):
         e = r["e2e"]
         lines += ["## End to end: default run (`flows.pipeline.pipeline`, embedded default)", "",
@@ -130,3 +133,39 @@ def markdown(r: dict) -> str:
     if r.get("section_seconds"):
         lines += ["Section wall times (s): " + ", ".join(f"{k} {v}" for k, v in r["section_seconds"].items()), ""]
     return "\n".join(lines)
+
+
+def _peers(r: dict) -> list[str]:
+    """The peers section: the pipeline's ETL and serving next to what a user could pick instead."""
+    lines = ["## Peers: the pipeline next to stock NVTabular / merlin-systems, pandas, polars and a no-op model", ""]
+    if r.get("etl_peers"):
+        from benchmarks import etl_peers
+
+        lines += ["ETL (same transforms, same parquet, own child process each; pipeline = NVTabular + the "
+                  "project's fast paths, stock = the same workflow with them off). Outputs compared with the "
+                  "pipeline's (categoricals identical, floats within "
+                  f"{etl_peers.FLOAT_TOL:g}) before the ratios count.", ""]
+        rows = [[e["rows"], e["nvt"]["seconds"], e["nvt_stock"]["seconds"], e["pandas"]["seconds"],
+                 e["polars"]["seconds"], f"**{e['nvt_stock']['nvt_time_over_peer']}**",
+                 f"**{e['pandas']['nvt_time_over_peer']}**", f"**{e['polars']['nvt_time_over_peer']}**",
+                 " / ".join(f"{_f(e[p]['equal'])} ({e[p]['max_float_abs_diff']:.1e})" for p in etl_peers.PEERS)]
+                for e in r["etl_peers"]]
+        lines += _table(["rows", "pipeline s", "stock NVT s", "pandas s", "polars s", "time pipeline/stock",
+                         "time pipeline/pandas (target <= 1)", "time pipeline/polars",
+                         "equal: pandas / stock / polars (max float diff)"], rows)
+        lines += ["- " + x for e in r["etl_peers"] for x in etl_peers.ratio_lines(e)] + [""]
+    if r.get("serving_peers"):
+        from benchmarks import serving_peers
+
+        s = r["serving_peers"]
+        lines += [f"Serving, one Triton (models {', '.join(s['models'])}; start {s['server_start_seconds']} s), "
+                  "one gRPC client; in-process = the project's version run like its model.py in the bench process.", ""]
+        diffs = s["max_abs_diff_served_vs_inprocess"]
+        rows = [[m, x.get("p50_ms"), f"**{x.get('p50_over_inprocess')}**", x.get("rows_per_s"),
+                 f"**{x.get('rows_per_s_over_inprocess')}**", f"{diffs[m]:.1e}" if m in diffs else "–"]
+                for m, x in s["ratios"].items()]
+        rows.append(["in-process", s["in_process"]["p50_ms"], "1", s["in_process"]["rows_per_s"], "1", "–"])
+        lines += _table(["model", "batch-1 p50 ms", "p50 / in-process (project: target <= 1.5)", "batch-1024 rows/s",
+                         "rows/s / in-process (project: target >= 0.8)", "max abs diff served vs in-process"], rows)
+        lines += ["- " + x for x in serving_peers.ratio_lines(s)] + [""]
+    return lines

@@ -4,7 +4,8 @@
     uv run --frozen --no-sync python -m benchmarks.run --quick
     uv run --frozen --no-sync python -m benchmarks.run --etl-rows 1000000,5000000 --skip e2e   # other sizes
     uv run --frozen --no-sync python -m benchmarks.run --with topk   # + top-k serving (retrieval, two-stage)
-    uv run --frozen --no-sync python -m benchmarks.run --skip etl,train,serving,e2e --with topk  # top-k only
+    uv run --frozen --no-sync python -m benchmarks.run --skip etl,etl_peers,train,serving,serving_peers,e2e --with topk  # top-k only
+    uv run --frozen --no-sync python -m benchmarks.run --skip train,e2e --peers-etl-rows 1e6,1e7   # peers, bigger
 
 Writes ``benchmarks/results/latest.json`` and ``benchmarks/results/latest.md`` (git-ignored;
 README.md / benchmarks/README.md keep a copy of the figures). Everything is measured in one run on
@@ -30,11 +31,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("etl", "train", "serving", "topk", "e2e")
+SECTIONS = ("etl", "etl_peers", "train", "serving", "serving_peers", "topk", "e2e")
 OPTIONAL = ("topk",)  # not in the default run (keeps `make bench` under 15 min here); add with --with
 
-FULL = {"etl_rows": [1_000_000, 10_000_000], "train_rows": 1_000_000, "serve_model_rows": 20_000}
-QUICK = {"etl_rows": [100_000, 1_000_000], "train_rows": 100_000, "serve_model_rows": 20_000}
+FULL = {"etl_rows": [1_000_000, 10_000_000], "train_rows": 1_000_000, "serve_model_rows": 20_000,
+        "peers_etl_rows": [1_000_000]}
+QUICK = {"etl_rows": [100_000, 1_000_000], "train_rows": 100_000, "serve_model_rows": 20_000,
+         "peers_etl_rows": [100_000]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: ETL 100k/1M rows, fewer requests")
     p.add_argument("--etl-rows", help="comma-separated ETL sizes (default 1M,10M; quick 100k,1M)")
+    p.add_argument("--peers-etl-rows", help="comma-separated sizes of the ETL peers (stock NVTabular, pandas, polars; "
+                   "default 1M, quick 100k; a size the ETL section ran reuses its pipeline and pandas figures)")
     p.add_argument("--train-rows", type=int, help="rows of the training benchmark's synthetic set (default 1M, quick 100k; 80%% are trained on)")
     p.add_argument("--train-batch-size", type=int, default=1024)
     p.add_argument("--serve-model-rows", type=int, help="rows the served model is trained on (default 20k)")
@@ -80,6 +85,7 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     sizes = QUICK if a.quick else FULL
     etl_rows = [int(float(x)) for x in a.etl_rows.split(",")] if a.etl_rows else sizes["etl_rows"]
+    peers_rows = [int(float(x)) for x in a.peers_etl_rows.split(",")] if a.peers_etl_rows else sizes["peers_etl_rows"]
     train_rows = a.train_rows or sizes["train_rows"]
     serve_rows = a.serve_model_rows or sizes["serve_model_rows"]
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
@@ -98,7 +104,7 @@ def main(argv=None) -> dict:
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "mode": ("quick" if a.quick else "full") + (" (sizes overridden)" if (a.etl_rows or a.train_rows or a.serve_model_rows or a.serve_requests) else ""),
         "machine": machine_info(),
-        "params": {"etl_rows": etl_rows, "train_rows": train_rows, "train_batch_size": a.train_batch_size,
+        "params": {"etl_rows": etl_rows, "peers_etl_rows": peers_rows, "train_rows": train_rows, "train_batch_size": a.train_batch_size,
                    "serve_model_rows": serve_rows, "serve_requests": a.serve_requests,
                    "serve_seconds": a.serve_seconds, "skip": sorted(skip)},
         "section_seconds": {}, "errors": {},
@@ -123,6 +129,8 @@ def main(argv=None) -> dict:
 
     section("etl", lambda: [etl_bench.bench(n, work / "etl", data_dir) for n in etl_rows])
 
+    section("etl_peers", lambda: etl_peers_section(results.get("etl"), peers_rows, work, data_dir))
+
     def _train():
         # the NVTabular output of the ETL section when it has this size, else transform it here
         done = [e for e in results.get("etl") or [] if e["rows"] == train_rows]
@@ -143,6 +151,8 @@ def main(argv=None) -> dict:
                                               requests_cap=a.serve_requests, seconds_cap=a.serve_seconds)
 
     section("serving", _serving)
+
+    section("serving_peers", lambda: serving_peers_section(a, serve_rows, work, data_dir))
     section("topk", lambda: topk_bench.bench(work / "topk", quick=a.quick, ann_items=topk_bench.ANN_ITEMS))
     section("e2e", lambda: e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json)))
 
@@ -157,6 +167,29 @@ def main(argv=None) -> dict:
     print((out_dir / "latest.md").read_text())
     print(f"[bench] wrote {out_dir / 'latest.json'} and {out_dir / 'latest.md'} in {results['total_seconds']} s")
     return results
+
+
+def etl_peers_section(etl_results: list | None, peers_rows: list[int], work: Path, data_dir: Path) -> list:
+    """ETL peers at each size (reusing the ETL section's pipeline and pandas runs of that size); prints the ratios."""
+    from benchmarks import etl_peers
+
+    done = {e["rows"]: e for e in etl_results or []}
+    out = [etl_peers.bench(n, work / "etl", data_dir, done.get(n)) for n in peers_rows]
+    for line in (x for e in out for x in etl_peers.ratio_lines(e)):
+        print(f"[peers] {line}", flush=True)
+    return out
+
+
+def serving_peers_section(a: argparse.Namespace, serve_rows: int, work: Path, data_dir: Path) -> dict:
+    """Serving peers on one Triton (the serving section's model when it ran); prints the ratios."""
+    from benchmarks import serving_peers
+
+    out = serving_peers.bench_subprocess(work / "serving_peers", data_dir, quick=a.quick, model_rows=serve_rows,
+                                         serving_work=work / "serving", requests_cap=a.serve_requests,
+                                         seconds_cap=a.serve_seconds)
+    for line in serving_peers.ratio_lines(out):
+        print(f"[peers] {line}", flush=True)
+    return out
 
 
 def _write(results: dict, out_dir: Path) -> None:

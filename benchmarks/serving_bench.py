@@ -28,6 +28,7 @@ import pandas as pd
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MODEL = "recsys"
+WARMUP = 3  # requests per client before the timed ones
 # the dynamically batched variant served in a second pass (8 clients)
 BATCHING = {"enabled": True, "max_batch_size": 16, "max_queue_delay_microseconds": 0}
 
@@ -94,9 +95,9 @@ def _budget(batch: int, quick: bool) -> tuple[int, float]:
 
 
 def load_clients(url: str, protocol: str, rows: pd.DataFrame, batch: int, clients: int,
-                 n_requests: int, max_seconds: float, warmup: int = 3) -> dict:
+                 n_requests: int, max_seconds: float, model: str = MODEL) -> dict:
     """``clients`` threads, each sending up to ``n_requests`` requests of ``batch`` rows (stopping
-    at ``max_seconds``); per-request latency percentiles and served rows/s."""
+    at ``max_seconds``) to ``model``; per-request latency percentiles and served rows/s."""
     from pipeline_lib.serving.client import RecsysClient
 
     barrier = threading.Barrier(clients + 1)
@@ -105,10 +106,10 @@ def load_clients(url: str, protocol: str, rows: pd.DataFrame, batch: int, client
 
     def worker(k: int) -> None:
         try:
-            with RecsysClient(url, protocol, MODEL) as c:
+            with RecsysClient(url, protocol, model) as c:
                 start = (k * batch) % max(1, len(rows) - batch + 1)
                 arrays = c.to_arrays(rows.iloc[start:start + batch])
-                for _ in range(warmup):
+                for _ in range(WARMUP):
                     c.infer_arrays(arrays)
                 barrier.wait()
                 deadline = time.perf_counter() + max_seconds

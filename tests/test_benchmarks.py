@@ -72,7 +72,7 @@ def _check_common(res: dict, out: Path) -> tuple[dict, str]:
 
 def test_suite_etl_and_training_sections_tiny(tmp_path):
     out = tmp_path / "results"
-    res = run.main(["--etl-rows", "2000", "--train-rows", "2000", "--skip", "serving,e2e",
+    res = run.main(["--etl-rows", "2000", "--train-rows", "2000", "--skip", "serving,e2e,etl_peers,serving_peers",
                     "--out", str(out), "--data-dir", str(tmp_path / "data")])
     saved, md = _check_common(res, out)
     assert set(saved["section_seconds"]) == {"etl", "train"}
@@ -101,7 +101,7 @@ def test_suite_serving_and_end_to_end_sections_tiny(tmp_path):
     tiny_e2e = {"data": {"synthetic": {"n_users": 200, "n_items": 100, "n_interactions": 3000}},
                 "model": {"epochs": 1, "batch_size": 256}, "export": {"parity_rows": 32},
                 "gate": {"require_beat_baseline": False}}
-    res = run.main(["--skip", "etl,train", "--serve-model-rows", "2000", "--serve-requests", "3",
+    res = run.main(["--skip", "etl,train,etl_peers,serving_peers", "--serve-model-rows", "2000", "--serve-requests", "3",
                     "--serve-seconds", "2", "--e2e-overrides-json", json.dumps(tiny_e2e),
                     "--out", str(out), "--data-dir", str(tmp_path / "data")])
     saved, md = _check_common(res, out)
