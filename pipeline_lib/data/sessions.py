@@ -3,23 +3,38 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline_lib.config import DataConfig, SessionConfig, SessionSyntheticConfig
+from pipeline_lib.config import DataConfig, SessionConfig, SessionSyntheticConfig, TableConfig
+from pipeline_lib.data.sources import dates_to_epoch_seconds, read_table
 from pipeline_lib.errors import DataValidationError, Problem
 
 # --- the synthetic default ---------------------------------------------------------------------
 
 
-def _next_item(rng: np.random.Generator, r: float, cur: int, c: int, visited: set, succ: np.ndarray,
-               succ_w: np.ndarray, by_cat: list, p_cat: list, p_global: np.ndarray, cfg: SessionSyntheticConfig) -> int:
+@dataclass
+class _Catalogue:
+    """The synthetic catalogue's structure: each item's successors and their weights, the items of
+    each category with their in-category probabilities, and the global popularity."""
+
+    succ: np.ndarray
+    succ_w: np.ndarray
+    by_cat: list
+    p_cat: list
+    p_global: np.ndarray
+
+
+def _next_item(rng: np.random.Generator, r: float, cur: int, c: int, visited: set, cat: _Catalogue,
+               cfg: SessionSyntheticConfig) -> int:
     """One move of a session (successor, intent or popular item), never to an item the session
     already holds: people rarely click the same item twice in a row of browsing, and the default
     protocol (``session.exclude_seen``) never recommends it. Gives up after a few draws (tiny
     catalogues) and then allows a revisit."""
+    succ, succ_w, by_cat, p_cat, p_global = cat.succ, cat.succ_w, cat.by_cat, cat.p_cat, cat.p_global
     for _ in range(8):
         if r < cfg.p_successor:
             w = np.where(np.isin(succ[cur], list(visited)), 0.0, succ_w[cur])
@@ -74,6 +89,7 @@ def generate_sessions(cfg: SessionSyntheticConfig, seed: int) -> pd.DataFrame:
     items = np.empty(total, dtype=np.int64)
     sess = np.repeat(np.arange(cfg.n_sessions, dtype=np.int64), lengths)
     u = rng.random(total)
+    catalogue = _Catalogue(succ, succ_w, by_cat, p_cat, p_global)
     pos = 0
     for s in range(cfg.n_sessions):
         c = intents[s]
@@ -81,7 +97,7 @@ def generate_sessions(cfg: SessionSyntheticConfig, seed: int) -> pd.DataFrame:
         items[pos] = cur
         visited = {int(cur)}
         for j in range(1, lengths[s]):
-            cur = _next_item(rng, u[pos + j], cur, c, visited, succ, succ_w, by_cat, p_cat, p_global, cfg)
+            cur = _next_item(rng, u[pos + j], cur, c, visited, catalogue, cfg)
             visited.add(int(cur))
             items[pos + j] = cur
         pos += lengths[s]
@@ -112,9 +128,6 @@ def write_raw_events(data: DataConfig, session: SessionConfig, seed: int, out_di
     index column, anything unused) are ignored and listed in the load report. A used column
     present in both files (other than the item id) is an error naming both.
     """
-    from pipeline_lib.config import TableConfig
-    from pipeline_lib.data.sources import dates_to_epoch_seconds, read_table
-
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "interactions.parquet"
     cols = session.columns

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
+import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from pipeline_lib.config import ColumnsConfig, DataConfig, FeatureKind, TableConfig
 from pipeline_lib.data.synthetic import generate_interactions
@@ -191,9 +193,6 @@ def _parquet_columns(path: str) -> Optional[list[str]]:
     """Column names of a parquet file or directory (partition columns included) without reading
     its data; None when the schema cannot be read this way (the caller then reads everything)."""
     try:
-        import fsspec
-        import pyarrow.parquet as pq
-
         fs, root = fsspec.core.url_to_fs(path)
         names = pq.ParquetDataset(root, filesystem=fs).schema.names
         return [c for c in names if not re.fullmatch(r"__index_level_\d+__", c)]  # pandas' stored index
@@ -206,8 +205,6 @@ def _exists(path: str) -> bool:
     if "://" not in path:
         return Path(path).exists()
     try:
-        import fsspec
-
         fs, _, paths = fsspec.get_fs_token_paths(path)
         return bool(paths) and fs.exists(paths[0])
     except Exception:  # unknown protocol, no credentials...: let the reader produce the error
@@ -236,77 +233,84 @@ def build_raw(tables: list[Table], columns: ColumnsConfig, report: Optional[dict
     report["files"]["interactions"] = inter.file
     for c in df.columns:
         sources[str(c)] = inter.file
-
     for t in tables:
-        if t.role == "interactions":
-            continue
-        key = columns.user_id if t.role == "users" else columns.item_id
-        report["files"][t.role] = t.file
-        bad = False
-        for name, frame, f, cols in (("interactions", df, inter.file, inter.all_columns), (t.role, t.df, t.file, t.all_columns)):
-            if key not in frame.columns:
-                problems.append(Problem(f, key, f"join key missing from the {name} table", example=cols[:10]))
-                bad = True
-        if bad:
-            continue
-        right = t.df
-        clash = [c for c in right.columns if c != key and c in df.columns]
-        if clash:
-            problems += [Problem(t.file, c, f"column also present in {sources.get(c, inter.file)}; rename it (rename:)") for c in clash]
-            continue
-        dup = right[key].duplicated(keep=False)
-        if dup.any():
-            problems.append(Problem(t.file, key, f"id appears more than once in the {t.role} table", int(dup.sum()),
-                                    _example(right.loc[dup, key])))
-            continue
-        right, err = _align_key(df[key], right, key)
-        if err:
-            problems.append(Problem(t.file, key, err, example=_example(right[key])))
-            continue
-        merged = df.merge(right, on=key, how="left", indicator="_match", sort=False)
-        missing = merged["_match"] == "left_only"
-        if missing.any():
-            ids = merged.loc[missing, key]
-            report["unmatched"].append({
-                "table": t.role, "file": t.file, "column": key, "rows": int(missing.sum()),
-                "distinct_ids": int(ids.nunique()), "example": _example(ids),
-            })
-        df = merged.drop(columns="_match")
-        for c in right.columns:
-            if c != key:
-                sources[str(c)] = t.file
-
+        if t.role != "interactions":
+            report["files"][t.role] = t.file
+            df = _join(df, inter, t, columns.user_id if t.role == "users" else columns.item_id, report, problems)
     if problems:
         raise DataValidationError(problems)
 
     for f in columns.of_kind(FeatureKind.list):
         if f.name in df.columns:
             df[f.name] = _to_lists(df[f.name], f.separator)
-
     ts = columns.timestamp
     if ts and ts in df.columns and df[ts].dtype == object:
         df[ts] = dates_to_epoch_seconds(df[ts])
+    return _with_label(df, columns, tables, sources, inter.file)
 
+
+def _join(df: pd.DataFrame, inter: Table, t: Table, key: str, report: dict, problems: list[Problem]) -> pd.DataFrame:
+    """``df`` left-joined with the feature table ``t`` on ``key``; what prevents the join is added to
+    ``problems`` (and ``df`` returned as it was), unmatched ids and column sources go to ``report``."""
+    sources = report["column_sources"]
+    missing_key = [Problem(f, key, f"join key missing from the {name} table", example=cols[:10])
+                   for name, frame, f, cols in (("interactions", df, inter.file, inter.all_columns),
+                                                (t.role, t.df, t.file, t.all_columns)) if key not in frame.columns]
+    if missing_key:
+        problems += missing_key
+        return df
+    right = t.df
+    clash = [c for c in right.columns if c != key and c in df.columns]
+    if clash:
+        problems += [Problem(t.file, c, f"column also present in {sources.get(c, inter.file)}; rename it (rename:)") for c in clash]
+        return df
+    dup = right[key].duplicated(keep=False)
+    if dup.any():
+        problems.append(Problem(t.file, key, f"id appears more than once in the {t.role} table", int(dup.sum()),
+                                _example(right.loc[dup, key])))
+        return df
+    right, err = _align_key(df[key], right, key)
+    if err:
+        problems.append(Problem(t.file, key, err, example=_example(right[key])))
+        return df
+    merged = df.merge(right, on=key, how="left", indicator="_match", sort=False)
+    missing = merged["_match"] == "left_only"
+    if missing.any():
+        ids = merged.loc[missing, key]
+        report["unmatched"].append({
+            "table": t.role, "file": t.file, "column": key, "rows": int(missing.sum()),
+            "distinct_ids": int(ids.nunique()), "example": _example(ids),
+        })
+    for c in right.columns:
+        if c != key:
+            sources[str(c)] = t.file
+    return merged.drop(columns="_match")
+
+
+def _with_label(df: pd.DataFrame, columns: ColumnsConfig, tables: list[Table], sources: dict[str, str],
+                default_file: str) -> pd.DataFrame:
+    """The label as int 0/1: derived by ``columns.label_rule``, or a binary label column cast to int."""
     rule = columns.label_rule_parsed
-    if rule:
-        col, op, num = rule
-        f = sources.get(col, inter.file)
-        if col not in df.columns:
-            seen = {str(c) for t in tables for c in t.all_columns} | {str(c) for c in df.columns}
-            raise DataValidationError([Problem(f, col, f"label_rule {columns.label_rule!r}: column not found",
-                                               example=sorted(seen)[:10])])
-        vals = pd.to_numeric(df[col], errors="coerce")
-        bad = vals.isna()
-        if bad.any():
-            raise DataValidationError([Problem(f, col, f"label_rule {columns.label_rule!r}: value missing or not a number",
-                                               int(bad.sum()), _example(df.loc[bad, col]))])
-        df[columns.label] = _OPS[op](vals, num).astype(np.int64)
-        sources[columns.label] = f
-    elif columns.label in df.columns:
-        lab = df[columns.label]
-        as_num = pd.to_numeric(lab, errors="coerce")
-        if lab.notna().all() and as_num.isin([0, 1]).all():
-            df[columns.label] = as_num.astype(np.int64)
+    if not rule:
+        if columns.label in df.columns:
+            lab = df[columns.label]
+            as_num = pd.to_numeric(lab, errors="coerce")
+            if lab.notna().all() and as_num.isin([0, 1]).all():
+                df[columns.label] = as_num.astype(np.int64)
+        return df
+    col, op, num = rule
+    f = sources.get(col, default_file)
+    if col not in df.columns:
+        seen = {str(c) for t in tables for c in t.all_columns} | {str(c) for c in df.columns}
+        raise DataValidationError([Problem(f, col, f"label_rule {columns.label_rule!r}: column not found",
+                                           example=sorted(seen)[:10])])
+    vals = pd.to_numeric(df[col], errors="coerce")
+    bad = vals.isna()
+    if bad.any():
+        raise DataValidationError([Problem(f, col, f"label_rule {columns.label_rule!r}: value missing or not a number",
+                                           int(bad.sum()), _example(df.loc[bad, col]))])
+    df[columns.label] = _OPS[op](vals, num).astype(np.int64)
+    sources[columns.label] = f
     return df
 
 

@@ -32,6 +32,9 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
+from pipeline_lib.etl.sessions import time_deltas
+from pipeline_lib.etl.workflow import to_float32
+
 PAD, NULL, OOV = 0, 1, 2
 
 
@@ -121,116 +124,151 @@ def _floats(x, what: str) -> np.ndarray:
 
 def _op_step(op, selection: list[str]) -> Callable[[dict], dict]:
     """The numpy equivalent of ``op.transform(selection, df)`` for a supported op; raises Unsupported."""
-    import nvtabular as nvt
     from merlin.dag.operator import Operator
     from merlin.dag.ops.add_metadata import AddMetadata
-    from merlin.dag.ops.concat_columns import ConcatColumns
-    from merlin.dag.ops.selection import SelectionOp
-    from merlin.dag.ops.subset_columns import SubsetColumns
-    from merlin.dag.ops.udf import UDF
-
-    from pipeline_lib.etl import workflow as etl
-
-    kind = type(op)
-    if kind is SelectionOp:
-        names = list(selection) if selection else list(op.selector.names)
-        return lambda cols: {c: cols[c] for c in names}
-    if kind is ConcatColumns or kind is SubsetColumns:  # `a + b` and `a[...]`: the selected columns
-        return lambda cols: {c: cols[c] for c in selection}
-    if kind is nvt.ops.Categorify:
-        if op.encode_type != "joint" or op.single_table or op.num_buckets or op.max_size or op.vocabs:
-            raise Unsupported("Categorify with buckets, max_size, single_table, vocabs or combo encoding")
-        if (op.split_out if isinstance(op.split_out, int) else 1) != 1 or op.search_sorted:
-            raise Unsupported("Categorify with split_out > 1 or search_sorted")
-        # joint encoding of a column group ([item_id, item_id_history]): every column of the group is
-        # looked up in the group's one vocabulary, stored under its storage name (NVTabular's transform)
-        vocabs, tables = {}, {}
-        for name in selection:
-            storage = op.storage_name.get(name, name)
-            if storage not in op.categories:
-                raise Unsupported(f"Categorify has no vocabulary for {name}")
-            if storage not in tables:
-                tables[storage] = _Vocabulary(op.categories[storage], storage, op.output_dtype)
-            vocabs[name] = tables[storage]
-
-        def categorify(cols):
-            out = dict(cols)
-            for name, vocab in vocabs.items():
-                x = cols[name]
-                out[name] = Ragged(vocab.encode(x.values), x.offsets) if isinstance(x, Ragged) else vocab.encode(x)
-            return out
-
-        return categorify
-    if kind is nvt.ops.FillMissing or kind is nvt.ops.FillMedian:
-        if op.add_binary_cols:
-            raise Unsupported(f"{kind.__name__} with indicator columns")
-        fills = {n: op.fill_val for n in selection} if kind is nvt.ops.FillMissing else \
-            {n: op.medians[n] for n in selection}
-
-        def fill_missing(cols):
-            out = dict(cols)
-            for name in selection:
-                x = _floats(cols[name], "FillMissing")
-                if x.dtype.kind == "f":
-                    nan = np.isnan(x)
-                    if nan.any():
-                        x = x.copy()
-                        x[nan] = fills[name]
-                    out[name] = x
-            return out
-
-        return fill_missing
-    if kind is nvt.ops.LogOp:
-        dtype = op.output_dtype
-
-        def log_op(cols):
-            out = dict(cols)
-            for name in selection:
-                out[name] = np.log(_floats(cols[name], "LogOp").astype(dtype) + 1)
-            return out
-
-        return log_op
-    if kind is nvt.ops.Normalize:
-        if op.out_dtype not in (None,) and np.dtype(op.out_dtype).kind != "f":
-            raise Unsupported("Normalize with a non-float output dtype")
-        dtype = op.output_dtype
-        stats = {n: (op.means[n], op.stds[n]) for n in selection}
-
-        def normalize(cols):
-            out = {}
-            for name, (mean, std) in stats.items():
-                x = _floats(cols[name], "Normalize")
-                x = (x - mean) / std if std > 0 else x - mean
-                out[name] = x.astype(dtype)
-            return out
-
-        return normalize
-    if kind is UDF:
-        from pipeline_lib.etl import sessions
-
-        if op.f is etl.to_float32 and op._param_count == 1:
-            return lambda cols: {c: _floats(cols[c], "to_float32").astype("float32") for c in selection}
-        if op.f is sessions.time_deltas and op._param_count == 1:
-            return lambda cols: {c: _time_deltas(cols[c]) for c in selection}
-        raise Unsupported(f"LambdaOp {getattr(op.f, '__qualname__', op.f)!r} "
-                          "(only etl.to_float32 and sessions.time_deltas are compiled)")
-    if kind is nvt.ops.Rename:
-        from merlin.dag import ColumnSelector
-
-        mapping = op.column_mapping(ColumnSelector(list(selection)))  # new name -> [old name]
-        return lambda cols: {new: cols[old[0]] for new, old in mapping.items()}
-    if kind is nvt.ops.ListSlice:
-        if op.pad:
-            raise Unsupported("ListSlice with padding")
-        start, end = int(op.start), int(op.end)
-        return lambda cols: {c: _list_slice(cols[c], start, end) for c in selection}
     from nvtabular.ops.add_metadata import AddMetadata as NvtAddMetadata
 
+    kind = type(op)
+    for kinds, build in _step_builders():
+        if kind in kinds:
+            return build(op, list(selection))
     if (isinstance(op, AddMetadata) and kind.transform is Operator.transform) or (
         isinstance(op, NvtAddMetadata) and kind.transform is NvtAddMetadata.transform
     ):
         return lambda cols: cols  # AddTags / TagAs*: schema only
     raise Unsupported(f"op {kind.__module__}.{kind.__qualname__} is not compiled")
+
+
+def _step_builders() -> list[tuple[tuple[type, ...], Callable[[object, list[str]], Callable[[dict], dict]]]]:
+    """(op types, the function that compiles such an op on its selected columns)."""
+    import nvtabular as nvt
+    from merlin.dag.ops.concat_columns import ConcatColumns
+    from merlin.dag.ops.selection import SelectionOp
+    from merlin.dag.ops.subset_columns import SubsetColumns
+    from merlin.dag.ops.udf import UDF
+
+    return [
+        ((SelectionOp,), _selection_step),
+        ((ConcatColumns, SubsetColumns), _columns_step),  # `a + b` and `a[...]`: the selected columns
+        ((nvt.ops.Categorify,), _categorify_step),
+        ((nvt.ops.FillMissing, nvt.ops.FillMedian), _fill_step),
+        ((nvt.ops.LogOp,), _log_step),
+        ((nvt.ops.Normalize,), _normalize_step),
+        ((UDF,), _udf_step),
+        ((nvt.ops.Rename,), _rename_step),
+        ((nvt.ops.ListSlice,), _list_slice_step),
+    ]
+
+
+def _selection_step(op, selection: list[str]) -> Callable[[dict], dict]:
+    names = list(selection) if selection else list(op.selector.names)
+    return lambda cols: {c: cols[c] for c in names}
+
+
+def _columns_step(op, selection: list[str]) -> Callable[[dict], dict]:
+    return lambda cols: {c: cols[c] for c in selection}
+
+
+def _categorify_step(op, selection: list[str]) -> Callable[[dict], dict]:
+    if op.encode_type != "joint" or op.single_table or op.num_buckets or op.max_size or op.vocabs:
+        raise Unsupported("Categorify with buckets, max_size, single_table, vocabs or combo encoding")
+    if (op.split_out if isinstance(op.split_out, int) else 1) != 1 or op.search_sorted:
+        raise Unsupported("Categorify with split_out > 1 or search_sorted")
+    # joint encoding of a column group ([item_id, item_id_history]): every column of the group is
+    # looked up in the group's one vocabulary, stored under its storage name (NVTabular's transform)
+    vocabs, tables = {}, {}
+    for name in selection:
+        storage = op.storage_name.get(name, name)
+        if storage not in op.categories:
+            raise Unsupported(f"Categorify has no vocabulary for {name}")
+        if storage not in tables:
+            tables[storage] = _Vocabulary(op.categories[storage], storage, op.output_dtype)
+        vocabs[name] = tables[storage]
+
+    def categorify(cols):
+        out = dict(cols)
+        for name, vocab in vocabs.items():
+            x = cols[name]
+            out[name] = Ragged(vocab.encode(x.values), x.offsets) if isinstance(x, Ragged) else vocab.encode(x)
+        return out
+
+    return categorify
+
+
+def _fill_step(op, selection: list[str]) -> Callable[[dict], dict]:
+    if op.add_binary_cols:
+        raise Unsupported(f"{type(op).__name__} with indicator columns")
+    import nvtabular as nvt
+
+    fills = {n: op.medians[n] for n in selection} if type(op) is nvt.ops.FillMedian else \
+        {n: op.fill_val for n in selection}
+
+    def fill_missing(cols):
+        out = dict(cols)
+        for name in selection:
+            x = _floats(cols[name], "FillMissing")
+            if x.dtype.kind == "f":
+                nan = np.isnan(x)
+                if nan.any():
+                    x = x.copy()
+                    x[nan] = fills[name]
+                out[name] = x
+        return out
+
+    return fill_missing
+
+
+def _log_step(op, selection: list[str]) -> Callable[[dict], dict]:
+    dtype = op.output_dtype
+
+    def log_op(cols):
+        out = dict(cols)
+        for name in selection:
+            out[name] = np.log(_floats(cols[name], "LogOp").astype(dtype) + 1)
+        return out
+
+    return log_op
+
+
+def _normalize_step(op, selection: list[str]) -> Callable[[dict], dict]:
+    if op.out_dtype not in (None,) and np.dtype(op.out_dtype).kind != "f":
+        raise Unsupported("Normalize with a non-float output dtype")
+    dtype = op.output_dtype
+    stats = {n: (op.means[n], op.stds[n]) for n in selection}
+
+    def normalize(cols):
+        out = {}
+        for name, (mean, std) in stats.items():
+            x = _floats(cols[name], "Normalize")
+            x = (x - mean) / std if std > 0 else x - mean
+            out[name] = x.astype(dtype)
+        return out
+
+    return normalize
+
+
+def _udf_step(op, selection: list[str]) -> Callable[[dict], dict]:
+    """The pipeline's own LambdaOps: ``etl.workflow.to_float32`` and ``etl.sessions.time_deltas``."""
+    if op.f is to_float32 and op._param_count == 1:
+        return lambda cols: {c: _floats(cols[c], "to_float32").astype("float32") for c in selection}
+    if op.f is time_deltas and op._param_count == 1:
+        return lambda cols: {c: _time_deltas(cols[c]) for c in selection}
+    raise Unsupported(f"LambdaOp {getattr(op.f, '__qualname__', op.f)!r} "
+                      "(only etl.to_float32 and sessions.time_deltas are compiled)")
+
+
+def _rename_step(op, selection: list[str]) -> Callable[[dict], dict]:
+    from merlin.dag import ColumnSelector
+
+    mapping = op.column_mapping(ColumnSelector(list(selection)))  # new name -> [old name]
+    return lambda cols: {new: cols[old[0]] for new, old in mapping.items()}
+
+
+def _list_slice_step(op, selection: list[str]) -> Callable[[dict], dict]:
+    if op.pad:
+        raise Unsupported("ListSlice with padding")
+    start, end = int(op.start), int(op.end)
+    return lambda cols: {c: _list_slice(cols[c], start, end) for c in selection}
 
 
 def _list_slice(x, start: int, end: int) -> Ragged:

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.config import EtlConfig, SessionColumns, SplitConfig
+from pipeline_lib.etl.workflow import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ def group_sessions(events_path: Path, cols: SessionColumns, etl: EtlConfig, min_
     """Events -> one row per session (raw list columns), sessions shorter than ``min_length`` dropped.
     Returns (sessions parquet path, grouping workflow dir)."""
     from merlin.io import Dataset
-
-    from pipeline_lib.etl.workflow import resolve_device
 
     cpu = resolve_device(etl.device) == "cpu"
     wf = build_grouping_workflow(cols, min_length)

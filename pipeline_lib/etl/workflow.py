@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from pipeline_lib.config import ColumnsConfig, EtlConfig, FeatureKind, FeatureSide, SplitConfig
+from pipeline_lib.config import ColumnsConfig, DaskConfig, EtlConfig, FeatureKind, FeatureSide, SplitConfig
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,6 @@ def fast_list_flatten() -> Iterator[None]:
     dtype, int64 or float64, with at least one value, is flattened with ``np.concatenate`` instead:
     the same values, dtype and index. Anything else (lists, nulls, other dtypes, no values) goes to
     the original function. ``RECSYS_NVT_FAST_FLATTEN=0`` turns it off (to compare)."""
-    import os
-
     from merlin.core import dispatch
 
     if os.environ.get("RECSYS_NVT_FAST_FLATTEN", "1") == "0":
@@ -250,32 +249,13 @@ def dask_context(device: str, dask_cfg=None) -> Iterator[None]:
     ``set_dask_client``), never the process-wide default, so concurrent in-process ETLs in other
     threads do not pick it up.
     """
-    from pipeline_lib.config import DaskConfig
-
     dask_cfg = dask_cfg or DaskConfig()
     if device != "gpu" and not dask_cfg.scheduler_address and not dask_cfg.local_workers:
         yield
         return
-    from dask.distributed import Client
     from merlin.core import utils as merlin_utils
 
-    cluster = None
-    if dask_cfg.scheduler_address:
-        client = _connect(dask_cfg)
-    elif device == "gpu":
-        from dask_cuda import LocalCUDACluster
-
-        cluster = LocalCUDACluster(n_workers=dask_cfg.local_workers, threads_per_worker=dask_cfg.threads_per_worker,
-                                   memory_limit=dask_cfg.memory_limit, rmm_pool_size=dask_cfg.rmm_pool_size,
-                                   dashboard_address=None)
-        client = Client(cluster, set_as_default=False)
-    else:
-        from dask.distributed import LocalCluster
-
-        cluster = LocalCluster(n_workers=dask_cfg.local_workers, threads_per_worker=dask_cfg.threads_per_worker,
-                               memory_limit=dask_cfg.memory_limit, processes=True, host="127.0.0.1",
-                               dashboard_address=None)
-        client = Client(cluster, set_as_default=False)
+    client, cluster = _client(device, dask_cfg)
     plugin = None
     try:
         log.info("NVTabular on %s: %s", device.upper(), cluster or client)
@@ -297,6 +277,26 @@ def dask_context(device: str, dask_cfg=None) -> Iterator[None]:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _client(device: str, dask_cfg: DaskConfig) -> tuple["distributed.Client", object]:  # noqa: F821
+    """(client, the local cluster it drives or None): of the existing scheduler, else of a new
+    ``LocalCUDACluster`` (GPU) or ``LocalCluster`` of worker processes (CPU)."""
+    from dask.distributed import Client, LocalCluster
+
+    if dask_cfg.scheduler_address:
+        return _connect(dask_cfg), None
+    if device == "gpu":
+        from dask_cuda import LocalCUDACluster
+
+        cluster = LocalCUDACluster(n_workers=dask_cfg.local_workers, threads_per_worker=dask_cfg.threads_per_worker,
+                                   memory_limit=dask_cfg.memory_limit, rmm_pool_size=dask_cfg.rmm_pool_size,
+                                   dashboard_address=None)
+    else:
+        cluster = LocalCluster(n_workers=dask_cfg.local_workers, threads_per_worker=dask_cfg.threads_per_worker,
+                               memory_limit=dask_cfg.memory_limit, processes=True, host="127.0.0.1",
+                               dashboard_address=None)
+    return Client(cluster, set_as_default=False), cluster
 
 
 def fit_transform(

@@ -51,12 +51,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Collection, Hashable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from scipy.linalg import lapack
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss, roc_auc_score
+from sklearn.preprocessing import OneHotEncoder
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +98,6 @@ def _ks(k: Ks) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 def _binary_metrics(y: np.ndarray, p: np.ndarray) -> dict:
-    from sklearn.metrics import log_loss, roc_auc_score
-
     out: dict = {"logloss": float(log_loss(y, p, labels=[0, 1]))}
     if len(np.unique(y)) < 2:
         out["auc"] = float("nan")
@@ -116,66 +118,79 @@ def item_click_rate(train: pd.DataFrame, item_col: str, y_train: np.ndarray, smo
     return rate, glob
 
 
+@dataclass
+class RankingBaselineOptions:
+    """``item_col``: the item column for the item click rate (skipped with a reason when None).
+    ``min_label``: the label is binarised like ``positives`` (``> 0``, or ``>= min_label``). The
+    logistic regression (inverse regularisation ``C``) trains on at most ``max_rows`` training rows
+    (a seeded random sample; None: all); ``smoothing``: the click rate's ``a``."""
+
+    item_col: Optional[str] = None
+    min_label: Optional[float] = None
+    max_rows: Optional[int] = 1_000_000
+    C: float = 1.0
+    smoothing: float = 10.0
+    seed: int = 0
+    return_predictions: bool = False
+
+
 def ranking_baselines(train: pd.DataFrame, valid: pd.DataFrame, label: str, categorical: Sequence[str],
-                      item_col: Optional[str] = None, min_label: Optional[float] = None,
-                      max_rows: Optional[int] = 1_000_000, C: float = 1.0, smoothing: float = 10.0,
-                      seed: int = 0, return_predictions: bool = False) -> dict[str, dict]:
+                      options: Optional[RankingBaselineOptions] = None, **overrides) -> dict[str, dict]:
     """AUC and log loss on ``valid`` of two ranking baselines fitted on ``train``.
 
     ``categorical``: the id and categorical columns one-hot encoded for the logistic regression
-    (unknown validation values encode as all zeros). ``item_col``: the item column for the item
-    click rate (skipped with a reason when None). The label is binarised like ``positives``
-    (``> 0``, or ``>= min_label``). The logistic regression trains on at most ``max_rows``
-    training rows (a seeded random sample; None: all). Each result holds ``auc`` (NaN with
-    ``auc_reason`` when the validation set has a single class), ``logloss``, ``n_train``,
-    ``n_valid``, ``seconds`` (and ``predictions`` on ``valid`` with ``return_predictions``); a
-    baseline that cannot run is ``{"skipped": reason}``.
+    (unknown validation values encode as all zeros). ``options`` (:class:`RankingBaselineOptions`;
+    each field also settable by keyword). Each result holds ``auc`` (NaN with ``auc_reason`` when
+    the validation set has a single class), ``logloss``, ``n_train``, ``n_valid``, ``seconds`` (and
+    ``predictions`` on ``valid`` with ``return_predictions``); a baseline that cannot run is
+    ``{"skipped": reason}``.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import OneHotEncoder
-
-    def binarise(df: pd.DataFrame) -> np.ndarray:
-        v = df[label].to_numpy()
-        return (v >= min_label if min_label is not None else v > 0).astype(np.int64)
-
-    y_tr, y_va = binarise(train), binarise(valid)
-    out: dict[str, dict] = {}
-
-    t0 = time.perf_counter()
-    cols = list(categorical)
-    fit = train
-    if max_rows is not None and len(train) > max_rows:
-        fit = train.sample(n=max_rows, random_state=seed)
-    y_fit = binarise(fit)
-    if not cols:
-        out["logistic_regression"] = {"skipped": "no id or categorical columns given"}
-    elif len(np.unique(y_fit)) < 2:
-        out["logistic_regression"] = {"skipped": "training labels hold a single class"}
-    else:
-        enc = OneHotEncoder(handle_unknown="ignore", dtype=np.float64)
-        x_fit = enc.fit_transform(fit[cols].astype(str))
-        lr = LogisticRegression(solver="liblinear", C=C, max_iter=200, random_state=seed)
-        lr.fit(x_fit, y_fit)
-        p = lr.predict_proba(enc.transform(valid[cols].astype(str)))[:, 1]
-        out["logistic_regression"] = {**_binary_metrics(y_va, p), "n_train": int(len(fit)), "n_valid": int(len(valid)),
-                                      "n_features": int(x_fit.shape[1]), "seconds": time.perf_counter() - t0}
-        if return_predictions:
-            out["logistic_regression"]["predictions"] = p
-
-    t0 = time.perf_counter()
-    if item_col is None:
-        out["item_click_rate"] = {"skipped": "no item column given"}
-    else:
-        rate, glob = item_click_rate(train, item_col, y_tr, smoothing)
-        p = valid[item_col].map(rate).fillna(glob).to_numpy(dtype=np.float64)
-        out["item_click_rate"] = {**_binary_metrics(y_va, p), "n_train": int(len(train)), "n_valid": int(len(valid)),
-                                  "seconds": time.perf_counter() - t0}
-        if return_predictions:
-            out["item_click_rate"]["predictions"] = p
+    o = replace(options or RankingBaselineOptions(), **overrides)
+    y_va = _binarise(valid, label, o.min_label)
+    out = {"logistic_regression": _logistic_regression(train, valid, label, list(categorical), o, y_va),
+           "item_click_rate": _click_rate_baseline(train, valid, label, o, y_va)}
     for name, r in out.items():
         if "skipped" in r:
             log.info("ranking baseline %s skipped: %s", name, r["skipped"])
     return out
+
+
+def _binarise(df: pd.DataFrame, label: str, min_label: Optional[float]) -> np.ndarray:
+    v = df[label].to_numpy()
+    return (v >= min_label if min_label is not None else v > 0).astype(np.int64)
+
+
+def _logistic_regression(train: pd.DataFrame, valid: pd.DataFrame, label: str, cols: list[str],
+                         o: RankingBaselineOptions, y_va: np.ndarray) -> dict:
+    t0 = time.perf_counter()
+    fit = train
+    if o.max_rows is not None and len(train) > o.max_rows:
+        fit = train.sample(n=o.max_rows, random_state=o.seed)
+    y_fit = _binarise(fit, label, o.min_label)
+    if not cols:
+        return {"skipped": "no id or categorical columns given"}
+    if len(np.unique(y_fit)) < 2:
+        return {"skipped": "training labels hold a single class"}
+    enc = OneHotEncoder(handle_unknown="ignore", dtype=np.float64)
+    x_fit = enc.fit_transform(fit[cols].astype(str))
+    lr = LogisticRegression(solver="liblinear", C=o.C, max_iter=200, random_state=o.seed)
+    lr.fit(x_fit, y_fit)
+    p = lr.predict_proba(enc.transform(valid[cols].astype(str)))[:, 1]
+    out = {**_binary_metrics(y_va, p), "n_train": int(len(fit)), "n_valid": int(len(valid)),
+           "n_features": int(x_fit.shape[1]), "seconds": time.perf_counter() - t0}
+    return {**out, "predictions": p} if o.return_predictions else out
+
+
+def _click_rate_baseline(train: pd.DataFrame, valid: pd.DataFrame, label: str, o: RankingBaselineOptions,
+                         y_va: np.ndarray) -> dict:
+    t0 = time.perf_counter()
+    if o.item_col is None:
+        return {"skipped": "no item column given"}
+    rate, glob = item_click_rate(train, o.item_col, _binarise(train, label, o.min_label), o.smoothing)
+    p = valid[o.item_col].map(rate).fillna(glob).to_numpy(dtype=np.float64)
+    out = {**_binary_metrics(y_va, p), "n_train": int(len(train)), "n_valid": int(len(valid)),
+           "seconds": time.perf_counter() - t0}
+    return {**out, "predictions": p} if o.return_predictions else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,19 +306,10 @@ class TopKProtocol:
               label: Optional[str] = None, min_label: Optional[float] = None,
               exclude_seen: bool = True) -> "TopKProtocol":
         """Catalogue = items of ``train``; interactions = positive rows (see ``positives``)."""
-        cat = pd.unique(train[item_col])
         tr = positives(train, label, min_label)
         va = positives(valid, label, min_label)
-        # catalogue in popularity order (training users per item, descending), ties by item id
         tr_pairs = tr[[user_col, item_col]].drop_duplicates()
-        pop = tr_pairs[item_col].value_counts().reindex(cat, fill_value=0)
-        order = pd.DataFrame({"item": cat, "pop": pop.to_numpy()})
-        try:
-            order = order.sort_values(["pop", "item"], ascending=[False, True], kind="mergesort")
-        except TypeError:  # ids of mixed, unorderable types: keep first appearance among ties
-            order = order.sort_values("pop", ascending=False, kind="mergesort")
-        item_ids = order["item"].to_numpy()
-        popularity = order["pop"].to_numpy(dtype=np.int64)
+        item_ids, popularity = _popularity_order(pd.unique(train[item_col]), tr_pairs[item_col])
         item_index = pd.Index(item_ids)
 
         train_users = pd.Index(pd.unique(tr_pairs[user_col]))
@@ -332,12 +338,7 @@ class TopKProtocol:
         cols_sorted = va_pairs["_col"].to_numpy()[by_user]
         bounds = np.cumsum(np.bincount(codes, minlength=len(users)))[:-1] if len(users) else []
         relevant_idx = [np.sort(c) for c in np.split(cols_sorted, bounds)] if len(users) else []
-        rows = train_users.get_indexer(users) if len(users) else np.array([], dtype=np.int64)
-        cold = rows < 0
-        m = full[np.where(cold, 0, rows)] if len(users) else sp.csr_matrix((0, len(item_ids)))
-        if cold.any():
-            m = sp.diags((~cold).astype(np.float64)) @ m
-            m.eliminate_zeros()
+        m, cold = _user_rows(full, train_users, users)
         stats = {
             "n_items": int(len(item_ids)), "n_train_users": int(len(train_users)), "n_users": int(len(users)),
             "n_cold_users": int(cold.sum()),
@@ -406,6 +407,29 @@ class TopKProtocol:
 # retrieval baselines (score functions over the catalogue)
 # ---------------------------------------------------------------------------------------------
 
+def _popularity_order(catalogue: np.ndarray, train_items: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """The catalogue in popularity order (training users per item, descending; ties by item id)
+    and those counts (``train_items``: the item of each distinct training user-item pair)."""
+    pop = train_items.value_counts().reindex(catalogue, fill_value=0)
+    order = pd.DataFrame({"item": catalogue, "pop": pop.to_numpy()})
+    try:
+        order = order.sort_values(["pop", "item"], ascending=[False, True], kind="mergesort")
+    except TypeError:  # ids of mixed, unorderable types: keep first appearance among ties
+        order = order.sort_values("pop", ascending=False, kind="mergesort")
+    return order["item"].to_numpy(), order["pop"].to_numpy(dtype=np.int64)
+
+
+def _user_rows(full: sp.csr_matrix, train_users: pd.Index, users: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+    """The training rows of ``users`` (a zero row for a user without training positives) and which are cold."""
+    rows = train_users.get_indexer(users) if len(users) else np.array([], dtype=np.int64)
+    cold = rows < 0
+    m = full[np.where(cold, 0, rows)] if len(users) else sp.csr_matrix((0, full.shape[1]))
+    if cold.any():
+        m = sp.diags((~cold).astype(np.float64)) @ m
+        m.eliminate_zeros()
+    return m, cold
+
+
 def popularity_scorer(p: TopKProtocol) -> Callable:
     pop = p.popularity.astype(np.float64)
     return lambda rows, xb: np.broadcast_to(pop, (len(rows), len(pop)))
@@ -440,8 +464,6 @@ def ease_weights(x: sp.spmatrix, lam: float = DEFAULT_EASE_LAMBDA) -> np.ndarray
 
     ``X^T X + lam I`` is symmetric positive definite: inverted in place through its Cholesky
     factor (LAPACK potrf/potri), so the peak is about two dense n_items^2 float64 matrices."""
-    from scipy.linalg import lapack
-
     x = sp.csr_matrix(x, dtype=np.float64)
     g = np.asfortranarray((x.T @ x).toarray())
     g[np.diag_indices_from(g)] += lam
@@ -470,34 +492,48 @@ def ease_scorer(p: TopKProtocol, lam: float = DEFAULT_EASE_LAMBDA) -> Callable:
     return lambda rows, xb: np.asarray(xb @ b)
 
 
+@dataclass
+class RetrievalBaselineOptions:
+    """The protocol's (when none is passed): ``exclude_seen``, ``label``/``min_label`` (see
+    ``positives``); ``ease_lambda``; EASE is skipped above ``ease_max_items`` catalogue items;
+    ``batch_size`` users scored at a time (None: from the catalogue size)."""
+
+    exclude_seen: bool = True
+    label: Optional[str] = None
+    min_label: Optional[float] = None
+    ease_lambda: float = DEFAULT_EASE_LAMBDA
+    ease_max_items: int = DEFAULT_EASE_MAX_ITEMS
+    batch_size: Optional[int] = None
+
+
 def retrieval_baselines(train: pd.DataFrame, valid: pd.DataFrame, user_col: str, item_col: str, k: Ks = 10,
-                        exclude_seen: bool = True, label: Optional[str] = None, min_label: Optional[float] = None,
-                        ease_lambda: float = DEFAULT_EASE_LAMBDA, ease_max_items: int = DEFAULT_EASE_MAX_ITEMS,
-                        batch_size: Optional[int] = None, protocol: Optional[TopKProtocol] = None
-                        ) -> dict[str, dict]:
+                        protocol: Optional[TopKProtocol] = None, options: Optional[RetrievalBaselineOptions] = None,
+                        **overrides) -> dict[str, dict]:
     """most_popular, item_cooccurrence and ease under the top-k protocol (module docstring).
 
     Each result: ``recall@k``, ``ndcg@k`` (for every k given), ``n_users``, ``n_items``,
     ``seconds``; EASE above ``ease_max_items`` catalogue items is ``{"skipped": reason}``.
-    Pass ``protocol`` (from ``TopKProtocol.build``) to reuse one already built.
+    Pass ``protocol`` (from ``TopKProtocol.build``) to reuse one already built. ``options``
+    (:class:`RetrievalBaselineOptions`; each field also settable by keyword).
     """
-    p = protocol or TopKProtocol.build(train, valid, user_col, item_col, label, min_label, exclude_seen)
+    o = replace(options or RetrievalBaselineOptions(), **overrides)
+    p = protocol or TopKProtocol.build(train, valid, user_col, item_col, o.label, o.min_label, o.exclude_seen)
     n_items = len(p.item_ids)
     out: dict[str, dict] = {}
     makers: dict[str, Callable[[], Callable]] = {
         "most_popular": lambda: popularity_scorer(p),
         "item_cooccurrence": lambda: cooccurrence_scorer(p),
-        "ease": lambda: ease_scorer(p, ease_lambda),
+        "ease": lambda: ease_scorer(p, o.ease_lambda),
     }
     for name, make in makers.items():
-        if name == "ease" and n_items > ease_max_items:
-            reason = (f"catalogue of {n_items} items exceeds ease_max_items={ease_max_items} "
+        if name == "ease" and n_items > o.ease_max_items:
+            reason = (f"catalogue of {n_items} items exceeds ease_max_items={o.ease_max_items} "
                       f"(EASE inverts a dense {n_items} x {n_items} matrix)")
             log.info("retrieval baseline ease skipped: %s", reason)
             out[name] = {"skipped": reason}
             continue
         t0 = time.perf_counter()
-        res = p.evaluate_scores(make(), k, batch_size)
+        res = p.evaluate_scores(make(), k, o.batch_size)
         out[name] = {**res, "n_items": n_items, "seconds": time.perf_counter() - t0}
     return out
 

@@ -37,8 +37,11 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from pipeline_lib.models import baselines as bl
 from pipeline_lib.config import FeatureKind, RunConfig
+from pipeline_lib.etl.workflow import load_workflow
+from pipeline_lib.models import baselines as bl
+from pipeline_lib.models import retrieval
+from pipeline_lib.models.common import plot_learning_curve
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +137,9 @@ def retrieval_model_scorer(cfg: RunConfig, model_dir: Path, workflow_dir: Path, 
                            valid: pd.DataFrame, protocol: bl.TopKProtocol):
     """A ``TopKProtocol`` score function for a trained retrieval model: one query per evaluated
     user (the query columns of the user's first positive validation row) . every catalogue item."""
-    import nvtabular as nvt
-
-    from pipeline_lib.models import retrieval
-
     c = cfg.columns
     spec = retrieval.RetrievalSpec.from_config(c, cfg.model.type)
-    workflow = nvt.Workflow.load(str(workflow_dir)).remove_inputs([c.label])
+    workflow = load_workflow(workflow_dir).remove_inputs([c.label])
     filler = retrieval.filler_row(train, workflow.input_schema.column_names)
     cat_raw = retrieval.catalogue(train, spec)
     ids, emb = retrieval.item_embeddings(workflow, Path(model_dir), spec, cat_raw, filler)
@@ -202,8 +201,8 @@ def compare_with_baselines(cfg: RunConfig, train_path: Optional[Path], valid_pat
                            workflow_dir: Optional[Path] = None) -> BaselineReport:
     """Baselines of the run's model family on its split, beside the model.
 
-    ``model`` is the train stage's output (``TrainOutput``, ``RetrievalTrainOutput`` or
-    ``SessionTrainOutput``: ``model_dir``, ``metrics``, ``history``, ``metrics_path``).
+    ``model`` is the train stage's output (:class:`pipeline_lib.models.common.TrainOutput`:
+    ``model_dir``, ``metrics``, ``history``, ``metrics_path``).
     ``train_path`` / ``valid_path``: the raw split parquet files (unused for sessions, whose
     baselines come from the model's own evaluation). ``workflow_dir``: the fitted workflow
     (retrieval: to score the model under the standard protocol).
@@ -262,8 +261,6 @@ def reference_lines(report: BaselineReport, keys: tuple[str, ...]) -> dict[str, 
 
 
 def _replot(cfg: RunConfig, model, report: BaselineReport, path: Path) -> None:
-    from pipeline_lib.models.ranking import plot_learning_curve
-
     history = getattr(model, "history", None) or {}
     m = model.metrics
     if report.family == "ranking":

@@ -1,44 +1,22 @@
 """Stage 4 -- transformed + schema -> model: Merlin Models (TensorFlow) trained with Merlin loaders."""
 from __future__ import annotations
 
-import json
 import logging
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import log_loss, roc_auc_score
 
 from pipeline_lib.config import ModelConfig
+from pipeline_lib.models.common import (TrainOutput, import_tf, optimizer, parquet_dataset, plot_learning_curve,
+                                        save_metrics)
+from pipeline_lib.progress import epoch_logger
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainOutput:
-    model_dir: Path
-    metrics: dict
-    history: dict = field(default_factory=dict)
-    metrics_path: Path | None = None
-
-
-def _tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    return tf
-
-
-def _dataset(path: Path):
-    from merlin.io import Dataset
-
-    return Dataset(str(path), engine="parquet")
-
-
 def _regularizer(l2: float):
-    import tensorflow as tf
-
-    return tf.keras.regularizers.L2(l2) if l2 > 0 else None
+    return import_tf().keras.regularizers.L2(l2) if l2 > 0 else None
 
 
 def _embeddings(schema, cfg: ModelConfig):
@@ -102,33 +80,33 @@ def build_model(schema, cfg: ModelConfig, label: str):
     raise ValueError(f"unknown model type '{cfg.type}'")
 
 
+def compiled_model(schema, cfg: ModelConfig, label: str):
+    """:func:`build_model` compiled with ``model.optimizer`` at ``model.learning_rate``, AUC as its metric."""
+    model = build_model(schema, cfg, label)
+    model.compile(optimizer=optimizer(cfg.optimizer, cfg.learning_rate), run_eagerly=False,
+                  metrics=[import_tf().keras.metrics.AUC(name="auc")])
+    return model
+
+
 def train(train_dir: Path, valid_dir: Path, cfg: ModelConfig, label: str, seed: int, out_dir: Path) -> TrainOutput:
     """Train on ``train_dir``, evaluate AUC/logloss on ``valid_dir``, save model + metrics."""
-    tf = _tf()
     import merlin.models.tf as mm
     from merlin.schema import Tags
 
-    tf.keras.utils.set_random_seed(seed)
-    train_ds, valid_ds = _dataset(train_dir), _dataset(valid_dir)
+    keras = import_tf().keras
+    keras.utils.set_random_seed(seed)
+    train_ds, valid_ds = parquet_dataset(train_dir), parquet_dataset(valid_dir)
     schema = train_ds.schema
     if label not in schema.column_names:
         raise ValueError(f"label column '{label}' missing from the transformed schema")
     features = schema.excluding_by_tag(Tags.TARGET)
-    model = build_model(schema, cfg, label)
-    optimizer = {
-        "adam": tf.keras.optimizers.Adam,
-        "adagrad": tf.keras.optimizers.Adagrad,
-        "sgd": tf.keras.optimizers.SGD,
-    }[cfg.optimizer](learning_rate=cfg.learning_rate)
-    model.compile(optimizer=optimizer, run_eagerly=False, metrics=[tf.keras.metrics.AUC(name="auc")])
+    model = compiled_model(schema, cfg, label)
 
     train_loader = mm.Loader(train_ds, batch_size=cfg.batch_size, shuffle=True)
     valid_loader = mm.Loader(valid_ds, batch_size=cfg.batch_size, shuffle=False)
-    from pipeline_lib.progress import epoch_logger
-
     callbacks = [epoch_logger(cfg.epochs, log)]
     if cfg.early_stopping_patience:
-        callbacks.append(tf.keras.callbacks.EarlyStopping(
+        callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_auc", mode="max", patience=cfg.early_stopping_patience, restore_best_weights=True))
     log.info("training %s: %d epochs over %d rows (batch %d), validation on %d rows", cfg.type, cfg.epochs,
              train_ds.num_rows, cfg.batch_size, valid_ds.num_rows)
@@ -149,40 +127,9 @@ def train(train_dir: Path, valid_dir: Path, cfg: ModelConfig, label: str, seed: 
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = out_dir / "model"
     model.save(str(model_dir))
-    metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
+    metrics_path = save_metrics(out_dir, metrics, history)
     plot_learning_curve(history, out_dir / "learning_curve.png", title=f"{cfg.type}: validation AUC {metrics['auc']:.4f}")
     return TrainOutput(model_dir=model_dir, metrics=metrics, history=history, metrics_path=metrics_path)
-
-
-def plot_learning_curve(history: dict, path: Path, title: str = "", keys: tuple[str, ...] = ("loss", "auc"),
-                        references: dict[str, dict[str, float]] | None = None) -> Path:
-    """Loss and a metric per epoch, train vs validation, as a PNG. ``references``: ``{key:
-    {label: value}}`` drawn as horizontal lines on the panel of ``key`` (the baselines)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for prefix, style in (("", "-o"), ("val_", "--s")):
-            values = history.get(prefix + key)
-            if values:
-                ax.plot(range(1, len(values) + 1), values, style, label=(prefix or "train_") + key)
-        for i, (label, value) in enumerate((references or {}).get(key, {}).items()):
-            ax.axhline(value, color=f"C{i + 2}", linestyle=":", linewidth=1.5, label=f"{label} {value:.4f}")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(key)
-        ax.legend(fontsize="small")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
 
 
 def predict_dataset(model, dataset, batch_size: int) -> np.ndarray:
@@ -194,8 +141,6 @@ def predict_dataset(model, dataset, batch_size: int) -> np.ndarray:
 
 
 def ranking_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
-    from sklearn.metrics import log_loss, roc_auc_score
-
     labels = np.asarray(labels).reshape(-1)
     scores = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), 1e-7, 1 - 1e-7)
     return {

@@ -33,10 +33,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -44,7 +43,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.config import ColumnsConfig, FeatureSide, ModelConfig
-from pipeline_lib.etl.workflow import history_column
+from pipeline_lib.etl.workflow import history_column, load_workflow
+from pipeline_lib.models.baselines import TopKProtocol, mask_rows, positives
+from pipeline_lib.models.common import TrainOutput, import_tf, optimizer, plot_learning_curve, save_metrics
+from pipeline_lib.progress import epoch_line
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +82,6 @@ class RetrievalSpec:
     def to_json(self) -> dict:
         return dict(model_type=self.model_type, item_id=self.item_id, query_columns=self.query_columns,
                     item_columns=self.item_columns, history=self.history)
-
-
-@dataclass
-class RetrievalTrainOutput:
-    model_dir: Path
-    metrics: dict
-    history: dict = field(default_factory=dict)
-    metrics_path: Optional[Path] = None
-
-
-def _tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    return tf
 
 
 def side_transform(workflow, raw: pd.DataFrame, keep: list[str], filler: dict) -> pd.DataFrame:
@@ -207,16 +194,8 @@ def training_frame(transformed: pd.DataFrame, label: str, spec: RetrievalSpec, h
     return pos
 
 
-def _optimizer(cfg: ModelConfig):
-    tf = _tf()
-    return {"adam": tf.keras.optimizers.Adam, "adagrad": tf.keras.optimizers.Adagrad,
-            "sgd": tf.keras.optimizers.SGD}[cfg.optimizer](learning_rate=retrieval_schedule(cfg)[2])
-
-
 def first_positive_rows(valid: pd.DataFrame, label: str, user_col: str, users: np.ndarray) -> pd.DataFrame:
     """The query of each user of the per-user protocol: the user's first positive validation row."""
-    from pipeline_lib.models.baselines import positives
-
     first = positives(valid, label).drop_duplicates(user_col, keep="first").set_index(user_col)
     return first.loc[users].reset_index()
 
@@ -235,8 +214,6 @@ class EpochEval:
     @classmethod
     def build(cls, workflow, spec: RetrievalSpec, train_raw: pd.DataFrame, valid_raw: pd.DataFrame,
               columns: ColumnsConfig, filler: dict, k: int) -> "EpochEval":
-        from pipeline_lib.models.baselines import TopKProtocol
-
         p = TopKProtocol.build(train_raw, valid_raw, columns.user_id, columns.item_id, columns.label)
         cat = catalogue(train_raw, spec).set_index(spec.item_id).loc[p.item_ids].reset_index()
         if spec.history:
@@ -249,7 +226,7 @@ class EpochEval:
 
     def __call__(self, model, spec: RetrievalSpec) -> dict:
         """``recall@k`` / ``ndcg@k`` of the model as it is now."""
-        tf = _tf()
+        tf = import_tf()
         call = lambda layer: (lambda a: np.asarray(layer({n: tf.convert_to_tensor(v) for n, v in a.items()},  # noqa: E731
                                                          training=False), dtype=np.float32))
         q = encode_with(call(model.query_encoder), self.queries, spec.query_columns)
@@ -271,16 +248,13 @@ def retrieval_schedule(cfg: ModelConfig) -> tuple[int, Optional[int], float]:
 
 
 def train(workflow_dir: Path, train_dir: Path, raw_train: Path, raw_valid: Path, columns: ColumnsConfig,
-          cfg: ModelConfig, seed: int, out_dir: Path) -> RetrievalTrainOutput:
+          cfg: ModelConfig, seed: int, out_dir: Path) -> TrainOutput:
     """Train a retrieval model, keep the epoch with the best per-user validation recall@k (the
     baselines' protocol), save its encoders and evaluate top-k on the held-out positives."""
-    tf = _tf()
-    import nvtabular as nvt
-
-    tf.keras.utils.set_random_seed(seed)
+    import_tf().keras.utils.set_random_seed(seed)
     spec = RetrievalSpec.from_config(columns, cfg.type)
     model, fit, n_train = _compiled_model(train_dir, spec, columns, cfg)
-    workflow = nvt.Workflow.load(str(workflow_dir)).remove_inputs([columns.label])
+    workflow = load_workflow(workflow_dir).remove_inputs([columns.label])
     valid_raw, train_raw = pd.read_parquet(raw_valid), pd.read_parquet(raw_train)
     cat_raw = catalogue(train_raw, spec)
     filler = filler_row(train_raw, workflow.input_schema.column_names)
@@ -297,15 +271,12 @@ def train(workflow_dir: Path, train_dir: Path, raw_train: Path, raw_valid: Path,
     metrics = m | {"model": cfg.type, "epochs_run": len(history["loss"]), "best_epoch": best_epoch + 1,
                    "n_train": n_train, f"user_recall@{k}": history["val_recall"][best_epoch],
                    f"user_ndcg@{k}": history["val_ndcg"][best_epoch]}
-    metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
-    from pipeline_lib.models.ranking import plot_learning_curve
-
+    metrics_path = save_metrics(out_dir, metrics, history)
     plot_learning_curve(history, out_dir / "learning_curve.png", keys=("loss", "recall", "ndcg"),
                         title=f"{cfg.type}: validation recall@{k} {metrics['recall']:.4f}")
     log.info("%s validation recall@%d %.4f ndcg@%d %.4f; per user, seen excluded: recall@%d %.4f (epoch %d)",
              cfg.type, k, metrics["recall"], k, metrics["ndcg"], k, metrics[f"user_recall@{k}"], best_epoch + 1)
-    return RetrievalTrainOutput(model_dir=model_dir, metrics=metrics, history=history, metrics_path=metrics_path)
+    return TrainOutput(model_dir=model_dir, metrics=metrics, history=history, metrics_path=metrics_path)
 
 
 def _compiled_model(train_dir: Path, spec: RetrievalSpec, columns: ColumnsConfig, cfg: ModelConfig):
@@ -329,7 +300,7 @@ def _compiled_model(train_dir: Path, spec: RetrievalSpec, columns: ColumnsConfig
     else:
         model_schema = schema.select_by_name(list(dict.fromkeys(spec.query_columns + spec.item_columns)))
     train_ds = Dataset(frame[model_schema.column_names], schema=model_schema, cpu=True)
-    model.compile(optimizer=_optimizer(cfg), run_eagerly=False)
+    model.compile(optimizer=optimizer(cfg.optimizer, retrieval_schedule(cfg)[2]), run_eagerly=False)
     fit_kwargs = {}
     if spec.history:
         fit_kwargs["pre"] = mm.SequencePredictLast(schema=model_schema.select_by_name([spec.history]),
@@ -346,8 +317,6 @@ def _fit_epochs(model, fit, check: EpochEval, spec: RetrievalSpec, epochs: int,
                 patience: Optional[int]) -> tuple[dict, int]:
     """Train epoch by epoch, scoring the per-user protocol after each; the model ends with the
     weights of the best epoch (by recall@k). Returns the history and the best epoch (from 0)."""
-    from pipeline_lib.progress import epoch_line
-
     history: dict[str, list] = {"loss": [], "val_recall": [], "val_ndcg": []}
     best_w, best_epoch = None, -1
     for epoch in range(epochs):
@@ -386,7 +355,7 @@ def save(model, spec: RetrievalSpec, model_dir: Path) -> Path:
 
 def load_encoder(path: Path):
     """A SavedModel's serving signature and its input dtypes."""
-    tf = _tf()
+    tf = import_tf()
     model = tf.saved_model.load(str(path))
     fn = model.signatures["serving_default"]
     dtypes = {k: v.dtype for k, v in fn.structured_input_signature[1].items()}
@@ -418,7 +387,7 @@ def encode_with(fn, transformed: pd.DataFrame, names: list[str] | None = None, b
 def call_signature(bound, arrays: dict) -> np.ndarray:
     """One call of a SavedModel's serving signature on model input tensors (numpy; lists as
     ``name__values``/``name__offsets``); returns its (first) output as float32."""
-    tf = _tf()
+    tf = import_tf()
     _, fn, dtypes = bound
     inputs = {}
     for name, dtype in dtypes.items():
@@ -455,8 +424,6 @@ def top_k(query: np.ndarray, items: np.ndarray, k: int,
     """Exact top-k by dot product: (catalogue row indices [n, k], scores [n, k]), best first;
     ties go to the lower row. ``exclude``: per query, catalogue rows never returned (their score
     is -inf; a query left with fewer than k other items gets them last, at -inf)."""
-    from pipeline_lib.models.baselines import mask_rows
-
     scores = mask_rows(np.asarray(query, dtype=np.float32) @ np.asarray(items, dtype=np.float32).T, exclude, -np.inf)
     k = min(k, scores.shape[1])
     idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -476,7 +443,7 @@ def retrieval_metrics(scores: np.ndarray, item_ids: np.ndarray, targets: np.ndar
     """Merlin Models' RecallAt/PrecisionAt/NDCGAt/MRRAt over a [queries, catalogue] score matrix;
     one relevant item per query (its target). Queries whose target is not in the catalogue (an
     item never seen in training) count as misses."""
-    tf = _tf()
+    tf = import_tf()
     import merlin.models.tf as mm
 
     row = pd.Series(np.arange(len(item_ids)), index=item_ids)

@@ -31,28 +31,24 @@ items are masked for the model and both baselines alike (:func:`exclusions`, :fu
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline_lib.config import SessionColumns, SessionModelConfig
+from pipeline_lib.etl.sessions import item_vocabulary, prefixes
+from pipeline_lib.etl.workflow import load_workflow
+from pipeline_lib.models.baselines import mask_rows
+from pipeline_lib.models.common import TrainOutput, first_output, import_tf, plot_learning_curve, save_metrics
+from pipeline_lib.progress import epoch_logger
 
 log = logging.getLogger(__name__)
 
 N_SPECIAL = 3  # Categorify: 0 padding, 1 null, 2 out-of-vocabulary; never recommended
 MASKED = -1e9
-
-
-def _tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    return tf
 
 
 _ENCODER = None
@@ -67,7 +63,7 @@ def _encoder_class():
 
 
 def _define_encoder():
-    tf = _tf()
+    tf = import_tf()
 
     @tf.keras.utils.register_keras_serializable(package="recsys_pipeline")
     class SessionEncoder(tf.keras.layers.Layer):
@@ -100,19 +96,7 @@ def _define_encoder():
                 for rnn in self.rnns:
                     h = rnn(h, training=training)
             else:
-                dense = h.to_tensor()  # [B, T, d], zero padded at the end
-                T = tf.shape(dense)[1]
-                dense = dense + self.positions(tf.range(T))[tf.newaxis]
-                pad = tf.sequence_mask(lengths, T)  # [B, T]
-                attn_mask = tf.logical_and(pad[:, tf.newaxis, :], pad[:, :, tf.newaxis])
-                causal = tf.linalg.band_part(tf.ones((T, T), tf.bool), -1, 0)
-                attn_mask = tf.logical_and(attn_mask, causal[tf.newaxis])
-                for attn, n1, n2, ffn in zip(self.attn, self.norm1, self.norm2, self.ffn):
-                    a = n1(dense)
-                    dense = dense + self.drop(attn(a, a, attention_mask=attn_mask, training=training), training=training)
-                    dense = dense + self.drop(ffn(n2(dense)), training=training)
-                dense = self.final_norm(dense)
-                h = tf.RaggedTensor.from_tensor(dense, lengths=lengths)
+                h = _causal_attention(self, h, lengths, training)
             if training:
                 return h  # every position predicts the next item (SequencePredictNext)
             last = h.row_limits() - 1
@@ -129,6 +113,24 @@ def _define_encoder():
     return SessionEncoder
 
 
+def _causal_attention(layer, h, lengths, training):
+    """The transformer encoder's blocks over ragged per-event states ``h``: learned positions, causal +
+    padding mask, pre-norm self-attention and feed-forward with residuals, a final norm."""
+    tf = import_tf()
+    dense = h.to_tensor()  # [B, T, d], zero padded at the end
+    T = tf.shape(dense)[1]
+    dense = dense + layer.positions(tf.range(T))[tf.newaxis]
+    pad = tf.sequence_mask(lengths, T)  # [B, T]
+    attn_mask = tf.logical_and(pad[:, tf.newaxis, :], pad[:, :, tf.newaxis])
+    causal = tf.linalg.band_part(tf.ones((T, T), tf.bool), -1, 0)
+    attn_mask = tf.logical_and(attn_mask, causal[tf.newaxis])
+    for attn, n1, n2, ffn in zip(layer.attn, layer.norm1, layer.norm2, layer.ffn):
+        a = n1(dense)
+        dense = dense + layer.drop(attn(a, a, attention_mask=attn_mask, training=training), training=training)
+        dense = dense + layer.drop(ffn(n2(dense)), training=training)
+    return tf.RaggedTensor.from_tensor(layer.final_norm(dense), lengths=lengths)
+
+
 def item_column(schema, cols: SessionColumns):
     return schema[cols.item_id]
 
@@ -140,7 +142,7 @@ def build_session_model(schema, cfg: SessionModelConfig, cols: SessionColumns, m
     from merlin.models.tf.outputs.classification import EmbeddingTablePrediction
     from merlin.schema import Tags
 
-    tf = _tf()
+    tf = import_tf()
     tie = cfg.tie_weights if tie is None else tie
     seq = schema.select_by_tag(Tags.SEQUENCE)
     cats = seq.select_by_tag(Tags.CATEGORICAL)
@@ -156,20 +158,12 @@ def build_session_model(schema, cfg: SessionModelConfig, cols: SessionColumns, m
     return mm.Model(input_block, encoder, project, mm.CategoricalOutput(to_call=table, target_name=cols.item_id))
 
 
-@dataclass
-class SessionTrainOutput:
-    model_dir: Path
-    metrics: dict
-    history: dict = field(default_factory=dict)
-    metrics_path: Path | None = None
-
-
 def train_session_model(train_dir: Path, cfg: SessionModelConfig, cols: SessionColumns, max_length: int, seed: int,
                         out_dir: Path, k: int = 10):
     """Fit with ``mm.SequencePredictNext`` and save the SavedModel; returns (model, model_dir, history).
     With ``cfg.validation_fraction`` > 0 that share of the training sessions is held out of the fit to
     pick the epoch (:func:`early_stopping`)."""
-    tf = _tf()
+    tf = import_tf()
     import merlin.models.tf as mm
     from merlin.io import Dataset
     from merlin.schema import Tags
@@ -186,8 +180,6 @@ def train_session_model(train_dir: Path, cfg: SessionModelConfig, cols: SessionC
     loader = mm.Loader(fit_ds, batch_size=cfg.batch_size, shuffle=True, schema=schema)
     if cfg.popularity_prior:
         init_output_bias(model, loader, frame.loc[~stop, cols.item_id], n_items)
-    from pipeline_lib.progress import epoch_logger
-
     callbacks = [epoch_logger(cfg.epochs, log)]
     if stop.any():
         callbacks.insert(0, early_stopping(frame.loc[stop], ds.schema, cols.item_id, k, cfg.early_stopping_patience))
@@ -208,7 +200,7 @@ def early_stopping(sessions: pd.DataFrame, schema, item_col: str, k: int, patien
     """A Keras callback: after every epoch, Recall@k of the model on ``sessions`` (transformed training
     sessions kept out of the fit: prefix in, last item as target, the prefix's items excluded); logs it
     as ``val_recall``, stops after ``patience`` epochs without improvement and restores the best weights."""
-    tf = _tf()
+    tf = import_tf()
     import merlin.models.tf as mm
     from merlin.io import Dataset
 
@@ -227,8 +219,7 @@ def early_stopping(sessions: pd.DataFrame, schema, item_col: str, k: int, patien
         def on_epoch_end(self, epoch, logs=None):
             out = []
             for x, _ in mm.Loader(Dataset(prefix, schema=schema, cpu=True), batch_size=1024, shuffle=False):
-                pred = self.model(x)
-                out.append(np.asarray(next(iter(pred.values())) if isinstance(pred, dict) else pred))
+                out.append(first_output(self.model(x)))
             recall = topk_metrics(mask_scores(np.concatenate(out), excl), targets, k)[f"recall@{k}"]
             if logs is not None:
                 logs["val_recall"] = recall
@@ -272,7 +263,7 @@ def raw_to_transformed(workflow, raw: pd.DataFrame) -> pd.DataFrame:
 
 def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, batch_size: int = 512, model=None) -> np.ndarray:
     """Next-item scores [sessions, vocabulary] for raw sessions so far: workflow + Merlin Loader + SavedModel."""
-    tf = _tf()
+    tf = import_tf()
     import merlin.models.tf as mm
     from merlin.io import Dataset
 
@@ -281,9 +272,7 @@ def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, batch_size: int
     ds = Dataset(transformed, schema=workflow.output_schema, cpu=True)
     out = []
     for inputs, _ in mm.Loader(ds, batch_size=batch_size, shuffle=False):
-        pred = model(inputs)
-        pred = next(iter(pred.values())) if isinstance(pred, dict) else pred
-        out.append(np.asarray(pred, dtype=np.float32))
+        out.append(first_output(model(inputs)))
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -300,8 +289,6 @@ def top_k(scores: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -
 
 def mask_scores(scores: np.ndarray, exclude: list[np.ndarray] | None, value: float = MASKED) -> np.ndarray:
     """A copy of ``scores`` with the special slots and each row's excluded indices set to ``value``."""
-    from pipeline_lib.models.baselines import mask_rows
-
     s = np.array(scores, dtype=np.float32, copy=True)
     s[:, :N_SPECIAL] = value
     return mask_rows(s, exclude, value)
@@ -341,7 +328,7 @@ def _as_list(v) -> list:
 def topk_metrics(scores: np.ndarray, targets: np.ndarray, k: int, batch: int = 2048, mask_special: bool = True) -> dict:
     """Recall@k, NDCG@k, MRR@k of score rows against one target index each (mm.RecallAt/NDCGAt/MRRAt).
     Ties are broken at random (Merlin's ``extract_topk``, seeded)."""
-    tf = _tf()
+    tf = import_tf()
     import merlin.models.tf as mm
 
     metrics = {f"recall@{k}": mm.RecallAt(k, seed=0), f"ndcg@{k}": mm.NDCGAt(k, seed=0), f"mrr@{k}": mm.MRRAt(k, seed=0)}
@@ -387,8 +374,6 @@ def evaluate(workflow, model_dir: Path, valid_sessions: pd.DataFrame, train_tran
              cols: SessionColumns, k: int, n_items: int, exclude_seen: bool = True) -> dict:
     """Model vs baselines on the last item of every held-out session (prefix = the events before it).
     ``exclude_seen``: the prefix's own items are never recommended, by the model and by the baselines."""
-    from pipeline_lib.etl.sessions import item_vocabulary, prefixes
-
     req, _ = prefixes(valid_sessions, cols)
     # targets in the model's index space: encode the full held-out sessions with the same workflow
     full = raw_to_transformed(workflow, valid_sessions[req.columns])
@@ -408,19 +393,15 @@ def evaluate(workflow, model_dir: Path, valid_sessions: pd.DataFrame, train_tran
     return results
 
 
-def train_and_evaluate(etl_out, cfg, out_dir: Path) -> SessionTrainOutput:
+def train_and_evaluate(etl_out, cfg, out_dir: Path) -> TrainOutput:
     """Train (``session.model``), evaluate against the baselines on the held-out sessions, save metrics.json."""
-    import time
-
-    import nvtabular as nvt
-
     s = cfg.session
     t0 = time.perf_counter()
     model, model_dir, history = train_session_model(etl_out.train_dir, s.model, s.columns, s.etl.max_session_length,
                                                     cfg.seed, out_dir, s.top_k)
     train_s = time.perf_counter() - t0
     best_epoch = history.pop("best_epoch", None)
-    workflow = nvt.Workflow.load(str(etl_out.workflow_dir))
+    workflow = load_workflow(etl_out.workflow_dir)
     n_items = int(workflow.output_schema[s.columns.item_id].int_domain.max) + 1
     train_tf = pd.read_parquet(sorted(Path(etl_out.train_dir).glob("*.parquet"))[0])
     valid = pd.read_parquet(etl_out.split.valid)
@@ -439,13 +420,10 @@ def train_and_evaluate(etl_out, cfg, out_dir: Path) -> SessionTrainOutput:
         log.warning("%.0f%% of the held-out targets are items already in their session: with session.exclude_seen "
                     "they are never recommended (repeat consumption; see docs/sessions.md)",
                     100 * results["target_in_prefix_rate"])
-    metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
-    from pipeline_lib.models.ranking import plot_learning_curve
-
+    metrics_path = save_metrics(out_dir, metrics, history)
     plot_learning_curve(history, out_dir / "learning_curve.png", keys=("loss",),
                         title=f"session_{s.model.type}: recall@{k} {metrics[f'recall@{k}']:.4f} (held-out sessions)")
     log.info("session_%s: recall@%d %.4f ndcg@%d %.4f (most popular %.4f, co-occurrence %.4f)", s.model.type, k,
              metrics[f"recall@{k}"], k, metrics[f"ndcg@{k}"], results["most_popular"][f"recall@{k}"],
              results["cooccurrence"][f"recall@{k}"])
-    return SessionTrainOutput(model_dir, metrics, history, metrics_path)
+    return TrainOutput(model_dir, metrics, history, metrics_path)

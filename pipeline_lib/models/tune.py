@@ -29,13 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import optuna
 import pandas as pd
 
 from pipeline_lib import report
-from pipeline_lib.models import retrieval
-from pipeline_lib.models import ranking as train
 from pipeline_lib.config import SEARCH_SPACE, TUNABLE, ModelConfig, RunConfig
 from pipeline_lib.etl.workflow import EtlOutput
+from pipeline_lib.models import ranking as train
+from pipeline_lib.models import retrieval
+from pipeline_lib.models.common import import_tf, parquet_dataset
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +122,7 @@ def direction_of(metric: str) -> str:
 
 def _pruning_callback(trial, monitor: str, prune: bool):
     """A Keras callback: report ``logs[monitor]`` per epoch to the trial; stop training when pruned."""
-    import tensorflow as tf
-
-    class Report(tf.keras.callbacks.Callback):
+    class Report(import_tf().keras.callbacks.Callback):
         pruned_at: Optional[int] = None
 
         def on_epoch_end(self, epoch, logs=None):
@@ -138,17 +138,12 @@ def _pruning_callback(trial, monitor: str, prune: bool):
 
 def _ranking_trial(trial, cfg: RunConfig, mcfg: ModelConfig, etl_out: EtlOutput, metric: str) -> float:
     """Train a ranking model in memory; per-epoch validation figures feed the pruner."""
-    import optuna
-
-    tf = train._tf()
     import merlin.models.tf as mm
 
-    tf.keras.utils.set_random_seed(cfg.seed)
+    import_tf().keras.utils.set_random_seed(cfg.seed)
     label = cfg.columns.label
-    train_ds, valid_ds = train._dataset(etl_out.train_dir), train._dataset(etl_out.valid_dir)
-    model = train.build_model(train_ds.schema, mcfg, label)
-    model.compile(optimizer=retrieval._optimizer(mcfg), run_eagerly=False,
-                  metrics=[tf.keras.metrics.AUC(name="auc")])
+    train_ds, valid_ds = parquet_dataset(etl_out.train_dir), parquet_dataset(etl_out.valid_dir)
+    model = train.compiled_model(train_ds.schema, mcfg, label)
     reporter = _pruning_callback(trial, "val_auc" if metric == "auc" else "val_loss", cfg.tune.pruning)
     model.fit(mm.Loader(train_ds, batch_size=mcfg.batch_size, shuffle=True), epochs=mcfg.epochs, verbose=0,
               validation_data=mm.Loader(valid_ds, batch_size=mcfg.batch_size, shuffle=False), callbacks=[reporter])
@@ -175,8 +170,6 @@ def _retrieval_trial(trial, cfg: RunConfig, mcfg: ModelConfig, etl_out: EtlOutpu
 
 
 def _objective(cfg: RunConfig, etl_out: EtlOutput, space: dict, metric: str, work_dir: Path):
-    import optuna
-
     def objective(trial) -> float:
         params = suggest(trial, space)
         try:
@@ -190,7 +183,7 @@ def _objective(cfg: RunConfig, etl_out: EtlOutput, space: dict, metric: str, wor
             trial.set_user_attr("note", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             raise
         finally:
-            train._tf().keras.backend.clear_session()  # free the trial's graph before the next one
+            import_tf().keras.backend.clear_session()  # free the trial's graph before the next one
 
     return objective
 
@@ -208,8 +201,6 @@ def _log_trial(n_trials: int, metric: str):
 def run_study(cfg: RunConfig, etl_out: EtlOutput, out_dir: Path) -> TuneResult:
     """Search ``cfg.model``'s hyperparameters within ``cfg.tune``'s budget; write trials.csv,
     best_config.json and history.png to ``out_dir``; return the best trial and its ModelConfig."""
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from _log_trial
     t, metric = cfg.tune, cfg.gate_metric
     space = search_space(cfg.model.type, t.space)

@@ -7,6 +7,7 @@ PATH only when ``TRITONSERVER_BIN`` points at it.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -17,9 +18,12 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+from pipeline_lib.quiet import CHILD_WARNINGS
+from pipeline_lib.serving.repository import ADMIN_HEADER, LiveServer
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +111,6 @@ def _die_with_parent() -> None:
     """In the child before exec: Linux sends it SIGTERM when the starting process dies, so a killed
     `recsys serve` or test run never leaves an orphan tritonserver holding the ports."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
@@ -122,44 +124,50 @@ def server_env(paths: TritonPaths) -> dict:
     if ld:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(ld)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from pipeline_lib.quiet import CHILD_WARNINGS
-
     if env.get("PYTHONWARNINGS", "") in ("", CHILD_WARNINGS):  # unless the user set their own: none in triton.log
         env["PYTHONWARNINGS"] = "ignore"
     return env
 
 
+@dataclass
+class ServerOptions:
+    """How :class:`TritonServer` runs tritonserver. ``auto_ports=True`` ignores the three ports and
+    picks free ones at start(); if another process takes one of them before Triton binds it,
+    start() picks again. ``model_control``: none | poll | explicit (``load_models`` at start;
+    ``repository_poll_secs`` for poll). ``admin_api_key``: load/unload only with that key."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_file: Optional[Path] = None
+    extra_args: Optional[list[str]] = None
+    model_control: str = "none"
+    load_models: Optional[list[str]] = None
+    repository_poll_secs: int = 5
+    admin_api_key: Optional[str] = None
+    auto_ports: bool = False
+
+
 class TritonServer:
     """A tritonserver child process; use as a context manager or call start()/stop()."""
 
-    def __init__(
-        self,
-        model_repository: Path,
-        host: str = "127.0.0.1",
-        http_port: int = 8000,
-        grpc_port: int = 8001,
-        metrics_port: int = 8002,
-        log_file: Optional[Path] = None,
-        extra_args: Optional[list[str]] = None,
-        model_control: str = "none",
-        load_models: Optional[list[str]] = None,
-        repository_poll_secs: int = 5,
-        admin_api_key: Optional[str] = None,
-        auto_ports: bool = False,
-    ):
-        """``auto_ports=True`` ignores the three ports given and picks free ones at start(); if
-        another process takes one of them before Triton binds it, start() picks again."""
+    def __init__(self, model_repository: Path, options: Optional[ServerOptions] = None, **overrides: Any):
+        """``options`` (default :class:`ServerOptions`), each field also settable by keyword
+        (``TritonServer(repo, log_file=..., model_control="explicit")``)."""
+        o = replace(options or ServerOptions(), **overrides)
+        self.options = o
         self.model_repository = Path(model_repository).resolve()
-        self.host = host
-        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
-        self.log_file = Path(log_file) if log_file else self.model_repository.parent / "triton.log"
-        self.extra_args = extra_args or []
-        self.model_control = model_control
-        self.load_models = load_models or []
-        self.repository_poll_secs = repository_poll_secs
-        self.admin_api_key = admin_api_key
+        self.host = o.host
+        self.http_port, self.grpc_port, self.metrics_port = o.http_port, o.grpc_port, o.metrics_port
+        self.log_file = Path(o.log_file) if o.log_file else self.model_repository.parent / "triton.log"
+        self.extra_args = list(o.extra_args or [])
+        self.model_control = o.model_control
+        self.load_models = list(o.load_models or [])
+        self.repository_poll_secs = o.repository_poll_secs
+        self.admin_api_key = o.admin_api_key
         self.process: Optional[subprocess.Popen] = None
-        self.auto_ports = auto_ports
+        self.auto_ports = o.auto_ports
 
     @classmethod
     def on_free_ports(cls, model_repository: Path, **kwargs) -> "TritonServer":
@@ -199,8 +207,6 @@ class TritonServer:
         """Load/unload (model-repository API) only with the admin key; inference stays open."""
         if not self.admin_api_key:
             return []
-        from pipeline_lib.serving.repository import ADMIN_HEADER
-
         rule = f"model-repository:{ADMIN_HEADER}={self.admin_api_key}"
         return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
 
@@ -319,17 +325,16 @@ def server_from_config(serving_cfg, repository: Path, model_name: str, log_file:
     """The long-running server of `recsys serve`: explicit model control by default, so a
     promotion switches versions through the (optionally key-restricted) model-repository API."""
     s = serving_cfg
-    return TritonServer(
-        repository, s.host, s.http_port, s.grpc_port, s.metrics_port,
+    return TritonServer(repository, ServerOptions(
+        s.host, s.http_port, s.grpc_port, s.metrics_port,
         log_file=log_file or Path(repository).resolve().parent / "triton.log",
         model_control=s.model_control, load_models=[model_name],
         repository_poll_secs=s.repository_poll_secs, admin_api_key=admin_key(s),
-    )
+    ))
 
 
 def live_server(serving_cfg):
     """The running Triton to switch after a promotion, or None (nothing running / not explicit mode)."""
-    from pipeline_lib.serving.repository import LiveServer
     import tritonclient.http as httpclient
 
     if serving_cfg.model_control != "explicit":

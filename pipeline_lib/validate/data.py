@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -68,137 +68,161 @@ def validate_raw(
     if load_report is None:
         side = Path(path).parent / "load_report.json"
         load_report = json.loads(side.read_text()) if side.is_file() else {}
-    sources: dict = load_report.get("column_sources", {})
-    input_files = sorted(set(load_report.get("files", {}).values())) or [str(path)]
-
-    def where(col: str) -> str:
-        return sources.get(col, ", ".join(input_files) if len(input_files) > 1 else input_files[0])
-
+    origin = _Origin(load_report, path)
     try:
         df = pd.read_parquet(path)
     except Exception as exc:
         raise DataValidationError([Problem(str(path), "*", f"file not readable: {exc}")]) from exc
 
-    problems: list[Problem] = []
-    warnings: list[str] = []
+    problems, warnings = _unmatched_ids(load_report, validation.unmatched_ids == "error")
     if len(df) == 0:
-        problems.append(Problem(", ".join(input_files), "*", "table has no rows"))
+        problems.insert(0, Problem(origin.all_files, "*", "table has no rows"))
+    required = list(columns.input_columns) + ([columns.timestamp] if columns.timestamp else [])
+    # the raw stage keeps only the columns the config uses; what it ignored is the likely typo
+    in_files = sorted({str(c) for c in df.columns} | _ignored_columns(load_report))
+    problems += [Problem(origin.all_files, col, "required column is missing", example=in_files[:10])
+                 for col in required if col not in df.columns]
+    for check in (_id_and_label_problems, _timestamp_problems, _continuous_problems, _shape_problems):
+        problems += check(df, columns, origin.where)
+    problems += _null_rate_problems(df, columns, validation, origin.where)
+    if problems:
+        raise DataValidationError(problems)
+    return ValidationReport(path=path, n_rows=len(df), stats=column_stats(df, columns, required), warnings=warnings,
+                            sources=load_report.get("files", {}))
 
+
+class _Origin:
+    """Which user file a column came from (the load report's ``column_sources``), for problems."""
+
+    def __init__(self, load_report: dict, path: Path):
+        self.sources: dict = load_report.get("column_sources", {})
+        self.files = sorted(set(load_report.get("files", {}).values())) or [str(path)]
+        self.all_files = ", ".join(self.files)
+
+    def where(self, col: str) -> str:
+        return self.sources.get(col, self.all_files if len(self.files) > 1 else self.files[0])
+
+
+def _unmatched_ids(load_report: dict, as_errors: bool) -> tuple[list[Problem], list[str]]:
+    """Ids of the interactions that the user/item tables did not match: problems or warnings."""
+    problems, warnings = [], []
     for u in load_report.get("unmatched", []):
         p = Problem(u["file"], u["column"], f"{u['distinct_ids']} id(s) used in the interactions have no row in the "
                     f"{u['table']} table (their {u['table'][:-1]} features are null)", u["rows"], u["example"])
-        if validation.unmatched_ids == "error":
+        if as_errors:
             problems.append(p)
         else:
             warnings.append(str(p))
+    return problems, warnings
 
-    required = list(columns.input_columns)
-    if columns.timestamp:
-        required.append(columns.timestamp)
-    # the raw stage keeps only the columns the config uses; what it ignored is the likely typo
-    in_files = sorted({str(c) for c in df.columns} | _ignored_columns(load_report))
-    for col in required:
-        if col not in df.columns:
-            problems.append(Problem(", ".join(input_files), col, "required column is missing", example=in_files[:10]))
 
-    def present(c: str) -> bool:
-        return c in df.columns
+def _flag(where: str, col: str, message: str, bad: pd.Series, values: pd.Series) -> list[Problem]:
+    """One problem when any row of ``bad`` is set: its count and the first offending value."""
+    return [Problem(where, col, message, int(bad.sum()), _ex(values[bad]))] if bad.any() else []
 
+
+def _id_and_label_problems(df: pd.DataFrame, columns: ColumnsConfig, where: Callable[[str], str]) -> list[Problem]:
+    out = []
     for c in (columns.user_id, columns.item_id):
-        if present(c) and df[c].isna().any():
-            bad = df[c].isna()
-            problems.append(Problem(where(c), c, "id column has nulls", int(bad.sum())))
-
+        if c in df.columns and df[c].isna().any():
+            out.append(Problem(where(c), c, "id column has nulls", int(df[c].isna().sum())))
     lab = columns.label
-    if present(lab):
-        vals = pd.to_numeric(df[lab], errors="coerce")
-        bad = ~vals.isin([0, 1])
-        if bad.any():
-            problems.append(
-                Problem(where(lab), lab, "label must be binary 0/1", int(bad.sum()), _ex(df.loc[bad, lab]))
-            )
+    if lab in df.columns:
+        out += _flag(where(lab), lab, "label must be binary 0/1", ~pd.to_numeric(df[lab], errors="coerce").isin([0, 1]),
+                     df[lab])
+    return out
 
+
+def _timestamp_problems(df: pd.DataFrame, columns: ColumnsConfig, where: Callable[[str], str]) -> list[Problem]:
     ts = columns.timestamp
-    if ts and present(ts):
-        s = df[ts]
-        if not (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_datetime64_any_dtype(s)):
-            as_date = pd.to_datetime(s, errors="coerce", utc=True) if s.dtype == object else s.isna()
-            bad = pd.to_numeric(s, errors="coerce").isna() & pd.Series(as_date, index=s.index).isna() & s.notna()
-            problems.append(Problem(where(ts), ts, "timestamp not castable to a number or a date", int(bad.sum()),
-                                    _ex(s[bad]) if bad.any() else _ex(s)))
+    if not ts or ts not in df.columns:
+        return []
+    s = df[ts]
+    if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_datetime64_any_dtype(s):
+        return []
+    as_date = pd.to_datetime(s, errors="coerce", utc=True) if s.dtype == object else s.isna()
+    bad = pd.to_numeric(s, errors="coerce").isna() & pd.Series(as_date, index=s.index).isna() & s.notna()
+    return [Problem(where(ts), ts, "timestamp not castable to a number or a date", int(bad.sum()),
+                    _ex(s[bad]) if bad.any() else _ex(s))]
 
+
+def _continuous_problems(df: pd.DataFrame, columns: ColumnsConfig, where: Callable[[str], str]) -> list[Problem]:
+    out = []
     for f in columns.of_kind(FeatureKind.continuous):
-        if present(f.name):
-            vals = pd.to_numeric(df[f.name], errors="coerce")
-            bad = vals.isna() & df[f.name].notna()
-            if bad.any():
-                problems.append(
-                    Problem(where(f.name), f.name, "continuous value not castable to float", int(bad.sum()), _ex(df.loc[bad, f.name]))
-                )
-            inf = np.isinf(vals.to_numpy(dtype=np.float64))
-            if inf.any():
-                problems.append(Problem(where(f.name), f.name, "continuous value is not finite (inf or -inf; a missing "
-                                        "value must be null)", int(inf.sum()), _ex(vals[inf])))
-            if f.log and (vals < 0).any():
-                neg = vals < 0
-                problems.append(Problem(where(f.name), f.name, "log transform needs values >= 0", int(neg.sum()), _ex(vals[neg])))
-            if f.min is not None and (vals < f.min).any():
-                low = vals < f.min
-                problems.append(Problem(where(f.name), f.name, f"value below min {f.min:g}", int(low.sum()), _ex(vals[low])))
-            if f.max is not None and (vals > f.max).any():
-                high = vals > f.max
-                problems.append(Problem(where(f.name), f.name, f"value above max {f.max:g}", int(high.sum()), _ex(vals[high])))
+        if f.name not in df.columns:
+            continue
+        w, raw = where(f.name), df[f.name]
+        vals = pd.to_numeric(raw, errors="coerce")
+        out += _flag(w, f.name, "continuous value not castable to float", vals.isna() & raw.notna(), raw)
+        inf = pd.Series(np.isinf(vals.to_numpy(dtype=np.float64)), index=vals.index)
+        out += _flag(w, f.name, "continuous value is not finite (inf or -inf; a missing value must be null)", inf, vals)
+        if f.log:
+            out += _flag(w, f.name, "log transform needs values >= 0", vals < 0, vals)
+        if f.min is not None:
+            out += _flag(w, f.name, f"value below min {f.min:g}", vals < f.min, vals)
+        if f.max is not None:
+            out += _flag(w, f.name, f"value above max {f.max:g}", vals > f.max, vals)
+    return out
 
+
+def _is_list(v) -> bool:
+    return isinstance(v, (list, tuple, np.ndarray))
+
+
+def _shape_problems(df: pd.DataFrame, columns: ColumnsConfig, where: Callable[[str], str]) -> list[Problem]:
+    """List features holding lists (or nulls), categoricals holding single values."""
+    out = []
     for f in columns.of_kind(FeatureKind.list):
-        if present(f.name):
-            bad = ~df[f.name].map(lambda v: v is None or isinstance(v, (list, tuple, np.ndarray)))
-            if bad.any():
-                hint = "" if f.separator else " (a separator-joined string needs 'separator:' on the feature)"
-                problems.append(
-                    Problem(where(f.name), f.name, f"list feature must hold lists{hint}", int(bad.sum()), _ex(df.loc[bad, f.name]))
-                )
-
+        if f.name in df.columns:
+            hint = "" if f.separator else " (a separator-joined string needs 'separator:' on the feature)"
+            bad = ~df[f.name].map(lambda v: v is None or _is_list(v))
+            out += _flag(where(f.name), f.name, f"list feature must hold lists{hint}", bad, df[f.name])
     for f in columns.of_kind(FeatureKind.categorical):
-        if present(f.name) and df[f.name].dtype == object:
+        if f.name in df.columns and df[f.name].dtype == object:
             bad = df[f.name].map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray)))
-            if bad.any():
-                problems.append(Problem(where(f.name), f.name, "categorical value must be a single value, not a list",
-                                        int(bad.sum()), _ex(df.loc[bad, f.name])))
+            out += _flag(where(f.name), f.name, "categorical value must be a single value, not a list", bad, df[f.name])
+    return out
 
+
+def _null_rate_problems(df: pd.DataFrame, columns: ColumnsConfig, validation: ValidationConfig,
+                        where: Callable[[str], str]) -> list[Problem]:
+    out = []
     for f in columns.features:
         bound = f.max_null_rate if f.max_null_rate is not None else validation.max_null_rate
-        if bound is not None and present(f.name) and len(df):
-            nulls = df[f.name].isna()
-            if f.kind == FeatureKind.list:
-                nulls = nulls | df[f.name].map(lambda v: isinstance(v, (list, tuple, np.ndarray)) and len(v) == 0)
-            rate = float(nulls.mean())
-            if rate > bound:
-                first = int(np.flatnonzero(nulls.to_numpy())[0])
-                problems.append(Problem(where(f.name), f.name, f"null rate {rate:.3f} above max_null_rate {bound:g}",
-                                        int(nulls.sum()), f"row {first}"))
+        if bound is None or f.name not in df.columns or not len(df):
+            continue
+        nulls = df[f.name].isna()
+        if f.kind == FeatureKind.list:
+            nulls = nulls | df[f.name].map(lambda v: _is_list(v) and len(v) == 0)
+        rate = float(nulls.mean())
+        if rate > bound:
+            first = int(np.flatnonzero(nulls.to_numpy())[0])
+            out.append(Problem(where(f.name), f.name, f"null rate {rate:.3f} above max_null_rate {bound:g}",
+                               int(nulls.sum()), f"row {first}"))
+    return out
 
-    if problems:
-        raise DataValidationError(problems)
 
-    stats = {}
+def column_stats(df: pd.DataFrame, columns: ColumnsConfig, names: list[str]) -> dict:
+    """Per column of ``names``: kind, dtype, null rate, mean/std/min/max (numeric), cardinality and,
+    for list columns, the mean/std list length (``validated/stats.json``, compared by drift)."""
     kinds = {columns.user_id: "id", columns.item_id: "id", columns.label: "label"}
     kinds.update({f.name: f.kind.value for f in columns.features})
     if columns.timestamp:
         kinds[columns.timestamp] = "timestamp"
-    for col in required:
+    stats = {}
+    for col in names:
         s = df[col]
         entry = {"kind": kinds.get(col, "other"), "dtype": str(s.dtype), "null_rate": float(s.isna().mean())}
         if pd.api.types.is_numeric_dtype(s):
             entry.update(mean=float(s.mean()), std=float(s.std()), min=float(s.min()), max=float(s.max()))
-        if s.dtype == object and len(s) and isinstance(s.dropna().iloc[0] if s.notna().any() else None, (list, tuple, np.ndarray)):
-            lengths = s.map(lambda v: len(v) if isinstance(v, (list, tuple, np.ndarray)) else 0)
+        if s.dtype == object and len(s) and _is_list(s.dropna().iloc[0] if s.notna().any() else None):
+            lengths = s.map(lambda v: len(v) if _is_list(v) else 0)
             entry.update(mean_length=float(lengths.mean()), std_length=float(lengths.std()),
                          cardinality=int(pd.Series([t for v in s.dropna() for t in v]).nunique()))
         else:
             entry["cardinality"] = int(s.nunique())
         stats[col] = entry
-    return ValidationReport(path=path, n_rows=len(df), stats=stats, warnings=warnings,
-                            sources=load_report.get("files", {}))
+    return stats
 
 
 # --- drift against the previous run -----------------------------------------------------------

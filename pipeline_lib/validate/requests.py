@@ -12,7 +12,7 @@ internal (HTTP 500, gRPC ``INTERNAL``), so clients and load balancers can tell t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Collection, Mapping, Optional
 
 import numpy as np
 
@@ -50,6 +50,49 @@ def version_dir(args: Mapping) -> Path:
     if model_dir.name != args["model_name"]:
         model_dir = model_dir / args["model_name"]
     return model_dir / str(args["model_version"])
+
+
+def tensor_reader(pb_utils, request) -> Callable[[str], Optional[np.ndarray]]:
+    """``name -> numpy array`` of one Triton request's input tensor, None where the request lacks it."""
+    def read(name: str) -> Optional[np.ndarray]:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy()
+
+    return read
+
+
+def read_request(read: Callable[[str], Optional[np.ndarray]], names: Collection[str], optional: Collection[str],
+                 batched: bool = False) -> dict[str, np.ndarray]:
+    """The input arrays of one request, by name (``read``: see :func:`tensor_reader`). An optional input
+    the request left out is left out; a missing required one is a :class:`BadRequest`. ``batched``
+    (dynamic batching): a request is one batch entry, ``[1, rows]``, returned as ``[rows]``."""
+    arrays = {}
+    for name in names:
+        arr = read(name)
+        if arr is None:
+            if name in optional:
+                continue
+            raise BadRequest(f"missing input '{name}'")
+        if batched:
+            if arr.ndim < 1 or arr.shape[0] != 1:
+                raise BadRequest(f"input '{name}' has shape {list(arr.shape)}; with dynamic batching a request is one "
+                                 f"batch entry: send [1, rows] (values/offsets: [1, n])")
+            arr = arr[0]
+        arrays[name] = arr
+    return arrays
+
+
+def lists_present(arrays: Mapping[str, np.ndarray], ragged: Collection[str]) -> set[str]:
+    """The list columns of ``ragged`` whose two halves (``__values``, ``__offsets``) the request
+    carries; one half without the other is a :class:`BadRequest`."""
+    present = set()
+    for col in sorted(ragged):
+        halves = [h for h in (f"{col}__values", f"{col}__offsets") if h in arrays]
+        if len(halves) == 1:
+            raise BadRequest(f"input '{halves[0]}' without its other half (a list input needs __values and __offsets)")
+        if halves:
+            present.add(col)
+    return present
 
 
 def max_request_rows(config: Mapping) -> int:
@@ -117,14 +160,10 @@ def fill_optional_lists(arrays: dict[str, np.ndarray], optional: Mapping[str, np
     (values ``[]``, offsets all 0) for each of its rows; one half of a list without the other is a
     :class:`BadRequest`. Rows are counted from the first list input the request carries."""
     out = dict(arrays)
+    present = lists_present(out, ragged)
     for col in sorted(ragged):
         halves = [f"{col}__values", f"{col}__offsets"]
-        if not set(halves) <= set(optional):
-            continue
-        present = [h for h in halves if h in out]
-        if len(present) == 1:
-            raise BadRequest(f"input '{present[0]}' without its other half (a list input needs __values and __offsets)")
-        if present:
+        if not set(halves) <= set(optional) or col in present:
             continue
         ref = next((np.asarray(out[f"{c}__offsets"]).reshape(-1) for c in sorted(ragged) if f"{c}__offsets" in out), None)
         rows = len(ref) - 1 if ref is not None and len(ref) else 0

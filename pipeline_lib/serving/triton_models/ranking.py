@@ -23,7 +23,7 @@ from merlin.systems.triton.conversions import tensor_names, tensor_table_to_trit
 from merlin.table import TensorTable
 from pipeline_lib.export.ranking import DirectPredictor
 from pipeline_lib.validate.requests import (BadRequest, check_request, concat_requests, error_response, fill_optional_lists,
-                                         max_request_rows, split_rows, version_dir)
+                                            max_request_rows, read_request, split_rows, tensor_reader, version_dir)
 
 
 class TritonPythonModel:
@@ -54,22 +54,7 @@ class TritonPythonModel:
         return self._batch(requests)
 
     def _read(self, request):
-        arrays = {}
-        for name in self.input_names:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is None and name in self.optional:
-                continue
-            if tensor is None:
-                raise BadRequest(f"missing input '{name}'")
-            arr = tensor.as_numpy()
-            if self.batched:
-                if arr.ndim < 1 or arr.shape[0] != 1:
-                    raise BadRequest(
-                        f"input '{name}' has shape {list(arr.shape)}; with dynamic batching a request is one "
-                        f"batch entry: send [1, rows] (values/offsets: [1, n])"
-                    )
-                arr = arr[0]
-            arrays[name] = arr
+        arrays = read_request(tensor_reader(pb_utils, request), self.input_names, self.optional, self.batched)
         if self.optional:
             arrays = fill_optional_lists(arrays, {n: pb_utils.triton_string_to_numpy(t)
                                                   for n, t in self.optional.items()}, self.ragged)

@@ -12,7 +12,8 @@ import traceback
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pipeline_lib.validate.requests import BadRequest, check_request, error_response, max_request_rows, version_dir
+from pipeline_lib.validate.requests import (BadRequest, check_request, error_response, lists_present, max_request_rows,
+                                            read_request, tensor_reader, version_dir)
 from pipeline_lib.export.topk import OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, TopKRecommender
 
 
@@ -31,18 +32,8 @@ class TritonPythonModel:
 
     def _one(self, request):
         try:
-            arrays = {}
-            for name in self.input_names:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                if tensor is None:
-                    if name in self.optional:
-                        continue
-                    raise BadRequest(f"missing input '{name}'")
-                arrays[name] = tensor.as_numpy()
-            ragged = {c for c in self.ragged if f"{c}__values" in arrays and f"{c}__offsets" in arrays}
-            half = sorted({f"{c}__{p}" for c in self.ragged - ragged for p in ("values", "offsets")} & set(arrays))
-            if half:
-                raise BadRequest(f"input '{half[0]}' without its other half (a list input needs __values and __offsets)")
+            arrays = read_request(tensor_reader(pb_utils, request), self.input_names, self.optional)
+            ragged = lists_present(arrays, self.ragged)
             arrays = check_request(arrays, ragged, self.max_rows)
             ids, scores = self.rec.recommend_tensors(arrays, ragged)
             if ids.dtype.kind in "OUS":
