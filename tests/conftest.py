@@ -70,8 +70,10 @@ def prefect_harness():
     """
     from prefect.testing.utilities import prefect_test_harness
 
+    from prefect.settings import PREFECT_API_URL
+
     with prefect_test_harness(server_startup_timeout=flows.EPHEMERAL_STARTUP_TIMEOUT_S):
-        yield
+        yield PREFECT_API_URL.value()  # its URL, for subprocesses that should report to it
 
 
 @pytest.fixture(scope="session")

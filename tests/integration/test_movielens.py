@@ -18,7 +18,6 @@ from tests.support import ML, ML_EXAMPLE, ml_config
 pytestmark = pytest.mark.integration
 
 
-
 @pytest.mark.integration
 def test_movielens_flow_end_to_end_with_drift_against_the_previous_run(prefect_harness, tmp_path):
     from flows.pipeline import pipeline

@@ -337,10 +337,6 @@ def test_write_raw_synthetic_and_parquet_roundtrip(tmp_path):
 # --- moved from tests/test_movielens.py -----------------------------------------
 
 
-
-
-
-
 def test_fixture_is_in_the_ml100k_format():
     data = (ML / "u.data").read_text().splitlines()
     assert len(data) >= 300 and all(len(line.split("\t")) == 4 for line in data)

@@ -11,7 +11,6 @@ from pipeline_lib.models import retrieval
 from pipeline_lib.config import AnnConfig, load_config
 
 
-
 def _catalogue(n: int, dim: int = 16, clusters: int = 0, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if not clusters:

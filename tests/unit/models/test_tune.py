@@ -8,8 +8,6 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from pipeline_lib.data import sources as data
-from pipeline_lib.etl import workflow as etl
 from pipeline_lib.models import tune
 from pipeline_lib.config import ModelConfig, load_config
 
@@ -21,12 +19,10 @@ FAST_SPACE = {"epochs": [1, 2], "batch_size": [512], "embedding_dim": [8, 16], "
 
 
 @pytest.fixture(scope="module")
-def etl_out(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tune-etl")
-    cfg = small_config(root)
-    raw = data.write_raw(cfg.data, cfg.seed, root / "raw")
-    split = etl.split_raw(raw, cfg.split, cfg.columns, cfg.seed, root / "split")
-    return root, etl.fit_transform(cfg.columns, cfg.etl, split, root / "transformed")
+def etl_out(trained, tmp_path_factory):
+    """The shared small run's ETL output (tests/conftest.py `trained`: the same data and config as
+    small_config); the studies write into a folder of their own."""
+    return tmp_path_factory.mktemp("tune"), trained.etl
 
 
 @pytest.fixture(scope="module")
