@@ -60,6 +60,18 @@ class Trained:
     def valid_rows(self, n: int) -> pd.DataFrame:
         return pd.read_parquet(self.split.valid).head(n)[self.cfg.columns.serving_columns].reset_index(drop=True)
 
+    def publish(self, model_dir: Path, rows: pd.DataFrame, repo: Path, name: str, version: int, staging: Path):
+        """Export ``model_dir`` with this run's workflow, publish it as ``name`` version ``version`` in
+        ``repo`` (not promoted) and return its offline scores for ``rows``."""
+        import nvtabular as nvt
+
+        from pipeline_lib.export import ranking as export
+        from pipeline_lib.serving import repository
+
+        exp = export.export_ensemble(self.etl.workflow_dir, model_dir, rows, self.cfg.columns.label, staging, name, version)
+        assert repository.publish(exp.version_dir, exp.config_path, repo, name)[0] == version
+        return export.offline_scores(nvt.Workflow.load(str(self.etl.workflow_dir)), model_dir, rows, self.cfg.columns.label)
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():
@@ -88,12 +100,20 @@ def trained(tmp_path_factory) -> Trained:
 
 
 @pytest.fixture(scope="session")
+def untrained(trained, tmp_path_factory) -> train.TrainOutput:
+    """The shared run's model trained with a learning rate of 1e-9: a clearly worse model (the gate's
+    tests) and a second version whose scores differ from `trained`'s (the promotion test)."""
+    cfg = trained.cfg.model.model_copy(update={"learning_rate": 1e-9})
+    return train.train(trained.etl.train_dir, trained.etl.valid_dir, cfg, "click", 3, tmp_path_factory.mktemp("untrained"))
+
+
+@pytest.fixture(scope="session")
 def ranking_zoo(trained, tmp_path_factory) -> dict[str, train.TrainOutput]:
     """Every ranking model type trained on the shared small run (dlrm is `trained` itself)."""
     tmp = tmp_path_factory.mktemp("zoo")
     out = {"dlrm": trained.model}
     for kind in ("dcn", "deepfm", "wide_deep"):
-        cfg = trained.cfg.model.model_copy(update={"type": kind, "epochs": 2, "early_stopping_patience": 1})
+        cfg = trained.cfg.model.model_copy(update={"type": kind, "epochs": 1})
         out[kind] = train.train(trained.etl.train_dir, trained.etl.valid_dir, cfg, "click", 0, tmp / kind)
     return out
 

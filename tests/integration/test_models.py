@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from pipeline_lib.export import ranking as export
 from pipeline_lib.serving import repository
 from pipeline_lib.serving.client import RecsysClient
 from pipeline_lib.serving.server import TritonServer
@@ -14,17 +13,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def zoo(trained, ranking_zoo, tmp_path_factory):
-    import nvtabular as nvt
-
     tmp = tmp_path_factory.mktemp("zoo")
     rows = trained.valid_rows(32)
-    wf = nvt.Workflow.load(str(trained.etl.workflow_dir))
     repo = tmp / "model_repository"
-    out = {kind: (res, export.offline_scores(wf, res.model_dir, rows, "click")) for kind, res in ranking_zoo.items()}
-    for kind, (res, _) in out.items():
-        exp = export.export_ensemble(trained.etl.workflow_dir, res.model_dir, rows, "click", tmp / f"staged-{kind}",
-                                     kind, 1)
-        repository.publish(exp.version_dir, exp.config_path, repo, kind)
+    out = {}
+    for kind, res in ranking_zoo.items():
+        out[kind] = (res, trained.publish(res.model_dir, rows, repo, kind, 1, tmp / f"staged-{kind}"))
         repository.promote(repo, kind, 1)
     return repo, rows, out
 

@@ -11,9 +11,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from pipeline_lib.export import ranking as export
 from pipeline_lib.serving import repository
-from pipeline_lib.models import ranking as train
 from pipeline_lib.serving.client import RecsysClient
 from pipeline_lib.serving.repository import LiveServer
 from pipeline_lib.serving.server import TritonServer
@@ -23,21 +21,12 @@ KEY = "test-admin-key"
 
 
 @pytest.fixture(scope="module")
-def live(trained, tmp_path_factory):
-    import nvtabular as nvt
-
+def live(trained, untrained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("promotion")
     rows = trained.valid_rows(16)
-    wf = nvt.Workflow.load(str(trained.etl.workflow_dir))
-    other_cfg = trained.cfg.model.model_copy(update={"learning_rate": 0.02})
-    other = train.train(trained.etl.train_dir, trained.etl.valid_dir, other_cfg, "click", 7, tmp / "other").model_dir
     repo = tmp / "model_repository"
-    offline = {}
-    for version, model_dir in ((1, trained.model.model_dir), (2, other)):
-        exp = export.export_ensemble(trained.etl.workflow_dir, model_dir, rows, "click", tmp / f"staged{version}",
-                                     "recsys", version)
-        assert repository.publish(exp.version_dir, exp.config_path, repo, "recsys")[0] == version
-        offline[str(version)] = export.offline_scores(wf, model_dir, rows, "click")
+    offline = {str(v): trained.publish(model_dir, rows, repo, "recsys", v, tmp / f"staged{v}")
+               for v, model_dir in ((1, trained.model.model_dir), (2, untrained.model_dir))}
     assert np.max(np.abs(offline["1"] - offline["2"])) > 1e-3  # the two versions are distinguishable
     repository.promote(repo, "recsys", 1)
     server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log", model_control="explicit", load_models=["recsys"],

@@ -1,8 +1,9 @@
 """Retrieval models (two-tower, YouTube DNN, MF), top-k serving and the two-stage endpoint.
 
-The unit tests check the pieces (user history, top-k order, Merlin's metrics on known ranks); the
-integration tests run the whole Prefect flow for each retrieval model on small synthetic data and
-query the published versions through a real Triton server.
+The whole Prefect flow for each retrieval model on small synthetic data, and the published versions
+queried through one real Triton server; the MF version carries a (deliberately coarse) FAISS index,
+so its served top-k goes through ANN search. The pieces are checked in tests/unit/models/test_retrieval.py
+and tests/unit/export/test_ann.py.
 """
 import json
 from pathlib import Path
@@ -24,8 +25,9 @@ pytestmark = pytest.mark.integration
 
 # -- the flow, per retrieval model, and the published versions served by one Triton ----------------
 
+ANN = {"mode": "faiss", "nlist": 8, "nprobe": 2, "min_recall": 0.0}  # coarse: ANN really differs from exact
 RUNS = {
-    "recsys_mf": {"type": "mf"},
+    "recsys_mf": {"type": "mf", "retrieval": {"epochs": 1, "ann": ANN}},
     "recsys_youtube": {"type": "youtube_dnn", "retrieval": {"epochs": 1, "num_sampled": 20}},
     "recsys_two_stage": {"type": "two_tower", "retrieval": {"epochs": 1, "rerank_with": "dlrm", "candidates": 30}},
 }
@@ -221,3 +223,21 @@ def test_bad_top_k_requests_get_a_clear_error_and_the_server_keeps_answering(ret
             ids, _ = client.recommend(unseen)
             assert ids.shape == (2, 10)
             np.testing.assert_array_equal(client.recommend(rows)[0], rec.offline(rows)[0])
+
+
+def test_the_mf_version_carries_its_faiss_index_and_serves_through_it(retrieval_runs, served):
+    """model.retrieval.ann: the index is built at export, its recall against exact search is recorded
+    in the version, and the served version searches with it (served == offline through the index is
+    test_served_top_k_equals_offline_top_k_for_the_same_raw_request[recsys_mf])."""
+    from pipeline_lib.export import ann
+
+    _, repo, summaries = retrieval_runs
+    art = repo / "recsys_mf" / "1" / topk.TOPK_DIR
+    meta = json.loads((art / "spec.json").read_text())["ann"]
+    assert meta["index"] == "faiss" and meta["nlist"] == 8 and meta["nprobe"] == 2
+    assert (art / ann.INDEX_FILE).is_file() and summaries["recsys_mf"]["ann"] == meta
+    assert 0.0 <= meta["recall_at_k"] <= 1.0 and meta["queries"] == SMALL["export"]["parity_rows"]
+    rec = topk.TopKRecommender(art)
+    assert rec.index is not None and rec.index.nprobe == 2
+    for name in ("recsys_youtube", "recsys_two_stage"):  # exact search, the default below 100,000 items
+        assert json.loads((repo / name / "1" / topk.TOPK_DIR / "spec.json").read_text())["ann"]["index"] == "exact"
