@@ -60,6 +60,18 @@ class Trained:
     def valid_rows(self, n: int) -> pd.DataFrame:
         return pd.read_parquet(self.split.valid).head(n)[self.cfg.columns.serving_columns].reset_index(drop=True)
 
+    def publish(self, model_dir: Path, rows: pd.DataFrame, repo: Path, name: str, version: int, staging: Path):
+        """Export ``model_dir`` with this run's workflow, publish it as ``name`` version ``version`` in
+        ``repo`` (not promoted) and return its offline scores for ``rows``."""
+        import nvtabular as nvt
+
+        from pipeline_lib.export import ranking as export
+        from pipeline_lib.serving import repository
+
+        exp = export.export_ensemble(self.etl.workflow_dir, model_dir, rows, self.cfg.columns.label, staging, name, version)
+        assert repository.publish(exp.version_dir, exp.config_path, repo, name)[0] == version
+        return export.offline_scores(nvt.Workflow.load(str(self.etl.workflow_dir)), model_dir, rows, self.cfg.columns.label)
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():
@@ -70,8 +82,10 @@ def prefect_harness():
     """
     from prefect.testing.utilities import prefect_test_harness
 
+    from prefect.settings import PREFECT_API_URL
+
     with prefect_test_harness(server_startup_timeout=flows.EPHEMERAL_STARTUP_TIMEOUT_S):
-        yield
+        yield PREFECT_API_URL.value()  # its URL, for subprocesses that should report to it
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +97,51 @@ def trained(tmp_path_factory) -> Trained:
     etl_out = etl.fit_transform(cfg.columns, cfg.etl, split, root / "transformed")
     model = train.train(etl_out.train_dir, etl_out.valid_dir, cfg.model, cfg.columns.label, cfg.seed, root / "model")
     return Trained(cfg, root, raw, split, etl_out, model)
+
+
+@pytest.fixture(scope="session")
+def untrained(trained, tmp_path_factory) -> train.TrainOutput:
+    """The shared run's model trained with a learning rate of 1e-9: a clearly worse model (the gate's
+    tests) and a second version whose scores differ from `trained`'s (the promotion test)."""
+    cfg = trained.cfg.model.model_copy(update={"learning_rate": 1e-9})
+    return train.train(trained.etl.train_dir, trained.etl.valid_dir, cfg, "click", 3, tmp_path_factory.mktemp("untrained"))
+
+
+@pytest.fixture(scope="session")
+def ranking_zoo(trained, tmp_path_factory) -> dict[str, train.TrainOutput]:
+    """Every ranking model type trained on the shared small run (dlrm is `trained` itself)."""
+    tmp = tmp_path_factory.mktemp("zoo")
+    out = {"dlrm": trained.model}
+    for kind in ("dcn", "deepfm", "wide_deep"):
+        cfg = trained.cfg.model.model_copy(update={"type": kind, "epochs": 1})
+        out[kind] = train.train(trained.etl.train_dir, trained.etl.valid_dir, cfg, "click", 0, tmp / kind)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_split(tmp_path_factory):
+    """The suite's small synthetic run, raw data split only (no training), in several row groups."""
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("split")
+    cfg = small_config(root)
+    raw = data.write_raw(cfg.data, cfg.seed, root / "raw")
+    split = etl.split_raw(raw, cfg.split, cfg.columns, cfg.seed, root / "split")
+    # small row groups: NVTabular partitions by row group, so the data spans several partitions
+    for path in (split.train, split.valid):
+        pq.write_table(pq.read_table(path), path, row_group_size=500)
+    return cfg, split
+
+
+@pytest.fixture(scope="session")
+def session_etl(tmp_path_factory):
+    """A small synthetic session log through the session ETL (task: session)."""
+    from pipeline_lib.data import sessions as session_data
+    from pipeline_lib.etl import sessions
+
+    root = tmp_path_factory.mktemp("sess")
+    cfg = load_config(None, {"task": "session", "session": {
+        "synthetic": {"n_sessions": 3000, "n_items": 200, "n_categories": 10},
+        "model": {"epochs": 6, "batch_size": 128}}})
+    raw = session_data.write_raw_events(cfg.data, cfg.session, cfg.seed, root / "raw")
+    return cfg, root, sessions.run_session_etl(raw, cfg, root / "transformed", root / "split")

@@ -1,0 +1,43 @@
+"""The `recsys` CLI as a subprocess: a bad config or bad data ends in one error line, no stack trace."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ML, ML_EXAMPLE, ROOT
+
+pytestmark = pytest.mark.integration
+CSV_EXAMPLE = ROOT / "configs" / "examples" / "csv_users_items.yaml"
+
+
+def test_cli_reports_a_bad_config_without_a_stack_trace(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CSV_EXAMPLE.read_text().replace('"rating >= 4"', '"rating => 4"'))
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(bad)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2
+    assert "label_rule 'rating => 4' is not" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.integration
+def test_cli_run_on_bad_data_prints_one_error_without_a_stack_trace(prefect_harness, tmp_path):
+    """`recsys run` (real Prefect flow): bad ratings stop it with file, column, count and example.
+    The run reports to the session's Prefect API (a temporary server of its own is test_first_run's case)."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "ml"
+    shutil.copytree(ML, bad)
+    lines = (bad / "u.data").read_text().splitlines()
+    lines[5] = lines[5].rsplit("\t", 2)[0] + "\tfive\t" + lines[5].rsplit("\t", 1)[1]
+    (bad / "u.data").write_text("\n".join(lines) + "\n")
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(ML_EXAMPLE),
+                          "--set", f"data.path={bad}", "--set", f"runs_dir={tmp_path / 'runs'}"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "PREFECT_API_URL": prefect_harness})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert (f"error: raw data failed validation (1 problem(s)):\n  - {bad}/u.data: column 'rating': "
+            f"label_rule 'rating >= 4': value missing or not a number [1 rows] (e.g. 'five')") in out.stderr

@@ -1,0 +1,248 @@
+"""The whole Prefect flow on a small synthetic set, then the README's serve/predict commands."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline_lib.export import ranking as export
+from pipeline_lib.serving.client import RecsysClient
+from pipeline_lib.serving.server import TritonServer
+from pipeline_lib.serving.server import free_ports
+
+from tests.conftest import SMALL
+from tests.support import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def flow_run(prefect_harness, tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    tmp = tmp_path_factory.mktemp("flow")
+    # a seed of its own: no ETL cache hit on another module's run with the SMALL data
+    overrides = {**SMALL, "seed": 11, "runs_dir": str(tmp / "runs"), "run_name": "it",
+                 "export": {**SMALL["export"], "model_repository": str(tmp / "model_repository")}}
+    summary = pipeline(overrides=overrides)
+    return tmp, overrides, summary
+
+
+def test_flow_runs_every_stage_and_publishes(flow_run):
+    tmp, _, summary = flow_run
+    run = tmp / "runs" / "it"
+    assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
+                                              "serving-smoke-test", "publish", "promote"]
+    assert summary["gate"]["promote"] and summary["gate"]["served_version"] is None  # first run promotes
+    assert summary["model_version"] == 1 and summary["etl_device"] == "cpu"
+    assert summary["etl_from"] == str(run / "transformed")  # first run in this session: no ETL cache hit
+    assert summary["max_abs_diff_served_vs_offline"] <= 1e-5
+    assert 0.5 < summary["metrics"]["auc"] <= 1
+    # the baselines of the same split, beside the model, in the summary and in metrics.json
+    assert set(summary["baselines"]) == {"logistic_regression", "item_click_rate"}
+    assert all(0 <= b["auc"] <= 1 for b in summary["baselines"].values())
+    assert summary["lift"].startswith(f"dlrm auc {summary['metrics']['auc']:.4f} is ")
+    saved = json.loads((run / "model" / "metrics.json").read_text())
+    assert saved["metrics"]["baselines"] == summary["baselines"] and saved["metrics"]["lift"] == summary["lift"]
+    for f in ["config.yaml", "raw/interactions.parquet", "validated/stats.json", "split/train.parquet",
+              "transformed/workflow/workflow.pkl", "transformed/train/schema.pbtxt", "model/model/saved_model.pb",
+              "model/metrics.json", "serving/smoke.json", "summary.json"]:
+        assert (run / f).exists(), f
+    assert (tmp / "model_repository" / "recsys" / "1" / "ensemble" / "ensemble.pkl").exists()
+    preds = summary["predictions"]
+    np.testing.assert_allclose(preds["served_http"], preds["offline"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(preds["served_grpc"], preds["offline"], atol=1e-5, rtol=0)
+    # how to query it: commands for the served model, its endpoints, a curl body of one raw row
+    q = summary["query"]
+    assert q["model_name"] == "recsys" and q["http"] == "127.0.0.1:8000" and q["grpc"] == "127.0.0.1:8001"
+    assert q["serve"] == f"uv run recsys serve --set export.model_repository={tmp / 'model_repository'} --set runs_dir={tmp / 'runs'}"
+    assert q["predict"].startswith(q["serve"].replace(" serve ", " predict ")) and "notify_live_server" not in q["predict"]
+    assert q["curl"].endswith(str(run / "serving" / "request.json"))
+    from pipeline_lib.report import cli_summary
+
+    text = cli_summary(summary)
+    assert "served: model 'recsys' version 1" in text and "uv run recsys serve" in text and str(run) in text
+
+
+def test_flow_run_is_recorded_in_prefect_with_artifacts(flow_run):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    import asyncio
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["served-predictions", "run-summary"])))
+            return runs, arts
+
+    runs, arts = asyncio.run(read())
+    assert any(r.state.is_completed() for r in runs)
+    assert {a.key for a in arts} == {"served-predictions", "run-summary"}
+
+
+def _latest_artifacts(keys: list[str]) -> dict:
+    """The newest artifact of each key in the test session's Prefect API."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+
+    arts = {}
+    for a in asyncio.run(read()):
+        if a.key not in arts or a.created > arts[a.key].created:
+            arts[a.key] = a
+    return arts
+
+
+def _table(artifact) -> list[dict]:
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
+def test_flow_artifacts_are_readable_in_the_prefect_ui(flow_run):
+    """Rounded figures, a narrow predictions table, the effective config, the learning curve as an
+    embedded image, and a run summary that says what serves where and how to query it."""
+    keys = ["metrics", "served-predictions", "run-summary", "effective-config", "learning-curve"]
+    arts = _latest_artifacts(keys)
+    assert set(arts) == set(keys)
+    metrics = _table(arts["metrics"])
+    auc = next(r["value"] for r in metrics if r["metric"] == "auc")
+    assert len(auc.replace("0.", "", 1)) <= 4, auc
+    rows = _table(arts["served-predictions"])
+    assert all(len(v) <= 24 for r in rows for v in r.values()), rows[0]
+    summary = arts["run-summary"].data
+    assert "model **recsys** version **1**" in summary and "HTTP `127.0.0.1:8000`, gRPC `127.0.0.1:8001`" in summary
+    assert "uv run recsys serve" in summary and "curl -s 127.0.0.1:8000/v2/models/recsys/infer" in summary
+    assert "```yaml" in arts["effective-config"].data and "n_interactions: 6000" in arts["effective-config"].data
+    assert "![dlrm learning curve](data:image/png;base64," in arts["learning-curve"].data
+
+
+def test_metrics_artifact_holds_the_baselines_and_the_lift(flow_run):
+    _, _, summary = flow_run
+    rows = {r["metric"]: r["value"] for r in _table(_latest_artifacts(["metrics"])["metrics"])}
+    assert float(rows["baseline logistic_regression: auc"]) == pytest.approx(
+        summary["baselines"]["logistic_regression"]["auc"], rel=1e-3)
+    assert "baseline item_click_rate: logloss" in rows
+    assert rows["lift over the best baseline"] == summary["lift"]
+
+
+def test_serve_and_predict_commands_on_the_published_repository(flow_run):
+    """`recsys serve` (real Triton), raw rows over HTTP and gRPC == offline, `recsys predict`, clean stop."""
+    tmp, overrides, _ = flow_run
+    run = tmp / "runs" / "it"
+    http, grpc, metrics = free_ports(3)
+    sets = [f"export.model_repository={tmp / 'model_repository'}", f"serving.http_port={http}",
+            f"serving.grpc_port={grpc}", f"serving.metrics_port={metrics}", f"runs_dir={tmp / 'runs'}"]
+    args = sum((["--set", s] for s in sets), [])
+    recsys = [sys.executable, "-m", "flows.cli"]
+    proc = subprocess.Popen(recsys + ["serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        TritonServer(tmp / "model_repository", http_port=http).wait_ready(240, ["recsys"])
+        rows = pd.read_parquet(run / "split" / "valid.parquet").head(16)
+        cols = [c for c in rows.columns if c not in ("click", "timestamp")]
+        import nvtabular as nvt
+
+        offline = export.offline_scores(nvt.Workflow.load(str(run / "transformed" / "workflow")),
+                                        run / "model" / "model", rows[cols], "click")
+        for proto, port in (("http", http), ("grpc", grpc)):
+            with RecsysClient(f"127.0.0.1:{port}", proto) as c:
+                np.testing.assert_allclose(c.predict(rows[cols]), offline, atol=1e-5, rtol=0)
+        rows_file = tmp / "rows.json"
+        rows_file.write_text(rows[cols].head(3).to_json(orient="records"))
+        out = subprocess.run(recsys + ["predict", "--rows", str(rows_file), "--protocol", "http", *args],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        printed = [float(line.split()[-1]) for line in out.stdout.strip().splitlines()[1:]]
+        np.testing.assert_allclose(printed, offline[:3], atol=1e-5)
+        # the curl example of the run summary: serving/request.json is one raw validation row
+        import urllib.request
+
+        req = urllib.request.Request(f"http://127.0.0.1:{http}/v2/models/recsys/infer",
+                                     data=(run / "serving" / "request.json").read_bytes(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+        first = pd.read_parquet(run / "split" / "valid.parquet").head(1)
+        np.testing.assert_allclose(answer["outputs"][0]["data"],
+                                   export.offline_scores(nvt.Workflow.load(str(run / "transformed" / "workflow")),
+                                                         run / "model" / "model", first[cols], "click"), atol=1e-5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, log
+    assert "Triton ready" in log and "Triton stopped." in log
+
+
+@pytest.mark.parametrize("stage, overrides, error", [
+    ("validate", {"columns": {"label": "no_such_label"}}, "required column is missing"),
+    ("serving-smoke-test", {"serving": {"startup_timeout_s": 0.01}}, "not ready after"),
+])
+def test_a_failed_run_leaves_the_served_version_untouched(flow_run, stage, overrides, error):
+    from flows.pipeline import pipeline
+    from pipeline_lib.serving import repository
+
+    tmp, base, _ = flow_run
+    repo = tmp / "model_repository"
+    before = (repository.served_version(repo, "recsys"), repository.list_versions(repo, "recsys"),
+              (repo / "recsys" / "config.pbtxt").read_bytes())
+    bad = {**base, "run_name": None, **{k: {**base.get(k, {}), **v} for k, v in overrides.items()}}
+    with pytest.raises(Exception, match=error):
+        pipeline(overrides=bad)
+    after = (repository.served_version(repo, "recsys"), repository.list_versions(repo, "recsys"),
+             (repo / "recsys" / "config.pbtxt").read_bytes())
+    assert after == before and before[0] == 1
+    assert not [p for p in (repo / "recsys").iterdir() if p.name.startswith(".incoming")]
+
+
+def test_csv_example_with_a_string_list_feature_is_served_like_offline(prefect_harness, tmp_path):
+    """configs/examples/csv_users_items.yaml end to end: the genres list holds strings, which
+    Triton delivers as bytes; the served workflow must map them exactly as in training."""
+    from flows.pipeline import pipeline
+
+    root = str(ROOT)
+    over = {"runs_dir": str(tmp_path / "runs"), "export": {"model_repository": str(tmp_path / "repo"), "parity_rows": 64},
+            "serving": {"notify_live_server": False}, "gate": {"require_beat_baseline": False}}
+    cwd = os.getcwd()
+    os.chdir(root)  # the example's fixture paths are relative to the project root
+    try:
+        summary = pipeline(config_path=os.path.join(root, "configs", "examples", "csv_users_items.yaml"), overrides=over)
+    finally:
+        os.chdir(cwd)
+    preds = summary["predictions"]
+    assert isinstance(preds["genres"].iloc[0][0], str)
+    np.testing.assert_allclose(preds["served_grpc"], preds["offline"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(preds["served_http"], preds["offline"], atol=1e-5, rtol=0)
+
+
+def test_the_gate_refuses_a_worse_model_and_keeps_the_served_version(flow_run):
+    from flows.pipeline import pipeline
+    from pipeline_lib.serving import repository
+
+    tmp, base, first = flow_run
+    repo = tmp / "model_repository"
+    served_before = repository.served_version(repo, "recsys")
+    versions_before = repository.list_versions(repo, "recsys")
+    # the baseline requirement on (as by default): an untrained model beats no baseline either
+    worse = {**base, "run_name": "worse", "model": {**base["model"], "learning_rate": 1e-9},
+             "gate": {"require_beat_baseline": True}}
+    summary = pipeline(overrides=worse)
+    g = summary["gate"]
+    assert not g["promote"] and g["served_version"] == served_before
+    assert g["candidate"] < g["served"] and "worse than served" in g["reason"]
+    best = max(summary["baselines"], key=lambda n: summary["baselines"][n]["auc"])
+    assert g["reason"].startswith(f"dlrm auc {summary['metrics']['auc']:.5f} does not beat {best} "), g["reason"]
+    assert summary["predictions"] is None and "serving-smoke-test" not in summary["stage_seconds"]
+    # same raw data + ETL config + code: the etl task was a cache hit on the first run's output
+    assert summary["etl_from"] == str(tmp / "runs" / "it" / "transformed")
+    assert not (tmp / "runs" / "worse" / "transformed").exists()
+    assert repository.served_version(repo, "recsys") == served_before
+    assert repository.list_versions(repo, "recsys") == versions_before
+    saved = json.loads((tmp / "runs" / "worse" / "gate.json").read_text())
+    assert saved["promote"] is False and saved["metric"] == "auc"

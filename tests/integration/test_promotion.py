@@ -1,0 +1,105 @@
+"""Zero-downtime promotion and rollback on a running Triton (explicit model control, restricted API).
+
+Two clients (HTTP and gRPC) send requests continuously while version 2 is promoted and then
+rolled back to version 1; not one request may fail, and the responding version must switch.
+"""
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from pipeline_lib.serving import repository
+from pipeline_lib.serving.client import RecsysClient
+from pipeline_lib.serving.repository import LiveServer
+from pipeline_lib.serving.server import TritonServer
+
+pytestmark = pytest.mark.integration
+KEY = "test-admin-key"
+
+
+@pytest.fixture(scope="module")
+def live(trained, untrained, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("promotion")
+    rows = trained.valid_rows(16)
+    repo = tmp / "model_repository"
+    offline = {str(v): trained.publish(model_dir, rows, repo, "recsys", v, tmp / f"staged{v}")
+               for v, model_dir in ((1, trained.model.model_dir), (2, untrained.model_dir))}
+    assert np.max(np.abs(offline["1"] - offline["2"])) > 1e-3  # the two versions are distinguishable
+    repository.promote(repo, "recsys", 1)
+    server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log", model_control="explicit", load_models=["recsys"],
+                          admin_api_key=KEY)
+    server.start(timeout_s=240, models=["recsys"])
+    yield server, repo, rows, offline
+    server.stop()
+
+
+class Traffic:
+    """Clients sending requests in a loop, recording (send time, protocol, version, scores) or the error."""
+
+    def __init__(self, server, rows):
+        self.rows, self.stop, self.log, self.errors = rows, threading.Event(), [], []
+        self.threads = [threading.Thread(target=self._loop, args=(url, proto), daemon=True)
+                        for url, proto in ((server.http_url, "http"), (server.grpc_url, "grpc"))]
+
+    def _loop(self, url, proto):
+        # generous timeout: on a loaded 2-core machine a request can wait while the new version's
+        # python stub starts; slow is not failed, and every answer is still checked below
+        with RecsysClient(url, proto, timeout_s=300) as client:
+            while not self.stop.is_set():
+                sent = time.monotonic()
+                try:
+                    scores, version = client.infer(self.rows)
+                    self.log.append((sent, proto, version, scores))
+                except Exception as exc:  # noqa: BLE001 - any failure is what we count
+                    self.errors.append(f"{proto}: {exc}")
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def _switch(server, repo, rows, offline, action, expect):
+    with Traffic(server, rows) as traffic:
+        time.sleep(1.0)
+        t_switch = time.monotonic()
+        ev = action()
+        t_done = time.monotonic()
+        time.sleep(1.0)
+    assert traffic.errors == [], traffic.errors[:3]
+    before = [v for t, _, v, _ in traffic.log if t < t_switch]
+    after = [v for t, _, v, _ in traffic.log if t > t_done]  # sent after the switch returned
+    assert before and after, "traffic did not flow before and after the switch"
+    assert set(after) == {expect}
+    assert {p for _, p, _, _ in traffic.log} == {"http", "grpc"}
+    for _, _, version, scores in traffic.log:  # every answer is exactly one version's offline scores
+        np.testing.assert_allclose(scores, offline[version], atol=1e-5, rtol=0)
+    assert repository.served_version(repo, "recsys") == int(expect)
+    return ev, before
+
+
+def test_model_control_api_needs_the_admin_key(live):
+    server, *_ = live
+    with httpclient.InferenceServerClient(server.http_url) as c:
+        with pytest.raises(InferenceServerException, match="(?i)unauthorized|restricted|not allowed"):
+            c.load_model("recsys")
+        assert c.is_model_ready("recsys", "1")
+
+
+def test_promote_v2_then_roll_back_to_v1_without_failed_requests(live):
+    server, repo, rows, offline = live
+    lv = LiveServer(server.http_url, KEY)
+    ev, before = _switch(server, repo, rows, offline, lambda: repository.promote(repo, "recsys", 2, lv), "2")
+    assert set(before) == {"1"} and ev["previous"] == 1
+    ev, before = _switch(server, repo, rows, offline, lambda: repository.rollback(repo, "recsys", lv), "1")
+    assert set(before) == {"2"} and (ev["action"], ev["previous"]) == ("rollback", 2)
+    with httpclient.InferenceServerClient(server.http_url) as c:
+        assert c.is_model_ready("recsys", "1") and not c.is_model_ready("recsys", "2")

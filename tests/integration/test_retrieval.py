@@ -1,0 +1,243 @@
+"""Retrieval models (two-tower, YouTube DNN, MF), top-k serving and the two-stage endpoint.
+
+The whole Prefect flow for each retrieval model on small synthetic data, and the published versions
+queried through one real Triton server; the MF version carries a (deliberately coarse) FAISS index,
+so its served top-k goes through ANN search. The pieces are checked in tests/unit/models/test_retrieval.py
+and tests/unit/export/test_ann.py.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from pipeline_lib.models import retrieval
+from pipeline_lib.export import topk
+from pipeline_lib.serving.client import BadRequestError, RecsysClient, RequestError
+from pipeline_lib.serving.server import TritonServer
+
+from tests.conftest import SMALL
+
+pytestmark = pytest.mark.integration
+
+
+# -- the flow, per retrieval model, and the published versions served by one Triton ----------------
+
+ANN = {"mode": "faiss", "nlist": 8, "nprobe": 2, "min_recall": 0.0}  # coarse: ANN really differs from exact
+RUNS = {
+    "recsys_mf": {"type": "mf", "retrieval": {"epochs": 1, "ann": ANN}},
+    "recsys_youtube": {"type": "youtube_dnn", "retrieval": {"epochs": 1, "num_sampled": 20}},
+    "recsys_two_stage": {"type": "two_tower", "retrieval": {"epochs": 1, "rerank_with": "dlrm", "candidates": 30}},
+}
+
+
+@pytest.fixture(scope="module")
+def retrieval_runs(prefect_harness, tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    tmp = tmp_path_factory.mktemp("retrieval")
+    repo = tmp / "model_repository"
+    summaries = {}
+    for name, model in RUNS.items():
+        overrides = {**SMALL, "seed": 5, "runs_dir": str(tmp / "runs"), "run_name": name,
+                     "model": {**SMALL["model"], **model},
+                     "export": {**SMALL["export"], "model_repository": str(repo), "model_name": name}}
+        summaries[name] = pipeline(overrides=overrides)
+    return tmp, repo, summaries
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", list(RUNS))
+def test_flow_trains_exports_and_publishes_each_retrieval_model(retrieval_runs, name):
+    tmp, repo, summaries = retrieval_runs
+    s = summaries[name]
+    assert s["model"] == RUNS[name]["type"] and s["model_version"] == 1 and s["gate"]["promote"]
+    assert s["gate"]["metric"] == "recall"
+    assert s["max_abs_diff_served_vs_offline"] <= 1e-5  # the smoke test compared served and offline top-k
+    m = s["metrics"]
+    for key in ("recall@10", "precision@10", "ndcg@10", "mrr@10"):
+        assert 0.0 <= m[key] <= 1.0, key
+    if name == "recsys_youtube":  # the history makes it learnable in one epoch: well above random (10/150)
+        assert m["recall@10"] > 0.2
+    # the standard protocol (per user, training items excluded): the model and three baselines
+    assert set(s["baselines"]) == {"most_popular", "item_cooccurrence", "ease"}
+    for b in s["baselines"].values():
+        assert 0.0 <= b["recall@10"] <= 1.0 and 0.0 <= b["ndcg@10"] <= 1.0 and b["n_items"] > 0
+    assert 0.0 <= m["user_recall@10"] <= 1.0 and 0.0 <= m["user_ndcg@10"] <= 1.0
+    assert s["lift"].startswith(f"{RUNS[name]['type']} (per user, seen items excluded) recall@10 {m['user_recall@10']:.4f}")
+    run = tmp / "runs" / name
+    saved = json.loads((run / "model" / "metrics.json").read_text())
+    assert len(saved["history"]["val_recall"]) == saved["metrics"]["epochs_run"]
+    assert (run / "model" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    art = repo / name / "1" / topk.TOPK_DIR
+    for f in ("spec.json", "items.npz", "workflow/workflow.pkl", "query_encoder/saved_model.pb"):
+        assert (art / f).exists(), f
+    assert ("train-ranker" in s["stage_seconds"]) == ("rerank_with" in RUNS[name].get("retrieval", {}))
+    table = s["predictions"]
+    assert len(table) == SMALL.get("serving", {}).get("smoke_rows", 8)
+    assert all(len(items) == 10 for items in table["top_items"])
+    rec = topk.TopKRecommender(art)  # the table shows what was sent: the request columns only
+    assert list(table.columns) == rec.request_columns + ["top_items", "top_scores"]
+    if name == "recsys_mf":
+        assert rec.request_columns == ["user_id"]
+
+
+@pytest.fixture(scope="module")
+def served(retrieval_runs):
+    tmp, repo, _ = retrieval_runs
+    server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log")
+    with server.start(timeout_s=300, models=list(RUNS)):
+        yield server
+
+
+def _rows(runs, name, rec, n=24):
+    # the ETL (and its split) may come from an earlier run's cache: take the folder the run used
+    split = Path(runs[2][name]["etl_from"]).parent / "split" / "valid.parquet"
+    df = pd.read_parquet(split).iloc[40:40 + n]
+    return df[rec.request_columns].reset_index(drop=True)
+
+
+def _seen(runs, name) -> dict:
+    """Each training user's positive items, from the split the run trained on."""
+    train = pd.read_parquet(Path(runs[2][name]["etl_from"]).parent / "split" / "train.parquet")
+    return train[train["click"] > 0].groupby("user_id")["item_id"].apply(set).to_dict()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", list(RUNS))
+def test_served_top_k_equals_offline_top_k_for_the_same_raw_request(retrieval_runs, served, name):
+    tmp, repo, _ = retrieval_runs
+    rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
+    assert rec.exclude_seen  # model.retrieval.exclude_seen is on by default
+    rows = _rows(retrieval_runs, name, rec)
+    rows.loc[0, "user_id"] = 987654321  # a user the model never saw
+    seen = _seen(retrieval_runs, name)
+    assert sum(len(seen.get(u, ())) for u in rows["user_id"]) > 0  # known users with training items
+    want_ids, want_scores = rec.offline(rows)
+    # unknown users (model.retrieval.unknown_users: auto): MF's query is the user id alone, so the
+    # most popular items; two-tower (user and context features) and youtube_dnn (history) ask the tower
+    assert rec.popular_fallback == (name == "recsys_mf")
+    if rec.popular_fallback and not rec.ranker_fn:
+        np.testing.assert_array_equal(want_ids[0], rec.item_ids[np.argsort(-rec.popularity, kind="stable")[:10]])
+        assert want_scores[0].tolist() == sorted(rec.popularity, reverse=True)[:10]
+    # the same rows with a few more items excluded per request (optional input exclude_item_ids)
+    more = rows.assign(**{topk.EXCLUDE_INPUT: [list(r[:3]) for r in want_ids.tolist()]})
+    want_more = rec.offline(more)
+    for url, protocol in ((served.http_url, "http"), (served.grpc_url, "grpc")):
+        with RecsysClient(url, protocol, name) as client:
+            ids, scores = client.recommend(rows)
+            more_ids, more_scores = client.recommend(more)
+        assert ids.shape == (len(rows), 10)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+        assert (np.diff(scores, axis=1) <= 0).all()  # best first
+        assert all(len(set(r)) == 10 for r in ids.tolist())  # no item twice
+        assert set(ids.reshape(-1)) <= set(rec.item_ids)  # raw catalogue ids, decoded
+        # a known user never gets its training items back
+        for user, items in zip(rows["user_id"], ids.tolist()):
+            assert not set(items) & seen.get(user, set()), (protocol, user)
+        np.testing.assert_array_equal(more_ids, want_more[0])
+        np.testing.assert_allclose(more_scores, want_more[1], atol=1e-5, rtol=0)
+        for items, dropped, user in zip(more_ids.tolist(), more[topk.EXCLUDE_INPUT], rows["user_id"]):
+            assert not set(items) & (set(dropped) | seen.get(user, set()))
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_the_compiled_transform_serves_every_retrieval_version_like_nvtabular(retrieval_runs, name):
+    """Every version (MF; YouTube DNN with its jointly encoded history; two-tower + DLRM) was exported
+    with the compiled transform verified on; per request it gives what the NVTabular path gives,
+    including rows with unseen users, unseen history items and empty histories."""
+    from pipeline_lib.export.ranking import raw_to_columns
+
+    tmp, repo, _ = retrieval_runs
+    rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
+    assert rec.fast_status["enabled"] is True and rec.fast is not None, rec.fast_status
+    rows = _rows(retrieval_runs, name, rec, n=6)
+    rows.loc[0, "user_id"] = 987654321
+    if rec.spec.history:
+        rows[rec.spec.history] = [[], [987654], *rows[rec.spec.history].iloc[2:]]
+    ids, scores = rec.recommend_columns(raw_to_columns(rows))
+    want_ids, want_scores = rec.recommend(rows)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6, rtol=0)
+    # the unknown user gets no seen-item exclusion; the known ones do
+    excluded = rec.excluded(rows["user_id"].to_numpy())
+    assert excluded is not None and len(excluded[0]) == 0 and any(len(e) for e in excluded[1:])
+    seen = _seen(retrieval_runs, name)
+    assert {rec.item_ids[i] for i in excluded[1]} == seen.get(rows["user_id"].iloc[1], set()) & set(rec.item_ids)
+
+
+@pytest.mark.integration
+def test_two_stage_returns_k_candidates_ordered_by_the_ranking_score(retrieval_runs, served):
+    tmp, repo, _ = retrieval_runs
+    name = "recsys_two_stage"
+    rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
+    rows = _rows(retrieval_runs, name, rec, n=4)
+    with RecsysClient(served.grpc_url, "grpc", name) as client:
+        ids, scores = client.recommend(rows)
+    # retrieval's own candidates for these rows, and the ranking model's score for every candidate
+    cand_idx, _ = retrieval.top_k(rec.query_embeddings(rows), rec.item_emb, rec.candidates,
+                                  rec.excluded(rows["user_id"].to_numpy()))  # the user's training items excluded
+    cands = rec.item_ids[cand_idx]
+    from pipeline_lib.export import ranking as export
+
+    frame = rec.rank_frame(rows, cands)
+    rank = export.offline_scores(rec.workflow_with_label, rec.dir / "ranker", frame[rec.ranker_columns],
+                                 "click").reshape(cands.shape)
+    for i in range(len(rows)):
+        by_rank = sorted(zip(rank[i], cands[i]), key=lambda t: -t[0])[:10]
+        assert ids[i].tolist() == [c for _, c in by_rank]  # the k best candidates by ranking score
+        np.testing.assert_allclose(scores[i], [s for s, _ in by_rank], atol=1e-5)
+        assert set(ids[i]) <= set(cands[i])  # only retrieved candidates are returned
+
+
+@pytest.mark.integration
+def test_bad_top_k_requests_get_a_clear_error_and_the_server_keeps_answering(retrieval_runs, served):
+    tmp, repo, _ = retrieval_runs
+    name = "recsys_youtube"
+    rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
+    rows = _rows(retrieval_runs, name, rec, n=2)
+    with RecsysClient(served.http_url, "http", name) as client:
+        with pytest.raises(RequestError, match="item_id_history"):
+            client.recommend(rows.drop(columns=["item_id_history"]))
+    # the model's own checks answer invalid-argument (HTTP 400 / gRPC INVALID_ARGUMENT), message kept
+    for protocol, url, status in (("http", served.http_url, "400"), ("grpc", served.grpc_url, "StatusCode.INVALID_ARGUMENT")):
+        with RecsysClient(url, protocol, name) as client:
+            arrays = client.to_arrays(rows)
+            arrays["item_id_history__offsets"] = np.array([0, 5, 1], dtype=np.int32)
+            with pytest.raises(InferenceServerException, match="item_id_history__offsets") as err:
+                client._client.infer(name, client.inputs_from_arrays(arrays))  # plain tritonclient
+            assert err.value.status() == status
+            assert err.value.message() == "bad request: input 'item_id_history__offsets' must be non-decreasing"
+            half = client.to_arrays(rows)  # the optional exclude_item_ids list without its offsets
+            half[f"{topk.EXCLUDE_INPUT}__values"] = np.array([1], dtype=np.int64)
+            with pytest.raises(InferenceServerException, match="exclude_item_ids__values' without its other half") as err:
+                client._client.infer(name, client.inputs_from_arrays(half))
+            assert err.value.status() == status
+            with pytest.raises(BadRequestError, match=r"bad request: empty batch") as err:
+                client.recommend(rows.head(0))
+            assert err.value.status() == status
+            unseen = rows.assign(item_id_history=[[987654, 987655], []])  # unknown items: OOV, still answered
+            ids, _ = client.recommend(unseen)
+            assert ids.shape == (2, 10)
+            np.testing.assert_array_equal(client.recommend(rows)[0], rec.offline(rows)[0])
+
+
+def test_the_mf_version_carries_its_faiss_index_and_serves_through_it(retrieval_runs, served):
+    """model.retrieval.ann: the index is built at export, its recall against exact search is recorded
+    in the version, and the served version searches with it (served == offline through the index is
+    test_served_top_k_equals_offline_top_k_for_the_same_raw_request[recsys_mf])."""
+    from pipeline_lib.export import ann
+
+    _, repo, summaries = retrieval_runs
+    art = repo / "recsys_mf" / "1" / topk.TOPK_DIR
+    meta = json.loads((art / "spec.json").read_text())["ann"]
+    assert meta["index"] == "faiss" and meta["nlist"] == 8 and meta["nprobe"] == 2
+    assert (art / ann.INDEX_FILE).is_file() and summaries["recsys_mf"]["ann"] == meta
+    assert 0.0 <= meta["recall_at_k"] <= 1.0 and meta["queries"] == SMALL["export"]["parity_rows"]
+    rec = topk.TopKRecommender(art)
+    assert rec.index is not None and rec.index.nprobe == 2
+    for name in ("recsys_youtube", "recsys_two_stage"):  # exact search, the default below 100,000 items
+        assert json.loads((repo / name / "1" / topk.TOPK_DIR / "spec.json").read_text())["ann"]["index"] == "exact"

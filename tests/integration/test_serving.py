@@ -1,0 +1,381 @@
+"""A real tritonserver process (from the nvidia-pytriton wheel) serving the exported ensemble."""
+import numpy as np
+import pandas as pd
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from pipeline_lib.export import ranking as export
+from pipeline_lib.serving import repository
+from pipeline_lib.serving.client import BadRequestError, RecsysClient, RequestError
+from pipeline_lib.serving.server import ServerError, TritonServer
+from pipeline_lib.release.smoke import smoke_test
+
+pytestmark = pytest.mark.integration
+MAX_ROWS = 500
+# what tritonclient's InferenceServerException.status() says for an invalid-argument answer
+INVALID = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
+
+
+@pytest.fixture(scope="module")
+def served(trained, tmp_path_factory):
+    import nvtabular as nvt
+
+    tmp = tmp_path_factory.mktemp("served")
+    rows = trained.valid_rows(64)
+    exp = export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, rows, "click",
+                                 tmp / "staged", "recsys", 1, max_request_rows=MAX_ROWS)
+    repo = tmp / "model_repository"
+    repository.publish(exp.version_dir, exp.config_path, repo, "recsys")
+    repository.promote(repo, "recsys", 1)
+    offline = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), trained.model.model_dir, rows, "click")
+    server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log")
+    server.start(timeout_s=240, models=["recsys"])
+    yield server, rows, offline
+    server.stop()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_scores_equal_offline(served, protocol):
+    server, rows, offline = served
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with RecsysClient(url, protocol) as client:
+        got = client.predict(rows)
+        one = client.predict(rows.head(1))
+    assert got.shape == (len(rows),)
+    np.testing.assert_allclose(got, offline, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(one, offline[:1], atol=1e-5, rtol=0)
+
+
+def test_rows_as_dicts_with_unseen_categories(served):
+    server, rows, offline = served
+    records = rows.head(2).to_dict(orient="records")
+    records[1] = {**records[1], "user_country": "ZZ-never-seen", "item_tags": [424242]}
+    with RecsysClient(server.http_url, "http") as client:
+        got = client.predict(records)
+    assert got[0] == pytest.approx(offline[0], abs=1e-5)
+    assert 0.0 < got[1] < 1.0 and np.isfinite(got[1])
+
+
+def test_missing_field_is_a_clear_client_error(served):
+    server, rows, _ = served
+    with RecsysClient(server.http_url, "http") as client:
+        with pytest.raises(RequestError, match=r"missing field\(s\) \['device'\]"):
+            client.predict(rows.drop(columns=["device"]))
+
+
+def test_bad_request_gets_an_error_and_the_server_keeps_answering(served):
+    server, rows, offline = served
+    with httpclient.InferenceServerClient(server.http_url) as c:
+        bad = httpclient.InferInput("user_id", [2], "FP32")
+        bad.set_data_from_numpy(np.array([1.0, 2.0], dtype=np.float32))
+        with pytest.raises(InferenceServerException):
+            c.infer("recsys", [bad])
+        assert c.is_server_live() and c.is_model_ready("recsys")
+    with RecsysClient(server.grpc_url, "grpc") as client:
+        np.testing.assert_allclose(client.predict(rows.head(4)), offline[:4], atol=1e-5, rtol=0)
+
+
+def test_smoke_test_gate_fails_on_mismatch(trained, served, tmp_path):
+    """The pipeline's gate raises when served scores differ from the offline reference."""
+    server, rows, offline = served
+    from pipeline_lib.release.smoke import ServingMismatch
+
+    repo = server.model_repository
+    with pytest.raises(ServingMismatch, match="differ from offline"):
+        smoke_test(repo, "recsys", rows.head(4), offline[:4] + 0.01, 1e-5, tmp_path)
+    assert (tmp_path / "smoke.json").exists()
+
+
+def test_server_start_errors_are_reported(tmp_path):
+    with pytest.raises(ServerError, match="model repository not found"):
+        TritonServer.on_free_ports(tmp_path / "missing").start()
+    broken = tmp_path / "repo" / "recsys"
+    (broken / "1").mkdir(parents=True)
+    (broken / "config.pbtxt").write_text('backend: "python"\n')
+    (broken / "1" / "model.py").write_text("raise ImportError('boom')\n")
+    server = TritonServer.on_free_ports(tmp_path / "repo")
+    with pytest.raises(ServerError, match="tritonserver exited|not ready"):
+        server.start(timeout_s=120, models=["recsys"])
+    assert server.process is None
+
+
+@pytest.fixture
+def busy_port():
+    """A port held by another listener, as when a second server or a test run took it first."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("endpoint", ["http_port", "grpc_port", "metrics_port"])
+def test_a_taken_port_is_reported_naming_the_clash(tmp_path, busy_port, endpoint):
+    """Triton exits on a taken gRPC port but keeps running without a taken HTTP or metrics
+    endpoint; either way start() fails at once with the port in the message, and no process is left."""
+    from pipeline_lib.serving.server import PortClash, free_ports
+
+    ports = dict(zip(["http_port", "grpc_port", "metrics_port"], free_ports(3)))
+    ports[endpoint] = busy_port
+    (tmp_path / "repo").mkdir()
+    server = TritonServer(tmp_path / "repo", log_file=tmp_path / "triton.log", **ports)
+    with pytest.raises(PortClash) as err:
+        server.start(timeout_s=60)
+    assert f"127.0.0.1:{busy_port}' already in use" in str(err.value)
+    assert server.process is None
+
+
+def test_auto_ports_retry_when_a_picked_port_is_taken(tmp_path, busy_port, monkeypatch):
+    """The race the CI run hit: a picked port is taken before Triton binds it. The first pick is
+    forced to contain the taken port; start() must come up on fresh ports."""
+    from pipeline_lib.serving import server as serving
+
+    real, picks = serving.free_ports, []
+
+    def first_pick_clashes(n, host="127.0.0.1"):
+        got = real(n, host)
+        if not picks:
+            got[1] = busy_port  # the gRPC port: Triton exits on it
+        picks.append(got)
+        return got
+
+    monkeypatch.setattr(serving, "free_ports", first_pick_clashes)
+    (tmp_path / "repo").mkdir()
+    server = TritonServer.on_free_ports(tmp_path / "repo", log_file=tmp_path / "triton.log")
+    with server.start(timeout_s=120):
+        assert len(picks) == 2 and server.grpc_port != busy_port
+        assert [server.http_port, server.grpc_port, server.metrics_port] == picks[1]
+        with httpclient.InferenceServerClient(server.http_url) as c:
+            assert c.is_server_ready()
+    assert "already in use" in (tmp_path / "triton.log").read_text()
+
+
+def _bad(server, mutate, protocol="http"):
+    """Send a request built from good rows and then broken by ``mutate``; return Triton's error."""
+    _, rows, _ = server
+    srv = server[0]
+    with RecsysClient(srv.http_url if protocol == "http" else srv.grpc_url, protocol) as client:
+        arrays = client.to_arrays(rows.head(3))
+        mutate(arrays)
+        with pytest.raises(InferenceServerException) as err:
+            client.infer_arrays(arrays)
+    return err.value
+
+
+@pytest.mark.parametrize("case, mutate, expected", [
+    ("unknown input name", lambda a: a.update(foo=np.array([1, 2, 3])),
+     r"expected 9 inputs but got 10 .*Got input\(s\) \['foo'"),
+    ("missing input", lambda a: a.pop("device"), r"missing required input\(s\) \['device'\]"),
+    ("wrong dtype", lambda a: a.update(user_id=a["user_id"].astype(np.float32)),
+     r"inference input 'user_id' data-type is 'FP32', but model 'recsys' expects 'INT64'"),
+    ("wrong shape", lambda a: a.update(user_age=np.ones((3, 2))),
+     r"unexpected shape for input 'user_age' for model 'recsys'. Expected \[-1\], got \[3,2\]"),
+    ("row counts differ", lambda a: a.update(item_id=a["item_id"][:2]), r"bad request: inputs have different row counts"),
+    ("bad list offsets", lambda a: a.update(item_tags__offsets=a["item_tags__offsets"][::-1].copy()),
+     r"bad request: input 'item_tags__offsets' must start at 0"),
+    ("empty batch", lambda a: [a.update({k: (v[:1] if k.endswith("__offsets") else v[:0])}) for k, v in list(a.items())],
+     r"bad request: empty batch"),
+    ("infinite continuous value", lambda a: a.update(user_age=np.where(np.arange(len(a["user_age"])) == 1, np.inf,
+                                                                       a["user_age"]).astype(a["user_age"].dtype)),
+     r"bad request: input 'user_age' has 1 non-finite value\(s\) \(e.g. row 1: inf\)"),
+    ("-inf continuous value", lambda a: a.update(item_price=np.full_like(a["item_price"], -np.inf)),
+     r"bad request: input 'item_price' has 3 non-finite value\(s\)"),
+])
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_requests_get_a_clear_error_and_the_server_keeps_answering(served, case, mutate, expected, protocol):
+    """Triton's own checks and the model's request checks alike answer invalid-argument (HTTP 400,
+    gRPC INVALID_ARGUMENT) with the message naming the field; the client raises BadRequestError."""
+    server, rows, offline = served
+    import re
+
+    err = _bad(served, mutate, protocol)
+    msg = err.message()
+    assert re.search(expected, msg), f"{case}: {msg}"
+    assert "Traceback" not in msg
+    assert err.status() == INVALID[protocol], f"{case}: {err.status()} {msg}"
+    assert isinstance(err, BadRequestError) and isinstance(err, RequestError)
+    with RecsysClient(server.grpc_url, "grpc") as client:
+        np.testing.assert_allclose(client.predict(rows.head(4)), offline[:4], atol=1e-5, rtol=0)
+
+
+def test_very_large_batch_is_refused_clearly_and_a_batch_at_the_limit_is_served(served):
+    server, rows, _ = served
+    big = pd.concat([rows] * (MAX_ROWS // len(rows) + 1), ignore_index=True)
+    for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+        with RecsysClient(url, protocol) as client:
+            with pytest.raises(BadRequestError, match=rf"batch of {len(big)} rows exceeds the limit of {MAX_ROWS}") as err:
+                client.predict(big)
+            assert err.value.status() == INVALID[protocol]
+            assert len(client.predict(big.head(MAX_ROWS))) == MAX_ROWS
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_bad_request_is_a_client_error_on_the_wire(served, protocol):
+    """Plain tritonclient, no RecsysClient: the model's own check (row counts) reaches the client as
+    HTTP 400 / gRPC INVALID_ARGUMENT, not INTERNAL / 500, with the model's message."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    server, rows, _ = served
+    with RecsysClient(server.http_url, "http") as cl:
+        arrays = cl.to_arrays(rows.head(3))
+    arrays["user_id"] = arrays["user_id"][:2]
+    tc, url = (httpclient, server.http_url) if protocol == "http" else (grpcclient, server.grpc_url)
+    inputs = []
+    for name, arr in arrays.items():
+        inp = tc.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    c = tc.InferenceServerClient(url)
+    try:
+        with pytest.raises(InferenceServerException) as err:
+            c.infer("recsys", inputs)
+    finally:
+        c.close()
+    assert err.value.status() == INVALID[protocol]
+    assert err.value.message().startswith("bad request: inputs have different row counts: ")
+    assert "user_id=2" in err.value.message()
+
+
+def test_missing_continuous_values_are_filled_as_in_training(served, trained):
+    import nvtabular as nvt
+
+    server, rows, _ = served
+    holes = rows.head(4).copy()
+    holes.loc[[0, 2], "user_age"] = np.nan
+    holes.loc[1, "item_price"] = None
+    offline = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), trained.model.model_dir, holes, "click")
+    with RecsysClient(server.http_url, "http") as client:
+        got = client.predict(holes)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, offline, atol=1e-5, rtol=0)
+
+
+# --- dynamic batching (serving.dynamic_batching) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_batched(trained, tmp_path_factory):
+    """The same model exported with Triton's dynamic batcher on, and a queue delay long enough that
+    concurrent requests are really executed together."""
+    import nvtabular as nvt
+
+    from pipeline_lib.config import DynamicBatchingConfig
+
+    tmp = tmp_path_factory.mktemp("served_batched")
+    rows = trained.valid_rows(200)
+    db = DynamicBatchingConfig(enabled=True, max_batch_size=8, max_queue_delay_microseconds=20_000)
+    exp = export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, rows.head(64), "click",
+                                 tmp / "staged", "recsys", 1, max_request_rows=MAX_ROWS, dynamic_batching=db)
+    repo = tmp / "model_repository"
+    repository.publish(exp.version_dir, exp.config_path, repo, "recsys")
+    repository.promote(repo, "recsys", 1)
+    rows = rows.copy()
+    rows.loc[::5, "item_tags"] = pd.Series([[]] * len(rows.loc[::5]), index=rows.index[::5])  # empty lists too
+    offline = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), trained.model.model_dir, rows, "click")
+    server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log")
+    server.start(timeout_s=240, models=["recsys"])
+    yield server, rows, offline
+    server.stop()
+
+
+def test_dynamic_batching_config_is_written(served_batched):
+    server, _, _ = served_batched
+    cfg = (server.model_repository / "recsys" / "config.pbtxt").read_text()
+    assert "max_batch_size: 8" in cfg and "max_queue_delay_microseconds: 20000" in cfg
+    assert cfg.count("allow_ragged_batch: true") == cfg.count("input {")
+
+
+def test_dynamic_batching_concurrent_clients_get_their_own_rows(served_batched):
+    """8 clients at once, each request a different slice (1-7 rows, list lengths 0-n): every answer
+    equals the offline scores of exactly its own rows, and Triton executed requests together."""
+    import threading
+
+    server, rows, offline = served_batched
+    with httpclient.InferenceServerClient(server.http_url) as c:
+        before = c.get_inference_statistics("recsys")["model_stats"][0]
+    failures, answered = [], []
+
+    def client(k: int) -> None:
+        rng = np.random.default_rng(k)
+        proto, url = ("grpc", server.grpc_url) if k % 2 else ("http", server.http_url)
+        try:
+            with RecsysClient(url, proto) as cl:
+                for _ in range(12):
+                    n = int(rng.integers(1, 8))
+                    start = int(rng.integers(0, len(rows) - n))
+                    got = cl.predict(rows.iloc[start:start + n])
+                    answered.append(n)
+                    if got.shape != (n,) or not np.allclose(got, offline[start:start + n], atol=1e-5, rtol=0):
+                        failures.append((k, start, n, got, offline[start:start + n]))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            failures.append((k, repr(exc)))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:2]
+    assert len(answered) == 96
+    with httpclient.InferenceServerClient(server.http_url) as c:
+        after = c.get_inference_statistics("recsys")["model_stats"][0]
+    requests = int(after["inference_count"]) - int(before["inference_count"])
+    executions = int(after["execution_count"]) - int(before["execution_count"])
+    assert requests == 96
+    assert executions < requests, f"no request was batched with another ({executions} executions)"
+
+
+def test_dynamic_batching_a_bad_request_fails_alone(served_batched):
+    """A malformed request queued together with good ones gets its own clear error; the others are served."""
+    import threading
+
+    server, rows, offline = served_batched
+    errors, good = [], []
+
+    def bad() -> None:
+        with RecsysClient(server.http_url, "http") as cl:
+            arrays = cl.to_arrays(rows.head(3))
+            arrays["item_id"] = arrays["item_id"][:2]
+            for _ in range(5):
+                try:
+                    cl.infer_arrays(arrays)
+                except BadRequestError as exc:
+                    errors.append(str(exc))
+
+    def ok(k: int) -> None:
+        try:
+            with RecsysClient(server.grpc_url, "grpc") as cl:
+                for _ in range(5):
+                    good.append(bool(np.allclose(cl.predict(rows.iloc[k:k + 4]), offline[k:k + 4], atol=1e-5, rtol=0)))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            good.append(repr(exc))
+
+    threads = [threading.Thread(target=bad)] + [threading.Thread(target=ok, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 5 and all(e.startswith("[400] bad request: inputs have different row counts")
+                                    for e in errors), errors[:1]
+    assert len(good) == 20 and all(g is True for g in good), good
+
+
+def test_dynamic_batching_request_with_two_batch_entries_is_refused_clearly(served_batched):
+    """A request is one batch entry ([1, rows]); a [2, ...] request gets a clear error, not wrong scores."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    server, rows, _ = served_batched
+    with RecsysClient(server.http_url, "http") as cl:
+        arrays = cl.to_arrays(rows.head(2))
+    inputs = []
+    for name, arr in arrays.items():
+        inp = httpclient.InferInput(name, [2, len(arr)], np_to_triton_dtype(arr.dtype))
+        inp.set_data_from_numpy(np.stack([arr, arr]))
+        inputs.append(inp)
+    with httpclient.InferenceServerClient(server.http_url) as c:
+        with pytest.raises(InferenceServerException, match=r"bad request: input '\w+' has shape \[2, \d+\]; with dynamic batching") as err:
+            c.infer("recsys", inputs)
+    assert err.value.status() == "400"

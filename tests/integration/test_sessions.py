@@ -1,0 +1,183 @@
+"""Session-based next-item recommendation (task: session): ETL, model vs baselines, and the whole
+flow with a real Triton server (served top-k == offline top-k). Real NVTabular, TensorFlow,
+merlin-systems, Prefect and tritonserver; small data."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline_lib.data import sessions as session_data
+from pipeline_lib.etl import sessions
+from pipeline_lib.config import SessionColumns, SessionSyntheticConfig, load_config
+from tests.support import ROOT
+
+pytestmark = pytest.mark.integration
+
+COLS = SessionColumns()
+
+
+# --- the whole flow with a real Triton server ---------------------------------------------------
+
+
+@pytest.mark.integration
+def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp_path):
+    import os
+
+    import nvtabular as nvt
+    from flows.pipeline import pipeline
+    from pipeline_lib.serving import repository
+    from pipeline_lib.serving.server import TritonServer
+    from pipeline_lib.serving.session_client import SessionClient
+    from pipeline_lib.export.session import offline_topk
+
+    root = str(ROOT)
+    over = {"runs_dir": str(tmp_path / "runs"), "run_name": "s1",
+            "export": {"model_repository": str(tmp_path / "repo"), "parity_rows": 32},
+            "serving": {"notify_live_server": False}, "gate": {"require_beat_baseline": False},
+            "session": {"synthetic": {"n_sessions": 1500, "n_items": 150, "n_categories": 8},
+                        "model": {"epochs": 1}}}
+    config = os.path.join(root, "configs", "examples", "session.yaml")
+    untrained = {"epochs": 1, "learning_rate": 1e-9, "popularity_prior": False}
+    worse = {**over, "run_name": "s2", "session": {**over["session"], "model": untrained}}
+    summary = pipeline(config_path=config, overrides=over)
+    refused = pipeline(config_path=config, overrides=worse)  # an untrained (random) candidate must not replace v1
+    g = refused["gate"]
+    assert not g["promote"] and g["served_version"] == 1 and g["candidate"] < g["served"], g
+    assert "serving-smoke-test" not in refused["stage_seconds"] and refused["predictions"] is None
+    run = tmp_path / "runs" / "s1"
+    assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
+                                              "serving-smoke-test", "publish", "promote"]
+    assert summary["task"] == "session" and summary["model"] == "session_gru"
+    assert set(summary["baselines"]) == {"most_popular", "cooccurrence"}  # same shape as the other families
+    assert all(0 <= b["recall@10"] <= 1 for b in summary["baselines"].values())
+    assert summary["lift"].startswith(f"session_gru recall@10 {summary['metrics']['recall@10']:.4f} is ")
+    assert json.loads((run / "model" / "metrics.json").read_text())["metrics"]["lift"] == summary["lift"]
+    assert summary["gate"]["promote"] and summary["model_version"] == 1 and summary["served_topk_equals_offline"]
+    assert summary["max_abs_diff_served_vs_offline"] <= 1e-5
+    for f in ["raw/interactions.parquet", "validated/stats.json", "transformed/sessions/sessions.parquet",
+              "transformed/sessions/grouping_workflow/workflow.pkl", "transformed/workflow/workflow.pkl",
+              "transformed/train/schema.pbtxt", "model/model/saved_model.pb", "model/metrics.json",
+              "serving/smoke.json", "summary.json"]:
+        assert (run / f).exists(), f
+    assert (run / "model" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    info = json.loads((tmp_path / "repo" / "recsys_session" / "1" / "run_info.json").read_text())
+    assert info["fast_transform"]["enabled"] is True, info["fast_transform"]  # served through the compiled transform
+    preds = summary["predictions"]
+    for proto in ("served_http", "served_grpc"):
+        assert [list(x) for x in preds[proto]] == [list(x) for x in preds["offline"]]
+
+    # the published version, served by a fresh Triton: raw sessions in, top-k raw item ids out
+    repo = tmp_path / "repo"
+    assert repository.served_version(repo, "recsys_session") == 1
+    valid = pd.read_parquet(run / "split" / "valid.parquet").head(20)
+    req, _ = sessions.prefixes(valid, COLS)
+    req.loc[0, "item_id"] = [987654, *req.loc[0, "item_id"][1:]]  # an unseen item id maps to OOV as in training
+    wf = nvt.Workflow.load(str(run / "transformed" / "workflow"))
+    want_ids, want_scores = offline_topk(wf, run / "model" / "model", req, "item_id", 10)
+    vocab = set(pd.read_parquet(run / "split" / "train.parquet")["item_id"].explode())
+    assert set(want_ids.ravel()) <= vocab  # raw ids of trained items, never special/OOV slots
+    # session.exclude_seen (default on): never an item of the session so far, offline and served
+    assert not any(set(r) & set(p) for r, p in zip(want_ids.tolist(), req["item_id"]))
+    more = req.assign(exclude_item_ids=[list(r[:4]) + [987654] for r in want_ids.tolist()])  # + an unknown id
+    more_ids, more_scores = offline_topk(wf, run / "model" / "model", more, "item_id", 10)
+    assert [r[:6] for r in more_ids.tolist()] == [r[4:] for r in want_ids.tolist()]
+    metrics = json.loads((run / "model" / "metrics.json").read_text())
+    assert metrics["metrics"]["exclude_seen"] is True
+    assert metrics["baseline_comparison"]["protocol"]["exclude_seen"] is True  # baselines: the same protocol
+    server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log", model_control="explicit", load_models=["recsys_session"])
+    with server.start(timeout_s=240, models=["recsys_session"]):
+        for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+            with SessionClient(url, proto, "recsys_session") as client:
+                ids, scores = client.recommend(req)
+                one_ids, _ = client.recommend(req.head(1).to_dict(orient="records"))
+                got_more = client.recommend(more)
+            np.testing.assert_array_equal(ids, want_ids)
+            np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+            np.testing.assert_array_equal(one_ids, want_ids[:1])
+            np.testing.assert_array_equal(got_more[0], more_ids)
+            np.testing.assert_allclose(got_more[1], more_scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.integration
+def test_string_item_ids_are_served_like_offline(tmp_path):
+    """Item ids as strings (BYTES on the wire, in and out): Triton's top-k == offline top-k, with the
+    session's own items excluded (session.exclude_seen, default on) and with extra exclude_item_ids."""
+    from pipeline_lib.export import ranking as ranking_export
+    from pipeline_lib.serving import repository
+    from pipeline_lib.models import session as session_model
+    from pipeline_lib.export import session as ssm
+    from pipeline_lib.serving.server import TritonServer
+    from pipeline_lib.serving.session_client import SessionClient
+
+    ev = session_data.generate_sessions(SessionSyntheticConfig(n_sessions=600, n_items=60, n_categories=5), 3)
+    ev["item_id"] = "sku-" + ev["item_id"].astype(str)
+    ev.to_parquet(tmp_path / "events.parquet")
+    cfg = load_config(None, {"task": "session", "data": {"source": "parquet", "path": str(tmp_path / "events.parquet")},
+                             "session": {"model": {"epochs": 1, "hidden_dim": 16, "embedding_dim": 16}}})
+    raw = session_data.write_raw_events(cfg.data, cfg.session, cfg.seed, tmp_path / "raw")
+    etl_out = sessions.run_session_etl(raw, cfg, tmp_path / "transformed", tmp_path / "split")
+    model = session_model.train_and_evaluate(etl_out, cfg, tmp_path / "model")
+    req, _ = sessions.prefixes(pd.read_parquet(etl_out.split.valid).head(12), COLS)
+    exp = ssm.export_session_ensemble(etl_out.workflow_dir, model.model_dir, req, "item_id", 5, tmp_path / "staged", "sess")
+    repo = tmp_path / "repo"
+    repository.publish(exp.version_dir, exp.config_path, repo, "sess")
+    repository.promote(repo, "sess", 1)
+    import nvtabular as nvt
+
+    wf = nvt.Workflow.load(str(etl_out.workflow_dir))
+    want_ids, want_scores = ssm.offline_topk(wf, model.model_dir, req, "item_id", 5)
+    assert all(isinstance(v, str) and v.startswith("sku-") for v in want_ids.ravel())
+    assert not any(set(r) & set(p) for r, p in zip(want_ids.tolist(), req["item_id"]))  # never an item of the session
+    plain_ids, _ = ssm.offline_topk(wf, model.model_dir, req, "item_id", 5, exclude_seen=False)
+    assert any(set(r) & set(p) for r, p in zip(plain_ids.tolist(), req["item_id"]))  # without it they come back
+    more = req.assign(exclude_item_ids=[list(r[:2]) + ["sku-unknown"] for r in want_ids.tolist()])
+    more_ids, more_scores = ssm.offline_topk(wf, model.model_dir, more, "item_id", 5)
+    assert [r[:3] for r in more_ids.tolist()] == [r[2:] for r in want_ids.tolist()]  # the next best move up
+    server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log")
+    with server.start(timeout_s=240, models=["sess"]):
+        for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+            with SessionClient(url, proto, "sess") as client:
+                ids, scores = client.recommend(req)
+                got_more = client.recommend(more)
+                _assert_bad_requests_are_client_errors(client, req, proto)
+            assert ids.tolist() == want_ids.tolist()
+            np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+            assert got_more[0].tolist() == more_ids.tolist()
+            np.testing.assert_allclose(got_more[1], more_scores, atol=1e-5, rtol=0)
+    assert ranking_export.load_version(repo / "sess" / "1") is not None
+
+
+def _assert_bad_requests_are_client_errors(client, req: pd.DataFrame, protocol: str) -> None:
+    """The session model's request checks answer invalid-argument (HTTP 400 / gRPC INVALID_ARGUMENT)
+    with their message, and the model keeps answering."""
+    from tritonclient.utils import InferenceServerException
+
+    from pipeline_lib.serving.client import BadRequestError
+
+    status = "400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"
+    arrays = client.to_arrays(req.head(3))
+    offsets = next(k for k in arrays if k.endswith("__offsets"))
+    arrays[offsets] = arrays[offsets][::-1].copy()
+    with pytest.raises(InferenceServerException) as err:  # plain tritonclient
+        client._client.infer(client.model_name, client.inputs_from_arrays(arrays))
+    assert err.value.status() == status
+    assert err.value.message() == f"bad request: input '{offsets}' must start at 0 (got [{int(arrays[offsets][0])}])"
+    with pytest.raises(BadRequestError, match=r"^\[[\w.]+\] bad request: empty batch: the request has 0 rows$") as err:
+        client.recommend(req.head(0))
+    assert err.value.status() == status
+    # a bad exclude_item_ids list: one half only, or fewer rows than the sessions -> invalid argument
+    half = client.to_arrays(req.head(3))
+    half["exclude_item_ids__values"] = np.array([b"sku-1"], dtype=object)
+    with pytest.raises(InferenceServerException, match="exclude_item_ids__values' without its other half") as err:
+        client._client.infer(client.model_name, client.inputs_from_arrays(half))
+    assert err.value.status() == status
+    short = req.head(3).assign(exclude_item_ids=[["sku-1"], [], []])
+    arrays = client.to_arrays(short)
+    arrays["exclude_item_ids__offsets"] = arrays["exclude_item_ids__offsets"][:-1].copy()  # 2 rows, not 3
+    with pytest.raises(InferenceServerException, match="different row counts") as err:
+        client._client.infer(client.model_name, client.inputs_from_arrays(arrays))
+    assert err.value.status() == status
+    assert client.recommend(req.head(2))[0].shape[0] == 2

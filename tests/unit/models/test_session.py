@@ -1,0 +1,43 @@
+"""Session models: top-k with exclusions, and GRU / transformer training against the popularity baseline."""
+from __future__ import annotations
+import numpy as np
+import pytest
+
+
+def test_top_k_never_returns_the_session_items_or_the_requested_exclusions():
+    from pipeline_lib.models.session import N_SPECIAL, exclusions, mask_scores, top_k, vocabulary_lookup
+
+    vocab = np.array([None, None, None, 101, 102, 103, 104], dtype=object)  # encoded 3..6
+    lookup = vocabulary_lookup(vocab)
+    seen = [[103, 999], [], np.array([101, 102, 103])]  # 999: unknown, ignored
+    extra = [[], [b"104"], [104]]  # bytes as Triton hands string ids over (no match here: int vocabulary)
+    excl = exclusions(lookup, seen, extra, 3)
+    assert [e.tolist() for e in excl] == [[5], [], [3, 4, 5, 6]]
+    assert exclusions(lookup, None, [[], [], []], 3) is None
+    scores = np.array([[9, 9, 9, 1, 2, 3, 4], [9, 9, 9, 4, 3, 2, 1], [9, 9, 9, 1, 2, 3, 4]], dtype=np.float32)
+    idx, best = top_k(scores, 3, excl)
+    assert idx[0].tolist() == [6, 4, 3]  # 103 (encoded 5) was in the session; specials never ranked
+    assert idx[1].tolist() == [3, 4, 5]
+    # every item excluded: the excluded ones last at -inf (ties by index), the special slots after them
+    assert idx[2].tolist() == [3, 4, 5] and np.isneginf(best[2]).all()
+    assert top_k(scores[:1], 6, None)[0][0].tolist() == [6, 5, 4, 3, 0, 1]
+    m = mask_scores(scores, excl)
+    assert (m[:, :N_SPECIAL] < -1e8).all() and m[0, 5] < -1e8 and m[0, 6] == 4
+
+
+@pytest.mark.parametrize("kind", ["gru", "transformer"])
+def test_model_trains_and_beats_the_popularity_baseline(session_etl, kind):
+    from pipeline_lib.models import session as session_model
+
+    cfg, root, etl_out = session_etl
+    cfg = cfg.model_copy(update={"session": cfg.session.model_copy(update={
+        "model": cfg.session.model.model_copy(update={"type": kind})})})
+    out = session_model.train_and_evaluate(etl_out, cfg, root / f"model_{kind}")
+    m = out.metrics
+    assert m["model"] == f"session_{kind}" and (out.model_dir / "saved_model.pb").exists()
+    pop = m["baselines"]["most_popular"]
+    # measured here: recall@10 0.71 (GRU) / 0.77 (transformer) vs 0.46 for most popular
+    assert m["recall@10"] > pop["recall@10"] + 0.15, m
+    assert m["ndcg@10"] > pop["ndcg@10"] + 0.1, m
+    assert 0 < m["mrr@10"] <= m["ndcg@10"] <= m["recall@10"] <= 1
+    assert out.history["loss"][-1] < out.history["loss"][0]

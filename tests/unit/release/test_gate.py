@@ -1,0 +1,94 @@
+"""The promotion gate on real exported ensembles, scored from raw validation rows."""
+import math
+
+import pytest
+
+from pipeline_lib.export import ranking as export
+from pipeline_lib.release import gate
+
+
+@pytest.fixture(scope="module")
+def versions(trained, untrained, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gate")
+    rows = trained.valid_rows(32)
+    good = export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, rows, "click",
+                                  tmp / "good", "recsys", 1).version_dir
+    worse = export.export_ensemble(trained.etl.workflow_dir, untrained.model_dir, rows, "click", tmp / "worse",
+                                   "recsys", 1).version_dir
+    import pandas as pd
+
+    raw = pd.read_parquet(trained.split.valid)
+    return good, worse, raw
+
+
+def test_first_version_promotes(versions):
+    good, _, raw = versions
+    d = gate.decide(good, None, None, raw, "click", "auc", 0.0)
+    assert d.promote and d.served is None and "first version" in d.reason and d.n_rows == len(raw)
+
+
+def test_worse_candidate_is_refused_and_better_one_promoted(versions, trained):
+    good, worse, raw = versions
+    refused = gate.decide(worse, good, 1, raw, "click", "auc", 0.0)
+    assert not refused.promote and refused.candidate < refused.served
+    # the served score is the served ensemble's AUC on these raw rows == offline metrics of that model
+    assert refused.served == pytest.approx(trained.model.metrics["auc"], abs=1e-6)
+    accepted = gate.decide(good, worse, 1, raw, "click", "auc", 0.0)
+    assert accepted.promote and "not worse than" in accepted.reason
+
+
+def test_tolerance_and_logloss_direction(versions):
+    good, worse, raw = versions
+    gap = gate.score_version(good, raw, "click")["auc"] - gate.score_version(worse, raw, "click")["auc"]
+    assert gate.decide(worse, good, 1, raw, "click", "auc", tolerance=gap + 1e-6).promote
+    ll = gate.decide(worse, good, 1, raw, "click", "logloss", 0.0)
+    assert ll.candidate > ll.served and not ll.promote and not math.isnan(ll.served)
+
+
+def test_served_version_that_cannot_score_the_data_does_not_block(versions, tmp_path):
+    good, _, raw = versions
+    with pytest.raises(KeyError, match="lacks column.*device"):
+        gate.score_version(good, raw.drop(columns=["device"]), "click")
+    d = gate.decide(good, tmp_path / "gone", 7, raw, "click", "auc", 0.0)
+    assert d.promote and d.served is None and "served version 7 cannot score this data" in d.reason
+
+
+# -- the baselines: a candidate that does not beat the best one is refused, first run included ------
+
+
+def test_check_baselines_directions_margin_and_skipped_entries():
+    b = {"logistic_regression": {"auc": 0.71, "logloss": 0.60}, "item_click_rate": {"auc": 0.65, "logloss": 0.64},
+         "broken": {"skipped": "no item column"}}
+    no = gate.check_baselines("dlrm", "auc", 0.70, b)
+    assert not no["passed"] and no["best"] == "logistic_regression"
+    assert no["reason"].startswith("dlrm auc 0.70000 does not beat logistic_regression 0.71000")
+    yes = gate.check_baselines("dlrm", "auc", 0.75, b)
+    assert yes["passed"] and "beats the best baseline logistic_regression" in yes["reason"]
+    assert not gate.check_baselines("dlrm", "auc", 0.71, b)["passed"]              # a tie does not beat
+    assert not gate.check_baselines("dlrm", "auc", 0.75, b, min_lift=0.10)["passed"]  # needs > 0.781
+    assert gate.check_baselines("dlrm", "logloss", 0.59, b)["passed"]              # lower is better
+    assert not gate.check_baselines("dlrm", "logloss", 0.61, b)["passed"]
+    assert not gate.check_baselines("dlrm", "auc", float("nan"), b)["passed"]
+    assert gate.check_baselines("dlrm", "auc", 0.5, {"x": {"skipped": "why"}})["passed"]  # nothing to compare
+    assert gate.check_baselines("m", "recall@10", 0.2, {"ease": {"recall@10": 0.1}})["passed"]
+
+
+def test_first_version_that_does_not_beat_the_best_baseline_is_refused(versions):
+    good, worse, raw = versions
+    cand = gate.score_version(good, raw, "click")["auc"]
+    baselines = {"logistic_regression": {"auc": cand + 0.01}, "item_click_rate": {"auc": cand - 0.05}}
+    d = gate.decide(good, None, None, raw, "click", "auc", 0.0, baselines=baselines, model_name="dlrm")
+    assert not d.promote and d.served is None
+    assert d.reason.startswith(f"dlrm auc {cand:.5f} does not beat logistic_regression {cand + 0.01:.5f}")
+    assert d.baseline_check["best"] == "logistic_regression" and not d.baseline_check["passed"]
+    # beating it: the first version promotes, and the reason says both
+    ok = gate.decide(good, None, None, raw, "click", "auc", 0.0, baselines={"lr": {"auc": cand - 0.01}},
+                     model_name="dlrm")
+    assert ok.promote and "beats the best baseline lr" in ok.reason and "first version promotes" in ok.reason
+    # a candidate better than the served version is still refused when a baseline is better than both
+    refused = gate.decide(good, worse, 1, raw, "click", "auc", 0.0, baselines=baselines)
+    assert not refused.promote and refused.served is not None and "does not beat" in refused.reason
+    # the value compared with the baselines can come from the baselines' own protocol
+    other = gate.decide(good, None, None, raw, "click", "auc", 0.0, baselines={"lr": {"recall@10": 0.3}},
+                        baseline_metric="recall@10", baseline_candidate=0.2)
+    assert not other.promote and "recall@10 0.20000 does not beat lr 0.30000" in other.reason
