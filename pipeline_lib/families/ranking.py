@@ -25,6 +25,7 @@ from pipeline_lib.validate import data as validate
 
 class RankingFamily(TaskFamily):
     name = "ranking"
+    returns_top_k = False  # a version answers one score per row (retrieval: top-k ids and scores)
 
     def raw_data(self, paths: RunPaths) -> Path:
         return data.write_raw(self.cfg.data, self.cfg.seed, paths.raw, self.cfg.columns)
@@ -104,7 +105,7 @@ class RankingFamily(TaskFamily):
 
     def gate_scorer(self, etl_out: etl.EtlOutput) -> gate.Scorer:
         raw = pd.read_parquet(etl_out.split.valid).head(self.cfg.gate.max_rows)
-        return gate.ranking_scorer(raw, self.cfg.columns.label, topk=self.cfg.model.is_retrieval)
+        return gate.ranking_scorer(raw, self.cfg.columns.label, topk=self.returns_top_k)
 
     def headline_metrics(self, trained: Trained) -> dict:
         return {k: trained.model.metrics[k] for k in ("auc", "logloss", "n_train", "n_valid")}

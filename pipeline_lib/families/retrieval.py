@@ -26,6 +26,7 @@ from pipeline_lib.release import smoke
 
 class RetrievalFamily(RankingFamily):
     name = "retrieval"
+    returns_top_k = True
 
     @property
     def history_length(self) -> int:
