@@ -678,6 +678,14 @@ class RunConfig(_Strict):
         return "popular" if alone else "model"
 
     @property
+    def family(self) -> Literal["ranking", "retrieval", "session"]:
+        """The task family this run belongs to, the one switch ``pipeline_lib.families.get_family`` reads:
+        ``task: session`` -> session; otherwise ``model.type`` picks ranking or retrieval (and two-stage)."""
+        if self.task == "session":
+            return "session"
+        return "retrieval" if self.model.is_retrieval else "ranking"
+
+    @property
     def gate_metric(self) -> str:
         if self.gate.metric != "auto":
             return self.gate.metric

@@ -23,7 +23,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -31,15 +31,12 @@ import pandas as pd
 from merlin.systems.dag.ops.tensorflow import PredictTensorflow  # sets protobuf impl; import first
 from merlin.systems.dag.ops.workflow import TransformWorkflow
 
+from pipeline_lib.export.parity import ParityError, check_parity  # noqa: F401  ParityError: re-exported
 from pipeline_lib.paths import TRITON_MODELS
 
 log = logging.getLogger(__name__)
 
 ENSEMBLE_SUBDIR = "ensemble"
-
-
-class ParityError(AssertionError):
-    """The ensemble does not reproduce offline predictions."""
 
 
 class InProcessWorkflow(TransformWorkflow):
@@ -224,6 +221,24 @@ class StagedVersion:
 
 
 @dataclass
+class ExportOptions:
+    """How a version is exported and checked (``export:`` and ``serving:`` settings of a run)."""
+
+    atol: float = 1e-5                 # parity tolerance, exported/in-process vs offline
+    run_info: Optional[dict] = None    # written into the version's run_info.json
+    max_request_rows: int = 65536
+    fast_transform: bool = True        # compile the workflow for serving (verified, else NVTabular)
+    dynamic_batching: Any = None       # a DynamicBatchingConfig (ranking only)
+    exclude_seen: bool = True          # top-k: never return the request's own items (session)
+
+    @classmethod
+    def from_config(cls, cfg, run_info: Optional[dict] = None, exclude_seen: bool = True) -> "ExportOptions":
+        """From a ``RunConfig``: its ``export:`` settings and ``serving.dynamic_batching``."""
+        return cls(cfg.export.parity_atol, run_info, cfg.export.max_request_rows, cfg.export.fast_transform,
+                   cfg.serving.dynamic_batching, exclude_seen)
+
+
+@dataclass
 class ExportOutput(StagedVersion):
     output_name: str
     parity_max_abs_diff: float
@@ -353,58 +368,43 @@ def _raw_columns(raw: pd.DataFrame) -> dict:
     return cols
 
 
-def _check(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
-    if got.shape != want.shape:
-        raise ParityError(f"{name}: shape {got.shape} != offline {want.shape}")
-    diff = float(np.max(np.abs(got - want))) if len(got) else 0.0
-    if not diff <= atol:
-        raise ParityError(f"{name}: max |ensemble - offline| = {diff:.3g} > {atol}")
-    return diff
-
-
-def export_ensemble(
-    workflow_dir: Path,
-    model_dir: Path,
-    sample_raw: pd.DataFrame,
-    label: str,
-    staging_dir: Path,
-    model_name: str,
-    version: int,
-    atol: float = 1e-5,
-    run_info: dict | None = None,
-    max_request_rows: int = 65536,
-    fast_transform: bool = True,
-    dynamic_batching=None,
-) -> ExportOutput:
+def export_ensemble(workflow_dir: Path, model_dir: Path, sample_raw: pd.DataFrame, label: str, staging_dir: Path,
+                    model_name: str, version: int = 1, options: Optional[ExportOptions] = None) -> ExportOutput:
     """Check parity in-process, export the ensemble as ``staging_dir/<model_name>/<version>``,
     load the exported copy back and check it again. Nothing touches the live repository.
 
-    ``fast_transform``: compile the fitted workflow for serving (verified identical to NVTabular
-    on ``sample_raw`` plus edge rows, else NVTabular serves). ``dynamic_batching``: a
+    ``options.fast_transform``: compile the fitted workflow for serving (verified identical to NVTabular
+    on ``sample_raw`` plus edge rows, else NVTabular serves). ``options.dynamic_batching``: a
     :class:`pipeline_lib.config.DynamicBatchingConfig` written into the version's config.pbtxt."""
     import nvtabular as nvt
 
+    o = options or ExportOptions()
     workflow = nvt.Workflow.load(str(workflow_dir))
-    ensemble = build_ensemble(workflow, model_dir, label, fast_sample=sample_raw if fast_transform else None)
+    ensemble = build_ensemble(workflow, model_dir, label, fast_sample=sample_raw if o.fast_transform else None)
     want = offline_scores(workflow, model_dir, sample_raw, label)
-    diff_inproc = _check("in-process ensemble", ensemble_scores(ensemble, sample_raw), want, atol)
+    diff_inproc = check_parity("in-process ensemble", ensemble_scores(ensemble, sample_raw), want, o.atol)
 
     export_as_version(ensemble, staging_dir, model_name, version)
-    install_serving_model(staging_dir / model_name, version, max_request_rows, dynamic_batching)
+    install_serving_model(staging_dir / model_name, version, o.max_request_rows, o.dynamic_batching)
     exported = load_version(staging_dir / model_name / str(version))
-    diff_exported = _check("exported ensemble", ensemble_scores(exported, sample_raw), want, atol)
+    diff_exported = check_parity("exported ensemble", ensemble_scores(exported, sample_raw), want, o.atol)
     direct = DirectPredictor.from_ensemble(exported)
     if direct is not None:  # what the served model.py runs per request
         got = next(iter(direct(_raw_tensors(sample_raw[ensemble.input_schema.column_names])).values())).reshape(-1)
-        diff_exported = max(diff_exported, _check("exported ensemble (direct path)", got, want, atol))
-    fast_status = _workflow_op(ensemble).fast_status or {"enabled": False, "reason": "export.fast_transform is off"}
+        diff_exported = max(diff_exported, check_parity("exported ensemble (direct path)", got, want, o.atol))
+    fast_status = fast_transform_status(ensemble)
     out = ExportOutput(staging_dir, model_name, version, ensemble.output_schema.column_names[0],
                        max(diff_inproc, diff_exported), fast_status)
     (out.version_dir / "run_info.json").write_text(
-        json.dumps({**(run_info or {}), "parity_max_abs_diff": out.parity_max_abs_diff,
+        json.dumps({**(o.run_info or {}), "parity_max_abs_diff": out.parity_max_abs_diff,
                     "fast_transform": fast_status}, indent=2)
     )
     return out
+
+
+def fast_transform_status(ensemble) -> dict:
+    """The workflow op's compiled-transform status (``{"enabled": False, ...}`` when it was not tried)."""
+    return _workflow_op(ensemble).fast_status or {"enabled": False, "reason": "export.fast_transform is off"}
 
 
 def _workflow_op(ensemble) -> InProcessWorkflow:

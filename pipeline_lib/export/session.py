@@ -31,6 +31,7 @@ from merlin.dag import BaseOperator, ColumnSelector
 from merlin.schema import ColumnSchema, Schema
 
 from pipeline_lib.export import ranking as ranking_export
+from pipeline_lib.export.parity import check_parity
 from pipeline_lib.models.session import N_SPECIAL, exclusions, offline_scores, top_k, vocabulary_lookup
 from pipeline_lib.export.topk import EXCLUDE_INPUT  # the same optional request input as retrieval's
 
@@ -176,54 +177,33 @@ def ensemble_topk(ensemble, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return ids, np.asarray(out[SCORES].values)
 
 
-def score_diff(scores: np.ndarray, want: np.ndarray) -> float:
-    """Largest |score - offline|; the -inf of excluded items (a session with fewer than k left) match."""
-    if scores.shape != want.shape:
-        return float("inf")
-    both_inf = np.isneginf(scores) & np.isneginf(want)
-    d = np.abs(np.where(both_inf, 0.0, scores.astype(np.float64) - np.where(both_inf, 0.0, want)))
-    return float(np.max(d)) if d.size else 0.0
-
-
-def _check(name: str, got, want, atol: float) -> float:
-    ids, scores = got
-    want_ids, want_scores = want
-    if ids.shape != want_ids.shape or not np.array_equal(ids, want_ids):
-        bad = int(np.sum(np.any(ids != want_ids, axis=1))) if ids.shape == want_ids.shape else len(ids)
-        raise ranking_export.ParityError(f"{name}: top-k item ids differ from offline in {bad} session(s)")
-    diff = score_diff(scores, want_scores)
-    if not diff <= atol:
-        raise ranking_export.ParityError(f"{name}: max |score - offline| = {diff:.3g} > {atol}")
-    return diff
-
-
 def export_session_ensemble(workflow_dir: Path, model_dir: Path, sample_raw: pd.DataFrame, item_col: str, k: int,
-                            staging_dir: Path, model_name: str, version: int = 1, atol: float = 1e-5,
-                            run_info: dict | None = None, max_request_rows: int = 65536,
-                            fast_transform: bool = True, exclude_seen: bool = True) -> ranking_export.ExportOutput:
-    """Parity in-process (ids equal, scores within ``atol``) on ``sample_raw`` and on the same sessions
-    with ``exclude_item_ids`` (their first 3 offline items), export as ``staging_dir/<model_name>/<version>``
+                            staging_dir: Path, model_name: str,
+                            options: ranking_export.ExportOptions | None = None) -> ranking_export.ExportOutput:
+    """Parity in-process (ids equal, scores within ``options.atol``) on ``sample_raw`` and on the same sessions
+    with ``exclude_item_ids`` (their first 3 offline items), export as ``staging_dir/<model_name>/1``
     (``exclude_item_ids`` an optional input), load the exported copy back and check again."""
     import nvtabular as nvt
 
+    o, version = options or ranking_export.ExportOptions(), 1
     workflow = nvt.Workflow.load(str(workflow_dir))
     ensemble = build_session_ensemble(workflow, model_dir, item_col, k,
-                                      fast_sample=sample_raw if fast_transform else None, exclude_seen=exclude_seen)
-    want = offline_topk(workflow, model_dir, sample_raw, item_col, k, exclude_seen)
+                                      fast_sample=sample_raw if o.fast_transform else None, exclude_seen=o.exclude_seen)
+    want = offline_topk(workflow, model_dir, sample_raw, item_col, k, o.exclude_seen)
     more = sample_raw.assign(**{EXCLUDE_INPUT: [list(r[:3]) for r in want[0].tolist()]})
-    want_more = offline_topk(workflow, model_dir, more, item_col, k, exclude_seen)
-    diffs = [_check("in-process ensemble", ensemble_topk(ensemble, sample_raw), want, atol),
-             _check("in-process ensemble (exclude_item_ids)", ensemble_topk(ensemble, more), want_more, atol)]
+    want_more = offline_topk(workflow, model_dir, more, item_col, k, o.exclude_seen)
+    diffs = [check_parity("in-process ensemble", ensemble_topk(ensemble, sample_raw), want, o.atol),
+             check_parity("in-process ensemble (exclude_item_ids)", ensemble_topk(ensemble, more), want_more, o.atol)]
     ranking_export.export_as_version(ensemble, staging_dir, model_name, version)
-    ranking_export.install_serving_model(staging_dir / model_name, version, max_request_rows)
+    ranking_export.install_serving_model(staging_dir / model_name, version, o.max_request_rows)
     _optional_inputs(staging_dir / model_name / "config.pbtxt", EXCLUDE_INPUT)
     exported = ranking_export.load_version(staging_dir / model_name / str(version))
-    diffs += [_check("exported ensemble", ensemble_topk(exported, sample_raw), want, atol),
-              _check("exported ensemble (exclude_item_ids)", ensemble_topk(exported, more), want_more, atol)]
-    fast = ranking_export._workflow_op(ensemble).fast_status or {"enabled": False, "reason": "export.fast_transform is off"}
+    diffs += [check_parity("exported ensemble", ensemble_topk(exported, sample_raw), want, o.atol),
+              check_parity("exported ensemble (exclude_item_ids)", ensemble_topk(exported, more), want_more, o.atol)]
+    fast = ranking_export.fast_transform_status(ensemble)
     out = ranking_export.ExportOutput(staging_dir, model_name, version, ITEM_IDS, max(diffs), fast_transform=fast)
     (out.version_dir / "run_info.json").write_text(
-        json.dumps({**(run_info or {}), "task": "session", "top_k": k, "exclude_seen": bool(exclude_seen),
+        json.dumps({**(o.run_info or {}), "task": "session", "top_k": k, "exclude_seen": bool(o.exclude_seen),
                     "parity_max_abs_diff": out.parity_max_abs_diff, "fast_transform": fast}, indent=2, default=str))
     return out
 

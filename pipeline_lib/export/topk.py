@@ -50,7 +50,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -59,7 +59,8 @@ from pipeline_lib.paths import TRITON_MODELS
 from pipeline_lib.export import ann
 from pipeline_lib.models import retrieval
 from pipeline_lib.config import AnnConfig
-from pipeline_lib.export.ranking import StagedVersion
+from pipeline_lib.export.parity import check_parity
+from pipeline_lib.export.ranking import ExportOptions, StagedVersion
 from pipeline_lib.models.retrieval import RetrievalSpec
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,30 @@ EXCLUDE_INPUT = "exclude_item_ids"  # optional request input: raw item ids never
 SEEN_FILE = "seen.npz"
 
 
-class TopKParityError(AssertionError):
-    """The served top-k differs from the offline top-k."""
-
-
 @dataclass
 class TopKExport(StagedVersion):
     parity: dict
+
+
+@dataclass
+class TopKSettings:
+    """What a top-k version returns: ``k`` items per row (with a ranker: ``candidates`` retrieved, then
+    re-scored), never the user's training positives (``exclude_seen``), an optional FAISS index (``ann``),
+    and ``popular`` or ``model`` answers for users unseen in training (``unknown_users``)."""
+
+    columns: Any                     # ColumnsConfig
+    k: int = 10
+    ranker_dir: Optional[Path] = None
+    candidates: int = 100
+    exclude_seen: bool = True
+    ann: Optional[AnnConfig] = None
+    unknown_users: str = "popular"
+
+    @classmethod
+    def from_config(cls, cfg, ranker_dir: Optional[Path] = None) -> "TopKSettings":
+        """From a ``RunConfig`` (``model.retrieval`` and ``columns``)."""
+        r = cfg.model.retrieval
+        return cls(cfg.columns, r.k, ranker_dir, r.candidates, r.exclude_seen, r.ann, cfg.unknown_users)
 
 
 def request_columns(spec: RetrievalSpec, ranker_columns: Optional[list[str]], item_side: list[str]) -> list[str]:
@@ -310,50 +328,41 @@ def _dataset(frame: pd.DataFrame):
     return Dataset(frame.reset_index(drop=True), cpu=True)
 
 
-def compare(served: tuple[np.ndarray, np.ndarray], offline: tuple[np.ndarray, np.ndarray], atol: float,
-            what: str = "served") -> float:
-    """Same ids in the same order, scores within ``atol``; returns the largest score difference."""
-    (ids, scores), (ids_ref, scores_ref) = served, offline
-    if ids.shape != ids_ref.shape:
-        raise TopKParityError(f"{what} top-k shape {ids.shape} != offline {ids_ref.shape}")
-    bad = np.nonzero((ids != ids_ref).any(axis=1))[0]
-    if len(bad):
-        i = bad[0]
-        raise TopKParityError(f"{what} top-k differs from offline in {len(bad)} row(s); row {i}: "
-                              f"{ids[i].tolist()} vs {ids_ref[i].tolist()}")
-    diff = float(np.max(np.abs(scores.astype(np.float64) - scores_ref))) if scores.size else 0.0
-    if not diff <= atol:
-        raise TopKParityError(f"{what} top-k scores differ from offline by {diff:.3g} > {atol}")
-    return diff
+def export_topk(workflow_dir: Path, model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame,
+                settings: TopKSettings, staging_dir: Path, model_name: str,
+                options: Optional[ExportOptions] = None) -> TopKExport:
+    """Write a top-k model version into ``staging_dir/<model_name>/1`` and check that its in-process
+    recommender equals the offline path on ``sample_raw`` (ids exactly, scores to ``options.atol``).
+    ``settings.exclude_seen``: store each training user's positive items (``seen.npz``); served and offline
+    top-k never return them to that user. ``settings.ann``: FAISS index for large catalogues (docs/ann.md).
+    ``settings.unknown_users``: ``popular`` (a user without training positives gets the most popular items)
+    or ``model`` (the query tower on the unseen id)."""
+    meta, cat, rec = _write_artifacts(workflow_dir, model_dir, raw_train, settings, staging_dir / model_name / "1")
+    art = rec.dir
+    o = options or ExportOptions()
+    sample = sample_raw[meta["request_columns"]].reset_index(drop=True)
+    meta["ann"] = _attach_index(rec, art, sample, meta["candidates"], settings.ann or AnnConfig())
+    in_process = rec.recommend(sample)
+    diff = check_parity("in-process top-k", in_process, rec.offline(sample), o.atol)
+    meta["fast_transform"] = verify_fast_path(rec, sample, cat, in_process, o.atol)
+    (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
+    shutil.copyfile(TRITON_MODELS / "topk.py", art.parent / "model.py")
+    _write_config(staging_dir / model_name, model_name, rec.workflow,
+                  meta["request_columns"], rec.item_ids, settings.k, o.max_request_rows, rec.spec)
+    out = TopKExport(staging_dir, model_name, 1, {"max_abs_score_diff": diff, "rows": len(sample), "ann": meta["ann"]})
+    (art.parent / "run_info.json").write_text(json.dumps({**(o.run_info or {}), "parity": out.parity}, indent=2,
+                                                         default=str))
+    return out
 
 
-def export_topk(
-    workflow_dir: Path,
-    model_dir: Path,
-    raw_train: Path,
-    sample_raw: pd.DataFrame,
-    columns,
-    k: int,
-    staging_dir: Path,
-    model_name: str,
-    version: int = 1,
-    ranker_dir: Optional[Path] = None,
-    candidates: int = 100,
-    atol: float = 1e-5,
-    run_info: dict | None = None,
-    max_request_rows: int = 65536,
-    exclude_seen: bool = True,
-    ann_config: Optional[AnnConfig] = None,
-    unknown_users: str = "popular",
-) -> TopKExport:
-    """Write a top-k model version into ``staging_dir/<model_name>/<version>`` and check that its
-    in-process recommender equals the offline path on ``sample_raw`` (ids exactly, scores to atol).
-    ``exclude_seen``: store each training user's positive items (``seen.npz``); served and offline
-    top-k never return them to that user. ``ann_config``: FAISS index for large catalogues (docs/ann.md).
-    ``unknown_users``: ``popular`` (a user without training positives gets the most popular items) or
-    ``model`` (the query tower on the unseen id)."""
+def _write_artifacts(workflow_dir: Path, model_dir: Path, raw_train: Path, s: TopKSettings,
+                     vdir: Path) -> tuple[dict, pd.DataFrame, "TopKRecommender"]:
+    """The version's ``topk/`` folder (workflow, query encoder, item embeddings, seen items, spec.json)
+    in a fresh staging repository; returns (spec.json's content, the item catalogue, its recommender)."""
     import nvtabular as nvt
 
+    columns, k, ranker_dir = s.columns, s.k, s.ranker_dir
+    staging_dir = vdir.parent.parent
     spec = RetrievalSpec(**json.loads((Path(model_dir) / "spec.json").read_text()))
     workflow = nvt.Workflow.load(str(workflow_dir))
     serving_wf = workflow.remove_inputs([columns.label])
@@ -366,7 +375,6 @@ def export_topk(
 
     if staging_dir.exists():
         shutil.rmtree(staging_dir)
-    vdir = staging_dir / model_name / str(version)
     art = vdir / TOPK_DIR
     art.mkdir(parents=True)
     workflow.save(str(art / "workflow"))
@@ -380,26 +388,13 @@ def export_topk(
     if ranker_dir:
         shutil.copytree(ranker_dir, art / "ranker")
         cat.to_parquet(art / "item_features.parquet", index=False)
-    meta = {"spec": spec.to_json(), "k": k, "candidates": candidates if ranker_dir else k, "label": columns.label,
+    meta = {"spec": spec.to_json(), "k": k, "candidates": s.candidates if ranker_dir else k, "label": columns.label,
             "request_columns": req_cols, "ranker_columns": ranker_columns, "n_items": int(len(ids)),
-            "item_id_dtype": str(ids.dtype), "user_id": columns.user_id, "exclude_seen": bool(exclude_seen),
-            "unknown_users": unknown_users}
+            "item_id_dtype": str(ids.dtype), "user_id": columns.user_id, "exclude_seen": bool(s.exclude_seen),
+            "unknown_users": s.unknown_users}
     meta["seen"] = write_seen(train_raw, columns.user_id, columns.item_id, columns.label, ids, art / SEEN_FILE)
     (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
-
-    rec = TopKRecommender(art)
-    sample = sample_raw[req_cols].reset_index(drop=True)
-    meta["ann"] = _attach_index(rec, art, sample, meta["candidates"], ann_config or AnnConfig())
-    in_process = rec.recommend(sample)
-    diff = compare(in_process, rec.offline(sample), atol, "in-process")
-    meta["fast_transform"] = verify_fast_path(rec, sample, cat, in_process, atol)
-    (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
-    shutil.copyfile(TRITON_MODELS / "topk.py", vdir / "model.py")
-    _write_config(staging_dir / model_name, model_name, serving_wf, req_cols, ids, k, max_request_rows, spec)
-    out = TopKExport(staging_dir, model_name, version,
-                     {"max_abs_score_diff": diff, "rows": len(sample), "ann": meta["ann"]})
-    (vdir / "run_info.json").write_text(json.dumps({**(run_info or {}), "parity": out.parity}, indent=2, default=str))
-    return out
+    return meta, cat, TopKRecommender(art)
 
 
 def _attach_index(rec: TopKRecommender, art: Path, sample: pd.DataFrame, n: int, cfg: AnnConfig) -> dict:
@@ -448,7 +443,7 @@ def verify_fast_path(rec: TopKRecommender, sample: pd.DataFrame, catalogue: pd.D
         for frame in frames:
             full = retrieval.with_filler(frame, rec._inputs, rec.filler)
             checked += verify(rec.fast, rec.workflow, full, raw_to_columns)
-        compare(rec.recommend_columns(raw_to_columns(sample)), expected, atol, "compiled transform")
+        check_parity("compiled transform top-k", rec.recommend_columns(raw_to_columns(sample)), expected, atol)
     except (Unsupported, AssertionError) as exc:
         rec.fast = None
         log.warning("top-k fast transform disabled, NVTabular runs per request: %s", exc)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -117,13 +117,43 @@ def check_baselines(model_name: str, metric: str, model_value: float, baselines:
     return out | dict(passed=bool(ok), reason=reason)
 
 
-def baseline_args(gate_cfg, report) -> dict:
-    """``decide`` keyword arguments for a run's ``GateConfig`` and ``evaluation.BaselineReport``
+@dataclass(frozen=True)
+class BaselineArgs:
+    """The baseline requirement of :func:`decide`: ``model_value`` (the model under the baselines' own
+    protocol, on ``metric``) must beat the best of ``baselines`` (``{name: {metric: value}}``) by ``min_lift``."""
+
+    baselines: Mapping[str, Mapping]
+    model_value: float
+    metric: str
+    min_lift: float = 0.0
+    model_name: str = "candidate"
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """How a family scores a version on its held-out data: ``score(version_dir) -> {metric: value}``
+    over ``n_rows`` rows (ranking: AUC/log loss of the ensemble; top-k: recall/NDCG/... of what it returns)."""
+
+    score: Callable[[Path], dict]
+    n_rows: int
+
+    def __call__(self, version_dir: Path) -> dict:
+        return self.score(version_dir)
+
+
+def ranking_scorer(raw: pd.DataFrame, label: str, topk: bool = False) -> Scorer:
+    """Ranking ensembles (AUC, log loss) or top-k versions (``topk``) on raw validation rows."""
+    fn = score_topk_version if topk else score_version
+    return Scorer(lambda version_dir: fn(version_dir, raw, label), len(raw))
+
+
+def baseline_args(gate_cfg, report) -> Optional[BaselineArgs]:
+    """The baseline requirement for a run's ``GateConfig`` and ``evaluation.BaselineReport``
     (none when the report is missing or ``require_beat_baseline`` is off)."""
     if report is None or not gate_cfg.require_beat_baseline:
-        return {}
-    return dict(baselines=report.baselines, min_lift=gate_cfg.min_lift_over_baseline, baseline_metric=report.metric,
-                baseline_candidate=report.model_value, model_name=report.label)
+        return None
+    return BaselineArgs(report.baselines, report.model_value, report.metric, gate_cfg.min_lift_over_baseline,
+                        report.label)
 
 
 def with_baselines(decision: GateDecision, baselines: Optional[Mapping[str, Mapping]], model_value: float,
@@ -142,37 +172,36 @@ def with_baselines(decision: GateDecision, baselines: Optional[Mapping[str, Mapp
     return decision
 
 
-def decide(candidate_dir: Path, served_dir: Optional[Path], served_version: Optional[int], raw: pd.DataFrame,
-           label: str, metric: str, tolerance: float, topk: bool = False,
-           baselines: Optional[Mapping[str, Mapping]] = None, min_lift: float = 0.0,
-           baseline_metric: Optional[str] = None, baseline_candidate: Optional[float] = None,
-           model_name: str = "candidate") -> GateDecision:
-    """Gate decision for a staged candidate version.
+def decide(candidate_dir: Path, served_dir: Optional[Path], served_version: Optional[int], scorer: Scorer,
+           metric: str, tolerance: float, baseline: Optional[BaselineArgs] = None) -> GateDecision:
+    """Gate decision for a staged candidate version, for every task family.
 
-    With ``baselines`` (``{name: {metric: value}}``), the candidate must first beat the best of
-    them (:func:`check_baselines`) on ``baseline_metric`` (default: ``metric``), using
-    ``baseline_candidate`` as its value (the model under the baselines' protocol; default: the
-    candidate's gate score on ``raw``) -- also when nothing is served yet.
+    Both versions are scored by ``scorer`` (the same held-out rows, each through its own export);
+    the candidate must not be worse than the served one on ``metric`` by more than ``tolerance``
+    (the direction from :data:`HIGHER_IS_BETTER`; ``recall@10`` reads as ``recall``). With ``baseline``
+    the candidate must first beat the best baseline (:func:`check_baselines`) -- also when nothing
+    is served yet.
     """
-    score = score_topk_version if topk else score_version
-    cand = score(candidate_dir, raw, label)[metric]
-    base = dict(metric=metric, candidate=cand, served_version=served_version, tolerance=tolerance, n_rows=len(raw))
+    cand = scorer(candidate_dir)[metric]
+    base = dict(metric=metric, candidate=cand, served_version=served_version, tolerance=tolerance,
+                n_rows=scorer.n_rows)
 
     def finish(d: GateDecision) -> GateDecision:
-        value = cand if baseline_candidate is None else baseline_candidate
-        return with_baselines(d, baselines, value, baseline_metric or metric, min_lift, model_name)
+        if baseline is None:
+            return d
+        return with_baselines(d, baseline.baselines, baseline.model_value, baseline.metric, baseline.min_lift,
+                              baseline.model_name)
 
     if served_dir is None:
         return finish(GateDecision(promote=True, served=None, reason="nothing served yet: first version promotes",
                                    **base))
     try:
-        served = score(served_dir, raw, label)[metric]
-    except Exception as exc:  # e.g. the served version was trained on other columns
+        served = scorer(served_dir)[metric]
+    except Exception as exc:  # e.g. the served version was trained on other columns, or is another family
         return finish(GateDecision(promote=True, served=None,
                                    reason=f"served version {served_version} cannot score this data ({exc}); promoting",
                                    **base))
-    better = HIGHER_IS_BETTER[metric]
-    ok = cand >= served - tolerance if better else cand <= served + tolerance
+    ok = cand >= served - tolerance if _higher_is_better(metric) else cand <= served + tolerance
     word = "not worse than" if ok else "worse than"
     d = GateDecision(promote=ok, served=served,
                      reason=f"candidate {metric} {cand:.5f} is {word} served v{served_version} {served:.5f} "

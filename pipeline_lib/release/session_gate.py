@@ -1,4 +1,5 @@
-"""Release of a session version: the served smoke test (served == offline) and the promotion gate.
+"""Release of a session version: the served smoke test (served == offline) and the scoring of a
+version on held-out sessions that the one promotion gate (:func:`pipeline_lib.release.gate.decide`) uses.
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import pandas as pd
 from merlin.systems.dag.ops.tensorflow import PredictTensorflow  # noqa: F401  sets protobuf impl; import first
 
 from pipeline_lib.export import ranking as ranking_export
-from pipeline_lib.export.session import ensemble_topk, score_diff
+from pipeline_lib.export.parity import score_diff
+from pipeline_lib.export.session import ensemble_topk
 from pipeline_lib.export.topk import EXCLUDE_INPUT  # the same optional request input as retrieval's
-
-
+from pipeline_lib.release.smoke import serve_and_ask, served_parity
 
 @dataclass
 class SessionSmokeResult:
@@ -39,25 +40,16 @@ class SessionSmokeResult:
 def session_smoke_test(repository: Path, model_name: str, rows: pd.DataFrame, offline: tuple[np.ndarray, np.ndarray],
                        atol: float, out_dir: Path, startup_timeout_s: float = 180.0) -> SessionSmokeResult:
     """Serve ``repository`` on free ports; served top-k ids must equal offline ids (scores within atol)
-    over HTTP and gRPC."""
-    from pipeline_lib.release.smoke import ServingMismatch, serve_and_ask
-
+    over HTTP and gRPC (:func:`pipeline_lib.release.smoke.served_parity`)."""
     http, grpc = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, lambda c: c.recommend(rows))
-    served = {"http": http, "grpc": grpc}
-    want_ids, want_scores = offline
-    diffs, problems = {}, []
-    for proto, (ids, scores) in served.items():
-        if ids.shape != want_ids.shape or not np.array_equal(ids, want_ids):
-            problems.append(f"{proto}: served top-k item ids differ from offline")
-        diffs[proto] = score_diff(scores, want_scores)
-        if not diffs[proto] <= atol:
-            problems.append(f"{proto}: max |served score - offline| = {diffs[proto]:.3g} > {atol}")
-    res = SessionSmokeResult(len(rows), diffs["http"], diffs["grpc"], want_ids.tolist(),
-                             served["http"][0].tolist(), served["grpc"][0].tolist())
-    (out_dir / "smoke.json").write_text(json.dumps({**res.__dict__, "max_abs_diff": res.max_abs_diff,
-                                                    "ids_equal": not problems}, indent=2, default=str))
-    if problems:
-        raise ServingMismatch("; ".join(problems))
+    res = SessionSmokeResult(len(rows), score_diff(http[1], offline[1]), score_diff(grpc[1], offline[1]),
+                             offline[0].tolist(), http[0].tolist(), grpc[0].tolist())
+    try:
+        served_parity(http, grpc, offline, atol)
+    finally:
+        (out_dir / "smoke.json").write_text(json.dumps({**res.__dict__, "max_abs_diff": res.max_abs_diff,
+                                                        "ids_equal": res.http_ids == res.offline_ids == res.grpc_ids},
+                                                       indent=2, default=str))
     return res
 
 
@@ -89,24 +81,3 @@ def score_version(version_dir: Path, sessions: pd.DataFrame, cols, k: int, batch
     ids = ids[:, :k]
     targets = np.asarray(targets).astype(ids.dtype) if ids.dtype != object else np.asarray(targets).astype(str)
     return metrics_from_topk(ids, None, targets, k)
-
-
-def decide(candidate_dir: Path, served_dir: Path | None, served_version: int | None, sessions: pd.DataFrame, cols,
-           k: int, metric: str, tolerance: float):
-    """Promotion gate on held-out sessions, both versions through their own ensembles."""
-    from pipeline_lib.release.gate import GateDecision
-
-    key = f"{metric}@{k}"
-    cand = score_version(candidate_dir, sessions, cols, k)[key]
-    base = dict(metric=key, candidate=cand, served_version=served_version, tolerance=tolerance, n_rows=len(sessions))
-    if served_dir is None:
-        return GateDecision(promote=True, served=None, reason="nothing served yet: first version promotes", **base)
-    try:
-        served = score_version(served_dir, sessions, cols, k)[key]
-    except Exception as exc:  # e.g. the served version is a ranking model
-        return GateDecision(promote=True, served=None,
-                            reason=f"served version {served_version} cannot score these sessions ({exc}); promoting", **base)
-    ok = cand >= served - tolerance
-    word = "not worse than" if ok else "worse than"
-    return GateDecision(promote=ok, served=served, reason=f"candidate {key} {cand:.5f} is {word} served "
-                        f"v{served_version} {served:.5f} (tolerance {tolerance})", **base)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline_lib.export.parity import ParityError, check_parity
 from pipeline_lib.serving.client import RecsysClient
 from pipeline_lib.serving.server import TritonServer
 
@@ -54,6 +55,15 @@ def serve_and_ask(repository: Path, model_name: str, out_dir: Path, startup_time
         log.info("sent the raw rows to model '%s' over HTTP and gRPC: answered in %.2f s; stopping Triton",
                  model_name, time.perf_counter() - t0)
     return http, grpc
+
+
+def served_parity(http, grpc, offline, atol: float) -> float:
+    """:func:`pipeline_lib.export.parity.check_parity` of both protocols' answers; a difference is a
+    :class:`ServingMismatch`. Returns the largest score difference."""
+    try:
+        return max(check_parity("served (HTTP)", http, offline, atol), check_parity("served (gRPC)", grpc, offline, atol))
+    except ParityError as exc:
+        raise ServingMismatch(str(exc)) from exc
 
 
 def smoke_test(
@@ -111,13 +121,8 @@ def smoke_test_topk(
 ) -> TopKSmokeResult:
     """Serve a top-k ``repository`` on free ports; the served top-k over HTTP and gRPC must equal
     the offline top-k for the same raw rows (same ids in the same order, scores within atol)."""
-    from pipeline_lib.export.topk import TopKParityError, compare
-
     http, grpc = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, lambda c: c.recommend(rows))
-    try:
-        diff = max(compare(http, offline, atol, "served (HTTP)"), compare(grpc, offline, atol, "served (gRPC)"))
-    except TopKParityError as exc:
-        raise ServingMismatch(str(exc)) from exc
+    diff = served_parity(http, grpc, offline, atol)
     res = TopKSmokeResult(len(rows), diff, http[0].tolist(), http[1].astype(float).tolist(), list(rows.columns))
     log.info("smoke test: %d raw rows, served top-%d over HTTP and gRPC == offline top-k (same ids and order; "
              "max score diff %.1e, tolerance %g)", res.n_rows, http[0].shape[1] if http[0].ndim == 2 else 0, diff, atol)

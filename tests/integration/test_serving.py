@@ -24,7 +24,7 @@ def served(trained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("served")
     rows = trained.valid_rows(64)
     exp = export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, rows, "click",
-                                 tmp / "staged", "recsys", 1, max_request_rows=MAX_ROWS)
+                                 tmp / "staged", "recsys", 1, export.ExportOptions(max_request_rows=MAX_ROWS))
     repo = tmp / "model_repository"
     repository.publish(exp.version_dir, exp.config_path, repo, "recsys")
     repository.promote(repo, "recsys", 1)
@@ -268,7 +268,8 @@ def served_batched(trained, tmp_path_factory):
     rows = trained.valid_rows(200)
     db = DynamicBatchingConfig(enabled=True, max_batch_size=8, max_queue_delay_microseconds=20_000)
     exp = export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, rows.head(64), "click",
-                                 tmp / "staged", "recsys", 1, max_request_rows=MAX_ROWS, dynamic_batching=db)
+                                 tmp / "staged", "recsys", 1,
+                                 export.ExportOptions(max_request_rows=MAX_ROWS, dynamic_batching=db))
     repo = tmp / "model_repository"
     repository.publish(exp.version_dir, exp.config_path, repo, "recsys")
     repository.promote(repo, "recsys", 1)

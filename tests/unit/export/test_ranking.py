@@ -11,7 +11,7 @@ def exported(trained, tmp_path_factory):
     staging = tmp_path_factory.mktemp("export") / "ensemble"
     rows = trained.valid_rows(64)
     out = export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, rows, "click",
-                                 staging, "recsys", 1, run_info={"run": "test"})
+                                 staging, "recsys", 1, export.ExportOptions(run_info={"run": "test"}))
     return out, rows
 
 

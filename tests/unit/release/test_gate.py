@@ -21,27 +21,37 @@ def versions(trained, untrained, tmp_path_factory):
     return good, worse, raw
 
 
+def _decide(candidate, served_dir, served_version, raw, label, metric, tolerance, baselines=None,
+            model_name="candidate", baseline_metric=None, baseline_candidate=None):
+    """``gate.decide`` for ranking versions scored on ``raw`` (the baseline value defaults to the candidate's score)."""
+    scorer = gate.ranking_scorer(raw, label)
+    value = scorer(candidate)[metric] if baseline_candidate is None else baseline_candidate
+    baseline = None if baselines is None else gate.BaselineArgs(baselines, value, baseline_metric or metric,
+                                                                model_name=model_name)
+    return gate.decide(candidate, served_dir, served_version, scorer, metric, tolerance, baseline)
+
+
 def test_first_version_promotes(versions):
     good, _, raw = versions
-    d = gate.decide(good, None, None, raw, "click", "auc", 0.0)
+    d = _decide(good, None, None, raw, "click", "auc", 0.0)
     assert d.promote and d.served is None and "first version" in d.reason and d.n_rows == len(raw)
 
 
 def test_worse_candidate_is_refused_and_better_one_promoted(versions, trained):
     good, worse, raw = versions
-    refused = gate.decide(worse, good, 1, raw, "click", "auc", 0.0)
+    refused = _decide(worse, good, 1, raw, "click", "auc", 0.0)
     assert not refused.promote and refused.candidate < refused.served
     # the served score is the served ensemble's AUC on these raw rows == offline metrics of that model
     assert refused.served == pytest.approx(trained.model.metrics["auc"], abs=1e-6)
-    accepted = gate.decide(good, worse, 1, raw, "click", "auc", 0.0)
+    accepted = _decide(good, worse, 1, raw, "click", "auc", 0.0)
     assert accepted.promote and "not worse than" in accepted.reason
 
 
 def test_tolerance_and_logloss_direction(versions):
     good, worse, raw = versions
     gap = gate.score_version(good, raw, "click")["auc"] - gate.score_version(worse, raw, "click")["auc"]
-    assert gate.decide(worse, good, 1, raw, "click", "auc", tolerance=gap + 1e-6).promote
-    ll = gate.decide(worse, good, 1, raw, "click", "logloss", 0.0)
+    assert _decide(worse, good, 1, raw, "click", "auc", tolerance=gap + 1e-6).promote
+    ll = _decide(worse, good, 1, raw, "click", "logloss", 0.0)
     assert ll.candidate > ll.served and not ll.promote and not math.isnan(ll.served)
 
 
@@ -49,7 +59,7 @@ def test_served_version_that_cannot_score_the_data_does_not_block(versions, tmp_
     good, _, raw = versions
     with pytest.raises(KeyError, match="lacks column.*device"):
         gate.score_version(good, raw.drop(columns=["device"]), "click")
-    d = gate.decide(good, tmp_path / "gone", 7, raw, "click", "auc", 0.0)
+    d = _decide(good, tmp_path / "gone", 7, raw, "click", "auc", 0.0)
     assert d.promote and d.served is None and "served version 7 cannot score this data" in d.reason
 
 
@@ -77,18 +87,18 @@ def test_first_version_that_does_not_beat_the_best_baseline_is_refused(versions)
     good, worse, raw = versions
     cand = gate.score_version(good, raw, "click")["auc"]
     baselines = {"logistic_regression": {"auc": cand + 0.01}, "item_click_rate": {"auc": cand - 0.05}}
-    d = gate.decide(good, None, None, raw, "click", "auc", 0.0, baselines=baselines, model_name="dlrm")
+    d = _decide(good, None, None, raw, "click", "auc", 0.0, baselines=baselines, model_name="dlrm")
     assert not d.promote and d.served is None
     assert d.reason.startswith(f"dlrm auc {cand:.5f} does not beat logistic_regression {cand + 0.01:.5f}")
     assert d.baseline_check["best"] == "logistic_regression" and not d.baseline_check["passed"]
     # beating it: the first version promotes, and the reason says both
-    ok = gate.decide(good, None, None, raw, "click", "auc", 0.0, baselines={"lr": {"auc": cand - 0.01}},
+    ok = _decide(good, None, None, raw, "click", "auc", 0.0, baselines={"lr": {"auc": cand - 0.01}},
                      model_name="dlrm")
     assert ok.promote and "beats the best baseline lr" in ok.reason and "first version promotes" in ok.reason
     # a candidate better than the served version is still refused when a baseline is better than both
-    refused = gate.decide(good, worse, 1, raw, "click", "auc", 0.0, baselines=baselines)
+    refused = _decide(good, worse, 1, raw, "click", "auc", 0.0, baselines=baselines)
     assert not refused.promote and refused.served is not None and "does not beat" in refused.reason
     # the value compared with the baselines can come from the baselines' own protocol
-    other = gate.decide(good, None, None, raw, "click", "auc", 0.0, baselines={"lr": {"recall@10": 0.3}},
+    other = _decide(good, None, None, raw, "click", "auc", 0.0, baselines={"lr": {"recall@10": 0.3}},
                         baseline_metric="recall@10", baseline_candidate=0.2)
     assert not other.promote and "recall@10 0.20000 does not beat lr 0.30000" in other.reason

@@ -1,0 +1,230 @@
+"""The one interface every task family implements (ranking, retrieval / two-stage, session).
+
+A family knows its own rules -- which raw data it reads, how it is validated and transformed
+(which features the ETL adds), what it trains and against which baselines, how a version is
+exported, what the smoke test sends and compares, how the gate scores a version and which metrics
+head the summary. ``flows/`` only wires these steps into Prefect tasks; the stages themselves are the
+stage modules below (``data`` < ``validate`` < ``etl`` < ``models`` < ``export`` < ``serving`` < ``release``).
+
+The steps, in run order::
+
+    raw_data -> validate -> etl -> [tune] -> train [-> train_ranker] -> export -> gate
+             -> smoke (smoke_rows, offline_reference, serve_and_compare) -> publish -> promote
+
+The generic parts (drift, the ETL cache key, the gate around ``gate_scorer``, publish, promote)
+are written once here; a family fills in the abstract methods.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import pandas as pd
+
+from pipeline_lib import report
+from pipeline_lib.config import ModelConfig, RunConfig
+from pipeline_lib.export.ranking import StagedVersion
+from pipeline_lib.models import evaluation
+from pipeline_lib.paths import RunPaths
+from pipeline_lib.release import gate, lineage
+from pipeline_lib.serving import repository
+from pipeline_lib.serving import server as serving
+from pipeline_lib.validate import data as validate
+
+SCORE = ("score", report.SCORE_COLUMNS)  # served HTTP = served gRPC = offline: one column in tables
+
+
+@dataclass
+class Validated:
+    stats: Path               # validated/stats.json
+    warnings: list[str]       # data the run accepts but the user should look at
+    drift: dict               # validate.drift_report against the previous run
+
+
+@dataclass
+class Trained:
+    """The train stage's output: the model (``model_dir``, ``metrics``, ``metrics_path``), its
+    baselines on the same split and, for two-stage retrieval, the re-ranking model."""
+
+    model: Any
+    baselines: evaluation.BaselineReport
+    ranker: Any = None
+
+
+@dataclass
+class ServedReport:
+    """What a run shows of the smoke test's served answers."""
+
+    table: pd.DataFrame       # the run summary's ``predictions``
+    artifact: list[dict]      # the ``served-predictions`` table artifact
+    description: str
+    console: str              # printed at the end of the run
+
+
+class TaskFamily(ABC):
+    """One task family for one run config. Construct with :func:`pipeline_lib.families.get_family`."""
+
+    name: ClassVar[str]
+    title: ClassVar[str] = "recsys pipeline run"
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    # -- raw -> validated -------------------------------------------------------------------------
+    @abstractmethod
+    def raw_data(self, paths: RunPaths) -> Path:
+        """Write (or read) the run's raw data under ``paths.raw``; returns its path."""
+
+    @abstractmethod
+    def check_raw(self, paths: RunPaths, raw_path: Path) -> tuple[Path, list[str]]:
+        """Validate the raw data (``DataValidationError`` when unusable); returns stats.json and warnings."""
+
+    def validate(self, paths: RunPaths, raw_path: Path) -> Validated:
+        """:meth:`check_raw`, then the statistics compared with the previous run's (drift)."""
+        stats, warnings = self.check_raw(paths, raw_path)
+        drift = validate.drift_report(stats, self.cfg.runs_dir, paths.root, self.cfg.validation.drift,
+                                      paths.validated / "drift.json")
+        return Validated(stats, list(warnings), drift)
+
+    # -> transformed ----------------------------------------------------------------------------
+    @abstractmethod
+    def etl_inputs(self) -> dict:
+        """Everything besides the raw data and the code that the ETL output depends on (the cache key)."""
+
+    @abstractmethod
+    def etl(self, paths: RunPaths, raw_path: Path) -> Any:
+        """Split, fit and transform; the output has ``workflow_dir``, ``device`` and ``split`` (raw train/valid)."""
+
+    def etl_cache_key(self, raw_path: Path) -> str:
+        """Same raw data (content hash) + same ETL inputs + same code -> the same ETL output.
+        Where the ETL runs (``etl.dask``) does not change its output and is not part of it."""
+        return f"etl-{self.name}-" + lineage.config_fingerprint({
+            "data": lineage.file_fingerprint(raw_path), "inputs": self.etl_inputs(), "code": lineage.code_version()})
+
+    # -> model --------------------------------------------------------------------------------
+    @property
+    def tunable(self) -> bool:
+        """Whether this run searches hyperparameters before training (``tune.enabled``)."""
+        return False
+
+    def tune(self, paths: RunPaths, etl_out: Any) -> Any:
+        raise NotImplementedError(f"the {self.name} family has no tune stage")
+
+    def with_model(self, model: ModelConfig) -> "TaskFamily":
+        """The same family for the run config with ``model`` (e.g. the best tuning trial)."""
+        return type(self)(self.cfg.model_copy(update={"model": model}))
+
+    @abstractmethod
+    def train(self, paths: RunPaths, etl_out: Any) -> Trained:
+        """Train the model and score the family's baselines on the same split."""
+
+    @property
+    def has_ranker(self) -> bool:
+        """Two-stage: a re-ranking model is trained after the retrieval model."""
+        return False
+
+    def train_ranker(self, paths: RunPaths, etl_out: Any) -> Any:
+        raise NotImplementedError(f"the {self.name} family has no re-ranker")
+
+    def learning_curves(self, trained: Trained) -> list[tuple[str, Optional[Path]]]:
+        """(title, metrics.json path) of each trained model: their learning_curve.png is shown."""
+        return [(self.model_label(trained), trained.model.metrics_path)]
+
+    def model_label(self, trained: Trained) -> str:
+        return self.cfg.model.type
+
+    # -> staged version -----------------------------------------------------------------------
+    @abstractmethod
+    def export(self, paths: RunPaths, etl_out: Any, trained: Trained) -> StagedVersion:
+        """Stage version 1 under ``paths.ensemble`` (checked against offline); publish numbers it."""
+
+    def run_info(self, paths: RunPaths, trained: Trained) -> dict:
+        return {"run_dir": str(paths.root), "metrics": trained.model.metrics}
+
+    # smoke test: served == offline -----------------------------------------------------------
+    @abstractmethod
+    def smoke_rows(self, etl_out: Any, n: int) -> pd.DataFrame:
+        """``n`` held-out raw requests, as a client sends them."""
+
+    @abstractmethod
+    def offline_reference(self, etl_out: Any, exp: StagedVersion, rows: pd.DataFrame) -> Any:
+        """What the version must answer for ``rows``: the training-time path (workflow + model)."""
+
+    @abstractmethod
+    def serve_and_compare(self, paths: RunPaths, exp: StagedVersion, rows: pd.DataFrame, offline: Any) -> Any:
+        """Serve the staged repository with Triton, send ``rows`` over HTTP and gRPC, compare with ``offline``."""
+
+    def smoke(self, paths: RunPaths, etl_out: Any, exp: StagedVersion) -> Any:
+        rows = self.smoke_rows(etl_out, self.cfg.serving.smoke_rows)
+        return self.serve_and_compare(paths, exp, rows, self.offline_reference(etl_out, exp, rows))
+
+    # gate ------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def gate_metric(self) -> str:
+        """The key of :meth:`gate_scorer`'s metrics that the gate compares."""
+
+    @abstractmethod
+    def gate_scorer(self, etl_out: Any) -> gate.Scorer:
+        """How a version (candidate or served) is scored on this run's held-out data."""
+
+    def gate(self, paths: RunPaths, etl_out: Any, exp: StagedVersion,
+             baselines: Optional[evaluation.BaselineReport]) -> gate.GateDecision:
+        """The one promotion gate (:func:`pipeline_lib.release.gate.decide`), saved as gate.json."""
+        cfg = self.cfg
+        repo, name = cfg.export.model_repository, cfg.export.model_name
+        served = repository.served_version(repo, name)
+        served_dir = Path(repo) / name / str(served) if served else None
+        if not cfg.gate.enabled:
+            decision = gate.GateDecision(True, self.gate_metric, float("nan"), None, served, cfg.gate.tolerance, 0,
+                                         "gate disabled (gate.enabled: false)")
+        else:
+            decision = gate.decide(exp.version_dir, served_dir, served, self.gate_scorer(etl_out), self.gate_metric,
+                                   cfg.gate.tolerance, gate.baseline_args(cfg.gate, baselines))
+        decision.save(paths.root / "gate.json")
+        return decision
+
+    # publish and promote ---------------------------------------------------------------------
+    def publish(self, paths: RunPaths, raw_path: Path, etl_out: Any, trained: Trained,
+                exp: StagedVersion) -> tuple[int, Path, dict]:
+        """Copy the staged version into the model repository with its lineage; returns (version, dir, lineage)."""
+        info = lineage.build_lineage(paths.root, raw_path, self.cfg.model_dump(mode="json"), etl_out.workflow_dir,
+                                     trained.model.model_dir, trained.model.metrics)
+        version, path = repository.publish(exp.version_dir, exp.config_path, self.cfg.export.model_repository,
+                                           exp.model_name, info)
+        return version, path, info
+
+    def promote(self, version: int) -> dict:
+        """Serve ``version``; a Triton started by ``recsys serve`` (explicit mode) switches without restart."""
+        cfg = self.cfg
+        live = serving.live_server(cfg.serving) if cfg.serving.notify_live_server else None
+        event = repository.promote(cfg.export.model_repository, cfg.export.model_name, version, live,
+                                   cfg.serving.instance_count)
+        event["pruned"] = repository.prune(cfg.export.model_repository, cfg.export.model_name, cfg.export.keep_versions)
+        return event
+
+    # the run's summary -----------------------------------------------------------------------
+    @abstractmethod
+    def headline_metrics(self, trained: Trained) -> dict:
+        """The model's metrics that head the summary (validation split)."""
+
+    def summary_fields(self, trained: Trained, exp: StagedVersion) -> dict:
+        return {"model": self.model_label(trained), "metrics": self.headline_metrics(trained)}
+
+    def metrics_table(self, trained: Trained) -> tuple[list[dict], str]:
+        """Rows and description of the ``metrics`` artifact: the model's metrics and its baselines'."""
+        b = trained.baselines
+        rows = [{"metric": f"baseline {name}: {m}", "value": report.num(v)} for name, r in b.baselines.items()
+                for m, v in r.items() if m == "skipped" or m.split("@")[0] in ("auc", "logloss", "recall", "ndcg", "mrr")]
+        rows = report.metric_rows(self.headline_metrics(trained)) + rows
+        return rows + [{"metric": "lift over the best baseline", "value": b.lift}], \
+            "validation metrics of this run's model and its baselines (4 significant digits)"
+
+    def served_fields(self, result: Any) -> dict:
+        return {"max_abs_diff_served_vs_offline": result.max_abs_diff}
+
+    @abstractmethod
+    def served_report(self, result: Any, rows: pd.DataFrame, summary: dict) -> ServedReport:
+        """The smoke test's served answers for ``rows`` as a table, an artifact and a console line."""

@@ -1,0 +1,122 @@
+"""Ranking: click models (DLRM, DCN-v2, DeepFM, Wide&Deep) scoring raw interaction rows.
+
+raw interactions -> validated -> NVTabular (split by time, fitted workflow) -> [tune] -> model +
+baselines (logistic regression, item click rate) -> merlin-systems ensemble (workflow + model) ->
+gate on AUC / log loss -> served scores == offline scores.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline_lib.data import sources as data
+from pipeline_lib.etl import workflow as etl
+from pipeline_lib.export import ranking as export
+from pipeline_lib.families.base import SCORE, ServedReport, TaskFamily, Trained
+from pipeline_lib.models import evaluation, tune
+from pipeline_lib.models import ranking as ranking_model
+from pipeline_lib.paths import RunPaths
+from pipeline_lib import report
+from pipeline_lib.release import gate, smoke
+from pipeline_lib.validate import data as validate
+
+
+class RankingFamily(TaskFamily):
+    name = "ranking"
+    returns_top_k = False  # a version answers one score per row (retrieval: top-k ids and scores)
+
+    def raw_data(self, paths: RunPaths) -> Path:
+        return data.write_raw(self.cfg.data, self.cfg.seed, paths.raw, self.cfg.columns)
+
+    def check_raw(self, paths: RunPaths, raw_path: Path) -> tuple[Path, list[str]]:
+        checked = validate.validate_raw(raw_path, self.cfg.columns, self.cfg.validation)
+        paths.validated.mkdir(parents=True, exist_ok=True)
+        return checked.save(paths.validated / "stats.json"), list(checked.warnings)
+
+    # -- ETL: the rules of this family --------------------------------------------------------------
+    @property
+    def history_length(self) -> int:
+        """Length of the user's recent-positive-items list the ETL adds (0: none; see RetrievalFamily)."""
+        return 0
+
+    def request_columns(self) -> list[str]:
+        """Raw columns of one request: the serving columns, plus the history list when the ETL adds one."""
+        hist = [etl.history_column(self.cfg.columns)] if self.history_length else []
+        return self.cfg.columns.serving_columns + hist
+
+    def etl_inputs(self) -> dict:
+        cfg = self.cfg
+        return {"config": cfg.model_dump(mode="json", include={"seed", "columns", "split", "etl"},
+                                         exclude={"etl": {"dask"}}),
+                "history": self.history_length}
+
+    def etl(self, paths: RunPaths, raw_path: Path) -> etl.EtlOutput:
+        cfg, hist = self.cfg, self.history_length
+        split = etl.split_raw(raw_path, cfg.split, cfg.columns, cfg.seed, paths.split, history_length=hist)
+        return etl.fit_transform(cfg.columns, cfg.etl, split, paths.transformed, history=bool(hist))
+
+    # -- model ------------------------------------------------------------------------------------
+    @property
+    def tunable(self) -> bool:
+        return self.cfg.tune.enabled
+
+    def tune(self, paths: RunPaths, etl_out: etl.EtlOutput) -> tune.TuneResult:
+        return tune.run_study(self.cfg, etl_out, paths.root / "tune")
+
+    def fit(self, paths: RunPaths, etl_out: etl.EtlOutput) -> Any:
+        """The model alone (no baselines)."""
+        cfg = self.cfg
+        return ranking_model.train(etl_out.train_dir, etl_out.valid_dir, cfg.model, cfg.columns.label, cfg.seed,
+                                   paths.model)
+
+    def train(self, paths: RunPaths, etl_out: etl.EtlOutput) -> Trained:
+        model = self.fit(paths, etl_out)
+        baselines = evaluation.compare_with_baselines(self.cfg, etl_out.split.train, etl_out.split.valid, model,
+                                                      etl_out.workflow_dir)
+        return Trained(model, baselines)
+
+    # -- export and smoke test ----------------------------------------------------------------------
+    def export(self, paths: RunPaths, etl_out: etl.EtlOutput, trained: Trained) -> export.ExportOutput:
+        cfg = self.cfg
+        return export.export_ensemble(etl_out.workflow_dir, trained.model.model_dir,
+                                      self.smoke_rows(etl_out, cfg.export.parity_rows), cfg.columns.label,
+                                      paths.ensemble, cfg.export.model_name, 1,
+                                      export.ExportOptions.from_config(cfg, self.run_info(paths, trained)))
+
+    def smoke_rows(self, etl_out: etl.EtlOutput, n: int) -> pd.DataFrame:
+        df = pd.read_parquet(etl_out.split.valid).head(n)
+        return df[self.request_columns()].reset_index(drop=True)
+
+    def offline_reference(self, etl_out: etl.EtlOutput, exp: export.ExportOutput, rows: pd.DataFrame) -> Any:
+        return export.offline_scores(etl.load_workflow(etl_out.workflow_dir),
+                                     exp.version_dir / export.ENSEMBLE_SUBDIR / "model", rows, self.cfg.columns.label)
+
+    def serve_and_compare(self, paths: RunPaths, exp: export.ExportOutput, rows: pd.DataFrame, offline: Any) -> Any:
+        s = self.cfg.serving
+        return smoke.smoke_test(exp.staged_repository, exp.model_name, rows, offline, s.smoke_atol, paths.serving,
+                                s.startup_timeout_s)
+
+    # -- gate and summary -----------------------------------------------------------------------------
+    @property
+    def gate_metric(self) -> str:
+        return self.cfg.gate_metric
+
+    def gate_scorer(self, etl_out: etl.EtlOutput) -> gate.Scorer:
+        raw = pd.read_parquet(etl_out.split.valid).head(self.cfg.gate.max_rows)
+        return gate.ranking_scorer(raw, self.cfg.columns.label, topk=self.returns_top_k)
+
+    def headline_metrics(self, trained: Trained) -> dict:
+        return {k: trained.model.metrics[k] for k in ("auc", "logloss", "n_train", "n_valid")}
+
+    def served_report(self, result: Any, rows: pd.DataFrame, summary: dict) -> ServedReport:
+        table = result.table(rows)
+        figures = ", ".join(f"{k} {report.num(v)}" for k, v in summary["metrics"].items() if isinstance(v, float))
+        console = ("Served predictions (Triton, raw rows in, scores out):\n"
+                   + pd.DataFrame(report.compact_table(table, max_rows=4, merge=SCORE)).to_string()
+                   + f"\n{summary['model']} validation {figures}; max |served - offline| = {result.max_abs_diff:.1e}")
+        return ServedReport(table, report.compact_table(table, merge=SCORE),
+                            "Raw rows sent to Triton; score: served over HTTP, over gRPC and computed offline (one "
+                            "figure where the three agree to 4 significant digits, else HTTP / gRPC / offline)",
+                            console)

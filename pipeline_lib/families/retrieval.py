@@ -1,0 +1,93 @@
+"""Retrieval and two-stage: top-k items per raw query row (two-tower, YouTube DNN, MF; optionally
+re-ranked by a ranking model trained on the same ETL output).
+
+The same raw data, validation and ETL as ranking, with one rule of its own: YouTube DNN reads the
+user's recent positive items, so its ETL adds that list feature and requests carry it.
+Export writes a top-k version (query encoder + item embeddings [+ FAISS index] [+ ranker]); the gate
+and the smoke test compare what versions *return* (ids in order, scores).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+from pipeline_lib.etl import workflow as etl
+from pipeline_lib.export import ranking as export
+from pipeline_lib.export import topk
+from pipeline_lib.families.base import Trained
+from pipeline_lib.families.ranking import RankingFamily
+from pipeline_lib.models import ranking as ranking_model
+from pipeline_lib.models import retrieval
+from pipeline_lib.paths import RunPaths
+from pipeline_lib.release import smoke
+
+
+class RetrievalFamily(RankingFamily):
+    name = "retrieval"
+    returns_top_k = True
+
+    @property
+    def history_length(self) -> int:
+        """YouTube DNN reads the user's recent positive items: the ETL adds that list feature."""
+        r = self.cfg.model.retrieval
+        return r.history_length if self.cfg.model.type == "youtube_dnn" else 0
+
+    def fit(self, paths: RunPaths, etl_out: etl.EtlOutput) -> Any:
+        cfg = self.cfg
+        return retrieval.train(etl_out.workflow_dir, etl_out.train_dir, etl_out.split.train, etl_out.split.valid,
+                               cfg.columns, cfg.model, cfg.seed, paths.model)
+
+    @property
+    def has_ranker(self) -> bool:
+        return bool(self.cfg.model.retrieval.rerank_with)
+
+    def train_ranker(self, paths: RunPaths, etl_out: etl.EtlOutput) -> ranking_model.TrainOutput:
+        """Two-stage: the ranking model that re-scores the retrieved candidates (same ETL output)."""
+        cfg = self.cfg
+        ranker_cfg = cfg.model.model_copy(update={"type": cfg.model.retrieval.rerank_with})
+        return ranking_model.train(etl_out.train_dir, etl_out.valid_dir, ranker_cfg, cfg.columns.label, cfg.seed,
+                                   paths.model / "ranker")
+
+    def learning_curves(self, trained: Trained) -> list[tuple[str, Optional[Path]]]:
+        curves = super().learning_curves(trained)
+        if trained.ranker is not None:
+            curves.append((f"re-ranker {self.cfg.model.retrieval.rerank_with}", trained.ranker.metrics_path))
+        return curves
+
+    def export(self, paths: RunPaths, etl_out: etl.EtlOutput, trained: Trained) -> topk.TopKExport:
+        cfg = self.cfg
+        ranker_dir = trained.ranker.model_dir if trained.ranker is not None else None
+        return topk.export_topk(etl_out.workflow_dir, trained.model.model_dir, etl_out.split.train,
+                                self.smoke_rows(etl_out, cfg.export.parity_rows),
+                                topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble, cfg.export.model_name,
+                                export.ExportOptions.from_config(cfg, self.run_info(paths, trained)))
+
+    def offline_reference(self, etl_out: etl.EtlOutput, exp: topk.TopKExport, rows: pd.DataFrame) -> Any:
+        """The version's own recommender on the offline path (workflow.transform + encoders + exact search)."""
+        return topk.TopKRecommender(exp.version_dir / topk.TOPK_DIR).offline(rows)
+
+    def smoke(self, paths: RunPaths, etl_out: etl.EtlOutput, exp: topk.TopKExport) -> Any:
+        """Only the version's request columns are sent (and compared)."""
+        rec = topk.TopKRecommender(exp.version_dir / topk.TOPK_DIR)
+        rows = self.smoke_rows(etl_out, self.cfg.serving.smoke_rows)[rec.request_columns]
+        return self.serve_and_compare(paths, exp, rows, rec.offline(rows))
+
+    def serve_and_compare(self, paths: RunPaths, exp: topk.TopKExport, rows: pd.DataFrame, offline: Any) -> Any:
+        s = self.cfg.serving
+        return smoke.smoke_test_topk(exp.staged_repository, exp.model_name, rows, offline, s.smoke_atol,
+                                     paths.serving, s.startup_timeout_s)
+
+    def headline_metrics(self, trained: Trained) -> dict:
+        m, k = trained.model.metrics, self.cfg.model.retrieval.k
+        out = {f"{name}@{k}": m[name] for name in ("recall", "precision", "ndcg", "mrr")}
+        out.update({key: m[key] for key in (f"user_recall@{k}", f"user_ndcg@{k}") if key in m})
+        out.update(n_train=m["n_train"], n_queries=m["n_queries"])
+        if trained.ranker is not None:
+            out.update({f"ranker_{name}": trained.ranker.metrics[name] for name in ("auc", "logloss")})
+        return out
+
+    def summary_fields(self, trained: Trained, exp: topk.TopKExport) -> dict:
+        # exact or FAISS top-k, and the index's recall measured at export (docs/ann.md)
+        return super().summary_fields(trained, exp) | {"ann": exp.parity.get("ann")}

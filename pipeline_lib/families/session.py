@@ -1,0 +1,125 @@
+"""Session-based next-item prediction (``task: session``).
+
+raw events -> validated -> NVTabular (grouping by session + fitted feature workflow) -> sequence
+model vs baselines (most popular, co-occurrence) -> ensemble (workflow + model + top-k decoding) ->
+gate on recall/NDCG/MRR@k of what a version returns -> served top-k == offline top-k.
+Requests are held-out sessions minus their last event (the target).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline_lib import report
+from pipeline_lib.data import sessions as session_data
+from pipeline_lib.etl import sessions as session_etl
+from pipeline_lib.etl import workflow as etl
+from pipeline_lib.export import ranking as export
+from pipeline_lib.export import session as session_export
+from pipeline_lib.families.base import ServedReport, TaskFamily, Trained
+from pipeline_lib.models import evaluation
+from pipeline_lib.models import session as session_model
+from pipeline_lib.paths import RunPaths
+from pipeline_lib.release import gate
+from pipeline_lib.release import session_gate as session_release
+from pipeline_lib.validate import sessions as session_checks
+
+METRICS = ("recall", "ndcg", "mrr")
+
+
+class SessionFamily(TaskFamily):
+    name = "session"
+    title = "session run"
+
+    def raw_data(self, paths: RunPaths) -> Path:
+        return session_data.write_raw_events(self.cfg.data, self.cfg.session, self.cfg.seed, paths.raw)
+
+    def check_raw(self, paths: RunPaths, raw_path: Path) -> tuple[Path, list[str]]:
+        return session_checks.validate_events(raw_path, self.cfg.session.columns, paths.validated), []
+
+    def etl_inputs(self) -> dict:
+        return {"config": self.cfg.model_dump(
+            mode="json", include={"seed": True, "split": True, "etl": True, "session": {"columns", "etl"}},
+            exclude={"etl": {"dask"}})}
+
+    def etl(self, paths: RunPaths, raw_path: Path) -> session_etl.SessionEtlOutput:
+        return session_etl.run_session_etl(raw_path, self.cfg, paths.transformed, paths.split)
+
+    def train(self, paths: RunPaths, etl_out: session_etl.SessionEtlOutput) -> Trained:
+        model = session_model.train_and_evaluate(etl_out, self.cfg, paths.model)
+        baselines = evaluation.compare_with_baselines(self.cfg, etl_out.split.train, etl_out.split.valid, model,
+                                                      etl_out.workflow_dir)
+        return Trained(model, baselines)
+
+    def model_label(self, trained: Trained) -> str:
+        return trained.model.metrics["model"]
+
+    def export(self, paths: RunPaths, etl_out: session_etl.SessionEtlOutput, trained: Trained) -> export.ExportOutput:
+        cfg, s = self.cfg, self.cfg.session
+        options = export.ExportOptions.from_config(cfg, self.run_info(paths, trained), exclude_seen=s.exclude_seen)
+        return session_export.export_session_ensemble(
+            etl_out.workflow_dir, trained.model.model_dir, self.smoke_rows(etl_out, cfg.export.parity_rows),
+            s.columns.item_id, s.top_k, paths.ensemble, cfg.export.model_name, options)
+
+    def smoke_rows(self, etl_out: session_etl.SessionEtlOutput, n: int) -> pd.DataFrame:
+        """Held-out sessions minus their last event: what a client would send."""
+        return session_etl.prefixes(pd.read_parquet(etl_out.split.valid).head(n), self.cfg.session.columns)[0]
+
+    def offline_reference(self, etl_out: session_etl.SessionEtlOutput, exp: export.ExportOutput,
+                          rows: pd.DataFrame) -> Any:
+        s = self.cfg.session
+        return session_export.offline_topk(etl.load_workflow(etl_out.workflow_dir),
+                                           exp.version_dir / export.ENSEMBLE_SUBDIR / "model", rows,
+                                           s.columns.item_id, s.top_k, s.exclude_seen)
+
+    def serve_and_compare(self, paths: RunPaths, exp: export.ExportOutput, rows: pd.DataFrame, offline: Any) -> Any:
+        s = self.cfg.serving
+        return session_release.session_smoke_test(exp.staged_repository, exp.model_name, rows, offline, s.smoke_atol,
+                                                  paths.serving, s.startup_timeout_s)
+
+    @property
+    def gate_metric(self) -> str:
+        return f"{self.cfg.session.gate_metric}@{self.cfg.session.top_k}"
+
+    def gate_scorer(self, etl_out: session_etl.SessionEtlOutput) -> gate.Scorer:
+        s = self.cfg.session
+        valid = pd.read_parquet(etl_out.split.valid).head(self.cfg.gate.max_rows)
+        return gate.Scorer(lambda version_dir: session_release.score_version(version_dir, valid, s.columns, s.top_k),
+                           len(valid))
+
+    def headline_metrics(self, trained: Trained) -> dict:
+        k = self.cfg.session.top_k
+        return {key: trained.model.metrics[key] for key in (*(f"{m}@{k}" for m in METRICS), "n_train", "n_valid")}
+
+    def summary_fields(self, trained: Trained, exp: export.ExportOutput) -> dict:
+        return {"task": "session", **super().summary_fields(trained, exp)}
+
+    def metrics_table(self, trained: Trained) -> tuple[list[dict], str]:
+        """Model vs baselines, one row each."""
+        k, metrics = self.cfg.session.top_k, trained.model.metrics
+        methods = {metrics["model"]: metrics, **metrics["baselines"]}
+        rows = [{"method": name, **{f"{m}@{k}": round(vals[f"{m}@{k}"], 4) for m in METRICS}}
+                for name, vals in methods.items()]
+        return rows, f"next-item metrics on held-out sessions (k={k})"
+
+    def served_fields(self, result: Any) -> dict:
+        return super().served_fields(result) | {"served_topk_equals_offline": True}
+
+    def served_report(self, result: Any, rows: pd.DataFrame, summary: dict) -> ServedReport:
+        s, k = self.cfg.session, self.cfg.session.top_k
+        preds = result.table(rows)
+        shown = preds.drop(columns=[s.columns.timestamp], errors="ignore")  # 10-digit lists: too wide
+        artifact = report.compact_table(shown, merge=("top-k", report.SCORE_COLUMNS),
+                                        tail=[c for c in shown.columns if c not in report.SCORE_COLUMNS])
+        item, m = s.columns.item_id, summary["metrics"]
+        last = pd.DataFrame({f"{item} (last 5 of the session)": preds[item].map(lambda v: list(v)[-5:]),
+                             "served_grpc top-k": preds["served_grpc"], "offline top-k": preds["offline"]})
+        console = ("Served top-k (Triton, raw sessions in, next item ids out):\n" + last.head(4).to_string()
+                   + f"\n{summary['model']} recall@{k} {m[f'recall@{k}']:.4f}, ndcg@{k} {m[f'ndcg@{k}']:.4f}; "
+                   "served top-k == offline")
+        return ServedReport(preds, artifact,
+                            "Raw sessions sent to Triton (their last 4 events; timestamps not shown) and the top-k "
+                            "item ids: served over HTTP, over gRPC and offline (one list where the three agree; "
+                            "first 4 shown)", console)
