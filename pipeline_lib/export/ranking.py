@@ -31,6 +31,7 @@ import pandas as pd
 from merlin.systems.dag.ops.tensorflow import PredictTensorflow  # sets protobuf impl; import first
 from merlin.systems.dag.ops.workflow import TransformWorkflow
 
+from pipeline_lib.export import compiled_model
 from pipeline_lib.paths import TRITON_MODELS
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,14 @@ class InProcessWorkflow(TransformWorkflow):
 
 
 class InProcessTensorflow(PredictTensorflow):
-    """PredictTensorflow that calls the SavedModel's serving signature in-process."""
+    """PredictTensorflow that calls the SavedModel's serving signature in-process.
+
+    Compiled path: :meth:`enable_compiled` (at export) converts the signature to ONNX and verifies it
+    against the SavedModel (:mod:`pipeline_lib.export.compiled_model`); only then is
+    ``compiled_status["enabled"]`` pickled, the ONNX file saved beside the SavedModel, and requests of up
+    to ``compiled_status["max_rows"]`` rows run by ONNX Runtime. Anything else calls the SavedModel."""
+
+    compiled_status: Optional[dict] = None  # class default: versions exported before the compiled path
 
     def __init__(self, model_path: str | os.PathLike):
         super().__init__(str(model_path))
@@ -168,15 +176,19 @@ class InProcessTensorflow(PredictTensorflow):
         self.model = model
         self._signature = model.signatures["serving_default"]
         self._input_dtypes = {k: v.dtype for k, v in self._signature.structured_input_signature[1].items()}
+        self._compiled = self._onnx = None
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("model", "_signature", "_input_dtypes")}
+        skip = ("model", "_signature", "_input_dtypes", "_compiled", "_onnx")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def save_artifacts(self, artifact_path: str) -> None:
         dst = os.path.join(artifact_path, "model")
         if os.path.exists(dst):
             shutil.rmtree(dst)
         shutil.copytree(self.path, dst)
+        if getattr(self, "_onnx", None):
+            Path(artifact_path, compiled_model.ONNX_FILE).write_bytes(self._onnx)
 
     def load_artifacts(self, artifact_path: str) -> None:
         import tensorflow as tf
@@ -185,6 +197,23 @@ class InProcessTensorflow(PredictTensorflow):
             return
 
         self._bind(tf.saved_model.load(os.path.join(artifact_path, "model")))
+        if (self.compiled_status or {}).get("enabled"):
+            try:
+                self._compiled = compiled_model.CompiledModel.load(
+                    os.path.join(artifact_path, compiled_model.ONNX_FILE), self._numpy_dtypes(),
+                    self.output_schema.column_names)
+            except (compiled_model.Unsupported, OSError) as exc:  # verified at export, so not expected
+                log.warning("compiled model not loaded, the SavedModel serves: %s", exc)
+
+    def _numpy_dtypes(self) -> dict:
+        return {k: dt.as_numpy_dtype for k, dt in self._input_dtypes.items()}
+
+    def enable_compiled(self, cols: dict, atol: float) -> dict:
+        """Compile the signature and verify it against the SavedModel on the workflow's output columns of
+        held-out rows (``cols``); enabled only within ``atol`` and faster at batch 1."""
+        self._compiled, self._onnx, self.compiled_status = compiled_model.compile_and_verify(
+            self._signature, self._numpy_dtypes(), self.output_schema.column_names, cols, self.savedmodel_tensors, atol)
+        return self.compiled_status
 
     def transform(self, col_selector, transformable):
         from merlin.table import TensorTable
@@ -194,7 +223,15 @@ class InProcessTensorflow(PredictTensorflow):
         return type(transformable)(self.predict_tensors(transformable.to_dict()))
 
     def predict_tensors(self, arrays: dict) -> dict:
-        """Model input tensors (numpy) -> {output name: numpy array}: one call of the serving signature."""
+        """Model input tensors (numpy) -> {output name: numpy array}: the compiled model for requests of up
+        to ``compiled_status["max_rows"]`` rows when enabled, else one call of the serving signature."""
+        compiled = getattr(self, "_compiled", None)
+        if compiled is not None and _rows(arrays) <= self.compiled_status["max_rows"]:
+            return compiled(arrays)
+        return self.savedmodel_tensors(arrays)
+
+    def savedmodel_tensors(self, arrays: dict) -> dict:
+        """One call of the SavedModel's serving signature."""
         import tensorflow as tf
 
         inputs = {}
@@ -204,6 +241,15 @@ class InProcessTensorflow(PredictTensorflow):
             inputs[name] = tf.convert_to_tensor(np.asarray(arrays[name]), dtype=dtype)
         outputs = self._signature(**inputs)
         return {k: np.asarray(outputs[k].numpy()) for k in self.output_schema.column_names}
+
+
+def _rows(arrays: dict) -> int:
+    """Rows of a request's model inputs: the length of a column that is not a list's values/offsets."""
+    for name, arr in arrays.items():
+        if not name.endswith(("__values", "__offsets")):
+            return len(arr)
+    name = next(n for n in arrays if n.endswith("__offsets"))
+    return len(arrays[name]) - 1
 
 
 @dataclass
@@ -228,6 +274,7 @@ class ExportOutput(StagedVersion):
     output_name: str
     parity_max_abs_diff: float
     fast_transform: Optional[dict] = None  # {"enabled": bool, "verified_rows" | "reason"}
+    compiled_model: Optional[dict] = None  # {"enabled": bool, "max_rows", "max_abs_diff", "timings" | "reason"}
 
 
 def build_ensemble(workflow, model_dir: Path, label: str, fast_sample: Optional[pd.DataFrame] = None):
@@ -375,17 +422,22 @@ def export_ensemble(
     max_request_rows: int = 65536,
     fast_transform: bool = True,
     dynamic_batching=None,
+    compiled_model: str = "auto",
 ) -> ExportOutput:
     """Check parity in-process, export the ensemble as ``staging_dir/<model_name>/<version>``,
     load the exported copy back and check it again. Nothing touches the live repository.
 
     ``fast_transform``: compile the fitted workflow for serving (verified identical to NVTabular
     on ``sample_raw`` plus edge rows, else NVTabular serves). ``dynamic_batching``: a
-    :class:`pipeline_lib.config.DynamicBatchingConfig` written into the version's config.pbtxt."""
+    :class:`pipeline_lib.config.DynamicBatchingConfig` written into the version's config.pbtxt.
+    ``compiled_model``: "auto" serves the model compiled to ONNX where it is verified equal to the SavedModel
+    within ``atol`` and faster (:mod:`pipeline_lib.export.compiled_model`); "off" always the SavedModel."""
     import nvtabular as nvt
 
     workflow = nvt.Workflow.load(str(workflow_dir))
     ensemble = build_ensemble(workflow, model_dir, label, fast_sample=sample_raw if fast_transform else None)
+    compiled_status = enable_compiled_model(ensemble, sample_raw, atol) if compiled_model == "auto" else \
+        {"enabled": False, "reason": "export.compiled_model is off"}
     want = offline_scores(workflow, model_dir, sample_raw, label)
     diff_inproc = _check("in-process ensemble", ensemble_scores(ensemble, sample_raw), want, atol)
 
@@ -397,14 +449,32 @@ def export_ensemble(
     if direct is not None:  # what the served model.py runs per request
         got = next(iter(direct(_raw_tensors(sample_raw[ensemble.input_schema.column_names])).values())).reshape(-1)
         diff_exported = max(diff_exported, _check("exported ensemble (direct path)", got, want, atol))
+        single = compiled_model.SINGLE_ROWS if compiled_status.get("enabled") else 0  # the compiled batch-1 path
+        for i in range(min(len(sample_raw), single)):
+            got = next(iter(direct(_raw_tensors(sample_raw.iloc[[i]][ensemble.input_schema.column_names])).values()))
+            diff_exported = max(diff_exported, _check(f"exported ensemble (direct path, row {i})",
+                                                      got.reshape(-1), want[i:i + 1], atol))
     fast_status = _workflow_op(ensemble).fast_status or {"enabled": False, "reason": "export.fast_transform is off"}
     out = ExportOutput(staging_dir, model_name, version, ensemble.output_schema.column_names[0],
-                       max(diff_inproc, diff_exported), fast_status)
+                       max(diff_inproc, diff_exported), fast_status, compiled_status)
     (out.version_dir / "run_info.json").write_text(
         json.dumps({**(run_info or {}), "parity_max_abs_diff": out.parity_max_abs_diff,
-                    "fast_transform": fast_status}, indent=2)
+                    "fast_transform": fast_status, "compiled_model": compiled_status}, indent=2)
     )
     return out
+
+
+def enable_compiled_model(ensemble, sample_raw: pd.DataFrame, atol: float) -> dict:
+    """Compile the ensemble's model op (ONNX) and verify it against the SavedModel on the workflow's output
+    for ``sample_raw``; the status recorded in the version (``{"enabled": False, "reason": ...}`` if not)."""
+    from pipeline_lib.etl.fast_transform import columns_from_tensors
+
+    direct = DirectPredictor.from_ensemble(ensemble)
+    if direct is None:
+        return {"enabled": False, "reason": "the ensemble is not workflow >> model"}
+    tensors = _raw_tensors(sample_raw[ensemble.input_schema.column_names])
+    cols = direct.wf_op.transform_columns(columns_from_tensors(tensors, direct.ragged))
+    return direct.tf_op.enable_compiled(cols, atol)
 
 
 def _workflow_op(ensemble) -> InProcessWorkflow:
