@@ -119,16 +119,19 @@ def compile_signature(signature, output_names: list[str]) -> bytes:
     return proto.SerializeToString()
 
 
-def _median_ms(fn: Callable[[], object], budget_s: float = 0.3, max_calls: int = 200) -> float:
+def _median_ms_pair(fast: Callable[[], object], slow: Callable[[], object], budget_s: float = 0.4,
+                    max_calls: int = 200) -> tuple[float, float]:
+    """Median milliseconds of ``fast`` and ``slow``, called alternately (a busy machine slows both alike)."""
     for _ in range(3):
-        fn()
-    times: list[float] = []
+        fast(), slow()
+    times: tuple[list[float], list[float]] = ([], [])
     end = time.perf_counter() + budget_s
-    while len(times) < max_calls and (len(times) < 5 or time.perf_counter() < end):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+    while len(times[0]) < max_calls and (len(times[0]) < 5 or time.perf_counter() < end):
+        for fn, acc in zip((fast, slow), times):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return float(np.median(times[0])) * 1e3, float(np.median(times[1])) * 1e3
 
 
 def _max_diff(got: dict, want: dict, what: str, atol: float) -> float:
@@ -155,7 +158,7 @@ def verify_and_measure(compiled: Callable[[dict], dict], savedmodel: Callable[[d
     for label, inputs in batches.items():
         if not label.startswith("batch"):
             continue
-        fast, slow = _median_ms(lambda: compiled(inputs)), _median_ms(lambda: savedmodel(inputs))
+        fast, slow = _median_ms_pair(lambda: compiled(inputs), lambda: savedmodel(inputs))
         timings[label] = {"compiled_ms": round(fast, 4), "savedmodel_ms": round(slow, 4),
                           "speedup": round(slow / fast, 2)}
         if fast >= slow:

@@ -31,7 +31,7 @@ import pandas as pd
 from merlin.systems.dag.ops.tensorflow import PredictTensorflow  # sets protobuf impl; import first
 from merlin.systems.dag.ops.workflow import TransformWorkflow
 
-from pipeline_lib.export import compiled_model
+from pipeline_lib.export import compiled_model as onnx_compiled
 from pipeline_lib.paths import TRITON_MODELS
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class InProcessTensorflow(PredictTensorflow):
             shutil.rmtree(dst)
         shutil.copytree(self.path, dst)
         if getattr(self, "_onnx", None):
-            Path(artifact_path, compiled_model.ONNX_FILE).write_bytes(self._onnx)
+            Path(artifact_path, onnx_compiled.ONNX_FILE).write_bytes(self._onnx)
 
     def load_artifacts(self, artifact_path: str) -> None:
         import tensorflow as tf
@@ -199,10 +199,10 @@ class InProcessTensorflow(PredictTensorflow):
         self._bind(tf.saved_model.load(os.path.join(artifact_path, "model")))
         if (self.compiled_status or {}).get("enabled"):
             try:
-                self._compiled = compiled_model.CompiledModel.load(
-                    os.path.join(artifact_path, compiled_model.ONNX_FILE), self._numpy_dtypes(),
+                self._compiled = onnx_compiled.CompiledModel.load(
+                    os.path.join(artifact_path, onnx_compiled.ONNX_FILE), self._numpy_dtypes(),
                     self.output_schema.column_names)
-            except (compiled_model.Unsupported, OSError) as exc:  # verified at export, so not expected
+            except (onnx_compiled.Unsupported, OSError) as exc:  # verified at export, so not expected
                 log.warning("compiled model not loaded, the SavedModel serves: %s", exc)
 
     def _numpy_dtypes(self) -> dict:
@@ -211,9 +211,14 @@ class InProcessTensorflow(PredictTensorflow):
     def enable_compiled(self, cols: dict, atol: float) -> dict:
         """Compile the signature and verify it against the SavedModel on the workflow's output columns of
         held-out rows (``cols``); enabled only within ``atol`` and faster at batch 1."""
-        self._compiled, self._onnx, self.compiled_status = compiled_model.compile_and_verify(
+        self._compiled, self._onnx, self.compiled_status = onnx_compiled.compile_and_verify(
             self._signature, self._numpy_dtypes(), self.output_schema.column_names, cols, self.savedmodel_tensors, atol)
         return self.compiled_status
+
+    @property
+    def compiled(self) -> Optional[onnx_compiled.CompiledModel]:
+        """The verified compiled model when it serves (else None)."""
+        return getattr(self, "_compiled", None)
 
     def transform(self, col_selector, transformable):
         from merlin.table import TensorTable
@@ -225,9 +230,8 @@ class InProcessTensorflow(PredictTensorflow):
     def predict_tensors(self, arrays: dict) -> dict:
         """Model input tensors (numpy) -> {output name: numpy array}: the compiled model for requests of up
         to ``compiled_status["max_rows"]`` rows when enabled, else one call of the serving signature."""
-        compiled = getattr(self, "_compiled", None)
-        if compiled is not None and _rows(arrays) <= self.compiled_status["max_rows"]:
-            return compiled(arrays)
+        if self.compiled is not None and _rows(arrays) <= self.compiled_status["max_rows"]:
+            return self.compiled(arrays)
         return self.savedmodel_tensors(arrays)
 
     def savedmodel_tensors(self, arrays: dict) -> dict:
@@ -449,7 +453,7 @@ def export_ensemble(
     if direct is not None:  # what the served model.py runs per request
         got = next(iter(direct(_raw_tensors(sample_raw[ensemble.input_schema.column_names])).values())).reshape(-1)
         diff_exported = max(diff_exported, _check("exported ensemble (direct path)", got, want, atol))
-        single = compiled_model.SINGLE_ROWS if compiled_status.get("enabled") else 0  # the compiled batch-1 path
+        single = onnx_compiled.SINGLE_ROWS if compiled_status.get("enabled") else 0  # the compiled batch-1 path
         for i in range(min(len(sample_raw), single)):
             got = next(iter(direct(_raw_tensors(sample_raw.iloc[[i]][ensemble.input_schema.column_names])).values()))
             diff_exported = max(diff_exported, _check(f"exported ensemble (direct path, row {i})",
