@@ -4,7 +4,8 @@ by ONNX Runtime (the model part of a served request, close to the hardware).
 A batch-1 request spends most of its time in the TensorFlow call: eager dispatch of the signature's
 function, not arithmetic. At export, :func:`compile_signature` converts the signature with tf2onnx
 (the Merlin ranking models' list features go through ``RaggedTensorToSparse`` with a trailing
-dimension of 1, which tf2onnx 1.17 refuses; :func:`_ragged_to_sparse` converts that case) and
+dimension of 1, which tf2onnx 1.17 refuses, and its ragged indices divide by zero when every list of a
+request is empty; :func:`_ragged_to_sparse` converts that op itself) and
 :func:`verify_and_measure` checks it against the SavedModel on the export's held-out rows: the whole
 sample, each of its first rows alone (every list length a request can have), and the sample tiled to
 the timed batch sizes; every output within the parity tolerance, same shapes. The same call times both
@@ -22,7 +23,7 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from pipeline_lib.etl.fast_transform import n_rows, take_rows, tensors_from_columns
+from pipeline_lib.etl.fast_transform import Ragged, n_rows, take_rows, tensors_from_columns
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +70,48 @@ class CompiledModel:
         return dict(zip(self.output_names, self.session.run(None, feed)))
 
 
-def _ragged_to_sparse(ctx, node, name, args) -> None:
-    """tf2onnx handler for ``RaggedTensorToSparse`` whose dense values are ``[n]`` or ``[n, 1]`` (a list
-    feature expanded to rank 2, as Merlin's embedding tables read it): the sparse indices of the ragged
-    rows, plus a column of zeros and a trailing 1 in the dense shape for the ``[n, 1]`` case."""
+def _sparse_indices(ctx, split: str) -> tuple[str, str]:
+    """ONNX nodes for the ``[n, 2]`` (row, position) indices and the ``[rows, longest]`` dense shape of a
+    ragged tensor's row ``split`` (offsets). Like tf2onnx's ``ragged_lengths_to_sparse_indices``, with the
+    divisor kept >= 1: tf2onnx's divides by the longest row, which fails when every list is empty."""
+    from onnx import TensorProto, helper
     from tf2onnx import utils
     from tf2onnx.graph_builder import GraphBuilder
-    from tf2onnx.onnx_opset.tensor import ragged_nested_splits_to_sparse_indices
+
+    gb = GraphBuilder(ctx)
+    if ctx.get_dtype(split) != TensorProto.INT64:
+        split = ctx.make_node("Cast", [split], attr={"to": TensorProto.INT64}).output[0]
+    big = int(np.iinfo(np.int64).max)
+    lens = ctx.make_node("Sub", [gb.make_slice({"data": split, "starts": [1], "ends": [big], "axes": [0]}),
+                                 gb.make_slice({"data": split, "starts": [0], "ends": [-1], "axes": [0]})]).output[0]
+    longest = gb.make_reduce_max({"data": lens, "axes": [0], "keepdims": True})
+    rows = ctx.make_node("Shape", [lens]).output[0]
+    one = ctx.make_const(utils.make_name("one"), np.array([1], np.int64)).output[0]
+    step = ctx.make_node("Max", [longest, one]).output[0]
+    ones = ctx.make_node("ConstantOfShape", [ctx.make_node("Mul", [step, rows]).output[0]],
+                         attr={"value": helper.make_tensor("value", TensorProto.INT64, dims=[1], vals=[1])}).output[0]
+    zero = ctx.make_const(utils.make_name("zero"), np.array(0, np.int64)).output[0]
+    dense = ctx.make_node("CumSum", [ones, zero], attr={"exclusive": True}).output[0]
+    col, row = ctx.make_node("Mod", [dense, step]).output[0], ctx.make_node("Div", [dense, step]).output[0]
+    keep = ctx.make_node("Less", [col, ctx.make_node("Gather", [lens, row]).output[0]]).output[0]
+    row, col = (gb.make_unsqueeze({"data": ctx.make_node("Compress", [x, keep]).output[0], "axes": [1]})
+                for x in (row, col))
+    indices = ctx.make_node("Concat", [row, col], attr={"axis": 1}).output[0]
+    return indices, ctx.make_node("Concat", [rows, step], attr={"axis": 0}).output[0]
+
+
+def _ragged_to_sparse(ctx, node, name, args) -> None:
+    """tf2onnx handler for ``RaggedTensorToSparse`` with one row split and dense values of shape ``[n]``
+    or ``[n, 1]`` (a list feature expanded to rank 2, as Merlin's embedding tables read it): the sparse
+    indices of the ragged rows, plus a column of zeros and a trailing 1 in the dense shape for ``[n, 1]``."""
+    from tf2onnx import utils
+    from tf2onnx.graph_builder import GraphBuilder
 
     values, splits = node.input[-1], node.input[:-1]
     rank, shape = ctx.get_rank(values), ctx.get_shape(values)
-    utils.make_sure(rank in (None, 1) or (rank == 2 and shape[-1] == 1),
-                    "RaggedTensorToSparse: only dense values of shape [n] or [n, 1] are supported")
-    indices, dense_shape = ragged_nested_splits_to_sparse_indices(ctx, splits, node.name)
+    utils.make_sure(len(splits) == 1 and (rank in (None, 1) or (rank == 2 and shape[-1] == 1)),
+                    "RaggedTensorToSparse: only one row split and dense values of shape [n] or [n, 1] are supported")
+    indices, dense_shape = _sparse_indices(ctx, splits[0])
     if rank == 2:
         first = GraphBuilder(ctx).make_slice({"data": indices, "starts": [0], "ends": [1], "axes": [1]})
         zeros = ctx.make_node("Sub", [first, first]).output[0]
@@ -154,7 +184,11 @@ def verify_and_measure(compiled: Callable[[dict], dict], savedmodel: Callable[[d
     compiled model is faster. Returns the status recorded in the version; raises :class:`Unsupported`."""
     worst, timings, max_rows = 0.0, {}, 0
     for label, inputs in batches.items():
-        worst = max(worst, _max_diff(compiled(inputs), savedmodel(inputs), label, atol))
+        try:
+            got = compiled(inputs)
+        except Exception as exc:  # noqa: BLE001 - e.g. an ONNX Runtime kernel refusing a shape
+            raise Unsupported(f"{label}: the compiled model failed: {type(exc).__name__}: {str(exc)[-200:]}") from exc
+        worst = max(worst, _max_diff(got, savedmodel(inputs), label, atol))
     for label, inputs in batches.items():
         if not label.startswith("batch"):
             continue
@@ -179,7 +213,8 @@ def _runtime() -> str:
 def verification_batches(cols: Mapping[str, object]) -> dict:
     """Model-input batches for :func:`verify_and_measure` from the workflow's output columns of the held-out
     sample (lists as :class:`~pipeline_lib.etl.fast_transform.Ragged`): the sample, its first rows one at a
-    time (each its own list lengths, empty ones included), and the sample tiled to each of :data:`BATCH_SIZES`."""
+    time (each its own list lengths), one row with every list empty, and the sample tiled to each of
+    :data:`BATCH_SIZES`."""
     n = n_rows(next(iter(cols.values())))
     if n == 0:
         raise Unsupported("no held-out rows to verify the compiled model on")
@@ -189,6 +224,10 @@ def verification_batches(cols: Mapping[str, object]) -> dict:
 
     out = {"sample": rows(np.arange(n))}
     out.update({f"row{i}": rows(np.array([i])) for i in range(min(n, SINGLE_ROWS))})
+    first = {k: take_rows(v, np.array([0])) for k, v in cols.items()}  # row 0 with every list empty
+    out["empty_lists"] = tensors_from_columns(
+        {k: Ragged(v.values[:0], np.zeros(2, dtype=v.offsets.dtype)) if isinstance(v, Ragged) else v
+         for k, v in first.items()})
     out.update({f"batch{b}": rows(np.arange(b) % n) for b in BATCH_SIZES})
     return out
 

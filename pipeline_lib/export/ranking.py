@@ -231,7 +231,10 @@ class InProcessTensorflow(PredictTensorflow):
         """Model input tensors (numpy) -> {output name: numpy array}: the compiled model for requests of up
         to ``compiled_status["max_rows"]`` rows when enabled, else one call of the serving signature."""
         if self.compiled is not None and _rows(arrays) <= self.compiled_status["max_rows"]:
-            return self.compiled(arrays)
+            try:
+                return self.compiled(arrays)
+            except Exception as exc:  # noqa: BLE001 - outside what export verified: the SavedModel answers
+                log.warning("compiled model failed on a request, the SavedModel answers: %s", exc)
         return self.savedmodel_tensors(arrays)
 
     def savedmodel_tensors(self, arrays: dict) -> dict:
