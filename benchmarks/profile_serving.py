@@ -33,7 +33,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # (label, frame-name substrings), checked in order: the first match (innermost-first) labels a sample
 BUCKETS = [
-    ("TensorFlow SavedModel call", ("InProcessTensorflow.transform", "predict_tensors")),
+    ("compiled model (ONNX Runtime)", ("CompiledModel.__call__",)),
+    ("TensorFlow SavedModel call", ("InProcessTensorflow.transform", "savedmodel_tensors", "predict_tensors")),
     ("compiled workflow transform (numpy)", ("CompiledWorkflow.__call__",)),
     ("NVTabular Workflow._transform_df (ops: Categorify, Normalize, ...)", ("_transform_df",)),
     ("TensorTable -> pandas (to_df) / bytes decode", ("to_df", "str.decode", "StringMethods")),

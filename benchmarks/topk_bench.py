@@ -167,7 +167,7 @@ def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: 
     repo = work / "model_repository"
     shutil.copytree(work / "flow" / "model_repository" / "topk_two_stage", repo / "topk_two_stage")
     exp = topk.export_topk(etl_dir / "workflow", run_dir / "model" / "model", split / "train.parquet",
-                           rows.head(32), ColumnsConfig(), 10, work / "staging", "topk_two_tower", 1)
+                           rows.head(32), topk.TopKSettings(ColumnsConfig(), k=10), work / "staging", "topk_two_tower")
     version, _ = repository.publish(exp.version_dir, exp.config_path, repo, "topk_two_tower")
     repository.promote(repo, "topk_two_tower", version)
 

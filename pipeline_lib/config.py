@@ -425,6 +425,11 @@ class ExportConfig(_Strict):
     fast_transform: bool = Field(
         True, description="serve the fitted workflow compiled to numpy (verified identical to NVTabular at export)"
     )
+    compiled_model: Literal["auto", "off"] = Field(
+        "auto", description="auto: serve the ranking model converted to ONNX (ONNX Runtime) for requests up to the "
+        "largest batch size where it measured faster at export, if it equals the SavedModel within parity_atol on "
+        "the held-out rows; else, and with off, the TensorFlow SavedModel serves (run_info.json says which and why)",
+    )
 
 
 class DynamicBatchingConfig(_Strict):

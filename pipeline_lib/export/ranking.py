@@ -32,6 +32,7 @@ from merlin.systems.dag.ops.tensorflow import PredictTensorflow  # sets protobuf
 from merlin.systems.dag.ops.workflow import TransformWorkflow
 
 from pipeline_lib.export.parity import ParityError, check_parity  # noqa: F401  ParityError: re-exported
+from pipeline_lib.export import compiled_model as onnx_compiled
 from pipeline_lib.paths import TRITON_MODELS
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,14 @@ class InProcessWorkflow(TransformWorkflow):
 
 
 class InProcessTensorflow(PredictTensorflow):
-    """PredictTensorflow that calls the SavedModel's serving signature in-process."""
+    """PredictTensorflow that calls the SavedModel's serving signature in-process.
+
+    Compiled path: :meth:`enable_compiled` (at export) converts the signature to ONNX and verifies it
+    against the SavedModel (:mod:`pipeline_lib.export.compiled_model`); only then is
+    ``compiled_status["enabled"]`` pickled, the ONNX file saved beside the SavedModel, and requests of up
+    to ``compiled_status["max_rows"]`` rows run by ONNX Runtime. Anything else calls the SavedModel."""
+
+    compiled_status: Optional[dict] = None  # class default: versions exported before the compiled path
 
     def __init__(self, model_path: str | os.PathLike):
         super().__init__(str(model_path))
@@ -165,15 +173,19 @@ class InProcessTensorflow(PredictTensorflow):
         self.model = model
         self._signature = model.signatures["serving_default"]
         self._input_dtypes = {k: v.dtype for k, v in self._signature.structured_input_signature[1].items()}
+        self._compiled = self._onnx = None
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("model", "_signature", "_input_dtypes")}
+        skip = ("model", "_signature", "_input_dtypes", "_compiled", "_onnx")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def save_artifacts(self, artifact_path: str) -> None:
         dst = os.path.join(artifact_path, "model")
         if os.path.exists(dst):
             shutil.rmtree(dst)
         shutil.copytree(self.path, dst)
+        if getattr(self, "_onnx", None):
+            Path(artifact_path, onnx_compiled.ONNX_FILE).write_bytes(self._onnx)
 
     def load_artifacts(self, artifact_path: str) -> None:
         import tensorflow as tf
@@ -182,6 +194,28 @@ class InProcessTensorflow(PredictTensorflow):
             return
 
         self._bind(tf.saved_model.load(os.path.join(artifact_path, "model")))
+        if (self.compiled_status or {}).get("enabled"):
+            try:
+                self._compiled = onnx_compiled.CompiledModel.load(
+                    os.path.join(artifact_path, onnx_compiled.ONNX_FILE), self._numpy_dtypes(),
+                    self.output_schema.column_names)
+            except (onnx_compiled.Unsupported, OSError) as exc:  # verified at export, so not expected
+                log.warning("compiled model not loaded, the SavedModel serves: %s", exc)
+
+    def _numpy_dtypes(self) -> dict:
+        return {k: dt.as_numpy_dtype for k, dt in self._input_dtypes.items()}
+
+    def enable_compiled(self, cols: dict, atol: float) -> dict:
+        """Compile the signature and verify it against the SavedModel on the workflow's output columns of
+        held-out rows (``cols``); enabled only within ``atol`` and faster at batch 1."""
+        self._compiled, self._onnx, self.compiled_status = onnx_compiled.compile_and_verify(
+            self._signature, self._numpy_dtypes(), self.output_schema.column_names, cols, self.savedmodel_tensors, atol)
+        return self.compiled_status
+
+    @property
+    def compiled(self) -> Optional[onnx_compiled.CompiledModel]:
+        """The verified compiled model when it serves (else None)."""
+        return getattr(self, "_compiled", None)
 
     def transform(self, col_selector, transformable):
         from merlin.table import TensorTable
@@ -191,7 +225,17 @@ class InProcessTensorflow(PredictTensorflow):
         return type(transformable)(self.predict_tensors(transformable.to_dict()))
 
     def predict_tensors(self, arrays: dict) -> dict:
-        """Model input tensors (numpy) -> {output name: numpy array}: one call of the serving signature."""
+        """Model input tensors (numpy) -> {output name: numpy array}: the compiled model for requests of up
+        to ``compiled_status["max_rows"]`` rows when enabled, else one call of the serving signature."""
+        if self.compiled is not None and _rows(arrays) <= self.compiled_status["max_rows"]:
+            try:
+                return self.compiled(arrays)
+            except Exception as exc:  # noqa: BLE001 - outside what export verified: the SavedModel answers
+                log.warning("compiled model failed on a request, the SavedModel answers: %s", exc)
+        return self.savedmodel_tensors(arrays)
+
+    def savedmodel_tensors(self, arrays: dict) -> dict:
+        """One call of the SavedModel's serving signature."""
         import tensorflow as tf
 
         inputs = {}
@@ -201,6 +245,15 @@ class InProcessTensorflow(PredictTensorflow):
             inputs[name] = tf.convert_to_tensor(np.asarray(arrays[name]), dtype=dtype)
         outputs = self._signature(**inputs)
         return {k: np.asarray(outputs[k].numpy()) for k in self.output_schema.column_names}
+
+
+def _rows(arrays: dict) -> int:
+    """Rows of a request's model inputs: the length of a column that is not a list's values/offsets."""
+    for name, arr in arrays.items():
+        if not name.endswith(("__values", "__offsets")):
+            return len(arr)
+    name = next(n for n in arrays if n.endswith("__offsets"))
+    return len(arrays[name]) - 1
 
 
 @dataclass
@@ -230,12 +283,13 @@ class ExportOptions:
     fast_transform: bool = True        # compile the workflow for serving (verified, else NVTabular)
     dynamic_batching: Any = None       # a DynamicBatchingConfig (ranking only)
     exclude_seen: bool = True          # top-k: never return the request's own items (session)
+    compiled_model: str = "auto"       # serve the model compiled to ONNX where verified equal and faster
 
     @classmethod
     def from_config(cls, cfg, run_info: Optional[dict] = None, exclude_seen: bool = True) -> "ExportOptions":
         """From a ``RunConfig``: its ``export:`` settings and ``serving.dynamic_batching``."""
         return cls(cfg.export.parity_atol, run_info, cfg.export.max_request_rows, cfg.export.fast_transform,
-                   cfg.serving.dynamic_batching, exclude_seen)
+                   cfg.serving.dynamic_batching, exclude_seen, cfg.export.compiled_model)
 
 
 @dataclass
@@ -243,6 +297,7 @@ class ExportOutput(StagedVersion):
     output_name: str
     parity_max_abs_diff: float
     fast_transform: Optional[dict] = None  # {"enabled": bool, "verified_rows" | "reason"}
+    compiled_model: Optional[dict] = None  # {"enabled": bool, "max_rows", "max_abs_diff", "timings" | "reason"}
 
 
 def build_ensemble(workflow, model_dir: Path, label: str, fast_sample: Optional[pd.DataFrame] = None):
@@ -375,12 +430,16 @@ def export_ensemble(workflow_dir: Path, model_dir: Path, sample_raw: pd.DataFram
 
     ``options.fast_transform``: compile the fitted workflow for serving (verified identical to NVTabular
     on ``sample_raw`` plus edge rows, else NVTabular serves). ``options.dynamic_batching``: a
-    :class:`pipeline_lib.config.DynamicBatchingConfig` written into the version's config.pbtxt."""
+    :class:`pipeline_lib.config.DynamicBatchingConfig` written into the version's config.pbtxt.
+    ``options.compiled_model``: "auto" serves the model compiled to ONNX where it is verified equal to the SavedModel
+    within ``atol`` and faster (:mod:`pipeline_lib.export.compiled_model`); "off" always the SavedModel."""
     import nvtabular as nvt
 
     o = options or ExportOptions()
     workflow = nvt.Workflow.load(str(workflow_dir))
     ensemble = build_ensemble(workflow, model_dir, label, fast_sample=sample_raw if o.fast_transform else None)
+    compiled_status = enable_compiled_model(ensemble, sample_raw, o.atol) if o.compiled_model == "auto" else \
+        {"enabled": False, "reason": "export.compiled_model is off"}
     want = offline_scores(workflow, model_dir, sample_raw, label)
     diff_inproc = check_parity("in-process ensemble", ensemble_scores(ensemble, sample_raw), want, o.atol)
 
@@ -392,12 +451,14 @@ def export_ensemble(workflow_dir: Path, model_dir: Path, sample_raw: pd.DataFram
     if direct is not None:  # what the served model.py runs per request
         got = next(iter(direct(_raw_tensors(sample_raw[ensemble.input_schema.column_names])).values())).reshape(-1)
         diff_exported = max(diff_exported, check_parity("exported ensemble (direct path)", got, want, o.atol))
+        diff_exported = max(diff_exported, _single_rows_parity(direct, ensemble, sample_raw, want, o.atol,
+                                                               compiled_status))
     fast_status = fast_transform_status(ensemble)
     out = ExportOutput(staging_dir, model_name, version, ensemble.output_schema.column_names[0],
-                       max(diff_inproc, diff_exported), fast_status)
+                       max(diff_inproc, diff_exported), fast_status, compiled_status)
     (out.version_dir / "run_info.json").write_text(
         json.dumps({**(o.run_info or {}), "parity_max_abs_diff": out.parity_max_abs_diff,
-                    "fast_transform": fast_status}, indent=2)
+                    "fast_transform": fast_status, "compiled_model": compiled_status}, indent=2)
     )
     return out
 
@@ -405,6 +466,30 @@ def export_ensemble(workflow_dir: Path, model_dir: Path, sample_raw: pd.DataFram
 def fast_transform_status(ensemble) -> dict:
     """The workflow op's compiled-transform status (``{"enabled": False, ...}`` when it was not tried)."""
     return _workflow_op(ensemble).fast_status or {"enabled": False, "reason": "export.fast_transform is off"}
+
+
+def enable_compiled_model(ensemble, sample_raw: pd.DataFrame, atol: float) -> dict:
+    """Compile the ensemble's model op (ONNX) and verify it against the SavedModel on the workflow's output
+    for ``sample_raw``; the status recorded in the version (``{"enabled": False, "reason": ...}`` if not)."""
+    from pipeline_lib.etl.fast_transform import columns_from_tensors
+
+    direct = DirectPredictor.from_ensemble(ensemble)
+    if direct is None:
+        return {"enabled": False, "reason": "the ensemble is not workflow >> model"}
+    tensors = _raw_tensors(sample_raw[ensemble.input_schema.column_names])
+    cols = direct.wf_op.transform_columns(columns_from_tensors(tensors, direct.ragged))
+    return direct.tf_op.enable_compiled(cols, atol)
+
+
+def _single_rows_parity(direct, ensemble, sample_raw: pd.DataFrame, want: np.ndarray, atol: float,
+                        compiled_status: dict) -> float:
+    """One-row requests through the served path (the compiled batch-1 path when it is enabled)."""
+    diff = 0.0
+    single = onnx_compiled.SINGLE_ROWS if compiled_status.get("enabled") else 0
+    for i in range(min(len(sample_raw), single)):
+        got = next(iter(direct(_raw_tensors(sample_raw.iloc[[i]][ensemble.input_schema.column_names])).values()))
+        diff = max(diff, check_parity(f"exported ensemble (direct path, row {i})", got.reshape(-1), want[i:i + 1], atol))
+    return diff
 
 
 def _workflow_op(ensemble) -> InProcessWorkflow:

@@ -36,6 +36,7 @@ def test_suite_serving_and_end_to_end_sections_tiny(tmp_path):
     assert isinstance(tg["grpc_batch1_p50_le_3ms"], bool)
     assert isinstance(tg["grpc_batch1024_throughput_ge_0.8_inprocess"], bool)
     assert isinstance(tg["grpc_batch1_8clients_p99_le_2x_p50"], bool)
+    assert isinstance(tg["model_batch1_ge_3x_faster_than_savedmodel"], bool)
     e = saved["e2e"]
     assert list(e["stage_seconds"])[:7] == ["raw-data", "validate", "etl", "train", "export", "gate",
                                             "serving-smoke-test"]

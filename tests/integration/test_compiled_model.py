@@ -1,0 +1,137 @@
+"""The ranking model compiled to ONNX for serving (pipeline_lib/export/compiled_model.py): verified equal to the
+SavedModel at export, falling back to the SavedModel with a reason, and served == offline through a real Triton."""
+import json
+
+import numpy as np
+import nvtabular as nvt
+import pytest
+
+from pipeline_lib.etl.fast_transform import tensors_from_columns
+from pipeline_lib.export import compiled_model
+from pipeline_lib.export import ranking as export
+from pipeline_lib.models import ranking as train
+from pipeline_lib.serving import repository
+from pipeline_lib.serving.client import RecsysClient
+from pipeline_lib.serving.server import TritonServer
+
+pytestmark = pytest.mark.integration
+
+ATOL = 1e-5
+
+
+def _train(trained, model_type: str):
+    if model_type == trained.cfg.model.type:
+        return trained.model
+    cfg = trained.cfg.model.model_copy(update={"type": model_type})
+    return train.train(trained.etl.train_dir, trained.etl.valid_dir, cfg, trained.cfg.columns.label, trained.cfg.seed,
+                       trained.root / f"model_{model_type}")
+
+
+def _export(trained, model, tmp, rows, **kw):
+    return export.export_ensemble(trained.etl.workflow_dir, model.model_dir, rows, "click", tmp / "staged", "recsys", 1,
+                                  export.ExportOptions(atol=ATOL, **kw))
+
+
+def _held_out(trained, n: int = 200):
+    """Validation rows after the export's parity sample (the first 64)."""
+    return trained.valid_rows(64 + n).iloc[64:].reset_index(drop=True)
+
+
+def _model_inputs(direct, ensemble, raw) -> dict:
+    """Raw rows -> the model's input tensors, through the version's own workflow op."""
+    cols = export.raw_to_columns(raw[ensemble.input_schema.column_names])
+    return tensors_from_columns(direct.wf_op.transform_columns(cols))
+
+
+@pytest.fixture(scope="module", params=["dlrm", "dcn"])
+def exported(request, trained, tmp_path_factory):
+    model = _train(trained, request.param)
+    exp = _export(trained, model, tmp_path_factory.mktemp(f"compiled-{request.param}"), trained.valid_rows(64))
+    return request.param, model, exp
+
+
+def test_compiled_model_equals_savedmodel_on_held_out_rows(trained, exported):
+    model_type, _, exp = exported
+    status = exp.compiled_model
+    assert status["enabled"], status
+    assert status["max_rows"] >= 1 and status["max_abs_diff"] <= ATOL
+    assert status["timings"]["batch1"]["speedup"] > 1
+    assert json.loads((exp.version_dir / "run_info.json").read_text())["compiled_model"] == status
+    assert (exp.version_dir / "ensemble" / compiled_model.ONNX_FILE).is_file()
+
+    ensemble = export.load_version(exp.version_dir)  # the exported copy, as the served model.py loads it
+    direct = export.DirectPredictor.from_ensemble(ensemble)
+    assert direct.tf_op.compiled is not None, f"{model_type}: the compiled model was not loaded back"
+    raw = _held_out(trained)
+    batch = _model_inputs(direct, ensemble, raw)
+    out = direct.tf_op.output_schema.column_names[0]
+    want = direct.tf_op.savedmodel_tensors(batch)[out]
+    np.testing.assert_allclose(direct.tf_op.compiled(batch)[out], want, atol=ATOL, rtol=0)
+    for i in range(0, len(raw), 10):  # batch-1 requests: the path the compiled model serves
+        one = _model_inputs(direct, ensemble, raw.iloc[[i]])
+        got = direct.tf_op.predict_tensors(one)[out]
+        assert got.shape == (1, 1)
+        np.testing.assert_allclose(got, want[i:i + 1], atol=ATOL, rtol=0)
+
+
+def test_a_compiled_model_that_differs_falls_back_and_says_why(trained):
+    ensemble = export.build_ensemble(nvt.Workflow.load(str(trained.etl.workflow_dir)), trained.model.model_dir, "click")
+    direct = export.DirectPredictor.from_ensemble(ensemble)
+    tf_op = direct.tf_op
+    cols = direct.wf_op.transform_columns(export.raw_to_columns(_held_out(trained, 50)[ensemble.input_schema.column_names]))
+    signature = tf_op.model.signatures["serving_default"]
+    dtypes = {k: v.dtype.as_numpy_dtype for k, v in signature.structured_input_signature[1].items()}
+
+    def off_by_a_little(arrays):  # a "SavedModel" the compiled model does not reproduce
+        return {k: v + 1e-3 for k, v in tf_op.savedmodel_tensors(arrays).items()}
+
+    compiled, onnx_bytes, status = compiled_model.compile_and_verify(
+        signature, dtypes, tf_op.output_schema.column_names, cols, off_by_a_little, ATOL)
+    assert compiled is None and onnx_bytes is None
+    assert status["enabled"] is False
+    assert "max |compiled - SavedModel|" in status["reason"] and f"> {ATOL}" in status["reason"]
+    assert tf_op.compiled is None  # never enabled: this op serves the SavedModel
+
+
+def test_a_model_it_cannot_compile_falls_back_and_says_why(trained, tmp_path):
+    """DeepFM's wide part one-hot counts categories (DenseCountSparseOutput), which tf2onnx cannot convert:
+    the export records why and the SavedModel serves (the export's own parity checks pass)."""
+    model = _train(trained, "deepfm")
+    exp = _export(trained, model, tmp_path, trained.valid_rows(64))
+    assert exp.compiled_model["enabled"] is False
+    assert "DenseCountSparseOutput" in exp.compiled_model["reason"]
+    assert not (exp.version_dir / "ensemble" / compiled_model.ONNX_FILE).exists()
+    ensemble = export.load_version(exp.version_dir)
+    direct = export.DirectPredictor.from_ensemble(ensemble)
+    assert direct.tf_op.compiled is None
+    raw = _held_out(trained, 20)
+    offline = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), model.model_dir, raw, "click")
+    got = direct.tf_op.predict_tensors(_model_inputs(direct, ensemble, raw))
+    np.testing.assert_allclose(next(iter(got.values())).reshape(-1), offline, atol=ATOL, rtol=0)
+
+
+def test_compiled_model_off_keeps_the_savedmodel(trained, tmp_path):
+    exp = _export(trained, trained.model, tmp_path, trained.valid_rows(32), compiled_model="off")
+    assert exp.compiled_model == {"enabled": False, "reason": "export.compiled_model is off"}
+    assert not (exp.version_dir / "ensemble" / compiled_model.ONNX_FILE).exists()
+
+
+@pytest.mark.integration
+def test_served_compiled_model_equals_offline(trained, exported, tmp_path):
+    """Through a real Triton: one-row requests (the compiled path) and a batch equal the offline scores."""
+    _, model, exp = exported
+    repo = tmp_path / "model_repository"
+    repository.publish(exp.version_dir, exp.config_path, repo, "recsys")
+    repository.promote(repo, "recsys", 1)
+    raw = _held_out(trained, 64)
+    offline = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), model.model_dir, raw, "click")
+    server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log")
+    server.start(timeout_s=240, models=["recsys"])
+    try:
+        with RecsysClient(server.grpc_url, "grpc") as client:
+            ones = np.concatenate([client.predict(raw.iloc[[i]]) for i in range(16)])
+            batch = client.predict(raw)
+    finally:
+        server.stop()
+    np.testing.assert_allclose(ones, offline[:16], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(batch, offline, atol=ATOL, rtol=0)
