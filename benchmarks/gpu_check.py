@@ -125,7 +125,7 @@ def run(summary: dict, device: str, work: Path, interactions: int, epochs: int, 
     checks["metrics"] = {k: v for k, v in model.metrics.items() if isinstance(v, (int, float))}
     rows = pd.read_parquet(split.valid).head(cfg.export.parity_rows)[cfg.columns.serving_columns].reset_index(drop=True)
     exp = stage("export", export.export_ensemble, etl_out.workflow_dir, model.model_dir, rows, cfg.columns.label,
-                work / "staging", MODEL, 1, cfg.export.parity_atol)
+                work / "staging", MODEL, 1, export.ExportOptions.from_config(cfg))
     checks["export_parity_max_abs_diff"] = exp.parity_max_abs_diff
     import nvtabular as nvt
 
