@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.config import EtlConfig, SessionColumns, SplitConfig
-from pipeline_lib.etl.workflow import resolve_device
+from pipeline_lib.etl.workflow import dask_context, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,6 @@ def run_session_etl(events_path: Path, cfg, out_root: Path, split_dir: Path) -> 
     """Group events into sessions, split by session, fit the feature workflow on train, transform both."""
     from merlin.io import Dataset
 
-    from pipeline_lib.etl.workflow import dask_context, resolve_device
 
     s = cfg.session
     device = resolve_device(cfg.etl.device)

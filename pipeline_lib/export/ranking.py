@@ -31,9 +31,12 @@ import pandas as pd
 from merlin.systems.dag.ops.tensorflow import PredictTensorflow  # sets protobuf impl; import first
 from merlin.systems.dag.ops.workflow import TransformWorkflow
 
-from pipeline_lib.export.parity import ParityError, check_parity  # noqa: F401  ParityError: re-exported
+from pipeline_lib.export.parity import check_parity, ParityError  # noqa: F401  ParityError: re-exported
 from pipeline_lib.export import compiled_model as onnx_compiled
 from pipeline_lib.paths import TRITON_MODELS
+from pipeline_lib.etl.fast_transform import (Ragged, Unsupported, columns_from_tensors, compile_workflow,
+                                             tensors_from_columns, verify)
+from pipeline_lib.models.retrieval import encode, load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,6 @@ class InProcessWorkflow(TransformWorkflow):
         self.workflow = nvt.Workflow.load(os.path.join(artifact_path, "workflow"))
         self._fast = None
         if (self.fast_status or {}).get("enabled"):
-            from pipeline_lib.etl.fast_transform import Unsupported, compile_workflow
 
             try:
                 self._fast = compile_workflow(self.workflow)
@@ -80,7 +82,6 @@ class InProcessWorkflow(TransformWorkflow):
     def enable_fast_path(self, sample_raw: pd.DataFrame) -> dict:
         """Compile the fitted workflow and verify it against ``Workflow.transform`` on ``sample_raw``
         (plus edge rows); enable it only if every output column is identical."""
-        from pipeline_lib.etl.fast_transform import Unsupported, compile_workflow, verify
 
         self._fast = None
         try:
@@ -102,7 +103,6 @@ class InProcessWorkflow(TransformWorkflow):
     def transform_columns(self, cols: dict) -> dict:
         """Request columns (``Ragged`` lists) -> the workflow's output columns: compiled path, or
         NVTabular when it is not enabled or the request is outside it."""
-        from pipeline_lib.etl.fast_transform import Unsupported, columns_from_tensors, tensors_from_columns
 
         if self.fast is not None:
             try:
@@ -126,7 +126,6 @@ class InProcessWorkflow(TransformWorkflow):
         from merlin.table import TensorTable
 
         if self.fast is not None and isinstance(transformable, TensorTable):
-            from pipeline_lib.etl.fast_transform import Unsupported, columns_from_tensors, tensors_from_columns
 
             ragged = {c.name for c in self.workflow.input_schema if c.is_list}
             try:
@@ -335,7 +334,6 @@ class DirectPredictor:
         return cls(ops[0], ops[1], ragged)
 
     def __call__(self, tensors: dict) -> dict:
-        from pipeline_lib.etl.fast_transform import columns_from_tensors, tensors_from_columns
 
         cols = self.wf_op.transform_columns(columns_from_tensors(tensors, self.ragged))
         return self.tf_op.predict_tensors(tensors_from_columns(cols))
@@ -354,7 +352,6 @@ def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, label: str, bat
     """
     from merlin.io import Dataset
 
-    from pipeline_lib.models.retrieval import encode, load_encoder
 
     frame = raw.copy()
     if label not in frame.columns:
@@ -399,7 +396,6 @@ def raw_to_tensor_table(raw: pd.DataFrame):
 def raw_to_columns(raw: pd.DataFrame) -> dict:
     """Raw rows -> the fast transform's input columns, as Triton hands them over (bytes strings,
     lists as values + offsets)."""
-    from pipeline_lib.etl.fast_transform import Ragged
 
     return {k: (Ragged(*v) if isinstance(v, tuple) else v) for k, v in _raw_columns(raw).items()}
 
@@ -471,7 +467,6 @@ def fast_transform_status(ensemble) -> dict:
 def enable_compiled_model(ensemble, sample_raw: pd.DataFrame, atol: float) -> dict:
     """Compile the ensemble's model op (ONNX) and verify it against the SavedModel on the workflow's output
     for ``sample_raw``; the status recorded in the version (``{"enabled": False, "reason": ...}`` if not)."""
-    from pipeline_lib.etl.fast_transform import columns_from_tensors
 
     direct = DirectPredictor.from_ensemble(ensemble)
     if direct is None:

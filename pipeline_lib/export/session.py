@@ -32,8 +32,9 @@ from merlin.schema import ColumnSchema, Schema
 
 from pipeline_lib.export import ranking as ranking_export
 from pipeline_lib.export.parity import check_parity
-from pipeline_lib.models.session import N_SPECIAL, exclusions, offline_scores, top_k, vocabulary_lookup
+from pipeline_lib.models.session import exclusions, N_SPECIAL, offline_scores, top_k, vocabulary_lookup
 from pipeline_lib.export.topk import EXCLUDE_INPUT  # the same optional request input as retrieval's
+from pipeline_lib.etl.sessions import item_vocabulary
 
 ITEM_IDS, SCORES = "item_ids", "scores"
 VOCAB_FILE = "item_vocabulary.parquet"
@@ -125,7 +126,6 @@ def build_session_ensemble(workflow, model_dir: Path, item_col: str, k: int, fas
     op's compiled transform is verified on them (plus edge rows) and enabled if identical."""
     from merlin.systems.dag import Ensemble
 
-    from pipeline_lib.etl.sessions import item_vocabulary
 
     tf_op = ranking_export.InProcessTensorflow(model_dir)
     score_col = tf_op.output_schema.column_names[0]
@@ -151,7 +151,6 @@ def offline_topk(workflow, model_dir: Path, raw: pd.DataFrame, item_col: str, k:
                  exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The training-time path: workflow.transform + Merlin Loader + SavedModel, then the same ranking
     and the same exclusions (the session's raw item ids, the rows' ``exclude_item_ids``)."""
-    from pipeline_lib.etl.sessions import item_vocabulary
 
     vocab = item_vocabulary(workflow, item_col)
     seen = raw[item_col].tolist() if exclude_seen else None

@@ -56,12 +56,15 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.paths import TRITON_MODELS
+from pipeline_lib.export import ranking as export
 from pipeline_lib.export import ann
 from pipeline_lib.models import retrieval
 from pipeline_lib.config import AnnConfig
 from pipeline_lib.export.parity import check_parity
-from pipeline_lib.export.ranking import ExportOptions, StagedVersion
+from pipeline_lib.export.ranking import ExportOptions, raw_to_columns, StagedVersion
 from pipeline_lib.models.retrieval import RetrievalSpec
+from pipeline_lib.etl.fast_transform import (Unsupported, columns_from_tensors, compile_workflow, n_rows, take_rows,
+                                             tensors_from_columns, verify)
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +154,6 @@ class TopKRecommender:
     def compile_fast(self):
         """The compiled transform of the serving workflow plus the constant columns it needs (filler
         row, catalogue item features), in request representation; None when it does not compile."""
-        from pipeline_lib.export.ranking import raw_to_columns
-        from pipeline_lib.etl.fast_transform import Unsupported, compile_workflow
 
         try:
             compiled = compile_workflow(self.workflow)
@@ -171,7 +172,6 @@ class TopKRecommender:
 
     def _complete(self, cols: dict, n: int) -> dict:
         """Request columns + the filler's constant value for every other workflow input."""
-        from pipeline_lib.etl.fast_transform import take_rows
 
         out = dict(cols)
         zeros = np.zeros(n, dtype=np.int64)
@@ -183,7 +183,6 @@ class TopKRecommender:
     def recommend_columns(self, cols: dict) -> tuple[np.ndarray, np.ndarray]:
         """Request columns as Triton hands them over (bytes strings, ``Ragged`` lists) -> top-k,
         through the compiled transform. Raises ``fast_transform.Unsupported`` outside it."""
-        from pipeline_lib.etl.fast_transform import Unsupported, n_rows, take_rows, tensors_from_columns
 
         if self.fast is None:
             raise Unsupported("the compiled transform is not enabled for this version")
@@ -210,7 +209,6 @@ class TopKRecommender:
     def recommend_tensors(self, arrays: dict[str, np.ndarray], ragged: set[str]) -> tuple[np.ndarray, np.ndarray]:
         """Checked request tensors -> top-k: the compiled path, or NVTabular on a frame when the
         version or the request is outside it. Both give the same answer (verified at export)."""
-        from pipeline_lib.etl.fast_transform import Unsupported, columns_from_tensors
 
         if self.fast is not None:
             try:
@@ -302,7 +300,6 @@ class TopKRecommender:
     # -- offline reference: the evaluation path of training (retrieval.query_embeddings) and, for
     # the ranker, the ranking pipeline's offline path (Merlin Loader batches + the SavedModel) --
     def offline(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        from pipeline_lib.export import ranking as export
 
         n = self.candidates if self.ranker_fn else self.k
         q = retrieval.query_embeddings(self.workflow, self.dir, self.spec, raw, self.filler)
@@ -429,8 +426,6 @@ def verify_fast_path(rec: TopKRecommender, sample: pd.DataFrame, catalogue: pd.D
     column by column on every kind of row it will see -- request rows, catalogue rows, the ranker's
     candidate rows, plus edge rows (nulls, unseen values, empty lists, the vocabularies) -- and
     (2) the top-k it gives on ``sample`` equals the NVTabular path's (same ids in the same order)."""
-    from pipeline_lib.export.ranking import raw_to_columns
-    from pipeline_lib.etl.fast_transform import Unsupported, verify
 
     rec.fast = rec.compile_fast()
     if rec.fast is None:

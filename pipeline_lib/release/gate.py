@@ -24,6 +24,8 @@ import pandas as pd
 from pipeline_lib.export import ranking as export
 from pipeline_lib.models.baselines import best_baseline, finite
 from pipeline_lib.models.ranking import ranking_metrics
+from pipeline_lib.models.retrieval import retrieval_metrics
+from pipeline_lib.export.topk import TOPK_DIR, TopKRecommender
 
 HIGHER_IS_BETTER = {"auc": True, "logloss": False, "recall": True, "ndcg": True, "mrr": True, "precision": True}
 
@@ -58,8 +60,6 @@ def score_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: int =
 def score_topk_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: int = 4096) -> dict:
     """Recall/Precision/NDCG/MRR@k of what a top-k version *returns* for the held-out positives
     (its own k; the two-stage output when it has a ranker), over its item catalogue."""
-    from pipeline_lib.models.retrieval import retrieval_metrics
-    from pipeline_lib.export.topk import TOPK_DIR, TopKRecommender
 
     art = Path(version_dir) / TOPK_DIR
     if not art.is_dir():

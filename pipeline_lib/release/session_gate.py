@@ -17,6 +17,8 @@ from pipeline_lib.export.parity import score_diff
 from pipeline_lib.export.session import ensemble_topk
 from pipeline_lib.export.topk import EXCLUDE_INPUT  # the same optional request input as retrieval's
 from pipeline_lib.release.smoke import serve_and_ask, served_parity
+from pipeline_lib.models.session import topk_metrics
+from pipeline_lib.etl.sessions import prefixes
 
 @dataclass
 class SessionSmokeResult:
@@ -56,7 +58,6 @@ def session_smoke_test(repository: Path, model_name: str, rows: pd.DataFrame, of
 def metrics_from_topk(ids: np.ndarray, scores: np.ndarray, targets: np.ndarray, k: int) -> dict:
     """Recall/NDCG/MRR@k of served top-k lists against raw target ids, with Merlin's metrics: the k
     served items plus one 'everything else' column (where a missed target goes) form the score rows."""
-    from pipeline_lib.models.session import topk_metrics
 
     n = len(ids)
     hit = ids == np.asarray(targets).reshape(-1, 1)
@@ -67,7 +68,6 @@ def metrics_from_topk(ids: np.ndarray, scores: np.ndarray, targets: np.ndarray, 
 
 def score_version(version_dir: Path, sessions: pd.DataFrame, cols, k: int, batch: int = 2048) -> dict:
     """A published/staged version's metrics on raw held-out sessions (prefix in, last item as target)."""
-    from pipeline_lib.etl.sessions import prefixes
 
     ens = ranking_export.load_version(version_dir)
     req, targets = prefixes(sessions, cols)
