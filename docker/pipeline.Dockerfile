@@ -23,6 +23,7 @@ RUN python -c "import faiss" 2>/dev/null || pip install --no-cache-dir "faiss-gp
 # The Merlin stack comes from the base image; only the orchestration/CLI layer is added.
 RUN pip install --no-cache-dir "prefect>=3.7,<3.8" "sqlalchemy>=2.0.30,<2.1" "fastapi<0.116" "pydantic>=2.7,<3" "typer>=0.12" \
         "scikit-learn>=1.3,<1.6" "matplotlib>=3.7,<3.10" "tritonclient[grpc,http]" \
+        "onnxruntime>=1.17,<2" "tf2onnx>=1.16,<2" \
  && pip install --no-cache-dir --no-deps --ignore-requires-python -e .
 
 HEALTHCHECK --interval=30s --timeout=5s --retries=5 CMD python -c "import pipeline_lib, flows" || exit 1

@@ -15,6 +15,8 @@ RUN pip install --no-cache-dir --no-deps --ignore-requires-python -e .
 # ANN top-k (pipeline_lib/export/ann.py, docs/ann.md): faiss-gpu in the GPU image when the base image lacks faiss
 # (its CPU IVF-Flat code reads and searches the topk/items.faiss written by faiss-cpu 1.8.0 at export)
 RUN python -c "import faiss" 2>/dev/null || pip install --no-cache-dir "faiss-gpu==1.7.2"
+# the ranking model compiled to ONNX at export (export.compiled_model, pipeline_lib/export/compiled_model.py)
+RUN pip install --no-cache-dir "onnxruntime>=1.17,<2"
 COPY docker/triton-entrypoint.sh /usr/local/bin/triton-entrypoint.sh
 
 EXPOSE 8000 8001 8002
