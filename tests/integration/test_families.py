@@ -9,7 +9,7 @@ from pipeline_lib.config import load_config
 from pipeline_lib.families import get_family
 from pipeline_lib.paths import RunPaths
 
-from .conftest import SMALL
+from tests.conftest import SMALL
 
 
 @pytest.mark.integration
