@@ -14,7 +14,9 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from pipeline_lib.models import retrieval
-from pipeline_lib.export import topk
+from pipeline_lib.export import ann, topk
+from pipeline_lib.export import ranking as export
+from pipeline_lib.export.ranking import raw_to_columns
 from pipeline_lib.serving.client import BadRequestError, RecsysClient, RequestError
 from pipeline_lib.serving.server import TritonServer
 
@@ -149,7 +151,6 @@ def test_the_compiled_transform_serves_every_retrieval_version_like_nvtabular(re
     """Every version (MF; YouTube DNN with its jointly encoded history; two-tower + DLRM) was exported
     with the compiled transform verified on; per request it gives what the NVTabular path gives,
     including rows with unseen users, unseen history items and empty histories."""
-    from pipeline_lib.export.ranking import raw_to_columns
 
     tmp, repo, _ = retrieval_runs
     rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
@@ -181,7 +182,6 @@ def test_two_stage_returns_k_candidates_ordered_by_the_ranking_score(retrieval_r
     cand_idx, _ = retrieval.top_k(rec.query_embeddings(rows), rec.item_emb, rec.candidates,
                                   rec.excluded(rows["user_id"].to_numpy()))  # the user's training items excluded
     cands = rec.item_ids[cand_idx]
-    from pipeline_lib.export import ranking as export
 
     frame = rec.rank_frame(rows, cands)
     rank = export.offline_scores(rec.workflow_with_label, rec.dir / "ranker", frame[rec.ranker_columns],
@@ -229,7 +229,6 @@ def test_the_mf_version_carries_its_faiss_index_and_serves_through_it(retrieval_
     """model.retrieval.ann: the index is built at export, its recall against exact search is recorded
     in the version, and the served version searches with it (served == offline through the index is
     test_served_top_k_equals_offline_top_k_for_the_same_raw_request[recsys_mf])."""
-    from pipeline_lib.export import ann
 
     _, repo, summaries = retrieval_runs
     art = repo / "recsys_mf" / "1" / topk.TOPK_DIR
