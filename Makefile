@@ -5,6 +5,9 @@ PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 export UV_PYTHON_DOWNLOADS ?= never
 PYTEST_ARGS ?=
+# make test runs the suite on this many pytest-xdist workers, one test file per worker at a time
+# (a file's tests share their module fixtures: one Triton, one flow run). 2 = the developer machine's cores.
+TEST_WORKERS ?= 2
 
 .PHONY: install run test bench serve predict clean
 
@@ -22,7 +25,7 @@ run: install
 
 ## test: install, then the test suite (unit + integration with a real Triton and a real Prefect flow)
 test: install
-	$(UV) run --frozen --no-sync pytest $(PYTEST_ARGS)
+	$(UV) run --frozen --no-sync pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 ## bench: install, then the benchmark suite (ETL, training, serving, end to end); results in benchmarks/results/
 bench: install

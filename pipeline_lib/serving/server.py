@@ -101,7 +101,7 @@ def find_tritonserver(cache_dir: Optional[Path] = None) -> TritonPaths:
     for src in [*(root / "backends" / "python").iterdir(), stub]:
         dst = py_backend / src.name
         if not dst.exists() or dst.stat().st_size != src.stat().st_size:
-            tmp = dst.with_suffix(dst.suffix + ".tmp")
+            tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")  # unique: parallel test workers copy at once
             shutil.copy2(src, tmp)
             os.replace(tmp, dst)
     return TritonPaths(binary, backend_dir, [libs, Path(sysconfig.get_config_var("LIBDIR"))])
