@@ -69,11 +69,13 @@ class SessionRecommender(TopKRoute):
             log.warning("session fast transform not compiled, NVTabular runs per request: %s", exc)
             return None
 
-    def rank(self, scores: np.ndarray, sessions: Optional[list], extra: Optional[list]) -> tuple[np.ndarray, np.ndarray]:
+    def rank(self, scores: np.ndarray, sessions: Optional[list], extra: Optional[list]
+             ) -> tuple[np.ndarray, np.ndarray]:
         """Model scores [rows, vocabulary] -> the k best raw item ids and scores, without the sessions' own
         items (``exclude_seen``; ``sessions``: raw item id lists) and the rows' ``exclude_item_ids``."""
         seen = [self.catalogue_rows(s) for s in sessions] if self.exclude_seen else None
-        idx, best = retrieval.top_k_scores(scores[:, self.positions], self.k, self.exclude_rows(seen, extra, len(scores)))
+        excl = self.exclude_rows(seen, extra, len(scores))
+        idx, best = retrieval.top_k_scores(scores[:, self.positions], self.k, excl)
         return self.item_ids[idx], best
 
     def recommend_columns(self, cols: dict) -> tuple[np.ndarray, np.ndarray]:

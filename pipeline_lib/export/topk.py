@@ -147,7 +147,8 @@ class TopKRoute:
         self.request_columns: list[str] = self.meta["request_columns"]
         self.item_ids: np.ndarray = np.load(self.dir / ITEMS_FILE, allow_pickle=True)["ids"]
         self.item_index = pd.Index(self.item_ids)
-        self.fast_status: dict = self.meta.get("fast_transform") or {"enabled": False, "reason": "not verified at export"}
+        self.fast_status: dict = (self.meta.get("fast_transform")
+                                  or {"enabled": False, "reason": "not verified at export"})
         self.fast = None
         self.workflow = None          # the serving workflow (set by the subclass)
         self.workflow_inputs: list[str] = []
@@ -205,7 +206,9 @@ class TopKRoute:
         ``exclude_item_ids`` (``extra``)."""
         out, found = [], False
         for i in range(rows):
-            parts = ([seen[i]] if seen is not None else []) + ([self.catalogue_rows(extra[i])] if extra is not None else [])
+            parts = [seen[i]] if seen is not None else []
+            if extra is not None:
+                parts.append(self.catalogue_rows(extra[i]))
             row = np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
             out.append(row)
             found = found or len(row) > 0
@@ -566,8 +569,8 @@ def request_inputs(schema, columns: list[str], item_id: str, item_lists: Optiona
     has it (a column of ``item_lists`` is a list of item ids, with the item id's dtype), then the
     optional ``exclude_item_ids`` list."""
     item = schema[item_id].dtype
-    out = [RequestInput(c, item, True) if c in (item_lists or []) else RequestInput(c, schema[c].dtype, schema[c].is_list)
-           for c in columns]
+    out = [RequestInput(c, item, True) if c in (item_lists or [])
+           else RequestInput(c, schema[c].dtype, schema[c].is_list) for c in columns]
     return out + [RequestInput(EXCLUDE_INPUT, item, True)]
 
 
