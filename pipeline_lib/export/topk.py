@@ -204,12 +204,12 @@ class TopKRoute:
         """Per request row, the catalogue rows not to return (None when there are none): ``seen`` (catalogue
         rows per row: a known user's training positives, or the session's own items) and the row's raw
         ``exclude_item_ids`` (``extra``)."""
-        out, found = [], False
+        out, found, empty = [], False, np.zeros(0, dtype=np.int64)
         for i in range(rows):
-            parts = [seen[i]] if seen is not None else []
-            if extra is not None:
-                parts.append(self.catalogue_rows(extra[i]))
-            row = np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+            row = seen[i] if seen is not None else empty
+            more = self.catalogue_rows(extra[i]) if extra is not None else empty
+            if len(more):
+                row = np.union1d(row, more).astype(np.int64)
             out.append(row)
             found = found or len(row) > 0
         return out if found else None
