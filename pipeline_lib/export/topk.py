@@ -38,10 +38,21 @@ against ``Workflow.transform`` on the sample, the candidate rows and edge rows, 
 the NVTabular path; a workflow or request outside it runs NVTabular (``fast_transform`` in spec.json
 says which and why).
 
+The one top-k route (retrieval, two-stage and session, :mod:`pipeline_lib.export.session`):
+:class:`TopKRoute` holds what every top-k version shares -- the catalogue of raw item ids
+(``items.npz``), the exclusion of seen / requested items, the masked top-k and the decoding to raw
+ids, the served entry point :meth:`TopKRoute.recommend_tensors` (compiled transform, NVTabular as
+the fallback), the export checks (:func:`check_version`) and one ``config.pbtxt`` writer
+(:func:`write_config`, tritonclient's ``model_config_pb2``). Every version is served by the same
+python-backend ``model.py`` (``pipeline_lib/serving/triton_models/topk.py``), which picks the
+recommender by spec.json's ``kind``. A subclass gives the query side: here the query tower's
+embedding against the item embeddings (or the FAISS index) and the optional ranker; for sessions
+the session model's scores over its item vocabulary.
+
 This is not a merlin-systems ``Ensemble``: merlin-systems has no brute-force top-k op (its
-``QueryFaiss`` needs faiss and a TF backend), so the recommender below is a plain class that
-the served model and the offline checks share; the transforms are the fitted NVTabular workflow
-and the models are the trained SavedModels, as in the ranking ensemble.
+``QueryFaiss`` needs faiss and a TF backend), so the recommender is a plain class that the served
+model and the offline checks share; the transforms are the fitted NVTabular workflow and the models
+are the trained SavedModels, as in the ranking ensemble.
 """
 from __future__ import annotations
 
@@ -50,7 +61,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import pandas as pd
@@ -72,11 +83,20 @@ TOPK_DIR = "topk"
 OUTPUT_IDS, OUTPUT_SCORES = "item_ids", "scores"
 EXCLUDE_INPUT = "exclude_item_ids"  # optional request input: raw item ids never to return for that row
 SEEN_FILE = "seen.npz"
+ITEMS_FILE = "items.npz"  # ``ids``: the catalogue's raw item ids (retrieval: + ``embeddings``)
 
 
 @dataclass
 class TopKExport(StagedVersion):
     parity: dict
+
+
+class RequestInput(NamedTuple):
+    """One raw request column of a top-k version: its name, dtype (numpy or merlin) and whether it is a list."""
+
+    name: str
+    dtype: Any
+    is_list: bool
 
 
 @dataclass
@@ -109,102 +129,56 @@ def request_columns(spec: RetrievalSpec, ranker_columns: Optional[list[str]], it
     return cols
 
 
-class TopKRecommender:
-    """Raw query rows -> top-k item ids and scores (the served path; also run in-process)."""
+class TopKRoute:
+    """The part of a top-k version every family shares: raw request -> the k best raw item ids and
+    their scores. Subclasses give the query side (``compile_fast``, ``recommend_columns``,
+    ``recommend``, ``offline``); this class gives the catalogue (``item_ids``), the items never to
+    return (:meth:`exclude_rows`), the masked top-k (:func:`pipeline_lib.models.retrieval.top_k_scores`
+    or the ANN search) decoded to raw ids, and the served entry point :meth:`recommend_tensors`."""
+
+    kind = "retrieval"
 
     def __init__(self, artifact_dir: Path):
-        import nvtabular as nvt
-
         self.dir = Path(artifact_dir)
-        meta = json.loads((self.dir / "spec.json").read_text())
-        self.meta = meta
-        self.spec = RetrievalSpec(**meta["spec"])
-        self.k, self.candidates, self.label = meta["k"], meta["candidates"], meta["label"]
-        self.request_columns: list[str] = meta["request_columns"]
-        self.ranker_columns: Optional[list[str]] = meta.get("ranker_columns")
-        full = nvt.Workflow.load(str(self.dir / "workflow"))
-        self.workflow_with_label = full
-        self.workflow = full.remove_inputs([self.label])
-        self.filler = pd.read_parquet(self.dir / "filler.parquet").iloc[0].to_dict()
-        z = np.load(self.dir / "items.npz", allow_pickle=True)
-        self.item_ids, self.item_emb = z["ids"], z["embeddings"].astype(np.float32)
-        self.index = ann.load_version_index(self.dir, meta.get("ann"))  # None: exact top-k (docs/ann.md)
-        self.query_fn = retrieval.load_encoder(self.dir / retrieval.QUERY_ENCODER)
-        self.ranker_fn = retrieval.load_encoder(self.dir / "ranker") if self.ranker_columns else None
-        if self.ranker_columns:
-            feats = pd.read_parquet(self.dir / "item_features.parquet")
-            self.item_features = feats.set_index(self.spec.item_id, drop=False)
-        self.user_column: Optional[str] = meta.get("user_id")
+        self.meta = json.loads((self.dir / "spec.json").read_text())
+        if self.meta.get("kind", "retrieval") != self.kind:
+            raise ValueError(f"{self.dir} holds a {self.meta.get('kind', 'retrieval')} top-k version, not {self.kind}")
+        self.k: int = self.meta["k"]
+        self.request_columns: list[str] = self.meta["request_columns"]
+        self.item_ids: np.ndarray = np.load(self.dir / ITEMS_FILE, allow_pickle=True)["ids"]
         self.item_index = pd.Index(self.item_ids)
-        has_seen = (self.dir / SEEN_FILE).is_file()
-        self.exclude_seen = bool(meta.get("exclude_seen")) and has_seen
-        self.popular_fallback = meta.get("unknown_users") == "popular" and has_seen
-        if has_seen:
-            z = np.load(self.dir / SEEN_FILE, allow_pickle=True)
-            self.seen_users = pd.Index(z["users"])
-            self.seen_indptr, self.seen_indices = z["indptr"].astype(np.int64), z["indices"].astype(np.int64)
-            # training users per catalogue item: the ranking an unknown user gets (unknown_users: popular)
-            self.popularity = np.bincount(self.seen_indices, minlength=len(self.item_ids)).astype(np.float32)
-        self.fast_status: dict = meta.get("fast_transform") or {"enabled": False, "reason": "not verified at export"}
+        self.fast_status: dict = (self.meta.get("fast_transform")
+                                  or {"enabled": False, "reason": "not verified at export"})
         self.fast = None
-        if self.fast_status.get("enabled"):
-            self.fast = self.compile_fast()
+        self.workflow = None          # the serving workflow (set by the subclass)
+        self.workflow_inputs: list[str] = []
 
-    # -- served fast path: compiled workflow on request columns, SavedModel signatures called directly --
+    # -- the query side (per family) --
     def compile_fast(self):
-        """The compiled transform of the serving workflow plus the constant columns it needs (filler
-        row, catalogue item features), in request representation; None when it does not compile."""
-
-        try:
-            compiled = compile_workflow(self.workflow)
-        except Unsupported as exc:
-            log.warning("top-k fast transform not compiled, NVTabular runs per request: %s", exc)
-            return None
-        self._inputs = list(self.workflow.input_schema.column_names)
-        self._filler_cols = raw_to_columns(pd.read_parquet(self.dir / "filler.parquet"))
-        self._item_cols = {}
-        if self.ranker_columns:
-            feats = self.item_features.reset_index(drop=True)
-            if not np.array_equal(feats[self.spec.item_id].to_numpy(), self.item_ids):
-                return None  # candidate rows are looked up by catalogue position
-            self._item_cols = raw_to_columns(feats[[c for c in self.ranker_columns if c in feats.columns]])
-        return compiled
-
-    def _complete(self, cols: dict, n: int) -> dict:
-        """Request columns + the filler's constant value for every other workflow input."""
-
-        out = dict(cols)
-        zeros = np.zeros(n, dtype=np.int64)
-        for name in self._inputs:
-            if name not in out:
-                out[name] = take_rows(self._filler_cols[name], zeros)
-        return out
+        """The compiled transform of the serving workflow (None when it does not compile)."""
+        raise NotImplementedError
 
     def recommend_columns(self, cols: dict) -> tuple[np.ndarray, np.ndarray]:
-        """Request columns as Triton hands them over (bytes strings, ``Ragged`` lists) -> top-k,
-        through the compiled transform. Raises ``fast_transform.Unsupported`` outside it."""
+        """Request columns (bytes strings, ``Ragged`` lists) -> top-k through the compiled transform."""
+        raise NotImplementedError
 
-        if self.fast is None:
-            raise Unsupported("the compiled transform is not enabled for this version")
-        rows = n_rows(cols[self.request_columns[0]])
-        query = self.fast(self._complete({c: cols[c] for c in self.spec.query_columns}, rows))
-        q = retrieval.call_signature(self.query_fn, tensors_from_columns(query))
-        extra = cols.get(EXCLUDE_INPUT)
-        if extra is not None:
-            off = np.asarray(extra.offsets, dtype=np.int64)
-            extra = [extra.values[off[i]:off[i + 1]] for i in range(len(off) - 1)]
-        excl = self.excluded(cols.get(self.user_column) if self.user_column else None, extra, rows)
-        users = cols.get(self.user_column) if self.user_column else None
-        idx, scores = self.top_k(q, self.candidates if self.ranker_fn else self.k, excl, users)
-        ids = self.item_ids[idx]
-        if not self.ranker_fn:
-            return ids, scores
-        per_row = np.repeat(np.arange(rows), idx.shape[1])
-        cand = {c: take_rows(cols[c], per_row) for c in self.ranker_columns if c not in self._item_cols}
-        cand.update({c: take_rows(x, idx.reshape(-1)) for c, x in self._item_cols.items()})
-        ranked = self.fast(self._complete(cand, len(per_row)))
-        rank = retrieval.call_signature(self.ranker_fn, tensors_from_columns(ranked)).reshape(ids.shape)
-        return rerank(ids, rank, self.k)
+    def recommend(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Raw request rows -> top-k through NVTabular (the served fallback)."""
+        raise NotImplementedError
+
+    def offline(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """The offline reference: the training-time evaluation path, then the same top-k."""
+        raise NotImplementedError
+
+    def workflow_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Raw rows completed to every input of the serving workflow (to verify the compiled transform)."""
+        return frame[self.workflow_inputs]
+
+    # -- shared --
+    def enable_fast(self) -> None:
+        """Compile the transform when export verified it (spec.json's ``fast_transform``)."""
+        if self.fast_status.get("enabled"):
+            self.fast = self.compile_fast()
 
     def recommend_tensors(self, arrays: dict[str, np.ndarray], ragged: set[str]) -> tuple[np.ndarray, np.ndarray]:
         """Checked request tensors -> top-k: the compiled path, or NVTabular on a frame when the
@@ -218,29 +192,146 @@ class TopKRecommender:
         cols = self.request_columns + ([EXCLUDE_INPUT] if EXCLUDE_INPUT in ragged else [])
         return self.recommend(arrays_to_frame(arrays, cols, ragged))
 
+    def catalogue_rows(self, ids) -> np.ndarray:
+        """Catalogue rows of raw item ids (bytes decoded; unknown ids and missing lists ignored)."""
+        if ids is None or (isinstance(ids, float) and np.isnan(ids)) or not len(ids):
+            return np.zeros(0, dtype=np.int64)
+        rows = self.item_index.get_indexer(decode_ids(ids))
+        return rows[rows >= 0].astype(np.int64)
+
+    def exclude_rows(self, seen: Optional[list[np.ndarray]], extra: Optional[list], rows: int
+                     ) -> Optional[list[np.ndarray]]:
+        """Per request row, the catalogue rows not to return (None when there are none): ``seen`` (catalogue
+        rows per row: a known user's training positives, or the session's own items) and the row's raw
+        ``exclude_item_ids`` (``extra``)."""
+        out, found, empty = [], False, np.zeros(0, dtype=np.int64)
+        for i in range(rows):
+            row = seen[i] if seen is not None else empty
+            more = self.catalogue_rows(extra[i]) if extra is not None else empty
+            if len(more):
+                row = np.union1d(row, more).astype(np.int64)
+            out.append(row)
+            found = found or len(row) > 0
+        return out if found else None
+
+    @staticmethod
+    def extra_of(raw: pd.DataFrame) -> Optional[list]:
+        """The frame's ``exclude_item_ids`` lists (None without the column)."""
+        return raw[EXCLUDE_INPUT].tolist() if EXCLUDE_INPUT in raw.columns else None
+
+    @staticmethod
+    def extra_of_columns(cols: dict) -> Optional[list[np.ndarray]]:
+        """The request columns' ``exclude_item_ids`` (a ``Ragged``) as one array per row (None without it)."""
+        return ragged_rows(cols[EXCLUDE_INPUT]) if EXCLUDE_INPUT in cols else None
+
+
+def ragged_rows(col) -> list[np.ndarray]:
+    """A ``Ragged`` request column (values + offsets) -> one array per row."""
+    off = np.asarray(col.offsets, dtype=np.int64)
+    return [col.values[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+
+
+class TopKRecommender(TopKRoute):
+    """Retrieval / two-stage: raw query rows -> top-k item ids and scores (the served path; also run in-process)."""
+
+    def __init__(self, artifact_dir: Path):
+        import nvtabular as nvt
+
+        super().__init__(artifact_dir)
+        meta = self.meta
+        self.spec = RetrievalSpec(**meta["spec"])
+        self.candidates, self.label = meta["candidates"], meta["label"]
+        self.ranker_columns: Optional[list[str]] = meta.get("ranker_columns")
+        full = nvt.Workflow.load(str(self.dir / "workflow"))
+        self.workflow_with_label = full
+        self.workflow = full.remove_inputs([self.label])
+        self.workflow_inputs = list(self.workflow.input_schema.column_names)
+        self.filler = pd.read_parquet(self.dir / "filler.parquet").iloc[0].to_dict()
+        self.item_emb = np.load(self.dir / ITEMS_FILE, allow_pickle=True)["embeddings"].astype(np.float32)
+        self.index = ann.load_version_index(self.dir, meta.get("ann"))  # None: exact top-k (docs/ann.md)
+        self.query_fn = retrieval.load_encoder(self.dir / retrieval.QUERY_ENCODER)
+        self.ranker_fn = retrieval.load_encoder(self.dir / "ranker") if self.ranker_columns else None
+        if self.ranker_columns:
+            feats = pd.read_parquet(self.dir / "item_features.parquet")
+            self.item_features = feats.set_index(self.spec.item_id, drop=False)
+        self.user_column: Optional[str] = meta.get("user_id")
+        has_seen = (self.dir / SEEN_FILE).is_file()
+        self.exclude_seen = bool(meta.get("exclude_seen")) and has_seen
+        self.popular_fallback = meta.get("unknown_users") == "popular" and has_seen
+        if has_seen:
+            z = np.load(self.dir / SEEN_FILE, allow_pickle=True)
+            self.seen_users = pd.Index(z["users"])
+            self.seen_indptr, self.seen_indices = z["indptr"].astype(np.int64), z["indices"].astype(np.int64)
+            # training users per catalogue item: the ranking an unknown user gets (unknown_users: popular)
+            self.popularity = np.bincount(self.seen_indices, minlength=len(self.item_ids)).astype(np.float32)
+        self.enable_fast()
+
+    # -- served fast path: compiled workflow on request columns, SavedModel signatures called directly --
+    def compile_fast(self):
+        """The compiled transform of the serving workflow plus the constant columns it needs (filler
+        row, catalogue item features), in request representation; None when it does not compile."""
+
+        try:
+            compiled = compile_workflow(self.workflow)
+        except Unsupported as exc:
+            log.warning("top-k fast transform not compiled, NVTabular runs per request: %s", exc)
+            return None
+        self._filler_cols = raw_to_columns(pd.read_parquet(self.dir / "filler.parquet"))
+        self._item_cols = {}
+        if self.ranker_columns:
+            feats = self.item_features.reset_index(drop=True)
+            if not np.array_equal(feats[self.spec.item_id].to_numpy(), self.item_ids):
+                return None  # candidate rows are looked up by catalogue position
+            self._item_cols = raw_to_columns(feats[[c for c in self.ranker_columns if c in feats.columns]])
+        return compiled
+
+    def workflow_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return retrieval.with_filler(frame, self.workflow_inputs, self.filler)
+
+    def _complete(self, cols: dict, n: int) -> dict:
+        """Request columns + the filler's constant value for every other workflow input."""
+
+        out = dict(cols)
+        zeros = np.zeros(n, dtype=np.int64)
+        for name in self.workflow_inputs:
+            if name not in out:
+                out[name] = take_rows(self._filler_cols[name], zeros)
+        return out
+
+    def recommend_columns(self, cols: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Request columns as Triton hands them over (bytes strings, ``Ragged`` lists) -> top-k,
+        through the compiled transform. Raises ``fast_transform.Unsupported`` outside it."""
+
+        if self.fast is None:
+            raise Unsupported("the compiled transform is not enabled for this version")
+        rows = n_rows(cols[self.request_columns[0]])
+        query = self.fast(self._complete({c: cols[c] for c in self.spec.query_columns}, rows))
+        q = retrieval.call_signature(self.query_fn, tensors_from_columns(query))
+        users = cols.get(self.user_column) if self.user_column else None
+        excl = self.excluded(users, self.extra_of_columns(cols), rows)
+        idx, scores = self.top_k(q, self.candidates if self.ranker_fn else self.k, excl, users)
+        ids = self.item_ids[idx]
+        if not self.ranker_fn:
+            return ids, scores
+        per_row = np.repeat(np.arange(rows), idx.shape[1])
+        cand = {c: take_rows(cols[c], per_row) for c in self.ranker_columns if c not in self._item_cols}
+        cand.update({c: take_rows(x, idx.reshape(-1)) for c, x in self._item_cols.items()})
+        ranked = self.fast(self._complete(cand, len(per_row)))
+        rank = retrieval.call_signature(self.ranker_fn, tensors_from_columns(ranked)).reshape(ids.shape)
+        return rerank(ids, rank, self.k)
+
     # -- items never returned: the known user's training positives, the request's exclude_item_ids --
     def excluded(self, users, extra=None, rows: Optional[int] = None) -> Optional[list[np.ndarray]]:
         """Per request row, the catalogue rows not to return (None when there are none): the
         training positives of a known user (``exclude_seen``) and the row's ``exclude_item_ids``."""
         n = rows if rows is not None else len(users if users is not None else extra)
-        out = [np.zeros(0, dtype=np.int64)] * n
-        found = False
+        seen = None
         if self.exclude_seen and users is not None:
-            pos = self.seen_users.get_indexer(_decode(np.asarray(users)))
+            seen = [np.zeros(0, dtype=np.int64)] * n
+            pos = self.seen_users.get_indexer(decode_ids(users))
             for i in np.nonzero(pos >= 0)[0]:
-                p = pos[i]
-                out[i] = self.seen_indices[self.seen_indptr[p]:self.seen_indptr[p + 1]]
-                found = found or len(out[i]) > 0
-        if extra is not None:
-            for i, ids in enumerate(extra):
-                if ids is None or (isinstance(ids, float) and np.isnan(ids)) or not len(ids):
-                    continue
-                r = self.item_index.get_indexer(_decode(np.asarray(ids)))
-                r = r[r >= 0]
-                if len(r):
-                    out[i] = np.union1d(out[i], r)
-                    found = True
-        return out if found else None
+                seen[i] = self.seen_indices[self.seen_indptr[pos[i]]:self.seen_indptr[pos[i] + 1]]
+        return self.exclude_rows(seen, extra, n)
 
     def _users(self, raw: pd.DataFrame) -> Optional[np.ndarray]:
         return raw[self.user_column].to_numpy() if self.user_column in raw.columns else None
@@ -253,7 +344,7 @@ class TopKRecommender:
         idx, scores = ann.top_k(self.index, query, self.item_emb, n, excl)
         if not self.popular_fallback or users is None or not len(idx):
             return idx, scores
-        cold = np.flatnonzero(self.seen_users.get_indexer(_decode(np.asarray(users))) < 0)
+        cold = np.flatnonzero(self.seen_users.get_indexer(decode_ids(users)) < 0)
         if len(cold):
             pop_excl = [excl[i] for i in cold] if excl is not None else None
             ci, cs = retrieval.top_k(np.ones((len(cold), 1), np.float32), self.popularity[:, None], n, pop_excl)
@@ -262,9 +353,7 @@ class TopKRecommender:
         return idx, scores
 
     def _excluded_frame(self, raw: pd.DataFrame) -> Optional[list[np.ndarray]]:
-        users = self._users(raw)
-        extra = raw[EXCLUDE_INPUT].tolist() if EXCLUDE_INPUT in raw.columns else None
-        return self.excluded(users, extra, len(raw))
+        return self.excluded(self._users(raw), self.extra_of(raw), len(raw))
 
     # -- NVTabular path (the fallback): the workflow on the request frame, SavedModel signatures called directly --
     def query_embeddings(self, raw: pd.DataFrame) -> np.ndarray:
@@ -335,21 +424,16 @@ def export_topk(workflow_dir: Path, model_dir: Path, raw_train: Path, sample_raw
     ``settings.unknown_users``: ``popular`` (a user without training positives gets the most popular items)
     or ``model`` (the query tower on the unseen id)."""
     meta, cat, rec = _write_artifacts(workflow_dir, model_dir, raw_train, settings, staging_dir / model_name / "1")
-    art = rec.dir
     o = options or ExportOptions()
     sample = sample_raw[meta["request_columns"]].reset_index(drop=True)
-    meta["ann"] = _attach_index(rec, art, sample, meta["candidates"], settings.ann or AnnConfig())
-    in_process = rec.recommend(sample)
-    diff = check_parity("in-process top-k", in_process, rec.offline(sample), o.atol)
-    meta["fast_transform"] = verify_fast_path(rec, sample, cat, in_process, o.atol)
-    (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
-    shutil.copyfile(TRITON_MODELS / "topk.py", art.parent / "model.py")
-    _write_config(staging_dir / model_name, model_name, rec.workflow,
-                  meta["request_columns"], rec.item_ids, settings.k, o.max_request_rows, rec.spec)
-    out = TopKExport(staging_dir, model_name, 1, {"max_abs_score_diff": diff, "rows": len(sample), "ann": meta["ann"]})
-    (art.parent / "run_info.json").write_text(json.dumps({**(o.run_info or {}), "parity": out.parity}, indent=2,
-                                                         default=str))
-    return out
+    meta["ann"] = _attach_index(rec, rec.dir, sample, meta["candidates"], settings.ann or AnnConfig())
+    frames = [sample, cat] + ([rec.rank_frame(sample, rec.retrieve(sample)[0])] if rec.ranker_fn is not None else [])
+    diff, meta["fast_transform"] = check_version(rec, [sample], frames, o.atol, o.fast_transform)
+    # the history is a derived list of item ids: its raw dtype is only known from the item id
+    inputs = request_inputs(rec.workflow.input_schema, meta["request_columns"], rec.spec.item_id,
+                            [rec.spec.history] if rec.spec.history else [])
+    return stage_version(rec, meta, inputs, StagedVersion(staging_dir, model_name, 1), o,
+                         {"max_abs_score_diff": diff, "rows": len(sample), "ann": meta["ann"]})
 
 
 def _write_artifacts(workflow_dir: Path, model_dir: Path, raw_train: Path, s: TopKSettings,
@@ -359,7 +443,6 @@ def _write_artifacts(workflow_dir: Path, model_dir: Path, raw_train: Path, s: To
     import nvtabular as nvt
 
     columns, k, ranker_dir = s.columns, s.k, s.ranker_dir
-    staging_dir = vdir.parent.parent
     spec = RetrievalSpec(**json.loads((Path(model_dir) / "spec.json").read_text()))
     workflow = nvt.Workflow.load(str(workflow_dir))
     serving_wf = workflow.remove_inputs([columns.label])
@@ -370,10 +453,7 @@ def _write_artifacts(workflow_dir: Path, model_dir: Path, raw_train: Path, s: To
         ranker_columns.append(spec.history)
     req_cols = request_columns(spec, ranker_columns, item_side)
 
-    if staging_dir.exists():
-        shutil.rmtree(staging_dir)
-    art = vdir / TOPK_DIR
-    art.mkdir(parents=True)
+    art = fresh_artifact_dir(vdir)
     workflow.save(str(art / "workflow"))
     shutil.copytree(Path(model_dir) / retrieval.QUERY_ENCODER, art / retrieval.QUERY_ENCODER)
     shutil.copyfile(Path(model_dir) / "spec.json", art / "model_spec.json")
@@ -381,17 +461,28 @@ def _write_artifacts(workflow_dir: Path, model_dir: Path, raw_train: Path, s: To
     train_raw.head(1)[list(filler)].to_parquet(art / "filler.parquet", index=False)
     cat = retrieval.catalogue(train_raw, RetrievalSpec(**{**spec.to_json(), "item_columns": item_side}))
     ids, emb = retrieval.item_embeddings(serving_wf, model_dir, spec, cat, filler)
-    np.savez(art / "items.npz", ids=ids, embeddings=emb)
+    np.savez(art / ITEMS_FILE, ids=ids, embeddings=emb)
     if ranker_dir:
         shutil.copytree(ranker_dir, art / "ranker")
         cat.to_parquet(art / "item_features.parquet", index=False)
-    meta = {"spec": spec.to_json(), "k": k, "candidates": s.candidates if ranker_dir else k, "label": columns.label,
+    meta = {"kind": TopKRecommender.kind, "spec": spec.to_json(), "k": k,
+            "candidates": s.candidates if ranker_dir else k, "label": columns.label,
             "request_columns": req_cols, "ranker_columns": ranker_columns, "n_items": int(len(ids)),
             "item_id_dtype": str(ids.dtype), "user_id": columns.user_id, "exclude_seen": bool(s.exclude_seen),
             "unknown_users": s.unknown_users}
     meta["seen"] = write_seen(train_raw, columns.user_id, columns.item_id, columns.label, ids, art / SEEN_FILE)
     (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
     return meta, cat, TopKRecommender(art)
+
+
+def fresh_artifact_dir(vdir: Path) -> Path:
+    """``<vdir>/topk`` in a fresh staging repository (``vdir``'s grandparent is emptied first)."""
+    staging_dir = vdir.parent.parent
+    if staging_dir.exists():
+        shutil.rmtree(staging_dir)
+    art = vdir / TOPK_DIR
+    art.mkdir(parents=True)
+    return art
 
 
 def _attach_index(rec: TopKRecommender, art: Path, sample: pd.DataFrame, n: int, cfg: AnnConfig) -> dict:
@@ -420,25 +511,38 @@ def write_seen(train_raw: pd.DataFrame, user_col: str, item_col: str, label: str
     return {"n_users": int(len(users)), "n_pairs": int(len(pos)), "max_per_user": int(counts.max()) if len(counts) else 0}
 
 
-def verify_fast_path(rec: TopKRecommender, sample: pd.DataFrame, catalogue: pd.DataFrame,
-                     expected: tuple[np.ndarray, np.ndarray], atol: float) -> dict:
+# -- export: the checks, the served model.py and config.pbtxt of every top-k version --------------------------
+
+
+def check_version(rec: TopKRoute, samples: list[pd.DataFrame], frames: list[pd.DataFrame], atol: float,
+                  fast_transform: bool = True) -> tuple[float, dict]:
+    """The version's in-process top-k (NVTabular path) must equal its offline reference on every sample (ids
+    exactly, scores within ``atol``); then, with ``fast_transform`` (``export.fast_transform``), the compiled
+    transform is verified (:func:`verify_fast_path`) on ``frames`` and the samples. Returns (the largest
+    score difference, spec.json's ``fast_transform``)."""
+    diffs, in_process = [], []
+    for i, sample in enumerate(samples):
+        in_process.append(rec.recommend(sample))
+        diffs.append(check_parity(f"in-process top-k (sample {i})", in_process[-1], rec.offline(sample), atol))
+    if not fast_transform:
+        return max(diffs), {"enabled": False, "reason": "export.fast_transform is off"}
+    return max(diffs), verify_fast_path(rec, frames, samples, in_process, atol)
+
+
+def verify_fast_path(rec: TopKRoute, frames: list[pd.DataFrame], samples: list[pd.DataFrame],
+                     expected: list[tuple[np.ndarray, np.ndarray]], atol: float) -> dict:
     """Enable the compiled transform for this version only if (1) it equals ``Workflow.transform``
-    column by column on every kind of row it will see -- request rows, catalogue rows, the ranker's
-    candidate rows, plus edge rows (nulls, unseen values, empty lists, the vocabularies) -- and
-    (2) the top-k it gives on ``sample`` equals the NVTabular path's (same ids in the same order)."""
+    column by column on every kind of row it will see (``frames``: request rows, and for retrieval the
+    catalogue and the ranker's candidate rows), plus edge rows (nulls, unseen values, empty lists, the
+    vocabularies) -- and (2) the top-k it gives on each sample equals the NVTabular path's (``expected``)."""
 
     rec.fast = rec.compile_fast()
     if rec.fast is None:
         return {"enabled": False, "reason": "the serving workflow does not compile"}
-    frames = [sample, catalogue]
-    if rec.ranker_fn is not None:
-        frames.append(rec.rank_frame(sample, rec.retrieve(sample)[0]))
     try:
-        checked = 0
-        for frame in frames:
-            full = retrieval.with_filler(frame, rec._inputs, rec.filler)
-            checked += verify(rec.fast, rec.workflow, full, raw_to_columns)
-        check_parity("compiled transform top-k", rec.recommend_columns(raw_to_columns(sample)), expected, atol)
+        checked = sum(verify(rec.fast, rec.workflow, rec.workflow_frame(frame), raw_to_columns) for frame in frames)
+        for sample, want in zip(samples, expected):
+            check_parity("compiled transform top-k", rec.recommend_columns(raw_to_columns(sample)), want, atol)
     except (Unsupported, AssertionError) as exc:
         rec.fast = None
         log.warning("top-k fast transform disabled, NVTabular runs per request: %s", exc)
@@ -446,33 +550,66 @@ def verify_fast_path(rec: TopKRecommender, sample: pd.DataFrame, catalogue: pd.D
     return {"enabled": True, "verified_rows": int(checked)}
 
 
-def _write_config(model_dir: Path, name: str, serving_wf, req_cols: list[str], ids: np.ndarray, k: int,
-                  max_request_rows: int, spec: RetrievalSpec) -> None:
+def stage_version(rec: TopKRoute, meta: dict, inputs: list[RequestInput], staged: StagedVersion,
+                  options: ExportOptions, parity: dict) -> TopKExport:
+    """Finish a checked top-k version: spec.json, the one served ``model.py``, config.pbtxt and run_info.json."""
+    (rec.dir / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
+    shutil.copyfile(TRITON_MODELS / "topk.py", rec.dir.parent / "model.py")
+    write_config(staged.config_path, staged.model_name, inputs, rec.item_ids, rec.k, options.max_request_rows)
+    out = TopKExport(staged.staged_repository, staged.model_name, staged.version, parity)
+    info = {**(options.run_info or {}), "task": rec.kind, "top_k": rec.k, "exclude_seen": meta.get("exclude_seen"),
+            "parity": parity, "fast_transform": meta.get("fast_transform")}
+    (rec.dir.parent / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+    return out
+
+
+def request_inputs(schema, columns: list[str], item_id: str, item_lists: Optional[list[str]] = None
+                   ) -> list[RequestInput]:
+    """The served inputs of a top-k version: each raw request column as the workflow's input ``schema``
+    has it (a column of ``item_lists`` is a list of item ids, with the item id's dtype), then the
+    optional ``exclude_item_ids`` list."""
+    item = schema[item_id].dtype
+    out = [RequestInput(c, item, True) if c in (item_lists or [])
+           else RequestInput(c, schema[c].dtype, schema[c].is_list) for c in columns]
+    return out + [RequestInput(EXCLUDE_INPUT, item, True)]
+
+
+def triton_type(dtype) -> int:
+    """Triton's data type of a numpy or merlin dtype (strings and Python objects: ``TYPE_STRING``, BYTES)."""
+    import merlin.dtypes as md
+    import tritonclient.grpc.model_config_pb2 as mc
+
+    try:
+        return md.dtype(dtype).to("triton")
+    except ValueError:
+        return mc.TYPE_STRING
+
+
+def write_config(path: Path, name: str, inputs: list[RequestInput], ids: np.ndarray, k: int,
+                 max_request_rows: int) -> None:
+    """config.pbtxt of a top-k version (python backend): one input per raw column (a list as
+    ``__values`` + int32 ``__offsets``; ``exclude_item_ids`` optional), ``item_ids`` (the catalogue's id
+    type) and ``scores`` [rows, k] out, ``max_request_rows`` as a parameter."""
     import tritonclient.grpc.model_config_pb2 as mc
     from google.protobuf import text_format
-    from merlin.systems.triton.export import _add_model_param
 
     cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
-    schema = serving_wf.input_schema
-    for col in req_cols:
-        cs = schema[col]
-        if col == spec.history:  # a derived list of item ids (its raw dtype is only known from the item id)
-            cs = cs.with_dtype(schema[spec.item_id].dtype, is_list=True, is_ragged=True)
-        _add_model_param(cs, mc.ModelInput, cfg.input, dims=None if cs.is_list else [-1])
-    # optional: raw item ids per row never to return (values + offsets, the item id's dtype)
-    from merlin.schema import ColumnSchema
-
-    n_inputs = len(cfg.input)
-    _add_model_param(ColumnSchema(EXCLUDE_INPUT, dtype=schema[spec.item_id].dtype, is_list=True, is_ragged=True),
-                     mc.ModelInput, cfg.input)
-    for inp in cfg.input[n_inputs:]:
-        inp.optional = True
+    for col in inputs:
+        optional = col.name == EXCLUDE_INPUT
+        if col.is_list:
+            cfg.input.append(mc.ModelInput(name=f"{col.name}__values", data_type=triton_type(col.dtype), dims=[-1],
+                                           optional=optional))
+            cfg.input.append(mc.ModelInput(name=f"{col.name}__offsets", data_type=mc.TYPE_INT32, dims=[-1],
+                                           optional=optional))
+        else:
+            cfg.input.append(mc.ModelInput(name=col.name, data_type=triton_type(col.dtype), dims=[-1],
+                                           optional=optional))
     id_type = mc.TYPE_STRING if ids.dtype.kind in "OUS" else mc.TYPE_INT64
     cfg.output.append(mc.ModelOutput(name=OUTPUT_IDS, data_type=id_type, dims=[-1, k]))
     cfg.output.append(mc.ModelOutput(name=OUTPUT_SCORES, data_type=mc.TYPE_FP32, dims=[-1, k]))
     cfg.parameters["max_request_rows"].string_value = str(max_request_rows)
     cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
-    (model_dir / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+    path.write_text(text_format.MessageToString(cfg))
 
 
 def arrays_to_frame(arrays: dict[str, np.ndarray], columns: list[str], ragged: set[str]) -> pd.DataFrame:
@@ -481,14 +618,16 @@ def arrays_to_frame(arrays: dict[str, np.ndarray], columns: list[str], ragged: s
     for col in columns:
         if col in ragged:
             values, offsets = arrays[f"{col}__values"], arrays[f"{col}__offsets"].astype(np.int64)
-            values = _decode(values)
+            values = decode_ids(values)
             data[col] = [values[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
         else:
-            data[col] = _decode(arrays[col])
+            data[col] = decode_ids(arrays[col])
     return pd.DataFrame(data)
 
 
-def _decode(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype == object and len(arr) and isinstance(arr[0], bytes):
-        return np.array([v.decode("utf-8") for v in arr], dtype=object)
+def decode_ids(values) -> np.ndarray:
+    """Values as Triton hands them over -> as the raw data holds them (bytes decoded to str)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind == "S" or (arr.dtype == object and len(arr) and any(isinstance(v, bytes) for v in arr[:1])):
+        return np.array([v.decode("utf-8") if isinstance(v, bytes) else v for v in arr], dtype=object)
     return arr

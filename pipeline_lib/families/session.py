@@ -1,7 +1,8 @@
 """Session-based next-item prediction (``task: session``).
 
 raw events -> validated -> NVTabular (grouping by session + fitted feature workflow) -> sequence
-model vs baselines (most popular, co-occurrence) -> ensemble (workflow + model + top-k decoding) ->
+model vs baselines (most popular, co-occurrence) -> top-k version (workflow + model, the top-k route
+of retrieval: :mod:`pipeline_lib.export.topk`) ->
 gate on recall/NDCG/MRR@k of what a version returns -> served top-k == offline top-k.
 Requests are held-out sessions minus their last event (the target).
 """
@@ -15,9 +16,9 @@ import pandas as pd
 from pipeline_lib import report
 from pipeline_lib.data import sessions as session_data
 from pipeline_lib.etl import sessions as session_etl
-from pipeline_lib.etl import workflow as etl
 from pipeline_lib.export import ranking as export
 from pipeline_lib.export import session as session_export
+from pipeline_lib.export import topk
 from pipeline_lib.families.base import ServedReport, TaskFamily, Trained
 from pipeline_lib.models import evaluation
 from pipeline_lib.models import session as session_model
@@ -56,10 +57,10 @@ class SessionFamily(TaskFamily):
     def model_label(self, trained: Trained) -> str:
         return trained.model.metrics["model"]
 
-    def export(self, paths: RunPaths, etl_out: session_etl.SessionEtlOutput, trained: Trained) -> export.ExportOutput:
+    def export(self, paths: RunPaths, etl_out: session_etl.SessionEtlOutput, trained: Trained) -> topk.TopKExport:
         cfg, s = self.cfg, self.cfg.session
         options = export.ExportOptions.from_config(cfg, self.run_info(paths, trained), exclude_seen=s.exclude_seen)
-        return session_export.export_session_ensemble(
+        return session_export.export_session_topk(
             etl_out.workflow_dir, trained.model.model_dir, self.smoke_rows(etl_out, cfg.export.parity_rows),
             s.columns.item_id, s.top_k, paths.ensemble, cfg.export.model_name, options)
 
@@ -67,14 +68,12 @@ class SessionFamily(TaskFamily):
         """Held-out sessions minus their last event: what a client would send."""
         return session_etl.prefixes(pd.read_parquet(etl_out.split.valid).head(n), self.cfg.session.columns)[0]
 
-    def offline_reference(self, etl_out: session_etl.SessionEtlOutput, exp: export.ExportOutput,
+    def offline_reference(self, etl_out: session_etl.SessionEtlOutput, exp: topk.TopKExport,
                           rows: pd.DataFrame) -> Any:
-        s = self.cfg.session
-        return session_export.offline_topk(etl.load_workflow(etl_out.workflow_dir),
-                                           exp.version_dir / export.ENSEMBLE_SUBDIR / "model", rows,
-                                           s.columns.item_id, s.top_k, s.exclude_seen)
+        """The version's own recommender on the offline path (workflow.transform + Merlin Loader + SavedModel)."""
+        return session_export.SessionRecommender(exp.version_dir / topk.TOPK_DIR).offline(rows)
 
-    def serve_and_compare(self, paths: RunPaths, exp: export.ExportOutput, rows: pd.DataFrame, offline: Any) -> Any:
+    def serve_and_compare(self, paths: RunPaths, exp: topk.TopKExport, rows: pd.DataFrame, offline: Any) -> Any:
         s = self.cfg.serving
         return session_release.session_smoke_test(exp.staged_repository, exp.model_name, rows, offline, s.smoke_atol,
                                                   paths.serving, s.startup_timeout_s)
@@ -93,7 +92,7 @@ class SessionFamily(TaskFamily):
         k = self.cfg.session.top_k
         return {key: trained.model.metrics[key] for key in (*(f"{m}@{k}" for m in METRICS), "n_train", "n_valid")}
 
-    def summary_fields(self, trained: Trained, exp: export.ExportOutput) -> dict:
+    def summary_fields(self, trained: Trained, exp: topk.TopKExport) -> dict:
         return {"task": "session", **super().summary_fields(trained, exp)}
 
     def metrics_table(self, trained: Trained) -> tuple[list[dict], str]:

@@ -424,7 +424,15 @@ def top_k(query: np.ndarray, items: np.ndarray, k: int,
     """Exact top-k by dot product: (catalogue row indices [n, k], scores [n, k]), best first;
     ties go to the lower row. ``exclude``: per query, catalogue rows never returned (their score
     is -inf; a query left with fewer than k other items gets them last, at -inf)."""
-    scores = mask_rows(np.asarray(query, dtype=np.float32) @ np.asarray(items, dtype=np.float32).T, exclude, -np.inf)
+    return top_k_scores(np.asarray(query, dtype=np.float32) @ np.asarray(items, dtype=np.float32).T, k, exclude)
+
+
+def top_k_scores(scores: np.ndarray, k: int,
+                 exclude: Optional[list[np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of a [rows, catalogue] score matrix (float32): column indices and scores, best first, ties
+    to the lower column; ``exclude``'d columns get -inf (last, when a row has fewer than k others).
+    The one masked top-k of exact retrieval and of session top-k; masks ``scores`` in place (float32 input)."""
+    scores = mask_rows(np.asarray(scores, dtype=np.float32), exclude, -np.inf)
     k = min(k, scores.shape[1])
     idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return idx, np.take_along_axis(scores, idx, axis=1)

@@ -276,17 +276,6 @@ def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, batch_size: int
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def top_k(scores: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and scores of the k best items per row, best first; ties by index. Special indices
-    are never ranked above an item; ``exclude`` (per row, encoded indices, see :func:`exclusions`)
-    sets those items to -inf: a row left with fewer than k items gets them last, at -inf (as
-    :func:`pipeline_lib.models.retrieval.top_k`), and the special slots after them."""
-    s = mask_scores(scores, exclude, -np.inf)
-    real = np.argsort(-s[:, N_SPECIAL:], axis=1, kind="stable") + N_SPECIAL
-    order = np.concatenate([real, np.tile(np.arange(min(N_SPECIAL, s.shape[1])), (len(s), 1))], axis=1)[:, :k]
-    return order.astype(np.int64), np.take_along_axis(s, order, axis=1)
-
-
 def mask_scores(scores: np.ndarray, exclude: list[np.ndarray] | None, value: float = MASKED) -> np.ndarray:
     """A copy of ``scores`` with the special slots and each row's excluded indices set to ``value``."""
     s = np.array(scores, dtype=np.float32, copy=True)

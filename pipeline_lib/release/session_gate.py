@@ -10,12 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from merlin.systems.dag.ops.tensorflow import PredictTensorflow  # noqa: F401  sets protobuf impl; import first
-
-from pipeline_lib.export import ranking as ranking_export
 from pipeline_lib.export.parity import score_diff
-from pipeline_lib.export.session import ensemble_topk
-from pipeline_lib.export.topk import EXCLUDE_INPUT  # the same optional request input as retrieval's
+from pipeline_lib.export.session import SessionRecommender
+from pipeline_lib.export.topk import TOPK_DIR
 from pipeline_lib.release.smoke import serve_and_ask, served_parity
 from pipeline_lib.models.session import topk_metrics
 from pipeline_lib.etl.sessions import prefixes
@@ -69,12 +66,12 @@ def metrics_from_topk(ids: np.ndarray, scores: np.ndarray, targets: np.ndarray, 
 def score_version(version_dir: Path, sessions: pd.DataFrame, cols, k: int, batch: int = 2048) -> dict:
     """A published/staged version's metrics on raw held-out sessions (prefix in, last item as target)."""
 
-    ens = ranking_export.load_version(version_dir)
+    rec = SessionRecommender(Path(version_dir) / TOPK_DIR)  # not a session top-k version: an error
     req, targets = prefixes(sessions, cols)
-    missing = [c for c in ens.input_schema.column_names if c not in req.columns and c != EXCLUDE_INPUT]
+    missing = [c for c in rec.request_columns if c not in req.columns]
     if missing:
         raise KeyError(f"version {Path(version_dir).name} needs column(s) {missing}: not a session model for this data")
-    parts = [ensemble_topk(ens, req.iloc[i:i + batch]) for i in range(0, len(req), batch)]
+    parts = [rec.recommend(req.iloc[i:i + batch]) for i in range(0, len(req), batch)]
     ids = np.concatenate([p[0] for p in parts])
     if ids.shape[1] < k:
         raise ValueError(f"version {Path(version_dir).name} returns {ids.shape[1]} items, fewer than top_k={k}")

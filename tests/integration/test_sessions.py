@@ -26,12 +26,12 @@ COLS = SessionColumns()
 def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp_path):
     import os
 
-    import nvtabular as nvt
     from flows.pipeline import pipeline
     from pipeline_lib.serving import repository
     from pipeline_lib.serving.server import TritonServer
     from pipeline_lib.serving.session_client import SessionClient
-    from pipeline_lib.export.session import offline_topk
+    from pipeline_lib.export.session import SessionRecommender
+    from pipeline_lib.export.topk import TOPK_DIR
 
     root = str(ROOT)
     over = {"runs_dir": str(tmp_path / "runs"), "run_name": "s1",
@@ -75,14 +75,14 @@ def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp
     valid = pd.read_parquet(run / "split" / "valid.parquet").head(20)
     req, _ = sessions.prefixes(valid, COLS)
     req.loc[0, "item_id"] = [987654, *req.loc[0, "item_id"][1:]]  # an unseen item id maps to OOV as in training
-    wf = nvt.Workflow.load(str(run / "transformed" / "workflow"))
-    want_ids, want_scores = offline_topk(wf, run / "model" / "model", req, "item_id", 10)
+    rec = SessionRecommender(repo / "recsys_session" / "1" / TOPK_DIR)  # the published version's own reference
+    want_ids, want_scores = rec.offline(req)
     vocab = set(pd.read_parquet(run / "split" / "train.parquet")["item_id"].explode())
     assert set(want_ids.ravel()) <= vocab  # raw ids of trained items, never special/OOV slots
     # session.exclude_seen (default on): never an item of the session so far, offline and served
     assert not any(set(r) & set(p) for r, p in zip(want_ids.tolist(), req["item_id"]))
     more = req.assign(exclude_item_ids=[list(r[:4]) + [987654] for r in want_ids.tolist()])  # + an unknown id
-    more_ids, more_scores = offline_topk(wf, run / "model" / "model", more, "item_id", 10)
+    more_ids, more_scores = rec.offline(more)
     assert [r[:6] for r in more_ids.tolist()] == [r[4:] for r in want_ids.tolist()]
     metrics = json.loads((run / "model" / "metrics.json").read_text())
     assert metrics["metrics"]["exclude_seen"] is True
@@ -105,7 +105,8 @@ def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp
 def test_string_item_ids_are_served_like_offline(tmp_path):
     """Item ids as strings (BYTES on the wire, in and out): Triton's top-k == offline top-k, with the
     session's own items excluded (session.exclude_seen, default on) and with extra exclude_item_ids."""
-    from pipeline_lib.export import ranking as ranking_export
+    from pipeline_lib.export.topk import TOPK_DIR
+    from pipeline_lib.paths import TRITON_MODELS
     from pipeline_lib.serving import repository
     from pipeline_lib.models import session as session_model
     from pipeline_lib.export import session as ssm
@@ -121,20 +122,21 @@ def test_string_item_ids_are_served_like_offline(tmp_path):
     etl_out = sessions.run_session_etl(raw, cfg, tmp_path / "transformed", tmp_path / "split")
     model = session_model.train_and_evaluate(etl_out, cfg, tmp_path / "model")
     req, _ = sessions.prefixes(pd.read_parquet(etl_out.split.valid).head(12), COLS)
-    exp = ssm.export_session_ensemble(etl_out.workflow_dir, model.model_dir, req, "item_id", 5, tmp_path / "staged", "sess")
+    exp = ssm.export_session_topk(etl_out.workflow_dir, model.model_dir, req, "item_id", 5, tmp_path / "staged", "sess")
     repo = tmp_path / "repo"
     repository.publish(exp.version_dir, exp.config_path, repo, "sess")
     repository.promote(repo, "sess", 1)
-    import nvtabular as nvt
-
-    wf = nvt.Workflow.load(str(etl_out.workflow_dir))
-    want_ids, want_scores = ssm.offline_topk(wf, model.model_dir, req, "item_id", 5)
+    rec = ssm.SessionRecommender(repo / "sess" / "1" / TOPK_DIR)
+    assert rec.fast is not None and rec.item_ids.dtype == object  # string ids: the compiled transform serves
+    want_ids, want_scores = rec.offline(req)
     assert all(isinstance(v, str) and v.startswith("sku-") for v in want_ids.ravel())
     assert not any(set(r) & set(p) for r, p in zip(want_ids.tolist(), req["item_id"]))  # never an item of the session
-    plain_ids, _ = ssm.offline_topk(wf, model.model_dir, req, "item_id", 5, exclude_seen=False)
+    rec.exclude_seen = False
+    plain_ids, _ = rec.offline(req)
+    rec.exclude_seen = True
     assert any(set(r) & set(p) for r, p in zip(plain_ids.tolist(), req["item_id"]))  # without it they come back
     more = req.assign(exclude_item_ids=[list(r[:2]) + ["sku-unknown"] for r in want_ids.tolist()])
-    more_ids, more_scores = ssm.offline_topk(wf, model.model_dir, more, "item_id", 5)
+    more_ids, more_scores = rec.offline(more)
     assert [r[:3] for r in more_ids.tolist()] == [r[2:] for r in want_ids.tolist()]  # the next best move up
     server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log")
     with server.start(timeout_s=240, models=["sess"]):
@@ -147,7 +149,8 @@ def test_string_item_ids_are_served_like_offline(tmp_path):
             np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
             assert got_more[0].tolist() == more_ids.tolist()
             np.testing.assert_allclose(got_more[1], more_scores, atol=1e-5, rtol=0)
-    assert ranking_export.load_version(repo / "sess" / "1") is not None
+    # one served model.py for every top-k version, and a config.pbtxt written without merlin's private API
+    assert (repo / "sess" / "1" / "model.py").read_text() == (TRITON_MODELS / "topk.py").read_text()
 
 
 def _assert_bad_requests_are_client_errors(client, req: pd.DataFrame, protocol: str) -> None:

@@ -1,10 +1,13 @@
-"""Triton python-backend model for a retrieval (top-k) version; copied into each version as ``model.py``.
+"""Triton python-backend model of every top-k version (retrieval, two-stage, session); copied into each
+version as ``model.py``.
 
-Raw query columns in (checked by :mod:`pipeline_lib.validate.requests`; a bad request is answered as
-invalid-argument, HTTP 400), ``item_ids`` and ``scores`` [rows, k] out, computed by
-:class:`pipeline_lib.export.topk.TopKRecommender` (fitted workflow -- compiled transform when verified at
-export --, query encoder, catalogue embeddings, optional ranker). Only runs inside Triton's python
-backend stub.
+Raw request columns in (checked by :mod:`pipeline_lib.validate.requests`; a bad request is answered as
+invalid-argument, HTTP 400), ``item_ids`` and ``scores`` [rows, k] out, computed by the version's
+recommender (:mod:`pipeline_lib.export.topk`), picked by spec.json's ``kind``:
+:class:`~pipeline_lib.export.topk.TopKRecommender` (query encoder, catalogue embeddings, optional
+ranker) or :class:`~pipeline_lib.export.session.SessionRecommender` (session model scores); both run
+the fitted workflow (compiled transform when verified at export) and the one exclusion + top-k +
+id-decoding step. Only runs inside Triton's python backend stub.
 """
 import json
 import traceback
@@ -14,12 +17,17 @@ import triton_python_backend_utils as pb_utils
 
 from pipeline_lib.validate.requests import (BadRequest, check_request, error_response, lists_present, max_request_rows,
                                             read_request, tensor_reader, version_dir)
+from pipeline_lib.export.session import SessionRecommender
 from pipeline_lib.export.topk import OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, TopKRecommender
+
+RECOMMENDERS = {cls.kind: cls for cls in (TopKRecommender, SessionRecommender)}
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.rec = TopKRecommender(version_dir(args) / TOPK_DIR)
+        art = version_dir(args) / TOPK_DIR
+        kind = json.loads((art / "spec.json").read_text()).get("kind", TopKRecommender.kind)
+        self.rec = RECOMMENDERS[kind](art)
         config = json.loads(args["model_config"])
         self.max_rows = max_request_rows(config)
         self.input_names = [i["name"] for i in config["input"]]

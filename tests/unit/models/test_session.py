@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 
-def test_top_k_never_returns_the_session_items_or_the_requested_exclusions():
-    from pipeline_lib.models.session import N_SPECIAL, exclusions, mask_scores, top_k, vocabulary_lookup
+def test_exclusions_are_the_session_items_and_the_requested_ones():
+    """The masking of the offline evaluation (model and baselines alike); the served top-k has the same
+    protocol through the one top-k route (tests/unit/export/test_topk.py)."""
+    from pipeline_lib.models.session import N_SPECIAL, exclusions, mask_scores, vocabulary_lookup
 
     vocab = np.array([None, None, None, 101, 102, 103, 104], dtype=object)  # encoded 3..6
     lookup = vocabulary_lookup(vocab)
@@ -15,12 +17,6 @@ def test_top_k_never_returns_the_session_items_or_the_requested_exclusions():
     assert [e.tolist() for e in excl] == [[5], [], [3, 4, 5, 6]]
     assert exclusions(lookup, None, [[], [], []], 3) is None
     scores = np.array([[9, 9, 9, 1, 2, 3, 4], [9, 9, 9, 4, 3, 2, 1], [9, 9, 9, 1, 2, 3, 4]], dtype=np.float32)
-    idx, best = top_k(scores, 3, excl)
-    assert idx[0].tolist() == [6, 4, 3]  # 103 (encoded 5) was in the session; specials never ranked
-    assert idx[1].tolist() == [3, 4, 5]
-    # every item excluded: the excluded ones last at -inf (ties by index), the special slots after them
-    assert idx[2].tolist() == [3, 4, 5] and np.isneginf(best[2]).all()
-    assert top_k(scores[:1], 6, None)[0][0].tolist() == [6, 5, 4, 3, 0, 1]
     m = mask_scores(scores, excl)
     assert (m[:, :N_SPECIAL] < -1e8).all() and m[0, 5] < -1e8 and m[0, 6] == 4
 
