@@ -37,6 +37,7 @@ PLAN_FILE = "compiled.json"
 TRANSFORM_FILE = "transform.pkl"
 FORMAT = 1
 HEAVY_MODULES = ("tensorflow", "nvtabular", "merlin", "dask")  # what the compiled path must not import
+LOAD_EVENT = "recsys-model-load"  # the served model's log line at load and at a fallback's load
 
 
 class NeedsFallback(Exception):
@@ -112,3 +113,30 @@ def write(artifact_dir: Path, plan: CompiledPlan, transform: CompiledWorkflow) -
 def heavy_modules() -> list[str]:
     """Which of :data:`HEAVY_MODULES` this process has imported (the served model logs it at load)."""
     return [m for m in HEAVY_MODULES if m in sys.modules]
+
+
+def load_event(path: str, seconds: float, why: Optional[str] = None) -> str:
+    """The served model's log line: which path loaded (``compiled`` or ``full``), in how many seconds, the
+    heavy modules the model's process then holds, and why a fallback loaded the full ensemble."""
+    fields = {"path": path, "seconds": round(seconds, 3), "heavy_modules": heavy_modules()}
+    return f"{LOAD_EVENT} " + json.dumps({**fields, **({"why": why} if why else {})})
+
+
+def load_events(log_text: str) -> list[dict]:
+    """The :func:`load_event` lines of a Triton log, oldest first (Triton quotes and escapes messages)."""
+    events = []
+    for line in log_text.splitlines():
+        at = line.find(LOAD_EVENT + " ")
+        if at < 0:
+            continue
+        body = line[at + len(LOAD_EVENT) + 1:]
+        if body.endswith('"'):  # the rest of Triton's quoted message: undo its escaping
+            try:
+                body = json.loads('"' + body[:-1] + '"')
+            except ValueError:
+                continue
+        try:
+            events.append(json.loads(body))
+        except ValueError:
+            continue
+    return events

@@ -230,7 +230,7 @@ class TritonServer:
             t0 = time.monotonic()
             try:
                 self._start_once(paths, timeout_s, models or [])
-                log.info("Triton ready in %.0f s", time.monotonic() - t0)
+                log.info("Triton ready in %.1f s", time.monotonic() - t0)
                 return self
             except PortClash as exc:
                 if not self.auto_ports or attempt >= attempts:

@@ -12,27 +12,31 @@ merlin's executor model, then :class:`pipeline_lib.export.ranking.DirectPredicto
 compiled transform or NVTabular, then ONNX Runtime or the SavedModel) is loaded at start when there is no
 plan, else on the first request the plan does not cover (more rows than the compiled model's
 ``max_rows``, inputs outside the compiled transform, an error of the compiled model). The load logs one
-line ``recsys-model-load {...}`` (path, seconds, which heavy modules the process holds), and another when
-a fallback loads the full ensemble.
+line (:func:`pipeline_lib.export.compiled_version.load_event`: path, seconds, the heavy modules the process
+holds), and another when a fallback loads the full ensemble.
 
 With dynamic batching in config.pbtxt (``max_batch_size`` > 0), the requests Triton queued together are
 checked one by one, scored in one call and answered with their own rows. This file only runs inside
 Triton's python backend stub (it imports ``triton_python_backend_utils``).
 """
-import json
 import time
+
+_IMPORTED_AT = time.perf_counter()  # the load time logged includes this module's imports
+
+import json
 import traceback
 
 import triton_python_backend_utils as pb_utils
 
-from pipeline_lib.export.compiled_version import CompiledPredictor, NeedsFallback, heavy_modules
-from pipeline_lib.validate.requests import (BadRequest, check_request, concat_requests, error_response, fill_optional_lists,
-                                            max_request_rows, read_request, split_rows, tensor_reader, version_dir)
+from pipeline_lib.export.compiled_version import CompiledPredictor, NeedsFallback, load_event
+from pipeline_lib.validate.requests import (BadRequest, check_request, concat_requests, error_response,
+                                            fill_optional_lists, max_request_rows, read_request, split_rows,
+                                            tensor_reader, version_dir)
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        t0 = time.perf_counter()
+        t0 = _IMPORTED_AT
         self.version_dir = version_dir(args)
         config = json.loads(args["model_config"])
         # dynamic batching (max_batch_size > 0): each request is one batch entry ([1, rows] tensors);
@@ -56,8 +60,7 @@ class TritonPythonModel:
         self._log_load("compiled" if self.compiled is not None else "full", time.perf_counter() - t0)
 
     def _log_load(self, path, seconds, why=None):
-        fields = {"path": path, "seconds": round(seconds, 3), "heavy_modules": heavy_modules()}
-        self.logger.log_info("recsys-model-load " + json.dumps({**fields, **({"why": why} if why else {})}))
+        self.logger.log_info(load_event(path, seconds, why))
 
     def _load_full(self, why):
         """The whole ensemble (TensorFlow, NVTabular, merlin-systems), as merlin's executor model loads it."""
