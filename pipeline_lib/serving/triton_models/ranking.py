@@ -47,27 +47,26 @@ class TritonPythonModel:
         self.optional = {i["name"]: i["data_type"] for i in config["input"] if i.get("optional")}
         self.logger = pb_utils.Logger
         self.full = None  # the full ensemble's predictor, loaded when needed
+        why = "no compiled version"
         try:
             self.compiled = CompiledPredictor.load(self.version_dir / "ensemble")
-        except Exception:  # noqa: BLE001 - e.g. onnxruntime missing here: the full ensemble serves
+        except Exception as exc:  # noqa: BLE001 - e.g. onnxruntime missing here: the full ensemble serves
             self.logger.log_warn("compiled version not loaded, the full ensemble serves:\n" + traceback.format_exc())
-            self.compiled = None
+            self.compiled, why = None, f"compiled version not loaded: {type(exc).__name__}: {exc}"
         if self.compiled is None:
-            self._load_full("no compiled version")
-        else:
-            plan = self.compiled.plan
-            self.input_names, self.ragged, self.output_names = plan.input_names, set(plan.ragged), plan.output_names
-        self._log_load("compiled" if self.compiled is not None else "full", time.perf_counter() - t0)
+            self._load_full(why, t0)
+            return
+        plan = self.compiled.plan
+        self.input_names, self.ragged, self.output_names = plan.input_names, set(plan.ragged), plan.output_names
+        self.logger.log_info(load_event("compiled", time.perf_counter() - t0))
 
-    def _log_load(self, path, seconds, why=None):
-        self.logger.log_info(load_event(path, seconds, why))
-
-    def _load_full(self, why):
-        """The whole ensemble (TensorFlow, NVTabular, merlin-systems), as merlin's executor model loads it."""
+    def _load_full(self, why, t0=None):
+        """The whole ensemble (TensorFlow, NVTabular, merlin-systems), as merlin's executor model loads it;
+        logged with ``why`` and the seconds since ``t0`` (default: now, imports included)."""
+        t0 = time.perf_counter() if t0 is None else t0
         from merlin.systems.triton.conversions import tensor_names
         from pipeline_lib.export.ranking import DirectPredictor, load_version
 
-        t0 = time.perf_counter()
         ensemble = load_version(self.version_dir)
         schema = ensemble.input_schema
         self.input_names = tensor_names(schema)
@@ -75,8 +74,7 @@ class TritonPythonModel:
         self.output_names = ensemble.output_schema.column_names
         # workflow >> model ensembles (all this project exports) skip merlin's DAG runtime
         self.full = DirectPredictor.from_ensemble(ensemble) or _EnsembleTransform(ensemble)
-        if self.compiled is not None:  # a fallback after start
-            self._log_load("full", time.perf_counter() - t0, why)
+        self.logger.log_info(load_event("full", time.perf_counter() - t0, why))
 
     def execute(self, requests):
         if not self.batched:
