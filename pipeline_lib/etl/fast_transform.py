@@ -238,19 +238,19 @@ class Fill:
         return out
 
 
-def log1p_as(x, dtype) -> np.ndarray:
+def log1p_as(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """LogOp: ``log(x as dtype + 1)``."""
     return np.log(_floats(x, "LogOp").astype(dtype) + 1)
 
 
-def normalized(x, params) -> np.ndarray:
+def normalized(x: np.ndarray, params: tuple) -> np.ndarray:
     """Normalize with ``params`` = (mean, std, output dtype): ``(x - mean) / std``, or ``x - mean`` when std is 0."""
     mean, std, dtype = params
     x = _floats(x, "Normalize")
     return ((x - mean) / std if std > 0 else x - mean).astype(dtype)
 
 
-def as_float32(x, _=None) -> np.ndarray:
+def as_float32(x: np.ndarray, _: object = None) -> np.ndarray:
     return _floats(x, "to_float32").astype("float32")
 
 
@@ -311,7 +311,7 @@ def _list_slice_step(op, selection: list[str]) -> Callable[[dict], dict]:
     return MapColumns(sliced, dict.fromkeys(selection, (int(op.start), int(op.end))))
 
 
-def sliced(x, bounds: tuple[int, int]) -> Ragged:
+def sliced(x: Ragged, bounds: tuple[int, int]) -> Ragged:
     """ListSlice with ``bounds`` = (start, end): every row's ``row[start:end]`` (Python slice semantics, as
     NVTabular's CPU ListSlice)."""
     start, end = bounds
@@ -331,7 +331,7 @@ def _gather(x: Ragged, starts: np.ndarray, lengths: np.ndarray) -> Ragged:
     return Ragged(x.values[flat], new.astype(x.offsets.dtype))
 
 
-def deltas_log1p(x, _=None) -> Ragged:
+def deltas_log1p(x: Ragged, _: object = None) -> Ragged:
     """``sessions.time_deltas`` on flat values: log1p(seconds since the previous event of the same
     session, clipped at 0), 0 for a session's first event; float64 arithmetic, float32 result."""
     if not isinstance(x, Ragged) or x.values.dtype.kind not in "iuf":
