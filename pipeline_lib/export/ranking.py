@@ -9,8 +9,9 @@ inside the version directory, which makes each version self-contained and reloca
 
 Before anything is written, the ensemble's in-process output is compared with the offline
 path (NVTabular ``Workflow.transform`` + the Keras model's ``predict``) on a raw sample; after
-writing, the *exported* copy is loaded back and checked the same way, through the ensemble and
-through the :class:`DirectPredictor` the served ``model.py`` uses. Before that, the workflow op's
+writing, the *exported* copy is loaded back and checked the same way, through the ensemble,
+through the :class:`DirectPredictor` the served ``model.py`` falls back to, and through the compiled
+version it loads first (:mod:`pipeline_lib.export.compiled_version`: no TensorFlow or NVTabular). Before that, the workflow op's
 compiled numpy transform (:mod:`pipeline_lib.etl.fast_transform`) is verified column by column against
 ``Workflow.transform`` and enabled only if identical. A version only appears
 in the repository after both checks and the served smoke test pass (``pipeline_lib.serving.repository``).
