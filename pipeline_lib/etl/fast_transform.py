@@ -123,7 +123,9 @@ def _floats(x, what: str) -> np.ndarray:
 
 
 def _op_step(op, selection: list[str]) -> Callable[[dict], dict]:
-    """The numpy equivalent of ``op.transform(selection, df)`` for a supported op; raises Unsupported."""
+    """The numpy equivalent of ``op.transform(selection, df)`` for a supported op; raises Unsupported.
+    Every step is a small picklable object holding plain data (names, numpy arrays, vocabularies), so a
+    compiled workflow is saved with the version and served without NVTabular, merlin or TensorFlow."""
     from merlin.dag.operator import Operator
     from merlin.dag.ops.add_metadata import AddMetadata
     from nvtabular.ops.add_metadata import AddMetadata as NvtAddMetadata
@@ -135,7 +137,7 @@ def _op_step(op, selection: list[str]) -> Callable[[dict], dict]:
     if (isinstance(op, AddMetadata) and kind.transform is Operator.transform) or (
         isinstance(op, NvtAddMetadata) and kind.transform is NvtAddMetadata.transform
     ):
-        return lambda cols: cols  # AddTags / TagAs*: schema only
+        return Identity()  # AddTags / TagAs*: schema only
     raise Unsupported(f"op {kind.__module__}.{kind.__qualname__} is not compiled")
 
 
@@ -148,11 +150,11 @@ def _step_builders() -> list[tuple[tuple[type, ...], Callable[[object, list[str]
     from merlin.dag.ops.udf import UDF
 
     return [
-        ((SelectionOp,), _selection_step),
-        ((ConcatColumns, SubsetColumns), _columns_step),  # `a + b` and `a[...]`: the selected columns
+        ((SelectionOp,), lambda op, sel: Select(list(sel) if sel else list(op.selector.names))),
+        ((ConcatColumns, SubsetColumns), lambda op, sel: Select(sel)),  # `a + b` and `a[...]`: the selected columns
         ((nvt.ops.Categorify,), _categorify_step),
         ((nvt.ops.FillMissing, nvt.ops.FillMedian), _fill_step),
-        ((nvt.ops.LogOp,), _log_step),
+        ((nvt.ops.LogOp,), lambda op, sel: MapColumns(log1p_as, dict.fromkeys(sel, np.dtype(op.output_dtype)), True)),
         ((nvt.ops.Normalize,), _normalize_step),
         ((UDF,), _udf_step),
         ((nvt.ops.Rename,), _rename_step),
@@ -160,13 +162,96 @@ def _step_builders() -> list[tuple[tuple[type, ...], Callable[[object, list[str]
     ]
 
 
-def _selection_step(op, selection: list[str]) -> Callable[[dict], dict]:
-    names = list(selection) if selection else list(op.selector.names)
-    return lambda cols: {c: cols[c] for c in names}
+@dataclass
+class Identity:
+    """A schema-only op: the columns unchanged."""
+
+    def __call__(self, cols: dict) -> dict:
+        return cols
 
 
-def _columns_step(op, selection: list[str]) -> Callable[[dict], dict]:
-    return lambda cols: {c: cols[c] for c in selection}
+@dataclass
+class Select:
+    """Selection, concatenation, subsets: the named columns."""
+
+    names: list[str]
+
+    def __call__(self, cols: dict) -> dict:
+        return {c: cols[c] for c in self.names}
+
+
+@dataclass
+class Renamed:
+    """Rename: new name -> the column it comes from."""
+
+    mapping: dict[str, str]
+
+    def __call__(self, cols: dict) -> dict:
+        return {new: cols[old] for new, old in self.mapping.items()}
+
+
+@dataclass
+class MapColumns:
+    """``fn(column, args[column])`` on each column of ``args`` (a module-level ``fn``: picklable); with
+    ``keep`` the other columns pass through, else only these are returned."""
+
+    fn: Callable[[object, object], object]
+    args: dict  # column -> the argument fn gets with it (None where it takes none)
+    keep: bool = False
+
+    def __call__(self, cols: dict) -> dict:
+        out = dict(cols) if self.keep else {}
+        out.update({c: self.fn(cols[c], a) for c, a in self.args.items()})
+        return out
+
+
+@dataclass
+class Encode:
+    """Categorify: each selected column (or list column's values) through its vocabulary; others kept."""
+
+    vocabs: dict  # column -> _Vocabulary
+
+    def __call__(self, cols: dict) -> dict:
+        out = dict(cols)
+        for name, vocab in self.vocabs.items():
+            x = cols[name]
+            out[name] = Ragged(vocab.encode(x.values), x.offsets) if isinstance(x, Ragged) else vocab.encode(x)
+        return out
+
+
+@dataclass
+class Fill:
+    """FillMissing / FillMedian: NaN of float columns -> the column's fill value; others kept."""
+
+    fills: dict  # column -> value
+
+    def __call__(self, cols: dict) -> dict:
+        out = dict(cols)
+        for name, value in self.fills.items():
+            x = _floats(cols[name], "FillMissing")
+            if x.dtype.kind == "f":
+                nan = np.isnan(x)
+                if nan.any():
+                    x = x.copy()
+                    x[nan] = value
+                out[name] = x
+        return out
+
+
+def log1p_as(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """LogOp: ``log(x as dtype + 1)``."""
+    return np.log(_floats(x, "LogOp").astype(dtype) + 1)
+
+
+def normalized(x: np.ndarray, params: tuple) -> np.ndarray:
+    """Normalize with ``params`` = (mean, std, output dtype): ``(x - mean) / std``, or ``x - mean`` when std is 0."""
+    mean, std, dtype = params
+    x = _floats(x, "Normalize")
+    return ((x - mean) / std if std > 0 else x - mean).astype(dtype)
+
+
+def as_float32(x: np.ndarray, _: object = None) -> np.ndarray:
+    return _floats(x, "to_float32").astype("float32")
 
 
 def _categorify_step(op, selection: list[str]) -> Callable[[dict], dict]:
@@ -184,15 +269,7 @@ def _categorify_step(op, selection: list[str]) -> Callable[[dict], dict]:
         if storage not in tables:
             tables[storage] = _Vocabulary(op.categories[storage], storage, op.output_dtype)
         vocabs[name] = tables[storage]
-
-    def categorify(cols):
-        out = dict(cols)
-        for name, vocab in vocabs.items():
-            x = cols[name]
-            out[name] = Ragged(vocab.encode(x.values), x.offsets) if isinstance(x, Ragged) else vocab.encode(x)
-        return out
-
-    return categorify
+    return Encode(vocabs)
 
 
 def _fill_step(op, selection: list[str]) -> Callable[[dict], dict]:
@@ -200,59 +277,23 @@ def _fill_step(op, selection: list[str]) -> Callable[[dict], dict]:
         raise Unsupported(f"{type(op).__name__} with indicator columns")
     import nvtabular as nvt
 
-    fills = {n: op.medians[n] for n in selection} if type(op) is nvt.ops.FillMedian else \
-        {n: op.fill_val for n in selection}
-
-    def fill_missing(cols):
-        out = dict(cols)
-        for name in selection:
-            x = _floats(cols[name], "FillMissing")
-            if x.dtype.kind == "f":
-                nan = np.isnan(x)
-                if nan.any():
-                    x = x.copy()
-                    x[nan] = fills[name]
-                out[name] = x
-        return out
-
-    return fill_missing
-
-
-def _log_step(op, selection: list[str]) -> Callable[[dict], dict]:
-    dtype = op.output_dtype
-
-    def log_op(cols):
-        out = dict(cols)
-        for name in selection:
-            out[name] = np.log(_floats(cols[name], "LogOp").astype(dtype) + 1)
-        return out
-
-    return log_op
+    median = type(op) is nvt.ops.FillMedian
+    return Fill({n: op.medians[n] if median else op.fill_val for n in selection})
 
 
 def _normalize_step(op, selection: list[str]) -> Callable[[dict], dict]:
     if op.out_dtype not in (None,) and np.dtype(op.out_dtype).kind != "f":
         raise Unsupported("Normalize with a non-float output dtype")
-    dtype = op.output_dtype
-    stats = {n: (op.means[n], op.stds[n]) for n in selection}
-
-    def normalize(cols):
-        out = {}
-        for name, (mean, std) in stats.items():
-            x = _floats(cols[name], "Normalize")
-            x = (x - mean) / std if std > 0 else x - mean
-            out[name] = x.astype(dtype)
-        return out
-
-    return normalize
+    dtype = np.dtype(op.output_dtype)
+    return MapColumns(normalized, {n: (op.means[n], op.stds[n], dtype) for n in selection})
 
 
 def _udf_step(op, selection: list[str]) -> Callable[[dict], dict]:
     """The pipeline's own LambdaOps: ``etl.workflow.to_float32`` and ``etl.sessions.time_deltas``."""
     if op.f is to_float32 and op._param_count == 1:
-        return lambda cols: {c: _floats(cols[c], "to_float32").astype("float32") for c in selection}
+        return MapColumns(as_float32, dict.fromkeys(selection))
     if op.f is time_deltas and op._param_count == 1:
-        return lambda cols: {c: _time_deltas(cols[c]) for c in selection}
+        return MapColumns(deltas_log1p, dict.fromkeys(selection))
     raise Unsupported(f"LambdaOp {getattr(op.f, '__qualname__', op.f)!r} "
                       "(only etl.to_float32 and sessions.time_deltas are compiled)")
 
@@ -261,18 +302,19 @@ def _rename_step(op, selection: list[str]) -> Callable[[dict], dict]:
     from merlin.dag import ColumnSelector
 
     mapping = op.column_mapping(ColumnSelector(list(selection)))  # new name -> [old name]
-    return lambda cols: {new: cols[old[0]] for new, old in mapping.items()}
+    return Renamed({new: old[0] for new, old in mapping.items()})
 
 
 def _list_slice_step(op, selection: list[str]) -> Callable[[dict], dict]:
     if op.pad:
         raise Unsupported("ListSlice with padding")
-    start, end = int(op.start), int(op.end)
-    return lambda cols: {c: _list_slice(cols[c], start, end) for c in selection}
+    return MapColumns(sliced, dict.fromkeys(selection, (int(op.start), int(op.end))))
 
 
-def _list_slice(x, start: int, end: int) -> Ragged:
-    """Every row's ``row[start:end]`` (Python slice semantics, as NVTabular's CPU ListSlice)."""
+def sliced(x: Ragged, bounds: tuple[int, int]) -> Ragged:
+    """ListSlice with ``bounds`` = (start, end): every row's ``row[start:end]`` (Python slice semantics, as
+    NVTabular's CPU ListSlice)."""
+    start, end = bounds
     if not isinstance(x, Ragged):
         raise Unsupported("ListSlice of a non-list input")
     off = np.asarray(x.offsets, dtype=np.int64)
@@ -289,7 +331,7 @@ def _gather(x: Ragged, starts: np.ndarray, lengths: np.ndarray) -> Ragged:
     return Ragged(x.values[flat], new.astype(x.offsets.dtype))
 
 
-def _time_deltas(x) -> Ragged:
+def deltas_log1p(x: Ragged, _: object = None) -> Ragged:
     """``sessions.time_deltas`` on flat values: log1p(seconds since the previous event of the same
     session, clipped at 0), 0 for a session's first event; float64 arithmetic, float32 result."""
     if not isinstance(x, Ragged) or x.values.dtype.kind not in "iuf":

@@ -9,8 +9,9 @@ inside the version directory, which makes each version self-contained and reloca
 
 Before anything is written, the ensemble's in-process output is compared with the offline
 path (NVTabular ``Workflow.transform`` + the Keras model's ``predict``) on a raw sample; after
-writing, the *exported* copy is loaded back and checked the same way, through the ensemble and
-through the :class:`DirectPredictor` the served ``model.py`` uses. Before that, the workflow op's
+writing, the *exported* copy is loaded back and checked the same way, through the ensemble,
+through the :class:`DirectPredictor` the served ``model.py`` falls back to, and through the compiled
+version it loads first (:mod:`pipeline_lib.export.compiled_version`: no TensorFlow or NVTabular). Before that, the workflow op's
 compiled numpy transform (:mod:`pipeline_lib.etl.fast_transform`) is verified column by column against
 ``Workflow.transform`` and enabled only if identical. A version only appears
 in the repository after both checks and the served smoke test pass (``pipeline_lib.serving.repository``).
@@ -33,6 +34,8 @@ from merlin.systems.dag.ops.workflow import TransformWorkflow
 
 from pipeline_lib.export.parity import check_parity, ParityError  # noqa: F401  ParityError: re-exported
 from pipeline_lib.export import compiled_model as onnx_compiled
+from pipeline_lib.export import compiled_version
+from pipeline_lib.export.compiled_version import CompiledPlan, CompiledPredictor, request_rows
 from pipeline_lib.paths import TRITON_MODELS
 from pipeline_lib.etl.fast_transform import (Ragged, Unsupported, columns_from_tensors, compile_workflow,
                                              tensors_from_columns, verify)
@@ -226,7 +229,7 @@ class InProcessTensorflow(PredictTensorflow):
     def predict_tensors(self, arrays: dict) -> dict:
         """Model input tensors (numpy) -> {output name: numpy array}: the compiled model for requests of up
         to ``compiled_status["max_rows"]`` rows when enabled, else one call of the serving signature."""
-        if self.compiled is not None and _rows(arrays) <= self.compiled_status["max_rows"]:
+        if self.compiled is not None and request_rows(arrays) <= self.compiled_status["max_rows"]:
             try:
                 return self.compiled(arrays)
             except Exception as exc:  # noqa: BLE001 - outside what export verified: the SavedModel answers
@@ -244,15 +247,6 @@ class InProcessTensorflow(PredictTensorflow):
             inputs[name] = tf.convert_to_tensor(np.asarray(arrays[name]), dtype=dtype)
         outputs = self._signature(**inputs)
         return {k: np.asarray(outputs[k].numpy()) for k in self.output_schema.column_names}
-
-
-def _rows(arrays: dict) -> int:
-    """Rows of a request's model inputs: the length of a column that is not a list's values/offsets."""
-    for name, arr in arrays.items():
-        if not name.endswith(("__values", "__offsets")):
-            return len(arr)
-    name = next(n for n in arrays if n.endswith("__offsets"))
-    return len(arrays[name]) - 1
 
 
 @dataclass
@@ -441,22 +435,62 @@ def export_ensemble(workflow_dir: Path, model_dir: Path, sample_raw: pd.DataFram
 
     export_as_version(ensemble, staging_dir, model_name, version)
     install_serving_model(staging_dir / model_name, version, o.max_request_rows, o.dynamic_batching)
-    exported = load_version(staging_dir / model_name / str(version))
-    diff_exported = check_parity("exported ensemble", ensemble_scores(exported, sample_raw), want, o.atol)
-    direct = DirectPredictor.from_ensemble(exported)
-    if direct is not None:  # what the served model.py runs per request
-        got = next(iter(direct(_raw_tensors(sample_raw[ensemble.input_schema.column_names])).values())).reshape(-1)
-        diff_exported = max(diff_exported, check_parity("exported ensemble (direct path)", got, want, o.atol))
-        diff_exported = max(diff_exported, _single_rows_parity(direct, ensemble, sample_raw, want, o.atol,
-                                                               compiled_status))
+    version_dir = staging_dir / model_name / str(version)
+    light = write_compiled_version(ensemble, version_dir / ENSEMBLE_SUBDIR)
+    exported = load_version(version_dir)
+    diff_exported = max(check_parity("exported ensemble", ensemble_scores(exported, sample_raw), want, o.atol),
+                        _served_paths_parity(exported, version_dir, sample_raw, want, o.atol))
     fast_status = fast_transform_status(ensemble)
     out = ExportOutput(staging_dir, model_name, version, ensemble.output_schema.column_names[0],
                        max(diff_inproc, diff_exported), fast_status, compiled_status)
     (out.version_dir / "run_info.json").write_text(
         json.dumps({**(o.run_info or {}), "parity_max_abs_diff": out.parity_max_abs_diff,
-                    "fast_transform": fast_status, "compiled_model": compiled_status}, indent=2)
+                    "fast_transform": fast_status, "compiled_model": compiled_status,
+                    "loads_without_tensorflow": light}, indent=2)
     )
     return out
+
+
+def write_compiled_version(ensemble, artifact_dir: Path) -> bool:
+    """When both the compiled transform and the compiled model serve, write the plan that lets the served
+    model load without TensorFlow / NVTabular (:mod:`pipeline_lib.export.compiled_version`); returns
+    whether it was written."""
+    from merlin.systems.triton.conversions import tensor_names
+
+    direct = DirectPredictor.from_ensemble(ensemble)
+    if direct is None or direct.wf_op.fast is None or direct.tf_op.compiled is None:
+        return False
+    dtypes = {k: np.dtype(v).name for k, v in direct.tf_op._numpy_dtypes().items()}
+    plan = CompiledPlan(list(tensor_names(ensemble.input_schema)), sorted(direct.ragged),
+                        list(ensemble.output_schema.column_names), dtypes, int(direct.tf_op.compiled_status["max_rows"]))
+    compiled_version.write(artifact_dir, plan, direct.wf_op.fast)
+    return True
+
+
+def _served_paths_parity(exported, version_dir: Path, sample_raw: pd.DataFrame, want: np.ndarray,
+                         atol: float) -> float:
+    """The exported copy through what the served model.py runs per request: the direct path (the whole
+    sample, then single rows where the compiled model serves them) and, where it was written, the compiled
+    version (requests of up to its ``max_rows`` rows, then single rows)."""
+    raw = sample_raw[exported.input_schema.column_names].reset_index(drop=True)
+    diff = 0.0
+    direct = DirectPredictor.from_ensemble(exported)
+    if direct is not None:
+        diff = check_parity("exported ensemble (direct path)", _scores(direct, raw), want, atol)
+        if direct.tf_op.compiled is not None:
+            diff = max(diff, _single_rows_parity(direct, "direct path", raw, want, atol))
+    light = CompiledPredictor.load(version_dir / ENSEMBLE_SUBDIR)
+    if light is not None:
+        step = light.plan.max_rows
+        got = np.concatenate([_scores(light, raw.iloc[i:i + step]) for i in range(0, len(raw), step)])
+        diff = max(diff, check_parity("exported compiled version", got, want, atol),
+                   _single_rows_parity(light, "compiled version", raw, want, atol))
+    return diff
+
+
+def _scores(predict, raw: pd.DataFrame) -> np.ndarray:
+    """Raw rows -> the first output of ``predict`` (request tensors -> outputs), flat."""
+    return np.asarray(next(iter(predict(_raw_tensors(raw)).values()))).reshape(-1)
 
 
 def fast_transform_status(ensemble) -> dict:
@@ -476,14 +510,12 @@ def enable_compiled_model(ensemble, sample_raw: pd.DataFrame, atol: float) -> di
     return direct.tf_op.enable_compiled(cols, atol)
 
 
-def _single_rows_parity(direct, ensemble, sample_raw: pd.DataFrame, want: np.ndarray, atol: float,
-                        compiled_status: dict) -> float:
-    """One-row requests through the served path (the compiled batch-1 path when it is enabled)."""
+def _single_rows_parity(predict, what: str, raw: pd.DataFrame, want: np.ndarray, atol: float) -> float:
+    """One-row requests (the compiled batch-1 path) through ``predict``: the first rows of ``raw``."""
     diff = 0.0
-    single = onnx_compiled.SINGLE_ROWS if compiled_status.get("enabled") else 0
-    for i in range(min(len(sample_raw), single)):
-        got = next(iter(direct(_raw_tensors(sample_raw.iloc[[i]][ensemble.input_schema.column_names])).values()))
-        diff = max(diff, check_parity(f"exported ensemble (direct path, row {i})", got.reshape(-1), want[i:i + 1], atol))
+    for i in range(min(len(raw), onnx_compiled.SINGLE_ROWS)):
+        got = _scores(predict, raw.iloc[[i]])
+        diff = max(diff, check_parity(f"exported ensemble ({what}, row {i})", got, want[i:i + 1], atol))
     return diff
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from pipeline_lib.export.compiled_version import load_events
 from pipeline_lib.export.parity import ParityError, check_parity
 from pipeline_lib.serving.client import RecsysClient
 from pipeline_lib.serving.server import TritonServer
@@ -30,6 +31,7 @@ class SmokeResult:
     offline: list[float]
     http: list[float]
     grpc: list[float]
+    model_load: list[dict] = field(default_factory=list)  # the served model's load lines (compiled_version.load_event)
 
     @property
     def max_abs_diff(self) -> float:
@@ -83,6 +85,7 @@ def smoke_test(
         max_abs_diff_http=float(np.max(np.abs(http - offline))),
         max_abs_diff_grpc=float(np.max(np.abs(grpc - offline))),
         offline=offline.tolist(), http=http.astype(float).tolist(), grpc=grpc.astype(float).tolist(),
+        model_load=_model_load(out_dir / "triton.log"),
     )
     (out_dir / "smoke.json").write_text(json.dumps(asdict(res) | {"max_abs_diff": res.max_abs_diff}, indent=2))
     log.info("smoke test: %d raw rows, served scores vs offline (workflow + model in process): max |diff| "
@@ -92,6 +95,19 @@ def smoke_test(
             f"served scores differ from offline: http {res.max_abs_diff_http:.3g}, grpc {res.max_abs_diff_grpc:.3g} > {atol}"
         )
     return res
+
+
+def _model_load(log_file: Path) -> list[dict]:
+    """The served model's load lines in the smoke test's Triton log, logged as one summary line."""
+    try:
+        events = load_events(log_file.read_text(errors="replace"))
+    except OSError:
+        return []
+    for e in events:
+        log.info("served model loaded the %s path in %.1f s%s; heavy modules in its process: %s", e.get("path"),
+                 e.get("seconds", 0.0), f" ({e['why']})" if e.get("why") else "", ", ".join(e.get("heavy_modules") or [])
+                 or "none")
+    return events
 
 
 @dataclass

@@ -43,7 +43,8 @@ _PORT_CLASH = re.compile(r"already in use|cannot listen to .* at the same addres
 _SERVICE_FAILED = re.compile(r"failed to start (\w+) service: ([^\n\"]*)", re.IGNORECASE)
 
 
-PROGRESS_EVERY_S = 15.0  # a progress line while Triton starts (python-backend models load in ~20-50 s on CPU)
+PROGRESS_EVERY_S = 15.0  # a progress line while Triton starts (python-backend models load in ~1-50 s on CPU)
+READY_POLL_S = 0.1  # how often start() asks whether the server and its models are ready
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -134,7 +135,10 @@ class ServerOptions:
     """How :class:`TritonServer` runs tritonserver. ``auto_ports=True`` ignores the three ports and
     picks free ones at start(); if another process takes one of them before Triton binds it,
     start() picks again. ``model_control``: none | poll | explicit (``load_models`` at start;
-    ``repository_poll_secs`` for poll). ``admin_api_key``: load/unload only with that key."""
+    ``repository_poll_secs`` for poll). ``admin_api_key``: load/unload only with that key.
+    ``auto_complete_config``: let Triton and its backends complete model configs. Off by default: every
+    config this project writes is complete, and for a python-backend model the completion step starts one
+    more stub process that imports model.py (and what it imports) before the model's own instance does."""
 
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -147,6 +151,7 @@ class ServerOptions:
     repository_poll_secs: int = 5
     admin_api_key: Optional[str] = None
     auto_ports: bool = False
+    auto_complete_config: bool = False
 
 
 class TritonServer:
@@ -196,6 +201,7 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--exit-timeout-secs=10",
+            *([] if self.options.auto_complete_config else ["--disable-auto-complete-config"]),
             f"--model-control-mode={self.model_control}",
             *(f"--load-model={m}" for m in (self.load_models if self.model_control == "explicit" else [])),
             *([f"--repository-poll-secs={self.repository_poll_secs}"] if self.model_control == "poll" else []),
@@ -224,7 +230,7 @@ class TritonServer:
             t0 = time.monotonic()
             try:
                 self._start_once(paths, timeout_s, models or [])
-                log.info("Triton ready in %.0f s", time.monotonic() - t0)
+                log.info("Triton ready in %.1f s", time.monotonic() - t0)
                 return self
             except PortClash as exc:
                 if not self.auto_ports or attempt >= attempts:
@@ -278,7 +284,7 @@ class TritonServer:
                     next_note += PROGRESS_EVERY_S
                     log.info("still waiting for Triton to load %s (%.0f s of at most %.0f s)",
                              ", ".join(models) or "its models", time.monotonic() - start, timeout_s)
-                time.sleep(0.5)
+                time.sleep(READY_POLL_S)
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
     def _log_since_start(self) -> str:

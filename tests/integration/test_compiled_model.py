@@ -8,6 +8,7 @@ import pytest
 
 from pipeline_lib.etl.fast_transform import tensors_from_columns
 from pipeline_lib.export import compiled_model
+from pipeline_lib.export.compiled_version import PLAN_FILE, CompiledPredictor, load_events
 from pipeline_lib.export import ranking as export
 from pipeline_lib.models import ranking as train
 from pipeline_lib.serving import repository
@@ -114,11 +115,17 @@ def test_compiled_model_off_keeps_the_savedmodel(trained, tmp_path):
     exp = _export(trained, trained.model, tmp_path, trained.valid_rows(32), compiled_model="off")
     assert exp.compiled_model == {"enabled": False, "reason": "export.compiled_model is off"}
     assert not (exp.version_dir / "ensemble" / compiled_model.ONNX_FILE).exists()
+    # no compiled version: the served model loads the full ensemble (served so in test_serving.py)
+    assert not (exp.version_dir / "ensemble" / PLAN_FILE).exists()
+    assert CompiledPredictor.load(exp.version_dir / "ensemble") is None
+    assert json.loads((exp.version_dir / "run_info.json").read_text())["loads_without_tensorflow"] is False
 
 
 @pytest.mark.integration
 def test_served_compiled_model_equals_offline(trained, exported, tmp_path):
-    """Through a real Triton: one-row requests (the compiled path) and a batch equal the offline scores."""
+    """Through a real Triton: one-row requests (the compiled path) and a batch equal the offline scores;
+    the version loads without TensorFlow, and a request of more rows than the compiled model serves loads
+    the full ensemble then (the SavedModel answers it, equal to the offline scores too)."""
     _, model, exp = exported
     repo = tmp_path / "model_repository"
     repository.publish(exp.version_dir, exp.config_path, repo, "recsys")
@@ -131,7 +138,15 @@ def test_served_compiled_model_equals_offline(trained, exported, tmp_path):
         with RecsysClient(server.grpc_url, "grpc") as client:
             ones = np.concatenate([client.predict(raw.iloc[[i]]) for i in range(16)])
             batch = client.predict(raw)
+            at_start = load_events(server.log_file.read_text(errors="replace"))
+            beyond = np.arange(exp.compiled_model["max_rows"] + 1) % len(raw)
+            big = client.predict(raw.iloc[beyond])
     finally:
         server.stop()
     np.testing.assert_allclose(ones, offline[:16], atol=ATOL, rtol=0)
     np.testing.assert_allclose(batch, offline, atol=ATOL, rtol=0)
+    assert [(e["path"], e["heavy_modules"]) for e in at_start] == [("compiled", [])], at_start
+    np.testing.assert_allclose(big, offline[beyond], atol=ATOL, rtol=0)
+    events = load_events(server.log_file.read_text(errors="replace"))
+    assert [e["path"] for e in events] == ["compiled", "full"] and "tensorflow" in events[1]["heavy_modules"]
+    assert f"{len(beyond)} rows: the compiled model serves up to" in events[1]["why"]

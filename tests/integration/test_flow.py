@@ -53,6 +53,9 @@ def test_flow_runs_every_stage_and_publishes(flow_run):
               "model/metrics.json", "serving/smoke.json", "summary.json"]:
         assert (run / f).exists(), f
     assert (tmp / "model_repository" / "recsys" / "1" / "ensemble" / "ensemble.pkl").exists()
+    # the smoke test's Triton loaded the compiled version: no TensorFlow / NVTabular / merlin in its model
+    smoke = json.loads((run / "serving" / "smoke.json").read_text())
+    assert [(e["path"], e["heavy_modules"]) for e in smoke["model_load"]] == [("compiled", [])]
     preds = summary["predictions"]
     np.testing.assert_allclose(preds["served_http"], preds["offline"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(preds["served_grpc"], preds["offline"], atol=1e-5, rtol=0)

@@ -6,6 +6,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from pipeline_lib.export import ranking as export
+from pipeline_lib.export.compiled_version import load_events
 from pipeline_lib.serving import repository
 from pipeline_lib.serving.client import BadRequestError, RecsysClient, RequestError
 from pipeline_lib.serving.server import ServerError, TritonServer
@@ -33,6 +34,20 @@ def served(trained, tmp_path_factory):
     server.start(timeout_s=240, models=["recsys"])
     yield server, rows, offline
     server.stop()
+
+
+def test_the_default_version_loads_without_tensorflow_nvtabular_or_merlin(served):
+    """The default export (compiled transform + compiled model) is loaded by the served model alone: its
+    own log line, written from inside Triton's python stub, names no heavy module; one stub process only
+    (no auto-complete stub importing model.py first)."""
+    server, rows, offline = served
+    with RecsysClient(server.grpc_url, "grpc") as client:
+        np.testing.assert_allclose(client.predict(rows.head(8)), offline[:8], atol=1e-5, rtol=0)
+    text = server.log_file.read_text(errors="replace")
+    events = load_events(text)
+    assert [e["path"] for e in events] == ["compiled"], events
+    assert events[0]["heavy_modules"] == [] and events[0]["seconds"] < 10
+    assert text.count("TRITONBACKEND_ModelInstanceInitialize") == 1
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -259,7 +274,8 @@ def test_missing_continuous_values_are_filled_as_in_training(served, trained):
 @pytest.fixture(scope="module")
 def served_batched(trained, tmp_path_factory):
     """The same model exported with Triton's dynamic batcher on, and a queue delay long enough that
-    concurrent requests are really executed together."""
+    concurrent requests are really executed together; with the compiled model off, so the SavedModel
+    and the full ensemble (TensorFlow, NVTabular) serve it, loaded at start."""
     import nvtabular as nvt
 
     from pipeline_lib.config import DynamicBatchingConfig
@@ -269,7 +285,8 @@ def served_batched(trained, tmp_path_factory):
     db = DynamicBatchingConfig(enabled=True, max_batch_size=8, max_queue_delay_microseconds=20_000)
     exp = export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, rows.head(64), "click",
                                  tmp / "staged", "recsys", 1,
-                                 export.ExportOptions(max_request_rows=MAX_ROWS, dynamic_batching=db))
+                                 export.ExportOptions(max_request_rows=MAX_ROWS, dynamic_batching=db,
+                                                      compiled_model="off"))
     repo = tmp / "model_repository"
     repository.publish(exp.version_dir, exp.config_path, repo, "recsys")
     repository.promote(repo, "recsys", 1)
@@ -284,6 +301,8 @@ def served_batched(trained, tmp_path_factory):
 
 def test_dynamic_batching_config_is_written(served_batched):
     server, _, _ = served_batched
+    events = load_events(server.log_file.read_text(errors="replace"))
+    assert [e["path"] for e in events] == ["full"] and "tensorflow" in events[0]["heavy_modules"], events
     cfg = (server.model_repository / "recsys" / "config.pbtxt").read_text()
     assert "max_batch_size: 8" in cfg and "max_queue_delay_microseconds: 20000" in cfg
     assert cfg.count("allow_ragged_batch: true") == cfg.count("input {")

@@ -1,52 +1,80 @@
 """Triton python-backend model for an exported ensemble; copied into each version as ``model.py``.
 
-It replaces merlin-systems' ``executor_model.py`` (same loading of the ensemble and its
-artifacts) with: request checks that answer a clear error naming the field, as invalid-argument
-(HTTP 400, gRPC INVALID_ARGUMENT; :mod:`pipeline_lib.validate.requests`), internal errors reported as
-one line with the INTERNAL code (HTTP 500; the traceback goes to the server log, not to the
-client), and a direct ``workflow >> model`` call on numpy arrays
-(:class:`pipeline_lib.export.ranking.DirectPredictor`: the workflow op's compiled transform, then the
-SavedModel signature) instead of merlin's DAG runtime. With dynamic batching in config.pbtxt
-(``max_batch_size`` > 0), the requests Triton queued together are checked one by one, scored in
-one call and answered with their own rows. This file only runs inside
+It replaces merlin-systems' ``executor_model.py`` with: request checks that answer a clear error naming
+the field, as invalid-argument (HTTP 400, gRPC INVALID_ARGUMENT; :mod:`pipeline_lib.validate.requests`),
+internal errors reported as one line with the INTERNAL code (HTTP 500; the traceback goes to the server
+log, not to the client), and a direct call on numpy arrays instead of merlin's DAG runtime.
+
+Loading: a version with a compiled plan (:mod:`pipeline_lib.export.compiled_version`: the workflow compiled
+to numpy and the model compiled to ONNX, both verified at export) loads just those -- no TensorFlow,
+NVTabular or merlin import, about a second instead of ten or more. The full ensemble (the same loading as
+merlin's executor model, then :class:`pipeline_lib.export.ranking.DirectPredictor`: the workflow op's
+compiled transform or NVTabular, then ONNX Runtime or the SavedModel) is loaded at start when there is no
+plan, else on the first request the plan does not cover (more rows than the compiled model's
+``max_rows``, inputs outside the compiled transform, an error of the compiled model). The load logs one
+line (:func:`pipeline_lib.export.compiled_version.load_event`: path, seconds, the heavy modules the process
+holds), and another when a fallback loads the full ensemble.
+
+With dynamic batching in config.pbtxt (``max_batch_size`` > 0), the requests Triton queued together are
+checked one by one, scored in one call and answered with their own rows. This file only runs inside
 Triton's python backend stub (it imports ``triton_python_backend_utils``).
 """
+import time
+
+_IMPORTED_AT = time.perf_counter()  # the load time logged includes this module's imports
+
 import json
 import traceback
 
 import triton_python_backend_utils as pb_utils
 
-from merlin.dag import postorder_iter_nodes
-from merlin.dag.runtime import Runtime
-from merlin.systems.dag import Ensemble
-from merlin.systems.triton.conversions import tensor_names, tensor_table_to_triton_response
-from merlin.table import TensorTable
-from pipeline_lib.export.ranking import DirectPredictor
-from pipeline_lib.validate.requests import (BadRequest, check_request, concat_requests, error_response, fill_optional_lists,
-                                            max_request_rows, read_request, split_rows, tensor_reader, version_dir)
+from pipeline_lib.export.compiled_version import CompiledPredictor, NeedsFallback, load_event
+from pipeline_lib.validate.requests import (BadRequest, check_request, concat_requests, error_response,
+                                            fill_optional_lists, max_request_rows, read_request, split_rows,
+                                            tensor_reader, version_dir)
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        ensemble_path = version_dir(args) / "ensemble"
-        self.ensemble = Ensemble.load(str(ensemble_path))
-        for node in postorder_iter_nodes(self.ensemble.graph.output_node, flatten_subgraphs=True):
-            node.op.load_artifacts(str(ensemble_path))
+        t0 = _IMPORTED_AT
+        self.version_dir = version_dir(args)
         config = json.loads(args["model_config"])
         # dynamic batching (max_batch_size > 0): each request is one batch entry ([1, rows] tensors);
         # execute() gets the queued requests together, scores their rows in one call and splits them
         self.batched = int(config.get("max_batch_size", 0)) > 0
         self.max_rows = max_request_rows(config)
-        schema = self.ensemble.input_schema
-        self.input_names = tensor_names(schema)
-        self.ragged = {c.name for c in schema.column_schemas.values() if c.is_ragged}
         # optional list inputs (a session version's exclude_item_ids): absent from a request -> empty lists
         self.optional = {i["name"]: i["data_type"] for i in config["input"] if i.get("optional")}
-        self.runtime = Runtime()
         self.logger = pb_utils.Logger
+        self.full = None  # the full ensemble's predictor, loaded when needed
+        why = "no compiled version"
+        try:
+            self.compiled = CompiledPredictor.load(self.version_dir / "ensemble")
+        except Exception as exc:  # noqa: BLE001 - e.g. onnxruntime missing here: the full ensemble serves
+            self.logger.log_warn("compiled version not loaded, the full ensemble serves:\n" + traceback.format_exc())
+            self.compiled, why = None, f"compiled version not loaded: {type(exc).__name__}: {exc}"
+        if self.compiled is None:
+            self._load_full(why, t0)
+            return
+        plan = self.compiled.plan
+        self.input_names, self.ragged, self.output_names = plan.input_names, set(plan.ragged), plan.output_names
+        self.logger.log_info(load_event("compiled", time.perf_counter() - t0))
+
+    def _load_full(self, why, t0=None):
+        """The whole ensemble (TensorFlow, NVTabular, merlin-systems), as merlin's executor model loads it;
+        logged with ``why`` and the seconds since ``t0`` (default: now, imports included)."""
+        t0 = time.perf_counter() if t0 is None else t0
+        from merlin.systems.triton.conversions import tensor_names
+        from pipeline_lib.export.ranking import DirectPredictor, load_version
+
+        ensemble = load_version(self.version_dir)
+        schema = ensemble.input_schema
+        self.input_names = tensor_names(schema)
+        self.ragged = {c.name for c in schema.column_schemas.values() if c.is_ragged}
+        self.output_names = ensemble.output_schema.column_names
         # workflow >> model ensembles (all this project exports) skip merlin's DAG runtime
-        self.direct = DirectPredictor.from_ensemble(self.ensemble)
-        self.output_names = self.ensemble.output_schema.column_names
+        self.full = DirectPredictor.from_ensemble(ensemble) or _EnsembleTransform(ensemble)
+        self.logger.log_info(load_event("full", time.perf_counter() - t0, why))
 
     def execute(self, requests):
         if not self.batched:
@@ -62,19 +90,21 @@ class TritonPythonModel:
 
     def _predict(self, checked):
         """Checked request tensors -> {output name: array with one row per request row}."""
-        if self.direct is not None:
-            return self.direct(checked)
-        outputs = self.ensemble.transform(TensorTable(checked), runtime=self.runtime)
-        return {n: outputs[n].values for n in self.output_names}
+        if self.compiled is not None:
+            try:
+                return self.compiled(checked)
+            except NeedsFallback as exc:
+                if self.full is None:
+                    self._load_full(str(exc))
+        return self.full(checked)
 
     def _one(self, request):
         try:
             checked = self._read(request)
-            if self.direct is not None:
-                outputs = self.direct(checked)
-                return pb_utils.InferenceResponse([pb_utils.Tensor(n, outputs[n]) for n in self.output_names])
-            outputs = self.ensemble.transform(TensorTable(checked), runtime=self.runtime)
-            return tensor_table_to_triton_response(outputs, self.ensemble.output_schema)
+            if isinstance(self.full, _EnsembleTransform):  # merlin's response: outputs as the ensemble's schema says
+                return self.full.response(checked)
+            outputs = self._predict(checked)
+            return pb_utils.InferenceResponse([pb_utils.Tensor(n, outputs[n]) for n in self.output_names])
         except BadRequest as exc:  # the client's fault: INVALID_ARG (HTTP 400)
             return error_response(pb_utils, exc)
         except Exception as exc:  # noqa: BLE001 - report, never crash the model instance
@@ -112,3 +142,26 @@ class TritonPythonModel:
         """INTERNAL (HTTP 500): a one-line message to the client, the traceback to the server log."""
         self.logger.log_error(traceback.format_exc())
         return error_response(pb_utils, exc)
+
+
+class _EnsembleTransform:
+    """An ensemble that is not ``workflow >> model``: merlin's DAG runtime on a TensorTable."""
+
+    def __init__(self, ensemble):
+        from merlin.dag.runtime import Runtime
+
+        self.ensemble, self.runtime = ensemble, Runtime()
+
+    def _transform(self, tensors):
+        from merlin.table import TensorTable
+
+        return self.ensemble.transform(TensorTable(tensors), runtime=self.runtime)
+
+    def __call__(self, tensors):
+        outputs = self._transform(tensors)
+        return {n: outputs[n].values for n in self.ensemble.output_schema.column_names}
+
+    def response(self, tensors):
+        from merlin.systems.triton.conversions import tensor_table_to_triton_response
+
+        return tensor_table_to_triton_response(self._transform(tensors), self.ensemble.output_schema)

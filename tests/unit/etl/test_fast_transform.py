@@ -1,5 +1,7 @@
 """The compiled (numpy) serving transform against NVTabular's own Workflow.transform, on the fitted
 workflow of the shared small run; and the request concatenation used by dynamic batching."""
+import pickle
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,7 +27,8 @@ def _nvt(workflow, rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_compiled_equals_nvtabular_on_raw_and_edge_rows(trained, serving_workflow):
-    compiled = compile_workflow(serving_workflow)
+    # as a version stores it for serving without NVTabular: pickled (plain data, no closures)
+    compiled = pickle.loads(pickle.dumps(compile_workflow(serving_workflow)))
     rows = trained.valid_rows(300)
     # raw rows + every vocabulary entry + nulls, unseen values and empty lists: identical, exactly
     assert verify(compiled, serving_workflow, rows, export.raw_to_columns) > len(rows)
@@ -187,7 +190,7 @@ def test_the_session_workflow_compiles_to_the_numpy_serving_transform(session_et
 
     cfg, _, etl_out = session_etl
     wf = nvt.Workflow.load(str(etl_out.workflow_dir))
-    compiled = compile_workflow(wf)
+    compiled = pickle.loads(pickle.dumps(compile_workflow(wf)))  # as a version would store it
     raw = pd.read_parquet(etl_out.split.valid)[wf.input_schema.column_names].head(200).reset_index(drop=True)
     assert verify(compiled, wf, raw, export.raw_to_columns) > len(raw)
     n = cfg.session.etl.max_session_length

@@ -6,15 +6,6 @@ import pytest
 from pipeline_lib.export import ranking as export
 
 
-@pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory):
-    staging = tmp_path_factory.mktemp("export") / "ensemble"
-    rows = trained.valid_rows(64)
-    out = export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, rows, "click",
-                                 staging, "recsys", 1, export.ExportOptions(run_info={"run": "test"}))
-    return out, rows
-
-
 def test_export_layout_needs_only_the_python_backend(exported):
     out, _ = exported
     cfg = (out.staged_repository / "recsys" / "config.pbtxt").read_text()

@@ -15,6 +15,9 @@ def test_options_and_keyword_overrides_reach_the_command(tmp_path):
     assert server.log_file == tmp_path / "t.log" and opts.grpc_port == 8001  # the options object is not changed
     default = TritonServer(tmp_path / "repo")
     assert default.log_file == (tmp_path / "triton.log").resolve() and "--model-control-mode=none" in default.command(PATHS)
+    # every config this project writes is complete: no auto-complete stub importing model.py before the instance
+    assert "--disable-auto-complete-config" in default.command(PATHS)
+    assert "--disable-auto-complete-config" not in TritonServer(tmp_path, auto_complete_config=True).command(PATHS)
     with pytest.raises(TypeError):
         TritonServer(tmp_path / "repo", http_prot=1)
 
