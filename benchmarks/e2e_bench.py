@@ -69,7 +69,7 @@ def bench(work: Path, overrides: dict | None = None, timeout_s: float = 900) -> 
         upto += s
         if name == "serving-smoke-test":
             break
-    return {
+    out = {
         "stage_seconds": stages,
         "stages_sum_seconds": round(sum(stages.values()), 2),
         "stages_sum_to_first_prediction_seconds": round(upto, 2),
@@ -81,6 +81,13 @@ def bench(work: Path, overrides: dict | None = None, timeout_s: float = 900) -> 
         "max_abs_diff_served_vs_offline": r["summary"].get("max_abs_diff_served_vs_offline"),
         "overrides": overrides or {},
     }
+    (work / "bench.json").write_text(json.dumps(out, default=str))
+    return out
+
+
+def load(work: Path) -> dict:
+    """The figures :func:`bench` measured into ``work`` (e.g. the top-k section's flow), read back."""
+    return json.loads((work / "bench.json").read_text())
 
 
 if __name__ == "__main__":

@@ -49,11 +49,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "default 1M, quick 100k; a size the ETL section ran reuses its pipeline and pandas figures)")
     p.add_argument("--train-rows", type=int, help="rows of the training benchmark's synthetic set (default 1M, quick 100k; 80%% are trained on)")
     p.add_argument("--train-batch-size", type=int, default=1024)
+    p.add_argument("--train-one-interpreter", action="store_true",
+                   help="the four training runs one after the other in one child process (default: one child each)")
     p.add_argument("--serve-model-rows", type=int, help="rows the served model is trained on (default 20k)")
     p.add_argument("--serve-requests", type=int, default=None,
                    help="cap on requests per client and configuration (default: 300/200/40 for batch 1/64/1024)")
     p.add_argument("--serve-seconds", type=float, default=None, help="cap on seconds per serving configuration")
+    p.add_argument("--serve-one-triton", action="store_true",
+                   help="serve the dynamically batched variant on the serving section's server, under its own "
+                   "name (default: a second server)")
     p.add_argument("--e2e-overrides-json", default="{}", help="config overrides for the end-to-end run (default: none)")
+    p.add_argument("--e2e-from-topk", action="store_true",
+                   help="the e2e section reports the flow the topk section ran (its two-stage config) instead of "
+                   "running the default flow (default: its own flow)")
+    p.add_argument("--topk-overrides-json", default=None,
+                   help="data/model overrides of the topk section's flow (default: 20k interactions, 1 epoch)")
+    p.add_argument("--topk-ann-items", type=int, default=None, help="catalogue size of the topk section's ANN "
+                   "part (default 1M; 0: no ANN part)")
     p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
     p.add_argument("--with", dest="with_", default="",
                    help=f"comma-separated optional sections to run as well: {','.join(OPTIONAL)} (top-k serving, ~3-5 min)")
@@ -125,7 +137,7 @@ def main(argv=None) -> dict:
         print(f"[bench] {name} done in {results['section_seconds'][name]} s", flush=True)
         _write(results, out_dir)  # partial results survive an interrupted run
 
-    from benchmarks import e2e_bench, etl_bench, serving_bench, topk_bench, train_bench
+    from benchmarks import e2e_bench, etl_bench, serving_bench, train_bench
 
     section("etl", lambda: [etl_bench.bench(n, work / "etl", data_dir) for n in etl_rows])
 
@@ -142,19 +154,20 @@ def main(argv=None) -> dict:
             d = etl_bench.prepare_data(train_rows, data_dir)
             train_dir = Path(etl_bench.nvt_fit_transform(ColumnsConfig(), d["train"], d["valid"],
                                                          work / "train_etl")["train_dir"])
-        return train_bench.bench(train_dir, a.train_batch_size)
+        return train_bench.bench(train_dir, a.train_batch_size, a.train_one_interpreter)
 
     section("train", _train)
 
     def _serving():
-        return serving_bench.bench_subprocess(work / "serving", data_dir, quick=a.quick, model_rows=serve_rows,
-                                              requests_cap=a.serve_requests, seconds_cap=a.serve_seconds)
+        plan = serving_bench.Plan(quick=a.quick, requests_cap=a.serve_requests, seconds_cap=a.serve_seconds)
+        return serving_bench.bench_subprocess(work / "serving", data_dir, plan, serve_rows, a.serve_one_triton)
 
     section("serving", _serving)
 
     section("serving_peers", lambda: serving_peers_section(a, serve_rows, work, data_dir))
-    section("topk", lambda: topk_bench.bench(work / "topk", quick=a.quick, ann_items=topk_bench.ANN_ITEMS))
-    section("e2e", lambda: e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json)))
+    section("topk", lambda: topk_section(a, work))
+    section("e2e", lambda: e2e_bench.load(work / "topk" / "flow") | {"from_topk_section": True} if a.e2e_from_topk
+            else e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json)))
 
     results["total_seconds"] = round(time.perf_counter() - t_all, 1)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -190,6 +203,16 @@ def serving_peers_section(a: argparse.Namespace, serve_rows: int, work: Path, da
     for line in serving_peers.ratio_lines(out):
         print(f"[peers] {line}", flush=True)
     return out
+
+
+def topk_section(a: argparse.Namespace, work: Path) -> dict:
+    """The top-k section with the run's options (request caps shared with the serving sections)."""
+    from benchmarks import topk_bench
+
+    data = json.loads(a.topk_overrides_json) if a.topk_overrides_json else None
+    items = topk_bench.ANN_ITEMS if a.topk_ann_items is None else a.topk_ann_items
+    return topk_bench.bench(work / "topk", quick=a.quick, data=data, ann_items=items,
+                            calls=topk_bench.budget(a.quick, a.serve_requests, a.serve_seconds))
 
 
 def _write(results: dict, out_dir: Path) -> None:

@@ -54,22 +54,13 @@ def export_stock(workflow_dir: Path, model_dir: Path, label: str, repo: Path) ->
     return sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").exists())
 
 
-def _edit_config(src: Path, dst: Path, edit) -> None:
-    import tritonclient.grpc.model_config_pb2 as mc
-    from google.protobuf import text_format
-
-    cfg = text_format.Parse(src.read_text(), mc.ModelConfig())
-    edit(cfg)
-    dst.write_text(text_format.MessageToString(cfg))
-
-
 def _python_backend(model_dir: Path, model_py: Path) -> None:
     """A stock ``backend: "tensorflow"`` model -> the same model on the python backend."""
     def edit(cfg):
         cfg.backend, cfg.platform = "python", ""
         cfg.parameters.clear()
 
-    _edit_config(model_dir / "config.pbtxt", model_dir / "config.pbtxt", edit)
+    serving_bench.edit_config(model_dir / "config.pbtxt", model_dir / "config.pbtxt", edit)
     shutil.copyfile(model_py, model_dir / "1" / "model.py")
 
 
@@ -82,7 +73,7 @@ def write_echo(project_model: Path, repo: Path) -> None:
         cfg.ClearField("version_policy")
 
     (repo / ECHO / "1").mkdir(parents=True, exist_ok=True)
-    _edit_config(project_model / "config.pbtxt", repo / ECHO / "config.pbtxt", edit)
+    serving_bench.edit_config(project_model / "config.pbtxt", repo / ECHO / "config.pbtxt", edit)
     shutil.copyfile(PEER_MODELS / "echo.py", repo / ECHO / "1" / "model.py")
 
 
@@ -98,14 +89,12 @@ def _run(args: list[str], log: Path, result: Path | None = None, timeout_s: floa
 
 
 def prepared_model(work: Path, data_dir: Path, model_rows: int, serving_work: Path | None) -> tuple:
-    """(ServedModel, workflow dir, SavedModel dir): the serving section's model when it ran in this
-    run (same folder layout), else the same preparation here."""
-    if serving_work is not None and (serving_work / "prepare.json").exists():
-        r = json.loads((serving_work / "prepare.json").read_text())
-        sm = serving_bench.ServedModel(Path(r["repo"]), r["version"], Path(r["ensemble_dir"]),
-                                       pd.read_parquet(r["rows"]), r["prepare_seconds"])
-        base = serving_work
-    else:
+    """(ServedModel, workflow dir, SavedModel dir): the model prepared in ``serving_work`` (the serving
+    section's, or any folder where ``serving_bench.prepare_model_subprocess`` ran) when there is
+    one, else the same preparation here."""
+    sm = serving_bench.load_prepared(serving_work) if serving_work is not None else None
+    base = serving_work
+    if sm is None:
         sm = serving_bench.prepare_model_subprocess(work / "model", data_dir, rows=model_rows, n_request_rows=1024)
         base = work / "model"
     return sm, base / "etl" / "workflow", base / "model" / "model"

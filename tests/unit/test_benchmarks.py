@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks import etl_bench, run
+from benchmarks import etl_bench, run, serving_bench, topk_bench, train_bench
 from pipeline_lib.data import synthetic
 from pipeline_lib.etl import workflow as etl
 from pipeline_lib.config import ColumnsConfig, SplitConfig, SyntheticConfig
@@ -64,7 +64,7 @@ def test_pandas_reference_equals_the_nvtabular_workflow(tmp_path):
 def test_suite_etl_and_training_sections_tiny(tmp_path):
     out = tmp_path / "results"
     res = run.main(["--etl-rows", "2000", "--train-rows", "2000", "--skip", "serving,e2e,etl_peers,serving_peers",
-                    "--out", str(out), "--data-dir", str(tmp_path / "data")])
+                    "--train-one-interpreter", "--out", str(out), "--data-dir", str(tmp_path / "data")])
     saved, md = check_bench_results(res, out)
     assert set(saved["section_seconds"]) == {"etl", "train"}
     (e,) = saved["etl"]
@@ -84,6 +84,53 @@ def test_suite_etl_and_training_sections_tiny(tmp_path):
     assert t["ratio_merlin_over_tfdata"] > 0
     assert "## ETL" in md and "## Training" in md and "| 2,000 |" in md
     assert "## Serving" not in md
+
+
+def test_the_default_run_keeps_its_full_plan():
+    """The options the tests use to make the suite cheap are all off by default (`make bench`)."""
+    a = run.parse_args([])
+    assert not (a.train_one_interpreter or a.serve_one_triton or a.e2e_from_topk)
+    assert a.topk_overrides_json is None and a.topk_ann_items is None and a.serve_requests is None
+    plan = serving_bench.Plan()
+    assert (plan.batches, plan.concurrency, plan.protocols) == ((1, 64, 1024), (1, 8), ("grpc", "http"))
+    assert [plan.budget(b) for b in plan.batches] == [(300, 8.0), (200, 8.0), (40, 8.0)]
+    assert plan.breakdown_calls() == 30
+    assert topk_bench.budget() == (100, 4.0) and topk_bench.budget(True) == (30, 2.0)
+
+
+def test_request_caps_shrink_every_timed_point():
+    plan = serving_bench.Plan(quick=True, requests_cap=3, seconds_cap=1.0)
+    assert [plan.budget(b) for b in (1, 64, 1024)] == [(3, 1.0), (3, 1.0), (3, 1.0)]
+    assert serving_bench.Plan(quick=True).budget(1024) == (10, 4.0) and plan.breakdown_calls() == 3
+    assert serving_bench.Plan(requests_cap=500).budget(1) == (300, 8.0)  # a cap never raises the budget
+    assert topk_bench.budget(False, 3, 0.5) == (3, 0.5) and topk_bench.budget(True, 500) == (30, 2.0)
+
+
+def test_training_summary_pairs_the_feeds():
+    runs = [{"feed": f, "shuffle": sh, "samples_per_s": v}
+            for (f, sh), v in zip(train_bench.RUNS, (1000, 500, 300, None))]
+    assert [(r["feed"], r["shuffle"]) for r in runs] == [
+        ("merlin", False), ("tfdata", False), ("merlin", True), ("tfdata", True)]
+    s = train_bench.summary(Path("t"), 64, runs)
+    assert s["ratio_merlin_over_tfdata"] == 2.0 and s["ratio_merlin_over_tfdata_shuffled"] is None
+    assert s["runs"] == runs and s["batch_size"] == 64
+
+
+def test_one_repository_serves_the_batched_variant_under_its_own_name(tmp_path):
+    """--serve-one-triton: both variants in one repository, the batched one renamed, each config intact."""
+    for repo, batching in (("model_repository", ""), ("model_repository_batched",
+                                                      "dynamic_batching { max_queue_delay_microseconds: 0 }\n")):
+        (tmp_path / repo / "recsys" / "1").mkdir(parents=True)
+        (tmp_path / repo / "recsys" / "1" / "model.py").write_text("# model\n")
+        (tmp_path / repo / "recsys" / "config.pbtxt").write_text(
+            f'name: "recsys"\nbackend: "python"\nmax_batch_size: 16\n{batching}')
+    sm = serving_bench.ServedModel(tmp_path / "model_repository", 1, tmp_path, pd.DataFrame(), {})
+    repo = serving_bench.one_repository(sm, tmp_path / "work")
+    assert sorted(p.name for p in repo.iterdir()) == ["recsys", "recsys_batched"]
+    batched = (repo / "recsys_batched" / "config.pbtxt").read_text()
+    assert 'name: "recsys_batched"' in batched and "dynamic_batching" in batched and 'backend: "python"' in batched
+    assert 'name: "recsys"' in (repo / "recsys" / "config.pbtxt").read_text()
+    assert (repo / "recsys_batched" / "1" / "model.py").read_text() == "# model\n"
 
 
 # --- moved from tests/test_etl_dask.py ------------------------------------------
