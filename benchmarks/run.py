@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cap on requests per client and configuration (default: 300/200/40 for batch 1/64/1024)")
     p.add_argument("--serve-seconds", type=float, default=None, help="cap on seconds per serving configuration")
     p.add_argument("--serve-one-triton", action="store_true",
-                   help="serve the dynamically batched variant on the serving section's server, under its own "
-                   "name (default: a second server)")
+                   help="serve the dynamically batched variant (under its own name) and the serving_peers section's "
+                   "models on the serving section's server (default: a server each)")
     p.add_argument("--e2e-overrides-json", default="{}", help="config overrides for the end-to-end run (default: none)")
     p.add_argument("--e2e-from-topk", action="store_true",
                    help="the e2e section reports the flow the topk section ran (its two-stage config) instead of "
@@ -160,11 +160,16 @@ def main(argv=None) -> dict:
 
     def _serving():
         plan = serving_bench.Plan(quick=a.quick, requests_cap=a.serve_requests, seconds_cap=a.serve_seconds)
+        if a.serve_one_triton and "serving_peers" not in skip:  # the peers on the same server
+            from benchmarks import serving_peers
+
+            return serving_peers.serving_subprocess(work / "serving", data_dir, plan, serve_rows)
         return serving_bench.bench_subprocess(work / "serving", data_dir, plan, serve_rows, a.serve_one_triton)
 
     section("serving", _serving)
 
-    section("serving_peers", lambda: serving_peers_section(a, serve_rows, work, data_dir))
+    section("serving_peers", lambda: serving_peers_section(a, serve_rows, work, data_dir,
+                                                           (results.get("serving") or {}).pop("guest", None)))
     section("topk", lambda: topk_section(a, work))
     section("e2e", lambda: e2e_bench.load(work / "topk" / "flow") | {"from_topk_section": True} if a.e2e_from_topk
             else e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json)))
@@ -193,11 +198,13 @@ def etl_peers_section(etl_results: list | None, peers_rows: list[int], work: Pat
     return out
 
 
-def serving_peers_section(a: argparse.Namespace, serve_rows: int, work: Path, data_dir: Path) -> dict:
-    """Serving peers on one Triton (the serving section's model when it ran); prints the ratios."""
+def serving_peers_section(a: argparse.Namespace, serve_rows: int, work: Path, data_dir: Path,
+                          measured: dict | None = None) -> dict:
+    """Serving peers on one Triton (the serving section's model when it ran); prints the ratios.
+    ``measured``: the peers the serving section already measured on its server (--serve-one-triton)."""
     from benchmarks import serving_peers
 
-    out = serving_peers.bench_subprocess(work / "serving_peers", data_dir, quick=a.quick, model_rows=serve_rows,
+    out = measured or serving_peers.bench_subprocess(work / "serving_peers", data_dir, quick=a.quick, model_rows=serve_rows,
                                          serving_work=work / "serving", requests_cap=a.serve_requests,
                                          seconds_cap=a.serve_seconds)
     for line in serving_peers.ratio_lines(out):

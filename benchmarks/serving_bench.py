@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 import pandas as pd
@@ -112,6 +113,10 @@ class Plan:
     def budget(self, batch: int) -> tuple[int, float]:
         n, secs = _budget(batch, self.quick)
         return (min(n, self.requests_cap) if self.requests_cap else n), (self.seconds_cap or secs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()})
 
     def breakdown_calls(self) -> int:
         """Calls per part in ``breakdown`` (its median skips three warm-up calls)."""
@@ -320,11 +325,13 @@ def edit_config(src: Path, dst: Path, edit) -> None:
 
 
 def one_repository(sm: ServedModel, work: Path) -> Path:
-    """The published model and its dynamically batched variant (as ``MODEL_BATCHED``) in one
-    repository, for one server (``one_triton``)."""
+    """The published model and its dynamically batched variant (as ``MODEL_BATCHED``, when it was
+    exported) in a repository of its own, for one server (``one_triton``)."""
     repo = work / "model_repository_both"
     shutil.rmtree(repo, ignore_errors=True)
     shutil.copytree(sm.repo / MODEL, repo / MODEL)
+    if not (sm.repo.parent / "model_repository_batched").is_dir():
+        return repo
     shutil.copytree(sm.repo.parent / "model_repository_batched" / MODEL, repo / MODEL_BATCHED)
 
     def rename(cfg) -> None:
@@ -352,12 +359,13 @@ def served_runs(server, model: str, plan: Plan, rows: pd.DataFrame, protocols: t
     return out
 
 
-def _started(repo: Path, log: Path, models: list[str]):
+def start_server(repo: Path, log: Path, models: list[str], timeout_s: float = 300) -> tuple:
+    """A Triton on free ports serving ``models`` of ``repo``, started; -> (server, seconds to ready)."""
     from pipeline_lib.serving.server import TritonServer
 
     server = TritonServer.on_free_ports(repo, log_file=log, model_control="explicit", load_models=models)
     t0 = time.perf_counter()
-    server.start(timeout_s=300, models=models)
+    server.start(timeout_s=timeout_s, models=models)
     return server, round(time.perf_counter() - t0, 2)
 
 
@@ -373,32 +381,49 @@ def _parity(inproc: "InProcess", server, rows: pd.DataFrame) -> dict:
     return out
 
 
-def serve(sm: ServedModel, work: Path, plan: Plan, inproc: "InProcess", one_triton: bool = False) -> dict:
+class Guest(Protocol):
+    """Models served beside the serving section's on its server (``one_triton``), measured while it runs."""
+
+    def install(self, repo: Path) -> list[str]: ...  # adds its models to the repository; -> their names
+
+    def measure(self, server, start_seconds: float) -> None: ...
+
+    def finish(self) -> dict: ...  # after the server stopped; -> its results
+
+
+def serve(sm: ServedModel, work: Path, plan: Plan, inproc: "InProcess", one_triton: bool = False,
+          guest: Guest | None = None) -> dict:
     """Parity, then every point of ``plan`` on Triton; then the dynamically batched variant (8 clients,
     gRPC; one instance, requests queued together) on a second server, or with ``one_triton`` on the
-    same server under the name ``MODEL_BATCHED``."""
+    same server under the name ``MODEL_BATCHED``, with ``guest``'s models too (key ``guest``)."""
+    if guest and not one_triton:
+        raise ValueError("a guest is served on the section's own server: one_triton=True")
     out: dict = {"one_triton": one_triton}
     batched = (sm.repo.parent / "model_repository_batched").is_dir() and 8 in plan.concurrency
-    repo = one_repository(sm, work) if one_triton and batched else sm.repo
-    models = [MODEL, MODEL_BATCHED] if repo != sm.repo else [MODEL]
-    server, out["server_start_seconds"] = _started(repo, work / "triton.log", models)
+    repo = one_repository(sm, work) if one_triton else sm.repo
+    models = [MODEL] + ([MODEL_BATCHED] if one_triton and batched else [])
+    models += guest.install(repo) if guest else []
+    server, out["server_start_seconds"] = start_server(repo, work / "triton.log", models, 600 if guest else 300)
     with server:
         out.update(_parity(inproc, server, sm.rows.iloc[:64]))
         out["served"] = served_runs(server, MODEL, plan, sm.rows)
         if MODEL_BATCHED in models:
             out["dynamic_batching"] = {"config": BATCHING, "served": served_runs(server, MODEL_BATCHED, plan, sm.rows,
                                                                                   ("grpc",))}
+        if guest:
+            guest.measure(server, out["server_start_seconds"])
     if batched and MODEL_BATCHED not in models:
-        server, _ = _started(sm.repo.parent / "model_repository_batched", work / "triton_batched.log", [MODEL])
+        server, _ = start_server(sm.repo.parent / "model_repository_batched", work / "triton_batched.log", [MODEL])
         with server:
             out["dynamic_batching"] = {"config": BATCHING, "served": served_runs(server, MODEL, plan, sm.rows, ("grpc",))}
-    return out
+    return out | ({"guest": guest.finish() | {"on_serving_server": True}} if guest else {})
 
 
 def bench(work: Path, data_dir: Path, plan: Plan | None = None, model_rows: int = 20_000,
-          one_triton: bool = False) -> dict:
+          one_triton: bool = False, guest: Callable[[ServedModel, "InProcess"], Guest] | None = None) -> dict:
     """The serving section: train and publish the model (:func:`prepare_model`, in a child), the
-    in-process reference and breakdown, the served runs (:func:`serve`), the reference again."""
+    in-process reference and breakdown, the served runs (:func:`serve`), the reference again.
+    ``guest``: builds the :class:`Guest` served beside the model (needs ``one_triton``)."""
     plan = plan or Plan()
     t0 = time.perf_counter()
     sm = prepare_model_subprocess(work, data_dir, rows=model_rows, n_request_rows=max(plan.batches))
@@ -412,7 +437,7 @@ def bench(work: Path, data_dir: Path, plan: Plan | None = None, model_rows: int 
         out["in_process"].append(bench_inprocess(inproc, sm.rows, b, *plan.budget(b)) | {"pass": "before server"})
     for b in plan.batches:
         out["breakdown"].append(breakdown(inproc, sm.rows, b, n=plan.breakdown_calls()))
-    out.update(serve(sm, work, plan, inproc, one_triton))
+    out.update(serve(sm, work, plan, inproc, one_triton, guest(sm, inproc) if guest else None))
     # the reference again, now that the served runs are done (the machine is shared and noisy:
     # the targets use the faster of the two passes, i.e. the stricter reference)
     for b in plan.batches:
@@ -522,8 +547,7 @@ def main(argv=None) -> None:
         res = {"repo": str(sm.repo), "version": sm.version, "ensemble_dir": str(sm.ensemble_dir),
                "rows": str(rows_path), "prepare_seconds": sm.prepare_seconds}
     else:
-        plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(a.plan_json).items()})
-        res = bench(work, data_dir, plan, a.model_rows, a.one_triton)
+        res = bench(work, data_dir, Plan.from_json(a.plan_json), a.model_rows, a.one_triton)
     Path(a.result).write_text(json.dumps(res, indent=1, default=str))
 
 

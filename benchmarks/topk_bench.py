@@ -151,6 +151,14 @@ def ann_bench(n_items: int = ANN_ITEMS, quick: bool = False) -> dict:
     return {"cases": cases}
 
 
+def flow_overrides(data: dict) -> dict:
+    """``data`` (data/model/export overrides) with the two-stage run on top; ``model.retrieval`` is merged."""
+    model = data.get("model", {})
+    return {**data, **RUN, "model": {**model, **RUN["model"],
+                                     "retrieval": {**model.get("retrieval", {}), **RUN["model"]["retrieval"]}},
+            "export": {**data.get("export", {}), "model_name": "topk_two_stage"}}
+
+
 def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: int = 0,
           calls: tuple | None = None) -> dict:
     """``data``: config overrides for the flow (default: 20k synthetic interactions, 1 epoch). One
@@ -166,9 +174,7 @@ def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: 
     from pipeline_lib.config import ColumnsConfig
     from pipeline_lib.serving.server import TritonServer
 
-    base = data or DATA
-    flow = e2e_bench.bench(work / "flow", {**base, **RUN, "model": {**base.get("model", {}), **RUN["model"]},
-                                          "export": {**base.get("export", {}), "model_name": "topk_two_stage"}})
+    flow = e2e_bench.bench(work / "flow", flow_overrides(data or DATA))
     summary = json.loads((work / "flow" / "e2e.json").read_text())["summary"]
     etl_dir, run_dir = Path(summary["etl_from"]), Path(summary["run_dir"])
     split = etl_dir.parent / "split"

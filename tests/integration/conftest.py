@@ -12,7 +12,7 @@ from benchmarks import run
 
 # the tiny flow of the benchmark tests' top-k section (its two-stage run is also their e2e section)
 TINY_FLOW = {"data": {"synthetic": {"n_users": 200, "n_items": 100, "n_interactions": 3000}},
-             "model": {"epochs": 1, "batch_size": 256}, "export": {"parity_rows": 32}}
+             "model": {"epochs": 1, "batch_size": 256, "retrieval": {"epochs": 1}}, "export": {"parity_rows": 32}}
 
 
 @dataclass

@@ -78,9 +78,11 @@ def test_suite_prints_the_etl_peer_ratios(tmp_path, capsys):
 
 
 def test_serving_peers_on_one_triton(bench_serving_suite):
-    """The serving_peers section of the suite's run (it reuses the serving section's trained model)."""
+    """The serving_peers section of the suite's run: the serving section's trained model, and (with
+    --serve-one-triton) the serving section's server, which also loads the stock and echo models."""
     b = bench_serving_suite
     s = check_bench_section(b.saved, b.md, "serving_peers")
+    assert s["on_serving_server"] is True and "guest" not in b.saved["serving"]
     assert {"recsys", "stock", "echo", "0_transformworkflowtriton", "1_predicttensorflowtriton"} <= set(s["models"])
     assert s["max_abs_diff_served_vs_inprocess"]["recsys"] <= 1e-5
     for model in ("recsys", "stock", "echo"):

@@ -106,6 +106,16 @@ def test_request_caps_shrink_every_timed_point():
     assert topk_bench.budget(False, 3, 0.5) == (3, 0.5) and topk_bench.budget(True, 500) == (30, 2.0)
 
 
+def test_topk_flow_overrides_keep_the_two_stage_run():
+    assert topk_bench.flow_overrides(topk_bench.DATA) == {
+        "data": {"synthetic": {"n_interactions": 20_000}}, "gate": {"require_beat_baseline": False},
+        "model": {"epochs": 1, "type": "two_tower", "retrieval": {"k": 10, "rerank_with": "dlrm", "candidates": 100}},
+        "export": {"model_name": "topk_two_stage"}}
+    tiny = topk_bench.flow_overrides({"model": {"retrieval": {"epochs": 1, "k": 5}}, "export": {"parity_rows": 8}})
+    assert tiny["model"]["retrieval"] == {"epochs": 1, "k": 10, "rerank_with": "dlrm", "candidates": 100}
+    assert tiny["export"] == {"parity_rows": 8, "model_name": "topk_two_stage"} and tiny["model"]["type"] == "two_tower"
+
+
 def test_training_summary_pairs_the_feeds():
     runs = [{"feed": f, "shuffle": sh, "samples_per_s": v}
             for (f, sh), v in zip(train_bench.RUNS, (1000, 500, 300, None))]
