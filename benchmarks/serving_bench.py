@@ -46,8 +46,10 @@ class ServedModel:
     prepare_seconds: dict
 
 
-def prepare_model(work: Path, data_dir: Path, rows: int = 20_000, n_request_rows: int = 1024) -> ServedModel:
-    """Train a small DLRM with the pipeline's functions, export, publish and promote it."""
+def prepare_model(work: Path, data_dir: Path, rows: int = 20_000, n_request_rows: int = 1024,
+                  batched: bool = True) -> ServedModel:
+    """Train a small DLRM with the pipeline's functions, export, publish and promote it; with ``batched``
+    also export it with Triton's dynamic batcher on, into ``model_repository_batched``."""
     from pipeline_lib.export import ranking as export
     from pipeline_lib.serving import repository
     from pipeline_lib.models import ranking as train
@@ -75,16 +77,23 @@ def prepare_model(work: Path, data_dir: Path, rows: int = 20_000, n_request_rows
     repo = work / "model_repository"
     version, path = repository.publish(exp.version_dir, exp.config_path, repo, MODEL)
     repository.promote(repo, MODEL, version)
-    # the same model with Triton's dynamic batcher on (serving.dynamic_batching), in its own repository
-    from pipeline_lib.config import DynamicBatchingConfig
+    if batched:
+        _export_batched(work, model.model_dir, request_rows, columns.label)
+    return ServedModel(repo, version, path / "ensemble", request_rows, {k: round(v, 2) for k, v in t.items()})
 
-    exp_b = export.export_ensemble(work / "etl" / "workflow", model.model_dir, request_rows.head(64), columns.label,
+
+def _export_batched(work: Path, model_dir: Path, request_rows: pd.DataFrame, label: str) -> None:
+    """The same model with Triton's dynamic batcher on (serving.dynamic_batching), in its own repository."""
+    from pipeline_lib.config import DynamicBatchingConfig
+    from pipeline_lib.export import ranking as export
+    from pipeline_lib.serving import repository
+
+    exp_b = export.export_ensemble(work / "etl" / "workflow", model_dir, request_rows.head(64), label,
                                    work / "staging_batched", MODEL, 1,
                                    export.ExportOptions(dynamic_batching=DynamicBatchingConfig(**BATCHING)))
     repo_b = work / "model_repository_batched"
     version_b, _ = repository.publish(exp_b.version_dir, exp_b.config_path, repo_b, MODEL)
     repository.promote(repo_b, MODEL, version_b)
-    return ServedModel(repo, version, path / "ensemble", request_rows, {k: round(v, 2) for k, v in t.items()})
 
 
 def _pcts(lat_s: list[float]) -> dict:
@@ -324,20 +333,30 @@ def edit_config(src: Path, dst: Path, edit) -> None:
     dst.write_text(text_format.MessageToString(cfg))
 
 
-def one_repository(sm: ServedModel, work: Path) -> Path:
-    """The published model and its dynamically batched variant (as ``MODEL_BATCHED``, when it was
-    exported) in a repository of its own, for one server (``one_triton``)."""
+def one_repository(sm: ServedModel, work: Path, batched: bool) -> Path:
+    """The published model in a repository of its own, for one server (``one_triton``); with ``batched``
+    also the same version as ``MODEL_BATCHED`` with Triton's dynamic batcher on (``BATCHING``, set by the
+    export's own ``install_serving_model``, as ``prepare_model`` exports the variant)."""
+    import tritonclient.grpc.model_config_pb2 as mc
+    from google.protobuf import text_format
+
+    from pipeline_lib.config import DynamicBatchingConfig
+    from pipeline_lib.export.ranking import install_serving_model
+
     repo = work / "model_repository_both"
     shutil.rmtree(repo, ignore_errors=True)
     shutil.copytree(sm.repo / MODEL, repo / MODEL)
-    if not (sm.repo.parent / "model_repository_batched").is_dir():
+    if not batched:
         return repo
-    shutil.copytree(sm.repo.parent / "model_repository_batched" / MODEL, repo / MODEL_BATCHED)
+    shutil.copytree(sm.repo / MODEL, repo / MODEL_BATCHED)
+    cfg_path = repo / MODEL_BATCHED / "config.pbtxt"
+    max_rows = text_format.Parse(cfg_path.read_text(), mc.ModelConfig()).parameters["max_request_rows"].string_value
+    install_serving_model(repo / MODEL_BATCHED, sm.version, int(max_rows), DynamicBatchingConfig(**BATCHING))
 
     def rename(cfg) -> None:
         cfg.name = MODEL_BATCHED
 
-    edit_config(repo / MODEL_BATCHED / "config.pbtxt", repo / MODEL_BATCHED / "config.pbtxt", rename)
+    edit_config(cfg_path, cfg_path, rename)
     return repo
 
 
@@ -399,8 +418,8 @@ def serve(sm: ServedModel, work: Path, plan: Plan, inproc: "InProcess", one_trit
     if guest and not one_triton:
         raise ValueError("a guest is served on the section's own server: one_triton=True")
     out: dict = {"one_triton": one_triton}
-    batched = (sm.repo.parent / "model_repository_batched").is_dir() and 8 in plan.concurrency
-    repo = one_repository(sm, work) if one_triton else sm.repo
+    batched = 8 in plan.concurrency and (one_triton or (sm.repo.parent / "model_repository_batched").is_dir())
+    repo = one_repository(sm, work, batched) if one_triton else sm.repo
     models = [MODEL] + ([MODEL_BATCHED] if one_triton and batched else [])
     models += guest.install(repo) if guest else []
     server, out["server_start_seconds"] = start_server(repo, work / "triton.log", models, 600 if guest else 300)
@@ -426,7 +445,7 @@ def bench(work: Path, data_dir: Path, plan: Plan | None = None, model_rows: int 
     ``guest``: builds the :class:`Guest` served beside the model (needs ``one_triton``)."""
     plan = plan or Plan()
     t0 = time.perf_counter()
-    sm = prepare_model_subprocess(work, data_dir, rows=model_rows, n_request_rows=max(plan.batches))
+    sm = prepare_model_subprocess(work, data_dir, model_rows, max(plan.batches), batched=not one_triton)
     prep = time.perf_counter() - t0
     out: dict = {"model_rows": model_rows, "requests_cap": plan.requests_cap, "seconds_cap": plan.seconds_cap,
                  "prepare_seconds": sm.prepare_seconds,
@@ -504,13 +523,15 @@ def load_prepared(folder: Path) -> ServedModel | None:
                        r["prepare_seconds"])
 
 
-def prepare_model_subprocess(work: Path, data_dir: Path, rows: int, n_request_rows: int) -> ServedModel:
+def prepare_model_subprocess(work: Path, data_dir: Path, rows: int, n_request_rows: int,
+                             batched: bool = True) -> ServedModel:
     """prepare_model in a child process: the process that measures the in-process reference then holds
     only the loaded ensemble, like Triton's python-backend stub (training leaves millions of Python
     objects behind, which makes every later garbage collection -- and so pandas-heavy code -- slower)."""
     work.mkdir(parents=True, exist_ok=True)
     _child(["prepare", "--work", str(work), "--data-dir", str(data_dir), "--rows", str(rows),
-            "--n-request-rows", str(n_request_rows)], work / "prepare.json", work / "prepare.log")
+            "--n-request-rows", str(n_request_rows), *([] if batched else ["--no-batched"])],
+           work / "prepare.json", work / "prepare.log")
     return load_prepared(work)
 
 
@@ -536,12 +557,13 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, default=20_000)
     p.add_argument("--n-request-rows", type=int, default=1024)
     p.add_argument("--model-rows", type=int, default=20_000)
+    p.add_argument("--no-batched", action="store_true", help="prepare: no dynamically batched export")
     p.add_argument("--plan-json", default="{}", help="Plan fields (default: the full plan)")
     p.add_argument("--one-triton", action="store_true", help="the batched variant on the same server")
     a = p.parse_args(argv)
     work, data_dir = Path(a.work), Path(a.data_dir)
     if a.mode == "prepare":
-        sm = prepare_model(work, data_dir, a.rows, a.n_request_rows)
+        sm = prepare_model(work, data_dir, a.rows, a.n_request_rows, not a.no_batched)
         rows_path = work / "request_rows.parquet"
         sm.rows.to_parquet(rows_path, index=False)
         res = {"repo": str(sm.repo), "version": sm.version, "ensemble_dir": str(sm.ensemble_dir),

@@ -127,20 +127,23 @@ def test_training_summary_pairs_the_feeds():
 
 
 def test_one_repository_serves_the_batched_variant_under_its_own_name(tmp_path):
-    """--serve-one-triton: both variants in one repository, the batched one renamed, each config intact."""
-    for repo, batching in (("model_repository", ""), ("model_repository_batched",
-                                                      "dynamic_batching { max_queue_delay_microseconds: 0 }\n")):
-        (tmp_path / repo / "recsys" / "1").mkdir(parents=True)
-        (tmp_path / repo / "recsys" / "1" / "model.py").write_text("# model\n")
-        (tmp_path / repo / "recsys" / "config.pbtxt").write_text(
-            f'name: "recsys"\nbackend: "python"\nmax_batch_size: 16\n{batching}')
+    """--serve-one-triton: the published version and, as recsys_batched, the same version with the
+    config the export writes for dynamic batching (pipeline_lib's own install_serving_model)."""
+    model = tmp_path / "model_repository" / "recsys"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text("# model\n")
+    (model / "config.pbtxt").write_text('name: "recsys"\nbackend: "python"\n'
+                                        'input { name: "device" data_type: TYPE_STRING dims: -1 }\n'
+                                        'parameters { key: "max_request_rows" value { string_value: "512" } }\n')
     sm = serving_bench.ServedModel(tmp_path / "model_repository", 1, tmp_path, pd.DataFrame(), {})
-    repo = serving_bench.one_repository(sm, tmp_path / "work")
+    assert sorted(p.name for p in serving_bench.one_repository(sm, tmp_path / "a", False).iterdir()) == ["recsys"]
+    repo = serving_bench.one_repository(sm, tmp_path / "b", True)
     assert sorted(p.name for p in repo.iterdir()) == ["recsys", "recsys_batched"]
+    assert (repo / "recsys" / "config.pbtxt").read_text() == (model / "config.pbtxt").read_text()
     batched = (repo / "recsys_batched" / "config.pbtxt").read_text()
-    assert 'name: "recsys_batched"' in batched and "dynamic_batching" in batched and 'backend: "python"' in batched
-    assert 'name: "recsys"' in (repo / "recsys" / "config.pbtxt").read_text()
-    assert (repo / "recsys_batched" / "1" / "model.py").read_text() == "# model\n"
+    assert 'name: "recsys_batched"' in batched and "allow_ragged_batch: true" in batched
+    assert "max_batch_size: 16" in batched and "dynamic_batching {" in batched and '"512"' in batched
+    assert "def execute" in (repo / "recsys_batched" / "1" / "model.py").read_text()
 
 
 # --- moved from tests/test_etl_dask.py ------------------------------------------
