@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--e2e-from-topk", action="store_true",
                    help="the e2e section reports the flow the topk section ran (its two-stage config) instead of "
                    "running the default flow (default: its own flow)")
+    p.add_argument("--prefect-api-url", help="the flows of the topk and e2e sections report to this running "
+                   "Prefect API (default: each starts its own ephemeral API, whose start-up is measured)")
     p.add_argument("--topk-overrides-json", default=None,
                    help="data/model overrides of the topk section's flow (default: 20k interactions, 1 epoch)")
     p.add_argument("--topk-ann-items", type=int, default=None, help="catalogue size of the topk section's ANN "
@@ -172,7 +174,7 @@ def main(argv=None) -> dict:
                                                            (results.get("serving") or {}).pop("guest", None)))
     section("topk", lambda: topk_section(a, work))
     section("e2e", lambda: e2e_bench.load(work / "topk" / "flow") | {"from_topk_section": True} if a.e2e_from_topk
-            else e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json)))
+            else e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json), prefect_api=a.prefect_api_url))
 
     results["total_seconds"] = round(time.perf_counter() - t_all, 1)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -219,7 +221,8 @@ def topk_section(a: argparse.Namespace, work: Path) -> dict:
     data = json.loads(a.topk_overrides_json) if a.topk_overrides_json else None
     items = topk_bench.ANN_ITEMS if a.topk_ann_items is None else a.topk_ann_items
     return topk_bench.bench(work / "topk", quick=a.quick, data=data, ann_items=items,
-                            calls=topk_bench.budget(a.quick, a.serve_requests, a.serve_seconds))
+                            calls=topk_bench.budget(a.quick, a.serve_requests, a.serve_seconds),
+                            prefect_api=a.prefect_api_url)
 
 
 def _write(results: dict, out_dir: Path) -> None:

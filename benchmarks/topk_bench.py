@@ -160,12 +160,13 @@ def flow_overrides(data: dict) -> dict:
 
 
 def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: int = 0,
-          calls: tuple | None = None) -> dict:
+          calls: tuple | None = None, prefect_api: str | None = None) -> dict:
     """``data``: config overrides for the flow (default: 20k synthetic interactions, 1 epoch). One
     two-stage flow; the retrieval-only version is exported from the same run's workflow and
     two-tower model (``topk.export_topk`` without a ranker, as the flow does for a retrieval run).
     Both versions are then served by one Triton. ``ann_items``: also :func:`ann_bench` (key ``ann``).
-    ``calls``: (calls, seconds) per timed point (default :func:`budget` of ``quick``)."""
+    ``calls``: (calls, seconds) per timed point (default :func:`budget` of ``quick``); ``prefect_api``:
+    see ``e2e_bench.bench``."""
     import shutil
 
     from benchmarks import e2e_bench
@@ -174,7 +175,7 @@ def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: 
     from pipeline_lib.config import ColumnsConfig
     from pipeline_lib.serving.server import TritonServer
 
-    flow = e2e_bench.bench(work / "flow", flow_overrides(data or DATA))
+    flow = e2e_bench.bench(work / "flow", flow_overrides(data or DATA), prefect_api=prefect_api)
     summary = json.loads((work / "flow" / "e2e.json").read_text())["summary"]
     etl_dir, run_dir = Path(summary["etl_from"]), Path(summary["run_dir"])
     split = etl_dir.parent / "split"

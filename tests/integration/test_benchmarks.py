@@ -43,7 +43,7 @@ def test_end_to_end_section_tiny(bench_serving_suite):
     two-stage flow, --e2e-from-topk)."""
     b = bench_serving_suite
     e = check_bench_section(b.saved, b.md, "e2e")
-    assert e["from_topk_section"] is True
+    assert e["from_topk_section"] is True and e["prefect_api"] == "given"
     assert list(e["stage_seconds"])[:8] == ["raw-data", "validate", "etl", "train", "train-ranker", "export",
                                             "gate", "serving-smoke-test"]
     assert 0 < e["process_start_to_first_prediction_seconds"] <= e["process_wall_seconds"]

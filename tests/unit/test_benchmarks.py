@@ -89,7 +89,7 @@ def test_suite_etl_and_training_sections_tiny(tmp_path):
 def test_the_default_run_keeps_its_full_plan():
     """The options the tests use to make the suite cheap are all off by default (`make bench`)."""
     a = run.parse_args([])
-    assert not (a.train_one_interpreter or a.serve_one_triton or a.e2e_from_topk)
+    assert not (a.train_one_interpreter or a.serve_one_triton or a.e2e_from_topk or a.prefect_api_url)
     assert a.topk_overrides_json is None and a.topk_ann_items is None and a.serve_requests is None
     plan = serving_bench.Plan()
     assert (plan.batches, plan.concurrency, plan.protocols) == ((1, 64, 1024), (1, 8), ("grpc", "http"))
