@@ -50,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-rows", type=int, help="rows of the training benchmark's synthetic set (default 1M, quick 100k; 80%% are trained on)")
     p.add_argument("--train-batch-size", type=int, default=1024)
     p.add_argument("--train-one-interpreter", action="store_true",
-                   help="the four training runs one after the other in one child process (default: one child each)")
+                   help="the training runs one after the other in one child process (default: one child each)")
+    p.add_argument("--train-unshuffled-only", action="store_true",
+                   help="only the two unshuffled training runs (default: unshuffled and shuffled)")
     p.add_argument("--serve-model-rows", type=int, help="rows the served model is trained on (default 20k)")
     p.add_argument("--serve-requests", type=int, default=None,
                    help="cap on requests per client and configuration (default: 300/200/40 for batch 1/64/1024)")
@@ -156,7 +158,7 @@ def main(argv=None) -> dict:
             d = etl_bench.prepare_data(train_rows, data_dir)
             train_dir = Path(etl_bench.nvt_fit_transform(ColumnsConfig(), d["train"], d["valid"],
                                                          work / "train_etl")["train_dir"])
-        return train_bench.bench(train_dir, a.train_batch_size, a.train_one_interpreter)
+        return train_bench.bench(train_dir, a.train_batch_size, a.train_one_interpreter, not a.train_unshuffled_only)
 
     section("train", _train)
 

@@ -161,24 +161,27 @@ def _fit_subprocess(train_dir: Path, runs: list[tuple[str, bool]], batch_size: i
         return json.loads(result.read_text())
 
 
-def bench(train_dir: Path, batch_size: int = 1024, one_interpreter: bool = False) -> dict:
+def bench(train_dir: Path, batch_size: int = 1024, one_interpreter: bool = False, shuffled: bool = True) -> dict:
     """Merlin loader vs tf.data, both unshuffled (like for like: same rows, same order, same model ->
     same loss) and shuffled (the pipeline's setting; Merlin shuffles within partitions, tf.data here
     draws one permutation of all rows). Each run in a fresh interpreter, so that no run inherits the
-    previous run's graphs, threads or garbage; ``one_interpreter``: the four runs in one (tests)."""
+    previous run's graphs, threads or garbage; ``one_interpreter``: the runs in one (tests);
+    ``shuffled=False``: the two unshuffled runs only (tests)."""
+    todo = [r for r in RUNS if shuffled or not r[1]]
     if one_interpreter:
-        runs = _fit_subprocess(train_dir, list(RUNS), batch_size)
+        runs = _fit_subprocess(train_dir, todo, batch_size)
     else:
-        runs = [r for run in RUNS for r in _fit_subprocess(train_dir, [run], batch_size)]
+        runs = [r for run in todo for r in _fit_subprocess(train_dir, [run], batch_size)]
     return summary(train_dir, batch_size, runs)
 
 
 def summary(train_dir: Path, batch_size: int, runs: list[dict]) -> dict:
-    """The runs and the Merlin / tf.data samples-per-second ratios, unshuffled and shuffled."""
+    """The runs and the Merlin / tf.data samples-per-second ratios, unshuffled and shuffled (None
+    where a run is missing or has no figure)."""
     out = {"train_dir": str(train_dir), "batch_size": batch_size, "runs": runs}
     by = {(r["feed"], r["shuffle"]): r for r in runs}
     for shuffle in (False, True):
-        m, t = by[("merlin", shuffle)]["samples_per_s"], by[("tfdata", shuffle)]["samples_per_s"]
+        m, t = (by.get((feed, shuffle), {}).get("samples_per_s") for feed in ("merlin", "tfdata"))
         out["ratio_merlin_over_tfdata" + ("_shuffled" if shuffle else "")] = round(m / t, 2) if m and t else None
     return out
 
