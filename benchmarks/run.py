@@ -104,14 +104,7 @@ def main(argv=None) -> dict:
     peers_rows = [int(float(x)) for x in a.peers_etl_rows.split(",")] if a.peers_etl_rows else sizes["peers_etl_rows"]
     train_rows = a.train_rows or sizes["train_rows"]
     serve_rows = a.serve_model_rows or sizes["serve_model_rows"]
-    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
-    bad = skip - set(SECTIONS)
-    if bad:
-        raise SystemExit(f"--skip: unknown section(s) {sorted(bad)}; choose from {SECTIONS}")
-    extra = {s.strip() for s in a.with_.split(",") if s.strip()}
-    if extra - set(OPTIONAL):
-        raise SystemExit(f"--with: unknown optional section(s) {sorted(extra - set(OPTIONAL))}; choose from {OPTIONAL}")
-    skip |= set(OPTIONAL) - extra
+    skip = skipped_sections(a)
     out_dir, data_dir = Path(a.out), Path(a.data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="recsys-bench-"))
@@ -141,42 +134,16 @@ def main(argv=None) -> dict:
         print(f"[bench] {name} done in {results['section_seconds'][name]} s", flush=True)
         _write(results, out_dir)  # partial results survive an interrupted run
 
-    from benchmarks import e2e_bench, etl_bench, serving_bench, train_bench
+    from benchmarks import etl_bench
 
     section("etl", lambda: [etl_bench.bench(n, work / "etl", data_dir) for n in etl_rows])
-
     section("etl_peers", lambda: etl_peers_section(results.get("etl"), peers_rows, work, data_dir))
-
-    def _train():
-        # the NVTabular output of the ETL section when it has this size, else transform it here
-        done = [e for e in results.get("etl") or [] if e["rows"] == train_rows]
-        if done and Path(done[0]["nvt"]["train_dir"]).is_dir():
-            train_dir = Path(done[0]["nvt"]["train_dir"])
-        else:
-            from pipeline_lib.config import ColumnsConfig
-
-            d = etl_bench.prepare_data(train_rows, data_dir)
-            train_dir = Path(etl_bench.nvt_fit_transform(ColumnsConfig(), d["train"], d["valid"],
-                                                         work / "train_etl")["train_dir"])
-        return train_bench.bench(train_dir, a.train_batch_size, a.train_one_interpreter, not a.train_unshuffled_only)
-
-    section("train", _train)
-
-    def _serving():
-        plan = serving_bench.Plan(quick=a.quick, requests_cap=a.serve_requests, seconds_cap=a.serve_seconds)
-        if a.serve_one_triton and "serving_peers" not in skip:  # the peers on the same server
-            from benchmarks import serving_peers
-
-            return serving_peers.serving_subprocess(work / "serving", data_dir, plan, serve_rows)
-        return serving_bench.bench_subprocess(work / "serving", data_dir, plan, serve_rows, a.serve_one_triton)
-
-    section("serving", _serving)
-
+    section("train", lambda: train_section(a, results.get("etl"), train_rows, work, data_dir))
+    section("serving", lambda: serving_section(a, "serving_peers" not in skip, serve_rows, work, data_dir))
     section("serving_peers", lambda: serving_peers_section(a, serve_rows, work, data_dir,
                                                            (results.get("serving") or {}).pop("guest", None)))
     section("topk", lambda: topk_section(a, work))
-    section("e2e", lambda: e2e_bench.load(work / "topk" / "flow") | {"from_topk_section": True} if a.e2e_from_topk
-            else e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json), prefect_api=a.prefect_api_url))
+    section("e2e", lambda: e2e_section(a, work))
 
     results["total_seconds"] = round(time.perf_counter() - t_all, 1)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -189,6 +156,54 @@ def main(argv=None) -> dict:
     print((out_dir / "latest.md").read_text())
     print(f"[bench] wrote {out_dir / 'latest.json'} and {out_dir / 'latest.md'} in {results['total_seconds']} s")
     return results
+
+
+def skipped_sections(a: argparse.Namespace) -> set[str]:
+    """--skip, plus the optional sections not asked for with --with."""
+    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    bad = skip - set(SECTIONS)
+    if bad:
+        raise SystemExit(f"--skip: unknown section(s) {sorted(bad)}; choose from {SECTIONS}")
+    extra = {s.strip() for s in a.with_.split(",") if s.strip()}
+    if extra - set(OPTIONAL):
+        raise SystemExit(f"--with: unknown optional section(s) {sorted(extra - set(OPTIONAL))}; choose from {OPTIONAL}")
+    return skip | (set(OPTIONAL) - extra)
+
+
+def train_section(a: argparse.Namespace, etl_results: list | None, train_rows: int, work: Path, data_dir: Path) -> dict:
+    """The training section on the ETL section's NVTabular output of this size, else on one transformed here."""
+    from benchmarks import etl_bench, train_bench
+
+    done = [e for e in etl_results or [] if e["rows"] == train_rows]
+    if done and Path(done[0]["nvt"]["train_dir"]).is_dir():
+        train_dir = Path(done[0]["nvt"]["train_dir"])
+    else:
+        from pipeline_lib.config import ColumnsConfig
+
+        d = etl_bench.prepare_data(train_rows, data_dir)
+        train_dir = Path(etl_bench.nvt_fit_transform(ColumnsConfig(), d["train"], d["valid"],
+                                                     work / "train_etl")["train_dir"])
+    return train_bench.bench(train_dir, a.train_batch_size, a.train_one_interpreter, not a.train_unshuffled_only)
+
+
+def serving_section(a: argparse.Namespace, with_peers: bool, serve_rows: int, work: Path, data_dir: Path) -> dict:
+    """The serving section in its child process (with --serve-one-triton and the serving_peers section
+    to run, the peers measured on its server too)."""
+    from benchmarks import serving_bench, serving_peers
+
+    plan = serving_bench.Plan(quick=a.quick, requests_cap=a.serve_requests, seconds_cap=a.serve_seconds)
+    if a.serve_one_triton and with_peers:
+        return serving_peers.serving_subprocess(work / "serving", data_dir, plan, serve_rows)
+    return serving_bench.bench_subprocess(work / "serving", data_dir, plan, serve_rows, a.serve_one_triton)
+
+
+def e2e_section(a: argparse.Namespace, work: Path) -> dict:
+    """The default flow end to end, or with --e2e-from-topk the figures of the top-k section's flow."""
+    from benchmarks import e2e_bench
+
+    if a.e2e_from_topk:
+        return e2e_bench.load(work / "topk" / "flow") | {"from_topk_section": True}
+    return e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json), prefect_api=a.prefect_api_url)
 
 
 def etl_peers_section(etl_results: list | None, peers_rows: list[int], work: Path, data_dir: Path) -> list:
