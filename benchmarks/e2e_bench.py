@@ -44,14 +44,17 @@ def child_main(argv=None) -> None:
     }, default=str))
 
 
-def bench(work: Path, overrides: dict | None = None, timeout_s: float = 900) -> dict:
+def bench(work: Path, overrides: dict | None = None, timeout_s: float = 900, prefect_api: str | None = None) -> dict:
+    """The flow in a child process with a private Prefect home; ``prefect_api``: report to that running
+    Prefect API instead of starting an ephemeral one (its start-up is then not measured)."""
     work.mkdir(parents=True, exist_ok=True)
     result = work / "e2e.json"
     env = dict(os.environ, PREFECT_HOME=str(work / "prefect_home"), TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONWARNINGS="ignore", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                # the ephemeral API starts in ~10-30 s; the default 20 s limit fails on a loaded machine
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
-    env.pop("PREFECT_API_URL", None)  # always the ephemeral API of this run
+    env.pop("PREFECT_API_URL", None)  # the ephemeral API of this run, unless one is given
+    env.update({"PREFECT_API_URL": prefect_api} if prefect_api else {})
     cmd = [sys.executable, "-m", "benchmarks.e2e_bench", "--work", str(work), "--result", str(result),
            "--overrides-json", json.dumps(overrides or {})]
     t0 = time.time()
@@ -69,7 +72,7 @@ def bench(work: Path, overrides: dict | None = None, timeout_s: float = 900) -> 
         upto += s
         if name == "serving-smoke-test":
             break
-    return {
+    out = {
         "stage_seconds": stages,
         "stages_sum_seconds": round(sum(stages.values()), 2),
         "stages_sum_to_first_prediction_seconds": round(upto, 2),
@@ -80,7 +83,15 @@ def bench(work: Path, overrides: dict | None = None, timeout_s: float = 900) -> 
         "metrics": r["summary"].get("metrics"),
         "max_abs_diff_served_vs_offline": r["summary"].get("max_abs_diff_served_vs_offline"),
         "overrides": overrides or {},
+        "prefect_api": "given" if prefect_api else "ephemeral",
     }
+    (work / "bench.json").write_text(json.dumps(out, default=str))
+    return out
+
+
+def load(work: Path) -> dict:
+    """The figures :func:`bench` measured into ``work`` (e.g. the top-k section's flow), read back."""
+    return json.loads((work / "bench.json").read_text())
 
 
 if __name__ == "__main__":

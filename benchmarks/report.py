@@ -119,7 +119,9 @@ def markdown(r: dict) -> str:
 
     if r.get("e2e"):
         e = r["e2e"]
-        lines += ["## End to end: default run (`flows.pipeline.pipeline`, embedded default)", "",
+        what = ("the top-k section's two-stage flow (`--e2e-from-topk`)" if e.get("from_topk_section")
+                else "default run (`flows.pipeline.pipeline`, embedded default)")
+        lines += [f"## End to end: {what}", "",
                   f"Process start → first served prediction: **{e['process_start_to_first_prediction_seconds']} s** "
                   f"(Python imports {e['python_imports_seconds']} s; whole process {e['process_wall_seconds']} s; "
                   f"Prefect/flow overhead outside the stages {e['flow_overhead_seconds']} s, which includes starting "

@@ -49,11 +49,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "default 1M, quick 100k; a size the ETL section ran reuses its pipeline and pandas figures)")
     p.add_argument("--train-rows", type=int, help="rows of the training benchmark's synthetic set (default 1M, quick 100k; 80%% are trained on)")
     p.add_argument("--train-batch-size", type=int, default=1024)
+    p.add_argument("--train-one-interpreter", action="store_true",
+                   help="the training runs one after the other in one child process (default: one child each)")
+    p.add_argument("--train-unshuffled-only", action="store_true",
+                   help="only the two unshuffled training runs (default: unshuffled and shuffled)")
     p.add_argument("--serve-model-rows", type=int, help="rows the served model is trained on (default 20k)")
     p.add_argument("--serve-requests", type=int, default=None,
                    help="cap on requests per client and configuration (default: 300/200/40 for batch 1/64/1024)")
     p.add_argument("--serve-seconds", type=float, default=None, help="cap on seconds per serving configuration")
+    p.add_argument("--serve-one-triton", action="store_true",
+                   help="serve the dynamically batched variant (under its own name) and the serving_peers section's "
+                   "models on the serving section's server (default: a server each)")
     p.add_argument("--e2e-overrides-json", default="{}", help="config overrides for the end-to-end run (default: none)")
+    p.add_argument("--e2e-from-topk", action="store_true",
+                   help="the e2e section reports the flow the topk section ran (its two-stage config) instead of "
+                   "running the default flow (default: its own flow)")
+    p.add_argument("--prefect-api-url", help="the flows of the topk and e2e sections report to this running "
+                   "Prefect API (default: each starts its own ephemeral API, whose start-up is measured)")
+    p.add_argument("--topk-overrides-json", default=None,
+                   help="data/model overrides of the topk section's flow (default: 20k interactions, 1 epoch)")
+    p.add_argument("--topk-ann-items", type=int, default=None, help="catalogue size of the topk section's ANN "
+                   "part (default 1M; 0: no ANN part)")
     p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
     p.add_argument("--with", dest="with_", default="",
                    help=f"comma-separated optional sections to run as well: {','.join(OPTIONAL)} (top-k serving, ~3-5 min)")
@@ -88,14 +104,7 @@ def main(argv=None) -> dict:
     peers_rows = [int(float(x)) for x in a.peers_etl_rows.split(",")] if a.peers_etl_rows else sizes["peers_etl_rows"]
     train_rows = a.train_rows or sizes["train_rows"]
     serve_rows = a.serve_model_rows or sizes["serve_model_rows"]
-    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
-    bad = skip - set(SECTIONS)
-    if bad:
-        raise SystemExit(f"--skip: unknown section(s) {sorted(bad)}; choose from {SECTIONS}")
-    extra = {s.strip() for s in a.with_.split(",") if s.strip()}
-    if extra - set(OPTIONAL):
-        raise SystemExit(f"--with: unknown optional section(s) {sorted(extra - set(OPTIONAL))}; choose from {OPTIONAL}")
-    skip |= set(OPTIONAL) - extra
+    skip = skipped_sections(a)
     out_dir, data_dir = Path(a.out), Path(a.data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="recsys-bench-"))
@@ -125,36 +134,16 @@ def main(argv=None) -> dict:
         print(f"[bench] {name} done in {results['section_seconds'][name]} s", flush=True)
         _write(results, out_dir)  # partial results survive an interrupted run
 
-    from benchmarks import e2e_bench, etl_bench, serving_bench, topk_bench, train_bench
+    from benchmarks import etl_bench
 
     section("etl", lambda: [etl_bench.bench(n, work / "etl", data_dir) for n in etl_rows])
-
     section("etl_peers", lambda: etl_peers_section(results.get("etl"), peers_rows, work, data_dir))
-
-    def _train():
-        # the NVTabular output of the ETL section when it has this size, else transform it here
-        done = [e for e in results.get("etl") or [] if e["rows"] == train_rows]
-        if done and Path(done[0]["nvt"]["train_dir"]).is_dir():
-            train_dir = Path(done[0]["nvt"]["train_dir"])
-        else:
-            from pipeline_lib.config import ColumnsConfig
-
-            d = etl_bench.prepare_data(train_rows, data_dir)
-            train_dir = Path(etl_bench.nvt_fit_transform(ColumnsConfig(), d["train"], d["valid"],
-                                                         work / "train_etl")["train_dir"])
-        return train_bench.bench(train_dir, a.train_batch_size)
-
-    section("train", _train)
-
-    def _serving():
-        return serving_bench.bench_subprocess(work / "serving", data_dir, quick=a.quick, model_rows=serve_rows,
-                                              requests_cap=a.serve_requests, seconds_cap=a.serve_seconds)
-
-    section("serving", _serving)
-
-    section("serving_peers", lambda: serving_peers_section(a, serve_rows, work, data_dir))
-    section("topk", lambda: topk_bench.bench(work / "topk", quick=a.quick, ann_items=topk_bench.ANN_ITEMS))
-    section("e2e", lambda: e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json)))
+    section("train", lambda: train_section(a, results.get("etl"), train_rows, work, data_dir))
+    section("serving", lambda: serving_section(a, "serving_peers" not in skip, serve_rows, work, data_dir))
+    section("serving_peers", lambda: serving_peers_section(a, serve_rows, work, data_dir,
+                                                           (results.get("serving") or {}).pop("guest", None)))
+    section("topk", lambda: topk_section(a, work))
+    section("e2e", lambda: e2e_section(a, work))
 
     results["total_seconds"] = round(time.perf_counter() - t_all, 1)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -169,6 +158,54 @@ def main(argv=None) -> dict:
     return results
 
 
+def skipped_sections(a: argparse.Namespace) -> set[str]:
+    """--skip, plus the optional sections not asked for with --with."""
+    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    bad = skip - set(SECTIONS)
+    if bad:
+        raise SystemExit(f"--skip: unknown section(s) {sorted(bad)}; choose from {SECTIONS}")
+    extra = {s.strip() for s in a.with_.split(",") if s.strip()}
+    if extra - set(OPTIONAL):
+        raise SystemExit(f"--with: unknown optional section(s) {sorted(extra - set(OPTIONAL))}; choose from {OPTIONAL}")
+    return skip | (set(OPTIONAL) - extra)
+
+
+def train_section(a: argparse.Namespace, etl_results: list | None, train_rows: int, work: Path, data_dir: Path) -> dict:
+    """The training section on the ETL section's NVTabular output of this size, else on one transformed here."""
+    from benchmarks import etl_bench, train_bench
+
+    done = [e for e in etl_results or [] if e["rows"] == train_rows]
+    if done and Path(done[0]["nvt"]["train_dir"]).is_dir():
+        train_dir = Path(done[0]["nvt"]["train_dir"])
+    else:
+        from pipeline_lib.config import ColumnsConfig
+
+        d = etl_bench.prepare_data(train_rows, data_dir)
+        train_dir = Path(etl_bench.nvt_fit_transform(ColumnsConfig(), d["train"], d["valid"],
+                                                     work / "train_etl")["train_dir"])
+    return train_bench.bench(train_dir, a.train_batch_size, a.train_one_interpreter, not a.train_unshuffled_only)
+
+
+def serving_section(a: argparse.Namespace, with_peers: bool, serve_rows: int, work: Path, data_dir: Path) -> dict:
+    """The serving section in its child process (with --serve-one-triton and the serving_peers section
+    to run, the peers measured on its server too)."""
+    from benchmarks import serving_bench, serving_peers
+
+    plan = serving_bench.Plan(quick=a.quick, requests_cap=a.serve_requests, seconds_cap=a.serve_seconds)
+    if a.serve_one_triton and with_peers:
+        return serving_peers.serving_subprocess(work / "serving", data_dir, plan, serve_rows)
+    return serving_bench.bench_subprocess(work / "serving", data_dir, plan, serve_rows, a.serve_one_triton)
+
+
+def e2e_section(a: argparse.Namespace, work: Path) -> dict:
+    """The default flow end to end, or with --e2e-from-topk the figures of the top-k section's flow."""
+    from benchmarks import e2e_bench
+
+    if a.e2e_from_topk:
+        return e2e_bench.load(work / "topk" / "flow") | {"from_topk_section": True}
+    return e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json), prefect_api=a.prefect_api_url)
+
+
 def etl_peers_section(etl_results: list | None, peers_rows: list[int], work: Path, data_dir: Path) -> list:
     """ETL peers at each size (reusing the ETL section's pipeline and pandas runs of that size); prints the ratios."""
     from benchmarks import etl_peers
@@ -180,16 +217,29 @@ def etl_peers_section(etl_results: list | None, peers_rows: list[int], work: Pat
     return out
 
 
-def serving_peers_section(a: argparse.Namespace, serve_rows: int, work: Path, data_dir: Path) -> dict:
-    """Serving peers on one Triton (the serving section's model when it ran); prints the ratios."""
+def serving_peers_section(a: argparse.Namespace, serve_rows: int, work: Path, data_dir: Path,
+                          measured: dict | None = None) -> dict:
+    """Serving peers on one Triton (the serving section's model when it ran); prints the ratios.
+    ``measured``: the peers the serving section already measured on its server (--serve-one-triton)."""
     from benchmarks import serving_peers
 
-    out = serving_peers.bench_subprocess(work / "serving_peers", data_dir, quick=a.quick, model_rows=serve_rows,
+    out = measured or serving_peers.bench_subprocess(work / "serving_peers", data_dir, quick=a.quick, model_rows=serve_rows,
                                          serving_work=work / "serving", requests_cap=a.serve_requests,
                                          seconds_cap=a.serve_seconds)
     for line in serving_peers.ratio_lines(out):
         print(f"[peers] {line}", flush=True)
     return out
+
+
+def topk_section(a: argparse.Namespace, work: Path) -> dict:
+    """The top-k section with the run's options (request caps shared with the serving sections)."""
+    from benchmarks import topk_bench
+
+    data = json.loads(a.topk_overrides_json) if a.topk_overrides_json else None
+    items = topk_bench.ANN_ITEMS if a.topk_ann_items is None else a.topk_ann_items
+    return topk_bench.bench(work / "topk", quick=a.quick, data=data, ann_items=items,
+                            calls=topk_bench.budget(a.quick, a.serve_requests, a.serve_seconds),
+                            prefect_api=a.prefect_api_url)
 
 
 def _write(results: dict, out_dir: Path) -> None:

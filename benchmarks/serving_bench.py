@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 import pandas as pd
@@ -28,6 +30,8 @@ import pandas as pd
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MODEL = "recsys"
+# the dynamically batched variant's name when it shares the main variant's server (``one_triton``)
+MODEL_BATCHED = "recsys_batched"
 WARMUP = 3  # requests per client before the timed ones
 # the dynamically batched variant served in a second pass (8 clients)
 BATCHING = {"enabled": True, "max_batch_size": 16, "max_queue_delay_microseconds": 0}
@@ -42,8 +46,10 @@ class ServedModel:
     prepare_seconds: dict
 
 
-def prepare_model(work: Path, data_dir: Path, rows: int = 20_000, n_request_rows: int = 1024) -> ServedModel:
-    """Train a small DLRM with the pipeline's functions, export, publish and promote it."""
+def prepare_model(work: Path, data_dir: Path, rows: int = 20_000, n_request_rows: int = 1024,
+                  batched: bool = True) -> ServedModel:
+    """Train a small DLRM with the pipeline's functions, export, publish and promote it; with ``batched``
+    also export it with Triton's dynamic batcher on, into ``model_repository_batched``."""
     from pipeline_lib.export import ranking as export
     from pipeline_lib.serving import repository
     from pipeline_lib.models import ranking as train
@@ -71,16 +77,23 @@ def prepare_model(work: Path, data_dir: Path, rows: int = 20_000, n_request_rows
     repo = work / "model_repository"
     version, path = repository.publish(exp.version_dir, exp.config_path, repo, MODEL)
     repository.promote(repo, MODEL, version)
-    # the same model with Triton's dynamic batcher on (serving.dynamic_batching), in its own repository
-    from pipeline_lib.config import DynamicBatchingConfig
+    if batched:
+        _export_batched(work, model.model_dir, request_rows, columns.label)
+    return ServedModel(repo, version, path / "ensemble", request_rows, {k: round(v, 2) for k, v in t.items()})
 
-    exp_b = export.export_ensemble(work / "etl" / "workflow", model.model_dir, request_rows.head(64), columns.label,
+
+def _export_batched(work: Path, model_dir: Path, request_rows: pd.DataFrame, label: str) -> None:
+    """The same model with Triton's dynamic batcher on (serving.dynamic_batching), in its own repository."""
+    from pipeline_lib.config import DynamicBatchingConfig
+    from pipeline_lib.export import ranking as export
+    from pipeline_lib.serving import repository
+
+    exp_b = export.export_ensemble(work / "etl" / "workflow", model_dir, request_rows.head(64), label,
                                    work / "staging_batched", MODEL, 1,
                                    export.ExportOptions(dynamic_batching=DynamicBatchingConfig(**BATCHING)))
     repo_b = work / "model_repository_batched"
     version_b, _ = repository.publish(exp_b.version_dir, exp_b.config_path, repo_b, MODEL)
     repository.promote(repo_b, MODEL, version_b)
-    return ServedModel(repo, version, path / "ensemble", request_rows, {k: round(v, 2) for k, v in t.items()})
 
 
 def _pcts(lat_s: list[float]) -> dict:
@@ -93,6 +106,31 @@ def _budget(batch: int, quick: bool) -> tuple[int, float]:
     """(requests per client, seconds per configuration): bounded whatever the server's speed."""
     n = {1: 300, 64: 200, 1024: 40}.get(batch, 50)
     return (max(10, n // 5), 4.0) if quick else (n, 8.0)
+
+
+@dataclass
+class Plan:
+    """What the serving section measures: batch sizes, client counts, protocols, and the budget of
+    each point (requests per client, seconds), ``_budget`` unless capped."""
+    batches: tuple = (1, 64, 1024)
+    concurrency: tuple = (1, 8)
+    protocols: tuple = ("grpc", "http")
+    quick: bool = False
+    requests_cap: int | None = None
+    seconds_cap: float | None = None
+
+    def budget(self, batch: int) -> tuple[int, float]:
+        n, secs = _budget(batch, self.quick)
+        return (min(n, self.requests_cap) if self.requests_cap else n), (self.seconds_cap or secs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()})
+
+    def breakdown_calls(self) -> int:
+        """Calls per part in ``breakdown`` (its median skips three warm-up calls)."""
+        n = 10 if self.quick else 30
+        return min(n, max(3, self.requests_cap)) if self.requests_cap else n
 
 
 def load_clients(url: str, protocol: str, rows: pd.DataFrame, batch: int, clients: int,
@@ -254,12 +292,12 @@ def breakdown(inproc: InProcess, rows: pd.DataFrame, batch: int, n: int = 30) ->
             "median_ms": med}
 
 
-def _stats(url: str) -> dict:
+def _stats(url: str, model: str = MODEL) -> dict:
     """Triton's cumulative per-model statistics (ns), through the HTTP API."""
     import tritonclient.http as httpclient
 
     with httpclient.InferenceServerClient(url) as c:
-        s = c.get_inference_statistics(MODEL)["model_stats"]
+        s = c.get_inference_statistics(model)["model_stats"]
     keys = ("success", "queue", "compute_input", "compute_infer", "compute_output")
     tot = {k: (0, 0) for k in keys}
     for m in s:
@@ -271,9 +309,8 @@ def _stats(url: str) -> dict:
     return tot
 
 
-def _executions_per_request(url: str, before: dict) -> float | None:
-    """Model executions per request since ``before`` (< 1: the dynamic batcher combined requests)."""
-    after = _stats(url)
+def _executions_per_request(before: dict, after: dict) -> float | None:
+    """Model executions per request between two ``_stats`` (< 1: the dynamic batcher combined requests)."""
     n = after["success"][0] - before["success"][0]
     return round((after["executions"] - before["executions"]) / n, 3) if n > 0 else None
 
@@ -286,74 +323,144 @@ def _stats_delta(before: dict, after: dict) -> dict:
             for k in ("success", "queue", "compute_input", "compute_infer", "compute_output")}
 
 
-def bench(work: Path, data_dir: Path, batches=(1, 64, 1024), concurrency=(1, 8), protocols=("grpc", "http"),
-          quick: bool = False, model_rows: int = 20_000, requests_cap: int | None = None,
-          seconds_cap: float | None = None) -> dict:
+def edit_config(src: Path, dst: Path, edit) -> None:
+    """``src`` config.pbtxt -> ``edit(ModelConfig)`` -> ``dst``."""
+    import tritonclient.grpc.model_config_pb2 as mc
+    from google.protobuf import text_format
+
+    cfg = text_format.Parse(src.read_text(), mc.ModelConfig())
+    edit(cfg)
+    dst.write_text(text_format.MessageToString(cfg))
+
+
+def one_repository(sm: ServedModel, work: Path, batched: bool) -> Path:
+    """The published model in a repository of its own, for one server (``one_triton``); with ``batched``
+    also the same version as ``MODEL_BATCHED`` with Triton's dynamic batcher on (``BATCHING``, set by the
+    export's own ``install_serving_model``, as ``prepare_model`` exports the variant)."""
+    import tritonclient.grpc.model_config_pb2 as mc
+    from google.protobuf import text_format
+
+    from pipeline_lib.config import DynamicBatchingConfig
+    from pipeline_lib.export.ranking import install_serving_model
+
+    repo = work / "model_repository_both"
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.copytree(sm.repo / MODEL, repo / MODEL)
+    if not batched:
+        return repo
+    shutil.copytree(sm.repo / MODEL, repo / MODEL_BATCHED)
+    cfg_path = repo / MODEL_BATCHED / "config.pbtxt"
+    max_rows = text_format.Parse(cfg_path.read_text(), mc.ModelConfig()).parameters["max_request_rows"].string_value
+    install_serving_model(repo / MODEL_BATCHED, sm.version, int(max_rows), DynamicBatchingConfig(**BATCHING))
+
+    def rename(cfg) -> None:
+        cfg.name = MODEL_BATCHED
+
+    edit_config(cfg_path, cfg_path, rename)
+    return repo
+
+
+def served_runs(server, model: str, plan: Plan, rows: pd.DataFrame, protocols: tuple | None = None) -> list[dict]:
+    """Every (protocol, batch, clients) point of ``plan`` against ``model`` on ``server``, with
+    Triton's own per-request statistics and model executions per request."""
+    out = []
+    for proto in protocols or plan.protocols:
+        url = server.grpc_url if proto == "grpc" else server.http_url
+        for b in plan.batches:
+            n, secs = plan.budget(b)
+            for k in plan.concurrency:
+                before = _stats(server.http_url, model)
+                r = load_clients(url, proto, rows, b, k, n, secs, model=model)
+                after = _stats(server.http_url, model)
+                r.update(_stats_delta(before, after))
+                r["executions_per_request"] = _executions_per_request(before, after)
+                out.append(r)
+    return out
+
+
+def start_server(repo: Path, log: Path, models: list[str], timeout_s: float = 300) -> tuple:
+    """A Triton on free ports serving ``models`` of ``repo``, started; -> (server, seconds to ready)."""
     from pipeline_lib.serving.server import TritonServer
 
-    def request_budget(batch, quick):
-        n, secs = _budget(batch, quick)
-        return (min(n, requests_cap) if requests_cap else n), (seconds_cap or secs)
-
+    server = TritonServer.on_free_ports(repo, log_file=log, model_control="explicit", load_models=models)
     t0 = time.perf_counter()
-    sm = prepare_model_subprocess(work, data_dir, rows=model_rows, n_request_rows=max(batches))
+    server.start(timeout_s=timeout_s, models=models)
+    return server, round(time.perf_counter() - t0, 2)
+
+
+def _parity(inproc: "InProcess", server, rows: pd.DataFrame) -> dict:
+    """Served scores against the in-process scores for the same request, both protocols."""
+    from pipeline_lib.serving.client import RecsysClient
+
+    want = inproc(inproc.arrays(rows))
+    out = {}
+    for proto, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+        with RecsysClient(url, proto, MODEL) as c:
+            out[f"max_abs_diff_served_vs_inprocess_{proto}"] = float(np.max(np.abs(c.predict(rows) - want)))
+    return out
+
+
+class Guest(Protocol):
+    """Models served beside the serving section's on its server (``one_triton``), measured while it runs."""
+
+    def install(self, repo: Path) -> list[str]: ...  # adds its models to the repository; -> their names
+
+    def measure(self, server, start_seconds: float) -> None: ...
+
+    def finish(self) -> dict: ...  # after the server stopped; -> its results
+
+
+def serve(sm: ServedModel, work: Path, plan: Plan, inproc: "InProcess", one_triton: bool = False,
+          guest: Guest | None = None) -> dict:
+    """Parity, then every point of ``plan`` on Triton; then the dynamically batched variant (8 clients,
+    gRPC; one instance, requests queued together) on a second server, or with ``one_triton`` on the
+    same server under the name ``MODEL_BATCHED``, with ``guest``'s models too (key ``guest``)."""
+    if guest and not one_triton:
+        raise ValueError("a guest is served on the section's own server: one_triton=True")
+    out: dict = {"one_triton": one_triton}
+    batched = 8 in plan.concurrency and (one_triton or (sm.repo.parent / "model_repository_batched").is_dir())
+    repo = one_repository(sm, work, batched) if one_triton else sm.repo
+    models = [MODEL] + ([MODEL_BATCHED] if one_triton and batched else [])
+    models += guest.install(repo) if guest else []
+    server, out["server_start_seconds"] = start_server(repo, work / "triton.log", models, 600 if guest else 300)
+    with server:
+        out.update(_parity(inproc, server, sm.rows.iloc[:64]))
+        out["served"] = served_runs(server, MODEL, plan, sm.rows)
+        if MODEL_BATCHED in models:
+            out["dynamic_batching"] = {"config": BATCHING, "served": served_runs(server, MODEL_BATCHED, plan, sm.rows,
+                                                                                  ("grpc",))}
+        if guest:
+            guest.measure(server, out["server_start_seconds"])
+    if batched and MODEL_BATCHED not in models:
+        server, _ = start_server(sm.repo.parent / "model_repository_batched", work / "triton_batched.log", [MODEL])
+        with server:
+            out["dynamic_batching"] = {"config": BATCHING, "served": served_runs(server, MODEL, plan, sm.rows, ("grpc",))}
+    return out | ({"guest": guest.finish() | {"on_serving_server": True}} if guest else {})
+
+
+def bench(work: Path, data_dir: Path, plan: Plan | None = None, model_rows: int = 20_000,
+          one_triton: bool = False, guest: Callable[[ServedModel, "InProcess"], Guest] | None = None) -> dict:
+    """The serving section: train and publish the model (:func:`prepare_model`, in a child), the
+    in-process reference and breakdown, the served runs (:func:`serve`), the reference again.
+    ``guest``: builds the :class:`Guest` served beside the model (needs ``one_triton``)."""
+    plan = plan or Plan()
+    t0 = time.perf_counter()
+    sm = prepare_model_subprocess(work, data_dir, model_rows, max(plan.batches), batched=not one_triton)
     prep = time.perf_counter() - t0
-    out: dict = {"model_rows": model_rows, "requests_cap": requests_cap, "seconds_cap": seconds_cap, "prepare_seconds": sm.prepare_seconds, "published_version": sm.version,
-                 "served": [], "in_process": [], "breakdown": []}
-
+    out: dict = {"model_rows": model_rows, "requests_cap": plan.requests_cap, "seconds_cap": plan.seconds_cap,
+                 "prepare_seconds": sm.prepare_seconds,
+                 "published_version": sm.version, "in_process": [], "breakdown": []}
     inproc = InProcess(sm.ensemble_dir)
-    for b in batches:
-        n, secs = request_budget(b, quick)
-        out["in_process"].append(bench_inprocess(inproc, sm.rows, b, n, secs) | {"pass": "before server"})
-    for b in batches:
-        out["breakdown"].append(breakdown(inproc, sm.rows, b, n=10 if quick else 30))
-
-    server = TritonServer.on_free_ports(sm.repo, log_file=work / "triton.log", model_control="explicit", load_models=[MODEL])
     t0 = time.perf_counter()
-    server.start(timeout_s=300, models=[MODEL])
-    out["server_start_seconds"] = round(time.perf_counter() - t0, 2)
-    try:
-        # parity first: served scores equal the in-process scores for the same request
-        from pipeline_lib.serving.client import RecsysClient
-
-        rows = sm.rows.iloc[:64]
-        want = inproc(inproc.arrays(rows))
-        for proto, url in (("grpc", server.grpc_url), ("http", server.http_url)):
-            with RecsysClient(url, proto, MODEL) as c:
-                out[f"max_abs_diff_served_vs_inprocess_{proto}"] = float(np.max(np.abs(c.predict(rows) - want)))
-        for proto in protocols:
-            url = server.grpc_url if proto == "grpc" else server.http_url
-            for b in batches:
-                n, secs = request_budget(b, quick)
-                for k in concurrency:
-                    before = _stats(server.http_url)
-                    r = load_clients(url, proto, sm.rows, b, k, n, secs)
-                    r.update(_stats_delta(before, _stats(server.http_url)))
-                    out["served"].append(r)
-    finally:
-        server.stop()
-    # the dynamically batched variant: 8 clients, gRPC (one instance; requests queued together)
-    repo_b = sm.repo.parent / "model_repository_batched"
-    if repo_b.is_dir() and 8 in concurrency:
-        server = TritonServer.on_free_ports(repo_b, log_file=work / "triton_batched.log", model_control="explicit", load_models=[MODEL])
-        server.start(timeout_s=300, models=[MODEL])
-        out["dynamic_batching"] = {"config": BATCHING, "served": []}
-        try:
-            for b in batches:
-                n, secs = request_budget(b, quick)
-                for k in concurrency:
-                    before = _stats(server.http_url)
-                    r = load_clients(server.grpc_url, "grpc", sm.rows, b, k, n, secs)
-                    r.update(_stats_delta(before, _stats(server.http_url)))
-                    r["executions_per_request"] = _executions_per_request(server.http_url, before)
-                    out["dynamic_batching"]["served"].append(r)
-        finally:
-            server.stop()
+    for b in plan.batches:
+        out["in_process"].append(bench_inprocess(inproc, sm.rows, b, *plan.budget(b)) | {"pass": "before server"})
+    for b in plan.batches:
+        out["breakdown"].append(breakdown(inproc, sm.rows, b, n=plan.breakdown_calls()))
+    out.update(serve(sm, work, plan, inproc, one_triton, guest(sm, inproc) if guest else None))
     # the reference again, now that the served runs are done (the machine is shared and noisy:
     # the targets use the faster of the two passes, i.e. the stricter reference)
-    for b in batches:
-        n, secs = request_budget(b, quick)
-        out["in_process"].append(bench_inprocess(inproc, sm.rows, b, n, secs) | {"pass": "after served runs"})
+    for b in plan.batches:
+        out["in_process"].append(bench_inprocess(inproc, sm.rows, b, *plan.budget(b)) | {"pass": "after served runs"})
     out["targets"] = targets(out)
     out["total_seconds"] = round(time.perf_counter() - t0 + prep, 1)
     return out
@@ -406,25 +513,36 @@ def _child(args: list[str], result: Path, log: Path, timeout_s: float = 1800) ->
     return json.loads(result.read_text())
 
 
-def prepare_model_subprocess(work: Path, data_dir: Path, rows: int, n_request_rows: int) -> ServedModel:
-    """prepare_model in a child process: the process that measures the in-process reference then holds
-    only the loaded ensemble, like Triton's python-backend stub (training leaves millions of Python
-    objects behind, which makes every later garbage collection -- and so pandas-heavy code -- slower)."""
-    work.mkdir(parents=True, exist_ok=True)
-    r = _child(["prepare", "--work", str(work), "--data-dir", str(data_dir), "--rows", str(rows),
-                "--n-request-rows", str(n_request_rows)], work / "prepare.json", work / "prepare.log")
+def load_prepared(folder: Path) -> ServedModel | None:
+    """The model :func:`prepare_model_subprocess` left in ``folder`` (its prepare.json); None if none."""
+    f = folder / "prepare.json"
+    if not f.is_file():
+        return None
+    r = json.loads(f.read_text())
     return ServedModel(Path(r["repo"]), r["version"], Path(r["ensemble_dir"]), pd.read_parquet(r["rows"]),
                        r["prepare_seconds"])
 
 
-def bench_subprocess(work: Path, data_dir: Path, quick: bool = False, model_rows: int = 20_000,
-                     requests_cap: int | None = None, seconds_cap: float | None = None) -> dict:
-    """The whole serving benchmark in a fresh interpreter (not the one that ran the training benchmark)."""
+def prepare_model_subprocess(work: Path, data_dir: Path, rows: int, n_request_rows: int,
+                             batched: bool = True) -> ServedModel:
+    """prepare_model in a child process: the process that measures the in-process reference then holds
+    only the loaded ensemble, like Triton's python-backend stub (training leaves millions of Python
+    objects behind, which makes every later garbage collection -- and so pandas-heavy code -- slower)."""
     work.mkdir(parents=True, exist_ok=True)
-    args = ["bench", "--work", str(work), "--data-dir", str(data_dir), "--model-rows", str(model_rows)]
-    args += ["--quick"] if quick else []
-    args += ["--requests-cap", str(requests_cap)] if requests_cap else []
-    args += ["--seconds-cap", str(seconds_cap)] if seconds_cap else []
+    _child(["prepare", "--work", str(work), "--data-dir", str(data_dir), "--rows", str(rows),
+            "--n-request-rows", str(n_request_rows), *([] if batched else ["--no-batched"])],
+           work / "prepare.json", work / "prepare.log")
+    return load_prepared(work)
+
+
+def bench_subprocess(work: Path, data_dir: Path, plan: Plan | None = None, model_rows: int = 20_000,
+                     one_triton: bool = False) -> dict:
+    """The whole serving benchmark in a fresh interpreter (not the one that ran the training benchmark)."""
+    plan = plan or Plan()
+    work.mkdir(parents=True, exist_ok=True)
+    args = ["bench", "--work", str(work), "--data-dir", str(data_dir), "--model-rows", str(model_rows),
+            "--plan-json", json.dumps(asdict(plan))]
+    args += ["--one-triton"] if one_triton else []
     return _child(args, work / "serving.json", work / "serving.log")
 
 
@@ -439,20 +557,19 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, default=20_000)
     p.add_argument("--n-request-rows", type=int, default=1024)
     p.add_argument("--model-rows", type=int, default=20_000)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--requests-cap", type=int)
-    p.add_argument("--seconds-cap", type=float)
+    p.add_argument("--no-batched", action="store_true", help="prepare: no dynamically batched export")
+    p.add_argument("--plan-json", default="{}", help="Plan fields (default: the full plan)")
+    p.add_argument("--one-triton", action="store_true", help="the batched variant on the same server")
     a = p.parse_args(argv)
     work, data_dir = Path(a.work), Path(a.data_dir)
     if a.mode == "prepare":
-        sm = prepare_model(work, data_dir, a.rows, a.n_request_rows)
+        sm = prepare_model(work, data_dir, a.rows, a.n_request_rows, not a.no_batched)
         rows_path = work / "request_rows.parquet"
         sm.rows.to_parquet(rows_path, index=False)
         res = {"repo": str(sm.repo), "version": sm.version, "ensemble_dir": str(sm.ensemble_dir),
                "rows": str(rows_path), "prepare_seconds": sm.prepare_seconds}
     else:
-        res = bench(work, data_dir, quick=a.quick, model_rows=a.model_rows, requests_cap=a.requests_cap,
-                    seconds_cap=a.seconds_cap)
+        res = bench(work, data_dir, Plan.from_json(a.plan_json), a.model_rows, a.one_triton)
     Path(a.result).write_text(json.dumps(res, indent=1, default=str))
 
 

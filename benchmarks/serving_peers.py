@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -54,22 +55,13 @@ def export_stock(workflow_dir: Path, model_dir: Path, label: str, repo: Path) ->
     return sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").exists())
 
 
-def _edit_config(src: Path, dst: Path, edit) -> None:
-    import tritonclient.grpc.model_config_pb2 as mc
-    from google.protobuf import text_format
-
-    cfg = text_format.Parse(src.read_text(), mc.ModelConfig())
-    edit(cfg)
-    dst.write_text(text_format.MessageToString(cfg))
-
-
 def _python_backend(model_dir: Path, model_py: Path) -> None:
     """A stock ``backend: "tensorflow"`` model -> the same model on the python backend."""
     def edit(cfg):
         cfg.backend, cfg.platform = "python", ""
         cfg.parameters.clear()
 
-    _edit_config(model_dir / "config.pbtxt", model_dir / "config.pbtxt", edit)
+    serving_bench.edit_config(model_dir / "config.pbtxt", model_dir / "config.pbtxt", edit)
     shutil.copyfile(model_py, model_dir / "1" / "model.py")
 
 
@@ -82,7 +74,7 @@ def write_echo(project_model: Path, repo: Path) -> None:
         cfg.ClearField("version_policy")
 
     (repo / ECHO / "1").mkdir(parents=True, exist_ok=True)
-    _edit_config(project_model / "config.pbtxt", repo / ECHO / "config.pbtxt", edit)
+    serving_bench.edit_config(project_model / "config.pbtxt", repo / ECHO / "config.pbtxt", edit)
     shutil.copyfile(PEER_MODELS / "echo.py", repo / ECHO / "1" / "model.py")
 
 
@@ -98,33 +90,15 @@ def _run(args: list[str], log: Path, result: Path | None = None, timeout_s: floa
 
 
 def prepared_model(work: Path, data_dir: Path, model_rows: int, serving_work: Path | None) -> tuple:
-    """(ServedModel, workflow dir, SavedModel dir): the serving section's model when it ran in this
-    run (same folder layout), else the same preparation here."""
-    if serving_work is not None and (serving_work / "prepare.json").exists():
-        r = json.loads((serving_work / "prepare.json").read_text())
-        sm = serving_bench.ServedModel(Path(r["repo"]), r["version"], Path(r["ensemble_dir"]),
-                                       pd.read_parquet(r["rows"]), r["prepare_seconds"])
-        base = serving_work
-    else:
+    """(ServedModel, workflow dir, SavedModel dir): the model prepared in ``serving_work`` (the serving
+    section's, or any folder where ``serving_bench.prepare_model_subprocess`` ran) when there is
+    one, else the same preparation here."""
+    sm = serving_bench.load_prepared(serving_work) if serving_work is not None else None
+    base = serving_work
+    if sm is None:
         sm = serving_bench.prepare_model_subprocess(work / "model", data_dir, rows=model_rows, n_request_rows=1024)
         base = work / "model"
     return sm, base / "etl" / "workflow", base / "model" / "model"
-
-
-def build_repository(work: Path, data_dir: Path, model_rows: int, serving_work: Path | None) -> tuple:
-    """One repository holding the three peers; -> (ServedModel, repository, models to load)."""
-    from pipeline_lib.config import ColumnsConfig
-
-    sm, workflow_dir, model_dir = prepared_model(work, data_dir, model_rows, serving_work)
-    repo = work / "peers_repository"
-    shutil.rmtree(repo, ignore_errors=True)
-    shutil.copytree(sm.repo / PROJECT, repo / PROJECT)
-    result = work / "stock.json"
-    _run(["export-stock", "--workflow", str(workflow_dir), "--model", str(model_dir), "--label",
-          ColumnsConfig().label, "--repo", str(repo), "--result", str(result)], work / "stock.log", result)
-    write_echo(repo / PROJECT, repo)
-    models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").exists())
-    return sm, repo, models
 
 
 def _request_budget(batch: int, quick: bool, requests_cap: int | None, seconds_cap: float | None) -> tuple:
@@ -143,34 +117,81 @@ def _parity(inproc, url: str, rows: pd.DataFrame) -> dict:
     return out
 
 
+def budget(plan: serving_bench.Plan) -> dict:
+    """{batch: (requests, seconds)} of the peers' points (batch 1 and 1024) under ``plan``'s quick/caps."""
+    return {b: _request_budget(b, plan.quick, plan.requests_cap, plan.seconds_cap) for b in (1, 1024)}
+
+
+class Peers:
+    """The peers next to the project's model on one server, in three steps around that server's life:
+    ``install`` (the stock and echo models into its repository; the first in-process pass), ``measure``
+    (parity, one gRPC client per peer) and ``finish`` (the second in-process pass; ratios). The server
+    is this module's own (:func:`bench`) or the serving section's (:func:`with_serving`)."""
+
+    def __init__(self, sm: serving_bench.ServedModel, inproc, work: Path, points: dict, sources: tuple[Path, Path]):
+        self.sm, self.inproc, self.work, self.points = sm, inproc, work, points
+        self.workflow_dir, self.model_dir = sources  # what the project's version was exported from
+        self.passes: list[list[dict]] = []
+        self.out: dict = {"served": {}}
+
+    def _inprocess_pass(self) -> list[dict]:
+        return [serving_bench.bench_inprocess(self.inproc, self.sm.rows, b, *self.points[b]) for b in (1, 1024)]
+
+    def install(self, repo: Path) -> list[str]:
+        """-> the models it added to ``repo`` (which already holds the project's model)."""
+        from pipeline_lib.config import ColumnsConfig
+
+        self.work.mkdir(parents=True, exist_ok=True)
+        before = {p.name for p in repo.iterdir()}
+        result = self.work / "stock.json"
+        _run(["export-stock", "--workflow", str(self.workflow_dir), "--model", str(self.model_dir), "--label",
+              ColumnsConfig().label, "--repo", str(repo), "--result", str(result)], self.work / "stock.log", result)
+        write_echo(repo / PROJECT, repo)
+        self.out["models"] = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").exists())
+        self.passes.append(self._inprocess_pass())
+        return [m for m in self.out["models"] if m not in before]
+
+    def measure(self, server, start_seconds: float) -> None:
+        self.out["server_start_seconds"] = start_seconds
+        self.out["max_abs_diff_served_vs_inprocess"] = _parity(self.inproc, server.grpc_url, self.sm.rows.iloc[:64])
+        for model in (PROJECT, STOCK, ECHO):
+            self.out["served"][model] = [serving_bench.load_clients(server.grpc_url, "grpc", self.sm.rows, b, 1,
+                                                                    *self.points[b], model=model) for b in (1, 1024)]
+
+    def finish(self) -> dict:
+        self.passes.append(self._inprocess_pass())
+        self.out["in_process"] = {"passes": self.passes,
+                                  "p50_ms": min(p[0]["p50_ms"] for p in self.passes),
+                                  "rows_per_s": max(p[1]["rows_per_s"] for p in self.passes)}
+        self.out["ratios"] = ratios(self.out)
+        return self.out
+
+
 def bench(work: Path, data_dir: Path, quick: bool = False, model_rows: int = 20_000,
           serving_work: Path | None = None, requests_cap: int | None = None, seconds_cap: float | None = None) -> dict:
-    from pipeline_lib.serving.server import TritonServer
-
+    """The peers on their own server (the serving section's model when ``serving_work`` holds it)."""
     t_all = time.perf_counter()
-    sm, repo, models = build_repository(work, data_dir, model_rows, serving_work)
-    budget = {b: _request_budget(b, quick, requests_cap, seconds_cap) for b in (1, 1024)}
-    inproc = serving_bench.InProcess(sm.ensemble_dir)
-    passes = [[serving_bench.bench_inprocess(inproc, sm.rows, b, *budget[b]) for b in (1, 1024)]]
-    server = TritonServer.on_free_ports(repo, log_file=work / "triton_peers.log", model_control="explicit",
-                                        load_models=models)
-    t0 = time.perf_counter()
-    server.start(timeout_s=600, models=models)  # four python-backend models import TF or NVTabular at once
-    out: dict = {"models": models, "server_start_seconds": round(time.perf_counter() - t0, 2), "served": {}}
-    try:
-        out["max_abs_diff_served_vs_inprocess"] = _parity(inproc, server.grpc_url, sm.rows.iloc[:64])
-        for model in (PROJECT, STOCK, ECHO):
-            out["served"][model] = [serving_bench.load_clients(server.grpc_url, "grpc", sm.rows, b, 1, *budget[b],
-                                                               model=model) for b in (1, 1024)]
-    finally:
-        server.stop()
-    passes.append([serving_bench.bench_inprocess(inproc, sm.rows, b, *budget[b]) for b in (1, 1024)])
-    out["in_process"] = {"passes": passes,
-                         "p50_ms": min(p[0]["p50_ms"] for p in passes),
-                         "rows_per_s": max(p[1]["rows_per_s"] for p in passes)}
-    out["ratios"] = ratios(out)
-    out["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    return out
+    sm, workflow_dir, model_dir = prepared_model(work, data_dir, model_rows, serving_work)
+    repo = work / "peers_repository"
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.copytree(sm.repo / PROJECT, repo / PROJECT)
+    points = budget(serving_bench.Plan(quick=quick, requests_cap=requests_cap, seconds_cap=seconds_cap))
+    peers = Peers(sm, serving_bench.InProcess(sm.ensemble_dir), work, points, (workflow_dir, model_dir))
+    models = [PROJECT, *peers.install(repo)]
+    # four python-backend models import TF or NVTabular at once
+    server, start_s = serving_bench.start_server(repo, work / "triton_peers.log", models, timeout_s=600)
+    with server:
+        peers.measure(server, start_s)
+    return peers.finish() | {"total_seconds": round(time.perf_counter() - t_all, 1)}
+
+
+def with_serving(work: Path, data_dir: Path, plan: serving_bench.Plan, model_rows: int) -> dict:
+    """The serving section with ``one_triton``, the peers measured on its server too; their results
+    under the key ``serving_peers``."""
+    def guest(sm: serving_bench.ServedModel, inproc) -> Peers:
+        return Peers(sm, inproc, work / "peers", budget(plan), (work / "etl" / "workflow", work / "model" / "model"))
+
+    return serving_bench.bench(work, data_dir, plan, model_rows, one_triton=True, guest=guest)
 
 
 def ratios(out: dict) -> dict:
@@ -221,9 +242,18 @@ def bench_subprocess(work: Path, data_dir: Path, quick: bool = False, model_rows
     return _run(args, work / "peers.log", work / "peers.json")
 
 
+def serving_subprocess(work: Path, data_dir: Path, plan: serving_bench.Plan, model_rows: int) -> dict:
+    """:func:`with_serving` in a fresh interpreter."""
+    work.mkdir(parents=True, exist_ok=True)
+    args = ["serving", "--work", str(work), "--data-dir", str(data_dir), "--model-rows", str(model_rows),
+            "--plan-json", json.dumps(asdict(plan)), "--result", str(work / "serving.json")]
+    return _run(args, work / "serving.log", work / "serving.json")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["bench", "export-stock"])
+    p.add_argument("mode", choices=["bench", "export-stock", "serving"])
+    p.add_argument("--plan-json", default="{}")
     p.add_argument("--result", required=True)
     p.add_argument("--work")
     p.add_argument("--data-dir")
@@ -239,6 +269,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.mode == "export-stock":
         res = {"models": export_stock(Path(a.workflow), Path(a.model), a.label, Path(a.repo))}
+    elif a.mode == "serving":
+        res = with_serving(Path(a.work), Path(a.data_dir), serving_bench.Plan.from_json(a.plan_json), a.model_rows)
     else:
         res = bench(Path(a.work), Path(a.data_dir), a.quick, a.model_rows,
                     Path(a.serving_work) if a.serving_work else None, a.requests_cap, a.seconds_cap)

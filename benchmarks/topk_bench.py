@@ -48,8 +48,15 @@ def _timed(fn, n: int, seconds: float) -> dict:
             "p99_ms": round(float(np.percentile(a, 99)), 3)}
 
 
-def in_process(repo: Path, model: str, rows: pd.DataFrame, quick: bool = False):
-    """The served model.py's path in this process, compiled and NVTabular, at batch 1 and 64."""
+def budget(quick: bool = False, requests_cap: int | None = None, seconds_cap: float | None = None) -> tuple:
+    """(calls, seconds) per timed point: 100 / 4 s, quick 30 / 2 s, each capped when a cap is given."""
+    n, secs = (30, 2.0) if quick else (100, 4.0)
+    return (min(n, requests_cap) if requests_cap else n), (seconds_cap or secs)
+
+
+def in_process(repo: Path, model: str, rows: pd.DataFrame, calls: tuple = budget()):
+    """The served model.py's path in this process, compiled and NVTabular, at batch 1 and 64;
+    ``calls``: :func:`budget` (the NVTabular path gets a fifth of the calls, at least 10)."""
     from pipeline_lib.export.ranking import raw_to_columns
     from pipeline_lib.export.topk import TOPK_DIR, TopKRecommender
 
@@ -57,23 +64,23 @@ def in_process(repo: Path, model: str, rows: pd.DataFrame, quick: bool = False):
     rec = TopKRecommender(repo / model / str(version) / TOPK_DIR)
     out = {"fast_transform": rec.fast_status, "candidates": rec.candidates, "k": rec.k,
            "catalogue_items": int(len(rec.item_ids)), "in_process": [], "served": []}
-    n, secs = (30, 2.0) if quick else (100, 4.0)
+    n, secs = calls
     for batch in (1, 64):
         req = rows.head(batch)[rec.request_columns].reset_index(drop=True)
         cols = raw_to_columns(req)
         fast = _timed(lambda: rec.recommend_columns(cols), n, secs)
-        nvt = _timed(lambda: rec.recommend(req), max(10, n // 5), secs)
+        nvt = _timed(lambda: rec.recommend(req), max(min(n, 10), n // 5), secs)
         out["in_process"].append({"batch": batch, "compiled": fast, "nvtabular": nvt,
                                   "nvtabular_over_compiled_p50": round(nvt["p50_ms"] / fast["p50_ms"], 1)})
     return rec, out
 
 
-def served(url: str, protocol: str, model: str, rec, rows: pd.DataFrame, quick: bool = False) -> list[dict]:
+def served(url: str, protocol: str, model: str, rec, rows: pd.DataFrame, calls: tuple = budget()) -> list[dict]:
     """One client, batch 1 and 64; the served top-k is checked equal to the in-process top-k first."""
     from pipeline_lib.serving.client import RecsysClient
     from pipeline_lib.export.ranking import raw_to_columns
 
-    n, secs = (30, 2.0) if quick else (100, 4.0)
+    n, secs = calls
     out = []
     with RecsysClient(url, protocol, model) as c:
         for batch in (1, 64):
@@ -144,11 +151,22 @@ def ann_bench(n_items: int = ANN_ITEMS, quick: bool = False) -> dict:
     return {"cases": cases}
 
 
-def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: int = 0) -> dict:
+def flow_overrides(data: dict) -> dict:
+    """``data`` (data/model/export overrides) with the two-stage run on top; ``model.retrieval`` is merged."""
+    model = data.get("model", {})
+    return {**data, **RUN, "model": {**model, **RUN["model"],
+                                     "retrieval": {**model.get("retrieval", {}), **RUN["model"]["retrieval"]}},
+            "export": {**data.get("export", {}), "model_name": "topk_two_stage"}}
+
+
+def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: int = 0,
+          calls: tuple | None = None, prefect_api: str | None = None) -> dict:
     """``data``: config overrides for the flow (default: 20k synthetic interactions, 1 epoch). One
     two-stage flow; the retrieval-only version is exported from the same run's workflow and
     two-tower model (``topk.export_topk`` without a ranker, as the flow does for a retrieval run).
-    Both versions are then served by one Triton. ``ann_items``: also :func:`ann_bench` (key ``ann``)."""
+    Both versions are then served by one Triton. ``ann_items``: also :func:`ann_bench` (key ``ann``).
+    ``calls``: (calls, seconds) per timed point (default :func:`budget` of ``quick``); ``prefect_api``:
+    see ``e2e_bench.bench``."""
     import shutil
 
     from benchmarks import e2e_bench
@@ -157,9 +175,7 @@ def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: 
     from pipeline_lib.config import ColumnsConfig
     from pipeline_lib.serving.server import TritonServer
 
-    base = data or DATA
-    flow = e2e_bench.bench(work / "flow", {**base, **RUN, "model": {**base.get("model", {}), **RUN["model"]},
-                                          "export": {**base.get("export", {}), "model_name": "topk_two_stage"}})
+    flow = e2e_bench.bench(work / "flow", flow_overrides(data or DATA), prefect_api=prefect_api)
     summary = json.loads((work / "flow" / "e2e.json").read_text())["summary"]
     etl_dir, run_dir = Path(summary["etl_from"]), Path(summary["run_dir"])
     split = etl_dir.parent / "split"
@@ -171,15 +187,15 @@ def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: 
     version, _ = repository.publish(exp.version_dir, exp.config_path, repo, "topk_two_tower")
     repository.promote(repo, "topk_two_tower", version)
 
-    results, recs = {}, {}
+    results, recs, calls = {}, {}, calls or budget(quick)
     for name in NAMES:
-        recs[name], out = in_process(repo, f"topk_{name}", rows, quick)
+        recs[name], out = in_process(repo, f"topk_{name}", rows, calls)
         results[name] = {"flow_metrics": flow.get("metrics"), "flow_seconds": flow["process_wall_seconds"], **out}
     server = TritonServer.on_free_ports(repo, log_file=work / "triton.log")
     with server.start(timeout_s=300, models=[f"topk_{n}" for n in NAMES]):
         for name in NAMES:
             for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
-                results[name]["served"] += served(url, protocol, f"topk_{name}", recs[name], rows, quick)
+                results[name]["served"] += served(url, protocol, f"topk_{name}", recs[name], rows, calls)
     if ann_items:
         results["ann"] = ann_bench(ann_items, quick)
     return results

@@ -138,8 +138,11 @@ def _fit_one_epoch(train_dir: Path, feed: str, batch_size: int, shuffle: bool, s
     }
 
 
-def _fit_subprocess(train_dir: Path, feed: str, batch_size: int, shuffle: bool) -> dict:
-    """Each run in a fresh interpreter: no run inherits the previous run's graphs, threads or garbage."""
+RUNS = tuple((feed, shuffle) for shuffle in (False, True) for feed in ("merlin", "tfdata"))
+
+
+def _fit_subprocess(train_dir: Path, runs: list[tuple[str, bool]], batch_size: int) -> list[dict]:
+    """``runs`` ((feed, shuffle) pairs) one after the other in one fresh interpreter."""
     import json
     import subprocess
     import sys
@@ -147,26 +150,38 @@ def _fit_subprocess(train_dir: Path, feed: str, batch_size: int, shuffle: bool) 
 
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "r.json"
-        cmd = [sys.executable, "-m", "benchmarks.train_bench", "--train-dir", str(train_dir), "--feed", feed,
-               "--batch-size", str(batch_size), "--result", str(result)] + (["--shuffle"] if shuffle else [])
+        spec = ",".join(f"{feed}:{int(shuffle)}" for feed, shuffle in runs)
+        cmd = [sys.executable, "-m", "benchmarks.train_bench", "--train-dir", str(train_dir), "--runs", spec,
+               "--batch-size", str(batch_size), "--result", str(result)]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800,
                            cwd=Path(__file__).resolve().parent.parent)
         if p.returncode != 0:
-            raise RuntimeError(f"training run {feed} failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+            raise RuntimeError(f"training runs {spec} failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
         return json.loads(result.read_text())
 
 
-def bench(train_dir: Path, batch_size: int = 1024) -> dict:
+def bench(train_dir: Path, batch_size: int = 1024, one_interpreter: bool = False, shuffled: bool = True) -> dict:
     """Merlin loader vs tf.data, both unshuffled (like for like: same rows, same order, same model ->
     same loss) and shuffled (the pipeline's setting; Merlin shuffles within partitions, tf.data here
-    draws one permutation of all rows)."""
-    runs = [_fit_subprocess(train_dir, feed, batch_size, shuffle)
-            for shuffle in (False, True) for feed in ("merlin", "tfdata")]
+    draws one permutation of all rows). Each run in a fresh interpreter, so that no run inherits the
+    previous run's graphs, threads or garbage; ``one_interpreter``: the runs in one (tests);
+    ``shuffled=False``: the two unshuffled runs only (tests)."""
+    todo = [r for r in RUNS if shuffled or not r[1]]
+    if one_interpreter:
+        runs = _fit_subprocess(train_dir, todo, batch_size)
+    else:
+        runs = [r for run in todo for r in _fit_subprocess(train_dir, [run], batch_size)]
+    return summary(train_dir, batch_size, runs)
+
+
+def summary(train_dir: Path, batch_size: int, runs: list[dict]) -> dict:
+    """The runs and the Merlin / tf.data samples-per-second ratios, unshuffled and shuffled (None
+    where a run is missing or has no figure)."""
     out = {"train_dir": str(train_dir), "batch_size": batch_size, "runs": runs}
     by = {(r["feed"], r["shuffle"]): r for r in runs}
     for shuffle in (False, True):
-        m, t = by[("merlin", shuffle)]["samples_per_s"], by[("tfdata", shuffle)]["samples_per_s"]
+        m, t = (by.get((feed, shuffle), {}).get("samples_per_s") for feed in ("merlin", "tfdata"))
         out["ratio_merlin_over_tfdata" + ("_shuffled" if shuffle else "")] = round(m / t, 2) if m and t else None
     return out
 
@@ -177,13 +192,13 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser()
     p.add_argument("--train-dir", required=True)
-    p.add_argument("--feed", choices=["merlin", "tfdata"], required=True)
+    p.add_argument("--runs", required=True, help="comma-separated feed:shuffle pairs, e.g. merlin:0,tfdata:1")
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--shuffle", action="store_true")
     p.add_argument("--result", required=True)
     a = p.parse_args(argv)
-    r = _fit_one_epoch(Path(a.train_dir), a.feed, a.batch_size, a.shuffle)
-    Path(a.result).write_text(json.dumps(r))
+    runs = [(feed, bool(int(shuffle))) for feed, shuffle in (x.split(":") for x in a.runs.split(","))]
+    out = [_fit_one_epoch(Path(a.train_dir), feed, a.batch_size, shuffle) for feed, shuffle in runs]
+    Path(a.result).write_text(json.dumps(out))
 
 
 if __name__ == "__main__":

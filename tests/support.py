@@ -26,3 +26,13 @@ def check_bench_results(res: dict, out: Path) -> tuple[dict, str]:
     assert saved["machine"]["cpus"] >= 1
     assert md.startswith("# Benchmark results")
     return saved, md
+
+
+def check_bench_section(saved: dict, md: str, name: str) -> dict:
+    """One section of a benchmark run (latest.json, latest.md): no error, its wall time, the run's header
+    fields; -> the section's results."""
+    assert name not in saved["errors"], saved["errors"][name]
+    assert name in saved["section_seconds"] and saved["machine"]["cpus"] >= 1
+    assert {"started", "finished", "machine", "params", "total_seconds"} <= set(saved)
+    assert md.startswith("# Benchmark results")
+    return saved[name]

@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks import etl_bench, etl_peers, run, serving_peers
 from pipeline_lib.config import ColumnsConfig
+from tests.support import check_bench_section
 
 pytestmark = pytest.mark.integration
 
@@ -76,10 +77,12 @@ def test_suite_prints_the_etl_peer_ratios(tmp_path, capsys):
     assert "## Peers" in md and "| 2,000 |" in md
 
 
-@pytest.mark.integration
-def test_serving_peers_on_one_triton(tmp_path):
-    s = serving_peers.bench_subprocess(tmp_path / "peers", tmp_path / "data", quick=True, model_rows=2000,
-                                       requests_cap=5, seconds_cap=2)
+def test_serving_peers_on_one_triton(bench_serving_suite):
+    """The serving_peers section of the suite's run: the serving section's trained model, and (with
+    --serve-one-triton) the serving section's server, which also loads the stock and echo models."""
+    b = bench_serving_suite
+    s = check_bench_section(b.saved, b.md, "serving_peers")
+    assert s["on_serving_server"] is True and "guest" not in b.saved["serving"]
     assert {"recsys", "stock", "echo", "0_transformworkflowtriton", "1_predicttensorflowtriton"} <= set(s["models"])
     assert s["max_abs_diff_served_vs_inprocess"]["recsys"] <= 1e-5
     for model in ("recsys", "stock", "echo"):
@@ -90,3 +93,6 @@ def test_serving_peers_on_one_triton(tmp_path):
     assert re.search(r"project ensemble: gRPC batch-1 p50 [\d.]+ ms = [\d.]+ x in-process \(target <= 1.5: (met|NOT met)\)",
                      lines[1])
     assert "target >= 0.8" in lines[1] and "stock merlin-systems" in lines[2] and "echo floor" in lines[3]
+    printed = [x for x in b.printed.splitlines() if x.startswith("[peers] serving")]
+    assert printed == [f"[peers] {x}" for x in lines if x.startswith("serving")]
+    assert all(f"- {x}" in b.md for x in lines)

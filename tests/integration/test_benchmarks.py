@@ -1,66 +1,73 @@
-"""The benchmark suite's serving, end-to-end and top-k sections at a tiny size (real Triton, real flows)."""
+"""The benchmark suite's serving, top-k and end-to-end sections at a tiny size, from one run of the
+suite (``bench_serving_suite`` in conftest.py: real Triton, a real two-stage flow)."""
 from __future__ import annotations
-import json
-import pytest
-from benchmarks import run
-from tests.support import check_bench_results
 
+import pytest
+
+from benchmarks import topk_bench
+from tests.support import check_bench_section
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.integration
-def test_suite_serving_and_end_to_end_sections_tiny(tmp_path):
-    out = tmp_path / "results"
-    tiny_e2e = {"data": {"synthetic": {"n_users": 200, "n_items": 100, "n_interactions": 3000}},
-                "model": {"epochs": 1, "batch_size": 256}, "export": {"parity_rows": 32},
-                "gate": {"require_beat_baseline": False}}
-    res = run.main(["--skip", "etl,train,etl_peers,serving_peers", "--serve-model-rows", "2000", "--serve-requests", "3",
-                    "--serve-seconds", "2", "--e2e-overrides-json", json.dumps(tiny_e2e),
-                    "--out", str(out), "--data-dir", str(tmp_path / "data")])
-    saved, md = check_bench_results(res, out)
-    s = saved["serving"]
+def test_serving_section_tiny(bench_serving_suite):
+    b = bench_serving_suite
+    s = check_bench_section(b.saved, b.md, "serving")
     combos = {(r["protocol"], r["batch"], r["clients"]) for r in s["served"]}
     assert combos == {(p, b, k) for p in ("grpc", "http") for b in (1, 64, 1024) for k in (1, 8)}
     for r in s["served"]:
         assert r["errors"] == [] and r["requests"] >= 1
         assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["rows_per_s"] > 0
-    assert {r["batch"] for r in s["in_process"]} == {1, 64, 1024}
-    batched = s["dynamic_batching"]["served"]  # the dynamically batched variant, gRPC
-    assert {(r["batch"], r["clients"]) for r in batched} == {(b, k) for b in (1, 64, 1024) for k in (1, 8)}
-    assert all(r["errors"] == [] and r["requests"] >= 1 for r in batched)
+    assert {(r["batch"], r["pass"]) for r in s["in_process"]} == {
+        (b, p) for b in (1, 64, 1024) for p in ("before server", "after served runs")}
+    assert s["one_triton"] is True  # the dynamically batched variant on the same server, as recsys_batched
+    batched = s["dynamic_batching"]["served"]  # gRPC
+    assert {(r["protocol"], r["batch"], r["clients"]) for r in batched} == {
+        ("grpc", b, k) for b in (1, 64, 1024) for k in (1, 8)}
+    assert all(r["errors"] == [] and r["requests"] >= 1 and r["executions_per_request"] > 0 for r in batched)
     assert all(b["fast_transform"] for b in s["breakdown"])
     assert s["max_abs_diff_served_vs_inprocess_grpc"] <= 1e-5
     assert s["max_abs_diff_served_vs_inprocess_http"] <= 1e-5
     tg = s["targets"]
     assert isinstance(tg["grpc_batch1_p50_le_3ms"], bool)
     assert isinstance(tg["grpc_batch1024_throughput_ge_0.8_inprocess"], bool)
+    assert isinstance(tg["http_batch1024_throughput_ge_0.8_inprocess"], bool)
     assert isinstance(tg["grpc_batch1_8clients_p99_le_2x_p50"], bool)
     assert isinstance(tg["model_batch1_ge_3x_faster_than_savedmodel"], bool)
-    e = saved["e2e"]
-    assert list(e["stage_seconds"])[:7] == ["raw-data", "validate", "etl", "train", "export", "gate",
-                                            "serving-smoke-test"]
-    assert e["process_start_to_first_prediction_seconds"] <= e["process_wall_seconds"]
+    assert "## Serving" in b.md and "### Targets" in b.md and "Same model with dynamic batching on" in b.md
+    assert "p50 <= 3 ms, batch 1, gRPC, 1 client" in b.md and "p99 <= 2 x p50, 8 clients, http, batch1024" in b.md
+
+
+def test_end_to_end_section_tiny(bench_serving_suite):
+    """The e2e section's figures of a real flow run in a child process (here the top-k section's
+    two-stage flow, --e2e-from-topk)."""
+    b = bench_serving_suite
+    e = check_bench_section(b.saved, b.md, "e2e")
+    assert e["from_topk_section"] is True and e["prefect_api"] == "given"
+    assert list(e["stage_seconds"])[:8] == ["raw-data", "validate", "etl", "train", "train-ranker", "export",
+                                            "gate", "serving-smoke-test"]
+    assert 0 < e["process_start_to_first_prediction_seconds"] <= e["process_wall_seconds"]
+    assert e["stages_sum_to_first_prediction_seconds"] <= e["stages_sum_seconds"]
     assert e["max_abs_diff_served_vs_offline"] <= 1e-5
-    assert "## Serving" in md and "### Targets" in md and "## End to end" in md
+    assert "## End to end: the top-k section's two-stage flow" in b.md
 
 
-@pytest.mark.integration
-def test_top_k_section_tiny(tmp_path):
-    """Two real flows (two-tower; two-tower + DLRM), each version served by Triton and run in-process,
-    through the compiled transform and through NVTabular; served top-k equals in-process first."""
-    from benchmarks import topk_bench
-
-    tiny = {"data": {"synthetic": {"n_users": 200, "n_items": 100, "n_interactions": 3000}},
-            "model": {"epochs": 1, "batch_size": 256}, "export": {"parity_rows": 32}}
-    r = topk_bench.bench(tmp_path, quick=True, data=tiny)
-    assert set(r) == {"two_tower", "two_stage"}
-    for name, v in r.items():
+def test_top_k_section_tiny(bench_serving_suite):
+    """Two versions from one real two-stage flow (two-tower; two-tower + DLRM), each served by Triton and
+    run in-process, through the compiled transform and through NVTabular; served top-k equals
+    in-process first; and the exact-vs-ANN part on a small synthetic catalogue."""
+    b = bench_serving_suite
+    r = check_bench_section(b.saved, b.md, "topk")
+    assert set(r) == {"two_tower", "two_stage", "ann"}
+    for name in topk_bench.NAMES:
+        v = r[name]
         assert v["fast_transform"]["enabled"] is True, v["fast_transform"]
         assert {x["batch"] for x in v["in_process"]} == {1, 64}
         assert all(x["compiled"]["requests"] >= 1 and x["nvtabular"]["p50_ms"] > 0 for x in v["in_process"])
         assert {(s["protocol"], s["batch"]) for s in v["served"]} == {(p, b) for p in ("grpc", "http") for b in (1, 64)}
-        assert all(s["p50_ms"] <= s["p99_ms"] for s in v["served"])
+        assert all(1 <= s["requests"] <= 3 and s["p50_ms"] <= s["p99_ms"] for s in v["served"])
     assert r["two_stage"]["candidates"] == 100 and r["two_tower"]["candidates"] == 10
-    md = "\n".join(topk_bench.markdown(r))
-    assert "two_stage (100 candidates" in md
+    cases = r["ann"]["cases"]
+    assert [(c["items"], c["catalogue"]) for c in cases] == [(4000, "clustered"), (4000, "isotropic")]
+    assert all(0 <= c["recall_at_10"] <= 1 and [x["batch"] for x in c["batches"]] == [1, 64] for c in cases)
+    assert "## Top-k serving" in b.md and "two_stage (100 candidates" in b.md and "Exact vs ANN" in b.md

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks import etl_bench, run
+from benchmarks import etl_bench, run, serving_bench, topk_bench, train_bench
 from pipeline_lib.data import synthetic
 from pipeline_lib.etl import workflow as etl
 from pipeline_lib.config import ColumnsConfig, SplitConfig, SyntheticConfig
@@ -64,6 +64,7 @@ def test_pandas_reference_equals_the_nvtabular_workflow(tmp_path):
 def test_suite_etl_and_training_sections_tiny(tmp_path):
     out = tmp_path / "results"
     res = run.main(["--etl-rows", "2000", "--train-rows", "2000", "--skip", "serving,e2e,etl_peers,serving_peers",
+                    "--train-one-interpreter", "--train-unshuffled-only",  # the shuffled path: a test below
                     "--out", str(out), "--data-dir", str(tmp_path / "data")])
     saved, md = check_bench_results(res, out)
     assert set(saved["section_seconds"]) == {"etl", "train"}
@@ -75,15 +76,97 @@ def test_suite_etl_and_training_sections_tiny(tmp_path):
     assert e["outputs_equal"] is True and e["categoricals_identical"] is True
     assert e["time_ratio_nvt_over_pandas"] > 0
     t = saved["train"]
-    assert {(r["feed"], r["shuffle"]) for r in t["runs"]} == {
-        ("merlin", False), ("tfdata", False), ("merlin", True), ("tfdata", True)}
+    assert [(r["feed"], r["shuffle"]) for r in t["runs"]] == [("merlin", False), ("tfdata", False)]
     assert all(r["rows"] == t["runs"][0]["rows"] for r in t["runs"])
     # same model, same data, same order: the tf.data feed gives the model what the Merlin loader gives it
     unshuffled = {r["feed"]: r["loss"] for r in t["runs"] if not r["shuffle"]}
     assert unshuffled["merlin"] == pytest.approx(unshuffled["tfdata"], rel=1e-5)
-    assert t["ratio_merlin_over_tfdata"] > 0
+    assert t["ratio_merlin_over_tfdata"] > 0 and t["ratio_merlin_over_tfdata_shuffled"] is None
     assert "## ETL" in md and "## Training" in md and "| 2,000 |" in md
     assert "## Serving" not in md
+
+
+def test_the_default_run_keeps_its_full_plan():
+    """The options the tests use to make the suite cheap are all off by default (`make bench`)."""
+    a = run.parse_args([])
+    assert not (a.train_one_interpreter or a.train_unshuffled_only or a.serve_one_triton or a.e2e_from_topk
+                or a.prefect_api_url)
+    assert a.topk_overrides_json is None and a.topk_ann_items is None and a.serve_requests is None
+    plan = serving_bench.Plan()
+    assert (plan.batches, plan.concurrency, plan.protocols) == ((1, 64, 1024), (1, 8), ("grpc", "http"))
+    assert [plan.budget(b) for b in plan.batches] == [(300, 8.0), (200, 8.0), (40, 8.0)]
+    assert plan.breakdown_calls() == 30
+    assert topk_bench.budget() == (100, 4.0) and topk_bench.budget(True) == (30, 2.0)
+
+
+def test_request_caps_shrink_every_timed_point():
+    plan = serving_bench.Plan(quick=True, requests_cap=3, seconds_cap=1.0)
+    assert [plan.budget(b) for b in (1, 64, 1024)] == [(3, 1.0), (3, 1.0), (3, 1.0)]
+    assert serving_bench.Plan(quick=True).budget(1024) == (10, 4.0) and plan.breakdown_calls() == 3
+    assert serving_bench.Plan(requests_cap=500).budget(1) == (300, 8.0)  # a cap never raises the budget
+    assert topk_bench.budget(False, 3, 0.5) == (3, 0.5) and topk_bench.budget(True, 500) == (30, 2.0)
+
+
+def test_topk_flow_overrides_keep_the_two_stage_run():
+    assert topk_bench.flow_overrides(topk_bench.DATA) == {
+        "data": {"synthetic": {"n_interactions": 20_000}}, "gate": {"require_beat_baseline": False},
+        "model": {"epochs": 1, "type": "two_tower", "retrieval": {"k": 10, "rerank_with": "dlrm", "candidates": 100}},
+        "export": {"model_name": "topk_two_stage"}}
+    tiny = topk_bench.flow_overrides({"model": {"retrieval": {"epochs": 1, "k": 5}}, "export": {"parity_rows": 8}})
+    assert tiny["model"]["retrieval"] == {"epochs": 1, "k": 10, "rerank_with": "dlrm", "candidates": 100}
+    assert tiny["export"] == {"parity_rows": 8, "model_name": "topk_two_stage"} and tiny["model"]["type"] == "two_tower"
+
+
+def test_training_summary_pairs_the_feeds():
+    runs = [{"feed": f, "shuffle": sh, "samples_per_s": v}
+            for (f, sh), v in zip(train_bench.RUNS, (1000, 500, 300, None))]
+    assert [(r["feed"], r["shuffle"]) for r in runs] == [
+        ("merlin", False), ("tfdata", False), ("merlin", True), ("tfdata", True)]
+    s = train_bench.summary(Path("t"), 64, runs)
+    assert s["ratio_merlin_over_tfdata"] == 2.0 and s["ratio_merlin_over_tfdata_shuffled"] is None
+    assert s["runs"] == runs and s["batch_size"] == 64
+    unshuffled = train_bench.summary(Path("t"), 64, runs[:2])  # --train-unshuffled-only
+    assert unshuffled["ratio_merlin_over_tfdata"] == 2.0 and unshuffled["ratio_merlin_over_tfdata_shuffled"] is None
+
+
+def test_tfdata_feed_shuffles_whole_rows(tmp_path):
+    """The tf.data feed's shuffled path (not trained on in the suite test): every row exactly once per
+    epoch, in another order, each row's list values and label still its own."""
+    from merlin.io import Dataset
+
+    n = 37
+    df = pd.DataFrame({"a": np.arange(n, dtype=np.int64), "tags": [list(range(i % 4)) + [i] for i in range(n)],
+                       "click": (np.arange(n) % 2).astype(np.int64)})
+    df.to_parquet(tmp_path / "part_0.parquet", index=False)
+    schema = Dataset(str(tmp_path), engine="parquet").schema
+    ds, rows = train_bench.tf_dataset(tmp_path, schema, "click", 8, shuffle=True)
+    seen = []
+    for x, y in ds:
+        values, offsets = x["tags__values"].numpy(), x["tags__offsets"].numpy()
+        for k, a in enumerate(x["a"].numpy()):
+            assert list(values[offsets[k]:offsets[k + 1]]) == df["tags"][a] and y.numpy()[k] == df["click"][a]
+            seen.append(int(a))
+    assert rows == n and sorted(seen) == list(range(n)) and seen != list(range(n))
+
+
+def test_one_repository_serves_the_batched_variant_under_its_own_name(tmp_path):
+    """--serve-one-triton: the published version and, as recsys_batched, the same version with the
+    config the export writes for dynamic batching (pipeline_lib's own install_serving_model)."""
+    model = tmp_path / "model_repository" / "recsys"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text("# model\n")
+    (model / "config.pbtxt").write_text('name: "recsys"\nbackend: "python"\n'
+                                        'input { name: "device" data_type: TYPE_STRING dims: -1 }\n'
+                                        'parameters { key: "max_request_rows" value { string_value: "512" } }\n')
+    sm = serving_bench.ServedModel(tmp_path / "model_repository", 1, tmp_path, pd.DataFrame(), {})
+    assert sorted(p.name for p in serving_bench.one_repository(sm, tmp_path / "a", False).iterdir()) == ["recsys"]
+    repo = serving_bench.one_repository(sm, tmp_path / "b", True)
+    assert sorted(p.name for p in repo.iterdir()) == ["recsys", "recsys_batched"]
+    assert (repo / "recsys" / "config.pbtxt").read_text() == (model / "config.pbtxt").read_text()
+    batched = (repo / "recsys_batched" / "config.pbtxt").read_text()
+    assert 'name: "recsys_batched"' in batched and "allow_ragged_batch: true" in batched
+    assert "max_batch_size: 16" in batched and "dynamic_batching {" in batched and '"512"' in batched
+    assert "def execute" in (repo / "recsys_batched" / "1" / "model.py").read_text()
 
 
 # --- moved from tests/test_etl_dask.py ------------------------------------------
