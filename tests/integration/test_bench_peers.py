@@ -1,6 +1,6 @@
 """The peers of `make bench` at a tiny size: polars and stock NVTabular compute what the pipeline's ETL
 computes (checked on nulls, empty lists and unseen values), the suite prints every peer ratio line
-with its target, and the three serving peers answer on one real Triton. No timing assertions."""
+with its target. The serving peers are checked in test_benchmarks.py (one suite run). No timing assertions."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks import etl_bench, etl_peers, run, serving_peers
+from benchmarks import etl_bench, etl_peers, run
 from pipeline_lib.config import ColumnsConfig
-from tests.support import check_bench_section
 
 pytestmark = pytest.mark.integration
 
@@ -75,24 +74,3 @@ def test_suite_prints_the_etl_peer_ratios(tmp_path, capsys):
     assert "stock NVTabular (fast paths off) time = " in lines[1] and "polars time = " in lines[2]
     md = (out / "latest.md").read_text()
     assert "## Peers" in md and "| 2,000 |" in md
-
-
-def test_serving_peers_on_one_triton(bench_serving_suite):
-    """The serving_peers section of the suite's run: the serving section's trained model, and (with
-    --serve-one-triton) the serving section's server, which also loads the stock and echo models."""
-    b = bench_serving_suite
-    s = check_bench_section(b.saved, b.md, "serving_peers")
-    assert s["on_serving_server"] is True and "guest" not in b.saved["serving"]
-    assert {"recsys", "stock", "echo", "0_transformworkflowtriton", "1_predicttensorflowtriton"} <= set(s["models"])
-    assert s["max_abs_diff_served_vs_inprocess"]["recsys"] <= 1e-5
-    for model in ("recsys", "stock", "echo"):
-        b1, b1024 = s["served"][model]
-        assert b1["errors"] == [] == b1024["errors"] and b1["batch"] == 1 and b1024["batch"] == 1024
-        assert s["ratios"][model]["p50_over_inprocess"] > 0 and s["ratios"][model]["rows_per_s_over_inprocess"] > 0
-    lines = serving_peers.ratio_lines(s)
-    assert re.search(r"project ensemble: gRPC batch-1 p50 [\d.]+ ms = [\d.]+ x in-process \(target <= 1.5: (met|NOT met)\)",
-                     lines[1])
-    assert "target >= 0.8" in lines[1] and "stock merlin-systems" in lines[2] and "echo floor" in lines[3]
-    printed = [x for x in b.printed.splitlines() if x.startswith("[peers] serving")]
-    assert printed == [f"[peers] {x}" for x in lines if x.startswith("serving")]
-    assert all(f"- {x}" in b.md for x in lines)

@@ -1,13 +1,56 @@
 """The benchmark suite's serving, top-k and end-to-end sections at a tiny size, from one run of the
-suite (``bench_serving_suite`` in conftest.py: real Triton, a real two-stage flow)."""
+suite (``bench_serving_suite`` below: real Triton, a real two-stage flow). One module, so that pytest-xdist
+(one file per worker) runs that suite once."""
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import re
+from dataclasses import dataclass
+
 import pytest
+
+from benchmarks import run, serving_peers
 
 from benchmarks import topk_bench
 from tests.support import check_bench_section
 
 pytestmark = pytest.mark.integration
+
+
+# the tiny flow of the benchmark tests' top-k section (its two-stage run is also their e2e section)
+TINY_FLOW = {"data": {"synthetic": {"n_users": 200, "n_items": 100, "n_interactions": 3000}},
+             "model": {"epochs": 1, "batch_size": 256, "retrieval": {"epochs": 1}}, "export": {"parity_rows": 32}}
+
+
+@dataclass
+class BenchRun:
+    results: dict  # what run.main returned
+    saved: dict  # latest.json
+    md: str  # latest.md
+    printed: str  # the suite's stdout
+
+
+@pytest.fixture(scope="module")
+def bench_serving_suite(tmp_path_factory, prefect_harness) -> BenchRun:
+    """One tiny run of the suite's serving, serving_peers, topk and e2e sections, shared by their tests:
+    one trained DLRM (the serving section's) for both serving sections, its dynamically batched
+    variant on the serving section's server, a few requests per point, and one two-stage flow that is
+    both the top-k section's and the e2e section's (``--e2e-from-topk``), reporting to the session's
+    Prefect API instead of starting its own."""
+    tmp = tmp_path_factory.mktemp("bench-serving")
+    out = tmp / "results"
+    argv = ["--skip", "etl,train,etl_peers", "--with", "topk", "--serve-model-rows", "2000",
+            "--serve-requests", "3", "--serve-seconds", "1", "--serve-one-triton",
+            "--topk-overrides-json", json.dumps(TINY_FLOW), "--topk-ann-items", "4000", "--e2e-from-topk",
+            "--prefect-api-url", prefect_harness, "--out", str(out), "--data-dir", str(tmp / "data")]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        res = run.main(argv)
+    return BenchRun(res, json.loads((out / "latest.json").read_text()), (out / "latest.md").read_text(),
+                    printed.getvalue())
+
 
 
 def test_serving_section_tiny(bench_serving_suite):
@@ -71,3 +114,24 @@ def test_top_k_section_tiny(bench_serving_suite):
     assert [(c["items"], c["catalogue"]) for c in cases] == [(4000, "clustered"), (4000, "isotropic")]
     assert all(0 <= c["recall_at_10"] <= 1 and [x["batch"] for x in c["batches"]] == [1, 64] for c in cases)
     assert "## Top-k serving" in b.md and "two_stage (100 candidates" in b.md and "Exact vs ANN" in b.md
+
+
+def test_serving_peers_on_one_triton(bench_serving_suite):
+    """The serving_peers section of the suite's run: the serving section's trained model, and (with
+    --serve-one-triton) the serving section's server, which also loads the stock and echo models."""
+    b = bench_serving_suite
+    s = check_bench_section(b.saved, b.md, "serving_peers")
+    assert s["on_serving_server"] is True and "guest" not in b.saved["serving"]
+    assert {"recsys", "stock", "echo", "0_transformworkflowtriton", "1_predicttensorflowtriton"} <= set(s["models"])
+    assert s["max_abs_diff_served_vs_inprocess"]["recsys"] <= 1e-5
+    for model in ("recsys", "stock", "echo"):
+        b1, b1024 = s["served"][model]
+        assert b1["errors"] == [] == b1024["errors"] and b1["batch"] == 1 and b1024["batch"] == 1024
+        assert s["ratios"][model]["p50_over_inprocess"] > 0 and s["ratios"][model]["rows_per_s_over_inprocess"] > 0
+    lines = serving_peers.ratio_lines(s)
+    assert re.search(r"project ensemble: gRPC batch-1 p50 [\d.]+ ms = [\d.]+ x in-process \(target <= 1.5: (met|NOT met)\)",
+                     lines[1])
+    assert "target >= 0.8" in lines[1] and "stock merlin-systems" in lines[2] and "echo floor" in lines[3]
+    printed = [x for x in b.printed.splitlines() if x.startswith("[peers] serving")]
+    assert printed == [f"[peers] {x}" for x in lines if x.startswith("serving")]
+    assert all(f"- {x}" in b.md for x in lines)
