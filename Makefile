@@ -6,9 +6,8 @@ UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 export UV_PYTHON_DOWNLOADS ?= never
 PYTEST_ARGS ?=
 # make test runs the suite on this many pytest-xdist workers, one test file per worker at a time
-# (a file's tests share their module fixtures: one Triton, one flow run). 3 on the 2-core developer
-# machine: many tests wait on a child process (Triton, a Prefect server, a flow in a subprocess).
-TEST_WORKERS ?= 3
+# (a file's tests share their module fixtures: one Triton, one flow run). 2 = the developer machine's cores.
+TEST_WORKERS ?= 2
 
 .PHONY: install run test bench serve predict clean
 
