@@ -43,7 +43,8 @@ class TritonPythonModel:
         # execute() gets the queued requests together, scores their rows in one call and splits them
         self.batched = int(config.get("max_batch_size", 0)) > 0
         self.max_rows = max_request_rows(config)
-        # optional list inputs (a session version's exclude_item_ids): absent from a request -> empty lists
+        # optional list inputs declared by config.pbtxt: absent from a request -> empty lists (no ranking
+        # export declares one since session versions became top-k versions; kept for hand-written configs)
         self.optional = {i["name"]: i["data_type"] for i in config["input"] if i.get("optional")}
         self.logger = pb_utils.Logger
         self.full = None  # the full ensemble's predictor, loaded when needed
