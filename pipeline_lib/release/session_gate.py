@@ -4,7 +4,7 @@ version on held-out sessions that the one promotion gate (:func:`pipeline_lib.re
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,41 +13,23 @@ import pandas as pd
 from pipeline_lib.export.parity import score_diff
 from pipeline_lib.export.session import SessionRecommender
 from pipeline_lib.export.topk import TOPK_DIR
-from pipeline_lib.release.smoke import serve_and_ask, served_parity
+from pipeline_lib.release.smoke import SmokeResult, model_load_events, serve_and_ask, served_parity
 from pipeline_lib.models.session import topk_metrics
 from pipeline_lib.etl.sessions import prefixes
 
-@dataclass
-class SessionSmokeResult:
-    n_sessions: int
-    max_abs_diff_http: float
-    max_abs_diff_grpc: float
-    offline_ids: list
-    http_ids: list
-    grpc_ids: list
-
-    @property
-    def max_abs_diff(self) -> float:
-        return max(self.max_abs_diff_http, self.max_abs_diff_grpc)
-
-    def table(self, rows: pd.DataFrame) -> pd.DataFrame:
-        out = rows.reset_index(drop=True).copy()
-        out["served_http"], out["served_grpc"], out["offline"] = self.http_ids, self.grpc_ids, self.offline_ids
-        return out
-
-
 def session_smoke_test(repository: Path, model_name: str, rows: pd.DataFrame, offline: tuple[np.ndarray, np.ndarray],
-                       atol: float, out_dir: Path, startup_timeout_s: float = 180.0) -> SessionSmokeResult:
+                       atol: float, out_dir: Path, startup_timeout_s: float = 180.0) -> SmokeResult:
     """Serve ``repository`` on free ports; served top-k ids must equal offline ids (scores within atol)
-    over HTTP and gRPC (:func:`pipeline_lib.release.smoke.served_parity`)."""
+    over HTTP and gRPC (:func:`pipeline_lib.release.smoke.served_parity`). The result's ``offline`` /
+    ``http`` / ``grpc`` are the top-k id lists."""
     http, grpc = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, lambda c: c.recommend(rows))
-    res = SessionSmokeResult(len(rows), score_diff(http[1], offline[1]), score_diff(grpc[1], offline[1]),
-                             offline[0].tolist(), http[0].tolist(), grpc[0].tolist())
+    res = SmokeResult(len(rows), score_diff(http[1], offline[1]), score_diff(grpc[1], offline[1]),
+                      offline[0].tolist(), http[0].tolist(), grpc[0].tolist(), model_load_events(out_dir / "triton.log"))
     try:
         served_parity(http, grpc, offline, atol)
     finally:
-        (out_dir / "smoke.json").write_text(json.dumps({**res.__dict__, "max_abs_diff": res.max_abs_diff,
-                                                        "ids_equal": res.http_ids == res.offline_ids == res.grpc_ids},
+        (out_dir / "smoke.json").write_text(json.dumps({**asdict(res), "max_abs_diff": res.max_abs_diff,
+                                                        "ids_equal": res.http == res.offline == res.grpc},
                                                        indent=2, default=str))
     return res
 

@@ -85,7 +85,7 @@ def smoke_test(
         max_abs_diff_http=float(np.max(np.abs(http - offline))),
         max_abs_diff_grpc=float(np.max(np.abs(grpc - offline))),
         offline=offline.tolist(), http=http.astype(float).tolist(), grpc=grpc.astype(float).tolist(),
-        model_load=_model_load(out_dir / "triton.log"),
+        model_load=model_load_events(out_dir / "triton.log"),
     )
     (out_dir / "smoke.json").write_text(json.dumps(asdict(res) | {"max_abs_diff": res.max_abs_diff}, indent=2))
     log.info("smoke test: %d raw rows, served scores vs offline (workflow + model in process): max |diff| "
@@ -97,7 +97,7 @@ def smoke_test(
     return res
 
 
-def _model_load(log_file: Path) -> list[dict]:
+def model_load_events(log_file: Path) -> list[dict]:
     """The served model's load lines in the smoke test's Triton log, logged as one summary line."""
     try:
         events = load_events(log_file.read_text(errors="replace"))
