@@ -196,6 +196,13 @@ class RecsysClient:
             raise
 
     @property
+    def shared_memory_regions(self) -> dict[str, tuple[str, int]]:
+        """The shared-memory regions this client has registered with the server: name -> (POSIX key,
+        bytes); empty before the first call, after ``close`` and without ``shared_memory``."""
+        regions = self._shm.regions.values() if self._shm is not None else []
+        return {r.name: (r.key, r.size) for r in regions}
+
+    @property
     def is_topk(self) -> bool:
         self._metadata()
         return "item_ids" in self._outputs
