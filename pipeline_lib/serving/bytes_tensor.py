@@ -46,6 +46,11 @@ def serialize(arr: np.ndarray) -> np.ndarray:
     items = _items(arr)
     n = len(items)
     lengths = np.fromiter(map(len, items), dtype=np.int64, count=n)
+    if n and (lengths == lengths[0]).all():  # fixed width (category codes): one [n, 4 + width] array
+        out = np.empty((n, 4 + int(lengths[0])), dtype=np.uint8)
+        out[:, :4] = lengths[:1].astype("<u4").view(np.uint8)
+        out[:, 4:] = np.frombuffer(b"".join(items), dtype=np.uint8).reshape(n, -1)
+        return out.reshape(-1)
     ends = np.cumsum(lengths + 4)
     out = np.empty(int(ends[-1]) if n else 0, dtype=np.uint8)
     if n == 0:

@@ -15,6 +15,7 @@ Triton maps them by their POSIX name. One transport serves one call at a time (t
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from multiprocessing import shared_memory
 from typing import Any, Mapping, Optional
@@ -76,7 +77,7 @@ def output_bytes(datatype: str, shape: list[int], rows: int, batch_dim: bool) ->
     variable = [d for d in shape if d < 0]
     if size is None or len(variable) != 1 + int(batch_dim):
         return None
-    return size * rows * int(np.prod([d for d in shape if d >= 0], dtype=np.int64))
+    return size * rows * math.prod(d for d in shape if d >= 0)
 
 
 class SharedMemoryTransport:
@@ -143,7 +144,7 @@ class SharedMemoryTransport:
             return result.as_numpy(name)
         out = result.get_output(name)
         datatype, shape = (out["datatype"], out["shape"]) if isinstance(out, dict) else (out.datatype, out.shape)
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         view = self.regions["out"].view
         return np.frombuffer(view, dtype=_NUMPY[datatype], count=count, offset=offset).reshape(shape).copy()
 
