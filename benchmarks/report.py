@@ -20,7 +20,7 @@ def _client(proto: str) -> str:
     return f"{base}, shared-memory client" if proto.endswith("+shm") else f"{base}, default client"
 
 
-def _inprocess_target_rows(t: dict) -> list[list]:
+def inprocess_target_rows(t: dict) -> list[list]:
     """Target rows of the served / in-process ratios (serving_bench.inprocess_ratios), one client."""
     from benchmarks.serving_bench import TARGET_P50_RATIO, TARGET_ROWS_RATIO
 
@@ -128,7 +128,7 @@ def markdown(r: dict) -> str:
             v = t["model_batch1_savedmodel_over_served_op"]
             rows.append(["model part of a batch-1 request >= 3x faster than the SavedModel call (in-process)",
                          f"{v}x", f"{v / 3:.2f}", t["model_batch1_ge_3x_faster_than_savedmodel"]])
-        rows += _inprocess_target_rows(t)
+        rows += inprocess_target_rows(t)
         for k, v in t.items():
             if k.endswith("_p99_over_p50"):
                 base = k[: -len("_p99_over_p50")]
