@@ -1,6 +1,7 @@
 """Query the served ensemble with raw, untransformed feature rows over HTTP or gRPC (tritonclient)."""
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Iterable, Literal, Mapping, Optional, Union
 
@@ -224,8 +225,14 @@ class RecsysClient:
 
 
 def _ragged(col: pd.Series, name: str) -> tuple[np.ndarray, np.ndarray]:
+    values = col.tolist()
+    types = set(map(type, values))
+    if values and types <= {list, tuple, np.ndarray}:  # every row a list: one concatenation, no per-row Python
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        flat = np.concatenate(values) if types == {np.ndarray} else np.array(list(itertools.chain.from_iterable(values)))
+        return (flat if len(flat) else np.array([], dtype=np.int64)), np.concatenate([[0], np.cumsum(lengths)])
     lists = []
-    for i, v in enumerate(col):
+    for i, v in enumerate(values):
         if v is None or (isinstance(v, float) and np.isnan(v)):
             v = []
         if not isinstance(v, (list, tuple, np.ndarray)):
@@ -242,7 +249,15 @@ def _cast(arr: np.ndarray, triton_dtype: str, name: str) -> np.ndarray:
     if target is None:
         raise RequestError(f"field '{name}': unsupported server datatype {triton_dtype}")
     if target is np.object_:
-        return np.array([str(x).encode("utf-8") if not isinstance(x, bytes) else x for x in arr], dtype=np.object_)
+        arr = np.asarray(arr)
+        items = arr.tolist() if arr.dtype == np.object_ else list(arr)  # numpy scalars keep their str()
+        if set(map(type, items)) == {str}:  # the usual case: one C-level map
+            encoded = list(map(str.encode, items))
+        else:
+            encoded = [str(x).encode("utf-8") if not isinstance(x, bytes) else x for x in items]
+        out = np.empty(len(encoded), dtype=np.object_)
+        out[:] = encoded
+        return out
     try:
         return np.asarray(arr).astype(target)
     except (TypeError, ValueError) as exc:
