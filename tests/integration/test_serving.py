@@ -433,6 +433,8 @@ def test_shared_memory_client_bad_request_is_a_client_error_naming_the_field(ser
     with RecsysClient(server.grpc_url, "grpc", shared_memory=True) as client:
         with pytest.raises(RequestError, match=r"missing field\(s\) \['device'\]"):
             client.predict(rows.drop(columns=["device"]))
+        with pytest.raises(RequestError, match=r"field 'item_tags' row 1: expected a list, got str 'x'"):
+            client.predict(rows.head(2).assign(item_tags=[[1], "x"]))
         bad = rows.head(3).copy()
         bad.loc[1, "user_age"] = np.inf
         with pytest.raises(BadRequestError, match="input 'user_age' has 1 non-finite value") as err:
@@ -453,3 +455,14 @@ def test_shared_memory_regions_are_released_on_close(served):
     client.close()
     assert client.shared_memory_regions == {} and not set(regions) & set(_shm_regions(server))
     assert not any(Path("/dev/shm" + key).exists() for key, _ in regions.values())
+
+
+def test_dynamic_batching_shared_memory_client_gets_its_own_rows(served_batched):
+    """With the dynamic batcher a request is one batch entry ([1, rows], scores [1, rows, 1]): the
+    shared-memory client sizes its output region for that and returns the default client's scores."""
+    server, rows, offline = served_batched
+    with RecsysClient(server.grpc_url, "grpc") as plain, RecsysClient(server.grpc_url, "grpc", shared_memory=True) as fast:
+        for request in (rows.head(1), rows.head(37)):
+            got = fast.predict(request)
+            assert np.array_equal(got, plain.predict(request))
+    np.testing.assert_allclose(got, offline[:37], atol=1e-5, rtol=0)
