@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER_MODELS = Path(__file__).resolve().parent / "peer_models"
 PROJECT, STOCK, ECHO = serving_bench.MODEL, "stock", "echo"
 # issue 14 item 4, against the in-process path of the same run
-TARGET_P50_RATIO, TARGET_ROWS_RATIO = 1.5, 0.8
+TARGET_P50_RATIO, TARGET_ROWS_RATIO = serving_bench.TARGET_P50_RATIO, serving_bench.TARGET_ROWS_RATIO
+# measured with the shared-memory client too (RecsysClient(shared_memory=True)), under "<model>+shm"
+SHM_MODELS = (PROJECT, ECHO)
 
 
 def export_stock(workflow_dir: Path, model_dir: Path, label: str, repo: Path) -> list[str]:
@@ -154,9 +156,11 @@ class Peers:
     def measure(self, server, start_seconds: float) -> None:
         self.out["server_start_seconds"] = start_seconds
         self.out["max_abs_diff_served_vs_inprocess"] = _parity(self.inproc, server.grpc_url, self.sm.rows.iloc[:64])
-        for model in (PROJECT, STOCK, ECHO):
-            self.out["served"][model] = [serving_bench.load_clients(server.grpc_url, "grpc", self.sm.rows, b, 1,
-                                                                    *self.points[b], model=model) for b in (1, 1024)]
+        runs = [(m, m, "grpc") for m in (PROJECT, STOCK, ECHO)]
+        runs += [(m + serving_bench.SHM, m, "grpc" + serving_bench.SHM) for m in SHM_MODELS]
+        for key, model, proto in runs:
+            self.out["served"][key] = [serving_bench.load_clients(server.grpc_url, proto, self.sm.rows, b, 1,
+                                                                  *self.points[b], model=model) for b in (1, 1024)]
 
     def finish(self) -> dict:
         self.passes.append(self._inprocess_pass())
@@ -210,14 +214,18 @@ def ratio_lines(s: dict) -> list[str]:
     """The printed lines: each peer's ratios to in-process, the project's with the issue's targets."""
     r, ip = s["ratios"], s["in_process"]
     lines = [f"serving in-process (project, model.py path): batch-1 p50 {ip['p50_ms']} ms, "
-             f"batch-1024 {ip['rows_per_s']:,.0f} rows/s"]
-    for model, label in ((PROJECT, "project ensemble"), (STOCK, "stock merlin-systems"), (ECHO, "echo floor")):
+             f"batch-1024 {ip['rows_per_s']:,.0f} rows/s (served: the default gRPC client unless a line says "
+             "shared-memory client)"]
+    labels = [(PROJECT, "project ensemble"), (STOCK, "stock merlin-systems"), (ECHO, "echo floor")]
+    labels += [(m + serving_bench.SHM, f"{dict(labels)[m]}, shared-memory client")
+               for m in SHM_MODELS if m + serving_bench.SHM in r]
+    for model, label in labels:
         x = r[model]
         if "p50_over_inprocess" not in x:
             lines.append(f"serving {label}: no figures (errors: {s['served'][model]})")
             continue
         p50_t = rows_t = "no target"
-        if model == PROJECT:
+        if model in (PROJECT, PROJECT + serving_bench.SHM):
             p50_t = f"target <= {TARGET_P50_RATIO}: {'met' if x['p50_over_inprocess'] <= TARGET_P50_RATIO else 'NOT met'}"
             rows_t = f"target >= {TARGET_ROWS_RATIO}: {'met' if x['rows_per_s_over_inprocess'] >= TARGET_ROWS_RATIO else 'NOT met'}"
         lines.append(f"serving {label}: gRPC batch-1 p50 {x['p50_ms']} ms = {x['p50_over_inprocess']} x in-process "

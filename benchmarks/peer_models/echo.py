@@ -7,6 +7,10 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from pipeline_lib.serving import bytes_tensor
+
+bytes_tensor.install(pb_utils)  # the BYTES decoding the project's model.py uses
+
 
 class TritonPythonModel:
     def initialize(self, args):

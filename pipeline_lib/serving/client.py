@@ -1,11 +1,16 @@
 """Query the served ensemble with raw, untransformed feature rows over HTTP or gRPC (tritonclient)."""
 from __future__ import annotations
 
+import itertools
+import threading
 from typing import Iterable, Literal, Mapping, Optional, Union
 
 import numpy as np
 import pandas as pd
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from pipeline_lib.export.compiled_version import request_rows
+from pipeline_lib.serving.shared_memory import SharedMemoryTransport, output_bytes
 
 Protocol = Literal["http", "grpc"]
 # optional inputs of a served model: sent only when the rows carry them (top-k: item ids never to
@@ -49,9 +54,15 @@ def is_client_error(exc: BaseException) -> bool:
 
 
 class RecsysClient:
-    """Sends raw rows to the Triton ensemble; the server applies the fitted workflow + model."""
+    """Sends raw rows to the Triton ensemble; the server applies the fitted workflow + model.
 
-    def __init__(self, url: str, protocol: Protocol = "http", model_name: str = "recsys", timeout_s: float = 60.0):
+    ``shared_memory=True`` (a caller on the server's host): request tensors and the scores travel through
+    Triton system shared memory regions the client registers on its first call and reuses
+    (:mod:`pipeline_lib.serving.shared_memory`; BYTES tensors encoded by the vectorised encoder), instead
+    of inside the gRPC/HTTP messages; same scores, same errors. ``close`` releases the regions."""
+
+    def __init__(self, url: str, protocol: Protocol = "http", model_name: str = "recsys", timeout_s: float = 60.0,
+                 shared_memory: bool = False):
         if protocol == "http":
             import tritonclient.http as tc
 
@@ -68,6 +79,9 @@ class RecsysClient:
         self._inputs: Optional[dict[str, str]] = None
         self._batch_dim = False  # the model batches requests (dynamic batching): inputs are [1, rows]
         self._outputs: Optional[list[str]] = None
+        self._output_shapes: dict[str, tuple[str, list[int]]] = {}  # name -> (datatype, metadata shape)
+        self._shm = SharedMemoryTransport(self._client, tc) if shared_memory else None
+        self._lock = threading.Lock()  # one call at a time through the shared-memory regions
 
     def _metadata(self) -> None:
         if self._inputs is not None:
@@ -76,12 +90,13 @@ class RecsysClient:
         if self.protocol == "grpc":
             inputs = [(i.name, i.datatype) for i in md.inputs]
             ranks = [len(i.shape) for i in md.inputs]
-            outputs = [o.name for o in md.outputs]
+            outputs = [(o.name, o.datatype, list(o.shape)) for o in md.outputs]
         else:
             inputs = [(i["name"], i["datatype"]) for i in md["inputs"]]
             ranks = [len(i["shape"]) for i in md["inputs"]]
-            outputs = [o["name"] for o in md["outputs"]]
-        self._inputs, self._outputs = dict(inputs), outputs
+            outputs = [(o["name"], o["datatype"], list(o["shape"])) for o in md["outputs"]]
+        self._inputs, self._outputs = dict(inputs), [o[0] for o in outputs]
+        self._output_shapes = {name: (dtype, shape) for name, dtype, shape in outputs}
         # with max_batch_size > 0 the metadata shows the batch dimension: [-1, -1]
         self._batch_dim = bool(ranks) and all(r == 2 for r in ranks)
 
@@ -122,13 +137,13 @@ class RecsysClient:
     def inputs_from_arrays(self, arrays: Mapping[str, np.ndarray]) -> list:
         """tritonclient inputs for the given tensors, typed by their numpy dtype (to_arrays casts to the
         server's types; a mismatch is left for the server to reject)."""
-        from tritonclient.utils import np_to_triton_dtype
-
         self._metadata()
+        # one request = one batch entry of the dynamic batcher
+        shaped = {n: a.reshape(1, -1) if self._batch_dim and a.ndim == 1 else a for n, a in arrays.items()}
+        if self._shm is not None:
+            return self._shm.inputs(shaped, {n: np_to_triton_dtype(a.dtype) for n, a in shaped.items()})
         inputs = []
-        for name, arr in arrays.items():
-            if self._batch_dim and arr.ndim == 1:
-                arr = arr.reshape(1, -1)  # one request = one batch entry of the dynamic batcher
+        for name, arr in shaped.items():
             inp = self._tc.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
@@ -143,27 +158,37 @@ class RecsysClient:
         return self.infer_arrays(self.to_arrays(rows))
 
     def infer_arrays(self, arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
-        inputs = self.inputs_from_arrays(arrays)
-        result = self._infer(inputs, self._outputs)
+        with self._lock:
+            inputs = self.inputs_from_arrays(arrays)
+            if self._shm is None:
+                result = self._infer(inputs, self._outputs)
+                scores = result.as_numpy(self._outputs[0])
+            else:
+                rows = request_rows({n: np.asarray(a).reshape(-1) for n, a in arrays.items()})
+                sizes = {n: output_bytes(*self._output_shapes[n], rows, self._batch_dim) for n in self._outputs}
+                result = self._infer(inputs, self._shm.outputs(sizes))
+                scores = self._shm.read(result, self._outputs[0])
         response = result.get_response()
         version = response["model_version"] if isinstance(response, dict) else response.model_version
-        return np.asarray(result.as_numpy(self._outputs[0])).reshape(-1), str(version)
+        return np.asarray(scores).reshape(-1), str(version)
 
     def recommend(self, rows: Union[pd.DataFrame, Iterable[Mapping]]) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of a retrieval model: (item ids [rows, k], scores [rows, k]), best first."""
         self._metadata()
         if "item_ids" not in self._outputs:
             raise RequestError(f"model '{self.model_name}' is not a top-k model (outputs {self._outputs})")
-        result = self._infer(self.build_inputs(rows), ["item_ids", "scores"])
+        with self._lock:
+            result = self._infer(self.build_inputs(rows), ["item_ids", "scores"])
         ids = result.as_numpy("item_ids")
         if ids.dtype == object:
             ids = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v, otypes=[object])(ids)
         return ids, result.as_numpy("scores")
 
-    def _infer(self, inputs: list, output_names: list[str]):
-        """One inference call; a request the server refuses as invalid raises :class:`BadRequestError`
-        (with the server's message and status), any other server error propagates unchanged."""
-        outputs = [self._tc.InferRequestedOutput(n) for n in output_names]
+    def _infer(self, inputs: list, outputs: list):
+        """One inference call (``outputs``: names, or requested-output objects); a request the server
+        refuses as invalid raises :class:`BadRequestError` (with the server's message and status), any
+        other server error propagates unchanged."""
+        outputs = [self._tc.InferRequestedOutput(o) if isinstance(o, str) else o for o in outputs]
         try:
             return self._client.infer(self.model_name, inputs, outputs=outputs)
         except InferenceServerException as exc:
@@ -172,12 +197,25 @@ class RecsysClient:
             raise
 
     @property
+    def shared_memory_regions(self) -> dict[str, tuple[str, int]]:
+        """The shared-memory regions this client has registered with the server: name -> (POSIX key,
+        bytes); empty before the first call, after ``close`` and without ``shared_memory``."""
+        regions = self._shm.regions.values() if self._shm is not None else []
+        return {r.name: (r.key, r.size) for r in regions}
+
+    @property
     def is_topk(self) -> bool:
         self._metadata()
         return "item_ids" in self._outputs
 
     def close(self) -> None:
-        self._client.close()
+        """Release the shared-memory regions (if any), then the connection."""
+        try:
+            if self._shm is not None:
+                with self._lock:
+                    self._shm.close()
+        finally:
+            self._client.close()
 
     def __enter__(self) -> "RecsysClient":
         return self
@@ -187,8 +225,14 @@ class RecsysClient:
 
 
 def _ragged(col: pd.Series, name: str) -> tuple[np.ndarray, np.ndarray]:
+    values = col.tolist()
+    types = set(map(type, values))
+    if values and types <= {list, tuple, np.ndarray}:  # every row a list: one concatenation, no per-row Python
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        flat = np.concatenate(values) if types == {np.ndarray} else np.array(list(itertools.chain.from_iterable(values)))
+        return (flat if len(flat) else np.array([], dtype=np.int64)), np.concatenate([[0], np.cumsum(lengths)])
     lists = []
-    for i, v in enumerate(col):
+    for i, v in enumerate(values):
         if v is None or (isinstance(v, float) and np.isnan(v)):
             v = []
         if not isinstance(v, (list, tuple, np.ndarray)):
@@ -205,7 +249,15 @@ def _cast(arr: np.ndarray, triton_dtype: str, name: str) -> np.ndarray:
     if target is None:
         raise RequestError(f"field '{name}': unsupported server datatype {triton_dtype}")
     if target is np.object_:
-        return np.array([str(x).encode("utf-8") if not isinstance(x, bytes) else x for x in arr], dtype=np.object_)
+        arr = np.asarray(arr)
+        items = arr.tolist() if arr.dtype == np.object_ else list(arr)  # numpy scalars keep their str()
+        if set(map(type, items)) == {str}:  # the usual case: one C-level map
+            encoded = list(map(str.encode, items))
+        else:
+            encoded = [str(x).encode("utf-8") if not isinstance(x, bytes) else x for x in items]
+        out = np.empty(len(encoded), dtype=np.object_)
+        out[:] = encoded
+        return out
     try:
         return np.asarray(arr).astype(target)
     except (TypeError, ValueError) as exc:

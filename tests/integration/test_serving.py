@@ -1,4 +1,6 @@
 """A real tritonserver process (from the nvidia-pytriton wheel) serving the exported ensemble."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -399,3 +401,68 @@ def test_dynamic_batching_request_with_two_batch_entries_is_refused_clearly(serv
         with pytest.raises(InferenceServerException, match=r"bad request: input '\w+' has shape \[2, \d+\]; with dynamic batching") as err:
             c.infer("recsys", inputs)
     assert err.value.status() == "400"
+
+
+
+def _shm_regions(server) -> dict:
+    """The system shared-memory regions registered with the server: name -> key."""
+    with httpclient.InferenceServerClient(server.http_url) as c:
+        return {r["name"]: r["key"] for r in c.get_system_shared_memory_status()}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_shared_memory_client_returns_the_default_clients_scores(served, protocol):
+    """RecsysClient(shared_memory=True): the same scores and version as the default client, bit for bit,
+    for one row, the parity rows and a request too big for its first regions (replaced by bigger ones)."""
+    server, rows, offline = served
+    url = server.http_url if protocol == "http" else server.grpc_url
+    big = rows.sample(MAX_ROWS, replace=True, random_state=0).reset_index(drop=True)
+    big["item_tags"] = [list(range(100)) for _ in range(len(big))]  # 400 kB of list values
+    with RecsysClient(url, protocol) as plain, RecsysClient(url, protocol, shared_memory=True) as fast:
+        for request in (rows.head(1), rows, big, rows):
+            (want, want_version), (got, got_version) = plain.infer(request), fast.infer(request)
+            assert got_version == want_version and np.array_equal(got, want)
+        np.testing.assert_allclose(fast.predict(rows), offline, atol=1e-5, rtol=0)
+        regions = fast.shared_memory_regions
+        assert len(regions) == 2 and min(size for _, size in regions.values()) >= 1 << 16
+        assert {n: k for n, (k, _) in regions.items()}.items() <= _shm_regions(server).items()
+
+
+def test_shared_memory_client_bad_request_is_a_client_error_naming_the_field(served):
+    server, rows, offline = served
+    with RecsysClient(server.grpc_url, "grpc", shared_memory=True) as client:
+        with pytest.raises(RequestError, match=r"missing field\(s\) \['device'\]"):
+            client.predict(rows.drop(columns=["device"]))
+        with pytest.raises(RequestError, match=r"field 'item_tags' row 1: expected a list, got str 'x'"):
+            client.predict(rows.head(2).assign(item_tags=[[1], "x"]))
+        bad = rows.head(3).copy()
+        bad.loc[1, "user_age"] = np.inf
+        with pytest.raises(BadRequestError, match="input 'user_age' has 1 non-finite value") as err:
+            client.predict(bad)
+        assert err.value.status() == INVALID["grpc"]
+        np.testing.assert_allclose(client.predict(rows.head(4)), offline[:4], atol=1e-5, rtol=0)
+
+
+def test_shared_memory_regions_are_released_on_close(served):
+    """close() unregisters both regions from the server and removes them from /dev/shm."""
+    server, rows, _ = served
+    client = RecsysClient(server.grpc_url, "grpc", shared_memory=True)
+    assert client.shared_memory_regions == {}  # registered on the first call
+    client.predict(rows.head(2))
+    regions = client.shared_memory_regions
+    assert len(regions) == 2 and all(Path("/dev/shm" + key).exists() for key, _ in regions.values())
+    assert set(regions) <= set(_shm_regions(server))
+    client.close()
+    assert client.shared_memory_regions == {} and not set(regions) & set(_shm_regions(server))
+    assert not any(Path("/dev/shm" + key).exists() for key, _ in regions.values())
+
+
+def test_dynamic_batching_shared_memory_client_gets_its_own_rows(served_batched):
+    """With the dynamic batcher a request is one batch entry ([1, rows], scores [1, rows, 1]): the
+    shared-memory client sizes its output region for that and returns the default client's scores."""
+    server, rows, offline = served_batched
+    with RecsysClient(server.grpc_url, "grpc") as plain, RecsysClient(server.grpc_url, "grpc", shared_memory=True) as fast:
+        for request in (rows.head(1), rows.head(37)):
+            got = fast.predict(request)
+            assert np.array_equal(got, plain.predict(request))
+    np.testing.assert_allclose(got, offline[:37], atol=1e-5, rtol=0)

@@ -149,6 +149,9 @@ def test_string_item_ids_are_served_like_offline(tmp_path):
             np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
             assert got_more[0].tolist() == more_ids.tolist()
             np.testing.assert_allclose(got_more[1], more_scores, atol=1e-5, rtol=0)
+        with SessionClient(server.grpc_url, "grpc", "sess", shared_memory=True) as client:  # string lists via /dev/shm
+            shm_ids, shm_scores = client.recommend(more)
+        assert shm_ids.tolist() == got_more[0].tolist() and np.array_equal(shm_scores, got_more[1])
     # one served model.py for every top-k version, and a config.pbtxt written without merlin's private API
     assert (repo / "sess" / "1" / "model.py").read_text() == (TRITON_MODELS / "topk.py").read_text()
 
