@@ -46,14 +46,15 @@ Batches = Callable[[list[str]], Iterator[pa.Table]]  # columns -> row batches of
 
 
 def batch_rows(path: Path, part_size: str) -> int:
-    """Rows per batch so that a batch holds about ``part_size`` of (uncompressed) data, as NVTabular's
-    partitions do."""
+    """Rows per batch so that a batch takes about ``part_size`` in memory as a pandas frame (strings and
+    lists as Python objects), as merlin sizes NVTabular's partitions: measured on the first rows."""
     from dask.utils import parse_bytes
 
-    md = pq.ParquetFile(path).metadata
-    if not md.num_rows:
+    f = pq.ParquetFile(path)
+    if not f.metadata.num_rows:
         return 1
-    row_bytes = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups)) / md.num_rows
+    head = next(f.iter_batches(batch_size=2048)).to_pandas()
+    row_bytes = head.memory_usage(deep=True, index=False).sum() / max(len(head), 1)
     return max(1, int(parse_bytes(part_size) / max(row_bytes, 1.0)))
 
 
@@ -67,8 +68,9 @@ def parquet_batches(path: Path, rows: int) -> Batches:
 
 
 def arrow_columns(table: pa.Table) -> dict:
-    """An arrow table -> the compiled workflow's columns: numpy arrays (strings as objects, nulls as
-    None/NaN, as pandas reads them), ``Ragged`` for list columns (no null lists or list values)."""
+    """An arrow table -> the compiled workflow's columns: numpy arrays (nulls as NaN, as pandas reads
+    them), strings as a ``pd.Categorical`` (nulls: code -1), ``Ragged`` for list columns (no null lists
+    or list values)."""
     cols: dict = {}
     for name in table.column_names:
         arr = table.column(name).combine_chunks()
@@ -80,7 +82,9 @@ def arrow_columns(table: pa.Table) -> dict:
             if values.null_count:
                 raise Unsupported(f"{name}: null list values")
             cols[name] = Ragged(values.to_numpy(zero_copy_only=False), (off - off[0]).astype(np.int64))
-        elif pa.types.is_string(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
+        elif pa.types.is_string(arr.type):  # dictionary-encoded: each distinct string is looked up once
+            cols[name] = arr.dictionary_encode().to_pandas().array
+        elif pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
             cols[name] = arr.to_numpy(zero_copy_only=False)
         else:
             raise Unsupported(f"{name}: arrow type {arr.type}")
@@ -153,6 +157,31 @@ def _root_columns(node, available: list[str]) -> list[str]:
     return [c for c in available if c in names]
 
 
+def read_row_groups(path: str, row_groups: list[int], columns: list[str]) -> pd.DataFrame:
+    return pq.ParquetFile(path).read_row_groups(row_groups, columns=columns).to_pandas()
+
+
+def nvtabular_partitions(dataset, columns: list[str]):
+    """``dataset.to_ddf(columns)`` with the same partitions (NVTabular's: consecutive groups of
+    ``row_groups_per_part`` row groups of one parquet file), each read by pyarrow; None where the
+    dataset is not one such file or the partition lengths would differ (then merlin reads it)."""
+    import dask
+    import dask.dataframe as dd
+
+    engine = dataset.engine
+    paths = [str(p) for p in getattr(engine, "paths", [])]
+    per = getattr(engine, "row_groups_per_part", None)
+    if len(paths) != 1 or not per or not os.path.isfile(paths[0]):
+        return None
+    md = pq.ParquetFile(paths[0]).metadata
+    groups = [list(range(i, min(i + per, md.num_row_groups))) for i in range(0, md.num_row_groups, per)]
+    if [sum(md.row_group(g).num_rows for g in grp) for grp in groups] != list(dataset.partition_lens):
+        return None
+    meta = dataset.to_ddf(columns=columns)._meta
+    return dd.from_delayed([dask.delayed(read_row_groups)(paths[0], grp, columns) for grp in groups], meta=meta,
+                           verify_meta=False)
+
+
 def fast_fit(workflow, dataset, batches: Batches, sample: pd.DataFrame) -> None:
     """Fit ``workflow`` on ``dataset`` (its parquet rows also given as ``batches``) as merlin's executor
     does, Categorify from our counts; output dtypes are captured on ``sample`` (raw training rows)."""
@@ -179,7 +208,9 @@ def fast_fit(workflow, dataset, batches: Batches, sample: pd.DataFrame) -> None:
                 fit_categorify(n, ddf, batches)
         if others:
             needed = sorted({c for n in others for c in _root_columns(n, columns)}, key=columns.index)
-            executor.fit_phase(Dataset(dataset.to_ddf(columns=needed), cpu=True), others)
+            parts = nvtabular_partitions(dataset, needed)
+            executor.fit_phase(Dataset(parts if parts is not None else dataset.to_ddf(columns=needed), cpu=True),
+                               others)
         for n in phase:
             pending.pop(n)
         for deps in pending.values():
@@ -240,7 +271,9 @@ def transform_to_parquet(compiled, schema, source: Batches, out_dir: Path) -> in
                 # NVTabular's CPU writer: row groups of ~128 MB of the frame in memory
                 head = out.slice(0, 1024).to_pandas()
                 group_rows = math.ceil(128_000_000 / max(head.memory_usage(deep=True).sum() / max(len(head), 1), 1))
-                writer = pq.ParquetWriter(path, out.schema, compression="NONE", metadata_collector=collected)
+                # uncompressed like NVTabular's; plain encoding (no dictionary pages: same data, faster to write)
+                writer = pq.ParquetWriter(path, out.schema, compression="NONE", use_dictionary=False,
+                                          metadata_collector=collected)
             writer.write_table(out, row_group_size=group_rows)
             rows += out.num_rows
     finally:

@@ -99,15 +99,19 @@ class _Vocabulary:
             if x.dtype.kind == "f":
                 out[np.isnan(x)] = NULL
         else:
+            if isinstance(x, pd.Categorical):  # dictionary-encoded strings (the ETL's arrow batches)
+                return self._lookup_distinct(x.codes, np.asarray(x.categories, dtype=object))
             if x.dtype != object:
                 raise Unsupported(f"values of dtype {x.dtype} against a string vocabulary")
             if len(x) >= BULK_ROWS:
                 # the same lookup on the distinct values only (pandas' factorize: nulls -> code -1 -> null index)
-                codes, uniques = pd.factorize(x)
-                out = np.append(self._lookup(uniques.astype(object)), NULL)[codes]
-            else:
-                out = self._lookup(x)
+                return self._lookup_distinct(*pd.factorize(x))
+            out = self._lookup(x)
         return out.astype(self.dtype, copy=False)
+
+    def _lookup_distinct(self, codes: np.ndarray, uniques: np.ndarray) -> np.ndarray:
+        """Values given as codes into their distinct values (code -1: null): each distinct value looked up once."""
+        return np.append(self._lookup(np.asarray(uniques, dtype=object)), NULL)[codes].astype(self.dtype, copy=False)
 
     def _lookup(self, x: np.ndarray) -> np.ndarray:
         get = self.lookup.get

@@ -157,7 +157,8 @@ def test_arrow_columns_and_back():
     t = pa.table({"s": pa.array(["a", None, "b"]), "f": pa.array([1.5, None, 2.0]), "i": pa.array([1, 2, 3]),
                   "l": pa.array([[1, 2], [], [3]], type=pa.list_(pa.int64())).slice(0, 3)})
     cols = fast_etl.arrow_columns(t)
-    assert list(cols["s"]) == ["a", None, "b"] and np.isnan(cols["f"][1]) and cols["i"].dtype == np.int64
+    assert list(cols["s"].categories) == ["a", "b"] and cols["s"].codes.tolist() == [0, -1, 1]  # -1: null
+    assert np.isnan(cols["f"][1]) and cols["i"].dtype == np.int64
     assert isinstance(cols["l"], Ragged) and cols["l"].values.tolist() == [1, 2, 3]
     assert cols["l"].offsets.tolist() == [0, 2, 2, 3]
     back = fast_etl.to_arrow({"l": cols["l"], "i": cols["i"]})
