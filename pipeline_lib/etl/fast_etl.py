@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -258,27 +259,39 @@ def write_dataset_metadata(out_dir: Path, schema, rows: int, row_groups: list) -
     CPUParquetWriter.write_special_metadata({"part_0.parquet": row_groups}, fs, str(out_dir))
 
 
+def _row_group_rows(out: pa.Table) -> int:
+    """NVTabular's CPU writer: row groups of ~128 MB of the frame in memory."""
+    head = out.slice(0, 1024).to_pandas()
+    return math.ceil(128_000_000 / max(head.memory_usage(deep=True).sum() / max(len(head), 1), 1))
+
+
 def transform_to_parquet(compiled, schema, source: Batches, out_dir: Path) -> int:
-    """Apply the compiled workflow batch by batch and write ``out_dir`` as NVTabular would; -> rows written."""
+    """Apply the compiled workflow batch by batch and write ``out_dir`` as NVTabular would; -> rows written.
+    One batch is written (pyarrow, without the GIL) while the next is transformed: two batches in memory."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    path, collected, writer, rows, group_rows = out_dir / "part_0.parquet", [], None, 0, None
-    try:
-        for table in source(list(compiled.input_columns)):
-            out = to_arrow(compiled(arrow_columns(table)))
-            if writer is None:
-                # NVTabular's CPU writer: row groups of ~128 MB of the frame in memory
-                head = out.slice(0, 1024).to_pandas()
-                group_rows = math.ceil(128_000_000 / max(head.memory_usage(deep=True).sum() / max(len(head), 1), 1))
-                # uncompressed like NVTabular's; plain encoding (no dictionary pages: same data, faster to write)
-                writer = pq.ParquetWriter(path, out.schema, compression="NONE", use_dictionary=False,
-                                          metadata_collector=collected)
-            writer.write_table(out, row_group_size=group_rows)
-            rows += out.num_rows
-    finally:
-        if writer is not None:
-            writer.close()
+    path, collected, writer, rows, pending = out_dir / "part_0.parquet", [], None, 0, None
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            for table in source(list(compiled.input_columns)):
+                out = to_arrow(compiled(arrow_columns(table)))
+                if writer is None:
+                    group_rows = _row_group_rows(out)
+                    # uncompressed like NVTabular's; plain encoding (no dictionary pages: same data, faster to write)
+                    writer = pq.ParquetWriter(path, out.schema, compression="NONE", use_dictionary=False,
+                                              metadata_collector=collected)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.write_table, out, row_group_size=group_rows)
+                rows += out.num_rows
+            if pending is not None:
+                pending.result()
+        finally:
+            if pending is not None:
+                pending.exception()  # wait for the last write before closing (also on an error)
+            if writer is not None:
+                writer.close()
     if writer is None:
         raise Unsupported("no rows to transform")
     collected[0].set_file_path("part_0.parquet")
