@@ -356,11 +356,20 @@ def fast_fit_transform(build: Callable[[Path], object], train: Path, valid: Path
     """Fit ``build(categories_dir)``'s workflow on ``train`` and write ``out_dir/{train,valid}`` through the
     fast path, verified against NVTabular first; -> (fitted workflow, rows verified). Raises Unsupported or
     AssertionError when the fast path does not reproduce NVTabular (the caller falls back)."""
-    from merlin.io import Dataset
-
     work = out_dir / "fast-verify"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    try:
+        return _fit_transform_checked(build, train, valid, out_dir, part_size, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _fit_transform_checked(build: Callable[[Path], object], train: Path, valid: Path, out_dir: Path,
+                           part_size: str, work: Path):
+    """:func:`fast_fit_transform` with its scratch folder ``work``."""
+    from merlin.io import Dataset
+
     sample = next(parquet_batches(train, SAMPLE_ROWS)(None), None)
     if sample is None or not sample.num_rows:
         raise Unsupported("no training rows")
@@ -371,8 +380,7 @@ def fast_fit_transform(build: Callable[[Path], object], train: Path, valid: Path
     t1 = time.perf_counter()
     workflow = build(out_dir / "fit")
     dataset = Dataset(str(train), engine="parquet", part_size=part_size, cpu=True)
-    rows = batch_rows(train, part_size)
-    fast_fit(workflow, dataset, parquet_batches(train, rows), sample.to_pandas())
+    fast_fit(workflow, dataset, parquet_batches(train, batch_rows(train, part_size)), sample.to_pandas())
     t2 = time.perf_counter()
     compiled = compile_workflow(workflow)
     inputs = list(compiled.input_columns)
@@ -380,8 +388,6 @@ def fast_fit_transform(build: Callable[[Path], object], train: Path, valid: Path
     for src, name in ((train, "train"), (valid, "valid")):
         transform_to_parquet(compiled, workflow.output_schema, parquet_batches(src, batch_rows(src, part_size)),
                              out_dir / name)
-    t3 = time.perf_counter()
     log.info("fast ETL: fit checked on a sample %.1f s, fit %.1f s, transform checked + written %.1f s",
-             t1 - t0, t2 - t1, t3 - t2)
-    shutil.rmtree(work, ignore_errors=True)
+             t1 - t0, t2 - t1, time.perf_counter() - t2)
     return workflow, checked

@@ -340,10 +340,14 @@ def fit_transform(
                 etl.part_size)
             path = f"fast (verified against NVTabular on {checked} rows)"
             log.info("ETL on cpu, fast path: %.1f s", time.perf_counter() - t0)
-        except (fast_etl.Unsupported, AssertionError) as exc:
+        except (fast_etl.Unsupported, AssertionError) as exc:  # not reproduced exactly: NVTabular decides
             reason = f"fast path refused: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any other failure of the fast path: NVTabular as before
+            reason = f"fast path failed: {type(exc).__name__}: {exc}"
+        if workflow is None:
             log.warning("ETL: %s; running NVTabular", reason)
-            shutil.rmtree(out_dir / "fit", ignore_errors=True)
+            for name in ("fit", "train", "valid"):
+                shutil.rmtree(out_dir / name, ignore_errors=True)
     if workflow is None:
         workflow = build_workflow(columns, out_dir / "fit", history=history)
         nvtabular_fit_transform(workflow, device, etl, SplitPaths(train_path, valid_path), out_dir)
