@@ -162,7 +162,7 @@ def read_row_groups(path: str, row_groups: list[int], columns: list[str]) -> pd.
     return pq.ParquetFile(path).read_row_groups(row_groups, columns=columns).to_pandas()
 
 
-def nvtabular_partitions(dataset, columns: list[str]):
+def nvtabular_partitions(dataset, columns: list[str]) -> "dd.DataFrame | None":  # noqa: F821
     """``dataset.to_ddf(columns)`` with the same partitions (NVTabular's: consecutive groups of
     ``row_groups_per_part`` row groups of one parquet file), each read by pyarrow; None where the
     dataset is not one such file or the partition lengths would differ (then merlin reads it)."""
@@ -352,7 +352,7 @@ SAMPLE_ROWS = 4096  # training rows the fit-time checks use (plus fast_transform
 
 
 def fast_fit_transform(build: Callable[[Path], object], train: Path, valid: Path, out_dir: Path,
-                       part_size: str):
+                       part_size: str) -> tuple[object, int]:
     """Fit ``build(categories_dir)``'s workflow on ``train`` and write ``out_dir/{train,valid}`` through the
     fast path, verified against NVTabular first; -> (fitted workflow, rows verified). Raises Unsupported or
     AssertionError when the fast path does not reproduce NVTabular (the caller falls back)."""
@@ -366,7 +366,7 @@ def fast_fit_transform(build: Callable[[Path], object], train: Path, valid: Path
 
 
 def _fit_transform_checked(build: Callable[[Path], object], train: Path, valid: Path, out_dir: Path,
-                           part_size: str, work: Path):
+                           part_size: str, work: Path) -> tuple[object, int]:
     """:func:`fast_fit_transform` with its scratch folder ``work``."""
     from merlin.io import Dataset
 
