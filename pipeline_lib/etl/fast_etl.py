@@ -105,8 +105,10 @@ def value_counts(batches: Batches, names: list[str]) -> pd.DataFrame:
     over all batches, nulls included: the frame NVTabular's groupby reduction hands to ``_write_uniques``
     (columns ``<joint name>`` and ``<joint name>_size``)."""
     joint = "_".join(names)
-    parts = []
+    parts: list[pd.DataFrame] = []
     for table in batches(names):
+        if len(parts) >= 16:  # keep memory at the distinct values: sum what has been counted so far
+            parts = [_summed(parts, joint)]
         for name in names:
             arr = table.column(name).combine_chunks()
             if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
@@ -118,6 +120,10 @@ def value_counts(batches: Batches, names: list[str]) -> pd.DataFrame:
                                        f"{joint}_size": vc.field("counts").to_numpy().astype(np.int64)}))
     if not parts:
         raise Unsupported(f"no training rows for {joint}")
+    return _summed(parts, joint)
+
+
+def _summed(parts: list[pd.DataFrame], joint: str) -> pd.DataFrame:
     df = pd.concat(parts, ignore_index=True)
     return df.groupby(joint, dropna=False, sort=False)[f"{joint}_size"].sum().reset_index()
 

@@ -177,3 +177,14 @@ def test_value_counts_sum_over_batches_with_nulls_and_joint_columns(tmp_path):
     assert list(vc.columns) == ["a_h", "a_h_size"] and vc["a_h_size"].dtype == np.int64
     got = {(None if pd.isna(k) else int(k)): int(c) for k, c in zip(vc["a_h"], vc["a_h_size"])}
     assert got == {1: 2, 2: 4, 3: 1, None: 1}
+
+
+def test_value_counts_of_many_batches_are_summed_along_the_way(tmp_path):
+    """More batches than are kept apart: the counts so far are summed (memory at the distinct values)."""
+    rng = np.random.default_rng(0)
+    s = np.array([f"s{i}" for i in rng.integers(0, 30, 2000)], dtype=object)
+    s[::11] = None
+    pq.write_table(pa.table({"s": s}), tmp_path / "s.parquet")
+    many = fast_etl.value_counts(fast_etl.parquet_batches(tmp_path / "s.parquet", 50), ["s"])  # 40 batches
+    want = pd.Series(s).value_counts(dropna=False)
+    assert dict(zip(many["s"].fillna("<null>"), many["s_size"])) == dict(zip(want.index.fillna("<null>"), want))
