@@ -13,8 +13,9 @@
   and writes what ``Dataset.to_parquet(output_files=1)`` writes: ``part_0.parquet`` (uncompressed, same
   columns, dtypes and list layout), ``schema.pbtxt``, ``.merlin/schema.json``, ``_metadata``,
   ``_metadata.json`` and ``_file_list.txt``.
-- **verification at fit time** (:func:`verify_fit`): on a sample of the training rows, the fast fit's
-  vocabularies, meta files, statistics and output schema equal NVTabular's fit of the same sample; on the
+- **verification at fit time** (:func:`verify_fit`): on a sample of the training rows, our Categorify
+  counts give NVTabular's vocabulary and meta files, the rows read by pyarrow for the other statistics
+  equal merlin's reading, and the fast fit's output schema equals NVTabular's fit of the sample; on the
   sample plus ``fast_transform.edge_rows`` (nulls, unseen values, empty lists) the compiled transform equals
   ``Workflow.transform``. Any difference or :class:`~pipeline_lib.etl.fast_transform.Unsupported` makes
   ``fit_transform`` run NVTabular as before and say why (``EtlOutput.etl_path``).
@@ -314,9 +315,10 @@ def _same_file(a: str, b: str, what: str) -> None:
         raise AssertionError(f"{what}: the fast fit's {os.path.basename(a)} differs from NVTabular's")
 
 
-def compare_fits(fast, nvt) -> None:
+def compare_fits(fast, nvt, statistics: bool = True) -> None:
     """Two workflows of the same graph, one fitted by :func:`fast_fit`, one by NVTabular on the same rows:
-    equal vocabulary and meta files, fill values, moments and output schema; raises AssertionError."""
+    equal vocabulary and meta files and (``statistics``) fill values, moments and output schema; raises
+    AssertionError."""
     import nvtabular as nvt_mod
     from merlin.dag import postorder_iter_nodes
 
@@ -332,24 +334,46 @@ def compare_fits(fast, nvt) -> None:
                 metas = [p.replace("unique.", "meta.") for p in (path, other)]
                 if any(os.path.exists(m) for m in metas):  # written by the fit, not copied by Workflow.save
                     _same_file(*metas, key)
-        for attr in ("medians", "means", "stds"):
+        for attr in ("medians", "means", "stds") if statistics else ():
             if getattr(a.op, attr, None) != getattr(b.op, attr, None):
                 raise AssertionError(f"{type(a.op).__name__}.{attr}: {getattr(a.op, attr)} != {getattr(b.op, attr)}")
+    if statistics:
+        compare_schemas(fast, nvt)
+
+
+def compare_schemas(fast, nvt) -> None:
+    """Output columns, dtypes, list/ragged flags and tags equal (vocabulary sizes aside); raises AssertionError."""
     if fast.output_schema.column_names != nvt.output_schema.column_names or [
             (c.dtype, c.is_list, c.is_ragged, c.tags) for c in fast.output_schema] != [
             (c.dtype, c.is_list, c.is_ragged, c.tags) for c in nvt.output_schema]:
         raise AssertionError("the fast fit's output schema differs from NVTabular's")
 
 
-def verify_fit(build: Callable[[Path], object], sample_path: Path, work: Path) -> None:
-    """The fast fit against NVTabular's fit, both on the rows of ``sample_path``."""
+def verify_fit(build: Callable[[Path], object], sample_path: Path, work: Path) -> object:
+    """What the fast fit does itself, against NVTabular's fit of the rows of ``sample_path``: our Categorify
+    counts (through NVTabular's writer) give the same vocabulary and meta files, and the partitions read by
+    pyarrow for NVTabular's other statistics equal merlin's reading. Returns NVTabular's fitted workflow
+    (its output schema is compared with the fast fit's by :func:`compare_schemas`)."""
+    import nvtabular as nvt_mod
+    from merlin.dag import Graph
     from merlin.io import Dataset
 
-    fast, nvt = build(work / "fast"), build(work / "nvt")
+    nvt, ours = build(work / "nvt"), build(work / "fast")
     ds = Dataset(str(sample_path), engine="parquet", cpu=True)
-    fast_fit(fast, ds, parquet_batches(sample_path, 1 << 30), pd.read_parquet(sample_path))
-    nvt.fit(Dataset(str(sample_path), engine="parquet", cpu=True))
-    compare_fits(fast, nvt)
+    nvt.fit(ds)
+    ours.graph.construct_schema(ds.schema)
+    ddf, batches = ds.to_ddf(), parquet_batches(sample_path, 1 << 30)
+    for node in Graph.get_nodes_by_op_type([ours.output_node], nvt_mod.ops.Categorify):
+        fit_categorify(node, ddf, batches)
+    compare_fits(ours, nvt, statistics=False)
+    scalars = [c.name for c in ds.schema if not c.is_list]
+    parts = nvtabular_partitions(ds, scalars)
+    if parts is not None:
+        mine, merlins = parts.compute(scheduler="synchronous"), ds.to_ddf(columns=scalars).compute(scheduler="synchronous")
+        if not (mine.reset_index(drop=True).equals(merlins.reset_index(drop=True))
+                and list(mine.dtypes) == list(merlins.dtypes)):
+            raise AssertionError("the training rows read by pyarrow differ from merlin's reading")
+    return nvt
 
 
 # --- the path ------------------------------------------------------------------------------------------
@@ -382,11 +406,12 @@ def _fit_transform_checked(build: Callable[[Path], object], train: Path, valid: 
     sample_path = work / "sample.parquet"
     pq.write_table(sample, sample_path)
     t0 = time.perf_counter()
-    verify_fit(build, sample_path, work)
+    nvt_sample = verify_fit(build, sample_path, work)
     t1 = time.perf_counter()
     workflow = build(out_dir / "fit")
     dataset = Dataset(str(train), engine="parquet", part_size=part_size, cpu=True)
     fast_fit(workflow, dataset, parquet_batches(train, batch_rows(train, part_size)), sample.to_pandas())
+    compare_schemas(workflow, nvt_sample)
     t2 = time.perf_counter()
     compiled = compile_workflow(workflow)
     inputs = list(compiled.input_columns)
