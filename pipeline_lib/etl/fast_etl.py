@@ -101,11 +101,11 @@ def frame_columns(df: pd.DataFrame) -> dict:
 # --- fit ----------------------------------------------------------------------------------------------
 
 
-def value_counts(batches: Batches, names: list[str]) -> pd.DataFrame:
+def value_counts(batches: Batches, names: list[str], sep: str = "_") -> pd.DataFrame:
     """Counts of the values of ``names`` (list columns flattened; several names: one joint vocabulary)
     over all batches, nulls included: the frame NVTabular's groupby reduction hands to ``_write_uniques``
     (columns ``<joint name>`` and ``<joint name>_size``)."""
-    joint = "_".join(names)
+    joint = sep.join(names)  # NVTabular's name of a jointly encoded group (Categorify's name_sep)
     parts: list[pd.DataFrame] = []
     for table in batches(names):
         if len(parts) >= 16:  # keep memory at the distinct values: sum what has been counted so far
@@ -145,9 +145,8 @@ def fit_categorify(node, ddf, batches: Batches) -> None:
     os.makedirs(base, exist_ok=True)
     paths = {}
     for group in options.col_groups:
-        counts = value_counts(batches, list(group.names))
-        paths["_".join(group.names) if options.concat_groups else group.names[0]] = nvt_cat._write_uniques(
-            [counts], base, group, options, True)
+        counts = value_counts(batches, list(group.names), options.name_sep)
+        paths[options.name_sep.join(group.names)] = nvt_cat._write_uniques([counts], base, group, options, True)
     op.fit_finalize(paths)
     op.fitted = True
 
