@@ -70,6 +70,9 @@ def markdown(r: dict) -> str:
                          f"{_f(e.get('categoricals_identical'))} / {e.get('max_float_abs_diff', 0):.1e}"])
         lines += _table(["rows", "NVT s", "NVT rows/s", "NVT peak MB", "pandas s", "pandas rows/s", "pandas peak MB",
                          "time NVT/pandas", "peak mem NVT/pandas", "categoricals identical / max float diff"], rows)
+        from benchmarks import etl_bench
+
+        lines += ["- " + etl_bench.target_line(e) for e in r["etl"]] + [""]
 
     if r.get("train"):
         t = r["train"]

@@ -134,9 +134,7 @@ def main(argv=None) -> dict:
         print(f"[bench] {name} done in {results['section_seconds'][name]} s", flush=True)
         _write(results, out_dir)  # partial results survive an interrupted run
 
-    from benchmarks import etl_bench
-
-    section("etl", lambda: [etl_bench.bench(n, work / "etl", data_dir) for n in etl_rows])
+    section("etl", lambda: etl_section(etl_rows, work, data_dir))
     section("etl_peers", lambda: etl_peers_section(results.get("etl"), peers_rows, work, data_dir))
     section("train", lambda: train_section(a, results.get("etl"), train_rows, work, data_dir))
     section("serving", lambda: serving_section(a, "serving_peers" not in skip, serve_rows, work, data_dir))
@@ -204,6 +202,16 @@ def e2e_section(a: argparse.Namespace, work: Path) -> dict:
     if a.e2e_from_topk:
         return e2e_bench.load(work / "topk" / "flow") | {"from_topk_section": True}
     return e2e_bench.bench(work / "e2e", json.loads(a.e2e_overrides_json), prefect_api=a.prefect_api_url)
+
+
+def etl_section(etl_rows: list[int], work: Path, data_dir: Path) -> list:
+    """The pipeline's ETL against plain pandas at each size; prints the target line."""
+    from benchmarks import etl_bench
+
+    out = [etl_bench.bench(n, work / "etl", data_dir) for n in etl_rows]
+    for e in out:
+        print(f"[etl] {etl_bench.target_line(e)}", flush=True)
+    return out
 
 
 def etl_peers_section(etl_results: list | None, peers_rows: list[int], work: Path, data_dir: Path) -> list:

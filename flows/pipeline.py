@@ -49,7 +49,8 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     exp = timed("export", tasks.export, fam, paths, etl_out, trained)
     decision = timed("gate", tasks.gate, fam, paths, etl_out, exp, trained)
 
-    summary = {"run_dir": str(paths.root), "etl_device": etl_out.device, "etl_from": str(etl_out.workflow_dir.parent),
+    summary = {"run_dir": str(paths.root), "etl_device": etl_out.device, "etl_path": etl_out.etl_path,
+               "etl_from": str(etl_out.workflow_dir.parent),
                **fam.summary_fields(trained, exp), "baselines": trained.baselines.baselines,
                "lift": trained.baselines.lift, "gate": gate_fields(decision), "stage_seconds": timings,
                **({"tune": tuned.summary()} if tuned else {})}

@@ -269,6 +269,11 @@ class EtlConfig(_Strict):
     )
     part_size: str = Field("256MB", description="NVTabular partition size")
     dask: DaskConfig = Field(default_factory=DaskConfig)
+    fast_path: bool = Field(
+        True, description="on CPU without etl.dask: fit and transform through the fast path (own Categorify "
+        "counts, the compiled workflow on row batches), verified against NVTabular on a sample at fit time and "
+        "falling back to NVTabular on any difference; the saved workflow is a normal NVTabular one (docs/scale.md)"
+    )
 
 
 RANKING_MODELS = ("dlrm", "dcn", "deepfm", "wide_deep")

@@ -36,6 +36,7 @@ from pipeline_lib.etl.sessions import time_deltas
 from pipeline_lib.etl.workflow import to_float32
 
 PAD, NULL, OOV = 0, 1, 2
+BULK_ROWS = 4096  # from this many values, vocabulary lookups run vectorised (the ETL's row batches)
 
 
 class Unsupported(Exception):
@@ -89,6 +90,8 @@ class _Vocabulary:
             n = len(self.sorted_keys)
             if n == 0:
                 out = np.full(len(x), OOV, dtype=np.int64)
+            elif x.dtype.kind in "iu" and len(x) >= BULK_ROWS and self._dense_ok():
+                out = self._encode_dense(x)
             else:
                 pos = np.searchsorted(self.sorted_keys, x)
                 np.minimum(pos, n - 1, out=pos)
@@ -96,12 +99,40 @@ class _Vocabulary:
             if x.dtype.kind == "f":
                 out[np.isnan(x)] = NULL
         else:
+            if isinstance(x, pd.Categorical):  # dictionary-encoded strings (the ETL's arrow batches)
+                return self._lookup_distinct(x.codes, np.asarray(x.categories, dtype=object))
             if x.dtype != object:
                 raise Unsupported(f"values of dtype {x.dtype} against a string vocabulary")
-            get = self.lookup.get
-            # v != v: NaN (pandas' null for object columns) -> null index
-            out = np.fromiter((get(v, OOV) if v == v else NULL for v in x), dtype=np.int64, count=len(x))
+            if len(x) >= BULK_ROWS:
+                # the same lookup on the distinct values only (pandas' factorize: nulls -> code -1 -> null index)
+                return self._lookup_distinct(*pd.factorize(x))
+            out = self._lookup(x)
         return out.astype(self.dtype, copy=False)
+
+    def _lookup_distinct(self, codes: np.ndarray, uniques: np.ndarray) -> np.ndarray:
+        """Values given as codes into their distinct values (code -1: null): each distinct value looked up once."""
+        return np.append(self._lookup(np.asarray(uniques, dtype=object)), NULL)[codes].astype(self.dtype, copy=False)
+
+    def _lookup(self, x: np.ndarray) -> np.ndarray:
+        get = self.lookup.get
+        # v != v: NaN (pandas' null for object columns) -> null index
+        return np.fromiter((get(v, OOV) if v == v else NULL for v in x), dtype=np.int64, count=len(x))
+
+    def _dense_ok(self) -> bool:
+        """Integer keys in a range at most 4x the vocabulary (+ 1024): a dense value -> label table."""
+        keys = self.sorted_keys
+        lo, hi = int(keys[0]), int(keys[-1])
+        return keys.dtype.kind in "iu" and -2**62 < lo and hi < 2**62 and hi - lo < 4 * len(keys) + 1024
+
+    def _encode_dense(self, x: np.ndarray) -> np.ndarray:
+        """``searchsorted`` semantics through a table over [min key, max key]: absent values -> OOV."""
+        lo, hi = int(self.sorted_keys[0]), int(self.sorted_keys[-1])
+        table = np.full(hi - lo + 1, OOV, dtype=np.int64)
+        table[self.sorted_keys.astype(np.int64) - lo] = self.sorted_labels
+        inside = (x >= lo) & (x <= hi)
+        out = np.full(len(x), OOV, dtype=np.int64)
+        out[inside] = table[x[inside].astype(np.int64) - lo]
+        return out
 
 
 # --- the per-node steps ---------------------------------------------------------------------------

@@ -152,6 +152,7 @@ class SessionEtlOutput:
     device: str
     sessions_path: Path
     split: SessionSplit          # raw session lists (train / held-out)
+    etl_path: str = "nvtabular (the session ETL has no fast path)"  # as EtlOutput.etl_path
 
 
 def run_session_etl(events_path: Path, cfg, out_root: Path, split_dir: Path) -> SessionEtlOutput:

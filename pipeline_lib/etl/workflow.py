@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ class EtlOutput:
     schema_path: Path
     device: str
     split: SplitPaths  # the raw train/valid split the workflow was fitted on / applied to
+    etl_path: str = "nvtabular"  # which ETL ran: "fast (...)" or "nvtabular" plus why (etl.fast_path)
 
 
 def history_column(columns: ColumnsConfig) -> str:
@@ -299,26 +301,72 @@ def _client(device: str, dask_cfg: DaskConfig) -> tuple["distributed.Client", ob
     return Client(cluster, set_as_default=False), cluster
 
 
+def fast_path_refusal(etl: EtlConfig, device: str) -> str | None:
+    """Why the fast CPU path (``etl.fast_path``, pipeline_lib/etl/fast_etl.py) does not apply, or None."""
+    if not etl.fast_path:
+        return "etl.fast_path is off"
+    if device != "cpu":
+        return "GPU: NVTabular on cudf"
+    if etl.dask.scheduler_address or etl.dask.local_workers:
+        return "etl.dask is set: NVTabular on the dask cluster"
+    return None
+
+
 def fit_transform(
     columns: ColumnsConfig, etl: EtlConfig, split: SplitPaths, out_dir: Path, history: bool = False
 ) -> EtlOutput:
     """Fit the workflow on train, transform train and valid, save workflow + schema.
 
-    With ``etl.dask`` the fit and transform run on that dask cluster (see :func:`dask_context`);
-    the outputs are the same as in-process. Paths are made absolute first, since workers of an
-    existing cluster do not share this process's working directory.
+    On CPU without ``etl.dask`` the fast path runs (:func:`fast_path_refusal`, verified against
+    NVTabular at fit time); otherwise, or when its verification fails, NVTabular as below.
+    ``EtlOutput.etl_path`` says which ran and why. With ``etl.dask`` the fit and transform run on
+    that dask cluster (see :func:`dask_context`); the outputs are the same as in-process. Paths are
+    made absolute first, since workers of an existing cluster do not share this process's working directory.
     """
-    from merlin.io import Dataset
-
     device = resolve_device(etl.device)
-    cpu = device == "cpu"
     out_dir = Path(out_dir).absolute()
     train_path, valid_path = Path(split.train).absolute(), Path(split.valid).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    workflow = build_workflow(columns, out_dir / "fit", history=history)
+    reason = fast_path_refusal(etl, device)
+    workflow = None
+    if reason is None:
+        # imported here: fast_etl -> fast_transform imports this module (to_float32)
+        from pipeline_lib.etl import fast_etl
+
+        t0 = time.perf_counter()
+        try:
+            workflow, checked = fast_etl.fast_fit_transform(
+                lambda cats: build_workflow(columns, cats, history=history), train_path, valid_path, out_dir,
+                etl.part_size)
+            path = f"fast (verified against NVTabular on {checked} rows)"
+            log.info("ETL on cpu, fast path: %.1f s", time.perf_counter() - t0)
+        except (fast_etl.Unsupported, AssertionError) as exc:  # not reproduced exactly: NVTabular decides
+            reason = f"fast path refused: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any other failure of the fast path: NVTabular as before
+            reason = f"fast path failed: {type(exc).__name__}: {exc}"
+        if workflow is None:
+            log.warning("ETL: %s; running NVTabular", reason)
+            for name in ("fit", "train", "valid"):
+                shutil.rmtree(out_dir / name, ignore_errors=True)
+    if workflow is None:
+        workflow = build_workflow(columns, out_dir / "fit", history=history)
+        nvtabular_fit_transform(workflow, device, etl, SplitPaths(train_path, valid_path), out_dir)
+        path = f"nvtabular ({reason})"
+    workflow_dir = out_dir / "workflow"
+    workflow.save(str(workflow_dir))
+    train_dir = out_dir / "train"
+    # Dataset.to_parquet (or the fast path, identically) writes the Merlin schema (schema.pbtxt) beside the data.
+    return EtlOutput(workflow_dir, train_dir, out_dir / "valid", train_dir / "schema.pbtxt", device, split, path)
+
+
+def nvtabular_fit_transform(workflow, device: str, etl: EtlConfig, split: SplitPaths, out_dir: Path) -> None:
+    """NVTabular's fit on train and transform of train and valid into ``out_dir/{train,valid}``."""
+    from merlin.io import Dataset
+
+    cpu = device == "cpu"
     with dask_context(device, etl.dask), (fast_list_flatten() if cpu else contextlib.nullcontext()):
-        train_ds = Dataset(str(train_path), engine="parquet", part_size=etl.part_size, cpu=cpu)
-        valid_ds = Dataset(str(valid_path), engine="parquet", part_size=etl.part_size, cpu=cpu)
+        train_ds = Dataset(str(split.train), engine="parquet", part_size=etl.part_size, cpu=cpu)
+        valid_ds = Dataset(str(split.valid), engine="parquet", part_size=etl.part_size, cpu=cpu)
         t0 = time.perf_counter()
         log.info("ETL on %s: fitting the workflow on %d train rows (%d partitions) ...", device, train_ds.num_rows,
                  train_ds.npartitions)
@@ -326,14 +374,9 @@ def fit_transform(
         t1 = time.perf_counter()
         log.info("workflow fitted in %.1f s; transforming train and validation (%d rows) ...", t1 - t0,
                  valid_ds.num_rows)
-        train_dir, valid_dir = out_dir / "train", out_dir / "valid"
-        workflow.transform(train_ds).to_parquet(str(train_dir), output_files=1)
-        workflow.transform(valid_ds).to_parquet(str(valid_dir), output_files=1)
+        workflow.transform(train_ds).to_parquet(str(out_dir / "train"), output_files=1)
+        workflow.transform(valid_ds).to_parquet(str(out_dir / "valid"), output_files=1)
         log.info("transformed in %.1f s", time.perf_counter() - t1)
-    workflow_dir = out_dir / "workflow"
-    workflow.save(str(workflow_dir))
-    # Dataset.to_parquet writes the Merlin schema (schema.pbtxt) beside the data.
-    return EtlOutput(workflow_dir, train_dir, valid_dir, train_dir / "schema.pbtxt", device, split)
 
 
 def load_workflow(workflow_dir: Path):

@@ -39,6 +39,7 @@ def test_flow_runs_every_stage_and_publishes(flow_run):
                                               "serving-smoke-test", "publish", "promote"]
     assert summary["gate"]["promote"] and summary["gate"]["served_version"] is None  # first run promotes
     assert summary["model_version"] == 1 and summary["etl_device"] == "cpu"
+    assert summary["etl_path"].startswith("fast (verified against NVTabular")  # etl.fast_path, on CPU by default
     assert summary["etl_from"] == str(run / "transformed")  # first run in this session: no ETL cache hit
     assert summary["max_abs_diff_served_vs_offline"] <= 1e-5
     assert 0.5 < summary["metrics"]["auc"] <= 1

@@ -203,3 +203,28 @@ def test_the_session_workflow_compiles_to_the_numpy_serving_transform(session_et
     deltas = out[sessions.TIME_DELTA].values
     assert deltas.dtype == np.float32 and np.allclose(deltas, np.log1p(10.0))  # the first events were cut
     assert verify(compiled, wf, long, export.raw_to_columns) >= 1
+
+
+@pytest.mark.parametrize("keys", [np.array([5, 9, 1, 300, 42], np.int64), np.array([10**15, 3, -7], np.int64),
+                                  np.array(["b", "a", "zz"], dtype=object)])
+def test_bulk_vocabulary_lookups_equal_the_per_value_lookups(tmp_path, keys):
+    """From BULK_ROWS values the lookups are vectorised (a dense table for compact integer keys, one lookup
+    per distinct string, dictionary-encoded strings from the ETL): the same labels as value by value."""
+    path = tmp_path / "unique.c.parquet"
+    pd.DataFrame({"c": keys}, index=pd.RangeIndex(3, 3 + len(keys))).to_parquet(path)
+    vocab = fast_transform._Vocabulary(str(path), "c", np.int64)
+    rng = np.random.default_rng(0)
+    n = fast_transform.BULK_ROWS + 5
+    if keys.dtype == object:
+        pool = np.array(list(keys) + ["unseen", None, np.nan, b"a"], dtype=object)
+    else:
+        pool = np.concatenate([keys, keys + 1, [keys.min() - 1, keys.max() + 1]])
+    x = pool[rng.integers(0, len(pool), n)]
+    small = np.concatenate([vocab.encode(x[i:i + 7]) for i in range(0, n, 7)])  # below BULK_ROWS each
+    assert np.array_equal(vocab.encode(x), small)
+    if keys.dtype == object:
+        strings = np.array([v if isinstance(v, str) else None for v in x], dtype=object)
+        coded = pd.Categorical(strings)
+        assert np.array_equal(vocab.encode(coded), np.concatenate(
+            [vocab.encode(strings[i:i + 7]) for i in range(0, n, 7)]))
+    assert set(small) >= {fast_transform.OOV}
