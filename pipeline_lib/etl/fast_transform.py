@@ -231,11 +231,18 @@ class MapColumns:
     keep: bool = False
 
     def __call__(self, cols: dict) -> dict:
-        out = dict(cols) if self.keep else {}
-        out.update({c: self.fn(cols[c], a) for c, a in self.args.items()})
-        return out
+        return mapped(cols, self.fn, self.args, self.keep)
 
 
+def mapped(cols: dict, fn: Callable[[object, object], object], args: dict, keep: bool) -> dict:
+    """``fn(cols[c], args[c])`` for each column ``c`` of ``args``; with ``keep`` the other columns pass through."""
+    out = dict(cols) if keep else {}
+    out.update({c: fn(cols[c], a) for c, a in args.items()})
+    return out
+
+
+# Encode and Fill keep their own names and fields: compiled transforms pickled by earlier exports
+# (``ensemble/transform.pkl``) refer to them.
 @dataclass
 class Encode:
     """Categorify: each selected column (or list column's values) through its vocabulary; others kept."""
@@ -243,11 +250,7 @@ class Encode:
     vocabs: dict  # column -> _Vocabulary
 
     def __call__(self, cols: dict) -> dict:
-        out = dict(cols)
-        for name, vocab in self.vocabs.items():
-            x = cols[name]
-            out[name] = Ragged(vocab.encode(x.values), x.offsets) if isinstance(x, Ragged) else vocab.encode(x)
-        return out
+        return mapped(cols, encoded, self.vocabs, True)
 
 
 @dataclass
@@ -257,16 +260,24 @@ class Fill:
     fills: dict  # column -> value
 
     def __call__(self, cols: dict) -> dict:
-        out = dict(cols)
-        for name, value in self.fills.items():
-            x = _floats(cols[name], "FillMissing")
-            if x.dtype.kind == "f":
-                nan = np.isnan(x)
-                if nan.any():
-                    x = x.copy()
-                    x[nan] = value
-                out[name] = x
-        return out
+        return mapped(cols, filled, self.fills, True)
+
+
+def encoded(x, vocab: "_Vocabulary"):
+    """A column (or a list column's values, offsets kept) through its vocabulary."""
+    return Ragged(vocab.encode(x.values), x.offsets) if isinstance(x, Ragged) else vocab.encode(x)
+
+
+def filled(x, value):
+    """NaN of a float column -> ``value`` (a copy); a column of another kind unchanged."""
+    y = _floats(x, "FillMissing")
+    if y.dtype.kind != "f":
+        return x
+    nan = np.isnan(y)
+    if nan.any():
+        y = y.copy()
+        y[nan] = value
+    return y
 
 
 def log1p_as(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
