@@ -19,6 +19,7 @@ import tempfile  # noqa: E402
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = tempfile.mkdtemp(prefix="prefect-storage-")
 warnings.filterwarnings("ignore", category=UserWarning)
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,32 @@ class Trained:
         return export.offline_scores(nvt.Workflow.load(str(self.etl.workflow_dir)), model_dir, rows, self.cfg.columns.label)
 
 
+class RankingZoo(Mapping[str, train.TrainOutput]):
+    """Ranking model type -> that model trained (1 epoch) on the shared small run, trained when first asked
+    for: a worker trains each type once, for every test file that uses it, and none that no test uses."""
+
+    KINDS = ("dlrm", "dcn", "deepfm", "wide_deep")
+
+    def __init__(self, trained: Trained, tmp: Path):
+        self.trained, self.tmp = trained, tmp
+        self.models = {"dlrm": trained.model}
+
+    def __getitem__(self, kind: str) -> train.TrainOutput:
+        if kind not in self.KINDS:
+            raise KeyError(kind)
+        if kind not in self.models:
+            t = self.trained
+            cfg = t.cfg.model.model_copy(update={"type": kind, "epochs": 1})
+            self.models[kind] = train.train(t.etl.train_dir, t.etl.valid_dir, cfg, "click", 0, self.tmp / kind)
+        return self.models[kind]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.KINDS)
+
+    def __len__(self) -> int:
+        return len(self.KINDS)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect API (its own SQLite database) for every in-process flow run of the session.
@@ -108,14 +135,9 @@ def untrained(trained, tmp_path_factory) -> train.TrainOutput:
 
 
 @pytest.fixture(scope="session")
-def ranking_zoo(trained, tmp_path_factory) -> dict[str, train.TrainOutput]:
-    """Every ranking model type trained on the shared small run (dlrm is `trained` itself)."""
-    tmp = tmp_path_factory.mktemp("zoo")
-    out = {"dlrm": trained.model}
-    for kind in ("dcn", "deepfm", "wide_deep"):
-        cfg = trained.cfg.model.model_copy(update={"type": kind, "epochs": 1})
-        out[kind] = train.train(trained.etl.train_dir, trained.etl.valid_dir, cfg, "click", 0, tmp / kind)
-    return out
+def ranking_zoo(trained, tmp_path_factory) -> RankingZoo:
+    """Every ranking model type trained on the shared small run (dlrm is `trained` itself), each on first use."""
+    return RankingZoo(trained, tmp_path_factory.mktemp("zoo"))
 
 
 @pytest.fixture(scope="session")
@@ -142,6 +164,6 @@ def session_etl(tmp_path_factory):
     root = tmp_path_factory.mktemp("sess")
     cfg = load_config(None, {"task": "session", "session": {
         "synthetic": {"n_sessions": 3000, "n_items": 200, "n_categories": 10},
-        "model": {"epochs": 6, "batch_size": 128}}})
+        "model": {"epochs": 3, "batch_size": 128}}})  # 3 epochs: still far above most-popular (test_session.py)
     raw = session_data.write_raw_events(cfg.data, cfg.session, cfg.seed, root / "raw")
     return cfg, root, sessions.run_session_etl(raw, cfg, root / "transformed", root / "split")

@@ -177,6 +177,10 @@ class InProcessTensorflow(PredictTensorflow):
         self._input_dtypes = {k: v.dtype for k, v in self._signature.structured_input_signature[1].items()}
         self._compiled = self._onnx = None
 
+    def loaded(self) -> tuple:
+        """(SavedModel, serving signature, input dtypes): the model as ``retrieval.load_encoder`` returns it."""
+        return self.model, self._signature, self._input_dtypes
+
     def __getstate__(self) -> dict:
         skip = ("model", "_signature", "_input_dtypes", "_compiled", "_onnx")
         return {k: v for k, v in self.__dict__.items() if k not in skip}
@@ -333,7 +337,8 @@ class DirectPredictor:
         return self.tf_op.predict_tensors(tensors_from_columns(cols))
 
 
-def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, label: str, batch_size: int = 1024) -> np.ndarray:
+def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, label: str, batch_size: int = 1024,
+                   encoder: Optional[tuple] = None) -> np.ndarray:
     """The training-time path: NVTabular ``Workflow.transform`` of the raw rows as a Dataset, and the
     trained SavedModel's serving signature called on batches of the transformed rows (lists as
     values/offsets, as the Merlin loader and merlin-systems hand them to the model).
@@ -342,7 +347,8 @@ def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, label: str, bat
     Merlin's DCN-v2 from its config does not reproduce the trained model (differences ~1e-3,
     checked against the in-memory model), while the SavedModel's traced functions match it to
     ~1e-7. Batches are built with merlin's ``TensorTable`` rather than the Merlin ``Loader``:
-    merlin-dataloader 23.08 fails on a batch in which every row holds an empty list.
+    merlin-dataloader 23.08 fails on a batch in which every row holds an empty list. ``encoder``: the
+    SavedModel of ``model_dir`` already loaded (``retrieval.load_encoder``'s triple), else loaded here.
     """
     from merlin.io import Dataset
 
@@ -354,7 +360,7 @@ def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, label: str, bat
     if not len(transformed):
         return np.array([], dtype=np.float32)
     features = [c for c in transformed.columns if c != label]
-    return encode(load_encoder(model_dir), transformed[features], batch_size=batch_size).reshape(-1)
+    return encode(encoder or load_encoder(model_dir), transformed[features], batch_size=batch_size).reshape(-1)
 
 
 def load_version(version_dir: Path):
@@ -430,7 +436,8 @@ def export_ensemble(workflow_dir: Path, model_dir: Path, sample_raw: pd.DataFram
     ensemble = build_ensemble(workflow, model_dir, label, fast_sample=sample_raw if o.fast_transform else None)
     compiled_status = enable_compiled_model(ensemble, sample_raw, o.atol) if o.compiled_model == "auto" else \
         {"enabled": False, "reason": "export.compiled_model is off"}
-    want = offline_scores(workflow, model_dir, sample_raw, label)
+    # the reference calls the SavedModel the ensemble loaded from model_dir (loading it again took ~2 s)
+    want = offline_scores(workflow, model_dir, sample_raw, label, encoder=_model_op(ensemble).loaded())
     diff_inproc = check_parity("in-process ensemble", ensemble_scores(ensemble, sample_raw), want, o.atol)
 
     export_as_version(ensemble, staging_dir, model_name, version)
@@ -520,10 +527,18 @@ def _single_rows_parity(predict, what: str, raw: pd.DataFrame, want: np.ndarray,
 
 
 def _workflow_op(ensemble) -> InProcessWorkflow:
+    return _op_of_type(ensemble, InProcessWorkflow)
+
+
+def _model_op(ensemble) -> InProcessTensorflow:
+    return _op_of_type(ensemble, InProcessTensorflow)
+
+
+def _op_of_type(ensemble, kind: type):
     from merlin.dag import postorder_iter_nodes
 
     return next(n.op for n in postorder_iter_nodes(ensemble.graph.output_node, flatten_subgraphs=True)
-                if isinstance(n.op, InProcessWorkflow))
+                if isinstance(n.op, kind))
 
 
 def _raw_tensors(raw: pd.DataFrame) -> dict:

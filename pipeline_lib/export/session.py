@@ -91,7 +91,7 @@ class SessionRecommender(TopKRoute):
 
     def offline(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """The training-time path: workflow.transform + Merlin Loader + SavedModel, then the same top-k."""
-        scores = offline_scores(self.workflow, self.dir / MODEL_DIR, raw[self.workflow_inputs])
+        scores = offline_scores(self.workflow, self.dir / MODEL_DIR, raw[self.workflow_inputs], model=self.model[0])
         return self.rank(scores, raw[self.item_column].tolist(), self.extra_of(raw))
 
 

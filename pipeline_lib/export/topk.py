@@ -391,14 +391,15 @@ class TopKRecommender(TopKRoute):
     def offline(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
         n = self.candidates if self.ranker_fn else self.k
-        q = retrieval.query_embeddings(self.workflow, self.dir, self.spec, raw, self.filler)
+        # the encoders this version loaded (the same SavedModels: loading them again cost seconds per call)
+        q = retrieval.query_embeddings(self.workflow, self.dir, self.spec, raw, self.filler, encoder=self.query_fn)
         idx, scores = self.top_k(q, n, self._excluded_frame(raw), self._users(raw))
         ids = self.item_ids[idx]
         if not self.ranker_fn:
             return ids, scores
         frame = self.rank_frame(raw, ids)
         rank = export.offline_scores(self.workflow_with_label, self.dir / "ranker", frame[self.ranker_columns],
-                                     self.label).reshape(ids.shape)
+                                     self.label, encoder=self.ranker_fn).reshape(ids.shape)
         return rerank(ids, rank, self.k)
 
 

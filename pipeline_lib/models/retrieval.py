@@ -413,10 +413,12 @@ def item_embeddings(workflow, model_dir: Path, spec: RetrievalSpec, cat_raw: pd.
     return cat_raw[spec.item_id].to_numpy(), emb
 
 
-def query_embeddings(workflow, model_dir: Path, spec: RetrievalSpec, raw: pd.DataFrame, filler: dict) -> np.ndarray:
-    """Offline query path: NVTabular transform of the raw query columns + the saved query encoder."""
+def query_embeddings(workflow, model_dir: Path, spec: RetrievalSpec, raw: pd.DataFrame, filler: dict,
+                     encoder: Optional[tuple] = None) -> np.ndarray:
+    """Offline query path: NVTabular transform of the raw query columns + the saved query encoder
+    (``encoder``: it already loaded, :func:`load_encoder`'s triple; else loaded here)."""
     transformed = side_transform(workflow, raw, spec.query_columns, filler)
-    return encode(load_encoder(Path(model_dir) / QUERY_ENCODER), transformed, spec.query_columns)
+    return encode(encoder or load_encoder(Path(model_dir) / QUERY_ENCODER), transformed, spec.query_columns)
 
 
 def top_k(query: np.ndarray, items: np.ndarray, k: int,

@@ -10,7 +10,6 @@ from pipeline_lib.etl.fast_transform import tensors_from_columns
 from pipeline_lib.export import compiled_model
 from pipeline_lib.export.compiled_version import PLAN_FILE, CompiledPredictor, load_events
 from pipeline_lib.export import ranking as export
-from pipeline_lib.models import ranking as train
 from pipeline_lib.serving import repository
 from pipeline_lib.serving.client import RecsysClient
 from pipeline_lib.serving.server import TritonServer
@@ -18,14 +17,6 @@ from pipeline_lib.serving.server import TritonServer
 pytestmark = pytest.mark.integration
 
 ATOL = 1e-5
-
-
-def _train(trained, model_type: str):
-    if model_type == trained.cfg.model.type:
-        return trained.model
-    cfg = trained.cfg.model.model_copy(update={"type": model_type})
-    return train.train(trained.etl.train_dir, trained.etl.valid_dir, cfg, trained.cfg.columns.label, trained.cfg.seed,
-                       trained.root / f"model_{model_type}")
 
 
 def _export(trained, model, tmp, rows, **kw):
@@ -45,8 +36,8 @@ def _model_inputs(direct, ensemble, raw) -> dict:
 
 
 @pytest.fixture(scope="module", params=["dlrm", "dcn"])
-def exported(request, trained, tmp_path_factory):
-    model = _train(trained, request.param)
+def exported(request, trained, ranking_zoo, tmp_path_factory):
+    model = ranking_zoo[request.param]  # the models of test_models.py / test_ranking.py on this worker
     exp = _export(trained, model, tmp_path_factory.mktemp(f"compiled-{request.param}"), trained.valid_rows(64))
     return request.param, model, exp
 
@@ -94,10 +85,10 @@ def test_a_compiled_model_that_differs_falls_back_and_says_why(trained):
     assert tf_op.compiled is None  # never enabled: this op serves the SavedModel
 
 
-def test_a_model_it_cannot_compile_falls_back_and_says_why(trained, tmp_path):
+def test_a_model_it_cannot_compile_falls_back_and_says_why(trained, ranking_zoo, tmp_path):
     """DeepFM's wide part one-hot counts categories (DenseCountSparseOutput), which tf2onnx cannot convert:
     the export records why and the SavedModel serves (the export's own parity checks pass)."""
-    model = _train(trained, "deepfm")
+    model = ranking_zoo["deepfm"]
     exp = _export(trained, model, tmp_path, trained.valid_rows(64))
     assert exp.compiled_model["enabled"] is False
     assert "DenseCountSparseOutput" in exp.compiled_model["reason"]

@@ -32,7 +32,8 @@ def test_model_trains_and_beats_the_popularity_baseline(session_etl, kind):
     m = out.metrics
     assert m["model"] == f"session_{kind}" and (out.model_dir / "saved_model.pb").exists()
     pop = m["baselines"]["most_popular"]
-    # measured here: recall@10 0.71 (GRU) / 0.77 (transformer) vs 0.46 for most popular
+    # measured here (3 epochs, seeds 42/1/2): recall@10 0.52-0.58 (GRU) / 0.55-0.63 (transformer) vs
+    # 0.25-0.27 for most popular; ndcg@10 0.37-0.40 / 0.39-0.44 vs 0.13-0.17
     assert m["recall@10"] > pop["recall@10"] + 0.15, m
     assert m["ndcg@10"] > pop["ndcg@10"] + 0.1, m
     assert 0 < m["mrr@10"] <= m["ndcg@10"] <= m["recall@10"] <= 1
