@@ -409,15 +409,16 @@ def _fit_transform_checked(build: Callable[[Path], object], train: Path, valid: 
     t1 = time.perf_counter()
     workflow = build(out_dir / "fit")
     dataset = Dataset(str(train), engine="parquet", part_size=part_size, cpu=True)
-    fast_fit(workflow, dataset, parquet_batches(train, batch_rows(train, part_size)), sample.to_pandas())
+    train_batches = parquet_batches(train, batch_rows(train, part_size))
+    fast_fit(workflow, dataset, train_batches, sample.to_pandas())
     compare_schemas(workflow, nvt_sample)
     t2 = time.perf_counter()
     compiled = compile_workflow(workflow)
     inputs = list(compiled.input_columns)
     checked = verify(compiled, workflow, sample.select(inputs).to_pandas(), frame_columns)
-    for src, name in ((train, "train"), (valid, "valid")):
-        transform_to_parquet(compiled, workflow.output_schema, parquet_batches(src, batch_rows(src, part_size)),
-                             out_dir / name)
+    valid_batches = parquet_batches(valid, batch_rows(valid, part_size))
+    for batches, name in ((train_batches, "train"), (valid_batches, "valid")):
+        transform_to_parquet(compiled, workflow.output_schema, batches, out_dir / name)
     log.info("fast ETL: fit checked on a sample %.1f s, fit %.1f s, transform checked + written %.1f s",
              t1 - t0, t2 - t1, time.perf_counter() - t2)
     return workflow, checked

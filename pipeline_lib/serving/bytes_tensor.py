@@ -27,15 +27,20 @@ _LENGTH = struct.Struct("<I")
 _PAD_FACTOR = 4
 
 
-def _items(arr: np.ndarray) -> list:
-    """The elements as ``bytes``: bytes as they are, anything else ``str(x)`` in UTF-8 (tritonclient's rule)."""
-    flat = arr.reshape(-1)
-    if flat.dtype.kind == "S":
-        return flat.tolist()
-    items = flat.tolist()
-    if set(map(type, items)) <= {bytes}:
+def as_bytes(items: list) -> list:
+    """Values as ``bytes``: bytes as they are, anything else ``str(x)`` in UTF-8 (tritonclient's rule)."""
+    types = set(map(type, items))
+    if types <= {bytes}:
         return items
-    return [x if type(x) is bytes else str(x).encode("utf-8") for x in items]
+    if types == {str}:  # the usual case: one C-level map
+        return list(map(str.encode, items))
+    return [x if isinstance(x, bytes) else str(x).encode("utf-8") for x in items]
+
+
+def _items(arr: np.ndarray) -> list:
+    """The elements of an object or ``S`` array as ``bytes`` (:func:`as_bytes`)."""
+    flat = arr.reshape(-1)
+    return flat.tolist() if flat.dtype.kind == "S" else as_bytes(flat.tolist())
 
 
 def serialize(arr: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ import pandas as pd
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from pipeline_lib.export.compiled_version import request_rows
+from pipeline_lib.serving import bytes_tensor
 from pipeline_lib.serving.shared_memory import SharedMemoryTransport, output_bytes
 
 Protocol = Literal["http", "grpc"]
@@ -251,10 +252,7 @@ def _cast(arr: np.ndarray, triton_dtype: str, name: str) -> np.ndarray:
     if target is np.object_:
         arr = np.asarray(arr)
         items = arr.tolist() if arr.dtype == np.object_ else list(arr)  # numpy scalars keep their str()
-        if set(map(type, items)) == {str}:  # the usual case: one C-level map
-            encoded = list(map(str.encode, items))
-        else:
-            encoded = [str(x).encode("utf-8") if not isinstance(x, bytes) else x for x in items]
+        encoded = bytes_tensor.as_bytes(items)
         out = np.empty(len(encoded), dtype=np.object_)
         out[:] = encoded
         return out

@@ -21,17 +21,20 @@ from multiprocessing import shared_memory
 from typing import Any, Mapping, Optional
 
 import numpy as np
+from tritonclient.utils import triton_to_np_dtype
 
 from pipeline_lib.serving import bytes_tensor
 
 ALIGN = 64  # each tensor starts at a multiple of this many bytes in its region
 MIN_REGION_BYTES = 1 << 16
-_SIZES = {"BOOL": 1, "INT8": 1, "UINT8": 1, "INT16": 2, "UINT16": 2, "FP16": 2, "INT32": 4, "UINT32": 4,
-          "FP32": 4, "INT64": 8, "UINT64": 8, "FP64": 8}
-_NUMPY = {"BOOL": np.bool_, "INT8": np.int8, "UINT8": np.uint8, "INT16": np.int16, "UINT16": np.uint16,
-          "FP16": np.float16, "INT32": np.int32, "UINT32": np.uint32, "FP32": np.float32, "INT64": np.int64,
-          "UINT64": np.uint64, "FP64": np.float64}
 _IDS = itertools.count()
+
+
+def fixed_dtype(datatype: str) -> Optional[np.dtype]:
+    """The numpy dtype of a fixed-size Triton datatype (tritonclient's mapping); None for BYTES, and for BF16,
+    which tritonclient maps to float32 (another size)."""
+    np_type = triton_to_np_dtype(datatype) if datatype != "BF16" else None
+    return None if np_type is None or np_type is np.object_ else np.dtype(np_type)
 
 
 def _aligned(n: int) -> int:
@@ -73,11 +76,11 @@ def output_bytes(datatype: str, shape: list[int], rows: int, batch_dim: bool) ->
     """Bytes of an output of ``rows`` rows whose metadata shape is ``shape`` (-1: the rows, and the batch
     dimension with dynamic batching); None when its size cannot be known in advance (BYTES, several
     variable dimensions)."""
-    size = _SIZES.get(datatype)
+    dtype = fixed_dtype(datatype)
     variable = [d for d in shape if d < 0]
-    if size is None or len(variable) != 1 + int(batch_dim):
+    if dtype is None or len(variable) != 1 + int(batch_dim):
         return None
-    return size * rows * math.prod(d for d in shape if d >= 0)
+    return dtype.itemsize * rows * math.prod(d for d in shape if d >= 0)
 
 
 class SharedMemoryTransport:
@@ -146,7 +149,7 @@ class SharedMemoryTransport:
         datatype, shape = (out["datatype"], out["shape"]) if isinstance(out, dict) else (out.datatype, out.shape)
         count = math.prod(shape)
         view = self.regions["out"].view
-        return np.frombuffer(view, dtype=_NUMPY[datatype], count=count, offset=offset).reshape(shape).copy()
+        return np.frombuffer(view, dtype=fixed_dtype(datatype), count=count, offset=offset).reshape(shape).copy()
 
     def close(self) -> None:
         """Unregister and remove every region (each one even when another fails)."""
