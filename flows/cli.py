@@ -79,12 +79,13 @@ def serve(
     typer.echo(f"model '{cfg.export.model_name}' from {Path(repo).resolve()} (model control: {s.model_control}); "
                f"log {server.log_file}. Ctrl-C stops.")
     stop = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    # Ctrl-C (SIGINT) and SIGTERM both stop the server, also when SIGINT came in ignored (a background
+    # `cmd &` of a non-interactive shell, nohup): Python then installs no KeyboardInterrupt for it
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.update(flag=True))
     try:
         while not stop["flag"] and server.process and server.process.poll() is None:
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
         server.stop()
     typer.echo("Triton stopped.")

@@ -137,6 +137,10 @@ def test_metrics_artifact_holds_the_baselines_and_the_lift(flow_run):
     assert rows["lift over the best baseline"] == summary["lift"]
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_serve_and_predict_commands_on_the_published_repository(flow_run):
     """`recsys serve` (real Triton), raw rows over HTTP and gRPC == offline, `recsys predict`, clean stop."""
     tmp, overrides, _ = flow_run
@@ -146,7 +150,9 @@ def test_serve_and_predict_commands_on_the_published_repository(flow_run):
             f"serving.grpc_port={grpc}", f"serving.metrics_port={metrics}", f"runs_dir={tmp / 'runs'}"]
     args = sum((["--set", s] for s in sets), [])
     recsys = [sys.executable, "-m", "flows.cli"]
-    proc = subprocess.Popen(recsys + ["serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # started with SIGINT ignored, as `recsys serve &` from a script gets it: Ctrl-C must still stop it
+    proc = subprocess.Popen(recsys + ["serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_ignore_sigint)
     try:
         TritonServer(tmp / "model_repository", http_port=http).wait_ready(240, ["recsys"])
         rows = pd.read_parquet(run / "split" / "valid.parquet").head(16)
