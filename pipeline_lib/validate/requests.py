@@ -154,24 +154,6 @@ def _check_finite(name: str, arr: np.ndarray) -> None:
                              f"{arr[first]}); send a finite number, or NaN for a missing value")
 
 
-def fill_optional_lists(arrays: dict[str, np.ndarray], optional: Mapping[str, np.dtype],
-                        ragged: set[str]) -> dict[str, np.ndarray]:
-    """Optional list inputs (``optional``: tensor name -> dtype) a request left out, as empty lists
-    (values ``[]``, offsets all 0) for each of its rows; one half of a list without the other is a
-    :class:`BadRequest`. Rows are counted from the first list input the request carries."""
-    out = dict(arrays)
-    present = lists_present(out, ragged)
-    for col in sorted(ragged):
-        halves = [f"{col}__values", f"{col}__offsets"]
-        if not set(halves) <= set(optional) or col in present:
-            continue
-        ref = next((np.asarray(out[f"{c}__offsets"]).reshape(-1) for c in sorted(ragged) if f"{c}__offsets" in out), None)
-        rows = len(ref) - 1 if ref is not None and len(ref) else 0
-        out[halves[0]] = np.zeros(0, dtype=optional[halves[0]])
-        out[halves[1]] = np.zeros(rows + 1, dtype=optional[halves[1]])
-    return out
-
-
 def concat_requests(requests: list[dict[str, np.ndarray]], ragged: set[str]) -> tuple[dict[str, np.ndarray], list[int]]:
     """Several checked requests (from :func:`check_request`) -> one request holding all their rows in
     order, and each request's row count (to split the scores again). A list column's values are

@@ -31,8 +31,8 @@ import triton_python_backend_utils as pb_utils
 from pipeline_lib.export.compiled_version import CompiledPredictor, NeedsFallback, load_event
 from pipeline_lib.serving import bytes_tensor
 from pipeline_lib.validate.requests import (BadRequest, check_request, concat_requests, error_response,
-                                            fill_optional_lists, max_request_rows, read_request, split_rows,
-                                            tensor_reader, version_dir)
+                                            max_request_rows, read_request, split_rows, tensor_reader,
+                                            version_dir)
 
 # the stub decodes every BYTES input with this module function: the vectorised decoder instead
 FAST_BYTES = bytes_tensor.install(pb_utils)
@@ -47,9 +47,6 @@ class TritonPythonModel:
         # execute() gets the queued requests together, scores their rows in one call and splits them
         self.batched = int(config.get("max_batch_size", 0)) > 0
         self.max_rows = max_request_rows(config)
-        # optional list inputs declared by config.pbtxt: absent from a request -> empty lists (no ranking
-        # export declares one since session versions became top-k versions; kept for hand-written configs)
-        self.optional = {i["name"]: i["data_type"] for i in config["input"] if i.get("optional")}
         self.logger = pb_utils.Logger
         self.full = None  # the full ensemble's predictor, loaded when needed
         why = "no compiled version"
@@ -87,10 +84,7 @@ class TritonPythonModel:
         return self._batch(requests)
 
     def _read(self, request):
-        arrays = read_request(tensor_reader(pb_utils, request), self.input_names, self.optional, self.batched)
-        if self.optional:
-            arrays = fill_optional_lists(arrays, {n: pb_utils.triton_string_to_numpy(t)
-                                                  for n, t in self.optional.items()}, self.ragged)
+        arrays = read_request(tensor_reader(pb_utils, request), self.input_names, (), self.batched)
         return check_request(arrays, self.ragged, self.max_rows)
 
     def _predict(self, checked):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline_lib.validate.requests import BadRequest, check_request, fill_optional_lists, lists_present, read_request
+from pipeline_lib.validate.requests import BadRequest, check_request, lists_present, read_request
 
 RAGGED = {"tags"}
 
@@ -109,6 +109,3 @@ def test_list_halves():
     assert lists_present(arrays, {"tags", "exclude"}) == {"tags"}
     with pytest.raises(BadRequest, match="input 'exclude__values' without its other half"):
         lists_present({**arrays, "exclude__values": np.array([1])}, {"tags", "exclude"})
-    filled = fill_optional_lists(arrays, {"exclude__values": np.int64, "exclude__offsets": np.int32},
-                                 {"tags", "exclude"})
-    assert filled["exclude__values"].tolist() == [] and filled["exclude__offsets"].tolist() == [0, 0, 0]
