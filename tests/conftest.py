@@ -135,6 +135,18 @@ def untrained(trained, tmp_path_factory) -> train.TrainOutput:
 
 
 @pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory):
+    """The shared run exported once with the default options (the export stage's unit tests, the gate's)."""
+    from pipeline_lib.export import ranking as export
+
+    staging = tmp_path_factory.mktemp("export") / "ensemble"
+    rows = trained.valid_rows(64)
+    out = export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, rows, "click",
+                                 staging, "recsys", 1, export.ExportOptions(run_info={"run": "test"}))
+    return out, rows
+
+
+@pytest.fixture(scope="session")
 def ranking_zoo(trained, tmp_path_factory) -> RankingZoo:
     """Every ranking model type trained on the shared small run (dlrm is `trained` itself), each on first use."""
     return RankingZoo(trained, tmp_path_factory.mktemp("zoo"))

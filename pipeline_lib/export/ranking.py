@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from merlin.systems.dag.ops.tensorflow import PredictTensorflow  # sets protobuf impl; import first
+from merlin.dag import BaseOperator
 from merlin.systems.dag.ops.workflow import TransformWorkflow
 
 from pipeline_lib.export.parity import check_parity, ParityError  # noqa: F401  ParityError: re-exported
@@ -168,8 +169,12 @@ class InProcessTensorflow(PredictTensorflow):
     compiled_status: Optional[dict] = None  # class default: versions exported before the compiled path
 
     def __init__(self, model_path: str | os.PathLike):
-        super().__init__(str(model_path))
-        self._bind(self.model)
+        # not PredictTensorflow.__init__: that saves the loaded model again to a temporary folder only to
+        # read its signature back (~3 s of an export); the schemas come from the loaded signature here
+        BaseOperator.__init__(self)
+        self.path = str(model_path)
+        self._bind(load_encoder(self.path)[0])
+        self.input_schema, self.output_schema = signature_schemas(self._signature)
 
     def _bind(self, model) -> None:
         self.model = model
@@ -251,6 +256,26 @@ class InProcessTensorflow(PredictTensorflow):
             inputs[name] = tf.convert_to_tensor(np.asarray(arrays[name]), dtype=dtype)
         outputs = self._signature(**inputs)
         return {k: np.asarray(outputs[k].numpy()) for k in self.output_schema.column_names}
+
+
+def signature_schemas(signature) -> tuple:
+    """(input, output) Merlin schemas of a SavedModel's serving signature, as merlin-systems'
+    ``PredictTensorflow`` derives them: a list input (``name__values`` / ``name__offsets``) is one column
+    ``name`` of the values' dtype, dims ``[None, None, ...]``; other tensors keep their shape (-1 -> None)."""
+    from merlin.schema import ColumnSchema, Schema
+
+    def schema(specs: dict) -> Schema:
+        cols = {}
+        for name, spec in specs.items():
+            base = name.removesuffix("__values").removesuffix("__offsets")
+            if base != name:
+                values = specs[f"{base}__values"]
+                cols[base] = ColumnSchema(base, dtype=values.dtype, dims=[None, None, *values.shape.as_list()[1:]])
+            else:
+                cols[name] = ColumnSchema(name, dtype=spec.dtype, dims=spec.shape.as_list())
+        return Schema(list(cols.values()))
+
+    return schema(signature.structured_input_signature[1]), schema(signature.structured_outputs)
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""The ranking model compiled to ONNX for serving (pipeline_lib/export/compiled_model.py): verified equal to the
-SavedModel at export, falling back to the SavedModel with a reason, and served == offline through a real Triton."""
+"""Every ranking model type (tests/conftest.py `ranking_zoo`) exported once with the default options and served
+by one real Triton (one model each); the model compiled to ONNX for serving (pipeline_lib/export/compiled_model.py):
+verified equal to the SavedModel at export, falling back to the SavedModel with a reason, and served == offline."""
 import json
+import time
 
 import numpy as np
 import nvtabular as nvt
@@ -17,10 +19,11 @@ from pipeline_lib.serving.server import TritonServer
 pytestmark = pytest.mark.integration
 
 ATOL = 1e-5
+COMPILED = ["dlrm", "dcn"]  # the types the compiled model serves; deepfm falls back (below)
 
 
-def _export(trained, model, tmp, rows, **kw):
-    return export.export_ensemble(trained.etl.workflow_dir, model.model_dir, rows, "click", tmp / "staged", "recsys", 1,
+def _export(trained, model, tmp, rows, name: str = "recsys", **kw):
+    return export.export_ensemble(trained.etl.workflow_dir, model.model_dir, rows, "click", tmp / "staged", name, 1,
                                   export.ExportOptions(atol=ATOL, **kw))
 
 
@@ -35,15 +38,64 @@ def _model_inputs(direct, ensemble, raw) -> dict:
     return tensors_from_columns(direct.wf_op.transform_columns(cols))
 
 
-@pytest.fixture(scope="module", params=["dlrm", "dcn"])
-def exported(request, trained, ranking_zoo, tmp_path_factory):
-    model = ranking_zoo[request.param]  # the models of test_models.py / test_ranking.py on this worker
-    exp = _export(trained, model, tmp_path_factory.mktemp(f"compiled-{request.param}"), trained.valid_rows(64))
-    return request.param, model, exp
+def _offline(trained, model, raw):
+    return export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), model.model_dir, raw, "click")
 
 
-def test_compiled_model_equals_savedmodel_on_held_out_rows(trained, exported):
-    model_type, _, exp = exported
+def _events(server, at_least: int = 0, timeout_s: float = 10.0) -> list[dict]:
+    """The server's load events so far, waiting up to ``timeout_s`` for ``at_least`` of them (a stub's log
+    line may reach Triton's log file a moment after its answer)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        events = load_events(server.log_file.read_text(errors="replace"))
+        if len(events) >= at_least or time.monotonic() > deadline:
+            return events
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def zoo(trained, ranking_zoo, tmp_path_factory):
+    """Each model type exported once (default options), published and promoted as model ``<type>`` of one repository."""
+    tmp = tmp_path_factory.mktemp("zoo")
+    repo = tmp / "model_repository"
+    out = {}
+    for kind, model in ranking_zoo.items():  # the models of test_ranking.py on this worker
+        exp = _export(trained, model, tmp / kind, trained.valid_rows(64), name=kind)
+        repository.publish(exp.version_dir, exp.config_path, repo, kind)
+        repository.promote(repo, kind, 1)
+        out[kind] = (model, exp)
+    return repo, out
+
+
+@pytest.fixture(scope="module")
+def served(zoo):
+    """One Triton serving every type, and the load events of its models at start (no request yet)."""
+    repo, out = zoo
+    server = TritonServer.on_free_ports(repo, log_file=repo.parent / "triton.log")
+    server.start(timeout_s=300, models=list(out))
+    yield server, _events(server, at_least=len(out))
+    server.stop()
+
+
+def test_every_model_type_is_served_like_offline(trained, zoo, served):
+    _, out = zoo
+    server, at_start = served
+    rows = trained.valid_rows(32)
+    for kind, (model, _) in out.items():
+        offline = _offline(trained, model, rows)
+        assert np.ptp(offline) > 0, kind
+        with RecsysClient(server.grpc_url, "grpc", model_name=kind) as client:
+            np.testing.assert_allclose(client.predict(rows), offline, atol=ATOL, rtol=0, err_msg=kind)
+    # each model loaded once at start: the compiled version where it was written, else the full ensemble
+    light = [json.loads((exp.version_dir / "run_info.json").read_text())["loads_without_tensorflow"]
+             for _, exp in out.values()]
+    assert sorted(e["path"] for e in at_start) == sorted("compiled" if x else "full" for x in light), at_start
+    assert all(e["heavy_modules"] == [] for e in at_start if e["path"] == "compiled"), at_start
+
+
+@pytest.mark.parametrize("kind", COMPILED)
+def test_compiled_model_equals_savedmodel_on_held_out_rows(trained, zoo, kind):
+    _, exp = zoo[1][kind]
     status = exp.compiled_model
     assert status["enabled"], status
     assert status["max_rows"] >= 1 and status["max_abs_diff"] <= ATOL
@@ -53,7 +105,7 @@ def test_compiled_model_equals_savedmodel_on_held_out_rows(trained, exported):
 
     ensemble = export.load_version(exp.version_dir)  # the exported copy, as the served model.py loads it
     direct = export.DirectPredictor.from_ensemble(ensemble)
-    assert direct.tf_op.compiled is not None, f"{model_type}: the compiled model was not loaded back"
+    assert direct.tf_op.compiled is not None, f"{kind}: the compiled model was not loaded back"
     raw = _held_out(trained)
     batch = _model_inputs(direct, ensemble, raw)
     out = direct.tf_op.output_schema.column_names[0]
@@ -85,11 +137,11 @@ def test_a_compiled_model_that_differs_falls_back_and_says_why(trained):
     assert tf_op.compiled is None  # never enabled: this op serves the SavedModel
 
 
-def test_a_model_it_cannot_compile_falls_back_and_says_why(trained, ranking_zoo, tmp_path):
+def test_a_model_it_cannot_compile_falls_back_and_says_why(trained, zoo):
     """DeepFM's wide part one-hot counts categories (DenseCountSparseOutput), which tf2onnx cannot convert:
-    the export records why and the SavedModel serves (the export's own parity checks pass)."""
-    model = ranking_zoo["deepfm"]
-    exp = _export(trained, model, tmp_path, trained.valid_rows(64))
+    the export records why and the SavedModel serves (the export's own parity checks pass; served in
+    test_every_model_type_is_served_like_offline)."""
+    model, exp = zoo[1]["deepfm"]
     assert exp.compiled_model["enabled"] is False
     assert "DenseCountSparseOutput" in exp.compiled_model["reason"]
     assert not (exp.version_dir / "ensemble" / compiled_model.ONNX_FILE).exists()
@@ -97,9 +149,8 @@ def test_a_model_it_cannot_compile_falls_back_and_says_why(trained, ranking_zoo,
     direct = export.DirectPredictor.from_ensemble(ensemble)
     assert direct.tf_op.compiled is None
     raw = _held_out(trained, 20)
-    offline = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), model.model_dir, raw, "click")
     got = direct.tf_op.predict_tensors(_model_inputs(direct, ensemble, raw))
-    np.testing.assert_allclose(next(iter(got.values())).reshape(-1), offline, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(next(iter(got.values())).reshape(-1), _offline(trained, model, raw), atol=ATOL, rtol=0)
 
 
 def test_compiled_model_off_keeps_the_savedmodel(trained, tmp_path):
@@ -112,32 +163,26 @@ def test_compiled_model_off_keeps_the_savedmodel(trained, tmp_path):
     assert json.loads((exp.version_dir / "run_info.json").read_text())["loads_without_tensorflow"] is False
 
 
-@pytest.mark.integration
-def test_served_compiled_model_equals_offline(trained, exported, tmp_path):
-    """Through a real Triton: one-row requests (the compiled path) and a batch equal the offline scores;
-    the version loads without TensorFlow, and a request of more rows than the compiled model serves loads
-    the full ensemble then (the SavedModel answers it, equal to the offline scores too)."""
-    _, model, exp = exported
-    repo = tmp_path / "model_repository"
-    repository.publish(exp.version_dir, exp.config_path, repo, "recsys")
-    repository.promote(repo, "recsys", 1)
+@pytest.mark.parametrize("kind", COMPILED)
+def test_served_compiled_model_equals_offline(trained, zoo, served, kind):
+    """Through a real Triton: one-row requests (the compiled path) and a batch equal the offline scores
+    without loading anything more; a request of more rows than the compiled model serves loads the full
+    ensemble then (the SavedModel answers it, equal to the offline scores too)."""
+    model, exp = zoo[1][kind]
+    server, _ = served
     raw = _held_out(trained, 64)
-    offline = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), model.model_dir, raw, "click")
-    server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log")
-    server.start(timeout_s=240, models=["recsys"])
-    try:
-        with RecsysClient(server.grpc_url, "grpc") as client:
-            ones = np.concatenate([client.predict(raw.iloc[[i]]) for i in range(16)])
-            batch = client.predict(raw)
-            at_start = load_events(server.log_file.read_text(errors="replace"))
-            beyond = np.arange(exp.compiled_model["max_rows"] + 1) % len(raw)
-            big = client.predict(raw.iloc[beyond])
-    finally:
-        server.stop()
+    offline = _offline(trained, model, raw)
+    before = _events(server)
+    with RecsysClient(server.grpc_url, "grpc", model_name=kind) as client:
+        ones = np.concatenate([client.predict(raw.iloc[[i]]) for i in range(16)])
+        batch = client.predict(raw)
+        compiled_only = _events(server)
+        beyond = np.arange(exp.compiled_model["max_rows"] + 1) % len(raw)
+        big = client.predict(raw.iloc[beyond])
     np.testing.assert_allclose(ones, offline[:16], atol=ATOL, rtol=0)
     np.testing.assert_allclose(batch, offline, atol=ATOL, rtol=0)
-    assert [(e["path"], e["heavy_modules"]) for e in at_start] == [("compiled", [])], at_start
+    assert compiled_only == before  # nothing loaded for them: the compiled version served
     np.testing.assert_allclose(big, offline[beyond], atol=ATOL, rtol=0)
-    events = load_events(server.log_file.read_text(errors="replace"))
-    assert [e["path"] for e in events] == ["compiled", "full"] and "tensorflow" in events[1]["heavy_modules"]
-    assert f"{len(beyond)} rows: the compiled model serves up to" in events[1]["why"]
+    events = _events(server, at_least=len(before) + 1)[len(before):]
+    assert [e["path"] for e in events] == ["full"] and "tensorflow" in events[0]["heavy_modules"]
+    assert f"{len(beyond)} rows: the compiled model serves up to" in events[0]["why"]

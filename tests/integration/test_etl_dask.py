@@ -71,6 +71,14 @@ def dask_cluster(tmp_path_factory):
             log.close()
 
 
+@pytest.fixture(scope="module")
+def in_process(small_split, tmp_path_factory):
+    """The small split's ranking ETL in-process (the reference both cluster runs below must equal)."""
+    cfg, split = small_split
+    return etl.fit_transform(cfg.columns, EtlConfig(device="cpu", part_size=PART_SIZE), split,
+                             tmp_path_factory.mktemp("in_process") / "a")
+
+
 def _same_etl(a_root: Path, b_root: Path, data_dirs=("train", "valid")) -> None:
     """Transformed parquet, schema.pbtxt (run folder names aside) and the fitted workflow equal."""
     import nvtabular as nvt
@@ -113,19 +121,19 @@ def _fitted_stats(workflow) -> list:
             for n in postorder_iter_nodes(workflow.output_node)]
 
 
-def test_ranking_etl_on_an_existing_cluster_equals_in_process(tmp_path, small_split, dask_cluster):
+def test_ranking_etl_on_an_existing_cluster_equals_in_process(tmp_path_factory, small_split, in_process, dask_cluster):
     cfg, split = small_split
     cols = cfg.columns
     from dask.distributed import Client
     from merlin.io import Dataset
 
     assert Dataset(str(split.train), engine="parquet", part_size=PART_SIZE, cpu=True).npartitions > 1
-    local = etl.fit_transform(cols, EtlConfig(device="cpu", part_size=PART_SIZE), split, tmp_path / "a")
+    local = in_process
     with Client(dask_cluster, set_as_default=False) as c:
         before = c.run(_executed)
         on_cluster = etl.fit_transform(
             cols, EtlConfig(device="cpu", part_size=PART_SIZE, dask={"scheduler_address": dask_cluster}),
-            split, tmp_path / "b")
+            split, tmp_path_factory.mktemp("on_cluster") / "a")  # as long as in_process's folder (_same_etl)
         after = c.run(_executed)
     assert len(after) == 2 and all(after[w] > before[w] for w in after), (before, after)  # both workers worked
     _same_etl(local.workflow_dir.parent, on_cluster.workflow_dir.parent)
@@ -147,12 +155,12 @@ def test_session_etl_on_an_existing_cluster_equals_in_process(tmp_path, dask_clu
     _same_etl(tmp_path / "a", tmp_path / "b")
 
 
-def test_local_workers_equal_in_process_and_leave_nothing_behind(tmp_path, small_split):
+def test_local_workers_equal_in_process_and_leave_nothing_behind(tmp_path_factory, small_split, in_process):
     from merlin.core import dispatch
     from merlin.core.utils import global_dask_client
 
     cfg, split = small_split
-    local = etl.fit_transform(cfg.columns, EtlConfig(device="cpu", part_size=PART_SIZE), split, tmp_path / "a")
+    local = in_process
     original = dispatch.flatten_list_column_values
     seen = {}
     with etl.dask_context("cpu", DaskConfig(local_workers=2, memory_limit="1GB")):
@@ -163,7 +171,8 @@ def test_local_workers_equal_in_process_and_leave_nothing_behind(tmp_path, small
     assert seen == {"workers": 2, "patched": {True}}
     assert global_dask_client() is None and dispatch.flatten_list_column_values is original
     on_workers = etl.fit_transform(
-        cfg.columns, EtlConfig(device="cpu", part_size=PART_SIZE, dask={"local_workers": 2}), split, tmp_path / "b")
+        cfg.columns, EtlConfig(device="cpu", part_size=PART_SIZE, dask={"local_workers": 2}), split,
+        tmp_path_factory.mktemp("on_workers") / "a")  # as long as in_process's folder (_same_etl)
     _same_etl(local.workflow_dir.parent, on_workers.workflow_dir.parent)
 
 

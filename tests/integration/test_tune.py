@@ -46,8 +46,9 @@ def test_flow_with_tune_trains_the_best_trial(prefect_harness, tmp_path):
 def _embedding_widths(model_dir) -> set[int]:
     import tensorflow as tf
 
-    model = tf.saved_model.load(str(model_dir))
-    return {int(v.shape[-1]) for v in model.variables if "embedding" in v.name and len(v.shape) == 2}
+    # the saved weights (the SavedModel has no Keras layer traces, so no `.variables` list when loaded)
+    shapes = tf.train.load_checkpoint(str(model_dir / "variables" / "variables")).get_variable_to_shape_map()
+    return {int(s[-1]) for k, s in shapes.items() if k.endswith("/embeddings/.ATTRIBUTES/VARIABLE_VALUE") and len(s) == 2}
 
 
 def _artifacts(flow_run_id) -> dict:

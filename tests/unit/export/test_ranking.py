@@ -56,3 +56,14 @@ def test_parity_check_catches_the_stock_bytes_bug(trained, tmp_path, monkeypatch
         export.export_ensemble(trained.etl.workflow_dir, trained.model.model_dir, trained.valid_rows(64),
                                "click", staging, "recsys", 1)
     assert not staging.exists()
+
+
+def test_model_op_schemas_equal_merlin_systems_ones(trained):
+    """InProcessTensorflow reads its schemas from the loaded serving signature instead of saving the model
+    again as merlin-systems' PredictTensorflow does: the same input and output schemas as merlin's."""
+    from merlin.systems.dag.ops.tensorflow import PredictTensorflow
+
+    ours = export.InProcessTensorflow(trained.model.model_dir)
+    merlin = PredictTensorflow(str(trained.model.model_dir))
+    assert ours.input_schema == merlin.input_schema and ours.output_schema == merlin.output_schema
+    assert "item_tags" in ours.input_schema.column_names and ours.input_schema["item_tags"].is_list

@@ -7,6 +7,8 @@ import tensorflow as tf
 from pipeline_lib.data import sources as data
 from pipeline_lib.etl import workflow as etl
 from pipeline_lib.models import ranking as train
+from pipeline_lib.models.common import parquet_dataset
+from pipeline_lib.models.retrieval import encode, load_encoder
 from pipeline_lib.config import RunConfig
 
 
@@ -22,6 +24,13 @@ def test_training_writes_model_and_metrics(trained):
     inputs = set(sig.structured_input_signature[1])
     assert {"user_id", "item_id", "item_tags__values", "item_tags__offsets"} <= inputs
     assert "click" not in inputs
+    # saved without Keras' layer traces (train.save_model): the serving signature is the trained model --
+    # its scores of the validation rows give the AUC computed in memory before saving
+    valid = parquet_dataset(trained.etl.valid_dir).to_ddf().compute()
+    scores = encode(load_encoder(m.model_dir), valid.drop(columns=["click"]))
+    assert train.ranking_metrics(valid["click"].to_numpy(), scores)["auc"] == pytest.approx(saved["metrics"]["auc"], abs=1e-6)
+    assert (m.model_dir / ".merlin" / "output_schema.json").is_file()
+    assert set(tf.keras.models.load_model(str(m.model_dir)).signatures) == {"serving_default"}  # Keras loads it too
 
 
 def test_ranking_metrics_match_known_values():
@@ -50,9 +59,10 @@ def test_embedding_l2_pulls_rows_no_training_row_uses_to_zero(trained):
 
     assert trained.cfg.model.embedding_l2 > 0
     rows = Dataset(str(trained.etl.train_dir), engine="parquet").schema["user_id"].int_domain.max + 1
-    tables = [v.numpy() for v in tf.saved_model.load(str(trained.model.model_dir)).variables
-              if "embeddings" in v.name and v.shape[0] == rows]
-    assert len(tables) == 1
+    saved = tf.train.load_checkpoint(str(trained.model.model_dir / "variables" / "variables"))
+    tables = [saved.get_tensor(k) for k in saved.get_variable_to_shape_map()
+              if k.endswith("user_id/table/embeddings/.ATTRIBUTES/VARIABLE_VALUE")]
+    assert len(tables) == 1 and tables[0].shape[0] == rows
     norms = np.linalg.norm(tables[0], axis=1)
     assert norms[:3].max() < 0.5 * np.median(norms[3:]), (norms[:3], np.median(norms[3:]))
 
