@@ -162,6 +162,9 @@ def test_string_item_ids_are_served_like_offline(tmp_path, repos, triton):
     from pipeline_lib.serving import repository
     from pipeline_lib.models import session as session_model
     from pipeline_lib.export import session as ssm
+    from pipeline_lib.export import topk
+    from pipeline_lib.export.topk import TOPK_DIR
+    from pipeline_lib.release import session_gate
     from pipeline_lib.serving.session_client import SessionClient
 
     server = triton
@@ -180,6 +183,13 @@ def test_string_item_ids_are_served_like_offline(tmp_path, repos, triton):
     repository.promote(repo, "sess", 1)
     rec = exp.recommender  # the recommender export checked (the published version is its copy)
     assert rec.fast is not None and rec.item_ids.dtype == object  # string ids: the compiled transform serves
+    # the gate scores the staged candidate with it: the same figures as a fresh load of the version
+    assert rec.dir == exp.version_dir / TOPK_DIR and topk.loaded_recommender(exp, exp.version_dir) is rec
+    assert rec.fast_status == json.loads((rec.dir / "spec.json").read_text())["fast_transform"]
+    assert topk.loaded_recommender(exp, repo / "sess" / "1") is None
+    valid = pd.read_parquet(etl_out.split.valid).head(60)
+    assert session_gate.score_version(exp.version_dir, valid, COLS, 5, rec=rec) == \
+        session_gate.score_version(repo / "sess" / "1", valid, COLS, 5)
     want_ids, want_scores = rec.offline(req)
     assert all(isinstance(v, str) and v.startswith("sku-") for v in want_ids.ravel())
     assert not any(set(r) & set(p) for r, p in zip(want_ids.tolist(), req["item_id"]))  # never an item of the session
