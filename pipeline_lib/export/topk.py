@@ -94,6 +94,10 @@ class TopKExport(StagedVersion):
     parity: dict
     recommender: Optional["TopKRoute"] = field(default=None, repr=False, compare=False)
 
+    def __getstate__(self) -> dict:
+        """Pickled (a persisted task result) without the loaded recommender: it is re-opened from the folder."""
+        return {**self.__dict__, "recommender": None}
+
     def open(self, kind: type["TopKRoute"]) -> "TopKRoute":
         """The version's recommender: the one export checked, else loaded from the staged version."""
         if self.recommender is None:
