@@ -59,7 +59,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -88,7 +88,30 @@ ITEMS_FILE = "items.npz"  # ``ids``: the catalogue's raw item ids (retrieval: + 
 
 @dataclass
 class TopKExport(StagedVersion):
+    """A staged top-k version, with the in-process recommender export loaded and checked (``recommender``:
+    the gate and the smoke test use it instead of loading the same SavedModels and workflow again)."""
+
     parity: dict
+    recommender: Optional["TopKRoute"] = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        """Pickled (a persisted task result) without the loaded recommender: it is re-opened from the folder."""
+        return {**self.__dict__, "recommender": None}
+
+    def open(self, kind: type["TopKRoute"]) -> "TopKRoute":
+        """The version's recommender: the one export checked, else loaded from the staged version."""
+        if self.recommender is None:
+            self.recommender = kind(self.version_dir / TOPK_DIR)
+        return self.recommender
+
+
+def loaded_recommender(exp: Optional[StagedVersion], version_dir: Path) -> Optional["TopKRoute"]:
+    """``exp``'s checked recommender when ``version_dir`` is ``exp``'s version (the gate's candidate);
+    None otherwise (another version, e.g. the served one, is loaded from its own folder)."""
+    rec = getattr(exp, "recommender", None)
+    if rec is None or Path(version_dir).resolve() != exp.version_dir.resolve():
+        return None
+    return rec
 
 
 class RequestInput(NamedTuple):
@@ -516,15 +539,18 @@ def write_seen(train_raw: pd.DataFrame, user_col: str, item_col: str, label: str
 
 
 def check_version(rec: TopKRoute, samples: list[pd.DataFrame], frames: list[pd.DataFrame], atol: float,
-                  fast_transform: bool = True) -> tuple[float, dict]:
+                  fast_transform: bool = True, offline: Optional[dict[int, tuple]] = None
+                  ) -> tuple[float, dict]:
     """The version's in-process top-k (NVTabular path) must equal its offline reference on every sample (ids
     exactly, scores within ``atol``); then, with ``fast_transform`` (``export.fast_transform``), the compiled
-    transform is verified (:func:`verify_fast_path`) on ``frames`` and the samples. Returns (the largest
+    transform is verified (:func:`verify_fast_path`) on ``frames`` and the samples. ``offline``: references
+    already computed (``rec.offline(samples[i])`` by sample index), not computed again. Returns (the largest
     score difference, spec.json's ``fast_transform``)."""
-    diffs, in_process = [], []
+    diffs, in_process, known = [], [], offline or {}
     for i, sample in enumerate(samples):
         in_process.append(rec.recommend(sample))
-        diffs.append(check_parity(f"in-process top-k (sample {i})", in_process[-1], rec.offline(sample), atol))
+        want = known[i] if i in known else rec.offline(sample)
+        diffs.append(check_parity(f"in-process top-k (sample {i})", in_process[-1], want, atol))
     if not fast_transform:
         return max(diffs), {"enabled": False, "reason": "export.fast_transform is off"}
     return max(diffs), verify_fast_path(rec, frames, samples, in_process, atol)
@@ -553,11 +579,14 @@ def verify_fast_path(rec: TopKRoute, frames: list[pd.DataFrame], samples: list[p
 
 def stage_version(rec: TopKRoute, meta: dict, inputs: list[RequestInput], staged: StagedVersion,
                   options: ExportOptions, parity: dict) -> TopKExport:
-    """Finish a checked top-k version: spec.json, the one served ``model.py``, config.pbtxt and run_info.json."""
+    """Finish a checked top-k version: spec.json, the one served ``model.py``, config.pbtxt and run_info.json.
+    The result carries ``rec``, now as a fresh load of the finished version would be (its spec.json)."""
     (rec.dir / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
+    rec.meta = meta
+    rec.fast_status = meta.get("fast_transform") or rec.fast_status
     shutil.copyfile(TRITON_MODELS / "topk.py", rec.dir.parent / "model.py")
     write_config(staged.config_path, staged.model_name, inputs, rec.item_ids, rec.k, options.max_request_rows)
-    out = TopKExport(staged.staged_repository, staged.model_name, staged.version, parity)
+    out = TopKExport(staged.staged_repository, staged.model_name, staged.version, parity, rec)
     info = {**(options.run_info or {}), "task": rec.kind, "top_k": rec.k, "exclude_seen": meta.get("exclude_seen"),
             "parity": parity, "fast_transform": meta.get("fast_transform")}
     (rec.dir.parent / "run_info.json").write_text(json.dumps(info, indent=2, default=str))

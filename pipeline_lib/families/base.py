@@ -167,8 +167,9 @@ class TaskFamily(ABC):
         """The key of :meth:`gate_scorer`'s metrics that the gate compares."""
 
     @abstractmethod
-    def gate_scorer(self, etl_out: Any) -> gate.Scorer:
-        """How a version (candidate or served) is scored on this run's held-out data."""
+    def gate_scorer(self, etl_out: Any, exp: Optional[StagedVersion] = None) -> gate.Scorer:
+        """How a version (candidate or served) is scored on this run's held-out data; ``exp``: the staged
+        candidate, whose in-process parts export already loaded (a family may score it with them)."""
 
     def gate(self, paths: RunPaths, etl_out: Any, exp: StagedVersion,
              baselines: Optional[evaluation.BaselineReport]) -> gate.GateDecision:
@@ -181,8 +182,8 @@ class TaskFamily(ABC):
             decision = gate.GateDecision(True, self.gate_metric, float("nan"), None, served, cfg.gate.tolerance, 0,
                                          "gate disabled (gate.enabled: false)")
         else:
-            decision = gate.decide(exp.version_dir, served_dir, served, self.gate_scorer(etl_out), self.gate_metric,
-                                   cfg.gate.tolerance, gate.baseline_args(cfg.gate, baselines))
+            decision = gate.decide(exp.version_dir, served_dir, served, self.gate_scorer(etl_out, exp),
+                                   self.gate_metric, cfg.gate.tolerance, gate.baseline_args(cfg.gate, baselines))
         decision.save(paths.root / "gate.json")
         return decision
 

@@ -7,7 +7,7 @@ gate on AUC / log loss -> served scores == offline scores.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 
@@ -25,7 +25,6 @@ from pipeline_lib.validate import data as validate
 
 class RankingFamily(TaskFamily):
     name = "ranking"
-    returns_top_k = False  # a version answers one score per row (retrieval: top-k ids and scores)
 
     def raw_data(self, paths: RunPaths) -> Path:
         return data.write_raw(self.cfg.data, self.cfg.seed, paths.raw, self.cfg.columns)
@@ -103,9 +102,12 @@ class RankingFamily(TaskFamily):
     def gate_metric(self) -> str:
         return self.cfg.gate_metric
 
-    def gate_scorer(self, etl_out: etl.EtlOutput) -> gate.Scorer:
-        raw = pd.read_parquet(etl_out.split.valid).head(self.cfg.gate.max_rows)
-        return gate.ranking_scorer(raw, self.cfg.columns.label, topk=self.returns_top_k)
+    def gate_rows(self, etl_out: etl.EtlOutput) -> pd.DataFrame:
+        """The held-out raw rows every version is scored on (``gate.max_rows`` of the validation split)."""
+        return pd.read_parquet(etl_out.split.valid).head(self.cfg.gate.max_rows)
+
+    def gate_scorer(self, etl_out: etl.EtlOutput, exp: Optional[export.ExportOutput] = None) -> gate.Scorer:
+        return gate.ranking_scorer(self.gate_rows(etl_out), self.cfg.columns.label)
 
     def headline_metrics(self, trained: Trained) -> dict:
         return {k: trained.model.metrics[k] for k in ("auc", "logloss", "n_train", "n_valid")}

@@ -21,12 +21,11 @@ from pipeline_lib.families.ranking import RankingFamily
 from pipeline_lib.models import ranking as ranking_model
 from pipeline_lib.models import retrieval
 from pipeline_lib.paths import RunPaths
-from pipeline_lib.release import smoke
+from pipeline_lib.release import gate, smoke
 
 
 class RetrievalFamily(RankingFamily):
     name = "retrieval"
-    returns_top_k = True
 
     @property
     def history_length(self) -> int:
@@ -65,12 +64,13 @@ class RetrievalFamily(RankingFamily):
                                 export.ExportOptions.from_config(cfg, self.run_info(paths, trained)))
 
     def offline_reference(self, etl_out: etl.EtlOutput, exp: topk.TopKExport, rows: pd.DataFrame) -> Any:
-        """The version's own recommender on the offline path (workflow.transform + encoders + exact search)."""
-        return topk.TopKRecommender(exp.version_dir / topk.TOPK_DIR).offline(rows)
+        """The version's own recommender (the one export checked) on the offline path (workflow.transform
+        + encoders + exact search)."""
+        return exp.open(topk.TopKRecommender).offline(rows)
 
     def smoke(self, paths: RunPaths, etl_out: etl.EtlOutput, exp: topk.TopKExport) -> Any:
         """Only the version's request columns are sent (and compared)."""
-        rec = topk.TopKRecommender(exp.version_dir / topk.TOPK_DIR)
+        rec = exp.open(topk.TopKRecommender)
         rows = self.smoke_rows(etl_out, self.cfg.serving.smoke_rows)[rec.request_columns]
         return self.serve_and_compare(paths, exp, rows, rec.offline(rows))
 
@@ -78,6 +78,12 @@ class RetrievalFamily(RankingFamily):
         s = self.cfg.serving
         return smoke.smoke_test_topk(exp.staged_repository, exp.model_name, rows, offline, s.smoke_atol,
                                      paths.serving, s.startup_timeout_s)
+
+    def gate_scorer(self, etl_out: etl.EtlOutput, exp: Optional[topk.TopKExport] = None) -> gate.Scorer:
+        """Recall/NDCG/... of what a version returns; the candidate through the recommender export checked."""
+        raw, label = self.gate_rows(etl_out), self.cfg.columns.label
+        return gate.Scorer(lambda version_dir: gate.score_topk_version(
+            version_dir, raw, label, rec=topk.loaded_recommender(exp, version_dir)), len(raw))
 
     def headline_metrics(self, trained: Trained) -> dict:
         m, k = trained.model.metrics, self.cfg.model.retrieval.k

@@ -9,7 +9,7 @@ Requests are held-out sessions minus their last event (the target).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 
@@ -70,8 +70,9 @@ class SessionFamily(TaskFamily):
 
     def offline_reference(self, etl_out: session_etl.SessionEtlOutput, exp: topk.TopKExport,
                           rows: pd.DataFrame) -> Any:
-        """The version's own recommender on the offline path (workflow.transform + Merlin Loader + SavedModel)."""
-        return session_export.SessionRecommender(exp.version_dir / topk.TOPK_DIR).offline(rows)
+        """The version's own recommender (the one export checked) on the offline path (workflow.transform +
+        Merlin Loader + SavedModel)."""
+        return exp.open(session_export.SessionRecommender).offline(rows)
 
     def serve_and_compare(self, paths: RunPaths, exp: topk.TopKExport, rows: pd.DataFrame, offline: Any) -> Any:
         s = self.cfg.serving
@@ -82,11 +83,12 @@ class SessionFamily(TaskFamily):
     def gate_metric(self) -> str:
         return f"{self.cfg.session.gate_metric}@{self.cfg.session.top_k}"
 
-    def gate_scorer(self, etl_out: session_etl.SessionEtlOutput) -> gate.Scorer:
+    def gate_scorer(self, etl_out: session_etl.SessionEtlOutput, exp: Optional[topk.TopKExport] = None) -> gate.Scorer:
+        """Recall/NDCG/MRR@k of what a version returns; the candidate through the recommender export checked."""
         s = self.cfg.session
         valid = pd.read_parquet(etl_out.split.valid).head(self.cfg.gate.max_rows)
-        return gate.Scorer(lambda version_dir: session_release.score_version(version_dir, valid, s.columns, s.top_k),
-                           len(valid))
+        return gate.Scorer(lambda version_dir: session_release.score_version(
+            version_dir, valid, s.columns, s.top_k, rec=topk.loaded_recommender(exp, version_dir)), len(valid))
 
     def headline_metrics(self, trained: Trained) -> dict:
         k = self.cfg.session.top_k

@@ -57,14 +57,16 @@ def score_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: int =
     return ranking_metrics(raw[label].to_numpy(), scores)
 
 
-def score_topk_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: int = 4096) -> dict:
+def score_topk_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: int = 4096,
+                       rec: Optional[TopKRecommender] = None) -> dict:
     """Recall/Precision/NDCG/MRR@k of what a top-k version *returns* for the held-out positives
-    (its own k; the two-stage output when it has a ranker), over its item catalogue."""
+    (its own k; the two-stage output when it has a ranker), over its item catalogue. ``rec``: the
+    version's recommender when already loaded (the staged candidate's, from export)."""
 
     art = Path(version_dir) / TOPK_DIR
     if not art.is_dir():
         raise KeyError(f"version {Path(version_dir).name} is not a top-k model")
-    rec = TopKRecommender(art)
+    rec = rec or TopKRecommender(art)
     missing = [c for c in rec.request_columns if c not in raw.columns]
     if missing:
         raise KeyError(f"validation data lacks column(s) {missing} that version {Path(version_dir).name} needs")
@@ -141,10 +143,9 @@ class Scorer:
         return self.score(version_dir)
 
 
-def ranking_scorer(raw: pd.DataFrame, label: str, topk: bool = False) -> Scorer:
-    """Ranking ensembles (AUC, log loss) or top-k versions (``topk``) on raw validation rows."""
-    fn = score_topk_version if topk else score_version
-    return Scorer(lambda version_dir: fn(version_dir, raw, label), len(raw))
+def ranking_scorer(raw: pd.DataFrame, label: str) -> Scorer:
+    """Ranking ensembles (AUC, log loss) on raw validation rows (top-k versions: :func:`score_topk_version`)."""
+    return Scorer(lambda version_dir: score_version(version_dir, raw, label), len(raw))
 
 
 def baseline_args(gate_cfg, report) -> Optional[BaselineArgs]:

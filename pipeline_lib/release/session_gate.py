@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -45,10 +46,12 @@ def metrics_from_topk(ids: np.ndarray, scores: np.ndarray, targets: np.ndarray, 
     return topk_metrics(s, rank, k, mask_special=False)
 
 
-def score_version(version_dir: Path, sessions: pd.DataFrame, cols, k: int, batch: int = 2048) -> dict:
-    """A published/staged version's metrics on raw held-out sessions (prefix in, last item as target)."""
+def score_version(version_dir: Path, sessions: pd.DataFrame, cols, k: int, batch: int = 2048,
+                  rec: Optional[SessionRecommender] = None) -> dict:
+    """A published/staged version's metrics on raw held-out sessions (prefix in, last item as target).
+    ``rec``: the version's recommender when already loaded (the staged candidate's, from export)."""
 
-    rec = SessionRecommender(Path(version_dir) / TOPK_DIR)  # not a session top-k version: an error
+    rec = rec or SessionRecommender(Path(version_dir) / TOPK_DIR)  # not a session top-k version: an error
     req, targets = prefixes(sessions, cols)
     missing = [c for c in rec.request_columns if c not in req.columns]
     if missing:

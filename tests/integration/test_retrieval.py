@@ -50,9 +50,27 @@ def retrieval_runs(prefect_harness, tmp_path_factory):
     return tmp, repo, summaries
 
 
+class Published(dict):
+    """Model name -> its published version 1 (a ``TopKRecommender``), loaded on first use, once per module:
+    loading the encoders, ranker and workflow costs seconds. Tests only read it."""
+
+    def __init__(self, repo: Path):
+        super().__init__()
+        self.repo = repo
+
+    def __missing__(self, name: str) -> topk.TopKRecommender:
+        self[name] = rec = topk.TopKRecommender(self.repo / name / "1" / topk.TOPK_DIR)
+        return rec
+
+
+@pytest.fixture(scope="module")
+def published(retrieval_runs) -> Published:
+    return Published(retrieval_runs[1])
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("name", list(RUNS))
-def test_flow_trains_exports_and_publishes_each_retrieval_model(retrieval_runs, name):
+def test_flow_trains_exports_and_publishes_each_retrieval_model(retrieval_runs, published, name):
     tmp, repo, summaries = retrieval_runs
     s = summaries[name]
     assert s["model"] == RUNS[name]["type"] and s["model_version"] == 1 and s["gate"]["promote"]
@@ -80,7 +98,7 @@ def test_flow_trains_exports_and_publishes_each_retrieval_model(retrieval_runs, 
     table = s["predictions"]
     assert len(table) == SMALL.get("serving", {}).get("smoke_rows", 8)
     assert all(len(items) == 10 for items in table["top_items"])
-    rec = topk.TopKRecommender(art)  # the table shows what was sent: the request columns only
+    rec = published[name]  # the table shows what was sent: the request columns only
     assert list(table.columns) == rec.request_columns + ["top_items", "top_scores"]
     if name == "recsys_mf":
         assert rec.request_columns == ["user_id"]
@@ -109,9 +127,8 @@ def _seen(runs, name) -> dict:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", list(RUNS))
-def test_served_top_k_equals_offline_top_k_for_the_same_raw_request(retrieval_runs, served, name):
-    tmp, repo, _ = retrieval_runs
-    rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
+def test_served_top_k_equals_offline_top_k_for_the_same_raw_request(retrieval_runs, published, served, name):
+    rec = published[name]
     assert rec.exclude_seen  # model.retrieval.exclude_seen is on by default
     rows = _rows(retrieval_runs, name, rec)
     rows.loc[0, "user_id"] = 987654321  # a user the model never saw
@@ -147,13 +164,12 @@ def test_served_top_k_equals_offline_top_k_for_the_same_raw_request(retrieval_ru
 
 
 @pytest.mark.parametrize("name", list(RUNS))
-def test_the_compiled_transform_serves_every_retrieval_version_like_nvtabular(retrieval_runs, name):
+def test_the_compiled_transform_serves_every_retrieval_version_like_nvtabular(retrieval_runs, published, name):
     """Every version (MF; YouTube DNN with its jointly encoded history; two-tower + DLRM) was exported
     with the compiled transform verified on; per request it gives what the NVTabular path gives,
     including rows with unseen users, unseen history items and empty histories."""
 
-    tmp, repo, _ = retrieval_runs
-    rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
+    rec = published[name]
     assert rec.fast_status["enabled"] is True and rec.fast is not None, rec.fast_status
     rows = _rows(retrieval_runs, name, rec, n=6)
     rows.loc[0, "user_id"] = 987654321
@@ -171,10 +187,9 @@ def test_the_compiled_transform_serves_every_retrieval_version_like_nvtabular(re
 
 
 @pytest.mark.integration
-def test_two_stage_returns_k_candidates_ordered_by_the_ranking_score(retrieval_runs, served):
-    tmp, repo, _ = retrieval_runs
+def test_two_stage_returns_k_candidates_ordered_by_the_ranking_score(retrieval_runs, published, served):
     name = "recsys_two_stage"
-    rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
+    rec = published[name]
     rows = _rows(retrieval_runs, name, rec, n=4)
     with RecsysClient(served.grpc_url, "grpc", name) as client:
         ids, scores = client.recommend(rows)
@@ -194,10 +209,9 @@ def test_two_stage_returns_k_candidates_ordered_by_the_ranking_score(retrieval_r
 
 
 @pytest.mark.integration
-def test_bad_top_k_requests_get_a_clear_error_and_the_server_keeps_answering(retrieval_runs, served):
-    tmp, repo, _ = retrieval_runs
+def test_bad_top_k_requests_get_a_clear_error_and_the_server_keeps_answering(retrieval_runs, published, served):
     name = "recsys_youtube"
-    rec = topk.TopKRecommender(repo / name / "1" / topk.TOPK_DIR)
+    rec = published[name]
     rows = _rows(retrieval_runs, name, rec, n=2)
     with RecsysClient(served.http_url, "http", name) as client:
         with pytest.raises(RequestError, match="item_id_history"):
@@ -225,7 +239,7 @@ def test_bad_top_k_requests_get_a_clear_error_and_the_server_keeps_answering(ret
             np.testing.assert_array_equal(client.recommend(rows)[0], rec.offline(rows)[0])
 
 
-def test_the_mf_version_carries_its_faiss_index_and_serves_through_it(retrieval_runs, served):
+def test_the_mf_version_carries_its_faiss_index_and_serves_through_it(retrieval_runs, published, served):
     """model.retrieval.ann: the index is built at export, its recall against exact search is recorded
     in the version, and the served version searches with it (served == offline through the index is
     test_served_top_k_equals_offline_top_k_for_the_same_raw_request[recsys_mf])."""
@@ -236,7 +250,7 @@ def test_the_mf_version_carries_its_faiss_index_and_serves_through_it(retrieval_
     assert meta["index"] == "faiss" and meta["nlist"] == 8 and meta["nprobe"] == 2
     assert (art / ann.INDEX_FILE).is_file() and summaries["recsys_mf"]["ann"] == meta
     assert 0.0 <= meta["recall_at_k"] <= 1.0 and meta["queries"] == SMALL["export"]["parity_rows"]
-    rec = topk.TopKRecommender(art)
-    assert rec.index is not None and rec.index.nprobe == 2
+    rec = published["recsys_mf"]
+    assert rec.dir == art and rec.index is not None and rec.index.nprobe == 2
     for name in ("recsys_youtube", "recsys_two_stage"):  # exact search, the default below 100,000 items
         assert json.loads((repo / name / "1" / topk.TOPK_DIR / "spec.json").read_text())["ann"]["index"] == "exact"

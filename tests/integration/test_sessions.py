@@ -4,6 +4,7 @@ merlin-systems, Prefect and tritonserver; small data."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,35 +20,68 @@ pytestmark = pytest.mark.integration
 COLS = SessionColumns()
 
 
-# --- the whole flow with a real Triton server ---------------------------------------------------
+# --- the whole flow, and the published versions served by one real Triton server -----------------
+#
+# One module: two flow runs (a trained version, then an untrained candidate the gate refuses), a
+# version with string item ids exported and published directly, and one Triton (explicit model
+# control) that loads each published version when its test first asks for it.
 
 
-@pytest.mark.integration
-def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp_path):
-    import os
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory) -> dict:
+    """The module's two model repositories: the flow runs' and the string-id version's."""
+    root = tmp_path_factory.mktemp("session_repos")
+    out = {"flow": root / "flow_repo", "strings": root / "string_repo"}
+    for repo in out.values():
+        repo.mkdir()
+    return out
 
+
+@pytest.fixture(scope="module")
+def session_runs(prefect_harness, repos, tmp_path_factory):
+    """Run s1 publishes and serves version 1; run s2 (an untrained model, same data: the ETL is cached)
+    is refused by the gate, so version 1 keeps serving. Returns (tmp, s1 summary, s2 summary)."""
     from flows.pipeline import pipeline
-    from pipeline_lib.serving import repository
-    from pipeline_lib.serving.server import TritonServer
-    from pipeline_lib.serving.session_client import SessionClient
-    from pipeline_lib.export.session import SessionRecommender
-    from pipeline_lib.export.topk import TOPK_DIR
 
-    root = str(ROOT)
-    over = {"runs_dir": str(tmp_path / "runs"), "run_name": "s1",
-            "export": {"model_repository": str(tmp_path / "repo"), "parity_rows": 32},
+    tmp = tmp_path_factory.mktemp("session_flow")
+    over = {"runs_dir": str(tmp / "runs"), "run_name": "s1",
+            "export": {"model_repository": str(repos["flow"]), "parity_rows": 32},
             "serving": {"notify_live_server": False}, "gate": {"require_beat_baseline": False},
             "session": {"synthetic": {"n_sessions": 1500, "n_items": 150, "n_categories": 8},
                         "model": {"epochs": 1}}}
-    config = os.path.join(root, "configs", "examples", "session.yaml")
+    config = str(ROOT / "configs" / "examples" / "session.yaml")
     untrained = {"epochs": 1, "learning_rate": 1e-9, "popularity_prior": False}
     worse = {**over, "run_name": "s2", "session": {**over["session"], "model": untrained}}
     summary = pipeline(config_path=config, overrides=over)
     refused = pipeline(config_path=config, overrides=worse)  # an untrained (random) candidate must not replace v1
-    g = refused["gate"]
-    assert not g["promote"] and g["served_version"] == 1 and g["candidate"] < g["served"], g
-    assert "serving-smoke-test" not in refused["stage_seconds"] and refused["predictions"] is None
-    run = tmp_path / "runs" / "s1"
+    return tmp, summary, refused
+
+
+@pytest.fixture(scope="module")
+def triton(repos):
+    """One Triton for the module over both repositories, explicit model control: a test loads the
+    published version it checks with :func:`_load` (started when a test first needs it)."""
+    from pipeline_lib.serving.server import TritonServer
+
+    server = TritonServer.on_free_ports(repos["flow"], log_file=repos["flow"].parent / "triton.log",
+                                        model_control="explicit", extra_args=[f"--model-repository={repos['strings']}"])
+    with server.start(timeout_s=240):
+        yield server
+
+
+def _load(server, name: str) -> None:
+    """Load (serve) the promoted version of ``name`` on the running server; blocks until it is ready."""
+    import tritonclient.http as httpclient
+
+    with httpclient.InferenceServerClient(server.http_url, network_timeout=240.0, connection_timeout=240.0) as c:
+        c.load_model(name)
+        assert c.is_model_ready(name)
+
+
+@pytest.mark.integration
+def test_session_flow_runs_every_stage_and_serves_top_k_equal_to_offline(session_runs):
+    tmp, summary, _ = session_runs
+    run = tmp / "runs" / "s1"
     assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
                                               "serving-smoke-test", "publish", "promote"]
     assert summary["task"] == "session" and summary["model"] == "session_gru"
@@ -63,19 +97,42 @@ def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp
               "serving/smoke.json", "summary.json"]:
         assert (run / f).exists(), f
     assert (run / "model" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
-    info = json.loads((tmp_path / "repo" / "recsys_session" / "1" / "run_info.json").read_text())
+    info = json.loads((Path(summary["served_dir"]) / "run_info.json").read_text())
     assert info["fast_transform"]["enabled"] is True, info["fast_transform"]  # served through the compiled transform
     preds = summary["predictions"]
     for proto in ("served_http", "served_grpc"):
         assert [list(x) for x in preds[proto]] == [list(x) for x in preds["offline"]]
+    metrics = json.loads((run / "model" / "metrics.json").read_text())
+    assert metrics["metrics"]["exclude_seen"] is True
+    assert metrics["baseline_comparison"]["protocol"]["exclude_seen"] is True  # baselines: the same protocol
 
-    # the published version, served by a fresh Triton: raw sessions in, top-k raw item ids out
-    repo = tmp_path / "repo"
-    assert repository.served_version(repo, "recsys_session") == 1
+
+@pytest.mark.integration
+def test_an_untrained_session_candidate_is_refused_and_version_1_keeps_serving(session_runs, repos):
+    from pipeline_lib.serving import repository
+
+    _, _, refused = session_runs
+    g = refused["gate"]
+    assert not g["promote"] and g["served_version"] == 1 and g["candidate"] < g["served"], g
+    assert "serving-smoke-test" not in refused["stage_seconds"] and refused["predictions"] is None
+    assert repository.served_version(repos["flow"], "recsys_session") == 1
+
+
+@pytest.mark.integration
+def test_the_published_session_version_is_served_like_offline(session_runs, repos, triton):
+    """Raw sessions in, top-k raw item ids out, from the published version 1 loaded by a Triton that
+    never served the staged copy; == that version's own offline reference."""
+    from pipeline_lib.export.session import SessionRecommender
+    from pipeline_lib.export.topk import TOPK_DIR
+    from pipeline_lib.serving.session_client import SessionClient
+
+    tmp, _, _ = session_runs
+    server = triton
+    run = tmp / "runs" / "s1"
     valid = pd.read_parquet(run / "split" / "valid.parquet").head(20)
     req, _ = sessions.prefixes(valid, COLS)
     req.loc[0, "item_id"] = [987654, *req.loc[0, "item_id"][1:]]  # an unseen item id maps to OOV as in training
-    rec = SessionRecommender(repo / "recsys_session" / "1" / TOPK_DIR)  # the published version's own reference
+    rec = SessionRecommender(repos["flow"] / "recsys_session" / "1" / TOPK_DIR)  # the published version's own reference
     want_ids, want_scores = rec.offline(req)
     vocab = set(pd.read_parquet(run / "split" / "train.parquet")["item_id"].explode())
     assert set(want_ids.ravel()) <= vocab  # raw ids of trained items, never special/OOV slots
@@ -84,35 +141,33 @@ def test_session_flow_end_to_end_served_topk_equals_offline(prefect_harness, tmp
     more = req.assign(exclude_item_ids=[list(r[:4]) + [987654] for r in want_ids.tolist()])  # + an unknown id
     more_ids, more_scores = rec.offline(more)
     assert [r[:6] for r in more_ids.tolist()] == [r[4:] for r in want_ids.tolist()]
-    metrics = json.loads((run / "model" / "metrics.json").read_text())
-    assert metrics["metrics"]["exclude_seen"] is True
-    assert metrics["baseline_comparison"]["protocol"]["exclude_seen"] is True  # baselines: the same protocol
-    server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log", model_control="explicit", load_models=["recsys_session"])
-    with server.start(timeout_s=240, models=["recsys_session"]):
-        for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
-            with SessionClient(url, proto, "recsys_session") as client:
-                ids, scores = client.recommend(req)
-                one_ids, _ = client.recommend(req.head(1).to_dict(orient="records"))
-                got_more = client.recommend(more)
-            np.testing.assert_array_equal(ids, want_ids)
-            np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
-            np.testing.assert_array_equal(one_ids, want_ids[:1])
-            np.testing.assert_array_equal(got_more[0], more_ids)
-            np.testing.assert_allclose(got_more[1], more_scores, atol=1e-5, rtol=0)
+    _load(server, "recsys_session")
+    for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        with SessionClient(url, proto, "recsys_session") as client:
+            ids, scores = client.recommend(req)
+            one_ids, _ = client.recommend(req.head(1).to_dict(orient="records"))
+            got_more = client.recommend(more)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(one_ids, want_ids[:1])
+        np.testing.assert_array_equal(got_more[0], more_ids)
+        np.testing.assert_allclose(got_more[1], more_scores, atol=1e-5, rtol=0)
 
 
 @pytest.mark.integration
-def test_string_item_ids_are_served_like_offline(tmp_path):
+def test_string_item_ids_are_served_like_offline(tmp_path, repos, triton):
     """Item ids as strings (BYTES on the wire, in and out): Triton's top-k == offline top-k, with the
     session's own items excluded (session.exclude_seen, default on) and with extra exclude_item_ids."""
-    from pipeline_lib.export.topk import TOPK_DIR
     from pipeline_lib.paths import TRITON_MODELS
     from pipeline_lib.serving import repository
     from pipeline_lib.models import session as session_model
     from pipeline_lib.export import session as ssm
-    from pipeline_lib.serving.server import TritonServer
+    from pipeline_lib.export import topk
+    from pipeline_lib.export.topk import TOPK_DIR
+    from pipeline_lib.release import session_gate
     from pipeline_lib.serving.session_client import SessionClient
 
+    server = triton
     ev = session_data.generate_sessions(SessionSyntheticConfig(n_sessions=600, n_items=60, n_categories=5), 3)
     ev["item_id"] = "sku-" + ev["item_id"].astype(str)
     ev.to_parquet(tmp_path / "events.parquet")
@@ -123,11 +178,18 @@ def test_string_item_ids_are_served_like_offline(tmp_path):
     model = session_model.train_and_evaluate(etl_out, cfg, tmp_path / "model")
     req, _ = sessions.prefixes(pd.read_parquet(etl_out.split.valid).head(12), COLS)
     exp = ssm.export_session_topk(etl_out.workflow_dir, model.model_dir, req, "item_id", 5, tmp_path / "staged", "sess")
-    repo = tmp_path / "repo"
+    repo = repos["strings"]
     repository.publish(exp.version_dir, exp.config_path, repo, "sess")
     repository.promote(repo, "sess", 1)
-    rec = ssm.SessionRecommender(repo / "sess" / "1" / TOPK_DIR)
+    rec = exp.recommender  # the recommender export checked (the published version is its copy)
     assert rec.fast is not None and rec.item_ids.dtype == object  # string ids: the compiled transform serves
+    # the gate scores the staged candidate with it: the same figures as a fresh load of the version
+    assert rec.dir == exp.version_dir / TOPK_DIR and topk.loaded_recommender(exp, exp.version_dir) is rec
+    assert rec.fast_status == json.loads((rec.dir / "spec.json").read_text())["fast_transform"]
+    assert topk.loaded_recommender(exp, repo / "sess" / "1") is None
+    valid = pd.read_parquet(etl_out.split.valid).head(60)
+    assert session_gate.score_version(exp.version_dir, valid, COLS, 5, rec=rec) == \
+        session_gate.score_version(repo / "sess" / "1", valid, COLS, 5)
     want_ids, want_scores = rec.offline(req)
     assert all(isinstance(v, str) and v.startswith("sku-") for v in want_ids.ravel())
     assert not any(set(r) & set(p) for r, p in zip(want_ids.tolist(), req["item_id"]))  # never an item of the session
@@ -138,20 +200,19 @@ def test_string_item_ids_are_served_like_offline(tmp_path):
     more = req.assign(exclude_item_ids=[list(r[:2]) + ["sku-unknown"] for r in want_ids.tolist()])
     more_ids, more_scores = rec.offline(more)
     assert [r[:3] for r in more_ids.tolist()] == [r[2:] for r in want_ids.tolist()]  # the next best move up
-    server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log")
-    with server.start(timeout_s=240, models=["sess"]):
-        for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
-            with SessionClient(url, proto, "sess") as client:
-                ids, scores = client.recommend(req)
-                got_more = client.recommend(more)
-                _assert_bad_requests_are_client_errors(client, req, proto)
-            assert ids.tolist() == want_ids.tolist()
-            np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
-            assert got_more[0].tolist() == more_ids.tolist()
-            np.testing.assert_allclose(got_more[1], more_scores, atol=1e-5, rtol=0)
-        with SessionClient(server.grpc_url, "grpc", "sess", shared_memory=True) as client:  # string lists via /dev/shm
-            shm_ids, shm_scores = client.recommend(more)
-        assert shm_ids.tolist() == got_more[0].tolist() and np.array_equal(shm_scores, got_more[1])
+    _load(server, "sess")
+    for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        with SessionClient(url, proto, "sess") as client:
+            ids, scores = client.recommend(req)
+            got_more = client.recommend(more)
+            _assert_bad_requests_are_client_errors(client, req, proto)
+        assert ids.tolist() == want_ids.tolist()
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+        assert got_more[0].tolist() == more_ids.tolist()
+        np.testing.assert_allclose(got_more[1], more_scores, atol=1e-5, rtol=0)
+    with SessionClient(server.grpc_url, "grpc", "sess", shared_memory=True) as client:  # string lists via /dev/shm
+        shm_ids, shm_scores = client.recommend(more)
+    assert shm_ids.tolist() == got_more[0].tolist() and np.array_equal(shm_scores, got_more[1])
     # one served model.py for every top-k version, and a config.pbtxt written without merlin's private API
     assert (repo / "sess" / "1" / "model.py").read_text() == (TRITON_MODELS / "topk.py").read_text()
 
