@@ -304,7 +304,10 @@ class TritonServer:
     def stop(self, timeout_s: float = 30.0) -> None:
         proc, self.process = self.process, None
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # Triton shuts down gracefully on SIGINT/SIGTERM
+            # Triton shuts down gracefully on SIGINT and SIGTERM alike. SIGTERM, because a process started
+            # with SIGINT ignored (a background job of a script, nohup; Triton inherits that) would lose a
+            # SIGINT sent before Triton installs its own handler, and a failed start then waited 30 s here.
+            proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:

@@ -1,6 +1,7 @@
-"""A real local Prefect server, the cron deployment registered by flows.deploy (flow.serve), the run
+"""A real local Prefect server, the cron deployment registered by flows.deploy (a Prefect Runner), the run
 that the server's scheduler creates executed to completion, and its artifacts read back from the API."""
 import asyncio
+import datetime
 import json
 import os
 import subprocess
@@ -55,10 +56,13 @@ def prefect_server(tmp_path_factory):
 def test_the_scheduler_itself_starts_the_cron_deployment_and_the_run_completes(prefect_server, tmp_path):
     """flows.deploy registers an every-minute cron deployment; nothing triggers it by hand. The Prefect
     server's scheduler service must create the flow run (with SQLAlchemy 2.1 it failed on every cycle
-    and no run ever appeared), and the runner must execute it to completion, artifacts included."""
+    and no run ever appeared), and the runner must execute it to completion, artifacts included. The
+    runner prefetches: the run's process starts (imports) before the cron slot, the flow not before it."""
     api, home, env = prefect_server
     env = {**env, "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
-    overrides = {**SMALL, "runs_dir": str(tmp_path / "runs"),
+    # the smallest run that still passes every stage: half the SMALL data (as test_first_run)
+    overrides = {**SMALL, "data": {"synthetic": {**SMALL["data"]["synthetic"], "n_interactions": 3000}},
+                 "runs_dir": str(tmp_path / "runs"),
                  "export": {**SMALL["export"], "model_repository": str(tmp_path / "model_repository")},
                  "serving": {"notify_live_server": False}}
     runner_log = open(tmp_path / "runner.log", "w")
@@ -120,6 +124,8 @@ def test_the_scheduler_itself_starts_the_cron_deployment_and_the_run_completes(p
     assert dep.parameters["overrides"]["runs_dir"] == str(tmp_path / "runs")
     assert fr.state.is_completed(), logs()
     assert fr.expected_start_time.second == 0  # a cron slot, not a manual "now"
+    # prefetched, yet the flow began at its slot, not before (the server holds a run until its time)
+    assert fr.start_time >= fr.expected_start_time - datetime.timedelta(seconds=1), (fr.start_time, fr.expected_start_time)
     assert {"served-predictions", "run-summary", "metrics", "promotion"} <= {a.key for a in arts}
     promotion = next(a for a in arts if a.key == "promotion").data
     assert "promote** version **1**" in promotion and "data fingerprint: `sha256:" in promotion

@@ -154,13 +154,14 @@ def test_serve_and_predict_commands_on_the_published_repository(flow_run):
     proc = subprocess.Popen(recsys + ["serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=_ignore_sigint)
     try:
-        TritonServer(tmp / "model_repository", http_port=http).wait_ready(240, ["recsys"])
+        # the offline reference while `recsys serve` starts Triton; row 0 is request.json's row (below)
         rows = pd.read_parquet(run / "split" / "valid.parquet").head(16)
         cols = [c for c in rows.columns if c not in ("click", "timestamp")]
         import nvtabular as nvt
 
         offline = export.offline_scores(nvt.Workflow.load(str(run / "transformed" / "workflow")),
                                         run / "model" / "model", rows[cols], "click")
+        TritonServer(tmp / "model_repository", http_port=http).wait_ready(240, ["recsys"])
         for proto, port in (("http", http), ("grpc", grpc)):
             with RecsysClient(f"127.0.0.1:{port}", proto) as c:
                 np.testing.assert_allclose(c.predict(rows[cols]), offline, atol=1e-5, rtol=0)
@@ -179,10 +180,7 @@ def test_serve_and_predict_commands_on_the_published_repository(flow_run):
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             answer = json.loads(r.read())
-        first = pd.read_parquet(run / "split" / "valid.parquet").head(1)
-        np.testing.assert_allclose(answer["outputs"][0]["data"],
-                                   export.offline_scores(nvt.Workflow.load(str(run / "transformed" / "workflow")),
-                                                         run / "model" / "model", first[cols], "click"), atol=1e-5)
+        np.testing.assert_allclose(answer["outputs"][0]["data"], offline[:1], atol=1e-5)
     finally:
         proc.send_signal(signal.SIGINT)
         log, _ = proc.communicate(timeout=60)
@@ -192,7 +190,11 @@ def test_serve_and_predict_commands_on_the_published_repository(flow_run):
 
 @pytest.mark.parametrize("stage, overrides, error", [
     ("validate", {"columns": {"label": "no_such_label"}}, "required column is missing"),
-    ("serving-smoke-test", {"serving": {"startup_timeout_s": 0.01}}, "not ready after"),
+    # fails after train and export; the gate does not matter to this case. (The ONNX-compiled model
+    # stays on: a Triton told to stop while it loads a model finishes the load first, and without it
+    # the model loads TensorFlow and NVTabular, 15-20 s per smoke attempt instead of ~2 s.)
+    ("serving-smoke-test", {"serving": {"startup_timeout_s": 0.01}, "gate": {"enabled": False}},
+     "not ready after"),
 ])
 def test_a_failed_run_leaves_the_served_version_untouched(flow_run, stage, overrides, error):
     from flows.pipeline import pipeline
@@ -240,8 +242,9 @@ def test_the_gate_refuses_a_worse_model_and_keeps_the_served_version(flow_run):
     served_before = repository.served_version(repo, "recsys")
     versions_before = repository.list_versions(repo, "recsys")
     # the baseline requirement on (as by default): an untrained model beats no baseline either
+    # (no ONNX compile at export: the gate scores versions in batches the SavedModel answers)
     worse = {**base, "run_name": "worse", "model": {**base["model"], "learning_rate": 1e-9},
-             "gate": {"require_beat_baseline": True}}
+             "gate": {"require_beat_baseline": True}, "export": {**base["export"], "compiled_model": "off"}}
     summary = pipeline(overrides=worse)
     g = summary["gate"]
     assert not g["promote"] and g["served_version"] == served_before
