@@ -90,10 +90,11 @@ def test_the_default_run_keeps_its_full_plan():
     """The options the tests use to make the suite cheap are all off by default (`make bench`)."""
     a = run.parse_args([])
     assert not (a.train_one_interpreter or a.train_unshuffled_only or a.serve_one_triton or a.e2e_from_topk
-                or a.prefect_api_url)
+                or a.prefect_api_url or a.serve_model_from_topk)
     assert a.topk_overrides_json is None and a.topk_ann_items is None and a.serve_requests is None
     plan = serving_bench.Plan()
     assert (plan.batches, plan.concurrency, plan.protocols) == ((1, 64, 1024), (1, 8), ("grpc", "http"))
+    assert plan.model_from_run is None and serving_bench.WARMUP == 3
     assert [plan.budget(b) for b in plan.batches] == [(300, 8.0), (200, 8.0), (40, 8.0)]
     assert plan.breakdown_calls() == 30
     assert topk_bench.budget() == (100, 4.0) and topk_bench.budget(True) == (30, 2.0)
