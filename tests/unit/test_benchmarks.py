@@ -1,6 +1,7 @@
-"""The benchmark suite at a tiny size: its pandas ETL baseline computes exactly what the pipeline's
-NVTabular workflow computes, and every section writes the JSON/markdown structure. No timing
-assertions (the figures depend on the machine)."""
+"""The benchmark suite's pieces at a tiny size: its pandas ETL baseline computes exactly what the
+pipeline's NVTabular workflow computes, the default plan and the caps, the feeds' summary and shuffling.
+The sections' JSON/markdown structure: tests/integration/test_bench_peers.py (ETL, peers, training) and
+test_benchmarks.py (serving, top-k, end to end). No timing assertions (the figures depend on the machine)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-import pytest
 
 from benchmarks import etl_bench, run, serving_bench, topk_bench, train_bench
 from pipeline_lib.data import synthetic
 from pipeline_lib.etl import workflow as etl
 from pipeline_lib.config import ColumnsConfig, SplitConfig, SyntheticConfig
 import subprocess
-from tests.support import ROOT, check_bench_results
+from tests.support import ROOT
 
 
 def _raw_with_nulls_and_unseen(tmp: Path) -> etl.SplitPaths:
@@ -59,31 +59,6 @@ def test_pandas_reference_equals_the_nvtabular_workflow(tmp_path):
     assert nvt_valid["item_tags"].map(len).eq(0).any()
     assert nvt_valid["item_tags"].map(lambda v: etl_bench.OOV in v).any()
     assert nvt_valid["user_age"].dtype == np.float32
-
-
-def test_suite_etl_and_training_sections_tiny(tmp_path):
-    out = tmp_path / "results"
-    res = run.main(["--etl-rows", "2000", "--train-rows", "2000", "--skip", "serving,e2e,etl_peers,serving_peers",
-                    "--train-one-interpreter", "--train-unshuffled-only",  # the shuffled path: a test below
-                    "--out", str(out), "--data-dir", str(tmp_path / "data")])
-    saved, md = check_bench_results(res, out)
-    assert set(saved["section_seconds"]) == {"etl", "train"}
-    (e,) = saved["etl"]
-    assert e["rows"] == 2000 and e["n_train"] + e["n_valid"] == 2000
-    for side in ("nvt", "pandas"):
-        assert {"seconds", "rows_per_s", "peak_rss_mb", "rss_after_imports_mb"} <= set(e[side])
-        assert e[side]["peak_rss_mb"] >= e[side]["rss_after_imports_mb"] > 0
-    assert e["outputs_equal"] is True and e["categoricals_identical"] is True
-    assert e["time_ratio_nvt_over_pandas"] > 0
-    t = saved["train"]
-    assert [(r["feed"], r["shuffle"]) for r in t["runs"]] == [("merlin", False), ("tfdata", False)]
-    assert all(r["rows"] == t["runs"][0]["rows"] for r in t["runs"])
-    # same model, same data, same order: the tf.data feed gives the model what the Merlin loader gives it
-    unshuffled = {r["feed"]: r["loss"] for r in t["runs"] if not r["shuffle"]}
-    assert unshuffled["merlin"] == pytest.approx(unshuffled["tfdata"], rel=1e-5)
-    assert t["ratio_merlin_over_tfdata"] > 0 and t["ratio_merlin_over_tfdata_shuffled"] is None
-    assert "## ETL" in md and "## Training" in md and "| 2,000 |" in md
-    assert "## Serving" not in md
 
 
 def test_the_default_run_keeps_its_full_plan():
