@@ -109,8 +109,6 @@ def main(argv=None) -> dict:
     train_rows = a.train_rows or sizes["train_rows"]
     serve_rows = a.serve_model_rows or sizes["serve_model_rows"]
     skip = skipped_sections(a)
-    if a.serve_model_from_topk and "topk" in skip:
-        raise SystemExit("--serve-model-from-topk: the top-k section must run (--with topk)")
     out_dir, data_dir = Path(a.out), Path(a.data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="recsys-bench-"))
@@ -166,7 +164,7 @@ def main(argv=None) -> dict:
 
 
 def skipped_sections(a: argparse.Namespace) -> set[str]:
-    """--skip, plus the optional sections not asked for with --with."""
+    """--skip, plus the optional sections not asked for with --with (--serve-model-from-topk needs topk)."""
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     bad = skip - set(SECTIONS)
     if bad:
@@ -174,7 +172,10 @@ def skipped_sections(a: argparse.Namespace) -> set[str]:
     extra = {s.strip() for s in a.with_.split(",") if s.strip()}
     if extra - set(OPTIONAL):
         raise SystemExit(f"--with: unknown optional section(s) {sorted(extra - set(OPTIONAL))}; choose from {OPTIONAL}")
-    return skip | (set(OPTIONAL) - extra)
+    skip |= set(OPTIONAL) - extra
+    if a.serve_model_from_topk and "topk" in skip:
+        raise SystemExit("--serve-model-from-topk: the top-k section must run (--with topk)")
+    return skip
 
 
 def train_section(a: argparse.Namespace, etl_results: list | None, train_rows: int, work: Path, data_dir: Path) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 
 from benchmarks import etl_bench, run, serving_bench, topk_bench, train_bench
 from pipeline_lib.data import synthetic
@@ -73,6 +74,12 @@ def test_the_default_run_keeps_its_full_plan():
     assert [plan.budget(b) for b in plan.batches] == [(300, 8.0), (200, 8.0), (40, 8.0)]
     assert plan.breakdown_calls() == 30
     assert topk_bench.budget() == (100, 4.0) and topk_bench.budget(True) == (30, 2.0)
+
+
+def test_serving_the_topk_reranker_needs_the_topk_section():
+    with pytest.raises(SystemExit, match="--with topk"):
+        run.skipped_sections(run.parse_args(["--serve-model-from-topk"]))
+    assert "topk" not in run.skipped_sections(run.parse_args(["--serve-model-from-topk", "--with", "topk"]))
 
 
 def test_request_caps_shrink_every_timed_point():
