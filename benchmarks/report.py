@@ -14,6 +14,13 @@ def _f(x, nd=1):
     return str(x)
 
 
+def _served_model(s: dict) -> str:
+    """What the serving section served: its own model, or (--serve-model-from-topk) the top-k flow's re-ranker."""
+    if s.get("model_from_run"):
+        return f"Model: the re-ranker of the top-k section's two-stage flow (`{s['model_from_run']}`)"
+    return f"Model trained on {_f(s.get('model_rows'))} rows"
+
+
 def _client(proto: str) -> str:
     """A served row's protocol as the report names it (``grpc+shm``: the shared-memory client)."""
     base = {"grpc": "gRPC", "http": "HTTP"}.get(proto.split("+")[0], proto)
@@ -87,7 +94,7 @@ def markdown(r: dict) -> str:
     if r.get("serving"):
         s = r["serving"]
         lines += ["## Serving: Triton (python backend) vs the same ensemble in-process", "",
-                  f"Model trained on {_f(s.get('model_rows'))} rows; server start {s.get('server_start_seconds')} s; "
+                  f"{_served_model(s)}; server start {s.get('server_start_seconds')} s; "
                   f"served == in-process scores: max |diff| gRPC {s.get('max_abs_diff_served_vs_inprocess_grpc')}, "
                   f"HTTP {s.get('max_abs_diff_served_vs_inprocess_http')}, gRPC shared-memory client "
                   f"{s.get('max_abs_diff_served_vs_inprocess_grpc+shm')}. Protocol `grpc+shm`: the same-host client "

@@ -60,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--serve-one-triton", action="store_true",
                    help="serve the dynamically batched variant (under its own name) and the serving_peers section's "
                    "models on the serving section's server (default: a server each)")
+    p.add_argument("--serve-model-from-topk", action="store_true",
+                   help="the serving sections serve the top-k section's re-ranker (the DLRM of its two-stage flow, "
+                   "with that run's workflow and validation rows) instead of training a model; the top-k section "
+                   "then runs first (needs --with topk; default: a model trained for the serving sections)")
     p.add_argument("--e2e-overrides-json", default="{}", help="config overrides for the end-to-end run (default: none)")
     p.add_argument("--e2e-from-topk", action="store_true",
                    help="the e2e section reports the flow the topk section ran (its two-stage config) instead of "
@@ -137,10 +141,13 @@ def main(argv=None) -> dict:
     section("etl", lambda: etl_section(etl_rows, work, data_dir))
     section("etl_peers", lambda: etl_peers_section(results.get("etl"), peers_rows, work, data_dir))
     section("train", lambda: train_section(a, results.get("etl"), train_rows, work, data_dir))
+    if a.serve_model_from_topk:  # the serving sections serve its flow's re-ranker
+        section("topk", lambda: topk_section(a, work))
     section("serving", lambda: serving_section(a, "serving_peers" not in skip, serve_rows, work, data_dir))
     section("serving_peers", lambda: serving_peers_section(a, serve_rows, work, data_dir,
                                                            (results.get("serving") or {}).pop("guest", None)))
-    section("topk", lambda: topk_section(a, work))
+    if not a.serve_model_from_topk:
+        section("topk", lambda: topk_section(a, work))
     section("e2e", lambda: e2e_section(a, work))
 
     results["total_seconds"] = round(time.perf_counter() - t_all, 1)
@@ -157,7 +164,7 @@ def main(argv=None) -> dict:
 
 
 def skipped_sections(a: argparse.Namespace) -> set[str]:
-    """--skip, plus the optional sections not asked for with --with."""
+    """--skip, plus the optional sections not asked for with --with (--serve-model-from-topk needs topk)."""
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     bad = skip - set(SECTIONS)
     if bad:
@@ -165,7 +172,10 @@ def skipped_sections(a: argparse.Namespace) -> set[str]:
     extra = {s.strip() for s in a.with_.split(",") if s.strip()}
     if extra - set(OPTIONAL):
         raise SystemExit(f"--with: unknown optional section(s) {sorted(extra - set(OPTIONAL))}; choose from {OPTIONAL}")
-    return skip | (set(OPTIONAL) - extra)
+    skip |= set(OPTIONAL) - extra
+    if a.serve_model_from_topk and "topk" in skip:
+        raise SystemExit("--serve-model-from-topk: the top-k section must run (--with topk)")
+    return skip
 
 
 def train_section(a: argparse.Namespace, etl_results: list | None, train_rows: int, work: Path, data_dir: Path) -> dict:
@@ -189,7 +199,11 @@ def serving_section(a: argparse.Namespace, with_peers: bool, serve_rows: int, wo
     to run, the peers measured on its server too)."""
     from benchmarks import serving_bench, serving_peers
 
-    plan = serving_bench.Plan(quick=a.quick, requests_cap=a.serve_requests, seconds_cap=a.serve_seconds)
+    from benchmarks import topk_bench
+
+    run_dir = str(topk_bench.flow_run_dir(work / "topk")) if a.serve_model_from_topk else None
+    plan = serving_bench.Plan(quick=a.quick, requests_cap=a.serve_requests, seconds_cap=a.serve_seconds,
+                              model_from_run=run_dir)
     if a.serve_one_triton and with_peers:
         return serving_peers.serving_subprocess(work / "serving", data_dir, plan, serve_rows)
     return serving_bench.bench_subprocess(work / "serving", data_dir, plan, serve_rows, a.serve_one_triton)

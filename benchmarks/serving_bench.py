@@ -32,12 +32,34 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 MODEL = "recsys"
 # the dynamically batched variant's name when it shares the main variant's server (``one_triton``)
 MODEL_BATCHED = "recsys_batched"
-WARMUP = 3  # requests per client before the timed ones
+WARMUP = 3  # requests per client before the timed ones (never more than the timed ones)
 SHM = "+shm"  # a protocol with this suffix: RecsysClient(shared_memory=True), the same-host fast client
 # issue 14 item 4, each against the in-process path of the same run
 TARGET_P50_RATIO, TARGET_ROWS_RATIO = 1.5, 0.8
 # the dynamically batched variant served in a second pass (8 clients)
 BATCHING = {"enabled": True, "max_batch_size": 16, "max_queue_delay_microseconds": 0}
+
+
+@dataclass
+class ModelSource:
+    """A trained ranking model and what it was trained from: the fitted NVTabular workflow, the SavedModel
+    and the raw rows (a validation split) that requests are drawn from."""
+    workflow_dir: Path
+    model_dir: Path
+    raw_rows: Path
+
+    @classmethod
+    def of_flow_run(cls, run_dir: Path) -> "ModelSource":
+        """The re-ranker (a DLRM) of a two-stage flow run, with the run's fitted workflow and validation split."""
+        etl_dir = Path(json.loads((run_dir / "summary.json").read_text())["etl_from"])
+        return cls(etl_dir / "workflow", run_dir / "model" / "ranker" / "model", etl_dir.parent / "split" / "valid.parquet")
+
+    def to_json(self) -> dict:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ModelSource":
+        return cls(**{k: Path(v) for k, v in d.items()})
 
 
 @dataclass
@@ -47,20 +69,17 @@ class ServedModel:
     ensemble_dir: Path
     rows: pd.DataFrame  # raw request rows (serving columns)
     prepare_seconds: dict
+    source: ModelSource | None = None  # what the version was exported from
 
 
-def prepare_model(work: Path, data_dir: Path, rows: int = 20_000, n_request_rows: int = 1024,
-                  batched: bool = True) -> ServedModel:
-    """Train a small DLRM with the pipeline's functions, export, publish and promote it; with ``batched``
-    also export it with Triton's dynamic batcher on, into ``model_repository_batched``."""
-    from pipeline_lib.export import ranking as export
-    from pipeline_lib.serving import repository
+def train_model(work: Path, data_dir: Path, rows: int, t: dict) -> ModelSource:
+    """A small DLRM (one epoch) trained with the pipeline's functions on ``rows`` synthetic rows; ``t``
+    gets the seconds of the ETL and the training."""
     from pipeline_lib.models import ranking as train
     from pipeline_lib.config import ColumnsConfig, ModelConfig
 
     from benchmarks import etl_bench
 
-    t = {}
     t0 = time.perf_counter()
     d = etl_bench.prepare_data(rows, data_dir)
     columns = ColumnsConfig()
@@ -70,28 +89,43 @@ def prepare_model(work: Path, data_dir: Path, rows: int = 20_000, n_request_rows
     model = train.train(Path(etl_out["train_dir"]), Path(etl_out["valid_dir"]), ModelConfig(epochs=1),
                         columns.label, 42, work / "model")
     t["train"] = time.perf_counter() - t0
+    return ModelSource(work / "etl" / "workflow", model.model_dir, Path(d["valid"]))
+
+
+def prepare_model(work: Path, data_dir: Path, rows: int = 20_000, n_request_rows: int = 1024,
+                  batched: bool = True, source: ModelSource | None = None) -> ServedModel:
+    """Train a small DLRM with the pipeline's functions (:func:`train_model`; or serve ``source``, a model
+    trained elsewhere), export, publish and promote it; with ``batched`` also export it with Triton's
+    dynamic batcher on, into ``model_repository_batched``."""
+    from pipeline_lib.export import ranking as export
+    from pipeline_lib.serving import repository
+    from pipeline_lib.config import ColumnsConfig
+
+    t: dict = {}
+    source = source or train_model(work, data_dir, rows, t)
     t0 = time.perf_counter()
-    valid = pd.read_parquet(d["valid"])[columns.serving_columns]
+    columns = ColumnsConfig()
+    valid = pd.read_parquet(source.raw_rows)[columns.serving_columns]
     request_rows = valid.sample(n=n_request_rows, random_state=0, replace=len(valid) < n_request_rows)
     request_rows = request_rows.reset_index(drop=True)
-    exp = export.export_ensemble(work / "etl" / "workflow", model.model_dir, request_rows.head(64), columns.label,
+    exp = export.export_ensemble(source.workflow_dir, source.model_dir, request_rows.head(64), columns.label,
                                  work / "staging", MODEL, 1)
     t["export"] = time.perf_counter() - t0
     repo = work / "model_repository"
     version, path = repository.publish(exp.version_dir, exp.config_path, repo, MODEL)
     repository.promote(repo, MODEL, version)
     if batched:
-        _export_batched(work, model.model_dir, request_rows, columns.label)
-    return ServedModel(repo, version, path / "ensemble", request_rows, {k: round(v, 2) for k, v in t.items()})
+        _export_batched(work, source, request_rows, columns.label)
+    return ServedModel(repo, version, path / "ensemble", request_rows, {k: round(v, 2) for k, v in t.items()}, source)
 
 
-def _export_batched(work: Path, model_dir: Path, request_rows: pd.DataFrame, label: str) -> None:
+def _export_batched(work: Path, source: ModelSource, request_rows: pd.DataFrame, label: str) -> None:
     """The same model with Triton's dynamic batcher on (serving.dynamic_batching), in its own repository."""
     from pipeline_lib.config import DynamicBatchingConfig
     from pipeline_lib.export import ranking as export
     from pipeline_lib.serving import repository
 
-    exp_b = export.export_ensemble(work / "etl" / "workflow", model_dir, request_rows.head(64), label,
+    exp_b = export.export_ensemble(source.workflow_dir, source.model_dir, request_rows.head(64), label,
                                    work / "staging_batched", MODEL, 1,
                                    export.ExportOptions(dynamic_batching=DynamicBatchingConfig(**BATCHING)))
     repo_b = work / "model_repository_batched"
@@ -115,7 +149,8 @@ def _budget(batch: int, quick: bool) -> tuple[int, float]:
 class Plan:
     """What the serving section measures: batch sizes, client counts, protocols, the protocols also
     measured with the shared-memory client (one client, every batch size), and the budget of each point
-    (requests per client, seconds), ``_budget`` unless capped."""
+    (requests per client, seconds), ``_budget`` unless capped; ``model_from_run``: serve the re-ranker of
+    this two-stage flow run (:meth:`ModelSource.of_flow_run`) instead of training a model."""
     batches: tuple = (1, 64, 1024)
     concurrency: tuple = (1, 8)
     protocols: tuple = ("grpc", "http")
@@ -123,6 +158,7 @@ class Plan:
     quick: bool = False
     requests_cap: int | None = None
     seconds_cap: float | None = None
+    model_from_run: str | None = None
 
     def budget(self, batch: int) -> tuple[int, float]:
         n, secs = _budget(batch, self.quick)
@@ -156,7 +192,7 @@ def load_clients(url: str, protocol: str, rows: pd.DataFrame, batch: int, client
             with RecsysClient(url, proto, model, shared_memory=shared_memory) as c:
                 start = (k * batch) % max(1, len(rows) - batch + 1)
                 arrays = c.to_arrays(rows.iloc[start:start + batch])
-                for _ in range(WARMUP):
+                for _ in range(min(WARMUP, n_requests)):
                     c.infer_arrays(arrays)
                 barrier.wait()
                 deadline = time.perf_counter() + max_seconds
@@ -242,7 +278,7 @@ class InProcess:
 
 def bench_inprocess(inproc: InProcess, rows: pd.DataFrame, batch: int, n: int, max_seconds: float) -> dict:
     arrays = inproc.arrays(rows.iloc[:batch])
-    for _ in range(3):
+    for _ in range(min(WARMUP, n)):
         inproc(arrays)
     lat = []
     t_end = time.perf_counter() + max_seconds
@@ -450,15 +486,19 @@ def serve(sm: ServedModel, work: Path, plan: Plan, inproc: "InProcess", one_trit
 
 
 def bench(work: Path, data_dir: Path, plan: Plan | None = None, model_rows: int = 20_000,
-          one_triton: bool = False, guest: Callable[[ServedModel, "InProcess"], Guest] | None = None) -> dict:
+          one_triton: bool = False, guest: Callable[[ServedModel, "InProcess"], Guest] | None = None,
+          prepare: Callable[..., ServedModel] | None = None) -> dict:
     """The serving section: train and publish the model (:func:`prepare_model`, in a child), the
     in-process reference and breakdown, the served runs (:func:`serve`), the reference again.
-    ``guest``: builds the :class:`Guest` served beside the model (needs ``one_triton``)."""
+    ``guest``: builds the :class:`Guest` served beside the model (needs ``one_triton``); ``prepare``:
+    what prepares the model (default :func:`prepare_model_subprocess`, same signature)."""
     plan = plan or Plan()
     t0 = time.perf_counter()
-    sm = prepare_model_subprocess(work, data_dir, model_rows, max(plan.batches), batched=not one_triton)
+    source = ModelSource.of_flow_run(Path(plan.model_from_run)) if plan.model_from_run else None
+    sm = (prepare or prepare_model_subprocess)(work, data_dir, model_rows, max(plan.batches), not one_triton, source)
     prep = time.perf_counter() - t0
-    out: dict = {"model_rows": model_rows, "requests_cap": plan.requests_cap, "seconds_cap": plan.seconds_cap,
+    out: dict = {"model_rows": None if source else model_rows, "model_from_run": plan.model_from_run,
+                 "requests_cap": plan.requests_cap, "seconds_cap": plan.seconds_cap,
                  "prepare_seconds": sm.prepare_seconds,
                  "published_version": sm.version, "in_process": [], "breakdown": []}
     inproc = InProcess(sm.ensemble_dir)
@@ -546,20 +586,28 @@ def load_prepared(folder: Path) -> ServedModel | None:
     if not f.is_file():
         return None
     r = json.loads(f.read_text())
+    source = ModelSource.from_json(r["source"])
     return ServedModel(Path(r["repo"]), r["version"], Path(r["ensemble_dir"]), pd.read_parquet(r["rows"]),
-                       r["prepare_seconds"])
+                       r["prepare_seconds"], source)
 
 
 def prepare_model_subprocess(work: Path, data_dir: Path, rows: int, n_request_rows: int,
-                             batched: bool = True) -> ServedModel:
+                             batched: bool = True, source: ModelSource | None = None) -> ServedModel:
     """prepare_model in a child process: the process that measures the in-process reference then holds
     only the loaded ensemble, like Triton's python-backend stub (training leaves millions of Python
     objects behind, which makes every later garbage collection -- and so pandas-heavy code -- slower)."""
     work.mkdir(parents=True, exist_ok=True)
-    _child(["prepare", "--work", str(work), "--data-dir", str(data_dir), "--rows", str(rows),
-            "--n-request-rows", str(n_request_rows), *([] if batched else ["--no-batched"])],
-           work / "prepare.json", work / "prepare.log")
+    _child(prepare_args(work, data_dir, rows, n_request_rows, batched, source), work / "prepare.json",
+           work / "prepare.log")
     return load_prepared(work)
+
+
+def prepare_args(work: Path, data_dir: Path, rows: int, n_request_rows: int, batched: bool,
+                 source: ModelSource | None) -> list[str]:
+    """The command line of :func:`main`'s ``prepare`` mode (without ``--result``)."""
+    return ["prepare", "--work", str(work), "--data-dir", str(data_dir), "--rows", str(rows),
+            "--n-request-rows", str(n_request_rows), *([] if batched else ["--no-batched"]),
+            *(["--source-json", json.dumps(source.to_json())] if source else [])]
 
 
 def bench_subprocess(work: Path, data_dir: Path, plan: Plan | None = None, model_rows: int = 20_000,
@@ -573,7 +621,9 @@ def bench_subprocess(work: Path, data_dir: Path, plan: Plan | None = None, model
     return _child(args, work / "serving.json", work / "serving.log")
 
 
-def main(argv=None) -> None:
+def main(argv=None, after_prepare: Callable[[ServedModel, Path], None] | None = None) -> None:
+    """The child processes' entry point; ``after_prepare(model, work)`` runs after the ``prepare`` mode
+    in the same process (the stock serving peer exported from the same model: ``serving_peers``)."""
     import argparse
 
     p = argparse.ArgumentParser()
@@ -585,16 +635,20 @@ def main(argv=None) -> None:
     p.add_argument("--n-request-rows", type=int, default=1024)
     p.add_argument("--model-rows", type=int, default=20_000)
     p.add_argument("--no-batched", action="store_true", help="prepare: no dynamically batched export")
+    p.add_argument("--source-json", help="prepare: serve this ModelSource (JSON) instead of training a model")
     p.add_argument("--plan-json", default="{}", help="Plan fields (default: the full plan)")
     p.add_argument("--one-triton", action="store_true", help="the batched variant on the same server")
     a = p.parse_args(argv)
     work, data_dir = Path(a.work), Path(a.data_dir)
     if a.mode == "prepare":
-        sm = prepare_model(work, data_dir, a.rows, a.n_request_rows, not a.no_batched)
+        source = ModelSource.from_json(json.loads(a.source_json)) if a.source_json else None
+        sm = prepare_model(work, data_dir, a.rows, a.n_request_rows, not a.no_batched, source)
         rows_path = work / "request_rows.parquet"
         sm.rows.to_parquet(rows_path, index=False)
         res = {"repo": str(sm.repo), "version": sm.version, "ensemble_dir": str(sm.ensemble_dir),
-               "rows": str(rows_path), "prepare_seconds": sm.prepare_seconds}
+               "rows": str(rows_path), "prepare_seconds": sm.prepare_seconds, "source": sm.source.to_json()}
+        if after_prepare:
+            after_prepare(sm, work)
     else:
         res = bench(work, data_dir, Plan.from_json(a.plan_json), a.model_rows, a.one_triton)
     Path(a.result).write_text(json.dumps(res, indent=1, default=str))

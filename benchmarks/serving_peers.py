@@ -35,6 +35,7 @@ from benchmarks import serving_bench
 ROOT = Path(__file__).resolve().parent.parent
 PEER_MODELS = Path(__file__).resolve().parent / "peer_models"
 PROJECT, STOCK, ECHO = serving_bench.MODEL, "stock", "echo"
+STOCK_REPO = "stock_repository"  # beside the prepared model's repository: the stock models (prepare_subprocess)
 # issue 14 item 4, against the in-process path of the same run
 TARGET_P50_RATIO, TARGET_ROWS_RATIO = serving_bench.TARGET_P50_RATIO, serving_bench.TARGET_ROWS_RATIO
 # measured with the shared-memory client too (RecsysClient(shared_memory=True)), under "<model>+shm"
@@ -91,16 +92,13 @@ def _run(args: list[str], log: Path, result: Path | None = None, timeout_s: floa
     return json.loads(result.read_text()) if result else {}
 
 
-def prepared_model(work: Path, data_dir: Path, model_rows: int, serving_work: Path | None) -> tuple:
-    """(ServedModel, workflow dir, SavedModel dir): the model prepared in ``serving_work`` (the serving
-    section's, or any folder where ``serving_bench.prepare_model_subprocess`` ran) when there is
-    one, else the same preparation here."""
+def prepared_model(work: Path, data_dir: Path, model_rows: int, serving_work: Path | None) -> serving_bench.ServedModel:
+    """The model prepared in ``serving_work`` (the serving section's, or any folder where
+    ``serving_bench.prepare_model_subprocess`` ran) when there is one, else the same preparation here."""
     sm = serving_bench.load_prepared(serving_work) if serving_work is not None else None
-    base = serving_work
     if sm is None:
         sm = serving_bench.prepare_model_subprocess(work / "model", data_dir, rows=model_rows, n_request_rows=1024)
-        base = work / "model"
-    return sm, base / "etl" / "workflow", base / "model" / "model"
+    return sm
 
 
 def _request_budget(batch: int, quick: bool, requests_cap: int | None, seconds_cap: float | None) -> tuple:
@@ -130,9 +128,8 @@ class Peers:
     (parity, one gRPC client per peer) and ``finish`` (the second in-process pass; ratios). The server
     is this module's own (:func:`bench`) or the serving section's (:func:`with_serving`)."""
 
-    def __init__(self, sm: serving_bench.ServedModel, inproc, work: Path, points: dict, sources: tuple[Path, Path]):
+    def __init__(self, sm: serving_bench.ServedModel, inproc, work: Path, points: dict):
         self.sm, self.inproc, self.work, self.points = sm, inproc, work, points
-        self.workflow_dir, self.model_dir = sources  # what the project's version was exported from
         self.passes: list[list[dict]] = []
         self.out: dict = {"served": {}}
 
@@ -146,8 +143,13 @@ class Peers:
         self.work.mkdir(parents=True, exist_ok=True)
         before = {p.name for p in repo.iterdir()}
         result = self.work / "stock.json"
-        _run(["export-stock", "--workflow", str(self.workflow_dir), "--model", str(self.model_dir), "--label",
-              ColumnsConfig().label, "--repo", str(repo), "--result", str(result)], self.work / "stock.log", result)
+        src, stock = self.sm.source, self.sm.repo.parent / STOCK_REPO  # what the project's version was exported from
+        if stock.is_dir():  # exported by the child that prepared the model (prepare_subprocess)
+            for model in stock.iterdir():
+                shutil.copytree(model, repo / model.name)
+        else:
+            _run(["export-stock", "--workflow", str(src.workflow_dir), "--model", str(src.model_dir), "--label",
+                  ColumnsConfig().label, "--repo", str(repo), "--result", str(result)], self.work / "stock.log", result)
         write_echo(repo / PROJECT, repo)
         self.out["models"] = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").exists())
         self.passes.append(self._inprocess_pass())
@@ -175,12 +177,12 @@ def bench(work: Path, data_dir: Path, quick: bool = False, model_rows: int = 20_
           serving_work: Path | None = None, requests_cap: int | None = None, seconds_cap: float | None = None) -> dict:
     """The peers on their own server (the serving section's model when ``serving_work`` holds it)."""
     t_all = time.perf_counter()
-    sm, workflow_dir, model_dir = prepared_model(work, data_dir, model_rows, serving_work)
+    sm = prepared_model(work, data_dir, model_rows, serving_work)
     repo = work / "peers_repository"
     shutil.rmtree(repo, ignore_errors=True)
     shutil.copytree(sm.repo / PROJECT, repo / PROJECT)
     points = budget(serving_bench.Plan(quick=quick, requests_cap=requests_cap, seconds_cap=seconds_cap))
-    peers = Peers(sm, serving_bench.InProcess(sm.ensemble_dir), work, points, (workflow_dir, model_dir))
+    peers = Peers(sm, serving_bench.InProcess(sm.ensemble_dir), work, points)
     models = [PROJECT, *peers.install(repo)]
     # four python-backend models import TF or NVTabular at once
     server, start_s = serving_bench.start_server(repo, work / "triton_peers.log", models, timeout_s=600)
@@ -193,9 +195,27 @@ def with_serving(work: Path, data_dir: Path, plan: serving_bench.Plan, model_row
     """The serving section with ``one_triton``, the peers measured on its server too; their results
     under the key ``serving_peers``."""
     def guest(sm: serving_bench.ServedModel, inproc) -> Peers:
-        return Peers(sm, inproc, work / "peers", budget(plan), (work / "etl" / "workflow", work / "model" / "model"))
+        return Peers(sm, inproc, work / "peers", budget(plan))
 
-    return serving_bench.bench(work, data_dir, plan, model_rows, one_triton=True, guest=guest)
+    return serving_bench.bench(work, data_dir, plan, model_rows, one_triton=True, guest=guest, prepare=prepare_subprocess)
+
+
+def prepare_subprocess(work: Path, data_dir: Path, rows: int, n_request_rows: int, batched: bool = True,
+                       source: serving_bench.ModelSource | None = None) -> serving_bench.ServedModel:
+    """``serving_bench.prepare_model_subprocess``, and in the same child (TensorFlow and NVTabular already
+    imported, the model's files at hand) the stock peer's export into ``STOCK_REPO`` beside it."""
+    work.mkdir(parents=True, exist_ok=True)
+    result = work / "prepare.json"
+    _run([*serving_bench.prepare_args(work, data_dir, rows, n_request_rows, batched, source), "--result", str(result)],
+         work / "prepare.log", result)
+    return serving_bench.load_prepared(work)
+
+
+def export_stock_beside(sm: serving_bench.ServedModel, work: Path) -> None:
+    """The stock peer exported from ``sm``'s workflow and model into ``work/STOCK_REPO``."""
+    from pipeline_lib.config import ColumnsConfig
+
+    export_stock(sm.source.workflow_dir, sm.source.model_dir, ColumnsConfig().label, work / STOCK_REPO)
 
 
 def ratios(out: dict) -> dict:
@@ -259,6 +279,9 @@ def serving_subprocess(work: Path, data_dir: Path, plan: serving_bench.Plan, mod
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prepare"]:  # serving_bench's prepare mode, then the stock peer from the same model
+        return serving_bench.main(argv, after_prepare=export_stock_beside)
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["bench", "export-stock", "serving"])
     p.add_argument("--plan-json", default="{}")

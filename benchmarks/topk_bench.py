@@ -159,6 +159,11 @@ def flow_overrides(data: dict) -> dict:
             "export": {**data.get("export", {}), "model_name": "topk_two_stage"}}
 
 
+def flow_run_dir(work: Path) -> Path:
+    """The run folder of the two-stage flow :func:`bench` ran in ``work``."""
+    return Path(json.loads((work / "flow" / "e2e.json").read_text())["summary"]["run_dir"])
+
+
 def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: int = 0,
           calls: tuple | None = None, prefect_api: str | None = None) -> dict:
     """``data``: config overrides for the flow (default: 20k synthetic interactions, 1 epoch). One
@@ -176,8 +181,8 @@ def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: 
     from pipeline_lib.serving.server import TritonServer
 
     flow = e2e_bench.bench(work / "flow", flow_overrides(data or DATA), prefect_api=prefect_api)
-    summary = json.loads((work / "flow" / "e2e.json").read_text())["summary"]
-    etl_dir, run_dir = Path(summary["etl_from"]), Path(summary["run_dir"])
+    run_dir = flow_run_dir(work)
+    etl_dir = Path(json.loads((run_dir / "summary.json").read_text())["etl_from"])
     split = etl_dir.parent / "split"
     rows = pd.read_parquet(split / "valid.parquet").sample(n=64, random_state=0).reset_index(drop=True)
     repo = work / "model_repository"

@@ -1,9 +1,9 @@
 """The peers of `make bench` at a tiny size: polars and stock NVTabular compute what the pipeline's ETL
 computes (checked on nulls, empty lists and unseen values), the suite prints every peer ratio line
-with its target. The serving peers are checked in test_benchmarks.py (one suite run). No timing assertions."""
+with its target; the ETL and training sections of the same run. The serving peers are checked in
+test_benchmarks.py (one suite run). No timing assertions."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks import etl_bench, etl_peers, run
 from pipeline_lib.config import ColumnsConfig
+from tests.support import check_bench_results
 
 pytestmark = pytest.mark.integration
 
@@ -55,12 +56,18 @@ def test_polars_and_stock_nvtabular_equal_the_pipeline_etl(tmp_path, monkeypatch
     assert (train_out["user_country"] == etl_bench.NULL).any() and train_out["item_tags"].map(len).eq(0).any()
 
 
-def test_suite_prints_the_etl_peer_ratios(tmp_path, capsys):
+def test_suite_etl_peers_and_training_sections_tiny(tmp_path, capsys):
+    """One tiny run of the ETL, ETL peers and training sections: the peers reuse the ETL section's
+    pipeline and pandas runs, the suite prints every peer ratio line with its target, and the training
+    section trains on the ETL section's output of the same size with both feeds."""
     out = tmp_path / "results"
-    res = run.main(["--etl-rows", "2000", "--peers-etl-rows", "2000", "--skip", "train,serving,serving_peers,e2e",
+    res = run.main(["--etl-rows", "2000", "--peers-etl-rows", "2000", "--train-rows", "2000",
+                    "--skip", "serving,serving_peers,e2e",
+                    "--train-one-interpreter", "--train-unshuffled-only",  # the shuffled path: tests/unit/test_benchmarks.py
                     "--out", str(out), "--data-dir", str(tmp_path / "data")])
-    assert res["errors"] == {}
-    (e,) = json.loads((out / "latest.json").read_text())["etl_peers"]
+    saved, md = check_bench_results(res, out)
+    assert set(saved["section_seconds"]) == {"etl", "etl_peers", "train"}
+    (e,) = saved["etl_peers"]
     assert e["nvt"]["reused_from_etl_section"] and e["pandas"]["reused_from_etl_section"]
     assert "reused_from_etl_section" not in e["nvt_stock"] and "reused_from_etl_section" not in e["polars"]
     for peer in etl_peers.PEERS:
@@ -72,5 +79,25 @@ def test_suite_prints_the_etl_peer_ratios(tmp_path, capsys):
     assert len(lines) == 3, printed[-3000:]
     assert re.search(r"plain pandas time = [\d.]+ \(target <= 1.0: (met|NOT met)\); outputs equal: yes", lines[0])
     assert "stock NVTabular (fast paths off) time = " in lines[1] and "polars time = " in lines[2]
-    md = (out / "latest.md").read_text()
     assert "## Peers" in md and "| 2,000 |" in md
+    _check_etl_and_training(saved, md)
+
+
+def _check_etl_and_training(saved: dict, md: str) -> None:
+    """The ETL and training sections of a run at 2,000 rows (training on the ETL section's output)."""
+    (e,) = saved["etl"]
+    assert e["rows"] == 2000 and e["n_train"] + e["n_valid"] == 2000
+    for side in ("nvt", "pandas"):
+        assert {"seconds", "rows_per_s", "peak_rss_mb", "rss_after_imports_mb"} <= set(e[side])
+        assert e[side]["peak_rss_mb"] >= e[side]["rss_after_imports_mb"] > 0
+    assert e["outputs_equal"] is True and e["categoricals_identical"] is True
+    assert e["time_ratio_nvt_over_pandas"] > 0
+    t = saved["train"]
+    assert [(r["feed"], r["shuffle"]) for r in t["runs"]] == [("merlin", False), ("tfdata", False)]
+    assert all(r["rows"] == t["runs"][0]["rows"] for r in t["runs"])
+    # same model, same data, same order: the tf.data feed gives the model what the Merlin loader gives it
+    unshuffled = {r["feed"]: r["loss"] for r in t["runs"] if not r["shuffle"]}
+    assert unshuffled["merlin"] == pytest.approx(unshuffled["tfdata"], rel=1e-5)
+    assert t["ratio_merlin_over_tfdata"] > 0 and t["ratio_merlin_over_tfdata_shuffled"] is None
+    assert "## ETL" in md and "## Training" in md and "| 2,000 |" in md
+    assert "## Serving" not in md

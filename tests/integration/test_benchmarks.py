@@ -8,6 +8,7 @@ import io
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -35,14 +36,14 @@ class BenchRun:
 @pytest.fixture(scope="module")
 def bench_serving_suite(tmp_path_factory, prefect_harness) -> BenchRun:
     """One tiny run of the suite's serving, serving_peers, topk and e2e sections, shared by their tests:
-    one trained DLRM (the serving section's) for both serving sections, its dynamically batched
-    variant on the serving section's server, a few requests per point, and one two-stage flow that is
-    both the top-k section's and the e2e section's (``--e2e-from-topk``), reporting to the session's
-    Prefect API instead of starting its own."""
+    one two-stage flow that is both the top-k section's and the e2e section's (``--e2e-from-topk``),
+    reporting to the session's Prefect API instead of starting its own; its DLRM re-ranker is the model
+    of both serving sections (``--serve-model-from-topk``: no model trained for them), served with its
+    dynamically batched variant and the peers on one server, one request per point."""
     tmp = tmp_path_factory.mktemp("bench-serving")
     out = tmp / "results"
-    argv = ["--skip", "etl,train,etl_peers", "--with", "topk", "--serve-model-rows", "2000",
-            "--serve-requests", "3", "--serve-seconds", "1", "--serve-one-triton",
+    argv = ["--skip", "etl,train,etl_peers", "--with", "topk", "--serve-model-from-topk",
+            "--serve-requests", "1", "--serve-seconds", "1", "--serve-one-triton",
             "--topk-overrides-json", json.dumps(TINY_FLOW), "--topk-ann-items", "4000", "--e2e-from-topk",
             "--prefect-api-url", prefect_harness, "--out", str(out), "--data-dir", str(tmp / "data")]
     printed = io.StringIO()
@@ -64,6 +65,9 @@ def test_serving_section_tiny(bench_serving_suite):
     assert {(r["batch"], r["pass"]) for r in s["in_process"]} == {
         (b, p) for b in (1, 64, 1024) for p in ("before server", "after served runs")}
     assert s["one_triton"] is True  # the dynamically batched variant on the same server, as recsys_batched
+    # the model served: the top-k section's re-ranker (the run folder of its flow; the work folder is gone)
+    assert Path(s["model_from_run"]).parent.parts[-3:] == ("topk", "flow", "runs")
+    assert s["model_rows"] is None and "Model: the re-ranker of the top-k section's two-stage flow" in b.md
     batched = s["dynamic_batching"]["served"]  # gRPC
     assert {(r["protocol"], r["batch"], r["clients"]) for r in batched} == {
         ("grpc", b, k) for b in (1, 64, 1024) for k in (1, 8)}

@@ -1,6 +1,7 @@
-"""The benchmark suite at a tiny size: its pandas ETL baseline computes exactly what the pipeline's
-NVTabular workflow computes, and every section writes the JSON/markdown structure. No timing
-assertions (the figures depend on the machine)."""
+"""The benchmark suite's pieces at a tiny size: its pandas ETL baseline computes exactly what the
+pipeline's NVTabular workflow computes, the default plan and the caps, the feeds' summary and shuffling.
+The sections' JSON/markdown structure: tests/integration/test_bench_peers.py (ETL, peers, training) and
+test_benchmarks.py (serving, top-k, end to end). No timing assertions (the figures depend on the machine)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,7 @@ from pipeline_lib.data import synthetic
 from pipeline_lib.etl import workflow as etl
 from pipeline_lib.config import ColumnsConfig, SplitConfig, SyntheticConfig
 import subprocess
-from tests.support import ROOT, check_bench_results
+from tests.support import ROOT
 
 
 def _raw_with_nulls_and_unseen(tmp: Path) -> etl.SplitPaths:
@@ -61,42 +62,24 @@ def test_pandas_reference_equals_the_nvtabular_workflow(tmp_path):
     assert nvt_valid["user_age"].dtype == np.float32
 
 
-def test_suite_etl_and_training_sections_tiny(tmp_path):
-    out = tmp_path / "results"
-    res = run.main(["--etl-rows", "2000", "--train-rows", "2000", "--skip", "serving,e2e,etl_peers,serving_peers",
-                    "--train-one-interpreter", "--train-unshuffled-only",  # the shuffled path: a test below
-                    "--out", str(out), "--data-dir", str(tmp_path / "data")])
-    saved, md = check_bench_results(res, out)
-    assert set(saved["section_seconds"]) == {"etl", "train"}
-    (e,) = saved["etl"]
-    assert e["rows"] == 2000 and e["n_train"] + e["n_valid"] == 2000
-    for side in ("nvt", "pandas"):
-        assert {"seconds", "rows_per_s", "peak_rss_mb", "rss_after_imports_mb"} <= set(e[side])
-        assert e[side]["peak_rss_mb"] >= e[side]["rss_after_imports_mb"] > 0
-    assert e["outputs_equal"] is True and e["categoricals_identical"] is True
-    assert e["time_ratio_nvt_over_pandas"] > 0
-    t = saved["train"]
-    assert [(r["feed"], r["shuffle"]) for r in t["runs"]] == [("merlin", False), ("tfdata", False)]
-    assert all(r["rows"] == t["runs"][0]["rows"] for r in t["runs"])
-    # same model, same data, same order: the tf.data feed gives the model what the Merlin loader gives it
-    unshuffled = {r["feed"]: r["loss"] for r in t["runs"] if not r["shuffle"]}
-    assert unshuffled["merlin"] == pytest.approx(unshuffled["tfdata"], rel=1e-5)
-    assert t["ratio_merlin_over_tfdata"] > 0 and t["ratio_merlin_over_tfdata_shuffled"] is None
-    assert "## ETL" in md and "## Training" in md and "| 2,000 |" in md
-    assert "## Serving" not in md
-
-
 def test_the_default_run_keeps_its_full_plan():
     """The options the tests use to make the suite cheap are all off by default (`make bench`)."""
     a = run.parse_args([])
     assert not (a.train_one_interpreter or a.train_unshuffled_only or a.serve_one_triton or a.e2e_from_topk
-                or a.prefect_api_url)
+                or a.prefect_api_url or a.serve_model_from_topk)
     assert a.topk_overrides_json is None and a.topk_ann_items is None and a.serve_requests is None
     plan = serving_bench.Plan()
     assert (plan.batches, plan.concurrency, plan.protocols) == ((1, 64, 1024), (1, 8), ("grpc", "http"))
+    assert plan.model_from_run is None and serving_bench.WARMUP == 3
     assert [plan.budget(b) for b in plan.batches] == [(300, 8.0), (200, 8.0), (40, 8.0)]
     assert plan.breakdown_calls() == 30
     assert topk_bench.budget() == (100, 4.0) and topk_bench.budget(True) == (30, 2.0)
+
+
+def test_serving_the_topk_reranker_needs_the_topk_section():
+    with pytest.raises(SystemExit, match="--with topk"):
+        run.skipped_sections(run.parse_args(["--serve-model-from-topk"]))
+    assert "topk" not in run.skipped_sections(run.parse_args(["--serve-model-from-topk", "--with", "topk"]))
 
 
 def test_request_caps_shrink_every_timed_point():
