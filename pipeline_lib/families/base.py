@@ -166,6 +166,10 @@ class TaskFamily(ABC):
     def gate_metric(self) -> str:
         """The key of :meth:`gate_scorer`'s metrics that the gate compares."""
 
+    def gate_rows(self, etl_out: Any) -> pd.DataFrame:
+        """The held-out raw rows every version is scored on (``gate.max_rows`` of the validation split)."""
+        return pd.read_parquet(etl_out.split.valid).head(self.cfg.gate.max_rows)
+
     @abstractmethod
     def gate_scorer(self, etl_out: Any, exp: Optional[StagedVersion] = None) -> gate.Scorer:
         """How a version (candidate or served) is scored on this run's held-out data; ``exp``: the staged

@@ -102,10 +102,6 @@ class RankingFamily(TaskFamily):
     def gate_metric(self) -> str:
         return self.cfg.gate_metric
 
-    def gate_rows(self, etl_out: etl.EtlOutput) -> pd.DataFrame:
-        """The held-out raw rows every version is scored on (``gate.max_rows`` of the validation split)."""
-        return pd.read_parquet(etl_out.split.valid).head(self.cfg.gate.max_rows)
-
     def gate_scorer(self, etl_out: etl.EtlOutput, exp: Optional[export.ExportOutput] = None) -> gate.Scorer:
         return gate.ranking_scorer(self.gate_rows(etl_out), self.cfg.columns.label)
 

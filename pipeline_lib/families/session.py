@@ -86,7 +86,7 @@ class SessionFamily(TaskFamily):
     def gate_scorer(self, etl_out: session_etl.SessionEtlOutput, exp: Optional[topk.TopKExport] = None) -> gate.Scorer:
         """Recall/NDCG/MRR@k of what a version returns; the candidate through the recommender export checked."""
         s = self.cfg.session
-        valid = pd.read_parquet(etl_out.split.valid).head(self.cfg.gate.max_rows)
+        valid = self.gate_rows(etl_out)
         return gate.Scorer(lambda version_dir: session_release.score_version(
             version_dir, valid, s.columns, s.top_k, rec=topk.loaded_recommender(exp, version_dir)), len(valid))
 
