@@ -11,7 +11,9 @@ sample, each of its first rows alone (every list length a request can have), and
 the timed batch sizes; every output within the parity tolerance, same shapes. The same call times both
 at each batch size and keeps the compiled model for requests up to the largest batch size where it is
 faster (ONNX Runtime's sparse embedding lookups are slower than TensorFlow's at large batches); bigger
-requests call the SavedModel. Anything that fails -- conversion, a missing package, a difference,
+requests call the SavedModel where TensorFlow is loaded anyway (the full ensemble, in process), while
+a version served without TensorFlow scores them in chunks of the largest verified batch size
+(:mod:`pipeline_lib.export.compiled_version`). Anything that fails -- conversion, a missing package, a difference,
 no batch size where it is faster -- leaves the SavedModel serving, with the reason recorded.
 """
 from __future__ import annotations
@@ -200,8 +202,9 @@ def verify_and_measure(compiled: Callable[[dict], dict], savedmodel: Callable[[d
         max_rows = int(label[len("batch"):])
     if max_rows == 0:
         raise Unsupported(f"the compiled model is not faster than the SavedModel at batch 1: {timings}")
+    largest = max(int(label[len("batch"):]) for label in batches if label.startswith("batch"))
     return {"enabled": True, "runtime": _runtime(), "max_rows": max_rows, "max_abs_diff": worst,
-            "verified_batches": len(batches), "timings": timings}
+            "verified_batches": len(batches), "largest_verified_batch": largest, "timings": timings}
 
 
 def _runtime() -> str:

@@ -5,19 +5,23 @@ Importing merlin (any of ``merlin.dag``, ``merlin.systems``, ``merlin.table``) i
 workflow and ensemble pickles need NVTabular and merlin-systems: ~10 s per Triton model load on a 2-core
 machine, before a single request. Yet a version whose workflow compiled (:mod:`pipeline_lib.etl.fast_transform`)
 and whose model compiled to ONNX (:mod:`pipeline_lib.export.compiled_model`) answers requests of up to the
-compiled model's ``max_rows`` rows with numpy and ONNX Runtime alone. For such a version the export writes,
+any number of rows with numpy and ONNX Runtime alone. For such a version the export writes,
 beside the ensemble's artifacts (``model.onnx`` already there):
 
 - ``transform.pkl``: the :class:`~pipeline_lib.etl.fast_transform.CompiledWorkflow` (plain data: names,
   numpy arrays, vocabularies; unpickling imports numpy and pandas only);
 - ``compiled.json``: the request's input tensors, its list columns, the output names, the model's input
-  dtypes and ``max_rows``.
+  dtypes and ``chunk_rows``, the largest batch size export verified the compiled model on (a bigger request
+  is transformed at once and scored in chunks of that many rows: rows are scored independently).
 
 The served ``model.py`` loads just these (:meth:`CompiledPredictor.load`), and loads the full ensemble
-(TensorFlow, NVTabular) only when a request needs it: :class:`NeedsFallback` is raised for more rows than
-``max_rows``, inputs the compiled transform does not cover, or an error of the compiled model -- the
-same cases in which the full ensemble's own ops leave their compiled paths. Export checks this predictor
-against the offline scores before the version is written.
+(TensorFlow, NVTabular) only when a request needs it: :class:`NeedsFallback` is raised for inputs the
+compiled transform does not cover or an error of the compiled model. A large request (or a dynamically
+batched group of requests) does not load TensorFlow: ONNX Runtime scores it in chunks, which at the
+largest verified batch size costs about what the SavedModel costs per row (both are timed at export,
+``run_info.json`` -> ``compiled_model.timings``), instead of a load of TensorFlow and the ensemble that
+took 11-17 s on a busy 2-core machine. Export checks this predictor against the offline scores before
+the version is written.
 """
 from __future__ import annotations
 
@@ -30,12 +34,13 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from pipeline_lib.etl.fast_transform import CompiledWorkflow, Unsupported, columns_from_tensors, tensors_from_columns
+from pipeline_lib.etl.fast_transform import (CompiledWorkflow, Unsupported, columns_from_tensors, n_rows, take_rows,
+                                             tensors_from_columns)
 from pipeline_lib.export.compiled_model import ONNX_FILE, CompiledModel
 
 PLAN_FILE = "compiled.json"
 TRANSFORM_FILE = "transform.pkl"
-FORMAT = 1
+FORMAT = 2  # 2: ``chunk_rows`` (format 1 plans, whose ``max_rows`` sent bigger requests to TensorFlow, load as none)
 HEAVY_MODULES = ("tensorflow", "nvtabular", "merlin", "dask")  # what the compiled path must not import
 LOAD_EVENT = "recsys-model-load"  # the served model's log line at load and at a fallback's load
 
@@ -52,7 +57,7 @@ class CompiledPlan:
     ragged: list[str]  # list columns of the request
     output_names: list[str]
     model_inputs: dict[str, str]  # ONNX input -> numpy dtype name
-    max_rows: int  # the compiled model serves requests of up to this many rows
+    chunk_rows: int  # rows per compiled-model call: the largest batch size verified at export
 
 
 def request_rows(arrays: Mapping[str, np.ndarray]) -> int:
@@ -90,17 +95,24 @@ class CompiledPredictor:
         return cls(plan, transform, model)
 
     def __call__(self, tensors: Mapping[str, np.ndarray]) -> dict:
-        rows = request_rows(tensors)
-        if rows > self.plan.max_rows:
-            raise NeedsFallback(f"{rows} rows: the compiled model serves up to {self.plan.max_rows}")
         try:
             cols = self.transform(columns_from_tensors(tensors, set(self.plan.ragged)))
         except Unsupported as exc:
             raise NeedsFallback(f"outside the compiled transform: {exc}") from exc
         try:
-            return self.model(tensors_from_columns(cols))
+            return self._score(cols)
         except Exception as exc:  # noqa: BLE001 - outside what export verified: the full ensemble answers
             raise NeedsFallback(f"the compiled model failed: {type(exc).__name__}: {exc}") from exc
+
+    def _score(self, cols: Mapping[str, object]) -> dict:
+        """The compiled model over the transformed columns, ``chunk_rows`` rows per call."""
+        rows, step = n_rows(next(iter(cols.values()))), self.plan.chunk_rows
+        if rows <= step:
+            return self.model(tensors_from_columns(cols))
+        parts = [self.model(tensors_from_columns({k: take_rows(v, np.arange(i, min(i + step, rows)))
+                                                  for k, v in cols.items()}))
+                 for i in range(0, rows, step)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def write(artifact_dir: Path, plan: CompiledPlan, transform: CompiledWorkflow) -> None:

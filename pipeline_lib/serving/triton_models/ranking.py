@@ -10,8 +10,8 @@ to numpy and the model compiled to ONNX, both verified at export) loads just tho
 NVTabular or merlin import, about a second instead of ten or more. The full ensemble (the same loading as
 merlin's executor model, then :class:`pipeline_lib.export.ranking.DirectPredictor`: the workflow op's
 compiled transform or NVTabular, then ONNX Runtime or the SavedModel) is loaded at start when there is no
-plan, else on the first request the plan does not cover (more rows than the compiled model's
-``max_rows``, inputs outside the compiled transform, an error of the compiled model). The load logs one
+plan, else on the first request the plan does not cover (inputs outside the compiled transform, an error of
+the compiled model; a large request is scored by the compiled model in chunks). The load logs one
 line (:func:`pipeline_lib.export.compiled_version.load_event`: path, seconds, the heavy modules the process
 holds), and another when a fallback loads the full ensemble.
 

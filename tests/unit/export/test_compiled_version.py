@@ -1,5 +1,6 @@
 """The compiled version (pipeline_lib/export/compiled_version.py): what the served model loads without
 TensorFlow, NVTabular or merlin, checked against the offline scores, and the requests it hands back."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def test_the_compiled_version_is_written_and_equals_offline(exported, trained):
     assert out.fast_transform["enabled"] and out.compiled_model["enabled"]
     predictor = CompiledPredictor.load(out.version_dir / export.ENSEMBLE_SUBDIR)
     plan = predictor.plan
-    assert plan.max_rows == out.compiled_model["max_rows"] and plan.ragged == ["item_tags"]
+    assert plan.chunk_rows == out.compiled_model["largest_verified_batch"] and plan.ragged == ["item_tags"]
     assert plan.output_names == [out.output_name] and "item_tags__offsets" in plan.input_names
     columns = [n for n in plan.input_names if not n.endswith("__offsets")]
     columns = [n[:-len("__values")] if n.endswith("__values") else n for n in columns]
@@ -40,19 +41,42 @@ def test_the_compiled_version_is_written_and_equals_offline(exported, trained):
     np.testing.assert_allclose(one.reshape(-1), offline[3:4], atol=1e-5, rtol=0)
 
 
-def test_requests_outside_the_compiled_version_are_handed_back(exported):
-    """More rows than the compiled model serves, or inputs the compiled transform does not cover: the
-    served model answers them with the full ensemble (checked through Triton in test_compiled_model.py)."""
+def test_a_request_bigger_than_the_verified_batch_is_scored_in_chunks(exported, trained):
+    """More rows than export verified the compiled model on: the compiled version still answers (no
+    TensorFlow load), in chunks of ``chunk_rows``, with the offline scores of those rows."""
     out, rows = exported
     predictor = CompiledPredictor.load(out.version_dir / export.ENSEMBLE_SUBDIR)
-    columns = list(rows.columns)
-    big = rows.iloc[np.arange(predictor.plan.max_rows + 1) % len(rows)]
-    with pytest.raises(NeedsFallback, match=rf"{len(big)} rows: the compiled model serves up to"):
-        predictor(_tensors(big, columns))
-    odd = _tensors(rows.head(2), columns)
+    assert predictor.plan.chunk_rows == out.compiled_model["largest_verified_batch"] == 1024
+    offline = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), trained.model.model_dir,
+                                    rows, "click")
+    idx = np.arange(predictor.plan.chunk_rows + 1) % len(rows)
+    big = predictor(_tensors(rows.iloc[idx], list(rows.columns)))[out.output_name]
+    assert big.shape == (len(idx), 1)
+    np.testing.assert_allclose(big.reshape(-1), offline[idx], atol=1e-5, rtol=0)
+    small_chunks = dataclasses.replace(predictor, plan=dataclasses.replace(predictor.plan, chunk_rows=5))
+    whole = predictor(_tensors(rows, list(rows.columns)))[out.output_name]
+    np.testing.assert_allclose(small_chunks(_tensors(rows, list(rows.columns)))[out.output_name], whole,
+                               atol=1e-6, rtol=0)
+
+
+def test_requests_outside_the_compiled_transform_are_handed_back(exported):
+    """Inputs the compiled transform does not cover: the served model answers them with the full ensemble."""
+    out, rows = exported
+    predictor = CompiledPredictor.load(out.version_dir / export.ENSEMBLE_SUBDIR)
+    odd = _tensors(rows.head(2), list(rows.columns))
     odd["user_id"] = odd["user_id"].astype(np.float64)  # not the fitted dtype
     with pytest.raises(NeedsFallback, match="outside the compiled transform"):
         predictor(odd)
+
+
+def test_a_plan_of_the_previous_format_loads_as_none(exported, tmp_path):
+    """Format 1 plans sent requests above ``max_rows`` to TensorFlow: such a version loads the full ensemble."""
+    out, _ = exported
+    plan = json.loads((out.version_dir / export.ENSEMBLE_SUBDIR / compiled_version.PLAN_FILE).read_text())
+    assert plan["format"] == compiled_version.FORMAT == 2
+    plan["format"], plan["max_rows"] = 1, plan.pop("chunk_rows")
+    (tmp_path / compiled_version.PLAN_FILE).write_text(json.dumps(plan))
+    assert CompiledPredictor.load(tmp_path) is None
 
 
 def test_the_compiled_version_loads_without_tensorflow_nvtabular_or_merlin(exported, tmp_path):
