@@ -263,7 +263,8 @@ def raw_to_transformed(workflow, raw: pd.DataFrame) -> pd.DataFrame:
     return workflow.transform(Dataset(raw.reset_index(drop=True), cpu=True)).to_ddf().compute().reset_index(drop=True)
 
 
-def offline_scores(workflow, model_dir: Path | None, raw: pd.DataFrame, batch_size: int = 512, model=None) -> np.ndarray:
+def offline_scores(workflow, model_dir: Path | None, raw: pd.DataFrame, batch_size: int = 512,
+                   model=None) -> np.ndarray:
     """Next-item scores [sessions, vocabulary] for raw sessions so far: workflow + Merlin Loader + the
     SavedModel's serving signature; ``model``: what to call on the Loader's input batches instead (the
     in-memory Keras model, or an already loaded SavedModel's ``retrieval.signature_encoder``)."""
