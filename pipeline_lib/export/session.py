@@ -90,8 +90,9 @@ class SessionRecommender(TopKRoute):
         return self.rank(scores, raw[self.item_column].tolist(), self.extra_of(raw))
 
     def offline(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        """The training-time path: workflow.transform + Merlin Loader + SavedModel, then the same top-k."""
-        scores = offline_scores(self.workflow, self.dir / MODEL_DIR, raw[self.workflow_inputs], model=self.model[0])
+        """The training-time path: workflow.transform + Merlin Loader + SavedModel signature, then the same top-k."""
+        scores = offline_scores(self.workflow, self.dir / MODEL_DIR, raw[self.workflow_inputs],
+                                model=retrieval.signature_encoder(self.model))
         return self.rank(scores, raw[self.item_column].tolist(), self.extra_of(raw))
 
 

@@ -415,7 +415,8 @@ class TopKRecommender(TopKRoute):
 
         n = self.candidates if self.ranker_fn else self.k
         # the encoders this version loaded (the same SavedModels: loading them again cost seconds per call)
-        q = retrieval.query_embeddings(self.workflow, self.dir, self.spec, raw, self.filler, encoder=self.query_fn)
+        q = retrieval.query_embeddings(self.workflow, self.dir, self.spec, raw, self.filler,
+                                       encoder=retrieval.signature_encoder(self.query_fn))
         idx, scores = self.top_k(q, n, self._excluded_frame(raw), self._users(raw))
         ids = self.item_ids[idx]
         if not self.ranker_fn:

@@ -1,6 +1,6 @@
 """What the three model families (ranking, retrieval, session) share: the train stage's output,
 the lazy TensorFlow import, the Keras optimiser by name, the Merlin dataset of a transformed
-split, the learning-curve plot and a model's first output.
+split, the learning-curve plot, a model's first output and the trace-less SavedModel save.
 
 TensorFlow, Merlin and matplotlib are imported on first use, so importing a model module stays cheap.
 """
@@ -49,6 +49,38 @@ def parquet_dataset(path: Path):
 def first_output(pred) -> np.ndarray:
     """A model call's output as float32 numpy: the first value of a dict of outputs, or the tensor."""
     return np.asarray(next(iter(pred.values())) if isinstance(pred, dict) else pred, dtype=np.float32)
+
+
+def save_model(model, model_dir: Path) -> Path:
+    """A Merlin model (or encoder) as a SavedModel whose ``serving_default`` signature is the model's call,
+    plus Merlin's schema files (``.merlin/``), as ``merlin.models.tf.Model.save`` writes them -- but without
+    Keras' per-layer traces. Tracing every layer took more than half of a small ranking training (6-15 s CPU)
+    and made every load ~4x slower, and nothing uses them: export, serving, the gate and the offline scores
+    call the serving signature (same scores, checked in tests/unit/models/test_ranking.py, test_retrieval.py
+    and test_session.py). ``tf.saved_model.load`` gives no ``__call__`` or ``.variables`` (docs/models.md);
+    ``tf.keras.models.load_model`` still loads it, rebuilding the layers from their configs."""
+    from keras.saving.legacy.saving_utils import trace_model_call
+    from merlin.models.io import save_merlin_metadata
+    from tensorflow.python.saved_model.signature_serialization import DEFAULT_SIGNATURE_ATTR
+
+    call = trace_model_call(model)
+    # the root's default signature, as Keras' traced save also keeps it: a tf.saved_model.save of the loaded
+    # object (merlin-systems' PredictTensorflow does one to read the signature) writes serving_default again
+    setattr(model, DEFAULT_SIGNATURE_ATTR, call)
+    import_tf().keras.Model.save(model, str(model_dir), save_format="tf", save_traces=False, signatures=call)
+    save_merlin_metadata(model_dir, model.schema, _output_schema(call.structured_outputs))
+    return model_dir
+
+
+def _output_schema(outputs: dict):
+    """Merlin's output schema of a model's outputs (name -> tensor), as ``Model.save`` records it."""
+    from merlin.schema import ColumnSchema, Schema
+
+    cols = []
+    for name, out in outputs.items():
+        wide = out.shape.rank > 1 and (out.shape[1] or 1) > 1
+        cols.append(ColumnSchema(name, dtype=out.dtype.as_numpy_dtype, dims=(None, out.shape[1]) if wide else None))
+    return Schema(cols)
 
 
 def save_metrics(out_dir: Path, metrics: dict, history: dict) -> Path:

@@ -9,7 +9,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from pipeline_lib.config import ModelConfig
 from pipeline_lib.models.common import (TrainOutput, import_tf, optimizer, parquet_dataset, plot_learning_curve,
-                                        save_metrics)
+                                        save_metrics, save_model)
 from pipeline_lib.progress import epoch_logger
 
 log = logging.getLogger(__name__)
@@ -129,37 +129,6 @@ def train(train_dir: Path, valid_dir: Path, cfg: ModelConfig, label: str, seed: 
     metrics_path = save_metrics(out_dir, metrics, history)
     plot_learning_curve(history, out_dir / "learning_curve.png", title=f"{cfg.type}: validation AUC {metrics['auc']:.4f}")
     return TrainOutput(model_dir=model_dir, metrics=metrics, history=history, metrics_path=metrics_path)
-
-
-def save_model(model, model_dir: Path) -> Path:
-    """The trained model as a SavedModel whose ``serving_default`` signature is the model's call, plus
-    Merlin's schema files (``.merlin/``), as ``merlin.models.tf.Model.save`` writes them -- but without
-    Keras' per-layer traces. Tracing every layer took more than half of a small training (6-15 s CPU for
-    the four types) and made every load ~4x slower, and nothing uses them: export, serving, the gate and
-    the offline scores call the serving signature (same scores, checked in tests/unit/models/test_ranking.py).
-    ``tf.keras.models.load_model`` still loads it, rebuilding the layers from their configs."""
-    from keras.saving.legacy.saving_utils import trace_model_call
-    from merlin.models.io import save_merlin_metadata
-    from tensorflow.python.saved_model.signature_serialization import DEFAULT_SIGNATURE_ATTR
-
-    call = trace_model_call(model)
-    # the root's default signature, as Keras' traced save also keeps it: a tf.saved_model.save of the loaded
-    # object (merlin-systems' PredictTensorflow does one to read the signature) writes serving_default again
-    setattr(model, DEFAULT_SIGNATURE_ATTR, call)
-    import_tf().keras.Model.save(model, str(model_dir), save_format="tf", save_traces=False, signatures=call)
-    save_merlin_metadata(model_dir, model.schema, _output_schema(call.structured_outputs))
-    return model_dir
-
-
-def _output_schema(outputs: dict):
-    """Merlin's output schema of a model's outputs (name -> tensor), as ``Model.save`` records it."""
-    from merlin.schema import ColumnSchema, Schema
-
-    cols = []
-    for name, out in outputs.items():
-        wide = out.shape.rank > 1 and (out.shape[1] or 1) > 1
-        cols.append(ColumnSchema(name, dtype=out.dtype.as_numpy_dtype, dims=(None, out.shape[1]) if wide else None))
-    return Schema(cols)
 
 
 def predict_dataset(model, dataset, batch_size: int) -> np.ndarray:

@@ -37,7 +37,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -45,7 +45,8 @@ import pandas as pd
 from pipeline_lib.config import ColumnsConfig, FeatureSide, ModelConfig
 from pipeline_lib.etl.workflow import history_column, load_workflow
 from pipeline_lib.models.baselines import TopKProtocol, mask_rows, positives
-from pipeline_lib.models.common import TrainOutput, import_tf, optimizer, plot_learning_curve, save_metrics
+from pipeline_lib.models.common import (TrainOutput, import_tf, optimizer, plot_learning_curve, save_metrics,
+                                        save_model)
 from pipeline_lib.progress import epoch_line
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 QUERY_ENCODER = "query_encoder"
 ITEM_ENCODER = "item_encoder"
 ITEM_TABLE = "item_table.npy"  # youtube_dnn: the history embedding table (rows = item indices)
+Encoder = Callable[[dict], np.ndarray]  # model input arrays (lists as values/offsets) -> embeddings, float32
 
 
 @dataclass
@@ -226,15 +228,11 @@ class EpochEval:
 
     def __call__(self, model, spec: RetrievalSpec) -> dict:
         """``recall@k`` / ``ndcg@k`` of the model as it is now."""
-        tf = import_tf()
-        call = lambda layer: (lambda a: np.asarray(layer({n: tf.convert_to_tensor(v) for n, v in a.items()},  # noqa: E731
-                                                         training=False), dtype=np.float32))
-        q = encode_with(call(model.query_encoder), self.queries, spec.query_columns)
+        q = encode_with(keras_encoder(model.query_encoder), self.queries, spec.query_columns)
         if spec.history:
-            table = model.query_encoder.first["categorical"][spec.history].table.embeddings.numpy()
-            emb = table[np.array([v[0] for v in self.items[spec.history]])]
+            emb = history_table(model, spec)[np.array([v[0] for v in self.items[spec.history]])]
         else:
-            emb = encode_with(call(model.candidate_encoder), self.items, spec.item_columns)
+            emb = encode_with(keras_encoder(model.candidate_encoder), self.items, spec.item_columns)
         return self.protocol.evaluate_scores(lambda rows, xb: q[rows] @ emb.T, self.k)
 
 
@@ -267,7 +265,7 @@ def train(workflow_dir: Path, train_dir: Path, raw_train: Path, raw_valid: Path,
     history, best_epoch = _fit_epochs(model, fit, check, spec, epochs, patience)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = save(model, spec, out_dir / "model")
-    m = evaluate(workflow, model_dir, spec, cat_raw, valid_raw, columns.label, k, filler)
+    m = evaluate(workflow, model, spec, cat_raw, valid_raw, columns.label, k, filler)
     metrics = m | {"model": cfg.type, "epochs_run": len(history["loss"]), "best_epoch": best_epoch + 1,
                    "n_train": n_train, f"user_recall@{k}": history["val_recall"][best_epoch],
                    f"user_ndcg@{k}": history["val_ndcg"][best_epoch]}
@@ -336,18 +334,24 @@ def _fit_epochs(model, fit, check: EpochEval, spec: RetrievalSpec, epochs: int,
 
 
 def save(model, spec: RetrievalSpec, model_dir: Path) -> Path:
-    """Save the query encoder (and item encoder / item table) as SavedModels + spec.json."""
+    """Save the query encoder (and item encoder / item table) as SavedModels + spec.json; the encoders
+    without Keras' layer traces (``common.save_model``: the serving signature is all that loads them)."""
     if model_dir.exists():
         shutil.rmtree(model_dir)
     model_dir.mkdir(parents=True)
-    model.query_encoder.save(str(model_dir / QUERY_ENCODER))
+    save_model(model.query_encoder, model_dir / QUERY_ENCODER)
     if spec.history:
-        table = model.query_encoder.first["categorical"][spec.history]
-        np.save(model_dir / ITEM_TABLE, np.asarray(table.table.embeddings.numpy(), dtype=np.float32))
+        np.save(model_dir / ITEM_TABLE, history_table(model, spec))
     else:
-        model.candidate_encoder.save(str(model_dir / ITEM_ENCODER))
+        save_model(model.candidate_encoder, model_dir / ITEM_ENCODER)
     (model_dir / "spec.json").write_text(json.dumps(spec.to_json(), indent=2))
     return model_dir
+
+
+def history_table(model, spec: RetrievalSpec) -> np.ndarray:
+    """youtube_dnn: the in-memory model's history embedding table (its item embeddings), float32."""
+    table = model.query_encoder.first["categorical"][spec.history].table.embeddings
+    return np.asarray(table.numpy(), dtype=np.float32)
 
 
 # -- inference: raw rows -> embeddings -> top-k (shared by export, smoke test, gate, served model) --
@@ -362,9 +366,22 @@ def load_encoder(path: Path):
     return model, fn, dtypes
 
 
+def signature_encoder(bound) -> Encoder:
+    """The :data:`Encoder` of a loaded SavedModel (:func:`load_encoder`'s triple): its serving signature."""
+    return lambda arrays: call_signature(bound, arrays)
+
+
+def keras_encoder(layer) -> Encoder:
+    """The :data:`Encoder` of an in-memory Keras encoder, called in inference mode (the same embeddings
+    as its SavedModel's signature: tests/unit/models/test_retrieval.py)."""
+    tf = import_tf()
+    return lambda arrays: np.asarray(layer({n: tf.convert_to_tensor(v) for n, v in arrays.items()}, training=False),
+                                     dtype=np.float32)
+
+
 def encode(bound, transformed: pd.DataFrame, names: list[str] | None = None, batch_size: int = 4096) -> np.ndarray:
     """Call a SavedModel's serving signature on transformed rows, in batches (see :func:`encode_with`)."""
-    return encode_with(lambda arrays: call_signature(bound, arrays), transformed, names, batch_size)
+    return encode_with(signature_encoder(bound), transformed, names, batch_size)
 
 
 def encode_with(fn, transformed: pd.DataFrame, names: list[str] | None = None, batch_size: int = 4096) -> np.ndarray:
@@ -399,26 +416,30 @@ def call_signature(bound, arrays: dict) -> np.ndarray:
     return np.asarray(res.numpy(), dtype=np.float32)
 
 
-def item_embeddings(workflow, model_dir: Path, spec: RetrievalSpec, cat_raw: pd.DataFrame,
-                    filler: dict) -> tuple[np.ndarray, np.ndarray]:
+def item_embeddings(workflow, model_dir: Optional[Path], spec: RetrievalSpec, cat_raw: pd.DataFrame,
+                    filler: dict, model=None) -> tuple[np.ndarray, np.ndarray]:
     """(raw item ids, embeddings) of the catalogue, computed from the raw catalogue rows through
-    the item part of the fitted workflow."""
+    the item part of the fitted workflow; by the saved item encoder / table of ``model_dir``, or by the
+    in-memory retrieval ``model`` when given (the same embeddings)."""
     if spec.history:  # youtube_dnn: rows of the history table, indexed by the joint vocabulary
         lists = pd.DataFrame({spec.history: [[i] for i in cat_raw[spec.item_id]]})
         idx = np.array([v[0] for v in side_transform(workflow, lists, [spec.history], filler)[spec.history]])
-        table = np.load(Path(model_dir) / ITEM_TABLE)
+        table = history_table(model, spec) if model is not None else np.load(Path(model_dir) / ITEM_TABLE)
         return cat_raw[spec.item_id].to_numpy(), table[idx]
     transformed = side_transform(workflow, cat_raw, spec.item_columns, filler)
-    emb = encode(load_encoder(Path(model_dir) / ITEM_ENCODER), transformed, spec.item_columns)
-    return cat_raw[spec.item_id].to_numpy(), emb
+    enc = (keras_encoder(model.candidate_encoder) if model is not None
+           else signature_encoder(load_encoder(Path(model_dir) / ITEM_ENCODER)))
+    return cat_raw[spec.item_id].to_numpy(), encode_with(enc, transformed, spec.item_columns)
 
 
-def query_embeddings(workflow, model_dir: Path, spec: RetrievalSpec, raw: pd.DataFrame, filler: dict,
-                     encoder: Optional[tuple] = None) -> np.ndarray:
+def query_embeddings(workflow, model_dir: Optional[Path], spec: RetrievalSpec, raw: pd.DataFrame, filler: dict,
+                     encoder: Optional[Encoder] = None) -> np.ndarray:
     """Offline query path: NVTabular transform of the raw query columns + the saved query encoder
-    (``encoder``: it already loaded, :func:`load_encoder`'s triple; else loaded here)."""
+    (``encoder``: the query :data:`Encoder` at hand -- an already loaded SavedModel's, the in-memory
+    model's; else the SavedModel of ``model_dir`` loaded here)."""
     transformed = side_transform(workflow, raw, spec.query_columns, filler)
-    return encode(encoder or load_encoder(Path(model_dir) / QUERY_ENCODER), transformed, spec.query_columns)
+    enc = encoder or signature_encoder(load_encoder(Path(model_dir) / QUERY_ENCODER))
+    return encode_with(enc, transformed, spec.query_columns)
 
 
 def top_k(query: np.ndarray, items: np.ndarray, k: int,
@@ -440,12 +461,13 @@ def top_k_scores(scores: np.ndarray, k: int,
     return idx, np.take_along_axis(scores, idx, axis=1)
 
 
-def evaluate(workflow, model_dir: Path, spec: RetrievalSpec, cat_raw: pd.DataFrame, valid_raw: pd.DataFrame,
+def evaluate(workflow, model, spec: RetrievalSpec, cat_raw: pd.DataFrame, valid_raw: pd.DataFrame,
              label: str, k: int, filler: dict) -> dict:
-    """Recall/Precision/NDCG/MRR@k of the held-out positives against the whole catalogue."""
-    item_ids, item_emb = item_embeddings(workflow, model_dir, spec, cat_raw, filler)
+    """Recall/Precision/NDCG/MRR@k of the held-out positives against the whole catalogue, by the in-memory
+    retrieval ``model`` (its saved encoders give the same embeddings; none is loaded back here)."""
+    item_ids, item_emb = item_embeddings(workflow, None, spec, cat_raw, filler, model)
     pos = valid_raw[valid_raw[label] == 1].reset_index(drop=True)
-    q = query_embeddings(workflow, model_dir, spec, pos, filler)
+    q = query_embeddings(workflow, None, spec, pos, filler, keras_encoder(model.query_encoder))
     return retrieval_metrics(q @ item_emb.T, item_ids, pos[spec.item_id].to_numpy(), k)
 
 

@@ -22,7 +22,8 @@ The model is ``mm.Model(InputBlockV2 -> SessionEncoder -> CategoricalOutput(item
   (``val_recall`` in the history) and the best epoch's weights are kept.
 
 Evaluation: every held-out session minus its last event goes through the fitted feature workflow
-and the trained SavedModel (the offline path that serving must reproduce); the last item is the
+and the trained model (in memory; its SavedModel's serving signature gives the same scores, the
+offline path that serving must reproduce: :func:`offline_scores`); the last item is the
 target; Recall@k, NDCG@k and MRR@k come from Merlin's ``mm.RecallAt``/``mm.NDCGAt``/``mm.MRRAt``.
 The same metrics score two baselines on the same held-out prefixes: most-popular items (train
 frequency) and item-to-item transitions (next-item counts after the prefix's last item in train
@@ -42,7 +43,9 @@ from pipeline_lib.config import SessionColumns, SessionModelConfig
 from pipeline_lib.etl.sessions import item_vocabulary, prefixes
 from pipeline_lib.etl.workflow import load_workflow
 from pipeline_lib.models.baselines import mask_rows
-from pipeline_lib.models.common import TrainOutput, first_output, import_tf, plot_learning_curve, save_metrics
+from pipeline_lib.models.common import (TrainOutput, first_output, import_tf, plot_learning_curve, save_metrics,
+                                        save_model)
+from pipeline_lib.models.retrieval import load_encoder, signature_encoder
 from pipeline_lib.progress import epoch_logger
 
 log = logging.getLogger(__name__)
@@ -160,7 +163,8 @@ def build_session_model(schema, cfg: SessionModelConfig, cols: SessionColumns, m
 
 def train_session_model(train_dir: Path, cfg: SessionModelConfig, cols: SessionColumns, max_length: int, seed: int,
                         out_dir: Path, k: int = 10):
-    """Fit with ``mm.SequencePredictNext`` and save the SavedModel; returns (model, model_dir, history).
+    """Fit with ``mm.SequencePredictNext`` and save the SavedModel (without Keras' layer traces:
+    ``common.save_model``); returns (model, model_dir, history).
     With ``cfg.validation_fraction`` > 0 that share of the training sessions is held out of the fit to
     pick the epoch (:func:`early_stopping`)."""
     tf = import_tf()
@@ -191,9 +195,7 @@ def train_session_model(train_dir: Path, cfg: SessionModelConfig, cols: SessionC
     if stop.any():
         history["best_epoch"] = callbacks[0].best_epoch
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = out_dir / "model"
-    model.save(str(model_dir))
-    return model, model_dir, history
+    return model, save_model(model, out_dir / "model"), history
 
 
 def early_stopping(sessions: pd.DataFrame, schema, item_col: str, k: int, patience: int):
@@ -261,14 +263,16 @@ def raw_to_transformed(workflow, raw: pd.DataFrame) -> pd.DataFrame:
     return workflow.transform(Dataset(raw.reset_index(drop=True), cpu=True)).to_ddf().compute().reset_index(drop=True)
 
 
-def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, batch_size: int = 512, model=None) -> np.ndarray:
-    """Next-item scores [sessions, vocabulary] for raw sessions so far: workflow + Merlin Loader + SavedModel."""
-    tf = import_tf()
+def offline_scores(workflow, model_dir: Path | None, raw: pd.DataFrame, batch_size: int = 512,
+                   model=None) -> np.ndarray:
+    """Next-item scores [sessions, vocabulary] for raw sessions so far: workflow + Merlin Loader + the
+    SavedModel's serving signature; ``model``: what to call on the Loader's input batches instead (the
+    in-memory Keras model, or an already loaded SavedModel's ``retrieval.signature_encoder``)."""
     import merlin.models.tf as mm
     from merlin.io import Dataset
 
     transformed = raw_to_transformed(workflow, raw)
-    model = model or tf.saved_model.load(str(model_dir))
+    model = model or signature_encoder(load_encoder(model_dir))
     ds = Dataset(transformed, schema=workflow.output_schema, cpu=True)
     out = []
     for inputs, _ in mm.Loader(ds, batch_size=batch_size, shuffle=False):
@@ -359,9 +363,10 @@ def baseline_scores(train_lists: pd.Series, last_items: np.ndarray, n_items: int
     return {"most_popular": np.tile(pop, (len(last_items), 1)), "cooccurrence": cooc}
 
 
-def evaluate(workflow, model_dir: Path, valid_sessions: pd.DataFrame, train_transformed: pd.DataFrame,
+def evaluate(workflow, model, valid_sessions: pd.DataFrame, train_transformed: pd.DataFrame,
              cols: SessionColumns, k: int, n_items: int, exclude_seen: bool = True) -> dict:
     """Model vs baselines on the last item of every held-out session (prefix = the events before it).
+    ``model``: the trained (in-memory) model, or any callable on Loader batches (:func:`offline_scores`).
     ``exclude_seen``: the prefix's own items are never recommended, by the model and by the baselines."""
     req, _ = prefixes(valid_sessions, cols)
     # targets in the model's index space: encode the full held-out sessions with the same workflow
@@ -371,7 +376,7 @@ def evaluate(workflow, model_dir: Path, valid_sessions: pd.DataFrame, train_tran
     last_items = enc_prefix[cols.item_id].map(lambda v: int(v[-1])).to_numpy()
     lookup = vocabulary_lookup(item_vocabulary(workflow, cols.item_id))
     excl = exclusions(lookup, req[cols.item_id].tolist(), None, len(req)) if exclude_seen else None
-    results = {"model": topk_metrics(mask_scores(offline_scores(workflow, model_dir, req), excl), targets, k)}
+    results = {"model": topk_metrics(mask_scores(offline_scores(workflow, None, req, model=model), excl), targets, k)}
     for name, s in baseline_scores(train_transformed[cols.item_id], last_items, n_items).items():
         results[name] = topk_metrics(mask_scores(s, excl), targets, k)
     results["n_sessions"] = int(len(targets))
@@ -394,7 +399,7 @@ def train_and_evaluate(etl_out, cfg, out_dir: Path) -> TrainOutput:
     n_items = int(workflow.output_schema[s.columns.item_id].int_domain.max) + 1
     train_tf = pd.read_parquet(sorted(Path(etl_out.train_dir).glob("*.parquet"))[0])
     valid = pd.read_parquet(etl_out.split.valid)
-    results = evaluate(workflow, model_dir, valid, train_tf, s.columns, s.top_k, n_items, s.exclude_seen)
+    results = evaluate(workflow, model, valid, train_tf, s.columns, s.top_k, n_items, s.exclude_seen)
     k = s.top_k
     metrics = {
         "model": f"session_{s.model.type}",

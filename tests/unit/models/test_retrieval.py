@@ -77,3 +77,22 @@ def test_trained_retrieval_model_beats_most_popular_on_default_generated_data(tm
     assert model > 1.2 * mp
     saved = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert saved["history"]["val_recall"][saved["metrics"]["best_epoch"] - 1] == model == max(saved["history"]["val_recall"])
+    # evaluated in memory; the encoders saved without Keras' layer traces (common.save_model), whose serving
+    # signatures -- what export, the gate and serving call -- give the same metrics, to the last bit
+    assert_saved_encoders_score_like_in_memory(cfg, e, split, out)
+
+
+def assert_saved_encoders_score_like_in_memory(cfg, e, split, out):
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(out.model_dir / retrieval.QUERY_ENCODER))
+    assert not callable(loaded) and set(loaded.signatures) == {"serving_default"}  # no traces
+    spec = retrieval.RetrievalSpec.from_config(cfg.columns, cfg.model.type)
+    workflow = etl.load_workflow(e.workflow_dir).remove_inputs([cfg.columns.label])
+    train, valid = pd.read_parquet(split.train), pd.read_parquet(split.valid)
+    filler = retrieval.filler_row(train, workflow.input_schema.column_names)
+    ids, emb = retrieval.item_embeddings(workflow, out.model_dir, spec, retrieval.catalogue(train, spec), filler)
+    pos = valid[valid[cfg.columns.label] == 1]
+    q = retrieval.query_embeddings(workflow, out.model_dir, spec, pos, filler)
+    got = retrieval.retrieval_metrics(q @ emb.T, ids, pos[cfg.columns.item_id].to_numpy(), cfg.model.retrieval.k)
+    assert got == {name: out.metrics[name] for name in got}

@@ -38,3 +38,24 @@ def test_model_trains_and_beats_the_popularity_baseline(session_etl, kind):
     assert m["ndcg@10"] > pop["ndcg@10"] + 0.1, m
     assert 0 < m["mrr@10"] <= m["ndcg@10"] <= m["recall@10"] <= 1
     assert out.history["loss"][-1] < out.history["loss"][0]
+    # evaluated in memory; saved without Keras' layer traces (common.save_model), whose serving signature --
+    # what export and serving call -- gives the same metrics, to the last bit
+    assert_saved_model_scores_like_in_memory(cfg, etl_out, out)
+
+
+def assert_saved_model_scores_like_in_memory(cfg, etl_out, out):
+    import pandas as pd
+    import tensorflow as tf
+
+    from pipeline_lib.etl.workflow import load_workflow
+    from pipeline_lib.models import session as session_model
+    from pipeline_lib.models.retrieval import load_encoder, signature_encoder
+
+    s, m = cfg.session, out.metrics
+    loaded = tf.saved_model.load(str(out.model_dir))
+    assert not callable(loaded) and set(loaded.signatures) == {"serving_default"}  # no traces
+    train_tf = pd.read_parquet(sorted(etl_out.train_dir.glob("*.parquet"))[0])
+    res = session_model.evaluate(load_workflow(etl_out.workflow_dir), signature_encoder(load_encoder(out.model_dir)),
+                                 pd.read_parquet(etl_out.split.valid), train_tf, s.columns, s.top_k, m["n_items"],
+                                 s.exclude_seen)
+    assert res["model"] == {f"{k}@{s.top_k}": m[f"{k}@{s.top_k}"] for k in ("recall", "ndcg", "mrr")}
