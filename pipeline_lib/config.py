@@ -147,13 +147,16 @@ def _path_to_str(v):
 
 
 class TableConfig(_Strict):
-    """One input file: a local path or an fsspec URL (``file://...``), CSV or Parquet."""
+    """One input file: a local path or an fsspec URL (``file://...``), CSV, JSON (Lines) or Parquet."""
 
     path: str = Field(..., min_length=1, description="file (or parquet directory): local path or fsspec URL")
-    format: Literal["auto", "csv", "parquet"] = Field(
-        "auto", description="auto: .csv/.tsv/.txt (optionally .gz/.bz2/.zip/.xz) are CSV, everything else parquet"
+    format: Literal["auto", "csv", "json", "parquet"] = Field(
+        "auto", description="auto: .csv/.tsv/.txt/.dat (optionally .gz/.bz2/.zip/.xz) and any file given a sep "
+        "or header: false are CSV, .json/.jsonl/.ndjson JSON (one object per line, or one array of objects), "
+        "everything else parquet"
     )
-    sep: Optional[str] = Field(None, description="CSV delimiter (default ',' or tab for .tsv)")
+    sep: Optional[str] = Field(None, description="CSV delimiter (default ',' or tab for .tsv); several "
+                               "characters (MovieLens' '::') are taken literally")
     encoding: str = "utf-8"
     header: bool = Field(True, description="CSV: the first line holds the column names")
     names: Optional[list[str]] = Field(None, description="CSV: column names (needed when header is false)")
@@ -175,7 +178,10 @@ class TableConfig(_Strict):
         for comp in (".gz", ".bz2", ".zip", ".xz"):
             if name.endswith(comp):
                 name = name[: -len(comp)]
-        return "csv" if name.endswith((".csv", ".tsv", ".txt")) else "parquet"
+        if name.endswith((".json", ".jsonl", ".ndjson")):
+            return "json"
+        csv_options = self.sep is not None or not self.header
+        return "csv" if csv_options or name.endswith((".csv", ".tsv", ".txt", ".dat")) else "parquet"
 
 
 class DataConfig(_Strict):

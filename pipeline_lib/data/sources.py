@@ -161,9 +161,11 @@ def read_table(role: str, spec: TableConfig, keep: Optional[Iterable[str]] = Non
     file_columns = None  # parquet read with a column selection: every column of its schema
     try:
         if fmt == "csv":
-            sep = spec.sep or ("\t" if ".tsv" in path.lower().rsplit("/", 1)[-1] else ",")
-            df = pd.read_csv(path, sep=sep, encoding=spec.encoding, header=0 if spec.header else None,
-                             names=spec.names, skipinitialspace=True)
+            df = _read_csv(path, spec)
+        elif fmt == "json":
+            df = _read_json(path, spec.encoding)
+            if spec.names:
+                df.columns = spec.names
         else:
             schema = _parquet_columns(path) if keep is not None and not spec.names else None
             if schema is not None:
@@ -187,6 +189,24 @@ def read_table(role: str, spec: TableConfig, keep: Optional[Iterable[str]] = Non
         file_columns = [spec.rename.get(c, c) for c in file_columns]
     table = Table(role, path, df, file_columns)
     return table if keep is None else keep_only(table, keep)
+
+
+def _read_csv(path: str, spec: TableConfig) -> pd.DataFrame:
+    """A CSV file in the dialect ``spec`` gives; a separator of several characters is literal (pandas would
+    read it as a regular expression, on its python engine: slower, but the C engine takes one character)."""
+    sep = spec.sep or ("\t" if ".tsv" in path.lower().rsplit("/", 1)[-1] else ",")
+    literal = {"sep": re.escape(sep), "engine": "python"} if len(sep) > 1 else {"sep": sep}
+    return pd.read_csv(path, encoding=spec.encoding, header=0 if spec.header else None, names=spec.names,
+                       skipinitialspace=True, **literal)
+
+
+def _read_json(path: str, encoding: str) -> pd.DataFrame:
+    """JSON Lines (one object per line, as large public logs ship), or one JSON array of objects; compressed
+    files by their extension. Nested objects stay Python objects (a column a config does not use is dropped)."""
+    with fsspec.open(path, "rt", encoding=encoding, compression="infer") as f:
+        head = f.read(4096).lstrip()
+    return pd.read_json(path, lines=not head.startswith("["), encoding=encoding, compression="infer",
+                        convert_dates=False, dtype=False)
 
 
 def _parquet_columns(path: str) -> Optional[list[str]]:

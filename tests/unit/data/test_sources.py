@@ -4,6 +4,7 @@ Every bad input must end in one DataValidationError (or a pydantic error for a b
 names the file, the column, a count and an example value.
 """
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,71 @@ def test_separator_list_of_integers_and_headerless_csv(tmp_path):
     raw, df = build(cfg, tmp_path)
     assert df["tags"].map(list).tolist() == [[4, 7], [5], []]
     validate_raw(raw, cfg.columns, cfg.validation)
+
+
+def test_movielens_dat_files_with_a_two_character_separator(tmp_path):
+    """MovieLens 1M/10M layout: '::'-separated .dat files without a header, latin-1 titles, '|' genres."""
+    (tmp_path / "ratings.dat").write_text("1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n")
+    (tmp_path / "movies.dat").write_bytes("1193::Cuckoo\xe9s Nest (1975)::Drama\n661::Peach (1996)::Animation|Children's\n"
+                                          .encode("latin-1"))
+    cfg = load_config(None, {
+        "data": {"source": "files",
+                 "interactions": {"path": str(tmp_path / "ratings.dat"), "sep": "::", "header": False,
+                                  "names": ["user_id", "item_id", "rating", "time"]},
+                 "items": {"path": str(tmp_path / "movies.dat"), "sep": "::", "header": False, "encoding": "latin-1",
+                           "names": ["item_id", "title", "genres"]}},
+        "columns": {"label": "liked", "label_rule": "rating >= 4", "timestamp": "time",
+                    "features": [{"name": "genres", "kind": "list", "side": "item", "separator": "|"}]},
+    })
+    assert cfg.data.interactions.resolved_format == "csv"  # .dat, and a sep: CSV
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no pandas ParserWarning: the python engine is asked for, sep literal
+        raw, df = build(cfg, tmp_path)
+    assert df["liked"].tolist() == [1, 0, 1] and df["time"].tolist() == [978300760, 978302109, 978298413]
+    assert df["genres"].map(list).tolist() == [["Drama"], ["Animation", "Children's"], ["Drama"]]
+    validate_raw(raw, cfg.columns, cfg.validation)
+
+
+def test_the_movielens_1m_example_config_reads_that_layout(tmp_path):
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    (folder / "ratings.dat").write_text("1::1193::5::978300760\n2::661::3::978302109\n2::1193::4::978298413\n")
+    (folder / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n")
+    (folder / "movies.dat").write_bytes("1193::Cuckoo\xe9s Nest (1975)::Drama\n661::Peach (1996)::Animation|Musical\n"
+                                        .encode("latin-1"))
+    cfg = load_config(ROOT / "configs" / "examples" / "movielens1m.yaml", {"data": {
+        t: {"path": str(folder / f"{t if t != 'interactions' else 'ratings'}.dat")}
+        for t in ("interactions", "users")} | {"items": {"path": str(folder / "movies.dat")}}})
+    raw, df = build(cfg, tmp_path)
+    assert df["gender"].tolist() == ["F", "M", "M"] and df["occupation"].tolist() == [10, 16, 16]
+    assert df["genres"].map(list).tolist() == [["Drama"], ["Animation", "Musical"], ["Drama"]]
+    validate_raw(raw, cfg.columns, cfg.validation)
+
+
+def test_json_lines_and_json_array_interactions(tmp_path):
+    """JSON Lines (Amazon reviews' layout, compressed too) and a JSON array; nested fields the config does not
+    use are dropped; epoch-second times stay numbers."""
+    rows = [{"reviewerID": "A1", "asin": "B01", "overall": 5.0, "unixReviewTime": 1400000000, "style": {"size": "M"}},
+            {"reviewerID": "A2", "asin": "B01", "overall": 2.0, "unixReviewTime": 1400000100, "style": None},
+            {"reviewerID": "A1", "asin": "B02", "overall": 4.0, "unixReviewTime": 1400000200}]
+    pd.DataFrame(rows).to_json(tmp_path / "reviews.json.gz", orient="records", lines=True)
+    (tmp_path / "array.json").write_text(pd.DataFrame(rows).to_json(orient="records"))
+    for name in ("reviews.json.gz", "array.json"):
+        cfg = load_config(None, {
+            "data": {"source": "files", "interactions": {"path": str(tmp_path / name),
+                                                         "rename": {"reviewerID": "user_id", "asin": "item_id"}}},
+            "columns": {"label": "liked", "label_rule": "overall >= 4", "timestamp": "unixReviewTime", "features": []},
+        })
+        assert cfg.data.interactions.resolved_format == "json"
+        raw, df = build(cfg, tmp_path / name.split(".")[0])
+        assert df["user_id"].tolist() == ["A1", "A2", "A1"] and df["liked"].tolist() == [1, 0, 1]
+        assert df["unixReviewTime"].tolist() == [1400000000, 1400000100, 1400000200] and "style" not in df
+        validate_raw(raw, cfg.columns, cfg.validation)
+    (tmp_path / "bad.jsonl").write_text('{"user_id": 1, "item_id": 2}\n{"user_id": 3,\n')
+    bad = load_config(None, {"data": {"source": "files", "interactions": {"path": str(tmp_path / "bad.jsonl")}},
+                             "columns": {"timestamp": None, "features": []}})
+    with pytest.raises(DataValidationError, match=r"bad.jsonl: column '\*': file not readable as json: ValueError"):
+        build(bad, tmp_path / "bad")
 
 
 def test_missing_files_are_all_named_in_one_error(tmp_path):
