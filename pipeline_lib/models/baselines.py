@@ -266,9 +266,23 @@ def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
         s = np.where(np.isnan(s), -np.inf, s)
     b, n = s.shape
     out = np.full((b, k), -1, dtype=np.int64)
+    if min(k, n) == 0 or b == 0:
+        return out
+    cols = top_columns(s, k)
+    cols[np.take_along_axis(s, cols, axis=1) == -np.inf] = -1
+    out[:, :cols.shape[1]] = cols
+    return out
+
+
+def top_columns(scores: np.ndarray, k: int) -> np.ndarray:
+    """The one top-k selection: the ``min(k, columns)`` best column indices per row of a float matrix, best
+    first, ties to the lower column (``np.argsort(-scores, kind="stable")[:, :k]``), NaN as -inf. A
+    partition instead of a sort: linear in the columns (a 1M-item catalogue: ~10x faster per row)."""
+    b, n = scores.shape
     ke = min(k, n)
     if ke == 0 or b == 0:
-        return out
+        return np.zeros((b, ke), dtype=np.int64)
+    s = np.where(np.isnan(scores), -np.inf, scores) if np.isnan(scores).any() else scores
     v = np.partition(s, n - ke, axis=1)[:, n - ke]           # the k-th largest score per row
     gt = s > v[:, None]
     eq = s == v[:, None]
@@ -281,10 +295,7 @@ def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
     cols = np.nonzero(sel)[1].reshape(b, ke)
     vals = np.take_along_axis(s, cols, axis=1)
     order = np.lexsort((cols, -vals), axis=1)                 # score desc, then column asc
-    cols = np.take_along_axis(cols, order, axis=1)
-    cols[np.take_along_axis(vals, order, axis=1) == -np.inf] = -1
-    out[:, :ke] = cols
-    return out
+    return np.take_along_axis(cols, order, axis=1).astype(np.int64, copy=False)
 
 
 @dataclass

@@ -44,7 +44,7 @@ import pandas as pd
 
 from pipeline_lib.config import ColumnsConfig, FeatureSide, ModelConfig
 from pipeline_lib.etl.workflow import history_column, load_workflow
-from pipeline_lib.models.baselines import TopKProtocol, mask_rows, positives
+from pipeline_lib.models.baselines import TopKProtocol, mask_rows, positives, top_columns
 from pipeline_lib.models.common import (TrainOutput, import_tf, optimizer, plot_learning_curve, save_metrics,
                                         save_model)
 from pipeline_lib.progress import epoch_line
@@ -456,8 +456,7 @@ def top_k_scores(scores: np.ndarray, k: int,
     to the lower column; ``exclude``'d columns get -inf (last, when a row has fewer than k others).
     The one masked top-k of exact retrieval and of session top-k; masks ``scores`` in place (float32 input)."""
     scores = mask_rows(np.asarray(scores, dtype=np.float32), exclude, -np.inf)
-    k = min(k, scores.shape[1])
-    idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    idx = top_columns(scores, k)
     return idx, np.take_along_axis(scores, idx, axis=1)
 
 

@@ -28,6 +28,21 @@ def test_top_k_never_returns_excluded_rows():
     assert idx[0, 0] == 3 and np.isneginf(scores[0, 1:]).all()  # too few left: excluded ones last, at -inf
 
 
+def test_masked_top_k_equals_a_stable_full_sort_with_ties_exclusions_and_short_catalogues():
+    """The partition-based selection (models.baselines.top_columns) returns exactly what a stable descending
+    sort of the masked scores does: ties to the lower column, excluded columns last, never more than exist."""
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        b, n, k = rng.integers(1, 6), rng.integers(1, 40), rng.integers(1, 50)
+        scores = rng.integers(0, 4, size=(b, n)).astype(np.float32)  # few distinct values: many ties
+        excl = [rng.choice(n, size=rng.integers(0, n + 1), replace=False) for _ in range(b)] if trial % 2 else None
+        masked = retrieval.mask_rows(scores.copy(), excl, -np.inf)
+        want = np.argsort(-masked, axis=1, kind="stable")[:, :k]
+        idx, best = retrieval.top_k_scores(scores.copy(), k, excl)
+        assert np.array_equal(idx, want), (trial, idx, want)
+        assert np.array_equal(best, np.take_along_axis(masked, want, axis=1))
+
+
 def test_retrieval_metrics_match_hand_computed_values():
     item_ids = np.array([100, 101, 102, 103])
     # query 0: target ranked 1st; query 1: ranked 3rd; query 2: not in the top 2; query 3: unknown item
