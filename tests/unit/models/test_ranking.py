@@ -78,3 +78,14 @@ def test_model_trains_with_metrics_history_and_learning_curve(ranking_zoo, kind)
     assert saved["history"]["val_auc"] and len(saved["history"]["loss"]) == saved["metrics"]["epochs_run"]
     png = res.metrics_path.with_name("learning_curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dlrm_without_a_continuous_feature_gets_a_warning_note():
+    """Merlin's DLRM without continuous features has no bottom MLP (docs/ranking.md): the training warns."""
+    from merlin.schema import ColumnSchema, Schema, Tags
+
+    cats = [ColumnSchema(n, tags=[Tags.CATEGORICAL]) for n in ("user_id", "item_id")]
+    only_cats, with_cont = Schema(cats), Schema(cats + [ColumnSchema("age", tags=[Tags.CONTINUOUS])])
+    assert "consider model.type: dcn" in train.architecture_note(only_cats, "dlrm")
+    assert train.architecture_note(with_cont, "dlrm") is None
+    assert train.architecture_note(only_cats, "dcn") is None
