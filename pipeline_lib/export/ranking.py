@@ -40,7 +40,8 @@ from pipeline_lib.export.compiled_version import CompiledPlan, CompiledPredictor
 from pipeline_lib.paths import TRITON_MODELS
 from pipeline_lib.etl.fast_transform import (Ragged, Unsupported, columns_from_tensors, compile_workflow,
                                              tensors_from_columns, verify)
-from pipeline_lib.models.retrieval import encode, load_encoder
+from pipeline_lib.models.common import load_encoder
+from pipeline_lib.models.retrieval import encode
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class InProcessTensorflow(PredictTensorflow):
         self._compiled = self._onnx = None
 
     def loaded(self) -> tuple:
-        """(SavedModel, serving signature, input dtypes): the model as ``retrieval.load_encoder`` returns it."""
+        """(SavedModel, serving signature, input dtypes): the model as ``common.load_encoder`` returns it."""
         return self.model, self._signature, self._input_dtypes
 
     def __getstate__(self) -> dict:
@@ -373,7 +374,7 @@ def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, label: str, bat
     checked against the in-memory model), while the SavedModel's traced functions match it to
     ~1e-7. Batches are built with merlin's ``TensorTable`` rather than the Merlin ``Loader``:
     merlin-dataloader 23.08 fails on a batch in which every row holds an empty list. ``encoder``: the
-    SavedModel of ``model_dir`` already loaded (``retrieval.load_encoder``'s triple), else loaded here.
+    SavedModel of ``model_dir`` already loaded (``common.load_encoder``'s triple), else loaded here.
     """
     from merlin.io import Dataset
 

@@ -38,6 +38,7 @@ from pipeline_lib.export.ranking import ExportOptions, StagedVersion
 from pipeline_lib.export.topk import (EXCLUDE_INPUT, ITEMS_FILE, TopKExport, TopKRoute, check_version,
                                       fresh_artifact_dir, ragged_rows, request_inputs, stage_version)
 from pipeline_lib.models import retrieval
+from pipeline_lib.models.common import call_signature, load_encoder, signature_encoder
 from pipeline_lib.models.session import N_SPECIAL, offline_scores, raw_to_transformed
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class SessionRecommender(TopKRoute):
         self.positions = np.load(self.dir / ITEMS_FILE, allow_pickle=True)["positions"].astype(np.int64)
         self.workflow = nvt.Workflow.load(str(self.dir / "workflow"))
         self.workflow_inputs = list(self.workflow.input_schema.column_names)
-        self.model = retrieval.load_encoder(self.dir / MODEL_DIR)
+        self.model = load_encoder(self.dir / MODEL_DIR)
         self.enable_fast()
 
     def compile_fast(self):
@@ -82,7 +83,7 @@ class SessionRecommender(TopKRoute):
         if self.fast is None:
             raise Unsupported("the compiled transform is not enabled for this version")
         transformed = self.fast({c: cols[c] for c in self.workflow_inputs})
-        scores = retrieval.call_signature(self.model, tensors_from_columns(transformed))
+        scores = call_signature(self.model, tensors_from_columns(transformed))
         return self.rank(scores, ragged_rows(cols[self.item_column]), self.extra_of_columns(cols))
 
     def recommend(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +93,7 @@ class SessionRecommender(TopKRoute):
     def offline(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """The training-time path: workflow.transform + Merlin Loader + SavedModel signature, then the same top-k."""
         scores = offline_scores(self.workflow, self.dir / MODEL_DIR, raw[self.workflow_inputs],
-                                model=retrieval.signature_encoder(self.model))
+                                model=signature_encoder(self.model))
         return self.rank(scores, raw[self.item_column].tolist(), self.extra_of(raw))
 
 

@@ -73,6 +73,7 @@ from pipeline_lib.models import retrieval
 from pipeline_lib.config import AnnConfig
 from pipeline_lib.export.parity import check_parity
 from pipeline_lib.export.ranking import ExportOptions, raw_to_columns, StagedVersion
+from pipeline_lib.models.common import call_signature, load_encoder, signature_encoder
 from pipeline_lib.models.retrieval import RetrievalSpec
 from pipeline_lib.etl.fast_transform import (Unsupported, columns_from_tensors, compile_workflow, n_rows, take_rows,
                                              tensors_from_columns, verify)
@@ -272,8 +273,8 @@ class TopKRecommender(TopKRoute):
         self.filler = pd.read_parquet(self.dir / "filler.parquet").iloc[0].to_dict()
         self.item_emb = np.load(self.dir / ITEMS_FILE, allow_pickle=True)["embeddings"].astype(np.float32)
         self.index = ann.load_version_index(self.dir, meta.get("ann"))  # None: exact top-k (docs/ann.md)
-        self.query_fn = retrieval.load_encoder(self.dir / retrieval.QUERY_ENCODER)
-        self.ranker_fn = retrieval.load_encoder(self.dir / "ranker") if self.ranker_columns else None
+        self.query_fn = load_encoder(self.dir / retrieval.QUERY_ENCODER)
+        self.ranker_fn = load_encoder(self.dir / "ranker") if self.ranker_columns else None
         if self.ranker_columns:
             feats = pd.read_parquet(self.dir / "item_features.parquet")
             self.item_features = feats.set_index(self.spec.item_id, drop=False)
@@ -329,7 +330,7 @@ class TopKRecommender(TopKRoute):
             raise Unsupported("the compiled transform is not enabled for this version")
         rows = n_rows(cols[self.request_columns[0]])
         query = self.fast(self._complete({c: cols[c] for c in self.spec.query_columns}, rows))
-        q = retrieval.call_signature(self.query_fn, tensors_from_columns(query))
+        q = call_signature(self.query_fn, tensors_from_columns(query))
         users = cols.get(self.user_column) if self.user_column else None
         excl = self.excluded(users, self.extra_of_columns(cols), rows)
         idx, scores = self.top_k(q, self.candidates if self.ranker_fn else self.k, excl, users)
@@ -340,7 +341,7 @@ class TopKRecommender(TopKRoute):
         cand = {c: take_rows(cols[c], per_row) for c in self.ranker_columns if c not in self._item_cols}
         cand.update({c: take_rows(x, idx.reshape(-1)) for c, x in self._item_cols.items()})
         ranked = self.fast(self._complete(cand, len(per_row)))
-        rank = retrieval.call_signature(self.ranker_fn, tensors_from_columns(ranked)).reshape(ids.shape)
+        rank = call_signature(self.ranker_fn, tensors_from_columns(ranked)).reshape(ids.shape)
         return rerank(ids, rank, self.k)
 
     # -- items never returned: the known user's training positives, the request's exclude_item_ids --
@@ -416,7 +417,7 @@ class TopKRecommender(TopKRoute):
         n = self.candidates if self.ranker_fn else self.k
         # the encoders this version loaded (the same SavedModels: loading them again cost seconds per call)
         q = retrieval.query_embeddings(self.workflow, self.dir, self.spec, raw, self.filler,
-                                       encoder=retrieval.signature_encoder(self.query_fn))
+                                       encoder=signature_encoder(self.query_fn))
         idx, scores = self.top_k(q, n, self._excluded_frame(raw), self._users(raw))
         ids = self.item_ids[idx]
         if not self.ranker_fn:

@@ -1,6 +1,7 @@
 """What the three model families (ranking, retrieval, session) share: the train stage's output,
 the lazy TensorFlow import, the Keras optimiser by name, the Merlin dataset of a transformed
-split, the learning-curve plot, a model's first output and the trace-less SavedModel save.
+split, the learning-curve plot, a model's first output, the trace-less SavedModel save and the load and
+call of its serving signature.
 
 TensorFlow, Merlin and matplotlib are imported on first use, so importing a model module stays cheap.
 """
@@ -10,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -70,6 +71,38 @@ def save_model(model, model_dir: Path) -> Path:
     import_tf().keras.Model.save(model, str(model_dir), save_format="tf", save_traces=False, signatures=call)
     save_merlin_metadata(model_dir, model.schema, _output_schema(call.structured_outputs))
     return model_dir
+
+
+Encoder = Callable[[dict], np.ndarray]  # model input arrays (lists as values/offsets) -> first output, float32
+
+
+def load_encoder(path: Path):
+    """A SavedModel's serving signature and its input dtypes."""
+    tf = import_tf()
+    model = tf.saved_model.load(str(path))
+    fn = model.signatures["serving_default"]
+    dtypes = {k: v.dtype for k, v in fn.structured_input_signature[1].items()}
+    return model, fn, dtypes
+
+
+def signature_encoder(bound) -> Encoder:
+    """The :data:`Encoder` of a loaded SavedModel (:func:`load_encoder`'s triple): its serving signature."""
+    return lambda arrays: call_signature(bound, arrays)
+
+
+def call_signature(bound, arrays: dict) -> np.ndarray:
+    """One call of a SavedModel's serving signature on model input tensors (numpy; lists as
+    ``name__values``/``name__offsets``); returns its (first) output as float32."""
+    tf = import_tf()
+    _, fn, dtypes = bound
+    inputs = {}
+    for name, dtype in dtypes.items():
+        if name not in arrays:
+            raise KeyError(f"model input '{name}' not produced by the workflow")
+        inputs[name] = tf.convert_to_tensor(np.asarray(arrays[name]), dtype=dtype)
+    res = fn(**inputs)
+    res = next(iter(res.values())) if isinstance(res, dict) else res
+    return np.asarray(res.numpy(), dtype=np.float32)
 
 
 def _output_schema(outputs: dict):

@@ -37,7 +37,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -45,8 +45,8 @@ import pandas as pd
 from pipeline_lib.config import ColumnsConfig, FeatureSide, ModelConfig
 from pipeline_lib.etl.workflow import history_column, load_workflow
 from pipeline_lib.models.baselines import TopKProtocol, mask_rows, positives, top_columns
-from pipeline_lib.models.common import (TrainOutput, import_tf, optimizer, plot_learning_curve, save_metrics,
-                                        save_model)
+from pipeline_lib.models.common import (Encoder, TrainOutput, import_tf, load_encoder, optimizer, plot_learning_curve,
+                                        save_metrics, save_model, signature_encoder)
 from pipeline_lib.progress import epoch_line
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 QUERY_ENCODER = "query_encoder"
 ITEM_ENCODER = "item_encoder"
 ITEM_TABLE = "item_table.npy"  # youtube_dnn: the history embedding table (rows = item indices)
-Encoder = Callable[[dict], np.ndarray]  # model input arrays (lists as values/offsets) -> embeddings, float32
 
 
 @dataclass
@@ -357,20 +356,6 @@ def history_table(model, spec: RetrievalSpec) -> np.ndarray:
 # -- inference: raw rows -> embeddings -> top-k (shared by export, smoke test, gate, served model) --
 
 
-def load_encoder(path: Path):
-    """A SavedModel's serving signature and its input dtypes."""
-    tf = import_tf()
-    model = tf.saved_model.load(str(path))
-    fn = model.signatures["serving_default"]
-    dtypes = {k: v.dtype for k, v in fn.structured_input_signature[1].items()}
-    return model, fn, dtypes
-
-
-def signature_encoder(bound) -> Encoder:
-    """The :data:`Encoder` of a loaded SavedModel (:func:`load_encoder`'s triple): its serving signature."""
-    return lambda arrays: call_signature(bound, arrays)
-
-
 def keras_encoder(layer) -> Encoder:
     """The :data:`Encoder` of an in-memory Keras encoder, called in inference mode (the same embeddings
     as its SavedModel's signature: tests/unit/models/test_retrieval.py)."""
@@ -399,21 +384,6 @@ def encode_with(fn, transformed: pd.DataFrame, names: list[str] | None = None, b
     out = [fn(TensorTable.from_df(df.iloc[start:start + batch_size].reset_index(drop=True)).to_dict())
            for start in range(0, len(df), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
-
-
-def call_signature(bound, arrays: dict) -> np.ndarray:
-    """One call of a SavedModel's serving signature on model input tensors (numpy; lists as
-    ``name__values``/``name__offsets``); returns its (first) output as float32."""
-    tf = import_tf()
-    _, fn, dtypes = bound
-    inputs = {}
-    for name, dtype in dtypes.items():
-        if name not in arrays:
-            raise KeyError(f"model input '{name}' not produced by the workflow")
-        inputs[name] = tf.convert_to_tensor(np.asarray(arrays[name]), dtype=dtype)
-    res = fn(**inputs)
-    res = next(iter(res.values())) if isinstance(res, dict) else res
-    return np.asarray(res.numpy(), dtype=np.float32)
 
 
 def item_embeddings(workflow, model_dir: Optional[Path], spec: RetrievalSpec, cat_raw: pd.DataFrame,

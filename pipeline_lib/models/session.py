@@ -43,9 +43,8 @@ from pipeline_lib.config import SessionColumns, SessionModelConfig
 from pipeline_lib.etl.sessions import item_vocabulary, prefixes
 from pipeline_lib.etl.workflow import load_workflow
 from pipeline_lib.models.baselines import mask_rows
-from pipeline_lib.models.common import (TrainOutput, first_output, import_tf, plot_learning_curve, save_metrics,
-                                        save_model)
-from pipeline_lib.models.retrieval import load_encoder, signature_encoder
+from pipeline_lib.models.common import (TrainOutput, first_output, import_tf, load_encoder, plot_learning_curve,
+                                        save_metrics, save_model, signature_encoder)
 from pipeline_lib.progress import epoch_logger
 
 log = logging.getLogger(__name__)
@@ -267,7 +266,7 @@ def offline_scores(workflow, model_dir: Path | None, raw: pd.DataFrame, batch_si
                    model=None) -> np.ndarray:
     """Next-item scores [sessions, vocabulary] for raw sessions so far: workflow + Merlin Loader + the
     SavedModel's serving signature; ``model``: what to call on the Loader's input batches instead (the
-    in-memory Keras model, or an already loaded SavedModel's ``retrieval.signature_encoder``)."""
+    in-memory Keras model, or an already loaded SavedModel's ``common.signature_encoder``)."""
     import merlin.models.tf as mm
     from merlin.io import Dataset
 

@@ -7,8 +7,8 @@ import tensorflow as tf
 from pipeline_lib.data import sources as data
 from pipeline_lib.etl import workflow as etl
 from pipeline_lib.models import ranking as train
-from pipeline_lib.models.common import parquet_dataset
-from pipeline_lib.models.retrieval import encode, load_encoder
+from pipeline_lib.models.common import load_encoder, parquet_dataset
+from pipeline_lib.models.retrieval import encode
 from pipeline_lib.config import RunConfig
 
 

@@ -49,7 +49,7 @@ def assert_saved_model_scores_like_in_memory(cfg, etl_out, out):
 
     from pipeline_lib.etl.workflow import load_workflow
     from pipeline_lib.models import session as session_model
-    from pipeline_lib.models.retrieval import load_encoder, signature_encoder
+    from pipeline_lib.models.common import load_encoder, signature_encoder
 
     s, m = cfg.session, out.metrics
     loaded = tf.saved_model.load(str(out.model_dir))
