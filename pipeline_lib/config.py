@@ -433,6 +433,12 @@ class ExportConfig(_Strict):
     parity_atol: float = 1e-5
     keep_versions: int = Field(5, ge=1, description="retention: newest versions kept (the served one always is)")
     max_request_rows: int = Field(65536, ge=1, description="served requests with more rows get a clear error")
+    max_string_bytes: int = Field(
+        1024, ge=1, description="served requests: a string value (an id, a category) longer than this many bytes "
+        "is refused (invalid-argument naming the input and row)")
+    max_list_length: int = Field(
+        10000, ge=1, description="served requests: a list input (history, tags, exclude_item_ids) with more values "
+        "in one row is refused (invalid-argument naming the input and row)")
     fast_transform: bool = Field(
         True, description="serve the fitted workflow compiled to numpy (verified identical to NVTabular at export)"
     )

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,6 +42,8 @@ from pipeline_lib.etl.fast_transform import (Ragged, Unsupported, columns_from_t
                                              tensors_from_columns, verify)
 from pipeline_lib.models.common import load_encoder
 from pipeline_lib.models.retrieval import encode
+from pipeline_lib.validate.requests import (DEFAULT_MAX_LIST_LENGTH, DEFAULT_MAX_STRING_BYTES, RequestLimits,
+                                            write_limit_parameters)
 
 log = logging.getLogger(__name__)
 
@@ -307,12 +309,23 @@ class ExportOptions:
     dynamic_batching: Any = None       # a DynamicBatchingConfig (ranking only)
     exclude_seen: bool = True          # top-k: never return the request's own items (session)
     compiled_model: str = "auto"       # serve the model compiled to ONNX where verified equal and faster
+    max_string_bytes: int = DEFAULT_MAX_STRING_BYTES
+    max_list_length: int = DEFAULT_MAX_LIST_LENGTH
+    input_ranges: dict = field(default_factory=dict)  # continuous input -> (min, max) (columns.features)
 
     @classmethod
     def from_config(cls, cfg, run_info: Optional[dict] = None, exclude_seen: bool = True) -> "ExportOptions":
-        """From a ``RunConfig``: its ``export:`` settings and ``serving.dynamic_batching``."""
+        """From a ``RunConfig``: its ``export:`` settings, ``serving.dynamic_batching`` and the continuous
+        features' declared ``min``/``max`` (served requests outside them are refused)."""
+        ranges = {f.name: (f.min, f.max) for f in cfg.columns.features if f.min is not None or f.max is not None}
         return cls(cfg.export.parity_atol, run_info, cfg.export.max_request_rows, cfg.export.fast_transform,
-                   cfg.serving.dynamic_batching, exclude_seen, cfg.export.compiled_model)
+                   cfg.serving.dynamic_batching, exclude_seen, cfg.export.compiled_model,
+                   cfg.export.max_string_bytes, cfg.export.max_list_length, ranges)
+
+    def limits(self) -> RequestLimits:
+        """What a served request of the version may carry (config.pbtxt parameters)."""
+        return RequestLimits(self.max_request_rows, self.max_string_bytes, self.max_list_length,
+                             dict(self.input_ranges))
 
 
 @dataclass
@@ -467,7 +480,7 @@ def export_ensemble(workflow_dir: Path, model_dir: Path, sample_raw: pd.DataFram
     diff_inproc = check_parity("in-process ensemble", ensemble_scores(ensemble, sample_raw), want, o.atol)
 
     export_as_version(ensemble, staging_dir, model_name, version)
-    install_serving_model(staging_dir / model_name, version, o.max_request_rows, o.dynamic_batching)
+    install_serving_model(staging_dir / model_name, version, o.limits(), o.dynamic_batching)
     version_dir = staging_dir / model_name / str(version)
     light = write_compiled_version(ensemble, version_dir / ENSEMBLE_SUBDIR)
     exported = load_version(version_dir)
@@ -592,9 +605,10 @@ def export_as_version(ensemble, staging_dir: Path, model_name: str, version: int
         os.rename(staging_dir / model_name / "1", staging_dir / model_name / str(version))
 
 
-def install_serving_model(model_dir: Path, version: int, max_request_rows: int, dynamic_batching=None) -> None:
+def install_serving_model(model_dir: Path, version: int, limits, dynamic_batching=None) -> None:
     """Swap merlin-systems' executor model.py for ours (request checks, one-line errors) and
-    record the request-size limit as a model parameter in config.pbtxt."""
+    record the request limits (:class:`~pipeline_lib.validate.requests.RequestLimits`, or a row count)
+    as model parameters in config.pbtxt."""
     import tritonclient.grpc.model_config_pb2 as mc
     from google.protobuf import text_format
 
@@ -602,7 +616,7 @@ def install_serving_model(model_dir: Path, version: int, max_request_rows: int, 
     shutil.copyfile(TRITON_MODELS / "ranking.py", model_dir / str(version) / "model.py")
     cfg_path = model_dir / "config.pbtxt"
     cfg = text_format.Parse(cfg_path.read_text(), mc.ModelConfig())
-    cfg.parameters["max_request_rows"].string_value = str(max_request_rows)
+    write_limit_parameters(cfg, limits if isinstance(limits, RequestLimits) else RequestLimits(int(limits)))
     if dynamic_batching is not None and dynamic_batching.enabled:
         # One request = one batch entry: every input gets a leading batch dimension of 1 and is a
         # ragged-batch input (requests of different row and list-value counts are queued together;

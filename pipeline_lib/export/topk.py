@@ -27,7 +27,11 @@ in training) gets no seen-item exclusion -- only its own ``exclude_item_ids`` --
 ``model.retrieval.unknown_users: popular`` (the default when the query is the user id alone, as in
 MF), the most popular items (score = training users with a positive on the item): an unseen id's
 embedding was never trained. ``model`` gives the query tower's answer instead (two-tower: the
-request's user/context features; youtube_dnn: its history). A row with fewer than k items left gets excluded ones last, at score -inf. With a ranker, the top ``candidates``
+request's user/context features; youtube_dnn: its history). A row with fewer than k items left after
+the exclusions is answered with only its valid items (:func:`finish_top_k`): the ``count`` output says
+how many, the slots after them hold the id sentinel (``-1`` for integer ids, ``""`` for string ids) and
+score ``0.0``; an excluded id and a non-finite score are never answered. The optional request input ``k``
+(one INT32) asks for fewer items than the exported k (1..k; outside that range: invalid-argument). With a ranker, the top ``candidates``
 retrieved items of each row are joined with their item features and the row's query features,
 scored by the ranking model through the same workflow, and the k best by ranking score returned
 (the shape of Merlin's multi-stage example, without its Feast/Faiss dependencies).
@@ -81,7 +85,9 @@ from pipeline_lib.etl.fast_transform import (Unsupported, columns_from_tensors, 
 log = logging.getLogger(__name__)
 
 TOPK_DIR = "topk"
-OUTPUT_IDS, OUTPUT_SCORES = "item_ids", "scores"
+OUTPUT_IDS, OUTPUT_SCORES, OUTPUT_COUNT = "item_ids", "scores", "count"
+K_INPUT = "k"  # optional request input: one INT32, how many items per row (1..the exported k)
+PAD_INT_ID, PAD_STR_ID, PAD_SCORE = -1, "", 0.0  # the slots after a row's ``count`` valid items
 EXCLUDE_INPUT = "exclude_item_ids"  # optional request input: raw item ids never to return for that row
 SEEN_FILE = "seen.npz"
 ITEMS_FILE = "items.npz"  # ``ids``: the catalogue's raw item ids (retrieval: + ``embeddings``)
@@ -342,7 +348,7 @@ class TopKRecommender(TopKRoute):
         cand.update({c: take_rows(x, idx.reshape(-1)) for c, x in self._item_cols.items()})
         ranked = self.fast(self._complete(cand, len(per_row)))
         rank = call_signature(self.ranker_fn, tensors_from_columns(ranked)).reshape(ids.shape)
-        return rerank(ids, rank, self.k)
+        return rerank(ids, rank, self.k, scores)
 
     # -- items never returned: the known user's training positives, the request's exclude_item_ids --
     def excluded(self, users, extra=None, rows: Optional[int] = None) -> Optional[list[np.ndarray]]:
@@ -397,7 +403,7 @@ class TopKRecommender(TopKRoute):
         frame = self.rank_frame(raw, ids)
         transformed = self.workflow.transform(_dataset(frame[self.ranker_columns])).to_ddf().compute()
         rank = retrieval.encode(self.ranker_fn, transformed).reshape(ids.shape)
-        return rerank(ids, rank, self.k)
+        return rerank(ids, rank, self.k, scores)
 
     def rank_frame(self, raw: pd.DataFrame, ids: np.ndarray) -> pd.DataFrame:
         """One row per (query row, candidate): the row's query columns + the candidate's item features."""
@@ -425,13 +431,60 @@ class TopKRecommender(TopKRoute):
         frame = self.rank_frame(raw, ids)
         rank = export.offline_scores(self.workflow_with_label, self.dir / "ranker", frame[self.ranker_columns],
                                      self.label, encoder=self.ranker_fn).reshape(ids.shape)
-        return rerank(ids, rank, self.k)
+        return rerank(ids, rank, self.k, scores)
 
 
-def rerank(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Order each row's candidates by score (best first, ties by retrieval order) and keep k."""
+def rerank(ids: np.ndarray, scores: np.ndarray, k: int, retrieved: Optional[np.ndarray] = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Order each row's candidates by score (best first, ties by retrieval order) and keep k. ``retrieved``:
+    the candidates' retrieval scores; an excluded candidate (-inf there: a row with fewer allowed items
+    than candidates) keeps -inf, so it comes last and is never answered (:func:`finish_top_k`)."""
+    if retrieved is not None:
+        scores = np.where(np.isneginf(retrieved), -np.inf, scores)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1).astype(np.float32)
+
+
+def finish_top_k(ids: np.ndarray, scores: np.ndarray, k: Optional[int] = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What a top-k version answers: the first ``k`` (default: all) columns, only valid items. A slot at
+    -inf (an excluded item: the row had fewer than k others) is not an item: each row's ``count`` valid
+    items come first, the rest hold ``PAD_INT_ID`` / ``PAD_STR_ID`` and ``PAD_SCORE``. A NaN or +inf score
+    (the model overflowed) raises :class:`~pipeline_lib.validate.requests.NonFiniteScores`: never answered."""
+    from pipeline_lib.validate.requests import NonFiniteScores
+
+    ids, scores = np.asarray(ids), np.asarray(scores, dtype=np.float32)
+    if k is not None:
+        ids, scores = ids[:, :k], scores[:, :k]
+    bad = np.isnan(scores) | np.isposinf(scores)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise NonFiniteScores(f"the model computed non-finite scores for rows {rows[:10].tolist()}; no "
+                              f"recommendation is answered for this request -- check those rows' inputs")
+    valid = np.isfinite(scores)
+    count = valid.sum(axis=1).astype(np.int32)
+    if not valid.all():
+        ids = ids.copy()
+        ids[~valid] = PAD_STR_ID if ids.dtype.kind in "OUS" else PAD_INT_ID
+        scores = np.where(valid, scores, np.float32(PAD_SCORE)).astype(np.float32)
+    return ids, scores, count
+
+
+def requested_k(value: Optional[np.ndarray], exported_k: int) -> Optional[int]:
+    """The request's optional ``k`` input (one integer, 1..``exported_k``) -> k; None when absent.
+    Anything else is a :class:`~pipeline_lib.validate.requests.BadRequest` naming the input."""
+    from pipeline_lib.validate.requests import BadRequest
+
+    if value is None:
+        return None
+    arr = np.asarray(value).reshape(-1)
+    if arr.size != 1 or arr.dtype.kind not in "iu":
+        raise BadRequest(f"input '{K_INPUT}' must be one integer (INT32, shape [1]); got shape {list(np.shape(value))}")
+    k = int(arr[0])
+    if not 1 <= k <= exported_k:
+        raise BadRequest(f"input '{K_INPUT}' is {k}; this version answers 1 to {exported_k} items per row "
+                         f"(model.retrieval.k at export)")
+    return k
 
 
 def _dataset(frame: pd.DataFrame):
@@ -587,7 +640,7 @@ def stage_version(rec: TopKRoute, meta: dict, inputs: list[RequestInput], staged
     rec.meta = meta
     rec.fast_status = meta.get("fast_transform") or rec.fast_status
     shutil.copyfile(TRITON_MODELS / "topk.py", rec.dir.parent / "model.py")
-    write_config(staged.config_path, staged.model_name, inputs, rec.item_ids, rec.k, options.max_request_rows)
+    write_config(staged.config_path, staged.model_name, inputs, rec.item_ids, rec.k, options.limits())
     out = TopKExport(staged.staged_repository, staged.model_name, staged.version, parity, rec)
     info = {**(options.run_info or {}), "task": rec.kind, "top_k": rec.k, "exclude_seen": meta.get("exclude_seen"),
             "parity": parity, "fast_transform": meta.get("fast_transform")}
@@ -618,12 +671,15 @@ def triton_type(dtype) -> int:
 
 
 def write_config(path: Path, name: str, inputs: list[RequestInput], ids: np.ndarray, k: int,
-                 max_request_rows: int) -> None:
+                 limits) -> None:
     """config.pbtxt of a top-k version (python backend): one input per raw column (a list as
-    ``__values`` + int32 ``__offsets``; ``exclude_item_ids`` optional), ``item_ids`` (the catalogue's id
-    type) and ``scores`` [rows, k] out, ``max_request_rows`` as a parameter."""
+    ``__values`` + int32 ``__offsets``; ``exclude_item_ids`` optional), the optional ``k`` (one INT32),
+    ``item_ids`` (the catalogue's id type) and ``scores`` [rows, <= k] and ``count`` [rows] out, the request
+    limits (:class:`~pipeline_lib.validate.requests.RequestLimits`, or a row count) as parameters."""
     import tritonclient.grpc.model_config_pb2 as mc
     from google.protobuf import text_format
+
+    from pipeline_lib.validate.requests import RequestLimits, write_limit_parameters
 
     cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
     for col in inputs:
@@ -636,10 +692,14 @@ def write_config(path: Path, name: str, inputs: list[RequestInput], ids: np.ndar
         else:
             cfg.input.append(mc.ModelInput(name=col.name, data_type=triton_type(col.dtype), dims=[-1],
                                            optional=optional))
+    cfg.input.append(mc.ModelInput(name=K_INPUT, data_type=mc.TYPE_INT32, dims=[1], optional=True))
     id_type = mc.TYPE_STRING if ids.dtype.kind in "OUS" else mc.TYPE_INT64
-    cfg.output.append(mc.ModelOutput(name=OUTPUT_IDS, data_type=id_type, dims=[-1, k]))
-    cfg.output.append(mc.ModelOutput(name=OUTPUT_SCORES, data_type=mc.TYPE_FP32, dims=[-1, k]))
-    cfg.parameters["max_request_rows"].string_value = str(max_request_rows)
+    # [rows, -1]: a request's own k (<= the exported k) answers fewer columns
+    cfg.output.append(mc.ModelOutput(name=OUTPUT_IDS, data_type=id_type, dims=[-1, -1]))
+    cfg.output.append(mc.ModelOutput(name=OUTPUT_SCORES, data_type=mc.TYPE_FP32, dims=[-1, -1]))
+    cfg.output.append(mc.ModelOutput(name=OUTPUT_COUNT, data_type=mc.TYPE_INT32, dims=[-1]))
+    cfg.parameters["top_k"].string_value = str(k)
+    write_limit_parameters(cfg, limits if isinstance(limits, RequestLimits) else RequestLimits(int(limits)))
     cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
     path.write_text(text_format.MessageToString(cfg))
 

@@ -17,6 +17,8 @@ Protocol = Literal["http", "grpc"]
 # optional inputs of a served model: sent only when the rows carry them (top-k: item ids never to
 # return for that row, pipeline_lib.export.topk.EXCLUDE_INPUT)
 OPTIONAL_FIELDS = ("exclude_item_ids",)
+# request-level inputs (not a row field): top-k's ``k`` (pipeline_lib.export.topk.K_INPUT), set by recommend(k=...)
+REQUEST_FIELDS = ("k",)
 
 _NP = {
     "BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
@@ -107,6 +109,8 @@ class RecsysClient:
         self._metadata()
         names = []
         for n in self._inputs:
+            if n in REQUEST_FIELDS:
+                continue
             base = n.rsplit("__", 1)[0] if n.endswith(("__values", "__offsets")) else n
             if base not in names:
                 names.append(base)
@@ -127,6 +131,8 @@ class RecsysClient:
                     continue
                 values, offsets = _ragged(df[base], base)
                 arr = values if name.endswith("__values") else offsets
+            elif name in REQUEST_FIELDS:
+                continue
             else:
                 arr = df[name].to_numpy()
             arrays[name] = _cast(arr, dtype, name)
@@ -173,17 +179,31 @@ class RecsysClient:
         version = response["model_version"] if isinstance(response, dict) else response.model_version
         return np.asarray(scores).reshape(-1), str(version)
 
-    def recommend(self, rows: Union[pd.DataFrame, Iterable[Mapping]]) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of a retrieval model: (item ids [rows, k], scores [rows, k]), best first."""
+    def recommend(self, rows: Union[pd.DataFrame, Iterable[Mapping]], k: Optional[int] = None,
+                  with_count: bool = False):
+        """Top-k of a retrieval model: (item ids [rows, k], scores [rows, k]), best first; with ``with_count``
+        also ``count`` [rows]: the valid items of each row (after it, ids are the sentinel -1 / "" and scores
+        0.0: the exclusions left fewer than k items). ``k``: fewer items than the version's k (the ``k``
+        input; a version exported before it existed refuses it)."""
         self._metadata()
         if "item_ids" not in self._outputs:
             raise RequestError(f"model '{self.model_name}' is not a top-k model (outputs {self._outputs})")
+        inputs_arrays = self.to_arrays(rows)
+        if k is not None:
+            if "k" not in self._inputs:
+                raise RequestError(f"model '{self.model_name}' takes no 'k' input (exported before per-request k)")
+            inputs_arrays["k"] = np.array([k], dtype=np.int32)
+        outputs = ["item_ids", "scores"] + (["count"] if "count" in self._outputs else [])
         with self._lock:
-            result = self._infer(self.build_inputs(rows), ["item_ids", "scores"])
+            result = self._infer(self.inputs_from_arrays(inputs_arrays), outputs)
         ids = result.as_numpy("item_ids")
         if ids.dtype == object:
             ids = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v, otypes=[object])(ids)
-        return ids, result.as_numpy("scores")
+        scores = result.as_numpy("scores")
+        if not with_count:
+            return ids, scores
+        count = result.as_numpy("count") if "count" in outputs else np.full(len(ids), ids.shape[1], dtype=np.int32)
+        return ids, scores, count
 
     def _infer(self, inputs: list, outputs: list):
         """One inference call (``outputs``: names, or requested-output objects); a request the server

@@ -2,8 +2,16 @@
 
 Triton itself rejects unknown or missing input names and wrong datatypes (against config.pbtxt);
 what it cannot know is how the inputs relate: equal row counts, valid ragged offsets, a non-empty
-batch within the size limit, and finite float inputs (``inf`` in a continuous feature; NaN is a
-missing value, filled by the workflow). Those are checked here, with the offending field named.
+batch within the size limit, finite float inputs (``inf`` in a continuous feature; NaN is a
+missing value, filled by the workflow) that the model's float32 can hold (``1e40`` would become ``inf``
+and a NaN score), inside the range the run's config declares for the feature (``columns.features[].min``
+/ ``max``), and the size limits of :class:`RequestLimits` (bytes per string, values per list). Those are
+checked here, with the offending field and row named. :func:`check_scores` refuses to answer non-finite
+scores (an error instead of NaN).
+
+Triton itself answers an HTTP body it cannot parse (malformed JSON, ``null``, a string where a number
+belongs, ``data`` not matching ``shape``) before any model runs; Triton 2.51 answers those with HTTP 500
+and a message naming the JSON field (upstream triton-inference-server/server#8762); see docs/serving.md.
 
 :func:`error_response` turns an exception of a served model into Triton's error response: a
 :class:`BadRequest` as invalid-argument (HTTP 400, gRPC ``INVALID_ARGUMENT``), anything else as
@@ -11,12 +19,50 @@ internal (HTTP 500, gRPC ``INTERNAL``), so clients and load balancers can tell t
 """
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Mapping, Optional
 
 import numpy as np
 
 DEFAULT_MAX_ROWS = 65536
+DEFAULT_MAX_STRING_BYTES = 1024   # bytes per string value (an id, a category) of a request
+DEFAULT_MAX_LIST_LENGTH = 10000   # values per row of a list input (history, tags, exclude_item_ids)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the models take float32: larger magnitudes become inf
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one served request may carry (config.pbtxt parameters written at export; a version exported
+    before a limit existed gets its default): rows, bytes per string value, values per list row, and the
+    closed range ``[min, max]`` (None: open) of a continuous input."""
+
+    max_rows: int = DEFAULT_MAX_ROWS
+    max_string_bytes: int = DEFAULT_MAX_STRING_BYTES
+    max_list_length: int = DEFAULT_MAX_LIST_LENGTH
+    ranges: Mapping[str, tuple[Optional[float], Optional[float]]] = field(default_factory=dict)
+
+
+def request_limits(config: Mapping) -> RequestLimits:
+    """The :class:`RequestLimits` of a model's config (``parameters`` written at export)."""
+    params = config.get("parameters", {})
+
+    def get(name: str, default: int) -> int:
+        return int(params.get(name, {}).get("string_value", default))
+
+    ranges = json.loads(params.get("input_ranges", {}).get("string_value", "{}") or "{}")
+    return RequestLimits(get("max_request_rows", DEFAULT_MAX_ROWS), get("max_string_bytes", DEFAULT_MAX_STRING_BYTES),
+                         get("max_list_length", DEFAULT_MAX_LIST_LENGTH),
+                         {k: (v[0], v[1]) for k, v in ranges.items()})
+
+
+def write_limit_parameters(cfg, limits: RequestLimits) -> None:
+    """Record ``limits`` as parameters of a ``model_config_pb2.ModelConfig`` (read by :func:`request_limits`)."""
+    cfg.parameters["max_request_rows"].string_value = str(limits.max_rows)
+    cfg.parameters["max_string_bytes"].string_value = str(limits.max_string_bytes)
+    cfg.parameters["max_list_length"].string_value = str(limits.max_list_length)
+    cfg.parameters["input_ranges"].string_value = json.dumps({k: list(v) for k, v in limits.ranges.items()})
 
 
 class BadRequest(ValueError):
@@ -101,12 +147,15 @@ def max_request_rows(config: Mapping) -> int:
     return int(params.get("max_request_rows", {}).get("string_value", DEFAULT_MAX_ROWS))
 
 
-def check_request(arrays: Mapping[str, np.ndarray], ragged: set[str], max_rows: int) -> dict[str, np.ndarray]:
+def check_request(arrays: Mapping[str, np.ndarray], ragged: set[str], max_rows: int,
+                  limits: Optional[RequestLimits] = None) -> dict[str, np.ndarray]:
     """Check and normalise the input tensors of one request; return them as 1-D arrays.
 
     ``arrays`` maps tensor names (``col`` or ``col__values``/``col__offsets`` for the ragged
-    columns listed in ``ragged``) to numpy arrays.
+    columns listed in ``ragged``) to numpy arrays. ``limits``: string and list sizes and value ranges
+    (default: :class:`RequestLimits`' defaults, no range); ``max_rows`` is the row limit.
     """
+    limits = limits or RequestLimits()
     out: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
     for name, arr in arrays.items():
@@ -127,10 +176,19 @@ def check_request(arrays: Mapping[str, np.ndarray], ragged: set[str], max_rows: 
                 f"input '{col}__offsets' ends at {int(offsets[-1])} but '{col}__values' has {len(values)} values"
             )
         rows[col] = len(offsets) - 1
+        lengths = np.diff(offsets.astype(np.int64))
+        if len(lengths) and lengths.max() > limits.max_list_length:
+            row = int(np.argmax(lengths))
+            raise BadRequest(f"input '{col}' row {row} has {int(lengths[row])} values; the limit is "
+                             f"{limits.max_list_length} per row (export.max_list_length)")
     for name, arr in out.items():
-        if not name.endswith(("__values", "__offsets")):
+        if name.endswith("__offsets"):
+            continue
+        if not name.endswith("__values"):
             rows[name] = len(arr)
             _check_finite(name, arr)
+        _check_magnitude(name, arr, limits.ranges.get(name))
+        _check_string_sizes(name, arr, limits.max_string_bytes)
     counts = set(rows.values())
     if len(counts) > 1:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(rows.items()))
@@ -152,6 +210,70 @@ def _check_finite(name: str, arr: np.ndarray) -> None:
             first = int(np.flatnonzero(inf)[0])
             raise BadRequest(f"input '{name}' has {int(inf.sum())} non-finite value(s) (e.g. row {first}: "
                              f"{arr[first]}); send a finite number, or NaN for a missing value")
+
+
+def _check_magnitude(name: str, arr: np.ndarray, bounds: Optional[tuple[Optional[float], Optional[float]]]) -> None:
+    """A float input the model's float32 cannot hold (``|x| > 3.4e38``: it would become inf and the score
+    NaN), or outside the config's declared ``[min, max]`` for the feature, is refused naming the row."""
+    if arr.dtype.kind not in "fiu" or not len(arr):
+        return
+    lo, hi = bounds if bounds is not None else (None, None)
+    if arr.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            big = np.abs(arr) > FLOAT32_MAX
+        if big.any():
+            row = int(np.flatnonzero(big)[0])
+            raise BadRequest(f"input '{name}' row {row}: {arr[row]!r} is too large for the model's float32 "
+                             f"(largest magnitude {FLOAT32_MAX:.4g}); {int(big.sum())} value(s) out of range")
+    if lo is None and hi is None:
+        return
+    with np.errstate(invalid="ignore"):  # NaN (a missing value) compares False: never refused here
+        out = np.zeros(len(arr), dtype=bool)
+        if lo is not None:
+            out |= arr < lo
+        if hi is not None:
+            out |= arr > hi
+    if out.any():
+        row = int(np.flatnonzero(out)[0])
+        raise BadRequest(f"input '{name}' row {row}: {arr[row]!r} is outside the range [{lo}, {hi}] the run's "
+                         f"config declares for it (columns.features min/max); {int(out.sum())} value(s) out of range")
+
+
+def _check_string_sizes(name: str, arr: np.ndarray, limit: int) -> None:
+    """A string (BYTES) value longer than ``limit`` bytes is refused naming the row."""
+    if arr.dtype.kind == "S":
+        if arr.dtype.itemsize <= limit:
+            return
+        lengths = np.char.str_len(arr)
+    elif arr.dtype == object and len(arr):
+        lengths = np.fromiter((len(v) if isinstance(v, (bytes, str)) else 0 for v in arr), dtype=np.int64,
+                              count=len(arr))
+    else:
+        return
+    if len(lengths) and lengths.max() > limit:
+        row = int(np.argmax(lengths))
+        raise BadRequest(f"input '{name}' row {row} is {int(lengths[row])} bytes long; the limit is {limit} bytes "
+                         f"per value (export.max_string_bytes)")
+
+
+def check_scores(outputs: Mapping[str, np.ndarray], counts: Optional[list[int]] = None) -> None:
+    """Never answer a non-finite score: raise :class:`NonFiniteScores` naming the output and rows.
+    ``counts``: rows per request of a batched call (the rows are then named per request)."""
+    for name, arr in outputs.items():
+        arr = np.asarray(arr)
+        if arr.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1) if arr.ndim else ~np.isfinite(arr.reshape(1))
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise NonFiniteScores(f"the model computed {int(bad.sum())} non-finite '{name}' value(s) (rows "
+                                  f"{rows[:10].tolist()}); no score is answered for this request -- check the "
+                                  f"inputs of those rows for extreme values")
+
+
+class NonFiniteScores(BadRequest):
+    """The model's output holds NaN or inf for some rows: refused rather than answered (invalid-argument:
+    the finite float32 inputs of those rows are extreme enough to overflow the model)."""
 
 
 def concat_requests(requests: list[dict[str, np.ndarray]], ragged: set[str]) -> tuple[dict[str, np.ndarray], list[int]]:

@@ -30,9 +30,9 @@ import triton_python_backend_utils as pb_utils
 
 from pipeline_lib.export.compiled_version import CompiledPredictor, NeedsFallback, load_event
 from pipeline_lib.serving import bytes_tensor
-from pipeline_lib.validate.requests import (BadRequest, check_request, concat_requests, error_response,
-                                            max_request_rows, read_request, split_rows, tensor_reader,
-                                            version_dir)
+from pipeline_lib.validate.requests import (BadRequest, check_request, check_scores, concat_requests,
+                                            error_response, read_request, request_limits, split_rows,
+                                            tensor_reader, version_dir)
 
 # the stub decodes every BYTES input with this module function: the vectorised decoder instead
 FAST_BYTES = bytes_tensor.install(pb_utils)
@@ -46,7 +46,8 @@ class TritonPythonModel:
         # dynamic batching (max_batch_size > 0): each request is one batch entry ([1, rows] tensors);
         # execute() gets the queued requests together, scores their rows in one call and splits them
         self.batched = int(config.get("max_batch_size", 0)) > 0
-        self.max_rows = max_request_rows(config)
+        self.limits = request_limits(config)  # rows, string and list sizes, value ranges (config.pbtxt)
+        self.max_rows = self.limits.max_rows
         self.logger = pb_utils.Logger
         self.full = None  # the full ensemble's predictor, loaded when needed
         why = "no compiled version"
@@ -85,7 +86,7 @@ class TritonPythonModel:
 
     def _read(self, request):
         arrays = read_request(tensor_reader(pb_utils, request), self.input_names, (), self.batched)
-        return check_request(arrays, self.ragged, self.max_rows)
+        return check_request(arrays, self.ragged, self.max_rows, self.limits)
 
     def _predict(self, checked):
         """Checked request tensors -> {output name: array with one row per request row}."""
@@ -103,6 +104,7 @@ class TritonPythonModel:
             if isinstance(self.full, _EnsembleTransform):  # merlin's response: outputs as the ensemble's schema says
                 return self.full.response(checked)
             outputs = self._predict(checked)
+            check_scores({n: outputs[n] for n in self.output_names})  # never a NaN score answered
             return pb_utils.InferenceResponse([pb_utils.Tensor(n, outputs[n]) for n in self.output_names])
         except BadRequest as exc:  # the client's fault: INVALID_ARG (HTTP 400)
             return error_response(pb_utils, exc)
@@ -128,6 +130,11 @@ class TritonPythonModel:
                 outputs = self._predict(combined)
                 parts = {n: split_rows(outputs[n], counts) for n in self.output_names}
                 for k, i in enumerate(good):
+                    try:  # a request with a non-finite score gets an error; the others their scores
+                        check_scores({n: parts[n][k] for n in self.output_names})
+                    except BadRequest as exc:
+                        responses[i] = error_response(pb_utils, exc)
+                        continue
                     # one batch entry per request: the outputs get the leading batch dimension of 1
                     responses[i] = pb_utils.InferenceResponse(
                         [pb_utils.Tensor(n, parts[n][k][None, ...]) for n in self.output_names])

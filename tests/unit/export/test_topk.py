@@ -61,7 +61,49 @@ def test_config_pbtxt_is_written_with_the_public_model_config_api(tmp_path):
     assert got == {"user_id": ("TYPE_INT64", [-1], False), "item_id__values": ("TYPE_STRING", [-1], False),
                    "item_id__offsets": ("TYPE_INT32", [-1], False),
                    "exclude_item_ids__values": ("TYPE_STRING", [-1], True),
-                   "exclude_item_ids__offsets": ("TYPE_INT32", [-1], True)}
+                   "exclude_item_ids__offsets": ("TYPE_INT32", [-1], True), "k": ("TYPE_INT32", [1], True)}
     assert [(o.name, mc.DataType.Name(o.data_type), list(o.dims)) for o in cfg.output] == [
-        ("item_ids", "TYPE_STRING", [-1, 5]), ("scores", "TYPE_FP32", [-1, 5])]
+        ("item_ids", "TYPE_STRING", [-1, -1]), ("scores", "TYPE_FP32", [-1, -1]), ("count", "TYPE_INT32", [-1])]
     assert cfg.backend == "python" and cfg.parameters["max_request_rows"].string_value == "100"
+    assert cfg.parameters["top_k"].string_value == "5" and cfg.parameters["max_string_bytes"].string_value == "1024"
+
+
+def test_finish_top_k_answers_only_valid_items_with_their_count():
+    """Exclusions that leave a row fewer than k items: the -inf slots are not answered (sentinel id, score 0,
+    ``count``); ``k`` keeps the first columns; NaN / +inf scores raise instead of being answered."""
+    from pipeline_lib.validate.requests import NonFiniteScores
+
+    ids = np.array([[7, 3, 9], [4, 5, 6]], dtype=np.int64)
+    scores = np.array([[0.9, -np.inf, -np.inf], [0.5, 0.4, 0.3]], dtype=np.float32)
+    got_ids, got_scores, count = topk.finish_top_k(ids, scores)
+    assert got_ids.tolist() == [[7, -1, -1], [4, 5, 6]] and count.tolist() == [1, 3]
+    np.testing.assert_allclose(got_scores, [[0.9, 0.0, 0.0], [0.5, 0.4, 0.3]], rtol=1e-6)
+    assert np.isfinite(got_scores).all()
+    s_ids, _, s_count = topk.finish_top_k(np.array([["a", "b"]], dtype=object), np.array([[-np.inf, -np.inf]]))
+    assert s_ids.tolist() == [["", ""]] and s_count.tolist() == [0]
+    two = topk.finish_top_k(ids, scores, 2)
+    assert two[0].tolist() == [[7, -1], [4, 5]] and two[2].tolist() == [1, 2]
+    for bad in (np.nan, np.inf):
+        with pytest.raises(NonFiniteScores, match=r"non-finite scores for rows \[1\]"):
+            topk.finish_top_k(ids, np.array([[0.9, 0.8, 0.7], [0.5, bad, 0.3]], dtype=np.float32))
+
+
+def test_requested_k_accepts_1_to_the_exported_k_and_refuses_the_rest():
+    from pipeline_lib.validate.requests import BadRequest
+
+    assert topk.requested_k(None, 10) is None
+    assert topk.requested_k(np.array([3], dtype=np.int32), 10) == 3
+    assert topk.requested_k(np.array([10], dtype=np.int32), 10) == 10
+    for bad in (0, -1, 11, 10**6):
+        with pytest.raises(BadRequest, match=rf"input 'k' is {bad}; this version answers 1 to 10 items per row"):
+            topk.requested_k(np.array([bad], dtype=np.int32), 10)
+    with pytest.raises(BadRequest, match=r"input 'k' must be one integer"):
+        topk.requested_k(np.array([1, 2], dtype=np.int32), 10)
+
+
+def test_rerank_never_promotes_an_excluded_candidate():
+    ids = np.array([[1, 2, 3]])
+    retrieved = np.array([[0.5, 0.4, -np.inf]], dtype=np.float32)  # candidate 3 was excluded
+    got_ids, got_scores = topk.rerank(ids, np.array([[0.1, 0.2, 0.99]], dtype=np.float32), 3, retrieved)
+    assert got_ids.tolist() == [[2, 1, 3]] and np.isneginf(got_scores[0, 2])
+    assert topk.finish_top_k(got_ids, got_scores)[2].tolist() == [2]

@@ -109,3 +109,68 @@ def test_list_halves():
     assert lists_present(arrays, {"tags", "exclude"}) == {"tags"}
     with pytest.raises(BadRequest, match="input 'exclude__values' without its other half"):
         lists_present({**arrays, "exclude__values": np.array([1])}, {"tags", "exclude"})
+
+
+def test_a_value_float32_cannot_hold_is_refused_per_row_naming_the_field():
+    """1e40 is finite in float64 but inf in the model's float32 (then a NaN score): refused with its row."""
+    with pytest.raises(BadRequest, match=r"input 'price' row 2: 1e\+40 is too large for the model's float32"):
+        check_request(req(price=np.array([1.0, 2.0, 1e40])), RAGGED, 10)
+    with pytest.raises(BadRequest, match=r"input 'price' row 0: -1e\+39 is too large"):
+        check_request(req(price=np.array([-1e39, 2.0, 3.0])), RAGGED, 10)
+    out = check_request(req(price=np.array([3.0e38, -3.0e38, np.nan])), RAGGED, 10)  # float32 holds these
+    assert out["price"][0] == 3.0e38
+
+
+def test_a_value_outside_the_configured_range_is_refused_naming_the_row():
+    from pipeline_lib.validate.requests import RequestLimits
+
+    limits = RequestLimits(ranges={"price": (0.0, 100.0)})
+    with pytest.raises(BadRequest, match=r"input 'price' row 1: 500.0 is outside the range \[0.0, 100.0\]"):
+        check_request(req(price=np.array([1.0, 500.0, 3.0])), RAGGED, 10, limits)
+    with pytest.raises(BadRequest, match=r"input 'price' row 0: -1.0 is outside"):
+        check_request(req(price=np.array([-1.0, 5.0, 3.0])), RAGGED, 10, limits)
+    # the bounds themselves and NaN (a missing value) are accepted; an open side is not checked
+    check_request(req(price=np.array([0.0, 100.0, np.nan])), RAGGED, 10, limits)
+    check_request(req(price=np.array([-5.0, 1e6, 1.0])), RAGGED, 10, RequestLimits(ranges={"price": (None, 1e7)}))
+
+
+def test_string_and_list_size_limits_name_the_field_and_row():
+    from pipeline_lib.validate.requests import RequestLimits
+
+    limits = RequestLimits(max_string_bytes=8, max_list_length=2)
+    ok = req(user_id=np.array([b"a", b"bb", b"ccc"], dtype=object))
+    check_request(ok, RAGGED, 10, limits)
+    with pytest.raises(BadRequest, match=r"input 'user_id' row 1 is 9 bytes long; the limit is 8 bytes"):
+        check_request(req(user_id=np.array([b"a", b"x" * 9, b"c"], dtype=object)), RAGGED, 10, limits)
+    with pytest.raises(BadRequest, match=r"input 'user_id' row 2 is 20 bytes long"):
+        check_request(req(user_id=np.array([b"a", b"b", b"y" * 20], dtype="S")), RAGGED, 10, limits)
+    with pytest.raises(BadRequest, match=r"input 'tags' row 2 has 3 values; the limit is 2 per row"):
+        check_request(req(tags__values=np.array([5, 6, 7, 8]), tags__offsets=np.array([0, 1, 1, 4], dtype=np.int32)),
+                      RAGGED, 10, limits)
+    with pytest.raises(BadRequest, match=r"input 'tags__values' row 0 is 9 bytes long"):  # list values too
+        check_request(req(tags__values=np.array([b"x" * 9, b"a", b"b"], dtype=object)), RAGGED, 10, limits)
+
+
+def test_request_limits_round_trip_through_config_parameters():
+    import json
+
+    import tritonclient.grpc.model_config_pb2 as mc
+    from google.protobuf import json_format
+
+    from pipeline_lib.validate.requests import RequestLimits, request_limits, write_limit_parameters
+
+    cfg = mc.ModelConfig(name="m", backend="python")
+    want = RequestLimits(7, 64, 30, {"price": (0.0, None)})
+    write_limit_parameters(cfg, want)
+    as_triton = json.loads(json_format.MessageToJson(cfg, preserving_proto_field_name=True))
+    assert request_limits(as_triton) == want
+    assert request_limits({}) == RequestLimits()  # a version exported before the limits: the defaults
+
+
+def test_non_finite_scores_are_never_answered():
+    from pipeline_lib.validate.requests import NonFiniteScores, check_scores
+
+    check_scores({"click/binary_output": np.array([[0.1], [0.9]], dtype=np.float32)})
+    with pytest.raises(NonFiniteScores, match=r"1 non-finite 'click/binary_output' value\(s\) \(rows \[1\]\)"):
+        check_scores({"click/binary_output": np.array([[0.1], [np.nan], [0.3]], dtype=np.float32)})
+    assert issubclass(NonFiniteScores, BadRequest)
