@@ -98,10 +98,14 @@ class TaskFamily(ABC):
         """Split, fit and transform; the output has ``workflow_dir``, ``device`` and ``split`` (raw train/valid)."""
 
     def etl_cache_key(self, raw_path: Path) -> str:
-        """Same raw data (content hash) + same ETL inputs + same code -> the same ETL output.
-        Where the ETL runs (``etl.dask``) does not change its output and is not part of it."""
+        """Same raw data (content hash) + same ETL inputs + same ETL code and packages -> the same ETL output.
+        The code is the hash of the ETL's source files and package versions
+        (:func:`~pipeline_lib.release.lineage.etl_code_fingerprint`), not the git commit: an uncommitted edit
+        and an image without ``.git`` invalidate it too. Where the ETL runs (``etl.dask``) does not change
+        its output and is not part of it."""
         return f"etl-{self.name}-" + lineage.config_fingerprint({
-            "data": lineage.file_fingerprint(raw_path), "inputs": self.etl_inputs(), "code": lineage.code_version()})
+            "data": lineage.file_fingerprint(raw_path), "inputs": self.etl_inputs(),
+            "code": lineage.etl_code_fingerprint()})
 
     # -> model --------------------------------------------------------------------------------
     @property
@@ -195,8 +199,10 @@ class TaskFamily(ABC):
     def publish(self, paths: RunPaths, raw_path: Path, etl_out: Any, trained: Trained,
                 exp: StagedVersion) -> tuple[int, Path, dict]:
         """Copy the staged version into the model repository with its lineage; returns (version, dir, lineage)."""
+        ranker = getattr(trained, "ranker", None)  # a two-stage version's re-ranker: fingerprinted too
         info = lineage.build_lineage(paths.root, raw_path, self.cfg.model_dump(mode="json"), etl_out.workflow_dir,
-                                     trained.model.model_dir, trained.model.metrics)
+                                     trained.model.model_dir, trained.model.metrics,
+                                     {"ranker": ranker.model_dir} if ranker is not None else None)
         version, path = repository.publish(exp.version_dir, exp.config_path, self.cfg.export.model_repository,
                                            exp.model_name, info)
         return version, path, info

@@ -86,3 +86,91 @@ def test_concurrent_publishes_get_distinct_versions(staged, tmp_path):
     assert errors == [] and sorted(results) == [1, 2, 3, 4]
     for v in results:
         assert (repo / "recsys" / str(v) / "ensemble" / "ensemble.pkl").exists()
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_publish_records_every_file_and_promote_refuses_a_changed_file_naming_it(staged, tmp_path):
+    """lineage.json's ``files`` holds the sha256 of every file of the version; a truncated model.onnx (or any
+    changed, missing or added file) refuses promote and rollback, naming the file; nothing switches."""
+    from pipeline_lib.serving.repository import IntegrityError
+
+    repo = tmp_path / "repo"
+    v1, v2 = _publish(staged, repo, 1), _publish(staged, repo, 2)
+    files = json.loads((v1 / "lineage.json").read_text())["files"]
+    on_disk = {str(p.relative_to(v1)) for p in v1.rglob("*") if p.is_file()} - {"lineage.json"}
+    assert set(files) == on_disk and "model.py" in files and "model_config.pbtxt" in files
+    assert all(d.startswith("sha256:") for d in files.values())
+    assert repository.verify_version(repo, "recsys", 1) is True
+    repository.promote(repo, "recsys", 1)
+    onnx = next(v2.rglob("model.onnx"))
+    _truncate(onnx)
+    rel = str(onnx.relative_to(v2))
+    with pytest.raises(IntegrityError, match=rf"promote refused: version 2 .* file '{rel}' does not match its "
+                                             rf"fingerprint in lineage.json.*nothing changed: version 1 is served"):
+        repository.promote(repo, "recsys", 2)
+    assert repository.served_version(repo, "recsys") == 1
+    # the same for rollback: v3 served, v2 (corrupt) is the one it would go back to
+    _publish(staged, repo, 3)
+    repository.promote(repo, "recsys", 3)
+    with pytest.raises(IntegrityError, match=rf"rollback refused: .* file '{rel}'.*version 3 is served"):
+        repository.rollback(repo, "recsys")
+    assert repository.served_version(repo, "recsys") == 3
+    # a missing file and an added one are refused too; __pycache__ (the python backend's) is not a change
+    (v1 / "__pycache__").mkdir()
+    (v1 / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"x")
+    assert repository.verify_version(repo, "recsys", 1)
+    (v1 / "extra.py").write_text("print('not published')\n")
+    with pytest.raises(IntegrityError, match=r"file 'extra.py' was added after publish"):
+        repository.promote(repo, "recsys", 1)
+    (v1 / "extra.py").unlink()
+    (v1 / "model.py").unlink()
+    with pytest.raises(IntegrityError, match=r"file 'model.py' is missing"):
+        repository.promote(repo, "recsys", 1)
+    history = [json.loads(line) for line in (repo / "recsys" / "history.jsonl").read_text().splitlines()]
+    assert [(h["action"], h["version"]) for h in history] == [("promote", 1), ("promote", 3)]
+
+
+def test_a_version_published_before_fingerprints_were_recorded_still_promotes(staged, tmp_path):
+    repo = tmp_path / "repo"
+    v1 = _publish(staged, repo, 1, created="old")
+    lin = json.loads((v1 / "lineage.json").read_text())
+    del lin["files"]
+    (v1 / "lineage.json").write_text(json.dumps(lin))
+    assert repository.verify_version(repo, "recsys", 1) is False
+    assert repository.promote(repo, "recsys", 1)["version"] == 1
+
+
+def test_promote_is_all_or_nothing_when_the_history_cannot_be_written(staged, tmp_path):
+    """history.jsonl unwritable before the switch (a directory in its place: root ignores file modes) refuses
+    the promotion with nothing changed; a write that fails after the switch (history.jsonl -> /dev/full:
+    open succeeds, the write fails with ENOSPC) puts the previous pin back. Each message says what is served."""
+    repo = tmp_path / "repo"
+    for v in (1, 2):
+        _publish(staged, repo, v)
+    repository.promote(repo, "recsys", 1)
+    cfg_before = (repo / "recsys" / "config.pbtxt").read_text()
+    hist = repo / "recsys" / "history.jsonl"
+    hist.rename(tmp_path / "history.saved")
+    hist.mkdir()
+    with pytest.raises(RepositoryError, match=r"promote of version 2 refused: cannot write .*history.jsonl .*"
+                                              r"nothing changed: version 1 is served"):
+        repository.promote(repo, "recsys", 2)
+    assert repository.served_version(repo, "recsys") == 1
+    hist.rmdir()
+    hist.symlink_to("/dev/full")
+    with pytest.raises(RepositoryError, match=r"promote of version 2 undone: writing .*history.jsonl failed after the "
+                                              r"switch .*No space left.*the previous pin was put back: version 1 is served"):
+        repository.promote(repo, "recsys", 2)
+    assert repository.served_version(repo, "recsys") == 1
+    assert (repo / "recsys" / "config.pbtxt").read_text() == cfg_before
+    # first promotion ever: the config written is removed again (nothing served, as before)
+    fresh = tmp_path / "fresh"
+    _publish(staged, fresh, 1)
+    (fresh / "recsys" / "history.jsonl").symlink_to("/dev/full")
+    with pytest.raises(RepositoryError, match=r"undone: .*nothing is served"):
+        repository.promote(fresh, "recsys", 1)
+    assert repository.served_version(fresh, "recsys") is None and not (fresh / "recsys" / "config.pbtxt").exists()
