@@ -186,9 +186,15 @@ def check_request(arrays: Mapping[str, np.ndarray], ragged: set[str], max_rows: 
             continue
         if not name.endswith("__values"):
             rows[name] = len(arr)
-            _check_finite(name, arr)
-        _check_magnitude(name, arr, limits.ranges.get(name))
-        _check_string_sizes(name, arr, limits.max_string_bytes)
+        if arr.dtype.kind == "f" and not (np.abs(arr) <= FLOAT32_MAX).all():  # one pass in the usual case
+            if not name.endswith("__values"):
+                _check_finite(name, arr)
+            _check_magnitude(name, arr)
+        bounds = limits.ranges.get(name)
+        if bounds is not None:
+            _check_range(name, arr, bounds)
+        if arr.dtype.kind in "OS":
+            _check_string_sizes(name, arr, limits.max_string_bytes)
     counts = set(rows.values())
     if len(counts) > 1:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(rows.items()))
@@ -212,22 +218,24 @@ def _check_finite(name: str, arr: np.ndarray) -> None:
                              f"{arr[first]}); send a finite number, or NaN for a missing value")
 
 
-def _check_magnitude(name: str, arr: np.ndarray, bounds: Optional[tuple[Optional[float], Optional[float]]]) -> None:
-    """A float input the model's float32 cannot hold (``|x| > 3.4e38``: it would become inf and the score
-    NaN), or outside the config's declared ``[min, max]`` for the feature, is refused naming the row."""
-    if arr.dtype.kind not in "fiu" or not len(arr):
+def _check_magnitude(name: str, arr: np.ndarray) -> None:
+    """A finite float input the model's float32 cannot hold (``|x| > 3.4e38``: it would become inf and the
+    score NaN) is refused naming the row."""
+    with np.errstate(invalid="ignore"):
+        big = np.isfinite(arr) & (np.abs(arr) > FLOAT32_MAX)
+    if big.any():
+        row = int(np.flatnonzero(big)[0])
+        raise BadRequest(f"input '{name}' row {row}: {arr[row]!r} is too large for the model's float32 "
+                         f"(largest magnitude {FLOAT32_MAX:.4g}); {int(big.sum())} value(s) out of range")
+
+
+def _check_range(name: str, arr: np.ndarray, bounds: tuple[Optional[float], Optional[float]]) -> None:
+    """A value outside the config's declared ``[min, max]`` for the feature is refused naming the row
+    (NaN, a missing value, is not: the workflow fills it)."""
+    lo, hi = bounds
+    if arr.dtype.kind not in "fiu" or not len(arr) or (lo is None and hi is None):
         return
-    lo, hi = bounds if bounds is not None else (None, None)
-    if arr.dtype.kind == "f":
-        with np.errstate(invalid="ignore"):
-            big = np.abs(arr) > FLOAT32_MAX
-        if big.any():
-            row = int(np.flatnonzero(big)[0])
-            raise BadRequest(f"input '{name}' row {row}: {arr[row]!r} is too large for the model's float32 "
-                             f"(largest magnitude {FLOAT32_MAX:.4g}); {int(big.sum())} value(s) out of range")
-    if lo is None and hi is None:
-        return
-    with np.errstate(invalid="ignore"):  # NaN (a missing value) compares False: never refused here
+    with np.errstate(invalid="ignore"):
         out = np.zeros(len(arr), dtype=bool)
         if lo is not None:
             out |= arr < lo
@@ -246,6 +254,11 @@ def _check_string_sizes(name: str, arr: np.ndarray, limit: int) -> None:
             return
         lengths = np.char.str_len(arr)
     elif arr.dtype == object and len(arr):
+        try:
+            if max(map(len, arr)) <= limit:  # the usual case: one C-level pass
+                return
+        except TypeError:  # a value without a length (not a string): not this check's business
+            pass
         lengths = np.fromiter((len(v) if isinstance(v, (bytes, str)) else 0 for v in arr), dtype=np.int64,
                               count=len(arr))
     else:

@@ -254,3 +254,52 @@ def test_the_mf_version_carries_its_faiss_index_and_serves_through_it(retrieval_
     assert rec.dir == art and rec.index is not None and rec.index.nprobe == 2
     for name in ("recsys_youtube", "recsys_two_stage"):  # exact search, the default below 100,000 items
         assert json.loads((repo / name / "1" / topk.TOPK_DIR / "spec.json").read_text())["ann"]["index"] == "exact"
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_exclusions_leaving_fewer_than_k_items_answer_only_valid_items(retrieval_runs, published, served, name):
+    """exclude_item_ids leaving a row 2 allowed items (k is 10): the answer holds exactly those 2, best first,
+    ``count`` 2, then the sentinel id -1 and score 0 -- never an excluded (or seen) id, never a -inf score;
+    a row with every item excluded answers count 0. Exact, FAISS (MF) and two-stage (the re-ranker) alike."""
+    rec = published[name]
+    rows = _rows(retrieval_runs, name, rec, n=3)
+    rows.loc[0, "user_id"] = 987654321  # unknown: no seen items
+    seen = _seen(retrieval_runs, name)
+    catalogue = rec.item_ids.tolist()
+    allowed = [[i for i in catalogue if i not in seen.get(u, set())][:2] for u in rows["user_id"]]
+    excl = [[i for i in catalogue if i not in keep] for keep in allowed]
+    excl[2] = catalogue  # nothing left at all
+    req = rows.assign(**{topk.EXCLUDE_INPUT: excl})
+    for url, protocol in ((served.http_url, "http"), (served.grpc_url, "grpc")):
+        with RecsysClient(url, protocol, name) as client:
+            ids, scores, count = client.recommend(req, with_count=True)
+        assert count.tolist() == [2, 2, 0], (protocol, count)
+        assert np.isfinite(scores).all(), scores
+        for i in range(2):
+            assert sorted(ids[i, :2].tolist()) == sorted(allowed[i]) and scores[i, 0] >= scores[i, 1]
+            assert ids[i, 2:].tolist() == [topk.PAD_INT_ID] * 8 and (scores[i, 2:] == topk.PAD_SCORE).all()
+        assert ids[2].tolist() == [topk.PAD_INT_ID] * 10
+        # what the valid part holds equals the in-process recommender's own answer
+        want_ids, want_scores = rec.offline(req)
+        np.testing.assert_array_equal(ids[:2, :2], want_ids[:2, :2])
+
+
+def test_k_per_request_up_to_the_exported_k_and_out_of_range_refused(retrieval_runs, published, served):
+    """The optional ``k`` input: 1..the exported k answers the first k items (the same as without k); 0 or
+    more than the exported k is invalid-argument naming ``k``, on both protocols."""
+    name = "recsys_youtube"
+    rec = published[name]
+    rows = _rows(retrieval_runs, name, rec, n=4)
+    for url, protocol, status in ((served.http_url, "http", "400"),
+                                  (served.grpc_url, "grpc", "StatusCode.INVALID_ARGUMENT")):
+        with RecsysClient(url, protocol, name) as client:
+            full_ids, full_scores, _ = client.recommend(rows, with_count=True)
+            ids, scores, count = client.recommend(rows, k=3, with_count=True)
+            assert ids.shape == scores.shape == (4, 3) and count.tolist() == [3] * 4
+            np.testing.assert_array_equal(ids, full_ids[:, :3])
+            np.testing.assert_allclose(scores, full_scores[:, :3], atol=1e-6, rtol=0)
+            assert client.recommend(rows, k=rec.k)[0].shape == (4, rec.k)
+            for bad in (0, rec.k + 1):
+                with pytest.raises(BadRequestError, match=rf"input 'k' is {bad}; this version answers 1 to {rec.k}") as err:
+                    client.recommend(rows, k=bad)
+                assert err.value.status() == status
