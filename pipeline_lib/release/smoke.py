@@ -136,7 +136,12 @@ def smoke_test_topk(
     startup_timeout_s: float = 180.0,
 ) -> TopKSmokeResult:
     """Serve a top-k ``repository`` on free ports; the served top-k over HTTP and gRPC must equal
-    the offline top-k for the same raw rows (same ids in the same order, scores within atol)."""
+    the offline top-k for the same raw rows (same ids in the same order, scores within atol). The served
+    answer holds only valid items (:func:`pipeline_lib.export.topk.finish_top_k`): the offline top-k is
+    compared in the same form (a row the exclusions left fewer than k items padded the same way)."""
+    from pipeline_lib.export.topk import finish_top_k
+
+    offline = finish_top_k(*offline)[:2]
     http, grpc = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, lambda c: c.recommend(rows))
     diff = served_parity(http, grpc, offline, atol)
     res = TopKSmokeResult(len(rows), diff, http[0].tolist(), http[1].astype(float).tolist(), list(rows.columns))

@@ -3,6 +3,7 @@
 Two clients (HTTP and gRPC) send requests continuously while version 2 is promoted and then
 rolled back to version 1; not one request may fail, and the responding version must switch.
 """
+import shutil
 import threading
 import time
 
@@ -103,3 +104,46 @@ def test_promote_v2_then_roll_back_to_v1_without_failed_requests(live):
     assert set(before) == {"2"} and (ev["action"], ev["previous"]) == ("rollback", 2)
     with httpclient.InferenceServerClient(server.http_url) as c:
         assert c.is_model_ready("recsys", "1") and not c.is_model_ready("recsys", "2")
+
+
+def test_a_corrupt_version_or_a_failed_history_write_leaves_the_live_server_serving_the_same_version(live, tmp_path):
+    """On a running Triton: a version whose model.onnx was truncated after publish is refused (naming the file)
+    before anything switches; a promotion whose history.jsonl write fails after the live switch is undone --
+    the pin and the live server go back to the previous version. Both messages say what is served."""
+    from pipeline_lib.serving.repository import IntegrityError, RepositoryError
+
+    server, repo, rows, offline = live
+    lv = LiveServer(server.http_url, KEY)
+    before = repository.served_version(repo, "recsys")
+    other = 2 if before == 1 else 1
+    # a copy of the other version published as a new one, then corrupted on disk
+    src = repo / "recsys" / str(other)
+    corrupt, path = repository.publish(src, src / "model_config.pbtxt", repo, "recsys")
+    onnx = next(path.rglob("model.onnx"))
+    onnx.write_bytes(onnx.read_bytes()[:100])
+    with pytest.raises(IntegrityError, match=rf"file '{onnx.relative_to(path)}' does not match its fingerprint.*"
+                                             rf"nothing changed: version {before} is served"):
+        repository.promote(repo, "recsys", corrupt, lv)
+    with RecsysClient(server.grpc_url, "grpc") as client:
+        scores, version = client.infer(rows)
+    assert version == str(before)
+    np.testing.assert_allclose(scores, offline[str(before)], atol=1e-5, rtol=0)
+    # the history write fails after the switch: /dev/full accepts the open, refuses the write (ENOSPC)
+    hist = repo / "recsys" / "history.jsonl"
+    hist.rename(tmp_path / "history.jsonl")
+    hist.symlink_to("/dev/full")
+    try:
+        with pytest.raises(RepositoryError, match=rf"promote of version {other} undone: .*No space left.*"
+                                                  rf"the previous pin was put back: version {before} is served"):
+            repository.promote(repo, "recsys", other, lv)
+    finally:
+        hist.unlink()
+        (tmp_path / "history.jsonl").rename(hist)
+    assert repository.served_version(repo, "recsys") == before
+    with RecsysClient(server.grpc_url, "grpc") as client:
+        scores, version = client.infer(rows)
+    assert version == str(before)
+    np.testing.assert_allclose(scores, offline[str(before)], atol=1e-5, rtol=0)
+    with httpclient.InferenceServerClient(server.http_url) as c:
+        assert c.is_model_ready("recsys", str(before)) and not c.is_model_ready("recsys", str(other))
+    shutil.rmtree(path)  # the corrupt copy goes again (never served)
