@@ -141,6 +141,25 @@ def lists_present(arrays: Mapping[str, np.ndarray], ragged: Collection[str]) -> 
     return present
 
 
+def fill_optional_lists(arrays: dict[str, np.ndarray], optional: Mapping[str, np.dtype],
+                        ragged: set[str]) -> dict[str, np.ndarray]:
+    """Optional list inputs (``optional``: tensor name -> dtype) a request left out, as empty lists
+    (values ``[]``, offsets all 0) for each of its rows; one half of a list without the other is a
+    :class:`BadRequest`. Kept for the served ``model.py`` of versions exported before 2026-12-02 (they
+    import it); today's model.py leaves an absent optional list out (:func:`lists_present`)."""
+    out = dict(arrays)
+    present = lists_present(out, ragged)
+    for col in sorted(ragged):
+        halves = [f"{col}__values", f"{col}__offsets"]
+        if not set(halves) <= set(optional) or col in present:
+            continue
+        ref = next((np.asarray(out[f"{c}__offsets"]).reshape(-1) for c in sorted(ragged) if f"{c}__offsets" in out), None)
+        rows = len(ref) - 1 if ref is not None and len(ref) else 0
+        out[halves[0]] = np.zeros(0, dtype=optional[halves[0]])
+        out[halves[1]] = np.zeros(rows + 1, dtype=optional[halves[1]])
+    return out
+
+
 def max_request_rows(config: Mapping) -> int:
     """The ``max_request_rows`` parameter of a model's config (export writes it)."""
     params = config.get("parameters", {})

@@ -174,3 +174,33 @@ def test_promote_is_all_or_nothing_when_the_history_cannot_be_written(staged, tm
     with pytest.raises(RepositoryError, match=r"undone: .*nothing is served"):
         repository.promote(fresh, "recsys", 1)
     assert repository.served_version(fresh, "recsys") is None and not (fresh / "recsys" / "config.pbtxt").exists()
+
+
+def _pickle_globals(data: bytes) -> set[str]:
+    """``module:name`` of every global a pickle references (GLOBAL, and STACK_GLOBAL's two strings before it)."""
+    import pickletools
+
+    refs, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "GLOBAL":
+            refs.add(arg.replace(" ", ":"))
+        elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+            strings.append(arg)
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            refs.add(f"{strings[-2]}:{strings[-1]}")
+    return refs
+
+
+def test_a_versions_pickles_reference_only_recorded_project_names(staged):
+    """Every project class a version's pickles (ensemble, workflow, compiled plan) reference is recorded in
+    tests/fixtures/served_api.txt and resolves: a refactor moving one fails here, not in production."""
+    from tests.unit.serving.test_served_api import recorded_api, resolves
+
+    pickles = [p for p in staged.version_dir.rglob("*") if p.is_file() and p.suffix in (".pkl", ".pickle")]
+    assert pickles, "no pickle in the version: the check would prove nothing"
+    used = set()
+    for p in pickles:
+        used |= {r for r in _pickle_globals(p.read_bytes()) if r.startswith("pipeline_lib")}
+    unrecorded = sorted(used - recorded_api())
+    assert not unrecorded, f"record these in tests/fixtures/served_api.txt: {unrecorded}"
+    assert all(resolves(r) for r in used)
