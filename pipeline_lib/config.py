@@ -442,7 +442,11 @@ class ModelConfig(_Strict):
                 raise ValueError("model.candidates: give at least one candidate (or null / 'auto')")
             kinds = {t in RETRIEVAL_MODELS for t in (c.type for c in self.candidates)}
             for spec in self.candidates:
-                candidate_config(self, spec)  # an unknown type or a bad override names the candidate
+                built = candidate_config(self, spec)  # an unknown type or a bad override names the candidate
+                if built.type == "youtube_dnn" and built.retrieval.history_length != self.retrieval.history_length:
+                    raise ValueError(f"candidate '{spec.name or spec.type}': retrieval.history_length must stay "
+                                     f"{self.retrieval.history_length} (model.retrieval.history_length): one ETL "
+                                     "output serves every candidate")
             if len(kinds) > 1:
                 raise ValueError(f"model.candidates mixes ranking and retrieval types "
                                  f"{[c.type for c in self.candidates]}: candidates belong to one family")
