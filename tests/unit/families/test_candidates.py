@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from pipeline_lib.config import load_config
 from pipeline_lib.families import RetrievalFamily, SessionFamily, Trained, get_family
 from pipeline_lib.families import candidates as cands
+from pipeline_lib.models.evaluation import BaselineReport
 from pipeline_lib.paths import RunPaths
 
 
@@ -117,7 +118,8 @@ class FakeFamily(RetrievalFamily):
             raise score
         (paths.model / "model").mkdir(parents=True, exist_ok=True)
         (paths.model / "model" / "weights.bin").write_bytes(b"x" * 1234)
-        return Trained(FakeModel(paths.model / "model", {"user_recall@10": score}), baselines=None)
+        baselines = BaselineReport("retrieval", self.cfg.model.type, "recall@10", True, {}, {}, "no baselines (fake)")
+        return Trained(FakeModel(paths.model / "model", {"user_recall@10": score}), baselines)
 
     def smoke_rows(self, etl_out: Any, n: int) -> pd.DataFrame:
         return pd.DataFrame({"user_id": [1]}).head(n)
