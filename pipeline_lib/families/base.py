@@ -128,6 +128,11 @@ class TaskFamily(ABC):
     def selection_score(self, trained: Trained) -> float:
         return float(trained.model.metrics[self.selection_metric])
 
+    def selection_interval(self, trained: Trained, etl_out: Any) -> Optional[tuple[float, float]]:
+        """The 95% confidence interval of :meth:`selection_score` on the validation split (the leaderboard's
+        error bar); None: not computed (the protocol's bootstrap plugs in here)."""
+        return None
+
     def latency_probe(self, paths: RunPaths, etl_out: Any, trained: Trained) -> Optional[Callable[[pd.DataFrame], Any]]:
         """A callable that scores request rows offline with ``trained`` (the leaderboard's latency); this
         default stages the candidate under ``paths.ensemble`` (parity on 8 rows) and calls

@@ -8,8 +8,9 @@ smoke-tests and serves the winner exactly as a single-model run would. A candida
 stays in the leaderboard with its error.
 
 Plain typed functions; the flow (``flows/pipeline.py``) wires them into Prefect tasks and artifacts.
-``CandidateRun.interval`` is the 95% confidence interval of the metric: None here, filled by the
-protocol's bootstrap after training (:func:`set_intervals`).
+``CandidateRun.interval`` is the 95% confidence interval of the metric, from the family's
+:meth:`~pipeline_lib.families.base.TaskFamily.selection_interval` (None until the protocol's bootstrap
+is wired there) or attached afterwards by name with :func:`set_intervals`.
 """
 from __future__ import annotations
 
@@ -125,6 +126,7 @@ def train_candidate(name: str, fam: TaskFamily, paths: RunPaths, etl_out: Any,
         run.trained = fam.train(cpaths, etl_out)
         run.train_seconds = round(clock() - t0, 2)
         run.metric = float(fam.selection_score(run.trained))
+        run.interval = fam.selection_interval(run.trained, etl_out)
     except Exception as exc:  # reported in the leaderboard; the run goes on with the others
         log.warning("candidate %s (%s) failed: %s: %s", name, run.type, type(exc).__name__, exc)
         run.error, run.trained = f"{type(exc).__name__}: {exc}", None

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 import pytest
@@ -111,6 +111,7 @@ class FakeFamily(RetrievalFamily):
     """Trains instantly: writes a model file and reports a preset validation score (or raises)."""
 
     scores: dict[str, Any] = {}
+    intervals: dict[str, tuple[float, float]] = {}
 
     def train(self, paths: RunPaths, etl_out: Any) -> Trained:
         score = self.scores[self.cfg.model.type]
@@ -124,17 +125,21 @@ class FakeFamily(RetrievalFamily):
     def smoke_rows(self, etl_out: Any, n: int) -> pd.DataFrame:
         return pd.DataFrame({"user_id": [1]}).head(n)
 
+    def selection_interval(self, trained: Trained, etl_out: Any):
+        return self.intervals.get(self.cfg.model.type)
+
     def latency_probe(self, paths, etl_out, trained):
         return lambda rows: len(rows)
 
 
-def fake_family(scores: dict[str, Any], types: list[str]) -> FakeFamily:
-    FakeFamily.scores = scores
+def fake_family(scores: dict[str, Any], types: list[str], intervals: Optional[dict] = None) -> FakeFamily:
+    FakeFamily.scores, FakeFamily.intervals = scores, intervals or {}
     return FakeFamily(load_config(None, {"model": {"candidates": [{"type": t} for t in types]}}))
 
 
-def compete(tmp_path: Path, scores: dict[str, Any], types: list[str]) -> cands.Competition:
-    fam = fake_family(scores, types)
+def compete(tmp_path: Path, scores: dict[str, Any], types: list[str],
+            intervals: Optional[dict] = None) -> cands.Competition:
+    fam = fake_family(scores, types, intervals)
     ticks = itertools.count()
     clock = lambda: 0.5 * next(ticks)  # noqa: E731 - every call half a second later
     runs = [cands.train_candidate(n, f, RunPaths(tmp_path), None, clock) for n, f in cands.candidate_families(fam)]
@@ -163,6 +168,14 @@ def test_ties_go_to_the_first_listed_and_a_failure_is_a_row(tmp_path):
 def test_no_candidate_trained_names_every_error(tmp_path):
     with pytest.raises(cands.NoCandidateTrained, match="mf: ValueError: bad.*two_tower: KeyError"):
         compete(tmp_path, {"mf": ValueError("bad"), "two_tower": KeyError("x")}, ["mf", "two_tower"])
+
+
+def test_the_family_interval_hook_fills_the_leaderboard(tmp_path):
+    """TaskFamily.selection_interval (the protocol's bootstrap) gives each row its CI; the point estimate
+    still picks the winner."""
+    comp = compete(tmp_path, {"mf": 0.2, "two_tower": 0.3}, ["mf", "two_tower"], {"mf": (0.1, 0.35)})
+    rows = comp.rows()
+    assert (rows[0]["ci_low"], rows[0]["ci_high"], rows[1]["ci_low"]) == (0.1, 0.35, None) and rows[1]["winner"]
 
 
 def test_pick_winner_ignores_nan():
@@ -198,3 +211,19 @@ def test_leaderboard_table_chart_and_intervals(tmp_path):
     assert line == ("candidates, validation user_recall@10: mf 0.2 [0.15, 0.25], two_tower 0.3 [0.26, 0.34] "
                     "(winner), youtube_dnn failed (RuntimeError: boom)")
     assert report.leaderboard_line({}) is None
+
+
+def test_ranking_latency_is_the_offline_path_on_one_row(trained):
+    """The ranking probe scores like export's offline reference (workflow + SavedModel, loaded once)."""
+    import nvtabular as nvt
+
+    from pipeline_lib.export import ranking as export
+    from pipeline_lib.families import RankingFamily
+
+    fam, paths = RankingFamily(trained.cfg), RunPaths(trained.root)
+    model = Trained(trained.model, baselines=None)
+    rows = trained.valid_rows(3)
+    expected = export.offline_scores(nvt.Workflow.load(str(trained.etl.workflow_dir)), trained.model.model_dir, rows,
+                                     "click")
+    assert abs(fam.latency_probe(paths, trained.etl, model)(rows) - expected).max() < 1e-6
+    assert 0 < cands.measure_latency(fam, paths, trained.etl, model) < 10_000
