@@ -41,6 +41,16 @@ def test_both_candidates_train_and_the_best_on_validation_is_served(competition)
     print(summary["stage_seconds"], board)
 
 
+def test_the_leaderboard_is_a_prefect_artifact(competition):
+    from tests.integration.test_flow import _latest_artifacts, _table
+
+    arts = _latest_artifacts(["leaderboard", "leaderboard-plot"])  # a worker runs one test at a time: ours
+    rows = _table(arts["leaderboard"])
+    assert sorted(r["candidate"] for r in rows) == sorted(
+        r["candidate"] + (" (winner)" if r["winner"] else "") for r in competition["leaderboard"])
+    assert "data:image/png;base64," in arts["leaderboard-plot"].data
+
+
 def test_the_served_version_is_the_winner(competition):
     summary = competition
     assert summary["gate"]["promote"] and summary["model_version"] == 1
