@@ -23,6 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from pipeline_lib import report  # noqa: E402
 from pipeline_lib.config import RunConfig, load_config  # noqa: E402
 from pipeline_lib.families import TaskFamily, get_family  # noqa: E402
+from pipeline_lib.families.candidates import Competition  # noqa: E402
 from pipeline_lib.paths import RunPaths, new_run  # noqa: E402
 from pipeline_lib.release.gate import GateDecision  # noqa: E402
 
@@ -42,10 +43,14 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     timed("validate", tasks.validate_data, fam, paths, raw_path)
     etl_out = tasks.cached_etl(timed, fam, paths, raw_path)
     fam, tuned = tasks.maybe_tune(timed, fam, paths, etl_out)
-    trained = timed("train", tasks.train, fam, paths, etl_out)
+    comp = None
+    if fam.cfg.candidates:  # model.candidates: the best on validation goes on as a single-model run would
+        fam, trained, comp = tasks.compete(timed, fam, paths, etl_out)
+    else:
+        trained = timed("train", tasks.train, fam, paths, etl_out)
     if fam.has_ranker:
         trained.ranker = timed("train-ranker", tasks.train_ranker, fam, paths, etl_out)
-    learning_curve_artifact(fam.learning_curves(trained))
+    learning_curve_artifact(fam.learning_curves(trained) + (candidate_curves(comp) if comp else []))
     exp = timed("export", tasks.export, fam, paths, etl_out, trained)
     decision = timed("gate", tasks.gate, fam, paths, etl_out, exp, trained)
 
@@ -53,7 +58,8 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
                "etl_from": str(etl_out.workflow_dir.parent),
                **fam.summary_fields(trained, exp), "baselines": trained.baselines.baselines,
                "lift": trained.baselines.lift, "gate": gate_fields(decision), "stage_seconds": timings,
-               **({"tune": tuned.summary()} if tuned else {})}
+               **({"tune": tuned.summary()} if tuned else {}),
+               **({"selection_metric": comp.metric, "leaderboard": comp.rows()} if comp else {})}
     rows, description = fam.metrics_table(trained)
     create_table_artifact(key="metrics", table=rows, description=description)
     requests, serve_args = fam.smoke_rows(etl_out, cfg.serving.smoke_rows), report.cli_args(config_path, overrides)
@@ -74,6 +80,11 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
                              description="gate decision, served version and lineage")
     print(f"{served.console}; published and serving {served_dir}")
     return summary | {"predictions": served.table}
+
+
+def candidate_curves(comp: Competition) -> list[tuple[str, Optional[Path]]]:
+    """The learning curves of the candidates that lost (the winner's are the family's)."""
+    return [(f"candidate {r.name}", r.trained.model.metrics_path) for r in comp.runs if r.trained and not r.winner]
 
 
 def gate_fields(d: GateDecision) -> dict:

@@ -31,6 +31,7 @@ from prefect.context import FlowRunContext, TaskRunContext  # noqa: E402
 from pipeline_lib import report  # noqa: E402
 from pipeline_lib.errors import DataValidationError  # noqa: E402
 from pipeline_lib.families import TaskFamily, Trained  # noqa: E402
+from pipeline_lib.families import candidates  # noqa: E402
 from pipeline_lib.models import tune as tuning  # noqa: E402
 from pipeline_lib.paths import RunPaths  # noqa: E402
 from pipeline_lib.validate import data as validate  # noqa: E402
@@ -143,6 +144,31 @@ def train(fam: TaskFamily, paths: RunPaths, etl_out: Any) -> Trained:
     trained = fam.train(paths, etl_out)
     print(f"baselines: {trained.baselines.lift}")
     return trained
+
+
+@task(name="train-candidate", cache_policy=NO_CACHE)
+def train_candidate(name: str, fam: TaskFamily, paths: RunPaths, etl_out: Any) -> candidates.CandidateRun:
+    """One candidate in model/candidates/<name>/, scored on validation; a failure is its leaderboard row."""
+    return candidates.train_candidate(name, fam, paths, etl_out)
+
+
+def compete(timed: Callable[..., Any], fam: TaskFamily, paths: RunPaths,
+            etl_out: Any) -> tuple[TaskFamily, Trained, candidates.Competition]:
+    """model.candidates: train each (task run ``train-<name>``), keep the best on validation; returns the
+    winner's family and training (every later stage uses them) and the leaderboard."""
+    runs = [timed(f"train-{name}", train_candidate.with_options(task_run_name=f"train-{name}"),
+                  name, cand, paths, etl_out) for name, cand in candidates.candidate_families(fam)]
+    comp = candidates.decide(fam.selection_metric, runs)
+    print(candidates.leaderboard_text(comp))
+    create_table_artifact(key="leaderboard", table=candidates.leaderboard_table(comp),
+                          description=f"candidates of this run: validation {comp.metric}, training seconds, size, "
+                          "offline latency of one request row; the winner is exported")
+    png = candidates.plot_leaderboard(comp, paths.model / candidates.LEADERBOARD_PNG)
+    create_markdown_artifact(key="leaderboard-plot", markdown=candidates.leaderboard_markdown(comp, png),
+                             description=f"validation {comp.metric} of every candidate")
+    winner = comp.winner
+    print(f"baselines: {winner.trained.baselines.lift}")
+    return winner.family, winner.trained, comp
 
 
 @task(name="train-ranker", cache_policy=NO_CACHE)

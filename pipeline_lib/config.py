@@ -8,7 +8,7 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path
 import re
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -362,6 +362,50 @@ class RetrievalConfig(_Strict):
     ann: AnnConfig = Field(default_factory=AnnConfig, description="approximate top-k index (FAISS) for large catalogues")
 
 
+class CandidateSpec(_Strict):
+    """One candidate of a run's competition (docs/models.md, "Candidates"): a model type of the run's
+    family plus overrides of that family's model config (``model:`` or ``session.model:``)."""
+
+    type: str = Field(..., description="a model type of the run's family (model.type / session.model.type values)")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="fields of the model config this candidate changes, e.g. "
+        "{embedding_dim: 32} or {retrieval: {epochs: 5}}; validated by building the candidate's model config")
+    name: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z0-9_\-]+$", description="its row in the leaderboard and its folder under model/candidates/ "
+        "(default: the type, numbered when a type is listed twice)")
+
+
+CANDIDATES_DESCRIPTION = (
+    "models that compete in this run: each trains on the same ETL output, is scored on the validation split "
+    "(ranking: auc; retrieval: user_recall@k; session: recall@top_k) and the best is exported, gated and served "
+    "(ties: the first listed); a list of {type, overrides, name} or 'auto' (the family's default list); null: "
+    "only model.type trains, except for a default run of task: retrieval / task: session (docs/models.md)")
+
+
+def candidate_config(base: BaseModel, spec: CandidateSpec) -> Any:
+    """``base`` (a model config) with ``spec``'s type and overrides, validated, without candidates."""
+    bad = sorted({"type", "candidates"} & set(spec.overrides))
+    if bad:
+        raise ValueError(f"candidate '{spec.type}': overrides may not set {bad} (give the type as 'type')")
+    raw = _deep_merge(base.model_dump(mode="json", exclude={"candidates"}), spec.overrides)
+    try:
+        return type(base).model_validate({**raw, "type": spec.type})
+    except ValueError as exc:
+        raise ValueError(f"candidate '{spec.name or spec.type}': {exc}") from None
+
+
+def candidate_names(specs: list[CandidateSpec]) -> list[str]:
+    """Unique names: the given name, else the type (``mf``, ``mf_2`` when a type is listed twice)."""
+    names: list[str] = []
+    for spec in specs:
+        base = spec.name or spec.type
+        n = sum((c.name or c.type) == base for c in specs[:len(names)])
+        names.append(base if n == 0 else f"{base}_{n + 1}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"candidate names must be unique, got {names}")
+    return names
+
+
 class ModelConfig(_Strict):
     type: Literal["dlrm", "dcn", "deepfm", "wide_deep", "two_tower", "youtube_dnn", "mf"] = Field(
         "dlrm", description="ranking: dlrm | dcn (DCN-v2) | deepfm | wide_deep; retrieval: two_tower | youtube_dnn | mf"
@@ -385,10 +429,29 @@ class ModelConfig(_Strict):
         1, ge=1, description="stop when validation AUC (retrieval: recall@k) has not improved for this many epochs; the best epoch is kept"
     )
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    candidates: Optional[Union[Literal["auto"], list[CandidateSpec]]] = Field(None, description=CANDIDATES_DESCRIPTION)
 
     @property
     def is_retrieval(self) -> bool:
         return self.type in RETRIEVAL_MODELS
+
+    @model_validator(mode="after")
+    def _candidates_of_one_family(self) -> "ModelConfig":
+        if isinstance(self.candidates, list):
+            if not self.candidates:
+                raise ValueError("model.candidates: give at least one candidate (or null / 'auto')")
+            kinds = {t in RETRIEVAL_MODELS for t in (c.type for c in self.candidates)}
+            for spec in self.candidates:
+                built = candidate_config(self, spec)  # an unknown type or a bad override names the candidate
+                if built.type == "youtube_dnn" and built.retrieval.history_length != self.retrieval.history_length:
+                    raise ValueError(f"candidate '{spec.name or spec.type}': retrieval.history_length must stay "
+                                     f"{self.retrieval.history_length} (model.retrieval.history_length): one ETL "
+                                     "output serves every candidate")
+            if len(kinds) > 1:
+                raise ValueError(f"model.candidates mixes ranking and retrieval types "
+                                 f"{[c.type for c in self.candidates]}: candidates belong to one family")
+            candidate_names(self.candidates)
+        return self
 
     @model_validator(mode="after")
     def _dlrm_bottom_matches_embeddings(self) -> "ModelConfig":
@@ -557,6 +620,17 @@ class SessionModelConfig(_Strict):
                                          "validation recall (the best epoch's weights are kept); 0: never stop early")
     tie_weights: bool = Field(False, description="score items with the input item embeddings (weight tying)")
     popularity_prior: bool = Field(True, description="start the output bias at the log training frequency of items")
+    candidates: Optional[Union[Literal["auto"], list[CandidateSpec]]] = Field(None, description=CANDIDATES_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _candidates_validate(self) -> "SessionModelConfig":
+        if isinstance(self.candidates, list):
+            if not self.candidates:
+                raise ValueError("session.model.candidates: give at least one candidate (or null / 'auto')")
+            for spec in self.candidates:
+                candidate_config(self, spec)
+            candidate_names(self.candidates)
+        return self
 
 
 class SessionConfig(_Strict):
@@ -604,6 +678,32 @@ TUNABLE: dict[str, tuple[str, ...]] = {
 }
 
 
+# -- candidates (docs/models.md, "Candidates") ---------------------------------------------------------------
+
+DEFAULT_RETRIEVAL_MODEL = "two_tower"
+DEFAULT_SESSION_MODEL = "gru"
+DEEP_RETRIEVAL_MODELS = ("two_tower", "youtube_dnn", "mf")
+DEEP_SESSION_MODELS = ("gru", "transformer")
+LOGISTIC_TYPES = ("logistic_regression", "logreg")  # a servable ranking fallback, once a model.type has one
+
+
+def accepted_types(model_cls: type[BaseModel]) -> tuple[str, ...]:
+    """The values the ``type`` Literal of ``model_cls`` accepts (read at runtime: new types join by name)."""
+    return tuple(get_args(model_cls.model_fields["type"].annotation))
+
+
+def default_candidate_types(family: str, model_type: str) -> list[str]:
+    """``candidates: auto``: retrieval -> two_tower plus every non-deep retrieval type the config accepts
+    (the classical ones: ease, item_knn, ...); session -> gru plus every non-deep session type (session_knn,
+    co-occurrence, ...); ranking -> model.type plus a logistic-regression type where one exists."""
+    if family == "retrieval":
+        return [DEFAULT_RETRIEVAL_MODEL] + [t for t in accepted_types(ModelConfig)
+                                            if t in RETRIEVAL_MODELS and t not in DEEP_RETRIEVAL_MODELS]
+    if family == "session":
+        return [DEFAULT_SESSION_MODEL] + [t for t in accepted_types(SessionModelConfig) if t not in DEEP_SESSION_MODELS]
+    return [model_type] + [t for t in accepted_types(ModelConfig) if t in LOGISTIC_TYPES and t != model_type]
+
+
 class TuneConfig(_Strict):
     """The optional ``tune`` stage (docs/tuning.md): an Optuna study (TPE sampler seeded by ``seed``,
     median pruning on the per-epoch validation metric) over the main hyperparameters of
@@ -642,8 +742,10 @@ class TuneConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    task: Literal["ranking", "session"] = Field(
-        "ranking", description="ranking: click models on interactions; session: next-item prediction (session:)"
+    task: Literal["ranking", "retrieval", "session"] = Field(
+        "ranking", description="ranking: click models on interactions (a retrieval model.type makes it a retrieval "
+        "run); retrieval: top-k retrieval, by default a competition of the deep and classical retrieval types "
+        "(model.candidates); session: next-item prediction (session:)"
     )
     seed: int = 42
     runs_dir: Path = Path("runs")
@@ -662,8 +764,10 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _tune_space_fits_the_model(self) -> "RunConfig":
-        if self.tune.enabled and self.task != "ranking":
+        if self.tune.enabled and self.task == "session":
             raise ValueError("tune applies to task: ranking (ranking and retrieval models), not task: session")
+        if self.tune.enabled and isinstance(self.model.candidates, list) and len(self.model.candidates) > 1:
+            raise ValueError("tune searches one model.type: set tune.enabled: false or give no model.candidates")
         bad = [k for k in self.tune.space if k not in TUNABLE[self.model.type]]
         if bad:
             raise ValueError(f"tune.space: {', '.join(repr(k) for k in bad)} is not a tunable parameter of "
@@ -678,7 +782,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _gate_metric_fits_the_model(self) -> "RunConfig":
-        if self.serving.dynamic_batching.enabled and (self.model.is_retrieval or self.task != "ranking"):
+        if self.serving.dynamic_batching.enabled and (self.model.is_retrieval or self.task == "session"):
             raise ValueError("serving.dynamic_batching applies to ranking models only (retrieval and session "
                              "models are served one request per call)")
         m = self.gate.metric
@@ -687,6 +791,39 @@ class RunConfig(_Strict):
             if m not in allowed:
                 raise ValueError(f"gate.metric '{m}' does not apply to model.type '{self.model.type}' (use one of {allowed})")
         return self
+
+    @model_validator(mode="after")
+    def _resolve_candidates(self) -> "RunConfig":
+        """Turn ``task: retrieval`` / ``task: session`` defaults and ``'auto'`` into explicit candidate lists
+        (saved so in the run's config.yaml); see :func:`default_candidate_types`."""
+        m, explicit_type = self.model, "type" in self.model.model_fields_set
+        if self.task == "retrieval" and not explicit_type:
+            if isinstance(m.candidates, list):
+                m.type = m.candidates[0].type
+            else:
+                m.type, m.candidates = DEFAULT_RETRIEVAL_MODEL, m.candidates or "auto"
+        elif isinstance(m.candidates, list) and not explicit_type:
+            m.type = m.candidates[0].type
+        if self.task == "retrieval" and not m.is_retrieval:
+            raise ValueError(f"task: retrieval needs a retrieval model.type ({', '.join(RETRIEVAL_MODELS)}), "
+                             f"got '{m.type}'")
+        if isinstance(m.candidates, list) and (m.candidates[0].type in RETRIEVAL_MODELS) != m.is_retrieval:
+            raise ValueError(f"model.candidates ({[c.type for c in m.candidates]}) and model.type '{m.type}' belong "
+                             "to different families (ranking / retrieval)")
+        if m.candidates == "auto":
+            m.candidates = [CandidateSpec(type=t) for t in default_candidate_types(self.family, m.type)]
+        s = self.session.model
+        if self.task == "session" and s.candidates is None and "type" not in s.model_fields_set:
+            s.candidates = "auto"
+        if s.candidates == "auto":
+            s.candidates = [CandidateSpec(type=t) for t in default_candidate_types("session", s.type)]
+        return self
+
+    @property
+    def candidates(self) -> Optional[list[CandidateSpec]]:
+        """The resolved candidate list of this run's family (None: a single-model run)."""
+        c = self.session.model.candidates if self.task == "session" else self.model.candidates
+        return c if isinstance(c, list) else None
 
     @property
     def unknown_users(self) -> str:
@@ -705,7 +842,7 @@ class RunConfig(_Strict):
         ``task: session`` -> session; otherwise ``model.type`` picks ranking or retrieval (and two-stage)."""
         if self.task == "session":
             return "session"
-        return "retrieval" if self.model.is_retrieval else "ranking"
+        return "retrieval" if self.model.is_retrieval or self.task == "retrieval" else "ranking"
 
     @property
     def gate_metric(self) -> str:

@@ -258,6 +258,21 @@ def tune_line(summary: Mapping[str, Any]) -> Optional[str]:
             f"{num(t['best_value'])} ({params}); trained with it")
 
 
+def leaderboard_line(summary: Mapping[str, Any]) -> Optional[str]:
+    """The candidates of the run on one line (None for a single-model run)."""
+    rows = summary.get("leaderboard")
+    if not rows:
+        return None
+
+    def cell(r: Mapping[str, Any]) -> str:
+        if r.get("error"):
+            return f"{r['candidate']} failed ({r['error'][:80]})"
+        ci = f" [{num(r['ci_low'])}, {num(r['ci_high'])}]" if r.get("ci_low") is not None else ""
+        return f"{r['candidate']} {num(r['value'])}{ci}" + (" (winner)" if r.get("winner") else "")
+
+    return f"candidates, validation {rows[0]['metric']}: " + ", ".join(cell(r) for r in rows)
+
+
 def gate_line(summary: Mapping[str, Any]) -> str:
     g = summary["gate"]
     if g["promote"]:
@@ -284,8 +299,8 @@ def cli_summary(summary: Mapping[str, Any]) -> str:
     total = sum((summary.get("stage_seconds") or {}).values())
     q = summary.get("query") or {}
     name = q.get("model_name", "the model")
-    lines = [f"{summary['model']}: {headline(summary)}", *filter(None, [tune_line(summary), lift_line(summary)]),
-             gate_line(summary)]
+    lines = [f"{summary['model']}: {headline(summary)}",
+             *filter(None, [leaderboard_line(summary), tune_line(summary), lift_line(summary)]), gate_line(summary)]
     if summary.get("model_version"):
         live = summary.get("live_server")
         lines.append(f"served: model '{name}' version {summary['served_version']}"
@@ -314,7 +329,8 @@ def run_summary_markdown(summary: Mapping[str, Any], title: str = "recsys pipeli
     name = q.get("model_name", "?")
     m = summary.get("metrics") or {}
     lines = [f"# {title}", "", f"**{summary['model']}**: {headline(summary)}", ""]
-    lines += [f"- {line}" for line in filter(None, [tune_line(summary), lift_line(summary), gate_line(summary)])]
+    lines += [f"- {line}" for line in filter(None, [leaderboard_line(summary), tune_line(summary), lift_line(summary),
+                                                     gate_line(summary)])]
     if summary.get("model_version"):
         lines += [f"- serving: model **{name}** version **{summary['served_version']}** "
                   f"(previously {summary.get('previous_version') or 'none'}), published at `{summary['served_dir']}`",

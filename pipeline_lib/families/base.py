@@ -19,7 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import pandas as pd
 
@@ -119,6 +119,33 @@ class TaskFamily(ABC):
     def with_model(self, model: ModelConfig) -> "TaskFamily":
         """The same family for the run config with ``model`` (e.g. the best tuning trial)."""
         return type(self)(self.cfg.model_copy(update={"model": model}))
+
+    def with_config(self, cfg: RunConfig) -> "TaskFamily":
+        """The same family for another run config (a candidate's: :mod:`pipeline_lib.families.candidates`)."""
+        return type(self)(cfg)
+
+    @property
+    def selection_metric(self) -> str:
+        """The key of the trained model's (validation) metrics that candidates compete on, higher is better."""
+        return self.gate_metric
+
+    def selection_score(self, trained: Trained) -> float:
+        return float(trained.model.metrics[self.selection_metric])
+
+    def selection_interval(self, trained: Trained, etl_out: Any) -> Optional[tuple[float, float]]:
+        """The 95% confidence interval of :meth:`selection_score` on the validation split (the leaderboard's
+        error bar); None: not computed (the protocol's bootstrap plugs in here)."""
+        return None
+
+    def latency_probe(self, paths: RunPaths, etl_out: Any, trained: Trained) -> Optional[Callable[[pd.DataFrame], Any]]:
+        """A callable that scores request rows offline with ``trained`` (the leaderboard's latency); this
+        default stages the candidate under ``paths.ensemble`` (parity on 8 rows) and calls
+        :meth:`offline_reference` on it. None: not measured."""
+        cfg = self.cfg
+        small = self.with_config(cfg.model_copy(update={"export": cfg.export.model_copy(
+            update={"parity_rows": min(8, cfg.export.parity_rows), "compiled_model": "off"})}))
+        exp = small.export(paths, etl_out, trained)
+        return lambda rows: small.offline_reference(etl_out, exp, rows)
 
     @abstractmethod
     def train(self, paths: RunPaths, etl_out: Any) -> Trained:

@@ -17,6 +17,7 @@ from pipeline_lib.export import ranking as export
 from pipeline_lib.families.base import SCORE, ServedReport, TaskFamily, Trained
 from pipeline_lib.models import evaluation, tune
 from pipeline_lib.models import ranking as ranking_model
+from pipeline_lib.models.common import load_encoder
 from pipeline_lib.paths import RunPaths
 from pipeline_lib import report
 from pipeline_lib.release import gate, smoke
@@ -75,6 +76,16 @@ class RankingFamily(TaskFamily):
         baselines = evaluation.compare_with_baselines(self.cfg, etl_out.split.train, etl_out.split.valid, model,
                                                       etl_out.workflow_dir)
         return Trained(model, baselines)
+
+    @property
+    def selection_metric(self) -> str:
+        return "auc"
+
+    def latency_probe(self, paths: RunPaths, etl_out: etl.EtlOutput, trained: Trained) -> Any:
+        """The training-time path (workflow transform + SavedModel), both loaded once."""
+        workflow, model_dir = etl.load_workflow(etl_out.workflow_dir), trained.model.model_dir
+        encoder, label = load_encoder(model_dir), self.cfg.columns.label
+        return lambda rows: export.offline_scores(workflow, model_dir, rows, label, encoder=encoder)
 
     # -- export and smoke test ----------------------------------------------------------------------
     def export(self, paths: RunPaths, etl_out: etl.EtlOutput, trained: Trained) -> export.ExportOutput:

@@ -16,7 +16,7 @@ import pandas as pd
 from pipeline_lib.etl import workflow as etl
 from pipeline_lib.export import ranking as export
 from pipeline_lib.export import topk
-from pipeline_lib.families.base import Trained
+from pipeline_lib.families.base import TaskFamily, Trained
 from pipeline_lib.families.ranking import RankingFamily
 from pipeline_lib.models import ranking as ranking_model
 from pipeline_lib.models import retrieval
@@ -29,9 +29,18 @@ class RetrievalFamily(RankingFamily):
 
     @property
     def history_length(self) -> int:
-        """YouTube DNN reads the user's recent positive items: the ETL adds that list feature."""
+        """YouTube DNN reads the user's recent positive items: the ETL adds that list feature (also when
+        youtube_dnn is one of the run's candidates: one ETL output serves them all)."""
         r = self.cfg.model.retrieval
-        return r.history_length if self.cfg.model.type == "youtube_dnn" else 0
+        types = {self.cfg.model.type, *(c.type for c in self.cfg.candidates or [])}
+        return r.history_length if "youtube_dnn" in types else 0
+
+    @property
+    def selection_metric(self) -> str:
+        """Per-user recall@k with seen items excluded (the baselines' protocol)."""
+        return f"user_recall@{self.cfg.model.retrieval.k}"
+
+    latency_probe = TaskFamily.latency_probe  # the staged top-k version's recommender, not the ranking path
 
     def fit(self, paths: RunPaths, etl_out: etl.EtlOutput) -> Any:
         cfg = self.cfg

@@ -54,6 +54,10 @@ class SessionFamily(TaskFamily):
                                                       etl_out.workflow_dir)
         return Trained(model, baselines)
 
+    @property
+    def selection_metric(self) -> str:
+        return f"recall@{self.cfg.session.top_k}"
+
     def model_label(self, trained: Trained) -> str:
         return trained.model.metrics["model"]
 
