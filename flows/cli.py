@@ -64,13 +64,26 @@ def serve(
     set_: Optional[List[str]] = SetOpt,
     repository: Optional[Path] = typer.Option(None, help="model repository (default: export.model_repository)"),
 ) -> None:
-    """Start Triton over the model repository and keep it running until Ctrl-C."""
-    from pipeline_lib.serving.server import ServerError, server_from_config
+    """Start Triton over the model repository and keep it running until Ctrl-C (or SIGTERM).
 
+    A supervisor probes the model with a real inference every serving.supervisor.probe_interval_s,
+    reloads the model or restarts Triton when it fails, and exits non-zero when it gives up."""
+    import logging
+
+    from pipeline_lib.serving.server import ServerError, server_from_config
+    from pipeline_lib.serving.supervisor import GAVE_UP, Supervisor, SupervisorPolicy
+
+    if not logging.getLogger().handlers:  # the supervisor's "why" lines reach the terminal / journal
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = _cfg(config, set_)
     repo = repository or cfg.export.model_repository
     s = cfg.serving
     server = server_from_config(s, repo, cfg.export.model_name)
+    stop = {"flag": False}
+    # Ctrl-C (SIGINT) and SIGTERM both stop the server, also when SIGINT came in ignored (a background
+    # `cmd &` of a non-interactive shell, nohup): Python then installs no KeyboardInterrupt for it
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.update(flag=True))
     try:
         server.start(timeout_s=s.startup_timeout_s, models=[cfg.export.model_name])
     except ServerError as exc:
@@ -78,16 +91,24 @@ def serve(
     typer.echo(f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {s.host}:{s.metrics_port}/metrics")
     typer.echo(f"model '{cfg.export.model_name}' from {Path(repo).resolve()} (model control: {s.model_control}); "
                f"log {server.log_file}. Ctrl-C stops.")
-    stop = {"flag": False}
-    # Ctrl-C (SIGINT) and SIGTERM both stop the server, also when SIGINT came in ignored (a background
-    # `cmd &` of a non-interactive shell, nohup): Python then installs no KeyboardInterrupt for it
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.update(flag=True))
-    try:
-        while not stop["flag"] and server.process and server.process.poll() is None:
-            time.sleep(0.5)
-    finally:
-        server.stop()
+    if server.key_file is not None:
+        typer.echo(f"model-repository API (load/unload) restricted: admin key in {server.key_file} (0600)")
+    sup = s.supervisor
+    if not sup.enabled:
+        try:
+            while not stop["flag"] and server.process and server.process.poll() is None:
+                time.sleep(0.5)
+        finally:
+            server.stop()
+        typer.echo("Triton stopped.")
+        return
+    policy = SupervisorPolicy(sup.probe_interval_s, sup.probe_timeout_s, sup.max_failures, sup.window_s,
+                              sup.backoff_initial_s, sup.backoff_max_s, s.startup_timeout_s)
+    code = Supervisor(server, cfg.export.model_name, Path(repo), policy).run(lambda: stop["flag"])
+    if code == GAVE_UP:
+        typer.secho(f"error: Triton stopped: model '{cfg.export.model_name}' kept failing ({sup.max_failures} recoveries "
+                    f"within {sup.window_s:.0f} s); see {server.log_file}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=code)
     typer.echo("Triton stopped.")
 
 

@@ -427,6 +427,7 @@ def server_from_config(serving_cfg, repository: Path, model_name: str, log_file:
         log_file=log_file or Path(repository).resolve().parent / "triton.log",
         model_control=s.model_control, load_models=[model_name],
         repository_poll_secs=s.repository_poll_secs, admin_api_key=admin_key(s),
+        restrict_repository_api=s.restrict_repository_api,
     ))
 
 
