@@ -30,6 +30,35 @@ def _fail(msg: str) -> None:
     raise typer.Exit(code=2)
 
 
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="print the full traceback when a command fails")) -> None:
+    _DEBUG["on"] = debug
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:400]
+
+
+def _repo_failure(action: str, cfg, exc: BaseException) -> None:
+    """One line for a failed promote / rollback / prune: what failed, what is served now, what to do."""
+    from pipeline_lib.serving.repository import served_version
+
+    if _DEBUG["on"]:
+        raise exc
+    repo, model = cfg.export.model_repository, cfg.export.model_name
+    try:
+        served = served_version(repo, model)
+        now = f"v{served} of '{model}' is still served" if served is not None else f"nothing of '{model}' is served"
+    except Exception:  # noqa: BLE001 - the repository itself may be what is broken
+        now = f"the served version of '{model}' could not be read"
+    _fail(f"{action} failed: {_first_line(exc)}. {now} ({repo}). Check `recsys versions` and the path's permissions; "
+          "`recsys --debug ...` shows the traceback.")
+
+
 @app.command()
 def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
         as_json: bool = typer.Option(False, "--json", help="print the full run summary as JSON (as in summary.json)")
@@ -37,17 +66,23 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
     """Run the whole Prefect flow: data -> ETL -> train -> export -> Triton smoke test -> publish."""
     from pipeline_lib.config import parse_set_options
 
+    from pipeline_lib.paths import check_writable
+
     try:
         overrides = parse_set_options(set_ or [])
-        _cfg(config, set_)  # validate before starting Prefect
+        cfg = _cfg(config, set_)  # validate before starting Prefect
+        check_writable("runs_dir", Path(cfg.runs_dir))  # the flow checks again; this fails in a second
+        check_writable("export.model_repository", Path(cfg.export.model_repository))
     except Exception as exc:
         _fail(str(exc))
     from flows.pipeline import pipeline
-    from pipeline_lib.errors import DataValidationError
+    from pipeline_lib.errors import DataValidationError, OutputPathError
 
     try:
         summary = pipeline(config_path=str(config) if config else None, overrides=overrides or None)
-    except DataValidationError as exc:  # bad input data: one clear message, no stack trace
+    except (DataValidationError, OutputPathError) as exc:  # bad input data / output path: one clear message
+        if _DEBUG["on"]:
+            raise
         _fail(str(exc))
     summary.pop("predictions", None)
     if as_json:
@@ -139,26 +174,26 @@ def versions(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
 def promote(version: int = typer.Argument(..., help="version number to serve"),
             config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Serve VERSION; a running `recsys serve` switches to it without restart."""
-    from pipeline_lib.serving.repository import RepositoryError, promote as _promote
+    from pipeline_lib.serving.repository import promote as _promote
 
     cfg = _cfg(config, set_)
     try:
         event = _promote(cfg.export.model_repository, cfg.export.model_name, version, _live(cfg), cfg.serving.instance_count)
-    except RepositoryError as exc:
-        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - one line (traceback with --debug)
+        _repo_failure(f"promote to v{version}", cfg, exc)
     typer.echo(json.dumps(event))
 
 
 @app.command()
 def rollback(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Serve the previous (next older) version; a running `recsys serve` switches without restart."""
-    from pipeline_lib.serving.repository import RepositoryError, rollback as _rollback
+    from pipeline_lib.serving.repository import rollback as _rollback
 
     cfg = _cfg(config, set_)
     try:
         event = _rollback(cfg.export.model_repository, cfg.export.model_name, _live(cfg), cfg.serving.instance_count)
-    except RepositoryError as exc:
-        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - one line (traceback with --debug)
+        _repo_failure("rollback", cfg, exc)
     typer.echo(json.dumps(event))
 
 
@@ -169,7 +204,10 @@ def prune(keep: Optional[int] = typer.Option(None, help="versions to keep (defau
     from pipeline_lib.serving.repository import prune as _prune
 
     cfg = _cfg(config, set_)
-    removed = _prune(cfg.export.model_repository, cfg.export.model_name, keep or cfg.export.keep_versions)
+    try:
+        removed = _prune(cfg.export.model_repository, cfg.export.model_name, keep or cfg.export.keep_versions)
+    except Exception as exc:  # noqa: BLE001 - one line (traceback with --debug)
+        _repo_failure("prune", cfg, exc)
     typer.echo(f"removed versions: {removed or 'none'}")
 
 

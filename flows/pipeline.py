@@ -70,9 +70,12 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     served = fam.served_report(result, requests, summary)
     create_table_artifact(key="served-predictions", table=served.artifact, description=served.description)
     finish(paths, summary, fam.title)
-    create_markdown_artifact(key="promotion", markdown=_promotion_md(event, info, decision),
+    create_markdown_artifact(key="promotion", markdown=_promotion_md(event, info, decision, cfg.export.model_name,
+                                                                      fam.title),
                              description="gate decision, served version and lineage")
-    print(f"{served.console}; published and serving {served_dir}")
+    where = (f"published and serving {served_dir} (the Triton at {event['live_server']} switched to it)"
+             if event["live_server"] else f"published {served_dir}; served at the next `recsys serve`")
+    print(f"{served.console}; {where}")
     return summary | {"predictions": served.table}
 
 
@@ -104,8 +107,11 @@ def query_info(cfg: RunConfig, paths: RunPaths, rows: pd.DataFrame, serve_args: 
     this run, typed from the served config.pbtxt) is saved as serving/request.json."""
     s, name = cfg.serving, cfg.export.model_name
     body = request_file = None
+    served_config = Path(cfg.export.model_repository) / name / "config.pbtxt"
     try:
-        body = report.request_body(Path(cfg.export.model_repository) / name / "config.pbtxt", rows.iloc[0].to_dict())
+        if not served_config.exists():  # a refused first run: nothing published to take the input types from
+            return report.query_commands(name, s.host, s.http_port, s.grpc_port, serve_args, None, None)
+        body = report.request_body(served_config, rows.iloc[0].to_dict())
         request_file = paths.serving / "request.json"
         request_file.parent.mkdir(parents=True, exist_ok=True)
         request_file.write_text(json.dumps(body, indent=1))
@@ -132,9 +138,10 @@ def _refused_md(d: GateDecision) -> str:
     ])
 
 
-def _promotion_md(event: dict, info: dict, d: GateDecision) -> str:
+def _promotion_md(event: dict, info: dict, d: GateDecision, model_name: str = "", title: str = "") -> str:
     return "\n".join([
         "# promotion", "",
+        f"- model: **{model_name}** ({title})" if model_name else f"- model: {title}",
         f"- decision: **{event['action']}** version **{event['version']}** (previously served: {event['previous']})",
         f"- gate: {d.reason}",
         f"- live server switched: {event['live_server'] or 'none running (served at next start)'}",
