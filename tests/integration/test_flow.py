@@ -86,6 +86,8 @@ def test_flow_run_is_recorded_in_prefect_with_artifacts(flow_run):
 
     runs, arts = asyncio.run(read())
     assert any(r.state.is_completed() for r in runs)
+    promoted = [r for r in runs if r.state.name == "Promoted"]  # the module's first run
+    assert promoted and {"task:ranking", "model:dlrm", "outcome:promoted"} <= set(promoted[0].tags)
     assert {a.key for a in arts} == {"served-predictions", "run-summary"}
 
 
@@ -246,9 +248,17 @@ def test_the_gate_refuses_a_worse_model_and_keeps_the_served_version(flow_run):
     # (no ONNX compile at export: the gate scores versions in batches the SavedModel answers)
     worse = {**base, "run_name": "worse", "model": {**base["model"], "learning_rate": 1e-9},
              "gate": {"require_beat_baseline": True}, "export": {**base["export"], "compiled_model": "off"}}
-    summary = pipeline(overrides=worse)
+    state = pipeline(overrides=worse, return_state=True)
+    summary = state.result()  # the summary dict, as a plain pipeline(...) call returns it
     g = summary["gate"]
     assert not g["promote"] and g["served_version"] == served_before
+    # the Prefect UI tells a refused run from a promoted one, and the runs list can filter on tags
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        tags = client.read_flow_run(state.state_details.flow_run_id).tags
+    assert state.name == "Refused" and state.is_completed() and "refused by the gate" in state.message
+    assert {"task:ranking", "model:dlrm", "outcome:refused"} <= set(tags)
     assert g["candidate"] < g["served"] and "worse than served" in g["reason"]
     best = max(summary["baselines"], key=lambda n: summary["baselines"][n]["auc"])
     assert g["reason"].startswith(f"dlrm auc {summary['metrics']['auc']:.5f} does not beat {best} "), g["reason"]
