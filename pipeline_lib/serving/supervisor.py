@@ -6,7 +6,8 @@ and Triton 2.51 never restarts it. So the supervisor probes with a real inferenc
 served model's config (one row of zeros per required input), every ``probe_interval_s``:
 
 * tritonserver exited -> restart it (same ports, same admin key);
-* the probe fails with anything but a client error (HTTP 400: the model itself answered) -> reload
+* the probe fails because the model cannot run at all (a dead stub, not loaded; not when the
+  model's own code refuses the probe's zeros, which shows it alive) -> reload
   the model (unload + load of the served version through the admin API, under the repository lock so
   it never races a promotion); if that fails, restart the server.
 
@@ -18,6 +19,7 @@ through :meth:`TritonServer.stop`, which also removes orphaned stubs and leaked 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -67,15 +69,23 @@ def probe_inputs(config: dict) -> list:
         else:
             arr = np.zeros(shape, dtype=_NP.get(dtype, np.float32))
             triton = dtype.replace("TYPE_", "")
+            if spec["name"].endswith("__offsets") and arr.shape[-1] == 1:  # list feature: one row of one value
+                arr = np.concatenate([arr, np.ones_like(arr)], axis=-1)
         inp = httpclient.InferInput(spec["name"], list(arr.shape), triton)
         inp.set_data_from_numpy(arr)
         inputs.append(inp)
     return inputs
 
 
+# what Triton answers when the model cannot run a request at all (vs. the model's code raising on the probe)
+_DEAD = re.compile(r"stub process|not healthy|is not ready|unknown model|unavailable|not found|"
+                   r"failed to connect|connection", re.IGNORECASE)
+
+
 def probe(url: str, model: str, timeout_s: float = 10.0) -> Optional[str]:
-    """None when ``model`` at ``url`` answers a real inference (or refuses it as a client error, which
-    the model's own code did), else why not."""
+    """None when ``model`` at ``url`` answers a real inference -- or its own code answers it with an
+    error (a 400, or an exception about the zeros of the probe row): its process is alive -- else why not
+    (a dead python stub, the model not loaded, the server not answering)."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
@@ -84,9 +94,10 @@ def probe(url: str, model: str, timeout_s: float = 10.0) -> Optional[str]:
             c.infer(model, probe_inputs(c.get_model_config(model)))
         return None
     except InferenceServerException as exc:
-        if exc.status() == "400":
-            return None
-        return f"probe inference failed: {str(exc.message() or exc).splitlines()[0][:200]}"
+        msg = str(exc.message() or exc)
+        if exc.status() == "400" or not _DEAD.search(msg):
+            return None  # the model's own code answered (refused the zeros, say): its process is alive
+        return f"probe inference failed: {msg.splitlines()[0][:200]}"
     except Exception as exc:  # noqa: BLE001 - connection refused, timeout: all mean "not answering"
         return f"probe inference failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
