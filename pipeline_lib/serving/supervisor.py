@@ -78,7 +78,7 @@ def probe_inputs(config: dict) -> list:
 
 
 # what Triton answers when the model cannot run a request at all (vs. the model's code raising on the probe)
-_DEAD = re.compile(r"stub process|not healthy|is not ready|unknown model|unavailable|not found|"
+_DEAD = re.compile(r"stub process|not healthy|is not ready|unknown model|unavailable|"
                    r"failed to connect|connection", re.IGNORECASE)
 
 
