@@ -114,15 +114,26 @@ def serve(
     repo = repository or cfg.export.model_repository
     s = cfg.serving
     server = server_from_config(s, repo, cfg.export.model_name)
-    stop = {"flag": False}
+    stop = {"flag": False, "starting": True}
+
+    def on_signal(*_) -> None:
+        stop["flag"] = True
+        if stop["starting"]:  # interrupt a long start-up at once (start() stops Triton on the way out)
+            raise KeyboardInterrupt
+
     # Ctrl-C (SIGINT) and SIGTERM both stop the server, also when SIGINT came in ignored (a background
     # `cmd &` of a non-interactive shell, nohup): Python then installs no KeyboardInterrupt for it
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.update(flag=True))
+        signal.signal(sig, on_signal)
     try:
         server.start(timeout_s=s.startup_timeout_s, models=[cfg.export.model_name])
     except ServerError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        server.stop()
+        typer.echo("stopped during start-up.")
+        raise typer.Exit(code=130) from None
+    stop["starting"] = False
     typer.echo(f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {s.host}:{s.metrics_port}/metrics")
     typer.echo(f"model '{cfg.export.model_name}' from {Path(repo).resolve()} (model control: {s.model_control}); "
                f"log {server.log_file}. Ctrl-C stops.")
