@@ -1,10 +1,12 @@
 #!/bin/sh
 # Explicit model control: the pipeline worker switches versions with the model-repository API,
 # which only answers requests carrying the admin key (inference, health and metrics stay open).
+# One header name over HTTP and gRPC: triton-grpc-protocol-recsys-admin-key (Triton prefixes gRPC
+# metadata with triton-grpc-protocol-). Here the key is in argv, visible inside the container only.
 set -eu
 KEY_ARGS=""
 if [ -n "${RECSYS_ADMIN_KEY:-}" ]; then
-  KEY_ARGS="--http-restricted-api=model-repository:recsys-admin-key=${RECSYS_ADMIN_KEY} --grpc-restricted-protocol=model-repository:recsys-admin-key=${RECSYS_ADMIN_KEY}"
+  KEY_ARGS="--http-restricted-api=model-repository:triton-grpc-protocol-recsys-admin-key=${RECSYS_ADMIN_KEY} --grpc-restricted-protocol=model-repository:recsys-admin-key=${RECSYS_ADMIN_KEY}"
 fi
 LOAD=""
 [ -f /models/recsys/config.pbtxt ] && LOAD="--load-model=recsys"

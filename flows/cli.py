@@ -30,6 +30,35 @@ def _fail(msg: str) -> None:
     raise typer.Exit(code=2)
 
 
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="print the full traceback when a command fails")) -> None:
+    _DEBUG["on"] = debug
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:400]
+
+
+def _repo_failure(action: str, cfg, exc: BaseException) -> None:
+    """One line for a failed promote / rollback / prune: what failed, what is served now, what to do."""
+    from pipeline_lib.serving.repository import served_version
+
+    if _DEBUG["on"]:
+        raise exc
+    repo, model = cfg.export.model_repository, cfg.export.model_name
+    try:
+        served = served_version(repo, model)
+        now = f"v{served} of '{model}' is still served" if served is not None else f"nothing of '{model}' is served"
+    except Exception:  # noqa: BLE001 - the repository itself may be what is broken
+        now = f"the served version of '{model}' could not be read"
+    _fail(f"{action} failed: {_first_line(exc)}. {now} ({repo}). Check `recsys versions` and the path's permissions; "
+          "`recsys --debug ...` shows the traceback.")
+
+
 @app.command()
 def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
         as_json: bool = typer.Option(False, "--json", help="print the full run summary as JSON (as in summary.json)")
@@ -37,17 +66,23 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
     """Run the whole Prefect flow: data -> ETL -> train -> export -> Triton smoke test -> publish."""
     from pipeline_lib.config import parse_set_options
 
+    from pipeline_lib.paths import check_writable
+
     try:
         overrides = parse_set_options(set_ or [])
-        _cfg(config, set_)  # validate before starting Prefect
+        cfg = _cfg(config, set_)  # validate before starting Prefect
+        check_writable("runs_dir", Path(cfg.runs_dir))  # the flow checks again; this fails in a second
+        check_writable("export.model_repository", Path(cfg.export.model_repository))
     except Exception as exc:
         _fail(str(exc))
     from flows.pipeline import pipeline
-    from pipeline_lib.errors import DataValidationError
+    from pipeline_lib.errors import DataValidationError, OutputPathError
 
     try:
         summary = pipeline(config_path=str(config) if config else None, overrides=overrides or None)
-    except DataValidationError as exc:  # bad input data: one clear message, no stack trace
+    except (DataValidationError, OutputPathError) as exc:  # bad input data / output path: one clear message
+        if _DEBUG["on"]:
+            raise
         _fail(str(exc))
     summary.pop("predictions", None)
     if as_json:
@@ -64,30 +99,62 @@ def serve(
     set_: Optional[List[str]] = SetOpt,
     repository: Optional[Path] = typer.Option(None, help="model repository (default: export.model_repository)"),
 ) -> None:
-    """Start Triton over the model repository and keep it running until Ctrl-C."""
-    from pipeline_lib.serving.server import ServerError, server_from_config
+    """Start Triton over the model repository and keep it running until Ctrl-C (or SIGTERM).
 
+    A supervisor probes the model with a real inference every serving.supervisor.probe_interval_s,
+    reloads the model or restarts Triton when it fails, and exits non-zero when it gives up."""
+    import logging
+
+    from pipeline_lib.serving.server import ServerError, server_from_config
+    from pipeline_lib.serving.supervisor import GAVE_UP, Supervisor, SupervisorPolicy
+
+    if not logging.getLogger().handlers:  # the supervisor's "why" lines reach the terminal / journal
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = _cfg(config, set_)
     repo = repository or cfg.export.model_repository
     s = cfg.serving
     server = server_from_config(s, repo, cfg.export.model_name)
+    stop = {"flag": False, "starting": True}
+
+    def on_signal(*_) -> None:
+        stop["flag"] = True
+        if stop["starting"]:  # interrupt a long start-up at once (start() stops Triton on the way out)
+            raise KeyboardInterrupt
+
+    # Ctrl-C (SIGINT) and SIGTERM both stop the server, also when SIGINT came in ignored (a background
+    # `cmd &` of a non-interactive shell, nohup): Python then installs no KeyboardInterrupt for it
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     try:
         server.start(timeout_s=s.startup_timeout_s, models=[cfg.export.model_name])
     except ServerError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        server.stop()
+        typer.echo("stopped during start-up.")
+        raise typer.Exit(code=130) from None
+    stop["starting"] = False
     typer.echo(f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {s.host}:{s.metrics_port}/metrics")
     typer.echo(f"model '{cfg.export.model_name}' from {Path(repo).resolve()} (model control: {s.model_control}); "
                f"log {server.log_file}. Ctrl-C stops.")
-    stop = {"flag": False}
-    # Ctrl-C (SIGINT) and SIGTERM both stop the server, also when SIGINT came in ignored (a background
-    # `cmd &` of a non-interactive shell, nohup): Python then installs no KeyboardInterrupt for it
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.update(flag=True))
-    try:
-        while not stop["flag"] and server.process and server.process.poll() is None:
-            time.sleep(0.5)
-    finally:
-        server.stop()
+    if server.key_file is not None:
+        typer.echo(f"model-repository API (load/unload) restricted: admin key in {server.key_file} (0600)")
+    sup = s.supervisor
+    if not sup.enabled:
+        try:
+            while not stop["flag"] and server.process and server.process.poll() is None:
+                time.sleep(0.5)
+        finally:
+            server.stop()
+        typer.echo("Triton stopped.")
+        return
+    policy = SupervisorPolicy(sup.probe_interval_s, sup.probe_timeout_s, sup.max_failures, sup.window_s,
+                              sup.backoff_initial_s, sup.backoff_max_s, s.startup_timeout_s)
+    code = Supervisor(server, cfg.export.model_name, Path(repo), policy).run(lambda: stop["flag"])
+    if code == GAVE_UP:
+        typer.secho(f"error: Triton stopped: model '{cfg.export.model_name}' kept failing ({sup.max_failures} recoveries "
+                    f"within {sup.window_s:.0f} s); see {server.log_file}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=code)
     typer.echo("Triton stopped.")
 
 
@@ -118,26 +185,26 @@ def versions(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
 def promote(version: int = typer.Argument(..., help="version number to serve"),
             config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Serve VERSION; a running `recsys serve` switches to it without restart."""
-    from pipeline_lib.serving.repository import RepositoryError, promote as _promote
+    from pipeline_lib.serving.repository import promote as _promote
 
     cfg = _cfg(config, set_)
     try:
         event = _promote(cfg.export.model_repository, cfg.export.model_name, version, _live(cfg), cfg.serving.instance_count)
-    except RepositoryError as exc:
-        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - one line (traceback with --debug)
+        _repo_failure(f"promote to v{version}", cfg, exc)
     typer.echo(json.dumps(event))
 
 
 @app.command()
 def rollback(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Serve the previous (next older) version; a running `recsys serve` switches without restart."""
-    from pipeline_lib.serving.repository import RepositoryError, rollback as _rollback
+    from pipeline_lib.serving.repository import rollback as _rollback
 
     cfg = _cfg(config, set_)
     try:
         event = _rollback(cfg.export.model_repository, cfg.export.model_name, _live(cfg), cfg.serving.instance_count)
-    except RepositoryError as exc:
-        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - one line (traceback with --debug)
+        _repo_failure("rollback", cfg, exc)
     typer.echo(json.dumps(event))
 
 
@@ -148,7 +215,10 @@ def prune(keep: Optional[int] = typer.Option(None, help="versions to keep (defau
     from pipeline_lib.serving.repository import prune as _prune
 
     cfg = _cfg(config, set_)
-    removed = _prune(cfg.export.model_repository, cfg.export.model_name, keep or cfg.export.keep_versions)
+    try:
+        removed = _prune(cfg.export.model_repository, cfg.export.model_name, keep or cfg.export.keep_versions)
+    except Exception as exc:  # noqa: BLE001 - one line (traceback with --debug)
+        _repo_failure("prune", cfg, exc)
     typer.echo(f"removed versions: {removed or 'none'}")
 
 

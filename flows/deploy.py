@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from typing import Optional
+import logging
+from typing import Any, Optional
 
 from prefect.runner import Runner
 
@@ -34,11 +35,52 @@ DEFAULT_CRON = "0 3 * * *"
 DEFAULT_PREFETCH_S = 120.0  # longer than the flow-run process's start-up on a busy 2-core machine
 
 
+class _AtCapacityOnce(logging.Filter):
+    """The runner's poller logs "N scheduled runs skipped (at capacity)" on every poll while a run is
+    going (limit 1): nothing is dropped, the runs wait. Say that once, plainly, per busy spell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "scheduled runs skipped (at capacity)" not in record.getMessage():
+            return True
+        if self.said:
+            return False
+        self.said = True
+        record.msg, record.args = ("a run is in progress (one at a time): later scheduled runs wait for it; "
+                                   "none is dropped (said once)"), ()
+        return True
+
+
+class _Runner(Runner):
+    """A Runner that stops on SIGTERM (a service manager's stop) as it does on Ctrl-C: it unwinds
+    through its own shutdown, which pauses the deployment's schedule, so no "Late" runs pile up
+    while nothing executes them. (Prefect's own handler exits without pausing.)"""
+
+    main_task: Optional[asyncio.Task] = None
+
+    def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        self._logger.info("SIGTERM received: pausing the schedule and stopping (as on Ctrl-C)")
+        if self.main_task is not None:
+            self.main_task.get_loop().call_soon_threadsafe(self.main_task.cancel)
+        else:  # pragma: no cover - not started through serve()
+            super().handle_sigterm(*args, **kwargs)
+
+
+async def _start(runner: _Runner) -> None:
+    runner.main_task = asyncio.current_task()
+    await runner.start()
+
+
 def serve(name: str = DEFAULT_NAME, cron: str = DEFAULT_CRON, config_path: Optional[str] = None,
           overrides: Optional[dict] = None, limit: Optional[int] = 1, prefetch_s: float = DEFAULT_PREFETCH_S) -> None:
-    """Register ``name`` (cron-scheduled, with parameters) and run its flow runs until stopped."""
-    runner = Runner(name=name, limit=limit,  # one pipeline run at a time: runs share the model repository
-                    prefetch_seconds=prefetch_s)
+    """Register ``name`` (cron-scheduled, with parameters) and run its flow runs until stopped
+    (Ctrl-C or SIGTERM; both pause the schedule)."""
+    logging.getLogger("prefect.runner").addFilter(_AtCapacityOnce())
+    runner = _Runner(name=name, limit=limit,  # one pipeline run at a time: runs share the model repository
+                     prefetch_seconds=prefetch_s)
     runner.add_flow(
         pipeline,
         name=name,
@@ -50,9 +92,10 @@ def serve(name: str = DEFAULT_NAME, cron: str = DEFAULT_CRON, config_path: Optio
     print(f"deployment '{pipeline.name}/{name}' ({cron}, UTC) registered; executing its runs until stopped "
           f"(trigger one now: prefect deployment run '{pipeline.name}/{name}')", flush=True)
     try:
-        asyncio.run(runner.start())
-    except KeyboardInterrupt:
-        print("stopped", flush=True)
+        asyncio.run(_start(runner))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("stopped; the schedule is paused (resume: prefect deployment schedule resume ... or start this again)",
+              flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

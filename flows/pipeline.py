@@ -18,6 +18,7 @@ from typing import Any, Optional  # noqa: E402
 
 import pandas as pd  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
+from prefect.states import Completed, State  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
 from pipeline_lib import report  # noqa: E402
@@ -29,8 +30,11 @@ from pipeline_lib.release.gate import GateDecision  # noqa: E402
 
 
 @flow(name="recsys-pipeline", log_prints=True)
-def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, Any]] = None) -> dict:
-    """Run every stage for one config; returns a summary (metrics, gate, timings, served predictions)."""
+def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, Any]] = None) -> State:
+    """Run every stage for one config. The run ends in a Completed state named for the outcome
+    ("Promoted" / "Refused", so the Prefect UI tells them apart) whose data is the summary (metrics,
+    gate, timings, served predictions): calling ``pipeline(...)`` returns that summary dict. The run is
+    tagged ``task:<family>``, ``model:<type>`` and ``outcome:<promoted|refused>``."""
     cfg = load_config(config_path, overrides)
     fam, paths = get_family(cfg), new_run(cfg)
     print(f"run folder: {paths.root}")
@@ -64,7 +68,9 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     create_table_artifact(key="metrics", table=rows, description=description)
     requests, serve_args = fam.smoke_rows(etl_out, cfg.serving.smoke_rows), report.cli_args(config_path, overrides)
     if not decision.promote:
-        return refused(fam, paths, summary, decision, query_info(cfg, paths, requests, serve_args))
+        out = refused(fam, paths, summary, decision, query_info(cfg, paths, requests, serve_args))
+        tag_run(cfg, fam, "refused")
+        return Completed(name="Refused", data=out, message=f"refused by the gate: {decision.reason}"[:500])
 
     result = timed("serving-smoke-test", tasks.smoke, fam, paths, etl_out, exp)
     version, served_dir, info = timed("publish", tasks.publish, fam, paths, raw_path, etl_out, trained, exp)
@@ -76,10 +82,33 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     served = fam.served_report(result, requests, summary)
     create_table_artifact(key="served-predictions", table=served.artifact, description=served.description)
     finish(paths, summary, fam.title)
-    create_markdown_artifact(key="promotion", markdown=_promotion_md(event, info, decision),
+    create_markdown_artifact(key="promotion", markdown=_promotion_md(event, info, decision, cfg.export.model_name,
+                                                                      fam.title),
                              description="gate decision, served version and lineage")
-    print(f"{served.console}; published and serving {served_dir}")
-    return summary | {"predictions": served.table}
+    where = (f"published and serving {served_dir} (the Triton at {event['live_server']} switched to it)"
+             if event["live_server"] else f"published {served_dir}; served at the next `recsys serve`")
+    print(f"{served.console}; {where}")
+    tag_run(cfg, fam, "promoted")
+    return Completed(name="Promoted", data=summary | {"predictions": served.table},
+                     message=f"promoted {cfg.export.model_name} v{event['version']} ({model_type(cfg)})")
+
+
+def model_type(cfg: RunConfig) -> str:
+    return cfg.session.model.type if cfg.task == "session" else cfg.model.type
+
+
+def tag_run(cfg: RunConfig, fam: TaskFamily, outcome: str) -> None:
+    """Add family, model type and outcome tags to this flow run (the runs list can filter on them)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    new = [f"task:{fam.name}", f"model:{model_type(cfg)}", f"outcome:{outcome}"]
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run.id)
+            client.update_flow_run(flow_run.id, tags=sorted(set(run.tags) | set(new)))
+    except Exception as exc:  # noqa: BLE001 - tags are a convenience; the run's outcome stands
+        get_run_logger().warning("could not tag the flow run %s: %s", new, exc)
 
 
 def candidate_curves(comp: Competition) -> list[tuple[str, Optional[Path]]]:
@@ -115,8 +144,11 @@ def query_info(cfg: RunConfig, paths: RunPaths, rows: pd.DataFrame, serve_args: 
     this run, typed from the served config.pbtxt) is saved as serving/request.json."""
     s, name = cfg.serving, cfg.export.model_name
     body = request_file = None
+    served_config = Path(cfg.export.model_repository) / name / "config.pbtxt"
     try:
-        body = report.request_body(Path(cfg.export.model_repository) / name / "config.pbtxt", rows.iloc[0].to_dict())
+        if not served_config.exists():  # a refused first run: nothing published to take the input types from
+            return report.query_commands(name, s.host, s.http_port, s.grpc_port, serve_args, None, None)
+        body = report.request_body(served_config, rows.iloc[0].to_dict())
         request_file = paths.serving / "request.json"
         request_file.parent.mkdir(parents=True, exist_ok=True)
         request_file.write_text(json.dumps(body, indent=1))
@@ -143,9 +175,10 @@ def _refused_md(d: GateDecision) -> str:
     ])
 
 
-def _promotion_md(event: dict, info: dict, d: GateDecision) -> str:
+def _promotion_md(event: dict, info: dict, d: GateDecision, model_name: str = "", title: str = "") -> str:
     return "\n".join([
         "# promotion", "",
+        f"- model: **{model_name}** ({title})" if model_name else f"- model: {title}",
         f"- decision: **{event['action']}** version **{event['version']}** (previously served: {event['previous']})",
         f"- gate: {d.reason}",
         f"- live server switched: {event['live_server'] or 'none running (served at next start)'}",

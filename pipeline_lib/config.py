@@ -535,6 +535,18 @@ class DynamicBatchingConfig(_Strict):
         return self
 
 
+class SupervisorConfig(_Strict):
+    """How `recsys serve` keeps the model answering (pipeline_lib/serving/supervisor.py)."""
+
+    enabled: bool = Field(True, description="probe the served model and restart Triton / reload the model when it fails")
+    probe_interval_s: float = Field(2.0, gt=0, description="seconds between probes (a real one-row inference)")
+    probe_timeout_s: float = Field(10.0, gt=0, description="a probe slower than this counts as failed")
+    max_failures: int = Field(5, ge=1, description="give up (exit non-zero) after more failures than this within window_s")
+    window_s: float = Field(300.0, gt=0, description="the window max_failures counts in")
+    backoff_initial_s: float = Field(0.5, ge=0, description="wait before the first recovery; doubles per failure in the window")
+    backoff_max_s: float = Field(30.0, ge=0, description="longest wait before a recovery")
+
+
 class ServingConfig(_Strict):
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -548,9 +560,13 @@ class ServingConfig(_Strict):
     instance_count: int = Field(1, ge=1, description="model instances (python backend processes)")
     dynamic_batching: DynamicBatchingConfig = Field(default_factory=DynamicBatchingConfig)
     admin_api_key: Optional[str] = Field(
-        None, description="restrict Triton's model-repository API (load/unload) to requests with this key; "
-        "default: env RECSYS_ADMIN_KEY"
+        None, description="the key Triton's model-repository API (load/unload/upload) requires; default: env "
+        "RECSYS_ADMIN_KEY, else a fresh key per server kept in a 0600 file (docs/serving.md)"
     )
+    restrict_repository_api: bool = Field(
+        True, description="refuse model-repository API calls (load/unload/upload) without the admin key"
+    )
+    supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     notify_live_server: bool = Field(True, description="after a promotion, switch a Triton running at host:http_port")
     smoke_rows: int = Field(8, ge=1, description="raw rows sent in the end-of-run smoke test")
     smoke_atol: float = 1e-5

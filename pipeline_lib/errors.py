@@ -23,3 +23,8 @@ class DataValidationError(ValueError):
         self.problems = problems
         lines = "\n  - ".join(str(p) for p in problems)
         super().__init__(f"raw data failed validation ({len(problems)} problem(s)):\n  - {lines}")
+
+
+class OutputPathError(OSError):
+    """A folder the run writes (runs_dir, the model repository) cannot be written: raised at run start,
+    before any work, naming the config key, the path and why."""

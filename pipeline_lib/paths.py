@@ -47,8 +47,34 @@ class RunPaths:
         return self.root / "serving"
 
 
+def check_writable(key: str, path: Path) -> None:
+    """Create ``path`` if needed and write a probe file in it; raise :class:`OutputPathError` naming
+    ``key`` (the config key) and why when that fails (a parent that is a file, a read-only mount, no
+    permission). Writing, not ``os.access``: root ignores permission bits but not read-only mounts."""
+    import os
+    import tempfile
+
+    from pipeline_lib.errors import OutputPathError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        blocker = next((p for p in [path, *path.parents] if p.exists()), None)
+        why = (f"{blocker} is a file, not a folder" if blocker is not None and not blocker.is_dir()
+               else exc.strerror or str(exc))
+        raise OutputPathError(f"{key} {path} is not writable ({why}); nothing was run. Point {key} at a "
+                              f"writable folder (--set {key}=PATH) or fix its permissions.") from None
+
+
 def new_run(cfg: RunConfig) -> RunPaths:
-    """Create the run folder and save the validated config in it."""
+    """Check that the run's output folders are writable, then create the run folder and save the
+    validated config in it."""
+    check_writable("runs_dir", Path(cfg.runs_dir))
+    check_writable("export.model_repository", Path(cfg.export.model_repository))
     name = cfg.run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     root = Path(cfg.runs_dir) / name
     root.mkdir(parents=True, exist_ok=False)

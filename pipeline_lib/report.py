@@ -197,6 +197,17 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def uv_command() -> str:
+    """How to call uv here: ``uv`` when it is on PATH, else the copy `make` bootstrapped into the
+    project's ``.tools/bin`` (a fresh machine), by its full path -- so the printed commands work as pasted."""
+    import shutil
+
+    if shutil.which("uv"):
+        return "uv"
+    local = Path(__file__).resolve().parents[1] / ".tools" / "bin" / "uv"
+    return shlex.quote(str(local)) if local.exists() else "uv"
+
+
 def query_commands(model_name: str, host: str, http_port: int, grpc_port: int, args: list[str],
                    request_file: Optional[Path] = None, body: Optional[dict] = None) -> dict:
     """Ready-to-paste commands: start Triton over the repository, query it with `recsys predict`
@@ -204,10 +215,11 @@ def query_commands(model_name: str, host: str, http_port: int, grpc_port: int, a
     extra = " ".join(shlex.quote(a) for a in args)
     extra = f" {extra}" if extra else ""
     url = f"{host}:{http_port}/v2/models/{model_name}/infer"
+    uv = uv_command()
     out = {
         "model_name": model_name, "http": f"{host}:{http_port}", "grpc": f"{host}:{grpc_port}",
-        "serve": f"uv run recsys serve{extra}",
-        "predict": f"uv run recsys predict{extra} --protocol grpc",
+        "serve": f"{uv} run recsys serve{extra}",
+        "predict": f"{uv} run recsys predict{extra} --protocol grpc",
         "metadata": f"curl -s {host}:{http_port}/v2/models/{model_name}",
     }
     head = f"curl -s {url} -H 'Content-Type: application/json'"

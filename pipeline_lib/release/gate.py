@@ -169,7 +169,10 @@ def with_baselines(decision: GateDecision, baselines: Optional[Mapping[str, Mapp
         decision.reason = f"{check['reason']}; {decision.reason}"
     else:
         decision.promote = False
-        decision.reason = f"{check['reason']}: not promoted (gate.require_beat_baseline); {decision.reason}"
+        # the comparison's own "... promotes/promoting" no longer holds: say what stays served instead
+        context = ("nothing is served yet" if decision.served_version is None
+                   else decision.reason.replace("; promoting", ""))
+        decision.reason = f"{check['reason']}: not promoted (gate.require_beat_baseline); {context}"
     return decision
 
 

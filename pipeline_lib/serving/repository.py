@@ -40,6 +40,8 @@ from typing import Optional
 
 from google.protobuf import text_format
 
+from pipeline_lib.serving.admin_key import ADMIN_HEADER  # one header name, HTTP and gRPC
+
 CONFIG = "config.pbtxt"
 VERSION_CONFIG = "model_config.pbtxt"
 LINEAGE = "lineage.json"
@@ -215,7 +217,6 @@ class LiveServer:
         return {ADMIN_HEADER: self.api_key} if self.api_key else None
 
 
-ADMIN_HEADER = "recsys-admin-key"
 
 
 def _reload(live: LiveServer, model: str, version: int) -> None:

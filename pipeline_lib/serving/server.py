@@ -7,6 +7,7 @@ PATH only when ``TRITONSERVER_BIN`` points at it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline_lib.quiet import CHILD_WARNINGS
-from pipeline_lib.serving.repository import ADMIN_HEADER, LiveServer
+from pipeline_lib.serving import admin_key as keys
+from pipeline_lib.serving.repository import LiveServer
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,9 @@ class ServerOptions:
     """How :class:`TritonServer` runs tritonserver. ``auto_ports=True`` ignores the three ports and
     picks free ones at start(); if another process takes one of them before Triton binds it,
     start() picks again. ``model_control``: none | poll | explicit (``load_models`` at start;
-    ``repository_poll_secs`` for poll). ``admin_api_key``: load/unload only with that key.
+    ``repository_poll_secs`` for poll). The model-repository API (load, unload, upload) answers only
+    requests carrying the admin key (:mod:`pipeline_lib.serving.admin_key`): ``admin_api_key``, or
+    a fresh key per server when None; ``restrict_repository_api=False`` leaves it open.
     ``auto_complete_config``: let Triton and its backends complete model configs. Off by default: every
     config this project writes is complete, and for a python-backend model the completion step starts one
     more stub process that imports model.py (and what it imports) before the model's own instance does."""
@@ -150,6 +154,7 @@ class ServerOptions:
     load_models: Optional[list[str]] = None
     repository_poll_secs: int = 5
     admin_api_key: Optional[str] = None
+    restrict_repository_api: bool = True
     auto_ports: bool = False
     auto_complete_config: bool = False
 
@@ -170,7 +175,12 @@ class TritonServer:
         self.model_control = o.model_control
         self.load_models = list(o.load_models or [])
         self.repository_poll_secs = o.repository_poll_secs
-        self.admin_api_key = o.admin_api_key
+        self.admin_api_key = o.admin_api_key  # None: generated at start() (then kept across restarts)
+        self.restrict_repository_api = o.restrict_repository_api
+        self.key_file: Optional[Path] = None
+        self._key_in_argv: Optional[str] = None  # only without the shim (no C compiler), scrubbed after start
+        self._pgid: Optional[int] = None
+        self._shm_regions: set[str] = set()
         self.process: Optional[subprocess.Popen] = None
         self.auto_ports = o.auto_ports
 
@@ -199,7 +209,10 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
             "--exit-on-error=true",
-            "--strict-readiness=true",
+            # not strict: Triton keeps a version whose load failed as UNAVAILABLE for the process lifetime
+            # (no reload/unload clears it) and strict readiness then answers 400 forever, although the
+            # served version is READY; /v2/models/<name>/ready says whether the model is ready
+            "--strict-readiness=false",
             "--exit-timeout-secs=10",
             *([] if self.options.auto_complete_config else ["--disable-auto-complete-config"]),
             f"--model-control-mode={self.model_control}",
@@ -210,11 +223,28 @@ class TritonServer:
         ]
 
     def _restricted_api_args(self) -> list[str]:
-        """Load/unload (model-repository API) only with the admin key; inference stays open."""
-        if not self.admin_api_key:
+        """Load/unload (model-repository API) only with the admin key; inference stays open. The key
+        itself is never in argv when the shim is used (a placeholder is; see admin_key)."""
+        if not self.restrict_repository_api:
             return []
-        rule = f"model-repository:{ADMIN_HEADER}={self.admin_api_key}"
-        return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
+        return keys.restricted_api_args(self._key_in_argv)
+
+    def _prepare_key(self, env: dict) -> None:
+        """Generate (once) and store the admin key; hand it to tritonserver without argv."""
+        if not self.restrict_repository_api:
+            return
+        self.admin_api_key = self.admin_api_key or keys.new_key()
+        self.key_file = keys.key_path(self.host, self.http_port)
+        keys.write_key(self.key_file, self.admin_api_key)
+        shim = keys.shim_library()
+        if shim is None:
+            log.warning("no C compiler for the admin-key shim: the key is in tritonserver's argv until it is "
+                        "scrubbed right after start")
+            self._key_in_argv = self.admin_api_key
+            return
+        self._key_in_argv = None
+        env["LD_PRELOAD"] = os.pathsep.join([str(shim), *([env["LD_PRELOAD"]] if env.get("LD_PRELOAD") else [])])
+        env[keys.KEY_ENV] = self.admin_api_key
 
     def start(self, timeout_s: float = 180.0, models: Optional[list[str]] = None,
               attempts: int = 3) -> "TritonServer":
@@ -245,10 +275,13 @@ class TritonServer:
         what = f" and loading model {', '.join(repr(m) for m in models)}" if models else ""
         log.info("starting Triton (HTTP :%d, gRPC :%d)%s ... (log: %s)", self.http_port, self.grpc_port, what,
                  self.log_file)
+        env = server_env(paths)
+        self._prepare_key(env)
         self.process = subprocess.Popen(
-            self.command(paths), env=server_env(paths), stdout=self._log, stderr=subprocess.STDOUT,
+            self.command(paths), env=env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_die_with_parent,
         )
+        self._pgid = self.process.pid  # start_new_session: its own process group, which its python stubs join
         try:
             self.wait_ready(timeout_s, models)
         except BaseException:
@@ -265,6 +298,10 @@ class TritonServer:
         with httpclient.InferenceServerClient(self.http_url, connection_timeout=2.0, network_timeout=2.0) as client:
             while time.monotonic() < deadline:
                 this_start = self._log_since_start()
+                if self._key_in_argv and this_start.strip() and self.process is not None:
+                    # Triton logs only after parsing its options: overwrite the key in its argv now
+                    keys.scrub_argv(self.process.pid, self._key_in_argv)
+                    self._key_in_argv = None
                 exited = self.process is not None and self.process.poll() is not None
                 failed = _SERVICE_FAILED.search(this_start)
                 if exited or failed:
@@ -277,6 +314,7 @@ class TritonServer:
                     raise kind(f"tritonserver {what} during start-up{hint}:\n{self.log_tail()}")
                 try:
                     if client.is_server_ready() and all(client.is_model_ready(m) for m in models):
+                        self.remember_shm_regions()
                         return
                 except Exception:
                     pass
@@ -301,9 +339,19 @@ class TritonServer:
         except OSError:
             return "(no log)"
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def remember_shm_regions(self) -> None:
+        """Note the python backend's shared-memory regions this server maps (read from
+        /proc/PID/maps while it runs), so :meth:`stop` can remove them after a crash too."""
+        if self.process is not None:
+            self._shm_regions |= shm_regions_of(self.process.pid)
+
+    def stop(self, timeout_s: float = 30.0, keep_key: bool = False) -> None:
+        """Stop tritonserver and clean up after it on every path: its python stubs (killed with the
+        process group, also when Triton itself was killed and left them orphaned), the shared-memory
+        regions it mapped, and -- unless ``keep_key`` (a restart) -- its admin key file."""
         proc, self.process = self.process, None
         if proc is not None and proc.poll() is None:
+            self.remember_shm_regions()
             # Triton shuts down gracefully on SIGINT and SIGTERM alike. SIGTERM, because a process started
             # with SIGINT ignored (a background job of a script, nohup; Triton inherits that) would lose a
             # SIGINT sent before Triton installs its own handler, and a failed start then waited 30 s here.
@@ -313,6 +361,23 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        if self._pgid is not None:
+            try:
+                os.killpg(self._pgid, signal.SIGKILL)  # orphaned stubs of a killed server
+            except (ProcessLookupError, PermissionError):
+                pass
+            self._pgid = None
+        leaked = [r for r in sorted(self._shm_regions) if Path(r).exists()]
+        for region in leaked:
+            with contextlib.suppress(OSError):
+                os.unlink(region)
+        if leaked:
+            log.info("removed %d shared-memory region(s) left by tritonserver", len(leaked))
+        self._shm_regions = set()
+        if not keep_key and self.key_file is not None:
+            with contextlib.suppress(OSError):
+                self.key_file.unlink()
+            self.key_file = None
         if getattr(self, "_log", None):
             self._log.close()
             self._log = None
@@ -326,7 +391,30 @@ class TritonServer:
         self.stop()
 
 
+SHM_PREFIX = "/dev/shm/triton_python_backend_shm"
+
+
+def shm_regions_of(pid: int) -> set[str]:
+    """The python backend's shared-memory files mapped by ``pid`` and the processes of its group."""
+    pids = {pid}
+    with contextlib.suppress(OSError):
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    if int(p.joinpath("stat").read_text().rsplit(")", 1)[1].split()[2]) == pid:  # pgid
+                        pids.add(int(p.name))
+    regions: set[str] = set()
+    for q in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{q}/maps").read_text().splitlines():
+                path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+                if path.startswith(SHM_PREFIX):
+                    regions.add(path.replace(" (deleted)", ""))
+    return regions
+
+
 def admin_key(cfg) -> Optional[str]:
+    """The admin key set by config or environment (None: each server generates its own)."""
     return cfg.admin_api_key or os.environ.get("RECSYS_ADMIN_KEY") or None
 
 
@@ -339,6 +427,7 @@ def server_from_config(serving_cfg, repository: Path, model_name: str, log_file:
         log_file=log_file or Path(repository).resolve().parent / "triton.log",
         model_control=s.model_control, load_models=[model_name],
         repository_poll_secs=s.repository_poll_secs, admin_api_key=admin_key(s),
+        restrict_repository_api=s.restrict_repository_api,
     ))
 
 
@@ -355,4 +444,4 @@ def live_server(serving_cfg):
                 return None
     except Exception:
         return None
-    return LiveServer(url, admin_key(serving_cfg))
+    return LiveServer(url, admin_key(serving_cfg) or keys.read_key(serving_cfg.host, serving_cfg.http_port))

@@ -130,3 +130,41 @@ def test_the_scheduler_itself_starts_the_cron_deployment_and_the_run_completes(p
     promotion = next(a for a in arts if a.key == "promotion").data
     assert "promote** version **1**" in promotion and "data fingerprint: `sha256:" in promotion
     assert (tmp_path / "model_repository" / "recsys" / "1" / "lineage.json").exists()
+
+
+def test_sigterm_pauses_the_schedule_as_ctrl_c_does(prefect_server, tmp_path):
+    """A service manager's stop (SIGTERM) must leave the deployment paused, not scheduled with nobody
+    to run it (Late runs piling up)."""
+    import signal
+
+    api, home, env = prefect_server
+    env = {**env, "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    log = open(tmp_path / "runner.log", "w")
+    runner = subprocess.Popen([sys.executable, "-m", "flows.deploy", "--name", "sigterm-test", "--cron", "0 3 1 1 *"],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def deployment() -> dict:
+        req = urllib.request.Request(f"{api}/deployments/name/recsys-pipeline/sigterm-test")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert runner.poll() is None and time.monotonic() < deadline, (tmp_path / "runner.log").read_text()[-3000:]
+            try:
+                if "registered" in (tmp_path / "runner.log").read_text() and not deployment()["paused"]:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        time.sleep(3)  # the runner's loops are running
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=120)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        log.close()
+    out = (tmp_path / "runner.log").read_text()
+    assert deployment()["paused"], out[-3000:]
+    assert "schedule is paused" in out and "Traceback" not in out, out[-3000:]

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline_lib.export import ranking as export
+from pipeline_lib.report import uv_command
 from pipeline_lib.serving.client import RecsysClient
 from pipeline_lib.serving.server import TritonServer
 from pipeline_lib.serving.server import free_ports
@@ -63,13 +64,13 @@ def test_flow_runs_every_stage_and_publishes(flow_run):
     # how to query it: commands for the served model, its endpoints, a curl body of one raw row
     q = summary["query"]
     assert q["model_name"] == "recsys" and q["http"] == "127.0.0.1:8000" and q["grpc"] == "127.0.0.1:8001"
-    assert q["serve"] == f"uv run recsys serve --set export.model_repository={tmp / 'model_repository'} --set runs_dir={tmp / 'runs'}"
+    assert q["serve"] == f"{uv_command()} run recsys serve --set export.model_repository={tmp / 'model_repository'} --set runs_dir={tmp / 'runs'}"
     assert q["predict"].startswith(q["serve"].replace(" serve ", " predict ")) and "notify_live_server" not in q["predict"]
     assert q["curl"].endswith(str(run / "serving" / "request.json"))
     from pipeline_lib.report import cli_summary
 
     text = cli_summary(summary)
-    assert "served: model 'recsys' version 1" in text and "uv run recsys serve" in text and str(run) in text
+    assert "served: model 'recsys' version 1" in text and f"{uv_command()} run recsys serve" in text and str(run) in text
 
 
 def test_flow_run_is_recorded_in_prefect_with_artifacts(flow_run):
@@ -85,6 +86,8 @@ def test_flow_run_is_recorded_in_prefect_with_artifacts(flow_run):
 
     runs, arts = asyncio.run(read())
     assert any(r.state.is_completed() for r in runs)
+    promoted = [r for r in runs if r.state.name == "Promoted"]  # the module's first run
+    assert promoted and {"task:ranking", "model:dlrm", "outcome:promoted"} <= set(promoted[0].tags)
     assert {a.key for a in arts} == {"served-predictions", "run-summary"}
 
 
@@ -123,7 +126,7 @@ def test_flow_artifacts_are_readable_in_the_prefect_ui(flow_run):
     assert all(len(v) <= 24 for r in rows for v in r.values()), rows[0]
     summary = arts["run-summary"].data
     assert "model **recsys** version **1**" in summary and "HTTP `127.0.0.1:8000`, gRPC `127.0.0.1:8001`" in summary
-    assert "uv run recsys serve" in summary and "curl -s 127.0.0.1:8000/v2/models/recsys/infer" in summary
+    assert f"{uv_command()} run recsys serve" in summary and "curl -s 127.0.0.1:8000/v2/models/recsys/infer" in summary
     assert "```yaml" in arts["effective-config"].data and "n_interactions: 6000" in arts["effective-config"].data
     assert "![dlrm learning curve](data:image/png;base64," in arts["learning-curve"].data
 
@@ -245,9 +248,17 @@ def test_the_gate_refuses_a_worse_model_and_keeps_the_served_version(flow_run):
     # (no ONNX compile at export: the gate scores versions in batches the SavedModel answers)
     worse = {**base, "run_name": "worse", "model": {**base["model"], "learning_rate": 1e-9},
              "gate": {"require_beat_baseline": True}, "export": {**base["export"], "compiled_model": "off"}}
-    summary = pipeline(overrides=worse)
+    state = pipeline(overrides=worse, return_state=True)
+    summary = state.result()  # the summary dict, as a plain pipeline(...) call returns it
     g = summary["gate"]
     assert not g["promote"] and g["served_version"] == served_before
+    # the Prefect UI tells a refused run from a promoted one, and the runs list can filter on tags
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        tags = client.read_flow_run(state.state_details.flow_run_id).tags
+    assert state.name == "Refused" and state.is_completed() and "refused by the gate" in state.message
+    assert {"task:ranking", "model:dlrm", "outcome:refused"} <= set(tags)
     assert g["candidate"] < g["served"] and "worse than served" in g["reason"]
     best = max(summary["baselines"], key=lambda n: summary["baselines"][n]["auc"])
     assert g["reason"].startswith(f"dlrm auc {summary['metrics']['auc']:.5f} does not beat {best} "), g["reason"]

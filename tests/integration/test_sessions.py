@@ -73,8 +73,10 @@ def _load(server, name: str) -> None:
     """Load (serve) the promoted version of ``name`` on the running server; blocks until it is ready."""
     import tritonclient.http as httpclient
 
+    from pipeline_lib.serving.admin_key import ADMIN_HEADER
+
     with httpclient.InferenceServerClient(server.http_url, network_timeout=240.0, connection_timeout=240.0) as c:
-        c.load_model(name)
+        c.load_model(name, headers={ADMIN_HEADER: server.admin_api_key})  # the API is restricted by default
         assert c.is_model_ready(name)
 
 

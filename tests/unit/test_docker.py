@@ -107,12 +107,12 @@ def test_dockerfiles_build_on_merlin_and_copy_existing_paths(name):
 def test_triton_entrypoint_uses_explicit_control_and_restricts_the_admin_api():
     text = open(os.path.join(ROOT, "docker", "triton-entrypoint.sh")).read()
     assert "--model-control-mode=explicit" in text
-    assert "--http-restricted-api=model-repository:recsys-admin-key=" in text
+    assert "--http-restricted-api=model-repository:triton-grpc-protocol-recsys-admin-key=" in text
     assert "--grpc-restricted-protocol=model-repository:recsys-admin-key=" in text
     assert os.access(os.path.join(ROOT, "docker", "triton-entrypoint.sh"), os.X_OK)
     from pipeline_lib.serving.repository import ADMIN_HEADER
 
-    assert ADMIN_HEADER == "recsys-admin-key"
+    assert ADMIN_HEADER == "triton-grpc-protocol-recsys-admin-key"  # one name: HTTP header and gRPC metadata
 
 
 def test_worker_image_uses_the_images_tritonserver_for_the_smoke_test():

@@ -123,9 +123,10 @@ def test_curl_body_and_commands_for_the_served_model(tmp_path):
     assert args == ["--config", "configs/small.yaml", "--set", "serving.http_port=9000",
                     "--set", "export.model_repository=/tmp/my repo"]
     q = report.query_commands("recsys", "127.0.0.1", 9000, 9001, args, tmp_path / "request.json", body)
-    assert q["serve"] == ("uv run recsys serve --config configs/small.yaml --set serving.http_port=9000 "
+    uv = report.uv_command()  # "uv", or the bootstrapped .tools/bin/uv where none is on PATH
+    assert q["serve"] == (f"{uv} run recsys serve --config configs/small.yaml --set serving.http_port=9000 "
                           "--set 'export.model_repository=/tmp/my repo'")
-    assert q["predict"].startswith("uv run recsys predict --config configs/small.yaml") and q["http"] == "127.0.0.1:9000"
+    assert q["predict"].startswith(f"{uv} run recsys predict --config configs/small.yaml") and q["http"] == "127.0.0.1:9000"
     assert q["curl"].startswith("curl -s 127.0.0.1:9000/v2/models/recsys/infer ") and q["curl"].endswith("request.json")
     assert json.loads(q["curl_inline"].split(" -d ", 1)[1].strip("'")) == body
 
@@ -264,3 +265,19 @@ def test_recsys_run_prints_the_summary_and_json_only_on_request(monkeypatch, tmp
     assert out.exit_code == 0, out.output
     printed = json.loads(out.output)
     assert printed["metrics"]["auc"] == 0.7612345 and "predictions" not in printed
+
+
+def test_query_commands_use_the_bootstrapped_uv_when_none_is_on_path(monkeypatch, tmp_path):
+    import shutil
+
+    from pipeline_lib import report
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no uv on PATH (a fresh machine where make bootstrapped it)
+    local = report.Path(report.__file__).resolve().parents[1] / ".tools" / "bin" / "uv"
+    q = report.query_commands("recsys", "127.0.0.1", 8000, 8001, [])
+    if local.exists():
+        assert q["serve"] == f"{local} run recsys serve" and q["predict"].startswith(f"{local} run recsys predict")
+    else:
+        assert q["serve"] == "uv run recsys serve"
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/uv")
+    assert report.query_commands("recsys", "127.0.0.1", 8000, 8001, [])["serve"] == "uv run recsys serve"

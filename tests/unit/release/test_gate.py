@@ -108,3 +108,12 @@ def test_first_version_that_does_not_beat_the_best_baseline_is_refused(versions)
     other = _decide(good, None, None, scores, "auc", 0.0, baselines={"lr": {"recall@10": 0.3}},
                         baseline_metric="recall@10", baseline_candidate=0.2)
     assert not other.promote and "recall@10 0.20000 does not beat lr 0.30000" in other.reason
+
+
+def test_a_refused_first_run_says_nothing_is_served_without_contradiction():
+    from pipeline_lib.release.gate import GateDecision, with_baselines
+
+    d = GateDecision(promote=True, served=None, reason="nothing served yet: first version promotes", metric="auc",
+                     candidate=0.6, served_version=None, tolerance=0.0, n_rows=10)
+    d = with_baselines(d, {"lr": {"auc": 0.7}}, 0.6, "auc")
+    assert not d.promote and "promotes" not in d.reason and "nothing is served yet" in d.reason
