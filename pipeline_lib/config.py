@@ -283,7 +283,8 @@ class EtlConfig(_Strict):
 
 
 RANKING_MODELS = ("dlrm", "dcn", "deepfm", "wide_deep")
-RETRIEVAL_MODELS = ("two_tower", "youtube_dnn", "mf")
+CLASSICAL_MODELS = ("ease", "item_knn")  # closed-form / neighbourhood retrieval: no ETL features, no TensorFlow
+RETRIEVAL_MODELS = ("two_tower", "youtube_dnn", "mf") + CLASSICAL_MODELS
 RANKING_METRICS = ("auc", "logloss")
 RETRIEVAL_METRICS = ("recall", "ndcg", "mrr", "precision")
 
@@ -362,9 +363,32 @@ class RetrievalConfig(_Strict):
     ann: AnnConfig = Field(default_factory=AnnConfig, description="approximate top-k index (FAISS) for large catalogues")
 
 
+class ClassicalConfig(_Strict):
+    """Classical retrieval models (ease, item_knn): fitted in closed form on the training split's positive
+    user-item pairs, served by the user id alone (docs/models.md)."""
+
+    ease_lambda: float = Field(
+        200.0, gt=0, description="ease: L2 regularisation lambda of B = I - P diag(1/diag(P)), P = (X^T X + lambda I)^-1"
+    )
+    ease_max_items: int = Field(
+        10_000, ge=1, description="ease: largest catalogue it fits (it inverts a dense n_items x n_items float64 "
+        "matrix: 10,000 items ~ 2.4 GB at its peak); a larger catalogue stops training with an error naming this "
+        "limit -- use model.type: item_knn (sparse) instead"
+    )
+    knn_neighbours: Optional[int] = Field(
+        100, ge=1, description="item_knn: most similar items kept per item (a sparse n_items x neighbours matrix, "
+        "for catalogues of millions); null keeps every co-occurring item"
+    )
+    knn_shrinkage: float = Field(
+        10.0, ge=0, description="item_knn: cosine shrinkage, sim(i, j) = |U_i & U_j| / (sqrt(|U_i| |U_j|) + "
+        "shrinkage): pairs seen by few users count less; 0 is the plain cosine of the item_cooccurrence baseline"
+    )
+
+
 class ModelConfig(_Strict):
-    type: Literal["dlrm", "dcn", "deepfm", "wide_deep", "two_tower", "youtube_dnn", "mf"] = Field(
-        "dlrm", description="ranking: dlrm | dcn (DCN-v2) | deepfm | wide_deep; retrieval: two_tower | youtube_dnn | mf"
+    type: Literal["dlrm", "dcn", "deepfm", "wide_deep", "two_tower", "youtube_dnn", "mf", "ease", "item_knn"] = Field(
+        "dlrm", description="ranking: dlrm | dcn (DCN-v2) | deepfm | wide_deep; retrieval: two_tower | youtube_dnn | "
+        "mf (deep) | ease | item_knn (classical, model.classical)"
     )
     embedding_dim: int = Field(16, ge=2)
     bottom_mlp: list[int] = Field(default_factory=lambda: [64, 16], description="DLRM bottom MLP")
@@ -385,10 +409,19 @@ class ModelConfig(_Strict):
         1, ge=1, description="stop when validation AUC (retrieval: recall@k) has not improved for this many epochs; the best epoch is kept"
     )
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    classical: ClassicalConfig = Field(
+        default_factory=ClassicalConfig, description="ease and item_knn (served like the deep retrieval models: "
+        "model.retrieval's k, exclude_seen and unknown_users apply)"
+    )
 
     @property
     def is_retrieval(self) -> bool:
         return self.type in RETRIEVAL_MODELS
+
+    @property
+    def is_classical(self) -> bool:
+        """ease / item_knn: closed-form retrieval on the raw training positives (no TensorFlow model)."""
+        return self.type in CLASSICAL_MODELS
 
     @model_validator(mode="after")
     def _dlrm_bottom_matches_embeddings(self) -> "ModelConfig":
@@ -396,6 +429,13 @@ class ModelConfig(_Strict):
             raise ValueError("bottom_mlp needs at least one layer")
         if self.retrieval.rerank_with and not self.is_retrieval:
             raise ValueError("model.retrieval.rerank_with applies to retrieval models (two_tower, youtube_dnn, mf)")
+        if self.is_classical and self.retrieval.rerank_with:
+            raise ValueError(f"model.retrieval.rerank_with is not available for model.type '{self.type}' yet: the "
+                             "two-stage re-ranker reads the deep models' query features (use two_tower, youtube_dnn "
+                             "or mf as the candidate generator)")
+        if self.is_classical and self.retrieval.unknown_users == "model":
+            raise ValueError(f"model.retrieval.unknown_users: model does not apply to model.type '{self.type}' (an "
+                             "unknown user has no history to score): use popular or auto")
         if self.retrieval.rerank_with and self.retrieval.candidates < self.retrieval.k:
             raise ValueError(f"model.retrieval.candidates ({self.retrieval.candidates}) must be >= k ({self.retrieval.k})")
         dlrm = self.type == "dlrm" or self.retrieval.rerank_with == "dlrm"
@@ -595,6 +635,8 @@ TUNABLE: dict[str, tuple[str, ...]] = {
     "two_tower": _COMMON + ("tower_width", "logq_correction"),
     "youtube_dnn": _COMMON + ("tower_width", "logits_temperature", "num_sampled"),
     "mf": _COMMON + ("logq_correction",),
+    "ease": (),       # closed form: nothing the Optuna study trains per trial (tune.enabled is refused)
+    "item_knn": (),
 }
 
 
@@ -658,6 +700,9 @@ class RunConfig(_Strict):
     def _tune_space_fits_the_model(self) -> "RunConfig":
         if self.tune.enabled and self.task != "ranking":
             raise ValueError("tune applies to task: ranking (ranking and retrieval models), not task: session")
+        if self.tune.enabled and self.model.is_classical:
+            raise ValueError(f"tune applies to the deep models, not model.type '{self.model.type}' (set "
+                             "model.classical's parameters directly)")
         bad = [k for k in self.tune.space if k not in TUNABLE[self.model.type]]
         if bad:
             raise ValueError(f"tune.space: {', '.join(repr(k) for k in bad)} is not a tunable parameter of "
@@ -690,7 +735,7 @@ class RunConfig(_Strict):
         if u != "auto":
             return u
         query_features = [f for f in self.columns.features if f.side != FeatureSide.item]
-        alone = self.model.type == "mf" or (self.model.type == "two_tower" and not query_features)
+        alone = self.model.type in ("mf",) + CLASSICAL_MODELS or (self.model.type == "two_tower" and not query_features)
         return "popular" if alone else "model"
 
     @property
