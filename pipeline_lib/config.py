@@ -309,7 +309,8 @@ class AnnConfig(_Strict):
 
 
 class RetrievalConfig(_Strict):
-    """Retrieval models (two_tower, youtube_dnn, mf): training, top-k serving, the optional ranking stage."""
+    """Retrieval models (two_tower, youtube_dnn, mf; ease and item_knn read k, exclude_seen and unknown_users):
+    training, top-k serving, the optional ranking stage."""
 
     k: int = Field(10, ge=1, description="items returned per request; metrics are reported @k")
     epochs: Optional[int] = Field(
