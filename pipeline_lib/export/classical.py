@@ -36,7 +36,7 @@ from pipeline_lib.export.topk import (EXCLUDE_INPUT, ITEMS_FILE, SEEN_FILE, Requ
                                       write_seen)
 from pipeline_lib.etl.fast_transform import Unsupported
 from pipeline_lib.models import classical
-from pipeline_lib.models.baselines import mask_rows, topk_indices
+from pipeline_lib.models.baselines import DEFAULT_BLOCK_ELEMENTS, mask_rows, topk_indices
 
 NO_TRANSFORM = {"enabled": False, "reason": "classical model: the request is the raw user id, no workflow to compile"}
 
@@ -94,7 +94,17 @@ class ClassicalRecommender(TopKRoute):
         return rows, known
 
     def top_k(self, users, extra: Optional[list]) -> tuple[np.ndarray, np.ndarray]:
-        """Raw ids and scores [rows, k] for raw ``users`` and their ``exclude_item_ids`` (``extra``, or None)."""
+        """Raw ids and scores [rows, k] for raw ``users`` and their ``exclude_item_ids`` (``extra``, or None), a
+        block of rows at a time (a dense rows x catalogue float64 block of at most ``DEFAULT_BLOCK_ELEMENTS``)."""
+        users = np.asarray(users)
+        step = max(1, DEFAULT_BLOCK_ELEMENTS // max(1, len(self.item_ids)))
+        if len(users) <= step:
+            return self._top_k(users, extra)
+        parts = [self._top_k(users[i:i + step], extra[i:i + step] if extra is not None else None)
+                 for i in range(0, len(users), step)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _top_k(self, users: np.ndarray, extra: Optional[list]) -> tuple[np.ndarray, np.ndarray]:
         hist, known = self.history(users)
         s = classical.scores(hist, self.weights)
         s[~known] = self.popularity          # unknown users: the most popular items (same order as a zero row)

@@ -39,7 +39,7 @@ def ease(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind,ids", [("ease", None), ("item_knn", STRING_IDS)])
-def test_served_recommender_reproduces_the_training_metric(tmp_path, ease, kind, ids):
+def test_served_recommender_reproduces_the_training_metric(tmp_path, monkeypatch, ease, kind, ids):
     out, exp, train, valid = ease if kind == "ease" else _version(tmp_path, kind, ids)
     p = bl.TopKProtocol.build(train, valid, "user_id", "item_id", "click")
     rec = open_recommender(exp.version_dir / TOPK_DIR)  # a fresh load of the staged version, by its kind
@@ -48,6 +48,10 @@ def test_served_recommender_reproduces_the_training_metric(tmp_path, ease, kind,
     assert got.shape == (len(p.users), 10) and np.isfinite(scores).all()
     assert all((np.diff(row) <= 0).all() for row in scores)  # best first
     res = p.evaluate_topk(got.tolist(), 10)
+    monkeypatch.setattr(export, "DEFAULT_BLOCK_ELEMENTS", 3 * len(rec.item_ids))  # 3 users per block: same answer
+    blocks = rec.recommend(pd.DataFrame({"user_id": p.users}))
+    np.testing.assert_array_equal(blocks[0], got)
+    np.testing.assert_array_equal(blocks[1], scores)
     assert res["recall@10"] == out.metrics["user_recall@10"] and res["ndcg@10"] == out.metrics["user_ndcg@10"]
     seen = p.seen
     assert all(not (set(row) & s) for row, s in zip(got.tolist(), seen))  # seen items never come back
