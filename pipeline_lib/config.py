@@ -431,11 +431,8 @@ class ModelConfig(_Strict):
         if not self.bottom_mlp:
             raise ValueError("bottom_mlp needs at least one layer")
         if self.retrieval.rerank_with and not self.is_retrieval:
-            raise ValueError("model.retrieval.rerank_with applies to retrieval models (two_tower, youtube_dnn, mf)")
-        if self.is_classical and self.retrieval.rerank_with:
-            raise ValueError(f"model.retrieval.rerank_with is not available for model.type '{self.type}' yet: the "
-                             "two-stage re-ranker reads the deep models' query features (use two_tower, youtube_dnn "
-                             "or mf as the candidate generator)")
+            raise ValueError("model.retrieval.rerank_with applies to retrieval models (two_tower, youtube_dnn, mf, ease, "
+                             "item_knn)")
         if self.is_classical and self.retrieval.unknown_users == "model":
             raise ValueError(f"model.retrieval.unknown_users: model does not apply to model.type '{self.type}' (an "
                              "unknown user has no history to score): use popular or auto")

@@ -30,12 +30,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pipeline_lib.export import ranking as ranking_export
 from pipeline_lib.export.ranking import ExportOptions, StagedVersion
-from pipeline_lib.export.topk import (EXCLUDE_INPUT, ITEMS_FILE, SEEN_FILE, RequestInput, TopKExport, TopKRoute,
-                                      TopKSettings, check_version, decode_ids, fresh_artifact_dir, stage_version,
-                                      write_seen)
+from pipeline_lib.export.topk import (EXCLUDE_INPUT, ITEMS_FILE, SEEN_FILE, RequestInput, TopKExport, TopKRecommender,
+                                      TopKRoute, TopKSettings, check_version, decode_ids, fresh_artifact_dir,
+                                      request_columns, request_inputs, rerank, stage_version, write_seen)
 from pipeline_lib.etl.fast_transform import Unsupported
-from pipeline_lib.models import classical
+from pipeline_lib.models import classical, retrieval
+from pipeline_lib.models.common import load_encoder
 from pipeline_lib.models.baselines import DEFAULT_BLOCK_ELEMENTS, mask_rows, topk_indices
 
 NO_TRANSFORM = {"enabled": False, "reason": "classical model: the request is the raw user id, no workflow to compile"}
@@ -74,6 +76,18 @@ class ClassicalRecommender(TopKRoute):
         z = np.load(self.dir / SEEN_FILE, allow_pickle=True)
         self.seen_users = pd.Index(z["users"])
         self.seen_indptr, self.seen_indices = z["indptr"].astype(np.int64), z["indices"].astype(np.int64)
+        self.ranker_columns: Optional[list[str]] = m.get("ranker_columns")
+        self.candidates: int = m.get("candidates", self.k)
+        self.ranker_fn = None
+        if self.ranker_columns:  # two-stage: the run's workflow + ranking model re-score the candidates
+            import nvtabular as nvt
+
+            self.label = m["label"]
+            self.workflow_with_label = nvt.Workflow.load(str(self.dir / "workflow"))
+            self.workflow = self.workflow_with_label.remove_inputs([self.label])
+            self.workflow_inputs = list(self.workflow.input_schema.column_names)
+            self.ranker_fn = load_encoder(self.dir / "ranker")
+            self.item_features = pd.read_parquet(self.dir / "item_features.parquet").set_index(m["item_id"], drop=False)
 
     def compile_fast(self):
         return None
@@ -93,47 +107,81 @@ class ClassicalRecommender(TopKRoute):
         rows = sp.csr_matrix((np.ones(len(take)), self.seen_indices[take], indptr), shape=(len(pos), len(self.item_ids)))
         return rows, known
 
-    def top_k(self, users, extra: Optional[list]) -> tuple[np.ndarray, np.ndarray]:
+    def top_k(self, users, extra: Optional[list], n: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw ids and scores [rows, k] for raw ``users`` and their ``exclude_item_ids`` (``extra``, or None), a
         block of rows at a time (a dense rows x catalogue float64 block of at most ``DEFAULT_BLOCK_ELEMENTS``)."""
-        users = np.asarray(users)
+        users, n = np.asarray(users), n or self.k
         step = max(1, DEFAULT_BLOCK_ELEMENTS // max(1, len(self.item_ids)))
         if len(users) <= step:
-            return self._top_k(users, extra)
-        parts = [self._top_k(users[i:i + step], extra[i:i + step] if extra is not None else None)
+            return self._top_k(users, extra, n)
+        parts = [self._top_k(users[i:i + step], extra[i:i + step] if extra is not None else None, n)
                  for i in range(0, len(users), step)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def _top_k(self, users: np.ndarray, extra: Optional[list]) -> tuple[np.ndarray, np.ndarray]:
+    def _top_k(self, users: np.ndarray, extra: Optional[list], n: int) -> tuple[np.ndarray, np.ndarray]:
         hist, known = self.history(users)
         s = classical.scores(hist, self.weights)
         s[~known] = self.popularity          # unknown users: the most popular items (same order as a zero row)
         seen = [hist.indices[hist.indptr[i]:hist.indptr[i + 1]] for i in range(hist.shape[0])] \
             if self.exclude_seen else None
         mask_rows(s, self.exclude_rows(seen, extra, len(known)), -np.inf)
-        idx = topk_indices(s, self.k)
+        idx = topk_indices(s, n)
         found = idx >= 0
         scores = np.where(found, np.take_along_axis(s, np.where(found, idx, 0), axis=1), -np.inf).astype(np.float32)
         ids = self.item_ids[np.where(found, idx, 0)]
         ids = np.where(found, ids, pad_id(self.item_ids)).astype(self.item_ids.dtype)
         return ids, scores
 
-    def recommend(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    def retrieve(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """The classical top-k (the ``candidates`` of a two-stage version): raw ids and scores."""
         if self.user_column not in raw.columns:
             raise KeyError(f"request lacks the user id column '{self.user_column}'")
-        return self.top_k(raw[self.user_column].to_numpy(), self.extra_of(raw))
+        n = self.candidates if self.ranker_fn else self.k
+        return self.top_k(raw[self.user_column].to_numpy(), self.extra_of(raw), n)
+
+    def recommend(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        ids, scores = self.retrieve(raw)
+        if not self.ranker_fn:
+            return ids, scores
+        from merlin.io import Dataset
+
+        frame, pad = self._rank_frame(raw, ids)
+        rows = Dataset(frame[self.ranker_columns].reset_index(drop=True), cpu=True)
+        transformed = self.workflow.transform(rows).to_ddf().compute()
+        return self._reranked(ids, retrieval.encode(self.ranker_fn, transformed), pad)
 
     def offline(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """The training-time scorer (:func:`pipeline_lib.models.classical.scores` over the user's training row, the
-        protocol's masking and top-k): a classical version has no transform that serving could run differently."""
-        return self.recommend(raw)
+        protocol's masking and top-k); a two-stage version's candidates then go through the ranking pipeline's
+        offline path (:func:`pipeline_lib.export.ranking.offline_scores`)."""
+        ids, scores = self.retrieve(raw)
+        if not self.ranker_fn:
+            return ids, scores
+        frame, pad = self._rank_frame(raw, ids)
+        rank = ranking_export.offline_scores(self.workflow_with_label, self.dir / "ranker", frame[self.ranker_columns],
+                                             self.label, encoder=self.ranker_fn)
+        return self._reranked(ids, rank, pad)
+
+    def _rank_frame(self, raw: pd.DataFrame, ids: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+        """The ranker's rows of each (request row, candidate) and which candidates are padding (scored -inf)."""
+        pad = ids == pad_id(self.item_ids)
+        return TopKRecommender.rank_frame(self, raw, np.where(pad, self.item_ids[0], ids)), pad
+
+    def _reranked(self, ids: np.ndarray, rank: np.ndarray, pad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rank = np.asarray(rank, dtype=np.float32).reshape(ids.shape)
+        return rerank(ids, np.where(pad, -np.inf, rank).astype(np.float32), self.k)
 
 
 def export_classical(model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame, settings: TopKSettings,
-                     staging_dir: Path, model_name: str, options: Optional[ExportOptions] = None) -> TopKExport:
+                     staging_dir: Path, model_name: str, options: Optional[ExportOptions] = None,
+                     workflow_dir: Optional[Path] = None) -> TopKExport:
     """Write a classical top-k version into ``staging_dir/<model_name>/1`` and check its in-process answers on
-    ``sample_raw`` (and the same rows with an ``exclude_item_ids`` list each)."""
+    ``sample_raw`` (and the same rows with an ``exclude_item_ids`` list each) against the offline path.
+    ``settings.ranker_dir`` (two-stage): the ranking model trained on the run's ETL output (``workflow_dir``)
+    re-scores ``settings.candidates`` classical candidates per row."""
     o, c = options or ExportOptions(), settings.columns
+    if settings.ranker_dir is not None and workflow_dir is None:
+        raise ValueError("a two-stage classical version needs the run's workflow (workflow_dir)")
     art = fresh_artifact_dir(staging_dir / model_name / "1")
     model_dir = Path(model_dir)
     for f in (classical.ITEMS_FILE, classical.DENSE_WEIGHTS, classical.SPARSE_WEIGHTS):
@@ -141,18 +189,30 @@ def export_classical(model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame,
             shutil.copyfile(model_dir / f, art / f)
     model_spec = json.loads((model_dir / classical.SPEC_FILE).read_text())
     ids, _ = classical.load_items(model_dir)
-    train_raw = pd.read_parquet(raw_train, columns=[c.user_id, c.item_id, c.label])
-    meta = {"kind": ClassicalRecommender.kind, "model": model_spec, "k": settings.k, "request_columns": [c.user_id],
+    train_raw = pd.read_parquet(raw_train)
+    item_side = [c.item_id] + [f.name for f in c.features if f.side.value == "item"]
+    ranker_columns = list(c.serving_columns) if settings.ranker_dir else None
+    meta = {"kind": ClassicalRecommender.kind, "model": model_spec, "k": settings.k,
+            "request_columns": request_columns(ClassicalSpec(c.user_id, c.item_id), ranker_columns, item_side),
             "user_id": c.user_id, "item_id": c.item_id, "label": c.label, "exclude_seen": bool(settings.exclude_seen),
             "unknown_users": "popular", "n_items": int(len(ids)), "item_id_dtype": str(ids.dtype),
-            "pad_id": pad_id(ids), "fast_transform": NO_TRANSFORM}
+            "pad_id": pad_id(ids), "fast_transform": NO_TRANSFORM, "ranker_columns": ranker_columns,
+            "candidates": settings.candidates if settings.ranker_dir else settings.k}
+    if settings.ranker_dir:
+        shutil.copytree(settings.ranker_dir, art / "ranker")
+        shutil.copytree(workflow_dir, art / "workflow")
+        spec = retrieval.RetrievalSpec("classical", c.item_id, [c.user_id], [x for x in item_side if x in train_raw])
+        retrieval.catalogue(train_raw, spec).to_parquet(art / "item_features.parquet", index=False)
     meta["seen"] = write_seen(train_raw, c.user_id, c.item_id, c.label, ids, art / SEEN_FILE)
     (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
     rec = ClassicalRecommender(art)
-    sample = sample_raw[[c.user_id]].reset_index(drop=True)
+    sample = sample_raw[meta["request_columns"]].reset_index(drop=True)
     excl = sample.assign(**{EXCLUDE_INPUT: [list(ids[i % len(ids):i % len(ids) + 3]) for i in range(len(sample))]})
     diff, _ = check_version(rec, [sample, excl], [], o.atol, fast_transform=False)
-    inputs = [RequestInput(c.user_id, train_raw[c.user_id].dtype, False),
-              RequestInput(EXCLUDE_INPUT, train_raw[c.item_id].dtype, True)]
+    if rec.ranker_fn is not None:  # typed as the workflow reads them
+        inputs = request_inputs(rec.workflow.input_schema, meta["request_columns"], c.item_id)
+    else:
+        inputs = [RequestInput(c.user_id, train_raw[c.user_id].dtype, False),
+                  RequestInput(EXCLUDE_INPUT, train_raw[c.item_id].dtype, True)]
     return stage_version(rec, meta, inputs, StagedVersion(staging_dir, model_name, 1), o,
                          {"max_abs_score_diff": diff, "rows": len(sample), "ann": None})

@@ -64,9 +64,11 @@ class RetrievalFamily(RankingFamily):
         ranker_dir = trained.ranker.model_dir if trained.ranker is not None else None
         if cfg.model.is_classical:
             return export_classical(trained.model.model_dir, etl_out.split.train,
-                                    self.smoke_rows(etl_out, cfg.export.parity_rows), topk.TopKSettings.from_config(cfg),
-                                    paths.ensemble, cfg.export.model_name,
-                                    export.ExportOptions.from_config(cfg, self.run_info(paths, trained)))
+                                    self.smoke_rows(etl_out, cfg.export.parity_rows),
+                                    topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble,
+                                    cfg.export.model_name,
+                                    export.ExportOptions.from_config(cfg, self.run_info(paths, trained)),
+                                    etl_out.workflow_dir)
         return topk.export_topk(etl_out.workflow_dir, trained.model.model_dir, etl_out.split.train,
                                 self.smoke_rows(etl_out, cfg.export.parity_rows),
                                 topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble, cfg.export.model_name,

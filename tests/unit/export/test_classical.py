@@ -10,7 +10,7 @@ import pytest
 from pipeline_lib.config import ClassicalConfig, ModelConfig, RetrievalConfig
 from pipeline_lib.export import classical as export
 from pipeline_lib.export.recommenders import open_recommender
-from pipeline_lib.export.topk import EXCLUDE_INPUT, TOPK_DIR, TopKSettings
+from pipeline_lib.export.topk import EXCLUDE_INPUT, TOPK_DIR, TopKRecommender, TopKSettings
 from pipeline_lib.models import baselines as bl
 from pipeline_lib.models import classical
 from pipeline_lib.release.gate import score_topk_version
@@ -88,3 +88,32 @@ def test_gate_scores_a_classical_version_through_its_recommender(ease):
     m = score_topk_version(exp.version_dir, valid, "click")
     assert m == score_topk_version(exp.version_dir, valid, "click", rec=exp.recommender)
     assert 0.0 < m["recall"] <= 1.0 and m["n_queries"] == int((valid.click == 1).sum())
+
+
+def test_two_stage_reranks_the_classical_candidates_with_the_ranking_model(trained, tmp_path):
+    """ease proposes 30 candidates per row, the run's DLRM (same ETL output) re-scores them, the 10 best come back;
+    in-process (NVTabular) equals the ranking pipeline's offline path (checked at export, and here)."""
+    from pipeline_lib.export import ranking as ranking_export
+
+    cfg = trained.cfg
+    model = ModelConfig(type="ease", retrieval=RetrievalConfig(rerank_with="dlrm", candidates=30))
+    out = classical.train(trained.split.train, trained.split.valid, cfg.columns, model, tmp_path / "ease")
+    settings = TopKSettings(cfg.columns, k=10, ranker_dir=trained.model.model_dir, candidates=30)
+    valid = pd.read_parquet(trained.split.valid)
+    exp = export.export_classical(out.model_dir, trained.split.train, valid.head(8), settings, tmp_path / "staging",
+                                  "recsys", workflow_dir=trained.etl.workflow_dir)
+    rec = exp.recommender
+    assert rec.request_columns[0] == "user_id" and set(rec.request_columns) == set(cfg.columns.serving_columns) - {
+        "item_id", "item_category", "item_price", "item_tags"}
+    rows = valid.iloc[20:24][rec.request_columns].reset_index(drop=True)
+    ids, scores = rec.recommend(rows)
+    cands, _ = rec.retrieve(rows)
+    frame = TopKRecommender.rank_frame(rec, rows, cands)
+    rank = ranking_export.offline_scores(rec.workflow_with_label, rec.dir / "ranker", frame[rec.ranker_columns],
+                                         "click").reshape(cands.shape)
+    for i in range(len(rows)):
+        best = sorted(zip(rank[i], cands[i]), key=lambda t: -t[0])[:10]
+        assert ids[i].tolist() == [c for _, c in best]
+        np.testing.assert_allclose(scores[i], [s for s, _ in best], atol=1e-5)
+    off = rec.offline(rows)
+    np.testing.assert_array_equal(off[0], ids)

@@ -99,8 +99,8 @@ def test_config_classical_types_are_retrieval_served_by_user_id():
     assert cfg.model.is_retrieval and cfg.model.is_classical and cfg.family == "retrieval"
     assert cfg.gate_metric == "recall" and cfg.unknown_users == "popular"
     assert load_config(None, {"model": {"type": "item_knn", "classical": {"knn_neighbours": 20}}}).model.classical.knn_neighbours == 20
-    with pytest.raises(ValueError, match="rerank_with is not available for model.type 'ease'"):
-        load_config(None, {"model": {"type": "ease", "retrieval": {"rerank_with": "dlrm"}}})
+    two_stage = load_config(None, {"model": {"type": "ease", "retrieval": {"rerank_with": "dlrm"}}})
+    assert two_stage.model.retrieval.rerank_with == "dlrm" and two_stage.family == "retrieval"
     with pytest.raises(ValueError, match="unknown_users: model does not apply"):
         load_config(None, {"model": {"type": "item_knn", "retrieval": {"unknown_users": "model"}}})
     with pytest.raises(ValueError, match="tune applies to the deep models"):
