@@ -20,17 +20,19 @@ from tests.conftest import SMALL
 
 pytestmark = pytest.mark.integration
 
-RUNS = {"recsys_ease": "ease", "recsys_knn": "item_knn"}
+RUNS = {"recsys_ease": "ease", "recsys_knn": "item_knn", "recsys_ease_dlrm": "ease + dlrm"}
 
 
 @pytest.fixture(scope="module")
 def classical_runs(prefect_harness, tmp_path_factory):
     """ease through the whole flow (gate with its baseline requirement on); item_knn trained, exported and
-    published by the same stage functions on that run's split (a second flow run costs a Triton start)."""
+    published by the same stage functions on that run's split (a second flow run costs a Triton start), and the
+    run's ease model as the candidate generator of a two-stage version re-ranked by a DLRM."""
     from flows.pipeline import pipeline
     from pipeline_lib.config import ClassicalConfig
     from pipeline_lib.export.classical import export_classical
     from pipeline_lib.models import classical
+    from pipeline_lib.models import ranking as ranking_model
     from pipeline_lib.serving import repository
 
     tmp = tmp_path_factory.mktemp("classical")
@@ -45,8 +47,17 @@ def classical_runs(prefect_harness, tmp_path_factory):
     knn = classical.train(split / "train.parquet", split / "valid.parquet", cfg.columns, model, tmp / "knn")
     exp = export_classical(knn.model_dir, split / "train.parquet", pd.read_parquet(split / "valid.parquet").head(32),
                            topk.TopKSettings.from_config(cfg), tmp / "staging", "recsys_knn")
-    assert repository.publish(exp.version_dir, exp.config_path, repo, "recsys_knn")[0] == 1
-    repository.promote(repo, "recsys_knn", 1, None, cfg.serving.instance_count)
+    # two-stage: the run's ease model proposes 30 candidates, a DLRM trained on the run's ETL output re-scores them
+    etl_dir = Path(summary["etl_from"])
+    ranker = ranking_model.train(etl_dir / "train", etl_dir / "valid", cfg.model.model_copy(update={"type": "dlrm"}),
+                                 cfg.columns.label, cfg.seed, tmp / "ranker")
+    two_stage = export_classical(tmp / "runs" / "ease" / "model" / "model", split / "train.parquet",
+                                 pd.read_parquet(split / "valid.parquet").head(16),
+                                 topk.TopKSettings(cfg.columns, k=10, ranker_dir=ranker.model_dir, candidates=30),
+                                 tmp / "staging-two-stage", "recsys_ease_dlrm", workflow_dir=etl_dir / "workflow")
+    for name, staged in (("recsys_knn", exp), ("recsys_ease_dlrm", two_stage)):
+        assert repository.publish(staged.version_dir, staged.config_path, repo, name)[0] == 1
+        repository.promote(repo, name, 1, None, cfg.serving.instance_count)
     return tmp, repo, split, summary
 
 
@@ -83,10 +94,14 @@ def test_served_classical_top_k_equals_offline_over_http_and_grpc(classical_runs
     rec = ClassicalRecommender(repo / name / "1" / topk.TOPK_DIR)
     train = pd.read_parquet(split / "train.parquet")
     seen = train[train["click"] > 0].groupby("user_id")["item_id"].apply(set).to_dict()
-    rows = pd.read_parquet(split / "valid.parquet").iloc[10:30][["user_id"]].reset_index(drop=True)
+    rows = pd.read_parquet(split / "valid.parquet").iloc[10:30][rec.request_columns].reset_index(drop=True)
     rows.loc[0, "user_id"] = 987654321  # an unknown user: the most popular items
     want_ids, want_scores = rec.offline(rows)
-    np.testing.assert_array_equal(want_ids[0], rec.item_ids[:10])
+    assert (rec.ranker_fn is not None) == (name == "recsys_ease_dlrm")
+    if rec.ranker_fn is None:
+        np.testing.assert_array_equal(want_ids[0], rec.item_ids[:10])
+    else:  # re-ranked: the 10 best of the unknown user's 30 most popular items
+        assert set(want_ids[0]) <= set(rec.item_ids[:30]) and rec.request_columns[0] == "user_id"
     more = rows.assign(**{topk.EXCLUDE_INPUT: [list(r[:3]) for r in want_ids.tolist()]})
     want_more = rec.offline(more)
     for url, protocol in ((served.http_url, "http"), (served.grpc_url, "grpc")):
@@ -101,4 +116,5 @@ def test_served_classical_top_k_equals_offline_over_http_and_grpc(classical_runs
         np.testing.assert_allclose(more_scores, want_more[1], atol=1e-5, rtol=0)
         for items, dropped, user in zip(more_ids.tolist(), more[topk.EXCLUDE_INPUT], rows["user_id"]):
             assert not set(items) & (set(dropped) | seen.get(user, set()))
-        assert more_ids[0].tolist() == rec.item_ids[3:13].tolist()  # unknown user: popular minus the excluded
+        if rec.ranker_fn is None:  # unknown user: popular minus the excluded
+            assert more_ids[0].tolist() == rec.item_ids[3:13].tolist()
