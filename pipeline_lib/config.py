@@ -366,7 +366,8 @@ class RetrievalConfig(_Strict):
 
 class ClassicalConfig(_Strict):
     """Classical retrieval models (ease, item_knn): fitted in closed form on the training split's positive
-    user-item pairs, served by the user id alone (docs/models.md)."""
+    user-item pairs, served by the user id alone, or as the candidate generator of a two-stage endpoint
+    (model.retrieval.rerank_with; docs/models.md)."""
 
     ease_lambda: float = Field(
         200.0, gt=0, description="ease: L2 regularisation lambda of B = I - P diag(1/diag(P)), P = (X^T X + lambda I)^-1"
@@ -414,7 +415,7 @@ class ModelConfig(_Strict):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     classical: ClassicalConfig = Field(
         default_factory=ClassicalConfig, description="ease and item_knn (served like the deep retrieval models: "
-        "model.retrieval's k, exclude_seen and unknown_users apply)"
+        "model.retrieval's k, exclude_seen, unknown_users, rerank_with and candidates apply)"
     )
 
     @property
