@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-ALL = ["dlrm", "dcn", "deepfm", "wide_deep", "two_tower", "youtube_dnn", "mf"]
+ALL = ["dlrm", "dcn", "deepfm", "wide_deep", "two_tower", "youtube_dnn", "mf", "ease", "item_knn"]
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -57,7 +57,7 @@ def dataset_name(cfg) -> str:
 def run_model(cfg, kind: str, work: Path, etl_for) -> dict:
     """Train ``kind`` with the run config ``cfg`` (only model.type changed) and compare it with the
     baselines of its family on the same split; one result row."""
-    from pipeline_lib.models import evaluation
+    from pipeline_lib.models import classical, evaluation
     from pipeline_lib.models import retrieval
     from pipeline_lib.models import ranking as train
 
@@ -65,7 +65,9 @@ def run_model(cfg, kind: str, work: Path, etl_for) -> dict:
     mcfg = rcfg.model
     e = etl_for(mcfg.retrieval.history_length if kind == "youtube_dnn" else 0)
     t0 = time.perf_counter()
-    if mcfg.is_retrieval:
+    if mcfg.is_classical:
+        out = classical.train(e.split.train, e.split.valid, cfg.columns, mcfg, work / kind)
+    elif mcfg.is_retrieval:
         out = retrieval.train(e.workflow_dir, e.train_dir, e.split.train, e.split.valid, cfg.columns, mcfg,
                               cfg.seed, work / kind)
     else:

@@ -1,5 +1,6 @@
 """Retrieval and two-stage: top-k items per raw query row (two-tower, YouTube DNN, MF; optionally
-re-ranked by a ranking model trained on the same ETL output).
+re-ranked by a ranking model trained on the same ETL output), and the classical ease / item_knn
+(closed form on the raw training positives, served by user id; :mod:`pipeline_lib.models.classical`).
 
 The same raw data, validation and ETL as ranking, with one rule of its own: YouTube DNN reads the
 user's recent positive items, so its ETL adds that list feature and requests carry it.
@@ -16,10 +17,11 @@ import pandas as pd
 from pipeline_lib.etl import workflow as etl
 from pipeline_lib.export import ranking as export
 from pipeline_lib.export import topk
+from pipeline_lib.export.classical import ClassicalRecommender, export_classical
 from pipeline_lib.families.base import TaskFamily, Trained
 from pipeline_lib.families.ranking import RankingFamily
 from pipeline_lib.models import ranking as ranking_model
-from pipeline_lib.models import retrieval
+from pipeline_lib.models import classical, retrieval
 from pipeline_lib.paths import RunPaths
 from pipeline_lib.release import gate, smoke
 
@@ -44,6 +46,8 @@ class RetrievalFamily(RankingFamily):
 
     def fit(self, paths: RunPaths, etl_out: etl.EtlOutput) -> Any:
         cfg = self.cfg
+        if cfg.model.is_classical:  # closed form on the raw training positives (the ETL output is not read)
+            return classical.train(etl_out.split.train, etl_out.split.valid, cfg.columns, cfg.model, paths.model)
         return retrieval.train(etl_out.workflow_dir, etl_out.train_dir, etl_out.split.train, etl_out.split.valid,
                                cfg.columns, cfg.model, cfg.seed, paths.model)
 
@@ -67,19 +71,31 @@ class RetrievalFamily(RankingFamily):
     def export(self, paths: RunPaths, etl_out: etl.EtlOutput, trained: Trained) -> topk.TopKExport:
         cfg = self.cfg
         ranker_dir = trained.ranker.model_dir if trained.ranker is not None else None
+        if cfg.model.is_classical:
+            return export_classical(trained.model.model_dir, etl_out.split.train,
+                                    self.smoke_rows(etl_out, cfg.export.parity_rows),
+                                    topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble,
+                                    cfg.export.model_name,
+                                    export.ExportOptions.from_config(cfg, self.run_info(paths, trained)),
+                                    etl_out.workflow_dir)
         return topk.export_topk(etl_out.workflow_dir, trained.model.model_dir, etl_out.split.train,
                                 self.smoke_rows(etl_out, cfg.export.parity_rows),
                                 topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble, cfg.export.model_name,
                                 export.ExportOptions.from_config(cfg, self.run_info(paths, trained)))
 
+    @property
+    def recommender(self) -> type[topk.TopKRoute]:
+        """The recommender class of this run's versions (deep: query encoder + embeddings; classical: weights)."""
+        return ClassicalRecommender if self.cfg.model.is_classical else topk.TopKRecommender
+
     def offline_reference(self, etl_out: etl.EtlOutput, exp: topk.TopKExport, rows: pd.DataFrame) -> Any:
         """The version's own recommender (the one export checked) on the offline path (workflow.transform
         + encoders + exact search)."""
-        return exp.open(topk.TopKRecommender).offline(rows)
+        return exp.open(self.recommender).offline(rows)
 
     def smoke(self, paths: RunPaths, etl_out: etl.EtlOutput, exp: topk.TopKExport) -> Any:
         """Only the version's request columns are sent (and compared)."""
-        rec = exp.open(topk.TopKRecommender)
+        rec = exp.open(self.recommender)
         rows = self.smoke_rows(etl_out, self.cfg.serving.smoke_rows)[rec.request_columns]
         return self.serve_and_compare(paths, exp, rows, rec.offline(rows))
 
@@ -96,7 +112,8 @@ class RetrievalFamily(RankingFamily):
 
     def headline_metrics(self, trained: Trained) -> dict:
         m, k = trained.model.metrics, self.cfg.model.retrieval.k
-        out = {f"{name}@{k}": m[name] for name in ("recall", "precision", "ndcg", "mrr")}
+        # classical models report recall / ndcg per user only (no precision / mrr of held-out rows)
+        out = {f"{name}@{k}": m[name] for name in ("recall", "precision", "ndcg", "mrr") if name in m}
         out.update({key: m[key] for key in (f"user_recall@{k}", f"user_ndcg@{k}") if key in m})
         out.update(n_train=m["n_train"], n_queries=m["n_queries"])
         if trained.ranker is not None:

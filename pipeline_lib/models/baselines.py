@@ -446,12 +446,20 @@ def popularity_scorer(p: TopKProtocol) -> Callable:
     return lambda rows, xb: np.broadcast_to(pop, (len(rows), len(pop)))
 
 
-def cosine_similarity_matrix(x: sp.spmatrix) -> sp.csr_matrix:
-    """Item-item cosine similarity of a binary user x item matrix, zero diagonal (sparse)."""
+def cosine_similarity_matrix(x: sp.spmatrix, shrinkage: float = 0.0) -> sp.csr_matrix:
+    """Item-item cosine similarity of a binary user x item matrix, zero diagonal (sparse). ``shrinkage``
+    > 0: ``co_ij / (sqrt(co_ii co_jj) + shrinkage)`` (the item_knn model; pairs of few users count less)."""
     x = sp.csr_matrix(x, dtype=np.float64)
     x.data[:] = 1.0
     co = (x.T @ x).tocsr()
     norm = np.sqrt(np.asarray(co.diagonal()))
+    if shrinkage > 0:
+        s = co.tocoo()
+        s.data = s.data / (norm[s.row] * norm[s.col] + shrinkage)
+        s = s.tocsr()
+        s.setdiag(0.0)
+        s.eliminate_zeros()
+        return s
     inv = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)
     s = (sp.diags(inv) @ co @ sp.diags(inv)).tocsr()
     s.setdiag(0.0)

@@ -10,14 +10,16 @@ curve with the baselines as horizontal reference lines, and returns a :class:`Ba
   categorical features) and ``item_click_rate``, fitted on the raw training split and scored on the
   raw validation split (:func:`pipeline_lib.models.baselines.ranking_baselines`); compared on AUC (and
   log loss) with the model's validation metrics, which are computed on the same rows.
-- retrieval (two_tower, youtube_dnn, mf): ``most_popular``, ``item_cooccurrence`` and ``ease``
+- retrieval (two_tower, youtube_dnn, mf, ease, item_knn): ``most_popular``, ``item_cooccurrence`` and ``ease``
   under the standard top-k protocol (:class:`pipeline_lib.models.baselines.TopKProtocol`: full
   catalogue, the user's training positives excluded, Recall@k / NDCG@k per user, averaged over
   users), and the retrieval model under the *same* protocol: one query per evaluated user (the
   query columns of the user's first positive validation row), scored against every catalogue
   item. Those model metrics are added as ``user_recall@k`` / ``user_ndcg@k`` ("per user, seen
   items excluded") beside the existing per-query metrics, which are kept as they are. In a
-  two-stage run this is the retrieval stage, before re-ranking.
+  two-stage run this is the retrieval stage, before re-ranking. A classical model (ease, item_knn) is
+  scored by its saved weights under the same protocol (the figure its training reported), and the
+  baseline of the same name (``ease``) is left out of the comparison: it is the model itself.
 - session (``task: session``): ``most_popular`` and ``cooccurrence`` are already scored on the
   held-out sessions by :mod:`pipeline_lib.models.session`, with the model's exclusion of the
   session's own items (``session.exclude_seen``); they are reported in the same shape.
@@ -40,7 +42,7 @@ import pandas as pd
 from pipeline_lib.config import FeatureKind, RunConfig
 from pipeline_lib.etl.workflow import load_workflow
 from pipeline_lib.models import baselines as bl
-from pipeline_lib.models import retrieval
+from pipeline_lib.models import classical, retrieval
 from pipeline_lib.models.common import plot_learning_curve
 
 log = logging.getLogger(__name__)
@@ -159,6 +161,12 @@ def retrieval_model_scorer(cfg: RunConfig, model_dir: Path, workflow_dir: Path, 
     return score
 
 
+def classical_model_scorer(model_dir: Path, protocol: bl.TopKProtocol):
+    """A ``TopKProtocol`` score function of a saved ease / item_knn model (its weights over the user's training row)."""
+    ids, _ = classical.load_items(model_dir)
+    return classical.protocol_scorer(classical.aligned(classical.load_weights(model_dir), ids, protocol.item_ids))
+
+
 def retrieval_report(cfg: RunConfig, train_path: Path, valid_path: Path, model_metrics: dict,
                      model_dir: Optional[Path], workflow_dir: Optional[Path]) -> BaselineReport:
     """most_popular / item_cooccurrence / ease and the model, all under the standard top-k protocol."""
@@ -170,7 +178,12 @@ def retrieval_report(cfg: RunConfig, train_path: Path, valid_path: Path, model_m
     res = _clean(bl.retrieval_baselines(train, valid, c.user_id, c.item_id, k, label=c.label, protocol=p))
     name = model_metrics.get("model", cfg.model.type)
     model: dict = {}
-    if model_dir is not None and workflow_dir is not None:
+    if model_dir is not None and cfg.model.is_classical:
+        model = bl.TopKProtocol.evaluate_scores(p, classical_model_scorer(model_dir, p), k)
+        model["n_items"] = len(p.item_ids)
+        if cfg.model.type in res:  # the run's own model is no baseline to beat (same closed form)
+            res[cfg.model.type] = {"skipped": f"this run's model is {cfg.model.type} (model.type)"}
+    elif model_dir is not None and workflow_dir is not None:
         model = bl.TopKProtocol.evaluate_scores(p, retrieval_model_scorer(cfg, model_dir, workflow_dir, train, valid, p), k)
         model["n_items"] = len(p.item_ids)
     metric = f"{cfg.gate_metric}@{k}" if cfg.gate_metric in ("recall", "ndcg") else f"recall@{k}"

@@ -25,7 +25,8 @@ from pipeline_lib.export import ranking as export
 from pipeline_lib.models.baselines import best_baseline, finite
 from pipeline_lib.models.ranking import ranking_metrics
 from pipeline_lib.models.retrieval import retrieval_metrics
-from pipeline_lib.export.topk import TOPK_DIR, TopKRecommender
+from pipeline_lib.export.recommenders import open_recommender
+from pipeline_lib.export.topk import TOPK_DIR, TopKRoute
 
 HIGHER_IS_BETTER = {"auc": True, "logloss": False, "recall": True, "ndcg": True, "mrr": True, "precision": True}
 
@@ -58,7 +59,7 @@ def score_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: int =
 
 
 def score_topk_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: int = 4096,
-                       rec: Optional[TopKRecommender] = None) -> dict:
+                       rec: Optional[TopKRoute] = None) -> dict:
     """Recall/Precision/NDCG/MRR@k of what a top-k version *returns* for the held-out positives
     (its own k; the two-stage output when it has a ranker), over its item catalogue. ``rec``: the
     version's recommender when already loaded (the staged candidate's, from export)."""
@@ -66,7 +67,7 @@ def score_topk_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: 
     art = Path(version_dir) / TOPK_DIR
     if not art.is_dir():
         raise KeyError(f"version {Path(version_dir).name} is not a top-k model")
-    rec = rec or TopKRecommender(art)
+    rec = rec or open_recommender(art)
     missing = [c for c in rec.request_columns if c not in raw.columns]
     if missing:
         raise KeyError(f"validation data lacks column(s) {missing} that version {Path(version_dir).name} needs")
@@ -77,8 +78,10 @@ def score_topk_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: 
         ids, scores = rec.recommend(pos.iloc[i:i + batch])
         # returned items ranked by their returned order; everything else below them
         pred = np.full((len(ids), len(rec.item_ids)), -1.0, dtype=np.float32)
-        np.put_along_axis(pred, row.loc[ids.reshape(-1)].to_numpy().reshape(ids.shape),
-                          np.arange(ids.shape[1], 0, -1, dtype=np.float32)[None, :].repeat(len(ids), 0), 1)
+        at = row.reindex(ids.reshape(-1)).to_numpy().reshape(ids.shape)  # NaN: padding (fewer than k returned)
+        rank = np.arange(ids.shape[1], 0, -1, dtype=np.float32)[None, :].repeat(len(ids), 0)
+        hit = ~np.isnan(at)
+        pred[np.nonzero(hit)[0], at[hit].astype(np.int64)] = rank[hit]
         preds.append(pred)
     pred = np.concatenate(preds) if preds else np.zeros((0, len(rec.item_ids)), dtype=np.float32)
     return retrieval_metrics(pred, rec.item_ids, pos[rec.spec.item_id].to_numpy(), rec.k)

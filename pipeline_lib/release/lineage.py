@@ -69,6 +69,17 @@ def etl_code_fingerprint(package_root: Optional[Path] = None) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def model_fingerprint(model_dir: Path) -> str:
+    """A SavedModel's ``saved_model.pb``; any other model folder (ease / item_knn weights) whole. A folder
+    with no file raises: a fingerprint of nothing would match every model."""
+    model_dir = Path(model_dir)
+    if (model_dir / "saved_model.pb").is_file():
+        return file_fingerprint(model_dir / "saved_model.pb")
+    if not model_dir.is_dir() or not any(p.is_file() for p in model_dir.rglob("*")):
+        raise FileNotFoundError(f"model folder {model_dir} holds no file to fingerprint")
+    return file_fingerprint(model_dir)
+
+
 def build_lineage(run_dir: Path, raw_path: Path, config: dict, workflow_dir: Path, model_dir: Path,
                   metrics: dict, extra_models: Optional[dict[str, Path]] = None) -> dict:
     """Lineage record of a version (``publish`` adds the version number it allocates and the sha256 of
@@ -85,7 +96,7 @@ def build_lineage(run_dir: Path, raw_path: Path, config: dict, workflow_dir: Pat
         "config": config,
         "config_fingerprint": config_fingerprint(config),
         "workflow": {"path": str(workflow_dir), "fingerprint": file_fingerprint(workflow_dir / "workflow.pkl")},
-        "model": {"path": str(model_dir), "fingerprint": file_fingerprint(model_dir),
+        "model": {"path": str(model_dir), "fingerprint": model_fingerprint(model_dir),
                   "files": files_fingerprints(model_dir)},
         "metrics": metrics,
     }

@@ -7,9 +7,10 @@ invalid-argument, HTTP 400; the optional ``k`` input asks for fewer items), ``it
 version exported before ``count`` existed answers ``item_ids`` and ``scores`` only), computed by the version's
 recommender (:mod:`pipeline_lib.export.topk`), picked by spec.json's ``kind``:
 :class:`~pipeline_lib.export.topk.TopKRecommender` (query encoder, catalogue embeddings, optional
-ranker) or :class:`~pipeline_lib.export.session.SessionRecommender` (session model scores); both run
-the fitted workflow (compiled transform when verified at export) and the one exclusion + top-k +
-id-decoding step. Only runs inside Triton's python backend stub.
+ranker), :class:`~pipeline_lib.export.session.SessionRecommender` (session model scores; both run
+the fitted workflow, compiled transform when verified at export) or
+:class:`~pipeline_lib.export.classical.ClassicalRecommender` (ease / item_knn weights over the user's
+history); all share the one exclusion + top-k + id-decoding step (:mod:`pipeline_lib.export.recommenders`). Only runs inside Triton's python backend stub.
 """
 import json
 import traceback
@@ -19,21 +20,17 @@ import triton_python_backend_utils as pb_utils
 
 from pipeline_lib.validate.requests import (BadRequest, check_request, error_response, lists_present, read_request,
                                             request_limits, tensor_reader, version_dir)
-from pipeline_lib.export.session import SessionRecommender
-from pipeline_lib.export.topk import (K_INPUT, OUTPUT_COUNT, OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, TopKRecommender,
-                                      finish_top_k, requested_k)
+from pipeline_lib.export.recommenders import open_recommender
+from pipeline_lib.export.topk import K_INPUT, OUTPUT_COUNT, OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, finish_top_k, requested_k
 from pipeline_lib.serving import bytes_tensor
 
 # the stub decodes every BYTES input with this module function: the vectorised decoder instead
 FAST_BYTES = bytes_tensor.install(pb_utils)
-RECOMMENDERS = {cls.kind: cls for cls in (TopKRecommender, SessionRecommender)}
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        art = version_dir(args) / TOPK_DIR
-        kind = json.loads((art / "spec.json").read_text()).get("kind", TopKRecommender.kind)
-        self.rec = RECOMMENDERS[kind](art)
+        self.rec = open_recommender(version_dir(args) / TOPK_DIR)
         config = json.loads(args["model_config"])
         self.limits = request_limits(config)  # rows, string and list sizes, value ranges (config.pbtxt)
         self.max_rows = self.limits.max_rows

@@ -1,0 +1,218 @@
+"""Stage 5 (classical retrieval: ``ease``, ``item_knn``) -- item-item weights + user histories -> a top-k Triton model.
+
+A version directory (served by the one top-k ``model.py``, spec.json ``kind: classical``)::
+
+    <N>/topk/spec.json          kind, k, request_columns ([user id]), user/item columns, the model's spec
+    <N>/topk/items.npz          the catalogue's raw item ids in training-popularity order + their popularity
+    <N>/topk/weights.npy|.npz   the item-item weights (EASE dense, item_knn scipy.sparse)
+    <N>/topk/seen.npz           each training user's positive items (:func:`~pipeline_lib.export.topk.write_seen`):
+                                the user's history that is scored, and the items never returned (``exclude_seen``)
+
+A request is the user id column (+ the optional ``exclude_item_ids`` list). A known user's history row is
+scored through the weights (``scores = history @ W``, float64), the user's training items (``exclude_seen``) and
+the row's ``exclude_item_ids`` are masked, ties go to the more popular item, and the k best ids and their scores
+come back. An unknown user gets the most popular items (score = training users of the item), with the row's
+exclusions. A row with fewer than k items left is padded with :func:`pad_id` (-1, or "" for string ids) at score
+-inf: an excluded item is never returned. This is, item for item, the computation of the baselines' top-k protocol
+(:class:`pipeline_lib.models.baselines.TopKProtocol`) that scored the model in training.
+
+There is no workflow to run (the request is the raw user id), so there is no compiled transform either.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from pipeline_lib.export import ranking as ranking_export
+from pipeline_lib.export.ranking import ExportOptions, StagedVersion
+from pipeline_lib.export.topk import (EXCLUDE_INPUT, ITEMS_FILE, SEEN_FILE, RequestInput, TopKExport, TopKRecommender,
+                                      TopKRoute, TopKSettings, check_version, decode_ids, fresh_artifact_dir,
+                                      request_columns, request_inputs, rerank, stage_version, write_seen)
+from pipeline_lib.etl.fast_transform import Unsupported
+from pipeline_lib.models import classical, retrieval
+from pipeline_lib.models.common import load_encoder
+from pipeline_lib.models.baselines import DEFAULT_BLOCK_ELEMENTS, mask_rows, topk_indices
+
+NO_TRANSFORM = {"enabled": False, "reason": "classical model: the request is the raw user id, no workflow to compile"}
+
+
+@dataclass(frozen=True)
+class ClassicalSpec:
+    """The columns of a classical version: the query is the user id alone."""
+
+    user_id: str
+    item_id: str
+
+    @property
+    def query_columns(self) -> list[str]:
+        return [self.user_id]
+
+
+def pad_id(item_ids: np.ndarray):
+    """The id that fills a row with fewer than k returnable items: "" for string ids, -1 otherwise."""
+    return "" if item_ids.dtype.kind in "OUS" else -1
+
+
+class ClassicalRecommender(TopKRoute):
+    """ease / item_knn: raw user ids (+ ``exclude_item_ids``) -> top-k item ids and scores."""
+
+    kind = "classical"
+
+    def __init__(self, artifact_dir: Path):
+        super().__init__(artifact_dir)
+        m = self.meta
+        self.spec = ClassicalSpec(m["user_id"], m["item_id"])
+        self.user_column: str = m["user_id"]
+        self.exclude_seen = bool(m.get("exclude_seen", True))
+        self.weights = classical.load_weights(self.dir)
+        self.popularity = np.load(self.dir / ITEMS_FILE, allow_pickle=True)["popularity"].astype(np.float64)
+        z = np.load(self.dir / SEEN_FILE, allow_pickle=True)
+        self.seen_users = pd.Index(z["users"])
+        self.seen_indptr, self.seen_indices = z["indptr"].astype(np.int64), z["indices"].astype(np.int64)
+        self.ranker_columns: Optional[list[str]] = m.get("ranker_columns")
+        self.candidates: int = m.get("candidates", self.k)
+        self.ranker_fn = None
+        if self.ranker_columns:  # two-stage: the run's workflow + ranking model re-score the candidates
+            import nvtabular as nvt
+
+            self.label = m["label"]
+            self.workflow_with_label = nvt.Workflow.load(str(self.dir / "workflow"))
+            self.workflow = self.workflow_with_label.remove_inputs([self.label])
+            self.workflow_inputs = list(self.workflow.input_schema.column_names)
+            self.ranker_fn = load_encoder(self.dir / "ranker")
+            self.item_features = pd.read_parquet(self.dir / "item_features.parquet").set_index(m["item_id"], drop=False)
+
+    def compile_fast(self):
+        return None
+
+    def recommend_columns(self, cols: dict) -> tuple[np.ndarray, np.ndarray]:
+        raise Unsupported("a classical version has no compiled transform")
+
+    def history(self, users) -> tuple[sp.csr_matrix, np.ndarray]:
+        """The binary training rows of raw ``users`` [n, catalogue] (empty for unknown users) and which are known."""
+        pos = self.seen_users.get_indexer(decode_ids(np.asarray(users)))
+        known = pos >= 0
+        p = np.where(known, pos, 0)
+        starts, ends = self.seen_indptr[p], np.where(known, self.seen_indptr[p + 1], self.seen_indptr[p])
+        lens = ends - starts
+        indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        take = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if lens.sum() else np.zeros(0, np.int64)
+        rows = sp.csr_matrix((np.ones(len(take)), self.seen_indices[take], indptr), shape=(len(pos), len(self.item_ids)))
+        return rows, known
+
+    def top_k(self, users, extra: Optional[list], n: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw ids and scores [rows, k] for raw ``users`` and their ``exclude_item_ids`` (``extra``, or None), a
+        block of rows at a time (a dense rows x catalogue float64 block of at most ``DEFAULT_BLOCK_ELEMENTS``)."""
+        users, n = np.asarray(users), n or self.k
+        step = max(1, DEFAULT_BLOCK_ELEMENTS // max(1, len(self.item_ids)))
+        if len(users) <= step:
+            return self._top_k(users, extra, n)
+        parts = [self._top_k(users[i:i + step], extra[i:i + step] if extra is not None else None, n)
+                 for i in range(0, len(users), step)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _top_k(self, users: np.ndarray, extra: Optional[list], n: int) -> tuple[np.ndarray, np.ndarray]:
+        hist, known = self.history(users)
+        s = classical.scores(hist, self.weights)
+        s[~known] = self.popularity          # unknown users: the most popular items (same order as a zero row)
+        seen = [hist.indices[hist.indptr[i]:hist.indptr[i + 1]] for i in range(hist.shape[0])] \
+            if self.exclude_seen else None
+        mask_rows(s, self.exclude_rows(seen, extra, len(known)), -np.inf)
+        idx = topk_indices(s, n)
+        found = idx >= 0
+        scores = np.where(found, np.take_along_axis(s, np.where(found, idx, 0), axis=1), -np.inf).astype(np.float32)
+        ids = self.item_ids[np.where(found, idx, 0)]
+        ids = np.where(found, ids, pad_id(self.item_ids)).astype(self.item_ids.dtype)
+        return ids, scores
+
+    def retrieve(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """The classical top-k (the ``candidates`` of a two-stage version): raw ids and scores."""
+        if self.user_column not in raw.columns:
+            raise KeyError(f"request lacks the user id column '{self.user_column}'")
+        n = self.candidates if self.ranker_fn else self.k
+        return self.top_k(raw[self.user_column].to_numpy(), self.extra_of(raw), n)
+
+    def recommend(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        ids, scores = self.retrieve(raw)
+        if not self.ranker_fn:
+            return ids, scores
+        from merlin.io import Dataset
+
+        frame, pad = self._rank_frame(raw, ids)
+        rows = Dataset(frame[self.ranker_columns].reset_index(drop=True), cpu=True)
+        transformed = self.workflow.transform(rows).to_ddf().compute()
+        return self._reranked(ids, retrieval.encode(self.ranker_fn, transformed), pad)
+
+    def offline(self, raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """The training-time scorer (:func:`pipeline_lib.models.classical.scores` over the user's training row, the
+        protocol's masking and top-k); a two-stage version's candidates then go through the ranking pipeline's
+        offline path (:func:`pipeline_lib.export.ranking.offline_scores`)."""
+        ids, scores = self.retrieve(raw)
+        if not self.ranker_fn:
+            return ids, scores
+        frame, pad = self._rank_frame(raw, ids)
+        rank = ranking_export.offline_scores(self.workflow_with_label, self.dir / "ranker", frame[self.ranker_columns],
+                                             self.label, encoder=self.ranker_fn)
+        return self._reranked(ids, rank, pad)
+
+    def _rank_frame(self, raw: pd.DataFrame, ids: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+        """The ranker's rows of each (request row, candidate) and which candidates are padding (scored -inf)."""
+        pad = ids == pad_id(self.item_ids)
+        return TopKRecommender.rank_frame(self, raw, np.where(pad, self.item_ids[0], ids)), pad
+
+    def _reranked(self, ids: np.ndarray, rank: np.ndarray, pad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rank = np.asarray(rank, dtype=np.float32).reshape(ids.shape)
+        return rerank(ids, np.where(pad, -np.inf, rank).astype(np.float32), self.k)
+
+
+def export_classical(model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame, settings: TopKSettings,
+                     staging_dir: Path, model_name: str, options: Optional[ExportOptions] = None,
+                     workflow_dir: Optional[Path] = None) -> TopKExport:
+    """Write a classical top-k version into ``staging_dir/<model_name>/1`` and check its in-process answers on
+    ``sample_raw`` (and the same rows with an ``exclude_item_ids`` list each) against the offline path.
+    ``settings.ranker_dir`` (two-stage): the ranking model trained on the run's ETL output (``workflow_dir``)
+    re-scores ``settings.candidates`` classical candidates per row."""
+    o, c = options or ExportOptions(), settings.columns
+    if settings.ranker_dir is not None and workflow_dir is None:
+        raise ValueError("a two-stage classical version needs the run's workflow (workflow_dir)")
+    art = fresh_artifact_dir(staging_dir / model_name / "1")
+    model_dir = Path(model_dir)
+    for f in (classical.ITEMS_FILE, classical.DENSE_WEIGHTS, classical.SPARSE_WEIGHTS):
+        if (model_dir / f).is_file():
+            shutil.copyfile(model_dir / f, art / f)
+    model_spec = json.loads((model_dir / classical.SPEC_FILE).read_text())
+    ids, _ = classical.load_items(model_dir)
+    train_raw = pd.read_parquet(raw_train)
+    item_side = [c.item_id] + [f.name for f in c.features if f.side.value == "item"]
+    ranker_columns = list(c.serving_columns) if settings.ranker_dir else None
+    meta = {"kind": ClassicalRecommender.kind, "model": model_spec, "k": settings.k,
+            "request_columns": request_columns(ClassicalSpec(c.user_id, c.item_id), ranker_columns, item_side),
+            "user_id": c.user_id, "item_id": c.item_id, "label": c.label, "exclude_seen": bool(settings.exclude_seen),
+            "unknown_users": "popular", "n_items": int(len(ids)), "item_id_dtype": str(ids.dtype),
+            "pad_id": pad_id(ids), "fast_transform": NO_TRANSFORM, "ranker_columns": ranker_columns,
+            "candidates": settings.candidates if settings.ranker_dir else settings.k}
+    if settings.ranker_dir:
+        shutil.copytree(settings.ranker_dir, art / "ranker")
+        shutil.copytree(workflow_dir, art / "workflow")
+        spec = retrieval.RetrievalSpec("classical", c.item_id, [c.user_id], [x for x in item_side if x in train_raw])
+        retrieval.catalogue(train_raw, spec).to_parquet(art / "item_features.parquet", index=False)
+    meta["seen"] = write_seen(train_raw, c.user_id, c.item_id, c.label, ids, art / SEEN_FILE)
+    (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
+    rec = ClassicalRecommender(art)
+    sample = sample_raw[meta["request_columns"]].reset_index(drop=True)
+    excl = sample.assign(**{EXCLUDE_INPUT: [list(ids[i % len(ids):i % len(ids) + 3]) for i in range(len(sample))]})
+    diff, _ = check_version(rec, [sample, excl], [], o.atol, fast_transform=False)
+    if rec.ranker_fn is not None:  # typed as the workflow reads them
+        inputs = request_inputs(rec.workflow.input_schema, meta["request_columns"], c.item_id)
+    else:
+        inputs = [RequestInput(c.user_id, train_raw[c.user_id].dtype, False),
+                  RequestInput(EXCLUDE_INPUT, train_raw[c.item_id].dtype, True)]
+    return stage_version(rec, meta, inputs, StagedVersion(staging_dir, model_name, 1), o,
+                         {"max_abs_score_diff": diff, "rows": len(sample), "ann": None})

@@ -1,0 +1,120 @@
+"""Classical retrieval models (ease, item_knn) through the whole Prefect flow: trained on the raw split,
+exported as a top-k version (kind classical), gated, smoke-tested (served == offline) and published; the
+published versions then served by one real Triton, over HTTP and gRPC, with seen items, exclude_item_ids
+and an unknown user. The pieces: tests/unit/models/test_classical.py, tests/unit/export/test_classical.py."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline_lib.config import load_config
+from pipeline_lib.export import topk
+from pipeline_lib.export.classical import ClassicalRecommender
+from pipeline_lib.release.lineage import file_fingerprint
+from pipeline_lib.serving.client import RecsysClient
+from pipeline_lib.serving.server import TritonServer
+
+from tests.conftest import SMALL
+
+pytestmark = pytest.mark.integration
+
+RUNS = {"recsys_ease": "ease", "recsys_knn": "item_knn", "recsys_ease_dlrm": "ease + dlrm"}
+
+
+@pytest.fixture(scope="module")
+def classical_runs(prefect_harness, tmp_path_factory):
+    """ease through the whole flow (gate with its baseline requirement on); item_knn trained, exported and
+    published by the same stage functions on that run's split (a second flow run costs a Triton start), and the
+    run's ease model as the candidate generator of a two-stage version re-ranked by a DLRM."""
+    from flows.pipeline import pipeline
+    from pipeline_lib.config import ClassicalConfig
+    from pipeline_lib.export.classical import export_classical
+    from pipeline_lib.models import classical
+    from pipeline_lib.models import ranking as ranking_model
+    from pipeline_lib.serving import repository
+
+    tmp = tmp_path_factory.mktemp("classical")
+    repo = tmp / "model_repository"
+    overrides = {**SMALL, "seed": 5, "runs_dir": str(tmp / "runs"), "run_name": "ease",
+                 "model": {**SMALL["model"], "type": "ease"}, "gate": {"require_beat_baseline": True},
+                 "export": {**SMALL["export"], "model_repository": str(repo), "model_name": "recsys_ease"}}
+    summary = pipeline(overrides=overrides)
+    split = Path(summary["etl_from"]).parent / "split"
+    cfg = load_config(None, overrides)
+    model = cfg.model.model_copy(update={"type": "item_knn", "classical": ClassicalConfig(knn_neighbours=20)})
+    knn = classical.train(split / "train.parquet", split / "valid.parquet", cfg.columns, model, tmp / "knn")
+    exp = export_classical(knn.model_dir, split / "train.parquet", pd.read_parquet(split / "valid.parquet").head(32),
+                           topk.TopKSettings.from_config(cfg), tmp / "staging", "recsys_knn")
+    # two-stage: the run's ease model proposes 30 candidates, a DLRM trained on the run's ETL output re-scores them
+    etl_dir = Path(summary["etl_from"])
+    ranker = ranking_model.train(etl_dir / "train", etl_dir / "valid", cfg.model.model_copy(update={"type": "dlrm"}),
+                                 cfg.columns.label, cfg.seed, tmp / "ranker")
+    two_stage = export_classical(tmp / "runs" / "ease" / "model" / "model", split / "train.parquet",
+                                 pd.read_parquet(split / "valid.parquet").head(16),
+                                 topk.TopKSettings(cfg.columns, k=10, ranker_dir=ranker.model_dir, candidates=30),
+                                 tmp / "staging-two-stage", "recsys_ease_dlrm", workflow_dir=etl_dir / "workflow")
+    for name, staged in (("recsys_knn", exp), ("recsys_ease_dlrm", two_stage)):
+        assert repository.publish(staged.version_dir, staged.config_path, repo, name)[0] == 1
+        repository.promote(repo, name, 1, None, cfg.serving.instance_count)
+    return tmp, repo, split, summary
+
+
+def test_flow_trains_gates_and_publishes_an_ease_version(classical_runs):
+    tmp, repo, _, s = classical_runs
+    assert s["model"] == "ease" and s["model_version"] == 1 and s["gate"]["promote"], s["gate"]
+    assert s["max_abs_diff_served_vs_offline"] <= 1e-5  # the smoke test: served == offline over HTTP and gRPC
+    m = s["metrics"]
+    assert 0.0 < m["user_recall@10"] <= 1.0 and 0.0 < m["user_ndcg@10"] <= 1.0
+    # the model under the baselines' protocol is the figure training computed; ease is not its own baseline
+    assert s["lift"].startswith(f"ease (per user, seen items excluded) recall@10 {m['user_recall@10']:.4f}")
+    assert s["baselines"]["ease"] == {"skipped": "this run's model is ease (model.type)"}
+    assert "beats the best baseline" in s["gate"]["reason"]  # most_popular / item_cooccurrence
+    art = repo / "recsys_ease" / "1" / topk.TOPK_DIR
+    assert json.loads((art / "spec.json").read_text())["kind"] == "classical"
+    assert (art / "weights.npy").is_file() and (art / topk.SEEN_FILE).is_file()
+    assert (repo / "recsys_knn" / "1" / topk.TOPK_DIR / "weights.npz").is_file()  # item_knn: sparse
+    lineage = json.loads((repo / "recsys_ease" / "1" / "lineage.json").read_text())["model"]
+    assert sorted(p.name for p in Path(lineage["path"]).iterdir()) == ["items.npz", "spec.json", "weights.npy"]
+    assert lineage["fingerprint"] == file_fingerprint(Path(lineage["path"]))  # the weights, not nothing
+
+
+@pytest.fixture(scope="module")
+def served(classical_runs):
+    tmp, repo, _, _ = classical_runs
+    server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log")
+    with server.start(timeout_s=300, models=list(RUNS)):
+        yield server
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_served_classical_top_k_equals_offline_over_http_and_grpc(classical_runs, served, name):
+    tmp, repo, split, _ = classical_runs
+    rec = ClassicalRecommender(repo / name / "1" / topk.TOPK_DIR)
+    train = pd.read_parquet(split / "train.parquet")
+    seen = train[train["click"] > 0].groupby("user_id")["item_id"].apply(set).to_dict()
+    rows = pd.read_parquet(split / "valid.parquet").iloc[10:30][rec.request_columns].reset_index(drop=True)
+    rows.loc[0, "user_id"] = 987654321  # an unknown user: the most popular items
+    want_ids, want_scores = rec.offline(rows)
+    assert (rec.ranker_fn is not None) == (name == "recsys_ease_dlrm")
+    if rec.ranker_fn is None:
+        np.testing.assert_array_equal(want_ids[0], rec.item_ids[:10])
+    else:  # re-ranked: the 10 best of the unknown user's 30 most popular items
+        assert set(want_ids[0]) <= set(rec.item_ids[:30]) and rec.request_columns[0] == "user_id"
+    more = rows.assign(**{topk.EXCLUDE_INPUT: [list(r[:3]) for r in want_ids.tolist()]})
+    want_more = rec.offline(more)
+    for url, protocol in ((served.http_url, "http"), (served.grpc_url, "grpc")):
+        with RecsysClient(url, protocol, name) as client:
+            ids, scores = client.recommend(rows)
+            more_ids, more_scores = client.recommend(more)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+        for user, items in zip(rows["user_id"], ids.tolist()):
+            assert not set(items) & seen.get(user, set()), (protocol, user)
+        np.testing.assert_array_equal(more_ids, want_more[0])
+        np.testing.assert_allclose(more_scores, want_more[1], atol=1e-5, rtol=0)
+        for items, dropped, user in zip(more_ids.tolist(), more[topk.EXCLUDE_INPUT], rows["user_id"]):
+            assert not set(items) & (set(dropped) | seen.get(user, set()))
+        if rec.ranker_fn is None:  # unknown user: popular minus the excluded
+            assert more_ids[0].tolist() == rec.item_ids[3:13].tolist()

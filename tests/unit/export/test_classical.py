@@ -1,0 +1,119 @@
+"""Classical top-k versions (ease, item_knn): what the exported recommender answers equals the training-time
+protocol user for user; seen items and exclude_item_ids are never returned; unknown users get the most popular
+items; a row with fewer than k returnable items is padded. Served over Triton in tests/integration/test_classical.py."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline_lib.config import ClassicalConfig, ModelConfig, RetrievalConfig
+from pipeline_lib.export import classical as export
+from pipeline_lib.export.recommenders import open_recommender
+from pipeline_lib.export.topk import EXCLUDE_INPUT, TOPK_DIR, TopKRecommender, TopKSettings
+from pipeline_lib.models import baselines as bl
+from pipeline_lib.models import classical
+from pipeline_lib.release.gate import score_topk_version
+
+from tests.unit.models.test_classical import COLUMNS, interactions
+
+STRING_IDS = np.array([f"sku-{i:03d}" for i in range(40)], dtype=object)
+
+
+def _version(tmp, kind: str, item_ids=None, k: int = 10, **cfg):
+    df = interactions(seed=3, item_ids=item_ids)
+    train, valid = df.iloc[:700], df.iloc[700:]
+    train.to_parquet(tmp / "train.parquet")
+    valid.to_parquet(tmp / "valid.parquet")
+    model = ModelConfig(type=kind, classical=ClassicalConfig(**cfg), retrieval=RetrievalConfig(k=k))
+    out = classical.train(tmp / "train.parquet", tmp / "valid.parquet", COLUMNS, model, tmp / "model")
+    settings = TopKSettings(COLUMNS, k=k, exclude_seen=True)
+    exp = export.export_classical(out.model_dir, tmp / "train.parquet", valid.head(16), settings, tmp / "staging",
+                                  "recsys")
+    return out, exp, train, valid
+
+
+@pytest.fixture(scope="module")
+def ease(tmp_path_factory):
+    return _version(tmp_path_factory.mktemp("ease"), "ease")
+
+
+@pytest.mark.parametrize("kind,ids", [("ease", None), ("item_knn", STRING_IDS)])
+def test_served_recommender_reproduces_the_training_metric(tmp_path, monkeypatch, ease, kind, ids):
+    out, exp, train, valid = ease if kind == "ease" else _version(tmp_path, kind, ids)
+    p = bl.TopKProtocol.build(train, valid, "user_id", "item_id", "click")
+    rec = open_recommender(exp.version_dir / TOPK_DIR)  # a fresh load of the staged version, by its kind
+    assert isinstance(rec, export.ClassicalRecommender) and rec.request_columns == ["user_id"]
+    got, scores = rec.recommend(pd.DataFrame({"user_id": p.users}))
+    assert got.shape == (len(p.users), 10) and np.isfinite(scores).all()
+    assert all((np.diff(row) <= 0).all() for row in scores)  # best first
+    res = p.evaluate_topk(got.tolist(), 10)
+    monkeypatch.setattr(export, "DEFAULT_BLOCK_ELEMENTS", 3 * len(rec.item_ids))  # 3 users per block: same answer
+    blocks = rec.recommend(pd.DataFrame({"user_id": p.users}))
+    np.testing.assert_array_equal(blocks[0], got)
+    np.testing.assert_array_equal(blocks[1], scores)
+    assert res["recall@10"] == out.metrics["user_recall@10"] and res["ndcg@10"] == out.metrics["user_ndcg@10"]
+    seen = p.seen
+    assert all(not (set(row) & s) for row, s in zip(got.tolist(), seen))  # seen items never come back
+    spec = json.loads((exp.version_dir / TOPK_DIR / "spec.json").read_text())
+    assert spec["kind"] == "classical" and spec["fast_transform"]["enabled"] is False
+    assert exp.parity["rows"] == 16 and exp.parity["max_abs_score_diff"] == 0.0
+    config = (exp.config_path).read_text()
+    assert "exclude_item_ids__values" in config and "user_id" in config
+
+
+def test_exclusions_unknown_users_and_short_rows(ease):
+    _, exp, train, _ = ease
+    rec = exp.recommender
+    pop = rec.item_ids[:10].tolist()  # the catalogue is in popularity order
+    ids, scores = rec.recommend(pd.DataFrame({"user_id": [12345, 12345]}))
+    assert ids[0].tolist() == pop and scores[0].tolist() == rec.popularity[:10].astype(np.float32).tolist()
+    ids, _ = rec.recommend(pd.DataFrame({"user_id": [12345], EXCLUDE_INPUT: [[pop[0], pop[3], 99999]]}))
+    assert ids[0].tolist() == [i for i in rec.item_ids[:12].tolist() if i not in (pop[0], pop[3])]
+    user = int(train.loc[train.click > 0, "user_id"].iloc[0])
+    plain, _ = rec.recommend(pd.DataFrame({"user_id": [user]}))
+    ids, _ = rec.recommend(pd.DataFrame({"user_id": [user], EXCLUDE_INPUT: [[int(plain[0, 0])]]}))
+    assert ids[0, :9].tolist() == plain[0, 1:].tolist()
+    # everything but 3 items excluded: 3 items, then padding at -inf -- no excluded id is returned
+    keep = set(rec.item_ids[[5, 7, 9]].tolist())
+    seen = set(rec.item_ids[rec.history([user])[0].indices].tolist())
+    excl = [i for i in rec.item_ids.tolist() if i not in keep]
+    ids, scores = rec.recommend(pd.DataFrame({"user_id": [12345, user], EXCLUDE_INPUT: [excl, excl]}))
+    assert set(ids[0, :3].tolist()) == keep and ids[0, 3:].tolist() == [-1] * 7 and np.isneginf(scores[0, 3:]).all()
+    assert set(ids[1].tolist()) - {-1} == keep - seen and (ids[1] == -1).sum() == 10 - len(keep - seen)
+
+
+def test_gate_scores_a_classical_version_through_its_recommender(ease):
+    _, exp, _, valid = ease
+    m = score_topk_version(exp.version_dir, valid, "click")
+    assert m == score_topk_version(exp.version_dir, valid, "click", rec=exp.recommender)
+    assert 0.0 < m["recall"] <= 1.0 and m["n_queries"] == int((valid.click == 1).sum())
+
+
+def test_two_stage_reranks_the_classical_candidates_with_the_ranking_model(trained, tmp_path):
+    """ease proposes 30 candidates per row, the run's DLRM (same ETL output) re-scores them, the 10 best come back;
+    in-process (NVTabular) equals the ranking pipeline's offline path (checked at export, and here)."""
+    from pipeline_lib.export import ranking as ranking_export
+
+    cfg = trained.cfg
+    model = ModelConfig(type="ease", retrieval=RetrievalConfig(rerank_with="dlrm", candidates=30))
+    out = classical.train(trained.split.train, trained.split.valid, cfg.columns, model, tmp_path / "ease")
+    settings = TopKSettings(cfg.columns, k=10, ranker_dir=trained.model.model_dir, candidates=30)
+    valid = pd.read_parquet(trained.split.valid)
+    exp = export.export_classical(out.model_dir, trained.split.train, valid.head(8), settings, tmp_path / "staging",
+                                  "recsys", workflow_dir=trained.etl.workflow_dir)
+    rec = exp.recommender
+    assert rec.request_columns[0] == "user_id" and set(rec.request_columns) == set(cfg.columns.serving_columns) - {
+        "item_id", "item_category", "item_price", "item_tags"}
+    rows = valid.iloc[20:24][rec.request_columns].reset_index(drop=True)
+    ids, scores = rec.recommend(rows)
+    cands, _ = rec.retrieve(rows)
+    frame = TopKRecommender.rank_frame(rec, rows, cands)
+    rank = ranking_export.offline_scores(rec.workflow_with_label, rec.dir / "ranker", frame[rec.ranker_columns],
+                                         "click").reshape(cands.shape)
+    for i in range(len(rows)):
+        best = sorted(zip(rank[i], cands[i]), key=lambda t: -t[0])[:10]
+        assert ids[i].tolist() == [c for _, c in best]
+        np.testing.assert_allclose(scores[i], [s for s, _ in best], atol=1e-5)
+    off = rec.offline(rows)
+    np.testing.assert_array_equal(off[0], ids)
