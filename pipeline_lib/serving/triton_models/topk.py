@@ -5,9 +5,10 @@ Raw request columns in (checked by :mod:`pipeline_lib.validate.requests`; a bad 
 invalid-argument, HTTP 400), ``item_ids`` and ``scores`` [rows, k] out, computed by the version's
 recommender (:mod:`pipeline_lib.export.topk`), picked by spec.json's ``kind``:
 :class:`~pipeline_lib.export.topk.TopKRecommender` (query encoder, catalogue embeddings, optional
-ranker) or :class:`~pipeline_lib.export.session.SessionRecommender` (session model scores); both run
-the fitted workflow (compiled transform when verified at export) and the one exclusion + top-k +
-id-decoding step. Only runs inside Triton's python backend stub.
+ranker), :class:`~pipeline_lib.export.session.SessionRecommender` (session model scores; both run
+the fitted workflow, compiled transform when verified at export) or
+:class:`~pipeline_lib.export.session_classical.ClassicalSessionRecommender` (classical session model,
+numpy on the raw item ids); all share the one exclusion + top-k + id-decoding step. Only runs inside Triton's python backend stub.
 """
 import json
 import traceback
@@ -18,12 +19,13 @@ import triton_python_backend_utils as pb_utils
 from pipeline_lib.validate.requests import (BadRequest, check_request, error_response, lists_present, max_request_rows,
                                             read_request, tensor_reader, version_dir)
 from pipeline_lib.export.session import SessionRecommender
+from pipeline_lib.export.session_classical import ClassicalSessionRecommender
 from pipeline_lib.export.topk import OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, TopKRecommender
 from pipeline_lib.serving import bytes_tensor
 
 # the stub decodes every BYTES input with this module function: the vectorised decoder instead
 FAST_BYTES = bytes_tensor.install(pb_utils)
-RECOMMENDERS = {cls.kind: cls for cls in (TopKRecommender, SessionRecommender)}
+RECOMMENDERS = {cls.kind: cls for cls in (TopKRecommender, SessionRecommender, ClassicalSessionRecommender)}
 
 
 class TritonPythonModel:
