@@ -41,7 +41,6 @@ from scipy import sparse
 
 from pipeline_lib.config import SessionClassicalConfig, SessionColumns
 from pipeline_lib.etl.sessions import prefixes
-from pipeline_lib.models.baselines import mask_rows
 from pipeline_lib.models.common import TrainOutput, save_metrics
 
 log = logging.getLogger(__name__)
