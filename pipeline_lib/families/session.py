@@ -1,8 +1,9 @@
 """Session-based next-item prediction (``task: session``).
 
 raw events -> validated -> NVTabular (grouping by session + fitted feature workflow) -> sequence
-model vs baselines (most popular, co-occurrence) -> top-k version (workflow + model, the top-k route
-of retrieval: :mod:`pipeline_lib.export.topk`) ->
+model vs baselines (most popular, co-occurrence, session_knn, sequential_rules) -> top-k version
+(workflow + model, the top-k route of retrieval: :mod:`pipeline_lib.export.topk`; a classical
+``session.model.type``: its sparse matrices, :mod:`pipeline_lib.export.session_classical`) ->
 gate on recall/NDCG/MRR@k of what a version returns -> served top-k == offline top-k.
 Requests are held-out sessions minus their last event (the target).
 """

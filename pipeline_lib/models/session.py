@@ -29,6 +29,8 @@ The same metrics score two baselines on the same held-out prefixes: most-popular
 frequency) and item-to-item transitions (next-item counts after the prefix's last item in train
 sessions, popularity as the fallback). With ``session.exclude_seen`` (default on) the prefix's own
 items are masked for the model and both baselines alike (:func:`exclusions`, :func:`mask_scores`).
+The classical session models (``session_knn``, ``sequential_rules``: :mod:`.session_classical`) are
+scored beside them as baselines, and ``session.model.type`` set to one of them trains that instead.
 """
 from __future__ import annotations
 
