@@ -658,9 +658,31 @@ class SessionEtlConfig(_Strict):
     max_session_length: int = Field(20, ge=2, description="sessions are truncated to their last N events")
 
 
+class SessionClassicalConfig(_Strict):
+    """Options of the classical session types (``session_knn``, ``sequential_rules``; docs/sessions.md)."""
+
+    neighbors: int = Field(100, ge=1, description="session_knn: the k most similar training sessions whose items "
+                           "are scored (each by the sum of the similarities of the neighbours holding it)")
+    sample_size: int = Field(500, ge=1, description="session_knn: candidate neighbours are the most recent this many "
+                             "training sessions sharing an item with the session (the sample M of SKNN)")
+    position_weighting: bool = Field(True, description="session_knn: weight the session's items by position in the "
+                                     "cosine similarity, linearly from 1/n (first) to 1 (last) (V-SKNN); off: SKNN")
+    max_distance: int = Field(10, ge=1, description="sequential_rules: a rule a -> b counts when b follows a within "
+                              "this many events of a training session, weighted 1/distance")
+    recency_decay: float = Field(0.0, ge=0, le=1, description="sequential_rules: the session's scores sum the rules "
+                                 "of its items, the item t events before the last weighted recency_decay**t "
+                                 "(0: the last item only, the literature's SR)")
+
+
+SESSION_CLASSICAL_TYPES = ("session_knn", "sequential_rules")
+
+
 class SessionModelConfig(_Strict):
-    type: Literal["gru", "transformer"] = Field(
-        "gru", description="gru: a GRU over the sequence; transformer: causal self-attention blocks"
+    type: Literal["gru", "transformer", "session_knn", "sequential_rules"] = Field(
+        "gru", description="gru: a GRU over the sequence; transformer: causal self-attention blocks; session_knn: "
+        "nearest training sessions (V-SKNN); sequential_rules: item-to-item rules from the order of events within "
+        "training sessions (SR). The last two are classical (numpy, no TensorFlow at serving; options: "
+        "session.model.classical, the deep options are ignored)"
     )
     embedding_dim: int = Field(64, ge=4, description="item-id embedding size (other features: a quarter of it)")
     hidden_dim: int = Field(64, ge=4, description="GRU units / transformer d_model")
@@ -688,6 +710,14 @@ class SessionModelConfig(_Strict):
                 candidate_config(self, spec)
             candidate_names(self.candidates)
         return self
+
+    classical: SessionClassicalConfig = Field(default_factory=SessionClassicalConfig,
+                                              description="options of session_knn / sequential_rules")
+
+    @property
+    def is_classical(self) -> bool:
+        """A classical type (fitted by counting, served in numpy): :mod:`pipeline_lib.models.session_classical`."""
+        return self.type in SESSION_CLASSICAL_TYPES
 
 
 class SessionConfig(_Strict):

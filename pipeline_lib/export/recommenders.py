@@ -7,10 +7,11 @@ from pathlib import Path
 
 from pipeline_lib.export.classical import ClassicalRecommender
 from pipeline_lib.export.session import SessionRecommender
+from pipeline_lib.export.session_classical import ClassicalSessionRecommender
 from pipeline_lib.export.topk import TopKRecommender, TopKRoute
 
 RECOMMENDERS: dict[str, type[TopKRoute]] = {cls.kind: cls for cls in (TopKRecommender, SessionRecommender,
-                                                                       ClassicalRecommender)}
+                                                                       ClassicalRecommender, ClassicalSessionRecommender)}
 
 
 def recommender_kind(artifact_dir: Path) -> type[TopKRoute]:

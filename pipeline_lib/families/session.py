@@ -1,8 +1,9 @@
 """Session-based next-item prediction (``task: session``).
 
 raw events -> validated -> NVTabular (grouping by session + fitted feature workflow) -> sequence
-model vs baselines (most popular, co-occurrence) -> top-k version (workflow + model, the top-k route
-of retrieval: :mod:`pipeline_lib.export.topk`) ->
+model vs baselines (most popular, co-occurrence, session_knn, sequential_rules) -> top-k version
+(workflow + model, the top-k route of retrieval: :mod:`pipeline_lib.export.topk`; a classical
+``session.model.type``: its sparse matrices, :mod:`pipeline_lib.export.session_classical`) ->
 gate on recall/NDCG/MRR@k of what a version returns -> served top-k == offline top-k.
 Requests are held-out sessions minus their last event (the target).
 """
@@ -18,6 +19,7 @@ from pipeline_lib.data import sessions as session_data
 from pipeline_lib.etl import sessions as session_etl
 from pipeline_lib.export import ranking as export
 from pipeline_lib.export import session as session_export
+from pipeline_lib.export import session_classical as classical_export
 from pipeline_lib.export import topk
 from pipeline_lib.families.base import ServedReport, TaskFamily, Trained
 from pipeline_lib.models import evaluation
@@ -64,6 +66,10 @@ class SessionFamily(TaskFamily):
     def export(self, paths: RunPaths, etl_out: session_etl.SessionEtlOutput, trained: Trained) -> topk.TopKExport:
         cfg, s = self.cfg, self.cfg.session
         options = export.ExportOptions.from_config(cfg, self.run_info(paths, trained), exclude_seen=s.exclude_seen)
+        if s.model.is_classical:  # numpy on raw item ids: no workflow, no SavedModel
+            return classical_export.export_session_classical(
+                trained.model.model_dir, self.smoke_rows(etl_out, cfg.export.parity_rows), s.columns.item_id,
+                s.top_k, paths.ensemble, cfg.export.model_name, options)
         return session_export.export_session_topk(
             etl_out.workflow_dir, trained.model.model_dir, self.smoke_rows(etl_out, cfg.export.parity_rows),
             s.columns.item_id, s.top_k, paths.ensemble, cfg.export.model_name, options)
@@ -75,8 +81,8 @@ class SessionFamily(TaskFamily):
     def offline_reference(self, etl_out: session_etl.SessionEtlOutput, exp: topk.TopKExport,
                           rows: pd.DataFrame) -> Any:
         """The version's own recommender (the one export checked) on the offline path (workflow.transform +
-        Merlin Loader + SavedModel)."""
-        return exp.open(session_export.SessionRecommender).offline(rows)
+        Merlin Loader + SavedModel; a classical model: its evaluation path)."""
+        return exp.open(classical_export.recommender_class(self.cfg.session.model.type)).offline(rows)
 
     def serve_and_compare(self, paths: RunPaths, exp: topk.TopKExport, rows: pd.DataFrame, offline: Any) -> Any:
         s = self.cfg.serving

@@ -287,6 +287,8 @@ def _replot(cfg: RunConfig, model, report: BaselineReport, path: Path) -> None:
         k = cfg.session.top_k
         keys = ("loss", "recall")
         title = f"{report.model_name}: recall@{k} {m[f'recall@{k}']:.4f} (held-out sessions)"
+    if not history:  # a model fitted without epochs (classical session types): the baseline lines only
+        keys = tuple(k for k in keys if k != "loss")
     try:
         plot_learning_curve(history, path, title=title, keys=keys, references=reference_lines(report, keys))
     except Exception as exc:  # a plot never fails a run

@@ -29,6 +29,8 @@ The same metrics score two baselines on the same held-out prefixes: most-popular
 frequency) and item-to-item transitions (next-item counts after the prefix's last item in train
 sessions, popularity as the fallback). With ``session.exclude_seen`` (default on) the prefix's own
 items are masked for the model and both baselines alike (:func:`exclusions`, :func:`mask_scores`).
+The classical session models (``session_knn``, ``sequential_rules``: :mod:`.session_classical`) are
+scored beside them as baselines, and ``session.model.type`` set to one of them trains that instead.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ from pipeline_lib.progress import epoch_logger
 
 log = logging.getLogger(__name__)
 
+CLASSICAL_BASELINES = ("session_knn", "sequential_rules")  # session_classical.TYPES, scored beside a deep model
 N_SPECIAL = 3  # Categorify: 0 padding, 1 null, 2 out-of-vocabulary; never recommended
 MASKED = -1e9
 
@@ -337,6 +340,18 @@ def topk_metrics(scores: np.ndarray, targets: np.ndarray, k: int, batch: int = 2
     return {name: float(m.result().numpy()) for name, m in metrics.items()}
 
 
+def metrics_from_topk(ids: np.ndarray, scores: np.ndarray, targets: np.ndarray, k: int) -> dict:
+    """Recall/NDCG/MRR@k of top-k lists (item ids or catalogue rows) against one target each, with Merlin's
+    metrics: the k listed items plus one 'everything else' column (where a missed target goes) form the
+    score rows. The gate's figures of a version, and the classical session models' own."""
+
+    n = len(ids)
+    hit = ids == np.asarray(targets).reshape(-1, 1)
+    rank = np.where(hit.any(axis=1), hit.argmax(axis=1), k)
+    s = np.concatenate([np.tile(np.arange(k, 0, -1, dtype=np.float32), (n, 1)), np.zeros((n, 1), np.float32)], axis=1)
+    return topk_metrics(s, rank, k, mask_special=False)
+
+
 def popularity_scores(train_lists: pd.Series, n_items: int) -> np.ndarray:
     """Train frequency of every (encoded) item."""
     counts = np.bincount(np.concatenate(train_lists.map(np.asarray).to_numpy()), minlength=n_items)[:n_items]
@@ -365,7 +380,8 @@ def baseline_scores(train_lists: pd.Series, last_items: np.ndarray, n_items: int
 def evaluate(workflow, model, valid_sessions: pd.DataFrame, train_transformed: pd.DataFrame,
              cols: SessionColumns, k: int, n_items: int, exclude_seen: bool = True) -> dict:
     """Model vs baselines on the last item of every held-out session (prefix = the events before it).
-    ``model``: the trained (in-memory) model, or any callable on Loader batches (:func:`offline_scores`).
+    ``model``: the trained (in-memory) model, or any callable on Loader batches (:func:`offline_scores`);
+    None: the baselines only (a classical session model scores itself: :mod:`.session_classical`).
     ``exclude_seen``: the prefix's own items are never recommended, by the model and by the baselines."""
     req, _ = prefixes(valid_sessions, cols)
     # targets in the model's index space: encode the full held-out sessions with the same workflow
@@ -375,7 +391,8 @@ def evaluate(workflow, model, valid_sessions: pd.DataFrame, train_transformed: p
     last_items = enc_prefix[cols.item_id].map(lambda v: int(v[-1])).to_numpy()
     lookup = vocabulary_lookup(item_vocabulary(workflow, cols.item_id))
     excl = exclusions(lookup, req[cols.item_id].tolist(), None, len(req)) if exclude_seen else None
-    results = {"model": topk_metrics(mask_scores(offline_scores(workflow, None, req, model=model), excl), targets, k)}
+    results = {} if model is None else {
+        "model": topk_metrics(mask_scores(offline_scores(workflow, None, req, model=model), excl), targets, k)}
     for name, s in baseline_scores(train_transformed[cols.item_id], last_items, n_items).items():
         results[name] = topk_metrics(mask_scores(s, excl), targets, k)
     results["n_sessions"] = int(len(targets))
@@ -386,9 +403,23 @@ def evaluate(workflow, model, valid_sessions: pd.DataFrame, train_transformed: p
     return results
 
 
+def classical_baselines(etl_out, cfg, valid: pd.DataFrame) -> dict[str, dict]:
+    """The classical session models (``session_knn``, ``sequential_rules``, with ``session.model.classical``)
+    fitted on the raw training sessions and scored on the same held-out prefixes: baselines of a deep run."""
+    from pipeline_lib.models import session_classical
+
+    s = cfg.session
+    return session_classical.baseline_metrics(pd.read_parquet(etl_out.split.train), valid, s.model.classical,
+                                              s.columns, s.top_k, s.exclude_seen)
+
+
 def train_and_evaluate(etl_out, cfg, out_dir: Path) -> TrainOutput:
     """Train (``session.model``), evaluate against the baselines on the held-out sessions, save metrics.json."""
     s = cfg.session
+    if s.model.is_classical:
+        from pipeline_lib.models import session_classical
+
+        return session_classical.train_and_evaluate(etl_out, cfg, out_dir)
     t0 = time.perf_counter()
     model, model_dir, history = train_session_model(etl_out.train_dir, s.model, s.columns, s.etl.max_session_length,
                                                     cfg.seed, out_dir, s.top_k)
@@ -400,10 +431,11 @@ def train_and_evaluate(etl_out, cfg, out_dir: Path) -> TrainOutput:
     valid = pd.read_parquet(etl_out.split.valid)
     results = evaluate(workflow, model, valid, train_tf, s.columns, s.top_k, n_items, s.exclude_seen)
     k = s.top_k
+    results.update(classical_baselines(etl_out, cfg, valid))
     metrics = {
         "model": f"session_{s.model.type}",
         **{f"{m}@{k}": results["model"][f"{m}@{k}"] for m in ("recall", "ndcg", "mrr")},
-        "baselines": {n: results[n] for n in ("most_popular", "cooccurrence")},
+        "baselines": {n: results[n] for n in ("most_popular", "cooccurrence", *CLASSICAL_BASELINES)},
         "n_train": int(len(train_tf)), "n_valid": results["n_sessions"], "n_items": n_items,
         "target_oov_rate": results["target_oov_rate"], "exclude_seen": s.exclude_seen,
         "target_in_prefix_rate": results["target_in_prefix_rate"], "epochs_run": len(history.get("loss", [])), "best_epoch": best_epoch,

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.export.parity import score_diff
-from pipeline_lib.export.session import SessionRecommender
-from pipeline_lib.export.topk import TOPK_DIR
+from pipeline_lib.export.session_classical import open_session_version
+from pipeline_lib.export.topk import TopKRoute
 from pipeline_lib.release.smoke import SmokeResult, model_load_events, serve_and_ask, served_parity
-from pipeline_lib.models.session import topk_metrics
+from pipeline_lib.models.session import metrics_from_topk
 from pipeline_lib.etl.sessions import prefixes
 
 def session_smoke_test(repository: Path, model_name: str, rows: pd.DataFrame, offline: tuple[np.ndarray, np.ndarray],
@@ -35,23 +35,12 @@ def session_smoke_test(repository: Path, model_name: str, rows: pd.DataFrame, of
     return res
 
 
-def metrics_from_topk(ids: np.ndarray, scores: np.ndarray, targets: np.ndarray, k: int) -> dict:
-    """Recall/NDCG/MRR@k of served top-k lists against raw target ids, with Merlin's metrics: the k
-    served items plus one 'everything else' column (where a missed target goes) form the score rows."""
-
-    n = len(ids)
-    hit = ids == np.asarray(targets).reshape(-1, 1)
-    rank = np.where(hit.any(axis=1), hit.argmax(axis=1), k)
-    s = np.concatenate([np.tile(np.arange(k, 0, -1, dtype=np.float32), (n, 1)), np.zeros((n, 1), np.float32)], axis=1)
-    return topk_metrics(s, rank, k, mask_special=False)
-
-
 def score_version(version_dir: Path, sessions: pd.DataFrame, cols, k: int, batch: int = 2048,
-                  rec: Optional[SessionRecommender] = None) -> dict:
+                  rec: Optional[TopKRoute] = None) -> dict:
     """A published/staged version's metrics on raw held-out sessions (prefix in, last item as target).
     ``rec``: the version's recommender when already loaded (the staged candidate's, from export)."""
 
-    rec = rec or SessionRecommender(Path(version_dir) / TOPK_DIR)  # not a session top-k version: an error
+    rec = rec or open_session_version(version_dir)  # deep or classical by spec.json; not a session version: an error
     req, targets = prefixes(sessions, cols)
     missing = [c for c in rec.request_columns if c not in req.columns]
     if missing:

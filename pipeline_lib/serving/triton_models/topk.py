@@ -10,7 +10,9 @@ recommender (:mod:`pipeline_lib.export.topk`), picked by spec.json's ``kind``:
 ranker), :class:`~pipeline_lib.export.session.SessionRecommender` (session model scores; both run
 the fitted workflow, compiled transform when verified at export) or
 :class:`~pipeline_lib.export.classical.ClassicalRecommender` (ease / item_knn weights over the user's
-history); all share the one exclusion + top-k + id-decoding step (:mod:`pipeline_lib.export.recommenders`). Only runs inside Triton's python backend stub.
+history) or :class:`~pipeline_lib.export.session_classical.ClassicalSessionRecommender` (classical session
+model, numpy on the raw item ids); all share the one exclusion + top-k + id-decoding step
+(:mod:`pipeline_lib.export.recommenders`). Only runs inside Triton's python backend stub.
 """
 import json
 import traceback
