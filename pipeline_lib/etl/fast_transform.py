@@ -32,8 +32,7 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from pipeline_lib.etl.sessions import time_deltas
-from pipeline_lib.etl.workflow import to_float32
+from pipeline_lib.etl.lambda_ops import time_deltas, to_float32
 
 PAD, NULL, OOV = 0, 1, 2
 BULK_ROWS = 4096  # from this many values, vocabulary lookups run vectorised (the ETL's row batches)

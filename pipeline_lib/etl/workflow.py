@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.config import ColumnsConfig, DaskConfig, EtlConfig, FeatureKind, FeatureSide, SplitConfig
+from pipeline_lib.etl.lambda_ops import to_float32  # also importable here: workflows pickled before it moved
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,6 @@ def split_raw(raw_path: Path, split: SplitConfig, columns: ColumnsConfig, seed: 
     df.loc[~is_valid].reset_index(drop=True).to_parquet(paths.train, index=False)
     df.loc[is_valid].reset_index(drop=True).to_parquet(paths.valid, index=False)
     return paths
-
-
-def to_float32(col):
-    """Models take float32; NVTabular's Normalize emits float64 (module-level: picklable)."""
-    return col.astype("float32")
 
 
 def build_workflow(columns: ColumnsConfig, categories_dir: Path, history: bool = False):
@@ -330,7 +326,7 @@ def fit_transform(
     reason = fast_path_refusal(etl, device)
     workflow = None
     if reason is None:
-        # imported here: fast_etl -> fast_transform imports this module (to_float32)
+        # imported here, when the fast path runs (pyarrow ETL code)
         from pipeline_lib.etl import fast_etl
 
         t0 = time.perf_counter()
