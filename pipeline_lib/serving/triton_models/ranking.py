@@ -25,6 +25,7 @@ _IMPORTED_AT = time.perf_counter()  # the load time logged includes this module'
 
 import json
 import traceback
+from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
@@ -48,7 +49,7 @@ class TritonPythonModel:
         self.batched = int(config.get("max_batch_size", 0)) > 0
         self.max_rows = max_request_rows(config)
         self.logger = pb_utils.Logger
-        self.full = None  # the full ensemble's predictor, loaded when needed
+        self.full: Any = None  # the full ensemble's predictor, loaded when needed
         why = "no compiled version"
         try:
             self.compiled = CompiledPredictor.load(self.version_dir / "ensemble")
