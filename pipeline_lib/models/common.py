@@ -76,7 +76,7 @@ def save_model(model, model_dir: Path) -> Path:
 Encoder = Callable[[dict], np.ndarray]  # model input arrays (lists as values/offsets) -> first output, float32
 
 
-def load_encoder(path: Path):
+def load_encoder(path: str | os.PathLike):
     """A SavedModel's serving signature and its input dtypes."""
     tf = import_tf()
     model = tf.saved_model.load(str(path))
