@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -26,7 +26,7 @@ class TrainOutput:
     metrics_path: Optional[Path] = None
 
 
-def import_tf():
+def import_tf() -> Any:
     """The ``tensorflow`` module, imported on first use with its C++ INFO/WARNING logs off."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow

@@ -35,7 +35,7 @@ def session_smoke_test(repository: Path, model_name: str, rows: pd.DataFrame, of
     return res
 
 
-def metrics_from_topk(ids: np.ndarray, scores: np.ndarray, targets: np.ndarray, k: int) -> dict:
+def metrics_from_topk(ids: np.ndarray, scores: Optional[np.ndarray], targets: np.ndarray, k: int) -> dict:
     """Recall/NDCG/MRR@k of served top-k lists against raw target ids, with Merlin's metrics: the k
     served items plus one 'everything else' column (where a missed target goes) form the score rows."""
 
