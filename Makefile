@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # (a file's tests share their module fixtures: one Triton, one flow run). 2 = the developer machine's cores.
 TEST_WORKERS ?= 2
 
-.PHONY: install run test bench serve predict clean
+.PHONY: install run test check bench serve predict clean
 
 # uv is bootstrapped from PyPI into .tools/ when the machine has none.
 $(CURDIR)/.tools/bin/uv:
@@ -27,6 +27,13 @@ run: install
 test: install
 	$(UV) run --frozen --no-sync pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
+## check: install, then the code checks (config in pyproject.toml); .ci/run runs them before the tests
+##   ruff: pyflakes, bugbear, imports at the top; mypy: types; lint-imports: the stage layering of docs/architecture.md
+check: install
+	$(UV) run --frozen --no-sync ruff check pipeline_lib flows
+	$(UV) run --frozen --no-sync mypy
+	$(UV) run --frozen --no-sync lint-imports
+
 ## bench: install, then the benchmark suite (ETL, training, serving, end to end); results in benchmarks/results/
 bench: install
 	$(UV) run --frozen --no-sync python -m benchmarks.run $(ARGS)
@@ -38,4 +45,4 @@ predict: install
 	$(UV) run --frozen --no-sync recsys predict $(ARGS)
 
 clean:
-	rm -rf runs model_repository/recsys .pytest_cache
+	rm -rf runs model_repository/recsys .pytest_cache .mypy_cache .ruff_cache

@@ -14,6 +14,11 @@ a variable the user set wins.
   ``PREFECT_HOME`` says, so a "fresh" home silently reused persisted task results (the ETL cache)
   of earlier runs.
 * ``PREFECT_SERVER_ANALYTICS_ENABLED`` = false: no telemetry writes racing the temporary database.
+* ``PREFECT_LOGGING_EXTRA_LOGGERS`` = ``pipeline_lib``: the library's progress lines reach Prefect's logs.
+
+It also installs :mod:`pipeline_lib.quiet`'s filters (known-harmless library warnings and log lines
+off) before Prefect, Merlin and TensorFlow are imported, so ``flows.tasks`` and ``flows.pipeline``
+need no code above their imports.
 
 Where Prefect's state lives: ``PREFECT_HOME`` (default ``~/.prefect``): the SQLite database of
 the temporary server (flow runs, logs, artifacts) and ``storage/`` (cached task results). To use
@@ -26,6 +31,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline_lib import quiet
+
 EPHEMERAL_STARTUP_TIMEOUT_S = 600
 
 
@@ -33,6 +40,7 @@ def prefect_defaults(environ: "os._Environ[str] | dict[str, str]" = os.environ) 
     """Set this project's Prefect defaults in ``environ`` (never overriding a value that is set)."""
     environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
     environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib")
     home = environ.get("PREFECT_HOME")
     storage_set = any(k in environ for k in ("PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH"))
     if home and not storage_set:
@@ -40,3 +48,4 @@ def prefect_defaults(environ: "os._Environ[str] | dict[str, str]" = os.environ) 
 
 
 prefect_defaults()
+quiet.install()  # before Prefect, Merlin and TensorFlow are imported (by flows.tasks, flows.pipeline)

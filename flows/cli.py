@@ -250,7 +250,7 @@ def predict(
     port = cfg.serving.grpc_port if protocol == "grpc" else cfg.serving.http_port
     address = url or f"{cfg.serving.host}:{port}"
     try:
-        with RecsysClient(address, protocol, cfg.export.model_name) as client:
+        with RecsysClient(address, protocol, cfg.export.model_name) as client:  # type: ignore[arg-type]
             df = df[[c for c in df.columns if c in client.raw_columns]]
             if client.is_topk:  # retrieval model: the k best items per row
                 ids, scores = client.recommend(df)
@@ -284,7 +284,7 @@ def _predict_sessions(cfg, rows: Optional[Path], n: int, protocol: str, url: Opt
     port = cfg.serving.grpc_port if protocol == "grpc" else cfg.serving.http_port
     address = url or f"{cfg.serving.host}:{port}"
     try:
-        with SessionClient(address, protocol, cfg.export.model_name) as client:
+        with SessionClient(address, protocol, cfg.export.model_name) as client:  # type: ignore[arg-type]
             ids, scores = client.recommend(df)
     except RequestError as exc:
         _fail(str(exc))

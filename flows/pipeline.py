@@ -10,23 +10,23 @@ Prefect server: Prefect 3 starts a temporary local API on first use (ephemeral m
 """
 from __future__ import annotations
 
-from flows import tasks  # first: logging set up before Prefect, Merlin and TensorFlow are imported
+from flows import tasks  # the flows package set up logging and warning filters before any of these imports
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+import json
+from pathlib import Path
+from typing import Any, Optional
 
-import pandas as pd  # noqa: E402
-from prefect import flow, get_run_logger  # noqa: E402
-from prefect.states import Completed, State  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+import pandas as pd
+from prefect import flow, get_run_logger
+from prefect.states import Completed, State
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipeline_lib import report  # noqa: E402
-from pipeline_lib.config import RunConfig, load_config  # noqa: E402
-from pipeline_lib.families import TaskFamily, get_family  # noqa: E402
-from pipeline_lib.families.candidates import Competition  # noqa: E402
-from pipeline_lib.paths import RunPaths, new_run  # noqa: E402
-from pipeline_lib.release.gate import GateDecision  # noqa: E402
+from pipeline_lib import report
+from pipeline_lib.config import RunConfig, load_config
+from pipeline_lib.families import TaskFamily, get_family
+from pipeline_lib.families.candidates import Competition
+from pipeline_lib.paths import RunPaths, new_run
+from pipeline_lib.release.gate import GateDecision
 
 
 @flow(name="recsys-pipeline", log_prints=True)

@@ -2,39 +2,31 @@
 
 Each task is one call to the run's :class:`pipeline_lib.families.TaskFamily` plus the wiring that
 belongs to Prefect: retries, caching, logging and artifacts. Domain rules live in the family.
-Importing this module sets up logging before Prefect, Merlin and TensorFlow are imported.
+Importing the ``flows`` package (``flows/__init__.py``) first sets up logging and warning filters,
+before Prefect, Merlin and TensorFlow are imported.
 """
 from __future__ import annotations
 
-import os
+import logging
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Optional
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry writes racing the ephemeral DB
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
 
-from pipeline_lib import quiet  # noqa: E402  (before Prefect, Merlin and TensorFlow are imported)
+from pipeline_lib import quiet, report
+from pipeline_lib.errors import DataValidationError
+from pipeline_lib.families import TaskFamily, Trained
+from pipeline_lib.families import candidates
+from pipeline_lib.models import tune as tuning
+from pipeline_lib.paths import RunPaths
+from pipeline_lib.validate import data as validate
 
-quiet.install()
 quiet.show_progress()  # per-epoch lines, Triton start-up, ETL steps: console and Prefect UI
-
-import logging  # noqa: E402
-import time  # noqa: E402
-from datetime import timedelta  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Optional  # noqa: E402
-
-from prefect import get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.context import FlowRunContext, TaskRunContext  # noqa: E402
-
-from pipeline_lib import report  # noqa: E402
-from pipeline_lib.errors import DataValidationError  # noqa: E402
-from pipeline_lib.families import TaskFamily, Trained  # noqa: E402
-from pipeline_lib.families import candidates  # noqa: E402
-from pipeline_lib.models import tune as tuning  # noqa: E402
-from pipeline_lib.paths import RunPaths  # noqa: E402
-from pipeline_lib.validate import data as validate  # noqa: E402
 
 
 class _NoTracebackForBadData(logging.Filter):

@@ -48,7 +48,8 @@ def epoch_logger(epochs: int, logger: logging.Logger = log):
         class EpochLogger(tf.keras.callbacks.Callback):
             def __init__(self, epochs: int, logger: logging.Logger):
                 super().__init__()
-                self.epochs, self.logger, self._t0 = epochs, logger, None
+                self.epochs, self.logger = epochs, logger
+                self._t0: Optional[float] = None
 
             def on_epoch_begin(self, epoch, logs=None):
                 self._t0 = time.perf_counter()

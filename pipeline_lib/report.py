@@ -317,7 +317,7 @@ def cli_summary(summary: Mapping[str, Any]) -> str:
         live = summary.get("live_server")
         lines.append(f"served: model '{name}' version {summary['served_version']}"
                      + (f" (previously {summary['previous_version']})" if summary.get("previous_version") else "")
-                     + f"; Triton answered like the offline model over HTTP and gRPC"
+                     + "; Triton answered like the offline model over HTTP and gRPC"
                      + (f"; the running server at {live} switched to it" if live else ""))
     elif summary.get("served_version"):
         lines.append(f"served: model '{name}' version {summary['served_version']} (unchanged)")

@@ -7,9 +7,8 @@ is only checked for its selection logic (see test_etl.py).
 from __future__ import annotations
 
 import os
-import warnings
 
-import flows  # noqa: F401 - the project's Prefect defaults (start-up wait, storage under PREFECT_HOME), before Prefect loads
+import flows  # noqa: F401 - the project's Prefect defaults (start-up wait, storage under PREFECT_HOME) and known-harmless warning filters, before Prefect loads
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Persisted task results (the ETL cache) live in a per-session folder: a test run never reuses
@@ -17,7 +16,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tempfile  # noqa: E402
 
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = tempfile.mkdtemp(prefix="prefect-storage-")
-warnings.filterwarnings("ignore", category=UserWarning)
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass

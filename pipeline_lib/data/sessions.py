@@ -140,6 +140,7 @@ def write_raw_events(data: DataConfig, session: SessionConfig, seed: int, out_di
     elif data.source in ("parquet", "files"):
         keep = cols.raw_columns
         spec = TableConfig(path=data.path, format="parquet") if data.source == "parquet" else data.interactions
+        assert spec is not None  # RunConfig requires data.interactions for source 'files'
         inter = read_table("interactions", spec, keep)
         tables = [inter]
         df = inter.df

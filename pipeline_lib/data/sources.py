@@ -170,7 +170,7 @@ def read_table(role: str, spec: TableConfig, keep: Optional[Iterable[str]] = Non
             schema = _parquet_columns(path) if keep is not None and not spec.names else None
             if schema is not None:
                 file_columns = schema
-                df = pd.read_parquet(path, columns=[c for c in schema if spec.rename.get(c, c) in keep])
+                df = pd.read_parquet(path, columns=[c for c in schema if spec.rename.get(c, c) in keep])  # type: ignore[operator]
             else:
                 df = pd.read_parquet(path)
             if spec.names:
@@ -442,6 +442,7 @@ def load_movielens100k(folder) -> list[Table]:
                                     f"columns (u.genre) but found {items.shape[1]}", example=items.iloc[0].tolist()[:6]))
     if problems:
         raise DataValidationError(problems)
+    assert items is not None and genre is not None  # else a problem was raised above
 
     flags = items.iloc[:, len(ML100K_ITEM_COLUMNS):].to_numpy()
     index = genre["index"].astype(int).to_numpy()

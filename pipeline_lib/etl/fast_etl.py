@@ -29,7 +29,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -39,9 +39,12 @@ import pyarrow.parquet as pq
 
 from pipeline_lib.etl.fast_transform import Ragged, Unsupported, compile_workflow, verify
 
+if TYPE_CHECKING:
+    import dask.dataframe as dd
+
 log = logging.getLogger(__name__)
 
-Batches = Callable[[list[str]], Iterator[pa.Table]]  # columns -> row batches of the training data
+Batches = Callable[[Optional[list[str]]], Iterator[pa.Table]]  # columns (None: all) -> row batches of the training data
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -62,7 +65,7 @@ def batch_rows(path: Path, part_size: str) -> int:
 
 def parquet_batches(path: Path, rows: int) -> Batches:
     """Row batches of at most ``rows`` rows of the named columns of ``path`` (never the whole file)."""
-    def batches(columns: list[str]) -> Iterator[pa.Table]:
+    def batches(columns: Optional[list[str]]) -> Iterator[pa.Table]:
         f = pq.ParquetFile(path)
         for b in f.iter_batches(batch_size=rows, columns=columns, use_threads=True):
             yield pa.Table.from_batches([b])
@@ -153,7 +156,7 @@ def fit_categorify(node, ddf, batches: Batches) -> None:
 
 def _root_columns(node, available: list[str]) -> list[str]:
     """The raw columns a node's ancestors read (for NVTabular's own fit of the non-Categorify statistics)."""
-    seen, todo, names = set(), [node], set()
+    seen, todo, names = set(), [node], set[str]()
     while todo:
         n = todo.pop()
         if id(n) in seen:
@@ -168,7 +171,7 @@ def read_row_groups(path: str, row_groups: list[int], columns: list[str]) -> pd.
     return pq.ParquetFile(path).read_row_groups(row_groups, columns=columns).to_pandas()
 
 
-def nvtabular_partitions(dataset, columns: list[str]) -> "dd.DataFrame | None":  # noqa: F821
+def nvtabular_partitions(dataset, columns: list[str]) -> "dd.DataFrame | None":
     """``dataset.to_ddf(columns)`` with the same partitions (NVTabular's: consecutive groups of
     ``row_groups_per_part`` row groups of one parquet file), each read by pyarrow; None where the
     dataset is not one such file or the partition lengths would differ (then merlin reads it)."""
@@ -185,8 +188,9 @@ def nvtabular_partitions(dataset, columns: list[str]) -> "dd.DataFrame | None": 
     if [sum(md.row_group(g).num_rows for g in grp) for grp in groups] != list(dataset.partition_lens):
         return None
     meta = dataset.to_ddf(columns=columns)._meta
-    return dd.from_delayed([dask.delayed(read_row_groups)(paths[0], grp, columns) for grp in groups], meta=meta,
-                           verify_meta=False)
+    # a DataFrame (its meta is one); dask annotates from_delayed as returning DataFrame | Series
+    return dd.from_delayed([dask.delayed(read_row_groups)(paths[0], grp, columns) for grp in groups],  # type: ignore[return-value]
+                           meta=meta, verify_meta=False)
 
 
 def fast_fit(workflow, dataset, batches: Batches, sample: pd.DataFrame) -> None:
@@ -277,7 +281,7 @@ def transform_to_parquet(compiled, schema, source: Batches, out_dir: Path) -> in
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    path, collected, writer, rows, pending = out_dir / "part_0.parquet", [], None, 0, None
+    path, collected, writer, rows, pending = out_dir / "part_0.parquet", list[Any](), None, 0, None
     with ThreadPoolExecutor(1) as pool:
         try:
             for table in source(list(compiled.input_columns)):
@@ -332,7 +336,7 @@ def compare_fits(fast, nvt, statistics: bool = True) -> None:
                 _same_file(path, other, key)
                 metas = [p.replace("unique.", "meta.") for p in (path, other)]
                 if any(os.path.exists(m) for m in metas):  # written by the fit, not copied by Workflow.save
-                    _same_file(*metas, key)
+                    _same_file(metas[0], metas[1], key)
         for attr in ("medians", "means", "stds") if statistics else ():
             if getattr(a.op, attr, None) != getattr(b.op, attr, None):
                 raise AssertionError(f"{type(a.op).__name__}.{attr}: {getattr(a.op, attr)} != {getattr(b.op, attr)}")
@@ -348,7 +352,7 @@ def compare_schemas(fast, nvt) -> None:
         raise AssertionError("the fast fit's output schema differs from NVTabular's")
 
 
-def verify_fit(build: Callable[[Path], object], sample_path: Path, work: Path) -> object:
+def verify_fit(build: Callable[[Path], Any], sample_path: Path, work: Path) -> Any:
     """What the fast fit does itself, against NVTabular's fit of the rows of ``sample_path``: our Categorify
     counts (through NVTabular's writer) give the same vocabulary and meta files, and the partitions read by
     pyarrow for NVTabular's other statistics equal merlin's reading. Returns NVTabular's fitted workflow
@@ -380,8 +384,8 @@ def verify_fit(build: Callable[[Path], object], sample_path: Path, work: Path) -
 SAMPLE_ROWS = 4096  # training rows the fit-time checks use (plus fast_transform.edge_rows)
 
 
-def fast_fit_transform(build: Callable[[Path], object], train: Path, valid: Path, out_dir: Path,
-                       part_size: str) -> tuple[object, int]:
+def fast_fit_transform(build: Callable[[Path], Any], train: Path, valid: Path, out_dir: Path,
+                       part_size: str) -> tuple[Any, int]:
     """Fit ``build(categories_dir)``'s workflow on ``train`` and write ``out_dir/{train,valid}`` through the
     fast path, verified against NVTabular first; -> (fitted workflow, rows verified). Raises Unsupported or
     AssertionError when the fast path does not reproduce NVTabular (the caller falls back)."""
@@ -394,8 +398,8 @@ def fast_fit_transform(build: Callable[[Path], object], train: Path, valid: Path
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _fit_transform_checked(build: Callable[[Path], object], train: Path, valid: Path, out_dir: Path,
-                           part_size: str, work: Path) -> tuple[object, int]:
+def _fit_transform_checked(build: Callable[[Path], Any], train: Path, valid: Path, out_dir: Path,
+                           part_size: str, work: Path) -> tuple[Any, int]:
     """:func:`fast_fit_transform` with its scratch folder ``work``."""
     from merlin.io import Dataset
 

@@ -27,13 +27,12 @@ export only enables the fast path when it passes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
 
-from pipeline_lib.etl.sessions import time_deltas
-from pipeline_lib.etl.workflow import to_float32
+from pipeline_lib.etl.lambda_ops import time_deltas, to_float32
 
 PAD, NULL, OOV = 0, 1, 2
 BULK_ROWS = 4096  # from this many values, vocabulary lookups run vectorised (the ETL's row batches)
@@ -172,7 +171,7 @@ def _op_step(op, selection: list[str]) -> Callable[[dict], dict]:
     raise Unsupported(f"op {kind.__module__}.{kind.__qualname__} is not compiled")
 
 
-def _step_builders() -> list[tuple[tuple[type, ...], Callable[[object, list[str]], Callable[[dict], dict]]]]:
+def _step_builders() -> list[tuple[tuple[type, ...], Callable[[Any, list[str]], Callable[[dict], dict]]]]:
     """(op types, the function that compiles such an op on its selected columns)."""
     import nvtabular as nvt
     from merlin.dag.ops.concat_columns import ConcatColumns
@@ -226,7 +225,7 @@ class MapColumns:
     """``fn(column, args[column])`` on each column of ``args`` (a module-level ``fn``: picklable); with
     ``keep`` the other columns pass through, else only these are returned."""
 
-    fn: Callable[[object, object], object]
+    fn: Callable[[Any, Any], Any]
     args: dict  # column -> the argument fn gets with it (None where it takes none)
     keep: bool = False
 
@@ -234,7 +233,7 @@ class MapColumns:
         return mapped(cols, self.fn, self.args, self.keep)
 
 
-def mapped(cols: dict, fn: Callable[[object, object], object], args: dict, keep: bool) -> dict:
+def mapped(cols: dict, fn: Callable[[Any, Any], Any], args: dict, keep: bool) -> dict:
     """``fn(cols[c], args[c])`` for each column ``c`` of ``args``; with ``keep`` the other columns pass through."""
     out = dict(cols) if keep else {}
     out.update({c: fn(cols[c], a) for c, a in args.items()})
@@ -422,7 +421,7 @@ class CompiledWorkflow:
 
         self.output = add(workflow.output_node)
 
-    def __call__(self, inputs: Mapping[str, object]) -> dict:
+    def __call__(self, inputs: Mapping[str, Any]) -> dict:
         """Raw columns -> transformed columns (the workflow's output schema, in order)."""
         for name in self.input_columns:
             x = inputs[name]
@@ -431,7 +430,7 @@ class CompiledWorkflow:
             kind, want = (x.values if isinstance(x, Ragged) else x).dtype.kind, self.input_kinds[name]
             if want is not None and kind != want and not (want in "iu" and kind in "iu"):
                 raise Unsupported(f"input {name}: dtype kind {kind!r}, the workflow was fitted on {want!r}")
-        results: list[dict | None] = [None] * len(self.nodes)
+        results: list[Any] = [None] * len(self.nodes)  # dict per node, once run
         for i, node in enumerate(self.nodes):
             # merlin's LocalExecutor: upstream outputs merged in order (later ones win), then the
             # node's input columns no upstream produced and its raw-column dependencies, from the request
@@ -492,7 +491,7 @@ def n_rows(x) -> int:
     return len(x.offsets) - 1 if isinstance(x, Ragged) else len(x)
 
 
-def tensors_from_columns(cols: Mapping[str, object]) -> dict[str, np.ndarray]:
+def tensors_from_columns(cols: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Columns -> model input tensors (a list column becomes ``col__values``/``col__offsets``)."""
     out: dict[str, np.ndarray] = {}
     for name, x in cols.items():

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.config import EtlConfig, SessionColumns, SplitConfig
+from pipeline_lib.etl.lambda_ops import time_deltas  # also importable here: workflows pickled before it moved
 from pipeline_lib.etl.workflow import dask_context, resolve_device
 
 log = logging.getLogger(__name__)
@@ -108,20 +109,6 @@ def split_sessions(sessions_path: Path, split: SplitConfig, cols: SessionColumns
 
 
 # --- feature workflow (fitted; served) ---------------------------------------------------------
-
-
-def time_deltas(col):
-    """Per session: log1p(seconds since the previous event); 0 for the first (module-level: picklable)."""
-    def one(v):
-        a = np.asarray(v, dtype=np.float64)
-        if not len(a):
-            return np.zeros(0, dtype=np.float32)
-        d = np.diff(a, prepend=a[0])
-        return np.log1p(np.clip(d, 0.0, None)).astype(np.float32)
-
-    if hasattr(col, "list"):  # cudf
-        return col.to_pandas().map(one)
-    return col.map(one)
 
 
 def build_feature_workflow(cols: SessionColumns, max_length: int, categories_dir: Path):

@@ -13,12 +13,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pandas as pd
 
 from pipeline_lib.config import ColumnsConfig, DaskConfig, EtlConfig, FeatureKind, FeatureSide, SplitConfig
+from pipeline_lib.etl.lambda_ops import to_float32  # also importable here: workflows pickled before it moved
+
+if TYPE_CHECKING:
+    import distributed
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ def add_user_history(df: pd.DataFrame, columns: ColumnsConfig, length: int) -> p
     items = df[columns.item_id].to_numpy()[order]
     positive = (pd.to_numeric(df[columns.label], errors="coerce").to_numpy()[order] == 1)
     hist: list = [None] * len(df)
-    current, past = object(), []
+    current, past = object(), list[Any]()
     for pos, (u, it, p) in enumerate(zip(users, items, positive)):
         if u != current:
             current, past = u, []
@@ -97,11 +101,6 @@ def split_raw(raw_path: Path, split: SplitConfig, columns: ColumnsConfig, seed: 
     df.loc[~is_valid].reset_index(drop=True).to_parquet(paths.train, index=False)
     df.loc[is_valid].reset_index(drop=True).to_parquet(paths.valid, index=False)
     return paths
-
-
-def to_float32(col):
-    """Models take float32; NVTabular's Normalize emits float64 (module-level: picklable)."""
-    return col.astype("float32")
 
 
 def build_workflow(columns: ColumnsConfig, categories_dir: Path, history: bool = False):
@@ -214,7 +213,7 @@ class _FastFlattenOnWorkers:
             ctx.__exit__(None, None, None)
 
 
-def _connect(dask_cfg) -> "distributed.Client":  # noqa: F821
+def _connect(dask_cfg) -> "distributed.Client":
     """A client of the existing scheduler at ``dask_cfg.scheduler_address``, or a clear error
     naming the address (unreachable, or no workers) within ``connect_timeout_s``."""
     from dask.distributed import Client
@@ -281,7 +280,7 @@ def dask_context(device: str, dask_cfg=None) -> Iterator[None]:
             cluster.close()
 
 
-def _client(device: str, dask_cfg: DaskConfig) -> tuple["distributed.Client", object]:  # noqa: F821
+def _client(device: str, dask_cfg: DaskConfig) -> tuple["distributed.Client", Any]:
     """(client, the local cluster it drives or None): of the existing scheduler, else of a new
     ``LocalCUDACluster`` (GPU) or ``LocalCluster`` of worker processes (CPU)."""
     from dask.distributed import Client, LocalCluster
@@ -330,7 +329,7 @@ def fit_transform(
     reason = fast_path_refusal(etl, device)
     workflow = None
     if reason is None:
-        # imported here: fast_etl -> fast_transform imports this module (to_float32)
+        # imported here, when the fast path runs (pyarrow ETL code)
         from pipeline_lib.etl import fast_etl
 
         t0 = time.perf_counter()

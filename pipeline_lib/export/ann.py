@@ -103,7 +103,7 @@ def search(index, query: np.ndarray, items: np.ndarray, k: int,
     scores = np.einsum("nd,nkd->nk", q, np.asarray(items, dtype=np.float32)[rows])
     drop = cand < 0
     if width:
-        for i, e in enumerate(exclude):
+        for i, e in enumerate(exclude):  # type: ignore[arg-type]  # width > 0: not None
             if len(e):
                 drop[i] |= np.isin(cand[i], e)
     scores[drop] = -np.inf

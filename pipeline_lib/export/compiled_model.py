@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
@@ -42,12 +42,12 @@ class Unsupported(Exception):
 class CompiledModel:
     """An ONNX Runtime session over the converted serving signature: numpy inputs -> numpy outputs."""
 
-    session: object
+    session: Any
     input_dtypes: dict  # input name -> numpy dtype (the signature's)
     output_names: list[str]  # in the order of the ONNX graph's outputs
 
     @classmethod
-    def load(cls, onnx_model: bytes | str, input_dtypes: Mapping[str, object], output_names: list[str]) -> "CompiledModel":
+    def load(cls, onnx_model: bytes | str, input_dtypes: Mapping[str, Any], output_names: list[str]) -> "CompiledModel":
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -194,7 +194,7 @@ def verify_and_measure(compiled: Callable[[dict], dict], savedmodel: Callable[[d
     for label, inputs in batches.items():
         if not label.startswith("batch"):
             continue
-        fast, slow = _median_ms_pair(lambda: compiled(inputs), lambda: savedmodel(inputs))
+        fast, slow = _median_ms_pair(lambda: compiled(inputs), lambda: savedmodel(inputs))  # noqa: B023 - called now
         timings[label] = {"compiled_ms": round(fast, 4), "savedmodel_ms": round(slow, 4),
                           "speedup": round(slow / fast, 2)}
         if fast >= slow:
@@ -235,7 +235,7 @@ def verification_batches(cols: Mapping[str, object]) -> dict:
     return out
 
 
-def compile_and_verify(signature, input_dtypes: Mapping[str, object], output_names: list[str],
+def compile_and_verify(signature, input_dtypes: Mapping[str, Any], output_names: list[str],
                        cols: Mapping[str, object], savedmodel: Callable[[dict], dict],
                        atol: float) -> tuple[Optional[CompiledModel], Optional[bytes], dict]:
     """Convert, load, verify against ``savedmodel`` on the held-out columns ``cols`` and time; returns

@@ -183,7 +183,8 @@ class InProcessTensorflow(PredictTensorflow):
         self.model = model
         self._signature = model.signatures["serving_default"]
         self._input_dtypes = {k: v.dtype for k, v in self._signature.structured_input_signature[1].items()}
-        self._compiled = self._onnx = None
+        self._compiled: Any = None
+        self._onnx: Any = None
 
     def loaded(self) -> tuple:
         """(SavedModel, serving signature, input dtypes): the model as ``common.load_encoder`` returns it."""
@@ -241,7 +242,7 @@ class InProcessTensorflow(PredictTensorflow):
     def predict_tensors(self, arrays: dict) -> dict:
         """Model input tensors (numpy) -> {output name: numpy array}: the compiled model for requests of up
         to ``compiled_status["max_rows"]`` rows when enabled, else one call of the serving signature."""
-        if self.compiled is not None and request_rows(arrays) <= self.compiled_status["max_rows"]:
+        if self.compiled is not None and request_rows(arrays) <= self.compiled_status["max_rows"]:  # type: ignore[index]
             try:
                 return self.compiled(arrays)
             except Exception as exc:  # noqa: BLE001 - outside what export verified: the SavedModel answers
@@ -440,7 +441,7 @@ def raw_to_columns(raw: pd.DataFrame) -> dict:
 
 
 def _raw_columns(raw: pd.DataFrame) -> dict:
-    cols = {}
+    cols: dict[str, Any] = {}
     for name in raw.columns:
         s = raw[name]
         if s.dtype == object and len(s) and isinstance(s.iloc[0], (list, tuple, np.ndarray)):
@@ -507,7 +508,7 @@ def write_compiled_version(ensemble, artifact_dir: Path) -> bool:
     if direct is None or direct.wf_op.fast is None or direct.tf_op.compiled is None:
         return False
     dtypes = {k: np.dtype(v).name for k, v in direct.tf_op._numpy_dtypes().items()}
-    chunk = int(direct.tf_op.compiled_status["largest_verified_batch"])
+    chunk = int(direct.tf_op.compiled_status["largest_verified_batch"])  # type: ignore[index]
     plan = CompiledPlan(list(tensor_names(ensemble.input_schema)), sorted(direct.ragged),
                         list(ensemble.output_schema.column_names), dtypes, chunk)
     compiled_version.write(artifact_dir, plan, direct.wf_op.fast)

@@ -74,7 +74,7 @@ class SessionRecommender(TopKRoute):
              ) -> tuple[np.ndarray, np.ndarray]:
         """Model scores [rows, vocabulary] -> the k best raw item ids and scores, without the sessions' own
         items (``exclude_seen``; ``sessions``: raw item id lists) and the rows' ``exclude_item_ids``."""
-        seen = [self.catalogue_rows(s) for s in sessions] if self.exclude_seen else None
+        seen = [self.catalogue_rows(s) for s in sessions] if self.exclude_seen else None  # type: ignore[union-attr]
         excl = self.exclude_rows(seen, extra, len(scores))
         idx, best = retrieval.top_k_scores(scores[:, self.positions], self.k, excl)
         return self.item_ids[idx], best

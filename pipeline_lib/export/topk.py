@@ -116,7 +116,7 @@ def loaded_recommender(exp: Optional[StagedVersion], version_dir: Path) -> Optio
     """``exp``'s checked recommender when ``version_dir`` is ``exp``'s version (the gate's candidate);
     None otherwise (another version, e.g. the served one, is loaded from its own folder)."""
     rec = getattr(exp, "recommender", None)
-    if rec is None or Path(version_dir).resolve() != exp.version_dir.resolve():
+    if rec is None or Path(version_dir).resolve() != exp.version_dir.resolve():  # type: ignore[union-attr]
         return None
     return rec
 
@@ -180,7 +180,7 @@ class TopKRoute:
         self.fast_status: dict = (self.meta.get("fast_transform")
                                   or {"enabled": False, "reason": "not verified at export"})
         self.fast = None
-        self.workflow = None          # the serving workflow (set by the subclass)
+        self.workflow: Any = None     # the serving workflow (set by the subclass)
         self.workflow_inputs: list[str] = []
 
     # -- the query side (per family) --
@@ -408,10 +408,10 @@ class TopKRecommender(TopKRoute):
     def rank_frame(self, raw: pd.DataFrame, ids: np.ndarray) -> pd.DataFrame:
         """One row per (query row, candidate): the row's query columns + the candidate's item features."""
         rows, width = ids.shape
-        query_cols = [c for c in self.ranker_columns if c not in self.item_features.columns]
+        query_cols = [c for c in self.ranker_columns if c not in self.item_features.columns]  # type: ignore[union-attr]
         frame = raw[query_cols].reset_index(drop=True).iloc[np.repeat(np.arange(rows), width)].reset_index(drop=True)
         items = self.item_features.loc[ids.reshape(-1)].reset_index(drop=True)
-        for c in self.ranker_columns:
+        for c in self.ranker_columns:  # type: ignore[union-attr]
             if c in items.columns:
                 frame[c] = items[c].to_numpy()
         return frame
@@ -706,7 +706,7 @@ def write_config(path: Path, name: str, inputs: list[RequestInput], ids: np.ndar
 
 def arrays_to_frame(arrays: dict[str, np.ndarray], columns: list[str], ragged: set[str]) -> pd.DataFrame:
     """Checked request tensors -> raw frame (bytes decoded to str, lists rebuilt from values/offsets)."""
-    data = {}
+    data: dict[str, Any] = {}
     for col in columns:
         if col in ragged:
             values, offsets = arrays[f"{col}__values"], arrays[f"{col}__offsets"].astype(np.int64)

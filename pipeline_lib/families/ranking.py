@@ -13,7 +13,9 @@ import pandas as pd
 
 from pipeline_lib.data import sources as data
 from pipeline_lib.etl import workflow as etl
+from pipeline_lib.etl.workflow import EtlOutput  # by name: the methods etl/export shadow the modules in the class
 from pipeline_lib.export import ranking as export
+from pipeline_lib.export.ranking import ExportOutput
 from pipeline_lib.families.base import SCORE, ServedReport, TaskFamily, Trained
 from pipeline_lib.models import evaluation, tune
 from pipeline_lib.models import ranking as ranking_model
@@ -52,7 +54,7 @@ class RankingFamily(TaskFamily):
                                          exclude={"etl": {"dask"}}),
                 "history": self.history_length}
 
-    def etl(self, paths: RunPaths, raw_path: Path) -> etl.EtlOutput:
+    def etl(self, paths: RunPaths, raw_path: Path) -> EtlOutput:
         cfg, hist = self.cfg, self.history_length
         split = etl.split_raw(raw_path, cfg.split, cfg.columns, cfg.seed, paths.split, history_length=hist)
         return etl.fit_transform(cfg.columns, cfg.etl, split, paths.transformed, history=bool(hist))
@@ -62,16 +64,16 @@ class RankingFamily(TaskFamily):
     def tunable(self) -> bool:
         return self.cfg.tune.enabled
 
-    def tune(self, paths: RunPaths, etl_out: etl.EtlOutput) -> tune.TuneResult:
+    def tune(self, paths: RunPaths, etl_out: EtlOutput) -> tune.TuneResult:
         return tune.run_study(self.cfg, etl_out, paths.root / "tune")
 
-    def fit(self, paths: RunPaths, etl_out: etl.EtlOutput) -> Any:
+    def fit(self, paths: RunPaths, etl_out: EtlOutput) -> Any:
         """The model alone (no baselines)."""
         cfg = self.cfg
         return ranking_model.train(etl_out.train_dir, etl_out.valid_dir, cfg.model, cfg.columns.label, cfg.seed,
                                    paths.model)
 
-    def train(self, paths: RunPaths, etl_out: etl.EtlOutput) -> Trained:
+    def train(self, paths: RunPaths, etl_out: EtlOutput) -> Trained:
         model = self.fit(paths, etl_out)
         baselines = evaluation.compare_with_baselines(self.cfg, etl_out.split.train, etl_out.split.valid, model,
                                                       etl_out.workflow_dir)
@@ -88,22 +90,22 @@ class RankingFamily(TaskFamily):
         return lambda rows: export.offline_scores(workflow, model_dir, rows, label, encoder=encoder)
 
     # -- export and smoke test ----------------------------------------------------------------------
-    def export(self, paths: RunPaths, etl_out: etl.EtlOutput, trained: Trained) -> export.ExportOutput:
+    def export(self, paths: RunPaths, etl_out: EtlOutput, trained: Trained) -> ExportOutput:
         cfg = self.cfg
         return export.export_ensemble(etl_out.workflow_dir, trained.model.model_dir,
                                       self.smoke_rows(etl_out, cfg.export.parity_rows), cfg.columns.label,
                                       paths.ensemble, cfg.export.model_name, 1,
                                       export.ExportOptions.from_config(cfg, self.run_info(paths, trained)))
 
-    def smoke_rows(self, etl_out: etl.EtlOutput, n: int) -> pd.DataFrame:
+    def smoke_rows(self, etl_out: EtlOutput, n: int) -> pd.DataFrame:
         df = pd.read_parquet(etl_out.split.valid).head(n)
         return df[self.request_columns()].reset_index(drop=True)
 
-    def offline_reference(self, etl_out: etl.EtlOutput, exp: export.ExportOutput, rows: pd.DataFrame) -> Any:
+    def offline_reference(self, etl_out: EtlOutput, exp: ExportOutput, rows: pd.DataFrame) -> Any:
         return export.offline_scores(etl.load_workflow(etl_out.workflow_dir),
                                      exp.version_dir / export.ENSEMBLE_SUBDIR / "model", rows, self.cfg.columns.label)
 
-    def serve_and_compare(self, paths: RunPaths, exp: export.ExportOutput, rows: pd.DataFrame, offline: Any) -> Any:
+    def serve_and_compare(self, paths: RunPaths, exp: ExportOutput, rows: pd.DataFrame, offline: Any) -> Any:
         s = self.cfg.serving
         return smoke.smoke_test(exp.staged_repository, exp.model_name, rows, offline, s.smoke_atol, paths.serving,
                                 s.startup_timeout_s)
@@ -113,7 +115,7 @@ class RankingFamily(TaskFamily):
     def gate_metric(self) -> str:
         return self.cfg.gate_metric
 
-    def gate_scorer(self, etl_out: etl.EtlOutput, exp: Optional[export.ExportOutput] = None) -> gate.Scorer:
+    def gate_scorer(self, etl_out: EtlOutput, exp: Optional[ExportOutput] = None) -> gate.Scorer:
         return gate.ranking_scorer(self.gate_rows(etl_out), self.cfg.columns.label)
 
     def headline_metrics(self, trained: Trained) -> dict:

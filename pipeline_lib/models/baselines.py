@@ -52,7 +52,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Collection, Hashable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Collection, Hashable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -87,7 +87,7 @@ def positives(df: pd.DataFrame, label: Optional[str] = None, min_label: Optional
 
 
 def _ks(k: Ks) -> list[int]:
-    ks = [int(k)] if np.isscalar(k) else sorted({int(x) for x in k})
+    ks = [int(k)] if np.isscalar(k) else sorted({int(x) for x in k})  # type: ignore[arg-type, union-attr]
     if not ks or min(ks) < 1:
         raise ValueError(f"k must be >= 1, got {k!r}")
     return ks
@@ -213,8 +213,8 @@ def topk_metrics(topk_item_ids: Sequence[Sequence[Hashable]], relevant: Sequence
     kmax = ks[-1]
     disc = 1.0 / np.log2(np.arange(2, kmax + 2))
     ideal = np.cumsum(disc)
-    rec = {kk: [] for kk in ks}
-    ndcg = {kk: [] for kk in ks}
+    rec: dict[int, list[float]] = {kk: [] for kk in ks}
+    ndcg: dict[int, list[float]] = {kk: [] for kk in ks}
     for recs, rel in zip(topk_item_ids, relevant):
         rel = rel if isinstance(rel, (set, frozenset)) else set(rel)
         if not rel:
@@ -347,7 +347,7 @@ class TopKProtocol:
         users = np.asarray(users)
         by_user = np.argsort(codes, kind="stable")
         cols_sorted = va_pairs["_col"].to_numpy()[by_user]
-        bounds = np.cumsum(np.bincount(codes, minlength=len(users)))[:-1] if len(users) else []
+        bounds: Any = np.cumsum(np.bincount(codes, minlength=len(users)))[:-1] if len(users) else []
         relevant_idx = [np.sort(c) for c in np.split(cols_sorted, bounds)] if len(users) else []
         m, cold = _user_rows(full, train_users, users)
         stats = {
@@ -408,7 +408,7 @@ class TopKProtocol:
         """Recall@k / NDCG@k of a scoring function (see ``topk``) under this protocol."""
         ks = _ks(k)
         idx = self.topk(score_batch, ks[-1], batch_size)
-        return topk_metrics(idx, self.relevant_idx_sets(), ks)
+        return topk_metrics(idx, self.relevant_idx_sets(), ks)  # type: ignore[arg-type]  # rows of ids
 
     def relevant_idx_sets(self) -> list[set]:
         return [set(r.tolist()) for r in self.relevant_idx]
@@ -576,7 +576,7 @@ def best_baseline(baselines: Mapping[str, Mapping], metric: str,
     usable = {n: float(r[metric]) for n, r in baselines.items() if isinstance(r, Mapping) and finite(r.get(metric))}
     if not usable:
         return usable, None, None
-    best = (max if higher_is_better else min)(usable, key=usable.get)
+    best = (max if higher_is_better else min)(usable, key=usable.__getitem__)
     return usable, best, usable[best]
 
 
@@ -604,6 +604,7 @@ def lift_sentence(model_name: str, model_value: float, baselines: Mapping[str, M
     mv = float(model_value)
     if not usable:
         return f"{head} {mv:.4f} has no baseline to compare against{tail}."
+    assert bv is not None  # best_baseline gives a value whenever a baseline is usable
     ref = f"the best baseline ({best} {bv:.4f})"
     if mv == bv:
         return f"{head} {mv:.4f} is equal to {ref}{tail}."

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -26,7 +26,7 @@ class TrainOutput:
     metrics_path: Optional[Path] = None
 
 
-def import_tf():
+def import_tf() -> Any:
     """The ``tensorflow`` module, imported on first use with its C++ INFO/WARNING logs off."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow
@@ -76,7 +76,7 @@ def save_model(model, model_dir: Path) -> Path:
 Encoder = Callable[[dict], np.ndarray]  # model input arrays (lists as values/offsets) -> first output, float32
 
 
-def load_encoder(path: Path):
+def load_encoder(path: str | os.PathLike):
     """A SavedModel's serving signature and its input dtypes."""
     tf = import_tf()
     model = tf.saved_model.load(str(path))

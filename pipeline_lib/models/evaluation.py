@@ -228,13 +228,13 @@ def compare_with_baselines(cfg: RunConfig, train_path: Optional[Path], valid_pat
     if cfg.task == "session":
         report = session_report(cfg, metrics)
     elif cfg.model.is_retrieval:
-        report = retrieval_report(cfg, train_path, valid_path, metrics, model.model_dir, workflow_dir)
+        report = retrieval_report(cfg, train_path, valid_path, metrics, model.model_dir, workflow_dir)  # type: ignore[arg-type]
         k = cfg.model.retrieval.k
         for m in ("recall", "ndcg"):
             if f"{m}@{k}" in report.model:
                 metrics[f"user_{m}@{k}"] = report.model[f"{m}@{k}"]
     else:
-        report = ranking_report(cfg, train_path, valid_path, metrics)
+        report = ranking_report(cfg, train_path, valid_path, metrics)  # type: ignore[arg-type]
     metrics["baselines"] = report.baselines
     metrics["lift"] = report.lift
     log.info("%s", report.lift)
@@ -277,7 +277,7 @@ def _replot(cfg: RunConfig, model, report: BaselineReport, path: Path) -> None:
     history = getattr(model, "history", None) or {}
     m = model.metrics
     if report.family == "ranking":
-        keys = ("loss", "auc")
+        keys: tuple[str, ...] = ("loss", "auc")
         title = f"{report.model_name}: validation AUC {m['auc']:.4f}"
     elif report.family == "retrieval":
         k = cfg.model.retrieval.k

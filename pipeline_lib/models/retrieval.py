@@ -37,7 +37,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -158,7 +158,7 @@ def build_model(schema, spec: RetrievalSpec, cfg: ModelConfig, item_counts: Opti
     r = cfg.retrieval
     dims = list(r.tower_mlp) + [cfg.embedding_dim]
     item_id_schema = schema.select_by_name([spec.item_id])
-    correction = {}
+    correction: dict[str, Any] = {}
     if r.logq_correction and item_counts is not None and spec.model_type in ("mf", "two_tower"):
         correction["post"] = PopularityLogitsCorrection(item_counts.astype(np.float32), schema=item_id_schema)
         correction["store_negative_ids"] = True  # the correction needs the in-batch negatives' ids
@@ -207,7 +207,7 @@ class EpochEval:
     excluded, recall/NDCG@k per user) on the in-memory model, after every epoch. The catalogue and
     the user queries are transformed once; each epoch only encodes them."""
 
-    protocol: object
+    protocol: Any
     items: pd.DataFrame               # transformed item side, protocol catalogue order (table rows: youtube_dnn)
     queries: pd.DataFrame             # transformed query columns, one row per evaluated user
     k: int
@@ -394,11 +394,11 @@ def item_embeddings(workflow, model_dir: Optional[Path], spec: RetrievalSpec, ca
     if spec.history:  # youtube_dnn: rows of the history table, indexed by the joint vocabulary
         lists = pd.DataFrame({spec.history: [[i] for i in cat_raw[spec.item_id]]})
         idx = np.array([v[0] for v in side_transform(workflow, lists, [spec.history], filler)[spec.history]])
-        table = history_table(model, spec) if model is not None else np.load(Path(model_dir) / ITEM_TABLE)
+        table = history_table(model, spec) if model is not None else np.load(Path(model_dir) / ITEM_TABLE)  # type: ignore[arg-type]
         return cat_raw[spec.item_id].to_numpy(), table[idx]
     transformed = side_transform(workflow, cat_raw, spec.item_columns, filler)
     enc = (keras_encoder(model.candidate_encoder) if model is not None
-           else signature_encoder(load_encoder(Path(model_dir) / ITEM_ENCODER)))
+           else signature_encoder(load_encoder(Path(model_dir) / ITEM_ENCODER)))  # type: ignore[arg-type]
     return cat_raw[spec.item_id].to_numpy(), encode_with(enc, transformed, spec.item_columns)
 
 
@@ -408,7 +408,7 @@ def query_embeddings(workflow, model_dir: Optional[Path], spec: RetrievalSpec, r
     (``encoder``: the query :data:`Encoder` at hand -- an already loaded SavedModel's, the in-memory
     model's; else the SavedModel of ``model_dir`` loaded here)."""
     transformed = side_transform(workflow, raw, spec.query_columns, filler)
-    enc = encoder or signature_encoder(load_encoder(Path(model_dir) / QUERY_ENCODER))
+    enc = encoder or signature_encoder(load_encoder(Path(model_dir) / QUERY_ENCODER))  # type: ignore[arg-type]
     return encode_with(enc, transformed, spec.query_columns)
 
 

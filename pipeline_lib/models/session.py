@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -71,7 +72,7 @@ def _define_encoder():
     tf = import_tf()
 
     @tf.keras.utils.register_keras_serializable(package="recsys_pipeline")
-    class SessionEncoder(tf.keras.layers.Layer):
+    class SessionEncoder(tf.keras.layers.Layer):  # type: ignore[name-defined]  # TensorFlow is imported lazily
         """Ragged [batch, events, features] -> per-event states (training) or last-event state."""
 
         def __init__(self, kind="gru", hidden_dim=64, num_layers=1, num_heads=2, dropout=0.1, max_length=20, **kwargs):
@@ -215,7 +216,7 @@ def early_stopping(sessions: pd.DataFrame, schema, item_col: str, k: int, patien
             prefix[c] = prefix[c].map(lambda v: list(v)[:-1])
     excl = [np.asarray(v, dtype=np.int64) for v in prefix[item_col]]
 
-    class EarlyStopping(tf.keras.callbacks.Callback):
+    class EarlyStopping(tf.keras.callbacks.Callback):  # type: ignore[name-defined]  # TensorFlow is imported lazily
         def __init__(self):
             super().__init__()
             self.best, self.best_epoch, self.best_weights, self.wait = -1.0, 0, None, 0
@@ -274,7 +275,7 @@ def offline_scores(workflow, model_dir: Path | None, raw: pd.DataFrame, batch_si
     from merlin.io import Dataset
 
     transformed = raw_to_transformed(workflow, raw)
-    model = model or signature_encoder(load_encoder(model_dir))
+    model = model or signature_encoder(load_encoder(model_dir))  # type: ignore[arg-type]
     ds = Dataset(transformed, schema=workflow.output_schema, cpu=True)
     out = []
     for inputs, _ in mm.Loader(ds, batch_size=batch_size, shuffle=False):
@@ -391,7 +392,7 @@ def evaluate(workflow, model, valid_sessions: pd.DataFrame, train_transformed: p
     last_items = enc_prefix[cols.item_id].map(lambda v: int(v[-1])).to_numpy()
     lookup = vocabulary_lookup(item_vocabulary(workflow, cols.item_id))
     excl = exclusions(lookup, req[cols.item_id].tolist(), None, len(req)) if exclude_seen else None
-    results = {} if model is None else {
+    results: dict[str, Any] = {} if model is None else {
         "model": topk_metrics(mask_scores(offline_scores(workflow, None, req, model=model), excl), targets, k)}
     for name, s in baseline_scores(train_transformed[cols.item_id], last_items, n_items).items():
         results[name] = topk_metrics(mask_scores(s, excl), targets, k)

@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import optuna
 import pandas as pd
@@ -116,13 +116,13 @@ def apply_params(model: ModelConfig, params: dict[str, Any]) -> ModelConfig:
     return ModelConfig.model_validate(data)
 
 
-def direction_of(metric: str) -> str:
+def direction_of(metric: str) -> Literal["minimize", "maximize"]:
     return "minimize" if metric == "logloss" else "maximize"
 
 
 def _pruning_callback(trial, monitor: str, prune: bool):
     """A Keras callback: report ``logs[monitor]`` per epoch to the trial; stop training when pruned."""
-    class Report(import_tf().keras.callbacks.Callback):
+    class Report(import_tf().keras.callbacks.Callback):  # type: ignore[misc]  # TensorFlow is imported lazily
         pruned_at: Optional[int] = None
 
         def on_epoch_end(self, epoch, logs=None):
@@ -221,7 +221,7 @@ def run_study(cfg: RunConfig, etl_out: EtlOutput, out_dir: Path) -> TuneResult:
         raise RuntimeError(f"tune: no trial of {cfg.model.type} completed ({notes})")
     best = study.best_trial
     result = TuneResult(metric=metric, direction=direction_of(metric), best_trial=best.number,
-                        best_value=float(best.value), best_params=dict(best.params),
+                        best_value=float(best.value), best_params=dict(best.params),  # type: ignore[arg-type]
                         best_model=apply_params(cfg.model, best.params), trials=table, out_dir=out_dir,
                         seconds=seconds)
     save(result)

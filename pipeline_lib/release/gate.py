@@ -107,7 +107,7 @@ def check_baselines(model_name: str, metric: str, model_value: float, baselines:
                                min_lift=min_lift, best=None, best_value=None, required=None)
     if best is None:
         return out | dict(passed=True, reason=f"no baseline has a {metric} value to compare {model_name} against")
-    required = bv * (1 + min_lift) if hib else bv * (1 - min_lift)
+    required = bv * (1 + min_lift) if hib else bv * (1 - min_lift)  # type: ignore[operator]  # best: bv too
     out.update(best=best, best_value=bv, required=required)
     margin = f" by {min_lift:.1%}" if min_lift else ""
     if not finite(model_value):

@@ -70,7 +70,7 @@ def serialize(arr: np.ndarray) -> np.ndarray:
 
 def _fixed_width(b: np.ndarray) -> np.ndarray | None:
     """The elements when every one has the first one's length (one view), else None."""
-    width = 4 + _LENGTH.unpack_from(b, 0)[0]
+    width = 4 + _LENGTH.unpack_from(b, 0)[0]  # type: ignore[arg-type]  # an ndarray is a buffer
     if len(b) % width:
         return None
     records = b.reshape(-1, width)
@@ -81,7 +81,7 @@ def _fixed_width(b: np.ndarray) -> np.ndarray | None:
 
 def _starts(b: np.ndarray) -> np.ndarray:
     """Offsets of the elements' bytes (after each length), walking the lengths."""
-    data, n, off, starts = b.tobytes(), len(b), 0, []
+    data, n, off, starts = b.tobytes(), len(b), 0, list[int]()
     unpack, append = _LENGTH.unpack_from, starts.append
     while off < n:
         if off + 4 > n:

@@ -79,9 +79,9 @@ class RecsysClient:
         self._tc = tc
         self.protocol = protocol
         self.model_name = model_name
-        self._inputs: Optional[dict[str, str]] = None
+        self._inputs: dict[str, str] = None  # type: ignore[assignment]  # set by _metadata() before any use
         self._batch_dim = False  # the model batches requests (dynamic batching): inputs are [1, rows]
-        self._outputs: Optional[list[str]] = None
+        self._outputs: list[str] = None  # type: ignore[assignment]  # set by _metadata() before any use
         self._output_shapes: dict[str, tuple[str, list[int]]] = {}  # name -> (datatype, metadata shape)
         self._shm = SharedMemoryTransport(self._client, tc) if shared_memory else None
         self._lock = threading.Lock()  # one call at a time through the shared-memory regions

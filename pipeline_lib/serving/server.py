@@ -271,7 +271,7 @@ class TritonServer:
 
     def _start_once(self, paths: TritonPaths, timeout_s: float, models: list[str]) -> "TritonServer":
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        self._log = open(self.log_file, "ab")
+        self._log: Any = open(self.log_file, "ab")
         what = f" and loading model {', '.join(repr(m) for m in models)}" if models else ""
         log.info("starting Triton (HTTP :%d, gRPC :%d)%s ... (log: %s)", self.http_port, self.grpc_port, what,
                  self.log_file)
@@ -306,8 +306,8 @@ class TritonServer:
                 failed = _SERVICE_FAILED.search(this_start)
                 if exited or failed:
                     kind = PortClash if _PORT_CLASH.search(this_start) else ServerError
-                    what = (f"exited with code {self.process.returncode}" if exited
-                            else f"could not start its {failed.group(1)} endpoint ({failed.group(2).strip()})")
+                    what = (f"exited with code {self.process.returncode}" if exited  # type: ignore[union-attr]
+                            else f"could not start its {failed.group(1)} endpoint ({failed.group(2).strip()})")  # type: ignore[union-attr]
                     hint = (f"\na port is taken by another process (http {self.http_port}, grpc {self.grpc_port}, "
                             f"metrics {self.metrics_port}); pick others with serving.http_port/grpc_port/metrics_port"
                             if kind is PortClash else "")

@@ -47,7 +47,7 @@ class Region:
     def __init__(self, client: Any, name: str, size: int):
         self.client, self.name, self.size = client, name, size
         self.shm = shared_memory.SharedMemory(create=True, size=size)
-        self.view = np.ndarray((size,), dtype=np.uint8, buffer=self.shm.buf)
+        self.view: np.ndarray = np.ndarray((size,), dtype=np.uint8, buffer=self.shm.buf)
         try:
             client.register_system_shared_memory(name, self.key, size)
         except Exception:
@@ -129,7 +129,7 @@ class SharedMemoryTransport:
     def outputs(self, sizes: Mapping[str, Optional[int]]) -> list:
         """Requested outputs: those of known size (``sizes``: name -> bytes or None) into the output region."""
         known = {n: s for n, s in sizes.items() if s}
-        region = self._region("out", sum(_aligned(s) for s in known.values())) if known else None
+        region: Any = self._region("out", sum(_aligned(s) for s in known.values())) if known else None
         outputs, offset, self.out_offsets = [], 0, {}
         for name in sizes:
             out = self.tc.InferRequestedOutput(name)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.config import ColumnsConfig, DriftConfig, FeatureKind, ValidationConfig
-from pipeline_lib.errors import DataValidationError, Problem  # noqa: F401  (re-exported: raised by validate_raw)
+from pipeline_lib.errors import DataValidationError, Problem  # also re-exported: raised by validate_raw
 
 
 @dataclass

@@ -25,6 +25,7 @@ _IMPORTED_AT = time.perf_counter()  # the load time logged includes this module'
 
 import json
 import traceback
+from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
@@ -49,7 +50,7 @@ class TritonPythonModel:
         self.limits = request_limits(config)  # rows, string and list sizes, value ranges (config.pbtxt)
         self.max_rows = self.limits.max_rows
         self.logger = pb_utils.Logger
-        self.full = None  # the full ensemble's predictor, loaded when needed
+        self.full: Any = None  # the full ensemble's predictor, loaded when needed
         why = "no compiled version"
         try:
             self.compiled = CompiledPredictor.load(self.version_dir / "ensemble")
