@@ -5,7 +5,7 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, cast
 
 import typer
 
@@ -79,7 +79,8 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
     from pipeline_lib.errors import DataValidationError, OutputPathError
 
     try:
-        summary = pipeline(config_path=str(config) if config else None, overrides=overrides or None)
+        # calling the flow returns its final state's data: the summary dict
+        summary = cast(dict, pipeline(config_path=str(config) if config else None, overrides=overrides or None))
     except (DataValidationError, OutputPathError) as exc:  # bad input data / output path: one clear message
         if _DEBUG["on"]:
             raise

@@ -159,6 +159,7 @@ def compete(timed: Callable[..., Any], fam: TaskFamily, paths: RunPaths,
     create_markdown_artifact(key="leaderboard-plot", markdown=candidates.leaderboard_markdown(comp, png),
                              description=f"validation {comp.metric} of every candidate")
     winner = comp.winner
+    assert winner.family is not None and winner.trained is not None, "decide() picks a candidate that trained"
     print(f"baselines: {winner.trained.baselines.lift}")
     return winner.family, winner.trained, comp
 

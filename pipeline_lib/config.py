@@ -891,11 +891,11 @@ class RunConfig(_Strict):
         m, explicit_type = self.model, "type" in self.model.model_fields_set
         if self.task == "retrieval" and not explicit_type:
             if isinstance(m.candidates, list):
-                m.type = m.candidates[0].type
+                m.type = m.candidates[0].type  # type: ignore[assignment]  # validated by the candidate's config
             else:
-                m.type, m.candidates = DEFAULT_RETRIEVAL_MODEL, m.candidates or "auto"
+                m.type, m.candidates = DEFAULT_RETRIEVAL_MODEL, m.candidates or "auto"  # type: ignore[assignment]
         elif isinstance(m.candidates, list) and not explicit_type:
-            m.type = m.candidates[0].type
+            m.type = m.candidates[0].type  # type: ignore[assignment]  # validated by the candidate's config
         if self.task == "retrieval" and not m.is_retrieval:
             raise ValueError(f"task: retrieval needs a retrieval model.type ({', '.join(RETRIEVAL_MODELS)}), "
                              f"got '{m.type}'")

@@ -165,7 +165,8 @@ class ClassicalRecommender(TopKRoute):
     def _rank_frame(self, raw: pd.DataFrame, ids: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
         """The ranker's rows of each (request row, candidate) and which candidates are padding (scored -inf)."""
         pad = ids == pad_id(self.item_ids)
-        return TopKRecommender.rank_frame(self, raw, np.where(pad, self.item_ids[0], ids)), pad
+        return TopKRecommender.rank_frame(self, raw,  # type: ignore[arg-type]  # shares its item-feature join
+                                           np.where(pad, self.item_ids[0], ids)), pad
 
     def _reranked(self, ids: np.ndarray, rank: np.ndarray, pad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rank = np.asarray(rank, dtype=np.float32).reshape(ids.shape)
@@ -193,12 +194,15 @@ def export_classical(model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame,
     item_side = [c.item_id] + [f.name for f in c.features if f.side.value == "item"]
     ranker_columns = list(c.serving_columns) if settings.ranker_dir else None
     meta = {"kind": ClassicalRecommender.kind, "model": model_spec, "k": settings.k,
-            "request_columns": request_columns(ClassicalSpec(c.user_id, c.item_id), ranker_columns, item_side),
+            "request_columns": request_columns(ClassicalSpec(c.user_id, c.item_id),  # type: ignore[arg-type]
+                                               ranker_columns, item_side),
             "user_id": c.user_id, "item_id": c.item_id, "label": c.label, "exclude_seen": bool(settings.exclude_seen),
             "unknown_users": "popular", "n_items": int(len(ids)), "item_id_dtype": str(ids.dtype),
             "pad_id": pad_id(ids), "fast_transform": NO_TRANSFORM, "ranker_columns": ranker_columns,
             "candidates": settings.candidates if settings.ranker_dir else settings.k}
-    if settings.ranker_dir:
+    if settings.ranker_dir is not None:
+        if workflow_dir is None:
+            raise ValueError("a two-stage classical version needs the run's fitted workflow (workflow_dir)")
         shutil.copytree(settings.ranker_dir, art / "ranker")
         shutil.copytree(workflow_dir, art / "workflow")
         spec = retrieval.RetrievalSpec("classical", c.item_id, [c.user_id], [x for x in item_side if x in train_raw])

@@ -170,7 +170,7 @@ def pick_winner(runs: list[CandidateRun]) -> int:
     scored = [(i, r.metric) for i, r in enumerate(runs) if r.ok]
     if not scored:
         raise NoCandidateTrained("no candidate trained: " + "; ".join(f"{r.name}: {r.error}" for r in runs))
-    best = max(m for _, m in scored)
+    best = max(float(m) for _, m in scored if m is not None)
     return next(i for i, m in scored if m == best)
 
 
@@ -230,9 +230,9 @@ def plot_leaderboard(comp: Competition, path: Path) -> Optional[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    values = [r.metric for r in rows]
-    err = [[(r.metric - r.interval[0]) if r.interval else 0 for r in rows],
-           [(r.interval[1] - r.metric) if r.interval else 0 for r in rows]]
+    values = [float(r.metric or 0.0) for r in rows]
+    err = [[(v - r.interval[0]) if r.interval else 0 for v, r in zip(values, rows)],
+           [(r.interval[1] - v) if r.interval else 0 for v, r in zip(values, rows)]]
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows) + 2), 3.5))
     ax.bar([r.name for r in rows], values, color=["tab:green" if r.winner else "tab:gray" for r in rows],
            yerr=err if any(r.interval for r in rows) else None, capsize=4)

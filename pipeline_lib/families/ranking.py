@@ -83,7 +83,7 @@ class RankingFamily(TaskFamily):
     def selection_metric(self) -> str:
         return "auc"
 
-    def latency_probe(self, paths: RunPaths, etl_out: etl.EtlOutput, trained: Trained) -> Any:
+    def latency_probe(self, paths: RunPaths, etl_out: EtlOutput, trained: Trained) -> Any:
         """The training-time path (workflow transform + SavedModel), both loaded once."""
         workflow, model_dir = etl.load_workflow(etl_out.workflow_dir), trained.model.model_dir
         encoder, label = load_encoder(model_dir), self.cfg.columns.label

@@ -108,7 +108,7 @@ class RetrievalFamily(RankingFamily):
         """Recall/NDCG/... of what a version returns; the candidate through the recommender export checked."""
         raw, label = self.gate_rows(etl_out), self.cfg.columns.label
         return gate.Scorer(lambda version_dir: gate.score_topk_version(
-            version_dir, raw, label, rec=topk.loaded_recommender(exp, version_dir)), len(raw))  # type: ignore[arg-type]
+            version_dir, raw, label, rec=topk.loaded_recommender(exp, version_dir)), len(raw))
 
     def headline_metrics(self, trained: Trained) -> dict:
         m, k = trained.model.metrics, self.cfg.model.retrieval.k

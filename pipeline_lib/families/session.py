@@ -98,7 +98,7 @@ class SessionFamily(TaskFamily):
         s = self.cfg.session
         valid = self.gate_rows(etl_out)
         return gate.Scorer(lambda version_dir: session_release.score_version(
-            version_dir, valid, s.columns, s.top_k, rec=topk.loaded_recommender(exp, version_dir)), len(valid))  # type: ignore[arg-type]
+            version_dir, valid, s.columns, s.top_k, rec=topk.loaded_recommender(exp, version_dir)), len(valid))
 
     def headline_metrics(self, trained: Trained) -> dict:
         k = self.cfg.session.top_k

@@ -132,7 +132,7 @@ def train(raw_train: Path, raw_valid: Path, columns: ColumnsConfig, cfg: ModelCo
     model_dir.mkdir(parents=True, exist_ok=True)
     save_weights(model_dir, weights)
     np.savez(model_dir / ITEMS_FILE, ids=_ids_array(p.item_ids), popularity=p.popularity)
-    nnz = int(weights.nnz) if sp.issparse(weights) else int(np.count_nonzero(weights))
+    nnz = int(sp.csr_matrix(weights).nnz) if sp.issparse(weights) else int(np.count_nonzero(weights))
     spec = {"model_type": cfg.type, "user_id": columns.user_id, "item_id": columns.item_id, "label": columns.label,
             "params": cfg.classical.model_dump(mode="json"), "n_items": int(len(p.item_ids)), "weights_nnz": nnz}
     (model_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2))

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -341,7 +341,7 @@ def topk_metrics(scores: np.ndarray, targets: np.ndarray, k: int, batch: int = 2
     return {name: float(m.result().numpy()) for name, m in metrics.items()}
 
 
-def metrics_from_topk(ids: np.ndarray, scores: np.ndarray, targets: np.ndarray, k: int) -> dict:
+def metrics_from_topk(ids: np.ndarray, scores: Optional[np.ndarray], targets: np.ndarray, k: int) -> dict:
     """Recall/NDCG/MRR@k of top-k lists (item ids or catalogue rows) against one target each, with Merlin's
     metrics: the k listed items plus one 'everything else' column (where a missed target goes) form the
     score rows. The gate's figures of a version, and the classical session models' own."""

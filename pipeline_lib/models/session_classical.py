@@ -107,6 +107,7 @@ class ClassicalSessionModel:
     def session_knn(self, rows: np.ndarray) -> np.ndarray:
         """(V-)SKNN: item scores = sum of the cosine similarities of the k nearest recent training sessions."""
         o = self.options
+        assert self.recency is not None, "session_knn holds the training sessions' recency"
         n = len(rows)
         w = np.arange(1, n + 1, dtype=np.float64) / n if o.position_weighting else np.ones(n)
         items, last = np.unique(rows[::-1], return_index=True)  # a repeated item keeps its latest weight

@@ -84,7 +84,7 @@ def score_topk_version(version_dir: Path, raw: pd.DataFrame, label: str, batch: 
         pred[np.nonzero(hit)[0], at[hit].astype(np.int64)] = rank[hit]
         preds.append(pred)
     pred = np.concatenate(preds) if preds else np.zeros((0, len(rec.item_ids)), dtype=np.float32)
-    return retrieval_metrics(pred, rec.item_ids, pos[rec.spec.item_id].to_numpy(), rec.k)
+    return retrieval_metrics(pred, rec.item_ids, pos[rec.spec.item_id].to_numpy(), rec.k)  # type: ignore[attr-defined]
 
 
 def _higher_is_better(metric: str) -> bool:
