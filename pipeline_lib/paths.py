@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,3 +81,17 @@ def new_run(cfg: RunConfig) -> RunPaths:
     root.mkdir(parents=True, exist_ok=False)
     (root / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     return RunPaths(root.resolve())
+
+
+def file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, or of every file under a directory (sorted by relative path)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return "sha256:" + h.hexdigest()

@@ -8,19 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-
-def file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, or of every file under a directory (sorted by relative path)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
-    return "sha256:" + h.hexdigest()
+from pipeline_lib.paths import file_fingerprint  # also re-exported: lineage.file_fingerprint
 
 
 def config_fingerprint(obj: dict) -> str:

@@ -40,6 +40,7 @@ from typing import Optional
 
 from google.protobuf import text_format
 
+from pipeline_lib.paths import file_fingerprint
 from pipeline_lib.serving.admin_key import ADMIN_HEADER  # one header name, HTTP and gRPC
 
 CONFIG = "config.pbtxt"
@@ -65,8 +66,6 @@ IGNORED_DIRS = ("__pycache__",)  # written by the python backend when it imports
 def version_manifest(vdir: Path) -> dict[str, str]:
     """``relative path -> "sha256:..."`` of every file of a version folder except its lineage.json (which
     holds the manifest) and ``__pycache__`` folders."""
-    from pipeline_lib.release.lineage import file_fingerprint
-
     vdir = Path(vdir)
     out = {}
     for f in sorted(vdir.rglob("*")):
@@ -170,8 +169,6 @@ def publish(version_dir: Path, version_config: Path, repo: Path, model: str,
     target.mkdir(parents=True, exist_ok=True)
     staged = version_manifest(version_dir)
     staged.pop(VERSION_CONFIG, None)
-    from pipeline_lib.release.lineage import file_fingerprint
-
     staged[VERSION_CONFIG] = file_fingerprint(version_config)
     incoming = target / f".incoming-{os.getpid()}-{time.monotonic_ns()}"
     shutil.copytree(version_dir, incoming)
