@@ -363,10 +363,16 @@ def baseline_scores(train_lists: pd.Series, last_items: np.ndarray, n_items: int
 
 
 def evaluate(workflow, model, valid_sessions: pd.DataFrame, train_transformed: pd.DataFrame,
-             cols: SessionColumns, k: int, n_items: int, exclude_seen: bool = True) -> dict:
+             cols: SessionColumns, k: int, n_items: int, exclude_seen: bool = True,
+             model_dir: Path | None = None, units: bool = False) -> dict:
     """Model vs baselines on the last item of every held-out session (prefix = the events before it).
-    ``model``: the trained (in-memory) model, or any callable on Loader batches (:func:`offline_scores`).
-    ``exclude_seen``: the prefix's own items are never recommended, by the model and by the baselines."""
+    ``model``: the trained (in-memory) model, or any callable on Loader batches (:func:`offline_scores`);
+    None: the SavedModel in ``model_dir``.
+    ``exclude_seen``: the prefix's own items are never recommended, by the model and by the baselines.
+    ``units``: each method's result also holds ``units``, per-session recall/NDCG/MRR@k
+    (:func:`pipeline_lib.models.intervals.rank_units`; ties by item index, as served top-k)."""
+    from pipeline_lib.models import intervals
+
     req, _ = prefixes(valid_sessions, cols)
     # targets in the model's index space: encode the full held-out sessions with the same workflow
     full = raw_to_transformed(workflow, valid_sessions[req.columns])
@@ -375,9 +381,17 @@ def evaluate(workflow, model, valid_sessions: pd.DataFrame, train_transformed: p
     last_items = enc_prefix[cols.item_id].map(lambda v: int(v[-1])).to_numpy()
     lookup = vocabulary_lookup(item_vocabulary(workflow, cols.item_id))
     excl = exclusions(lookup, req[cols.item_id].tolist(), None, len(req)) if exclude_seen else None
-    results = {"model": topk_metrics(mask_scores(offline_scores(workflow, None, req, model=model), excl), targets, k)}
+    def scored(scores: np.ndarray) -> dict:
+        masked = mask_scores(scores, excl)
+        out = topk_metrics(masked, targets, k)
+        if units:
+            out["units"] = {key: v for key, v in intervals.rank_units(intervals.target_ranks(masked, targets), k).items()
+                            if not key.startswith("precision")}
+        return out
+
+    results = {"model": scored(offline_scores(workflow, model_dir, req, model=model))}
     for name, s in baseline_scores(train_transformed[cols.item_id], last_items, n_items).items():
-        results[name] = topk_metrics(mask_scores(s, excl), targets, k)
+        results[name] = scored(s)
     results["n_sessions"] = int(len(targets))
     results["target_oov_rate"] = float(np.mean(targets < N_SPECIAL))
     seen = [set(v) for v in req[cols.item_id]]
