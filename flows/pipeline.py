@@ -49,10 +49,14 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     exp = timed("export", tasks.export, fam, paths, etl_out, trained)
     decision = timed("gate", tasks.gate, fam, paths, etl_out, exp, trained)
 
+    split = fam.split_report(etl_out)
     summary = {"run_dir": str(paths.root), "etl_device": etl_out.device, "etl_path": etl_out.etl_path,
                "etl_from": str(etl_out.workflow_dir.parent),
                **fam.summary_fields(trained, exp), "baselines": trained.baselines.baselines,
-               "lift": trained.baselines.lift, "gate": gate_fields(decision), "stage_seconds": timings,
+               "baseline_intervals": report.baseline_interval_texts(trained.baselines.intervals),
+               "lift": trained.baselines.lift, "split": {k: v for k, v in split.items() if k != "warnings"},
+               "warnings": split["warnings"] + list(trained.baselines.warnings),
+               "gate": gate_fields(decision), "stage_seconds": timings,
                **({"tune": tuned.summary()} if tuned else {})}
     rows, description = fam.metrics_table(trained)
     create_table_artifact(key="metrics", table=rows, description=description)
@@ -77,8 +81,11 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
 
 
 def gate_fields(d: GateDecision) -> dict:
-    return {"promote": d.promote, "metric": d.metric, "candidate": d.candidate, "served": d.served,
-            "served_version": d.served_version, "reason": d.reason}
+    return {"outcome": d.outcome, "promote": d.promote, "metric": d.metric, "candidate": d.candidate,
+            "candidate_interval": d.candidate_interval, "served": d.served, "served_version": d.served_version,
+            "served_difference": d.served_difference,
+            "baseline_difference": (d.baseline_check or {}).get("difference"), "n_rows": d.n_rows,
+            "split": "test", "reason": d.reason}
 
 
 def refused(fam: TaskFamily, paths: RunPaths, summary: dict, decision: GateDecision, query: dict) -> dict:
@@ -87,7 +94,8 @@ def refused(fam: TaskFamily, paths: RunPaths, summary: dict, decision: GateDecis
     finish(paths, summary, fam.title)
     create_markdown_artifact(key="promotion", markdown=_refused_md(decision), description="promotion gate")
     kept = f"version {decision.served_version} keeps serving" if decision.served_version else "nothing is served"
-    print(f"candidate refused by the gate; {kept}")
+    print(f"candidate {'refused' if decision.outcome == 'refused' else 'not promoted (inconclusive)'} by the gate; "
+          f"{kept}")
     return summary | {"predictions": None}
 
 
@@ -126,9 +134,9 @@ def _refused_md(d: GateDecision) -> str:
     served = f"served {report.num(d.served)}" if d.served is not None else "nothing served to compare"
     return "\n".join([
         "# promotion", "",
-        f"- decision: **refused**; {kept}",
+        f"- decision: **{d.outcome}**, not promoted; {kept}",
         f"- {d.reason}",
-        f"- {d.metric}: candidate {report.num(d.candidate)}, {served} on {d.n_rows} validation rows",
+        f"- {d.metric}: candidate {report.num(d.candidate)}, {served} on {d.n_rows} test rows",
     ])
 
 
@@ -136,7 +144,7 @@ def _promotion_md(event: dict, info: dict, d: GateDecision) -> str:
     return "\n".join([
         "# promotion", "",
         f"- decision: **{event['action']}** version **{event['version']}** (previously served: {event['previous']})",
-        f"- gate: {d.reason}",
+        f"- gate ({d.outcome}, test split): {d.reason}",
         f"- live server switched: {event['live_server'] or 'none running (served at next start)'}",
         f"- pruned versions: {event['pruned'] or 'none'}",
         f"- data fingerprint: `{info['data']['fingerprint']}`",

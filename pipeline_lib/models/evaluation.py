@@ -171,6 +171,11 @@ def _finish(report: BaselineReport, cfg: RunConfig) -> BaselineReport:
         cfg, report.units, report.metric, report.higher_is_better, report.baselines, report.unit)
     if text:
         report.lift = f"{report.lift.rstrip()} {text}"
+    mu = report.model_units()
+    if mu is not None and report.unit != "rows":  # rows: the positives are counted per split (families.split_report)
+        w = intervals.too_small(f"{report.split} split", mu.n, cfg.evaluation.min_units, f"evaluated {report.unit}")
+        if w:
+            report.warnings.append(w)
     return report
 
 
