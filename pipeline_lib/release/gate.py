@@ -264,14 +264,16 @@ def _oriented(d: intervals.Interval, higher_is_better: bool) -> intervals.Interv
     return intervals.Interval(-d.value, -d.hi, -d.lo, d.n, d.level)
 
 
-def _judge(d: intervals.Interval, threshold: float) -> str:
-    """promoted when the whole (oriented) interval is above ``threshold``, refused when it is at or
-    below it, inconclusive when it spans it (or is undefined)."""
+def _judge(d: intervals.Interval, threshold: float, ties_pass: bool = False) -> str:
+    """promoted when the whole (oriented) interval is above ``threshold``, refused when it is below
+    it, inconclusive when it spans it (or is undefined). A bound exactly at the threshold passes with
+    ``ties_pass`` ("not worse than the served version": the same answers are not a regression) and
+    fails without it ("beats the baseline": a tie does not beat)."""
     if not (math.isfinite(d.lo) and math.isfinite(d.hi)):
         return "inconclusive"
-    if d.lo > threshold:
+    if d.lo > threshold or (ties_pass and d.lo >= threshold):
         return "promoted"
-    if d.hi <= threshold:
+    if d.hi < threshold or (not ties_pass and d.hi <= threshold):
         return "refused"
     return "inconclusive"
 
@@ -345,7 +347,7 @@ def served_outcome(cand: dict, served_dir: Path, served_version: Optional[int], 
         return ("promoted" if ok else "refused",
                 f"candidate {metric} {cv:.5f} is {word} served v{v} {sv:.5f} (tolerance {tolerance})", sv, None)
     d = _oriented(intervals.paired_difference(cu, su, **options.boot), hib)
-    outcome = _judge(d, -tolerance)
+    outcome = _judge(d, -tolerance, ties_pass=True)
     ci = f"difference {d.text(5)} ({d.level:.0%} interval, paired over {d.n} units, tolerance {tolerance})"
     word = {"promoted": "not worse than", "refused": "worse than",
             "inconclusive": "inside the noise against"}[outcome]
