@@ -79,6 +79,12 @@ class MeanUnits:
         self.values = v[np.isfinite(v)]
         self.n = len(self.values)
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MeanUnits) and np.array_equal(self.values, other.values)
+
+    def __repr__(self) -> str:
+        return f"MeanUnits(n={self.n})"
+
     def weighted(self, w: np.ndarray) -> np.ndarray:
         tot = w.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -98,6 +104,13 @@ class AucUnits:
         ss = s[order]
         self.starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]]) if len(ss) else np.zeros(0, dtype=np.int64)
         self.n = len(y)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, AucUnits) and np.array_equal(self.order, other.order)
+                and np.array_equal(self.pos, other.pos) and np.array_equal(self.starts, other.starts))
+
+    def __repr__(self) -> str:
+        return f"AucUnits(n={self.n})"
 
     def weighted(self, w: np.ndarray) -> np.ndarray:
         if not self.n:
