@@ -41,7 +41,6 @@ from pipeline_lib.paths import TRITON_MODELS
 from pipeline_lib.etl.fast_transform import (Ragged, Unsupported, columns_from_tensors, compile_workflow,
                                              tensors_from_columns, verify)
 from pipeline_lib.models.common import load_encoder
-from pipeline_lib.models.retrieval import encode
 
 log = logging.getLogger(__name__)
 
