@@ -394,6 +394,7 @@ def decide(candidate_dir: Path, served_dir: Optional[Path], served_version: Opti
         if o.on_inconclusive == "promote":
             promote, tail = True, "inconclusive: promoted anyway (gate.on_inconclusive: promote)"
         elif served_dir is None:
+            parts = [p for p in parts if not p[1].startswith("nothing served yet")]
             promote, tail = True, ("inconclusive, and nothing is served yet: promoted, since a run must end "
                                    "serving something (gate.on_inconclusive applies once a version serves)")
         else:
