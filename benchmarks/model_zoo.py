@@ -73,12 +73,13 @@ def run_model(cfg, kind: str, work: Path, etl_for) -> dict:
     else:
         out = train.train(e.train_dir, e.valid_dir, mcfg, cfg.columns.label, cfg.seed, work / kind)
     seconds = time.perf_counter() - t0
-    report = evaluation.compare_with_baselines(rcfg, e.split.train, e.split.valid, out, e.workflow_dir)
+    report = evaluation.compare_with_baselines(rcfg, e.split.train, e.split.test, out, e.workflow_dir)  # test split
     m = out.metrics
     return {"model": kind, "family": report.family, "metric": report.metric, "train_seconds": round(seconds, 1),
             "epochs_run": m.get("epochs_run", len((out.history or {}).get("loss", []))),
             "best_epoch": m.get("best_epoch"), "model_metrics": report.model, "baselines": report.baselines,
-            "lift": report.lift, "protocol": report.protocol}
+            "lift": report.lift, "protocol": report.protocol, "split": report.split,
+            "intervals": report.intervals, "lift_interval": report.lift_interval}
 
 
 def _f(v) -> str:

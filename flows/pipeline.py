@@ -34,7 +34,7 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     """Run every stage for one config. The run ends in a Completed state named for the outcome
     ("Promoted" / "Refused", so the Prefect UI tells them apart) whose data is the summary (metrics,
     gate, timings, served predictions): calling ``pipeline(...)`` returns that summary dict. The run is
-    tagged ``task:<family>``, ``model:<type>`` and ``outcome:<promoted|refused>``."""
+    tagged ``task:<family>``, ``model:<type>`` and ``outcome:<promoted|refused|inconclusive>`` (inconclusive: not promoted, the served version kept)."""
     cfg = load_config(config_path, overrides)
     fam, paths = get_family(cfg), new_run(cfg)
     print(f"run folder: {paths.root}")
@@ -58,10 +58,14 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     exp = timed("export", tasks.export, fam, paths, etl_out, trained)
     decision = timed("gate", tasks.gate, fam, paths, etl_out, exp, trained)
 
+    split = fam.split_report(etl_out)
     summary = {"run_dir": str(paths.root), "etl_device": etl_out.device, "etl_path": etl_out.etl_path,
                "etl_from": str(etl_out.workflow_dir.parent),
                **fam.summary_fields(trained, exp), "baselines": trained.baselines.baselines,
-               "lift": trained.baselines.lift, "gate": gate_fields(decision), "stage_seconds": timings,
+               "baseline_intervals": report.baseline_interval_texts(trained.baselines.intervals),
+               "lift": trained.baselines.lift, "split": {k: v for k, v in split.items() if k != "warnings"},
+               "warnings": split["warnings"] + list(trained.baselines.warnings),
+               "gate": gate_fields(decision), "stage_seconds": timings,
                **({"tune": tuned.summary()} if tuned else {}),
                **({"selection_metric": comp.metric, "leaderboard": comp.rows()} if comp else {})}
     rows, description = fam.metrics_table(trained)
@@ -69,8 +73,9 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     requests, serve_args = fam.smoke_rows(etl_out, cfg.serving.smoke_rows), report.cli_args(config_path, overrides)
     if not decision.promote:
         out = refused(fam, paths, summary, decision, query_info(cfg, paths, requests, serve_args))
-        tag_run(cfg, fam, "refused")
-        return Completed(name="Refused", data=out, message=f"refused by the gate: {decision.reason}"[:500])
+        kept = "inconclusive" if decision.outcome == "inconclusive" else "refused"
+        tag_run(cfg, fam, kept)
+        return Completed(name=kept.capitalize(), data=out, message=f"{kept} at the gate: {decision.reason}"[:500])
 
     result = timed("serving-smoke-test", tasks.smoke, fam, paths, etl_out, exp)
     version, served_dir, info = timed("publish", tasks.publish, fam, paths, raw_path, etl_out, trained, exp)
@@ -117,8 +122,11 @@ def candidate_curves(comp: Competition) -> list[tuple[str, Optional[Path]]]:
 
 
 def gate_fields(d: GateDecision) -> dict:
-    return {"promote": d.promote, "metric": d.metric, "candidate": d.candidate, "served": d.served,
-            "served_version": d.served_version, "reason": d.reason}
+    return {"outcome": d.outcome, "promote": d.promote, "metric": d.metric, "candidate": d.candidate,
+            "candidate_interval": d.candidate_interval, "served": d.served, "served_version": d.served_version,
+            "served_difference": d.served_difference,
+            "baseline_difference": (d.baseline_check or {}).get("difference"), "n_rows": d.n_rows,
+            "split": "test", "reason": d.reason}
 
 
 def refused(fam: TaskFamily, paths: RunPaths, summary: dict, decision: GateDecision, query: dict) -> dict:
@@ -127,7 +135,8 @@ def refused(fam: TaskFamily, paths: RunPaths, summary: dict, decision: GateDecis
     finish(paths, summary, fam.title)
     create_markdown_artifact(key="promotion", markdown=_refused_md(decision), description="promotion gate")
     kept = f"version {decision.served_version} keeps serving" if decision.served_version else "nothing is served"
-    print(f"candidate refused by the gate; {kept}")
+    print(f"candidate {'refused' if decision.outcome == 'refused' else 'not promoted (inconclusive)'} by the gate; "
+          f"{kept}")
     return summary | {"predictions": None}
 
 
@@ -169,9 +178,9 @@ def _refused_md(d: GateDecision) -> str:
     served = f"served {report.num(d.served)}" if d.served is not None else "nothing served to compare"
     return "\n".join([
         "# promotion", "",
-        f"- decision: **refused**; {kept}",
+        f"- decision: **{d.outcome}**, not promoted; {kept}",
         f"- {d.reason}",
-        f"- {d.metric}: candidate {report.num(d.candidate)}, {served} on {d.n_rows} validation rows",
+        f"- {d.metric}: candidate {report.num(d.candidate)}, {served} on {d.n_rows} test rows",
     ])
 
 
@@ -180,7 +189,7 @@ def _promotion_md(event: dict, info: dict, d: GateDecision, model_name: str = ""
         "# promotion", "",
         f"- model: **{model_name}** ({title})" if model_name else f"- model: {title}",
         f"- decision: **{event['action']}** version **{event['version']}** (previously served: {event['previous']})",
-        f"- gate: {d.reason}",
+        f"- gate ({d.outcome}, test split): {d.reason}",
         f"- live server switched: {event['live_server'] or 'none running (served at next start)'}",
         f"- pruned versions: {event['pruned'] or 'none'}",
         f"- data fingerprint: `{info['data']['fingerprint']}`",

@@ -178,7 +178,9 @@ def export(fam: TaskFamily, paths: RunPaths, etl_out: Any, trained: Trained) -> 
 @task(name="gate", cache_policy=NO_CACHE)
 def gate(fam: TaskFamily, paths: RunPaths, etl_out: Any, exp: Any, trained: Trained) -> Any:
     decision = fam.gate(paths, etl_out, exp, trained.baselines)
-    print(f"promotion gate: {'PROMOTE' if decision.promote else 'KEEP SERVED VERSION'}: {decision.reason}")
+    word = {"promoted": "PROMOTE", "refused": "REFUSED"}.get(decision.outcome, "INCONCLUSIVE")
+    action = "promote" if decision.promote else "keep the served version"
+    print(f"promotion gate (test split): {word} ({action}): {decision.reason}")
     return decision
 
 

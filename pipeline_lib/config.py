@@ -235,8 +235,38 @@ class ValidationConfig(_Strict):
 
 
 class SplitConfig(_Strict):
-    method: Literal["random", "time"] = "random"
-    valid_fraction: float = Field(0.2, gt=0, lt=1)
+    """Train / validation / test (docs/evaluation.md). Validation picks: early stopping, the best
+    epoch, tuning trials, any choice between models. Test reports: the summary's figures, the
+    baselines' lift and the promotion gate. ``method: time``: the newest rows (sessions: the sessions
+    that start last) are test, the next newest validation; ``random``: by ``seed``. Sessions split whole."""
+
+    method: Literal["random", "time"] = Field("random", description="random (by seed) or time (newest rows: test, "
+                                              "then validation; needs columns.timestamp)")
+    valid_fraction: float = Field(0.1, gt=0, lt=1, description="share of rows (sessions) held out for validation: "
+                                  "early stopping, best epoch, tuning, model choice")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="share of rows (sessions) held out for test: the "
+                                 "reported figures, their confidence intervals and the promotion gate")
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_rows(self) -> "SplitConfig":
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise ValueError(f"split: valid_fraction ({self.valid_fraction}) + test_fraction ({self.test_fraction}) "
+                             "must be below 1 (the rest trains)")
+        return self
+
+
+class EvaluationConfig(_Strict):
+    """How reported figures carry their uncertainty (docs/evaluation.md): a seeded bootstrap over the
+    natural unit of each metric (rows for AUC / log loss, users for per-user recall / NDCG, sessions
+    or queries for next-item metrics), and when a held-out set is too small to mean anything."""
+
+    bootstrap_resamples: int = Field(1000, ge=50, le=100_000, description="bootstrap resamples per interval "
+                                     "(and per paired difference in the gate)")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="confidence level of every interval")
+    min_positives: int = Field(30, ge=0, description="a validation or test split with fewer positive labels is "
+                               "named as too small (summary warnings, gate reason)")
+    min_units: int = Field(30, ge=0, description="a validation or test split with fewer evaluated users, queries or "
+                           "sessions is named as too small (summary warnings, gate reason)")
 
 
 class DaskConfig(_Strict):
@@ -511,9 +541,11 @@ class ModelConfig(_Strict):
 
 
 class GateConfig(_Strict):
-    """Promotion gate: the candidate must beat the best baseline of its family (same split) and
-    must not be worse than the served version on this run's validation data (both scored through
-    their own exported ensembles from raw rows)."""
+    """Promotion gate, on the test split: the candidate must beat the best baseline of its family
+    (same split and protocol) and must not be worse than the served version (both scored through
+    their own exported versions from raw test rows). Each comparison is a paired bootstrap of the
+    difference on the same units: promoted / refused when its interval is clear of zero (beyond
+    ``tolerance``), inconclusive otherwise (``on_inconclusive``)."""
 
     enabled: bool = True
     metric: Literal["auto", "auc", "logloss", "recall", "ndcg", "mrr", "precision"] = Field(
@@ -527,7 +559,11 @@ class GateConfig(_Strict):
     min_lift_over_baseline: float = Field(
         0.0, ge=0, description="relative margin over the best baseline: 0.02 = the metric 2% better than it"
     )
-    max_rows: int = Field(50_000, ge=100, description="validation rows scored for the comparison")
+    max_rows: int = Field(50_000, ge=100, description="test rows scored for the comparison with the served version")
+    on_inconclusive: Literal["keep", "promote"] = Field(
+        "keep", description="when a difference's confidence interval includes zero (beyond tolerance): keep the "
+        "served version, or promote anyway. With nothing served, an inconclusive comparison with the baselines "
+        "promotes (a run ends serving something)")
 
 
 class ExportConfig(_Strict):
@@ -846,6 +882,7 @@ class RunConfig(_Strict):
     etl: EtlConfig = Field(default_factory=EtlConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     session: SessionConfig = Field(default_factory=SessionConfig)

@@ -238,21 +238,68 @@ def _k_of(metrics: Mapping[str, Any]) -> Optional[str]:
     return next((k.split("@", 1)[1] for k in metrics if k.startswith("recall@")), None)
 
 
+def baseline_interval_texts(intervals: Mapping[str, Mapping[str, Any]]) -> dict:
+    """``{method: {metric: "0.812 [0.801, 0.823]"}}`` from a report's ``intervals`` (Interval JSON)."""
+    out: dict = {}
+    for method, per in (intervals or {}).items():
+        out[method] = {m: interval_text(iv) for m, iv in per.items() if iv}
+    return out
+
+
+def interval_text(iv: Optional[Mapping[str, Any]], digits: int = SIG) -> str:
+    """``0.812 [0.801, 0.823]`` from an Interval's JSON (``n/a`` parts where undefined)."""
+    if not iv:
+        return "-"
+    def f(v: Any) -> str:
+        return "n/a" if v is None else num(float(v), digits)
+    return f"{f(iv.get('value'))} [{f(iv.get('lo'))}, {f(iv.get('hi'))}]"
+
+
+def _figure(summary: Mapping[str, Any], key: str) -> str:
+    """A headline figure with its interval when the summary has one."""
+    return (summary.get("intervals") or {}).get(key) or num((summary.get("metrics") or {}).get(key))
+
+
 def headline(summary: Mapping[str, Any]) -> str:
-    """The model's validation figures (the baselines are in :func:`lift_line`)."""
+    """The model's test figures with their intervals (the baselines are in :func:`lift_line`; the
+    validation figures in :func:`validation_line`)."""
     m = summary.get("metrics") or {}
+    split = summary.get("metrics_split", "test")
     k = _k_of(m)
     if "auc" in m:  # ranking
-        line = f"validation auc {num(m['auc'])}, logloss {num(m.get('logloss'))}"
-        rows = f" ({m['n_train']:,} train / {m['n_valid']:,} validation rows)" if "n_valid" in m else ""
+        line = f"{split} auc {_figure(summary, 'auc')}, logloss {_figure(summary, 'logloss')}"
+        n_eval = m.get("n_test", m.get("n_valid"))
+        rows = f" ({m['n_train']:,} train / {n_eval:,} {split} rows)" if n_eval is not None and "n_train" in m else ""
         return line + rows
     if k is None:
         return ", ".join(f"{key} {num(v)}" for key, v in m.items())
     names = [n for n in ("recall", "ndcg", "mrr", "precision") if f"{n}@{k}" in m][:3]
-    line = "validation " + ", ".join(f"{n}@{k} {num(m[f'{n}@{k}'])}" for n in names)
+    per_user = " per user" if "n_test_users" in m else ""
+    line = f"{split}{per_user} " + ", ".join(f"{n}@{k} {_figure(summary, f'{n}@{k}')}" for n in names)
     if "ranker_auc" in m:
         line += f"; re-ranker auc {num(m['ranker_auc'])}"
     return line
+
+
+def validation_line(summary: Mapping[str, Any]) -> Optional[str]:
+    """The validation figures (what early stopping and tuning saw), labelled; None without any."""
+    v = {k: x for k, x in (summary.get("validation_metrics") or {}).items() if isinstance(x, (float, np.floating))}
+    if not v:
+        return None
+    return "validation (model choice only): " + ", ".join(f"{k} {num(x)}" for k, x in v.items())
+
+
+def split_line(summary: Mapping[str, Any]) -> Optional[str]:
+    """Sizes of train / validation / test."""
+    sp = summary.get("split") or {}
+    parts = []
+    for name in ("train", "valid", "test"):
+        d = sp.get(name)
+        if isinstance(d, Mapping):
+            unit = "sessions" if "sessions" in d else "rows"
+            extra = f" ({d['positives']:,} positive)" if "positives" in d else ""
+            parts.append(f"{d.get(unit, 0):,} {name if name != 'valid' else 'validation'} {unit}{extra}")
+    return f"split ({sp.get('method', '?')}): " + ", ".join(parts) if parts else None
 
 
 def lift_line(summary: Mapping[str, Any]) -> Optional[str]:
@@ -287,10 +334,12 @@ def leaderboard_line(summary: Mapping[str, Any]) -> Optional[str]:
 
 def gate_line(summary: Mapping[str, Any]) -> str:
     g = summary["gate"]
+    outcome = g.get("outcome") or ("promoted" if g["promote"] else "refused")
     if g["promote"]:
-        return f"gate: promoted; {g['reason']}"
-    kept = f"version {g['served_version']} keeps serving" if g.get("served_version") else "nothing is served"
-    return f"gate: REFUSED: {g['reason']}; {kept}"
+        word = "promoted" if outcome == "promoted" else "INCONCLUSIVE, promoted"
+        return f"gate (test split): {word}; {g['reason']}"
+    word = "REFUSED" if outcome == "refused" else "INCONCLUSIVE, not promoted"
+    return f"gate (test split): {word}: {g['reason']}"
 
 
 def _duration(seconds: float) -> str:
@@ -312,7 +361,10 @@ def cli_summary(summary: Mapping[str, Any]) -> str:
     q = summary.get("query") or {}
     name = q.get("model_name", "the model")
     lines = [f"{summary['model']}: {headline(summary)}",
-             *filter(None, [leaderboard_line(summary), tune_line(summary), lift_line(summary)]), gate_line(summary)]
+             *filter(None, [leaderboard_line(summary), validation_line(summary), split_line(summary), tune_line(summary),
+                            lift_line(summary)]),
+             gate_line(summary)]
+    lines += [f"warning: {w}" for w in summary.get("warnings") or []]
     if summary.get("model_version"):
         live = summary.get("live_server")
         lines.append(f"served: model '{name}' version {summary['served_version']}"
@@ -341,8 +393,9 @@ def run_summary_markdown(summary: Mapping[str, Any], title: str = "recsys pipeli
     name = q.get("model_name", "?")
     m = summary.get("metrics") or {}
     lines = [f"# {title}", "", f"**{summary['model']}**: {headline(summary)}", ""]
-    lines += [f"- {line}" for line in filter(None, [leaderboard_line(summary), tune_line(summary), lift_line(summary),
-                                                     gate_line(summary)])]
+    lines += [f"- **warning**: {w}" for w in summary.get("warnings") or []]
+    lines += [f"- {line}" for line in filter(None, [leaderboard_line(summary), validation_line(summary), split_line(summary),
+                                                    tune_line(summary), lift_line(summary), gate_line(summary)])]
     if summary.get("model_version"):
         lines += [f"- serving: model **{name}** version **{summary['served_version']}** "
                   f"(previously {summary.get('previous_version') or 'none'}), published at `{summary['served_dir']}`",
@@ -361,8 +414,11 @@ def run_summary_markdown(summary: Mapping[str, Any], title: str = "recsys pipeli
         if q.get("curl_inline"):
             lines += ["", "One raw row of this run over HTTP (KServe v2 JSON):", "", "```bash",
                       q["curl_inline"], "```"]
-    lines += ["", "## metrics", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {num(v)} |" for k, v in m.items() if not isinstance(v, (dict, list))]
+    split = summary.get("metrics_split", "test")
+    lines += ["", f"## metrics ({split} split; [95% interval], bootstrap)", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {split} {k} | {_figure(summary, k)} |" for k, v in m.items() if not isinstance(v, (dict, list))]
+    lines += [f"| validation {k} | {num(v)} |" for k, v in (summary.get("validation_metrics") or {}).items()
+              if not isinstance(v, (dict, list))]
     lines += ["", "## stage seconds", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in (summary.get("stage_seconds") or {}).items()]
     return "\n".join(lines)

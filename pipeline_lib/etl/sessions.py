@@ -23,13 +23,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from pipeline_lib.config import EtlConfig, SessionColumns, SplitConfig
 from pipeline_lib.etl.lambda_ops import time_deltas  # also importable here: workflows pickled before it moved
-from pipeline_lib.etl.workflow import dask_context, resolve_device
+from pipeline_lib.etl.workflow import dask_context, holdout_masks, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +92,22 @@ def group_sessions(events_path: Path, cols: SessionColumns, etl: EtlConfig, min_
 class SessionSplit:
     train: Path
     valid: Path
+    test: Optional[Path] = None  # raw held-out test sessions (scored through versions; never transformed)
 
 
 def split_sessions(sessions_path: Path, split: SplitConfig, cols: SessionColumns, seed: int, out_dir: Path) -> SessionSplit:
-    """Hold out whole sessions: a random share by seed, or (``method: time``) the sessions that start last."""
+    """Hold out whole sessions for validation and test: random shares by seed, or (``method: time``)
+    the sessions that start last are test and the next ones validation (:func:`holdout_masks`)."""
     df = pd.read_parquet(sessions_path)
     if split.method == "time":
-        start = df[cols.timestamp].map(lambda v: v[0])
-        is_valid = (start > start.quantile(1.0 - split.valid_fraction)).to_numpy()
+        is_valid, is_test = holdout_masks(len(df), split, seed, df[cols.timestamp].map(lambda v: v[0]))
     else:
-        is_valid = np.random.default_rng(seed).random(len(df)) < split.valid_fraction
+        is_valid, is_test = holdout_masks(len(df), split, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = SessionSplit(out_dir / "train.parquet", out_dir / "valid.parquet")
-    df.loc[~is_valid].reset_index(drop=True).to_parquet(out.train, index=False)
+    out = SessionSplit(out_dir / "train.parquet", out_dir / "valid.parquet", out_dir / "test.parquet")
+    df.loc[~(is_valid | is_test)].reset_index(drop=True).to_parquet(out.train, index=False)
     df.loc[is_valid].reset_index(drop=True).to_parquet(out.valid, index=False)
+    df.loc[is_test].reset_index(drop=True).to_parquet(out.test, index=False)
     return out
 
 
@@ -138,7 +141,7 @@ class SessionEtlOutput:
     schema_path: Path
     device: str
     sessions_path: Path
-    split: SessionSplit          # raw session lists (train / held-out)
+    split: SessionSplit          # raw session lists (train / validation / test)
     etl_path: str = "nvtabular (the session ETL has no fast path)"  # as EtlOutput.etl_path
 
 
@@ -164,7 +167,8 @@ def run_session_etl(events_path: Path, cfg, out_root: Path, split_dir: Path) -> 
         wf.transform(train_ds).to_parquet(str(train_dir), output_files=1)
         wf.transform(valid_ds).to_parquet(str(valid_dir), output_files=1)
     wf.save(str(out_root / "workflow"))
-    log.info("sessions: %d train, %d held out", train_ds.num_rows, valid_ds.num_rows)
+    log.info("sessions: %d train, %d validation, %d test", train_ds.num_rows, valid_ds.num_rows,
+             len(pd.read_parquet(split.test, columns=[s.columns.session_id])))
     return SessionEtlOutput(out_root / "workflow", grouping_dir, train_dir, valid_dir, train_dir / "schema.pbtxt",
                             device, sessions_path, split)
 

@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class SplitPaths:
     train: Path
     valid: Path
+    test: Optional[Path] = None  # raw test rows (scored through exported versions; never transformed)
 
 
 @dataclass
@@ -40,7 +41,7 @@ class EtlOutput:
     valid_dir: Path
     schema_path: Path
     device: str
-    split: SplitPaths  # the raw train/valid split the workflow was fitted on / applied to
+    split: SplitPaths  # the raw train/valid/test split (the workflow is fitted on train, applied to train/valid)
     etl_path: str = "nvtabular"  # which ETL ran: "fast (...)" or "nvtabular" plus why (etl.fast_path)
 
 
@@ -76,10 +77,32 @@ def add_user_history(df: pd.DataFrame, columns: ColumnsConfig, length: int) -> p
     return out
 
 
+def holdout_masks(n: int, split: SplitConfig, seed: int, order_key: Optional[pd.Series] = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``(is_valid, is_test)`` boolean masks over ``n`` units (rows, or whole sessions).
+
+    ``order_key`` given (``method: time``): the units with the largest keys are test (a
+    ``test_fraction`` share), the next largest validation (``valid_fraction``), by quantile cuts,
+    so test is never older than validation and validation never older than train. Otherwise random
+    by ``seed``: one uniform draw per unit, below ``test_fraction`` test, below the two fractions
+    together validation."""
+    if order_key is not None:
+        key = pd.Series(order_key).reset_index(drop=True)
+        test_cut = key.quantile(1.0 - split.test_fraction)
+        valid_cut = key.quantile(1.0 - split.test_fraction - split.valid_fraction)
+        is_test = (key > test_cut).to_numpy()
+        is_valid = ((key > valid_cut) & ~(key > test_cut)).to_numpy()
+        return is_valid, is_test
+    u = np.random.default_rng(seed).random(n)
+    is_test = u < split.test_fraction
+    return (~is_test) & (u < split.test_fraction + split.valid_fraction), is_test
+
+
 def split_raw(raw_path: Path, split: SplitConfig, columns: ColumnsConfig, seed: int, out_dir: Path,
               history_length: int = 0) -> SplitPaths:
-    """Split the raw table into train/valid parquet (random by seed, or by time); with
-    ``history_length`` > 0, add the user-history feature first (see :func:`add_user_history`)."""
+    """Split the raw table into train/valid/test parquet (random by seed, or by time: the newest
+    rows are test, then validation; :func:`holdout_masks`); with ``history_length`` > 0, add the
+    user-history feature first (see :func:`add_user_history`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     df = pd.read_parquet(raw_path)
     if history_length:
@@ -87,19 +110,21 @@ def split_raw(raw_path: Path, split: SplitConfig, columns: ColumnsConfig, seed: 
     if split.method == "time":
         if not columns.timestamp or columns.timestamp not in df.columns:
             raise ValueError("split.method=time needs columns.timestamp present in the data")
-        cut = df[columns.timestamp].quantile(1.0 - split.valid_fraction)
-        is_valid = (df[columns.timestamp] > cut).to_numpy()
+        is_valid, is_test = holdout_masks(len(df), split, seed, df[columns.timestamp])
     else:
-        is_valid = np.random.default_rng(seed).random(len(df)) < split.valid_fraction
+        is_valid, is_test = holdout_masks(len(df), split, seed)
     if history_length:
         # rows in random order: a time-ordered file starts with users who have no history yet, and
         # merlin-dataloader 23.08 fails on a batch in which every list is empty
-        # (the split mask is permuted with the rows: it is positional)
+        # (the split masks are permuted with the rows: they are positional)
         perm = np.random.default_rng(seed + 1).permutation(len(df))
-        df, is_valid = df.iloc[perm], is_valid[perm]
-    paths = SplitPaths(out_dir / "train.parquet", out_dir / "valid.parquet")
-    df.loc[~is_valid].reset_index(drop=True).to_parquet(paths.train, index=False)
+        df, is_valid, is_test = df.iloc[perm], is_valid[perm], is_test[perm]
+    paths = SplitPaths(out_dir / "train.parquet", out_dir / "valid.parquet", out_dir / "test.parquet")
+    df.loc[~(is_valid | is_test)].reset_index(drop=True).to_parquet(paths.train, index=False)
     df.loc[is_valid].reset_index(drop=True).to_parquet(paths.valid, index=False)
+    df.loc[is_test].reset_index(drop=True).to_parquet(paths.test, index=False)
+    log.info("split (%s): %d train, %d validation, %d test rows", split.method, int((~(is_valid | is_test)).sum()),
+             int(is_valid.sum()), int(is_test.sum()))
     return paths
 
 
@@ -349,7 +374,7 @@ def fit_transform(
                 shutil.rmtree(out_dir / name, ignore_errors=True)
     if workflow is None:
         workflow = build_workflow(columns, out_dir / "fit", history=history)
-        nvtabular_fit_transform(workflow, device, etl, SplitPaths(train_path, valid_path), out_dir)
+        nvtabular_fit_transform(workflow, device, etl, SplitPaths(train_path, valid_path, split.test), out_dir)
         path = f"nvtabular ({reason})"
     workflow_dir = out_dir / "workflow"
     workflow.save(str(workflow_dir))

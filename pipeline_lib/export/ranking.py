@@ -41,7 +41,6 @@ from pipeline_lib.paths import TRITON_MODELS
 from pipeline_lib.etl.fast_transform import (Ragged, Unsupported, columns_from_tensors, compile_workflow,
                                              tensors_from_columns, verify)
 from pipeline_lib.models.common import load_encoder
-from pipeline_lib.models.retrieval import encode
 from pipeline_lib.validate.requests import (DEFAULT_MAX_LIST_LENGTH, DEFAULT_MAX_STRING_BYTES, RequestLimits,
                                             write_limit_parameters)
 
@@ -390,17 +389,9 @@ def offline_scores(workflow, model_dir: Path, raw: pd.DataFrame, label: str, bat
     merlin-dataloader 23.08 fails on a batch in which every row holds an empty list. ``encoder``: the
     SavedModel of ``model_dir`` already loaded (``common.load_encoder``'s triple), else loaded here.
     """
-    from merlin.io import Dataset
+    from pipeline_lib.models.ranking import raw_scores
 
-
-    frame = raw.copy()
-    if label not in frame.columns:
-        frame[label] = 0  # the workflow's fitted graph includes the label column
-    transformed = workflow.transform(Dataset(frame, cpu=True)).to_ddf().compute()
-    if not len(transformed):
-        return np.array([], dtype=np.float32)
-    features = [c for c in transformed.columns if c != label]
-    return encode(encoder or load_encoder(model_dir), transformed[features], batch_size=batch_size).reshape(-1)
+    return raw_scores(workflow, model_dir, raw, label, batch_size, encoder)
 
 
 def load_version(version_dir: Path):

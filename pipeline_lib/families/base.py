@@ -26,7 +26,7 @@ import pandas as pd
 from pipeline_lib import report
 from pipeline_lib.config import ModelConfig, RunConfig
 from pipeline_lib.export.ranking import StagedVersion
-from pipeline_lib.models import evaluation
+from pipeline_lib.models import evaluation, intervals
 from pipeline_lib.paths import RunPaths
 from pipeline_lib.release import gate, lineage
 from pipeline_lib.serving import repository
@@ -198,8 +198,33 @@ class TaskFamily(ABC):
         """The key of :meth:`gate_scorer`'s metrics that the gate compares."""
 
     def gate_rows(self, etl_out: Any) -> pd.DataFrame:
-        """The held-out raw rows every version is scored on (``gate.max_rows`` of the validation split)."""
-        return pd.read_parquet(etl_out.split.valid).head(self.cfg.gate.max_rows)
+        """The held-out raw rows every version is scored on (``gate.max_rows`` of the test split)."""
+        return pd.read_parquet(etl_out.split.test).head(self.cfg.gate.max_rows)
+
+    def split_report(self, etl_out: Any) -> dict:
+        """Sizes of the train / validation / test split (rows or sessions, and positive labels) and
+        ``warnings`` naming a held-out split too small to mean much (``evaluation.min_positives`` /
+        ``min_units``)."""
+        e, label = self.cfg.evaluation, self.cfg.columns.label
+        out: dict = {"method": self.cfg.split.method, "valid_fraction": self.cfg.split.valid_fraction,
+                     "test_fraction": self.cfg.split.test_fraction}
+        warnings: list[str] = []
+        for name, what in (("train", "training split"), ("valid", "validation split"), ("test", "test split")):
+            path = getattr(etl_out.split, name, None)
+            if path is None or not Path(path).is_file():
+                continue
+            df = pd.read_parquet(path)
+            if self.name == "session":
+                out[name] = {"sessions": int(len(df))}
+                w = None if name == "train" else intervals.too_small(what, len(df), e.min_units, "sessions")
+            else:
+                pos = int((pd.to_numeric(df[label], errors="coerce") > 0).sum()) if label in df.columns else 0
+                out[name] = {"rows": int(len(df)), "positives": pos}
+                w = None if name == "train" else intervals.too_small(what, pos, e.min_positives, "positive labels")
+            if w:
+                warnings.append(w)
+        out["warnings"] = warnings
+        return out
 
     @abstractmethod
     def gate_scorer(self, etl_out: Any, exp: Optional[StagedVersion] = None) -> gate.Scorer:
@@ -208,17 +233,19 @@ class TaskFamily(ABC):
 
     def gate(self, paths: RunPaths, etl_out: Any, exp: StagedVersion,
              baselines: Optional[evaluation.BaselineReport]) -> gate.GateDecision:
-        """The one promotion gate (:func:`pipeline_lib.release.gate.decide`), saved as gate.json."""
+        """The one promotion gate (:func:`pipeline_lib.release.gate.decide`) on the test split, saved as gate.json."""
         cfg = self.cfg
         repo, name = cfg.export.model_repository, cfg.export.model_name
         served = repository.served_version(repo, name)
         served_dir = Path(repo) / name / str(served) if served else None
         if not cfg.gate.enabled:
             decision = gate.GateDecision(True, self.gate_metric, float("nan"), None, served, cfg.gate.tolerance, 0,
-                                         "gate disabled (gate.enabled: false)")
+                                         "gate disabled (gate.enabled: false)", outcome="promoted")
         else:
+            small = [w for w in self.split_report(etl_out)["warnings"] if w.startswith("the test split")]
             decision = gate.decide(exp.version_dir, served_dir, served, self.gate_scorer(etl_out, exp),
-                                   self.gate_metric, cfg.gate.tolerance, gate.baseline_args(cfg.gate, baselines))
+                                   self.gate_metric, cfg.gate.tolerance, gate.baseline_args(cfg.gate, baselines),
+                                   gate.GateOptions.from_config(cfg), small)
         decision.save(paths.root / "gate.json")
         return decision
 
@@ -246,19 +273,39 @@ class TaskFamily(ABC):
     # the run's summary -----------------------------------------------------------------------
     @abstractmethod
     def headline_metrics(self, trained: Trained) -> dict:
-        """The model's metrics that head the summary (validation split)."""
+        """The model's metrics that head the summary: the test split (``trained.baselines.model``)."""
+
+    @abstractmethod
+    def validation_metrics(self, trained: Trained) -> dict:
+        """The model's figures on the validation split (what early stopping and tuning saw), labelled so."""
+
+    def metric_intervals(self, trained: Trained) -> dict:
+        """``{metric: "0.812 [0.801, 0.823]"}`` of the headline (test) metrics that have an interval."""
+        b = trained.baselines
+        return {m: t for m in self.headline_metrics(trained) if (t := b.interval_text("model", m))}
 
     def summary_fields(self, trained: Trained, exp: StagedVersion) -> dict:
-        return {"model": self.model_label(trained), "metrics": self.headline_metrics(trained)}
+        b = trained.baselines
+        return {"model": self.model_label(trained), "metrics_split": b.split,
+                "metrics": self.headline_metrics(trained), "intervals": self.metric_intervals(trained),
+                "intervals_detail": b.intervals, "lift_interval": b.lift_interval,
+                "validation_metrics": self.validation_metrics(trained)}
 
     def metrics_table(self, trained: Trained) -> tuple[list[dict], str]:
-        """Rows and description of the ``metrics`` artifact: the model's metrics and its baselines'."""
+        """Rows and description of the ``metrics`` artifact: the model's test metrics (with their
+        intervals) and its baselines', then the validation figures, labelled."""
         b = trained.baselines
-        rows = [{"metric": f"baseline {name}: {m}", "value": report.num(v)} for name, r in b.baselines.items()
-                for m, v in r.items() if m == "skipped" or m.split("@")[0] in ("auc", "logloss", "recall", "ndcg", "mrr")]
-        rows = report.metric_rows(self.headline_metrics(trained)) + rows
-        return rows + [{"metric": "lift over the best baseline", "value": b.lift}], \
-            "validation metrics of this run's model and its baselines (4 significant digits)"
+        keep = ("auc", "logloss", "recall", "ndcg", "mrr")
+        rows = [{"metric": f"{b.split} {m}", "value": b.interval_text("model", m) or report.num(v)}
+                for m, v in self.headline_metrics(trained).items() if not isinstance(v, (dict, list))]
+        rows += [{"metric": f"baseline {name}: {b.split} {m}", "value": b.interval_text(name, m) or report.num(v)}
+                 for name, r in b.baselines.items() for m, v in r.items()
+                 if m == "skipped" or m.split("@")[0] in keep]
+        rows += [{"metric": "lift over the best baseline", "value": b.lift}]
+        rows += [{"metric": f"validation {m}", "value": report.num(v)}
+                 for m, v in self.validation_metrics(trained).items() if not isinstance(v, (dict, list))]
+        return rows, (f"{b.split} metrics of this run's model and its baselines with {self.cfg.evaluation.confidence:.0%} "
+                      "intervals (bootstrap), then the validation figures (4 significant digits)")
 
     def served_fields(self, result: Any) -> dict:
         return {"max_abs_diff_served_vs_offline": result.max_abs_diff}

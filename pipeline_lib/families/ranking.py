@@ -75,7 +75,7 @@ class RankingFamily(TaskFamily):
 
     def train(self, paths: RunPaths, etl_out: EtlOutput) -> Trained:
         model = self.fit(paths, etl_out)
-        baselines = evaluation.compare_with_baselines(self.cfg, etl_out.split.train, etl_out.split.valid, model,
+        baselines = evaluation.compare_with_baselines(self.cfg, etl_out.split.train, etl_out.split.test, model,
                                                       etl_out.workflow_dir)
         return Trained(model, baselines)
 
@@ -119,14 +119,21 @@ class RankingFamily(TaskFamily):
         return gate.ranking_scorer(self.gate_rows(etl_out), self.cfg.columns.label)
 
     def headline_metrics(self, trained: Trained) -> dict:
-        return {k: trained.model.metrics[k] for k in ("auc", "logloss", "n_train", "n_valid")}
+        """AUC and log loss of the model on the raw test rows (the gate's and the baselines' rows)."""
+        t = trained.baselines.model
+        return {"auc": t["auc"], "logloss": t["logloss"], "n_train": trained.model.metrics["n_train"],
+                "n_test": t["n_test"]}
+
+    def validation_metrics(self, trained: Trained) -> dict:
+        return {k: trained.model.metrics[k] for k in ("auc", "logloss", "n_valid") if k in trained.model.metrics}
 
     def served_report(self, result: Any, rows: pd.DataFrame, summary: dict) -> ServedReport:
         table = result.table(rows)
         figures = ", ".join(f"{k} {report.num(v)}" for k, v in summary["metrics"].items() if isinstance(v, float))
         console = ("Served predictions (Triton, raw rows in, scores out):\n"
                    + pd.DataFrame(report.compact_table(table, max_rows=4, merge=SCORE)).to_string()
-                   + f"\n{summary['model']} validation {figures}; max |served - offline| = {result.max_abs_diff:.1e}")
+                   + f"\n{summary['model']} {summary.get('metrics_split', 'test')} {figures}; "
+                   f"max |served - offline| = {result.max_abs_diff:.1e}")
         return ServedReport(table, report.compact_table(table, merge=SCORE),
                             "Raw rows sent to Triton; score: served over HTTP, over gRPC and computed offline (one "
                             "figure where the three agree to 4 significant digits, else HTTP / gRPC / offline)",

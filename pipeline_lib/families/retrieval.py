@@ -111,11 +111,21 @@ class RetrievalFamily(RankingFamily):
             version_dir, raw, label, rec=topk.loaded_recommender(exp, version_dir)), len(raw))
 
     def headline_metrics(self, trained: Trained) -> dict:
+        """Per-user recall/NDCG@k on the test split (the baselines' protocol: one query per user, the
+        user's training positives excluded, the whole catalogue); the per-query figures are validation."""
+        t, k = trained.baselines.model, self.cfg.model.retrieval.k
+        out = {key: t[key] for key in (f"recall@{k}", f"ndcg@{k}") if key in t}
+        out.update(n_train=trained.model.metrics["n_train"], n_test_users=t.get("n_users"))
+        return out
+
+    def validation_metrics(self, trained: Trained) -> dict:
+        """The model's per-query figures on the validation split (one query per positive row, nothing
+        excluded: the early-stopping protocol), and the re-ranker's validation AUC."""
         m, k = trained.model.metrics, self.cfg.model.retrieval.k
-        # classical models report recall / ndcg per user only (no precision / mrr of held-out rows)
-        out = {f"{name}@{k}": m[name] for name in ("recall", "precision", "ndcg", "mrr") if name in m}
+        per_query = not self.cfg.model.is_classical  # a classical model's figures are per user only
+        out = {f"per_query_{name}@{k}": m[name] for name in ("recall", "precision", "ndcg", "mrr") if per_query and name in m}
         out.update({key: m[key] for key in (f"user_recall@{k}", f"user_ndcg@{k}") if key in m})
-        out.update(n_train=m["n_train"], n_queries=m["n_queries"])
+        out.update(n_queries=m.get("n_queries"))
         if trained.ranker is not None:
             out.update({f"ranker_{name}": trained.ranker.metrics[name] for name in ("auc", "logloss")})
         return out

@@ -24,6 +24,7 @@ from pipeline_lib.export import topk
 from pipeline_lib.families.base import ServedReport, TaskFamily, Trained
 from pipeline_lib.models import evaluation
 from pipeline_lib.models import session as session_model
+from pipeline_lib.models import session_classical
 from pipeline_lib.paths import RunPaths
 from pipeline_lib.release import gate
 from pipeline_lib.release import session_gate as session_release
@@ -51,9 +52,16 @@ class SessionFamily(TaskFamily):
         return session_etl.run_session_etl(raw_path, self.cfg, paths.transformed, paths.split)
 
     def train(self, paths: RunPaths, etl_out: session_etl.SessionEtlOutput) -> Trained:
-        model = session_model.train_and_evaluate(etl_out, self.cfg, paths.model)
-        baselines = evaluation.compare_with_baselines(self.cfg, etl_out.split.train, etl_out.split.valid, model,
-                                                      etl_out.workflow_dir)
+        cfg, s = self.cfg, self.cfg.session
+        if s.model.is_classical:
+            model = session_classical.train_and_evaluate(etl_out, cfg, paths.model)
+        else:  # the classical session models are its baselines, on the same held-out sessions
+            train_raw = pd.read_parquet(etl_out.split.train)
+            model = session_model.train_and_evaluate(etl_out, cfg, paths.model, lambda held_out: (
+                session_classical.baseline_metrics(train_raw, held_out, s.model.classical, s.columns, s.top_k,
+                                                   s.exclude_seen)))
+        baselines = evaluation.compare_with_baselines(self.cfg, etl_out.split.train, etl_out.split.test, model,
+                                                      etl_out.workflow_dir, etl_out.train_dir)
         return Trained(model, baselines)
 
     @property
@@ -101,19 +109,30 @@ class SessionFamily(TaskFamily):
             version_dir, valid, s.columns, s.top_k, rec=topk.loaded_recommender(exp, version_dir)), len(valid))
 
     def headline_metrics(self, trained: Trained) -> dict:
-        k = self.cfg.session.top_k
-        return {key: trained.model.metrics[key] for key in (*(f"{m}@{k}" for m in METRICS), "n_train", "n_valid")}
+        """Recall/NDCG/MRR@k on the held-out test sessions (per session; ties by item index)."""
+        k, t = self.cfg.session.top_k, trained.baselines.model
+        return {**{key: t[key] for key in (f"{m}@{k}" for m in METRICS) if key in t},
+                "n_train": trained.model.metrics["n_train"], "n_test": t.get("n_test")}
+
+    def validation_metrics(self, trained: Trained) -> dict:
+        k, m = self.cfg.session.top_k, trained.model.metrics
+        return {key: m[key] for key in (*(f"{x}@{k}" for x in METRICS), "n_valid") if key in m}
 
     def summary_fields(self, trained: Trained, exp: topk.TopKExport) -> dict:
         return {"task": "session", **super().summary_fields(trained, exp)}
 
     def metrics_table(self, trained: Trained) -> tuple[list[dict], str]:
-        """Model vs baselines, one row each."""
-        k, metrics = self.cfg.session.top_k, trained.model.metrics
-        methods = {metrics["model"]: metrics, **metrics["baselines"]}
-        rows = [{"method": name, **{f"{m}@{k}": round(vals[f"{m}@{k}"], 4) for m in METRICS}}
-                for name, vals in methods.items()]
-        return rows, f"next-item metrics on held-out sessions (k={k})"
+        """Model vs baselines on the test sessions, one row each, every figure with its interval."""
+        k, b = self.cfg.session.top_k, trained.baselines
+        methods = {"model": (b.model_name, b.model), **{n: (n, v) for n, v in b.baselines.items()}}
+        rows = [{"method": label, **{f"{m}@{k}": b.interval_text(key, f"{m}@{k}") or report.num(vals.get(f"{m}@{k}"))
+                                      for m in METRICS}}
+                for key, (label, vals) in methods.items()]
+        v = self.validation_metrics(trained)
+        rows.append({"method": f"{b.model_name} (validation)", **{f"{m}@{k}": report.num(v.get(f"{m}@{k}"))
+                                                                for m in METRICS}})
+        return rows, (f"next-item metrics on the held-out {b.split} sessions (k={k}) with "
+                      f"{self.cfg.evaluation.confidence:.0%} intervals (bootstrap over sessions); last row: validation")
 
     def served_fields(self, result: Any) -> dict:
         return super().served_fields(result) | {"served_topk_equals_offline": True}
@@ -128,7 +147,7 @@ class SessionFamily(TaskFamily):
         last = pd.DataFrame({f"{item} (last 5 of the session)": preds[item].map(lambda v: list(v)[-5:]),
                              "served_grpc top-k": preds["served_grpc"], "offline top-k": preds["offline"]})
         console = ("Served top-k (Triton, raw sessions in, next item ids out):\n" + last.head(4).to_string()
-                   + f"\n{summary['model']} recall@{k} {m[f'recall@{k}']:.4f}, ndcg@{k} {m[f'ndcg@{k}']:.4f}; "
+                   + f"\n{summary['model']} test recall@{k} {m[f'recall@{k}']:.4f}, ndcg@{k} {m[f'ndcg@{k}']:.4f}; "
                    "served top-k == offline")
         return ServedReport(preds, artifact,
                             "Raw sessions sent to Triton (their last 4 events; timestamps not shown) and the top-k "

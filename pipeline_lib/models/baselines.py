@@ -197,16 +197,11 @@ def _click_rate_baseline(train: pd.DataFrame, valid: pd.DataFrame, label: str, o
 # top-k protocol
 # ---------------------------------------------------------------------------------------------
 
-def topk_metrics(topk_item_ids: Sequence[Sequence[Hashable]], relevant: Sequence[Collection[Hashable]],
-                 k: Ks = 10) -> dict:
-    """Recall@k and NDCG@k averaged over users (one list of recommended ids, best first, and one
-    collection of relevant ids per user; ``k`` an int or several).
-
-    ``recall@k = hits / min(k, n_relevant)``; ``ndcg@k`` with binary gains and ideal DCG over
-    ``min(k, n_relevant)`` hits. Lists shorter than k are scored as they are; a repeated id counts
-    once (at its first rank); ids equal to -1 (padding) never hit. Users with no relevant item
-    are skipped (``n_users`` counts the others).
-    """
+def topk_unit_values(topk_item_ids: Sequence[Sequence[Hashable]], relevant: Sequence[Collection[Hashable]],
+                     k: Ks = 10) -> dict[str, np.ndarray]:
+    """Per-user ``recall@k`` / ``ndcg@k`` arrays (one value per user with a relevant item, in order;
+    users with none are skipped), the values :func:`topk_metrics` averages: the units of their
+    confidence intervals (:mod:`pipeline_lib.models.intervals`)."""
     ks = _ks(k)
     if len(topk_item_ids) != len(relevant):
         raise ValueError(f"{len(topk_item_ids)} top-k lists for {len(relevant)} users")
@@ -229,11 +224,31 @@ def topk_metrics(topk_item_ids: Sequence[Sequence[Hashable]], relevant: Sequence
             m = min(kk, len(rel))
             rec[kk].append(hit[:kk].sum() / m)
             ndcg[kk].append(float(hit[:kk] @ disc[:kk]) / ideal[m - 1])
-    n = len(rec[ks[0]])
-    out: dict = {"n_users": n}
+    out: dict[str, np.ndarray] = {}
     for kk in ks:
-        out[f"recall@{kk}"] = float(np.mean(rec[kk])) if n else float("nan")
-        out[f"ndcg@{kk}"] = float(np.mean(ndcg[kk])) if n else float("nan")
+        out[f"recall@{kk}"] = np.asarray(rec[kk], dtype=np.float64)
+        out[f"ndcg@{kk}"] = np.asarray(ndcg[kk], dtype=np.float64)
+    return out
+
+
+def topk_metrics(topk_item_ids: Sequence[Sequence[Hashable]], relevant: Sequence[Collection[Hashable]],
+                 k: Ks = 10, units: bool = False) -> dict:
+    """Recall@k and NDCG@k averaged over users (one list of recommended ids, best first, and one
+    collection of relevant ids per user; ``k`` an int or several).
+
+    ``recall@k = hits / min(k, n_relevant)``; ``ndcg@k`` with binary gains and ideal DCG over
+    ``min(k, n_relevant)`` hits. Lists shorter than k are scored as they are; a repeated id counts
+    once (at its first rank); ids equal to -1 (padding) never hit. Users with no relevant item
+    are skipped (``n_users`` counts the others). ``units``: also the per-user values under
+    ``"units"`` (:func:`topk_unit_values`).
+    """
+    values = topk_unit_values(topk_item_ids, relevant, k)
+    n = len(next(iter(values.values()))) if values else 0
+    out: dict = {"n_users": n}
+    for key, v in values.items():
+        out[key] = float(np.mean(v)) if n else float("nan")
+    if units:
+        out["units"] = values
     return out
 
 
@@ -404,11 +419,12 @@ class TopKProtocol:
         return out
 
     def evaluate_scores(self, score_batch: Callable[[np.ndarray, sp.csr_matrix], np.ndarray], k: Ks = 10,
-                        batch_size: Optional[int] = None) -> dict:
-        """Recall@k / NDCG@k of a scoring function (see ``topk``) under this protocol."""
+                        batch_size: Optional[int] = None, units: bool = False) -> dict:
+        """Recall@k / NDCG@k of a scoring function (see ``topk``) under this protocol (``units``: the
+        per-user values too, under ``"units"``, in ``users`` order)."""
         ks = _ks(k)
         idx = self.topk(score_batch, ks[-1], batch_size)
-        return topk_metrics(idx, self.relevant_idx_sets(), ks)  # type: ignore[arg-type]  # rows of ids
+        return topk_metrics(idx, self.relevant_idx_sets(), ks, units=units)  # type: ignore[arg-type]  # rows of ids
 
     def relevant_idx_sets(self) -> list[set]:
         return [set(r.tolist()) for r in self.relevant_idx]
@@ -523,6 +539,7 @@ class RetrievalBaselineOptions:
     ease_lambda: float = DEFAULT_EASE_LAMBDA
     ease_max_items: int = DEFAULT_EASE_MAX_ITEMS
     batch_size: Optional[int] = None
+    units: bool = False  # per-user values under "units" (confidence intervals)
 
 
 def retrieval_baselines(train: pd.DataFrame, valid: pd.DataFrame, user_col: str, item_col: str, k: Ks = 10,
@@ -552,7 +569,7 @@ def retrieval_baselines(train: pd.DataFrame, valid: pd.DataFrame, user_col: str,
             out[name] = {"skipped": reason}
             continue
         t0 = time.perf_counter()
-        res = p.evaluate_scores(make(), k, o.batch_size)
+        res = p.evaluate_scores(make(), k, o.batch_size, units=o.units)
         out[name] = {**res, "n_items": n_items, "seconds": time.perf_counter() - t0}
     return out
 

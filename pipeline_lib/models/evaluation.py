@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -42,14 +42,16 @@ import pandas as pd
 from pipeline_lib.config import FeatureKind, RunConfig
 from pipeline_lib.etl.workflow import load_workflow
 from pipeline_lib.models import baselines as bl
-from pipeline_lib.models import classical, retrieval
+from pipeline_lib.models import classical, intervals
+from pipeline_lib.models import ranking as ranking_model
+from pipeline_lib.models import retrieval
 from pipeline_lib.models.common import plot_learning_curve
 
 log = logging.getLogger(__name__)
 
 # keys of the per-baseline dicts that are bookkeeping, not metrics (kept out of tables and plots)
-_INFO_KEYS = {"n_train", "n_valid", "n_users", "n_items", "n_features", "seconds", "predictions", "auc_reason",
-              "skipped"}
+_INFO_KEYS = {"n_train", "n_valid", "n_test", "n_users", "n_items", "n_features", "seconds", "predictions",
+              "auc_reason", "skipped", "n_positives", "units"}
 
 
 @dataclass
@@ -62,6 +64,12 @@ class BaselineReport:
     baselines: dict[str, dict]           # {name: {metric: value}} (or {name: {"skipped": reason}})
     lift: str
     protocol: dict = field(default_factory=dict)
+    split: str = "test"                  # the split every figure here is measured on
+    unit: str = "rows"                   # what the intervals resample: rows | users | sessions
+    intervals: dict = field(default_factory=dict)   # {"model" | baseline name: {metric: Interval.to_json()}}
+    lift_interval: Optional[dict] = None  # paired bootstrap of model - best baseline on ``metric``
+    warnings: list = field(default_factory=list)     # the split too small to mean much, ...
+    units: dict = field(default_factory=dict, repr=False)  # {"model": {metric: Units}, "baselines": {name: {...}}}
 
     def best(self, metric: Optional[str] = None) -> tuple[Optional[str], Optional[float]]:
         """The best baseline on ``metric`` (default: the compared one) and its value; (None, None)
@@ -78,8 +86,17 @@ class BaselineReport:
     def model_value(self) -> float:
         return float(self.model.get(self.metric, float("nan")))
 
+    def model_units(self, metric: Optional[str] = None):
+        """The model's per-unit data on ``metric`` (:mod:`pipeline_lib.models.intervals`), or None."""
+        return (self.units.get("model") or {}).get(metric or self.metric)
+
+    def baseline_units(self, name: str, metric: Optional[str] = None):
+        """Baseline ``name``'s per-unit data on ``metric`` (same units as :meth:`model_units`), or None."""
+        return ((self.units.get("baselines") or {}).get(name) or {}).get(metric or self.metric)
+
     def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self), default=_json_default))
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "units"}
+        return json.loads(json.dumps(d, default=_json_default))
 
     def table(self) -> list[dict]:
         """One row per method (the model first) and per metric: ``{"method", metric...}``."""
@@ -91,6 +108,18 @@ class BaselineReport:
             else:
                 rows.append({"method": name, **{k: r.get(k) for k in keys}})
         return rows
+
+    def num_text(self, metric: str) -> str:
+        v = self.model.get(metric)
+        return f"{v:.4f}" if bl.finite(v) else "n/a"
+
+    def interval_text(self, method: str, metric: str, digits: int = 4) -> Optional[str]:
+        """``0.8120 [0.8010, 0.8230]`` of ``method`` ("model" or a baseline) on ``metric``, or None."""
+        iv = (self.intervals.get(method) or {}).get(metric)
+        if not iv:
+            return None
+        value, lo, hi = (float("nan") if iv[k] is None else float(iv[k]) for k in ("value", "lo", "hi"))
+        return intervals.Interval(value, lo, hi, iv["n"], iv["level"]).text(digits)
 
 
 def _json_default(o):
@@ -118,27 +147,76 @@ def _clean(results: dict[str, dict]) -> dict[str, dict]:
 # per family
 # -------------------------------------------------------------------------------------------------
 
-def ranking_report(cfg: RunConfig, train_path: Path, valid_path: Path, model_metrics: dict) -> BaselineReport:
-    """Logistic regression + item click rate on the raw split, against the model's AUC/log loss."""
+def _interval_fields(cfg: RunConfig, units: dict, metric: str, higher_is_better: bool, baselines: dict,
+                     unit: str) -> tuple[dict, Optional[dict], Optional[str]]:
+    """Intervals of every method and metric, and the paired interval of model - best baseline on
+    ``metric`` (with its sentence); the bootstrap is seeded with the run's seed."""
+    e = cfg.evaluation
+    boot: dict[str, Any] = dict(n_resamples=e.bootstrap_resamples, seed=cfg.seed, level=e.confidence)
+    out = {"model": {m: intervals.interval(u, **boot).to_json() for m, u in units.get("model", {}).items()}}
+    for name, per in units.get("baselines", {}).items():
+        out[name] = {m: intervals.interval(u, **boot).to_json() for m, u in per.items()}
+    _, best, _ = bl.best_baseline(baselines, metric, higher_is_better)
+    mu = units.get("model", {}).get(metric)
+    bu = units.get("baselines", {}).get(best, {}).get(metric) if best else None
+    if mu is None or bu is None:
+        return out, None, None
+    d = intervals.paired_difference(mu, bu, **boot)
+    text = (f"Difference to {best}: {d.text()} ({e.confidence:.0%} interval, paired bootstrap over {d.n} {unit} "
+            "of the test split).")
+    return out, d.to_json() | {"baseline": best}, text
+
+
+def _finish(report: BaselineReport, cfg: RunConfig) -> BaselineReport:
+    """Intervals, the lift's paired interval and the test split's size warnings on ``report``."""
+    report.intervals, report.lift_interval, text = _interval_fields(
+        cfg, report.units, report.metric, report.higher_is_better, report.baselines, report.unit)
+    if text:
+        report.lift = f"{report.lift.rstrip()} {text}"
+    mu = report.model_units()
+    if mu is not None and report.unit != "rows":  # rows: the positives are counted per split (families.split_report)
+        w = intervals.too_small(f"{report.split} split", mu.n, cfg.evaluation.min_units, f"evaluated {report.unit}")
+        if w:
+            report.warnings.append(w)
+    return report
+
+
+def ranking_report(cfg: RunConfig, train_path: Path, test_path: Path, model_metrics: dict,
+                   model_scores: np.ndarray) -> BaselineReport:
+    """Logistic regression + item click rate fitted on the raw training split, and the model
+    (``model_scores``: its scores of the raw ``test_path`` rows), all scored on the same test rows."""
     c = cfg.columns
     train = pd.read_parquet(train_path)
-    valid = pd.read_parquet(valid_path)
+    test = pd.read_parquet(test_path)
     cats = [c.user_id, c.item_id] + [f.name for f in c.of_kind(FeatureKind.categorical)]
     cats = [x for x in dict.fromkeys(cats) if x in train.columns]
-    res = _clean(bl.ranking_baselines(train, valid, c.label, cats, item_col=c.item_id, seed=cfg.seed))
+    full = bl.ranking_baselines(train, test, c.label, cats, item_col=c.item_id, seed=cfg.seed, return_predictions=True)
+    y = (test[c.label].to_numpy() > 0).astype(np.int64)
+    scores = np.clip(np.asarray(model_scores, dtype=np.float64).reshape(-1), 1e-7, 1 - 1e-7)
+    if len(scores) != len(y):
+        raise ValueError(f"{len(scores)} model scores for {len(y)} test rows")
+    units: dict = {"model": {"auc": intervals.AucUnits(y, scores), "logloss": intervals.logloss_units(y, scores)},
+                   "baselines": {}}
+    for bname, r in full.items():
+        if "predictions" in r:
+            p = np.clip(np.asarray(r["predictions"], dtype=np.float64), 1e-7, 1 - 1e-7)
+            units["baselines"][bname] = {"auc": intervals.AucUnits(y, p), "logloss": intervals.logloss_units(y, p)}
+    res = _clean(full)
     name = model_metrics.get("model", cfg.model.type)
-    model = {k: float(model_metrics[k]) for k in ("auc", "logloss") if k in model_metrics}
-    model["n_valid"] = int(model_metrics.get("n_valid", len(valid)))
+    model = {m: intervals.point(u) for m, u in units["model"].items()}
+    model.update(n_test=int(len(test)), n_positives=int(y.sum()))
     metric = cfg.gate_metric if cfg.gate_metric in ("auc", "logloss") else "auc"
-    return BaselineReport("ranking", name, metric, metric != "logloss", model, res,
-                          bl.lift_sentence(name, model.get(metric, float("nan")), res, metric),
-                          {"features": cats, "n_valid": int(len(valid))})
+    report = BaselineReport("ranking", name, metric, metric != "logloss", model, res,
+                            bl.lift_sentence(name, model.get(metric, float("nan")), res, metric),
+                            {"features": cats, "n_test": int(len(test)), "n_positives": int(y.sum())},
+                            unit="rows", units=units)
+    return _finish(report, cfg)
 
 
 def retrieval_model_scorer(cfg: RunConfig, model_dir: Path, workflow_dir: Path, train: pd.DataFrame,
                            valid: pd.DataFrame, protocol: bl.TopKProtocol):
     """A ``TopKProtocol`` score function for a trained retrieval model: one query per evaluated
-    user (the query columns of the user's first positive validation row) . every catalogue item."""
+    user (the query columns of the user's first positive held-out row) . every catalogue item."""
     c = cfg.columns
     spec = retrieval.RetrievalSpec.from_config(c, cfg.model.type)
     workflow = load_workflow(workflow_dir).remove_inputs([c.label])
@@ -167,76 +245,135 @@ def classical_model_scorer(model_dir: Path, protocol: bl.TopKProtocol):
     return classical.protocol_scorer(classical.aligned(classical.load_weights(model_dir), ids, protocol.item_ids))
 
 
-def retrieval_report(cfg: RunConfig, train_path: Path, valid_path: Path, model_metrics: dict,
+def _mean_units(values: dict) -> dict:
+    return {m: intervals.MeanUnits(v) for m, v in values.items()}
+
+
+def retrieval_report(cfg: RunConfig, train_path: Path, test_path: Path, model_metrics: dict,
                      model_dir: Optional[Path], workflow_dir: Optional[Path]) -> BaselineReport:
-    """most_popular / item_cooccurrence / ease and the model, all under the standard top-k protocol."""
+    """most_popular / item_cooccurrence / ease and the model, all under the standard top-k protocol
+    on the test split (per-user values: the units of the intervals)."""
     c = cfg.columns
     k = cfg.model.retrieval.k
     train = pd.read_parquet(train_path)
-    valid = pd.read_parquet(valid_path)
-    p = bl.TopKProtocol.build(train, valid, c.user_id, c.item_id, c.label)
-    res = _clean(bl.retrieval_baselines(train, valid, c.user_id, c.item_id, k, label=c.label, protocol=p))
+    test = pd.read_parquet(test_path)
+    p = bl.TopKProtocol.build(train, test, c.user_id, c.item_id, c.label)
+    full = bl.retrieval_baselines(train, test, c.user_id, c.item_id, k, label=c.label, protocol=p, units=True)
+    units: dict = {"model": {}, "baselines": {n: _mean_units(r.pop("units")) for n, r in full.items() if "units" in r}}
+    res = _clean(full)
     name = model_metrics.get("model", cfg.model.type)
     model: dict = {}
+    scorer = None
     if model_dir is not None and cfg.model.is_classical:
-        model = bl.TopKProtocol.evaluate_scores(p, classical_model_scorer(model_dir, p), k)
-        model["n_items"] = len(p.item_ids)
+        scorer = classical_model_scorer(model_dir, p)
         if cfg.model.type in res:  # the run's own model is no baseline to beat (same closed form)
             res[cfg.model.type] = {"skipped": f"this run's model is {cfg.model.type} (model.type)"}
+            units["baselines"].pop(cfg.model.type, None)
     elif model_dir is not None and workflow_dir is not None:
-        model = bl.TopKProtocol.evaluate_scores(p, retrieval_model_scorer(cfg, model_dir, workflow_dir, train, valid, p), k)
+        scorer = retrieval_model_scorer(cfg, model_dir, workflow_dir, train, test, p)
+    if scorer is not None:
+        model = bl.TopKProtocol.evaluate_scores(p, scorer, k, units=True)
+        units["model"] = _mean_units(model.pop("units"))
         model["n_items"] = len(p.item_ids)
     metric = f"{cfg.gate_metric}@{k}" if cfg.gate_metric in ("recall", "ndcg") else f"recall@{k}"
-    return BaselineReport("retrieval", name, metric, True, model, res,
-                          bl.lift_sentence(f"{name} (per user, seen items excluded)", model.get(metric, float("nan")),
-                                           res, metric),
-                          {"k": k, "exclude_seen": True, **p.stats})
+    report = BaselineReport("retrieval", name, metric, True, model, res,
+                            bl.lift_sentence(f"{name} (per user, seen items excluded)",
+                                             model.get(metric, float("nan")), res, metric),
+                            {"k": k, "exclude_seen": True, **p.stats}, unit="users", units=units)
+    return _finish(report, cfg)
 
 
-def session_report(cfg: RunConfig, model_metrics: dict) -> BaselineReport:
-    """The session baselines already scored by ``session_model.evaluate`` (same held-out sessions)."""
-    k = cfg.session.top_k
-    metric = f"{cfg.session.gate_metric}@{k}"
+def session_report(cfg: RunConfig, model_metrics: dict, train_dir: Optional[Path] = None,
+                   test_path: Optional[Path] = None, model_dir: Optional[Path] = None,
+                   workflow_dir: Optional[Path] = None, train_path: Optional[Path] = None) -> BaselineReport:
+    """The model (its SavedModel, ``model_dir``, or a classical model's matrices) and the session baselines on the held-out test sessions
+    (``test_path``; prefix in, last item as target), per session. Without them: the figures
+    ``session_model.evaluate`` already put in ``model_metrics`` (validation, no intervals)."""
+    from pipeline_lib.models import session as session_model
+    from pipeline_lib.models import session_classical
+
+    s, k = cfg.session, cfg.session.top_k
+    metric = f"{s.gate_metric}@{k}"
     keys = [f"{m}@{k}" for m in ("recall", "ndcg", "mrr")]
-    model = {key: float(model_metrics[key]) for key in keys if key in model_metrics}
-    res = {n: dict(v) for n, v in model_metrics.get("baselines", {}).items()}
     name = model_metrics.get("model", "session")
-    return BaselineReport("session", name, metric, True, model, res,
-                          bl.lift_sentence(name, model.get(metric, float("nan")), res, metric),
-                          {"k": k, "n_valid": model_metrics.get("n_valid"), "exclude_seen": model_metrics.get("exclude_seen")})
+    units: dict = {}
+    split, n_eval = "validation", model_metrics.get("n_valid")
+    if (test_path is not None and model_dir is not None and workflow_dir is not None and train_dir is not None
+            and train_path is not None):
+        workflow = load_workflow(workflow_dir)
+        n_items = int(workflow.output_schema[s.columns.item_id].int_domain.max) + 1
+        train_tf = pd.read_parquet(sorted(Path(train_dir).glob("*.parquet"))[0])
+        test = pd.read_parquet(test_path)
+        classical = s.model.is_classical
+        results = session_model.evaluate(workflow, None, test, train_tf, s.columns, k, n_items, s.exclude_seen,
+                                         model_dir=None if classical else model_dir, units=True)
+        train_raw = pd.read_parquet(train_path)  # the raw training sessions: the classical baselines' fit
+        results.update(session_classical.baseline_metrics(train_raw, test, s.model.classical, s.columns, k,
+                                                          s.exclude_seen, skip=s.model.type, units=True))
+        if classical:  # the run's own model: its saved matrices on the same test sessions
+            own = session_classical.ClassicalSessionModel.load(model_dir)
+            results["model"] = session_classical.topk_metrics_of(own, test, s.columns, k, s.exclude_seen, units=True)
+        units = {"model": _mean_units(results["model"]["units"]),
+                 "baselines": {n: _mean_units(results[n]["units"]) for n in
+                               ("most_popular", "cooccurrence", *session_classical.TYPES) if n in results}}
+        model = {key: intervals.point(units["model"][key]) for key in keys}
+        res = {n: {key: intervals.point(u[key]) for key in keys} for n, u in units["baselines"].items()}
+        split, n_eval = "test", results["n_sessions"]
+        model["n_test"] = n_eval
+    else:
+        model = {key: float(model_metrics[key]) for key in keys if key in model_metrics}
+        res = {n: dict(v) for n, v in model_metrics.get("baselines", {}).items()}
+    report = BaselineReport("session", name, metric, True, model, res,
+                            bl.lift_sentence(name, model.get(metric, float("nan")), res, metric),
+                            {"k": k, f"n_{'test' if split == 'test' else 'valid'}": n_eval,
+                             "exclude_seen": model_metrics.get("exclude_seen")},
+                            split=split, unit="sessions", units=units)
+    return _finish(report, cfg) if units else report
 
 
 # -------------------------------------------------------------------------------------------------
 # one call for every family
 # -------------------------------------------------------------------------------------------------
 
-def compare_with_baselines(cfg: RunConfig, train_path: Optional[Path], valid_path: Optional[Path], model,
-                           workflow_dir: Optional[Path] = None) -> BaselineReport:
-    """Baselines of the run's model family on its split, beside the model.
+def compare_with_baselines(cfg: RunConfig, train_path: Optional[Path], test_path: Optional[Path], model,
+                           workflow_dir: Optional[Path] = None, train_dir: Optional[Path] = None) -> BaselineReport:
+    """Baselines of the run's model family fitted on train, beside the model, all on the test split.
 
     ``model`` is the train stage's output (:class:`pipeline_lib.models.common.TrainOutput`:
     ``model_dir``, ``metrics``, ``history``, ``metrics_path``).
-    ``train_path`` / ``valid_path``: the raw split parquet files (unused for sessions, whose
-    baselines come from the model's own evaluation). ``workflow_dir``: the fitted workflow
-    (retrieval: to score the model under the standard protocol).
+    ``train_path`` / ``test_path``: the raw split parquet files (sessions: the raw session lists).
+    ``workflow_dir``: the fitted workflow (to score the model on raw test rows); ``train_dir``
+    (sessions): the transformed training sessions (the baselines' counts).
 
-    Side effects: ``model.metrics`` gains ``baselines``, ``lift`` (and for retrieval
-    ``user_recall@k`` / ``user_ndcg@k``); the model's ``metrics.json`` is rewritten with them and
-    its ``learning_curve.png`` redrawn with the baselines as horizontal lines.
+    Every figure carries a confidence interval (``report.intervals``, a bootstrap over the
+    natural unit) and the lift the paired interval of model - best baseline.
+
+    Side effects: ``model.metrics`` gains ``baselines``, ``lift``, ``test`` (the model's test
+    figures) and ``test_intervals`` (and for retrieval ``user_recall@k`` / ``user_ndcg@k``); the
+    model's ``metrics.json`` is rewritten with them and its ``learning_curve.png`` redrawn with the
+    baselines' test figures as horizontal lines.
     """
     metrics = model.metrics
     if cfg.task == "session":
-        report = session_report(cfg, metrics)
+        report = session_report(cfg, metrics, train_dir, test_path, model.model_dir, workflow_dir, train_path)
+    elif train_path is None or test_path is None:
+        raise ValueError("compare_with_baselines: ranking and retrieval need the raw train and test splits")
     elif cfg.model.is_retrieval:
-        report = retrieval_report(cfg, train_path, valid_path, metrics, model.model_dir, workflow_dir)  # type: ignore[arg-type]
+        report = retrieval_report(cfg, train_path, test_path, metrics, model.model_dir, workflow_dir)
         k = cfg.model.retrieval.k
         for m in ("recall", "ndcg"):
             if f"{m}@{k}" in report.model:
                 metrics[f"user_{m}@{k}"] = report.model[f"{m}@{k}"]
     else:
-        report = ranking_report(cfg, train_path, valid_path, metrics)  # type: ignore[arg-type]
+        if workflow_dir is None:
+            raise ValueError("compare_with_baselines: a ranking model needs workflow_dir to score the raw test rows")
+        raw = pd.read_parquet(test_path)
+        scores = ranking_model.raw_scores(load_workflow(workflow_dir), model.model_dir, raw, cfg.columns.label)
+        report = ranking_report(cfg, train_path, test_path, metrics, scores)
     metrics["baselines"] = report.baselines
     metrics["lift"] = report.lift
+    metrics["test"] = {k: v for k, v in report.model.items()}
+    metrics["test_intervals"] = report.intervals.get("model", {})
     log.info("%s", report.lift)
     path = getattr(model, "metrics_path", None)
     if path is not None and Path(path).is_file():
@@ -261,16 +398,23 @@ def reference_lines(report: BaselineReport, keys: tuple[str, ...]) -> dict[str, 
         else:
             k = report.metric.split("@")[-1]
             metric = f"{key}@{k}"
+        where = f", {report.split}" if report.split != "validation" else ""
         for name, r in report.baselines.items():
             if bl.finite(r.get(metric)):
-                label = name if report.family != "retrieval" else f"{name} (per user, seen excl.)"
+                label = f"{name} ({report.split})" if report.family != "retrieval" else \
+                    f"{name} (per user, seen excl.{where})"
                 lines[label] = float(r[metric])
-        if report.family != "ranking" and bl.finite(report.model.get(metric)):  # no per-epoch curve of it
-            suffix = " (per user, seen excl.)" if report.family == "retrieval" else " (final)"
+        if bl.finite(report.model.get(metric)):  # no per-epoch curve of it
+            suffix = f" (per user, seen excl.{where})" if report.family == "retrieval" else f" (final, {report.split})"
             lines[f"{report.model_name}{suffix}"] = float(report.model[metric])
         if lines:
             out[key] = lines
     return out
+
+
+def _test_text(report: BaselineReport, metric: str) -> str:
+    text = report.interval_text("model", metric) or report.num_text(metric)
+    return f"{report.split} {metric} {text}"
 
 
 def _replot(cfg: RunConfig, model, report: BaselineReport, path: Path) -> None:
@@ -278,15 +422,15 @@ def _replot(cfg: RunConfig, model, report: BaselineReport, path: Path) -> None:
     m = model.metrics
     if report.family == "ranking":
         keys: tuple[str, ...] = ("loss", "auc")
-        title = f"{report.model_name}: validation AUC {m['auc']:.4f}"
+        title = f"{report.model_name}: validation AUC {m['auc']:.4f}; {_test_text(report, 'auc')}"
     elif report.family == "retrieval":
         k = cfg.model.retrieval.k
         keys = ("loss", "recall", "ndcg")
-        title = f"{report.model_name}: validation recall@{k} {m['recall']:.4f}"
+        title = f"{report.model_name}: validation recall@{k} {m['recall']:.4f}; {_test_text(report, report.metric)}"
     else:
         k = cfg.session.top_k
         keys = ("loss", "recall")
-        title = f"{report.model_name}: recall@{k} {m[f'recall@{k}']:.4f} (held-out sessions)"
+        title = f"{report.model_name}: {_test_text(report, f'recall@{k}')} (held-out sessions)"
     if not history:  # a model fitted without epochs (classical session types): the baseline lines only
         keys = tuple(k for k in keys if k != "loss")
     try:

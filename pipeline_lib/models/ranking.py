@@ -157,6 +157,31 @@ def predict_dataset(model, dataset, batch_size: int) -> np.ndarray:
     return np.asarray(model.predict(loader, verbose=0)).reshape(-1)
 
 
+def raw_scores(workflow, model_dir: Optional[Path], raw, label: str, batch_size: int = 1024,
+               encoder: Optional[tuple] = None) -> np.ndarray:
+    """The model's scores for raw rows on the training-time path: NVTabular ``Workflow.transform``
+    of the rows as a Dataset, then the trained SavedModel's serving signature on batches of the
+    transformed rows (``encoder``: the SavedModel of ``model_dir`` already loaded). What export's
+    parity check and the test-split figures score with (``pipeline_lib.export.ranking.offline_scores``)."""
+    from merlin.io import Dataset
+
+    from pipeline_lib.models.common import load_encoder
+    from pipeline_lib.models.retrieval import encode
+
+    frame = raw.copy()
+    if label not in frame.columns:
+        frame[label] = 0  # the workflow's fitted graph includes the label column
+    transformed = workflow.transform(Dataset(frame, cpu=True)).to_ddf().compute()
+    if not len(transformed):
+        return np.array([], dtype=np.float32)
+    features = [c for c in transformed.columns if c != label]
+    if encoder is None:
+        if model_dir is None:
+            raise ValueError("raw_scores needs the model: an encoder or its model_dir")
+        encoder = load_encoder(model_dir)
+    return encode(encoder, transformed[features], batch_size=batch_size).reshape(-1)
+
+
 def ranking_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
     labels = np.asarray(labels).reshape(-1)
     scores = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), 1e-7, 1 - 1e-7)

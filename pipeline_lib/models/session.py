@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -379,11 +379,17 @@ def baseline_scores(train_lists: pd.Series, last_items: np.ndarray, n_items: int
 
 
 def evaluate(workflow, model, valid_sessions: pd.DataFrame, train_transformed: pd.DataFrame,
-             cols: SessionColumns, k: int, n_items: int, exclude_seen: bool = True) -> dict:
+             cols: SessionColumns, k: int, n_items: int, exclude_seen: bool = True,
+             model_dir: Path | None = None, units: bool = False) -> dict:
     """Model vs baselines on the last item of every held-out session (prefix = the events before it).
     ``model``: the trained (in-memory) model, or any callable on Loader batches (:func:`offline_scores`);
-    None: the baselines only (a classical session model scores itself: :mod:`.session_classical`).
-    ``exclude_seen``: the prefix's own items are never recommended, by the model and by the baselines."""
+    None: the SavedModel in ``model_dir``; neither: the baselines only (a classical session model scores
+    itself: :mod:`.session_classical`).
+    ``exclude_seen``: the prefix's own items are never recommended, by the model and by the baselines.
+    ``units``: each method's result also holds ``units``, per-session recall/NDCG/MRR@k
+    (:func:`pipeline_lib.models.intervals.rank_units`; ties by item index, as served top-k)."""
+    from pipeline_lib.models import intervals
+
     req, _ = prefixes(valid_sessions, cols)
     # targets in the model's index space: encode the full held-out sessions with the same workflow
     full = raw_to_transformed(workflow, valid_sessions[req.columns])
@@ -392,10 +398,19 @@ def evaluate(workflow, model, valid_sessions: pd.DataFrame, train_transformed: p
     last_items = enc_prefix[cols.item_id].map(lambda v: int(v[-1])).to_numpy()
     lookup = vocabulary_lookup(item_vocabulary(workflow, cols.item_id))
     excl = exclusions(lookup, req[cols.item_id].tolist(), None, len(req)) if exclude_seen else None
-    results: dict[str, Any] = {} if model is None else {
-        "model": topk_metrics(mask_scores(offline_scores(workflow, None, req, model=model), excl), targets, k)}
+    def scored(scores: np.ndarray) -> dict:
+        masked = mask_scores(scores, excl)
+        out = topk_metrics(masked, targets, k)
+        if units:
+            out["units"] = {key: v for key, v in intervals.rank_units(intervals.target_ranks(masked, targets), k).items()
+                            if not key.startswith("precision")}
+        return out
+
+    results: dict[str, Any] = {}
+    if model is not None or model_dir is not None:
+        results["model"] = scored(offline_scores(workflow, model_dir, req, model=model))
     for name, s in baseline_scores(train_transformed[cols.item_id], last_items, n_items).items():
-        results[name] = topk_metrics(mask_scores(s, excl), targets, k)
+        results[name] = scored(s)
     results["n_sessions"] = int(len(targets))
     results["target_oov_rate"] = float(np.mean(targets < N_SPECIAL))
     seen = [set(v) for v in req[cols.item_id]]
@@ -404,23 +419,12 @@ def evaluate(workflow, model, valid_sessions: pd.DataFrame, train_transformed: p
     return results
 
 
-def classical_baselines(etl_out, cfg, valid: pd.DataFrame) -> dict[str, dict]:
-    """The classical session models (``session_knn``, ``sequential_rules``, with ``session.model.classical``)
-    fitted on the raw training sessions and scored on the same held-out prefixes: baselines of a deep run."""
-    from pipeline_lib.models import session_classical
-
+def train_and_evaluate(etl_out, cfg, out_dir: Path,
+                       extra_baselines: Optional[Callable[[pd.DataFrame], dict[str, dict]]] = None) -> TrainOutput:
+    """Train (``session.model``, a deep type), evaluate against the baselines on the held-out sessions, save
+    metrics.json. ``extra_baselines``: more baselines scored on the same held-out sessions (the classical
+    session models: :func:`pipeline_lib.models.session_classical.baseline_metrics`)."""
     s = cfg.session
-    return session_classical.baseline_metrics(pd.read_parquet(etl_out.split.train), valid, s.model.classical,
-                                              s.columns, s.top_k, s.exclude_seen)
-
-
-def train_and_evaluate(etl_out, cfg, out_dir: Path) -> TrainOutput:
-    """Train (``session.model``), evaluate against the baselines on the held-out sessions, save metrics.json."""
-    s = cfg.session
-    if s.model.is_classical:
-        from pipeline_lib.models import session_classical
-
-        return session_classical.train_and_evaluate(etl_out, cfg, out_dir)
     t0 = time.perf_counter()
     model, model_dir, history = train_session_model(etl_out.train_dir, s.model, s.columns, s.etl.max_session_length,
                                                     cfg.seed, out_dir, s.top_k)
@@ -432,11 +436,12 @@ def train_and_evaluate(etl_out, cfg, out_dir: Path) -> TrainOutput:
     valid = pd.read_parquet(etl_out.split.valid)
     results = evaluate(workflow, model, valid, train_tf, s.columns, s.top_k, n_items, s.exclude_seen)
     k = s.top_k
-    results.update(classical_baselines(etl_out, cfg, valid))
+    if extra_baselines is not None:
+        results.update(extra_baselines(valid))
     metrics = {
         "model": f"session_{s.model.type}",
         **{f"{m}@{k}": results["model"][f"{m}@{k}"] for m in ("recall", "ndcg", "mrr")},
-        "baselines": {n: results[n] for n in ("most_popular", "cooccurrence", *CLASSICAL_BASELINES)},
+        "baselines": {n: results[n] for n in ("most_popular", "cooccurrence", *CLASSICAL_BASELINES) if n in results},
         "n_train": int(len(train_tf)), "n_valid": results["n_sessions"], "n_items": n_items,
         "target_oov_rate": results["target_oov_rate"], "exclude_seen": s.exclude_seen,
         "target_in_prefix_rate": results["target_in_prefix_rate"], "epochs_run": len(history.get("loss", [])), "best_epoch": best_epoch,

@@ -239,23 +239,30 @@ def session_exclusions(model: ClassicalSessionModel, sessions: list, exclude_see
 
 
 def topk_metrics_of(model: ClassicalSessionModel, valid: pd.DataFrame, cols: SessionColumns, k: int,
-                    exclude_seen: bool = True) -> dict:
+                    exclude_seen: bool = True, units: bool = False) -> dict:
     """Recall/NDCG/MRR@k of ``model`` on held-out sessions: prefix in, last item as target, the prefix's own
-    items excluded with ``exclude_seen`` (a target unseen in training is a miss)."""
+    items excluded with ``exclude_seen`` (a target unseen in training is a miss). ``units``: the result
+    also holds ``units``, per-session recall/NDCG/MRR@k (:func:`pipeline_lib.models.intervals.rank_units`)."""
+    from pipeline_lib.models import intervals
     from pipeline_lib.models.session import metrics_from_topk
 
     req, targets = prefixes(valid, cols)
     sessions = req[cols.item_id].tolist()
     idx, _ = model.top_k(sessions, k, session_exclusions(model, sessions, exclude_seen))
     target_rows = np.array([r[0] if len(r) else -1 for r in (model.rows_of([t]) for t in targets)], dtype=np.int64)
-    return metrics_from_topk(idx, None, target_rows, k)
+    out = metrics_from_topk(idx, None, target_rows, k)
+    if units:
+        hit = (idx == target_rows[:, None]) & (target_rows[:, None] >= 0)
+        ranks = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
+        out["units"] = {key: v for key, v in intervals.rank_units(ranks, k).items() if not key.startswith("precision")}
+    return out
 
 
 def baseline_metrics(train: pd.DataFrame, valid: pd.DataFrame, options: SessionClassicalConfig, cols: SessionColumns,
-                     k: int, exclude_seen: bool, skip: str = "") -> dict[str, dict]:
+                     k: int, exclude_seen: bool, skip: str = "", units: bool = False) -> dict[str, dict]:
     """Every classical type but ``skip``, fitted on ``train`` and scored on ``valid``: the session
     baselines of the deep models (and of the other classical type), under the same protocol."""
-    return {kind: topk_metrics_of(fit(train, kind, options, cols), valid, cols, k, exclude_seen)
+    return {kind: topk_metrics_of(fit(train, kind, options, cols), valid, cols, k, exclude_seen, units)
             for kind in TYPES if kind != skip}
 
 

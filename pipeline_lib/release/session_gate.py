@@ -14,6 +14,8 @@ import pandas as pd
 from pipeline_lib.export.parity import score_diff
 from pipeline_lib.export.session_classical import open_session_version
 from pipeline_lib.export.topk import TopKRoute
+from pipeline_lib.models import intervals
+from pipeline_lib.release.gate import CannotCompare, require_kind
 from pipeline_lib.release.smoke import SmokeResult, model_load_events, serve_and_ask, served_parity
 from pipeline_lib.models.session import metrics_from_topk
 from pipeline_lib.etl.sessions import prefixes
@@ -40,15 +42,21 @@ def score_version(version_dir: Path, sessions: pd.DataFrame, cols, k: int, batch
     """A published/staged version's metrics on raw held-out sessions (prefix in, last item as target).
     ``rec``: the version's recommender when already loaded (the staged candidate's, from export)."""
 
-    rec = rec or open_session_version(version_dir)  # deep or classical by spec.json; not a session version: an error
+    if rec is None:
+        require_kind(version_dir, "session")  # another family: CannotCompare; no version at all: an error
+    rec = rec or open_session_version(version_dir)  # deep or classical by spec.json
     req, targets = prefixes(sessions, cols)
     missing = [c for c in rec.request_columns if c not in req.columns]
     if missing:
-        raise KeyError(f"version {Path(version_dir).name} needs column(s) {missing}: not a session model for this data")
+        raise CannotCompare(f"version {Path(version_dir).name} needs column(s) {missing}: not a session model for "
+                            "this data")
     parts = [rec.recommend(req.iloc[i:i + batch]) for i in range(0, len(req), batch)]
     ids = np.concatenate([p[0] for p in parts])
     if ids.shape[1] < k:
         raise ValueError(f"version {Path(version_dir).name} returns {ids.shape[1]} items, fewer than top_k={k}")
     ids = ids[:, :k]
     targets = np.asarray(targets).astype(ids.dtype) if ids.dtype != object else np.asarray(targets).astype(str)
-    return metrics_from_topk(ids, None, targets, k)
+    hit = ids == np.asarray(targets).reshape(-1, 1)
+    ranks = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
+    units = {key: intervals.MeanUnits(v) for key, v in intervals.rank_units(ranks, k).items()}
+    return metrics_from_topk(ids, None, targets, k) | {"units": units}

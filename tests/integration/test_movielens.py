@@ -39,7 +39,8 @@ def test_movielens_flow_end_to_end_with_drift_against_the_previous_run(prefect_h
     assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
                                               "serving-smoke-test", "publish", "promote"]
     assert summary["model_version"] == 1 and summary["max_abs_diff_served_vs_offline"] <= 1e-5
-    assert summary["metrics"]["n_train"] + summary["metrics"]["n_valid"] == 600
+    assert sum(summary["split"][part]["rows"] for part in ("train", "valid", "test")) == 600
+    assert summary["metrics"]["n_train"] == summary["split"]["train"]["rows"]
     assert 0 <= summary["metrics"]["auc"] <= 1
     preds = summary["predictions"]
     assert {"genres", "occupation", "age"} <= set(preds.columns)

@@ -76,17 +76,19 @@ def test_flow_trains_exports_and_publishes_each_retrieval_model(retrieval_runs, 
     assert s["model"] == RUNS[name]["type"] and s["model_version"] == 1 and s["gate"]["promote"]
     assert s["gate"]["metric"] == "recall"
     assert s["max_abs_diff_served_vs_offline"] <= 1e-5  # the smoke test compared served and offline top-k
-    m = s["metrics"]
+    m, v = s["metrics"], s["validation_metrics"]  # test (per user) and validation (per query) figures
     for key in ("recall@10", "precision@10", "ndcg@10", "mrr@10"):
-        assert 0.0 <= m[key] <= 1.0, key
+        assert 0.0 <= v[f"per_query_{key}"] <= 1.0, key
     if name == "recsys_youtube":  # the history makes it learnable in one epoch: well above random (10/150)
-        assert m["recall@10"] > 0.2
+        assert v["per_query_recall@10"] > 0.2
+    assert s["metrics_split"] == "test" and s["intervals"]["recall@10"].startswith(f"{m['recall@10']:.4f} [")
+    assert s["gate"]["outcome"] in ("promoted", "inconclusive")  # nothing served yet: both promote
     # the standard protocol (per user, training items excluded): the model and three baselines
     assert set(s["baselines"]) == {"most_popular", "item_cooccurrence", "ease"}
     for b in s["baselines"].values():
         assert 0.0 <= b["recall@10"] <= 1.0 and 0.0 <= b["ndcg@10"] <= 1.0 and b["n_items"] > 0
-    assert 0.0 <= m["user_recall@10"] <= 1.0 and 0.0 <= m["user_ndcg@10"] <= 1.0
-    assert s["lift"].startswith(f"{RUNS[name]['type']} (per user, seen items excluded) recall@10 {m['user_recall@10']:.4f}")
+    assert 0.0 <= m["recall@10"] <= 1.0 and 0.0 <= m["ndcg@10"] <= 1.0 and m["n_test_users"] > 0
+    assert s["lift"].startswith(f"{RUNS[name]['type']} (per user, seen items excluded) recall@10 {m['recall@10']:.4f}")
     run = tmp / "runs" / name
     saved = json.loads((run / "model" / "metrics.json").read_text())
     assert len(saved["history"]["val_recall"]) == saved["metrics"]["epochs_run"]

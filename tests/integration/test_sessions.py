@@ -93,6 +93,10 @@ def test_session_flow_runs_every_stage_and_serves_top_k_equal_to_offline(session
     assert summary["lift"].startswith(f"session_gru recall@10 {summary['metrics']['recall@10']:.4f} is ")
     assert json.loads((run / "model" / "metrics.json").read_text())["metrics"]["lift"] == summary["lift"]
     assert summary["gate"]["promote"] and summary["model_version"] == 1 and summary["served_topk_equals_offline"]
+    # the headline: the held-out test sessions, with intervals; the validation figures labelled apart
+    assert summary["metrics_split"] == "test" and summary["metrics"]["n_test"] == summary["split"]["test"]["sessions"]
+    assert summary["intervals"]["recall@10"].startswith(f"{summary['metrics']['recall@10']:.4f} [")
+    assert "recall@10" in summary["validation_metrics"] and (run / "split" / "test.parquet").exists()
     assert summary["max_abs_diff_served_vs_offline"] <= 1e-5
     for f in ["raw/interactions.parquet", "validated/stats.json", "transformed/sessions/sessions.parquet",
               "transformed/sessions/grouping_workflow/workflow.pkl", "transformed/workflow/workflow.pkl",
@@ -117,6 +121,7 @@ def test_an_untrained_session_candidate_is_refused_and_version_1_keeps_serving(s
     _, _, refused = session_runs
     g = refused["gate"]
     assert not g["promote"] and g["served_version"] == 1 and g["candidate"] < g["served"], g
+    assert g["outcome"] in ("refused", "inconclusive") and "version 1 keeps serving" in g["reason"]
     assert "serving-smoke-test" not in refused["stage_seconds"] and refused["predictions"] is None
     assert repository.served_version(repos["flow"], "recsys_session") == 1
 

@@ -134,9 +134,12 @@ def test_curl_body_and_commands_for_the_served_model(tmp_path):
 def _summary(**extra) -> dict:
     base = {
         "run_dir": "/somewhere/runs/it", "model": "dlrm",
-        "metrics": {"auc": 0.7612345, "logloss": 0.5123456, "n_train": 48000, "n_valid": 12000},
-        "gate": {"promote": True, "metric": "auc", "candidate": 0.7612345, "served": None, "served_version": None,
-                 "reason": "nothing served yet: first version promotes"},
+        "metrics_split": "test",
+        "metrics": {"auc": 0.7612345, "logloss": 0.5123456, "n_train": 48000, "n_test": 6000},
+        "intervals": {"auc": "0.7612 [0.7501, 0.7723]"},
+        "validation_metrics": {"auc": 0.7701234, "logloss": 0.50001, "n_valid": 6000},
+        "gate": {"outcome": "promoted", "promote": True, "metric": "auc", "candidate": 0.7612345, "served": None,
+                 "served_version": None, "reason": "nothing served yet: first version promotes"},
         "stage_seconds": {"etl": 10.0, "train": 40.04, "serving-smoke-test": 50.0},
         "model_version": 3, "served_version": 3, "previous_version": 2, "served_dir": "model_repository/recsys/3",
         "max_abs_diff_served_vs_offline": 0.0, "live_server": None,
@@ -148,8 +151,11 @@ def _summary(**extra) -> dict:
 def test_cli_summary_names_metric_gate_version_folder_and_how_to_query():
     text = report.cli_summary(_summary())
     lines = text.splitlines()
-    assert 6 <= len(lines) <= 10, text
-    assert lines[0] == "dlrm: validation auc 0.7612, logloss 0.5123 (48,000 train / 12,000 validation rows)"
+    assert 6 <= len(lines) <= 11, text
+    # the test figures with their interval head the summary; the validation ones follow, labelled
+    assert lines[0] == "dlrm: test auc 0.7612 [0.7501, 0.7723], logloss 0.5123 (48,000 train / 6,000 test rows)"
+    assert lines[1] == "validation (model choice only): auc 0.7701, logloss 0.5"
+    assert "gate (test split): promoted; nothing served yet" in text
     assert "model 'recsys' version 3 (previously 2)" in text and "/somewhere/runs/it" in text and "1 min 40 s" in text
     assert "uv run recsys serve" in text and "uv run recsys predict --protocol grpc" in text
     assert "0.761234" not in text
@@ -157,39 +163,56 @@ def test_cli_summary_names_metric_gate_version_folder_and_how_to_query():
 
 def test_cli_summary_when_the_gate_refuses():
     s = _summary(model_version=None, served_version=2,
-                 gate={"promote": False, "metric": "auc", "candidate": 0.5012345, "served": 0.7612345,
-                       "served_version": 2, "reason": "candidate auc 0.50123 is worse than served v2 0.76123"})
+                 gate={"outcome": "refused", "promote": False, "metric": "auc", "candidate": 0.5012345,
+                       "served": 0.7612345, "served_version": 2,
+                       "reason": "candidate auc 0.50123 is worse than served v2 0.76123; not promoted; version 2 "
+                                 "keeps serving"},
+                 warnings=["the test split holds only 12 positive labels (fewer than 30, ...)"],
+                 split={"method": "time", "train": {"rows": 800, "positives": 80},
+                        "valid": {"rows": 100, "positives": 10}, "test": {"rows": 100, "positives": 12}})
     text = report.cli_summary(s)
-    assert "gate: REFUSED: candidate auc 0.50123 is worse than served v2 0.76123; version 2 keeps serving" in text
+    assert ("gate (test split): REFUSED: candidate auc 0.50123 is worse than served v2 0.76123; not promoted; "
+            "version 2 keeps serving") in text
+    assert "warning: the test split holds only 12 positive labels" in text
+    assert "split (time): 800 train rows (80 positive), 100 validation rows (10 positive), 100 test rows" in text
+    inconclusive = _summary(model_version=None, served_version=2, gate={
+        "outcome": "inconclusive", "promote": False, "metric": "auc", "candidate": 0.76, "served": 0.7612345,
+        "served_version": 2, "reason": "inside the noise; inconclusive: version 2 keeps serving"})
+    assert "gate (test split): INCONCLUSIVE, not promoted: inside the noise" in report.cli_summary(inconclusive)
     assert "model 'recsys' version 2 (unchanged)" in text and "uv run recsys serve" in text
 
 
 def test_headlines_and_the_lift_over_the_baselines():
     s = _summary(model="session_gru", metrics={"recall@10": 0.31234, "ndcg@10": 0.1712345, "mrr@10": 0.12345,
-                                               "n_train": 9600, "n_valid": 2400},
+                                               "n_train": 9600, "n_test": 1200}, intervals={}, validation_metrics={},
                  lift="session_gru recall@10 0.3123 is 11.5% above the best baseline (cooccurrence 0.2801)")
-    assert report.headline(s) == "validation recall@10 0.3123, ndcg@10 0.1712, mrr@10 0.1235"
+    assert report.headline(s) == "test recall@10 0.3123, ndcg@10 0.1712, mrr@10 0.1235"
     lines = report.cli_summary(s).splitlines()
     assert lines[1] == "baselines: session_gru recall@10 0.3123 is 11.5% above the best baseline (cooccurrence 0.2801)"
     assert "- baselines: session_gru recall@10" in report.run_summary_markdown(s)
     assert not any(line.startswith("baselines:") for line in report.cli_summary(_summary()).splitlines())
-    r = _summary(model="two_tower", metrics={"recall@10": 0.1469, "precision@10": 0.0147, "ndcg@10": 0.0576,
-                                             "mrr@10": 0.0311, "n_train": 2508, "ranker_auc": 0.529023})
-    assert report.headline(r) == "validation recall@10 0.1469, ndcg@10 0.0576, mrr@10 0.0311; re-ranker auc 0.529"
+    r = _summary(model="two_tower", metrics={"recall@10": 0.1469, "ndcg@10": 0.0576, "n_train": 2508,
+                                             "n_test_users": 250},
+                 intervals={"recall@10": "0.1469 [0.1201, 0.1755]"})
+    assert report.headline(r) == "test per user recall@10 0.1469 [0.1201, 0.1755], ndcg@10 0.0576"
 
 
 def test_a_refused_first_run_says_nothing_is_served():
     s = _summary(model_version=None, served_version=None,
-                 gate={"promote": False, "metric": "auc", "candidate": 0.52, "served": None, "served_version": None,
-                       "reason": "dlrm auc 0.52 does not beat logistic_regression 0.63"})
-    assert "gate: REFUSED: dlrm auc 0.52 does not beat logistic_regression 0.63; nothing is served" in report.cli_summary(s)
+                 gate={"outcome": "refused", "promote": False, "metric": "auc", "candidate": 0.52, "served": None,
+                       "served_version": None,
+                       "reason": "dlrm auc 0.52 does not beat logistic_regression 0.63: not promoted "
+                                 "(gate.require_beat_baseline); nothing is served"})
+    assert ("gate (test split): REFUSED: dlrm auc 0.52 does not beat logistic_regression 0.63: not promoted "
+            "(gate.require_beat_baseline); nothing is served") in report.cli_summary(s)
 
 
 def test_run_summary_markdown_names_model_version_endpoints_and_query():
     md = report.run_summary_markdown(_summary(live_server="127.0.0.1:8000"))
     assert "model **recsys** version **3**" in md and "HTTP `127.0.0.1:8000`, gRPC `127.0.0.1:8001`" in md
     assert "uv run recsys predict" in md and "curl -s 127.0.0.1:8000/v2/models/recsys/infer" in md
-    assert "| auc | 0.7612 |" in md and "| train | 40.0 |" in md
+    assert "| test auc | 0.7612 [0.7501, 0.7723] |" in md and "| validation auc | 0.7701 |" in md
+    assert "| train | 40.0 |" in md
     assert "switched to this version" in md
 
 
@@ -260,7 +283,7 @@ def test_recsys_run_prints_the_summary_and_json_only_on_request(monkeypatch, tmp
     runner = CliRunner()
     out = runner.invoke(app, ["run", "--set", "model.epochs=1"])
     assert out.exit_code == 0, out.output
-    assert "dlrm: validation auc 0.7612" in out.output and "version 3" in out.output and "{" not in out.output
+    assert "dlrm: test auc 0.7612 [0.7501, 0.7723]" in out.output and "version 3" in out.output and "{" not in out.output
     out = runner.invoke(app, ["run", "--set", "model.epochs=1", "--json"])
     assert out.exit_code == 0, out.output
     printed = json.loads(out.output)

@@ -15,15 +15,41 @@ def _read(d):
     return pd.concat([pd.read_parquet(p) for p in sorted(d.glob("*.parquet"))], ignore_index=True)
 
 
-def test_random_and_time_splits(tmp_path, trained):
+def _keys(df: pd.DataFrame) -> set:
+    return set(zip(df["user_id"], df["item_id"], df["timestamp"]))
+
+
+def test_random_and_time_splits_three_ways(tmp_path, trained):
     cols = trained.cfg.columns
     raw = pd.read_parquet(trained.raw)
-    r = etl.split_raw(trained.raw, SplitConfig(method="random", valid_fraction=0.25), cols, 0, tmp_path / "r")
-    tr, va = pd.read_parquet(r.train), pd.read_parquet(r.valid)
-    assert len(tr) + len(va) == len(raw) and 0.2 < len(va) / len(raw) < 0.3
-    t = etl.split_raw(trained.raw, SplitConfig(method="time", valid_fraction=0.25), cols, 0, tmp_path / "t")
-    tr, va = pd.read_parquet(t.train), pd.read_parquet(t.valid)
-    assert tr["timestamp"].max() <= va["timestamp"].min()
+    r = etl.split_raw(trained.raw, SplitConfig(method="random", valid_fraction=0.25, test_fraction=0.15), cols, 0,
+                      tmp_path / "r")
+    tr, va, te = (pd.read_parquet(p) for p in (r.train, r.valid, r.test))
+    assert len(tr) + len(va) + len(te) == len(raw)
+    assert 0.2 < len(va) / len(raw) < 0.3 and 0.1 < len(te) / len(raw) < 0.2
+    assert r.test == tmp_path / "r" / "test.parquet"
+    # no row in two parts (rows are unique on user, item, timestamp here)
+    assert len(_keys(raw)) == len(raw) and not (_keys(tr) & _keys(va)) and not (_keys(tr) & _keys(te))
+    assert not (_keys(va) & _keys(te))
+    t = etl.split_raw(trained.raw, SplitConfig(method="time", valid_fraction=0.25, test_fraction=0.15), cols, 0,
+                      tmp_path / "t")
+    tr, va, te = (pd.read_parquet(p) for p in (t.train, t.valid, t.test))
+    assert len(tr) + len(va) + len(te) == len(raw)
+    # the newest rows are test, then validation, then train
+    assert tr["timestamp"].max() <= va["timestamp"].min() and va["timestamp"].max() <= te["timestamp"].min()
+    assert 0.1 < len(te) / len(raw) < 0.2
+
+
+def test_split_fractions_are_validated_and_old_configs_still_load():
+    from pydantic import ValidationError
+
+    from pipeline_lib.config import load_config
+
+    assert SplitConfig().valid_fraction == 0.1 and SplitConfig().test_fraction == 0.1
+    old = load_config(None, {"split": {"valid_fraction": 0.2}})  # a config written before test_fraction
+    assert old.split.valid_fraction == 0.2 and old.split.test_fraction == 0.1
+    with pytest.raises(ValidationError, match="valid_fraction .0.6. \\+ test_fraction .0.4. must be below 1"):
+        SplitConfig(valid_fraction=0.6, test_fraction=0.4)
 
 
 def test_transformed_output_types_and_schema_tags(trained):
@@ -241,8 +267,9 @@ def test_time_split_with_history_keeps_the_latest_rows_for_validation(tmp_path):
     df = pd.DataFrame({"user_id": np.arange(n) % 37, "item_id": np.arange(n) % 23, "click": np.arange(n) % 2,
                        "timestamp": np.arange(n)})
     df.to_parquet(tmp_path / "raw.parquet")
-    paths = etl.split_raw(tmp_path / "raw.parquet", SplitConfig(method="time", valid_fraction=0.25), ColumnsConfig(),
-                          0, tmp_path / "split", history_length=5)
-    train, valid = pd.read_parquet(paths.train), pd.read_parquet(paths.valid)
-    assert sorted(valid["timestamp"]) == list(range(300, n)) and train["timestamp"].max() == 299
+    paths = etl.split_raw(tmp_path / "raw.parquet", SplitConfig(method="time", valid_fraction=0.15, test_fraction=0.1),
+                          ColumnsConfig(), 0, tmp_path / "split", history_length=5)
+    train, valid, test = (pd.read_parquet(p) for p in (paths.train, paths.valid, paths.test))
+    assert sorted(valid["timestamp"]) == list(range(300, 360)) and train["timestamp"].max() == 299
+    assert sorted(test["timestamp"]) == list(range(360, n))
     assert not train["timestamp"].is_monotonic_increasing     # the rows were shuffled all the same
