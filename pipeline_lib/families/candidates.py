@@ -8,9 +8,11 @@ smoke-tests and serves the winner exactly as a single-model run would. A candida
 stays in the leaderboard with its error.
 
 Plain typed functions; the flow (``flows/pipeline.py``) wires them into Prefect tasks and artifacts.
-``CandidateRun.interval`` is the 95% confidence interval of the metric, from the family's
-:meth:`~pipeline_lib.families.base.TaskFamily.selection_interval` (None until the protocol's bootstrap
-is wired there) or attached afterwards by name with :func:`set_intervals`.
+Each row also carries what the user reads: the candidate's figure on the *test* split (the family's
+report metric, e.g. auc / recall@k) with its bootstrap confidence interval
+(:attr:`CandidateRun.test`, from its :class:`~pipeline_lib.models.evaluation.BaselineReport`) -- reported,
+never used for the choice. ``CandidateRun.interval`` is an optional interval of the validation metric
+(:meth:`~pipeline_lib.families.base.TaskFamily.selection_interval`, None by default; :func:`set_intervals`).
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ class CandidateRun:
     family: Optional[TaskFamily] = field(default=None, repr=False)
     trained: Optional[Trained] = field(default=None, repr=False)
     metric: Optional[float] = None                  # validation selection metric
-    interval: Optional[tuple[float, float]] = None  # its 95% CI (the protocol's bootstrap; None until set)
+    interval: Optional[tuple[float, float]] = None  # its CI, where a family computes one (default: none)
+    test: Optional[dict] = None                     # {metric, value, lo, hi, level} on the test split (reported only)
     train_seconds: Optional[float] = None
     size_bytes: Optional[int] = None                # bytes of its model dir
     latency_ms: Optional[float] = None              # median offline scoring of one request row
@@ -127,6 +130,7 @@ def train_candidate(name: str, fam: TaskFamily, paths: RunPaths, etl_out: Any,
         run.train_seconds = round(clock() - t0, 2)
         run.metric = float(fam.selection_score(run.trained))
         run.interval = fam.selection_interval(run.trained, etl_out)
+        run.test = test_figure(run.trained)
     except Exception as exc:  # reported in the leaderboard; the run goes on with the others
         log.warning("candidate %s (%s) failed: %s: %s", name, run.type, type(exc).__name__, exc)
         run.error, run.trained = f"{type(exc).__name__}: {exc}", None
@@ -134,6 +138,15 @@ def train_candidate(name: str, fam: TaskFamily, paths: RunPaths, etl_out: Any,
     run.size_bytes = dir_bytes(Path(run.trained.model.model_dir))
     run.latency_ms = measure_latency(fam, cpaths, etl_out, run.trained, clock)
     return run
+
+
+def test_figure(trained: Trained) -> Optional[dict]:
+    """The candidate's report metric on the test split with its bootstrap interval (None without one)."""
+    b = trained.baselines
+    iv = ((getattr(b, "intervals", None) or {}).get("model") or {}).get(getattr(b, "metric", None))
+    if not iv or iv.get("value") is None:
+        return None
+    return {"metric": b.metric, "value": iv["value"], "lo": iv.get("lo"), "hi": iv.get("hi"), "level": iv.get("level")}
 
 
 def dir_bytes(path: Path) -> int:
@@ -191,8 +204,10 @@ def set_intervals(comp: Competition, intervals: dict[str, Optional[tuple[float, 
 
 def leaderboard_row(r: CandidateRun, metric: str) -> dict:
     lo, hi = r.interval if r.interval else (None, None)
+    t = r.test or {}
     return {"candidate": r.name, "type": r.type, "metric": metric, "value": r.metric, "ci_low": lo, "ci_high": hi,
-            "train_seconds": r.train_seconds, "size_bytes": r.size_bytes, "latency_ms": r.latency_ms,
+            "test_metric": t.get("metric"), "test_value": t.get("value"), "test_ci_low": t.get("lo"),
+            "test_ci_high": t.get("hi"), "train_seconds": r.train_seconds, "size_bytes": r.size_bytes, "latency_ms": r.latency_ms,
             "winner": r.winner, "error": r.error}
 
 
@@ -200,10 +215,11 @@ def leaderboard_table(comp: Competition) -> list[dict]:
     """The Prefect table artifact: figures rounded to 4 significant digits, the CI as ``[low, high]``."""
     out = []
     for row in comp.rows():
-        ci = f"[{report.num(row['ci_low'])}, {report.num(row['ci_high'])}]" if row["ci_low"] is not None else ""
+        test = (f"{row['test_metric']} {report.num(row['test_value'])} [{report.num(row['test_ci_low'])}, "
+                f"{report.num(row['test_ci_high'])}]" if row["test_value"] is not None else "")
         out.append({"candidate": row["candidate"] + (" (winner)" if row["winner"] else ""), "type": row["type"],
-                    f"validation {comp.metric}": report.num(row["value"]) if row["value"] is not None else "",
-                    "95% CI": ci, "train s": row["train_seconds"], "size MB": _mb(row["size_bytes"]),
+                    f"validation {comp.metric} (choice)": report.num(row["value"]) if row["value"] is not None else "",
+                    "test [95% CI] (reported)": test, "train s": row["train_seconds"], "size MB": _mb(row["size_bytes"]),
                     "latency ms": row["latency_ms"], "error": row["error"] or ""})
     return out
 
@@ -238,7 +254,15 @@ def plot_leaderboard(comp: Competition, path: Path) -> Optional[Path]:
            yerr=err if any(r.interval for r in rows) else None, capsize=4)
     for i, v in enumerate(values):
         ax.annotate(f"{v:.4g}", (i, v), ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel(f"validation {comp.metric}")
+    tested = [(i, r.test) for i, r in enumerate(rows) if r.test and r.test.get("lo") is not None]
+    if tested:  # the test figure with its bootstrap interval (reported, not used for the choice)
+        t_vals = [float(t["value"]) for _, t in tested]
+        ax.errorbar([i + 0.25 for i, _ in tested], t_vals, fmt="o", color="black", capsize=3,
+                    yerr=[[v - float(t["lo"]) for v, (_, t) in zip(t_vals, tested)],
+                          [float(t["hi"]) - v for v, (_, t) in zip(t_vals, tested)]],
+                    label=f"test {tested[0][1]['metric']} (95% CI)")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylabel(f"validation {comp.metric} (bars)")
     ax.set_title(f"candidates: winner {comp.winner.name}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -162,7 +162,7 @@ def test_ties_go_to_the_first_listed_and_a_failure_is_a_row(tmp_path):
     assert comp.winner.name == "mf"
     failed = comp.rows()[0]
     assert failed["error"] == "RuntimeError: out of memory" and failed["value"] is None and not failed["winner"]
-    assert cands.leaderboard_table(comp)[0]["validation user_recall@10"] == ""
+    assert cands.leaderboard_table(comp)[0]["validation user_recall@10 (choice)"] == ""
 
 
 def test_no_candidate_trained_names_every_error(tmp_path):
@@ -198,8 +198,8 @@ def test_leaderboard_table_chart_and_intervals(tmp_path):
     rows = comp.rows()
     assert (rows[0]["ci_low"], rows[0]["ci_high"], rows[2]["ci_low"]) == (0.15, 0.25, None)
     table = cands.leaderboard_table(comp)
-    assert table[1]["candidate"] == "two_tower (winner)" and table[0]["95% CI"] == "[0.15, 0.25]"
-    assert table[0]["validation user_recall@10"] == "0.2" and table[2]["error"] == "RuntimeError: boom"
+    assert table[1]["candidate"] == "two_tower (winner)" and table[0]["test [95% CI] (reported)"] == ""
+    assert table[0]["validation user_recall@10 (choice)"] == "0.2" and table[2]["error"] == "RuntimeError: boom"
     png = cands.plot_leaderboard(comp, tmp_path / "leaderboard.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     md = cands.leaderboard_markdown(comp, png)
@@ -227,3 +227,21 @@ def test_ranking_latency_is_the_offline_path_on_one_row(trained):
                                      "click")
     assert abs(fam.latency_probe(paths, trained.etl, model)(rows) - expected).max() < 1e-6
     assert 0 < cands.measure_latency(fam, paths, trained.etl, model) < 10_000
+
+
+def test_the_leaderboard_reports_each_candidates_test_figure_with_its_interval(tmp_path):
+    """The choice is on validation; the row also shows the test figure and its bootstrap interval that the
+    candidate's baseline report computed (what a user reads), in summary rows, the table and the chart."""
+    from types import SimpleNamespace
+
+    report = SimpleNamespace(metric="recall@10", intervals={"model": {"recall@10": {
+        "value": 0.21, "lo": 0.19, "hi": 0.23, "n": 300, "level": 0.95}}})
+    fig = cands.test_figure(SimpleNamespace(baselines=report))
+    assert fig == {"metric": "recall@10", "value": 0.21, "lo": 0.19, "hi": 0.23, "level": 0.95}
+    assert cands.test_figure(SimpleNamespace(baselines=SimpleNamespace(metric="auc", intervals={}))) is None
+    comp = compete(tmp_path, {"mf": 0.2, "two_tower": 0.3}, ["mf", "two_tower"])
+    comp.runs[1].test = fig
+    row = comp.rows()[1]
+    assert (row["test_metric"], row["test_value"], row["test_ci_low"], row["test_ci_high"]) == ("recall@10", 0.21, 0.19, 0.23)
+    assert cands.leaderboard_table(comp)[1]["test [95% CI] (reported)"] == "recall@10 0.21 [0.19, 0.23]"
+    assert cands.plot_leaderboard(comp, tmp_path / "lb.png").read_bytes()[:4] == b"\x89PNG"
