@@ -359,11 +359,9 @@ def compare_with_baselines(cfg: RunConfig, train_path: Optional[Path], test_path
     elif train_path is None or test_path is None:
         raise ValueError("compare_with_baselines: ranking and retrieval need the raw train and test splits")
     elif cfg.model.is_retrieval:
+        # the test figures go to metrics["test"] below; the validation ``user_recall@k`` stays what it is:
+        # candidates are chosen on it
         report = retrieval_report(cfg, train_path, test_path, metrics, model.model_dir, workflow_dir)
-        k = cfg.model.retrieval.k
-        for m in ("recall", "ndcg"):
-            if f"{m}@{k}" in report.model:
-                metrics[f"user_{m}@{k}"] = report.model[f"{m}@{k}"]
     else:
         if workflow_dir is None:
             raise ValueError("compare_with_baselines: a ranking model needs workflow_dir to score the raw test rows")

@@ -93,3 +93,33 @@ def test_a_held_out_split_too_small_is_named(trained, tmp_path):
 def test_etl_output_carries_the_raw_test_split(trained):
     assert isinstance(trained.etl.split, etl.SplitPaths) and Path(trained.etl.split.test).is_file()
     assert not (Path(trained.etl.workflow_dir).parent / "test").exists()  # test rows are never transformed
+
+
+def test_candidate_choice_reads_validation_only(trained, tmp_path):
+    """Two real classical candidates (closed form, no TensorFlow) trained on the shared run, twice: with the
+    run's test split, then with a test split of other rows. Each candidate's choice figure is its validation
+    per-user recall and does not move with the test split; only the reported test figure does."""
+    from pipeline_lib.families import candidates
+    from pipeline_lib.paths import new_run
+
+    def compete(etl_out, sub: str) -> list:
+        runs = []
+        for kind in ("ease", "item_knn"):
+            cfg = trained.cfg.model_copy(update={"model": trained.cfg.model.model_copy(update={"type": kind}),
+                                                 "runs_dir": tmp_path / sub})
+            fam = get_family(cfg)
+            fam.latency_probe = lambda *a: None  # not what this test is about
+            runs.append(candidates.train_candidate(kind, fam, new_run(cfg), etl_out))
+        return runs
+
+    first = compete(trained.etl, "a")
+    other = tmp_path / "other_test.parquet"  # the validation rows in the test split's place: other figures
+    pd.read_parquet(trained.split.valid).to_parquet(other)
+    swapped = dataclasses.replace(trained.etl, split=dataclasses.replace(trained.etl.split, test=other))
+    second = compete(swapped, "b")
+    for a, b in zip(first, second):
+        assert a.error is None and b.error is None, (a.error, b.error)
+        assert a.metric == b.metric  # the choice figure: validation only
+        assert a.metric == a.trained.model.metrics["user_recall@10"]  # what training measured on validation
+        assert a.test["value"] != b.test["value"]  # the test figure follows the test split
+    assert candidates.decide("user_recall@10", first).winner.name == candidates.decide("user_recall@10", second).winner.name
