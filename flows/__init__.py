@@ -15,6 +15,8 @@ a variable the user set wins.
   of earlier runs.
 * ``PREFECT_SERVER_ANALYTICS_ENABLED`` = false: no telemetry writes racing the temporary database.
 * ``PREFECT_LOGGING_EXTRA_LOGGERS`` = ``pipeline_lib``: the library's progress lines reach Prefect's logs.
+* ``PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW`` = ignore: those lines logged outside a flow run stay on
+  the console without a warning each.
 
 It also installs :mod:`pipeline_lib.quiet`'s filters (known-harmless library warnings and log lines
 off) before Prefect, Merlin and TensorFlow are imported, so ``flows.tasks`` and ``flows.pipeline``
@@ -41,6 +43,9 @@ def prefect_defaults(environ: "os._Environ[str] | dict[str, str]" = os.environ) 
     environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
     environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib")
+    # a library line logged outside a flow run (tests, benchmarks, the CLI's own checks) stays on the
+    # console: Prefect's API handler otherwise warns on each (a UserWarning, an error under -W error)
+    environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     home = environ.get("PREFECT_HOME")
     storage_set = any(k in environ for k in ("PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH"))
     if home and not storage_set:

@@ -65,12 +65,16 @@ def test_flow_trains_gates_and_publishes_an_ease_version(classical_runs):
     tmp, repo, _, s = classical_runs
     assert s["model"] == "ease" and s["model_version"] == 1 and s["gate"]["promote"], s["gate"]
     assert s["max_abs_diff_served_vs_offline"] <= 1e-5  # the smoke test: served == offline over HTTP and gRPC
-    m = s["metrics"]
-    assert 0.0 < m["user_recall@10"] <= 1.0 and 0.0 < m["user_ndcg@10"] <= 1.0
-    # the model under the baselines' protocol is the figure training computed; ease is not its own baseline
-    assert s["lift"].startswith(f"ease (per user, seen items excluded) recall@10 {m['user_recall@10']:.4f}")
+    m, v = s["metrics"], s["validation_metrics"]
+    assert 0.0 < v["user_recall@10"] <= 1.0 and 0.0 < v["user_ndcg@10"] <= 1.0  # validation: chooses
+    assert s["metrics_split"] == "test" and 0.0 < m["recall@10"] <= 1.0  # test: reported, per user
+    # the model under the baselines' protocol on test is the headline; ease is not its own baseline
+    assert s["lift"].startswith(f"ease (per user, seen items excluded) recall@10 {m['recall@10']:.4f}")
     assert s["baselines"]["ease"] == {"skipped": "this run's model is ease (model.type)"}
-    assert "beats the best baseline" in s["gate"]["reason"]  # most_popular / item_cooccurrence
+    # compared with the best baseline (most_popular / item_cooccurrence) on the test split: it beats it, or is
+    # inside the noise of this small split and promoted because nothing serves yet
+    reason = s["gate"]["reason"]
+    assert "beats the best baseline" in reason or "a run must end serving something" in reason, reason
     art = repo / "recsys_ease" / "1" / topk.TOPK_DIR
     assert json.loads((art / "spec.json").read_text())["kind"] == "classical"
     assert (art / "weights.npy").is_file() and (art / topk.SEEN_FILE).is_file()

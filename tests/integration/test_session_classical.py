@@ -27,7 +27,8 @@ def classical_run(prefect_harness, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("session_classical")
     repo = tmp / "repo"
-    over = {"runs_dir": str(tmp / "runs"), "run_name": "sr",
+    # seed 7: other data than test_sessions.py's runs, so the cached ETL of one never stands in for the other's
+    over = {"seed": 7, "runs_dir": str(tmp / "runs"), "run_name": "sr",
             "export": {"model_repository": str(repo), "parity_rows": 32, "model_name": "recsys_sr"},
             "serving": {"notify_live_server": False}, "gate": {"require_beat_baseline": False},
             "session": {"synthetic": {"n_sessions": 1500, "n_items": 150, "n_categories": 8},
