@@ -119,7 +119,6 @@ def matrix(ctx: "Context") -> list[Probe]:
     """The bad-request matrix for the ranking model (raw features) and the top-k model (user id,
     ``exclude_item_ids``, ``k``)."""
     k = ctx.k
-    big_list = np.arange(20_000, dtype=np.int64)
     probes = [
         # -- bodies Triton's HTTP front-end cannot parse (500 upstream) ------------------------------
         Probe("malformed JSON", RANK, "upstream", raw=lambda b: b'{"inputs": [{"name": '),
@@ -173,8 +172,7 @@ def matrix(ctx: "Context") -> list[Probe]:
         Probe("exclusions leave fewer than k items", RET, "ok", arrays=ctx.leave_three, check=ctx.check_leave_three),
         Probe("exclusions remove every item", RET, "ok", arrays=ctx.exclude_all, check=ctx.check_exclude_all),
         Probe("oversized exclusion list (20k ids)", RET, "4xx",
-              arrays=lambda a: {**a, "exclude_item_ids__values": np.tile(big_list, 1),
-                                "exclude_item_ids__offsets": np.array([0] + [20_000] * len(a["user_id"]), np.int32)}),
+              arrays=ctx.oversized_exclusions),
         Probe("exclusion offsets without values", RET, "4xx",
               arrays=lambda a: {**a, "exclude_item_ids__offsets": np.zeros(len(a["user_id"]) + 1, np.int32)}),
         Probe("unknown users", RET, "ok", arrays=lambda a: {**a, "user_id": a["user_id"] + 10**12},
@@ -275,19 +273,23 @@ class Context:
     catalogue: Any = None
     atol: float = 1e-5
     servers: dict = field(default_factory=dict)
+    dtypes: dict = field(default_factory=dict)  # the top-k model's input name -> numpy dtype (from the server)
+
+    def _excl(self, a: dict, per_row: list) -> dict:
+        n = len(a["user_id"])
+        values = np.asarray([i for _ in range(n) for i in per_row], self.dtypes.get("exclude_item_ids__values", np.int64))
+        offsets = (np.arange(n + 1) * len(per_row)).astype(self.dtypes.get("exclude_item_ids__offsets", np.int32))
+        return {**a, "exclude_item_ids__values": values, "exclude_item_ids__offsets": offsets}
 
     # the edge-case probes' arrays and checks (rows of ret_rows)
     def leave_three(self, a: dict) -> dict:
-        keep = self.catalogue[:3]
-        excl = np.array([i for i in self.catalogue if i not in set(keep)], np.int64)
-        n = len(a["user_id"])
-        return {**a, "exclude_item_ids__values": np.tile(excl, n),
-                "exclude_item_ids__offsets": (np.arange(n + 1) * len(excl)).astype(np.int32)}
+        return self._excl(a, list(self.catalogue[3:]))
 
     def exclude_all(self, a: dict) -> dict:
-        n, excl = len(a["user_id"]), np.asarray(self.catalogue, np.int64)
-        return {**a, "exclude_item_ids__values": np.tile(excl, n),
-                "exclude_item_ids__offsets": (np.arange(n + 1) * len(excl)).astype(np.int32)}
+        return self._excl(a, list(self.catalogue))
+
+    def oversized_exclusions(self, a: dict) -> dict:
+        return self._excl(a, list(range(20_000)))
 
     def _topk_check(self, out: dict, allowed: Optional[set], max_count: Optional[int]) -> Optional[str]:
         ids, scores, count = out["item_ids"], out["scores"], out["count"]
@@ -535,9 +537,14 @@ def load(ctx: Context, plan: list[tuple[Serve, tuple[int, ...]]], seconds: float
 def _valid_arrays(ctx: Context, serve: Serve) -> dict:
     from pipeline_lib.serving.client import RecsysClient
 
+    from tritonclient.utils import triton_to_np_dtype
+
     with RecsysClient(serve.url, "http", serve.model) as c:
         rows = ctx.rank_rows.head(4) if serve.model == RANK else ctx.ret_rows.head(4)
-        return c.to_arrays(rows)
+        arrays = c.to_arrays(rows)
+        if serve.model == RET:
+            ctx.dtypes = {n: triton_to_np_dtype(t) for n, t in c._inputs.items()}
+        return arrays
 
 
 def _json_body(arrays: dict) -> dict:
@@ -584,8 +591,8 @@ def _send_grpc(serve: Serve, arrays: dict) -> tuple[str, str, dict]:
 
 
 def run_matrix(ctx: Context, log: Callable[[str], None]) -> dict:
-    probes = matrix(ctx)
     valid = {m: _valid_arrays(ctx, ctx.servers[m]) for m in (RANK, RET)}
+    probes = matrix(ctx)
     details = []
     for p in probes:
         serve = ctx.servers[p.model]

@@ -29,7 +29,7 @@ def test_a_probe_passes_only_with_the_expected_answer():
 
 
 def test_the_matrix_builds_its_tensors_from_a_valid_request():
-    ctx = rb.Context(Path("."), k=10, catalogue=list(range(1, 21)))
+    ctx = rb.Context(Path("."), k=10, catalogue=list(range(1, 21)), dtypes={"exclude_item_ids__offsets": np.int32})
     rank = {"user_id": np.array([1, 2], np.int64), "item_id": np.array([3, 4], np.int64),
             "user_age": np.array([30.0, 40.0]), "item_price": np.array([1.0, 2.0]),
             "device": np.array([b"m", b"d"], object), "item_tags__values": np.array([1, 2, 3], np.int64),
