@@ -712,8 +712,8 @@ def run_fault(ctx: Context, model: str, target: str, log: Callable[[str], None],
     checker.close()
     failing = [s for s in samples if s["answer"] != "ok"]
     lied = [s for s in failing if s["model_ready"] == 200]
-    # the sampling interval of a sample that said ready while the model failed
-    lied_s = sum(min(0.5, samples[i + 1]["t"] - s["t"]) for i, s in enumerate(samples[:-1]) if s in lied)
+    # how long the model's ready endpoint said 200 while requests failed: each such sample until the next one
+    lied_s = sum(samples[i + 1]["t"] - s["t"] for i, s in enumerate(samples[:-1]) if s in lied)
     res = {"model": model, "target": target, "killed": pids,
            "recovered_s": None if recovered is None else round(recovered, 2),
            "within_target": recovered is not None and recovered <= RECOVER_TARGET_S,
