@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # (a file's tests share their module fixtures: one Triton, one flow run). 2 = the developer machine's cores.
 TEST_WORKERS ?= 2
 
-.PHONY: install run test check bench serve predict clean
+.PHONY: install run test check bench robustness serve predict clean
 
 # uv is bootstrapped from PyPI into .tools/ when the machine has none.
 $(CURDIR)/.tools/bin/uv:
@@ -37,6 +37,11 @@ check: install
 ## bench: install, then the benchmark suite (ETL, training, serving, end to end); results in benchmarks/results/
 bench: install
 	$(UV) run --frozen --no-sync python -m benchmarks.run $(ARGS)
+
+## robustness: install, then the robustness check (bad requests, load, promote/rollback under load, killed
+##   processes) against a small ranking and retrieval version on loopback; ~4 min; benchmarks/results/robustness.json
+robustness: install
+	$(UV) run --frozen --no-sync python -m benchmarks.robustness $(ARGS)
 
 serve: install
 	$(UV) run --frozen --no-sync recsys serve $(ARGS)
