@@ -385,7 +385,8 @@ def build(ctx: Context, log: Callable[[str], None]) -> None:
 
 
 # -- serving --------------------------------------------------------------------------------------
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (from /proc)."""
     out = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
@@ -397,14 +398,16 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
+    """``pid``'s command line ('' when it is gone)."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
     except OSError:
@@ -429,12 +432,12 @@ class Serve:
         self.url, self.grpc_url = f"127.0.0.1:{self.http}", f"127.0.0.1:{self.grpc}"
 
     def triton(self) -> Optional[int]:
-        pids = [p for p in _children(self.proc.pid) if "tritonserver" in _cmdline(p) and _alive(p)]
+        pids = [p for p in children(self.proc.pid) if "tritonserver" in cmdline(p) and alive(p)]
         return pids[0] if pids else None
 
     def stubs(self) -> list[int]:
         t = self.triton()
-        return [p for p in _children(t) if _alive(p) and "stub" in _cmdline(p)] if t else []
+        return [p for p in children(t) if alive(p) and "stub" in cmdline(p)] if t else []
 
     def live(self):
         from pipeline_lib.config import load_config

@@ -28,6 +28,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from benchmarks.robustness import alive, children, cmdline  # /proc helpers shared with make robustness
+
 from pipeline_lib.config import load_config
 from pipeline_lib.serving import admin_key, repository
 from pipeline_lib.serving.server import free_ports, live_server, shm_regions_of
@@ -67,25 +69,6 @@ def write_repo(root: Path) -> Path:
     return repo
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(p.name))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
-    except OSError:
-        return False
-
-
 class Serve:
     """`python -m flows.cli serve` on free ports over ``repo``."""
 
@@ -108,7 +91,7 @@ class Serve:
         return self.log_path.read_text()
 
     def triton(self) -> int:
-        pids = [p for p in children(self.proc.pid) if "tritonserver" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+        pids = [p for p in children(self.proc.pid) if "tritonserver" in cmdline(p)]
         assert len(pids) == 1, (pids, self.log())
         return pids[0]
 
@@ -186,7 +169,7 @@ def test_promote_uses_the_key_file_and_a_failed_promotion_leaves_ready_true(serv
 
 def test_a_killed_stub_is_replaced_within_10_s(serve):
     triton = serve.triton()
-    stubs = [p for p in children(triton) if alive(p) and "stub" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    stubs = [p for p in children(triton) if alive(p) and "stub" in cmdline(p)]
     assert stubs  # (a just-unloaded version's stub may still be exiting: kill them all)
     t0 = time.monotonic()
     for pid in stubs:
