@@ -30,8 +30,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pipeline_lib.export import ranking as ranking_export
-from pipeline_lib.export.ranking import ExportOptions, StagedVersion
+from pipeline_lib.export.staging import ExportOptions, StagedVersion
 from pipeline_lib.export.topk import (EXCLUDE_INPUT, ITEMS_FILE, SEEN_FILE, RequestInput, TopKExport, TopKRecommender,
                                       TopKRoute, TopKSettings, check_version, decode_ids, fresh_artifact_dir,
                                       request_columns, request_inputs, rerank, stage_version, write_seen)
@@ -158,6 +157,8 @@ class ClassicalRecommender(TopKRoute):
         if not self.ranker_fn:
             return ids, scores
         frame, pad = self._rank_frame(raw, ids)
+        from pipeline_lib.export import ranking as ranking_export  # TensorFlow: two-stage versions only
+
         rank = ranking_export.offline_scores(self.workflow_with_label, self.dir / "ranker", frame[self.ranker_columns],
                                              self.label, encoder=self.ranker_fn)
         return self._reranked(ids, rank, pad)

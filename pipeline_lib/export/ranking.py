@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,11 +38,12 @@ from pipeline_lib.export import compiled_model as onnx_compiled
 from pipeline_lib.export import compiled_version
 from pipeline_lib.export.compiled_version import CompiledPlan, CompiledPredictor, request_rows
 from pipeline_lib.paths import TRITON_MODELS
-from pipeline_lib.etl.fast_transform import (Ragged, Unsupported, columns_from_tensors, compile_workflow,
+from pipeline_lib.etl.fast_transform import (Unsupported, columns_from_tensors, compile_workflow,
                                              tensors_from_columns, verify)
 from pipeline_lib.models.common import load_encoder
-from pipeline_lib.validate.requests import (DEFAULT_MAX_LIST_LENGTH, DEFAULT_MAX_STRING_BYTES, RequestLimits,
-                                            write_limit_parameters)
+from pipeline_lib.export.staging import (ExportOptions, StagedVersion, raw_columns,
+                                         raw_to_columns)
+from pipeline_lib.validate.requests import RequestLimits, write_limit_parameters
 
 log = logging.getLogger(__name__)
 
@@ -282,53 +283,6 @@ def signature_schemas(signature) -> tuple:
 
 
 @dataclass
-class StagedVersion:
-    """A complete Triton model repository holding only one exported version (before publishing)."""
-
-    staged_repository: Path
-    model_name: str
-    version: int
-
-    @property
-    def version_dir(self) -> Path:
-        return self.staged_repository / self.model_name / str(self.version)
-
-    @property
-    def config_path(self) -> Path:
-        return self.staged_repository / self.model_name / "config.pbtxt"
-
-
-@dataclass
-class ExportOptions:
-    """How a version is exported and checked (``export:`` and ``serving:`` settings of a run)."""
-
-    atol: float = 1e-5                 # parity tolerance, exported/in-process vs offline
-    run_info: Optional[dict] = None    # written into the version's run_info.json
-    max_request_rows: int = 65536
-    fast_transform: bool = True        # compile the workflow for serving (verified, else NVTabular)
-    dynamic_batching: Any = None       # a DynamicBatchingConfig (ranking only)
-    exclude_seen: bool = True          # top-k: never return the request's own items (session)
-    compiled_model: str = "auto"       # serve the model compiled to ONNX where verified equal and faster
-    max_string_bytes: int = DEFAULT_MAX_STRING_BYTES
-    max_list_length: int = DEFAULT_MAX_LIST_LENGTH
-    input_ranges: dict = field(default_factory=dict)  # continuous input -> (min, max) (columns.features)
-
-    @classmethod
-    def from_config(cls, cfg, run_info: Optional[dict] = None, exclude_seen: bool = True) -> "ExportOptions":
-        """From a ``RunConfig``: its ``export:`` settings, ``serving.dynamic_batching`` and the continuous
-        features' declared ``min``/``max`` (served requests outside them are refused)."""
-        ranges = {f.name: (f.min, f.max) for f in cfg.columns.features if f.min is not None or f.max is not None}
-        return cls(cfg.export.parity_atol, run_info, cfg.export.max_request_rows, cfg.export.fast_transform,
-                   cfg.serving.dynamic_batching, exclude_seen, cfg.export.compiled_model,
-                   cfg.export.max_string_bytes, cfg.export.max_list_length, ranges)
-
-    def limits(self) -> RequestLimits:
-        """What a served request of the version may carry (config.pbtxt parameters)."""
-        return RequestLimits(self.max_request_rows, self.max_string_bytes, self.max_list_length,
-                             dict(self.input_ranges))
-
-
-@dataclass
 class ExportOutput(StagedVersion):
     output_name: str
     parity_max_abs_diff: float
@@ -421,33 +375,7 @@ def raw_to_tensor_table(raw: pd.DataFrame):
     """Raw rows -> TensorTable as Triton hands them to the executor: ragged lists, strings as bytes."""
     from merlin.table import TensorTable
 
-    return TensorTable(_raw_columns(raw))
-
-
-def raw_to_columns(raw: pd.DataFrame) -> dict:
-    """Raw rows -> the fast transform's input columns, as Triton hands them over (bytes strings,
-    lists as values + offsets)."""
-
-    return {k: (Ragged(*v) if isinstance(v, tuple) else v) for k, v in _raw_columns(raw).items()}
-
-
-def _raw_columns(raw: pd.DataFrame) -> dict:
-    cols: dict[str, Any] = {}
-    for name in raw.columns:
-        s = raw[name]
-        if s.dtype == object and len(s) and isinstance(s.iloc[0], (list, tuple, np.ndarray)):
-            lengths = s.map(len).to_numpy()
-            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-            values = np.concatenate([np.asarray(v) for v in s if len(v)]) if lengths.sum() else np.array([], dtype=np.int64)
-            if values.dtype.kind in "OU":  # string lists travel as BYTES too
-                values = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in values], dtype=object)
-            cols[name] = (values, offsets)
-        elif s.dtype == object:
-            # Triton delivers BYTES inputs as bytes objects: reproduce that here.
-            cols[name] = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in s], dtype=object)
-        else:
-            cols[name] = s.to_numpy()
-    return cols
+    return TensorTable(raw_columns(raw))
 
 
 def export_ensemble(workflow_dir: Path, model_dir: Path, sample_raw: pd.DataFrame, label: str, staging_dir: Path,
@@ -574,7 +502,7 @@ def _op_of_type(ensemble, kind: type):
 def _raw_tensors(raw: pd.DataFrame) -> dict:
     """Raw rows -> request tensors (``col``, ``col__values``/``col__offsets``) as Triton delivers them."""
     out = {}
-    for name, v in _raw_columns(raw).items():
+    for name, v in raw_columns(raw).items():
         if isinstance(v, tuple):
             out[f"{name}__values"], out[f"{name}__offsets"] = v
         else:

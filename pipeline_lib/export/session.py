@@ -34,7 +34,7 @@ import pandas as pd
 
 from pipeline_lib.etl.fast_transform import Unsupported, compile_workflow, tensors_from_columns
 from pipeline_lib.etl.sessions import item_vocabulary
-from pipeline_lib.export.ranking import ExportOptions, StagedVersion
+from pipeline_lib.export.staging import ExportOptions, StagedVersion
 from pipeline_lib.export.topk import (EXCLUDE_INPUT, ITEMS_FILE, TopKExport, TopKRoute, check_version,
                                       fresh_artifact_dir, ragged_rows, request_inputs, stage_version)
 from pipeline_lib.models import retrieval

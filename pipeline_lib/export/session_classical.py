@@ -33,7 +33,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from pipeline_lib.export.ranking import ExportOptions, StagedVersion
+from pipeline_lib.export.staging import ExportOptions, StagedVersion
 from pipeline_lib.export.session import SessionRecommender
 from pipeline_lib.export.topk import (EXCLUDE_INPUT, ITEMS_FILE, TOPK_DIR, RequestInput, TopKExport, TopKRoute,
                                       check_version, fresh_artifact_dir, stage_version)

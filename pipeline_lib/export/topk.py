@@ -71,12 +71,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.paths import TRITON_MODELS
-from pipeline_lib.export import ranking as export
 from pipeline_lib.export import ann
 from pipeline_lib.models import retrieval
 from pipeline_lib.config import AnnConfig
 from pipeline_lib.export.parity import check_parity
-from pipeline_lib.export.ranking import ExportOptions, raw_to_columns, StagedVersion
+from pipeline_lib.export.staging import ExportOptions, raw_to_columns, StagedVersion
 from pipeline_lib.models.common import call_signature, load_encoder, signature_encoder
 from pipeline_lib.models.retrieval import RetrievalSpec
 from pipeline_lib.etl.fast_transform import (Unsupported, columns_from_tensors, compile_workflow, n_rows, take_rows,
@@ -429,6 +428,8 @@ class TopKRecommender(TopKRoute):
         if not self.ranker_fn:
             return ids, scores
         frame = self.rank_frame(raw, ids)
+        from pipeline_lib.export import ranking as export  # merlin-systems + TensorFlow: two-stage versions only
+
         rank = export.offline_scores(self.workflow_with_label, self.dir / "ranker", frame[self.ranker_columns],
                                      self.label, encoder=self.ranker_fn).reshape(ids.shape)
         return rerank(ids, rank, self.k, scores)
