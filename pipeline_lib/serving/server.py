@@ -345,6 +345,12 @@ class TritonServer:
         if self.process is not None:
             self._shm_regions |= shm_regions_of(self.process.pid)
 
+    def stub_pids(self) -> set[int]:
+        """The live python-backend stubs of this server (its process group, less tritonserver itself)."""
+        if self.process is None or self._pgid is None:
+            return set()
+        return group_pids(self._pgid) - {self.process.pid}
+
     def stop(self, timeout_s: float = 30.0, keep_key: bool = False) -> None:
         """Stop tritonserver and clean up after it on every path: its python stubs (killed with the
         process group, also when Triton itself was killed and left them orphaned), the shared-memory
@@ -394,15 +400,30 @@ class TritonServer:
 SHM_PREFIX = "/dev/shm/triton_python_backend_shm"
 
 
-def shm_regions_of(pid: int) -> set[str]:
-    """The python backend's shared-memory files mapped by ``pid`` and the processes of its group."""
-    pids = {pid}
+def group_pids(pgid: int) -> set[int]:
+    """The live (not zombie) processes of process group ``pgid``, read from /proc."""
+    pids: set[int] = set()
     with contextlib.suppress(OSError):
         for p in Path("/proc").iterdir():
             if p.name.isdigit():
                 with contextlib.suppress(OSError, ValueError, IndexError):
-                    if int(p.joinpath("stat").read_text().rsplit(")", 1)[1].split()[2]) == pid:  # pgid
+                    fields = p.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+                    if int(fields[2]) == pgid and fields[0] != "Z":  # pgid; state
                         pids.add(int(p.name))
+    return pids
+
+
+def is_alive(pid: int) -> bool:
+    """``pid`` runs (exists and is not a zombie waiting for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def shm_regions_of(pid: int) -> set[str]:
+    """The python backend's shared-memory files mapped by ``pid`` and the processes of its group."""
+    pids = {pid} | group_pids(pid)
     regions: set[str] = set()
     for q in pids:
         with contextlib.suppress(OSError):

@@ -3,13 +3,16 @@
 Triton's ready endpoints do not see every outage: a python-backend stub that died (killed, out of
 memory) leaves the model READY while every request fails with ``Stub process ... is not healthy``,
 and Triton 2.51 never restarts it. So the supervisor probes with a real inference, built from the
-served model's config (one row of zeros per required input), every ``probe_interval_s``:
+served model's config (one row of zeros per required input), every ``probe_interval_s``, and at once
+when tritonserver or one of the stubs it saw healthy exits (watched in /proc every 0.1 s, so the
+ready endpoint lies for a fraction of a second rather than a probe interval):
 
 * tritonserver exited -> restart it (same ports, same admin key);
 * the probe fails because the model cannot run at all (a dead stub, not loaded; not when the
-  model's own code refuses the probe's zeros, which shows it alive) -> reload
-  the model (unload + load of the served version through the admin API, under the repository lock so
-  it never races a promotion); if that fails, restart the server.
+  model's own code refuses the probe's zeros, which shows it alive) -> unload the model at once (its
+  ready endpoint then says "not ready", which is the truth), then, after the backoff, load the served
+  version again (both through the admin API, under the repository lock so they never race a
+  promotion); if that fails, restart the server.
 
 Each recovery waits a backoff (doubling from ``backoff_initial_s`` up to ``backoff_max_s``) and is
 logged with its reason. More than ``max_failures`` failures within ``window_s`` -> give up:
@@ -29,7 +32,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from pipeline_lib.serving.admin_key import ADMIN_HEADER
-from pipeline_lib.serving.server import ServerError, TritonServer
+from pipeline_lib.serving.server import ServerError, TritonServer, is_alive
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,24 @@ class Supervisor:
         self.clock = clock
         self.failures: deque[float] = deque()
         self.recoveries: list[dict] = []  # what happened, for logs and tests
+        self._stubs: set[int] = set()  # the stubs alive at the last healthy probe
+
+    def _exited(self) -> bool:
+        """tritonserver or a stub that was alive at the last healthy probe has exited."""
+        proc = self.server.process
+        return proc is None or proc.poll() is not None or not all(is_alive(pid) for pid in self._stubs)
+
+    def _watch(self, seconds: float, should_stop: Callable[[], bool]) -> bool:
+        """Wait up to ``seconds`` for the next probe, sooner when a process exits (-> False, probe now);
+        -> True when asked to stop meanwhile."""
+        end = self.clock() + seconds
+        while self.clock() < end:
+            if should_stop():
+                return True
+            if self._exited():
+                return False
+            time.sleep(min(0.1, max(end - self.clock(), 0)))
+        return should_stop()
 
     def _sleep(self, seconds: float, should_stop: Callable[[], bool]) -> bool:
         """Sleep up to ``seconds``; -> True when asked to stop meanwhile."""
@@ -128,17 +149,21 @@ class Supervisor:
         if proc is None or proc.poll() is not None:
             code = None if proc is None else proc.returncode
             return "restart", f"tritonserver is not running (exit code {code})"
+        stubs = self.server.stub_pids()
         reason = probe(self.server.http_url, self.model, self.policy.probe_timeout_s)
         if reason is not None:
+            self._stubs = set()
             return "reload", reason
+        self._stubs = stubs & self.server.stub_pids()  # a stub replaced meanwhile (promotion) is not watched
         self.server.remember_shm_regions()
         return None
 
     def run(self, should_stop: Callable[[], bool]) -> int:
         """Supervise until ``should_stop()``; -> 0, or :data:`GAVE_UP` after too many failures."""
         p = self.policy
+        self._stubs = self.server.stub_pids()  # started and ready: its stubs are the healthy ones
         try:
-            while not self._sleep(p.probe_interval_s, should_stop):
+            while not self._watch(p.probe_interval_s, should_stop):
                 problem = self.check()
                 if problem is None:
                     continue
@@ -156,10 +181,11 @@ class Supervisor:
                 backoff = min(p.backoff_initial_s * 2 ** (n - 1), p.backoff_max_s)
                 log.warning("%s -> %s in %.1f s (failure %d of at most %d within %.0f s)",
                             reason, action, backoff, n, p.max_failures, p.window_s)
+                t0 = self.clock()
+                unloaded = action == "reload" and self._unload()  # ready endpoint: "not ready" from now on
                 if self._sleep(backoff, should_stop):
                     break
-                t0 = self.clock()
-                ok = self._reload() if action == "reload" else False
+                ok = self._load() if unloaded else False
                 if not ok:
                     action = "restart"
                     ok = self._restart()
@@ -171,20 +197,32 @@ class Supervisor:
         finally:
             self.server.stop()
 
-    def _reload(self) -> bool:
-        """Unload + load the served version (a dead stub is replaced only by a fresh load)."""
+    def _admin(self, call: Callable, timeout_s: float) -> None:
+        """``call(client, headers)`` through the admin API, under the repository lock."""
         import tritonclient.http as httpclient
 
         from pipeline_lib.serving import repository
 
         key = self.server.admin_api_key
         headers = {ADMIN_HEADER: key} if key and self.server.restrict_repository_api else None
+        with repository.locked(self.repository, self.model):
+            with httpclient.InferenceServerClient(self.server.http_url, connection_timeout=30,
+                                                  network_timeout=timeout_s) as c:
+                call(c, headers)
+
+    def _unload(self) -> bool:
+        """Unload the model whose stub cannot run: its ready endpoint says so until :meth:`_load`."""
         try:
-            with repository.locked(self.repository, self.model):
-                with httpclient.InferenceServerClient(self.server.http_url, connection_timeout=30,
-                                                      network_timeout=self.policy.startup_timeout_s) as c:
-                    c.unload_model(self.model, headers=headers)
-                    c.load_model(self.model, headers=headers)
+            self._admin(lambda c, h: c.unload_model(self.model, headers=h), self.policy.probe_timeout_s)
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure falls back to a restart
+            log.warning("unload of model '%s' failed: %s", self.model, str(exc).splitlines()[0][:300] if str(exc) else exc)
+            return False
+
+    def _load(self) -> bool:
+        """Load the served version again (a dead stub is replaced only by a fresh load)."""
+        try:
+            self._admin(lambda c, h: c.load_model(self.model, headers=h), self.policy.startup_timeout_s)
             reason = probe(self.server.http_url, self.model, self.policy.probe_timeout_s)
             if reason is not None:
                 log.warning("reload did not help (%s)", reason)

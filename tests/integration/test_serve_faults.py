@@ -7,8 +7,10 @@ key do not depend on what the model computes. Checked here:
   tritonserver's command line nor its environment, and its file is 0600; the project's promote path
   finds it;
 - a failed promotion leaves /v2/health/ready at 200 (the served version keeps serving);
-- SIGKILL of the python stub -> correct answers again within 10 s (model reload);
+- SIGKILL of the python stub -> the model's ready endpoint says "not ready" within 2 s and correct answers
+  come back within 10 s (model reload);
 - SIGKILL of tritonserver -> restarted within 10 s, its orphaned stub killed, its /dev/shm region removed;
+- both are seen by the supervisor's /proc watch, not its probe: the module's server probes every 30 s;
 - a model that cannot come back -> `recsys serve` gives up with a non-zero exit, nothing left behind.
 """
 from __future__ import annotations
@@ -122,7 +124,7 @@ class Serve:
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve_faults")
-    s = Serve(write_repo(tmp), tmp)
+    s = Serve(write_repo(tmp), tmp, probe_interval_s=30)  # faults must be seen by the /proc watch
     s.repo = tmp / "model_repository"
     yield s
     s.stop()
@@ -176,8 +178,13 @@ def test_a_killed_stub_is_replaced_within_10_s(serve):
         os.kill(pid, signal.SIGKILL)
     while any(alive(p) for p in stubs):
         time.sleep(0.01)
+    ready = f"http://{serve.url}/v2/models/{MODEL}/ready"
+    while requests.get(ready, timeout=5).status_code == 200 and time.monotonic() - t0 < RECOVER_S:
+        time.sleep(0.02)
+    lied_s = time.monotonic() - t0
+    assert lied_s < 2.0, f"the model's ready endpoint said 200 for {lied_s:.1f} s after its stub died\n{serve.log()}"
     assert serve.answers(1, within_s=RECOVER_S), serve.log()
-    print(f"stub kill: answers again after {time.monotonic() - t0:.1f} s")
+    print(f"stub kill: not ready after {lied_s:.2f} s, answers again after {time.monotonic() - t0:.1f} s")
     assert "not healthy" in serve.log() and "reload" in serve.log()
 
 
