@@ -188,7 +188,8 @@ def train_session_model(train_dir: Path, cfg: SessionModelConfig, cols: SessionC
     on_valid = cfg.early_stopping_on == "validation" and valid_dir is not None
     stop = np.random.default_rng(seed).random(len(frame)) < (0.0 if on_valid else cfg.validation_fraction)
     fit_ds = Dataset(frame.loc[~stop].reset_index(drop=True), schema=ds.schema, cpu=True) if stop.any() else ds
-    held_out = pd.read_parquet(sorted(Path(valid_dir).glob("*.parquet"))[0]) if on_valid else frame.loc[stop]  # type: ignore[arg-type]
+    held_out = (pd.read_parquet(sorted(Path(valid_dir).glob("*.parquet"))[0]) if on_valid and valid_dir is not None
+                else frame.loc[stop])
     model = build_session_model(schema, cfg, cols, max_length)
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=cfg.learning_rate), run_eagerly=False)
     loader = mm.Loader(fit_ds, batch_size=cfg.batch_size, shuffle=True, schema=schema)
