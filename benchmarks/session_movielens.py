@@ -9,13 +9,18 @@
 writes ``events.parquet`` and ``session_ml.yaml`` (``task: session``, ``data.source: parquet``,
 time split) into ``--out``, then runs the pipeline's own stages (raw -> session ETL -> train and
 evaluate: the model and the most-popular / co-occurrence baselines under the same protocol) and
-prints the metrics. ``--set a.b.c=value`` overrides the config (repeatable).
+prints the metrics. ``--set a.b.c=value`` overrides the config (repeatable). ``--test`` also scores
+the model and every baseline on the test split with 95% intervals (what a run reports; validation is
+what candidates are chosen on); ``--config configs/examples/session.yaml`` measures another session log
+instead (the embedded Markov + intent generator); ``--reuse-etl`` skips the ETL of an earlier call.
+Figures: benchmarks/README.md, "Deep session models vs classical (session 23)".
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -60,35 +65,66 @@ def _set(over: dict, dotted: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ml_dir", type=Path)
+    p.add_argument("ml_dir", type=Path, nargs="?", help="the MovieLens-layout folder (u.data, u.item)")
+    p.add_argument("--config", type=Path, default=None, help="a session config of its own instead of ml_dir's "
+                   "daily sessions (e.g. configs/examples/session.yaml: the embedded Markov + intent generator)")
     p.add_argument("--out", type=Path, default=Path("/tmp/ml-sessions"))
     p.add_argument("--set", action="append", default=[], help="config override a.b.c=value (repeatable)")
+    p.add_argument("--test", action="store_true", help="also score every method on the test split, with 95%% "
+                   "intervals (the figures a run reports); validation figures are the candidates' choice")
+    p.add_argument("--reuse-etl", action="store_true", help="reuse --out's ETL output from an earlier call with the "
+                   "same data/split/etl settings (model options only differ)")
     args = p.parse_args(argv)
 
     from pipeline_lib.models import session as session_model
     from pipeline_lib.etl import sessions
     from pipeline_lib.config import load_config
+    from pipeline_lib.models import evaluation, session_classical
 
     args.out.mkdir(parents=True, exist_ok=True)
-    events = args.out / "events.parquet"
-    ml_events(args.ml_dir).to_parquet(events, index=False)
-    write_config(events, args.out / "session_ml.yaml")
+    if args.config is None:
+        if args.ml_dir is None:
+            p.error("give ml_dir or --config")
+        events = args.out / "events.parquet"
+        ml_events(args.ml_dir).to_parquet(events, index=False)
+        write_config(events, args.out / "session_ml.yaml")
     over: dict = {}
     for s in args.set:
         _set(over, s)
-    cfg = load_config(str(args.out / "session_ml.yaml"), over)
+    cfg = load_config(str(args.config or args.out / "session_ml.yaml"), over)
     run = args.out / "run"
-    raw = session_data.write_raw_events(cfg.data, cfg.session, cfg.seed, run / "raw")
-    etl_out = sessions.run_session_etl(raw, cfg, run / "transformed", run / "split")
+    etl_pickle = run / "etl_out.pkl"
+    if args.reuse_etl and etl_pickle.is_file():
+        etl_out = pickle.loads(etl_pickle.read_bytes())
+    else:
+        raw = session_data.write_raw_events(cfg.data, cfg.session, cfg.seed, run / "raw")
+        etl_out = sessions.run_session_etl(raw, cfg, run / "transformed", run / "split")
+        etl_pickle.write_bytes(pickle.dumps(etl_out))
     t0 = time.perf_counter()
-    out = session_model.train_and_evaluate(etl_out, cfg, run / "model")
+    s = cfg.session
+    train_raw = pd.read_parquet(etl_out.split.train)
+    out = session_model.train_and_evaluate(etl_out, cfg, run / "model", lambda held_out: (
+        session_classical.baseline_metrics(train_raw, held_out, s.model.classical, s.columns, s.top_k,
+                                           s.exclude_seen)))
+    train_s = time.perf_counter() - t0
     m, k = out.metrics, cfg.session.top_k
-    rows = [{"method": m["model"], **{x: round(m[f"{x}@{k}"], 4) for x in ("recall", "ndcg", "mrr")}}]
-    rows += [{"method": n, **{x: round(v[f"{x}@{k}"], 4) for x in ("recall", "ndcg", "mrr")}}
-             for n, v in m["baselines"].items()]
+    valid = {m["model"]: m, **m["baselines"]}
+    rows = [{"method": n, **{f"valid {x}": round(v[f"{x}@{k}"], 4) for x in ("recall", "ndcg")}}
+            for n, v in valid.items()]
+    if args.test:
+        rep = evaluation.compare_with_baselines(cfg, etl_out.split.train, etl_out.split.test, out,
+                                                etl_out.workflow_dir, etl_out.train_dir)
+        for r in rows:
+            key = "model" if r["method"] == m["model"] else r["method"]
+            vals = rep.model if key == "model" else rep.baselines.get(key, {})
+            r[f"test recall@{k}"] = round(vals.get(f"recall@{k}", float("nan")), 4)
+            r["95% CI"] = rep.interval_text(key, f"recall@{k}")
+        print(rep.lift)
     print(pd.DataFrame(rows).to_string(index=False))
     print(json.dumps({"overrides": over, "n_train": m["n_train"], "n_valid": m["n_valid"], "n_items": m["n_items"],
-                      "exclude_seen": m.get("exclude_seen"), "seconds": round(time.perf_counter() - t0, 1),
+                      "exclude_seen": m.get("exclude_seen"), "train_seconds": round(train_s, 1),
+                      "epochs_run": m.get("epochs_run"), "best_epoch": m.get("best_epoch"),
+                      "val_recall": [round(x, 4) for x in out.history.get("val_recall", [])],
                       "final_loss": out.history.get("loss", [None])[-1]}))
     return 0
 

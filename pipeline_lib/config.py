@@ -727,12 +727,16 @@ class SessionModelConfig(_Strict):
     dropout: float = Field(0.1, ge=0, lt=1)
     learning_rate: float = Field(3e-3, gt=0)
     batch_size: int = Field(128, ge=1)
-    epochs: int = Field(10, ge=1, description="at most; see validation_fraction")
+    epochs: int = Field(10, ge=1, description="at most; see early_stopping_on")
     validation_fraction: float = Field(
-        0.1, ge=0, lt=1, description="share of the training sessions kept out of the fit to pick the epoch (their "
-        "recall@top_k after each epoch); 0: every session trains, all epochs run")
+        0.1, ge=0, lt=1, description="early_stopping_on: train_share only: share of the training sessions kept out "
+        "of the fit to pick the epoch (their recall@top_k after each epoch); 0: every session trains, all epochs run")
     early_stopping_patience: int = Field(2, ge=0, description="stop after this many epochs without a better "
                                          "validation recall (the best epoch's weights are kept); 0: never stop early")
+    early_stopping_on: Literal["validation", "train_share"] = Field(
+        "validation", description="where the epoch is picked: validation -- the validation split's sessions (the "
+        "data candidates are chosen on; every training session fits); train_share -- a validation_fraction share "
+        "of the training sessions kept out of the fit. Never the test split")
     tie_weights: bool = Field(False, description="score items with the input item embeddings (weight tying)")
     popularity_prior: bool = Field(True, description="start the output bias at the log training frequency of items")
     candidates: Optional[Union[Literal["auto"], list[CandidateSpec]]] = Field(None, description=CANDIDATES_DESCRIPTION)
@@ -819,13 +823,13 @@ def accepted_types(model_cls: type[BaseModel]) -> tuple[str, ...]:
 
 def default_candidate_types(family: str, model_type: str) -> list[str]:
     """``candidates: auto``: retrieval -> two_tower plus every non-deep retrieval type the config accepts
-    (the classical ones: ease, item_knn, ...); session -> gru plus every non-deep session type (session_knn,
-    co-occurrence, ...); ranking -> model.type plus a logistic-regression type where one exists."""
+    (the classical ones: ease, item_knn, ...); session -> gru and transformer plus every non-deep session type
+    (session_knn, sequential_rules, ...); ranking -> model.type plus a logistic-regression type where one exists."""
     if family == "retrieval":
         return [DEFAULT_RETRIEVAL_MODEL] + [t for t in accepted_types(ModelConfig)
                                             if t in RETRIEVAL_MODELS and t not in DEEP_RETRIEVAL_MODELS]
-    if family == "session":
-        return [DEFAULT_SESSION_MODEL] + [t for t in accepted_types(SessionModelConfig) if t not in DEEP_SESSION_MODELS]
+    if family == "session":  # both deep types: the transformer won on the structured log (benchmarks/README.md)
+        return list(DEEP_SESSION_MODELS) + [t for t in accepted_types(SessionModelConfig) if t not in DEEP_SESSION_MODELS]
     return [model_type] + [t for t in accepted_types(ModelConfig) if t in LOGISTIC_TYPES and t != model_type]
 
 

@@ -17,9 +17,10 @@ The model is ``mm.Model(InputBlockV2 -> SessionEncoder -> CategoricalOutput(item
   untrained model ranks like the most-popular baseline and training fits what the session adds.
   Without it the first epochs only learn popularity, and on a log with little sequential signal
   the model then memorises the training sessions before it ever beats popularity;
-- early stopping (``validation_fraction``, ``early_stopping_patience``): a random share of the
-  training sessions is kept out of the fit, their Recall@k is measured after each epoch
-  (``val_recall`` in the history) and the best epoch's weights are kept.
+- early stopping (``early_stopping_on``, ``early_stopping_patience``): the Recall@k of the validation
+  sessions (default; or, ``train_share``, of a ``validation_fraction`` share of the training sessions
+  kept out of the fit) is measured after each epoch (``val_recall`` in the history) and the best
+  epoch's weights are kept. The test split is never seen.
 
 Evaluation: every held-out session minus its last event goes through the fitted feature workflow
 and the trained model (in memory; its SavedModel's serving signature gives the same scores, the
@@ -101,6 +102,8 @@ def _define_encoder():
             if self.kind == "gru":
                 for rnn in self.rnns:
                     h = rnn(h, training=training)
+                # GRU4Rec's hidden-state dropout (the transformer drops inside its blocks)
+                h = h.with_flat_values(self.drop(h.flat_values, training=training))
             else:
                 h = _causal_attention(self, h, lengths, training)
             if training:
@@ -165,11 +168,13 @@ def build_session_model(schema, cfg: SessionModelConfig, cols: SessionColumns, m
 
 
 def train_session_model(train_dir: Path, cfg: SessionModelConfig, cols: SessionColumns, max_length: int, seed: int,
-                        out_dir: Path, k: int = 10):
+                        out_dir: Path, k: int = 10, valid_dir: Optional[Path] = None):
     """Fit with ``mm.SequencePredictNext`` and save the SavedModel (without Keras' layer traces:
     ``common.save_model``); returns (model, model_dir, history).
-    With ``cfg.validation_fraction`` > 0 that share of the training sessions is held out of the fit to
-    pick the epoch (:func:`early_stopping`)."""
+    The epoch is picked (:func:`early_stopping`) on the transformed validation sessions in ``valid_dir``
+    (``cfg.early_stopping_on: validation``, every training session fits) or, with ``train_share`` (or
+    no ``valid_dir``), on a ``cfg.validation_fraction`` share of the training sessions held out of the fit.
+    Never on the test split: this function is not given it."""
     tf = import_tf()
     import merlin.models.tf as mm
     from merlin.io import Dataset
@@ -180,22 +185,25 @@ def train_session_model(train_dir: Path, cfg: SessionModelConfig, cols: SessionC
     schema = ds.schema.select_by_tag(Tags.SEQUENCE)
     n_items = int(schema[cols.item_id].int_domain.max) + 1
     frame = pd.read_parquet(sorted(Path(train_dir).glob("*.parquet"))[0])
-    stop = np.random.default_rng(seed).random(len(frame)) < cfg.validation_fraction
+    on_valid = cfg.early_stopping_on == "validation" and valid_dir is not None
+    stop = np.random.default_rng(seed).random(len(frame)) < (0.0 if on_valid else cfg.validation_fraction)
     fit_ds = Dataset(frame.loc[~stop].reset_index(drop=True), schema=ds.schema, cpu=True) if stop.any() else ds
+    held_out = (pd.read_parquet(sorted(Path(valid_dir).glob("*.parquet"))[0]) if on_valid and valid_dir is not None
+                else frame.loc[stop])
     model = build_session_model(schema, cfg, cols, max_length)
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=cfg.learning_rate), run_eagerly=False)
     loader = mm.Loader(fit_ds, batch_size=cfg.batch_size, shuffle=True, schema=schema)
     if cfg.popularity_prior:
         init_output_bias(model, loader, frame.loc[~stop, cols.item_id], n_items)
     callbacks = [epoch_logger(cfg.epochs, log)]
-    if stop.any():
-        callbacks.insert(0, early_stopping(frame.loc[stop], ds.schema, cols.item_id, k, cfg.early_stopping_patience))
+    if len(held_out):
+        callbacks.insert(0, early_stopping(held_out, ds.schema, cols.item_id, k, cfg.early_stopping_patience))
     log.info("training session_%s: up to %d epochs over %d sessions (batch %d)", cfg.type, cfg.epochs,
              int((~stop).sum()), cfg.batch_size)
     hist = model.fit(loader, epochs=cfg.epochs, verbose=0, callbacks=callbacks,
                      pre=mm.SequencePredictNext(schema=schema, target=cols.item_id))
     history = {key: [float(x) for x in v] for key, v in hist.history.items()}
-    if stop.any():
+    if len(held_out):
         history["best_epoch"] = callbacks[0].best_epoch
     out_dir.mkdir(parents=True, exist_ok=True)
     return model, save_model(model, out_dir / "model"), history
@@ -427,7 +435,7 @@ def train_and_evaluate(etl_out, cfg, out_dir: Path,
     s = cfg.session
     t0 = time.perf_counter()
     model, model_dir, history = train_session_model(etl_out.train_dir, s.model, s.columns, s.etl.max_session_length,
-                                                    cfg.seed, out_dir, s.top_k)
+                                                    cfg.seed, out_dir, s.top_k, etl_out.valid_dir)
     train_s = time.perf_counter() - t0
     best_epoch = history.pop("best_epoch", None)
     workflow = load_workflow(etl_out.workflow_dir)

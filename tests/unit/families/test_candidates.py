@@ -27,13 +27,13 @@ def test_a_default_retrieval_and_session_run_compete_deep_against_classical():
     assert r.family == "retrieval" and r.model.type == "two_tower"
     assert [c.type for c in r.candidates][0] == "two_tower" and all(c.type != "youtube_dnn" for c in r.candidates)
     s = load_config(None, {"task": "session"})
-    assert s.family == "session" and [c.type for c in s.candidates][0] == "gru"
+    assert s.family == "session" and [c.type for c in s.candidates][:2] == ["gru", "transformer"]
     # every type the config accepts beyond the deep ones joins by name (classical retrieval / session types)
     from pipeline_lib.config import (DEEP_RETRIEVAL_MODELS, DEEP_SESSION_MODELS, RETRIEVAL_MODELS, ModelConfig,
                                      SessionModelConfig, accepted_types)
     assert [c.type for c in r.candidates][1:] == [t for t in accepted_types(ModelConfig)
                                                   if t in RETRIEVAL_MODELS and t not in DEEP_RETRIEVAL_MODELS]
-    assert [c.type for c in s.candidates][1:] == [t for t in accepted_types(SessionModelConfig)
+    assert [c.type for c in s.candidates][2:] == [t for t in accepted_types(SessionModelConfig)
                                                   if t not in DEEP_SESSION_MODELS]
 
 

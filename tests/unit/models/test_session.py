@@ -59,3 +59,44 @@ def assert_saved_model_scores_like_in_memory(cfg, etl_out, out):
                                  pd.read_parquet(etl_out.split.valid), train_tf, s.columns, s.top_k, m["n_items"],
                                  s.exclude_seen)
     assert res["model"] == {f"{k}@{s.top_k}": m[f"{k}@{s.top_k}"] for k in ("recall", "ndcg", "mrr")}
+
+
+def test_the_epoch_is_picked_on_validation_sessions_and_the_test_split_is_never_read(session_etl, tmp_path,
+                                                                                      monkeypatch):
+    """The honest protocol for the deep session models: early stopping / best epoch see the validation split's
+    sessions (default ``early_stopping_on: validation``) or a share of the training sessions (``train_share``),
+    never the test split -- here a file any reader fails on."""
+    import dataclasses
+
+    import pandas as pd
+
+    from pipeline_lib.models import session as session_model
+
+    cfg, root, etl_out = session_etl
+    test = tmp_path / "test.parquet"
+    test.write_bytes(b"not parquet: the test split must not be read while training or choosing")
+    poisoned = dataclasses.replace(etl_out, split=dataclasses.replace(etl_out.split, test=test))
+    seen, real = [], session_model.early_stopping
+    monkeypatch.setattr(session_model, "early_stopping", lambda frame, *a: seen.append(frame) or real(frame, *a))
+
+    def with_model(**update):
+        return cfg.model_copy(update={"session": cfg.session.model_copy(update={
+            "model": cfg.session.model.model_copy(update={"epochs": 2, "batch_size": 256, **update})})})
+
+    out = session_model.train_and_evaluate(poisoned, with_model(), tmp_path / "valid")
+    valid = pd.read_parquet(sorted(etl_out.valid_dir.glob("*.parquet"))[0])
+    train = pd.read_parquet(sorted(etl_out.train_dir.glob("*.parquet"))[0])
+    (frame,) = seen
+    assert frame.reset_index(drop=True).equals(valid)  # the transformed validation sessions, all of them
+    assert out.metrics["best_epoch"] in (1, 2) and len(out.history["val_recall"]) == out.metrics["epochs_run"]
+
+    seen.clear()  # train_share: a share of the training sessions, held out of the fit
+    share = with_model(early_stopping_on="train_share", epochs=1).session.model
+    session_model.train_session_model(etl_out.train_dir, share, cfg.session.columns, cfg.session.etl.max_session_length,
+                                      cfg.seed, tmp_path / "share", valid_dir=etl_out.valid_dir)
+    (frame,) = seen
+
+    def key(df):
+        return set(df["item_id"].map(tuple) + df["time_delta"].map(tuple))
+    assert 0.05 * len(train) < len(frame) < 0.15 * len(train) and key(frame) <= key(train)
+    assert not key(frame) & key(valid)
