@@ -34,7 +34,7 @@ class Snapshot:
     user_id: str
     item_id: str
     user_columns: list[str]          # stored per user (request columns except the user id)
-    list_columns: list[str]          # of those, lists of raw item ids (the history)
+    list_columns: list[str]          # the list-valued columns (the history, list features of users or items)
     item_columns: list[str]          # stored per item (except the item id)
     dtypes: dict[str, str]           # numpy dtype of each stored column (lists: of their values)
     defaults: dict[str, Any] = field(default_factory=dict)  # the cold-start row (lists: empty)
@@ -81,9 +81,15 @@ def build_users(train: pd.DataFrame, request_columns: list[str], user_id: str, i
     return users
 
 
+def _is_list(s: pd.Series) -> bool:
+    return s.dtype == object and len(s) > 0 and isinstance(s.iloc[0], (list, tuple, np.ndarray))
+
+
 def _dtype_name(s: pd.Series, item_dtype: np.dtype) -> str:
-    if s.dtype == object and len(s) and isinstance(s.iloc[0], (list, tuple, np.ndarray)):
-        return str(item_dtype)
+    """A column's numpy dtype; of a list column, its values' (the item id's when every list is empty)."""
+    if _is_list(s):
+        values = [v for row in s for v in row]
+        return str(np.asarray(values).dtype) if values else str(item_dtype)
     return str(s.dtype)
 
 
@@ -110,7 +116,8 @@ def write_snapshot(artifact_dir: Path, train: pd.DataFrame, request_columns: lis
     item_dtype = train[iid].dtype
     stored = [c for c in users.columns if c != uid]
     snap = Snapshot(
-        id=digest, user_id=uid, item_id=iid, user_columns=stored, list_columns=[history] if history else [],
+        id=digest, user_id=uid, item_id=iid, user_columns=stored,
+        list_columns=[c for f in (users, items) for c in f.columns if _is_list(f[c]) or c == history],
         item_columns=[c for c in items.columns if c != iid],
         dtypes={c: _dtype_name(f[c], item_dtype) for f in (users, items) for c in f.columns},
         defaults={c: _default(users[c]) for c in stored}, n_users=len(users), n_items=len(items))

@@ -115,7 +115,7 @@ def _definitions(snap: Snapshot, data: Path) -> list:
     stamp = [Field(name=SNAPSHOT_FIELD, dtype=types.String), Field(name=VERSION_FIELD, dtype=types.Int64)]
     return [user, item, meta,
             view(USER_VIEW, user, snap.user_columns, snap.list_columns, stamp),
-            view(ITEM_VIEW, item, snap.item_columns, [], []),
+            view(ITEM_VIEW, item, snap.item_columns, snap.list_columns, []),
             view(META_VIEW, meta, [], [], stamp)]
 
 

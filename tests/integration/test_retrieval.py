@@ -305,3 +305,106 @@ def test_k_per_request_up_to_the_exported_k_and_out_of_range_refused(retrieval_r
                 with pytest.raises(BadRequestError, match=rf"input 'k' is {bad}; this version answers 1 to {rec.k}") as err:
                     client.recommend(rows, k=bad)
                 assert err.value.status() == status
+
+
+# -- user-id requests: the feature store each run filled after promotion ------------------------------------
+
+
+def _art(retrieval_runs, name):
+    return retrieval_runs[1] / name / "1" / topk.TOPK_DIR
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["recsys_youtube", "recsys_two_stage"])
+def test_user_id_requests_equal_the_offline_top_k_of_the_users_training_rows(retrieval_runs, published, served, name):
+    """Only the user id is sent; the served model reads the user's features and recent items (YouTube DNN's
+    history) from the Feast store the flow's features stage filled; the answer equals the offline top-k of the
+    user's full row read from the training data. An unknown id gets the cold-start answer and the flag."""
+    from pipeline_lib.features import snapshot
+    from pipeline_lib.features.store import store_state
+
+    s, rec = retrieval_runs[2][name], published[name]
+    assert s["feature_store"]["version"] == 1 and s["feature_store"]["online_store"] == "sqlite"
+    assert store_state(Path(s["feature_store"]["repo"]))["version"] == 1
+    assert "recsys recommend" in s["query"]["recommend"] and '"name":"user_id"' in s["query"]["curl_user"]
+    art = _art(retrieval_runs, name)
+    users = snapshot.stored_users(art, 6)
+    ids = users + [snapshot.unknown_id(users)]
+    want = topk.finish_top_k(*rec.offline(snapshot.offline_rows(art, ids)))
+    for url, protocol in ((served.grpc_url, "grpc"), (served.http_url, "http")):
+        with RecsysClient(url, protocol, name) as c:
+            got_ids, got_scores, count, cold = c.recommend_user(ids, "user_id")
+        assert cold.tolist() == [False] * len(users) + [True]
+        np.testing.assert_array_equal(got_ids, want[0])
+        np.testing.assert_allclose(got_scores, want[1], atol=1e-5)
+    # exclusions and k work on user-id requests too; a full-feature request still answers (cold_start false)
+    with RecsysClient(served.grpc_url, "grpc", name) as c:
+        first = c.recommend_user(users[:1], "user_id")[0][0]
+        again = c.recommend_user(users[:1], "user_id", k=3, exclude=[[first[0]]])[0][0]
+        assert first[0] not in again and len(again) == 3
+        full = c.recommend(snapshot.offline_rows(art, users[:2])[rec.request_columns])
+    np.testing.assert_array_equal(full[0], want[0][:2])
+
+
+@pytest.mark.integration
+def test_user_id_request_without_the_user_id_is_a_clear_bad_request(served):
+    import tritonclient.http as httpclient
+
+    c = httpclient.InferenceServerClient(served.http_url)
+    k = httpclient.InferInput("k", [1], "INT32")
+    k.set_data_from_numpy(np.array([3], dtype=np.int32))
+    with pytest.raises(InferenceServerException, match="missing input 'user_id'") as exc:
+        c.infer("recsys_youtube", [k])
+    assert exc.value.status() == "400"
+    c.close()
+
+
+@pytest.mark.integration
+def test_user_id_requests_through_redis_and_a_store_that_goes_away_is_503(retrieval_runs, published, tmp_path):
+    """The YouTube DNN version served from a Redis online store (a real redis-server on a free port): same answer
+    as offline; with Redis stopped, user-id requests get UNAVAILABLE (HTTP 503) and full-feature requests still
+    answer; the model never crashes."""
+    import shutil
+    import subprocess
+    import time
+
+    from pipeline_lib.features import snapshot
+    from pipeline_lib.features.store import StoreSettings, materialize, write_pointer
+    from pipeline_lib.serving.server import free_port
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+    name, rec = "recsys_youtube", published["recsys_youtube"]
+    repo = tmp_path / "repo"
+    shutil.copytree(retrieval_runs[1] / name, repo / name)
+    port = free_port()
+    redis = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        settings = StoreSettings(tmp_path / "fs" / name, "redis", f"127.0.0.1:{port}")
+        art = repo / name / "1" / topk.TOPK_DIR
+        materialize(settings, art, 1)
+        write_pointer(repo / name, settings)
+        users = snapshot.stored_users(art, 4)
+        want = topk.finish_top_k(*rec.offline(snapshot.offline_rows(art, users)))
+        server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log")
+        with server.start(timeout_s=300, models=[name]):
+            with RecsysClient(server.grpc_url, "grpc", name) as c:
+                np.testing.assert_array_equal(c.recommend_user(users, "user_id")[0], want[0])
+                redis.terminate()
+                redis.wait(timeout=10)
+                with pytest.raises(InferenceServerException, match="unavailable: feature store unreachable") as exc:
+                    c.recommend_user(users, "user_id")
+                assert "UNAVAILABLE" in str(exc.value.status())
+                np.testing.assert_array_equal(c.recommend(snapshot.offline_rows(art, users)[rec.request_columns])[0],
+                                              want[0])
+            with RecsysClient(server.http_url, "http", name) as c:
+                with pytest.raises(InferenceServerException) as exc:
+                    c.recommend_user(users, "user_id")
+                assert exc.value.status() == "503"
+    finally:
+        if redis.poll() is None:
+            redis.terminate()
+            redis.wait(timeout=10)

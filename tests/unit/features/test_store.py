@@ -23,13 +23,14 @@ def _train(seed: int = 0, n: int = 400) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     return pd.DataFrame({"user_id": rng.integers(0, 40, n), "item_id": rng.integers(0, 30, n),
                          "age": rng.integers(0, 5, n), "country": rng.choice(["de", "fr", "us"], n),
-                         "price": rng.random(n), "click": rng.integers(0, 2, n), "ts": np.arange(n)[::-1]})
+                         "price": rng.random(n), "click": rng.integers(0, 2, n), "ts": np.arange(n)[::-1],
+                         "item_tags": [[f"t{j}" for j in range(i % 3)] for i in range(n)]})
 
 
 def _version(repo: Path, version: int, train: pd.DataFrame, model: str = "m") -> Path:
     art = repo / model / str(version) / "topk"
     art.mkdir(parents=True)
-    snapshot.write_snapshot(art, train, ["user_id", "age", "country", HIST], ["item_id", "price"], COLS, HIST, 3)
+    snapshot.write_snapshot(art, train, ["user_id", "age", "country", HIST], ["item_id", "price", "item_tags"], COLS, HIST, 3)
     return art
 
 
@@ -38,7 +39,7 @@ def test_snapshot_holds_each_users_latest_row_and_recent_positive_items(tmp_path
     art = _version(tmp_path, 1, train)
     snap = snapshot.Snapshot.load(snapshot.snapshot_dir(art))
     users = pd.read_parquet(snapshot.snapshot_dir(art) / snapshot.USERS_FILE).set_index("user_id")
-    assert snap.n_users == train["user_id"].nunique() and snap.list_columns == [HIST]
+    assert snap.n_users == train["user_id"].nunique() and set(snap.list_columns) == {HIST, "item_tags"}
     u = int(train["user_id"].iloc[0])
     mine = train[train["user_id"] == u].sort_values("ts")
     assert users.loc[u, "age"] == mine["age"].iloc[-1] and users.loc[u, "country"] == mine["country"].iloc[-1]
@@ -63,6 +64,8 @@ def test_lookup_reads_what_materialize_wrote_and_flags_unknown_users(tmp_path):
     off = arrays[f"{HIST}__offsets"]
     got = [arrays[f"{HIST}__values"][off[i]:off[i + 1]].tolist() for i in range(len(off) - 1)]
     assert got == [list(v) for v in want[HIST]]
+    items = store.item_rows(settings.repo, "item_id", [1, 2])  # item features, list features included
+    assert list(items.columns) == ["item_id", "price", "item_tags"] and all(isinstance(t, list) for t in items["item_tags"])
 
 
 def test_a_store_holding_another_versions_features_is_refused_not_used(tmp_path):
