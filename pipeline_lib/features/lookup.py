@@ -18,7 +18,7 @@ import pandas as pd
 
 from pipeline_lib.features.snapshot import Snapshot, snapshot_dir
 from pipeline_lib.features.store import (SNAPSHOT_FIELD, USER_VIEW, FeatureStoreError, StoreSettings, open_store,
-                                         read_pointer, store_state)
+                                         project_name, read_pointer, store_state)
 
 COLD_START_OUTPUT = "cold_start"  # served output: BOOL [rows], true where the user was unknown to the store
 
@@ -31,6 +31,44 @@ def _python_ids(values: np.ndarray) -> list:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr]
 
 
+class SqliteReader:
+    """The SQLite online store read directly: the rows Feast's ``SqliteOnlineStore.online_read`` selects (one query
+    for all entities, keys serialized by Feast's ``serialize_entity_key``, values Feast ``Value`` protos decoded by
+    Feast's ``feast_value_type_to_python_type``), without the per-call registry and response building of
+    ``get_online_features`` (measured: benchmarks/README.md#user-id-requests-feature-store-lookup). Read-only;
+    a missing file or table raises."""
+
+    def __init__(self, db: Path, project: str, view: str, join_key: str, features: list[str]):
+        import sqlite3
+
+        from feast.infra.key_encoding_utils import serialize_entity_key
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+        from feast.type_map import feast_value_type_to_python_type
+
+        if not Path(db).is_file():
+            raise FeatureStoreError(f"the SQLite online store {db} does not exist")
+        self.conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
+        self.table, self.join_key, self.features = f"{project}_{view}", join_key, features
+        self._key, self._entity, self._value, self._python = serialize_entity_key, EntityKey, Value, feast_value_type_to_python_type
+
+    def key(self, uid: Any) -> bytes:
+        v = self._value(int64_val=uid) if isinstance(uid, int) else self._value(string_val=uid)
+        return self._key(self._entity(join_keys=[self.join_key], entity_values=[v]), entity_key_serialization_version=2)
+
+    def read(self, ids: list) -> dict[str, list]:
+        """``{feature: [value per id]}`` (None for an id or feature the store does not hold)."""
+        keys = [self.key(u) for u in ids]
+        rows = self.conn.execute(f"SELECT entity_key, feature_name, value FROM {self.table} "
+                                 f"WHERE entity_key IN ({','.join('?' * len(keys))})", keys).fetchall()
+        at = {k: i for i, k in enumerate(keys)}
+        out: dict[str, list] = {f: [None] * len(keys) for f in self.features}
+        for key, name, blob in rows:
+            if name in out:
+                out[name][at[key]] = self._python(self._value.FromString(blob))
+        return out
+
+
 class UserLookup:
     """Completes user-id requests of one version from the model's feature store."""
 
@@ -40,6 +78,7 @@ class UserLookup:
         self.settings: Optional[StoreSettings] = None
         self.store: Any = None
         self.last_lookup_s = 0.0
+        self.reader: Optional[SqliteReader] = None  # the SQLite store read directly (Feast's API for Redis)
         self.refs = [f"{USER_VIEW}:{c}" for c in self.snap.user_columns] + [f"{USER_VIEW}:{SNAPSHOT_FIELD}"]
 
     @property
@@ -63,6 +102,10 @@ class UserLookup:
                                         f"has not materialized this version yet); send the full feature row instead")
             try:
                 self.store = open_store(self.settings.repo)
+                if self.settings.online_store == "sqlite":
+                    cols = self.snap.user_columns + [SNAPSHOT_FIELD]
+                    self.reader = SqliteReader(self.settings.repo / "online.db", project_name(self.settings.repo),
+                                               USER_VIEW, self.user_id, cols)
             except Exception as exc:  # noqa: BLE001 - a missing or broken repo
                 raise FeatureStoreError(f"feature store at {self.settings.repo} cannot be opened: "
                                         f"{type(exc).__name__}: {exc}") from exc
@@ -74,7 +117,10 @@ class UserLookup:
         store = self._open()
         t0 = time.perf_counter()
         try:
-            res = store.get_online_features(features=self.refs, entity_rows=[{self.user_id: u} for u in ids]).to_dict()
+            if self.reader is not None:
+                res = self.reader.read(ids)
+            else:
+                res = store.get_online_features(features=self.refs, entity_rows=[{self.user_id: u} for u in ids]).to_dict()
         except Exception as exc:  # noqa: BLE001 - connection refused, missing table, timeout
             raise FeatureStoreError(f"feature store unreachable ({self.settings.online_store} at "  # type: ignore[union-attr]
                                     f"{self._where()}): {type(exc).__name__}: {str(exc)[:300]}") from exc

@@ -131,3 +131,19 @@ def test_redis_online_store_round_trip_and_unreachable(tmp_path, redis_server):
     proc.wait(timeout=10)
     with pytest.raises(store.FeatureStoreError, match="unreachable"):
         lookup.fetch(np.array(users))
+
+
+def test_the_direct_sqlite_read_equals_feasts_get_online_features(tmp_path):
+    from pipeline_lib.features.lookup import SqliteReader
+
+    art = _version(tmp_path, 1, _train())
+    settings = store.StoreSettings(tmp_path / "fs" / "m")
+    store.materialize(settings, art, 1)
+    snap = snapshot.Snapshot.load(snapshot.snapshot_dir(art))
+    cols = snap.user_columns + [store.SNAPSHOT_FIELD]
+    ids = snapshot.stored_users(art, 5) + [10**6]
+    feast = store.open_store(settings.repo).get_online_features(
+        features=[f"{store.USER_VIEW}:{c}" for c in cols], entity_rows=[{"user_id": u} for u in ids]).to_dict()
+    direct = SqliteReader(settings.repo / "online.db", store.project_name(settings.repo), store.USER_VIEW,
+                          "user_id", cols).read(ids)
+    assert direct == {c: feast[c] for c in cols} and direct["age"][-1] is None
