@@ -106,8 +106,42 @@ def test_flow_trains_exports_and_publishes_each_retrieval_model(retrieval_runs, 
         assert rec.request_columns == ["user_id"]
 
 
+REDIS_MODEL = "recsys_youtube"  # served from a Redis online store when redis-server is installed
+
+
 @pytest.fixture(scope="module")
-def served(retrieval_runs):
+def redis_store(retrieval_runs):
+    """A real redis-server on a free loopback port holding REDIS_MODEL's features (the flow filled SQLite; the
+    served model is pointed at Redis before Triton starts); None when redis-server is not installed."""
+    import shutil
+    import subprocess
+    import time
+
+    from pipeline_lib.features.store import StoreSettings, materialize, write_pointer
+    from pipeline_lib.serving.server import free_port
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        yield None
+        return
+    tmp, repo, _ = retrieval_runs
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        settings = StoreSettings(tmp / "redis_fs" / REDIS_MODEL, "redis", f"127.0.0.1:{port}")
+        materialize(settings, repo / REDIS_MODEL / "1" / topk.TOPK_DIR, 1)
+        write_pointer(repo / REDIS_MODEL, settings)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(retrieval_runs, redis_store):
     tmp, repo, _ = retrieval_runs
     server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log")
     with server.start(timeout_s=300, models=list(RUNS)):
@@ -319,7 +353,8 @@ def _art(retrieval_runs, name):
 def test_user_id_requests_equal_the_offline_top_k_of_the_users_training_rows(retrieval_runs, published, served, name):
     """Only the user id is sent; the served model reads the user's features and recent items (YouTube DNN's
     history) from the Feast store the flow's features stage filled; the answer equals the offline top-k of the
-    user's full row read from the training data. An unknown id gets the cold-start answer and the flag."""
+    user's full row read from the training data. An unknown id gets the cold-start answer and the flag.
+    (REDIS_MODEL reads a Redis online store when redis-server is installed: fixture ``redis_store``.)"""
     from pipeline_lib.features import snapshot
     from pipeline_lib.features.store import store_state
 
@@ -360,51 +395,29 @@ def test_user_id_request_without_the_user_id_is_a_clear_bad_request(served):
 
 
 @pytest.mark.integration
-def test_user_id_requests_through_redis_and_a_store_that_goes_away_is_503(retrieval_runs, published, tmp_path):
-    """The YouTube DNN version served from a Redis online store (a real redis-server on a free port): same answer
-    as offline; with Redis stopped, user-id requests get UNAVAILABLE (HTTP 503) and full-feature requests still
-    answer; the model never crashes."""
-    import shutil
-    import subprocess
-    import time
-
+def test_user_id_requests_through_redis_and_a_store_that_goes_away_is_503(retrieval_runs, published, served,
+                                                                           redis_store):
+    """REDIS_MODEL is served from a Redis online store (a real redis-server): same answer as offline (also checked
+    by the parity test above); with Redis stopped, user-id requests get UNAVAILABLE (HTTP 503), full-feature
+    requests still answer, the model never crashes. Last in the file: it stops the module's Redis."""
     from pipeline_lib.features import snapshot
-    from pipeline_lib.features.store import StoreSettings, materialize, write_pointer
-    from pipeline_lib.serving.server import free_port
 
-    exe = shutil.which("redis-server")
-    if exe is None:
+    if redis_store is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
-    name, rec = "recsys_youtube", published["recsys_youtube"]
-    repo = tmp_path / "repo"
-    shutil.copytree(retrieval_runs[1] / name, repo / name)
-    port = free_port()
-    redis = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)
-        settings = StoreSettings(tmp_path / "fs" / name, "redis", f"127.0.0.1:{port}")
-        art = repo / name / "1" / topk.TOPK_DIR
-        materialize(settings, art, 1)
-        write_pointer(repo / name, settings)
-        users = snapshot.stored_users(art, 4)
-        want = topk.finish_top_k(*rec.offline(snapshot.offline_rows(art, users)))
-        server = TritonServer.on_free_ports(repo, log_file=tmp_path / "triton.log")
-        with server.start(timeout_s=300, models=[name]):
-            with RecsysClient(server.grpc_url, "grpc", name) as c:
-                np.testing.assert_array_equal(c.recommend_user(users, "user_id")[0], want[0])
-                redis.terminate()
-                redis.wait(timeout=10)
-                with pytest.raises(InferenceServerException, match="unavailable: feature store unreachable") as exc:
-                    c.recommend_user(users, "user_id")
-                assert "UNAVAILABLE" in str(exc.value.status())
-                np.testing.assert_array_equal(c.recommend(snapshot.offline_rows(art, users)[rec.request_columns])[0],
-                                              want[0])
-            with RecsysClient(server.http_url, "http", name) as c:
-                with pytest.raises(InferenceServerException) as exc:
-                    c.recommend_user(users, "user_id")
-                assert exc.value.status() == "503"
-    finally:
-        if redis.poll() is None:
-            redis.terminate()
-            redis.wait(timeout=10)
+    rec, art = published[REDIS_MODEL], _art(retrieval_runs, REDIS_MODEL)
+    assert json.loads((retrieval_runs[1] / REDIS_MODEL / "feature_store.json").read_text())["online_store"] == "redis"
+    users = snapshot.stored_users(art, 4)
+    want = topk.finish_top_k(*rec.offline(snapshot.offline_rows(art, users)))
+    with RecsysClient(served.grpc_url, "grpc", REDIS_MODEL) as c:
+        np.testing.assert_array_equal(c.recommend_user(users, "user_id")[0], want[0])
+        redis_store.terminate()
+        redis_store.wait(timeout=10)
+        with pytest.raises(InferenceServerException, match="unavailable: feature store unreachable") as exc:
+            c.recommend_user(users, "user_id")
+        assert "UNAVAILABLE" in str(exc.value.status())
+        full = c.recommend(snapshot.offline_rows(art, users)[rec.request_columns])
+        np.testing.assert_array_equal(full[0], want[0])
+    with RecsysClient(served.http_url, "http", REDIS_MODEL) as c:
+        with pytest.raises(InferenceServerException) as exc:
+            c.recommend_user(users, "user_id")
+        assert exc.value.status() == "503"
