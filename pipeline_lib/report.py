@@ -176,6 +176,8 @@ def request_body(config_pbtxt: Path, row: Mapping[str, Any], only: Optional[list
         name = inp.name
         if only is not None and name.rsplit("__", 1)[0] not in only and name not in only:
             continue
+        if inp.optional and row.get(name.rsplit("__", 1)[0] if name.endswith(("__values", "__offsets")) else name) is None:
+            continue  # an optional input the row does not have (k, exclude_item_ids): left out
         if name.endswith(("__values", "__offsets")):
             base, part = name.rsplit("__", 1)
             items = list(_plain(row.get(base)) or [])
