@@ -382,6 +382,32 @@ def test_user_id_requests_equal_the_offline_top_k_of_the_users_training_rows(ret
 
 
 @pytest.mark.integration
+def test_recsys_recommend_prints_the_served_top_k_for_one_user_id(retrieval_runs, published, served):
+    """`recsys recommend USER_ID` (a subprocess): the top items of the user-id request with the item features
+    read from the store; --exclude and --k are sent with it."""
+    import subprocess
+    import sys
+
+    from pipeline_lib.features import snapshot
+
+    name = "recsys_two_stage"
+    art = _art(retrieval_runs, name)
+    user = snapshot.stored_users(art, 1)[0]
+    first = topk.finish_top_k(*published[name].offline(snapshot.offline_rows(art, [user])))[0][0][0]
+    row = snapshot.offline_rows(art, [user]).assign(exclude_item_ids=[[first]])
+    want = topk.finish_top_k(*published[name].offline(row))[0][0][:3]
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "recommend", str(user), "--k", "3", "--exclude",
+                          str(first), "--url", served.grpc_url, "--set", f"export.model_name={name}", "--set",
+                          f"export.model_repository={retrieval_runs[1]}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == f"user {user}: top 3" and lines[1].split()[:2] == ["item_id", "score"]
+    assert "item_category" in lines[1]  # item features from the store
+    shown = [int(line.split()[0]) for line in lines[2:]]
+    assert shown == want.tolist() and first not in shown
+
+
+@pytest.mark.integration
 def test_user_id_request_without_the_user_id_is_a_clear_bad_request(served):
     import tritonclient.http as httpclient
 
