@@ -188,9 +188,14 @@ def promote(version: int = typer.Argument(..., help="version number to serve"),
     """Serve VERSION; a running `recsys serve` switches to it without restart."""
     from pipeline_lib.serving.repository import promote as _promote
 
+    from pipeline_lib.features.stage import check_restorable, restore
+
     cfg = _cfg(config, set_)
+    repo, model = cfg.export.model_repository, cfg.export.model_name
     try:
-        event = _promote(cfg.export.model_repository, cfg.export.model_name, version, _live(cfg), cfg.serving.instance_count)
+        check_restorable(repo, model, version)  # the feature store must be able to follow
+        event = _promote(repo, model, version, _live(cfg), cfg.serving.instance_count)
+        event["features"] = restore(repo, model, version)
     except Exception as exc:  # noqa: BLE001 - one line (traceback with --debug)
         _repo_failure(f"promote to v{version}", cfg, exc)
     typer.echo(json.dumps(event))
@@ -201,12 +206,76 @@ def rollback(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
     """Serve the previous (next older) version; a running `recsys serve` switches without restart."""
     from pipeline_lib.serving.repository import rollback as _rollback
 
+    from pipeline_lib.features.stage import check_restorable, restore
+    from pipeline_lib.serving.repository import rollback_target
+
     cfg = _cfg(config, set_)
+    repo, model = cfg.export.model_repository, cfg.export.model_name
     try:
-        event = _rollback(cfg.export.model_repository, cfg.export.model_name, _live(cfg), cfg.serving.instance_count)
+        check_restorable(repo, model, rollback_target(repo, model))  # refused when its features cannot follow
+        event = _rollback(repo, model, _live(cfg), cfg.serving.instance_count)
+        event["features"] = restore(repo, model, event["version"])  # the rolled-back version's snapshot
     except Exception as exc:  # noqa: BLE001 - one line (traceback with --debug)
         _repo_failure("rollback", cfg, exc)
     typer.echo(json.dumps(event))
+
+
+@app.command()
+def features(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Fill the feature store with the served version's snapshot again (what each run does after promotion)."""
+    from pipeline_lib.features.stage import fill_store
+    from pipeline_lib.serving.repository import served_version
+
+    cfg = _cfg(config, set_)
+    version = served_version(cfg.export.model_repository, cfg.export.model_name)
+    if version is None:
+        _fail(f"nothing of '{cfg.export.model_name}' is served in {cfg.export.model_repository}")
+        return
+    try:
+        info = fill_store(cfg, version)
+    except Exception as exc:  # noqa: BLE001 - one line (traceback with --debug)
+        _repo_failure("features", cfg, exc)
+    typer.echo(json.dumps(info) if info else f"v{version} of '{cfg.export.model_name}' has no feature snapshot")
+
+
+@app.command()
+def recommend(
+    user_id: str = typer.Argument(..., help="raw user id"),
+    k: Optional[int] = typer.Option(None, "--k", help="items to return (default: the version's k)"),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="an item id never to return (repeatable)"),
+    protocol: str = typer.Option("grpc", help="http or grpc"),
+    url: Optional[str] = typer.Option(None, help="server address host:port (default from config)"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """The served top-k for one user id (features and history from the feature store), with item features."""
+    import pandas as pd
+
+    from pipeline_lib.features.store import item_rows, read_pointer
+    from pipeline_lib.serving.client import RecsysClient, RequestError
+
+    cfg = _cfg(config, set_)
+    port = cfg.serving.grpc_port if protocol == "grpc" else cfg.serving.http_port
+    address, col = url or f"{cfg.serving.host}:{port}", cfg.columns.user_id
+    try:
+        with RecsysClient(address, protocol, cfg.export.model_name) as client:  # type: ignore[arg-type]
+            numeric = (client.input_datatype(col) or "").startswith(("INT", "UINT"))
+            uid = int(user_id) if numeric and user_id.lstrip("-").isdigit() else user_id
+            item_numeric = (client.input_datatype("exclude_item_ids__values") or "").startswith(("INT", "UINT"))
+            excl = [[int(e) if item_numeric else e for e in exclude]] if exclude else None
+            ids, scores, count, cold = client.recommend_user([uid], col, k, excl)
+    except RequestError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # connection refused, the store unavailable (503): say it plainly
+        _fail(f"request to {protocol}://{address} failed: {exc}")
+    top = list(ids[0][: int(count[0])])
+    out = pd.DataFrame({cfg.columns.item_id: top, "score": [round(float(x), 4) for x in scores[0][: len(top)]]})
+    store = read_pointer(Path(cfg.export.model_repository) / cfg.export.model_name)
+    if store is not None and top:
+        feats = item_rows(store.repo, cfg.columns.item_id, [v.item() if hasattr(v, "item") else v for v in top])
+        out = pd.concat([out, feats.drop(columns=[cfg.columns.item_id])], axis=1)
+    typer.echo(f"user {uid}{' (unknown to the feature store: cold-start answer)' if cold[0] else ''}: top {len(top)}")
+    typer.echo(out.to_string(index=False))
 
 
 @app.command()

@@ -80,10 +80,12 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     result = timed("serving-smoke-test", tasks.smoke, fam, paths, etl_out, exp)
     version, served_dir, info = timed("publish", tasks.publish, fam, paths, raw_path, etl_out, trained, exp)
     event = timed("promote", tasks.promote, fam, version)
+    feature_store = timed("features", tasks.features, fam, version)
     summary.update({"model_version": version, "served_dir": str(served_dir), "served_version": event["version"],
                     "previous_version": event["previous"], "pruned_versions": event["pruned"],
                     "data_fingerprint": info["data"]["fingerprint"], **fam.served_fields(result),
-                    "live_server": event["live_server"], "query": query_info(cfg, paths, requests, serve_args)})
+                    "live_server": event["live_server"], "feature_store": feature_store,
+                    "query": query_info(cfg, paths, requests, serve_args)})
     served = fam.served_report(result, requests, summary)
     create_table_artifact(key="served-predictions", table=served.artifact, description=served.description)
     finish(paths, summary, fam.title)
@@ -163,7 +165,12 @@ def query_info(cfg: RunConfig, paths: RunPaths, rows: pd.DataFrame, serve_args: 
         request_file.write_text(json.dumps(body, indent=1))
     except Exception as exc:  # the commands below still hold; only the curl example is missing
         get_run_logger().warning("no curl example: %s", exc)
-    return report.query_commands(name, s.host, s.http_port, s.grpc_port, serve_args, request_file, body)
+    out = report.query_commands(name, s.host, s.http_port, s.grpc_port, serve_args, request_file, body)
+    if "cold_start" in served_config.read_text() and cfg.columns.user_id in rows.columns:  # user-id requests
+        url = f"{s.host}:{s.http_port}/v2/models/{name}/infer"
+        out |= report.user_id_commands(served_config, url, cfg.columns.user_id, rows.iloc[0][cfg.columns.user_id],
+                                       serve_args)
+    return out
 
 
 def finish(paths: RunPaths, summary: dict, title: str) -> None:

@@ -199,3 +199,9 @@ def publish(fam: TaskFamily, paths: RunPaths, raw_path: Path, etl_out: Any, trai
 def promote(fam: TaskFamily, version: int) -> dict:
     """Serve the new version; a Triton started by `recsys serve` (explicit mode) switches without restart."""
     return fam.promote(version)
+
+
+@task(name="features", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def features(fam: TaskFamily, version: int) -> Optional[dict]:
+    """The promoted version's user features, recent items and item features into the feature store."""
+    return fam.features(version)

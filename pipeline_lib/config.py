@@ -589,6 +589,23 @@ class ExportConfig(_Strict):
     )
 
 
+class FeaturesConfig(_Strict):
+    """The feature store behind user-id requests (pipeline_lib/features/, docs/serving.md#user-id-requests)."""
+
+    enabled: bool = Field(
+        True, description="retrieval and two-stage runs: keep a per-version snapshot of the user features, the user's "
+        "recent items and the item features, and materialize it into a Feast store after each promotion, so the "
+        "served model answers requests that carry only the user id")
+    online_store: Literal["sqlite", "redis"] = Field(
+        "sqlite", description="the Feast online store: sqlite (a file beside the model repository, no server) or "
+        "redis (redis_connection)")
+    redis_connection: str = Field(
+        "localhost:6379", description="online_store redis: Feast's connection string, host:port[,password=...,db=N]")
+    repo: Optional[Path] = Field(
+        None, description="the Feast repositories' folder (one per served model); default: feature_store/ beside "
+        "export.model_repository")
+
+
 class DynamicBatchingConfig(_Strict):
     """Triton's dynamic batcher for the served model (written into the version's config.pbtxt).
 
@@ -891,6 +908,7 @@ class RunConfig(_Strict):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     session: SessionConfig = Field(default_factory=SessionConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
 
     @model_validator(mode="after")
     def _tune_space_fits_the_model(self) -> "RunConfig":

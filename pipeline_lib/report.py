@@ -160,9 +160,10 @@ def cli_args(config_path: Optional[str], overrides: Optional[Mapping[str, Any]])
 _TRITON_TYPES = {"TYPE_STRING": "BYTES"}
 
 
-def request_body(config_pbtxt: Path, row: Mapping[str, Any]) -> dict:
+def request_body(config_pbtxt: Path, row: Mapping[str, Any], only: Optional[list[str]] = None) -> dict:
     """The KServe v2 JSON body (Triton's HTTP API) for one raw row, typed from the served model's
-    ``config.pbtxt``; list features go as ``<name>__values`` + ``<name>__offsets``."""
+    ``config.pbtxt``; list features go as ``<name>__values`` + ``<name>__offsets``. ``only``: just these
+    inputs (a user-id request: the user id alone)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -173,6 +174,10 @@ def request_body(config_pbtxt: Path, row: Mapping[str, Any]) -> dict:
         dtype_name = model_config_pb2.DataType.Name(inp.data_type)
         datatype = _TRITON_TYPES.get(dtype_name, dtype_name.replace("TYPE_", ""))
         name = inp.name
+        if only is not None and name.rsplit("__", 1)[0] not in only and name not in only:
+            continue
+        if inp.optional and row.get(name.rsplit("__", 1)[0] if name.endswith(("__values", "__offsets")) else name) is None:
+            continue  # an optional input the row does not have (k, exclude_item_ids): left out
         if name.endswith(("__values", "__offsets")):
             base, part = name.rsplit("__", 1)
             items = list(_plain(row.get(base)) or [])
@@ -384,6 +389,9 @@ def cli_summary(summary: Mapping[str, Any]) -> str:
         lines.append(f"  {q['predict']}    # from another shell: rows of the latest run in, {out} out")
         if q.get("curl"):
             lines.append(f"  {q['curl']}")
+        if q.get("recommend"):
+            lines.append(f"  {q['recommend']}    # by user id alone: features and history from the feature store")
+            lines.append(f"  {q['curl_user']}")
     return "\n".join(lines)
 
 
@@ -414,6 +422,10 @@ def run_summary_markdown(summary: Mapping[str, Any], title: str = "recsys pipeli
         if q.get("curl_inline"):
             lines += ["", "One raw row of this run over HTTP (KServe v2 JSON):", "", "```bash",
                       q["curl_inline"], "```"]
+        if q.get("curl_user"):
+            lines += ["", "By user id alone (the served model reads the user's features and recent items from the "
+                      "feature store; `cold_start` says when it did not know the user):", "", "```bash",
+                      q["recommend"], q["curl_user"], "```"]
     split = summary.get("metrics_split", "test")
     lines += ["", f"## metrics ({split} split; [95% interval], bootstrap)", "", "| metric | value |", "|---|---|"]
     lines += [f"| {split} {k} | {_figure(summary, k)} |" for k, v in m.items() if not isinstance(v, (dict, list))]
@@ -422,3 +434,13 @@ def run_summary_markdown(summary: Mapping[str, Any], title: str = "recsys pipeli
     lines += ["", "## stage seconds", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in (summary.get("stage_seconds") or {}).items()]
     return "\n".join(lines)
+
+
+def user_id_commands(config_pbtxt: Path, url: str, user_column: str, user_id: Any, args: list[str]) -> dict:
+    """``recsys recommend`` and a curl command for a user-id request (a version with a feature snapshot)."""
+    extra = " ".join(shlex.quote(a) for a in args)
+    body = request_body(config_pbtxt, {user_column: user_id}, only=[user_column])
+    return {"recommend": f"{uv_command()} run recsys recommend {shlex.quote(str(user_id))} --k 10"
+                         + (f" {extra}" if extra else ""),
+            "curl_user": f"curl -s {url} -H 'Content-Type: application/json' -d "
+                         + shlex.quote(json.dumps(body, separators=(",", ":")))}

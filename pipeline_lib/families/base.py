@@ -26,6 +26,7 @@ import pandas as pd
 from pipeline_lib import report
 from pipeline_lib.config import ModelConfig, RunConfig
 from pipeline_lib.export.ranking import StagedVersion
+from pipeline_lib.features.stage import fill_store
 from pipeline_lib.models import evaluation, intervals
 from pipeline_lib.paths import RunPaths
 from pipeline_lib.release import gate, lineage
@@ -269,6 +270,11 @@ class TaskFamily(ABC):
                                    cfg.serving.instance_count)
         event["pruned"] = repository.prune(cfg.export.model_repository, cfg.export.model_name, cfg.export.keep_versions)
         return event
+
+    def features(self, version: int) -> Optional[dict]:
+        """After promotion: the served ``version``'s feature snapshot into the model's feature store (user-id
+        requests); None when the version has none (ranking, session, classical, ``features.enabled`` off)."""
+        return fill_store(self.cfg, version)
 
     # the run's summary -----------------------------------------------------------------------
     @abstractmethod

@@ -10,7 +10,7 @@ and the smoke test compare what versions *return* (ids in order, scores).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import pandas as pd
 
@@ -19,11 +19,16 @@ from pipeline_lib.export import ranking as export
 from pipeline_lib.export import topk
 from pipeline_lib.export.classical import ClassicalRecommender, export_classical
 from pipeline_lib.families.base import TaskFamily, Trained
+from pipeline_lib.features.serving import allow_user_id_requests
+from pipeline_lib.features.snapshot import (has_snapshot, offline_rows, stored_users, unknown_id,
+                                            write_snapshot)
+from pipeline_lib.features.store import StoreSettings, materialize, write_pointer
 from pipeline_lib.families.ranking import RankingFamily
 from pipeline_lib.models import ranking as ranking_model
 from pipeline_lib.models import classical, retrieval
 from pipeline_lib.paths import RunPaths
 from pipeline_lib.release import gate, smoke
+from pipeline_lib.release.smoke import UserRequests
 
 
 class RetrievalFamily(RankingFamily):
@@ -78,10 +83,22 @@ class RetrievalFamily(RankingFamily):
                                     cfg.export.model_name,
                                     export.ExportOptions.from_config(cfg, self.run_info(paths, trained)),
                                     etl_out.workflow_dir)
-        return topk.export_topk(etl_out.workflow_dir, trained.model.model_dir, etl_out.split.train,
-                                self.smoke_rows(etl_out, cfg.export.parity_rows),
-                                topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble, cfg.export.model_name,
-                                export.ExportOptions.from_config(cfg, self.run_info(paths, trained)))
+        exp = topk.export_topk(etl_out.workflow_dir, trained.model.model_dir, etl_out.split.train,
+                               self.smoke_rows(etl_out, cfg.export.parity_rows),
+                               topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble, cfg.export.model_name,
+                               export.ExportOptions.from_config(cfg, self.run_info(paths, trained)))
+        if cfg.features.enabled:
+            self.write_features(etl_out, exp)
+        return exp
+
+    def write_features(self, etl_out: etl.EtlOutput, exp: topk.TopKExport) -> None:
+        """The version's feature snapshot (user features, recent items, item features) and user-id requests in its
+        config.pbtxt (pipeline_lib/features/)."""
+        cols, rec = self.cfg.columns, cast(topk.TopKRecommender, exp.open(topk.TopKRecommender))
+        item_side = [cols.item_id] + [f.name for f in cols.features if f.side.value == "item"]
+        write_snapshot(rec.dir, pd.read_parquet(etl_out.split.train), rec.request_columns, item_side, cols,
+                       rec.spec.history, self.history_length)
+        allow_user_id_requests(exp.config_path, cols.user_id)
 
     @property
     def recommender(self) -> type[topk.TopKRoute]:
@@ -97,12 +114,28 @@ class RetrievalFamily(RankingFamily):
         """Only the version's request columns are sent (and compared)."""
         rec = exp.open(self.recommender)
         rows = self.smoke_rows(etl_out, self.cfg.serving.smoke_rows)[rec.request_columns]
-        return self.serve_and_compare(paths, exp, rows, rec.offline(rows))
+        return self.serve_and_compare(paths, exp, rows, rec.offline(rows), self.user_requests(paths, exp, rec))
 
-    def serve_and_compare(self, paths: RunPaths, exp: topk.TopKExport, rows: pd.DataFrame, offline: Any) -> Any:
+    def user_requests(self, paths: RunPaths, exp: topk.TopKExport, rec: topk.TopKRoute
+                      ) -> Optional[UserRequests]:
+        """With a feature snapshot: the staged version gets its own SQLite store (the candidate's snapshot) and
+        the smoke test asks 8 of its users by id, plus one id the store does not know (cold start)."""
+        if not has_snapshot(rec.dir):
+            return None
+        uid = self.cfg.columns.user_id
+        settings = StoreSettings(paths.serving / "feature_store" / exp.model_name)
+        materialize(settings, rec.dir, exp.version)
+        write_pointer(exp.version_dir.parent, settings)
+        known = stored_users(rec.dir, 8)
+        ids = known + [unknown_id(known)]
+        full = offline_rows(rec.dir, ids)
+        return UserRequests(ids, uid, rec.offline(full), [False] * len(known) + [True])
+
+    def serve_and_compare(self, paths: RunPaths, exp: topk.TopKExport, rows: pd.DataFrame, offline: Any,
+                          user_requests: Optional[UserRequests] = None) -> Any:
         s = self.cfg.serving
         return smoke.smoke_test_topk(exp.staged_repository, exp.model_name, rows, offline, s.smoke_atol,
-                                     paths.serving, s.startup_timeout_s)
+                                     paths.serving, s.startup_timeout_s, user_requests)
 
     def gate_scorer(self, etl_out: etl.EtlOutput, exp: Optional[topk.TopKExport] = None) -> gate.Scorer:
         """Recall/NDCG/... of what a version returns; the candidate through the recommender export checked."""

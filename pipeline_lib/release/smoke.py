@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -117,6 +118,7 @@ class TopKSmokeResult:
     item_ids: list
     scores: list
     request_columns: list
+    n_user_id_requests: int = 0  # users asked by id alone (feature store lookup), compared too
 
     def table(self, rows: pd.DataFrame) -> pd.DataFrame:
         """The request columns that were sent, with the served top items and scores."""
@@ -134,18 +136,59 @@ def smoke_test_topk(
     atol: float,
     out_dir: Path,
     startup_timeout_s: float = 180.0,
+    user_requests: Optional["UserRequests"] = None,
 ) -> TopKSmokeResult:
     """Serve a top-k ``repository`` on free ports; the served top-k over HTTP and gRPC must equal
     the offline top-k for the same raw rows (same ids in the same order, scores within atol). The served
     answer holds only valid items (:func:`pipeline_lib.export.topk.finish_top_k`): the offline top-k is
-    compared in the same form (a row the exclusions left fewer than k items padded the same way)."""
+    compared in the same form (a row the exclusions left fewer than k items padded the same way).
+    ``user_requests``: also send requests that carry only the user id (the served model reads the feature store)
+    and compare them with the offline top-k of the same users' full rows, read from the training data."""
     from pipeline_lib.export.topk import finish_top_k
 
     offline = finish_top_k(*offline)[:2]
-    http, grpc = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, lambda c: c.recommend(rows))
+
+    def ask(c: RecsysClient):
+        full = c.recommend(rows)
+        if user_requests is None:
+            return full, None
+        ids, scores, _, cold = c.recommend_user(user_requests.user_ids, user_requests.user_column)
+        return full, (ids, scores, cold)
+
+    (http, http_user), (grpc, grpc_user) = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, ask)
     diff = served_parity(http, grpc, offline, atol)
-    res = TopKSmokeResult(len(rows), diff, http[0].tolist(), http[1].astype(float).tolist(), list(rows.columns))
+    if user_requests is not None:
+        diff = max(diff, user_parity(user_requests, http_user, grpc_user, atol))
+    res = TopKSmokeResult(len(rows), diff, http[0].tolist(), http[1].astype(float).tolist(), list(rows.columns),
+                          len(user_requests.user_ids) if user_requests is not None else 0)
     log.info("smoke test: %d raw rows, served top-%d over HTTP and gRPC == offline top-k (same ids and order; "
              "max score diff %.1e, tolerance %g)", res.n_rows, http[0].shape[1] if http[0].ndim == 2 else 0, diff, atol)
     (out_dir / "smoke.json").write_text(json.dumps(asdict(res), indent=2, default=str))
     return res
+
+
+@dataclass
+class UserRequests:
+    """User-id requests of the smoke test: the ids, the user column, the offline top-k of their full rows
+    (features read from the training data) and which ids the store must not know (cold start)."""
+
+    user_ids: list
+    user_column: str
+    offline: tuple
+    cold: list
+
+
+def user_parity(req: UserRequests, http, grpc, atol: float) -> float:
+    """User-id answers over HTTP and gRPC == the offline top-k of the same users' full rows; the cold-start flag
+    set exactly for the unknown ids. Returns the largest score difference."""
+    from pipeline_lib.export.topk import finish_top_k
+
+    want = finish_top_k(*req.offline)[:2]
+    diff = served_parity(http[:2], grpc[:2], want, atol)
+    for name, got in (("HTTP", http), ("gRPC", grpc)):
+        if list(map(bool, got[2])) != list(req.cold):
+            raise ServingMismatch(f"user-id requests over {name}: cold_start {list(map(bool, got[2]))}, expected "
+                                  f"{list(req.cold)} for users {req.user_ids}")
+    log.info("smoke test: %d user-id requests (features from the store) over HTTP and gRPC == offline top-k of the "
+             "same users' training rows (%d unknown: cold start)", len(req.user_ids), sum(req.cold))
+    return diff

@@ -116,22 +116,23 @@ class RecsysClient:
                 names.append(base)
         return names
 
-    def to_arrays(self, rows: Union[pd.DataFrame, Iterable[Mapping]]) -> dict[str, np.ndarray]:
-        """Raw rows -> the request tensors (list features as values/offsets, strings as bytes)."""
+    def to_arrays(self, rows: Union[pd.DataFrame, Iterable[Mapping]], partial: bool = False) -> dict[str, np.ndarray]:
+        """Raw rows -> the request tensors (list features as values/offsets, strings as bytes). ``partial``: send
+        only the columns ``rows`` has (a user-id request: the served model looks the rest up)."""
         self._metadata()
         df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
         missing = [c for c in self.raw_columns if c not in df.columns and c not in OPTIONAL_FIELDS]
-        if missing:
+        if missing and not partial:
             raise RequestError(f"request is missing field(s) {missing}; the model expects {self.raw_columns}")
         arrays: dict[str, np.ndarray] = {}
         for name, dtype in self._inputs.items():
             if name.endswith("__values") or name.endswith("__offsets"):
                 base = name.rsplit("__", 1)[0]
-                if base in OPTIONAL_FIELDS and base not in df.columns:
+                if base not in df.columns and (base in OPTIONAL_FIELDS or partial):
                     continue
                 values, offsets = _ragged(df[base], base)
                 arr = values if name.endswith("__values") else offsets
-            elif name in REQUEST_FIELDS:
+            elif name in REQUEST_FIELDS or (partial and name not in df.columns):
                 continue
             else:
                 arr = df[name].to_numpy()
@@ -205,6 +206,30 @@ class RecsysClient:
         count = result.as_numpy("count") if "count" in outputs else np.full(len(ids), ids.shape[1], dtype=np.int32)
         return ids, scores, count
 
+    def recommend_user(self, user_ids: Iterable, user_column: str, k: Optional[int] = None,
+                       exclude: Optional[list] = None, context: Optional[Mapping[str, Iterable]] = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k by user id alone: the served model looks the user's features and recent items up in the
+        feature store (docs/serving.md#user-id-requests). ``exclude``: per user, item ids never to return;
+        ``context``: request columns to send instead of the stored ones. Returns (item ids, scores, count,
+        cold_start): ``cold_start`` true where the store did not know the user (the cold-start answer)."""
+        self._metadata()
+        if "cold_start" not in self._outputs:
+            raise RequestError(f"model '{self.model_name}' serves no user-id requests (no feature store snapshot "
+                               f"in this version; features.enabled at export)")
+        frame = pd.DataFrame({user_column: list(user_ids), **{c: list(v) for c, v in (context or {}).items()}})
+        if exclude is not None:
+            frame["exclude_item_ids"] = [list(e) for e in exclude]
+        arrays = self.to_arrays(frame, partial=True)
+        if k is not None:
+            arrays["k"] = np.array([k], dtype=np.int32)
+        with self._lock:
+            result = self._infer(self.inputs_from_arrays(arrays), ["item_ids", "scores", "count", "cold_start"])
+        ids = result.as_numpy("item_ids")
+        if ids.dtype == object:
+            ids = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v, otypes=[object])(ids)
+        return ids, result.as_numpy("scores"), result.as_numpy("count"), result.as_numpy("cold_start").astype(bool)
+
     def _infer(self, inputs: list, outputs: list):
         """One inference call (``outputs``: names, or requested-output objects); a request the server
         refuses as invalid raises :class:`BadRequestError` (with the server's message and status), any
@@ -223,6 +248,11 @@ class RecsysClient:
         bytes); empty before the first call, after ``close`` and without ``shared_memory``."""
         regions = self._shm.regions.values() if self._shm is not None else []
         return {r.name: (r.key, r.size) for r in regions}
+
+    def input_datatype(self, name: str) -> Optional[str]:
+        """The served model's Triton datatype of input ``name`` (e.g. ``INT64``, ``BYTES``); None if it has none."""
+        self._metadata()
+        return self._inputs.get(name)
 
     @property
     def is_topk(self) -> bool:

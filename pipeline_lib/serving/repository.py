@@ -305,11 +305,16 @@ def _restore_config(cfg_path: Path, backup: Optional[str]) -> None:
 def rollback(repo: Path, model: str, live: Optional[LiveServer] = None, instance_count: int = 1) -> dict:
     """Serve the newest version older than the one served now."""
     with locked(repo, model):
-        current = served_version(repo, model)
-        older = [v for v in list_versions(repo, model) if current is None or v < current]
-        if not older:
-            raise RepositoryError(f"no version older than {current} to roll back to for model '{model}'")
-        return _promote(repo, model, older[-1], live, instance_count, reason="rollback")
+        return _promote(repo, model, rollback_target(repo, model), live, instance_count, reason="rollback")
+
+
+def rollback_target(repo: Path, model: str) -> int:
+    """The version a rollback would serve: the newest older than the one served now."""
+    current = served_version(repo, model)
+    older = [v for v in list_versions(repo, model) if current is None or v < current]
+    if not older:
+        raise RepositoryError(f"no version older than {current} to roll back to for model '{model}'")
+    return older[-1]
 
 
 def prune(repo: Path, model: str, keep: int) -> list[int]:

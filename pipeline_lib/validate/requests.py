@@ -76,11 +76,15 @@ def error_response(pb_utils, exc: BaseException):
     module is imported outside Triton too). A :class:`BadRequest` is answered as
     ``"bad request: ..."`` with the ``INVALID_ARG`` code (HTTP 400, gRPC ``INVALID_ARGUMENT``); any
     other exception as ``"inference failed: <type>: ..."`` (one line, at most 2000 characters; the
-    caller logs the traceback) with the ``INTERNAL`` code (HTTP 500, gRPC ``INTERNAL``). A python
+    caller logs the traceback) with the ``INTERNAL`` code (HTTP 500, gRPC ``INTERNAL``); an exception whose
+    ``triton_code`` is ``"UNAVAILABLE"`` (the feature store cannot be reached) as ``"unavailable: ..."`` with
+    ``UNAVAILABLE`` (HTTP 503, gRPC ``UNAVAILABLE``). A python
     backend without error codes (before 23.03) gets a plain ``TritonError``, which is INTERNAL.
     """
     if isinstance(exc, BadRequest):
         message, code_name = f"bad request: {exc}", "INVALID_ARG"
+    elif getattr(exc, "triton_code", None) == "UNAVAILABLE":  # e.g. the feature store is down: HTTP 503
+        message, code_name = f"unavailable: {exc}"[:2000], "UNAVAILABLE"
     else:
         message, code_name = f"inference failed: {type(exc).__name__}: {exc}"[:2000], "INTERNAL"
     code = getattr(pb_utils.TritonError, code_name, None)

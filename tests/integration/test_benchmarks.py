@@ -114,6 +114,12 @@ def test_top_k_section_tiny(bench_serving_suite):
         assert {(s["protocol"], s["batch"]) for s in v["served"]} == {(p, b) for p in ("grpc", "http") for b in (1, 64)}
         assert all(1 <= s["requests"] <= 3 and s["p50_ms"] <= s["p99_ms"] for s in v["served"])
     assert r["two_stage"]["candidates"] == 100 and r["two_tower"]["candidates"] == 10
+    # user-id requests: the two-stage flow filled its feature store; the same users by id and as full rows
+    uid = r["two_stage"]["user_id"]
+    assert {(x["protocol"], x["batch"]) for x in uid} == {(p, b) for p in ("grpc", "http") for b in (1, 64)}
+    assert all(x["online_store"] == "sqlite" and 0 < x["store_lookup"]["p50_ms"] <= x["store_lookup"]["p99_ms"]
+               and x["user_id"]["requests"] >= 1 for x in uid)
+    assert "user_id" not in r["two_tower"] and "user-id requests" in b.md
     cases = r["ann"]["cases"]
     assert [(c["items"], c["catalogue"]) for c in cases] == [(4000, "clustered"), (4000, "isotropic")]
     assert all(0 <= c["recall_at_10"] <= 1 and [x["batch"] for x in c["batches"]] == [1, 64] for c in cases)

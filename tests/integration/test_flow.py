@@ -37,7 +37,8 @@ def test_flow_runs_every_stage_and_publishes(flow_run):
     tmp, _, summary = flow_run
     run = tmp / "runs" / "it"
     assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
-                                              "serving-smoke-test", "publish", "promote"]
+                                              "serving-smoke-test", "publish", "promote", "features"]
+    assert summary["feature_store"] is None  # no user-id requests for this family: nothing to materialize
     assert summary["gate"]["promote"] and summary["gate"]["served_version"] is None  # first run promotes
     assert summary["model_version"] == 1 and summary["etl_device"] == "cpu"
     assert summary["etl_path"].startswith("fast (verified against NVTabular")  # etl.fast_path, on CPU by default

@@ -106,8 +106,42 @@ def test_flow_trains_exports_and_publishes_each_retrieval_model(retrieval_runs, 
         assert rec.request_columns == ["user_id"]
 
 
+REDIS_MODEL = "recsys_youtube"  # served from a Redis online store when redis-server is installed
+
+
 @pytest.fixture(scope="module")
-def served(retrieval_runs):
+def redis_store(retrieval_runs):
+    """A real redis-server on a free loopback port holding REDIS_MODEL's features (the flow filled SQLite; the
+    served model is pointed at Redis before Triton starts); None when redis-server is not installed."""
+    import shutil
+    import subprocess
+    import time
+
+    from pipeline_lib.features.store import StoreSettings, materialize, write_pointer
+    from pipeline_lib.serving.server import free_port
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        yield None
+        return
+    tmp, repo, _ = retrieval_runs
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        settings = StoreSettings(tmp / "redis_fs" / REDIS_MODEL, "redis", f"127.0.0.1:{port}")
+        materialize(settings, repo / REDIS_MODEL / "1" / topk.TOPK_DIR, 1)
+        write_pointer(repo / REDIS_MODEL, settings)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(retrieval_runs, redis_store):
     tmp, repo, _ = retrieval_runs
     server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log")
     with server.start(timeout_s=300, models=list(RUNS)):
@@ -305,3 +339,111 @@ def test_k_per_request_up_to_the_exported_k_and_out_of_range_refused(retrieval_r
                 with pytest.raises(BadRequestError, match=rf"input 'k' is {bad}; this version answers 1 to {rec.k}") as err:
                     client.recommend(rows, k=bad)
                 assert err.value.status() == status
+
+
+# -- user-id requests: the feature store each run filled after promotion ------------------------------------
+
+
+def _art(retrieval_runs, name):
+    return retrieval_runs[1] / name / "1" / topk.TOPK_DIR
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["recsys_youtube", "recsys_two_stage"])
+def test_user_id_requests_equal_the_offline_top_k_of_the_users_training_rows(retrieval_runs, published, served, name):
+    """Only the user id is sent; the served model reads the user's features and recent items (YouTube DNN's
+    history) from the Feast store the flow's features stage filled; the answer equals the offline top-k of the
+    user's full row read from the training data. An unknown id gets the cold-start answer and the flag.
+    (REDIS_MODEL reads a Redis online store when redis-server is installed: fixture ``redis_store``.)"""
+    from pipeline_lib.features import snapshot
+    from pipeline_lib.features.store import store_state
+
+    s, rec = retrieval_runs[2][name], published[name]
+    assert s["feature_store"]["version"] == 1 and s["feature_store"]["online_store"] == "sqlite"
+    assert store_state(Path(s["feature_store"]["repo"]))["version"] == 1
+    assert "recsys recommend" in s["query"]["recommend"] and '"name":"user_id"' in s["query"]["curl_user"]
+    art = _art(retrieval_runs, name)
+    users = snapshot.stored_users(art, 6)
+    ids = users + [snapshot.unknown_id(users)]
+    want = topk.finish_top_k(*rec.offline(snapshot.offline_rows(art, ids)))
+    for url, protocol in ((served.grpc_url, "grpc"), (served.http_url, "http")):
+        with RecsysClient(url, protocol, name) as c:
+            got_ids, got_scores, count, cold = c.recommend_user(ids, "user_id")
+        assert cold.tolist() == [False] * len(users) + [True]
+        np.testing.assert_array_equal(got_ids, want[0])
+        np.testing.assert_allclose(got_scores, want[1], atol=1e-5)
+    # exclusions and k work on user-id requests too; a full-feature request still answers (cold_start false)
+    with RecsysClient(served.grpc_url, "grpc", name) as c:
+        first = c.recommend_user(users[:1], "user_id")[0][0]
+        again = c.recommend_user(users[:1], "user_id", k=3, exclude=[[first[0]]])[0][0]
+        assert first[0] not in again and len(again) == 3
+        full = c.recommend(snapshot.offline_rows(art, users[:2])[rec.request_columns])
+    np.testing.assert_array_equal(full[0], want[0][:2])
+
+
+@pytest.mark.integration
+def test_recsys_recommend_prints_the_served_top_k_for_one_user_id(retrieval_runs, published, served):
+    """`recsys recommend USER_ID` (a subprocess): the top items of the user-id request with the item features
+    read from the store; --exclude and --k are sent with it."""
+    import subprocess
+    import sys
+
+    from pipeline_lib.features import snapshot
+
+    name = "recsys_two_stage"
+    art = _art(retrieval_runs, name)
+    user = snapshot.stored_users(art, 1)[0]
+    first = topk.finish_top_k(*published[name].offline(snapshot.offline_rows(art, [user])))[0][0][0]
+    row = snapshot.offline_rows(art, [user]).assign(exclude_item_ids=[[first]])
+    want = topk.finish_top_k(*published[name].offline(row))[0][0][:3]
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "recommend", str(user), "--k", "3", "--exclude",
+                          str(first), "--url", served.grpc_url, "--set", f"export.model_name={name}", "--set",
+                          f"export.model_repository={retrieval_runs[1]}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == f"user {user}: top 3" and lines[1].split()[:2] == ["item_id", "score"]
+    assert "item_category" in lines[1]  # item features from the store
+    shown = [int(line.split()[0]) for line in lines[2:]]
+    assert shown == want.tolist() and first not in shown
+
+
+@pytest.mark.integration
+def test_user_id_request_without_the_user_id_is_a_clear_bad_request(served):
+    import tritonclient.http as httpclient
+
+    c = httpclient.InferenceServerClient(served.http_url)
+    k = httpclient.InferInput("k", [1], "INT32")
+    k.set_data_from_numpy(np.array([3], dtype=np.int32))
+    with pytest.raises(InferenceServerException, match="missing input 'user_id'") as exc:
+        c.infer("recsys_youtube", [k])
+    assert exc.value.status() == "400"
+    c.close()
+
+
+@pytest.mark.integration
+def test_user_id_requests_through_redis_and_a_store_that_goes_away_is_503(retrieval_runs, published, served,
+                                                                           redis_store):
+    """REDIS_MODEL is served from a Redis online store (a real redis-server): same answer as offline (also checked
+    by the parity test above); with Redis stopped, user-id requests get UNAVAILABLE (HTTP 503), full-feature
+    requests still answer, the model never crashes. Last in the file: it stops the module's Redis."""
+    from pipeline_lib.features import snapshot
+
+    if redis_store is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+    rec, art = published[REDIS_MODEL], _art(retrieval_runs, REDIS_MODEL)
+    assert json.loads((retrieval_runs[1] / REDIS_MODEL / "feature_store.json").read_text())["online_store"] == "redis"
+    users = snapshot.stored_users(art, 4)
+    want = topk.finish_top_k(*rec.offline(snapshot.offline_rows(art, users)))
+    with RecsysClient(served.grpc_url, "grpc", REDIS_MODEL) as c:
+        np.testing.assert_array_equal(c.recommend_user(users, "user_id")[0], want[0])
+        redis_store.terminate()
+        redis_store.wait(timeout=10)
+        with pytest.raises(InferenceServerException, match="unavailable: feature store unreachable") as exc:
+            c.recommend_user(users, "user_id")
+        assert "UNAVAILABLE" in str(exc.value.status())
+        full = c.recommend(snapshot.offline_rows(art, users)[rec.request_columns])
+        np.testing.assert_array_equal(full[0], want[0])
+    with RecsysClient(served.http_url, "http", REDIS_MODEL) as c:
+        with pytest.raises(InferenceServerException) as exc:
+            c.recommend_user(users, "user_id")
+        assert exc.value.status() == "503"

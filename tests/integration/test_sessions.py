@@ -85,7 +85,8 @@ def test_session_flow_runs_every_stage_and_serves_top_k_equal_to_offline(session
     tmp, summary, _ = session_runs
     run = tmp / "runs" / "s1"
     assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
-                                              "serving-smoke-test", "publish", "promote"]
+                                              "serving-smoke-test", "publish", "promote", "features"]
+    assert summary["feature_store"] is None  # no user-id requests for this family: nothing to materialize
     assert summary["task"] == "session" and summary["model"] == "session_gru"
     # same shape as the other families; the classical session types on the same held-out prefixes
     assert set(summary["baselines"]) == {"most_popular", "cooccurrence", "session_knn", "sequential_rules"}

@@ -28,11 +28,16 @@ def _dockerfile(name):
 def test_compose_services_health_checks_and_dependencies():
     c = _compose()
     services = c["services"]
-    assert set(services) == {"postgres", "prefect-server", "worker", "triton", "dask-scheduler", "dask-cuda-worker"}
+    assert set(services) == {"postgres", "prefect-server", "worker", "triton", "redis", "dask-scheduler",
+                             "dask-cuda-worker"}
     # the ETL cluster is opt-in (docker compose --profile dask): the default stack is unchanged
     assert {n for n, svc in services.items() if "profiles" in svc} == {"dask-scheduler", "dask-cuda-worker"}
-    for name in ("postgres", "prefect-server", "triton"):
+    for name in ("postgres", "prefect-server", "triton", "redis"):
         assert services[name]["healthcheck"]["test"], name
+    # user-id requests: the worker fills the Redis store, Triton reads it through the same Feast repo path
+    assert services["worker"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "feature-store:/app/feature_store" in services["worker"]["volumes"]
+    assert "feature-store:/app/feature_store" in services["triton"]["volumes"]
     assert services["prefect-server"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["worker"]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
     assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]

@@ -23,8 +23,11 @@ import triton_python_backend_utils as pb_utils
 from pipeline_lib.validate.requests import (BadRequest, check_request, error_response, lists_present, read_request,
                                             request_limits, tensor_reader, version_dir)
 from pipeline_lib.export.recommenders import open_recommender
-from pipeline_lib.export.topk import K_INPUT, OUTPUT_COUNT, OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, finish_top_k, requested_k
+from pipeline_lib.export.topk import decode_ids, K_INPUT, OUTPUT_COUNT, OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, finish_top_k, requested_k
 from pipeline_lib.serving import bytes_tensor
+from pipeline_lib.features.lookup import COLD_START_OUTPUT, UserLookup
+from pipeline_lib.features.snapshot import has_snapshot
+from pipeline_lib.features.store import FeatureStoreError
 
 # the stub decodes every BYTES input with this module function: the vectorised decoder instead
 FAST_BYTES = bytes_tensor.install(pb_utils)
@@ -32,8 +35,14 @@ FAST_BYTES = bytes_tensor.install(pb_utils)
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.rec = open_recommender(version_dir(args) / TOPK_DIR)
+        vdir = version_dir(args)
+        self.rec = open_recommender(vdir / TOPK_DIR)
         config = json.loads(args["model_config"])
+        self.has_cold = any(o["name"] == COLD_START_OUTPUT for o in config["output"])
+        # user-id requests: the missing request columns come from the model's feature store (docs/serving.md)
+        self.lookup = UserLookup(vdir / TOPK_DIR, vdir.parent) if self.has_cold and has_snapshot(vdir / TOPK_DIR) else None
+        if self.lookup is not None:
+            self.lookup.warm()
         self.limits = request_limits(config)  # rows, string and list sizes, value ranges (config.pbtxt)
         self.max_rows = self.limits.max_rows
         self.input_names = [i["name"] for i in config["input"] if i["name"] != K_INPUT]
@@ -51,6 +60,7 @@ class TritonPythonModel:
             read = tensor_reader(pb_utils, request)
             k = requested_k(read(K_INPUT), self.rec.k) if self.has_k else None
             arrays = read_request(read, self.input_names, self.optional)
+            arrays, cold = self._complete(arrays)
             ragged = lists_present(arrays, self.ragged)
             arrays = check_request(arrays, ragged, self.max_rows, self.limits)
             ids, scores = self.rec.recommend_tensors(arrays, ragged)
@@ -63,9 +73,33 @@ class TritonPythonModel:
             outputs = [pb_utils.Tensor(OUTPUT_IDS, ids), pb_utils.Tensor(OUTPUT_SCORES, scores.astype(np.float32))]
             if self.has_count:
                 outputs.append(pb_utils.Tensor(OUTPUT_COUNT, count))
+            if self.has_cold:
+                outputs.append(pb_utils.Tensor(COLD_START_OUTPUT, self._cold(arrays, cold, len(count))))
             return pb_utils.InferenceResponse(output_tensors=outputs)
         except BadRequest as exc:  # the client's fault: INVALID_ARG (HTTP 400)
+            return error_response(pb_utils, exc)
+        except FeatureStoreError as exc:  # store down, empty or another version's: UNAVAILABLE (HTTP 503)
+            self.logger.log_warn(str(exc))
             return error_response(pb_utils, exc)
         except Exception as exc:  # noqa: BLE001 - report, never crash the model instance: INTERNAL (HTTP 500)
             self.logger.log_error(traceback.format_exc())
             return error_response(pb_utils, exc)
+
+    def _complete(self, arrays):
+        """A request without some feature columns (a user-id request): those looked up by user id in the store."""
+        if self.lookup is None:
+            return arrays, None
+        missing = [c for c in self.rec.request_columns if c not in arrays and f"{c}__values" not in arrays]
+        if not missing:
+            return arrays, None
+        return self.lookup.complete(arrays, missing)
+
+    def _cold(self, arrays, cold, rows):
+        """``cold_start`` per row: unknown to the store (user-id request) or to the version's training users."""
+        if cold is not None:
+            return np.asarray(cold, dtype=bool)
+        users = arrays.get(self.lookup.user_id) if self.lookup is not None else None
+        known = getattr(self.rec, "seen_users", None)
+        if users is None or known is None:
+            return np.zeros(rows, dtype=bool)
+        return known.get_indexer(decode_ids(np.asarray(users).reshape(-1))) < 0
