@@ -114,7 +114,9 @@ def serve(
     cfg = _cfg(config, set_)
     repo = repository or cfg.export.model_repository
     s = cfg.serving
-    server = server_from_config(s, repo, cfg.export.model_name)
+    from pipeline_lib.online.settings import server_env as online_env
+
+    server = server_from_config(s, repo, cfg.export.model_name, env=online_env(cfg))
     stop = {"flag": False, "starting": True}
 
     def on_signal(*_) -> None:
