@@ -299,6 +299,36 @@ def _predict_sessions(cfg, rows: Optional[Path], n: int, protocol: str, url: Opt
     typer.echo(out.to_string())
 
 
+@app.command()
+def feedback(
+    files: Optional[List[Path]] = typer.Argument(None, help="feedback files (CSV, JSON lines, parquet): click / "
+                                                 "purchase events with request_id or user_id, item_id, ts"),
+    inbox: bool = typer.Option(False, "--inbox", help="also ingest every file dropped in <feedback>/inbox/"),
+    config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Accept user feedback for the online evaluation and retraining (docs/online.md).
+
+    Good rows go to <online.feedback_path>/accepted/; every bad row is kept in rejected/ with its line and the
+    reason, and reported here. Exit status 1 when any row was rejected."""
+    from pipeline_lib.online.feedback import drain_inbox, ingest
+    from pipeline_lib.online.settings import feedback_dir
+
+    cfg = _cfg(config, set_)
+    folder = feedback_dir(cfg)
+    if not files and not inbox:
+        _fail(f"give feedback files, or --inbox to ingest the files dropped in {folder / 'inbox'}")
+    missing = [str(f) for f in files or [] if not Path(f).is_file()]
+    if missing:
+        _fail(f"feedback file(s) not found: {', '.join(missing)}")
+    results = [ingest(Path(f), folder) for f in files or []] + (drain_inbox(folder) if inbox else [])
+    for r in results:
+        typer.echo(r.line())
+    typer.echo(f"accepted: {sum(r.accepted for r in results)}, rejected: {sum(r.rejected for r in results)} "
+               f"(feedback folder: {folder})")
+    if any(r.rejected for r in results):
+        raise typer.Exit(code=1)
+
+
 @app.command("generate-data")
 def generate_data(
     out: Path = typer.Option(Path("data/synthetic"), help="output folder"),
