@@ -329,6 +329,23 @@ def feedback(
         raise typer.Exit(code=1)
 
 
+@app.command("online-eval")
+def online_eval(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Run the online evaluation flow once: dropped feedback ingested, impressions joined, per-version CTR report
+    (docs/online.md); names a served version whose online CTR regressed (online.auto_rollback rolls it back)."""
+    from flows.online import online_evaluation
+    from pipeline_lib.online.evaluation import table_rows
+
+    cfg = _cfg(config, set_)
+    result = online_evaluation(overrides=cfg.model_dump(mode="json"))
+    for row in table_rows(result):
+        typer.echo("  ".join(f"{k}: {v}" for k, v in row.items()))
+    for r in result["regressions"]:
+        typer.echo(f"regression: version {r['version']} below version {r['previous']}")
+    if result.get("rollback"):
+        typer.echo(result["rollback"])
+
+
 @app.command("generate-data")
 def generate_data(
     out: Path = typer.Option(Path("data/synthetic"), help="output folder"),

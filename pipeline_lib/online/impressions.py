@@ -26,11 +26,13 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ENV_DIR = "RECSYS_IMPRESSIONS_DIR"
 ENV_FLUSH = "RECSYS_IMPRESSIONS_FLUSH_S"
@@ -209,7 +211,7 @@ def _per_user(users: np.ndarray, ids: np.ndarray, scores: np.ndarray):
         yield user, ids[order], scores[order]
 
 
-def read_impressions(root: Path) -> "pd.DataFrame":  # noqa: F821
+def read_impressions(root: Path) -> "pd.DataFrame":
     """Every record under ``root`` (empty frame with :data:`COLUMNS` when there is none)."""
     import pandas as pd
     import pyarrow.parquet as pq
