@@ -891,6 +891,11 @@ class OnlineConfig(_Strict):
     auto_rollback: bool = Field(False, description="online evaluation rolls the served model back when the promoted "
                                 "version's CTR is significantly below the previous version's")
     reports_path: Optional[Path] = Field(None, description="online evaluation reports (default: <runs_dir>/online/reports)")
+    retrain_on_feedback: bool = Field(False, description="the run's data is the original log plus every item shown "
+                                      "since retrain_since, labelled by its feedback (ranking / retrieval; needs "
+                                      "split.method: time, so the newest feedback is the test set)")
+    retrain_since: Optional[str] = Field(None, description="ISO time: impressions from then on are added "
+                                         "(default: all of them)")
 
 
 class RunConfig(_Strict):
@@ -915,6 +920,14 @@ class RunConfig(_Strict):
     session: SessionConfig = Field(default_factory=SessionConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     online: OnlineConfig = Field(default_factory=OnlineConfig)
+
+    @model_validator(mode="after")
+    def _feedback_split_by_time(self) -> "RunConfig":
+        if self.online.retrain_on_feedback and self.split.method != "time":
+            raise ValueError("online.retrain_on_feedback needs split.method: time (the newest feedback is the test set)")
+        if self.online.retrain_on_feedback and self.task == "session":
+            raise ValueError("online.retrain_on_feedback works for task ranking or retrieval, not session")
+        return self
 
     @model_validator(mode="after")
     def _tune_space_fits_the_model(self) -> "RunConfig":
