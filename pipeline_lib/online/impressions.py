@@ -39,6 +39,7 @@ ENV_FLUSH = "RECSYS_IMPRESSIONS_FLUSH_S"
 ENV_USER_COLUMNS = "RECSYS_IMPRESSIONS_USER_COLUMNS"
 ENV_ITEM_COLUMN = "RECSYS_IMPRESSIONS_ITEM_COLUMN"
 REQUEST_ID_OUTPUT = "request_id"
+OFF_PARAMETER = "impression_log"  # config.pbtxt parameter: "off" turns one model's log off
 COLUMNS = ["request_id", "ts", "model", "version", "user_id", "item_ids", "ranks", "scores"]
 DEFAULT_USER_COLUMNS = ("user_id", "session_id")
 MAX_RETRIES = 100  # failed flushes (a full disk) whose requests are queued again for the next one
@@ -224,9 +225,15 @@ def read_impressions(root: Path) -> "pd.DataFrame":
 
 
 def open_for_model(args: Mapping, env: Optional[Mapping[str, str]] = None) -> Optional[ImpressionLog]:
-    """The log of a served model instance (Triton's ``initialize`` args), or None when logging is off."""
+    """The log of a served model instance (Triton's ``initialize`` args), or None when logging is off: no
+    settings in the environment, or the model's config.pbtxt parameter ``impression_log`` is ``off``."""
+    import json
+
     settings = settings_from_env(env)
     if settings is None:
+        return None
+    params = json.loads(args.get("model_config") or "{}").get("parameters", {})
+    if str((params.get(OFF_PARAMETER) or {}).get("string_value", "")).lower() == "off":
         return None
     return ImpressionLog(settings, str(args["model_name"]), int(args["model_version"]))
 

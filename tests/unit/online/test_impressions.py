@@ -61,3 +61,15 @@ def test_settings_travel_through_the_environment_and_the_user_seam_picks_the_fir
     arrays = {"session_id": np.array([7, 8]), "x": np.array([1, 2])}
     assert list(imp.subject_ids(arrays, s.user_columns, 2)) == ["7", "8"]
     assert list(imp.subject_ids({"x": np.array([1])}, s.user_columns, 1)) == [""]
+
+
+def test_a_model_opts_out_with_its_config_parameter_and_logs_as_its_own_name_and_version(tmp_path):
+    import json
+
+    env = imp.server_env(tmp_path, 0.5, ["user_id"], "item_id")
+    off = {"model_name": "m", "model_version": "2",
+           "model_config": json.dumps({"parameters": {"impression_log": {"string_value": "off"}}})}
+    assert imp.open_for_model(off, env) is None
+    log = imp.open_for_model({**off, "model_config": "{}"}, env)
+    assert (log.model, log.version) == ("m", 2)
+    log.close()
