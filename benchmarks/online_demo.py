@@ -61,8 +61,8 @@ def traffic(cfg, pop, requests: int, seed: int, label: str) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/online-demo"))
-    p.add_argument("--requests", type=int, default=400, help="simulated requests per phase")
-    p.add_argument("--users", type=int, default=200)
+    p.add_argument("--requests", type=int, default=1500, help="simulated requests per phase")
+    p.add_argument("--users", type=int, default=60)
     p.add_argument("--epochs", type=int, default=3)
     a = p.parse_args(argv)
     shutil.rmtree(a.out, ignore_errors=True)
@@ -84,7 +84,10 @@ def main(argv=None) -> dict:
         time.sleep(2 * cfg.online.impressions.flush_seconds)
         first = online_evaluation(overrides=over)
         summary["online_after_v1"] = evaluation.table_rows(first)
-        retrain = {**over, "online": {**over["online"], "retrain_on_feedback": True}}
+        # the newest rows (the feedback) are the test set; a gate that cannot tell the two apart on them
+        # promotes (gate.on_inconclusive), so the demo always measures the retrained version online
+        retrain = {**over, "online": {**over["online"], "retrain_on_feedback": True},
+                   "gate": {**over["gate"], "on_inconclusive": "promote"}}
         v2 = pipeline(overrides=retrain)
         summary["v2_gate"] = v2.get("gate")
         summary["phases"]["v2"] = traffic(cfg, pop, a.requests, 2, "v2")

@@ -25,7 +25,7 @@ from pipeline_lib.config import FeatureSide, RunConfig
 @dataclass
 class ClickModel:
     base: float = 0.02
-    lift: float = 0.35
+    lift: float = 0.5
     position_decay: float = 0.7
     taste_column: str = "item_category"
 

@@ -10,11 +10,12 @@ import threading
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from pipeline_lib.online import impressions
+from pipeline_lib.online import evaluation, feedback, impressions, simulate
 from pipeline_lib.serving import repository
 from pipeline_lib.serving.client import RecsysClient
 from pipeline_lib.serving.repository import LiveServer
@@ -23,6 +24,7 @@ from pipeline_lib.serving.server import TritonServer
 pytestmark = pytest.mark.integration
 KEY = "test-admin-key"
 SERVED: list[tuple[str, str]] = []  # (request id, answering version) of every request the Traffic sent
+SIMULATED: list[dict] = []  # the simulator's feedback events
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +157,18 @@ def test_a_corrupt_version_or_a_failed_history_write_leaves_the_live_server_serv
     shutil.rmtree(path)  # the corrupt copy goes again (never served)
 
 
+def test_the_simulated_users_query_the_live_server_and_their_clicks_name_served_requests(live, trained):
+    server, repo, rows, offline, log_dir = live
+    pop = simulate.population(pd.read_parquet(trained.raw), trained.cfg, 30, seed=3)
+    always_first = simulate.ClickModel(base=1.0, lift=0.0, position_decay=30.0)  # rank 1 always, others ~never
+    with RecsysClient(server.http_url, "http") as client:
+        result = simulate.run_traffic(client, pop, requests=12, k=5, candidates=8, seed=0, clicks=always_first)
+    version = str(repository.served_version(repo, "recsys"))
+    assert (result.requests, result.failed, result.shown, result.versions) == (12, 0, 60, {version: 12})
+    assert result.clicks == len(result.feedback) >= 12 and all(f["request_id"] for f in result.feedback)
+    SIMULATED.extend(result.feedback)
+
+
 def test_every_served_request_is_logged_once_with_the_version_that_answered_and_a_clean_stop_loses_nothing(live):
     """Across the promotion and the rollback under traffic: each request id the clients got back is in the
     impression log once per user of its rows, with the version that answered it and the rows' items ranked by
@@ -179,3 +193,11 @@ def test_every_served_request_is_logged_once_with_the_version_that_answered_and_
         assert list(one.loc[user].item_ids) == [str(i) for i in want["item_id"]]
         np.testing.assert_allclose(one.loc[user].scores, want["score"], atol=1e-5)
     assert not frame.duplicated(["request_id", "user_id"]).any()  # no request logged twice, whoever sent it
+    # the simulator's clicks join: half by request id, half by user + item only (no request id)
+    events = pd.DataFrame(SIMULATED)
+    events.loc[events.index % 2 == 1, "request_id"] = ""
+    events.to_csv(log_dir.parent / "clicks.csv", index=False)
+    assert feedback.ingest(log_dir.parent / "clicks.csv", log_dir.parent / "feedback").accepted == len(events)
+    shown, unattributed = evaluation.attribute(frame, feedback.read_accepted(log_dir.parent / "feedback"), 5, 600)
+    assert unattributed == 0  # a user clicking the same item in two requests: both count for the newest one
+    assert shown.clicked.sum() == len(events) - events.duplicated(["user_id", "item_id"]).sum()
