@@ -206,6 +206,7 @@ def plot_ctr(report: dict, png) -> Optional[str]:
         ax.errorbar(x, value, yerr=[np.nan_to_num(value - lo), np.nan_to_num(hi - value)], marker="o", capsize=4,
                     label=f"v{version}")
     ax.set_xticks(range(len(days)), days)
+    ax.set_xlim(-0.5, len(days) - 0.5)
     ax.set_ylabel(f"CTR@{report['k']}")
     ax.set_title(f"online CTR@{report['k']} per version ({int(report['level'] * 100)}% intervals)")
     ax.legend()
