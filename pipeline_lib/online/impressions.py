@@ -106,6 +106,12 @@ class ImpressionLog:
         self._lock = threading.Lock()  # one flush at a time (the thread's, close()'s)
         self.errors: list[str] = []
         self.written = 0
+        # imported at model load, not during the first flush (pyarrow's UTC timestamps import pandas)
+        import pandas  # noqa: F401
+        import pyarrow.compute
+        import pyarrow.parquet  # noqa: F401
+
+        _schema()
         self._thread = threading.Thread(target=self._run, name="impression-log", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -142,22 +148,23 @@ class ImpressionLog:
                         self._queue.put(entry)
                 return 0
 
-    def _write(self, records: dict[str, list]) -> int:
-        import pandas as pd
-        import pyarrow as pa
+    def _write(self, table) -> int:
+        """One parquet file per UTC hour of the records (pyarrow only: the flush holds the GIL briefly)."""
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        frame = pd.DataFrame(records)
-        hours = frame["ts"].dt.floor("h")
-        for hour, part in frame.groupby(hours):
-            folder = self.settings.root / f"date={hour:%Y-%m-%d}" / f"hour={hour:%H}"
+        hours = pc.divide(pc.cast(pc.cast(table["ts"], "int64"), "int64"), 3_600_000_000).to_numpy()
+        for hour in np.unique(hours):
+            part = table.filter(pa_mask(hours == hour)) if len(np.unique(hours)) > 1 else table
+            stamp = time.gmtime(int(hour) * 3600)
+            folder = self.settings.root / time.strftime("date=%Y-%m-%d", stamp) / time.strftime("hour=%H", stamp)
             folder.mkdir(parents=True, exist_ok=True)
             self._seq += 1
             name = f"{self.model}-v{self.version}-{os.getpid()}-{int(time.time() * 1e3)}-{self._seq}.parquet"
             tmp = folder / f".{name}.tmp"
-            pq.write_table(pa.Table.from_pandas(part.reset_index(drop=True), schema=_schema(), preserve_index=False), tmp)
+            pq.write_table(part, tmp)
             os.replace(tmp, folder / name)
-        return len(frame)
+        return table.num_rows
 
     def close(self) -> None:
         """Stop the thread and write everything still queued (idempotent)."""
@@ -176,24 +183,41 @@ def _schema():
                       ("ranks", pa.list_(pa.int32())), ("scores", pa.list_(pa.float32()))])
 
 
-def records_of(entries: list, model: str, version: int) -> dict[str, list]:
-    """Queued requests -> columns of one record per (request, user), items best first."""
-    import pandas as pd
+def pa_mask(mask: np.ndarray):
+    import pyarrow as pa
 
-    out: dict[str, list] = {c: [] for c in COLUMNS}
-    for request_id, ts, users, ids, scores in entries:
-        ids, scores = np.asarray(ids), np.asarray(scores, dtype=np.float32)
-        for user, item_list, score_list in _per_user(np.asarray(users).reshape(-1), ids, scores):
-            out["request_id"].append(request_id)
-            out["ts"].append(ts)
-            out["user_id"].append(_text(user))
-            out["item_ids"].append([_text(v) for v in item_list])
-            out["ranks"].append(list(range(1, len(item_list) + 1)))
-            out["scores"].append([float(s) for s in score_list])
-    n = len(out["request_id"])
-    out["model"], out["version"] = [model] * n, [int(version)] * n
-    out["ts"] = list(pd.to_datetime(out["ts"], unit="s", utc=True).floor("us"))
-    return out
+    return pa.array(mask)
+
+
+def records_of(entries: list, model: str, version: int):
+    """Queued requests -> a pyarrow table of one record per (request, user), items best first."""
+    import pyarrow as pa
+
+    request_ids, stamps, users, items, scores = [], [], [], [], []
+    for request_id, ts, row_users, ids, row_scores in entries:
+        ids, row_scores = np.asarray(ids), np.asarray(row_scores, dtype=np.float32)
+        for user, item_list, score_list in _per_user(np.asarray(row_users).reshape(-1), ids, row_scores):
+            request_ids.append(request_id)
+            stamps.append(ts)
+            users.append(_text(user))
+            items.append(item_list)
+            scores.append(score_list)
+    lengths = np.array([len(i) for i in items], dtype=np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    flat = np.concatenate(items) if len(items) else np.array([], dtype=object)
+    flat_text = flat.astype(str) if flat.dtype.kind in "iuf" else [_text(v) for v in flat]
+    ranks = np.arange(len(flat), dtype=np.int32) - np.repeat(np.asarray(offsets)[:-1], lengths) + 1
+    n = len(request_ids)
+    micros = (np.asarray(stamps, dtype=np.float64) * 1e6).astype(np.int64)
+    return pa.Table.from_arrays([  # in COLUMNS order; from_arrays (unlike pa.table) never imports pandas
+        pa.array(request_ids, pa.string()), pa.array(micros, pa.timestamp("us", tz="UTC")),
+        pa.array([model] * n, pa.string()), pa.array(np.full(n, int(version), dtype=np.int64)),
+        pa.array(users, pa.string()),
+        pa.ListArray.from_arrays(offsets, pa.array(flat_text, pa.string())),
+        pa.ListArray.from_arrays(offsets, pa.array(ranks, pa.int32())),
+        pa.ListArray.from_arrays(offsets, pa.array(
+            np.concatenate(scores).astype(np.float32) if len(scores) else np.array([], np.float32), pa.float32())),
+    ], schema=_schema())
 
 
 def _per_user(users: np.ndarray, ids: np.ndarray, scores: np.ndarray):
@@ -201,7 +225,8 @@ def _per_user(users: np.ndarray, ids: np.ndarray, scores: np.ndarray):
     grouped by user and ordered by score."""
     if ids.ndim == 2:  # top-k: [rows, k]; sentinel items (fewer valid than k) are dropped
         for r in range(ids.shape[0]):
-            keep = np.array([not (v == -1 or v == b"" or v == "") for v in ids[r]], dtype=bool)
+            row = ids[r]
+            keep = (row != b"") & (row != "") if row.dtype == object else row != -1
             yield users[r] if r < len(users) else "", ids[r][keep], scores[r][keep]
         return
     ids, scores = ids.reshape(-1), scores.reshape(-1)
