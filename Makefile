@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # (a file's tests share their module fixtures: one Triton, one flow run). 2 = the developer machine's cores.
 TEST_WORKERS ?= 2
 
-.PHONY: install run test check bench robustness serve predict clean
+.PHONY: install run test check bench robustness demo-online serve predict clean
 
 # uv is bootstrapped from PyPI into .tools/ when the machine has none.
 $(CURDIR)/.tools/bin/uv:
@@ -42,6 +42,11 @@ bench: install
 ##   processes) against a small ranking and retrieval version on loopback; ~4 min; benchmarks/results/robustness.json
 robustness: install
 	$(UV) run --frozen --no-sync python -m benchmarks.robustness $(ARGS)
+
+## demo-online: install, then the closed loop on a small synthetic run: v1 served -> simulated users -> online
+##   evaluation -> retrain on the feedback -> v2 promoted -> both versions' online CTR (docs/online.md); ~6 min
+demo-online: install
+	$(UV) run --frozen --no-sync python -m benchmarks.online_demo $(ARGS)
 
 serve: install
 	$(UV) run --frozen --no-sync recsys serve $(ARGS)

@@ -170,6 +170,11 @@ def markdown(r: dict) -> str:
                   "Per request, one client; in-process = the served model.py's path in this process.", ""]
         lines += topk_markdown(r["topk"]) + [""]
 
+    if r.get("impressions"):
+        from benchmarks.impressions_bench import markdown as impressions_markdown
+
+        lines += impressions_markdown(r["impressions"])
+
     if r.get("section_seconds"):
         lines += ["Section wall times (s): " + ", ".join(f"{k} {v}" for k, v in r["section_seconds"].items()), ""]
     return "\n".join(lines)

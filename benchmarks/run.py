@@ -31,7 +31,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("etl", "etl_peers", "train", "serving", "serving_peers", "topk", "e2e")
+SECTIONS = ("etl", "etl_peers", "train", "serving", "serving_peers", "topk", "impressions", "e2e")
 OPTIONAL = ("topk",)  # not in the default run (keeps `make bench` under 15 min here); add with --with
 
 FULL = {"etl_rows": [1_000_000, 10_000_000], "train_rows": 1_000_000, "serve_model_rows": 20_000,
@@ -148,6 +148,7 @@ def main(argv=None) -> dict:
                                                            (results.get("serving") or {}).pop("guest", None)))
     if not a.serve_model_from_topk:
         section("topk", lambda: topk_section(a, work))
+    section("impressions", lambda: impressions_section(a, work))
     section("e2e", lambda: e2e_section(a, work))
 
     results["total_seconds"] = round(time.perf_counter() - t_all, 1)
@@ -251,6 +252,13 @@ def serving_peers_section(a: argparse.Namespace, serve_rows: int, work: Path, da
     for line in serving_peers.ratio_lines(out):
         print(f"[peers] {line}", flush=True)
     return out
+
+
+def impressions_section(a: argparse.Namespace, work: Path) -> dict:
+    """Batch-1 p50 with and without the impression log, on one Triton (benchmarks/impressions_bench.py)."""
+    from benchmarks import impressions_bench
+
+    return impressions_bench.bench(work / "impressions", requests=500 if a.quick else 2000)
 
 
 def topk_section(a: argparse.Namespace, work: Path) -> dict:

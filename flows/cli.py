@@ -114,7 +114,9 @@ def serve(
     cfg = _cfg(config, set_)
     repo = repository or cfg.export.model_repository
     s = cfg.serving
-    server = server_from_config(s, repo, cfg.export.model_name)
+    from pipeline_lib.online.settings import server_env as online_env
+
+    server = server_from_config(s, repo, cfg.export.model_name, env=online_env(cfg))
     stop = {"flag": False, "starting": True}
 
     def on_signal(*_) -> None:
@@ -364,6 +366,53 @@ def _predict_sessions(cfg, rows: Optional[Path], n: int, protocol: str, url: Opt
     out = pd.DataFrame({f"{item} (last 5)": df[item].map(lambda v: list(v)[-5:]), "next_item_ids": list(ids),
                         "scores": [[round(float(x), 3) for x in s] for s in scores]})
     typer.echo(out.to_string())
+
+
+@app.command()
+def feedback(
+    files: Optional[List[Path]] = typer.Argument(None, help="feedback files (CSV, JSON lines, parquet): click / "
+                                                 "purchase events with request_id or user_id, item_id, ts"),
+    inbox: bool = typer.Option(False, "--inbox", help="also ingest every file dropped in <feedback>/inbox/"),
+    config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Accept user feedback for the online evaluation and retraining (docs/online.md).
+
+    Good rows go to <online.feedback_path>/accepted/; every bad row is kept in rejected/ with its line and the
+    reason, and reported here. Exit status 1 when any row was rejected."""
+    from pipeline_lib.online.feedback import drain_inbox, ingest
+    from pipeline_lib.online.settings import feedback_dir
+
+    cfg = _cfg(config, set_)
+    folder = feedback_dir(cfg)
+    if not files and not inbox:
+        _fail(f"give feedback files, or --inbox to ingest the files dropped in {folder / 'inbox'}")
+    missing = [str(f) for f in files or [] if not Path(f).is_file()]
+    if missing:
+        _fail(f"feedback file(s) not found: {', '.join(missing)}")
+    results = [ingest(Path(f), folder) for f in files or []] + (drain_inbox(folder) if inbox else [])
+    for r in results:
+        typer.echo(r.line())
+    typer.echo(f"accepted: {sum(r.accepted for r in results)}, rejected: {sum(r.rejected for r in results)} "
+               f"(feedback folder: {folder})")
+    if any(r.rejected for r in results):
+        raise typer.Exit(code=1)
+
+
+@app.command("online-eval")
+def online_eval(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Run the online evaluation flow once: dropped feedback ingested, impressions joined, per-version CTR report
+    (docs/online.md); names a served version whose online CTR regressed (online.auto_rollback rolls it back)."""
+    from flows.online import online_evaluation
+    from pipeline_lib.online.evaluation import table_rows
+
+    cfg = _cfg(config, set_)
+    result = online_evaluation(overrides=cfg.model_dump(mode="json"))
+    for row in table_rows(result):
+        typer.echo("  ".join(f"{k}: {v}" for k, v in row.items()))
+    for r in result["regressions"]:
+        typer.echo(f"regression: version {r['version']} below version {r['previous']}")
+    if result.get("rollback"):
+        typer.echo(result["rollback"])
 
 
 @app.command("generate-data")

@@ -26,8 +26,10 @@ import json
 import logging
 from typing import Any, Optional
 
+from prefect import Flow
 from prefect.runner import Runner
 
+from flows.online import online_evaluation
 from flows.pipeline import pipeline
 
 DEFAULT_NAME = "recsys-nightly"
@@ -74,23 +76,29 @@ async def _start(runner: _Runner) -> None:
     await runner.start()
 
 
+FLOWS: dict[str, tuple[Flow, str]] = {"pipeline": (pipeline, "raw logs -> NVTabular -> Merlin Models -> merlin-systems ensemble -> Triton"),
+         "online": (online_evaluation, "impressions + feedback -> per-version online CTR report (docs/online.md)")}
+
+
 def serve(name: str = DEFAULT_NAME, cron: str = DEFAULT_CRON, config_path: Optional[str] = None,
-          overrides: Optional[dict] = None, limit: Optional[int] = 1, prefetch_s: float = DEFAULT_PREFETCH_S) -> None:
+          overrides: Optional[dict] = None, limit: Optional[int] = 1, prefetch_s: float = DEFAULT_PREFETCH_S,
+          which: str = "pipeline") -> None:
     """Register ``name`` (cron-scheduled, with parameters) and run its flow runs until stopped
-    (Ctrl-C or SIGTERM; both pause the schedule)."""
+    (Ctrl-C or SIGTERM; both pause the schedule). ``which``: the pipeline, or the online evaluation."""
+    the_flow, description = FLOWS[which]
     logging.getLogger("prefect.runner").addFilter(_AtCapacityOnce())
     runner = _Runner(name=name, limit=limit,  # one pipeline run at a time: runs share the model repository
                      prefetch_seconds=prefetch_s)
     runner.add_flow(
-        pipeline,
+        the_flow,
         name=name,
         cron=cron,
         parameters={"config_path": config_path, "overrides": overrides},
         tags=["recsys"],
-        description="raw logs -> NVTabular -> Merlin Models -> merlin-systems ensemble -> Triton",
+        description=description,
     )
-    print(f"deployment '{pipeline.name}/{name}' ({cron}, UTC) registered; executing its runs until stopped "
-          f"(trigger one now: prefect deployment run '{pipeline.name}/{name}')", flush=True)
+    print(f"deployment '{the_flow.name}/{name}' ({cron}, UTC) registered; executing its runs until stopped "
+          f"(trigger one now: prefect deployment run '{the_flow.name}/{name}')", flush=True)
     try:
         asyncio.run(_start(runner))
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -100,6 +108,8 @@ def serve(name: str = DEFAULT_NAME, cron: str = DEFAULT_CRON, config_path: Optio
 
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--flow", choices=sorted(FLOWS), default="pipeline",
+                   help="pipeline (default) or online: the online evaluation (name it with --name, e.g. recsys-online)")
     p.add_argument("--name", default=DEFAULT_NAME)
     p.add_argument("--cron", default=DEFAULT_CRON, help="cron schedule (UTC), default nightly at 03:00")
     p.add_argument("--config", default=None, help="run config YAML passed to every scheduled run")
@@ -109,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "the flow itself still begins at the scheduled time")
     a = p.parse_args(argv)
     serve(a.name, a.cron, a.config, json.loads(a.overrides_json) if a.overrides_json else None,
-          prefetch_s=a.prefetch_seconds)
+          prefetch_s=a.prefetch_seconds, which=a.flow)
 
 
 if __name__ == "__main__":

@@ -887,6 +887,38 @@ class TuneConfig(_Strict):
         return space
 
 
+class ImpressionsConfig(_Strict):
+    """The impression log of the served models (pipeline_lib/online/impressions.py, docs/online.md)."""
+
+    enabled: bool = Field(True, description="served models log one record per request (request id, time, model, "
+                          "version, user, items shown with ranks and scores) when Triton is started by recsys serve")
+    path: Optional[Path] = Field(None, description="folder of the hour-partitioned parquet log (default: "
+                                 "<runs_dir>/online/impressions); the place a log collector points at")
+    flush_seconds: float = Field(1.0, gt=0, description="the log is written every this many seconds off the request "
+                                 "thread: a crash loses at most this much, a clean stop nothing")
+    user_columns: list[str] = Field(default_factory=list, description="request columns naming the user or session, "
+                                    "first present wins (default: columns.user_id, session.columns.session_id)")
+
+
+class OnlineConfig(_Strict):
+    """Closing the loop: impressions, feedback, online evaluation (docs/online.md)."""
+
+    impressions: ImpressionsConfig = Field(default_factory=ImpressionsConfig)
+    feedback_path: Optional[Path] = Field(None, description="feedback folder (default: <runs_dir>/online/feedback): "
+                                          "inbox/ is the file drop, accepted/ and rejected/ what recsys feedback made of it")
+    attribution_window_s: float = Field(1800.0, gt=0, description="a click counts for the latest impression of the "
+                                        "same user and item shown at most this many seconds before it")
+    k: int = Field(10, ge=1, description="online metrics are computed on the first k items shown (CTR@k, hit rate@k)")
+    auto_rollback: bool = Field(False, description="online evaluation rolls the served model back when the promoted "
+                                "version's CTR is significantly below the previous version's")
+    reports_path: Optional[Path] = Field(None, description="online evaluation reports (default: <runs_dir>/online/reports)")
+    retrain_on_feedback: bool = Field(False, description="the run's data is the original log plus every item shown "
+                                      "since retrain_since, labelled by its feedback (ranking / retrieval; needs "
+                                      "split.method: time, so the newest feedback is the test set)")
+    retrain_since: Optional[str] = Field(None, description="ISO time: impressions from then on are added "
+                                         "(default: all of them)")
+
+
 class RunConfig(_Strict):
     task: Literal["ranking", "retrieval", "session"] = Field(
         "ranking", description="ranking: click models on interactions (a retrieval model.type makes it a retrieval "
@@ -909,6 +941,15 @@ class RunConfig(_Strict):
     session: SessionConfig = Field(default_factory=SessionConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    online: OnlineConfig = Field(default_factory=OnlineConfig)
+
+    @model_validator(mode="after")
+    def _feedback_split_by_time(self) -> "RunConfig":
+        if self.online.retrain_on_feedback and self.split.method != "time":
+            raise ValueError("online.retrain_on_feedback needs split.method: time (the newest feedback is the test set)")
+        if self.online.retrain_on_feedback and self.task == "session":
+            raise ValueError("online.retrain_on_feedback works for task ranking or retrieval, not session")
+        return self
 
     @model_validator(mode="after")
     def _tune_space_fits_the_model(self) -> "RunConfig":

@@ -537,6 +537,9 @@ def install_serving_model(model_dir: Path, version: int, limits, dynamic_batchin
     cfg_path = model_dir / "config.pbtxt"
     cfg = text_format.Parse(cfg_path.read_text(), mc.ModelConfig())
     write_limit_parameters(cfg, limits if isinstance(limits, RequestLimits) else RequestLimits(int(limits)))
+    # the id of the answered request (the impression log's key; feedback names it): pipeline_lib.online
+    if not any(o.name == "request_id" for o in cfg.output):
+        cfg.output.append(mc.ModelOutput(name="request_id", data_type=mc.TYPE_STRING, dims=[1]))
     if dynamic_batching is not None and dynamic_batching.enabled:
         # One request = one batch entry: every input gets a leading batch dimension of 1 and is a
         # ragged-batch input (requests of different row and list-value counts are queued together;

@@ -675,7 +675,7 @@ def write_config(path: Path, name: str, inputs: list[RequestInput], ids: np.ndar
                  limits) -> None:
     """config.pbtxt of a top-k version (python backend): one input per raw column (a list as
     ``__values`` + int32 ``__offsets``; ``exclude_item_ids`` optional), the optional ``k`` (one INT32),
-    ``item_ids`` (the catalogue's id type) and ``scores`` [rows, <= k] and ``count`` [rows] out, the request
+    ``item_ids`` (the catalogue's id type) and ``scores`` [rows, <= k], ``count`` [rows] and ``request_id`` [1] out, the request
     limits (:class:`~pipeline_lib.validate.requests.RequestLimits`, or a row count) as parameters."""
     import tritonclient.grpc.model_config_pb2 as mc
     from google.protobuf import text_format
@@ -699,6 +699,8 @@ def write_config(path: Path, name: str, inputs: list[RequestInput], ids: np.ndar
     cfg.output.append(mc.ModelOutput(name=OUTPUT_IDS, data_type=id_type, dims=[-1, -1]))
     cfg.output.append(mc.ModelOutput(name=OUTPUT_SCORES, data_type=mc.TYPE_FP32, dims=[-1, -1]))
     cfg.output.append(mc.ModelOutput(name=OUTPUT_COUNT, data_type=mc.TYPE_INT32, dims=[-1]))
+    # the id of the answered request (the impression log's key; feedback names it): pipeline_lib.online
+    cfg.output.append(mc.ModelOutput(name="request_id", data_type=mc.TYPE_STRING, dims=[1]))
     cfg.parameters["top_k"].string_value = str(k)
     write_limit_parameters(cfg, limits if isinstance(limits, RequestLimits) else RequestLimits(int(limits)))
     cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))

@@ -6,6 +6,7 @@ gate on AUC / log loss -> served scores == offline scores.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,11 +27,21 @@ from pipeline_lib.release import gate, smoke
 from pipeline_lib.validate import data as validate
 
 
+log = logging.getLogger(__name__)
+
+
 class RankingFamily(TaskFamily):
     name = "ranking"
 
     def raw_data(self, paths: RunPaths) -> Path:
-        return data.write_raw(self.cfg.data, self.cfg.seed, paths.raw, self.cfg.columns)
+        raw = data.write_raw(self.cfg.data, self.cfg.seed, paths.raw, self.cfg.columns)
+        if self.cfg.online.retrain_on_feedback:  # the log plus what was shown since, labelled by feedback
+            from pipeline_lib.online.retrain import append_feedback
+
+            added = append_feedback(raw, self.cfg)
+            log.info("online.retrain_on_feedback: %d shown items added (%d clicked, %d of unknown users/items left "
+                     "out) since %s", added.rows, added.clicks, added.unknown, added.since or "the start")
+        return raw
 
     def check_raw(self, paths: RunPaths, raw_path: Path) -> tuple[Path, list[str]]:
         checked = validate.validate_raw(raw_path, self.cfg.columns, self.cfg.validation)

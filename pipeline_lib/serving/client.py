@@ -85,6 +85,10 @@ class RecsysClient:
         self._output_shapes: dict[str, tuple[str, list[int]]] = {}  # name -> (datatype, metadata shape)
         self._shm = SharedMemoryTransport(self._client, tc) if shared_memory else None
         self._lock = threading.Lock()  # one call at a time through the shared-memory regions
+        self._has_request_id = False
+        # the served request id of this client's last answer (the key feedback names); None: the version has
+        # no request_id output, or the call went through shared memory
+        self.last_request_id: Optional[str] = None
 
     def _metadata(self) -> None:
         if self._inputs is not None:
@@ -98,6 +102,9 @@ class RecsysClient:
             inputs = [(i["name"], i["datatype"]) for i in md["inputs"]]
             ranks = [len(i["shape"]) for i in md["inputs"]]
             outputs = [(o["name"], o["datatype"], list(o["shape"])) for o in md["outputs"]]
+        # request_id (the impression log's key) is read apart from the scores: last_request_id
+        self._has_request_id = any(o[0] == "request_id" for o in outputs)
+        outputs = [o for o in outputs if o[0] != "request_id"]
         self._inputs, self._outputs = dict(inputs), [o[0] for o in outputs]
         self._output_shapes = {name: (dtype, shape) for name, dtype, shape in outputs}
         # with max_batch_size > 0 the metadata shows the batch dimension: [-1, -1]
@@ -169,8 +176,9 @@ class RecsysClient:
         with self._lock:
             inputs = self.inputs_from_arrays(arrays)
             if self._shm is None:
-                result = self._infer(inputs, self._outputs)
+                result = self._infer(inputs, self._outputs + (["request_id"] if self._has_request_id else []))
                 scores = result.as_numpy(self._outputs[0])
+                self.last_request_id = _request_id(result) if self._has_request_id else None
             else:
                 rows = request_rows({n: np.asarray(a).reshape(-1) for n, a in arrays.items()})
                 sizes = {n: output_bytes(*self._output_shapes[n], rows, self._batch_dim) for n in self._outputs}
@@ -196,7 +204,9 @@ class RecsysClient:
             inputs_arrays["k"] = np.array([k], dtype=np.int32)
         outputs = ["item_ids", "scores"] + (["count"] if "count" in self._outputs else [])
         with self._lock:
-            result = self._infer(self.inputs_from_arrays(inputs_arrays), outputs)
+            result = self._infer(self.inputs_from_arrays(inputs_arrays),
+                                 outputs + (["request_id"] if self._has_request_id else []))
+            self.last_request_id = _request_id(result) if self._has_request_id else None
         ids = result.as_numpy("item_ids")
         if ids.dtype == object:
             ids = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v, otypes=[object])(ids)
@@ -273,6 +283,14 @@ class RecsysClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _request_id(result) -> Optional[str]:
+    value = result.as_numpy("request_id")
+    if value is None or not value.size:
+        return None
+    v = value.reshape(-1)[0]
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
 def _ragged(col: pd.Series, name: str) -> tuple[np.ndarray, np.ndarray]:

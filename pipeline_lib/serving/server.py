@@ -157,6 +157,7 @@ class ServerOptions:
     restrict_repository_api: bool = True
     auto_ports: bool = False
     auto_complete_config: bool = False
+    env: Optional[dict] = None  # extra environment of the server (and its python stubs): the impression log's
 
 
 class TritonServer:
@@ -276,6 +277,7 @@ class TritonServer:
         log.info("starting Triton (HTTP :%d, gRPC :%d)%s ... (log: %s)", self.http_port, self.grpc_port, what,
                  self.log_file)
         env = server_env(paths)
+        env.update(self.options.env or {})
         self._prepare_key(env)
         self.process = subprocess.Popen(
             self.command(paths), env=env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -439,16 +441,18 @@ def admin_key(cfg) -> Optional[str]:
     return cfg.admin_api_key or os.environ.get("RECSYS_ADMIN_KEY") or None
 
 
-def server_from_config(serving_cfg, repository: Path, model_name: str, log_file: Optional[Path] = None) -> TritonServer:
+def server_from_config(serving_cfg, repository: Path, model_name: str, log_file: Optional[Path] = None,
+                       env: Optional[dict] = None) -> TritonServer:
     """The long-running server of `recsys serve`: explicit model control by default, so a
-    promotion switches versions through the (optionally key-restricted) model-repository API."""
+    promotion switches versions through the (optionally key-restricted) model-repository API.
+    ``env``: extra environment (the impression log's, :func:`pipeline_lib.online.settings.server_env`)."""
     s = serving_cfg
     return TritonServer(repository, ServerOptions(
         s.host, s.http_port, s.grpc_port, s.metrics_port,
         log_file=log_file or Path(repository).resolve().parent / "triton.log",
         model_control=s.model_control, load_models=[model_name],
         repository_poll_secs=s.repository_poll_secs, admin_api_key=admin_key(s),
-        restrict_repository_api=s.restrict_repository_api,
+        restrict_repository_api=s.restrict_repository_api, env=env,
     ))
 
 

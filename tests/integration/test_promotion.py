@@ -1,17 +1,21 @@
 """Zero-downtime promotion and rollback on a running Triton (explicit model control, restricted API).
 
 Two clients (HTTP and gRPC) send requests continuously while version 2 is promoted and then
-rolled back to version 1; not one request may fail, and the responding version must switch.
+rolled back to version 1; not one request may fail, and the responding version must switch. The server
+logs impressions (pipeline_lib.online.impressions) with a flush interval longer than the module, so every
+record on disk was written by a version's unload (promotion, rollback) or by the clean stop at the end.
 """
 import shutil
 import threading
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from pipeline_lib.online import evaluation, feedback, impressions, simulate
 from pipeline_lib.serving import repository
 from pipeline_lib.serving.client import RecsysClient
 from pipeline_lib.serving.repository import LiveServer
@@ -19,6 +23,8 @@ from pipeline_lib.serving.server import TritonServer
 
 pytestmark = pytest.mark.integration
 KEY = "test-admin-key"
+SERVED: list[tuple[str, str]] = []  # (request id, answering version) of every request the Traffic sent
+SIMULATED: list[dict] = []  # the simulator's feedback events
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +36,11 @@ def live(trained, untrained, tmp_path_factory):
                for v, model_dir in ((1, trained.model.model_dir), (2, untrained.model_dir))}
     assert np.max(np.abs(offline["1"] - offline["2"])) > 1e-3  # the two versions are distinguishable
     repository.promote(repo, "recsys", 1)
+    log_env = impressions.server_env(tmp / "impressions", 3600.0, ["user_id"], "item_id")
     server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log", model_control="explicit", load_models=["recsys"],
-                          admin_api_key=KEY)
+                          admin_api_key=KEY, env=log_env)
     server.start(timeout_s=240, models=["recsys"])
-    yield server, repo, rows, offline
+    yield server, repo, rows, offline, tmp / "impressions"
     server.stop()
 
 
@@ -54,6 +61,7 @@ class Traffic:
                 try:
                     scores, version = client.infer(self.rows)
                     self.log.append((sent, proto, version, scores))
+                    SERVED.append((client.last_request_id, version))
                 except Exception as exc:  # noqa: BLE001 - any failure is what we count
                     self.errors.append(f"{proto}: {exc}")
 
@@ -96,7 +104,7 @@ def test_model_control_api_needs_the_admin_key(live):
 
 
 def test_promote_v2_then_roll_back_to_v1_without_failed_requests(live):
-    server, repo, rows, offline = live
+    server, repo, rows, offline, _ = live
     lv = LiveServer(server.http_url, KEY)
     ev, before = _switch(server, repo, rows, offline, lambda: repository.promote(repo, "recsys", 2, lv), "2")
     assert set(before) == {"1"} and ev["previous"] == 1
@@ -112,7 +120,7 @@ def test_a_corrupt_version_or_a_failed_history_write_leaves_the_live_server_serv
     the pin and the live server go back to the previous version. Both messages say what is served."""
     from pipeline_lib.serving.repository import IntegrityError, RepositoryError
 
-    server, repo, rows, offline = live
+    server, repo, rows, offline, _ = live
     lv = LiveServer(server.http_url, KEY)
     before = repository.served_version(repo, "recsys")
     other = 2 if before == 1 else 1
@@ -147,3 +155,49 @@ def test_a_corrupt_version_or_a_failed_history_write_leaves_the_live_server_serv
     with httpclient.InferenceServerClient(server.http_url) as c:
         assert c.is_model_ready("recsys", str(before)) and not c.is_model_ready("recsys", str(other))
     shutil.rmtree(path)  # the corrupt copy goes again (never served)
+
+
+def test_the_simulated_users_query_the_live_server_and_their_clicks_name_served_requests(live, trained):
+    server, repo, rows, offline, log_dir = live
+    pop = simulate.population(pd.read_parquet(trained.raw), trained.cfg, 30, seed=3)
+    always_first = simulate.ClickModel(base=1.0, lift=0.0, position_decay=30.0)  # rank 1 always, others ~never
+    with RecsysClient(server.http_url, "http") as client:
+        result = simulate.run_traffic(client, pop, requests=12, k=5, candidates=8, seed=0, clicks=always_first)
+    version = str(repository.served_version(repo, "recsys"))
+    assert (result.requests, result.failed, result.shown, result.versions) == (12, 0, 60, {version: 12})
+    assert result.clicks == len(result.feedback) >= 12 and all(f["request_id"] for f in result.feedback)
+    SIMULATED.extend(result.feedback)
+
+
+def test_every_served_request_is_logged_once_with_the_version_that_answered_and_a_clean_stop_loses_nothing(live):
+    """Across the promotion and the rollback under traffic: each request id the clients got back is in the
+    impression log once per user of its rows, with the version that answered it and the rows' items ranked by
+    the scores. The last request is still queued (the flush interval is an hour) until the clean stop."""
+    server, repo, rows, offline, log_dir = live
+    with RecsysClient(server.grpc_url, "grpc") as client:
+        _, version = client.infer(rows)
+        last = client.last_request_id
+    assert last and len(SERVED) > 20 and {v for _, v in SERVED} == {"1", "2"}
+    assert last not in set(impressions.read_impressions(log_dir).request_id)  # queued, not yet written
+    server.stop()  # SIGTERM: Triton unloads the model, whose finalize() writes what is queued
+    frame = impressions.read_impressions(log_dir)
+    users = rows["user_id"].astype(str)
+    per_request = frame.groupby("request_id")
+    for request_id, answered in SERVED + [(last, version)]:
+        records = per_request.get_group(request_id)
+        assert sorted(records.user_id) == sorted(users.unique()), request_id  # once per user, never twice
+        assert set(records.version) == {int(answered)}
+    one = per_request.get_group(last).set_index("user_id")
+    for user, group in rows.assign(score=offline[version], user=users).groupby("user"):
+        want = group.sort_values("score", ascending=False, kind="stable")
+        assert list(one.loc[user].item_ids) == [str(i) for i in want["item_id"]]
+        np.testing.assert_allclose(one.loc[user].scores, want["score"], atol=1e-5)
+    assert not frame.duplicated(["request_id", "user_id"]).any()  # no request logged twice, whoever sent it
+    # the simulator's clicks join: half by request id, half by user + item only (no request id)
+    events = pd.DataFrame(SIMULATED)
+    events.loc[events.index % 2 == 1, "request_id"] = ""
+    events.to_csv(log_dir.parent / "clicks.csv", index=False)
+    assert feedback.ingest(log_dir.parent / "clicks.csv", log_dir.parent / "feedback").accepted == len(events)
+    shown, unattributed = evaluation.attribute(frame, feedback.read_accepted(log_dir.parent / "feedback"), 5, 600)
+    assert unattributed == 0  # a user clicking the same item in two requests: both count for the newest one
+    assert shown.clicked.sum() == len(events) - events.duplicated(["user_id", "item_id"]).sum()

@@ -6,6 +6,7 @@ so its served top-k goes through ANN search. The pieces are checked in tests/uni
 and tests/unit/export/test_ann.py.
 """
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from pipeline_lib.models import retrieval
 from pipeline_lib.export import ann, topk
 from pipeline_lib.export import ranking as export
 from pipeline_lib.export.ranking import raw_to_columns
+from pipeline_lib.online import impressions
 from pipeline_lib.serving.client import BadRequestError, RecsysClient, RequestError
 from pipeline_lib.serving.server import TritonServer
 
@@ -143,7 +145,8 @@ def redis_store(retrieval_runs):
 @pytest.fixture(scope="module")
 def served(retrieval_runs, redis_store):
     tmp, repo, _ = retrieval_runs
-    server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log")
+    log_env = impressions.server_env(tmp / "impressions", 0.2, ["user_id"], "item_id")  # the impression log on
+    server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log", env=log_env)
     with server.start(timeout_s=300, models=list(RUNS)):
         yield server
 
@@ -447,3 +450,29 @@ def test_user_id_requests_through_redis_and_a_store_that_goes_away_is_503(retrie
         with pytest.raises(InferenceServerException) as exc:
             c.recommend_user(users, "user_id")
         assert exc.value.status() == "503"
+
+@pytest.mark.integration
+def test_every_top_k_family_returns_a_request_id_and_logs_what_it_answered(retrieval_runs, published, served):
+    """Each top-k version (MF, YouTube DNN, two-stage) answers a request id and logs one record per row: the
+    version, the row's user and exactly the items and scores it answered, best first."""
+    tmp = retrieval_runs[0]
+    answers = {}
+    for name in RUNS:
+        rows = _rows(retrieval_runs, name, published[name], n=3)
+        with RecsysClient(served.grpc_url, "grpc", name) as client:
+            ids, scores = client.recommend(rows)
+            answers[name] = (client.last_request_id, rows["user_id"].astype(str).tolist(), ids, scores)
+        assert answers[name][0]
+    deadline, frame = time.time() + 30, None
+    while time.time() < deadline:
+        frame = impressions.read_impressions(tmp / "impressions")
+        if set(frame.request_id) >= {a[0] for a in answers.values()}:
+            break
+        time.sleep(0.2)
+    for name, (request_id, users, ids, scores) in answers.items():
+        records = frame[frame.request_id == request_id]
+        assert list(records.model) == [name] * 3 and set(records.version) == {1}
+        assert list(records.user_id) == users
+        for record, row_ids, row_scores in zip(records.itertuples(), ids, scores):
+            assert list(record.item_ids) == [str(i) for i in row_ids] and list(record.ranks) == list(range(1, 11))
+            np.testing.assert_allclose(record.scores, row_scores, atol=1e-6)

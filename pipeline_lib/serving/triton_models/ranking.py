@@ -30,6 +30,8 @@ from typing import Any
 import triton_python_backend_utils as pb_utils
 
 from pipeline_lib.export.compiled_version import CompiledPredictor, NeedsFallback, load_event
+from pipeline_lib.online.impressions import (REQUEST_ID_OUTPUT, new_request_id, open_for_model, request_id_tensor,
+                                             subject_ids)
 from pipeline_lib.serving import bytes_tensor
 from pipeline_lib.validate.requests import (BadRequest, check_request, check_scores, concat_requests,
                                             error_response, read_request, request_limits, split_rows,
@@ -51,6 +53,10 @@ class TritonPythonModel:
         self.max_rows = self.limits.max_rows
         self.logger = pb_utils.Logger
         self.full: Any = None  # the full ensemble's predictor, loaded when needed
+        # the impression log (online.impressions; None when off) and the request id output (versions
+        # exported before it existed have none)
+        self.has_request_id = any(o["name"] == REQUEST_ID_OUTPUT for o in config["output"])
+        self.impressions = open_for_model(args)
         why = "no compiled version"
         try:
             self.compiled = CompiledPredictor.load(self.version_dir / "ensemble")
@@ -80,6 +86,24 @@ class TritonPythonModel:
         self.full = DirectPredictor.from_ensemble(ensemble) or _EnsembleTransform(ensemble)
         self.logger.log_info(load_event("full", time.perf_counter() - t0, why))
 
+    def finalize(self):
+        if self.impressions is not None:  # unload or clean stop: everything queued is written
+            self.impressions.close()
+
+    def _answer(self, request, checked, outputs, batched=False):
+        """The response of a scored request (``outputs``: its own rows), its request id, its impression."""
+        request_id = new_request_id(request.request_id())
+        tensors = [pb_utils.Tensor(n, outputs[n][None, ...] if batched else outputs[n]) for n in self.output_names]
+        if self.has_request_id:
+            tensors.append(pb_utils.Tensor(REQUEST_ID_OUTPUT, request_id_tensor(request_id, batched)))
+        if self.impressions is not None:
+            s = self.impressions.settings
+            items = checked.get(s.item_column)
+            scores = outputs[self.output_names[0]].reshape(-1)
+            if items is not None and len(items) == len(scores):
+                self.impressions.log(request_id, subject_ids(checked, s.user_columns, len(scores)), items, scores)
+        return pb_utils.InferenceResponse(tensors)
+
     def execute(self, requests):
         if not self.batched:
             return [self._one(request) for request in requests]
@@ -106,7 +130,7 @@ class TritonPythonModel:
                 return self.full.response(checked)
             outputs = self._predict(checked)
             check_scores({n: outputs[n] for n in self.output_names})  # never a NaN score answered
-            return pb_utils.InferenceResponse([pb_utils.Tensor(n, outputs[n]) for n in self.output_names])
+            return self._answer(request, checked, outputs)
         except BadRequest as exc:  # the client's fault: INVALID_ARG (HTTP 400)
             return error_response(pb_utils, exc)
         except Exception as exc:  # noqa: BLE001 - report, never crash the model instance
@@ -137,8 +161,8 @@ class TritonPythonModel:
                         responses[i] = error_response(pb_utils, exc)
                         continue
                     # one batch entry per request: the outputs get the leading batch dimension of 1
-                    responses[i] = pb_utils.InferenceResponse(
-                        [pb_utils.Tensor(n, parts[n][k][None, ...]) for n in self.output_names])
+                    responses[i] = self._answer(requests[i], checked[k], {n: parts[n][k] for n in self.output_names},
+                                                batched=True)
             except Exception as exc:  # noqa: BLE001
                 self.logger.log_error(traceback.format_exc())
                 for i in good:

@@ -24,6 +24,8 @@ from pipeline_lib.validate.requests import (BadRequest, check_request, error_res
                                             request_limits, tensor_reader, version_dir)
 from pipeline_lib.export.recommenders import open_recommender
 from pipeline_lib.export.topk import decode_ids, K_INPUT, OUTPUT_COUNT, OUTPUT_IDS, OUTPUT_SCORES, TOPK_DIR, finish_top_k, requested_k
+from pipeline_lib.online.impressions import (REQUEST_ID_OUTPUT, new_request_id, open_for_model, request_id_tensor,
+                                             subject_ids)
 from pipeline_lib.serving import bytes_tensor
 from pipeline_lib.features.lookup import COLD_START_OUTPUT, UserLookup
 from pipeline_lib.features.snapshot import has_snapshot
@@ -51,12 +53,21 @@ class TritonPythonModel:
         self.optional = {i["name"] for i in config["input"] if i.get("optional")}  # exclude_item_ids
         self.ragged = {n[: -len("__values")] for n in self.input_names if n.endswith("__values")}
         self.logger = pb_utils.Logger
+        # the impression log (online.impressions; None when off) and the request id output (versions
+        # exported before it existed have none)
+        self.has_request_id = any(o["name"] == REQUEST_ID_OUTPUT for o in config["output"])
+        self.impressions = open_for_model(args)
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
 
+    def finalize(self):
+        if self.impressions is not None:  # unload or clean stop: everything queued is written
+            self.impressions.close()
+
     def _one(self, request):
         try:
+            request_id = new_request_id(request.request_id())
             read = tensor_reader(pb_utils, request)
             k = requested_k(read(K_INPUT), self.rec.k) if self.has_k else None
             arrays = read_request(read, self.input_names, self.optional)
@@ -75,6 +86,11 @@ class TritonPythonModel:
                 outputs.append(pb_utils.Tensor(OUTPUT_COUNT, count))
             if self.has_cold:
                 outputs.append(pb_utils.Tensor(COLD_START_OUTPUT, self._cold(arrays, cold, len(count))))
+            if self.has_request_id:
+                outputs.append(pb_utils.Tensor(REQUEST_ID_OUTPUT, request_id_tensor(request_id)))
+            if self.impressions is not None:
+                users = subject_ids(arrays, self.impressions.settings.user_columns, len(ids))
+                self.impressions.log(request_id, users, ids, scores)
             return pb_utils.InferenceResponse(output_tensors=outputs)
         except BadRequest as exc:  # the client's fault: INVALID_ARG (HTTP 400)
             return error_response(pb_utils, exc)

@@ -63,7 +63,8 @@ def test_config_pbtxt_is_written_with_the_public_model_config_api(tmp_path):
                    "exclude_item_ids__values": ("TYPE_STRING", [-1], True),
                    "exclude_item_ids__offsets": ("TYPE_INT32", [-1], True), "k": ("TYPE_INT32", [1], True)}
     assert [(o.name, mc.DataType.Name(o.data_type), list(o.dims)) for o in cfg.output] == [
-        ("item_ids", "TYPE_STRING", [-1, -1]), ("scores", "TYPE_FP32", [-1, -1]), ("count", "TYPE_INT32", [-1])]
+        ("item_ids", "TYPE_STRING", [-1, -1]), ("scores", "TYPE_FP32", [-1, -1]), ("count", "TYPE_INT32", [-1]),
+        ("request_id", "TYPE_STRING", [1])]
     assert cfg.backend == "python" and cfg.parameters["max_request_rows"].string_value == "100"
     assert cfg.parameters["top_k"].string_value == "5" and cfg.parameters["max_string_bytes"].string_value == "1024"
 

@@ -18,3 +18,14 @@ def test_prefect_yaml_declares_the_scheduled_deployment():
 
     assert [CronSchedule(cron=s["cron"], timezone=s["timezone"]).cron for s in dep["schedules"]] == ["0 3 * * *"]
     assert dep["work_pool"]["name"] == "recsys-gpu"
+
+
+def test_the_online_evaluation_flow_is_schedulable_like_the_pipeline():
+    from flows.deploy import FLOWS, main
+
+    assert {k: f.name for k, (f, _) in FLOWS.items()} == {"pipeline": "recsys-pipeline",
+                                                           "online": "recsys-online-evaluation"}
+    import pytest
+
+    with pytest.raises(SystemExit):  # argparse refuses an unknown flow by name
+        main(["--flow", "nightly"])
