@@ -217,7 +217,9 @@ def _lr_encoder(fit: pd.DataFrame, cols: list[str], o: RankingBaselineOptions) -
                 idx += hits
             m = sp.csr_matrix((np.ones(len(idx)), (rows, idx)), shape=(len(df), max(len(index), 1)))
             m.data = np.minimum(m.data, 1.0)  # a repeated value counts once
-            parts.append(m)
+            # each row's values share a weight of 1 (the mean, as the models' list embeddings are averaged)
+            m = sp.diags(1.0 / np.maximum(np.asarray(m.sum(axis=1)).ravel(), 1.0)) @ m
+            parts.append(m.tocsr())
         return sp.hstack(parts, format="csr")
     return encode
 
