@@ -375,11 +375,24 @@ def fit_transform(
         workflow = build_workflow(columns, out_dir / "fit", history=history, history_stats=history_stats)
         nvtabular_fit_transform(workflow, device, etl, SplitPaths(train_path, valid_path, split.test), out_dir)
         path = f"nvtabular ({reason})"
+    if history:
+        history_input_dtype(workflow, columns)
     workflow_dir = out_dir / "workflow"
     workflow.save(str(workflow_dir))
     train_dir = out_dir / "train"
     # Dataset.to_parquet (or the fast path, identically) writes the Merlin schema (schema.pbtxt) beside the data.
     return EtlOutput(workflow_dir, train_dir, out_dir / "valid", train_dir / "schema.pbtxt", device, split, path)
+
+
+def history_input_dtype(workflow, columns: ColumnsConfig) -> None:
+    """The history list's input dtype is the item id's (it holds item ids). The fitted workflow can record
+    it as unknown (seen on a 600-row log: merlin infers it from rows whose lists were all empty), which
+    merlin-systems cannot map to a Triton type at export; set it on the graph's input nodes."""
+    hist, item = history_column(columns), workflow.input_schema[columns.item_id].dtype
+    for node in workflow.graph.leaf_nodes:
+        for schema in (node.input_schema, node.output_schema):
+            if schema is not None and hist in schema.column_names and schema[hist].dtype.element_type.value == "unknown":
+                schema.column_schemas[hist] = schema[hist].with_dtype(item)
 
 
 def nvtabular_fit_transform(workflow, device: str, etl: EtlConfig, split: SplitPaths, out_dir: Path) -> None:
