@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # (a file's tests share their module fixtures: one Triton, one flow run). 2 = the developer machine's cores.
 TEST_WORKERS ?= 2
 
-.PHONY: install run test check bench robustness demo-online serve predict clean
+.PHONY: install run test check bench quality robustness demo-online serve predict clean
 
 # uv is bootstrapped from PyPI into .tools/ when the machine has none.
 $(CURDIR)/.tools/bin/uv:
@@ -37,6 +37,11 @@ check: install
 ## bench: install, then the benchmark suite (ETL, training, serving, end to end); results in benchmarks/results/
 bench: install
 	$(UV) run --frozen --no-sync python -m benchmarks.run $(ARGS)
+
+## quality: install, then the quality table (every candidate, each family, each data set, test figures with
+##   95% intervals, the issue's targets) into benchmarks/README.md; ARGS="--quick" for a smoke run
+quality: install
+	$(UV) run --frozen --no-sync python -m benchmarks.quality $(ARGS)
 
 ## robustness: install, then the robustness check (bad requests, load, promote/rollback under load, killed
 ##   processes) against a small ranking and retrieval version on loopback; ~4 min; benchmarks/results/robustness.json

@@ -299,6 +299,19 @@ class DaskConfig(_Strict):
         return self
 
 
+class HistoryConfig(_Strict):
+    """``etl.history``: the user's history as ranking features, from strictly earlier events of the same
+    user (pipeline_lib/etl/history.py, docs/ranking.md): count of earlier events, their positive rate, seconds
+    since the latest one, and the most recent positive items as a list feature. Needs ``columns.timestamp``;
+    served requests carry these columns (the caller knows its user's past)."""
+
+    enabled: bool = Field(False, description="ranking: add the user-history features (history_count, "
+                          "history_positive_rate, history_gap_s and <item_id>_history) before the split; the model, "
+                          "the logistic-regression baseline and served requests all use them; needs columns.timestamp")
+    max_items: int = Field(10, ge=0, description="most recent earlier positive items in <item_id>_history "
+                           "(0: no list, the numeric features only)")
+
+
 class EtlConfig(_Strict):
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="auto = GPU (cudf + dask-cuda) when a GPU is visible, else CPU"
@@ -310,6 +323,7 @@ class EtlConfig(_Strict):
         "counts, the compiled workflow on row batches), verified against NVTabular on a sample at fit time and "
         "falling back to NVTabular on any difference; the saved workflow is a normal NVTabular one (docs/scale.md)"
     )
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
 
 
 RANKING_MODELS = ("dlrm", "dcn", "deepfm", "wide_deep")
@@ -964,6 +978,14 @@ class RunConfig(_Strict):
         if bad:
             raise ValueError(f"tune.space: {', '.join(repr(k) for k in bad)} is not a tunable parameter of "
                              f"model.type '{self.model.type}' (tunable: {', '.join(TUNABLE[self.model.type])})")
+        return self
+
+    @model_validator(mode="after")
+    def _history_needs_time(self) -> "RunConfig":
+        if self.etl.history.enabled and self.task == "ranking" and not self.model.is_retrieval \
+                and not self.columns.timestamp:
+            raise ValueError("etl.history.enabled needs columns.timestamp (the features come from strictly earlier "
+                             "events of the user): name the timestamp column or turn etl.history off")
         return self
 
     @model_validator(mode="after")

@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.config import ColumnsConfig, DaskConfig, EtlConfig, FeatureKind, FeatureSide, SplitConfig
+from pipeline_lib.etl import history as user_history
+from pipeline_lib.etl.history import history_column  # re-exported (families, export)
 from pipeline_lib.etl.lambda_ops import to_float32  # also importable here: workflows pickled before it moved
 
 if TYPE_CHECKING:
@@ -45,35 +47,15 @@ class EtlOutput:
     etl_path: str = "nvtabular"  # which ETL ran: "fast (...)" or "nvtabular" plus why (etl.fast_path)
 
 
-def history_column(columns: ColumnsConfig) -> str:
-    """Name of the user-history list feature (YouTube DNN's query input)."""
-    return f"{columns.item_id}_history"
-
-
 def add_user_history(df: pd.DataFrame, columns: ColumnsConfig, length: int) -> pd.DataFrame:
-    """Add ``<item_id>_history``: for every row, the user's most recent earlier *positive* items
-    (oldest first, at most ``length``), ordered by timestamp (row order when there is none).
+    """Add ``<item_id>_history``: for every row, the user's most recent *positive* items with a strictly
+    earlier timestamp (oldest first, at most ``length``; earlier rows when there is no timestamp).
 
     A row's own item is never in its history, so the column is a legitimate request-time feature
-    (the user's recent clicks) for ranking and retrieval alike.
+    (the user's recent clicks) for ranking and retrieval alike (:mod:`pipeline_lib.etl.history`).
     """
-    ts = columns.timestamp if columns.timestamp and columns.timestamp in df.columns else None
-    order = df.sort_values([columns.user_id, ts], kind="stable").index if ts else \
-        df.sort_values([columns.user_id], kind="stable").index
-    users = df[columns.user_id].to_numpy()[order]
-    items = df[columns.item_id].to_numpy()[order]
-    positive = (pd.to_numeric(df[columns.label], errors="coerce").to_numpy()[order] == 1)
-    hist: list = [None] * len(df)
-    current, past = object(), list[Any]()
-    for pos, (u, it, p) in enumerate(zip(users, items, positive)):
-        if u != current:
-            current, past = u, []
-        hist[pos] = past[-length:]
-        if p:
-            past.append(it)
     out = df.copy()
-    col = pd.Series(hist, index=order)
-    out[history_column(columns)] = col.reindex(df.index)
+    out[history_column(columns)] = user_history.recent_positive_items(df, columns, length)
     return out
 
 
@@ -99,13 +81,16 @@ def holdout_masks(n: int, split: SplitConfig, seed: int, order_key: Optional[pd.
 
 
 def split_raw(raw_path: Path, split: SplitConfig, columns: ColumnsConfig, seed: int, out_dir: Path,
-              history_length: int = 0) -> SplitPaths:
+              history_length: int = 0, history_stats: bool = False) -> SplitPaths:
     """Split the raw table into train/valid/test parquet (random by seed, or by time: the newest
     rows are test, then validation; :func:`holdout_masks`); with ``history_length`` > 0, add the
-    user-history feature first (see :func:`add_user_history`)."""
+    user-history feature first (see :func:`add_user_history`), with ``history_stats`` the numeric
+    history features (``etl.history``: :mod:`pipeline_lib.etl.history`), both before the split."""
     out_dir.mkdir(parents=True, exist_ok=True)
     df = pd.read_parquet(raw_path)
-    if history_length:
+    if history_stats:
+        df = user_history.add_history_features(df, columns, history_length)
+    elif history_length:
         df = add_user_history(df, columns, history_length)
     if split.method == "time":
         if not columns.timestamp or columns.timestamp not in df.columns:
@@ -128,11 +113,27 @@ def split_raw(raw_path: Path, split: SplitConfig, columns: ColumnsConfig, seed: 
     return paths
 
 
-def build_workflow(columns: ColumnsConfig, categories_dir: Path, history: bool = False):
+def _continuous(name: str, log_first: bool):
+    """FillMedian -> [LogOp] -> Normalize -> float32 of one raw column, tagged continuous."""
+    import nvtabular as nvt
+    from merlin.schema import Tags
+
+    # a missing value takes the training median (a 0 would shift a year-like column's mean/std
+    # and put the filled rows tens of standard deviations away; docs/ranking.md)
+    node = [name] >> nvt.ops.FillMedian()
+    if log_first:
+        node = node >> nvt.ops.LogOp()
+    node = node >> nvt.ops.Normalize() >> nvt.ops.LambdaOp(to_float32, dtype="float32")
+    return node >> nvt.ops.AddTags([Tags.CONTINUOUS])
+
+
+def build_workflow(columns: ColumnsConfig, categories_dir: Path, history: bool = False,
+                   history_stats: bool = False):
     """Build (unfitted) NVTabular workflow from column roles, with Merlin tags.
 
     With ``history``, the user-history list column is encoded jointly with the item id (one
-    shared vocabulary, so a history entry and an item id map to the same index).
+    shared vocabulary, so a history entry and an item id map to the same index). With
+    ``history_stats``, the numeric history features (``etl.history``) are continuous user features.
 
     Categorify writes its vocabularies under ``categories_dir`` while fitting (NVTabular's
     default is ``./categories`` in the working directory, which concurrent runs would share).
@@ -157,14 +158,11 @@ def build_workflow(columns: ColumnsConfig, categories_dir: Path, history: bool =
         if f.kind in (FeatureKind.categorical, FeatureKind.list):
             node = [f.name] >> nvt.ops.Categorify(freq_threshold=f.freq_threshold, out_path=out_path)
         else:
-            # a missing value takes the training median (a 0 would shift a year-like column's mean/std
-            # and put the filled rows tens of standard deviations away; docs/ranking.md)
-            node = [f.name] >> nvt.ops.FillMedian()
-            if f.log:
-                node = node >> nvt.ops.LogOp()
-            node = node >> nvt.ops.Normalize() >> nvt.ops.LambdaOp(to_float32, dtype="float32")
-            node = node >> nvt.ops.AddTags([Tags.CONTINUOUS])
+            node = _continuous(f.name, f.log)
         outputs = outputs + (node >> nvt.ops.AddTags(side_tags[f.side]))
+    if history_stats:
+        for name in user_history.NUMERIC:
+            outputs = outputs + (_continuous(name, name in user_history.LOGGED) >> nvt.ops.AddTags([Tags.USER]))
 
     label = [columns.label] >> nvt.ops.AddTags([Tags.BINARY_CLASSIFICATION, Tags.TARGET])
     outputs = outputs + label
@@ -337,7 +335,8 @@ def fast_path_refusal(etl: EtlConfig, device: str) -> str | None:
 
 
 def fit_transform(
-    columns: ColumnsConfig, etl: EtlConfig, split: SplitPaths, out_dir: Path, history: bool = False
+    columns: ColumnsConfig, etl: EtlConfig, split: SplitPaths, out_dir: Path, history: bool = False,
+    history_stats: bool = False,
 ) -> EtlOutput:
     """Fit the workflow on train, transform train and valid, save workflow + schema.
 
@@ -360,8 +359,8 @@ def fit_transform(
         t0 = time.perf_counter()
         try:
             workflow, checked = fast_etl.fast_fit_transform(
-                lambda cats: build_workflow(columns, cats, history=history), train_path, valid_path, out_dir,
-                etl.part_size)
+                lambda cats: build_workflow(columns, cats, history=history, history_stats=history_stats),
+                train_path, valid_path, out_dir, etl.part_size)
             path = f"fast (verified against NVTabular on {checked} rows)"
             log.info("ETL on cpu, fast path: %.1f s", time.perf_counter() - t0)
         except (fast_etl.Unsupported, AssertionError) as exc:  # not reproduced exactly: NVTabular decides
@@ -373,14 +372,27 @@ def fit_transform(
             for name in ("fit", "train", "valid"):
                 shutil.rmtree(out_dir / name, ignore_errors=True)
     if workflow is None:
-        workflow = build_workflow(columns, out_dir / "fit", history=history)
+        workflow = build_workflow(columns, out_dir / "fit", history=history, history_stats=history_stats)
         nvtabular_fit_transform(workflow, device, etl, SplitPaths(train_path, valid_path, split.test), out_dir)
         path = f"nvtabular ({reason})"
+    if history:
+        history_input_dtype(workflow, columns)
     workflow_dir = out_dir / "workflow"
     workflow.save(str(workflow_dir))
     train_dir = out_dir / "train"
     # Dataset.to_parquet (or the fast path, identically) writes the Merlin schema (schema.pbtxt) beside the data.
     return EtlOutput(workflow_dir, train_dir, out_dir / "valid", train_dir / "schema.pbtxt", device, split, path)
+
+
+def history_input_dtype(workflow, columns: ColumnsConfig) -> None:
+    """The history list's input dtype is the item id's (it holds item ids). The fitted workflow can record
+    it as unknown (seen on a 600-row log: merlin infers it from rows whose lists were all empty), which
+    merlin-systems cannot map to a Triton type at export; set it on the graph's input nodes."""
+    hist, item = history_column(columns), workflow.input_schema[columns.item_id].dtype
+    for node in workflow.graph.leaf_nodes:
+        for schema in (node.input_schema, node.output_schema):
+            if schema is not None and hist in schema.column_names and schema[hist].dtype.element_type.value == "unknown":
+                schema.column_schemas[hist] = schema[hist].with_dtype(item)
 
 
 def nvtabular_fit_transform(workflow, device: str, etl: EtlConfig, split: SplitPaths, out_dir: Path) -> None:

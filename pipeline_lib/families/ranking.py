@@ -13,6 +13,7 @@ from typing import Any, Optional
 import pandas as pd
 
 from pipeline_lib.data import sources as data
+from pipeline_lib.etl import history as user_history
 from pipeline_lib.etl import workflow as etl
 from pipeline_lib.etl.workflow import EtlOutput  # by name: the methods etl/export shadow the modules in the class
 from pipeline_lib.export import ranking as export
@@ -51,13 +52,21 @@ class RankingFamily(TaskFamily):
     # -- ETL: the rules of this family --------------------------------------------------------------
     @property
     def history_length(self) -> int:
-        """Length of the user's recent-positive-items list the ETL adds (0: none; see RetrievalFamily)."""
-        return 0
+        """Length of the user's recent-positive-items list the ETL adds (0: none; ``etl.history.max_items``
+        with ``etl.history.enabled``; see RetrievalFamily)."""
+        h = self.cfg.etl.history
+        return h.max_items if h.enabled else 0
+
+    @property
+    def history_stats(self) -> bool:
+        """Whether the ETL adds the numeric user-history features (``etl.history``, pipeline_lib/etl/history.py)."""
+        return self.cfg.etl.history.enabled
 
     def request_columns(self) -> list[str]:
-        """Raw columns of one request: the serving columns, plus the history list when the ETL adds one."""
+        """Raw columns of one request: the serving columns, plus the history features when the ETL adds them."""
         hist = [etl.history_column(self.cfg.columns)] if self.history_length else []
-        return self.cfg.columns.serving_columns + hist
+        stats = list(user_history.NUMERIC) if self.history_stats else []
+        return self.cfg.columns.serving_columns + stats + hist
 
     def etl_inputs(self) -> dict:
         cfg = self.cfg
@@ -67,8 +76,11 @@ class RankingFamily(TaskFamily):
 
     def etl(self, paths: RunPaths, raw_path: Path) -> EtlOutput:
         cfg, hist = self.cfg, self.history_length
-        split = etl.split_raw(raw_path, cfg.split, cfg.columns, cfg.seed, paths.split, history_length=hist)
-        return etl.fit_transform(cfg.columns, cfg.etl, split, paths.transformed, history=bool(hist))
+        stats = self.history_stats
+        split = etl.split_raw(raw_path, cfg.split, cfg.columns, cfg.seed, paths.split, history_length=hist,
+                              history_stats=stats)
+        return etl.fit_transform(cfg.columns, cfg.etl, split, paths.transformed, history=bool(hist),
+                                 history_stats=stats)
 
     # -- model ------------------------------------------------------------------------------------
     @property

@@ -43,6 +43,11 @@ class RetrievalFamily(RankingFamily):
         return r.history_length if "youtube_dnn" in types else 0
 
     @property
+    def history_stats(self) -> bool:
+        """The numeric history features (``etl.history``) are ranking features: not added to retrieval runs."""
+        return False
+
+    @property
     def selection_metric(self) -> str:
         """Per-user recall@k with seen items excluded (the baselines' protocol)."""
         return f"user_recall@{self.cfg.model.retrieval.k}"

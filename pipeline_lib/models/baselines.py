@@ -132,6 +132,9 @@ class RankingBaselineOptions:
     smoothing: float = 10.0
     seed: int = 0
     return_predictions: bool = False
+    numeric: Sequence[str] = ()  # continuous columns of the logistic regression (median-filled, standardised)
+    log_numeric: Sequence[str] = ()  # of those, the ones taken as log(1 + x) first (counts, durations)
+    lists: Sequence[str] = ()  # list columns of the logistic regression, multi-hot encoded
 
 
 def ranking_baselines(train: pd.DataFrame, valid: pd.DataFrame, label: str, categorical: Sequence[str],
@@ -171,14 +174,54 @@ def _logistic_regression(train: pd.DataFrame, valid: pd.DataFrame, label: str, c
         return {"skipped": "no id or categorical columns given"}
     if len(np.unique(y_fit)) < 2:
         return {"skipped": "training labels hold a single class"}
-    enc = OneHotEncoder(handle_unknown="ignore", dtype=np.float64)
-    x_fit = enc.fit_transform(fit[cols].astype(str))
+    encode = _lr_encoder(fit, cols, o)
+    x_fit = encode(fit)
     lr = LogisticRegression(solver="liblinear", C=o.C, max_iter=200, random_state=o.seed)
     lr.fit(x_fit, y_fit)
-    p = lr.predict_proba(enc.transform(valid[cols].astype(str)))[:, 1]
+    p = lr.predict_proba(encode(valid))[:, 1]
     out = {**_binary_metrics(y_va, p), "n_train": int(len(fit)), "n_valid": int(len(valid)),
            "n_features": int(x_fit.shape[1]), "seconds": time.perf_counter() - t0}
     return {**out, "predictions": p} if o.return_predictions else out
+
+
+def _lr_encoder(fit: pd.DataFrame, cols: list[str], o: RankingBaselineOptions) -> Callable[[pd.DataFrame], sp.csr_matrix]:
+    """The logistic regression's design matrix, fitted on ``fit``: one-hot ``cols`` (unknown values: all
+    zeros), ``o.numeric`` median-filled and standardised (``o.log_numeric``: log(1 + x) first), ``o.lists``
+    multi-hot over the training values."""
+    enc = OneHotEncoder(handle_unknown="ignore", dtype=np.float64).fit(fit[cols].astype(str))
+    numeric = [c for c in o.numeric if c in fit.columns]
+
+    def num(df: pd.DataFrame, c: str) -> np.ndarray:
+        v = pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=np.float64)
+        return np.log1p(np.maximum(v, 0.0)) if c in o.log_numeric else v
+
+    stats = {}
+    for c in numeric:
+        v = num(fit, c)
+        med = float(np.nanmedian(v)) if np.isfinite(v).any() else 0.0
+        v = np.where(np.isfinite(v), v, med)
+        stats[c] = (med, float(v.mean()), float(v.std()) or 1.0)
+    vocab = {c: {x: i for i, x in enumerate(sorted({x for row in fit[c] if row is not None for x in row}))}
+             for c in o.lists if c in fit.columns}
+
+    def encode(df: pd.DataFrame) -> sp.csr_matrix:
+        parts = [enc.transform(df[cols].astype(str))]
+        for c, (med, mean, std) in stats.items():
+            v = num(df, c)
+            parts.append(sp.csr_matrix(((np.where(np.isfinite(v), v, med) - mean) / std).reshape(-1, 1)))
+        for c, index in vocab.items():
+            rows, idx = [], []
+            for r, values in enumerate(df[c]):
+                hits = [index[x] for x in (values if values is not None else ()) if x in index]
+                rows += [r] * len(hits)
+                idx += hits
+            m = sp.csr_matrix((np.ones(len(idx)), (rows, idx)), shape=(len(df), max(len(index), 1)))
+            m.data = np.minimum(m.data, 1.0)  # a repeated value counts once
+            # each row's values share a weight of 1 (the mean, as the models' list embeddings are averaged)
+            m = sp.diags(1.0 / np.maximum(np.asarray(m.sum(axis=1)).ravel(), 1.0)) @ m
+            parts.append(m.tocsr())
+        return sp.hstack(parts, format="csr")
+    return encode
 
 
 def _click_rate_baseline(train: pd.DataFrame, valid: pd.DataFrame, label: str, o: RankingBaselineOptions,

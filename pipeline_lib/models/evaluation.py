@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.config import FeatureKind, RunConfig
+from pipeline_lib.etl import history as user_history
 from pipeline_lib.etl.workflow import load_workflow
 from pipeline_lib.models import baselines as bl
 from pipeline_lib.models import classical, intervals
@@ -190,7 +191,11 @@ def ranking_report(cfg: RunConfig, train_path: Path, test_path: Path, model_metr
     test = pd.read_parquet(test_path)
     cats = [c.user_id, c.item_id] + [f.name for f in c.of_kind(FeatureKind.categorical)]
     cats = [x for x in dict.fromkeys(cats) if x in train.columns]
-    full = bl.ranking_baselines(train, test, c.label, cats, item_col=c.item_id, seed=cfg.seed, return_predictions=True)
+    # the user-history features (etl.history) reach the logistic regression too: a fair comparison
+    numeric = [x for x in user_history.NUMERIC if x in train.columns]
+    lists = [x for x in [user_history.history_column(c)] if cfg.etl.history.enabled and x in train.columns]
+    full = bl.ranking_baselines(train, test, c.label, cats, item_col=c.item_id, seed=cfg.seed, return_predictions=True,
+                                numeric=numeric, log_numeric=user_history.LOGGED, lists=lists)
     y = (test[c.label].to_numpy() > 0).astype(np.int64)
     scores = np.clip(np.asarray(model_scores, dtype=np.float64).reshape(-1), 1e-7, 1 - 1e-7)
     if len(scores) != len(y):
@@ -208,7 +213,7 @@ def ranking_report(cfg: RunConfig, train_path: Path, test_path: Path, model_metr
     metric = cfg.gate_metric if cfg.gate_metric in ("auc", "logloss") else "auc"
     report = BaselineReport("ranking", name, metric, metric != "logloss", model, res,
                             bl.lift_sentence(name, model.get(metric, float("nan")), res, metric),
-                            {"features": cats, "n_test": int(len(test)), "n_positives": int(y.sum())},
+                            {"features": cats + numeric + lists, "n_test": int(len(test)), "n_positives": int(y.sum())},
                             unit="rows", units=units)
     return _finish(report, cfg)
 

@@ -43,7 +43,9 @@ def test_movielens_flow_end_to_end_with_drift_against_the_previous_run(prefect_h
     assert summary["metrics"]["n_train"] == summary["split"]["train"]["rows"]
     assert 0 <= summary["metrics"]["auc"] <= 1
     preds = summary["predictions"]
-    assert {"genres", "occupation", "age"} <= set(preds.columns)
+    # etl.history is on in the example: the served requests carry the user-history features
+    assert {"genres", "occupation", "age", "history_count", "history_positive_rate", "history_gap_s",
+            "item_id_history"} <= set(preds.columns)
     np.testing.assert_allclose(preds["served_http"], preds["offline"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(preds["served_grpc"], preds["offline"], atol=1e-5, rtol=0)
     assert (tmp_path / "model_repository" / "recsys" / "1" / "ensemble" / "ensemble.pkl").exists()

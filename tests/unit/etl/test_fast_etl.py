@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline_lib.config import ColumnsConfig, EtlConfig, FeatureKind, FeatureSide, FeatureSpec, SplitConfig
-from pipeline_lib.etl import fast_etl
+from pipeline_lib.etl import fast_etl, history
 from pipeline_lib.etl import workflow as etl
 from pipeline_lib.etl.fast_transform import Ragged
 
@@ -46,11 +46,12 @@ def raw_frame(n: int, seed: int) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     """train / valid (valid from another seed: unseen ids, strings and tags), several row groups each,
-    with the user-history column."""
+    with the user-history column and the numeric history features (etl.history)."""
     root = tmp_path_factory.mktemp("fast_etl")
     raw = root / "raw.parquet"
     pd.concat([raw_frame(3000, 0), raw_frame(600, 1)], ignore_index=True).to_parquet(raw, index=False)
-    paths = etl.split_raw(raw, SplitConfig(valid_fraction=0.2), COLUMNS, 0, root / "split", history_length=5)
+    paths = etl.split_raw(raw, SplitConfig(valid_fraction=0.2), COLUMNS, 0, root / "split", history_length=5,
+                           history_stats=True)
     for path in (paths.train, paths.valid):
         pq.write_table(pq.read_table(path), path, row_group_size=400)
     return paths
@@ -110,6 +111,21 @@ def test_fast_path_output_equals_nvtabular(tmp_path, split, part_size):
     assert (out["item_tags"].map(len) == 0).any()  # empty lists survived
     hist = etl.history_column(COLUMNS)
     assert out[hist].map(len).max() > 0 and (pd.read_parquet(fast.valid_dir / "part_0.parquet")["item_id"] == 2).any()  # unseen -> OOV
+
+
+def test_fast_path_with_history_features_equals_nvtabular(tmp_path, split):
+    """etl.history: the numeric history columns (FillMedian, log, Normalize) through both ETL paths alike,
+    on several partitions."""
+    cfg = EtlConfig(device="cpu", part_size="40KB")
+    fast = etl.fit_transform(COLUMNS, cfg, split, tmp_path / "fast", history=True, history_stats=True)
+    ref = etl.fit_transform(COLUMNS, cfg.model_copy(update={"fast_path": False}), split, tmp_path / "nvt",
+                            history=True, history_stats=True)
+    assert fast.etl_path.startswith("fast (verified against NVTabular on ")
+    valid = pd.read_parquet(split.valid)
+    assert_same_etl(fast, ref, valid)
+    out = pd.read_parquet(fast.train_dir / "part_0.parquet")
+    for name in history.NUMERIC:
+        assert out[name].dtype == np.float32 and np.isfinite(out[name]).all() and out[name].std() > 0.5
 
 
 def test_unsupported_input_falls_back_to_nvtabular_and_says_why(tmp_path):

@@ -192,6 +192,28 @@ def test_logistic_regression_separable_and_sklearn_auc():
     assert "skipped" in capped["item_click_rate"]
 
 
+def test_logistic_regression_reads_numeric_and_list_columns():
+    """etl.history's features reach the baseline: a label driven by a numeric column (with NaNs) and by a
+    list column is learned only when they are given; unseen list values and NaNs do not break it."""
+    rng = np.random.default_rng(1)
+    n = 600
+    rate = rng.random(n)
+    rate[rng.random(n) < 0.1] = np.nan
+    hist = [rng.integers(0, 8, rng.integers(0, 3)) for _ in range(n)]
+    click = ((np.nan_to_num(rate, nan=0.5) > 0.5) ^ np.array([3 in h for h in hist])).astype(int)
+    df = pd.DataFrame({"user": rng.integers(0, 30, n), "rate": rate, "count": rng.integers(0, 50, n),
+                       "hist": hist, "click": click})
+    train, valid = df.iloc[:450], df.iloc[450:].copy()
+    valid.loc[valid.index[0], "hist"] = np.array([99])  # a value never seen in training
+    plain = bl.ranking_baselines(train, valid, "click", ["user"])["logistic_regression"]
+    numeric = bl.ranking_baselines(train, valid, "click", ["user"], numeric=["rate", "count"],
+                                   log_numeric=["count"])["logistic_regression"]
+    both = bl.ranking_baselines(train, valid, "click", ["user"], numeric=["rate", "count"], log_numeric=["count"],
+                                lists=["hist"])["logistic_regression"]
+    assert plain["auc"] < 0.65 < numeric["auc"] < both["auc"]
+    assert both["n_features"] == plain["n_features"] + 2 + 8
+
+
 def test_item_click_rate_by_hand():
     train = pd.DataFrame({"item": ["a", "a", "a", "a", "b"], "click": [1, 1, 0, 0, 0]})
     valid = pd.DataFrame({"item": ["a", "b", "c"], "click": [1, 0, 0]})
