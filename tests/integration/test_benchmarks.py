@@ -42,7 +42,7 @@ def bench_serving_suite(tmp_path_factory, prefect_harness) -> BenchRun:
     dynamically batched variant and the peers on one server, one request per point."""
     tmp = tmp_path_factory.mktemp("bench-serving")
     out = tmp / "results"
-    argv = ["--skip", "etl,train,etl_peers", "--with", "topk", "--serve-model-from-topk",
+    argv = ["--skip", "etl,train,etl_peers,impressions", "--with", "topk", "--serve-model-from-topk",
             "--serve-requests", "1", "--serve-seconds", "1", "--serve-one-triton",
             "--topk-overrides-json", json.dumps(TINY_FLOW), "--topk-ann-items", "4000", "--e2e-from-topk",
             "--prefect-api-url", prefect_harness, "--out", str(out), "--data-dir", str(tmp / "data")]
