@@ -34,7 +34,8 @@ from pipeline_lib.export import ranking as ranking_export
 from pipeline_lib.export.ranking import ExportOptions, StagedVersion
 from pipeline_lib.export.topk import (EXCLUDE_INPUT, ITEMS_FILE, SEEN_FILE, RequestInput, TopKExport, TopKRecommender,
                                       TopKRoute, TopKSettings, check_version, decode_ids, fresh_artifact_dir,
-                                      request_columns, request_inputs, rerank, stage_version, write_seen)
+                                      request_columns, request_inputs, rerank, seen_frame, stage_version,
+                                      write_seen)
 from pipeline_lib.etl.fast_transform import Unsupported
 from pipeline_lib.models import classical, retrieval
 from pipeline_lib.models.common import load_encoder
@@ -72,10 +73,11 @@ class ClassicalRecommender(TopKRoute):
         self.user_column: str = m["user_id"]
         self.exclude_seen = bool(m.get("exclude_seen", True))
         self.weights = classical.load_weights(self.dir)
-        self.popularity = np.load(self.dir / ITEMS_FILE, allow_pickle=True)["popularity"].astype(np.float64)
         z = np.load(self.dir / SEEN_FILE, allow_pickle=True)
         self.seen_users = pd.Index(z["users"])
         self.seen_indptr, self.seen_indices = z["indptr"].astype(np.int64), z["indices"].astype(np.int64)
+        # users per item of the version's history (= items.npz's training popularity without a history)
+        self.popularity = np.bincount(self.seen_indices, minlength=len(self.item_ids)).astype(np.float64)
         self.ranker_columns: Optional[list[str]] = m.get("ranker_columns")
         self.candidates: int = m.get("candidates", self.k)
         self.ranker_fn = None
@@ -175,7 +177,7 @@ class ClassicalRecommender(TopKRoute):
 
 def export_classical(model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame, settings: TopKSettings,
                      staging_dir: Path, model_name: str, options: Optional[ExportOptions] = None,
-                     workflow_dir: Optional[Path] = None) -> TopKExport:
+                     workflow_dir: Optional[Path] = None, raw_history: Optional[Path] = None) -> TopKExport:
     """Write a classical top-k version into ``staging_dir/<model_name>/1`` and check its in-process answers on
     ``sample_raw`` (and the same rows with an ``exclude_item_ids`` list each) against the offline path.
     ``settings.ranker_dir`` (two-stage): the ranking model trained on the run's ETL output (``workflow_dir``)
@@ -207,7 +209,8 @@ def export_classical(model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame,
         shutil.copytree(workflow_dir, art / "workflow")
         spec = retrieval.RetrievalSpec("classical", c.item_id, [c.user_id], [x for x in item_side if x in train_raw])
         retrieval.catalogue(train_raw, spec).to_parquet(art / "item_features.parquet", index=False)
-    meta["seen"] = write_seen(train_raw, c.user_id, c.item_id, c.label, ids, art / SEEN_FILE)
+    # the users' history (scored through the weights, excluded) and the popularity: train [+ validation]
+    meta["seen"] = write_seen(seen_frame(train_raw, raw_history), c.user_id, c.item_id, c.label, ids, art / SEEN_FILE)
     (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
     rec = ClassicalRecommender(art)
     sample = sample_raw[meta["request_columns"]].reset_index(drop=True)
