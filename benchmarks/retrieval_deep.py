@@ -32,6 +32,7 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "two_tower": ("two_tower", {}, {}),
     "two_tower_nologq": ("two_tower", {"logq_correction": False}, {}),
     "two_tower_hist": ("two_tower", {"query_history": True}, {}),
+    "two_tower_hist_nouid": ("two_tower", {"query_history": True, "query_user_id": False}, {}),
     "youtube_dnn": ("youtube_dnn", {}, {}),
 }
 
@@ -45,12 +46,61 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help='another variant: NAME={"type": ..., "retrieval": {...}, "model": {...}}')
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--keep", action="store_true", help="keep earlier rows of the results file")
+    p.add_argument("--hybrid", default=None, help="ranking model type re-ranking EASE's candidates (e.g. dlrm)")
+    p.add_argument("--hybrid-candidates", type=int, default=100)
     return p.parse_args(argv)
 
 
 def interval(report, method: str, metric: str) -> Optional[dict]:
     iv = (report.intervals.get(method) or {}).get(metric)
     return None if not iv else {k: iv.get(k) for k in ("value", "lo", "hi")}
+
+
+def hybrid_rows(cfg, e, work: Path, ranker_type: str, n_candidates: int) -> list[dict]:
+    """EASE's top-``n_candidates`` re-ranked by a ``ranker_type`` model trained on the ETL output (the exported
+    two-stage classical version, per user on the test split: query = the user's first positive test row), and
+    the ranker alone over the whole catalogue (every item a candidate)."""
+    import pandas as pd
+
+    from pipeline_lib.export import classical as cexport
+    from pipeline_lib.export import topk
+    from pipeline_lib.models import baselines as bl
+    from pipeline_lib.models import classical, intervals
+    from pipeline_lib.models import ranking as ranking_model
+    from pipeline_lib.models import retrieval
+
+    c, k = cfg.columns, cfg.model.retrieval.k
+    t0 = time.perf_counter()
+    rcfg = cfg.model.model_copy(update={"type": ranker_type})
+    ranker = ranking_model.train(e.train_dir, e.valid_dir, rcfg, c.label, cfg.seed, work / "ranker")
+    ranker_s = round(time.perf_counter() - t0, 1)
+    ease = classical.train(e.split.train, e.split.valid, c, cfg.model.model_copy(update={"type": "ease"}), work / "ease2")
+    train, valid, test = (pd.read_parquet(x) for x in (e.split.train, e.split.valid, e.split.test))
+    out = []
+    for name, n, split_eval in ((f"ease+{ranker_type}", n_candidates, "both"),
+                                (f"{ranker_type} alone (whole catalogue)", None, "test")):
+        res = {}
+        for which, target, hist in (("valid", valid, None), ("test", test, e.split.valid)):
+            if split_eval == "test" and which == "valid":
+                continue
+            p = bl.TopKProtocol.build(train, target, c.user_id, c.item_id, c.label,
+                                      history=pd.read_parquet(hist) if hist is not None else None)
+            settings = topk.TopKSettings(c, k=k, ranker_dir=ranker.model_dir, candidates=n or len(p.item_ids),
+                                         exclude_seen=True)
+            rows = retrieval.first_positive_rows(target, c.label, c.user_id, p.users)
+            exp = cexport.export_classical(ease.model_dir, e.split.train, rows.head(4), settings,
+                                           work / f"staging-{which}", "hybrid", workflow_dir=e.workflow_dir,
+                                           raw_history=hist)
+            ids, _ = exp.recommender.recommend(rows[exp.recommender.request_columns])
+            m = bl.topk_metrics(ids.tolist(), p.relevant, k, units=True)
+            iv = intervals.interval(intervals.MeanUnits(m["units"][f"recall@{k}"]), n_resamples=cfg.evaluation.bootstrap_resamples, seed=cfg.seed)
+            res[which] = {"value": iv.value, "lo": iv.lo, "hi": iv.hi}
+        row = {"variant": name, "type": "two-stage", "candidates": n, "ranker_train_seconds": ranker_s,
+               "ranker_valid_auc": ranker.metrics.get("auc"), "valid": (res.get("valid") or {}).get("value"),
+               "test": res["test"]}
+        print(json.dumps(row, default=str), flush=True)
+        out.append(row)
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -105,6 +155,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows.append(row)
         print(json.dumps({x: row[x] for x in ("variant", "train_seconds", "best_epoch", "valid", "test",
                                                 "test_old_protocol")}), flush=True)
+    if args.hybrid:  # two-stage: EASE's candidates re-ranked by a ranking model, vs each part alone
+        rows += hybrid_rows(cfg, e, work, args.hybrid, args.hybrid_candidates)
     # the refit protocol's data point: EASE fitted on train + validation, same test users and history
     train, valid, test = (pd.read_parquet(p) for p in (e.split.train, e.split.valid, e.split.test))
     both = pd.concat([train, valid], ignore_index=True)

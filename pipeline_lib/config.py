@@ -382,6 +382,11 @@ class RetrievalConfig(_Strict):
         "history_length items, mean of their embeddings) join the query tower; requests then carry that list, "
         "like youtube_dnn's (docs/models.md)",
     )
+    query_user_id: bool = Field(
+        True, description="two_tower: the query tower reads the user id (its embedding); false: only the history "
+        "(query_history) and user/context features, so a user's query follows their newest items instead of an "
+        "embedding fitted on the training period; requests still carry the user id (seen items, unknown users)",
+    )
     rerank_with: Optional[Literal["dlrm", "dcn", "deepfm", "wide_deep"]] = Field(
         None, description="two-stage endpoint: also train this ranking model; it re-scores the retrieved candidates"
     )

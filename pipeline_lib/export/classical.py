@@ -37,6 +37,7 @@ from pipeline_lib.export.topk import (EXCLUDE_INPUT, ITEMS_FILE, SEEN_FILE, Requ
                                       request_columns, request_inputs, rerank, seen_frame, stage_version,
                                       write_seen)
 from pipeline_lib.etl.fast_transform import Unsupported
+from pipeline_lib.etl.workflow import history_column, load_workflow
 from pipeline_lib.models import classical, retrieval
 from pipeline_lib.models.common import load_encoder
 from pipeline_lib.models.baselines import DEFAULT_BLOCK_ELEMENTS, mask_rows, topk_indices
@@ -195,6 +196,10 @@ def export_classical(model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame,
     train_raw = pd.read_parquet(raw_train)
     item_side = [c.item_id] + [f.name for f in c.features if f.side.value == "item"]
     ranker_columns = list(c.serving_columns) if settings.ranker_dir else None
+    hist = history_column(c)
+    if ranker_columns is not None and workflow_dir is not None and hist not in ranker_columns \
+            and hist in load_workflow(workflow_dir).input_schema.column_names:
+        ranker_columns.append(hist)  # the run's ETL has the user-history feature (a history-reading candidate)
     meta = {"kind": ClassicalRecommender.kind, "model": model_spec, "k": settings.k,
             "request_columns": request_columns(ClassicalSpec(c.user_id, c.item_id),  # type: ignore[arg-type]
                                                ranker_columns, item_side),
@@ -217,7 +222,8 @@ def export_classical(model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame,
     excl = sample.assign(**{EXCLUDE_INPUT: [list(ids[i % len(ids):i % len(ids) + 3]) for i in range(len(sample))]})
     diff, _ = check_version(rec, [sample, excl], [], o.atol, fast_transform=False)
     if rec.ranker_fn is not None:  # typed as the workflow reads them
-        inputs = request_inputs(rec.workflow.input_schema, meta["request_columns"], c.item_id)
+        inputs = request_inputs(rec.workflow.input_schema, meta["request_columns"], c.item_id,
+                                [hist] if hist in meta["request_columns"] else [])
     else:
         inputs = [RequestInput(c.user_id, train_raw[c.user_id].dtype, False),
                   RequestInput(EXCLUDE_INPUT, train_raw[c.item_id].dtype, True)]

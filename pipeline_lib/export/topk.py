@@ -150,9 +150,13 @@ class TopKSettings:
         return cls(cfg.columns, r.k, ranker_dir, r.candidates, r.exclude_seen, r.ann, cfg.unknown_users)
 
 
-def request_columns(spec: RetrievalSpec, ranker_columns: Optional[list[str]], item_side: list[str]) -> list[str]:
-    """Raw columns a request carries: the retrieval query, plus the ranker's non-item columns."""
+def request_columns(spec: RetrievalSpec, ranker_columns: Optional[list[str]], item_side: list[str],
+                    user_id: Optional[str] = None) -> list[str]:
+    """Raw columns a request carries: the user id (``user_id``: seen items, unknown users -- also when the query
+    does not read it), the retrieval query, plus the ranker's non-item columns."""
     cols = list(spec.query_columns)
+    if user_id and user_id not in cols:
+        cols.insert(0, user_id)
     for c in ranker_columns or []:
         if c not in item_side and c not in cols:
             cols.append(c)
@@ -534,7 +538,7 @@ def _write_artifacts(workflow_dir: Path, model_dir: Path, raw_train: Path, s: To
     hist = spec.history or spec.query_history
     if ranker_columns and hist and hist not in ranker_columns:
         ranker_columns.append(hist)
-    req_cols = request_columns(spec, ranker_columns, item_side)
+    req_cols = request_columns(spec, ranker_columns, item_side, columns.user_id)
 
     art = fresh_artifact_dir(vdir)
     workflow.save(str(art / "workflow"))

@@ -218,7 +218,8 @@ def retrieval_model_scorer(cfg: RunConfig, model_dir: Path, workflow_dir: Path, 
     """A ``TopKProtocol`` score function for a trained retrieval model: one query per evaluated
     user (the query columns of the user's first positive held-out row) . every catalogue item."""
     c = cfg.columns
-    spec = retrieval.RetrievalSpec.from_config(c, cfg.model.type, cfg.model.retrieval.query_history)
+    r = cfg.model.retrieval
+    spec = retrieval.RetrievalSpec.from_config(c, cfg.model.type, r.query_history, r.query_user_id)
     workflow = load_workflow(workflow_dir).remove_inputs([c.label])
     filler = retrieval.filler_row(train, workflow.input_schema.column_names)
     cat_raw = retrieval.catalogue(train, spec)

@@ -68,7 +68,8 @@ class RetrievalSpec:
     query_history: Optional[str] = None  # two_tower (``retrieval.query_history``): the history list, a query feature
 
     @classmethod
-    def from_config(cls, columns: ColumnsConfig, model_type: str, query_history: bool = False) -> "RetrievalSpec":
+    def from_config(cls, columns: ColumnsConfig, model_type: str, query_history: bool = False,
+                    query_user_id: bool = True) -> "RetrievalSpec":
         user = [f.name for f in columns.features if f.side == FeatureSide.user]
         context = [f.name for f in columns.features if f.side == FeatureSide.context]
         item = [f.name for f in columns.features if f.side == FeatureSide.item]
@@ -76,7 +77,8 @@ class RetrievalSpec:
             return cls(model_type, columns.item_id, [columns.user_id], [columns.item_id])
         if model_type == "two_tower":
             hist = [history_column(columns)] if query_history else []
-            return cls(model_type, columns.item_id, [columns.user_id] + hist + user + context, [columns.item_id] + item,
+            uid = [columns.user_id] if query_user_id or not (hist or user or context) else []
+            return cls(model_type, columns.item_id, uid + hist + user + context, [columns.item_id] + item,
                        query_history=hist[0] if hist else None)
         if model_type == "youtube_dnn":
             hist = history_column(columns)
@@ -275,7 +277,7 @@ def train(workflow_dir: Path, train_dir: Path, raw_train: Path, raw_valid: Path,
     """Train a retrieval model, keep the epoch with the best per-user validation recall@k (the
     baselines' protocol), save its encoders and evaluate top-k on the held-out positives."""
     import_tf().keras.utils.set_random_seed(seed)
-    spec = RetrievalSpec.from_config(columns, cfg.type, cfg.retrieval.query_history)
+    spec = RetrievalSpec.from_config(columns, cfg.type, cfg.retrieval.query_history, cfg.retrieval.query_user_id)
     model, fit, n_train = _compiled_model(train_dir, spec, columns, cfg)
     workflow = load_workflow(workflow_dir).remove_inputs([columns.label])
     valid_raw, train_raw = pd.read_parquet(raw_valid), pd.read_parquet(raw_train)
