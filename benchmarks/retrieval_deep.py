@@ -91,7 +91,8 @@ def hybrid_rows(cfg, e, work: Path, ranker_type: str, n_candidates: int) -> list
             exp = cexport.export_classical(ease.model_dir, e.split.train, rows.head(4), settings,
                                            work / f"staging-{which}", "hybrid", workflow_dir=e.workflow_dir,
                                            raw_history=hist)
-            ids, _ = exp.recommender.recommend(rows[exp.recommender.request_columns])
+            rec = exp.open(cexport.ClassicalRecommender)
+            ids, _ = rec.recommend(rows[rec.request_columns])
             m = bl.topk_metrics(ids.tolist(), p.relevant, k, units=True)
             iv = intervals.interval(intervals.MeanUnits(m["units"][f"recall@{k}"]), n_resamples=cfg.evaluation.bootstrap_resamples, seed=cfg.seed)
             res[which] = {"value": iv.value, "lo": iv.lo, "hi": iv.hi}
@@ -141,6 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             out = retrieval.train(e.workflow_dir, e.train_dir, e.split.train, e.split.valid, c, mcfg, cfg.seed,
                                   work / name)
         seconds = round(time.perf_counter() - t0, 1)
+        assert e.split.test is not None
         old = evaluation.retrieval_report(rcfg, e.split.train, e.split.test, dict(out.metrics), out.model_dir,
                                           e.workflow_dir)
         new = evaluation.retrieval_report(rcfg, e.split.train, e.split.test, dict(out.metrics), out.model_dir,

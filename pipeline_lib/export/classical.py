@@ -32,7 +32,7 @@ import scipy.sparse as sp
 
 from pipeline_lib.export import ranking as ranking_export
 from pipeline_lib.export.ranking import ExportOptions, StagedVersion
-from pipeline_lib.export.topk import (EXCLUDE_INPUT, ITEMS_FILE, SEEN_FILE, RequestInput, TopKExport, TopKRecommender,
+from pipeline_lib.export.topk import (EXCLUDE_INPUT, SEEN_FILE, RequestInput, TopKExport, TopKRecommender,
                                       TopKRoute, TopKSettings, check_version, decode_ids, fresh_artifact_dir,
                                       request_columns, request_inputs, rerank, seen_frame, stage_version,
                                       write_seen)

@@ -383,7 +383,7 @@ class TopKProtocol:
         bounds: Any = np.cumsum(np.bincount(codes, minlength=len(users)))[:-1] if len(users) else []
         relevant_idx = [np.sort(c) for c in np.split(cols_sorted, bounds)] if len(users) else []
         m, cold = _user_rows(hist, hist_users, users)
-        stats = {
+        stats: dict[str, Any] = {
             "n_items": int(len(item_ids)), "n_train_users": int(len(train_users)), "n_users": int(len(users)),
             "n_cold_users": int(cold.sum()),
             "n_users_no_relevant": int(va[user_col].nunique() - len(users)),

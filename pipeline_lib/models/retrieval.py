@@ -76,10 +76,10 @@ class RetrievalSpec:
         if model_type == "mf":
             return cls(model_type, columns.item_id, [columns.user_id], [columns.item_id])
         if model_type == "two_tower":
-            hist = [history_column(columns)] if query_history else []
-            uid = [columns.user_id] if query_user_id or not (hist or user or context) else []
-            return cls(model_type, columns.item_id, uid + hist + user + context, [columns.item_id] + item,
-                       query_history=hist[0] if hist else None)
+            lists: list[str] = [history_column(columns)] if query_history else []
+            uid = [columns.user_id] if query_user_id or not (lists or user or context) else []
+            return cls(model_type, columns.item_id, uid + lists + user + context, [columns.item_id] + item,
+                       query_history=lists[0] if lists else None)
         if model_type == "youtube_dnn":
             hist = history_column(columns)
             return cls(model_type, columns.item_id, [hist, columns.user_id] + user + context, [columns.item_id], hist)
