@@ -73,7 +73,8 @@ def run_model(cfg, kind: str, work: Path, etl_for) -> dict:
     else:
         out = train.train(e.train_dir, e.valid_dir, mcfg, cfg.columns.label, cfg.seed, work / kind)
     seconds = time.perf_counter() - t0
-    report = evaluation.compare_with_baselines(rcfg, e.split.train, e.split.test, out, e.workflow_dir)  # test split
+    report = evaluation.compare_with_baselines(rcfg, e.split.train, e.split.test, out, e.workflow_dir,
+                                               valid_path=e.split.valid)  # test split, history = train + valid
     m = out.metrics
     return {"model": kind, "family": report.family, "metric": report.metric, "train_seconds": round(seconds, 1),
             "epochs_run": m.get("epochs_run", len((out.history or {}).get("loss", []))),

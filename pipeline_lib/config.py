@@ -391,6 +391,16 @@ class RetrievalConfig(_Strict):
         True, description="two_tower, mf: correct in-batch negatives for item popularity (logits -= log q, "
         "Merlin's PopularityLogitsCorrection); without it popular items are over-penalised as negatives",
     )
+    query_history: bool = Field(
+        False, description="two_tower: the user's most recent positive items (the <item_id>_history list feature, "
+        "history_length items, mean of their embeddings) join the query tower; requests then carry that list, "
+        "like youtube_dnn's (docs/models.md)",
+    )
+    query_user_id: bool = Field(
+        True, description="two_tower: the query tower reads the user id (its embedding); false: only the history "
+        "(query_history) and user/context features, so a user's query follows their newest items instead of an "
+        "embedding fitted on the training period; requests still carry the user id (seen items, unknown users)",
+    )
     rerank_with: Optional[Literal["dlrm", "dcn", "deepfm", "wide_deep"]] = Field(
         None, description="two-stage endpoint: also train this ranking model; it re-scores the retrieved candidates"
     )
@@ -524,7 +534,8 @@ class ModelConfig(_Strict):
             kinds = {t in RETRIEVAL_MODELS for t in (c.type for c in self.candidates)}
             for spec in self.candidates:
                 built = candidate_config(self, spec)  # an unknown type or a bad override names the candidate
-                if built.type == "youtube_dnn" and built.retrieval.history_length != self.retrieval.history_length:
+                reads_history = built.type == "youtube_dnn" or (built.type == "two_tower" and built.retrieval.query_history)
+                if reads_history and built.retrieval.history_length != self.retrieval.history_length:
                     raise ValueError(f"candidate '{spec.name or spec.type}': retrieval.history_length must stay "
                                      f"{self.retrieval.history_length} (model.retrieval.history_length): one ETL "
                                      "output serves every candidate")

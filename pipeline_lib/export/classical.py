@@ -31,10 +31,12 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pipeline_lib.export.staging import ExportOptions, StagedVersion
-from pipeline_lib.export.topk import (EXCLUDE_INPUT, ITEMS_FILE, SEEN_FILE, RequestInput, TopKExport, TopKRecommender,
+from pipeline_lib.export.topk import (EXCLUDE_INPUT, SEEN_FILE, RequestInput, TopKExport, TopKRecommender,
                                       TopKRoute, TopKSettings, check_version, decode_ids, fresh_artifact_dir,
-                                      request_columns, request_inputs, rerank, stage_version, write_seen)
+                                      request_columns, request_inputs, rerank, seen_frame, stage_version,
+                                      write_seen)
 from pipeline_lib.etl.fast_transform import Unsupported
+from pipeline_lib.etl.workflow import history_column, load_workflow
 from pipeline_lib.models import classical, retrieval
 from pipeline_lib.models.common import load_encoder
 from pipeline_lib.models.baselines import DEFAULT_BLOCK_ELEMENTS, mask_rows, topk_indices
@@ -71,10 +73,11 @@ class ClassicalRecommender(TopKRoute):
         self.user_column: str = m["user_id"]
         self.exclude_seen = bool(m.get("exclude_seen", True))
         self.weights = classical.load_weights(self.dir)
-        self.popularity = np.load(self.dir / ITEMS_FILE, allow_pickle=True)["popularity"].astype(np.float64)
         z = np.load(self.dir / SEEN_FILE, allow_pickle=True)
         self.seen_users = pd.Index(z["users"])
         self.seen_indptr, self.seen_indices = z["indptr"].astype(np.int64), z["indices"].astype(np.int64)
+        # users per item of the version's history (= items.npz's training popularity without a history)
+        self.popularity = np.bincount(self.seen_indices, minlength=len(self.item_ids)).astype(np.float64)
         self.ranker_columns: Optional[list[str]] = m.get("ranker_columns")
         self.candidates: int = m.get("candidates", self.k)
         self.ranker_fn = None
@@ -176,7 +179,7 @@ class ClassicalRecommender(TopKRoute):
 
 def export_classical(model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame, settings: TopKSettings,
                      staging_dir: Path, model_name: str, options: Optional[ExportOptions] = None,
-                     workflow_dir: Optional[Path] = None) -> TopKExport:
+                     workflow_dir: Optional[Path] = None, raw_history: Optional[Path] = None) -> TopKExport:
     """Write a classical top-k version into ``staging_dir/<model_name>/1`` and check its in-process answers on
     ``sample_raw`` (and the same rows with an ``exclude_item_ids`` list each) against the offline path.
     ``settings.ranker_dir`` (two-stage): the ranking model trained on the run's ETL output (``workflow_dir``)
@@ -194,6 +197,10 @@ def export_classical(model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame,
     train_raw = pd.read_parquet(raw_train)
     item_side = [c.item_id] + [f.name for f in c.features if f.side.value == "item"]
     ranker_columns = list(c.serving_columns) if settings.ranker_dir else None
+    hist = history_column(c)
+    if ranker_columns is not None and workflow_dir is not None and hist not in ranker_columns \
+            and hist in load_workflow(workflow_dir).input_schema.column_names:
+        ranker_columns.append(hist)  # the run's ETL has the user-history feature (a history-reading candidate)
     meta = {"kind": ClassicalRecommender.kind, "model": model_spec, "k": settings.k,
             "request_columns": request_columns(ClassicalSpec(c.user_id, c.item_id),  # type: ignore[arg-type]
                                                ranker_columns, item_side),
@@ -208,14 +215,16 @@ def export_classical(model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame,
         shutil.copytree(workflow_dir, art / "workflow")
         spec = retrieval.RetrievalSpec("classical", c.item_id, [c.user_id], [x for x in item_side if x in train_raw])
         retrieval.catalogue(train_raw, spec).to_parquet(art / "item_features.parquet", index=False)
-    meta["seen"] = write_seen(train_raw, c.user_id, c.item_id, c.label, ids, art / SEEN_FILE)
+    # the users' history (scored through the weights, excluded) and the popularity: train [+ validation]
+    meta["seen"] = write_seen(seen_frame(train_raw, raw_history), c.user_id, c.item_id, c.label, ids, art / SEEN_FILE)
     (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
     rec = ClassicalRecommender(art)
     sample = sample_raw[meta["request_columns"]].reset_index(drop=True)
     excl = sample.assign(**{EXCLUDE_INPUT: [list(ids[i % len(ids):i % len(ids) + 3]) for i in range(len(sample))]})
     diff, _ = check_version(rec, [sample, excl], [], o.atol, fast_transform=False)
     if rec.ranker_fn is not None:  # typed as the workflow reads them
-        inputs = request_inputs(rec.workflow.input_schema, meta["request_columns"], c.item_id)
+        inputs = request_inputs(rec.workflow.input_schema, meta["request_columns"], c.item_id,
+                                [hist] if hist in meta["request_columns"] else [])
     else:
         inputs = [RequestInput(c.user_id, train_raw[c.user_id].dtype, False),
                   RequestInput(EXCLUDE_INPUT, train_raw[c.item_id].dtype, True)]

@@ -149,9 +149,13 @@ class TopKSettings:
         return cls(cfg.columns, r.k, ranker_dir, r.candidates, r.exclude_seen, r.ann, cfg.unknown_users)
 
 
-def request_columns(spec: RetrievalSpec, ranker_columns: Optional[list[str]], item_side: list[str]) -> list[str]:
-    """Raw columns a request carries: the retrieval query, plus the ranker's non-item columns."""
+def request_columns(spec: RetrievalSpec, ranker_columns: Optional[list[str]], item_side: list[str],
+                    user_id: Optional[str] = None) -> list[str]:
+    """Raw columns a request carries: the user id (``user_id``: seen items, unknown users -- also when the query
+    does not read it), the retrieval query, plus the ranker's non-item columns."""
     cols = list(spec.query_columns)
+    if user_id and user_id not in cols:
+        cols.insert(0, user_id)
     for c in ranker_columns or []:
         if c not in item_side and c not in cols:
             cols.append(c)
@@ -496,14 +500,17 @@ def _dataset(frame: pd.DataFrame):
 
 def export_topk(workflow_dir: Path, model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame,
                 settings: TopKSettings, staging_dir: Path, model_name: str,
-                options: Optional[ExportOptions] = None) -> TopKExport:
+                options: Optional[ExportOptions] = None, raw_history: Optional[Path] = None) -> TopKExport:
     """Write a top-k model version into ``staging_dir/<model_name>/1`` and check that its in-process
     recommender equals the offline path on ``sample_raw`` (ids exactly, scores to ``options.atol``).
     ``settings.exclude_seen``: store each training user's positive items (``seen.npz``); served and offline
     top-k never return them to that user. ``settings.ann``: FAISS index for large catalogues (docs/ann.md).
     ``settings.unknown_users``: ``popular`` (a user without training positives gets the most popular items)
-    or ``model`` (the query tower on the unseen id)."""
-    meta, cat, rec = _write_artifacts(workflow_dir, model_dir, raw_train, settings, staging_dir / model_name / "1")
+    or ``model`` (the query tower on the unseen id). ``raw_history``: later interactions (the validation
+    split) that are the users' history too: their positives join the seen items and the popularity
+    (:func:`seen_frame`; docs/evaluation.md, "History at test time")."""
+    meta, cat, rec = _write_artifacts(workflow_dir, model_dir, raw_train, settings, staging_dir / model_name / "1",
+                                      raw_history)
     o = options or ExportOptions()
     sample = sample_raw[meta["request_columns"]].reset_index(drop=True)
     meta["ann"] = _attach_index(rec, rec.dir, sample, meta["candidates"], settings.ann or AnnConfig())
@@ -511,13 +518,13 @@ def export_topk(workflow_dir: Path, model_dir: Path, raw_train: Path, sample_raw
     diff, meta["fast_transform"] = check_version(rec, [sample], frames, o.atol, o.fast_transform)
     # the history is a derived list of item ids: its raw dtype is only known from the item id
     inputs = request_inputs(rec.workflow.input_schema, meta["request_columns"], rec.spec.item_id,
-                            [rec.spec.history] if rec.spec.history else [])
+                            [h for h in (rec.spec.history, rec.spec.query_history) if h])
     return stage_version(rec, meta, inputs, StagedVersion(staging_dir, model_name, 1), o,
                          {"max_abs_score_diff": diff, "rows": len(sample), "ann": meta["ann"]})
 
 
 def _write_artifacts(workflow_dir: Path, model_dir: Path, raw_train: Path, s: TopKSettings,
-                     vdir: Path) -> tuple[dict, pd.DataFrame, "TopKRecommender"]:
+                     vdir: Path, raw_history: Optional[Path] = None) -> tuple[dict, pd.DataFrame, "TopKRecommender"]:
     """The version's ``topk/`` folder (workflow, query encoder, item embeddings, seen items, spec.json)
     in a fresh staging repository; returns (spec.json's content, the item catalogue, its recommender)."""
     import nvtabular as nvt
@@ -529,9 +536,10 @@ def _write_artifacts(workflow_dir: Path, model_dir: Path, raw_train: Path, s: To
     train_raw = pd.read_parquet(raw_train)
     item_side = [columns.item_id] + [f.name for f in columns.features if f.side.value == "item"]
     ranker_columns = [c for c in columns.serving_columns] if ranker_dir else None
-    if ranker_columns and spec.history and spec.history not in ranker_columns:
-        ranker_columns.append(spec.history)
-    req_cols = request_columns(spec, ranker_columns, item_side)
+    hist = spec.history or spec.query_history
+    if ranker_columns and hist and hist not in ranker_columns:
+        ranker_columns.append(hist)
+    req_cols = request_columns(spec, ranker_columns, item_side, columns.user_id)
 
     art = fresh_artifact_dir(vdir)
     workflow.save(str(art / "workflow"))
@@ -550,7 +558,8 @@ def _write_artifacts(workflow_dir: Path, model_dir: Path, raw_train: Path, s: To
             "request_columns": req_cols, "ranker_columns": ranker_columns, "n_items": int(len(ids)),
             "item_id_dtype": str(ids.dtype), "user_id": columns.user_id, "exclude_seen": bool(s.exclude_seen),
             "unknown_users": s.unknown_users}
-    meta["seen"] = write_seen(train_raw, columns.user_id, columns.item_id, columns.label, ids, art / SEEN_FILE)
+    meta["seen"] = write_seen(seen_frame(train_raw, raw_history), columns.user_id, columns.item_id, columns.label,
+                              ids, art / SEEN_FILE)
     (art / "spec.json").write_text(json.dumps(meta, indent=2, default=str))
     return meta, cat, TopKRecommender(art)
 
@@ -573,6 +582,15 @@ def _attach_index(rec: TopKRecommender, art: Path, sample: pd.DataFrame, n: int,
     info = ann.export_index(art, rec.item_emb, rec.query_embeddings(sample), rec._excluded_frame(sample), n, cfg)
     rec.index = ann.load_version_index(art, info)
     return info
+
+
+def seen_frame(train_raw: pd.DataFrame, raw_history: Optional[Path] = None) -> pd.DataFrame:
+    """The interactions a version knows its users by (seen items, history, popularity): the training split,
+    plus ``raw_history`` (the validation split: what a user did before the test period) when given."""
+    if raw_history is None:
+        return train_raw
+    hist = pd.read_parquet(raw_history)
+    return pd.concat([train_raw, hist[[c for c in train_raw.columns if c in hist.columns]]], ignore_index=True)
 
 
 def write_seen(train_raw: pd.DataFrame, user_col: str, item_col: str, label: str, item_ids: np.ndarray,

@@ -25,7 +25,7 @@ from pipeline_lib.features.snapshot import (has_snapshot, offline_rows, stored_u
 from pipeline_lib.features.store import StoreSettings, materialize, write_pointer
 from pipeline_lib.families.ranking import RankingFamily
 from pipeline_lib.models import ranking as ranking_model
-from pipeline_lib.models import classical, retrieval
+from pipeline_lib.models import classical, evaluation, retrieval
 from pipeline_lib.paths import RunPaths
 from pipeline_lib.release import gate, smoke
 from pipeline_lib.release.smoke import UserRequests
@@ -36,11 +36,15 @@ class RetrievalFamily(RankingFamily):
 
     @property
     def history_length(self) -> int:
-        """YouTube DNN reads the user's recent positive items: the ETL adds that list feature (also when
-        youtube_dnn is one of the run's candidates: one ETL output serves them all)."""
+        """YouTube DNN (and two_tower with ``retrieval.query_history``) reads the user's recent positive items: the
+        ETL adds that list feature (also when such a model is one of the run's candidates: one ETL output serves
+        them all)."""
         r = self.cfg.model.retrieval
-        types = {self.cfg.model.type, *(c.type for c in self.cfg.candidates or [])}
-        return r.history_length if "youtube_dnn" in types else 0
+        from pipeline_lib.families.candidates import candidate_run_config
+
+        models = [self.cfg.model] + [candidate_run_config(self.cfg, c).model for c in self.cfg.candidates or []]
+        reads = any(m.type == "youtube_dnn" or (m.type == "two_tower" and m.retrieval.query_history) for m in models)
+        return r.history_length if reads else 0
 
     @property
     def history_stats(self) -> bool:
@@ -60,6 +64,16 @@ class RetrievalFamily(RankingFamily):
             return classical.train(etl_out.split.train, etl_out.split.valid, cfg.columns, cfg.model, paths.model)
         return retrieval.train(etl_out.workflow_dir, etl_out.train_dir, etl_out.split.train, etl_out.split.valid,
                                cfg.columns, cfg.model, cfg.seed, paths.model)
+
+    def train(self, paths: RunPaths, etl_out: etl.EtlOutput) -> Trained:
+        """The model (fitted and early-stopped on train / validation), then it and the baselines on the test
+        split with the validation positives as the users' history besides train (they precede the test
+        period: scored from and excluded, as the served version does; docs/evaluation.md)."""
+        model = self.fit(paths, etl_out)
+        s = etl_out.split
+        baselines = evaluation.compare_with_baselines(self.cfg, s.train, s.test, model, etl_out.workflow_dir,
+                                                      valid_path=s.valid)
+        return Trained(model, baselines)
 
     @property
     def has_ranker(self) -> bool:
@@ -87,11 +101,12 @@ class RetrievalFamily(RankingFamily):
                                     topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble,
                                     cfg.export.model_name,
                                     export.ExportOptions.from_config(cfg, self.run_info(paths, trained)),
-                                    etl_out.workflow_dir)
+                                    etl_out.workflow_dir, raw_history=etl_out.split.valid)
         exp = topk.export_topk(etl_out.workflow_dir, trained.model.model_dir, etl_out.split.train,
                                self.smoke_rows(etl_out, cfg.export.parity_rows),
                                topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble, cfg.export.model_name,
-                               export.ExportOptions.from_config(cfg, self.run_info(paths, trained)))
+                               export.ExportOptions.from_config(cfg, self.run_info(paths, trained)),
+                               raw_history=etl_out.split.valid)
         if cfg.features.enabled:
             self.write_features(etl_out, exp)
         return exp

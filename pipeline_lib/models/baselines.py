@@ -373,31 +373,49 @@ class TopKProtocol:
     @classmethod
     def build(cls, train: pd.DataFrame, valid: pd.DataFrame, user_col: str, item_col: str,
               label: Optional[str] = None, min_label: Optional[float] = None,
-              exclude_seen: bool = True) -> "TopKProtocol":
-        """Catalogue = items of ``train``; interactions = positive rows (see ``positives``)."""
+              exclude_seen: bool = True, history: Optional[pd.DataFrame] = None) -> "TopKProtocol":
+        """Catalogue = items of ``train``; interactions = positive rows (see ``positives``).
+
+        ``history``: later interactions that are the users' history too (the test split's protocol: the
+        validation split). The users' rows (the scorers' input, the seen items excluded, cold users) and
+        the popularity are then train + ``history`` (items of the catalogue only); the catalogue and the
+        matrix models fit on (``full_train_matrix``) stay the training split's."""
         tr = positives(train, label, min_label)
         va = positives(valid, label, min_label)
         tr_pairs = tr[[user_col, item_col]].drop_duplicates()
-        item_ids, popularity = _popularity_order(pd.unique(train[item_col]), tr_pairs[item_col])
+        catalogue = pd.unique(train[item_col])
+        hist_pairs = tr_pairs
+        if history is not None:
+            extra = positives(history, label, min_label)[[user_col, item_col]]
+            extra = extra[extra[item_col].isin(catalogue)]
+            hist_pairs = pd.concat([tr_pairs, extra], ignore_index=True).drop_duplicates()
+        item_ids, popularity = _popularity_order(catalogue, hist_pairs[item_col])
         item_index = pd.Index(item_ids)
 
         train_users = pd.Index(pd.unique(tr_pairs[user_col]))
         full = sp.csr_matrix(
             (np.ones(len(tr_pairs)), (train_users.get_indexer(tr_pairs[user_col]), item_index.get_indexer(tr_pairs[item_col]))),
             shape=(len(train_users), len(item_ids)))
+        hist_users, hist = train_users, full
+        if history is not None:
+            hist_users = pd.Index(pd.unique(hist_pairs[user_col]))
+            hist = sp.csr_matrix(
+                (np.ones(len(hist_pairs)), (hist_users.get_indexer(hist_pairs[user_col]),
+                                            item_index.get_indexer(hist_pairs[item_col]))),
+                shape=(len(hist_users), len(item_ids)))
 
         va_pairs = va[[user_col, item_col]].dropna().drop_duplicates()
         n_valid_pairs = len(va_pairs)
         col = item_index.get_indexer(va_pairs[item_col])
         known = col >= 0
         va_pairs = va_pairs[known].assign(_col=col[known])
-        va_pairs = va_pairs.assign(_row=train_users.get_indexer(va_pairs[user_col]))
+        va_pairs = va_pairs.assign(_row=hist_users.get_indexer(va_pairs[user_col]))
         n_seen_dropped = 0
         if exclude_seen:
             warm = va_pairs["_row"].to_numpy() >= 0
             seen = np.zeros(len(va_pairs), dtype=bool)
             if warm.any():
-                seen[warm] = np.asarray(full[va_pairs["_row"].to_numpy()[warm], va_pairs["_col"].to_numpy()[warm]]).ravel() > 0
+                seen[warm] = np.asarray(hist[va_pairs["_row"].to_numpy()[warm], va_pairs["_col"].to_numpy()[warm]]).ravel() > 0
             n_seen_dropped = int(seen.sum())
             va_pairs = va_pairs[~seen]
         # evaluated users in order of first appearance in the validation frame
@@ -407,8 +425,8 @@ class TopKProtocol:
         cols_sorted = va_pairs["_col"].to_numpy()[by_user]
         bounds: Any = np.cumsum(np.bincount(codes, minlength=len(users)))[:-1] if len(users) else []
         relevant_idx = [np.sort(c) for c in np.split(cols_sorted, bounds)] if len(users) else []
-        m, cold = _user_rows(full, train_users, users)
-        stats = {
+        m, cold = _user_rows(hist, hist_users, users)
+        stats: dict[str, Any] = {
             "n_items": int(len(item_ids)), "n_train_users": int(len(train_users)), "n_users": int(len(users)),
             "n_cold_users": int(cold.sum()),
             "n_users_no_relevant": int(va[user_col].nunique() - len(users)),
@@ -416,6 +434,8 @@ class TopKProtocol:
             "n_relevant_unknown_item": int((~known).sum()), "n_relevant_seen_dropped": n_seen_dropped,
             "n_valid_pairs": int(n_valid_pairs),
         }
+        if history is not None:
+            stats["history"] = "train + validation"
         return cls(item_ids, popularity, users, sp.csr_matrix(m, dtype=np.float64), relevant_idx, exclude_seen,
                    full, stats)
 

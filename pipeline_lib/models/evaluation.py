@@ -223,7 +223,8 @@ def retrieval_model_scorer(cfg: RunConfig, model_dir: Path, workflow_dir: Path, 
     """A ``TopKProtocol`` score function for a trained retrieval model: one query per evaluated
     user (the query columns of the user's first positive held-out row) . every catalogue item."""
     c = cfg.columns
-    spec = retrieval.RetrievalSpec.from_config(c, cfg.model.type)
+    r = cfg.model.retrieval
+    spec = retrieval.RetrievalSpec.from_config(c, cfg.model.type, r.query_history, r.query_user_id)
     workflow = load_workflow(workflow_dir).remove_inputs([c.label])
     filler = retrieval.filler_row(train, workflow.input_schema.column_names)
     cat_raw = retrieval.catalogue(train, spec)
@@ -255,14 +256,19 @@ def _mean_units(values: dict) -> dict:
 
 
 def retrieval_report(cfg: RunConfig, train_path: Path, test_path: Path, model_metrics: dict,
-                     model_dir: Optional[Path], workflow_dir: Optional[Path]) -> BaselineReport:
+                     model_dir: Optional[Path], workflow_dir: Optional[Path],
+                     valid_path: Optional[Path] = None) -> BaselineReport:
     """most_popular / item_cooccurrence / ease and the model, all under the standard top-k protocol
-    on the test split (per-user values: the units of the intervals)."""
+    on the test split (per-user values: the units of the intervals). ``valid_path``: the validation
+    split, which precedes the test split: its positives are the users' history too (scored from and
+    excluded, like the training positives; every model and baseline is still fitted on train only --
+    docs/evaluation.md, "History at test time")."""
     c = cfg.columns
     k = cfg.model.retrieval.k
     train = pd.read_parquet(train_path)
     test = pd.read_parquet(test_path)
-    p = bl.TopKProtocol.build(train, test, c.user_id, c.item_id, c.label)
+    history = pd.read_parquet(valid_path) if valid_path is not None else None
+    p = bl.TopKProtocol.build(train, test, c.user_id, c.item_id, c.label, history=history)
     full = bl.retrieval_baselines(train, test, c.user_id, c.item_id, k, label=c.label, protocol=p, units=True)
     units: dict = {"model": {}, "baselines": {n: _mean_units(r.pop("units")) for n, r in full.items() if "units" in r}}
     res = _clean(full)
@@ -341,12 +347,14 @@ def session_report(cfg: RunConfig, model_metrics: dict, train_dir: Optional[Path
 # -------------------------------------------------------------------------------------------------
 
 def compare_with_baselines(cfg: RunConfig, train_path: Optional[Path], test_path: Optional[Path], model,
-                           workflow_dir: Optional[Path] = None, train_dir: Optional[Path] = None) -> BaselineReport:
+                           workflow_dir: Optional[Path] = None, train_dir: Optional[Path] = None,
+                           valid_path: Optional[Path] = None) -> BaselineReport:
     """Baselines of the run's model family fitted on train, beside the model, all on the test split.
 
     ``model`` is the train stage's output (:class:`pipeline_lib.models.common.TrainOutput`:
     ``model_dir``, ``metrics``, ``history``, ``metrics_path``).
-    ``train_path`` / ``test_path``: the raw split parquet files (sessions: the raw session lists).
+    ``train_path`` / ``test_path``: the raw split parquet files (sessions: the raw session lists);
+    ``valid_path`` (retrieval): the validation split, the users' history at test time besides train.
     ``workflow_dir``: the fitted workflow (to score the model on raw test rows); ``train_dir``
     (sessions): the transformed training sessions (the baselines' counts).
 
@@ -366,7 +374,7 @@ def compare_with_baselines(cfg: RunConfig, train_path: Optional[Path], test_path
     elif cfg.model.is_retrieval:
         # the test figures go to metrics["test"] below; the validation ``user_recall@k`` stays what it is:
         # candidates are chosen on it
-        report = retrieval_report(cfg, train_path, test_path, metrics, model.model_dir, workflow_dir)
+        report = retrieval_report(cfg, train_path, test_path, metrics, model.model_dir, workflow_dir, valid_path)
     else:
         if workflow_dir is None:
             raise ValueError("compare_with_baselines: a ranking model needs workflow_dir to score the raw test rows")

@@ -64,17 +64,22 @@ class RetrievalSpec:
     item_id: str
     query_columns: list[str]
     item_columns: list[str]
-    history: Optional[str] = None
+    history: Optional[str] = None        # youtube_dnn: the history list that is also its item table
+    query_history: Optional[str] = None  # two_tower (``retrieval.query_history``): the history list, a query feature
 
     @classmethod
-    def from_config(cls, columns: ColumnsConfig, model_type: str) -> "RetrievalSpec":
+    def from_config(cls, columns: ColumnsConfig, model_type: str, query_history: bool = False,
+                    query_user_id: bool = True) -> "RetrievalSpec":
         user = [f.name for f in columns.features if f.side == FeatureSide.user]
         context = [f.name for f in columns.features if f.side == FeatureSide.context]
         item = [f.name for f in columns.features if f.side == FeatureSide.item]
         if model_type == "mf":
             return cls(model_type, columns.item_id, [columns.user_id], [columns.item_id])
         if model_type == "two_tower":
-            return cls(model_type, columns.item_id, [columns.user_id] + user + context, [columns.item_id] + item)
+            lists: list[str] = [history_column(columns)] if query_history else []
+            uid = [columns.user_id] if query_user_id or not (lists or user or context) else []
+            return cls(model_type, columns.item_id, uid + lists + user + context, [columns.item_id] + item,
+                       query_history=lists[0] if lists else None)
         if model_type == "youtube_dnn":
             hist = history_column(columns)
             return cls(model_type, columns.item_id, [hist, columns.user_id] + user + context, [columns.item_id], hist)
@@ -82,7 +87,7 @@ class RetrievalSpec:
 
     def to_json(self) -> dict:
         return dict(model_type=self.model_type, item_id=self.item_id, query_columns=self.query_columns,
-                    item_columns=self.item_columns, history=self.history)
+                    item_columns=self.item_columns, history=self.history, query_history=self.query_history)
 
 
 def side_transform(workflow, raw: pd.DataFrame, keep: list[str], filler: dict) -> pd.DataFrame:
@@ -144,7 +149,30 @@ def _model_schema(schema, spec: RetrievalSpec, side: str):
         from merlin.schema import Schema
 
         sub = Schema(cols)
+    if spec.query_history and side == "query" and spec.query_history in sub.column_names:
+        # two_tower: the history is a plain multi-hot feature of the query (mean of its embeddings), not a
+        # sequence; its own table (the joint vocabulary's domain, renamed so no name clashes with the item id)
+        from merlin.schema import Schema
+
+        cols = []
+        for col in sub:
+            if col.name == spec.query_history:
+                dom = col.int_domain
+                col = col.with_tags([Tags.CATEGORICAL, Tags.USER, Tags.LIST])
+                col = _without_tags(col, [Tags.SEQUENCE, Tags.ITEM_ID, Tags.ITEM])
+                col = col.with_properties({**col.properties, "domain": {"min": dom.min, "max": dom.max,
+                                                                         "name": spec.query_history}})
+            cols.append(col)
+        sub = Schema(cols)
     return sub
+
+
+def _without_tags(col, drop: list):
+    """``col`` without the tags ``drop``."""
+    from merlin.schema import ColumnSchema
+
+    return ColumnSchema(col.name, tags=[t for t in col.tags if t not in drop], properties=col.properties,
+                        dtype=col.dtype, is_list=col.is_list, is_ragged=col.is_ragged)
 
 
 def build_model(schema, spec: RetrievalSpec, cfg: ModelConfig, item_counts: Optional[np.ndarray] = None):
@@ -249,7 +277,7 @@ def train(workflow_dir: Path, train_dir: Path, raw_train: Path, raw_valid: Path,
     """Train a retrieval model, keep the epoch with the best per-user validation recall@k (the
     baselines' protocol), save its encoders and evaluate top-k on the held-out positives."""
     import_tf().keras.utils.set_random_seed(seed)
-    spec = RetrievalSpec.from_config(columns, cfg.type)
+    spec = RetrievalSpec.from_config(columns, cfg.type, cfg.retrieval.query_history, cfg.retrieval.query_user_id)
     model, fit, n_train = _compiled_model(train_dir, spec, columns, cfg)
     workflow = load_workflow(workflow_dir).remove_inputs([columns.label])
     valid_raw, train_raw = pd.read_parquet(raw_valid), pd.read_parquet(raw_train)

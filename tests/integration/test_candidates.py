@@ -63,3 +63,12 @@ def test_the_served_version_is_the_winner(competition):
         summary["max_abs_diff_served_vs_offline"] <= 1e-4
     saved = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
     assert [r["candidate"] for r in saved["leaderboard"]] == ["ease", "two_tower"]
+    # the test-time history: the served version knows its users by train + validation (seen items, history)
+    import pandas as pd
+
+    split = Path(summary["run_dir"]) / "split"
+    train, valid = (pd.read_parquet(split / f"{n}.parquet") for n in ("train", "valid"))
+    pairs = [p[p.click > 0][["user_id", "item_id"]].drop_duplicates() for p in (train, pd.concat([train, valid]))]
+    in_cat = pairs[1][pairs[1].item_id.isin(train.item_id)]
+    seen = json.loads((served / "topk" / "spec.json").read_text())["seen"]
+    assert seen["n_pairs"] == len(in_cat) > len(pairs[0])

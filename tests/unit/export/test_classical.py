@@ -117,3 +117,30 @@ def test_two_stage_reranks_the_classical_candidates_with_the_ranking_model(train
         np.testing.assert_allclose(scores[i], [s for s, _ in best], atol=1e-5)
     off = rec.offline(rows)
     np.testing.assert_array_equal(off[0], ids)
+
+
+def test_a_version_with_the_validation_split_as_history_answers_like_the_test_protocol(tmp_path):
+    """Three-way split: the exported version knows its users by train + validation (``raw_history``):
+    its answers for the test users equal the test protocol's (weights fitted on train, the users' rows and
+    seen items = train + validation), and a validation item never comes back to its user."""
+    from pipeline_lib.models.evaluation import classical_model_scorer
+
+    df = interactions(seed=5)
+    train, valid, test = df.iloc[:600], df.iloc[600:750], df.iloc[750:]
+    for name, part in (("train", train), ("valid", valid), ("test", test)):
+        part.to_parquet(tmp_path / f"{name}.parquet")
+    model = ModelConfig(type="ease", retrieval=RetrievalConfig(k=10))
+    out = classical.train(tmp_path / "train.parquet", tmp_path / "valid.parquet", COLUMNS, model, tmp_path / "model")
+    exp = export.export_classical(out.model_dir, tmp_path / "train.parquet", valid.head(8),
+                                  TopKSettings(COLUMNS, k=10, exclude_seen=True), tmp_path / "staging", "recsys",
+                                  raw_history=tmp_path / "valid.parquet")
+    p = bl.TopKProtocol.build(train, test, "user_id", "item_id", "click", history=valid)
+    got, _ = exp.recommender.recommend(pd.DataFrame({"user_id": p.users}))
+    want = p.topk(classical_model_scorer(out.model_dir, p), 10)
+    assert got.tolist() == [[p.item_ids[i] for i in row] for row in want]
+    later = valid[valid.click > 0].groupby("user_id")["item_id"].apply(set)
+    assert any(u in later.index for u in p.users)
+    assert all(not (set(row) & later.get(u, set())) for u, row in zip(p.users, got.tolist()))
+    plain = export.export_classical(out.model_dir, tmp_path / "train.parquet", valid.head(8),
+                                    TopKSettings(COLUMNS, k=10, exclude_seen=True), tmp_path / "staging2", "recsys")
+    assert plain.recommender.recommend(pd.DataFrame({"user_id": p.users}))[0].tolist() != got.tolist()

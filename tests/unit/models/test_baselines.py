@@ -301,3 +301,24 @@ def test_on_the_synthetic_generator_taste_aware_methods_beat_most_popular_only_w
         assert best > 1.8 * mp                       # 0.35 vs 0.16 here
     else:
         assert best < 1.1 * mp                       # 0.35 vs 0.36: popularity is all there is
+
+
+def test_history_joins_the_users_rows_and_popularity_but_not_the_fit_or_the_catalogue():
+    """The test split's protocol: the validation positives (``history``) are the users' history too --
+    scored from, excluded, counted in the popularity -- while the catalogue and the matrix models fit on
+    stay the training split's; a history item outside the catalogue is ignored, a user known only from
+    the history is no longer cold."""
+    history = pd.DataFrame({"user": ["u1", "u5", "u5", "u4"], "item": ["C", "B", "Z", "D"]})
+    test = pd.DataFrame({"user": ["u1", "u1", "u5", "u4"], "item": ["C", "E", "A", "A"]})
+    plain = bl.TopKProtocol.build(TRAIN, test, "user", "item")
+    p = bl.TopKProtocol.build(TRAIN, test, "user", "item", history=history)
+    assert sorted(p.item_ids) == sorted(plain.item_ids) == ["A", "B", "C", "D", "E"]   # no "Z"
+    assert (p.full_train_matrix != plain.full_train_matrix).nnz == 0                  # the fit: train only
+    assert dict(zip(p.item_ids, p.popularity)) == {"A": 3, "B": 3, "C": 3, "D": 2, "E": 1}
+    assert list(p.users) == ["u1", "u5", "u4"]
+    assert p.seen == [{"A", "B", "C"}, {"B"}, {"C", "D", "E"}]   # u1's C (history) is seen: no longer relevant
+    assert p.relevant == [{"E"}, {"A"}, {"A"}] and plain.relevant[0] == {"C", "E"}
+    assert p.stats["n_cold_users"] == 0 and plain.stats["n_cold_users"] == 1 and p.stats["history"] == "train + validation"
+    # a history-aware scorer reads the history rows: item-item co-occurrence fitted on train scores u5 from B
+    top = _topk_ids(p, bl.cooccurrence_scorer(p), 1)
+    assert top["u5"] == ["A"]

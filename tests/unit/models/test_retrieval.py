@@ -102,7 +102,8 @@ def assert_saved_encoders_score_like_in_memory(cfg, e, split, out):
 
     loaded = tf.saved_model.load(str(out.model_dir / retrieval.QUERY_ENCODER))
     assert not callable(loaded) and set(loaded.signatures) == {"serving_default"}  # no traces
-    spec = retrieval.RetrievalSpec.from_config(cfg.columns, cfg.model.type)
+    r = cfg.model.retrieval
+    spec = retrieval.RetrievalSpec.from_config(cfg.columns, cfg.model.type, r.query_history, r.query_user_id)
     workflow = etl.load_workflow(e.workflow_dir).remove_inputs([cfg.columns.label])
     train, valid = pd.read_parquet(split.train), pd.read_parquet(split.valid)
     filler = retrieval.filler_row(train, workflow.input_schema.column_names)
@@ -111,3 +112,41 @@ def assert_saved_encoders_score_like_in_memory(cfg, e, split, out):
     q = retrieval.query_embeddings(workflow, out.model_dir, spec, pos, filler)
     got = retrieval.retrieval_metrics(q @ emb.T, ids, pos[cfg.columns.item_id].to_numpy(), cfg.model.retrieval.k)
     assert got == {name: out.metrics[name] for name in got}
+
+
+def test_two_tower_with_the_users_history_as_a_query_feature_trains_exports_and_matches_offline(tmp_path):
+    """``model.retrieval.query_history``: the ETL adds the history list, the query tower reads it (mean of its
+    embeddings) -- here without the user id (``query_user_id: false``) --, the saved encoders score like the
+    in-memory model, and the exported version takes the list as a request input (and the user id, for the seen
+    items) and answers like the offline path (an empty history included)."""
+    from pipeline_lib.data import sources as data
+    from pipeline_lib.families import get_family
+
+    cfg = load_config(None, {"task": "retrieval",
+                             "data": {"synthetic": {"n_users": 200, "n_items": 120, "n_interactions": 6000}},
+                             "model": {"type": "two_tower", "batch_size": 256,
+                                       "retrieval": {"epochs": 2, "query_history": True, "history_length": 5,
+                                                     "query_user_id": False}}})
+    hist = etl.history_column(cfg.columns)
+    assert get_family(cfg).history_length == 5
+    spec = retrieval.RetrievalSpec.from_config(cfg.columns, "two_tower", True, False)
+    assert hist in spec.query_columns and spec.query_history == hist and spec.history is None
+    assert "user_id" not in spec.query_columns and "user_id" in retrieval.RetrievalSpec.from_config(
+        cfg.columns, "two_tower", True).query_columns
+    raw = data.write_raw(cfg.data, cfg.seed, tmp_path / "raw", cfg.columns)
+    split = etl.split_raw(raw, cfg.split, cfg.columns, cfg.seed, tmp_path / "split", history_length=5)
+    e = etl.fit_transform(cfg.columns, cfg.etl, split, tmp_path / "etl", history=True)
+    out = retrieval.train(e.workflow_dir, e.train_dir, split.train, split.valid, cfg.columns, cfg.model, cfg.seed,
+                          tmp_path / "model")
+    assert out.metrics["user_recall@10"] > 0
+    assert_saved_encoders_score_like_in_memory(cfg, e, split, out)
+    valid = pd.read_parquet(split.valid)
+    sample = pd.concat([valid.head(6), valid.head(1).assign(**{hist: [[]]})], ignore_index=True)
+    exp = topk.export_topk(e.workflow_dir, out.model_dir, split.train, sample,
+                           topk.TopKSettings.from_config(cfg), tmp_path / "staging", "recsys",
+                           raw_history=split.valid)
+    assert exp.recommender.request_columns[:2] == ["user_id", hist] and exp.parity["max_abs_score_diff"] <= 1e-5
+    ids, _ = exp.recommender.recommend(sample[exp.recommender.request_columns])
+    np.testing.assert_array_equal(ids, exp.recommender.offline(sample[exp.recommender.request_columns])[0])
+    seen = pd.concat([pd.read_parquet(split.train), valid]).query("click > 0").groupby("user_id")["item_id"].apply(set)
+    assert all(not (set(row) & seen.get(u, set())) for u, row in zip(sample["user_id"], ids.tolist()))
