@@ -162,6 +162,7 @@ class Supervisor:
         """Supervise until ``should_stop()``; -> 0, or :data:`GAVE_UP` after too many failures."""
         p = self.policy
         self._stubs = self.server.stub_pids()  # started and ready: its stubs are the healthy ones
+        self.server.remember_shm_regions()
         try:
             while not self._watch(p.probe_interval_s, should_stop):
                 problem = self.check()
@@ -192,6 +193,8 @@ class Supervisor:
                 self.recoveries.append({"action": action, "reason": reason, "time": now, "ok": ok,
                                         "took_s": round(self.clock() - t0, 2)})
                 if ok:
+                    self._stubs = self.server.stub_pids()  # the new stubs are the healthy ones now
+                    self.server.remember_shm_regions()  # and their shared memory, should Triton die next
                     log.warning("%s done in %.1f s: model '%s' answers again", action, self.clock() - t0, self.model)
             return 0
         finally:

@@ -17,6 +17,7 @@ from pipeline_lib.data import sessions as session_data
 from pipeline_lib.etl import workflow as etl
 from pipeline_lib.etl import sessions
 from pipeline_lib.config import DaskConfig, EtlConfig, load_config
+from tests.support import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +31,10 @@ def dask_cluster(tmp_path_factory):
     interpreter and environment as the tests, their working directory elsewhere than ours."""
     root = tmp_path_factory.mktemp("dask")
     sched_file = root / "scheduler.json"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TF_CPP_MIN_LOG_LEVEL="2")
+    # the project root first: the workers run functions of this module (``tests.integration...``), and feast
+    # installs a top-level ``tests`` package into site-packages that would shadow ours outside the root
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=path)
     logs, procs = [], []
 
     def start(args, name):

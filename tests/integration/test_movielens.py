@@ -37,7 +37,7 @@ def test_movielens_flow_end_to_end_with_drift_against_the_previous_run(prefect_h
     summary = pipeline(config_path=str(ML_EXAMPLE), overrides=ml_config(tmp_path, run_name="ml"))
     run = tmp_path / "runs" / "ml"
     assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
-                                              "serving-smoke-test", "publish", "promote"]
+                                              "serving-smoke-test", "publish", "promote", "features"]
     assert summary["model_version"] == 1 and summary["max_abs_diff_served_vs_offline"] <= 1e-5
     assert sum(summary["split"][part]["rows"] for part in ("train", "valid", "test")) == 600
     assert summary["metrics"]["n_train"] == summary["split"]["train"]["rows"]
