@@ -154,7 +154,8 @@ def resample_counts(n: int, n_resamples: int, seed: int) -> Iterator[np.ndarray]
         done += b
 
 
-def _percentiles(stats: np.ndarray, level: float) -> tuple[float, float]:
+def percentiles(stats: np.ndarray, level: float) -> tuple[float, float]:
+    """The central ``level`` interval of bootstrap statistics (non-finite ones left out; NaNs when none)."""
     stats = stats[np.isfinite(stats)]
     if not len(stats):
         return float("nan"), float("nan")
@@ -169,7 +170,7 @@ def interval(units: AnyUnits, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 
     if not units.n:
         return Interval(float("nan"), float("nan"), float("nan"), 0, level)
     stats = np.concatenate([units.weighted(w) for w in resample_counts(units.n, n_resamples, seed)])
-    return Interval(point(units), *_percentiles(stats, level), units.n, level)
+    return Interval(point(units), *percentiles(stats, level), units.n, level)
 
 
 def paired_difference(a: AnyUnits, b: AnyUnits, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
@@ -181,7 +182,7 @@ def paired_difference(a: AnyUnits, b: AnyUnits, n_resamples: int = DEFAULT_RESAM
     if not a.n:
         return Interval(float("nan"), float("nan"), float("nan"), 0, level)
     stats = np.concatenate([a.weighted(w) - b.weighted(w) for w in resample_counts(a.n, n_resamples, seed)])
-    return Interval(point(a) - point(b), *_percentiles(stats, level), a.n, level)
+    return Interval(point(a) - point(b), *percentiles(stats, level), a.n, level)
 
 
 def mean_interval(values: np.ndarray, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,

@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from pipeline_lib.models.intervals import Interval, MeanUnits, interval, resample_counts
+from pipeline_lib.models.intervals import Interval, MeanUnits, interval, percentiles, resample_counts
 
 GROUP = ["request_id", "user_id"]
 
@@ -112,16 +112,7 @@ def _ratio_interval(units: RatioUnits, resamples: int, seed: int, level: float) 
     if not units.n or units.den.sum() <= 0:
         return Interval(float("nan"), float("nan"), float("nan"), units.n, level)
     stats = np.concatenate([units.weighted(w) for w in resample_counts(units.n, resamples, seed)])
-    return Interval(units.point(), *_percentiles(stats, level), units.n, level)
-
-
-def _percentiles(stats: np.ndarray, level: float) -> tuple[float, float]:
-    stats = stats[np.isfinite(stats)]
-    if not len(stats):
-        return float("nan"), float("nan")
-    a = (1 - level) / 2 * 100
-    lo, hi = np.percentile(stats, [a, 100 - a])
-    return float(lo), float(hi)
+    return Interval(units.point(), *percentiles(stats, level), units.n, level)
 
 
 def difference(a: RatioUnits, b: RatioUnits, resamples: int, seed: int, level: float) -> Interval:
@@ -130,7 +121,7 @@ def difference(a: RatioUnits, b: RatioUnits, resamples: int, seed: int, level: f
         return Interval(float("nan"), float("nan"), float("nan"), min(a.n, b.n), level)
     sa = np.concatenate([a.weighted(w) for w in resample_counts(a.n, resamples, seed)])
     sb = np.concatenate([b.weighted(w) for w in resample_counts(b.n, resamples, seed + 1)])
-    return Interval(a.point() - b.point(), *_percentiles(sa - sb, level), min(a.n, b.n), level)
+    return Interval(a.point() - b.point(), *percentiles(sa - sb, level), min(a.n, b.n), level)
 
 
 def evaluate(impressions: pd.DataFrame, feedback: pd.DataFrame, k: int, window_s: float, resamples: int = 1000,
