@@ -17,12 +17,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="End-to-end r
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML run config (default: the embedded synthetic run)")
 SetOpt = typer.Option(None, "--set", "-s", help="override a config key, e.g. --set model.epochs=3 (repeatable)")
+ProtocolOpt = typer.Option("grpc", help="http or grpc")
+UrlOpt = typer.Option(None, help="server address host:port (default from config)")
 
 
 def _cfg(config: Optional[Path], sets: Optional[List[str]]):
     from pipeline_lib.config import load_config, parse_set_options
 
     return load_config(config, parse_set_options(sets or []))
+
+
+def _address(cfg, protocol: str, url: Optional[str]) -> str:
+    """host:port of the served model: ``--url``, else the config's host and the protocol's port."""
+    return url or f"{cfg.serving.host}:{cfg.serving.grpc_port if protocol == 'grpc' else cfg.serving.http_port}"
 
 
 def _fail(msg: str) -> None:
@@ -245,8 +252,8 @@ def recommend(
     user_id: str = typer.Argument(..., help="raw user id"),
     k: Optional[int] = typer.Option(None, "--k", help="items to return (default: the version's k)"),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="an item id never to return (repeatable)"),
-    protocol: str = typer.Option("grpc", help="http or grpc"),
-    url: Optional[str] = typer.Option(None, help="server address host:port (default from config)"),
+    protocol: str = ProtocolOpt,
+    url: Optional[str] = UrlOpt,
     config: Optional[Path] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
@@ -257,8 +264,7 @@ def recommend(
     from pipeline_lib.serving.client import RecsysClient, RequestError
 
     cfg = _cfg(config, set_)
-    port = cfg.serving.grpc_port if protocol == "grpc" else cfg.serving.http_port
-    address, col = url or f"{cfg.serving.host}:{port}", cfg.columns.user_id
+    address, col = _address(cfg, protocol, url), cfg.columns.user_id
     try:
         with RecsysClient(address, protocol, cfg.export.model_name) as client:  # type: ignore[arg-type]
             numeric = (client.input_datatype(col) or "").startswith(("INT", "UINT"))
@@ -298,8 +304,8 @@ def prune(keep: Optional[int] = typer.Option(None, help="versions to keep (defau
 def predict(
     rows: Optional[Path] = typer.Option(None, help="JSON file: a list of raw rows (objects). Default: rows from the latest run's validation split"),
     n: int = typer.Option(5, help="number of sample rows when --rows is not given"),
-    protocol: str = typer.Option("grpc", help="http or grpc"),
-    url: Optional[str] = typer.Option(None, help="server address host:port (default from config)"),
+    protocol: str = ProtocolOpt,
+    url: Optional[str] = UrlOpt,
     config: Optional[Path] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
@@ -319,8 +325,7 @@ def predict(
         if not runs:
             _fail(f"no run found under {cfg.runs_dir}; pass --rows FILE.json")
         df = pd.read_parquet(runs[-1]).head(n)
-    port = cfg.serving.grpc_port if protocol == "grpc" else cfg.serving.http_port
-    address = url or f"{cfg.serving.host}:{port}"
+    address = _address(cfg, protocol, url)
     try:
         with RecsysClient(address, protocol, cfg.export.model_name) as client:  # type: ignore[arg-type]
             df = df[[c for c in df.columns if c in client.raw_columns]]
@@ -353,8 +358,7 @@ def _predict_sessions(cfg, rows: Optional[Path], n: int, protocol: str, url: Opt
         if not runs:
             _fail(f"no session run found under {cfg.runs_dir}; pass --rows FILE.json")
         df = prefixes(pd.read_parquet(runs[-1]).head(n), cfg.session.columns)[0]
-    port = cfg.serving.grpc_port if protocol == "grpc" else cfg.serving.http_port
-    address = url or f"{cfg.serving.host}:{port}"
+    address = _address(cfg, protocol, url)
     try:
         with SessionClient(address, protocol, cfg.export.model_name) as client:  # type: ignore[arg-type]
             ids, scores = client.recommend(df)

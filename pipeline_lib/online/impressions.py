@@ -154,8 +154,9 @@ class ImpressionLog:
         import pyarrow.parquet as pq
 
         hours = pc.divide(pc.cast(pc.cast(table["ts"], "int64"), "int64"), 3_600_000_000).to_numpy()
-        for hour in np.unique(hours):
-            part = table.filter(pa_mask(hours == hour)) if len(np.unique(hours)) > 1 else table
+        distinct = np.unique(hours)
+        for hour in distinct:
+            part = table.filter(pa_mask(hours == hour)) if len(distinct) > 1 else table
             stamp = time.gmtime(int(hour) * 3600)
             folder = self.settings.root / time.strftime("date=%Y-%m-%d", stamp) / time.strftime("hour=%H", stamp)
             folder.mkdir(parents=True, exist_ok=True)
