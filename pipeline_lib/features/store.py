@@ -142,17 +142,18 @@ def materialize(s: StoreSettings, artifact_dir: Path, model_version: int) -> dic
     users = pd.read_parquet(snapshot_dir(artifact_dir) / USERS_FILE)
     items = pd.read_parquet(snapshot_dir(artifact_dir) / ITEMS_FILE)
     stamp = {SNAPSHOT_FIELD: snap.id, VERSION_FIELD: int(model_version), EVENT_TS: now}
-    users.assign(**stamp).to_parquet(data / f"{USER_VIEW}.parquet", index=False)
-    items.assign(**{EVENT_TS: now}).to_parquet(data / f"{ITEM_VIEW}.parquet", index=False)
-    pd.DataFrame([{META_KEY: META_ID, **stamp}]).to_parquet(data / f"{META_VIEW}.parquet", index=False)
+    frames = {USER_VIEW: users.assign(**stamp), ITEM_VIEW: items.assign(**{EVENT_TS: now}),
+              META_VIEW: pd.DataFrame([{META_KEY: META_ID, **stamp}])}
+    for name, frame in frames.items():  # the views' offline sources
+        frame.to_parquet(data / f"{name}.parquet", index=False)
     store = open_store(s.repo)
     try:
         t1 = time.perf_counter()
         store.apply(_definitions(snap, data))
         t2 = time.perf_counter()
         # straight into the online store (Feast's write_to_online_store; its file-offline materialize runs dask)
-        for name in (USER_VIEW, ITEM_VIEW, META_VIEW):
-            store.write_to_online_store(name, pd.read_parquet(data / f"{name}.parquet"))
+        for name, frame in frames.items():
+            store.write_to_online_store(name, frame)
         log.debug("apply %.2f s, write %.2f s", t2 - t1, time.perf_counter() - t2)
     except Exception as exc:  # noqa: BLE001 - Redis down, disk full: name the store
         raise FeatureStoreError(f"could not write the features of version {model_version} into the "
