@@ -143,14 +143,19 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def locked(repo: Path, model: str):
-    """Serialise changes to one model's repository folder across processes (concurrent runs)."""
+def locked(repo: Path, model: str, wait: bool = True):
+    """Serialise changes to one model's repository folder across processes (concurrent runs).
+    Yields True with the lock held; with ``wait=False``, False at once when another holder has it."""
     d = Path(repo) / model
     d.mkdir(parents=True, exist_ok=True)
     with open(d / LOCK, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 

@@ -353,6 +353,10 @@ class TritonServer:
             return set()
         return group_pids(self._pgid) - {self.process.pid}
 
+    def stubs(self) -> dict[int, "Stub"]:
+        """The live python-backend stubs of this server by pid, each with the model version it runs."""
+        return {pid: s for pid in self.stub_pids() if (s := stub_of(pid)) is not None}
+
     def stop(self, timeout_s: float = 30.0, keep_key: bool = False) -> None:
         """Stop tritonserver and clean up after it on every path: its python stubs (killed with the
         process group, also when Triton itself was killed and left them orphaned), the shared-memory
@@ -413,6 +417,33 @@ def group_pids(pgid: int) -> set[int]:
                     if int(fields[2]) == pgid and fields[0] != "Z":  # pgid; state
                         pids.add(int(p.name))
     return pids
+
+
+@dataclass(frozen=True)
+class Stub:
+    """A python-backend stub process: the model version whose instance it runs."""
+
+    pid: int
+    model: str
+    version: Optional[int]
+    instance: str  # Triton's instance name, e.g. "recsys_0_0"
+
+
+def stub_of(pid: int) -> Optional[Stub]:
+    """``pid`` as a python-backend stub, from its command line (None: not a stub, or gone). The python
+    backend starts each instance's stub as ``triton_python_backend_stub <repo>/<model>/<version>/model.py
+    <shm region> <sizes> <parent pid> <backend dir> <ipc handle> <instance name> ...`` (Triton 2.51,
+    python_backend src/stub_launcher.cc)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if len(argv) < 2 or not argv[0].endswith(b"triton_python_backend_stub"):
+        return None
+    path = Path(os.fsdecode(argv[1]))
+    version = path.parent.name
+    instance = os.fsdecode(argv[8]) if len(argv) > 8 else ""
+    return Stub(pid, path.parent.parent.name, int(version) if version.isdigit() else None, instance)
 
 
 def is_alive(pid: int) -> bool:

@@ -7,8 +7,11 @@ key do not depend on what the model computes. Checked here:
   tritonserver's command line nor its environment, and its file is 0600; the project's promote path
   finds it;
 - a failed promotion leaves /v2/health/ready at 200 (the served version keeps serving);
-- SIGKILL of the python stub -> the model's ready endpoint says "not ready" within 2 s and correct answers
-  come back within 10 s (model reload);
+- SIGKILL of the python stub -> decided a death from /proc and Triton's index without waiting for a probe:
+  the model's ready endpoint says "not ready" within READY_BOUND_S (target 0.5 s; the probe path took
+  ~1.1 s idle, 2-4 s loaded) and correct answers come back within 10 s (model reload);
+- promotions and rollbacks under load, whose replaced stubs exit while nothing else changes, are never
+  taken for a death: no failed request, the ready endpoint 200 throughout, no unload/reload;
 - SIGKILL of tritonserver -> restarted within 10 s, its orphaned stub killed, its /dev/shm region removed;
 - both are seen by the supervisor's /proc watch, not its probe: the module's server probes every 30 s;
 - a model that cannot come back -> `recsys serve` gives up with a non-zero exit, nothing left behind.
@@ -20,6 +23,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +45,10 @@ pytestmark = pytest.mark.integration
 MODEL = "tiny"
 X = np.array([1.0, 2.0, 3.0], dtype=np.float32)
 RECOVER_S = 10.0
+# the model's ready endpoint must say "not ready" this soon after its stub died: documented target 0.5 s
+# (measured ~0.1 s idle); generous here for a loaded 2-core machine, and still below the ~1.1 s an idle
+# machine took while the supervisor waited for its probe (Triton's own "not healthy" verdict)
+READY_BOUND_S = 1.0
 
 CONFIG = """name: "tiny"
 backend: "python"
@@ -176,23 +184,90 @@ def _status(url: str) -> int:
         return 0  # not answering: not ready either
 
 
-def test_a_killed_stub_is_replaced_within_10_s(serve):
+def test_promote_and_rollback_under_load_are_never_taken_for_a_dead_stub(serve):
+    """Each switch replaces the stub (Triton loads the new version, then unloads the old one, whose stub
+    exits ~1 s after the switch returned, with the repository lock free): the supervisor's watch sees
+    every such exit and must leave the served version alone."""
+    cfg = load_config(None, {"serving": {"http_port": serve.http}})
+    live = live_server(cfg.serving)
+    outcomes: dict[str, int] = {"ok": 0, "error": 0}
+    errors: list[str] = []
+    not_ready: list[int] = []
+    stop = False
+
+    def client() -> None:
+        with httpclient.InferenceServerClient(serve.url, connection_timeout=5, network_timeout=10) as c:
+            while not stop:
+                inp = httpclient.InferInput("x", [3], "FP32")
+                inp.set_data_from_numpy(X)
+                try:
+                    y = c.infer(MODEL, [inp]).as_numpy("y")
+                    ok = np.array_equal(y, X) or np.array_equal(y, X * 2)
+                    outcomes["ok" if ok else "error"] += 1
+                except InferenceServerException as exc:
+                    outcomes["error"] += 1
+                    errors.append(str(exc)[:200])
+
+    def ready() -> None:
+        with requests.Session() as session:
+            while not stop:
+                code = session.get(f"http://{serve.url}/v2/models/{MODEL}/ready", timeout=5).status_code
+                if code != 200:
+                    not_ready.append(code)
+                time.sleep(0.02)
+
+    log_before = len(serve.log())
+    threads = [threading.Thread(target=client), threading.Thread(target=ready)]
+    for t in threads:
+        t.start()
+    try:
+        for dwell in (1.5, 1.5, 0.0, 1.5):  # 0: switch back at once, while the replaced stub still exits
+            repository.promote(serve.repo, MODEL, 2, live)
+            time.sleep(dwell)
+            repository.rollback(serve.repo, MODEL, live)
+            time.sleep(dwell)
+        time.sleep(1.5)  # the last replaced stub exits
+    finally:
+        stop = True
+        for t in threads:
+            t.join(timeout=30)
+    log = serve.log()[log_before:]
+    print(f"promote/rollback under load: {outcomes['ok']} answers, {outcomes['error']} errors; "
+          f"{log.count('exited')} stub exits judged by the supervisor")
+    assert outcomes["ok"] > 0 and outcomes["error"] == 0, (errors[:3], log)
+    assert not not_ready, f"the model's ready endpoint said {sorted(set(not_ready))} during the switches\n{log}"
+    assert repository.served_version(serve.repo, MODEL) == 1 and serve.answers(1, within_s=5)
+    assert "exited" in log, f"the supervisor saw no replaced stub exit\n{log}"  # the watch was exercised
+    assert "unload" not in log and "reload" not in log and "restart" not in log, log
+
+
+def test_a_killed_stub_is_seen_dead_at_once_and_replaced_within_10_s(serve):
     triton = serve.triton()
     stubs = [p for p in children(triton) if alive(p) and "stub" in cmdline(p)]
     assert stubs  # (a just-unloaded version's stub may still be exiting: kill them all)
+    log_before = len(serve.log())
     t0 = time.monotonic()
     for pid in stubs:
         os.kill(pid, signal.SIGKILL)
     while any(alive(p) for p in stubs):
-        time.sleep(0.01)
+        time.sleep(0.005)
+    dead_s = time.monotonic() - t0
     ready = f"http://{serve.url}/v2/models/{MODEL}/ready"
-    while _status(ready) == 200 and time.monotonic() - t0 < RECOVER_S:
-        time.sleep(0.02)
+    with requests.Session() as session:
+        while session.get(ready, timeout=5).status_code == 200 and time.monotonic() - t0 < RECOVER_S:
+            time.sleep(0.01)
     lied_s = time.monotonic() - t0
-    assert lied_s < 2.0, f"the model's ready endpoint said 200 for {lied_s:.1f} s after its stub died\n{serve.log()}"
     assert serve.answers(1, within_s=RECOVER_S), serve.log()
-    print(f"stub kill: not ready after {lied_s:.2f} s, answers again after {time.monotonic() - t0:.1f} s")
-    assert "not healthy" in serve.log() and "reload" in serve.log()
+    print(f"stub kill: dead after {dead_s:.3f} s, not ready after {lied_s:.3f} s (bound {READY_BOUND_S} s), "
+          f"answers again after {time.monotonic() - t0:.2f} s")
+    assert lied_s < READY_BOUND_S, f"the model's ready endpoint said 200 for {lied_s:.2f} s after its stub died\n{serve.log()}"
+    deadline = time.monotonic() + RECOVER_S
+    while "answers again" not in serve.log()[log_before:] and time.monotonic() < deadline:
+        time.sleep(0.05)  # the supervisor's own check of the reload may finish after ours
+    log = serve.log()[log_before:]
+    # decided from /proc and Triton's index, not by a probe waiting for Triton's "not healthy"
+    assert "exited while version 1 is READY" in log and "unloaded; reload" in log, log
+    assert "probe inference failed" not in log and "answers again" in log, log
 
 
 def test_a_killed_tritonserver_is_restarted_within_10_s(serve):

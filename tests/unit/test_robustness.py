@@ -62,12 +62,26 @@ def test_the_report_table_names_every_measure():
     res = {"matrix": {"probes": 60, "4xx": 50, "upstream-500": 10, "5xx": 0, "2xx_unexpected": 0,
                       "ok_total": 8, "ok_passed": 8},
            "totals": {"requests": 1234, "errors": 0, "wrong": 0, "non_finite": 0},
-           "promote": {"cycles": 3, "errors": 0},
+           "promote": {"cycles": 3, "errors": 0, "model_ready_not_200": 0, "supervisor_actions": []},
            "faults": [{"model": "rank", "target": "stub", "recovered_s": 3.2, "ready_truthful": False, "ready_lied_s": 2.1},
                       {"model": "rank", "target": "tritonserver", "recovered_s": None, "ready_truthful": True,
-                       "ready_lied_s": 0.0}]}
+                       "ready_lied_s": 0.04}]}
     text = rb.format_table(res)
-    for needle in ("1234", "Triton front-end 500 (upstream)", "3.2 s", "not back", "no (2.1 s 200 while failing)"):
+    for needle in ("1234", "Triton front-end 500 (upstream)", "3.2 s", "not back", "no (2.10 s 200 while failing)",
+                   "yes (0.04 s 200 while failing)", "supervisor actions during them", "0 / 0"):
         assert needle in text, needle
     md = rb.markdown_table(res)
     assert md.startswith("| measure | value | target |") and md.count("\n") == len(rb.summary_rows(res)) + 1
+
+
+def test_the_ready_lie_is_the_time_200_was_said_while_requests_failed():
+    # killed at 0; the endpoint says 200 until 0.1, not ready until the reload at 1.5; back at 1.6
+    ready = [(0.02, 200), (0.06, 200), (0.1, 503), (0.5, 503), (1.5, 200), (1.58, 200), (1.7, 200)]
+    failed = [0.0, 0.2, 0.6, 1.2]
+    assert rb.ready_lie(ready, failed, 1.6) == (0.1, 0.1)  # the 200 after the reload is not a lie
+    # a request failing after the endpoint said 200 again: that stretch lied as well
+    assert rb.ready_lie(ready, [*failed, 1.52], 1.6) == (0.18, 0.1)
+    # never said anything but 200 while down (the probe-only supervisor of before)
+    assert rb.ready_lie([(0.05, 200), (1.0, 200), (3.0, 200)], [0.0, 1.0, 2.0], 3.1) == (3.1, None)
+    # a killed tritonserver: no answer (0) from the first sample on
+    assert rb.ready_lie([(0.01, 0), (1.0, 0), (2.0, 200)], [0.0, 1.0], 2.0) == (0.0, 0.01)
