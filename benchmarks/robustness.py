@@ -655,35 +655,44 @@ SUPERVISOR_ACTIONS = ("-> reload", "-> restart", "unloaded;", "giving up")
 
 
 class ReadyPoller:
-    """Polls ``/v2/health/ready`` and ``/v2/models/<m>/ready`` of ``serve`` every ``READY_POLL_S`` in a
-    thread: ``samples`` = [(t, health status, model status)], t in seconds since ``t0`` (0: no answer)."""
+    """Polls ``/v2/health/ready`` and ``/v2/models/<m>/ready`` of ``serve`` every ``READY_POLL_S``, one
+    thread per endpoint (Triton's health endpoint can block while a model loads: the model's endpoint must
+    not wait for it). ``model`` / ``health``: [(t, status)], t = when the request was sent, in seconds since
+    ``t0``; status 0: no answer within 2 s."""
 
     def __init__(self, serve: Serve, t0: float):
-        self.serve, self.t0 = serve, t0
-        self.samples: list[tuple[float, int, int]] = []
+        self.t0 = t0
+        self.model: list[tuple[float, int]] = []
+        self.health: list[tuple[float, int]] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(f"http://{serve.url}{path}", out), daemon=True)
+                         for path, out in ((f"/v2/models/{serve.model}/ready", self.model),
+                                           ("/v2/health/ready", self.health))]
+        for t in self._threads:
+            t.start()
 
-    def _run(self) -> None:
+    def _run(self, url: str, out: list) -> None:
         import requests
 
         with requests.Session() as session:
             while not self._stop.is_set():
                 t = time.monotonic() - self.t0
-                codes = []
-                for path in ("/v2/health/ready", f"/v2/models/{self.serve.model}/ready"):
-                    try:
-                        codes.append(session.get(f"http://{self.serve.url}{path}", timeout=2).status_code)
-                    except Exception:  # noqa: BLE001 - not answering is "not ready"
-                        codes.append(0)
-                self.samples.append((round(t, 3), codes[0], codes[1]))
+                try:
+                    code = session.get(url, timeout=2).status_code
+                except Exception:  # noqa: BLE001 - not answering is "not ready"
+                    code = 0
+                out.append((round(t, 3), code))
                 self._stop.wait(READY_POLL_S)
 
-    def stop(self) -> list[tuple[float, int, int]]:
+    def stop(self) -> "ReadyPoller":
         self._stop.set()
-        self._thread.join(timeout=10)
-        return self.samples
+        for t in self._threads:
+            t.join(timeout=10)
+        return self
+
+
+def _changes(samples: list[tuple[float, int]]) -> list[tuple[float, int]]:
+    return [s for i, s in enumerate(samples) if i == 0 or s[1] != samples[i - 1][1]]
 
 
 def ready_lie(ready: list[tuple[float, int]], failed_at: list[float], back_s: Optional[float]) -> tuple[float, Optional[float]]:
@@ -736,15 +745,17 @@ def run_promote(ctx: Context, cycles: int, dwell_s: float, log: Callable[[str], 
     try:
         res = load(ctx, plan, 0, during=switch)
     finally:
-        ready = poller.stop()
+        ready = poller.stop().model
     # the replaced version's stub exits after each switch: the supervisor must not take it for a death
     actions = [line for line in ret.log_path.read_text()[log_before:].splitlines()
                if any(a in line for a in SUPERVISOR_ACTIONS)]
+    not_200 = [(t, code) for t, code in ready if code != 200]
     res.update(cycles=cycles, errors=res["error"], events=events, ready_samples=len(ready),
-               model_ready_not_200=sum(code != 200 for _, _, code in ready), supervisor_actions=actions)
+               model_ready_not_200=len(not_200), model_ready_not_200_samples=not_200[:20],
+               supervisor_actions=actions)
     log(f"promote/rollback under load: {cycles} cycles, {res['requests']} requests, {res['error']} errors, "
         f"{res['wrong']} wrong, switch times {[e['seconds'] for e in events]} s; model ready non-200 in "
-        f"{res['model_ready_not_200']} of {len(ready)} samples; supervisor actions: {len(actions)}")
+        f"{len(not_200)} of {len(ready)} samples {not_200[:5]}; supervisor actions: {len(actions)}")
     return res
 
 
@@ -781,28 +792,29 @@ def run_fault(ctx: Context, model: str, target: str, log: Callable[[str], None],
             time.sleep(0.1)
     finally:
         checker.close()
-        ready = poller.stop()
+        poller.stop()
     failing = [s for s in samples if s["answer"] != "ok"]
-    lied_s, not_ready_s = ready_lie([(t, m) for t, _, m in ready], [s["t"] for s in failing], recovered)
-    down = [r for r in ready if recovered is None or r[0] < recovered]
+    lied_s, not_ready_s = ready_lie(poller.model, [s["t"] for s in failing], recovered)
+    down = [r for r in poller.model if recovered is None or r[0] < recovered]
+    health_down = [r for r in poller.health if recovered is None or r[0] < recovered]
     res = {"model": model, "target": target, "killed": pids,
            "recovered_s": None if recovered is None else round(recovered, 2),
            "within_target": recovered is not None and recovered <= RECOVER_TARGET_S,
            "ready_truthful": lied_s <= READY_TOLERANCE_S, "ready_lied_s": lied_s,
            "model_not_ready_after_s": not_ready_s,
            "samples_failing": len(failing), "ready_samples_while_down": len(down),
-           "ready_samples_model_200_while_down": sum(m == 200 for _, _, m in down),
-           "ready_samples_health_200_while_down": sum(h == 200 for _, h, _ in down),
+           "ready_samples_model_200_while_down": sum(code == 200 for _, code in down),
+           "health_samples_while_down": len(health_down),
+           "health_samples_200_while_down": sum(code == 200 for _, code in health_down),
            "answers": counts, "first_error": next((s["error"] for s in failing if s["error"]), ""),
            "answer_transitions": [s for i, s in enumerate(samples)  # each change of (answer, error)
                                   if i == 0 or (s["answer"], s["error"]) != (samples[i - 1]["answer"], samples[i - 1]["error"])],
-           "ready_transitions": [{"t": t, "health_ready": h, "model_ready": m} for i, (t, h, m) in enumerate(ready)
-                                 if i == 0 or (h, m) != ready[i - 1][1:]]}
+           "model_ready_transitions": _changes(poller.model), "health_ready_transitions": _changes(poller.health)}
     log(f"SIGKILL {target} of '{model}': "
         + ("not back" if recovered is None else f"correct answers again after {recovered:.1f} s")
         + f"; model ready said 200 for {lied_s:.2f} s while down (first non-200 after "
           + ("never" if not_ready_s is None else f"{not_ready_s:.2f} s") + "), health ready 200 in "
-          f"{res['ready_samples_health_200_while_down']} of {len(down)} samples while down")
+          f"{res['health_samples_200_while_down']} of {len(health_down)} samples while down")
     return res
 
 
