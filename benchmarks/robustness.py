@@ -657,7 +657,8 @@ SUPERVISOR_ACTIONS = ("-> reload", "-> restart", "unloaded;", "giving up")
 class ReadyPoller:
     """Polls ``/v2/health/ready`` and ``/v2/models/<m>/ready`` of ``serve`` every ``READY_POLL_S``, one
     thread per endpoint (Triton's health endpoint can block while a model loads: the model's endpoint must
-    not wait for it). ``model`` / ``health``: [(t, status)], t = when the request was sent, in seconds since
+    not wait for it). ``model`` / ``health``: [(t, status)], t = when the answer arrived (when a load
+    balancer would act on it; Triton can take a second to answer while a model loads), in seconds since
     ``t0``; status 0: no answer within 2 s."""
 
     def __init__(self, serve: Serve, t0: float):
@@ -676,12 +677,11 @@ class ReadyPoller:
 
         with requests.Session() as session:
             while not self._stop.is_set():
-                t = time.monotonic() - self.t0
                 try:
                     code = session.get(url, timeout=2).status_code
                 except Exception:  # noqa: BLE001 - not answering is "not ready"
                     code = 0
-                out.append((round(t, 3), code))
+                out.append((round(time.monotonic() - self.t0, 3), code))
                 self._stop.wait(READY_POLL_S)
 
     def stop(self) -> "ReadyPoller":

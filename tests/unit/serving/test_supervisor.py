@@ -1,5 +1,6 @@
-"""The supervisor's probe request, built from a model config alone (the fault tests run the loop itself
-against a real `recsys serve`: tests/integration/test_serve_faults.py)."""
+"""The supervisor's probe request, built from a model config alone, its decision whether an exited stub
+died (from what /proc and Triton's index say), and the stub's identity read from its command line (the
+fault tests run the loop itself against a real `recsys serve`: tests/integration/test_serve_faults.py)."""
 
 import time
 
