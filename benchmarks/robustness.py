@@ -755,7 +755,7 @@ def run_promote(ctx: Context, cycles: int, dwell_s: float, log: Callable[[str], 
     slow = [t for t, code in ready if code == 0]  # no answer within 2 s (Triton busy loading on 2 cores)
     res.update(cycles=cycles, errors=res["error"], events=events, ready_samples=len(ready),
                model_ready_not_200=len(not_200), model_ready_not_200_samples=not_200[:20],
-               model_ready_no_answer=len(slow), supervisor_actions=actions)
+               model_ready_no_answer=len(slow), model_ready_no_answer_at=slow[:20], supervisor_actions=actions)
     log(f"promote/rollback under load: {cycles} cycles, {res['requests']} requests, {res['error']} errors, "
         f"{res['wrong']} wrong, switch times {[e['seconds'] for e in events]} s; model ready answered non-200 "
         f"{len(not_200)} times {not_200[:5]}, no answer within 2 s {len(slow)} times, of {len(ready)} samples; "
