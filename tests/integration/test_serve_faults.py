@@ -221,7 +221,7 @@ def test_promote_and_rollback_under_load_are_never_taken_for_a_dead_stub(serve):
     for t in threads:
         t.start()
     try:
-        for dwell in (1.5, 1.5, 0.0, 1.5):  # 0: switch back at once, while the replaced stub still exits
+        for dwell in (1.5, 0.0, 1.5):  # 0: switch back at once, while the replaced stub still exits
             repository.promote(serve.repo, MODEL, 2, live)
             time.sleep(dwell)
             repository.rollback(serve.repo, MODEL, live)
