@@ -89,3 +89,14 @@ def test_stub_of_reads_a_python_backend_command_line(tmp_path, monkeypatch):
         p.wait()
     assert stub_of(p.pid) is None  # gone
     assert stub_of(os.getpid()) is None  # not a stub
+
+
+def test_the_repository_lock_can_be_tried_without_waiting(tmp_path):
+    from pipeline_lib.serving import repository
+
+    with repository.locked(tmp_path, "recsys") as held:
+        assert held is True
+        with repository.locked(tmp_path, "recsys", wait=False) as other:
+            assert other is False  # a promotion holds it: the supervisor leaves the exit to its probe
+    with repository.locked(tmp_path, "recsys", wait=False) as free:
+        assert free is True
