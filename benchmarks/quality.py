@@ -43,7 +43,8 @@ START, END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
 ML_CONFIG = "configs/examples/movielens100k.yaml"
 SESSION_CONFIG = "configs/examples/session.yaml"
 RANKING_CANDIDATES = "[{type: dlrm}, {type: dcn}, {type: deepfm}, {type: wide_deep}]"
-DEEP = {"ranking": ("dlrm", "dcn", "deepfm", "wide_deep"), "retrieval": ("two_tower", "youtube_dnn", "mf"),
+DEEP = {"ranking": ("dlrm", "dcn", "deepfm", "wide_deep"),
+        "retrieval": ("two_tower", "youtube_dnn", "mf", "mult_dae", "mult_vae"),
         "session": ("gru", "transformer", "sasrec")}
 
 

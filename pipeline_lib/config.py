@@ -885,6 +885,8 @@ TUNABLE: dict[str, tuple[str, ...]] = {
 # -- candidates (docs/models.md, "Candidates") ---------------------------------------------------------------
 
 DEFAULT_RETRIEVAL_MODEL = "two_tower"
+# the deep candidates of a default retrieval run: mult_dae beat EASE on the MovieLens-layout log (benchmarks/README.md)
+DEFAULT_DEEP_RETRIEVAL = (DEFAULT_RETRIEVAL_MODEL, "mult_dae")
 DEFAULT_SESSION_MODEL = "gru"
 DEEP_RETRIEVAL_MODELS = ("two_tower", "youtube_dnn", "mf") + AUTOENCODER_MODELS
 DEEP_SESSION_MODELS = ("gru", "transformer")
@@ -897,12 +899,12 @@ def accepted_types(model_cls: type[BaseModel]) -> tuple[str, ...]:
 
 
 def default_candidate_types(family: str, model_type: str) -> list[str]:
-    """``candidates: auto``: retrieval -> two_tower plus every non-deep retrieval type the config accepts
-    (the classical ones: ease, item_knn, ...); session -> gru and transformer plus every non-deep session type
+    """``candidates: auto``: retrieval -> two_tower and mult_dae plus every non-deep retrieval type the config
+    accepts (the classical ones: ease, item_knn, ...); session -> gru and transformer plus every non-deep session type
     (session_knn, sequential_rules, ...); ranking -> model.type plus a logistic-regression type where one exists."""
     if family == "retrieval":
-        return [DEFAULT_RETRIEVAL_MODEL] + [t for t in accepted_types(ModelConfig)
-                                            if t in RETRIEVAL_MODELS and t not in DEEP_RETRIEVAL_MODELS]
+        return list(DEFAULT_DEEP_RETRIEVAL) + [t for t in accepted_types(ModelConfig)
+                                               if t in RETRIEVAL_MODELS and t not in DEEP_RETRIEVAL_MODELS]
     if family == "session":  # both deep types: the transformer won on the structured log (benchmarks/README.md)
         return list(DEEP_SESSION_MODELS) + [t for t in accepted_types(SessionModelConfig) if t not in DEEP_SESSION_MODELS]
     return [model_type] + [t for t in accepted_types(ModelConfig) if t in LOGISTIC_TYPES and t != model_type]
