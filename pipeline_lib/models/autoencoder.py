@@ -90,8 +90,8 @@ class _Layers:
         reg = tf.keras.regularizers.L2(cfg.l2) if cfg.l2 > 0 else None
         self.tf, self.vae, self.dropout = tf, model_type == "mult_vae", cfg.dropout
         self.encoder = dense(cfg.hidden_dim, activation="tanh", kernel_initializer=init(seed), kernel_regularizer=reg)
-        self.mu = dense(cfg.latent_dim, kernel_initializer=init(seed + 1), kernel_regularizer=reg) if self.vae else None
-        self.logvar = dense(cfg.latent_dim, kernel_initializer=init(seed + 2), kernel_regularizer=reg) if self.vae else None
+        self.mu: Any = dense(cfg.latent_dim, kernel_initializer=init(seed + 1), kernel_regularizer=reg) if self.vae else None
+        self.logvar: Any = dense(cfg.latent_dim, kernel_initializer=init(seed + 2), kernel_regularizer=reg) if self.vae else None
         self.decoder = [dense(cfg.hidden_dim, activation="tanh", kernel_initializer=init(seed + 3),
                               kernel_regularizer=reg)] if self.vae else []
         self.out = dense(n_items, kernel_initializer=init(seed + 4), kernel_regularizer=reg)
@@ -155,7 +155,7 @@ def fit(x: sp.csr_matrix, model_type: str, cfg: Any, seed: int,
         return nll, kl
 
     history: dict[str, list] = {"loss": [], "kl": [], "beta": [], "val_recall": []}
-    best, best_epoch, updates, t0 = (-np.inf, None), 0, 0, time.perf_counter()
+    best_score, best, best_epoch, updates, t0 = -np.inf, None, 0, 0, time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         order = rng.permutation(x.shape[0])
         losses, kls = [], []
@@ -171,10 +171,12 @@ def fit(x: sp.csr_matrix, model_type: str, cfg: Any, seed: int,
         history["kl"].append(float(np.mean(kls)))
         history["beta"].append(float(beta))
         history["val_recall"].append(score)
-        if score > best[0]:
-            best, best_epoch = (score, model), epoch
+        if score > best_score:
+            best_score, best, best_epoch = score, model, epoch
         elif cfg.early_stopping_patience and epoch - best_epoch >= cfg.early_stopping_patience:
             break
-    log.info("%s: best validation %.4f at epoch %d of %d (%.1f s)", model_type, best[0], best_epoch, epoch,
+    if best is None:  # every epoch scored NaN
+        raise ValueError(f"{model_type}: no epoch had a validation score (is the validation split empty?)")
+    log.info("%s: best validation %.4f at epoch %d of %d (%.1f s)", model_type, best_score, best_epoch, epoch,
              time.perf_counter() - t0)
-    return best[1], history, {"best_epoch": best_epoch, "epochs_run": epoch, "best_val_recall": best[0]}
+    return best, history, {"best_epoch": best_epoch, "epochs_run": epoch, "best_val_recall": best_score}

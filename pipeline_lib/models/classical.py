@@ -145,6 +145,7 @@ def train(raw_train: Path, raw_valid: Path, columns: ColumnsConfig, cfg: ModelCo
                               exclude_seen=cfg.retrieval.exclude_seen)
     history: dict = {}
     extra: dict = {}
+    weights: Weights
     if cfg.type in autoencoder.TYPES:
         weights, history, extra = autoencoder.fit(
             p.full_train_matrix, cfg.type, cfg.autoencoder, seed,
