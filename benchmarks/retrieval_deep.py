@@ -113,7 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     import pandas as pd
 
-    from pipeline_lib.config import load_config, parse_set_options
+    from pipeline_lib.config import CandidateSpec, candidate_config, load_config, parse_set_options
     from pipeline_lib.data import sources as data
     from pipeline_lib.etl import workflow as etl
     from pipeline_lib.models import baselines as bl
@@ -138,8 +138,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = []
     for name in names:
         kind, rover, mover = variants[name]
-        mcfg = cfg.model.model_copy(update={"type": kind, **mover,
-                                            "retrieval": cfg.model.retrieval.model_copy(update=rover)})
+        # validated, nested overrides merged (e.g. {"autoencoder": {"dropout": 0.2}})
+        mcfg = candidate_config(cfg.model, CandidateSpec(type=kind, overrides={**mover, "retrieval": rover}))
         rcfg = cfg.model_copy(update={"model": mcfg})
         t0 = time.perf_counter()
         if mcfg.scores_history:
