@@ -67,8 +67,10 @@ class HistoryMLP:
         return HistoryMLP(kernels, biases, self.activations)
 
     def save(self, path: Path) -> Path:
-        arrays = {f"kernel_{i}": w for i, w in enumerate(self.kernels)}
-        arrays.update({f"bias_{i}": b for i, b in enumerate(self.biases)})
+        """``path`` (npz); arrays that float32 holds exactly (Keras' weights) are stored as float32: half the size,
+        the same scores."""
+        arrays = {f"kernel_{i}": _compact(w) for i, w in enumerate(self.kernels)}
+        arrays.update({f"bias_{i}": _compact(b) for i, b in enumerate(self.biases)})
         np.savez(path, activations=np.asarray(self.activations), **arrays)
         return path
 
@@ -79,6 +81,11 @@ class HistoryMLP:
         n = len(acts)
         return cls(tuple(z[f"kernel_{i}"].astype(np.float64) for i in range(n)),
                    tuple(z[f"bias_{i}"].astype(np.float64) for i in range(n)), acts)
+
+
+def _compact(a: np.ndarray) -> np.ndarray:
+    small = a.astype(np.float32)
+    return small if np.array_equal(small, a) else a
 
 
 class _Layers:

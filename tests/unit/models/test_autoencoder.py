@@ -54,6 +54,8 @@ def test_training_keeps_the_best_epoch_and_reports_its_protocol_figure(split, tm
     w = classical.load_weights(out.model_dir)
     assert isinstance(w, HistoryMLP) and len(w.kernels) == (4 if kind == "mult_vae" else 2)
     assert w.kernels[0].shape == (40, 16) and m["weights_nnz"] == sum(x.size for x in w.kernels + w.biases)
+    stored = np.load(out.model_dir / autoencoder.MLP_FILE)  # Keras' float32 weights, stored exactly as float32
+    assert stored["kernel_0"].dtype == np.float32 and w.kernels[0].dtype == np.float64
     p = bl.TopKProtocol.build(train, valid, "user_id", "item_id", "click")
     res = p.evaluate_scores(classical.protocol_scorer(w), 10)  # the saved model is the reported epoch's
     assert res["recall@10"] == m["user_recall@10"] and res["ndcg@10"] == m["user_ndcg@10"]
