@@ -511,7 +511,8 @@ class ModelConfig(_Strict):
     type: Literal["dlrm", "dcn", "deepfm", "wide_deep", "two_tower", "youtube_dnn", "mf", "ease", "item_knn",
                   "mult_dae", "mult_vae"] = Field(
         "dlrm", description="ranking: dlrm | dcn (DCN-v2) | deepfm | wide_deep; retrieval: two_tower | youtube_dnn | "
-        "mf | mult_dae | mult_vae (deep; the last two: model.autoencoder) | ease | item_knn (classical, model.classical)"
+        "mf | mult_dae | mult_vae (deep; the last two: model.autoencoder) | ease | item_knn (classical, "
+        "model.classical)"
     )
     embedding_dim: int = Field(16, ge=2)
     bottom_mlp: list[int] = Field(default_factory=lambda: [64, 16], description="DLRM bottom MLP")
@@ -1094,7 +1095,8 @@ class RunConfig(_Strict):
         if u != "auto":
             return u
         query_features = [f for f in self.columns.features if f.side != FeatureSide.item]
-        alone = self.model.type in ("mf",) + CLASSICAL_MODELS + AUTOENCODER_MODELS or (self.model.type == "two_tower" and not query_features)
+        alone = self.model.type in ("mf",) + CLASSICAL_MODELS + AUTOENCODER_MODELS \
+            or (self.model.type == "two_tower" and not query_features)
         return "popular" if alone else "model"
 
     @property

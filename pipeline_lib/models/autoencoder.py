@@ -97,8 +97,9 @@ class _Layers:
         reg = tf.keras.regularizers.L2(cfg.l2) if cfg.l2 > 0 else None
         self.tf, self.vae, self.dropout = tf, model_type == "mult_vae", cfg.dropout
         self.encoder = dense(cfg.hidden_dim, activation="tanh", kernel_initializer=init(seed), kernel_regularizer=reg)
-        self.mu: Any = dense(cfg.latent_dim, kernel_initializer=init(seed + 1), kernel_regularizer=reg) if self.vae else None
-        self.logvar: Any = dense(cfg.latent_dim, kernel_initializer=init(seed + 2), kernel_regularizer=reg) if self.vae else None
+        latent = [dense(cfg.latent_dim, kernel_initializer=init(seed + i), kernel_regularizer=reg) for i in (1, 2)]
+        self.mu: Any = latent[0] if self.vae else None
+        self.logvar: Any = latent[1] if self.vae else None
         self.decoder = [dense(cfg.hidden_dim, activation="tanh", kernel_initializer=init(seed + 3),
                               kernel_regularizer=reg)] if self.vae else []
         self.out = dense(n_items, kernel_initializer=init(seed + 4), kernel_regularizer=reg)

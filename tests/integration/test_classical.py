@@ -1,7 +1,7 @@
-"""Classical retrieval models (ease, item_knn; and mult_dae, served the same way) through the whole Prefect flow: trained on the raw split,
-exported as a top-k version (kind classical), gated, smoke-tested (served == offline) and published; the
-published versions then served by one real Triton, over HTTP and gRPC, with seen items, exclude_item_ids
-and an unknown user. The pieces: tests/unit/models/test_classical.py, tests/unit/export/test_classical.py."""
+"""Classical retrieval models (ease, item_knn; and mult_dae, served the same way) through the whole Prefect flow:
+trained on the raw split, exported as a top-k version (kind classical), gated, smoke-tested (served == offline)
+and published; the published versions then served by one real Triton, over HTTP and gRPC, with seen items,
+exclude_item_ids and an unknown user. The pieces: tests/unit/models/test_classical.py, tests/unit/export/test_classical.py."""
 import json
 from pathlib import Path
 
@@ -50,8 +50,10 @@ def classical_runs(prefect_harness, tmp_path_factory):
                            topk.TopKSettings.from_config(cfg), tmp / "staging", "recsys_knn")
     dae_model = cfg.model.model_copy(update={"type": "mult_dae", "autoencoder": AutoencoderConfig(
         hidden_dim=32, batch_size=64, epochs=5)})
-    dae = classical.train(split / "train.parquet", split / "valid.parquet", cfg.columns, dae_model, tmp / "dae", cfg.seed)
-    dae_exp = export_classical(dae.model_dir, split / "train.parquet", pd.read_parquet(split / "valid.parquet").head(32),
+    dae = classical.train(split / "train.parquet", split / "valid.parquet", cfg.columns, dae_model, tmp / "dae",
+                          cfg.seed)
+    dae_exp = export_classical(dae.model_dir, split / "train.parquet",
+                               pd.read_parquet(split / "valid.parquet").head(32),
                                topk.TopKSettings.from_config(cfg), tmp / "staging-dae", "recsys_dae",
                                raw_history=split / "valid.parquet")
     # two-stage: the run's ease model proposes 30 candidates, a DLRM trained on the run's ETL output re-scores them

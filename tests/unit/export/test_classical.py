@@ -1,6 +1,6 @@
-"""Classical top-k versions (ease, item_knn; and the autoencoders, served the same way): what the exported recommender answers equals the training-time
-protocol user for user; seen items and exclude_item_ids are never returned; unknown users get the most popular
-items; a row with fewer than k returnable items is padded. Served over Triton in tests/integration/test_classical.py."""
+"""Classical top-k versions (ease, item_knn; and the autoencoders, served the same way): what the exported
+recommender answers equals the training-time protocol user for user; seen items and exclude_item_ids are never
+returned; unknown users get the most popular items; a row with fewer than k returnable items is padded. Served over Triton in tests/integration/test_classical.py."""
 import json
 
 import numpy as np
