@@ -65,8 +65,8 @@ def run_model(cfg, kind: str, work: Path, etl_for) -> dict:
     mcfg = rcfg.model
     e = etl_for(mcfg.retrieval.history_length if kind == "youtube_dnn" else 0)
     t0 = time.perf_counter()
-    if mcfg.is_classical:
-        out = classical.train(e.split.train, e.split.valid, cfg.columns, mcfg, work / kind)
+    if mcfg.scores_history:
+        out = classical.train(e.split.train, e.split.valid, cfg.columns, mcfg, work / kind, cfg.seed)
     elif mcfg.is_retrieval:
         out = retrieval.train(e.workflow_dir, e.train_dir, e.split.train, e.split.valid, cfg.columns, mcfg,
                               cfg.seed, work / kind)

@@ -43,7 +43,8 @@ START, END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
 ML_CONFIG = "configs/examples/movielens100k.yaml"
 SESSION_CONFIG = "configs/examples/session.yaml"
 RANKING_CANDIDATES = "[{type: dlrm}, {type: dcn}, {type: deepfm}, {type: wide_deep}]"
-DEEP = {"ranking": ("dlrm", "dcn", "deepfm", "wide_deep"), "retrieval": ("two_tower", "youtube_dnn", "mf"),
+DEEP = {"ranking": ("dlrm", "dcn", "deepfm", "wide_deep"),
+        "retrieval": ("two_tower", "youtube_dnn", "mf", "mult_dae", "mult_vae"),
         "session": ("gru", "transformer", "sasrec")}
 
 
@@ -100,7 +101,8 @@ def plan(quick: bool = False) -> list[RunSpec]:
             RunSpec("ranking", "synthetic (quick)", small + ["--set", "model.epochs=1",
                                                              "--set", "model.candidates=[{type: dlrm}, {type: dcn}]"]),
             RunSpec("retrieval", "synthetic (quick)", small + ["--set", "task=retrieval",
-                                                               "--set", "model.retrieval.epochs=1"]),
+                                                               "--set", "model.retrieval.epochs=1",
+                                                               "--set", "model.autoencoder.epochs=5"]),
             RunSpec("session", "synthetic (quick)", ["--config", SESSION_CONFIG, "--set", "session.model.candidates=auto",
                                                      "--set", "session.synthetic.n_sessions=600",
                                                      "--set", "session.model.epochs=1"]),

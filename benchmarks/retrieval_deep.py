@@ -18,7 +18,8 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from types import SimpleNamespace
+from typing import Any, Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -34,6 +35,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "two_tower_hist": ("two_tower", {"query_history": True}, {}),
     "two_tower_hist_nouid": ("two_tower", {"query_history": True, "query_user_id": False}, {}),
     "youtube_dnn": ("youtube_dnn", {}, {}),
+    "mult_dae": ("mult_dae", {}, {}),
+    "mult_vae": ("mult_vae", {}, {}),
 }
 
 
@@ -44,6 +47,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--variants", default="ease,item_knn,two_tower,two_tower_hist")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
                    help='another variant: NAME={"type": ..., "retrieval": {...}, "model": {...}}')
+    p.add_argument("--no-etl", action="store_true", help="only variants that read the raw split (ease, item_knn, "
+                   "mult_dae, mult_vae): no NVTabular fit")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--keep", action="store_true", help="keep earlier rows of the results file")
     p.add_argument("--hybrid", default=None, help="ranking model type re-ranking EASE's candidates (e.g. dlrm)")
@@ -108,7 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     import pandas as pd
 
-    from pipeline_lib.config import load_config, parse_set_options
+    from pipeline_lib.config import CandidateSpec, candidate_config, load_config, parse_set_options
     from pipeline_lib.data import sources as data
     from pipeline_lib.etl import workflow as etl
     from pipeline_lib.models import baselines as bl
@@ -126,18 +131,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     raw = data.write_raw(cfg.data, cfg.seed, work / "raw", cfg.columns)
     hist = cfg.model.retrieval.history_length
     split = etl.split_raw(raw, cfg.split, cfg.columns, cfg.seed, work / "split", history_length=hist)
-    e = etl.fit_transform(cfg.columns, cfg.etl, split, work / "etl", history=True)
+    e: Any = (SimpleNamespace(split=split, workflow_dir=None, train_dir=None, valid_dir=None)
+              if args.no_etl else etl.fit_transform(cfg.columns, cfg.etl, split, work / "etl", history=True))
     k, c = cfg.model.retrieval.k, cfg.columns
     metric = f"recall@{k}"
     rows = []
     for name in names:
         kind, rover, mover = variants[name]
-        mcfg = cfg.model.model_copy(update={"type": kind, **mover,
-                                            "retrieval": cfg.model.retrieval.model_copy(update=rover)})
+        # validated, nested overrides merged (e.g. {"autoencoder": {"dropout": 0.2}})
+        mcfg = candidate_config(cfg.model, CandidateSpec(type=kind, overrides={**mover, "retrieval": rover}))
         rcfg = cfg.model_copy(update={"model": mcfg})
         t0 = time.perf_counter()
-        if mcfg.is_classical:
-            out = classical.train(e.split.train, e.split.valid, c, mcfg, work / name)
+        if mcfg.scores_history:
+            out = classical.train(e.split.train, e.split.valid, c, mcfg, work / name, cfg.seed)
         else:
             out = retrieval.train(e.workflow_dir, e.train_dir, e.split.train, e.split.valid, c, mcfg, cfg.seed,
                                   work / name)

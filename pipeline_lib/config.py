@@ -328,7 +328,8 @@ class EtlConfig(_Strict):
 
 RANKING_MODELS = ("dlrm", "dcn", "deepfm", "wide_deep")
 CLASSICAL_MODELS = ("ease", "item_knn")  # closed-form / neighbourhood retrieval: no ETL features, no TensorFlow
-RETRIEVAL_MODELS = ("two_tower", "youtube_dnn", "mf") + CLASSICAL_MODELS
+AUTOENCODER_MODELS = ("mult_dae", "mult_vae")  # deep, scored from the user's history row like EASE (served as it is)
+RETRIEVAL_MODELS = ("two_tower", "youtube_dnn", "mf") + CLASSICAL_MODELS + AUTOENCODER_MODELS
 RANKING_METRICS = ("auc", "logloss")
 RETRIEVAL_METRICS = ("recall", "ndcg", "mrr", "precision")
 
@@ -487,10 +488,31 @@ class ClassicalConfig(_Strict):
     )
 
 
+class AutoencoderConfig(_Strict):
+    """mult_dae / mult_vae (Liang et al. 2018): the user's L2-normalised history row -> tanh hidden layer [-> the
+    VAE's Gaussian latent -> tanh hidden layer] -> a softmax over the catalogue; trained on the training split's
+    positives, the best epoch on per-user validation recall@k kept (docs/models.md)."""
+
+    hidden_dim: int = Field(600, ge=1, description="units of the tanh hidden layer (the VAE: of encoder and decoder)")
+    latent_dim: int = Field(200, ge=1, description="mult_vae: size of the Gaussian latent code")
+    dropout: float = Field(0.5, ge=0, lt=1, description="dropout on the normalised input row while training")
+    beta_max: float = Field(0.2, ge=0, description="mult_vae: largest weight of the KL term (annealed from 0)")
+    anneal_steps: int = Field(
+        2000, ge=1, description="mult_vae: the KL weight grows by 1 / anneal_steps per update (up to beta_max)")
+    l2: float = Field(0.0, ge=0, description="L2 penalty on every kernel")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam's learning rate")
+    batch_size: int = Field(500, ge=1, description="users per update")
+    epochs: int = Field(200, ge=1, description="most epochs; the best epoch on validation is kept")
+    early_stopping_patience: Optional[int] = Field(
+        20, ge=1, description="stop when per-user validation recall@k has not improved for this many epochs")
+
+
 class ModelConfig(_Strict):
-    type: Literal["dlrm", "dcn", "deepfm", "wide_deep", "two_tower", "youtube_dnn", "mf", "ease", "item_knn"] = Field(
+    type: Literal["dlrm", "dcn", "deepfm", "wide_deep", "two_tower", "youtube_dnn", "mf", "ease", "item_knn",
+                  "mult_dae", "mult_vae"] = Field(
         "dlrm", description="ranking: dlrm | dcn (DCN-v2) | deepfm | wide_deep; retrieval: two_tower | youtube_dnn | "
-        "mf (deep) | ease | item_knn (classical, model.classical)"
+        "mf | mult_dae | mult_vae (deep; the last two: model.autoencoder) | ease | item_knn (classical, "
+        "model.classical)"
     )
     embedding_dim: int = Field(16, ge=2)
     bottom_mlp: list[int] = Field(default_factory=lambda: [64, 16], description="DLRM bottom MLP")
@@ -516,6 +538,10 @@ class ModelConfig(_Strict):
         default_factory=ClassicalConfig, description="ease and item_knn (served like the deep retrieval models: "
         "model.retrieval's k, exclude_seen, unknown_users, rerank_with and candidates apply)"
     )
+    autoencoder: AutoencoderConfig = Field(
+        default_factory=AutoencoderConfig, description="mult_dae and mult_vae (scored from the user's history row and "
+        "served like ease: model.retrieval's k, exclude_seen, unknown_users, rerank_with and candidates apply)"
+    )
 
     @property
     def is_retrieval(self) -> bool:
@@ -525,6 +551,12 @@ class ModelConfig(_Strict):
     def is_classical(self) -> bool:
         """ease / item_knn: closed-form retrieval on the raw training positives (no TensorFlow model)."""
         return self.type in CLASSICAL_MODELS
+
+    @property
+    def scores_history(self) -> bool:
+        """ease / item_knn / mult_dae / mult_vae: fitted on the raw training positives and scored from the user's
+        history row (no ETL features; served by user id through the classical top-k version)."""
+        return self.type in CLASSICAL_MODELS + AUTOENCODER_MODELS
 
     @model_validator(mode="after")
     def _candidates_of_one_family(self) -> "ModelConfig":
@@ -552,7 +584,7 @@ class ModelConfig(_Strict):
         if self.retrieval.rerank_with and not self.is_retrieval:
             raise ValueError("model.retrieval.rerank_with applies to retrieval models (two_tower, youtube_dnn, mf, ease, "
                              "item_knn)")
-        if self.is_classical and self.retrieval.unknown_users == "model":
+        if self.scores_history and self.retrieval.unknown_users == "model":
             raise ValueError(f"model.retrieval.unknown_users: model does not apply to model.type '{self.type}' (an "
                              "unknown user has no history to score): use popular or auto")
         if self.retrieval.rerank_with and self.retrieval.candidates < self.retrieval.k:
@@ -846,14 +878,18 @@ TUNABLE: dict[str, tuple[str, ...]] = {
     "mf": _COMMON + ("logq_correction",),
     "ease": (),       # closed form: nothing the Optuna study trains per trial (tune.enabled is refused)
     "item_knn": (),
+    "mult_dae": (),   # model.autoencoder's parameters are set directly (tune.enabled is refused)
+    "mult_vae": (),
 }
 
 
 # -- candidates (docs/models.md, "Candidates") ---------------------------------------------------------------
 
 DEFAULT_RETRIEVAL_MODEL = "two_tower"
+# the deep candidates of a default retrieval run: mult_dae beat EASE on the MovieLens-layout log (benchmarks/README.md)
+DEFAULT_DEEP_RETRIEVAL = (DEFAULT_RETRIEVAL_MODEL, "mult_dae")
 DEFAULT_SESSION_MODEL = "gru"
-DEEP_RETRIEVAL_MODELS = ("two_tower", "youtube_dnn", "mf")
+DEEP_RETRIEVAL_MODELS = ("two_tower", "youtube_dnn", "mf") + AUTOENCODER_MODELS
 DEEP_SESSION_MODELS = ("gru", "transformer")
 LOGISTIC_TYPES = ("logistic_regression", "logreg")  # a servable ranking fallback, once a model.type has one
 
@@ -864,12 +900,12 @@ def accepted_types(model_cls: type[BaseModel]) -> tuple[str, ...]:
 
 
 def default_candidate_types(family: str, model_type: str) -> list[str]:
-    """``candidates: auto``: retrieval -> two_tower plus every non-deep retrieval type the config accepts
-    (the classical ones: ease, item_knn, ...); session -> gru and transformer plus every non-deep session type
+    """``candidates: auto``: retrieval -> two_tower and mult_dae plus every non-deep retrieval type the config
+    accepts (the classical ones: ease, item_knn, ...); session -> gru and transformer plus every non-deep session type
     (session_knn, sequential_rules, ...); ranking -> model.type plus a logistic-regression type where one exists."""
     if family == "retrieval":
-        return [DEFAULT_RETRIEVAL_MODEL] + [t for t in accepted_types(ModelConfig)
-                                            if t in RETRIEVAL_MODELS and t not in DEEP_RETRIEVAL_MODELS]
+        return list(DEFAULT_DEEP_RETRIEVAL) + [t for t in accepted_types(ModelConfig)
+                                               if t in RETRIEVAL_MODELS and t not in DEEP_RETRIEVAL_MODELS]
     if family == "session":  # both deep types: the transformer won on the structured log (benchmarks/README.md)
         return list(DEEP_SESSION_MODELS) + [t for t in accepted_types(SessionModelConfig) if t not in DEEP_SESSION_MODELS]
     return [model_type] + [t for t in accepted_types(ModelConfig) if t in LOGISTIC_TYPES and t != model_type]
@@ -982,9 +1018,10 @@ class RunConfig(_Strict):
             raise ValueError("tune applies to task: ranking (ranking and retrieval models), not task: session")
         if self.tune.enabled and isinstance(self.model.candidates, list) and len(self.model.candidates) > 1:
             raise ValueError("tune searches one model.type: set tune.enabled: false or give no model.candidates")
-        if self.tune.enabled and self.model.is_classical:
-            raise ValueError(f"tune applies to the deep models, not model.type '{self.model.type}' (set "
-                             "model.classical's parameters directly)")
+        if self.tune.enabled and self.model.scores_history:
+            section = "model.autoencoder" if self.model.type in AUTOENCODER_MODELS else "model.classical"
+            raise ValueError(f"tune applies to the deep models with a search space (docs/tuning.md), not model.type "
+                             f"'{self.model.type}' (set {section}'s parameters directly)")
         bad = [k for k in self.tune.space if k not in TUNABLE[self.model.type]]
         if bad:
             raise ValueError(f"tune.space: {', '.join(repr(k) for k in bad)} is not a tunable parameter of "
@@ -1058,7 +1095,8 @@ class RunConfig(_Strict):
         if u != "auto":
             return u
         query_features = [f for f in self.columns.features if f.side != FeatureSide.item]
-        alone = self.model.type in ("mf",) + CLASSICAL_MODELS or (self.model.type == "two_tower" and not query_features)
+        alone = self.model.type in ("mf",) + CLASSICAL_MODELS + AUTOENCODER_MODELS \
+            or (self.model.type == "two_tower" and not query_features)
         return "popular" if alone else "model"
 
     @property

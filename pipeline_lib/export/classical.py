@@ -5,6 +5,7 @@ A version directory (served by the one top-k ``model.py``, spec.json ``kind: cla
     <N>/topk/spec.json          kind, k, request_columns ([user id]), user/item columns, the model's spec
     <N>/topk/items.npz          the catalogue's raw item ids in training-popularity order + their popularity
     <N>/topk/weights.npy|.npz   the item-item weights (EASE dense, item_knn scipy.sparse)
+    <N>/topk/mlp.npz            or an autoencoder's layers (mult_dae / mult_vae; a numpy forward pass, no TensorFlow)
     <N>/topk/seen.npz           each training user's positive items (:func:`~pipeline_lib.export.topk.write_seen`):
                                 the user's history that is scored, and the items never returned (``exclude_seen``)
 
@@ -62,7 +63,7 @@ def pad_id(item_ids: np.ndarray):
 
 
 class ClassicalRecommender(TopKRoute):
-    """ease / item_knn: raw user ids (+ ``exclude_item_ids``) -> top-k item ids and scores."""
+    """ease / item_knn / mult_dae / mult_vae: raw user ids (+ ``exclude_item_ids``) -> top-k item ids and scores."""
 
     kind = "classical"
 
@@ -189,7 +190,7 @@ def export_classical(model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame,
         raise ValueError("a two-stage classical version needs the run's workflow (workflow_dir)")
     art = fresh_artifact_dir(staging_dir / model_name / "1")
     model_dir = Path(model_dir)
-    for f in (classical.ITEMS_FILE, classical.DENSE_WEIGHTS, classical.SPARSE_WEIGHTS):
+    for f in (classical.ITEMS_FILE, classical.DENSE_WEIGHTS, classical.SPARSE_WEIGHTS, classical.MLP_WEIGHTS):
         if (model_dir / f).is_file():
             shutil.copyfile(model_dir / f, art / f)
     model_spec = json.loads((model_dir / classical.SPEC_FILE).read_text())

@@ -1,6 +1,7 @@
 """Retrieval and two-stage: top-k items per raw query row (two-tower, YouTube DNN, MF; optionally
 re-ranked by a ranking model trained on the same ETL output), and the classical ease / item_knn
-(closed form on the raw training positives, served by user id; :mod:`pipeline_lib.models.classical`).
+(closed form on the raw training positives, served by user id; :mod:`pipeline_lib.models.classical`) and the
+autoencoders mult_dae / mult_vae (trained on the same raw positives, served the same way).
 
 The same raw data, validation and ETL as ranking, with one rule of its own: YouTube DNN reads the
 user's recent positive items, so its ETL adds that list feature and requests carry it.
@@ -60,8 +61,9 @@ class RetrievalFamily(RankingFamily):
 
     def fit(self, paths: RunPaths, etl_out: etl.EtlOutput) -> Any:
         cfg = self.cfg
-        if cfg.model.is_classical:  # closed form on the raw training positives (the ETL output is not read)
-            return classical.train(etl_out.split.train, etl_out.split.valid, cfg.columns, cfg.model, paths.model)
+        if cfg.model.scores_history:  # on the raw training positives (the ETL output is not read)
+            return classical.train(etl_out.split.train, etl_out.split.valid, cfg.columns, cfg.model, paths.model,
+                                   cfg.seed)
         return retrieval.train(etl_out.workflow_dir, etl_out.train_dir, etl_out.split.train, etl_out.split.valid,
                                cfg.columns, cfg.model, cfg.seed, paths.model)
 
@@ -95,7 +97,7 @@ class RetrievalFamily(RankingFamily):
     def export(self, paths: RunPaths, etl_out: etl.EtlOutput, trained: Trained) -> topk.TopKExport:
         cfg = self.cfg
         ranker_dir = trained.ranker.model_dir if trained.ranker is not None else None
-        if cfg.model.is_classical:
+        if cfg.model.scores_history:
             return export_classical(trained.model.model_dir, etl_out.split.train,
                                     self.smoke_rows(etl_out, cfg.export.parity_rows),
                                     topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble,
@@ -123,7 +125,7 @@ class RetrievalFamily(RankingFamily):
     @property
     def recommender(self) -> type[topk.TopKRoute]:
         """The recommender class of this run's versions (deep: query encoder + embeddings; classical: weights)."""
-        return ClassicalRecommender if self.cfg.model.is_classical else topk.TopKRecommender
+        return ClassicalRecommender if self.cfg.model.scores_history else topk.TopKRecommender
 
     def offline_reference(self, etl_out: etl.EtlOutput, exp: topk.TopKExport, rows: pd.DataFrame) -> Any:
         """The version's own recommender (the one export checked) on the offline path (workflow.transform
@@ -175,7 +177,7 @@ class RetrievalFamily(RankingFamily):
         """The model's per-query figures on the validation split (one query per positive row, nothing
         excluded: the early-stopping protocol), and the re-ranker's validation AUC."""
         m, k = trained.model.metrics, self.cfg.model.retrieval.k
-        per_query = not self.cfg.model.is_classical  # a classical model's figures are per user only
+        per_query = not self.cfg.model.scores_history  # a history-scored model's figures are per user only
         out = {f"per_query_{name}@{k}": m[name] for name in ("recall", "precision", "ndcg", "mrr") if per_query and name in m}
         out.update({key: m[key] for key in (f"user_recall@{k}", f"user_ndcg@{k}") if key in m})
         out.update(n_queries=m.get("n_queries"))

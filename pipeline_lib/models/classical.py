@@ -32,14 +32,16 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pipeline_lib.config import ColumnsConfig, ModelConfig
+from pipeline_lib.models import autoencoder
 from pipeline_lib.models import baselines as bl
+from pipeline_lib.models.autoencoder import HistoryMLP
 from pipeline_lib.models.common import TrainOutput, save_metrics
 
 log = logging.getLogger(__name__)
 
-Weights = Union[np.ndarray, sp.csr_matrix]
+Weights = Union[np.ndarray, sp.csr_matrix, HistoryMLP]  # HistoryMLP: mult_dae / mult_vae (models/autoencoder.py)
 SPEC_FILE, ITEMS_FILE = "spec.json", "items.npz"
-DENSE_WEIGHTS, SPARSE_WEIGHTS = "weights.npy", "weights.npz"
+DENSE_WEIGHTS, SPARSE_WEIGHTS, MLP_WEIGHTS = "weights.npy", "weights.npz", autoencoder.MLP_FILE
 
 
 class CatalogueTooLarge(ValueError):
@@ -76,7 +78,10 @@ def fit_weights(x: sp.spmatrix, model_type: str, cfg) -> Weights:
 
 
 def scores(history: sp.csr_matrix, weights: Weights) -> np.ndarray:
-    """Dense float64 scores [users, catalogue] of binary history rows: ``history @ W``."""
+    """Dense float64 scores [users, catalogue] of binary history rows: ``history @ W`` (an autoencoder: its
+    forward pass over the rows, :meth:`HistoryMLP.scores`)."""
+    if isinstance(weights, HistoryMLP):
+        return weights.scores(history)
     s = history @ weights
     return np.asarray(s.toarray() if sp.issparse(s) else s, dtype=np.float64)
 
@@ -87,6 +92,8 @@ def protocol_scorer(weights: Weights) -> Callable[[np.ndarray, sp.csr_matrix], n
 
 
 def save_weights(model_dir: Path, weights: Weights) -> Path:
+    if isinstance(weights, HistoryMLP):
+        return weights.save(model_dir / MLP_WEIGHTS)
     if sp.issparse(weights):
         sp.save_npz(model_dir / SPARSE_WEIGHTS, sp.csr_matrix(weights))
         return model_dir / SPARSE_WEIGHTS
@@ -95,7 +102,9 @@ def save_weights(model_dir: Path, weights: Weights) -> Path:
 
 
 def load_weights(model_dir: Path) -> Weights:
-    """The weights saved by :func:`save_weights` (dense EASE or sparse item_knn)."""
+    """The weights saved by :func:`save_weights` (dense EASE, sparse item_knn or an autoencoder's layers)."""
+    if (Path(model_dir) / MLP_WEIGHTS).is_file():
+        return HistoryMLP.load(Path(model_dir) / MLP_WEIGHTS)
     dense = Path(model_dir) / DENSE_WEIGHTS
     return np.load(dense) if dense.is_file() else sp.load_npz(Path(model_dir) / SPARSE_WEIGHTS).tocsr()
 
@@ -113,39 +122,57 @@ def aligned(weights: Weights, model_ids: np.ndarray, ids: np.ndarray) -> Weights
     pos = pd.Index(model_ids).get_indexer(ids)
     if (pos < 0).any() or len(ids) != len(model_ids):
         raise ValueError("the model's catalogue differs from the evaluation catalogue")
-    return weights[pos][:, pos]
+    return weights.aligned(pos) if isinstance(weights, HistoryMLP) else weights[pos][:, pos]
 
 
-def train(raw_train: Path, raw_valid: Path, columns: ColumnsConfig, cfg: ModelConfig, out_dir: Path) -> TrainOutput:
+def parameter_count(weights: Weights) -> int:
+    """Non-zero weights of a matrix; every parameter of an autoencoder."""
+    if isinstance(weights, HistoryMLP):
+        return int(sum(w.size for w in weights.kernels) + sum(b.size for b in weights.biases))
+    return int(sp.csr_matrix(weights).nnz) if sp.issparse(weights) else int(np.count_nonzero(weights))
+
+
+def train(raw_train: Path, raw_valid: Path, columns: ColumnsConfig, cfg: ModelConfig, out_dir: Path,
+          seed: int = 0) -> TrainOutput:
     """Fit ``cfg.type`` on the raw training positives, score it on the raw validation split under the
     baselines' top-k protocol (per user, ``model.retrieval.exclude_seen``), save it into ``out_dir/model``
-    and its metrics into ``out_dir/metrics.json``."""
+    and its metrics into ``out_dir/metrics.json``. An autoencoder (mult_dae / mult_vae) trains for epochs
+    (``seed``) and keeps the epoch with the best validation figure of that protocol."""
     t0 = time.perf_counter()
     train_df, valid_df = pd.read_parquet(raw_train), pd.read_parquet(raw_valid)
     k = cfg.retrieval.k
     p = bl.TopKProtocol.build(train_df, valid_df, columns.user_id, columns.item_id, columns.label,
                               exclude_seen=cfg.retrieval.exclude_seen)
-    weights = fit_weights(p.full_train_matrix, cfg.type, cfg.classical)
+    history: dict = {}
+    extra: dict = {}
+    weights: Weights
+    if cfg.type in autoencoder.TYPES:
+        weights, history, extra = autoencoder.fit(
+            p.full_train_matrix, cfg.type, cfg.autoencoder, seed,
+            lambda m: p.evaluate_scores(protocol_scorer(m), k)[f"recall@{k}"])
+    else:
+        weights = fit_weights(p.full_train_matrix, cfg.type, cfg.classical)
     fit_s = time.perf_counter() - t0
     res = p.evaluate_scores(protocol_scorer(weights), k)
     model_dir = out_dir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     save_weights(model_dir, weights)
     np.savez(model_dir / ITEMS_FILE, ids=_ids_array(p.item_ids), popularity=p.popularity)
-    nnz = int(sp.csr_matrix(weights).nnz) if sp.issparse(weights) else int(np.count_nonzero(weights))
+    nnz = parameter_count(weights)
+    params = cfg.autoencoder if cfg.type in autoencoder.TYPES else cfg.classical
     spec = {"model_type": cfg.type, "user_id": columns.user_id, "item_id": columns.item_id, "label": columns.label,
-            "params": cfg.classical.model_dump(mode="json"), "n_items": int(len(p.item_ids)), "weights_nnz": nnz}
+            "params": params.model_dump(mode="json"), "n_items": int(len(p.item_ids)), "weights_nnz": nnz}
     (model_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2))
     rk, nk = res[f"recall@{k}"], res[f"ndcg@{k}"]
     metrics = {"model": cfg.type, "k": k, "protocol": "per user, seen items excluded (TopKProtocol)",
                "recall": rk, "ndcg": nk, f"user_recall@{k}": rk, f"user_ndcg@{k}": nk,
                "n_queries": int(res["n_users"]), "n_train": int(p.full_train_matrix.nnz), "n_items": int(len(p.item_ids)),
                "weights_nnz": nnz, "fit_seconds": fit_s,
-               "seconds": time.perf_counter() - t0, **p.stats}
-    metrics_path = save_metrics(out_dir, metrics, {})
+               "seconds": time.perf_counter() - t0, **extra, **p.stats}
+    metrics_path = save_metrics(out_dir, metrics, history)
     log.info("%s: per-user validation recall@%d %.4f ndcg@%d %.4f over %d users, %d items (%d weights, %.1f s)",
              cfg.type, k, rk, k, nk, res["n_users"], len(p.item_ids), nnz, metrics["seconds"])
-    return TrainOutput(model_dir=model_dir, metrics=metrics, history={}, metrics_path=metrics_path)
+    return TrainOutput(model_dir=model_dir, metrics=metrics, history=history, metrics_path=metrics_path)
 
 
 def _ids_array(ids: np.ndarray) -> np.ndarray:

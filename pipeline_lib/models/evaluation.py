@@ -246,7 +246,8 @@ def retrieval_model_scorer(cfg: RunConfig, model_dir: Path, workflow_dir: Path, 
 
 
 def classical_model_scorer(model_dir: Path, protocol: bl.TopKProtocol):
-    """A ``TopKProtocol`` score function of a saved ease / item_knn model (its weights over the user's training row)."""
+    """A ``TopKProtocol`` score function of a saved ease / item_knn / mult_dae / mult_vae model (its weights over the
+    user's history row)."""
     ids, _ = classical.load_items(model_dir)
     return classical.protocol_scorer(classical.aligned(classical.load_weights(model_dir), ids, protocol.item_ids))
 
@@ -275,7 +276,7 @@ def retrieval_report(cfg: RunConfig, train_path: Path, test_path: Path, model_me
     name = model_metrics.get("model", cfg.model.type)
     model: dict = {}
     scorer = None
-    if model_dir is not None and cfg.model.is_classical:
+    if model_dir is not None and cfg.model.scores_history:
         scorer = classical_model_scorer(model_dir, p)
         if cfg.model.type in res:  # the run's own model is no baseline to beat (same closed form)
             res[cfg.model.type] = {"skipped": f"this run's model is {cfg.model.type} (model.type)"}

@@ -1,7 +1,7 @@
-"""Classical retrieval models (ease, item_knn) through the whole Prefect flow: trained on the raw split,
-exported as a top-k version (kind classical), gated, smoke-tested (served == offline) and published; the
-published versions then served by one real Triton, over HTTP and gRPC, with seen items, exclude_item_ids
-and an unknown user. The pieces: tests/unit/models/test_classical.py, tests/unit/export/test_classical.py."""
+"""Classical retrieval models (ease, item_knn; and mult_dae, served the same way) through the whole Prefect flow:
+trained on the raw split, exported as a top-k version (kind classical), gated, smoke-tested (served == offline)
+and published; the published versions then served by one real Triton, over HTTP and gRPC, with seen items,
+exclude_item_ids and an unknown user. The pieces: tests/unit/models/test_classical.py, tests/unit/export/test_classical.py."""
 import json
 from pathlib import Path
 
@@ -20,16 +20,17 @@ from tests.conftest import SMALL
 
 pytestmark = pytest.mark.integration
 
-RUNS = {"recsys_ease": "ease", "recsys_knn": "item_knn", "recsys_ease_dlrm": "ease + dlrm"}
+RUNS = {"recsys_ease": "ease", "recsys_knn": "item_knn", "recsys_ease_dlrm": "ease + dlrm", "recsys_dae": "mult_dae"}
 
 
 @pytest.fixture(scope="module")
 def classical_runs(prefect_harness, tmp_path_factory):
     """ease through the whole flow (gate with its baseline requirement on); item_knn trained, exported and
-    published by the same stage functions on that run's split (a second flow run costs a Triton start), and the
-    run's ease model as the candidate generator of a two-stage version re-ranked by a DLRM."""
+    published by the same stage functions on that run's split (a second flow run costs a Triton start), so is a
+    mult_dae (its users' history: train + validation, as the test protocol has it), and the run's ease model as
+    the candidate generator of a two-stage version re-ranked by a DLRM."""
     from flows.pipeline import pipeline
-    from pipeline_lib.config import ClassicalConfig
+    from pipeline_lib.config import AutoencoderConfig, ClassicalConfig
     from pipeline_lib.export.classical import export_classical
     from pipeline_lib.models import classical
     from pipeline_lib.models import ranking as ranking_model
@@ -47,6 +48,14 @@ def classical_runs(prefect_harness, tmp_path_factory):
     knn = classical.train(split / "train.parquet", split / "valid.parquet", cfg.columns, model, tmp / "knn")
     exp = export_classical(knn.model_dir, split / "train.parquet", pd.read_parquet(split / "valid.parquet").head(32),
                            topk.TopKSettings.from_config(cfg), tmp / "staging", "recsys_knn")
+    dae_model = cfg.model.model_copy(update={"type": "mult_dae", "autoencoder": AutoencoderConfig(
+        hidden_dim=32, batch_size=64, epochs=5)})
+    dae = classical.train(split / "train.parquet", split / "valid.parquet", cfg.columns, dae_model, tmp / "dae",
+                          cfg.seed)
+    dae_exp = export_classical(dae.model_dir, split / "train.parquet",
+                               pd.read_parquet(split / "valid.parquet").head(32),
+                               topk.TopKSettings.from_config(cfg), tmp / "staging-dae", "recsys_dae",
+                               raw_history=split / "valid.parquet")
     # two-stage: the run's ease model proposes 30 candidates, a DLRM trained on the run's ETL output re-scores them
     etl_dir = Path(summary["etl_from"])
     ranker = ranking_model.train(etl_dir / "train", etl_dir / "valid", cfg.model.model_copy(update={"type": "dlrm"}),
@@ -55,7 +64,7 @@ def classical_runs(prefect_harness, tmp_path_factory):
                                  pd.read_parquet(split / "valid.parquet").head(16),
                                  topk.TopKSettings(cfg.columns, k=10, ranker_dir=ranker.model_dir, candidates=30),
                                  tmp / "staging-two-stage", "recsys_ease_dlrm", workflow_dir=etl_dir / "workflow")
-    for name, staged in (("recsys_knn", exp), ("recsys_ease_dlrm", two_stage)):
+    for name, staged in (("recsys_knn", exp), ("recsys_ease_dlrm", two_stage), ("recsys_dae", dae_exp)):
         assert repository.publish(staged.version_dir, staged.config_path, repo, name)[0] == 1
         repository.promote(repo, name, 1, None, cfg.serving.instance_count)
     return tmp, repo, split, summary
@@ -79,6 +88,7 @@ def test_flow_trains_gates_and_publishes_an_ease_version(classical_runs):
     assert json.loads((art / "spec.json").read_text())["kind"] == "classical"
     assert (art / "weights.npy").is_file() and (art / topk.SEEN_FILE).is_file()
     assert (repo / "recsys_knn" / "1" / topk.TOPK_DIR / "weights.npz").is_file()  # item_knn: sparse
+    assert (repo / "recsys_dae" / "1" / topk.TOPK_DIR / "mlp.npz").is_file()  # mult_dae: its numpy layers
     lineage = json.loads((repo / "recsys_ease" / "1" / "lineage.json").read_text())["model"]
     assert sorted(p.name for p in Path(lineage["path"]).iterdir()) == ["items.npz", "spec.json", "weights.npy"]
     assert lineage["fingerprint"] == file_fingerprint(Path(lineage["path"]))  # the weights, not nothing

@@ -1,13 +1,13 @@
-"""Classical top-k versions (ease, item_knn): what the exported recommender answers equals the training-time
-protocol user for user; seen items and exclude_item_ids are never returned; unknown users get the most popular
-items; a row with fewer than k returnable items is padded. Served over Triton in tests/integration/test_classical.py."""
+"""Classical top-k versions (ease, item_knn; and the autoencoders, served the same way): what the exported
+recommender answers equals the training-time protocol user for user; seen items and exclude_item_ids are never
+returned; unknown users get the most popular items; a row with fewer than k returnable items is padded. Served over Triton in tests/integration/test_classical.py."""
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.config import ClassicalConfig, ModelConfig, RetrievalConfig
+from pipeline_lib.config import AutoencoderConfig, ClassicalConfig, ModelConfig, RetrievalConfig
 from pipeline_lib.export import classical as export
 from pipeline_lib.export.recommenders import open_recommender
 from pipeline_lib.export.topk import EXCLUDE_INPUT, TOPK_DIR, TopKRecommender, TopKSettings
@@ -25,7 +25,8 @@ def _version(tmp, kind: str, item_ids=None, k: int = 10, **cfg):
     train, valid = df.iloc[:700], df.iloc[700:]
     train.to_parquet(tmp / "train.parquet")
     valid.to_parquet(tmp / "valid.parquet")
-    model = ModelConfig(type=kind, classical=ClassicalConfig(**cfg), retrieval=RetrievalConfig(k=k))
+    model = ModelConfig(type=kind, classical=ClassicalConfig(**cfg), retrieval=RetrievalConfig(k=k),
+                        autoencoder=AutoencoderConfig(hidden_dim=16, batch_size=16, epochs=4))  # mult_dae / mult_vae
     out = classical.train(tmp / "train.parquet", tmp / "valid.parquet", COLUMNS, model, tmp / "model")
     settings = TopKSettings(COLUMNS, k=k, exclude_seen=True)
     exp = export.export_classical(out.model_dir, tmp / "train.parquet", valid.head(16), settings, tmp / "staging",
@@ -38,7 +39,7 @@ def ease(tmp_path_factory):
     return _version(tmp_path_factory.mktemp("ease"), "ease")
 
 
-@pytest.mark.parametrize("kind,ids", [("ease", None), ("item_knn", STRING_IDS)])
+@pytest.mark.parametrize("kind,ids", [("ease", None), ("item_knn", STRING_IDS), ("mult_vae", STRING_IDS)])
 def test_served_recommender_reproduces_the_training_metric(tmp_path, monkeypatch, ease, kind, ids):
     out, exp, train, valid = ease if kind == "ease" else _version(tmp_path, kind, ids)
     p = bl.TopKProtocol.build(train, valid, "user_id", "item_id", "click")
@@ -57,6 +58,7 @@ def test_served_recommender_reproduces_the_training_metric(tmp_path, monkeypatch
     assert all(not (set(row) & s) for row, s in zip(got.tolist(), seen))  # seen items never come back
     spec = json.loads((exp.version_dir / TOPK_DIR / "spec.json").read_text())
     assert spec["kind"] == "classical" and spec["fast_transform"]["enabled"] is False
+    assert (exp.version_dir / TOPK_DIR / classical.MLP_WEIGHTS).is_file() == (kind == "mult_vae")
     assert exp.parity["rows"] == 16 and exp.parity["max_abs_score_diff"] == 0.0
     config = (exp.config_path).read_text()
     assert "exclude_item_ids__values" in config and "user_id" in config

@@ -25,13 +25,14 @@ from pipeline_lib.paths import RunPaths
 def test_a_default_retrieval_and_session_run_compete_deep_against_classical():
     r = load_config(None, {"task": "retrieval"})
     assert r.family == "retrieval" and r.model.type == "two_tower"
-    assert [c.type for c in r.candidates][0] == "two_tower" and all(c.type != "youtube_dnn" for c in r.candidates)
+    assert [c.type for c in r.candidates][:2] == ["two_tower", "mult_dae"]
+    assert all(c.type not in ("youtube_dnn", "mult_vae") for c in r.candidates)
     s = load_config(None, {"task": "session"})
     assert s.family == "session" and [c.type for c in s.candidates][:2] == ["gru", "transformer"]
     # every type the config accepts beyond the deep ones joins by name (classical retrieval / session types)
     from pipeline_lib.config import (DEEP_RETRIEVAL_MODELS, DEEP_SESSION_MODELS, RETRIEVAL_MODELS, ModelConfig,
                                      SessionModelConfig, accepted_types)
-    assert [c.type for c in r.candidates][1:] == [t for t in accepted_types(ModelConfig)
+    assert [c.type for c in r.candidates][2:] == [t for t in accepted_types(ModelConfig)
                                                   if t in RETRIEVAL_MODELS and t not in DEEP_RETRIEVAL_MODELS]
     assert [c.type for c in s.candidates][2:] == [t for t in accepted_types(SessionModelConfig)
                                                   if t not in DEEP_SESSION_MODELS]

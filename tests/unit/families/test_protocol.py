@@ -9,7 +9,7 @@ import pytest
 from pipeline_lib.etl import workflow as etl
 from pipeline_lib.families import get_family
 from pipeline_lib.models import ranking as ranking_model
-from pipeline_lib.models import retrieval, tune
+from pipeline_lib.models import classical, retrieval, tune
 
 
 class Spy:
@@ -54,6 +54,14 @@ def test_ranking_and_retrieval_training_see_validation_only(trained, poisoned, m
     (args, _), = rspy.calls
     assert Path(args[3]) == Path(poisoned.split.valid) and Path(args[2]) == Path(poisoned.split.train)
     assert str(poisoned.split.test) not in _paths(rspy.calls[0])
+
+    cspy = Spy()  # mult_dae: its best epoch on the raw validation split (classical.train's protocol)
+    monkeypatch.setattr(classical, "train", cspy)
+    dcfg = rcfg.model_copy(update={"model": rcfg.model.model_copy(update={"type": "mult_dae"})})
+    get_family(dcfg).fit(new_run(dcfg), poisoned)
+    (args, _), = cspy.calls
+    assert Path(args[0]) == Path(poisoned.split.train) and Path(args[1]) == Path(poisoned.split.valid)
+    assert str(poisoned.split.test) not in _paths(cspy.calls[0])
 
 
 def test_tuning_trials_read_validation_only(trained, poisoned, monkeypatch, tmp_path):
