@@ -101,7 +101,8 @@ class RetrievalFamily(RankingFamily):
                                     topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble,
                                     cfg.export.model_name,
                                     export.ExportOptions.from_config(cfg, self.run_info(paths, trained)),
-                                    etl_out.workflow_dir, raw_history=etl_out.split.valid)
+                                    etl_out.workflow_dir, raw_history=etl_out.split.valid,
+                                    features=cfg.features.enabled, history_length=self.history_length)
         exp = topk.export_topk(etl_out.workflow_dir, trained.model.model_dir, etl_out.split.train,
                                self.smoke_rows(etl_out, cfg.export.parity_rows),
                                topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble, cfg.export.model_name,
@@ -148,7 +149,9 @@ class RetrievalFamily(RankingFamily):
         write_pointer(exp.version_dir.parent, settings)
         known = stored_users(rec.dir, 8)
         ids = known + [unknown_id(known)]
-        full = offline_rows(rec.dir, ids)
+        # the offline answer of the users' rows; a classical version's history not from the snapshot but from the
+        # training data (seen.npz: train + validation), as the offline evaluation scores it
+        full = offline_rows(rec.dir, ids)[rec.request_columns]
         return UserRequests(ids, uid, rec.offline(full), [False] * len(known) + [True])
 
     def serve_and_compare(self, paths: RunPaths, exp: topk.TopKExport, rows: pd.DataFrame, offline: Any,

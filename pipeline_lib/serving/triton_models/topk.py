@@ -105,7 +105,7 @@ class TritonPythonModel:
         """A request without some feature columns (a user-id request): those looked up by user id in the store."""
         if self.lookup is None:
             return arrays, None
-        missing = [c for c in self.rec.request_columns if c not in arrays and f"{c}__values" not in arrays]
+        missing = [c for c in self.rec.lookup_columns if c not in arrays and f"{c}__values" not in arrays]
         if not missing:
             return arrays, None
         return self.lookup.complete(arrays, missing)
