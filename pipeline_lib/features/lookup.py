@@ -61,11 +61,15 @@ class SqliteReader:
         keys = [self.key(u) for u in ids]
         rows = self.conn.execute(f"SELECT entity_key, feature_name, value FROM {self.table} "
                                  f"WHERE entity_key IN ({','.join('?' * len(keys))})", keys).fetchall()
-        at = {k: i for i, k in enumerate(keys)}
+        at: dict[bytes, list[int]] = {}
+        for i, k in enumerate(keys):  # a user id may come more than once in a request
+            at.setdefault(k, []).append(i)
         out: dict[str, list] = {f: [None] * len(keys) for f in self.features}
         for key, name, blob in rows:
             if name in out:
-                out[name][at[key]] = self._python(self._value.FromString(blob))
+                value = self._python(self._value.FromString(blob))
+                for i in at[key]:
+                    out[name][i] = value
         return out
 
 
