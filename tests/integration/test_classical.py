@@ -213,6 +213,26 @@ def test_user_id_requests_equal_the_offline_top_k_of_the_users_history(classical
     assert not set(got[0][0]) & set(rows["history_item_ids"].iloc[1])
 
 
+def test_rollback_restores_a_classical_snapshot_and_refuses_a_version_without_one(classical_runs, tmp_path):
+    """A classical version's snapshot goes back into its store on rollback; a version exported without features
+    is refused while the model serves user-id requests (its users would be scored from another history)."""
+    from pipeline_lib.export.classical import export_classical
+    from pipeline_lib.features import snapshot, stage
+    from pipeline_lib.features.store import FeatureStoreError, read_pointer, store_state, write_pointer
+
+    tmp, repo, split, _ = classical_runs
+    snap = snapshot.Snapshot.load(snapshot.snapshot_dir(repo / "recsys_ease" / "1" / topk.TOPK_DIR))
+    assert stage.restore(repo, "recsys_ease", 1)["snapshot"] == snap.id
+    assert store_state(read_pointer(repo / "recsys_ease").repo)["snapshot"] == snap.id
+    settings = topk.TopKSettings(load_config(None, SMALL).columns, k=10)
+    export_classical(tmp / "knn" / "model", split / "train.parquet", pd.read_parquet(split / "valid.parquet").head(4),
+                     settings, tmp_path / "staging", "recsys_knn")  # features off: no snapshot
+    write_pointer(tmp_path / "staging" / "recsys_knn", read_pointer(repo / "recsys_knn"))
+    with pytest.raises(FeatureStoreError, match="version 1 of 'recsys_knn' has no feature snapshot"):
+        stage.check_restorable(tmp_path / "staging", "recsys_knn", 1)
+    stage.check_restorable(repo, "recsys_knn", 1)  # the served one has its snapshot
+
+
 def test_classical_user_id_requests_get_503_when_the_store_goes_away(classical_runs, served, redis_store):
     """REDIS_MODEL's store is a real Redis: stopped, its user-id requests are UNAVAILABLE (HTTP 503, gRPC
     UNAVAILABLE), never a crash or a silent answer from another history; full-feature requests (user id + history)
