@@ -19,7 +19,8 @@ exclusions. A row with fewer than k items left is padded with :func:`pad_id` (-1
 There is no workflow to run (the request is the raw user id), so there is no compiled transform either.
 
 User-id requests from the feature store (``features.enabled``; docs/serving.md "User-id requests"): the version
-also keeps a feature snapshot (``<N>/topk/features/``, :func:`write_classical_snapshot`) whose user rows hold
+also keeps a feature snapshot (``<N>/topk/features/``, :func:`pipeline_lib.features.classical.write_classical_snapshot`,
+written by the family after export) whose user rows hold
 :data:`HISTORY_INPUT`, each user's positive items of train + validation (the row ``seen.npz`` holds, the history
 the test-time evaluation scores from), plus a two-stage version's ranker user/context columns. The version then
 takes :data:`HISTORY_INPUT` as an optional list input: a request that carries it is scored from it (and excludes
@@ -45,8 +46,6 @@ from pipeline_lib.export.topk import (EXCLUDE_INPUT, SEEN_FILE, RequestInput, To
                                       arrays_to_frame, request_columns, request_inputs, rerank, seen_frame,
                                       stage_version, write_seen)
 from pipeline_lib.etl.fast_transform import Unsupported
-from pipeline_lib.features.serving import allow_user_id_requests
-from pipeline_lib.features.snapshot import Snapshot, write_snapshot
 from pipeline_lib.etl.workflow import history_column, load_workflow
 from pipeline_lib.models import classical, retrieval
 from pipeline_lib.models.common import load_encoder
@@ -221,14 +220,14 @@ class ClassicalRecommender(TopKRoute):
 def export_classical(model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame, settings: TopKSettings,
                      staging_dir: Path, model_name: str, options: Optional[ExportOptions] = None,
                      workflow_dir: Optional[Path] = None, raw_history: Optional[Path] = None,
-                     features: bool = False, history_length: int = 0) -> TopKExport:
+                     features: bool = False) -> TopKExport:
     """Write a classical top-k version into ``staging_dir/<model_name>/1`` and check its in-process answers on
     ``sample_raw`` (and the same rows with an ``exclude_item_ids`` list each) against the offline path.
     ``settings.ranker_dir`` (two-stage): the ranking model trained on the run's ETL output (``workflow_dir``)
     re-scores ``settings.candidates`` classical candidates per row. ``features`` (``features.enabled``): the
-    version keeps a feature snapshot (:func:`write_classical_snapshot`; ``history_length``: of the ranker's
-    history feature, when it reads one) and answers user-id requests; the rows answered from the snapshot's
-    history must equal the rows answered from ``seen.npz``."""
+    version takes the optional :data:`HISTORY_INPUT` list (the snapshot that fills it for user-id requests:
+    :func:`pipeline_lib.features.classical.write_classical_snapshot`); the rows answered from that list must equal
+    the rows answered from ``seen.npz``."""
     o, c = options or ExportOptions(), settings.columns
     if settings.ranker_dir is not None and workflow_dir is None:
         raise ValueError("a two-stage classical version needs the run's workflow (workflow_dir)")
@@ -280,38 +279,11 @@ def export_classical(model_dir: Path, raw_train: Path, sample_raw: pd.DataFrame,
                   RequestInput(EXCLUDE_INPUT, train_raw[c.item_id].dtype, True)]
     if features:
         inputs.insert(-1, RequestInput(HISTORY_INPUT, train_raw[c.item_id].dtype, True))
-        write_classical_snapshot(art, train_raw, raw_history, meta["request_columns"], item_side, c,
-                                 hist if hist in meta["request_columns"] else None, history_length)
-    out = stage_version(rec, meta, inputs, StagedVersion(staging_dir, model_name, 1), o,
-                        {"max_abs_score_diff": diff, "rows": len(sample), "ann": None})
-    if features:
-        allow_user_id_requests(out.config_path, c.user_id)
-    return out
+    return stage_version(rec, meta, inputs, StagedVersion(staging_dir, model_name, 1), o,
+                         {"max_abs_score_diff": diff, "rows": len(sample), "ann": None})
 
 
 def seen_lists(rec: ClassicalRecommender, users) -> list[list]:
     """The raw item ids of each user's ``seen.npz`` row (train + validation positives; [] for unknown users)."""
     hist, _ = rec.history(np.asarray(users))
     return [rec.item_ids[hist.indices[hist.indptr[i]:hist.indptr[i + 1]]].tolist() for i in range(hist.shape[0])]
-
-
-def user_positives(frame: pd.DataFrame, columns) -> pd.Series:
-    """Per raw user id, the user's positive items (``label > 0``: the ``seen.npz`` rule), oldest first, each once."""
-    ordered = frame.sort_values(columns.timestamp, kind="stable") \
-        if columns.timestamp and columns.timestamp in frame.columns else frame
-    pos = ordered.loc[pd.to_numeric(ordered[columns.label], errors="coerce") > 0, [columns.user_id, columns.item_id]]
-    pos = pos.drop_duplicates(keep="last")
-    return pos.groupby(columns.user_id, sort=True)[columns.item_id].agg(list)
-
-
-def write_classical_snapshot(art: Path, train_raw: pd.DataFrame, raw_history: Optional[Path], request_cols: list[str],
-                             item_side: list[str], columns, hist: Optional[str], history_length: int) -> Snapshot:
-    """The version's feature snapshot (:func:`pipeline_lib.features.snapshot.write_snapshot`) over the users of train
-    + validation (``raw_history``: what ``seen.npz`` holds): each user's request columns (a two-stage version's
-    ranker user/context features, as on the user's latest row; ``hist``: the ranker's history feature) and
-    :data:`HISTORY_INPUT`, the user's positive items (the row a user-id request is scored from and excludes)."""
-    known = seen_frame(train_raw, raw_history)
-    positives = known[columns.user_id].map(user_positives(known, columns))
-    known = known.assign(**{HISTORY_INPUT: [v if isinstance(v, list) else [] for v in positives]})
-    items = [x for x in item_side if x in known.columns]
-    return write_snapshot(art, known, request_cols + [HISTORY_INPUT], items, columns, hist, history_length)

@@ -19,6 +19,7 @@ from pipeline_lib.export import ranking as export
 from pipeline_lib.export import topk
 from pipeline_lib.export.classical import ClassicalRecommender, export_classical
 from pipeline_lib.families.base import TaskFamily, Trained
+from pipeline_lib.features.classical import write_classical_snapshot
 from pipeline_lib.features.serving import allow_user_id_requests
 from pipeline_lib.features.snapshot import (has_snapshot, offline_rows, stored_users, unknown_id,
                                             write_snapshot)
@@ -96,13 +97,17 @@ class RetrievalFamily(RankingFamily):
         cfg = self.cfg
         ranker_dir = trained.ranker.model_dir if trained.ranker is not None else None
         if cfg.model.is_classical:
-            return export_classical(trained.model.model_dir, etl_out.split.train,
-                                    self.smoke_rows(etl_out, cfg.export.parity_rows),
-                                    topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble,
-                                    cfg.export.model_name,
-                                    export.ExportOptions.from_config(cfg, self.run_info(paths, trained)),
-                                    etl_out.workflow_dir, raw_history=etl_out.split.valid,
-                                    features=cfg.features.enabled, history_length=self.history_length)
+            staged = export_classical(trained.model.model_dir, etl_out.split.train,
+                                      self.smoke_rows(etl_out, cfg.export.parity_rows),
+                                      topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble,
+                                      cfg.export.model_name,
+                                      export.ExportOptions.from_config(cfg, self.run_info(paths, trained)),
+                                      etl_out.workflow_dir, raw_history=etl_out.split.valid,
+                                      features=cfg.features.enabled)
+            if cfg.features.enabled:  # the users' train + validation positives (+ a ranker's user features)
+                write_classical_snapshot(staged, etl_out.split.train, etl_out.split.valid, cfg.columns,
+                                         self.history_length)
+            return staged
         exp = topk.export_topk(etl_out.workflow_dir, trained.model.model_dir, etl_out.split.train,
                                self.smoke_rows(etl_out, cfg.export.parity_rows),
                                topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble, cfg.export.model_name,

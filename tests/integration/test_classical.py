@@ -33,6 +33,7 @@ def classical_runs(prefect_harness, tmp_path_factory):
     from flows.pipeline import pipeline
     from pipeline_lib.config import ClassicalConfig
     from pipeline_lib.export.classical import export_classical
+    from pipeline_lib.features.classical import write_classical_snapshot
     from pipeline_lib.models import classical
     from pipeline_lib.models import ranking as ranking_model
     from pipeline_lib.serving import repository
@@ -61,6 +62,7 @@ def classical_runs(prefect_harness, tmp_path_factory):
                                  tmp / "staging-two-stage", "recsys_ease_dlrm", workflow_dir=etl_dir / "workflow",
                                  raw_history=valid, features=True)
     for name, staged in (("recsys_knn", exp), ("recsys_ease_dlrm", two_stage)):
+        write_classical_snapshot(staged, split / "train.parquet", valid, cfg.columns)  # what the family does
         assert repository.publish(staged.version_dir, staged.config_path, repo, name)[0] == 1
         repository.promote(repo, name, 1, None, cfg.serving.instance_count)
     # the features stage of the flow (ease) fills its store; here the two others' SQLite stores

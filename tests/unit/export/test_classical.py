@@ -151,6 +151,7 @@ def test_user_id_version_keeps_a_snapshot_of_the_users_train_and_validation_posi
     sent as the request's history (what the store gives a user-id request), they give the answer seen.npz gives;
     an empty history is an unknown user (most popular); the history is also what is excluded."""
     from pipeline_lib.features import snapshot
+    from pipeline_lib.features.classical import write_classical_snapshot
 
     df = interactions(seed=5)
     train, valid = df.iloc[:600], df.iloc[600:750]
@@ -161,6 +162,7 @@ def test_user_id_version_keeps_a_snapshot_of_the_users_train_and_validation_posi
     exp = export.export_classical(out.model_dir, tmp_path / "train.parquet", valid.head(8),
                                   TopKSettings(COLUMNS, k=10), tmp_path / "staging", "recsys",
                                   raw_history=tmp_path / "valid.parquet", features=True)
+    write_classical_snapshot(exp, tmp_path / "train.parquet", tmp_path / "valid.parquet", COLUMNS)
     rec, art = exp.recommender, exp.version_dir / TOPK_DIR
     assert rec.request_columns == ["user_id"] and rec.lookup_columns == ["user_id", export.HISTORY_INPUT]
     assert exp.parity["rows"] == 8 and exp.parity["max_abs_score_diff"] == 0.0
@@ -181,3 +183,7 @@ def test_user_id_version_keeps_a_snapshot_of_the_users_train_and_validation_posi
     # another user's history scores like that user, and that history is excluded
     other = rows.iloc[[0]].assign(user_id=[10**6 + 1])
     np.testing.assert_array_equal(rec.recommend(other)[0], from_seen[0][:1])
+    plain = export.export_classical(out.model_dir, tmp_path / "train.parquet", valid.head(8),
+                                    TopKSettings(COLUMNS, k=10), tmp_path / "staging2", "recsys")
+    with pytest.raises(ValueError, match="exported without features"):
+        write_classical_snapshot(plain, tmp_path / "train.parquet", None, COLUMNS)
