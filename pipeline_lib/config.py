@@ -652,7 +652,9 @@ class FeaturesConfig(_Strict):
     enabled: bool = Field(
         True, description="retrieval and two-stage runs: keep a per-version snapshot of the user features, the user's "
         "recent items and the item features, and materialize it into a Feast store after each promotion, so the "
-        "served model answers requests that carry only the user id")
+        "served model answers requests that carry only the user id (classical ease / item_knn too: the user's "
+        "train + validation positives; deep session versions: the item features, looked up by item id when a "
+        "session request leaves them out)")
     online_store: Literal["sqlite", "redis"] = Field(
         "sqlite", description="the Feast online store: sqlite (a file beside the model repository, no server) or "
         "redis (redis_connection)")

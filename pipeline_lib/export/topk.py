@@ -208,6 +208,13 @@ class TopKRoute:
         return frame[self.workflow_inputs]
 
     # -- shared --
+    @property
+    def lookup_columns(self) -> list[str]:
+        """The columns a user-id request may leave out, looked up in the feature store by user id (the served
+        model, :class:`pipeline_lib.features.lookup.UserLookup`): the request columns (a classical version adds
+        its history list)."""
+        return self.request_columns
+
     def enable_fast(self) -> None:
         """Compile the transform when export verified it (spec.json's ``fast_transform``)."""
         if self.fast_status.get("enabled"):

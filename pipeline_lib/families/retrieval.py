@@ -20,6 +20,7 @@ from pipeline_lib.export import ranking as export
 from pipeline_lib.export import topk
 from pipeline_lib.export.classical import ClassicalRecommender, export_classical
 from pipeline_lib.families.base import TaskFamily, Trained
+from pipeline_lib.features.classical import write_classical_snapshot
 from pipeline_lib.features.serving import allow_user_id_requests
 from pipeline_lib.features.snapshot import (has_snapshot, offline_rows, stored_users, unknown_id,
                                             write_snapshot)
@@ -98,12 +99,17 @@ class RetrievalFamily(RankingFamily):
         cfg = self.cfg
         ranker_dir = trained.ranker.model_dir if trained.ranker is not None else None
         if cfg.model.scores_history:
-            return export_classical(trained.model.model_dir, etl_out.split.train,
-                                    self.smoke_rows(etl_out, cfg.export.parity_rows),
-                                    topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble,
-                                    cfg.export.model_name,
-                                    export.ExportOptions.from_config(cfg, self.run_info(paths, trained)),
-                                    etl_out.workflow_dir, raw_history=etl_out.split.valid)
+            staged = export_classical(trained.model.model_dir, etl_out.split.train,
+                                      self.smoke_rows(etl_out, cfg.export.parity_rows),
+                                      topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble,
+                                      cfg.export.model_name,
+                                      export.ExportOptions.from_config(cfg, self.run_info(paths, trained)),
+                                      etl_out.workflow_dir, raw_history=etl_out.split.valid,
+                                      features=cfg.features.enabled)
+            if cfg.features.enabled:  # the users' train + validation positives (+ a ranker's user features)
+                write_classical_snapshot(staged, etl_out.split.train, etl_out.split.valid, cfg.columns,
+                                         self.history_length)
+            return staged
         exp = topk.export_topk(etl_out.workflow_dir, trained.model.model_dir, etl_out.split.train,
                                self.smoke_rows(etl_out, cfg.export.parity_rows),
                                topk.TopKSettings.from_config(cfg, ranker_dir), paths.ensemble, cfg.export.model_name,
@@ -150,7 +156,9 @@ class RetrievalFamily(RankingFamily):
         write_pointer(exp.version_dir.parent, settings)
         known = stored_users(rec.dir, 8)
         ids = known + [unknown_id(known)]
-        full = offline_rows(rec.dir, ids)
+        # the offline answer of the users' rows; a classical version's history not from the snapshot but from the
+        # training data (seen.npz: train + validation), as the offline evaluation scores it
+        full = offline_rows(rec.dir, ids)[rec.request_columns]
         return UserRequests(ids, uid, rec.offline(full), [False] * len(known) + [True])
 
     def serve_and_compare(self, paths: RunPaths, exp: topk.TopKExport, rows: pd.DataFrame, offline: Any,

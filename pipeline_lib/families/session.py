@@ -21,6 +21,7 @@ from pipeline_lib.export import ranking as export
 from pipeline_lib.export import session as session_export
 from pipeline_lib.export import session_classical as classical_export
 from pipeline_lib.export import topk
+from pipeline_lib.features.sessions import write_session_snapshot
 from pipeline_lib.families.base import ServedReport, TaskFamily, Trained
 from pipeline_lib.models import evaluation
 from pipeline_lib.models import session as session_model
@@ -78,9 +79,12 @@ class SessionFamily(TaskFamily):
             return classical_export.export_session_classical(
                 trained.model.model_dir, self.smoke_rows(etl_out, cfg.export.parity_rows), s.columns.item_id,
                 s.top_k, paths.ensemble, cfg.export.model_name, options)
-        return session_export.export_session_topk(
+        staged = session_export.export_session_topk(
             etl_out.workflow_dir, trained.model.model_dir, self.smoke_rows(etl_out, cfg.export.parity_rows),
             s.columns.item_id, s.top_k, paths.ensemble, cfg.export.model_name, options)
+        if cfg.features.enabled:  # the item features, looked up by item id when a request leaves them out
+            write_session_snapshot(staged, etl_out.split.train, s.columns)
+        return staged
 
     def smoke_rows(self, etl_out: session_etl.SessionEtlOutput, n: int) -> pd.DataFrame:
         """Held-out sessions minus their last event: what a client would send."""

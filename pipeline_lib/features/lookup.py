@@ -61,11 +61,15 @@ class SqliteReader:
         keys = [self.key(u) for u in ids]
         rows = self.conn.execute(f"SELECT entity_key, feature_name, value FROM {self.table} "
                                  f"WHERE entity_key IN ({','.join('?' * len(keys))})", keys).fetchall()
-        at = {k: i for i, k in enumerate(keys)}
+        at: dict[bytes, list[int]] = {}
+        for i, k in enumerate(keys):  # a user id may come more than once in a request
+            at.setdefault(k, []).append(i)
         out: dict[str, list] = {f: [None] * len(keys) for f in self.features}
         for key, name, blob in rows:
             if name in out:
-                out[name][at[key]] = self._python(self._value.FromString(blob))
+                value = self._python(self._value.FromString(blob))
+                for i in at[key]:
+                    out[name][i] = value
         return out
 
 
@@ -190,3 +194,74 @@ def _typed(values: list, dtype: str) -> np.ndarray:
 def frame_of(found: dict[str, list], user_ids: list, user_id: str) -> pd.DataFrame:
     """Looked-up columns as a raw frame (the CLI and tests)."""
     return pd.DataFrame({user_id: user_ids, **found})
+
+
+
+class ItemLookup(UserLookup):
+    """Completes session requests of one version from the model's feature store: the item feature lists a request
+    leaves out are looked up by the events' item ids (``item_features`` view; an item the store does not hold gets
+    the snapshot's default, a value outside the training vocabulary). The store is opened as for user-id requests
+    and must hold this version's snapshot (its meta row), else :class:`~pipeline_lib.features.store.FeatureStoreError`
+    (UNAVAILABLE)."""
+
+    def __init__(self, artifact_dir: Path, model_dir: Path):
+        super().__init__(artifact_dir, model_dir)
+        self.items: Optional[SqliteReader] = None  # the SQLite store read directly (Feast's API for Redis)
+        self.meta: Optional[SqliteReader] = None
+
+    @property
+    def item_id(self) -> str:
+        return self.snap.item_id
+
+    def _open(self) -> Any:
+        from pipeline_lib.features.store import ITEM_VIEW, META_KEY, META_VIEW
+
+        store = super()._open()
+        s = self.settings
+        if self.items is None and s is not None and s.online_store == "sqlite":
+            db, project = s.repo / "online.db", project_name(s.repo)
+            self.items = SqliteReader(db, project, ITEM_VIEW, self.item_id, self.snap.item_columns)
+            self.meta = SqliteReader(db, project, META_VIEW, META_KEY, [SNAPSHOT_FIELD])
+        return store
+
+    def fetch_items(self, item_ids: list) -> dict[str, list]:
+        """Stored item columns of ``item_ids`` (the snapshot's defaults where the store holds no row)."""
+        from pipeline_lib.features.store import ITEM_VIEW, META_ID
+
+        store = self._open()
+        t0 = time.perf_counter()
+        try:
+            if self.items is not None and self.meta is not None:
+                held = self.meta.read([META_ID])[SNAPSHOT_FIELD][0]
+                res = self.items.read(item_ids)
+            else:
+                state = store_state(self.settings.repo)  # type: ignore[union-attr]
+                held = state["snapshot"] if state else None
+                res = store.get_online_features(features=[f"{ITEM_VIEW}:{c}" for c in self.snap.item_columns],
+                                                entity_rows=[{self.item_id: v} for v in item_ids]).to_dict()
+        except Exception as exc:  # noqa: BLE001 - connection refused, missing table, timeout
+            raise FeatureStoreError(f"feature store unreachable ({self.settings.online_store} at "  # type: ignore[union-attr]
+                                    f"{self._where()}): {type(exc).__name__}: {str(exc)[:300]}") from exc
+        self.last_lookup_s = time.perf_counter() - t0
+        if held != self.snap.id:
+            self._check_current()  # raises: the store holds another version's features, or none
+        return {c: [v if v is not None else self.snap.defaults.get(c) for v in res[c]] for c in self.snap.item_columns}
+
+    def complete_items(self, arrays: dict[str, np.ndarray], missing: list[str]) -> dict[str, np.ndarray]:
+        """Session request tensors + the ``missing`` item feature lists: one value per event of the item id list
+        (its ``__offsets``)."""
+        values, offsets = arrays.get(f"{self.item_id}__values"), arrays.get(f"{self.item_id}__offsets")
+        if values is None or offsets is None:
+            from pipeline_lib.validate.requests import BadRequest
+
+            raise BadRequest(f"missing input '{self.item_id}__values' / '{self.item_id}__offsets': a session request "
+                             f"without the item features {missing} must carry its item ids")
+        ids = _python_ids(values)
+        unique = list(dict.fromkeys(ids))
+        found = self.fetch_items(unique) if unique else {c: [] for c in self.snap.item_columns}
+        at = {u: i for i, u in enumerate(unique)}
+        out = dict(arrays)
+        for c in missing:
+            out[f"{c}__values"] = _typed([found[c][at[u]] for u in ids], self.snap.dtypes[c])
+            out[f"{c}__offsets"] = np.asarray(offsets, dtype=np.int32)
+        return out

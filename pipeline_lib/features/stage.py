@@ -17,7 +17,7 @@ def version_artifacts(repo: Path, model: str, version: int) -> Path:
 
 def fill_store(cfg, version: int) -> Optional[dict]:
     """Materialize the promoted ``version``'s snapshot into the model's store (``features``) and point the served
-    model at the store; None when features are off or the version has no snapshot (ranking, session, classical)."""
+    model at the store; None when features are off or the version has no snapshot (ranking, session)."""
     repo, model = Path(cfg.export.model_repository), cfg.export.model_name
     art = version_artifacts(repo, model, version)
     if not cfg.features.enabled or not has_snapshot(art):

@@ -153,7 +153,8 @@ def materialize(s: StoreSettings, artifact_dir: Path, model_version: int) -> dic
         t2 = time.perf_counter()
         # straight into the online store (Feast's write_to_online_store; its file-offline materialize runs dask)
         for name, frame in frames.items():
-            store.write_to_online_store(name, frame)
+            if len(frame):  # a session version's snapshot has items only (Feast cannot write an empty frame)
+                store.write_to_online_store(name, frame)
         log.debug("apply %.2f s, write %.2f s", t2 - t1, time.perf_counter() - t2)
     except Exception as exc:  # noqa: BLE001 - Redis down, disk full: name the store
         raise FeatureStoreError(f"could not write the features of version {model_version} into the "

@@ -15,8 +15,9 @@ from pipeline_lib.serving.shared_memory import SharedMemoryTransport, output_byt
 
 Protocol = Literal["http", "grpc"]
 # optional inputs of a served model: sent only when the rows carry them (top-k: item ids never to
-# return for that row, pipeline_lib.export.topk.EXCLUDE_INPUT)
-OPTIONAL_FIELDS = ("exclude_item_ids",)
+# return for that row, pipeline_lib.export.topk.EXCLUDE_INPUT; a classical version's history, looked up in the
+# feature store when left out, pipeline_lib.export.classical.HISTORY_INPUT)
+OPTIONAL_FIELDS = ("exclude_item_ids", "history_item_ids")
 # request-level inputs (not a row field): top-k's ``k`` (pipeline_lib.export.topk.K_INPUT), set by recommend(k=...)
 REQUEST_FIELDS = ("k",)
 

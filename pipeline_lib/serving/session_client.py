@@ -8,3 +8,8 @@ class SessionClient(RecsysClient):
     """``RecsysClient`` for the session model: every raw column is a list (one session per row),
     sent as ``__values``/``__offsets``; :meth:`RecsysClient.recommend` answers ``item_ids`` and
     ``scores``, ``[sessions, k]``."""
+
+    def to_arrays(self, rows, partial: bool = False):
+        """The session lists the rows carry (a session version with a feature snapshot looks the item feature lists
+        a request leaves out up by item id; a required list left out is named by the server: invalid-argument)."""
+        return super().to_arrays(rows, partial=True)

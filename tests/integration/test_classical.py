@@ -1,7 +1,9 @@
 """Classical retrieval models (ease, item_knn; and mult_dae, served the same way) through the whole Prefect flow:
 trained on the raw split, exported as a top-k version (kind classical), gated, smoke-tested (served == offline)
 and published; the published versions then served by one real Triton, over HTTP and gRPC, with seen items,
-exclude_item_ids and an unknown user. The pieces: tests/unit/models/test_classical.py, tests/unit/export/test_classical.py."""
+exclude_item_ids and an unknown user; user-id requests answered from the Feast store (the user's train + validation
+positives, the re-ranker's user features), an unknown user, and a store that goes away (Redis stopped: 503).
+The pieces: tests/unit/models/test_classical.py, tests/unit/export/test_classical.py."""
 import json
 from pathlib import Path
 
@@ -32,6 +34,7 @@ def classical_runs(prefect_harness, tmp_path_factory):
     from flows.pipeline import pipeline
     from pipeline_lib.config import AutoencoderConfig, ClassicalConfig
     from pipeline_lib.export.classical import export_classical
+    from pipeline_lib.features.classical import write_classical_snapshot
     from pipeline_lib.models import classical
     from pipeline_lib.models import ranking as ranking_model
     from pipeline_lib.serving import repository
@@ -46,16 +49,16 @@ def classical_runs(prefect_harness, tmp_path_factory):
     cfg = load_config(None, overrides)
     model = cfg.model.model_copy(update={"type": "item_knn", "classical": ClassicalConfig(knn_neighbours=20)})
     knn = classical.train(split / "train.parquet", split / "valid.parquet", cfg.columns, model, tmp / "knn")
-    exp = export_classical(knn.model_dir, split / "train.parquet", pd.read_parquet(split / "valid.parquet").head(32),
-                           topk.TopKSettings.from_config(cfg), tmp / "staging", "recsys_knn")
+    valid = split / "valid.parquet"  # the users' history besides train, as the flow exports (features on)
+    exp = export_classical(knn.model_dir, split / "train.parquet", pd.read_parquet(valid).head(32),
+                           topk.TopKSettings.from_config(cfg), tmp / "staging", "recsys_knn", raw_history=valid,
+                           features=True)
     dae_model = cfg.model.model_copy(update={"type": "mult_dae", "autoencoder": AutoencoderConfig(
         hidden_dim=32, batch_size=64, epochs=5)})
-    dae = classical.train(split / "train.parquet", split / "valid.parquet", cfg.columns, dae_model, tmp / "dae",
-                          cfg.seed)
-    dae_exp = export_classical(dae.model_dir, split / "train.parquet",
-                               pd.read_parquet(split / "valid.parquet").head(32),
+    dae = classical.train(split / "train.parquet", valid, cfg.columns, dae_model, tmp / "dae", cfg.seed)
+    dae_exp = export_classical(dae.model_dir, split / "train.parquet", pd.read_parquet(valid).head(32),
                                topk.TopKSettings.from_config(cfg), tmp / "staging-dae", "recsys_dae",
-                               raw_history=split / "valid.parquet")
+                               raw_history=valid)
     # two-stage: the run's ease model proposes 30 candidates, a DLRM trained on the run's ETL output re-scores them
     etl_dir = Path(summary["etl_from"])
     ranker = ranking_model.train(etl_dir / "train", etl_dir / "valid", cfg.model.model_copy(update={"type": "dlrm"}),
@@ -63,11 +66,58 @@ def classical_runs(prefect_harness, tmp_path_factory):
     two_stage = export_classical(tmp / "runs" / "ease" / "model" / "model", split / "train.parquet",
                                  pd.read_parquet(split / "valid.parquet").head(16),
                                  topk.TopKSettings(cfg.columns, k=10, ranker_dir=ranker.model_dir, candidates=30),
-                                 tmp / "staging-two-stage", "recsys_ease_dlrm", workflow_dir=etl_dir / "workflow")
+                                 tmp / "staging-two-stage", "recsys_ease_dlrm", workflow_dir=etl_dir / "workflow",
+                                 raw_history=valid, features=True)
     for name, staged in (("recsys_knn", exp), ("recsys_ease_dlrm", two_stage), ("recsys_dae", dae_exp)):
+        if name != "recsys_dae":
+            write_classical_snapshot(staged, split / "train.parquet", valid, cfg.columns)  # what the family does
         assert repository.publish(staged.version_dir, staged.config_path, repo, name)[0] == 1
         repository.promote(repo, name, 1, None, cfg.serving.instance_count)
+    # the features stage of the flow (ease) fills its store; here the two others' SQLite stores
+    fill(tmp / "feature_store" / "recsys_ease_dlrm", repo, "recsys_ease_dlrm")
     return tmp, repo, split, summary
+
+
+def fill(settings_or_repo, repo: Path, name: str) -> None:
+    """Materialize version 1 of ``name`` into a store (a repo folder: SQLite) and point the served model at it."""
+    from pipeline_lib.features.store import StoreSettings, materialize, write_pointer
+
+    settings = settings_or_repo if isinstance(settings_or_repo, StoreSettings) else StoreSettings(settings_or_repo)
+    materialize(settings, repo / name / "1" / topk.TOPK_DIR, 1)
+    write_pointer(repo / name, settings)
+
+
+REDIS_MODEL = "recsys_knn"  # its store is a real Redis when redis-server is installed (SQLite otherwise)
+
+
+@pytest.fixture(scope="module")
+def redis_store(classical_runs):
+    """A real redis-server on a free loopback port holding REDIS_MODEL's features (None, and a SQLite store, when
+    redis-server is not installed)."""
+    import shutil
+    import subprocess
+    import time
+
+    from pipeline_lib.features.store import StoreSettings
+    from pipeline_lib.serving.server import free_port
+
+    tmp, repo, _, _ = classical_runs
+    exe = shutil.which("redis-server")
+    if exe is None:
+        fill(tmp / "feature_store" / REDIS_MODEL, repo, REDIS_MODEL)
+        yield None
+        return
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        fill(StoreSettings(tmp / "redis_fs" / REDIS_MODEL, "redis", f"127.0.0.1:{port}"), repo, REDIS_MODEL)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 def test_flow_trains_gates_and_publishes_an_ease_version(classical_runs):
@@ -95,7 +145,7 @@ def test_flow_trains_gates_and_publishes_an_ease_version(classical_runs):
 
 
 @pytest.fixture(scope="module")
-def served(classical_runs):
+def served(classical_runs, redis_store):
     tmp, repo, _, _ = classical_runs
     server = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log")
     with server.start(timeout_s=300, models=list(RUNS)):
@@ -134,3 +184,86 @@ def test_served_classical_top_k_equals_offline_over_http_and_grpc(classical_runs
             assert not set(items) & (set(dropped) | seen.get(user, set()))
         if rec.ranker_fn is None:  # unknown user: popular minus the excluded
             assert more_ids[0].tolist() == popular[3:13].tolist()
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_user_id_requests_equal_the_offline_top_k_of_the_users_history(classical_runs, served, name):
+    """Only the user id is sent: the served version reads the user's positive items (train + validation) and, two-stage,
+    the re-ranker's user features from the store; the answer equals the offline top-k of the user scored from the
+    training data (seen.npz, as the test-time evaluation scores it). An unknown id: popular items, cold_start."""
+    from pipeline_lib.features import snapshot
+    from pipeline_lib.features.store import store_state
+
+    tmp, repo, _, s = classical_runs
+    if name == "recsys_ease":  # the flow's features stage filled the promoted version's store
+        assert s["feature_store"]["version"] == 1 and store_state(Path(s["feature_store"]["repo"]))["version"] == 1
+    art = repo / name / "1" / topk.TOPK_DIR
+    rec = ClassicalRecommender(art)
+    assert rec.lookup_columns == rec.request_columns + ["history_item_ids"]
+    users = snapshot.stored_users(art, 6)
+    ids = users + [snapshot.unknown_id(users)]
+    rows = snapshot.offline_rows(art, ids)
+    want = topk.finish_top_k(*rec.offline(rows[rec.request_columns]))  # history from seen.npz, not the store
+    for url, protocol in ((served.grpc_url, "grpc"), (served.http_url, "http")):
+        with RecsysClient(url, protocol, name) as c:
+            got_ids, got_scores, count, cold = c.recommend_user(ids, "user_id")
+        assert cold.tolist() == [False] * len(users) + [True], protocol
+        np.testing.assert_array_equal(got_ids, want[0])
+        np.testing.assert_allclose(got_scores, want[1], atol=1e-5, rtol=0)
+    popular = rec.item_ids[np.argsort(-rec.popularity, kind="stable")]
+    if rec.ranker_fn is None:
+        assert got_ids[-1].tolist() == popular[:10].tolist()  # the cold-start answer
+    # the full-feature request: the history sent is what is scored and excluded, no store read (a plain version:
+    # another user's history under the first user's id; a re-ranker also reads the user id)
+    sent = rows.iloc[[1]][rec.lookup_columns].reset_index(drop=True)
+    if rec.ranker_fn is None:
+        sent["user_id"] = ids[0]
+    with RecsysClient(served.grpc_url, "grpc", name) as c:
+        got = c.recommend(sent)
+    np.testing.assert_array_equal(got[0][0], want[0][1])
+    assert not set(got[0][0]) & set(rows["history_item_ids"].iloc[1])
+
+
+def test_rollback_restores_a_classical_snapshot_and_refuses_a_version_without_one(classical_runs, tmp_path):
+    """A classical version's snapshot goes back into its store on rollback; a version exported without features
+    is refused while the model serves user-id requests (its users would be scored from another history)."""
+    from pipeline_lib.export.classical import export_classical
+    from pipeline_lib.features import snapshot, stage
+    from pipeline_lib.features.store import FeatureStoreError, read_pointer, store_state, write_pointer
+
+    tmp, repo, split, _ = classical_runs
+    snap = snapshot.Snapshot.load(snapshot.snapshot_dir(repo / "recsys_ease" / "1" / topk.TOPK_DIR))
+    assert stage.restore(repo, "recsys_ease", 1)["snapshot"] == snap.id
+    assert store_state(read_pointer(repo / "recsys_ease").repo)["snapshot"] == snap.id
+    settings = topk.TopKSettings(load_config(None, SMALL).columns, k=10)
+    export_classical(tmp / "knn" / "model", split / "train.parquet", pd.read_parquet(split / "valid.parquet").head(4),
+                     settings, tmp_path / "staging", "recsys_knn")  # features off: no snapshot
+    write_pointer(tmp_path / "staging" / "recsys_knn", read_pointer(repo / "recsys_knn"))
+    with pytest.raises(FeatureStoreError, match="version 1 of 'recsys_knn' has no feature snapshot"):
+        stage.check_restorable(tmp_path / "staging", "recsys_knn", 1)
+    stage.check_restorable(repo, "recsys_knn", 1)  # the served one has its snapshot
+
+
+def test_classical_user_id_requests_get_503_when_the_store_goes_away(classical_runs, served, redis_store):
+    """REDIS_MODEL's store is a real Redis: stopped, its user-id requests are UNAVAILABLE (HTTP 503, gRPC
+    UNAVAILABLE), never a crash or a silent answer from another history; full-feature requests (user id + history)
+    still answer. Last in the file: it stops the module's Redis."""
+    from pipeline_lib.features import snapshot
+    from tritonclient.utils import InferenceServerException
+
+    if redis_store is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+    _, repo, _, _ = classical_runs
+    art = repo / REDIS_MODEL / "1" / topk.TOPK_DIR
+    rec = ClassicalRecommender(art)
+    users = snapshot.stored_users(art, 4)
+    full = snapshot.offline_rows(art, users)[rec.lookup_columns]
+    want = topk.finish_top_k(*rec.offline(full[rec.request_columns]))
+    redis_store.terminate()
+    redis_store.wait(timeout=10)
+    for url, protocol, status in ((served.grpc_url, "grpc", "UNAVAILABLE"), (served.http_url, "http", "503")):
+        with RecsysClient(url, protocol, REDIS_MODEL) as c:
+            with pytest.raises(InferenceServerException, match="unavailable: feature store unreachable") as exc:
+                c.recommend_user(users, "user_id")
+            assert status in str(exc.value.status())
+            np.testing.assert_array_equal(c.recommend(full)[0], want[0])

@@ -86,7 +86,8 @@ def test_session_flow_runs_every_stage_and_serves_top_k_equal_to_offline(session
     run = tmp / "runs" / "s1"
     assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
                                               "serving-smoke-test", "publish", "promote", "features"]
-    assert summary["feature_store"] is None  # no user-id requests for this family: nothing to materialize
+    # no users in a session request: the store holds the item features only (looked up by item id)
+    assert summary["feature_store"]["users"] == 0 and summary["feature_store"]["items"] > 0
     assert summary["task"] == "session" and summary["model"] == "session_gru"
     # same shape as the other families; the classical session types on the same held-out prefixes
     assert set(summary["baselines"]) == {"most_popular", "cooccurrence", "session_knn", "sequential_rules"}
@@ -161,6 +162,33 @@ def test_the_published_session_version_is_served_like_offline(session_runs, repo
         np.testing.assert_array_equal(one_ids, want_ids[:1])
         np.testing.assert_array_equal(got_more[0], more_ids)
         np.testing.assert_allclose(got_more[1], more_scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.integration
+def test_session_requests_without_item_features_get_them_from_the_store(session_runs, repos, triton):
+    """A session request with its item ids and timestamps only: the served model looks each event's item features up
+    by item id in the store the flow's features stage filled; the answer equals the offline top-k of the same sessions
+    with the item features of the training data (an unknown item: the snapshot's out-of-vocabulary value)."""
+    from pipeline_lib.export.session import SessionRecommender
+    from pipeline_lib.export.topk import TOPK_DIR
+    from pipeline_lib.features import snapshot
+    from pipeline_lib.features.sessions import UNKNOWN_INT
+    from pipeline_lib.serving.session_client import SessionClient
+
+    tmp, summary, _ = session_runs
+    art = repos["flow"] / "recsys_session" / "1" / TOPK_DIR
+    assert summary["feature_store"]["version"] == 1
+    stored = pd.read_parquet(snapshot.snapshot_dir(art) / snapshot.ITEMS_FILE).set_index("item_id")["item_category"]
+    req, _ = sessions.prefixes(pd.read_parquet(tmp / "runs" / "s1" / "split" / "valid.parquet").head(12), COLS)
+    req.loc[0, "item_id"] = [987654, *req.loc[0, "item_id"][1:]]
+    full = req.assign(item_category=[[int(stored.get(i, UNKNOWN_INT)) for i in s] for s in req["item_id"]])
+    want_ids, want_scores = SessionRecommender(art).offline(full)
+    _load(triton, "recsys_session")
+    for proto, url in (("http", triton.http_url), ("grpc", triton.grpc_url)):
+        with SessionClient(url, proto, "recsys_session") as client:
+            ids, scores = client.recommend(req.drop(columns=["item_category"]))
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
 
 
 @pytest.mark.integration

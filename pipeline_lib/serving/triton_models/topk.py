@@ -27,7 +27,7 @@ from pipeline_lib.export.topk import decode_ids, K_INPUT, OUTPUT_COUNT, OUTPUT_I
 from pipeline_lib.online.impressions import (REQUEST_ID_OUTPUT, new_request_id, open_for_model, request_id_tensor,
                                              subject_ids)
 from pipeline_lib.serving import bytes_tensor
-from pipeline_lib.features.lookup import COLD_START_OUTPUT, UserLookup
+from pipeline_lib.features.lookup import COLD_START_OUTPUT, ItemLookup, UserLookup
 from pipeline_lib.features.snapshot import has_snapshot
 from pipeline_lib.features.store import FeatureStoreError
 
@@ -45,6 +45,11 @@ class TritonPythonModel:
         self.lookup = UserLookup(vdir / TOPK_DIR, vdir.parent) if self.has_cold and has_snapshot(vdir / TOPK_DIR) else None
         if self.lookup is not None:
             self.lookup.warm()
+        # session versions: item feature lists a request leaves out come from the store by item id (docs/sessions.md)
+        self.items = ItemLookup(vdir / TOPK_DIR, vdir.parent) if self.rec.kind == "session" and has_snapshot(
+            vdir / TOPK_DIR) else None
+        if self.items is not None:
+            self.items.warm()
         self.limits = request_limits(config)  # rows, string and list sizes, value ranges (config.pbtxt)
         self.max_rows = self.limits.max_rows
         self.input_names = [i["name"] for i in config["input"] if i["name"] != K_INPUT]
@@ -102,10 +107,14 @@ class TritonPythonModel:
             return error_response(pb_utils, exc)
 
     def _complete(self, arrays):
-        """A request without some feature columns (a user-id request): those looked up by user id in the store."""
+        """A request without some feature columns (a user-id request): those looked up by user id in the store (a
+        session request: its item feature lists, by item id)."""
+        if self.items is not None:
+            missing = [c for c in self.items.snap.item_columns if f"{c}__values" not in arrays]
+            return (self.items.complete_items(arrays, missing) if missing else arrays), None
         if self.lookup is None:
             return arrays, None
-        missing = [c for c in self.rec.request_columns if c not in arrays and f"{c}__values" not in arrays]
+        missing = [c for c in self.rec.lookup_columns if c not in arrays and f"{c}__values" not in arrays]
         if not missing:
             return arrays, None
         return self.lookup.complete(arrays, missing)

@@ -146,3 +146,46 @@ def test_a_version_with_the_validation_split_as_history_answers_like_the_test_pr
     plain = export.export_classical(out.model_dir, tmp_path / "train.parquet", valid.head(8),
                                     TopKSettings(COLUMNS, k=10, exclude_seen=True), tmp_path / "staging2", "recsys")
     assert plain.recommender.recommend(pd.DataFrame({"user_id": p.users}))[0].tolist() != got.tolist()
+
+
+def test_user_id_version_keeps_a_snapshot_of_the_users_train_and_validation_positives(tmp_path):
+    """``features``: the version's snapshot holds each user's train + validation positives (``history_item_ids``);
+    sent as the request's history (what the store gives a user-id request), they give the answer seen.npz gives;
+    an empty history is an unknown user (most popular); the history is also what is excluded."""
+    from pipeline_lib.features import snapshot
+    from pipeline_lib.features.classical import write_classical_snapshot
+
+    df = interactions(seed=5)
+    train, valid = df.iloc[:600], df.iloc[600:750]
+    train.to_parquet(tmp_path / "train.parquet")
+    valid.to_parquet(tmp_path / "valid.parquet")
+    out = classical.train(tmp_path / "train.parquet", tmp_path / "valid.parquet", COLUMNS,
+                          ModelConfig(type="ease", retrieval=RetrievalConfig(k=10)), tmp_path / "model")
+    exp = export.export_classical(out.model_dir, tmp_path / "train.parquet", valid.head(8),
+                                  TopKSettings(COLUMNS, k=10), tmp_path / "staging", "recsys",
+                                  raw_history=tmp_path / "valid.parquet", features=True)
+    write_classical_snapshot(exp, tmp_path / "train.parquet", tmp_path / "valid.parquet", COLUMNS)
+    rec, art = exp.recommender, exp.version_dir / TOPK_DIR
+    assert rec.request_columns == ["user_id"] and rec.lookup_columns == ["user_id", export.HISTORY_INPUT]
+    assert exp.parity["rows"] == 8 and exp.parity["max_abs_score_diff"] == 0.0
+    config = exp.config_path.read_text()
+    assert "history_item_ids__values" in config and "cold_start" in config
+    snap = snapshot.Snapshot.load(snapshot.snapshot_dir(art))
+    both = pd.concat([train, valid])
+    assert snap.user_columns == [export.HISTORY_INPUT] and snap.n_users == both["user_id"].nunique()
+    users = snapshot.stored_users(art, snap.n_users)
+    rows = snapshot.offline_rows(art, users + [10**6])
+    positives = both[both.click > 0].groupby("user_id")["item_id"].apply(set)
+    assert all(set(h) == positives.get(u, set()) for u, h in zip(rows["user_id"], rows[export.HISTORY_INPUT]))
+    assert rows[export.HISTORY_INPUT].iloc[-1] == []  # the cold-start row
+    from_store = rec.recommend(rows)
+    from_seen = rec.offline(rows[["user_id"]])
+    np.testing.assert_array_equal(from_store[0], from_seen[0])
+    np.testing.assert_array_equal(from_store[1], from_seen[1])
+    # another user's history scores like that user, and that history is excluded
+    other = rows.iloc[[0]].assign(user_id=[10**6 + 1])
+    np.testing.assert_array_equal(rec.recommend(other)[0], from_seen[0][:1])
+    plain = export.export_classical(out.model_dir, tmp_path / "train.parquet", valid.head(8),
+                                    TopKSettings(COLUMNS, k=10), tmp_path / "staging2", "recsys")
+    with pytest.raises(ValueError, match="exported without features"):
+        write_classical_snapshot(plain, tmp_path / "train.parquet", None, COLUMNS)

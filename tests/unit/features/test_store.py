@@ -147,3 +147,16 @@ def test_the_direct_sqlite_read_equals_feasts_get_online_features(tmp_path):
     direct = SqliteReader(settings.repo / "online.db", store.project_name(settings.repo), store.USER_VIEW,
                           "user_id", cols).read(ids)
     assert direct == {c: feast[c] for c in cols} and direct["age"][-1] is None
+
+
+def test_a_user_id_twice_in_one_request_gets_its_features_in_both_rows(tmp_path):
+    """The SQLite reader answers every row of a repeated id (it once filled only the last: the others went cold)."""
+    art = _version(tmp_path, 1, _train())
+    settings = store.StoreSettings(tmp_path / "fs" / "m")
+    store.materialize(settings, art, 1)
+    store.write_pointer(tmp_path / "m", settings)
+    u, v = snapshot.stored_users(art, 2)
+    found, cold = UserLookup(art, tmp_path / "m").fetch(np.array([u, v, u], dtype=np.int64))
+    assert cold.tolist() == [False, False, False]
+    want = snapshot.offline_rows(art, [u, v, u])
+    assert found["age"] == want["age"].tolist() and found[HIST] == [list(h) for h in want[HIST]]
