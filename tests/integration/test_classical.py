@@ -58,7 +58,7 @@ def classical_runs(prefect_harness, tmp_path_factory):
     dae = classical.train(split / "train.parquet", valid, cfg.columns, dae_model, tmp / "dae", cfg.seed)
     dae_exp = export_classical(dae.model_dir, split / "train.parquet", pd.read_parquet(valid).head(32),
                                topk.TopKSettings.from_config(cfg), tmp / "staging-dae", "recsys_dae",
-                               raw_history=valid)
+                               raw_history=valid, features=True)
     # two-stage: the run's ease model proposes 30 candidates, a DLRM trained on the run's ETL output re-scores them
     etl_dir = Path(summary["etl_from"])
     ranker = ranking_model.train(etl_dir / "train", etl_dir / "valid", cfg.model.model_copy(update={"type": "dlrm"}),
@@ -69,12 +69,12 @@ def classical_runs(prefect_harness, tmp_path_factory):
                                  tmp / "staging-two-stage", "recsys_ease_dlrm", workflow_dir=etl_dir / "workflow",
                                  raw_history=valid, features=True)
     for name, staged in (("recsys_knn", exp), ("recsys_ease_dlrm", two_stage), ("recsys_dae", dae_exp)):
-        if name != "recsys_dae":
-            write_classical_snapshot(staged, split / "train.parquet", valid, cfg.columns)  # what the family does
+        write_classical_snapshot(staged, split / "train.parquet", valid, cfg.columns)  # what the family does
         assert repository.publish(staged.version_dir, staged.config_path, repo, name)[0] == 1
         repository.promote(repo, name, 1, None, cfg.serving.instance_count)
-    # the features stage of the flow (ease) fills its store; here the two others' SQLite stores
-    fill(tmp / "feature_store" / "recsys_ease_dlrm", repo, "recsys_ease_dlrm")
+    # the features stage of the flow (ease) fills its store; here the others' SQLite stores (knn: redis_store)
+    for name in ("recsys_ease_dlrm", "recsys_dae"):
+        fill(tmp / "feature_store" / name, repo, name)
     return tmp, repo, split, summary
 
 
