@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.features.snapshot import Snapshot, snapshot_dir
-from pipeline_lib.features.store import (SNAPSHOT_FIELD, USER_VIEW, FeatureStoreError, StoreSettings, open_store,
+from pipeline_lib.features.store import (ITEM_VIEW, SNAPSHOT_FIELD, USER_VIEW, FeatureStoreError, StoreSettings, open_store,
                                          project_name, read_pointer, store_state)
 
 COLD_START_OUTPUT = "cold_start"  # served output: BOOL [rows], true where the user was unknown to the store
@@ -61,11 +61,15 @@ class SqliteReader:
         keys = [self.key(u) for u in ids]
         rows = self.conn.execute(f"SELECT entity_key, feature_name, value FROM {self.table} "
                                  f"WHERE entity_key IN ({','.join('?' * len(keys))})", keys).fetchall()
-        at = {k: i for i, k in enumerate(keys)}
+        at: dict[bytes, list[int]] = {}
+        for i, k in enumerate(keys):  # an id asked twice (a ranking request's items, one user per row) gets both
+            at.setdefault(k, []).append(i)
         out: dict[str, list] = {f: [None] * len(keys) for f in self.features}
         for key, name, blob in rows:
             if name in out:
-                out[name][at[key]] = self._python(self._value.FromString(blob))
+                value = self._python(self._value.FromString(blob))
+                for i in at[key]:
+                    out[name][i] = value
         return out
 
 
@@ -80,6 +84,7 @@ class UserLookup:
         self.last_lookup_s = 0.0
         self.reader: Optional[SqliteReader] = None  # the SQLite store read directly (Feast's API for Redis)
         self.refs = [f"{USER_VIEW}:{c}" for c in self.snap.user_columns] + [f"{USER_VIEW}:{SNAPSHOT_FIELD}"]
+        self.item_reader: Optional[SqliteReader] = None  # fetch_items: the item view read directly (SQLite)
 
     @property
     def user_id(self) -> str:
@@ -138,6 +143,47 @@ class UserLookup:
             if c in self.snap.list_columns:
                 out[c] = [list(v) if v is not None else [] for v in out[c]]
         return out, cold
+
+    def fetch_items(self, item_ids: np.ndarray) -> tuple[dict[str, list], np.ndarray]:
+        """Stored item columns for ``item_ids`` (the snapshot's ``item_defaults`` where the store does not hold the
+        item) and the unknown-item mask; the same store, readers and errors as :meth:`fetch`. The item view holds
+        no snapshot id: callers check the store's version through :meth:`fetch` (or :meth:`check_current`)."""
+        ids = _python_ids(item_ids)
+        store = self._open()
+        cols = self.snap.item_columns
+        t0 = time.perf_counter()
+        try:
+            if self.settings.online_store == "sqlite":  # type: ignore[union-attr]
+                if self.item_reader is None:
+                    self.item_reader = SqliteReader(self.settings.repo / "online.db",  # type: ignore[union-attr]
+                                                    project_name(self.settings.repo), ITEM_VIEW,  # type: ignore[union-attr]
+                                                    self.snap.item_id, cols)
+                res = self.item_reader.read(ids) if cols else {}
+            else:
+                res = store.get_online_features(features=[f"{ITEM_VIEW}:{c}" for c in cols],
+                                                entity_rows=[{self.snap.item_id: i} for i in ids]).to_dict() if cols else {}
+        except FeatureStoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - connection refused, missing table, timeout
+            raise FeatureStoreError(f"feature store unreachable ({self.settings.online_store} at "  # type: ignore[union-attr]
+                                    f"{self._where()}): {type(exc).__name__}: {str(exc)[:300]}") from exc
+        self.last_lookup_s += time.perf_counter() - t0
+        known = np.array([any(res[c][i] is not None for c in cols) for i in range(len(ids))], dtype=bool) \
+            if cols else np.ones(len(ids), dtype=bool)
+        out = {}
+        for c in cols:
+            default = self.snap.item_defaults.get(c)
+            out[c] = [v if v is not None else (list(default) if isinstance(default, list) else default)
+                      for v in res[c]]
+            if c in self.snap.list_columns:
+                out[c] = [list(v) if v is not None else [] for v in out[c]]
+        return out, ~known
+
+    def check_current(self) -> None:
+        """The store must hold this version's snapshot (:class:`FeatureStoreError` otherwise): for a request whose
+        rows :meth:`fetch` could not tie to this version (every user unknown)."""
+        self._open()
+        self._check_current()
 
     def _where(self) -> str:
         s = self.settings

@@ -40,6 +40,7 @@ class Snapshot:
     defaults: dict[str, Any] = field(default_factory=dict)  # the cold-start row (lists: empty)
     n_users: int = 0
     n_items: int = 0
+    item_defaults: dict[str, Any] = field(default_factory=dict)  # an item the store does not hold (ranking)
 
     @classmethod
     def load(cls, snapshot_dir: Path) -> "Snapshot":
@@ -120,7 +121,8 @@ def write_snapshot(artifact_dir: Path, train: pd.DataFrame, request_columns: lis
         list_columns=[c for f in (users, items) for c in f.columns if _is_list(f[c]) or c == history],
         item_columns=[c for c in items.columns if c != iid],
         dtypes={c: _dtype_name(f[c], item_dtype) for f in (users, items) for c in f.columns},
-        defaults={c: _default(users[c]) for c in stored}, n_users=len(users), n_items=len(items))
+        defaults={c: _default(users[c]) for c in stored}, n_users=len(users), n_items=len(items),
+        item_defaults={c: _default(items[c]) for c in items.columns if c != iid})
     (out / META_FILE).write_text(json.dumps(asdict(snap), indent=2, default=str))
     return snap
 
@@ -157,4 +159,29 @@ def stored_users(artifact_dir: Path, n: int) -> list:
     """The first ``n`` user ids of a snapshot (Python values)."""
     snap = Snapshot.load(snapshot_dir(artifact_dir))
     ids = pd.read_parquet(snapshot_dir(artifact_dir) / USERS_FILE, columns=[snap.user_id])[snap.user_id].head(n)
+    return [v.item() if hasattr(v, "item") else v for v in ids]
+
+
+def offline_pairs(artifact_dir: Path, user_ids: list, item_ids: list) -> pd.DataFrame:
+    """A ranking version's full request rows for (user, item) pairs (``user_ids[i]``, ``item_ids[i]``): the
+    user's columns as :func:`offline_rows` gives them, the item's stored features (``item_defaults`` for an item
+    the snapshot does not hold): what a user-id ranking request must be scored like."""
+    snap = Snapshot.load(snapshot_dir(artifact_dir))
+    rows = offline_rows(artifact_dir, list(user_ids)).reset_index(drop=True)
+    items = pd.read_parquet(snapshot_dir(artifact_dir) / ITEMS_FILE).set_index(snap.item_id)
+    found = items.reindex(list(item_ids))
+    for c in snap.item_columns:
+        default = snap.item_defaults.get(c)
+        known = pd.Index(item_ids).isin(items.index)
+        values = [(list(v) if c in snap.list_columns else v) if k else
+                  (list(default) if isinstance(default, list) else default) for v, k in zip(found[c].tolist(), known)]
+        rows[c] = pd.Series(values, dtype=object if c in snap.list_columns else snap.dtypes[c])
+    rows[snap.item_id] = pd.Series(list(item_ids), dtype=snap.dtypes[snap.item_id])
+    return rows
+
+
+def stored_items(artifact_dir: Path, n: int) -> list:
+    """The first ``n`` item ids of a snapshot (Python values)."""
+    snap = Snapshot.load(snapshot_dir(artifact_dir))
+    ids = pd.read_parquet(snapshot_dir(artifact_dir) / ITEMS_FILE, columns=[snap.item_id])[snap.item_id].head(n)
     return [v.item() if hasattr(v, "item") else v for v in ids]

@@ -1,0 +1,84 @@
+"""User-id ranking requests (pipeline_lib/features/pairs.py) on a real Feast repo (SQLite online store): the
+user's and the items' columns looked up, broadcast of one user id, unknown users and items, a store of another
+version. Tiny synthetic data, no Triton."""
+import numpy as np
+import pytest
+
+from pipeline_lib.features import snapshot, store
+from pipeline_lib.features.lookup import UserLookup
+from pipeline_lib.features.pairs import complete_pairs, missing_columns
+from pipeline_lib.features.store import FeatureStoreError
+from pipeline_lib.validate.requests import BadRequest
+
+from tests.unit.features.test_store import HIST, _train, _version
+
+USER_MISSING = ["age", "country", HIST]
+ITEM_MISSING = ["price", "item_tags"]
+
+
+@pytest.fixture
+def filled(tmp_path):
+    art = _version(tmp_path, 1, _train())
+    settings = store.StoreSettings(tmp_path / "fs" / "m")
+    store.materialize(settings, art, 1)
+    store.write_pointer(tmp_path / "m", settings)
+    return art, UserLookup(art, tmp_path / "m")
+
+
+def _lists(arrays, name):
+    off = arrays[f"{name}__offsets"]
+    return [arrays[f"{name}__values"][off[i]:off[i + 1]].tolist() for i in range(len(off) - 1)]
+
+
+def test_one_user_id_broadcast_over_its_items_equals_the_offline_pairs(filled):
+    art, lookup = filled
+    user, items = snapshot.stored_users(art, 1)[0], snapshot.stored_items(art, 3)
+    unknown_item = snapshot.unknown_id(items)
+    asked = items + [unknown_item, items[0]]  # an unknown item and an item asked twice
+    arrays, cold = complete_pairs(lookup, {"user_id": np.array([user]), "item_id": np.array(asked)},
+                                  USER_MISSING + ITEM_MISSING, {"age": np.dtype("int32")})
+    want = snapshot.offline_pairs(art, [user] * len(asked), asked)
+    assert cold.tolist() == [False] * len(asked) and arrays["user_id"].tolist() == [user] * len(asked)
+    assert arrays["age"].dtype == np.int32 and arrays["age"].tolist() == want["age"].tolist()
+    np.testing.assert_allclose(arrays["price"], want["price"])
+    assert arrays["price"][3] == snapshot.Snapshot.load(snapshot.snapshot_dir(art)).item_defaults["price"]
+    assert [[v.decode() for v in t] for t in _lists(arrays, "item_tags")] == [list(t) for t in want["item_tags"]]
+    assert _lists(arrays, HIST) == [list(h) for h in want[HIST]]
+
+
+def test_unknown_user_gets_the_cold_start_row_and_the_flag(filled):
+    art, lookup = filled
+    user = snapshot.stored_users(art, 1)[0]
+    items = snapshot.stored_items(art, 2)
+    arrays, cold = complete_pairs(lookup, {"user_id": np.array([user, 10**6]), "item_id": np.array(items)},
+                                  USER_MISSING + ITEM_MISSING)
+    want = snapshot.offline_pairs(art, [user, 10**6], items)
+    assert cold.tolist() == [False, True] and arrays["age"].tolist() == want["age"].tolist()
+    assert _lists(arrays, HIST)[1] == []
+
+
+def test_bad_requests_name_the_field(filled):
+    _, lookup = filled
+    with pytest.raises(BadRequest, match="missing input 'item_id'"):
+        complete_pairs(lookup, {"user_id": np.array([1])}, USER_MISSING)
+    with pytest.raises(BadRequest, match="input 'user_id' has 2 values"):
+        complete_pairs(lookup, {"user_id": np.array([1, 2]), "item_id": np.array([1, 2, 3])}, USER_MISSING)
+    with pytest.raises(BadRequest, match="missing input 'user_id'"):
+        complete_pairs(lookup, {"item_id": np.array([1, 2])}, USER_MISSING)
+    with pytest.raises(BadRequest, match="missing input 'device'"):
+        complete_pairs(lookup, {"user_id": np.array([1]), "item_id": np.array([1])}, ["device"])
+    assert missing_columns(["user_id", "age", f"{HIST}__values", f"{HIST}__offsets"], {"user_id": 1}) == ["age", HIST]
+
+
+def test_another_versions_store_or_no_store_is_unavailable(filled, tmp_path):
+    art, lookup = filled
+    other = _version(tmp_path / "v2", 2, _train(seed=1))
+    store.materialize(store.StoreSettings(tmp_path / "fs" / "m"), other, 2)
+    # every user unknown to this version (cold) and items only: the store's version is checked all the same
+    with pytest.raises(FeatureStoreError, match="holds version 2's features"):
+        complete_pairs(lookup, {"user_id": np.array([10**6]), "item_id": np.array([1])}, USER_MISSING)
+    with pytest.raises(FeatureStoreError, match="holds version 2's features"):
+        complete_pairs(lookup, {"user_id": np.array([1]), "item_id": np.array([1])}, ITEM_MISSING)
+    with pytest.raises(FeatureStoreError, match="no feature store is set up"):
+        complete_pairs(UserLookup(art, tmp_path / "nowhere"), {"user_id": np.array([1]), "item_id": np.array([1])},
+                       USER_MISSING)
