@@ -10,7 +10,7 @@ from pipeline_lib.features.pairs import complete_pairs, missing_columns
 from pipeline_lib.features.store import FeatureStoreError
 from pipeline_lib.validate.requests import BadRequest
 
-from tests.unit.features.test_store import HIST, _train, _version
+from tests.unit.features.test_store import HIST, _train, _version, redis_server  # noqa: F401 - fixture
 
 USER_MISSING = ["age", "country", HIST]
 ITEM_MISSING = ["price", "item_tags"]
@@ -82,3 +82,37 @@ def test_another_versions_store_or_no_store_is_unavailable(filled, tmp_path):
     with pytest.raises(FeatureStoreError, match="no feature store is set up"):
         complete_pairs(UserLookup(art, tmp_path / "nowhere"), {"user_id": np.array([1]), "item_id": np.array([1])},
                        USER_MISSING)
+
+
+def test_pairs_through_redis_equal_the_sqlite_answer_and_a_stopped_redis_is_unavailable(tmp_path, redis_server, filled):
+    """The same ranking request through a Redis online store (Feast's get_online_features for users and items)
+    answers what the SQLite store answers; with Redis stopped: FeatureStoreError (served as UNAVAILABLE)."""
+    proc, port = redis_server
+    art, sqlite_lookup = filled
+    settings = store.StoreSettings(tmp_path / "fs_redis" / "m", "redis", f"127.0.0.1:{port}")
+    store.materialize(settings, art, 1)
+    (tmp_path / "mr").mkdir()
+    store.write_pointer(tmp_path / "mr", settings)
+    users, items = snapshot.stored_users(art, 2) + [10**6], snapshot.stored_items(art, 2) + [10**6]
+    request = {"user_id": np.array(users), "item_id": np.array(items)}
+    got, cold = complete_pairs(UserLookup(art, tmp_path / "mr"), request, USER_MISSING + ITEM_MISSING)
+    want, want_cold = complete_pairs(sqlite_lookup, request, USER_MISSING + ITEM_MISSING)
+    assert cold.tolist() == want_cold.tolist() == [False, False, True]
+    assert set(got) == set(want)
+    for name in want:
+        assert np.asarray(got[name]).tolist() == np.asarray(want[name]).tolist(), name
+    proc.terminate()
+    proc.wait(timeout=10)
+    with pytest.raises(FeatureStoreError, match="unreachable"):
+        complete_pairs(UserLookup(art, tmp_path / "mr"), request, USER_MISSING + ITEM_MISSING)
+
+
+def test_the_direct_sqlite_read_answers_an_id_asked_twice_at_both_places(filled, tmp_path):
+    from pipeline_lib.features.lookup import SqliteReader
+
+    art, _ = filled
+    u = snapshot.stored_users(art, 1)[0]
+    settings = store.StoreSettings(tmp_path / "fs" / "m")
+    read = SqliteReader(settings.repo / "online.db", store.project_name(settings.repo), store.USER_VIEW, "user_id",
+                        ["age"]).read([u, 10**6, u])
+    assert read["age"][0] is not None and read["age"][0] == read["age"][2] and read["age"][1] is None
