@@ -88,7 +88,7 @@ def smoke_test(
         full = c.predict(rows)
         if user_requests is None:
             return full, None
-        return full, c.predict_user(user_requests.user_ids, user_requests.item_ids, user_requests.user_column,
+        return full, c.predict_user(user_requests.user_ids, user_requests.item_ids or [], user_requests.user_column,
                                     user_requests.item_column)
 
     (http, http_user), (grpc, grpc_user) = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, ask)
