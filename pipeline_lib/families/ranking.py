@@ -135,13 +135,16 @@ class RankingFamily(TaskFamily):
 
     def keep_features(self, etl_out: EtlOutput, exp: ExportOutput) -> None:
         """The version's feature snapshot in ``<N>/ensemble/features/`` (each training user's user and context
-        columns, ``etl.history`` features and recent items; the item features) and user-id requests in its
+        columns as on the latest training row, ``etl.history`` features and recent items as the next row's; the
+        item features) and user-id requests in its
         config.pbtxt (``user_id`` + ``item_id`` required, every other input optional, ``cold_start`` out)."""
         cols, items = self.cfg.columns, self.item_columns()
         user_side = [c for c in self.request_columns() if c not in items]
         hist = etl.history_column(cols) if self.history_length else None
-        write_snapshot(exp.version_dir / export.ENSEMBLE_SUBDIR, pd.read_parquet(etl_out.split.train), user_side,
-                       items, cols, hist, self.history_length)
+        train = pd.read_parquet(etl_out.split.train)
+        stats = user_history.next_row_history(train, cols) if self.history_stats else None
+        write_snapshot(exp.version_dir / export.ENSEMBLE_SUBDIR, train, user_side, items, cols, hist,
+                       self.history_length, stats)
         allow_user_id_requests(exp.config_path, cols.user_id, (cols.item_id,))
 
     def smoke_rows(self, etl_out: EtlOutput, n: int) -> pd.DataFrame:

@@ -102,13 +102,17 @@ def _default(s: pd.Series) -> Any:
 
 
 def write_snapshot(artifact_dir: Path, train: pd.DataFrame, request_columns: list[str], item_columns: list[str],
-                   columns, history: Optional[str], history_length: int) -> Snapshot:
+                   columns, history: Optional[str], history_length: int,
+                   user_values: Optional[pd.DataFrame] = None) -> Snapshot:
     """Write ``<artifact_dir>/features/`` (users, items, features.json) from the raw training split ``train``;
-    ``columns``: the run's ``ColumnsConfig`` (ids, label, timestamp)."""
+    ``columns``: the run's ``ColumnsConfig`` (ids, label, timestamp). ``user_values`` (indexed by user id): columns
+    stored instead of the latest row's (a ranking version's ``etl.history`` features, as the next row's)."""
     out = snapshot_dir(artifact_dir)
     out.mkdir(parents=True, exist_ok=True)
     uid, iid = columns.user_id, columns.item_id
     users = build_users(train, request_columns, uid, iid, columns.label, columns.timestamp, history, history_length)
+    for c in (user_values.columns if user_values is not None else []):
+        users[c] = users[uid].map(user_values[c]).astype(user_values[c].dtype)  # type: ignore[index]
     items = train.drop_duplicates(iid, keep="last")[[iid] + [c for c in item_columns if c != iid]]
     items = items.sort_values(iid, kind="stable").reset_index(drop=True)
     users.to_parquet(out / USERS_FILE, index=False)
