@@ -21,6 +21,7 @@ from pipeline_lib.features.store import (ITEM_VIEW, SNAPSHOT_FIELD, USER_VIEW, F
                                          project_name, read_pointer, store_state)
 
 COLD_START_OUTPUT = "cold_start"  # served output: BOOL [rows], true where the user was unknown to the store
+KEY_CACHE = 200_000  # SqliteReader: serialized keys kept per view (ids of users and catalogue items)
 
 
 def _python_ids(values: np.ndarray) -> list:
@@ -51,10 +52,18 @@ class SqliteReader:
         self.conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
         self.table, self.join_key, self.features = f"{project}_{view}", join_key, features
         self._key, self._entity, self._value, self._python = serialize_entity_key, EntityKey, Value, feast_value_type_to_python_type
+        self._keys: dict[Any, bytes] = {}
 
     def key(self, uid: Any) -> bytes:
-        v = self._value(int64_val=uid) if isinstance(uid, int) else self._value(string_val=uid)
-        return self._key(self._entity(join_keys=[self.join_key], entity_values=[v]), entity_key_serialization_version=2)
+        """The stored key of an id (serialized once per id: a ranking request asks the same items again and again;
+        at most :data:`KEY_CACHE` ids kept)."""
+        key = self._keys.get(uid)
+        if key is None:
+            v = self._value(int64_val=uid) if isinstance(uid, int) else self._value(string_val=uid)
+            key = self._key(self._entity(join_keys=[self.join_key], entity_values=[v]), entity_key_serialization_version=2)
+            if len(self._keys) < KEY_CACHE:
+                self._keys[uid] = key
+        return key
 
     def read(self, ids: list) -> dict[str, list]:
         """``{feature: [value per id]}`` (None for an id or feature the store does not hold)."""

@@ -65,7 +65,15 @@ def complete_pairs(lookup: UserLookup, arrays: dict[str, np.ndarray], missing: l
     user_missing = [c for c in missing if c in snap.user_columns]
     item_missing = [c for c in missing if c in snap.item_columns]
     if user_missing:
-        out, cold = lookup.complete(out, user_missing)
+        if snap.user_id not in out:
+            raise BadRequest(f"missing input '{snap.user_id}': a request without the feature columns {user_missing} "
+                             f"must carry the user id")
+        # each distinct user read once (a request is usually one user and many items)
+        users, inverse = np.unique(np.asarray(out[snap.user_id]).reshape(-1), return_inverse=True)
+        found, cold_users = lookup.fetch(users)
+        for c in user_missing:
+            out.update(lookup.tensors(c, [found[c][j] for j in inverse]))
+        cold = cold_users[inverse]
         if cold.all():  # no row tied to this version's users: the store must still hold this version
             lookup.check_current()
     else:
