@@ -155,35 +155,34 @@ class UserLookup:
 
     def fetch_items(self, item_ids: np.ndarray) -> tuple[dict[str, list], np.ndarray]:
         """Stored item columns for ``item_ids`` (the snapshot's ``item_defaults`` where the store does not hold the
-        item) and the unknown-item mask; the same store, readers and errors as :meth:`fetch`. The item view holds
-        no snapshot id: callers check the store's version through :meth:`fetch` (or :meth:`check_current`)."""
+        item from this version's snapshot) and the unknown-item mask; the same store, readers and errors as
+        :meth:`fetch`. Callers check the store's version through :meth:`fetch` (or :meth:`check_current`)."""
         ids = _python_ids(item_ids)
         store = self._open()
-        cols = self.snap.item_columns
+        cols, read = self.snap.item_columns, self.snap.item_columns + [SNAPSHOT_FIELD]
         t0 = time.perf_counter()
         try:
             if self.settings.online_store == "sqlite":  # type: ignore[union-attr]
                 if self.item_reader is None:
                     self.item_reader = SqliteReader(self.settings.repo / "online.db",  # type: ignore[union-attr]
                                                     project_name(self.settings.repo), ITEM_VIEW,  # type: ignore[union-attr]
-                                                    self.snap.item_id, cols)
-                res = self.item_reader.read(ids) if cols else {}
+                                                    self.snap.item_id, read)
+                res = self.item_reader.read(ids)
             else:
-                res = store.get_online_features(features=[f"{ITEM_VIEW}:{c}" for c in cols],
-                                                entity_rows=[{self.snap.item_id: i} for i in ids]).to_dict() if cols else {}
+                res = store.get_online_features(features=[f"{ITEM_VIEW}:{c}" for c in read],
+                                                entity_rows=[{self.snap.item_id: i} for i in ids]).to_dict()
         except FeatureStoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - connection refused, missing table, timeout
             raise FeatureStoreError(f"feature store unreachable ({self.settings.online_store} at "  # type: ignore[union-attr]
                                     f"{self._where()}): {type(exc).__name__}: {str(exc)[:300]}") from exc
         self.last_lookup_s += time.perf_counter() - t0
-        known = np.array([any(res[c][i] is not None for c in cols) for i in range(len(ids))], dtype=bool) \
-            if cols else np.ones(len(ids), dtype=bool)
+        known = np.array([s == self.snap.id for s in res[SNAPSHOT_FIELD]], dtype=bool)  # an older snapshot's: unknown
         out = {}
         for c in cols:
             default = self.snap.item_defaults.get(c)
-            out[c] = [v if v is not None else (list(default) if isinstance(default, list) else default)
-                      for v in res[c]]
+            out[c] = [v if k else (list(default) if isinstance(default, list) else default)
+                      for v, k in zip(res[c], known)]
             if c in self.snap.list_columns:
                 out[c] = [list(v) if v is not None else [] for v in out[c]]
         return out, ~known

@@ -116,3 +116,44 @@ def test_the_direct_sqlite_read_answers_an_id_asked_twice_at_both_places(filled,
     read = SqliteReader(settings.repo / "online.db", store.project_name(settings.repo), store.USER_VIEW, "user_id",
                         ["age"]).read([u, 10**6, u])
     assert read["age"][0] is not None and read["age"][0] == read["age"][2] and read["age"][1] is None
+
+
+def test_ranking_versions_snapshots_in_ensemble_are_filled_restored_or_refused(tmp_path):
+    """A ranking version keeps its snapshot in ``<N>/ensemble/features``: the features stage's paths find it, a
+    rollback restores it, and a ranking version without one is refused once the model serves user-id requests."""
+    from types import SimpleNamespace
+
+    from pipeline_lib.features import stage
+
+    repo = tmp_path / "model_repository"
+    arts = {}
+    newer = _train(1)
+    newer.loc[0, "item_id"] = 500  # an item only version 2 knows
+    for v, train in ((1, _train(0)), (2, newer)):
+        arts[v] = repo / "m" / str(v) / stage.RANKING_DIR
+        arts[v].mkdir(parents=True)
+        snapshot.write_snapshot(arts[v], train, ["user_id", "age", "country"], ["item_id", "price"],
+                                SimpleNamespace(user_id="user_id", item_id="item_id", label="click", timestamp="ts"),
+                                None, 0)
+    assert stage.version_artifacts(repo, "m", 2) == arts[2]
+    cfg = SimpleNamespace(export=SimpleNamespace(model_repository=str(repo), model_name="m"),
+                          features=SimpleNamespace(enabled=True, repo=str(tmp_path / "fs"), online_store="sqlite",
+                                                   redis_connection=""))
+    assert stage.fill_store(cfg, 2)["version"] == 2
+    lookup = UserLookup(arts[1], repo / "m")
+    with pytest.raises(FeatureStoreError, match="holds version 2's features"):
+        complete_pairs(lookup, {"user_id": np.array([10**6]), "item_id": np.array([1])}, ["age"])
+    stage.check_restorable(repo, "m", 1)
+    assert stage.restore(repo, "m", 1)["version"] == 1
+    assert complete_pairs(UserLookup(arts[1], repo / "m"), {"user_id": np.array([10**6]), "item_id": np.array([1])},
+                          ["age", "price"])[1].tolist() == [True]
+    # version 2's item 500 is still in the store's rows, but not version 1's: version 1 gets its item defaults
+    found, unknown = UserLookup(arts[1], repo / "m").fetch_items(np.array([500, 1]))
+    v1 = snapshot.Snapshot.load(snapshot.snapshot_dir(arts[1]))
+    assert unknown.tolist() == [True, False] and found["price"][0] == v1.item_defaults["price"]
+    assert found["price"][1] == snapshot.offline_pairs(arts[1], [10**6], [1])["price"].iloc[0]
+    import shutil
+
+    shutil.rmtree(snapshot.snapshot_dir(arts[1]))  # a ranking version exported without features
+    with pytest.raises(FeatureStoreError, match="version 1 of 'm' has no feature snapshot"):
+        stage.check_restorable(repo, "m", 1)
