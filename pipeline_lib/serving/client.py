@@ -244,7 +244,7 @@ class RecsysClient:
                      context: Optional[Mapping[str, Iterable]] = None) -> tuple[np.ndarray, np.ndarray]:
         """Scores of a ranking version by ids alone: one (user, item) pair per row, or one user id for all the
         items (broadcast); the served model looks the user and item features up in the feature store
-        (docs/serving.md#ranking-by-user-id). ``context``: request columns to send instead of the stored ones
+        (docs/serving.md, "Ranking by user id"). ``context``: request columns to send instead of the stored ones
         (one value per row, or one for all). Returns (scores [rows], cold_start [rows])."""
         self._metadata()
         if "cold_start" not in self._outputs:
