@@ -53,8 +53,16 @@ def maybe_roll_back(cfg: RunConfig, result: dict) -> Optional[str]:
         return None
     if not cfg.online.auto_rollback:
         return f"not rolled back (online.auto_rollback is off): version {served} is still served"
+    from pipeline_lib.features.stage import check_restorable, restore
+    from pipeline_lib.features.store import FeatureStoreError
+
+    try:  # as `recsys rollback`: the feature store must be able to follow (user-id requests)
+        check_restorable(repo, model, repository.rollback_target(repo, model))
+    except FeatureStoreError as exc:
+        return f"not rolled back: {exc}"
     live = live_server(cfg.serving) if cfg.serving.notify_live_server else None
     event = repository.rollback(repo, model, live)
+    restore(repo, model, event["version"])  # the rolled-back version's feature snapshot (None: no store in use)
     where = f"the Triton at {event['live_server']} switched" if event.get("live_server") else "served at the next start"
     return f"rolled back from version {served} to version {event['version']} ({where})"
 

@@ -168,8 +168,11 @@ def query_info(cfg: RunConfig, paths: RunPaths, rows: pd.DataFrame, serve_args: 
     out = report.query_commands(name, s.host, s.http_port, s.grpc_port, serve_args, request_file, body)
     if "cold_start" in served_config.read_text() and cfg.columns.user_id in rows.columns:  # user-id requests
         url = f"{s.host}:{s.http_port}/v2/models/{name}/infer"
+        item = cfg.columns.item_id
+        ranking = '"item_ids"' not in served_config.read_text()  # a ranking version: user id + item ids in
+        pair = (item, rows.iloc[0][item]) if ranking and item in rows.columns else None
         out |= report.user_id_commands(served_config, url, cfg.columns.user_id, rows.iloc[0][cfg.columns.user_id],
-                                       serve_args)
+                                       serve_args, pair)
     return out
 
 

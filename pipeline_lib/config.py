@@ -650,11 +650,11 @@ class FeaturesConfig(_Strict):
     """The feature store behind user-id requests (pipeline_lib/features/, docs/serving.md#user-id-requests)."""
 
     enabled: bool = Field(
-        True, description="retrieval and two-stage runs: keep a per-version snapshot of the user features, the user's "
-        "recent items and the item features, and materialize it into a Feast store after each promotion, so the "
-        "served model answers requests that carry only the user id (classical ease / item_knn too: the user's "
-        "train + validation positives; deep session versions: the item features, looked up by item id when a "
-        "session request leaves them out)")
+        True, description="retrieval, two-stage and ranking runs: keep a per-version snapshot of the user features, the "
+        "user's recent items and the item features, and materialize it into a Feast store after each promotion, so the "
+        "served model answers requests that carry only the user id (ranking: the user id and the item ids; classical "
+        "ease / item_knn too: the user's train + validation positives; deep session versions: the item features, "
+        "looked up by item id when a session request leaves them out)")
     online_store: Literal["sqlite", "redis"] = Field(
         "sqlite", description="the Feast online store: sqlite (a file beside the model repository, no server) or "
         "redis (redis_connection)")

@@ -391,7 +391,9 @@ def cli_summary(summary: Mapping[str, Any]) -> str:
             lines.append(f"  {q['curl']}")
         if q.get("recommend"):
             lines.append(f"  {q['recommend']}    # by user id alone: features and history from the feature store")
-            lines.append(f"  {q['curl_user']}")
+        if q.get("curl_user"):
+            lines.append(f"  {q['curl_user']}" + ("" if q.get("recommend") else
+                                                  "    # by user id + item ids: features from the feature store"))
     return "\n".join(lines)
 
 
@@ -425,7 +427,7 @@ def run_summary_markdown(summary: Mapping[str, Any], title: str = "recsys pipeli
         if q.get("curl_user"):
             lines += ["", "By user id alone (the served model reads the user's features and recent items from the "
                       "feature store; `cold_start` says when it did not know the user):", "", "```bash",
-                      q["recommend"], q["curl_user"], "```"]
+                      *[c for c in (q.get("recommend"), q["curl_user"]) if c], "```"]
     split = summary.get("metrics_split", "test")
     lines += ["", f"## metrics ({split} split; [95% interval], bootstrap)", "", "| metric | value |", "|---|---|"]
     lines += [f"| {split} {k} | {_figure(summary, k)} |" for k, v in m.items() if not isinstance(v, (dict, list))]
@@ -436,9 +438,16 @@ def run_summary_markdown(summary: Mapping[str, Any], title: str = "recsys pipeli
     return "\n".join(lines)
 
 
-def user_id_commands(config_pbtxt: Path, url: str, user_column: str, user_id: Any, args: list[str]) -> dict:
-    """``recsys recommend`` and a curl command for a user-id request (a version with a feature snapshot)."""
+def user_id_commands(config_pbtxt: Path, url: str, user_column: str, user_id: Any, args: list[str],
+                     item: Optional[tuple[str, Any]] = None) -> dict:
+    """``recsys recommend`` and a curl command for a user-id request (a version with a feature snapshot).
+    ``item`` (a ranking version: the item column and an id): the curl command scores that item for the user
+    (no ``recsys recommend``: that asks a top-k version)."""
     extra = " ".join(shlex.quote(a) for a in args)
+    if item is not None:
+        body = request_body(config_pbtxt, {user_column: user_id, item[0]: item[1]}, only=[user_column, item[0]])
+        return {"curl_user": f"curl -s {url} -H 'Content-Type: application/json' -d "
+                             + shlex.quote(json.dumps(body, separators=(",", ":")))}
     body = request_body(config_pbtxt, {user_column: user_id}, only=[user_column])
     return {"recommend": f"{uv_command()} run recsys recommend {shlex.quote(str(user_id))} --k 10"
                          + (f" {extra}" if extra else ""),

@@ -114,3 +114,15 @@ def add_history_features(df: pd.DataFrame, columns: ColumnsConfig, max_items: in
     if max_items:
         out[history_column(columns)] = recent_positive_items(df, columns, max_items)
     return out
+
+
+def next_row_history(train: pd.DataFrame, columns: ColumnsConfig) -> pd.DataFrame:
+    """Per user id (the index), the numeric history features of the user's *next* row after every event of
+    ``train``: ``history_count`` = the user's events, ``history_positive_rate`` = their share of positives;
+    ``history_gap_s`` is only known at request time: missing (NaN, filled by the workflow as for a first event; a
+    request may send its own). What a user-id ranking request is completed with (the feature snapshot)."""
+    positive = (pd.to_numeric(train[columns.label], errors="coerce") == 1).astype(np.float64)
+    grouped = positive.groupby(train[columns.user_id].to_numpy(), sort=True)
+    out = pd.DataFrame({COUNT: grouped.size().astype(np.float64), POSITIVE_RATE: grouped.mean()})
+    out[GAP] = np.nan
+    return out[list(NUMERIC)]

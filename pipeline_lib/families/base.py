@@ -273,7 +273,7 @@ class TaskFamily(ABC):
 
     def features(self, version: int) -> Optional[dict]:
         """After promotion: the served ``version``'s feature snapshot into the model's feature store (user-id
-        requests); None when the version has none (ranking, session, ``features.enabled`` off)."""
+        requests); None when the version has none (classical session versions, ``features.enabled`` off)."""
         return fill_store(self.cfg, version)
 
     # the run's summary -----------------------------------------------------------------------

@@ -19,12 +19,17 @@ from pipeline_lib.etl.workflow import EtlOutput  # by name: the methods etl/expo
 from pipeline_lib.export import ranking as export
 from pipeline_lib.export.ranking import ExportOutput
 from pipeline_lib.families.base import SCORE, ServedReport, TaskFamily, Trained
+from pipeline_lib.features.serving import allow_user_id_requests
+from pipeline_lib.features.snapshot import (has_snapshot, offline_pairs, stored_items, stored_users, unknown_id,
+                                            write_snapshot)
+from pipeline_lib.features.store import StoreSettings, materialize, write_pointer
 from pipeline_lib.models import evaluation, tune
 from pipeline_lib.models import ranking as ranking_model
 from pipeline_lib.models.common import load_encoder
 from pipeline_lib.paths import RunPaths
 from pipeline_lib import report
 from pipeline_lib.release import gate, smoke
+from pipeline_lib.release.smoke import UserRequests
 from pipeline_lib.validate import data as validate
 
 
@@ -115,10 +120,32 @@ class RankingFamily(TaskFamily):
     # -- export and smoke test ----------------------------------------------------------------------
     def export(self, paths: RunPaths, etl_out: EtlOutput, trained: Trained) -> ExportOutput:
         cfg = self.cfg
-        return export.export_ensemble(etl_out.workflow_dir, trained.model.model_dir,
-                                      self.smoke_rows(etl_out, cfg.export.parity_rows), cfg.columns.label,
-                                      paths.ensemble, cfg.export.model_name, 1,
-                                      export.ExportOptions.from_config(cfg, self.run_info(paths, trained)))
+        exp = export.export_ensemble(etl_out.workflow_dir, trained.model.model_dir,
+                                     self.smoke_rows(etl_out, cfg.export.parity_rows), cfg.columns.label,
+                                     paths.ensemble, cfg.export.model_name, 1,
+                                     export.ExportOptions.from_config(cfg, self.run_info(paths, trained)))
+        if cfg.features.enabled:
+            self.keep_features(etl_out, exp)
+        return exp
+
+    def item_columns(self) -> list[str]:
+        """The item id and the item-side features: stored per item, looked up by item id."""
+        cols = self.cfg.columns
+        return [cols.item_id] + [f.name for f in cols.features if f.side.value == "item"]
+
+    def keep_features(self, etl_out: EtlOutput, exp: ExportOutput) -> None:
+        """The version's feature snapshot in ``<N>/ensemble/features/`` (each training user's user and context
+        columns as on the latest training row, ``etl.history`` features and recent items as the next row's; the
+        item features) and user-id requests in its
+        config.pbtxt (``user_id`` + ``item_id`` required, every other input optional, ``cold_start`` out)."""
+        cols, items = self.cfg.columns, self.item_columns()
+        user_side = [c for c in self.request_columns() if c not in items]
+        hist = etl.history_column(cols) if self.history_length else None
+        train = pd.read_parquet(etl_out.split.train)
+        stats = user_history.next_row_history(train, cols) if self.history_stats else None
+        write_snapshot(exp.version_dir / export.ENSEMBLE_SUBDIR, train, user_side, items, cols, hist,
+                       self.history_length, stats)
+        allow_user_id_requests(exp.config_path, cols.user_id, (cols.item_id,))
 
     def smoke_rows(self, etl_out: EtlOutput, n: int) -> pd.DataFrame:
         df = pd.read_parquet(etl_out.split.valid).head(n)
@@ -128,10 +155,35 @@ class RankingFamily(TaskFamily):
         return export.offline_scores(etl.load_workflow(etl_out.workflow_dir),
                                      exp.version_dir / export.ENSEMBLE_SUBDIR / "model", rows, self.cfg.columns.label)
 
-    def serve_and_compare(self, paths: RunPaths, exp: ExportOutput, rows: pd.DataFrame, offline: Any) -> Any:
+    def smoke(self, paths: RunPaths, etl_out: EtlOutput, exp: ExportOutput) -> Any:
+        rows = self.smoke_rows(etl_out, self.cfg.serving.smoke_rows)
+        return self.serve_and_compare(paths, exp, rows, self.offline_reference(etl_out, exp, rows),
+                                      self.pair_requests(paths, etl_out, exp))
+
+    def pair_requests(self, paths: RunPaths, etl_out: EtlOutput, exp: ExportOutput) -> Optional[UserRequests]:
+        """With a feature snapshot: the staged version gets its own SQLite store (the candidate's snapshot) and the
+        smoke test scores 4 of its users and one unknown id against 3 stored items and one unknown item, by ids
+        alone; the offline scores are those of the same pairs' full rows read from the training data."""
+        art = exp.version_dir / export.ENSEMBLE_SUBDIR
+        if not has_snapshot(art):
+            return None
+        cols = self.cfg.columns
+        settings = StoreSettings(paths.serving / "feature_store" / exp.model_name)
+        materialize(settings, art, exp.version)
+        write_pointer(exp.version_dir.parent, settings)
+        users, items = stored_users(art, 4), stored_items(art, 3)
+        users, items = users + [unknown_id(users)], items + [unknown_id(items)]
+        pairs = [(u, i) for u in users for i in items]
+        full = offline_pairs(art, [u for u, _ in pairs], [i for _, i in pairs])
+        offline = self.offline_reference(etl_out, exp, full[self.request_columns()])
+        return UserRequests([u for u, _ in pairs], cols.user_id, offline, [u == users[-1] for u, _ in pairs],
+                            [i for _, i in pairs], cols.item_id)
+
+    def serve_and_compare(self, paths: RunPaths, exp: ExportOutput, rows: pd.DataFrame, offline: Any,
+                          user_requests: Optional[UserRequests] = None) -> Any:
         s = self.cfg.serving
         return smoke.smoke_test(exp.staged_repository, exp.model_name, rows, offline, s.smoke_atol, paths.serving,
-                                s.startup_timeout_s)
+                                s.startup_timeout_s, user_requests)
 
     # -- gate and summary -----------------------------------------------------------------------------
     @property

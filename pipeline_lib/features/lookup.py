@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.features.snapshot import Snapshot, snapshot_dir
-from pipeline_lib.features.store import (SNAPSHOT_FIELD, USER_VIEW, FeatureStoreError, StoreSettings, open_store,
+from pipeline_lib.features.store import (ITEM_VIEW, SNAPSHOT_FIELD, USER_VIEW, FeatureStoreError, StoreSettings, open_store,
                                          project_name, read_pointer, store_state)
 
 COLD_START_OUTPUT = "cold_start"  # served output: BOOL [rows], true where the user was unknown to the store
+KEY_CACHE = 200_000  # SqliteReader: serialized keys kept per view (ids of users and catalogue items)
 
 
 def _python_ids(values: np.ndarray) -> list:
@@ -51,10 +52,18 @@ class SqliteReader:
         self.conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
         self.table, self.join_key, self.features = f"{project}_{view}", join_key, features
         self._key, self._entity, self._value, self._python = serialize_entity_key, EntityKey, Value, feast_value_type_to_python_type
+        self._keys: dict[Any, bytes] = {}
 
     def key(self, uid: Any) -> bytes:
-        v = self._value(int64_val=uid) if isinstance(uid, int) else self._value(string_val=uid)
-        return self._key(self._entity(join_keys=[self.join_key], entity_values=[v]), entity_key_serialization_version=2)
+        """The stored key of an id (serialized once per id: a ranking request asks the same items again and again;
+        at most :data:`KEY_CACHE` ids kept)."""
+        key = self._keys.get(uid)
+        if key is None:
+            v = self._value(int64_val=uid) if isinstance(uid, int) else self._value(string_val=uid)
+            key = self._key(self._entity(join_keys=[self.join_key], entity_values=[v]), entity_key_serialization_version=2)
+            if len(self._keys) < KEY_CACHE:
+                self._keys[uid] = key
+        return key
 
     def read(self, ids: list) -> dict[str, list]:
         """``{feature: [value per id]}`` (None for an id or feature the store does not hold)."""
@@ -62,7 +71,7 @@ class SqliteReader:
         rows = self.conn.execute(f"SELECT entity_key, feature_name, value FROM {self.table} "
                                  f"WHERE entity_key IN ({','.join('?' * len(keys))})", keys).fetchall()
         at: dict[bytes, list[int]] = {}
-        for i, k in enumerate(keys):  # a user id may come more than once in a request
+        for i, k in enumerate(keys):  # an id asked twice (a ranking request's items, one user per row) gets both
             at.setdefault(k, []).append(i)
         out: dict[str, list] = {f: [None] * len(keys) for f in self.features}
         for key, name, blob in rows:
@@ -84,6 +93,7 @@ class UserLookup:
         self.last_lookup_s = 0.0
         self.reader: Optional[SqliteReader] = None  # the SQLite store read directly (Feast's API for Redis)
         self.refs = [f"{USER_VIEW}:{c}" for c in self.snap.user_columns] + [f"{USER_VIEW}:{SNAPSHOT_FIELD}"]
+        self.item_reader: Optional[SqliteReader] = None  # fetch_items: the item view read directly (SQLite)
 
     @property
     def user_id(self) -> str:
@@ -143,6 +153,46 @@ class UserLookup:
                 out[c] = [list(v) if v is not None else [] for v in out[c]]
         return out, cold
 
+    def fetch_items(self, item_ids: np.ndarray) -> tuple[dict[str, list], np.ndarray]:
+        """Stored item columns for ``item_ids`` (the snapshot's ``item_defaults`` where the store does not hold the
+        item from this version's snapshot) and the unknown-item mask; the same store, readers and errors as
+        :meth:`fetch`. Callers check the store's version through :meth:`fetch` (or :meth:`check_current`)."""
+        ids = _python_ids(item_ids)
+        store = self._open()
+        cols, read = self.snap.item_columns, self.snap.item_columns + [SNAPSHOT_FIELD]
+        t0 = time.perf_counter()
+        try:
+            if self.settings.online_store == "sqlite":  # type: ignore[union-attr]
+                if self.item_reader is None:
+                    self.item_reader = SqliteReader(self.settings.repo / "online.db",  # type: ignore[union-attr]
+                                                    project_name(self.settings.repo), ITEM_VIEW,  # type: ignore[union-attr]
+                                                    self.snap.item_id, read)
+                res = self.item_reader.read(ids)
+            else:
+                res = store.get_online_features(features=[f"{ITEM_VIEW}:{c}" for c in read],
+                                                entity_rows=[{self.snap.item_id: i} for i in ids]).to_dict()
+        except FeatureStoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - connection refused, missing table, timeout
+            raise FeatureStoreError(f"feature store unreachable ({self.settings.online_store} at "  # type: ignore[union-attr]
+                                    f"{self._where()}): {type(exc).__name__}: {str(exc)[:300]}") from exc
+        self.last_lookup_s += time.perf_counter() - t0
+        known = np.array([s == self.snap.id for s in res[SNAPSHOT_FIELD]], dtype=bool)  # an older snapshot's: unknown
+        out = {}
+        for c in cols:
+            default = self.snap.item_defaults.get(c)
+            out[c] = [v if k else (list(default) if isinstance(default, list) else default)
+                      for v, k in zip(res[c], known)]
+            if c in self.snap.list_columns:
+                out[c] = [list(v) if v is not None else [] for v in out[c]]
+        return out, ~known
+
+    def check_current(self) -> None:
+        """The store must hold this version's snapshot (:class:`FeatureStoreError` otherwise): for a request whose
+        rows :meth:`fetch` could not tie to this version (every user unknown)."""
+        self._open()
+        self._check_current()
+
     def _where(self) -> str:
         s = self.settings
         return s.redis_connection if s is not None and s.online_store == "redis" else str(s.repo if s else "?")
@@ -196,56 +246,16 @@ def frame_of(found: dict[str, list], user_ids: list, user_id: str) -> pd.DataFra
     return pd.DataFrame({user_id: user_ids, **found})
 
 
-
 class ItemLookup(UserLookup):
     """Completes session requests of one version from the model's feature store: the item feature lists a request
-    leaves out are looked up by the events' item ids (``item_features`` view; an item the store does not hold gets
-    the snapshot's default, a value outside the training vocabulary). The store is opened as for user-id requests
-    and must hold this version's snapshot (its meta row), else :class:`~pipeline_lib.features.store.FeatureStoreError`
-    (UNAVAILABLE)."""
-
-    def __init__(self, artifact_dir: Path, model_dir: Path):
-        super().__init__(artifact_dir, model_dir)
-        self.items: Optional[SqliteReader] = None  # the SQLite store read directly (Feast's API for Redis)
-        self.meta: Optional[SqliteReader] = None
+    leaves out are looked up by the events' item ids (``item_features`` view, :meth:`UserLookup.fetch_items`; an
+    item the store does not hold gets the snapshot's ``item_defaults``, a value outside the training vocabulary).
+    The store is opened as for user-id requests and must hold this version's snapshot (its meta row), else
+    :class:`~pipeline_lib.features.store.FeatureStoreError` (UNAVAILABLE)."""
 
     @property
     def item_id(self) -> str:
         return self.snap.item_id
-
-    def _open(self) -> Any:
-        from pipeline_lib.features.store import ITEM_VIEW, META_KEY, META_VIEW
-
-        store = super()._open()
-        s = self.settings
-        if self.items is None and s is not None and s.online_store == "sqlite":
-            db, project = s.repo / "online.db", project_name(s.repo)
-            self.items = SqliteReader(db, project, ITEM_VIEW, self.item_id, self.snap.item_columns)
-            self.meta = SqliteReader(db, project, META_VIEW, META_KEY, [SNAPSHOT_FIELD])
-        return store
-
-    def fetch_items(self, item_ids: list) -> dict[str, list]:
-        """Stored item columns of ``item_ids`` (the snapshot's defaults where the store holds no row)."""
-        from pipeline_lib.features.store import ITEM_VIEW, META_ID
-
-        store = self._open()
-        t0 = time.perf_counter()
-        try:
-            if self.items is not None and self.meta is not None:
-                held = self.meta.read([META_ID])[SNAPSHOT_FIELD][0]
-                res = self.items.read(item_ids)
-            else:
-                state = store_state(self.settings.repo)  # type: ignore[union-attr]
-                held = state["snapshot"] if state else None
-                res = store.get_online_features(features=[f"{ITEM_VIEW}:{c}" for c in self.snap.item_columns],
-                                                entity_rows=[{self.item_id: v} for v in item_ids]).to_dict()
-        except Exception as exc:  # noqa: BLE001 - connection refused, missing table, timeout
-            raise FeatureStoreError(f"feature store unreachable ({self.settings.online_store} at "  # type: ignore[union-attr]
-                                    f"{self._where()}): {type(exc).__name__}: {str(exc)[:300]}") from exc
-        self.last_lookup_s = time.perf_counter() - t0
-        if held != self.snap.id:
-            self._check_current()  # raises: the store holds another version's features, or none
-        return {c: [v if v is not None else self.snap.defaults.get(c) for v in res[c]] for c in self.snap.item_columns}
 
     def complete_items(self, arrays: dict[str, np.ndarray], missing: list[str]) -> dict[str, np.ndarray]:
         """Session request tensors + the ``missing`` item feature lists: one value per event of the item id list
@@ -258,7 +268,11 @@ class ItemLookup(UserLookup):
                              f"without the item features {missing} must carry its item ids")
         ids = _python_ids(values)
         unique = list(dict.fromkeys(ids))
-        found = self.fetch_items(unique) if unique else {c: [] for c in self.snap.item_columns}
+        found: dict[str, list] = {c: [] for c in self.snap.item_columns}
+        if unique:
+            found, unknown = self.fetch_items(np.asarray(unique))
+            if unknown.any():  # not this snapshot's rows: new items, or the store holds another version (raises)
+                self.check_current()
         at = {u: i for i, u in enumerate(unique)}
         out = dict(arrays)
         for c in missing:

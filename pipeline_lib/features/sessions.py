@@ -5,7 +5,6 @@ request: the snapshot holds no users (the store's user view stays empty) and ``c
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -15,7 +14,7 @@ import pandas as pd
 
 from pipeline_lib.export.staging import StagedVersion
 from pipeline_lib.export.topk import TOPK_DIR
-from pipeline_lib.features.snapshot import ITEMS_FILE, META_FILE, USERS_FILE, Snapshot, snapshot_dir
+from pipeline_lib.features.snapshot import META_FILE, Snapshot, snapshot_dir, write_tables
 
 UNKNOWN_STRING = "__unknown_item__"  # an item the store does not hold: a value outside every vocabulary
 UNKNOWN_INT = -1
@@ -41,13 +40,11 @@ def write_session_snapshot(staged: StagedVersion, raw_train: Path, columns) -> S
     items = item_table(sessions, columns.item_id, features)
     out = snapshot_dir(art)
     out.mkdir(parents=True, exist_ok=True)
-    sessions[[columns.session_id]].head(0).to_parquet(out / USERS_FILE, index=False)
-    items.to_parquet(out / ITEMS_FILE, index=False)
-    digest = hashlib.sha256((out / USERS_FILE).read_bytes() + (out / ITEMS_FILE).read_bytes()).hexdigest()[:16]
+    digest = write_tables(out, sessions[[columns.session_id]].head(0), items)
     snap = Snapshot(id=digest, user_id=columns.session_id, item_id=columns.item_id, user_columns=[], list_columns=[],
                     item_columns=features, dtypes={c: str(items[c].dtype) for c in items.columns}
                     | {columns.session_id: str(sessions[columns.session_id].dtype)},
-                    defaults={c: _unknown(items[c].dtype) for c in features}, n_users=0, n_items=len(items))
+                    item_defaults={c: _unknown(items[c].dtype) for c in features}, n_users=0, n_items=len(items))
     (out / META_FILE).write_text(json.dumps(asdict(snap), indent=2, default=str))
     allow_item_lookup(staged.config_path, features)
     return snap

@@ -40,6 +40,7 @@ class Snapshot:
     defaults: dict[str, Any] = field(default_factory=dict)  # the cold-start row (lists: empty)
     n_users: int = 0
     n_items: int = 0
+    item_defaults: dict[str, Any] = field(default_factory=dict)  # an item the store does not hold (ranking)
 
     @classmethod
     def load(cls, snapshot_dir: Path) -> "Snapshot":
@@ -100,19 +101,28 @@ def _default(s: pd.Series) -> Any:
     return value.item() if value is not None and hasattr(value, "item") else value
 
 
+def write_tables(out: Path, users: pd.DataFrame, items: pd.DataFrame) -> str:
+    """``users.parquet`` and ``items.parquet`` into the snapshot folder ``out``; the snapshot id (their hash)."""
+    users.to_parquet(out / USERS_FILE, index=False)
+    items.to_parquet(out / ITEMS_FILE, index=False)
+    return hashlib.sha256((out / USERS_FILE).read_bytes() + (out / ITEMS_FILE).read_bytes()).hexdigest()[:16]
+
+
 def write_snapshot(artifact_dir: Path, train: pd.DataFrame, request_columns: list[str], item_columns: list[str],
-                   columns, history: Optional[str], history_length: int) -> Snapshot:
+                   columns, history: Optional[str], history_length: int,
+                   user_values: Optional[pd.DataFrame] = None) -> Snapshot:
     """Write ``<artifact_dir>/features/`` (users, items, features.json) from the raw training split ``train``;
-    ``columns``: the run's ``ColumnsConfig`` (ids, label, timestamp)."""
+    ``columns``: the run's ``ColumnsConfig`` (ids, label, timestamp). ``user_values`` (indexed by user id): columns
+    stored instead of the latest row's (a ranking version's ``etl.history`` features, as the next row's)."""
     out = snapshot_dir(artifact_dir)
     out.mkdir(parents=True, exist_ok=True)
     uid, iid = columns.user_id, columns.item_id
     users = build_users(train, request_columns, uid, iid, columns.label, columns.timestamp, history, history_length)
+    for c in (user_values.columns if user_values is not None else []):
+        users[c] = users[uid].map(user_values[c]).astype(user_values[c].dtype)  # type: ignore[index]
     items = train.drop_duplicates(iid, keep="last")[[iid] + [c for c in item_columns if c != iid]]
     items = items.sort_values(iid, kind="stable").reset_index(drop=True)
-    users.to_parquet(out / USERS_FILE, index=False)
-    items.to_parquet(out / ITEMS_FILE, index=False)
-    digest = hashlib.sha256((out / USERS_FILE).read_bytes() + (out / ITEMS_FILE).read_bytes()).hexdigest()[:16]
+    digest = write_tables(out, users, items)
     item_dtype = train[iid].dtype
     stored = [c for c in users.columns if c != uid]
     snap = Snapshot(
@@ -120,7 +130,8 @@ def write_snapshot(artifact_dir: Path, train: pd.DataFrame, request_columns: lis
         list_columns=[c for f in (users, items) for c in f.columns if _is_list(f[c]) or c == history],
         item_columns=[c for c in items.columns if c != iid],
         dtypes={c: _dtype_name(f[c], item_dtype) for f in (users, items) for c in f.columns},
-        defaults={c: _default(users[c]) for c in stored}, n_users=len(users), n_items=len(items))
+        defaults={c: _default(users[c]) for c in stored}, n_users=len(users), n_items=len(items),
+        item_defaults={c: _default(items[c]) for c in items.columns if c != iid})
     (out / META_FILE).write_text(json.dumps(asdict(snap), indent=2, default=str))
     return snap
 
@@ -157,4 +168,29 @@ def stored_users(artifact_dir: Path, n: int) -> list:
     """The first ``n`` user ids of a snapshot (Python values)."""
     snap = Snapshot.load(snapshot_dir(artifact_dir))
     ids = pd.read_parquet(snapshot_dir(artifact_dir) / USERS_FILE, columns=[snap.user_id])[snap.user_id].head(n)
+    return [v.item() if hasattr(v, "item") else v for v in ids]
+
+
+def offline_pairs(artifact_dir: Path, user_ids: list, item_ids: list) -> pd.DataFrame:
+    """A ranking version's full request rows for (user, item) pairs (``user_ids[i]``, ``item_ids[i]``): the
+    user's columns as :func:`offline_rows` gives them, the item's stored features (``item_defaults`` for an item
+    the snapshot does not hold): what a user-id ranking request must be scored like."""
+    snap = Snapshot.load(snapshot_dir(artifact_dir))
+    rows = offline_rows(artifact_dir, list(user_ids)).reset_index(drop=True)
+    items = pd.read_parquet(snapshot_dir(artifact_dir) / ITEMS_FILE).set_index(snap.item_id)
+    found = items.reindex(list(item_ids))
+    for c in snap.item_columns:
+        default = snap.item_defaults.get(c)
+        known = pd.Index(item_ids).isin(items.index)
+        values = [(list(v) if c in snap.list_columns else v) if k else
+                  (list(default) if isinstance(default, list) else default) for v, k in zip(found[c].tolist(), known)]
+        rows[c] = pd.Series(values, dtype=object if c in snap.list_columns else snap.dtypes[c])
+    rows[snap.item_id] = pd.Series(list(item_ids), dtype=snap.dtypes[snap.item_id])
+    return rows
+
+
+def stored_items(artifact_dir: Path, n: int) -> list:
+    """The first ``n`` item ids of a snapshot (Python values)."""
+    snap = Snapshot.load(snapshot_dir(artifact_dir))
+    ids = pd.read_parquet(snapshot_dir(artifact_dir) / ITEMS_FILE, columns=[snap.item_id])[snap.item_id].head(n)
     return [v.item() if hasattr(v, "item") else v for v in ids]

@@ -10,14 +10,19 @@ from pipeline_lib.features.snapshot import has_snapshot
 from pipeline_lib.features.store import FeatureStoreError, StoreSettings, materialize, read_pointer, write_pointer
 
 
+RANKING_DIR = "ensemble"  # pipeline_lib.export.ranking.ENSEMBLE_SUBDIR (not imported: it loads merlin)
+
+
 def version_artifacts(repo: Path, model: str, version: int) -> Path:
-    """``<repo>/<model>/<version>/topk``: where a published top-k version keeps its snapshot."""
-    return Path(repo) / model / str(version) / TOPK_DIR
+    """Where a published version keeps its snapshot: ``<repo>/<model>/<version>/topk`` (top-k) or ``.../ensemble``
+    (ranking: the one that holds a snapshot)."""
+    vdir = Path(repo) / model / str(version)
+    return vdir / RANKING_DIR if has_snapshot(vdir / RANKING_DIR) else vdir / TOPK_DIR
 
 
 def fill_store(cfg, version: int) -> Optional[dict]:
     """Materialize the promoted ``version``'s snapshot into the model's store (``features``) and point the served
-    model at the store; None when features are off or the version has no snapshot (ranking, session)."""
+    model at the store; None when features are off or the version has no snapshot (classical session versions)."""
     repo, model = Path(cfg.export.model_repository), cfg.export.model_name
     art = version_artifacts(repo, model, version)
     if not cfg.features.enabled or not has_snapshot(art):

@@ -8,7 +8,8 @@ Layout (``features.repo``, default ``feature_store/`` beside the model repositor
     <model_repository>/<model>/feature_store.json   where the served model finds the store
 
 Three feature views, keyed by raw ids: ``user_features`` (the snapshot's user columns, the history list, the
-snapshot id and the model version that wrote them), ``item_features`` (the item columns) and ``store_meta``
+snapshot id and the model version that wrote them), ``item_features`` (the item columns and the snapshot id: an
+item only an older snapshot held is not this version's) and ``store_meta``
 (one row: the snapshot id and version now in the store). :func:`materialize` writes a version's snapshot with
 the current time as event time, so it always replaces what the store held (Redis keeps the newest event).
 """
@@ -115,7 +116,7 @@ def _definitions(snap: Snapshot, data: Path) -> list:
     stamp = [Field(name=SNAPSHOT_FIELD, dtype=types.String), Field(name=VERSION_FIELD, dtype=types.Int64)]
     return [user, item, meta,
             view(USER_VIEW, user, snap.user_columns, snap.list_columns, stamp),
-            view(ITEM_VIEW, item, snap.item_columns, snap.list_columns, []),
+            view(ITEM_VIEW, item, snap.item_columns, snap.list_columns, stamp[:1]),
             view(META_VIEW, meta, [], [], stamp)]
 
 
@@ -142,7 +143,7 @@ def materialize(s: StoreSettings, artifact_dir: Path, model_version: int) -> dic
     users = pd.read_parquet(snapshot_dir(artifact_dir) / USERS_FILE)
     items = pd.read_parquet(snapshot_dir(artifact_dir) / ITEMS_FILE)
     stamp = {SNAPSHOT_FIELD: snap.id, VERSION_FIELD: int(model_version), EVENT_TS: now}
-    frames = {USER_VIEW: users.assign(**stamp), ITEM_VIEW: items.assign(**{EVENT_TS: now}),
+    frames = {USER_VIEW: users.assign(**stamp), ITEM_VIEW: items.assign(**{SNAPSHOT_FIELD: snap.id, EVENT_TS: now}),
               META_VIEW: pd.DataFrame([{META_KEY: META_ID, **stamp}])}
     for name, frame in frames.items():  # the views' offline sources
         frame.to_parquet(data / f"{name}.parquet", index=False)
@@ -196,7 +197,7 @@ def store_state(repo: Path) -> Optional[dict]:
 def item_rows(repo: Path, item_column: str, item_ids: list) -> pd.DataFrame:
     """The stored item features of ``item_ids`` (one row each, in order; missing items: empty values)."""
     store = open_store(repo)
-    names = [f.name for f in store.get_feature_view(ITEM_VIEW).features]
+    names = [f.name for f in store.get_feature_view(ITEM_VIEW).features if f.name != SNAPSHOT_FIELD]
     res = store.get_online_features(features=[f"{ITEM_VIEW}:{n}" for n in names],
                                     entity_rows=[{item_column: v} for v in item_ids]).to_dict()
     return pd.DataFrame({item_column: item_ids, **{n: res[n] for n in names}})

@@ -33,6 +33,8 @@ class SmokeResult:
     http: list[float]
     grpc: list[float]
     model_load: list[dict] = field(default_factory=list)  # the served model's load lines (compiled_version.load_event)
+    n_user_id_requests: int = 0  # (user, item) pairs scored by ids alone (feature store lookup), compared too
+    max_abs_diff_user_id: float = 0.0
 
     @property
     def max_abs_diff(self) -> float:
@@ -77,9 +79,19 @@ def smoke_test(
     atol: float,
     out_dir: Path,
     startup_timeout_s: float = 180.0,
+    user_requests: Optional["UserRequests"] = None,
 ) -> SmokeResult:
-    """Serve ``repository`` on free local ports and check served == offline for raw ``rows``."""
-    http, grpc = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, lambda c: c.predict(rows))
+    """Serve ``repository`` on free local ports and check served == offline for raw ``rows``. ``user_requests``
+    (``item_ids`` set): also score (user, item) pairs sent as ids alone (the served model reads the feature store)
+    and compare them with the offline scores of the same pairs' full rows, read from the training data."""
+    def ask(c: RecsysClient):
+        full = c.predict(rows)
+        if user_requests is None:
+            return full, None
+        return full, c.predict_user(user_requests.user_ids, user_requests.item_ids or [], user_requests.user_column,
+                                    user_requests.item_column)
+
+    (http, http_user), (grpc, grpc_user) = serve_and_ask(repository, model_name, out_dir, startup_timeout_s, ask)
     offline = np.asarray(offline, dtype=np.float64).reshape(-1)
     res = SmokeResult(
         n_rows=len(rows),
@@ -88,6 +100,9 @@ def smoke_test(
         offline=offline.tolist(), http=http.astype(float).tolist(), grpc=grpc.astype(float).tolist(),
         model_load=model_load_events(out_dir / "triton.log"),
     )
+    if user_requests is not None:
+        res.n_user_id_requests = len(user_requests.user_ids)
+        res.max_abs_diff_user_id = pair_parity(user_requests, http_user, grpc_user, atol)
     (out_dir / "smoke.json").write_text(json.dumps(asdict(res) | {"max_abs_diff": res.max_abs_diff}, indent=2))
     log.info("smoke test: %d raw rows, served scores vs offline (workflow + model in process): max |diff| "
              "HTTP %.1e, gRPC %.1e (tolerance %g)", res.n_rows, res.max_abs_diff_http, res.max_abs_diff_grpc, atol)
@@ -176,6 +191,25 @@ class UserRequests:
     user_column: str
     offline: tuple
     cold: list
+    item_ids: Optional[list] = None  # a ranking version: one (user_ids[i], item_ids[i]) pair per row, scored
+    item_column: str = ""
+
+
+def pair_parity(req: UserRequests, http, grpc, atol: float) -> float:
+    """Ranking user-id answers ((scores, cold_start) over HTTP and gRPC) == the offline scores of the same pairs'
+    full rows; ``cold_start`` set exactly for the unknown users' rows. Returns the largest score difference."""
+    want = np.asarray(req.offline, dtype=np.float64).reshape(-1)
+    diff = served_parity(np.asarray(http[0], dtype=np.float64), np.asarray(grpc[0], dtype=np.float64), want, atol)
+    for name, got in (("HTTP", http), ("gRPC", grpc)):
+        if not np.isfinite(got[0]).all():
+            raise ServingMismatch(f"user-id ranking requests over {name}: non-finite scores {got[0].tolist()}")
+        if list(map(bool, got[1])) != list(req.cold):
+            raise ServingMismatch(f"user-id ranking requests over {name}: cold_start {list(map(bool, got[1]))}, "
+                                  f"expected {list(req.cold)} for users {req.user_ids}")
+    log.info("smoke test: %d (user, item) pairs sent as ids alone (features from the store) over HTTP and gRPC == "
+             "offline scores of the same pairs' training rows (%d rows of an unknown user: cold start; max diff %.1e)",
+             len(req.user_ids), sum(req.cold), diff)
+    return diff
 
 
 def user_parity(req: UserRequests, http, grpc, atol: float) -> float:

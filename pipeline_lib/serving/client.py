@@ -241,6 +241,24 @@ class RecsysClient:
             ids = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v, otypes=[object])(ids)
         return ids, result.as_numpy("scores"), result.as_numpy("count"), result.as_numpy("cold_start").astype(bool)
 
+    def predict_user(self, user_ids: Iterable, item_ids: Iterable, user_column: str, item_column: str,
+                     context: Optional[Mapping[str, Iterable]] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of a ranking version by ids alone: one (user, item) pair per row, or one user id for all the
+        items (broadcast); the served model looks the user and item features up in the feature store
+        (docs/serving.md, "Ranking by user id"). ``context``: request columns to send instead of the stored ones
+        (one value per row, or one for all). Returns (scores [rows], cold_start [rows])."""
+        self._metadata()
+        if "cold_start" not in self._outputs:
+            raise RequestError(f"model '{self.model_name}' serves no user-id requests (no feature store snapshot "
+                               f"in this version; features.enabled at export)")
+        arrays: dict[str, np.ndarray] = {}
+        for col, values in {user_column: user_ids, item_column: item_ids, **(context or {})}.items():
+            arrays.update(self.to_arrays(pd.DataFrame({col: list(values)}), partial=True))
+        with self._lock:
+            result = self._infer(self.inputs_from_arrays(arrays), [self._outputs[0], "cold_start"])
+        return (np.asarray(result.as_numpy(self._outputs[0]), dtype=np.float64).reshape(-1),
+                result.as_numpy("cold_start").astype(bool).reshape(-1))
+
     def _infer(self, inputs: list, outputs: list):
         """One inference call (``outputs``: names, or requested-output objects); a request the server
         refuses as invalid raises :class:`BadRequestError` (with the server's message and status), any

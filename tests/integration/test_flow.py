@@ -1,6 +1,7 @@
 """The whole Prefect flow on a small synthetic set, then the README's serve/predict commands."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -38,7 +39,9 @@ def test_flow_runs_every_stage_and_publishes(flow_run):
     run = tmp / "runs" / "it"
     assert list(summary["stage_seconds"]) == ["raw-data", "validate", "etl", "train", "export", "gate",
                                               "serving-smoke-test", "publish", "promote", "features"]
-    assert summary["feature_store"] is None  # no user-id requests for this family: nothing to materialize
+    # the promoted ranking version's feature snapshot, materialized by the features stage (user-id requests)
+    fs = summary["feature_store"]
+    assert fs["version"] == 1 and fs["online_store"] == "sqlite" and fs["users"] > 0 and fs["items"] > 0
     assert summary["gate"]["promote"] and summary["gate"]["served_version"] is None  # first run promotes
     assert summary["model_version"] == 1 and summary["etl_device"] == "cpu"
     assert summary["etl_path"].startswith("fast (verified against NVTabular")  # etl.fast_path, on CPU by default
@@ -69,6 +72,8 @@ def test_flow_runs_every_stage_and_publishes(flow_run):
     # the smoke test's Triton loaded the compiled version: no TensorFlow / NVTabular / merlin in its model
     smoke = json.loads((run / "serving" / "smoke.json").read_text())
     assert [(e["path"], e["heavy_modules"]) for e in smoke["model_load"]] == [("compiled", [])]
+    # ... and scored 5 users (one unknown) x 4 items (one unknown) sent as ids alone like the offline full rows
+    assert smoke["n_user_id_requests"] == 20 and smoke["max_abs_diff_user_id"] <= 1e-5
     preds = summary["predictions"]
     np.testing.assert_allclose(preds["served_http"], preds["offline"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(preds["served_grpc"], preds["offline"], atol=1e-5, rtol=0)
@@ -78,6 +83,8 @@ def test_flow_runs_every_stage_and_publishes(flow_run):
     assert q["serve"] == f"{uv_command()} run recsys serve --set export.model_repository={tmp / 'model_repository'} --set runs_dir={tmp / 'runs'}"
     assert q["predict"].startswith(q["serve"].replace(" serve ", " predict ")) and "notify_live_server" not in q["predict"]
     assert q["curl"].endswith(str(run / "serving" / "request.json"))
+    assert '"name":"user_id"' in q["curl_user"] and '"name":"item_id"' in q["curl_user"] and "recommend" not in q
+    assert '"name":"user_age"' not in q["curl_user"]
     from pipeline_lib.report import cli_summary
 
     text = cli_summary(summary)
@@ -199,6 +206,23 @@ def test_serve_and_predict_commands_on_the_published_repository(flow_run):
         with urllib.request.urlopen(req, timeout=60) as r:
             answer = json.loads(r.read())
         np.testing.assert_allclose(answer["outputs"][0]["data"], offline[:1], atol=1e-5)
+        # the summary's user-id curl body (user id + item id only) against the store the features stage filled:
+        # the score of the same pair's full row read from the training data
+        from pipeline_lib.features import snapshot
+
+        body = shlex.split(flow_run[2]["query"]["curl_user"])[-1]
+        req = urllib.request.Request(f"http://127.0.0.1:{http}/v2/models/recsys/infer", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            outs = json.loads(r.read())["outputs"]
+        art = tmp / "model_repository" / "recsys" / "1" / "ensemble"
+        pair = snapshot.offline_pairs(art, [rows["user_id"].iloc[0]], [rows["item_id"].iloc[0]])
+        want = export.offline_scores(nvt.Workflow.load(str(run / "transformed" / "workflow")),
+                                     run / "model" / "model", pair[cols], "click")
+        scores = [o["data"] for o in outs if o["name"] not in ("cold_start", "request_id")][0]
+        np.testing.assert_allclose(scores, want, atol=1e-5)
+        trained_users = set(pd.read_parquet(run / "split" / "train.parquet")["user_id"])
+        assert [o["data"] for o in outs if o["name"] == "cold_start"] == [[rows["user_id"].iloc[0] not in trained_users]]
     finally:
         proc.send_signal(signal.SIGINT)
         log, _ = proc.communicate(timeout=60)

@@ -49,6 +49,15 @@ def test_movielens_flow_end_to_end_with_drift_against_the_previous_run(prefect_h
     np.testing.assert_allclose(preds["served_http"], preds["offline"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(preds["served_grpc"], preds["offline"], atol=1e-5, rtol=0)
     assert (tmp_path / "model_repository" / "recsys" / "1" / "ensemble" / "ensemble.pkl").exists()
+    # user-id requests with the history: the snapshot holds the history features and recent items (as the next
+    # row's), the smoke test scored id-only (user, item) pairs like their full rows, the features stage filled it
+    from pipeline_lib.features.snapshot import Snapshot
+
+    snap = Snapshot.load(tmp_path / "model_repository" / "recsys" / "1" / "ensemble" / "features")
+    assert {"history_count", "history_positive_rate", "history_gap_s", "item_id_history"} <= set(snap.user_columns)
+    smoke = json.loads((run / "serving" / "smoke.json").read_text())
+    assert smoke["n_user_id_requests"] == 20 and smoke["max_abs_diff_user_id"] <= 1e-5
+    assert summary["feature_store"]["version"] == 1 and summary["feature_store"]["snapshot"] == snap.id
 
     raw = pd.read_parquet(run / "raw" / "interactions.parquet")
     assert raw["genres"].map(len).min() >= 1 and set(raw["liked"].unique()) == {0, 1}

@@ -536,3 +536,107 @@ def test_dynamic_batching_shared_memory_client_gets_its_own_rows(served_batched)
             got = fast.predict(request)
             assert np.array_equal(got, plain.predict(request))
     np.testing.assert_allclose(got, offline[:37], atol=1e-5, rtol=0)
+
+
+# -- ranking by user id: user_id + item_id, every other column from the feature store ------------------------
+
+
+@pytest.fixture(scope="module")
+def served_by_id(trained, served, tmp_path_factory):
+    """The served version again, with a feature snapshot of the training split and user-id requests in its config,
+    as ``recsys_uid`` (its SQLite store filled, as the flow's features stage does) and ``recsys_nostore`` (its
+    feature_store.json names a store that does not exist): one more Triton serving both."""
+    import shutil
+
+    import nvtabular as nvt
+
+    from pipeline_lib.features import serving as feature_serving
+    from pipeline_lib.features import snapshot, store
+
+    server, _, _ = served
+    tmp = tmp_path_factory.mktemp("served_by_id")
+    cols = trained.cfg.columns
+    vdir = tmp / "staged" / "1"
+    shutil.copytree(server.model_repository / "recsys" / "1", vdir)
+    art = vdir / export.ENSEMBLE_SUBDIR
+    items = [cols.item_id] + [f.name for f in cols.features if f.side.value == "item"]
+    snapshot.write_snapshot(art, pd.read_parquet(trained.split.train),
+                            [c for c in cols.serving_columns if c not in items], items, cols, None, 0)
+    config = vdir / repository.VERSION_CONFIG
+    feature_serving.allow_user_id_requests(config, cols.user_id, (cols.item_id,))
+    repo = tmp / "model_repository"
+    text = config.read_text()
+    for name in ("recsys_uid", "recsys_nostore"):
+        config.write_text(text.replace('name: "recsys"', f'name: "{name}"', 1))
+        repository.publish(vdir, config, repo, name)
+        repository.promote(repo, name, 1)
+    settings = store.StoreSettings(tmp / "feature_store" / "recsys_uid")
+    store.materialize(settings, repo / "recsys_uid" / "1" / export.ENSEMBLE_SUBDIR, 1)
+    store.write_pointer(repo / "recsys_uid", settings)
+    store.write_pointer(repo / "recsys_nostore", store.StoreSettings(tmp / "feature_store" / "never_filled"))
+    workflow = nvt.Workflow.load(str(trained.etl.workflow_dir))
+
+    def offline(users: list, item_ids: list) -> np.ndarray:
+        rows = snapshot.offline_pairs(art, users, item_ids)[cols.serving_columns]
+        return export.offline_scores(workflow, trained.model.model_dir, rows, "click")
+
+    by_id = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log")
+    by_id.start(timeout_s=240, models=["recsys_uid", "recsys_nostore"])
+    yield by_id, art, offline
+    by_id.stop()
+
+
+def test_ranking_by_user_id_equals_the_offline_scores_of_the_stored_rows(served_by_id):
+    """One user id for several item ids (broadcast) and one (user, item) pair per row: the scores equal the
+    offline scores of the same pairs' full rows read from the training data, over HTTP and gRPC; an unknown user
+    gets the cold-start row and ``cold_start``, an unknown item the item defaults; a full-feature request still
+    answers as before (``cold_start`` false)."""
+    from pipeline_lib.features import snapshot
+
+    server, art, offline = served_by_id
+    users, items = snapshot.stored_users(art, 3), snapshot.stored_items(art, 4)
+    unknown_user, unknown_item = snapshot.unknown_id(users), snapshot.unknown_id(items)
+    asked = items + [unknown_item]
+    pair_users = users + [unknown_user]
+    pair_items = items[:len(pair_users)]
+    for url, protocol in ((server.http_url, "http"), (server.grpc_url, "grpc")):
+        with RecsysClient(url, protocol, "recsys_uid") as c:
+            scores, cold = c.predict_user([users[0]], asked, "user_id", "item_id")
+            np.testing.assert_allclose(scores, offline([users[0]] * len(asked), asked), atol=1e-5, rtol=0)
+            assert cold.tolist() == [False] * len(asked)
+            scores, cold = c.predict_user(pair_users, pair_items, "user_id", "item_id")
+            np.testing.assert_allclose(scores, offline(pair_users, pair_items), atol=1e-5, rtol=0)
+            assert cold.tolist() == [False] * len(users) + [True] and np.isfinite(scores).all()
+            full = snapshot.offline_pairs(art, users, items[:3])[c.raw_columns]
+            np.testing.assert_allclose(c.predict(full), offline(users, items[:3]), atol=1e-5, rtol=0)
+
+
+def test_ranking_by_user_id_bad_requests_name_the_field(served_by_id):
+    server, _, _ = served_by_id
+    with RecsysClient(server.grpc_url, "grpc", "recsys_uid") as c:
+        with pytest.raises(BadRequestError, match="input 'user_id' has 2 values") as err:
+            c.predict_user([1, 2], [1, 2, 3], "user_id", "item_id")
+        assert err.value.status() == INVALID["grpc"]
+    with httpclient.InferenceServerClient(server.http_url) as c:
+        items = httpclient.InferInput("item_id", [2], "INT64")
+        items.set_data_from_numpy(np.array([1, 2], dtype=np.int64))
+        with pytest.raises(InferenceServerException, match="user_id") as err:
+            c.infer("recsys_uid", [items])
+        assert err.value.status() == "400"
+
+
+def test_ranking_by_user_id_without_a_reachable_store_is_503_and_full_rows_still_answer(served_by_id):
+    from pipeline_lib.features import snapshot
+
+    server, art, offline = served_by_id
+    users, items = snapshot.stored_users(art, 2), snapshot.stored_items(art, 2)
+    with RecsysClient(server.http_url, "http", "recsys_nostore") as c:
+        with pytest.raises(InferenceServerException, match="unavailable: feature store") as err:
+            c.predict_user(users, items, "user_id", "item_id")
+        assert err.value.status() == "503"
+        full = snapshot.offline_pairs(art, users, items)[c.raw_columns]
+        np.testing.assert_allclose(c.predict(full), offline(users, items), atol=1e-5, rtol=0)
+    with RecsysClient(server.grpc_url, "grpc", "recsys_nostore") as c:
+        with pytest.raises(InferenceServerException) as err:
+            c.predict_user(users, items, "user_id", "item_id")
+        assert "UNAVAILABLE" in str(err.value.status())

@@ -27,9 +27,14 @@ import json
 import traceback
 from typing import Any
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from pipeline_lib.export.compiled_version import CompiledPredictor, NeedsFallback, load_event
+from pipeline_lib.features.lookup import COLD_START_OUTPUT, UserLookup
+from pipeline_lib.features.pairs import complete_pairs, missing_columns
+from pipeline_lib.features.snapshot import has_snapshot
+from pipeline_lib.features.store import FeatureStoreError
 from pipeline_lib.online.impressions import (REQUEST_ID_OUTPUT, new_request_id, open_for_model, request_id_tensor,
                                              subject_ids)
 from pipeline_lib.serving import bytes_tensor
@@ -57,6 +62,13 @@ class TritonPythonModel:
         # exported before it existed have none)
         self.has_request_id = any(o["name"] == REQUEST_ID_OUTPUT for o in config["output"])
         self.impressions = open_for_model(args)
+        # user-id requests (user_id + item ids; docs/serving.md): the missing columns come from the feature store
+        self.optional = {i["name"] for i in config["input"] if i.get("optional")}
+        self.has_cold = any(o["name"] == COLD_START_OUTPUT for o in config["output"])
+        self.input_dtypes = {i["name"]: pb_utils.triton_string_to_numpy(i["data_type"]) for i in config["input"]
+                             if i["data_type"] != "TYPE_STRING"}
+        art = self.version_dir / "ensemble"
+        self.lookup = UserLookup(art, self.version_dir.parent) if self.has_cold and has_snapshot(art) else None
         why = "no compiled version"
         try:
             self.compiled = CompiledPredictor.load(self.version_dir / "ensemble")
@@ -65,10 +77,12 @@ class TritonPythonModel:
             self.compiled, why = None, f"compiled version not loaded: {type(exc).__name__}: {exc}"
         if self.compiled is None:
             self._load_full(why, t0)
-            return
-        plan = self.compiled.plan
-        self.input_names, self.ragged, self.output_names = plan.input_names, set(plan.ragged), plan.output_names
-        self.logger.log_info(load_event("compiled", time.perf_counter() - t0))
+        else:
+            plan = self.compiled.plan
+            self.input_names, self.ragged, self.output_names = plan.input_names, set(plan.ragged), plan.output_names
+            self.logger.log_info(load_event("compiled", time.perf_counter() - t0))
+        if self.lookup is not None:  # Feast imported and the store opened now, after the model's load line
+            self.lookup.warm()
 
     def _load_full(self, why, t0=None):
         """The whole ensemble (TensorFlow, NVTabular, merlin-systems), as merlin's executor model loads it;
@@ -90,10 +104,15 @@ class TritonPythonModel:
         if self.impressions is not None:  # unload or clean stop: everything queued is written
             self.impressions.close()
 
-    def _answer(self, request, checked, outputs, batched=False):
-        """The response of a scored request (``outputs``: its own rows), its request id, its impression."""
+    def _answer(self, request, checked, outputs, batched=False, cold=None):
+        """The response of a scored request (``outputs``: its own rows), its request id, its impression, and
+        ``cold_start`` per row (user-id requests: the user unknown to the store; full rows: false)."""
         request_id = new_request_id(request.request_id())
         tensors = [pb_utils.Tensor(n, outputs[n][None, ...] if batched else outputs[n]) for n in self.output_names]
+        if self.has_cold:
+            rows = outputs[self.output_names[0]].reshape(-1).shape[0]
+            flags = np.zeros(rows, dtype=bool) if cold is None else np.asarray(cold, dtype=bool)
+            tensors.append(pb_utils.Tensor(COLD_START_OUTPUT, flags[None, ...] if batched else flags))
         if self.has_request_id:
             tensors.append(pb_utils.Tensor(REQUEST_ID_OUTPUT, request_id_tensor(request_id, batched)))
         if self.impressions is not None:
@@ -110,8 +129,14 @@ class TritonPythonModel:
         return self._batch(requests)
 
     def _read(self, request):
-        arrays = read_request(tensor_reader(pb_utils, request), self.input_names, (), self.batched)
-        return check_request(arrays, self.ragged, self.max_rows, self.limits)
+        """Checked request tensors and the cold-start mask (None: a full-feature request)."""
+        arrays = read_request(tensor_reader(pb_utils, request), self.input_names, self.optional, self.batched)
+        cold = None
+        if self.lookup is not None:
+            missing = missing_columns(self.input_names, arrays)
+            if missing:
+                arrays, cold = complete_pairs(self.lookup, arrays, missing, self.input_dtypes)
+        return check_request(arrays, self.ragged, self.max_rows, self.limits), cold
 
     def _predict(self, checked):
         """Checked request tensors -> {output name: array with one row per request row}."""
@@ -125,13 +150,16 @@ class TritonPythonModel:
 
     def _one(self, request):
         try:
-            checked = self._read(request)
+            checked, cold = self._read(request)
             if isinstance(self.full, _EnsembleTransform):  # merlin's response: outputs as the ensemble's schema says
                 return self.full.response(checked)
             outputs = self._predict(checked)
             check_scores({n: outputs[n] for n in self.output_names})  # never a NaN score answered
-            return self._answer(request, checked, outputs)
+            return self._answer(request, checked, outputs, cold=cold)
         except BadRequest as exc:  # the client's fault: INVALID_ARG (HTTP 400)
+            return error_response(pb_utils, exc)
+        except FeatureStoreError as exc:  # store down, empty or another version's: UNAVAILABLE (HTTP 503)
+            self.logger.log_warn(str(exc))
             return error_response(pb_utils, exc)
         except Exception as exc:  # noqa: BLE001 - report, never crash the model instance
             return self._internal_error(exc)
@@ -140,12 +168,14 @@ class TritonPythonModel:
         """Requests queued together by Triton's dynamic batcher: bad ones answered alone, the others'
         rows scored in one call and each request answered with its own rows."""
         responses = [None] * len(requests)
-        good, checked = [], []
+        good, checked, colds = [], [], []
         for i, request in enumerate(requests):
             try:
-                checked.append(self._read(request))
+                arrays, cold = self._read(request)
+                checked.append(arrays)
+                colds.append(cold)
                 good.append(i)
-            except BadRequest as exc:
+            except (BadRequest, FeatureStoreError) as exc:
                 responses[i] = error_response(pb_utils, exc)
             except Exception as exc:  # noqa: BLE001
                 responses[i] = self._internal_error(exc)
@@ -162,7 +192,7 @@ class TritonPythonModel:
                         continue
                     # one batch entry per request: the outputs get the leading batch dimension of 1
                     responses[i] = self._answer(requests[i], checked[k], {n: parts[n][k] for n in self.output_names},
-                                                batched=True)
+                                                batched=True, cold=colds[k])
             except Exception as exc:  # noqa: BLE001
                 self.logger.log_error(traceback.format_exc())
                 for i in good:

@@ -53,3 +53,17 @@ def test_clear_errors_for_a_missing_timestamp_or_a_clashing_column():
         history.add_history_features(frame().assign(history_count=1), COLUMNS, 3)
     with pytest.raises(ValueError, match="etl.history.enabled needs columns.timestamp"):
         RunConfig.model_validate({"columns": {"timestamp": None}, "etl": {"history": {"enabled": True}}})
+
+
+def test_next_row_history_is_what_a_later_row_of_each_user_would_get():
+    """The feature snapshot's history features (user-id ranking requests): count and positive rate as a row after
+    every training event would have them; the gap is only known at request time (NaN)."""
+    df = frame()
+    later = pd.DataFrame({"user_id": [1, 2], "item_id": [99, 99], "click": [0, 0], "timestamp": [100, 100]},
+                         index=[98, 99])
+    want = history.add_history_features(pd.concat([df, later]), COLUMNS, max_items=0).loc[[98, 99]]
+    got = history.next_row_history(df, COLUMNS)
+    assert list(got.index) == [1, 2] and list(got.columns) == list(history.NUMERIC)
+    np.testing.assert_allclose(got[history.COUNT], want[history.COUNT])
+    np.testing.assert_allclose(got[history.POSITIVE_RATE], want[history.POSITIVE_RATE])
+    assert got[history.GAP].isna().all()
