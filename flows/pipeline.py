@@ -74,7 +74,7 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     if not decision.promote:
         out = refused(fam, paths, summary, decision, query_info(cfg, paths, requests, serve_args))
         kept = "inconclusive" if decision.outcome == "inconclusive" else "refused"
-        tag_run(cfg, fam, kept)
+        tag_run(fam, kept)
         return Completed(name=kept.capitalize(), data=out, message=f"{kept} at the gate: {decision.reason}"[:500])
 
     result = timed("serving-smoke-test", tasks.smoke, fam, paths, etl_out, exp)
@@ -95,21 +95,21 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     where = (f"published and serving {served_dir} (the Triton at {event['live_server']} switched to it)"
              if event["live_server"] else f"published {served_dir}; served at the next `recsys serve`")
     print(f"{served.console}; {where}")
-    tag_run(cfg, fam, "promoted")
+    tag_run(fam, "promoted")
     return Completed(name="Promoted", data=summary | {"predictions": served.table},
-                     message=f"promoted {cfg.export.model_name} v{event['version']} ({model_type(cfg)})")
+                     message=f"promoted {cfg.export.model_name} v{event['version']} ({model_type(fam.cfg)})")
 
 
 def model_type(cfg: RunConfig) -> str:
     return cfg.session.model.type if cfg.task == "session" else cfg.model.type
 
 
-def tag_run(cfg: RunConfig, fam: TaskFamily, outcome: str) -> None:
+def tag_run(fam: TaskFamily, outcome: str) -> None:
     """Add family, model type and outcome tags to this flow run (the runs list can filter on them)."""
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
-    new = [f"task:{fam.name}", f"model:{model_type(cfg)}", f"outcome:{outcome}"]
+    new = [f"task:{fam.name}", f"model:{model_type(fam.cfg)}", f"outcome:{outcome}"]
     try:
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(flow_run.id)

@@ -18,7 +18,8 @@ def competition(prefect_harness, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("candidates")
     overrides = {**SMALL, "seed": 3, "task": "retrieval", "runs_dir": str(tmp / "runs"), "run_name": "cands",
-                 "model": {**SMALL["model"], "candidates": [{"type": "ease"}, {"type": "two_tower"}]},
+                 "model": {**SMALL["model"], "candidates": [{"type": "ease"}, {"type": "two_tower"}],
+                           "type": "mf"},  # a type no candidate has: what the run reports must be the winner
                  "export": {**SMALL["export"], "model_repository": str(tmp / "repo"), "model_name": "cands"}}
     return pipeline(overrides=overrides)
 
@@ -72,3 +73,20 @@ def test_the_served_version_is_the_winner(competition):
     in_cat = pairs[1][pairs[1].item_id.isin(train.item_id)]
     seen = json.loads((served / "topk" / "spec.json").read_text())["seen"]
     assert seen["n_pairs"] == len(in_cat) > len(pairs[0])
+
+
+def test_the_flow_run_is_tagged_and_named_after_the_winner(competition):
+    """The Prefect runs list names the model that won (and was promoted), not the configured ``model.type``."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_runs()
+
+    ours = [r for r in asyncio.run(read()) if (r.parameters.get("overrides") or {}).get("run_name") == "cands"]
+    assert len(ours) == 1 and ours[0].state.name == "Promoted"
+    winner = competition["model"]
+    assert {"task:retrieval", f"model:{winner}", "outcome:promoted"} <= set(ours[0].tags)
+    assert f"({winner})" in ours[0].state.message
