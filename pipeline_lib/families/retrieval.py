@@ -95,6 +95,14 @@ class RetrievalFamily(RankingFamily):
             curves.append((f"re-ranker {self.cfg.model.retrieval.rerank_with}", trained.ranker.metrics_path))
         return curves
 
+    def smoke_rows(self, etl_out: etl.EtlOutput, n: int) -> pd.DataFrame:
+        """``n`` held-out requests of ``n`` different users (a top-k answer is per user: the first rows of a split by
+        time are often one user's)."""
+        df = pd.read_parquet(etl_out.split.valid)
+        uid = self.cfg.columns.user_id
+        df = df.drop_duplicates(uid) if uid in df.columns else df
+        return df.head(n)[self.request_columns()].reset_index(drop=True)
+
     def export(self, paths: RunPaths, etl_out: etl.EtlOutput, trained: Trained) -> topk.TopKExport:
         cfg = self.cfg
         ranker_dir = trained.ranker.model_dir if trained.ranker is not None else None
