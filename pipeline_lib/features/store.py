@@ -39,6 +39,10 @@ USER_VIEW, ITEM_VIEW, META_VIEW = "user_features", "item_features", "store_meta"
 SNAPSHOT_FIELD, VERSION_FIELD = "snapshot_id", "model_version"
 META_KEY, META_ID = "store_key", "current"
 EVENT_TS = "event_timestamp"
+# the served lookups' Redis client (bound_redis): a Redis that is down or hung costs a request about
+# (1 + REDIS_RETRIES) x REDIS_TIMEOUT_S at most, not redis-py's default 10 retries with backoff (~3 s a request)
+REDIS_TIMEOUT_S = 0.5  # socket connect and read timeouts, unless the connection string names its own
+REDIS_RETRIES = 1  # one immediate retry: a pooled connection that a Redis restart closed reconnects at once
 
 
 class FeatureStoreError(RuntimeError):
@@ -127,6 +131,27 @@ def open_store(repo: Path):
     return FeatureStore(repo_path=str(repo))
 
 
+def bound_redis(fs: Any) -> None:
+    """Bound what a lookup waits for a Redis online store that is down or hung: socket connect and read timeouts of
+    :data:`REDIS_TIMEOUT_S` (where ``redis_connection`` names none, e.g. ``"host:6379,socket_timeout=2"``) and
+    :data:`REDIS_RETRIES` immediate retries instead of redis-py's default (10 retries, exponential backoff up to 1 s:
+    about 3 s a request with Redis down, during which the model instance answers nothing and a stopping Triton
+    waits). No-op for another online store."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    cfg = fs.config.online_store
+    if getattr(cfg, "type", None) != "redis":
+        return
+    client = fs._get_provider().online_store._get_client(cfg)  # Feast's own client (created, not yet connected)
+    named = {c.split("=", 1)[0].strip() for c in cfg.connection_string.split(",") if "=" in c}
+    kwargs = client.connection_pool.connection_kwargs
+    for key in ("socket_timeout", "socket_connect_timeout"):
+        if key not in named:
+            kwargs[key] = REDIS_TIMEOUT_S
+    client.set_retry(Retry(NoBackoff(), REDIS_RETRIES))
+
+
 def materialize(s: StoreSettings, artifact_dir: Path, model_version: int) -> dict:
     """Write the snapshot of the version at ``artifact_dir`` (``<N>/topk``) into the model's store: apply the
     feature views, materialize users, items and the store's meta row with the current time. Returns what was
@@ -184,9 +209,10 @@ def read_pointer(model_dir: Path) -> Optional[StoreSettings]:
     return StoreSettings(Path(d["repo"]), d.get("online_store", "sqlite"), d.get("redis_connection", "localhost:6379"))
 
 
-def store_state(repo: Path) -> Optional[dict]:
-    """The snapshot id and model version the store holds now (None when it was never filled)."""
-    res = open_store(repo).get_online_features(
+def store_state(repo: Path, fs: Any = None) -> Optional[dict]:
+    """The snapshot id and model version the store holds now (None when it was never filled); ``fs``: the store
+    already open (a served lookup's, :func:`bound_redis`), else opened here."""
+    res = (fs if fs is not None else open_store(repo)).get_online_features(
         features=[f"{META_VIEW}:{SNAPSHOT_FIELD}", f"{META_VIEW}:{VERSION_FIELD}"],
         entity_rows=[{META_KEY: META_ID}]).to_dict()
     if res[SNAPSHOT_FIELD][0] is None:

@@ -245,9 +245,15 @@ def test_rollback_restores_a_classical_snapshot_and_refuses_a_version_without_on
 
 
 def test_classical_user_id_requests_get_503_when_the_store_goes_away(classical_runs, served, redis_store):
-    """REDIS_MODEL's store is a real Redis: stopped, its user-id requests are UNAVAILABLE (HTTP 503, gRPC
-    UNAVAILABLE), never a crash or a silent answer from another history; full-feature requests (user id + history)
-    still answer. Last in the file: it stops the module's Redis."""
+    """REDIS_MODEL's store is a real Redis: killed, its user-id requests are UNAVAILABLE (HTTP 503, gRPC
+    UNAVAILABLE) at once (the lookup's bounded Redis client, store.bound_redis; redis-py's default retries took ~3 s
+    a request, one model instance busy throughout), never a crash or a silent answer from another history;
+    full-feature requests (user id + history) still answer; and Triton, stopped while clients keep asking, stops
+    promptly (it waited for every queued lookup: 14 s with 4 clients). Last in the file: it kills the module's Redis
+    and stops the module's Triton."""
+    import threading
+    import time
+
     from pipeline_lib.features import snapshot
     from tritonclient.utils import InferenceServerException
 
@@ -259,11 +265,37 @@ def test_classical_user_id_requests_get_503_when_the_store_goes_away(classical_r
     users = snapshot.stored_users(art, 4)
     full = snapshot.offline_rows(art, users)[rec.lookup_columns]
     want = topk.finish_top_k(*rec.offline(full[rec.request_columns]))
-    redis_store.terminate()
+    redis_store.kill()
     redis_store.wait(timeout=10)
     for url, protocol, status in ((served.grpc_url, "grpc", "UNAVAILABLE"), (served.http_url, "http", "503")):
         with RecsysClient(url, protocol, REDIS_MODEL) as c:
-            with pytest.raises(InferenceServerException, match="unavailable: feature store unreachable") as exc:
-                c.recommend_user(users, "user_id")
-            assert status in str(exc.value.status())
+            for _ in range(3):
+                t0 = time.perf_counter()
+                with pytest.raises(InferenceServerException, match="unavailable: feature store unreachable") as exc:
+                    c.recommend_user(users, "user_id")
+                took = time.perf_counter() - t0
+                print(f"{protocol} user-id request with Redis down: {took * 1000:.1f} ms")
+                assert status in str(exc.value.status()) and took < 1.5, took  # ~ms (refused); <= ~1 s hung
             np.testing.assert_array_equal(c.recommend(full)[0], want[0])
+    stop = threading.Event()
+
+    def ask() -> None:  # a client that keeps sending user-id requests while the server stops
+        with RecsysClient(served.grpc_url, "grpc", REDIS_MODEL) as c:
+            while not stop.is_set():
+                try:
+                    c.recommend_user(users, "user_id")
+                except Exception:  # noqa: BLE001 - 503, then refused connections while Triton stops
+                    time.sleep(0.01)
+
+    clients = [threading.Thread(target=ask, daemon=True) for _ in range(4)]
+    for t in clients:
+        t.start()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    served.stop()
+    took = time.perf_counter() - t0
+    stop.set()
+    for t in clients:
+        t.join(timeout=10)
+    print(f"Triton stop with Redis down and 4 clients asking: {took:.2f} s")
+    assert took < 10.0, took  # measured ~3 s (as idle); before the bounded client: 14 s
