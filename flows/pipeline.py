@@ -80,7 +80,7 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     result = timed("serving-smoke-test", tasks.smoke, fam, paths, etl_out, exp)
     version, served_dir, info = timed("publish", tasks.publish, fam, paths, raw_path, etl_out, trained, exp)
     event = timed("promote", tasks.promote, fam, version)
-    feature_store = timed("features", tasks.features, fam, version)
+    feature_store = timed("features", tasks.features, fam, version, event["previous"])
     summary.update({"model_version": version, "served_dir": str(served_dir), "served_version": event["version"],
                     "previous_version": event["previous"], "pruned_versions": event["pruned"],
                     "data_fingerprint": info["data"]["fingerprint"], **fam.served_fields(result),

@@ -196,7 +196,7 @@ class UserLookup:
 
     def _where(self) -> str:
         s = self.settings
-        return s.redis_connection if s is not None and s.online_store == "redis" else str(s.repo if s else "?")
+        return s.redis_connection.split(",")[0] if s is not None and s.online_store == "redis" else str(s.repo if s else "?")
 
     def _check_current(self) -> None:
         """The store's meta row must name this version's snapshot; else the store is out of step with the model."""

@@ -65,6 +65,11 @@ class StoreSettings:
         root = Path(f.repo) if f.repo else Path(cfg.export.model_repository).parent / "feature_store"
         return cls((root / cfg.export.model_name).resolve(), f.online_store, f.redis_connection)
 
+    def where(self) -> str:
+        """The store for messages: Redis's host:port (never the connection string's password) or the repo folder."""
+        return f"{self.redis_connection.split(',')[0]} (Feast repo {self.repo})" if self.online_store == "redis" \
+            else str(self.repo)
+
     def to_json(self) -> dict:
         return {"repo": str(self.repo), "online_store": self.online_store, "redis_connection": self.redis_connection}
 
@@ -184,7 +189,7 @@ def materialize(s: StoreSettings, artifact_dir: Path, model_version: int) -> dic
         log.debug("apply %.2f s, write %.2f s", t2 - t1, time.perf_counter() - t2)
     except Exception as exc:  # noqa: BLE001 - Redis down, disk full: name the store
         raise FeatureStoreError(f"could not write the features of version {model_version} into the "
-                                f"{s.online_store} store at {s.repo}: {type(exc).__name__}: {exc}") from exc
+                                f"{s.online_store} store at {s.where()}: {type(exc).__name__}: {exc}") from exc
     info = {"snapshot": snap.id, "version": int(model_version), "users": snap.n_users, "items": snap.n_items,
             "online_store": s.online_store, "repo": str(s.repo), "seconds": round(time.perf_counter() - t0, 3)}
     log.info("feature store: version %d's features (%d users, %d items, snapshot %s) materialized into the %s store "
