@@ -136,12 +136,13 @@ def open_store(repo: Path):
     return FeatureStore(repo_path=str(repo))
 
 
-def bound_redis(fs: Any) -> None:
+def bound_redis(fs: Any, read_timeout_s: Optional[float] = REDIS_TIMEOUT_S) -> None:
     """Bound what a lookup waits for a Redis online store that is down or hung: socket connect and read timeouts of
     :data:`REDIS_TIMEOUT_S` (where ``redis_connection`` names none, e.g. ``"host:6379,socket_timeout=2"``) and
     :data:`REDIS_RETRIES` immediate retries instead of redis-py's default (10 retries, exponential backoff up to 1 s:
     about 3 s a request with Redis down, during which the model instance answers nothing and a stopping Triton
-    waits). No-op for another online store."""
+    waits). ``read_timeout_s`` None: redis-py's read timeout (5 s: :func:`materialize`'s large writes). No-op for
+    another online store."""
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
@@ -151,9 +152,9 @@ def bound_redis(fs: Any) -> None:
     client = fs._get_provider().online_store._get_client(cfg)  # Feast's own client (created, not yet connected)
     named = {c.split("=", 1)[0].strip() for c in cfg.connection_string.split(",") if "=" in c}
     kwargs = client.connection_pool.connection_kwargs
-    for key in ("socket_timeout", "socket_connect_timeout"):
-        if key not in named:
-            kwargs[key] = REDIS_TIMEOUT_S
+    for key, value in (("socket_timeout", read_timeout_s), ("socket_connect_timeout", REDIS_TIMEOUT_S)):
+        if key not in named and value is not None:
+            kwargs[key] = value
     client.set_retry(Retry(NoBackoff(), REDIS_RETRIES))
 
 
@@ -179,6 +180,7 @@ def materialize(s: StoreSettings, artifact_dir: Path, model_version: int) -> dic
         frame.to_parquet(data / f"{name}.parquet", index=False)
     store = open_store(s.repo)
     try:
+        bound_redis(store, read_timeout_s=None)  # Redis down: the run's error at once, not after ~3 s of retries
         t1 = time.perf_counter()
         store.apply(_definitions(snap, data))
         t2 = time.perf_counter()
