@@ -25,6 +25,7 @@ from pipeline_lib import report
 from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.families import TaskFamily, get_family
 from pipeline_lib.families.candidates import Competition
+from pipeline_lib.features.stage import check_store
 from pipeline_lib.paths import RunPaths, new_run
 from pipeline_lib.release.gate import GateDecision
 
@@ -36,6 +37,7 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     gate, timings, served predictions): calling ``pipeline(...)`` returns that summary dict. The run is
     tagged ``task:<family>``, ``model:<type>`` and ``outcome:<promoted|refused|inconclusive>`` (inconclusive: not promoted, the served version kept)."""
     cfg = load_config(config_path, overrides)
+    check_store(cfg)  # a Redis online store that does not answer: refused before anything runs
     fam, paths = get_family(cfg), new_run(cfg)
     print(f"run folder: {paths.root}")
     create_markdown_artifact(key="effective-config", description="the validated config of this run",

@@ -199,6 +199,31 @@ def materialize(s: StoreSettings, artifact_dir: Path, model_version: int) -> dic
     return info
 
 
+def check_reachable(s: StoreSettings) -> None:
+    """A Redis online store answers PING within the served lookups' bounds (:func:`bound_redis`), else
+    :class:`FeatureStoreError` naming its host:port. Nothing to check for SQLite (a file the run creates)."""
+    if s.online_store != "redis":
+        return
+    import redis
+    from feast.infra.online_stores.redis import RedisOnlineStore
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    nodes, kwargs = RedisOnlineStore._parse_connection_string(s.redis_connection)  # Feast's own reading of it
+    for key in ("socket_timeout", "socket_connect_timeout"):
+        kwargs.setdefault(key, REDIS_TIMEOUT_S)
+    client = redis.Redis(host=nodes[0]["host"], port=int(nodes[0]["port"]), retry=Retry(NoBackoff(), REDIS_RETRIES),
+                         **kwargs)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise FeatureStoreError(f"the redis online store at {s.where()} does not answer ({type(exc).__name__}: "
+                                f"{exc}); nothing was run. Start it, or fix features.redis_connection "
+                                f"(or --set features.online_store=sqlite)") from exc
+    finally:
+        client.close()
+
+
 def write_pointer(model_dir: Path, s: StoreSettings) -> Path:
     """``<model_repository>/<model>/feature_store.json``: where the served model reads features from."""
     path = Path(model_dir) / STORE_POINTER

@@ -148,6 +148,25 @@ def test_redis_online_store_round_trip_and_unreachable(tmp_path, redis_server):
     assert took < 0.5, took
 
 
+def test_a_redis_store_that_does_not_answer_is_named_before_a_run(tmp_path, redis_server):
+    """stage.check_store (the flow and `recsys run` call it first): a Redis that answers passes, a killed one is
+    refused at once with its host:port and what to do; SQLite and features off need no check."""
+    from pipeline_lib.config import load_config
+
+    proc, port = redis_server
+    cfg = load_config(None, {"features": {"online_store": "redis", "redis_connection": f"127.0.0.1:{port},db=1"}})
+    stage.check_store(cfg)
+    proc.kill()
+    proc.wait(timeout=10)
+    t0 = time.perf_counter()
+    with pytest.raises(store.FeatureStoreError, match=rf"the redis online store at 127\.0\.0\.1:{port} \(Feast repo .*"
+                       r"does not answer .*nothing was run. Start it, or fix features.redis_connection"):
+        stage.check_store(cfg)
+    assert time.perf_counter() - t0 < 1.0
+    stage.check_store(load_config(None, {"features": {"online_store": "redis", "enabled": False}}))
+    stage.check_store(load_config(None, {}))  # sqlite
+
+
 def _failed_lookup_seconds(lookup: UserLookup, users: list) -> float:
     t0 = time.perf_counter()
     with pytest.raises(store.FeatureStoreError, match="unreachable") as exc:
