@@ -73,6 +73,7 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
     """Run the whole Prefect flow: data -> ETL -> train -> export -> Triton smoke test -> publish."""
     from pipeline_lib.config import parse_set_options
 
+    from pipeline_lib.features.stage import check_store
     from pipeline_lib.paths import check_writable
 
     try:
@@ -80,15 +81,18 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
         cfg = _cfg(config, set_)  # validate before starting Prefect
         check_writable("runs_dir", Path(cfg.runs_dir))  # the flow checks again; this fails in a second
         check_writable("export.model_repository", Path(cfg.export.model_repository))
+        check_store(cfg)  # a Redis online store that does not answer
     except Exception as exc:
         _fail(str(exc))
     from flows.pipeline import pipeline
     from pipeline_lib.errors import DataValidationError, OutputPathError
+    from pipeline_lib.features.store import FeatureStoreError
 
     try:
         # calling the flow returns its final state's data: the summary dict
         summary = cast(dict, pipeline(config_path=str(config) if config else None, overrides=overrides or None))
-    except (DataValidationError, OutputPathError) as exc:  # bad input data / output path: one clear message
+    # bad input data / output path, a feature store that failed (the message says which version serves): one line
+    except (DataValidationError, OutputPathError, FeatureStoreError) as exc:
         if _DEBUG["on"]:
             raise
         _fail(str(exc))

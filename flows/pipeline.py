@@ -25,6 +25,7 @@ from pipeline_lib import report
 from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.families import TaskFamily, get_family
 from pipeline_lib.families.candidates import Competition
+from pipeline_lib.features.stage import check_store
 from pipeline_lib.paths import RunPaths, new_run
 from pipeline_lib.release.gate import GateDecision
 
@@ -36,6 +37,7 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     gate, timings, served predictions): calling ``pipeline(...)`` returns that summary dict. The run is
     tagged ``task:<family>``, ``model:<type>`` and ``outcome:<promoted|refused|inconclusive>`` (inconclusive: not promoted, the served version kept)."""
     cfg = load_config(config_path, overrides)
+    check_store(cfg)  # a Redis online store that does not answer: refused before anything runs
     fam, paths = get_family(cfg), new_run(cfg)
     print(f"run folder: {paths.root}")
     create_markdown_artifact(key="effective-config", description="the validated config of this run",
@@ -80,7 +82,7 @@ def pipeline(config_path: Optional[str] = None, overrides: Optional[dict[str, An
     result = timed("serving-smoke-test", tasks.smoke, fam, paths, etl_out, exp)
     version, served_dir, info = timed("publish", tasks.publish, fam, paths, raw_path, etl_out, trained, exp)
     event = timed("promote", tasks.promote, fam, version)
-    feature_store = timed("features", tasks.features, fam, version)
+    feature_store = timed("features", tasks.features, fam, version, event["previous"])
     summary.update({"model_version": version, "served_dir": str(served_dir), "served_version": event["version"],
                     "previous_version": event["previous"], "pruned_versions": event["pruned"],
                     "data_fingerprint": info["data"]["fingerprint"], **fam.served_fields(result),

@@ -201,7 +201,7 @@ def promote(fam: TaskFamily, version: int) -> dict:
     return fam.promote(version)
 
 
-@task(name="features", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def features(fam: TaskFamily, version: int) -> Optional[dict]:
+@task(name="features", cache_policy=NO_CACHE)  # no retry: a failure serves the previous version again
+def features(fam: TaskFamily, version: int, previous: Optional[int]) -> Optional[dict]:
     """The promoted version's user features, recent items and item features into the feature store."""
-    return fam.features(version)
+    return fam.features(version, previous)

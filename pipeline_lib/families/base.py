@@ -26,7 +26,8 @@ import pandas as pd
 from pipeline_lib import report
 from pipeline_lib.config import ModelConfig, RunConfig
 from pipeline_lib.export.ranking import StagedVersion
-from pipeline_lib.features.stage import fill_store
+from pipeline_lib.features.stage import fill_store, restore
+from pipeline_lib.features.store import FeatureStoreError
 from pipeline_lib.models import evaluation, intervals
 from pipeline_lib.paths import RunPaths
 from pipeline_lib.release import gate, lineage
@@ -271,10 +272,37 @@ class TaskFamily(ABC):
         event["pruned"] = repository.prune(cfg.export.model_repository, cfg.export.model_name, cfg.export.keep_versions)
         return event
 
-    def features(self, version: int) -> Optional[dict]:
+    def features(self, version: int, previous: Optional[int] = None) -> Optional[dict]:
         """After promotion: the served ``version``'s feature snapshot into the model's feature store (user-id
-        requests); None when the version has none (classical session versions, ``features.enabled`` off)."""
-        return fill_store(self.cfg, version)
+        requests); None when the version has none (classical session versions, ``features.enabled`` off). When the
+        store cannot be written (Redis down), ``version`` must not stay served beside another version's features:
+        ``previous`` (served before this run) serves again, and the :class:`FeatureStoreError` says so."""
+        try:
+            return fill_store(self.cfg, version)
+        except FeatureStoreError as exc:
+            raise FeatureStoreError(f"{exc}. {self.step_back(version, previous)}") from exc
+
+    def step_back(self, version: int, previous: Optional[int]) -> str:
+        """Serve ``previous`` again after ``version``'s features could not be stored, and put its features back where
+        the store allows; returns what is served now (for the run's error)."""
+        cfg = self.cfg
+        repo, model = cfg.export.model_repository, cfg.export.model_name
+        if previous is None or previous == version:
+            return (f"Nothing was served before this run: version {version} serves full-feature requests; its user-id "
+                    f"requests answer 503 until `recsys features` fills the store")
+        live = serving.live_server(cfg.serving) if cfg.serving.notify_live_server else None
+        try:
+            repository.promote(repo, model, previous, live, cfg.serving.instance_count, reason="rollback")
+        except Exception as exc:  # noqa: BLE001 - said in the run's error
+            return (f"Going back to version {previous} failed too ({type(exc).__name__}: {exc}): version {version} "
+                    f"still serves; its user-id requests answer 503 until `recsys features` fills the store")
+        try:
+            restore(repo, model, previous)
+            kept = "its features rewritten"
+        except Exception as exc:  # noqa: BLE001 - the store is still out of reach
+            kept = (f"its features could not be rewritten either ({type(exc).__name__}); the store still holds them "
+                    f"unless the failed write got part-way: run `recsys features` once the store is back")
+        return f"Version {version} is not served: version {previous} serves again ({kept})"
 
     # the run's summary -----------------------------------------------------------------------
     @abstractmethod

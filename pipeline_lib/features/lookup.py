@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.features.snapshot import Snapshot, snapshot_dir
-from pipeline_lib.features.store import (ITEM_VIEW, SNAPSHOT_FIELD, USER_VIEW, FeatureStoreError, StoreSettings, open_store,
-                                         project_name, read_pointer, store_state)
+from pipeline_lib.features.store import (ITEM_VIEW, SNAPSHOT_FIELD, USER_VIEW, FeatureStoreError, StoreSettings,
+                                         bound_redis, open_store, project_name, read_pointer, store_state)
 
 COLD_START_OUTPUT = "cold_start"  # served output: BOOL [rows], true where the user was unknown to the store
 KEY_CACHE = 200_000  # SqliteReader: serialized keys kept per view (ids of users and catalogue items)
@@ -116,6 +116,7 @@ class UserLookup:
                                         f"has not materialized this version yet); send the full feature row instead")
             try:
                 self.store = open_store(self.settings.repo)
+                bound_redis(self.store)  # Redis down: UNAVAILABLE within about a second, not ~3 s of retries
                 if self.settings.online_store == "sqlite":
                     cols = self.snap.user_columns + [SNAPSHOT_FIELD]
                     self.reader = SqliteReader(self.settings.repo / "online.db", project_name(self.settings.repo),
@@ -195,12 +196,12 @@ class UserLookup:
 
     def _where(self) -> str:
         s = self.settings
-        return s.redis_connection if s is not None and s.online_store == "redis" else str(s.repo if s else "?")
+        return s.redis_connection.split(",")[0] if s is not None and s.online_store == "redis" else str(s.repo if s else "?")
 
     def _check_current(self) -> None:
         """The store's meta row must name this version's snapshot; else the store is out of step with the model."""
         try:
-            state = store_state(self.settings.repo)  # type: ignore[union-attr]
+            state = store_state(self.settings.repo, self.store)  # type: ignore[union-attr]
         except Exception as exc:  # noqa: BLE001
             raise FeatureStoreError(f"feature store unreachable: {type(exc).__name__}: {str(exc)[:300]}") from exc
         if state is None or state["snapshot"] != self.snap.id:

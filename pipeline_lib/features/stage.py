@@ -7,7 +7,8 @@ from typing import Optional
 
 from pipeline_lib.export.topk import TOPK_DIR
 from pipeline_lib.features.snapshot import has_snapshot
-from pipeline_lib.features.store import FeatureStoreError, StoreSettings, materialize, read_pointer, write_pointer
+from pipeline_lib.features.store import (FeatureStoreError, StoreSettings, check_reachable, materialize, read_pointer,
+                                         write_pointer)
 
 
 RANKING_DIR = "ensemble"  # pipeline_lib.export.ranking.ENSEMBLE_SUBDIR (not imported: it loads merlin)
@@ -18,6 +19,13 @@ def version_artifacts(repo: Path, model: str, version: int) -> Path:
     (ranking: the one that holds a snapshot)."""
     vdir = Path(repo) / model / str(version)
     return vdir / RANKING_DIR if has_snapshot(vdir / RANKING_DIR) else vdir / TOPK_DIR
+
+
+def check_store(cfg) -> None:
+    """Before a run: the Redis online store its ``features`` stage will write must answer (:class:`FeatureStoreError`
+    naming it otherwise), so a run with Redis down fails in a second, not after training and promotion."""
+    if cfg.features.enabled and cfg.features.online_store == "redis":
+        check_reachable(StoreSettings.from_config(cfg))
 
 
 def fill_store(cfg, version: int) -> Optional[dict]:

@@ -39,6 +39,10 @@ USER_VIEW, ITEM_VIEW, META_VIEW = "user_features", "item_features", "store_meta"
 SNAPSHOT_FIELD, VERSION_FIELD = "snapshot_id", "model_version"
 META_KEY, META_ID = "store_key", "current"
 EVENT_TS = "event_timestamp"
+# the served lookups' Redis client (bound_redis): a Redis that is down or hung costs a request about
+# (1 + REDIS_RETRIES) x REDIS_TIMEOUT_S at most, not redis-py's default 10 retries with backoff (~3 s a request)
+REDIS_TIMEOUT_S = 0.5  # socket connect and read timeouts, unless the connection string names its own
+REDIS_RETRIES = 1  # one immediate retry: a pooled connection that a Redis restart closed reconnects at once
 
 
 class FeatureStoreError(RuntimeError):
@@ -60,6 +64,11 @@ class StoreSettings:
         f = cfg.features
         root = Path(f.repo) if f.repo else Path(cfg.export.model_repository).parent / "feature_store"
         return cls((root / cfg.export.model_name).resolve(), f.online_store, f.redis_connection)
+
+    def where(self) -> str:
+        """The store for messages: Redis's host:port (never the connection string's password) or the repo folder."""
+        return f"{self.redis_connection.split(',')[0]} (Feast repo {self.repo})" if self.online_store == "redis" \
+            else str(self.repo)
 
     def to_json(self) -> dict:
         return {"repo": str(self.repo), "online_store": self.online_store, "redis_connection": self.redis_connection}
@@ -127,6 +136,28 @@ def open_store(repo: Path):
     return FeatureStore(repo_path=str(repo))
 
 
+def bound_redis(fs: Any, read_timeout_s: Optional[float] = REDIS_TIMEOUT_S) -> None:
+    """Bound what a lookup waits for a Redis online store that is down or hung: socket connect and read timeouts of
+    :data:`REDIS_TIMEOUT_S` (where ``redis_connection`` names none, e.g. ``"host:6379,socket_timeout=2"``) and
+    :data:`REDIS_RETRIES` immediate retries instead of redis-py's default (10 retries, exponential backoff up to 1 s:
+    about 3 s a request with Redis down, during which the model instance answers nothing and a stopping Triton
+    waits). ``read_timeout_s`` None: redis-py's read timeout (5 s: :func:`materialize`'s large writes). No-op for
+    another online store."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    cfg = fs.config.online_store
+    if getattr(cfg, "type", None) != "redis":
+        return
+    client = fs._get_provider().online_store._get_client(cfg)  # Feast's own client (created, not yet connected)
+    named = {c.split("=", 1)[0].strip() for c in cfg.connection_string.split(",") if "=" in c}
+    kwargs = client.connection_pool.connection_kwargs
+    for key, value in (("socket_timeout", read_timeout_s), ("socket_connect_timeout", REDIS_TIMEOUT_S)):
+        if key not in named and value is not None:
+            kwargs[key] = value
+    client.set_retry(Retry(NoBackoff(), REDIS_RETRIES))
+
+
 def materialize(s: StoreSettings, artifact_dir: Path, model_version: int) -> dict:
     """Write the snapshot of the version at ``artifact_dir`` (``<N>/topk``) into the model's store: apply the
     feature views, materialize users, items and the store's meta row with the current time. Returns what was
@@ -149,6 +180,7 @@ def materialize(s: StoreSettings, artifact_dir: Path, model_version: int) -> dic
         frame.to_parquet(data / f"{name}.parquet", index=False)
     store = open_store(s.repo)
     try:
+        bound_redis(store, read_timeout_s=None)  # Redis down: the run's error at once, not after ~3 s of retries
         t1 = time.perf_counter()
         store.apply(_definitions(snap, data))
         t2 = time.perf_counter()
@@ -159,12 +191,37 @@ def materialize(s: StoreSettings, artifact_dir: Path, model_version: int) -> dic
         log.debug("apply %.2f s, write %.2f s", t2 - t1, time.perf_counter() - t2)
     except Exception as exc:  # noqa: BLE001 - Redis down, disk full: name the store
         raise FeatureStoreError(f"could not write the features of version {model_version} into the "
-                                f"{s.online_store} store at {s.repo}: {type(exc).__name__}: {exc}") from exc
+                                f"{s.online_store} store at {s.where()}: {type(exc).__name__}: {exc}") from exc
     info = {"snapshot": snap.id, "version": int(model_version), "users": snap.n_users, "items": snap.n_items,
             "online_store": s.online_store, "repo": str(s.repo), "seconds": round(time.perf_counter() - t0, 3)}
     log.info("feature store: version %d's features (%d users, %d items, snapshot %s) materialized into the %s store "
              "in %.2f s", model_version, snap.n_users, snap.n_items, snap.id, s.online_store, info["seconds"])
     return info
+
+
+def check_reachable(s: StoreSettings) -> None:
+    """A Redis online store answers PING within the served lookups' bounds (:func:`bound_redis`), else
+    :class:`FeatureStoreError` naming its host:port. Nothing to check for SQLite (a file the run creates)."""
+    if s.online_store != "redis":
+        return
+    import redis
+    from feast.infra.online_stores.redis import RedisOnlineStore
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    nodes, kwargs = RedisOnlineStore._parse_connection_string(s.redis_connection)  # Feast's own reading of it
+    for key in ("socket_timeout", "socket_connect_timeout"):
+        kwargs.setdefault(key, REDIS_TIMEOUT_S)
+    client = redis.Redis(host=nodes[0]["host"], port=int(nodes[0]["port"]), retry=Retry(NoBackoff(), REDIS_RETRIES),
+                         **kwargs)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise FeatureStoreError(f"the redis online store at {s.where()} does not answer ({type(exc).__name__}: "
+                                f"{exc}); nothing was run. Start it, or fix features.redis_connection "
+                                f"(or --set features.online_store=sqlite)") from exc
+    finally:
+        client.close()
 
 
 def write_pointer(model_dir: Path, s: StoreSettings) -> Path:
@@ -184,9 +241,10 @@ def read_pointer(model_dir: Path) -> Optional[StoreSettings]:
     return StoreSettings(Path(d["repo"]), d.get("online_store", "sqlite"), d.get("redis_connection", "localhost:6379"))
 
 
-def store_state(repo: Path) -> Optional[dict]:
-    """The snapshot id and model version the store holds now (None when it was never filled)."""
-    res = open_store(repo).get_online_features(
+def store_state(repo: Path, fs: Any = None) -> Optional[dict]:
+    """The snapshot id and model version the store holds now (None when it was never filled); ``fs``: the store
+    already open (a served lookup's, :func:`bound_redis`), else opened here."""
+    res = (fs if fs is not None else open_store(repo)).get_online_features(
         features=[f"{META_VIEW}:{SNAPSHOT_FIELD}", f"{META_VIEW}:{VERSION_FIELD}"],
         entity_rows=[{META_KEY: META_ID}]).to_dict()
     if res[SNAPSHOT_FIELD][0] is None:

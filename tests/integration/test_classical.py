@@ -245,9 +245,15 @@ def test_rollback_restores_a_classical_snapshot_and_refuses_a_version_without_on
 
 
 def test_classical_user_id_requests_get_503_when_the_store_goes_away(classical_runs, served, redis_store):
-    """REDIS_MODEL's store is a real Redis: stopped, its user-id requests are UNAVAILABLE (HTTP 503, gRPC
-    UNAVAILABLE), never a crash or a silent answer from another history; full-feature requests (user id + history)
-    still answer. Last in the file: it stops the module's Redis."""
+    """REDIS_MODEL's store is a real Redis: killed, its user-id requests are UNAVAILABLE (HTTP 503, gRPC
+    UNAVAILABLE) at once (the lookup's bounded Redis client, store.bound_redis; redis-py's default retries took ~3 s
+    a request, one model instance busy throughout), never a crash or a silent answer from another history;
+    full-feature requests (user id + history) still answer; and Triton, stopped while clients keep asking, stops
+    promptly (it waited for every queued lookup: 14 s with 4 clients). Last in the file: it kills the module's Redis
+    and stops the module's Triton."""
+    import threading
+    import time
+
     from pipeline_lib.features import snapshot
     from tritonclient.utils import InferenceServerException
 
@@ -259,11 +265,57 @@ def test_classical_user_id_requests_get_503_when_the_store_goes_away(classical_r
     users = snapshot.stored_users(art, 4)
     full = snapshot.offline_rows(art, users)[rec.lookup_columns]
     want = topk.finish_top_k(*rec.offline(full[rec.request_columns]))
-    redis_store.terminate()
+    redis_store.kill()
     redis_store.wait(timeout=10)
     for url, protocol, status in ((served.grpc_url, "grpc", "UNAVAILABLE"), (served.http_url, "http", "503")):
         with RecsysClient(url, protocol, REDIS_MODEL) as c:
-            with pytest.raises(InferenceServerException, match="unavailable: feature store unreachable") as exc:
-                c.recommend_user(users, "user_id")
-            assert status in str(exc.value.status())
+            for _ in range(3):
+                t0 = time.perf_counter()
+                with pytest.raises(InferenceServerException, match="unavailable: feature store unreachable") as exc:
+                    c.recommend_user(users, "user_id")
+                took = time.perf_counter() - t0
+                print(f"{protocol} user-id request with Redis down: {took * 1000:.1f} ms")
+                assert status in str(exc.value.status()) and took < 1.5, took  # ~ms (refused); <= ~1 s hung
             np.testing.assert_array_equal(c.recommend(full)[0], want[0])
+    stop = threading.Event()
+
+    def ask() -> None:  # a client that keeps sending user-id requests while the server stops
+        with RecsysClient(served.grpc_url, "grpc", REDIS_MODEL) as c:
+            while not stop.is_set():
+                try:
+                    c.recommend_user(users, "user_id")
+                except Exception:  # noqa: BLE001 - 503, then refused connections while Triton stops
+                    time.sleep(0.01)
+
+    clients = [threading.Thread(target=ask, daemon=True) for _ in range(4)]
+    for t in clients:
+        t.start()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    served.stop()
+    took = time.perf_counter() - t0
+    stop.set()
+    for t in clients:
+        t.join(timeout=10)
+    unload = _unload_seconds(served.log_file.read_text(), REDIS_MODEL)
+    print(f"Triton stop with Redis down and 4 clients asking: {took:.2f} s; {REDIS_MODEL} unloaded after {unload:.2f} s")
+    # the Redis model's queued user-id requests end at once, so it unloads like an idle one (~2 s: its stub's exit).
+    # Before the bounded client each took ~3 s: it never unloaded and Triton waited out its 10 s exit timeout.
+    # The rest of the stop is Triton unloading the module's other models (the TensorFlow two-stage one ~5-7 s)
+    assert unload < 8.0 and took < 20.0, (unload, took)
+
+
+def _unload_seconds(log: str, model: str) -> float:
+    """Seconds from Triton's last stop ("Waiting for in-flight requests") until ``model`` was unloaded, from the
+    timestamps of its log lines; fails when Triton exited without unloading it (its exit timeout ran out)."""
+    import datetime as dt
+    import re
+
+    def when(line: str) -> dt.datetime:
+        return dt.datetime.strptime(re.search(r"\d\d:\d\d:\d\d\.\d+", line).group(0), "%H:%M:%S.%f")
+
+    lines = log.splitlines()
+    start = max(i for i, line in enumerate(lines) if "Waiting for in-flight requests to complete" in line)
+    done = [line for line in lines[start:] if f"successfully unloaded '{model}'" in line]
+    assert done, f"Triton stopped without unloading {model} (it waited out its exit timeout):\n" + "\n".join(lines[start:])
+    return (when(done[0]) - when(lines[start])).total_seconds()

@@ -58,6 +58,18 @@ def test_a_run_into_an_unwritable_folder_fails_at_once_naming_it(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_run_whose_redis_store_does_not_answer_fails_at_once_naming_it(tmp_path):
+    from pipeline_lib.serving.server import free_port
+
+    port = free_port()  # nothing listens there
+    out = _recsys("run", "--set", f"runs_dir={tmp_path / 'runs'}", "--set", f"export.model_repository={tmp_path / 'repo'}",
+                  "--set", "features.online_store=redis",
+                  "--set", f"features.redis_connection=127.0.0.1:{port},password=s3cret")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"error: the redis online store at 127.0.0.1:{port} (Feast repo" in out.stderr and "s3cret" not in out.stderr
+    assert "nothing was run" in out.stderr and not list((tmp_path / "runs").glob("*"))  # no run folder
+
+
 def test_a_failing_promote_rollback_prune_prints_one_line_and_debug_the_traceback(tmp_path):
     from pipeline_lib.serving import repository
 

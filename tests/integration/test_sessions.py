@@ -189,6 +189,48 @@ def test_session_requests_without_item_features_get_them_from_the_store(session_
             ids, scores = client.recommend(req.drop(columns=["item_category"]))
         np.testing.assert_array_equal(ids, want_ids)
         np.testing.assert_allclose(scores, want_scores, atol=1e-5, rtol=0)
+    _store_faults_are_unavailable(Path(summary["feature_store"]["repo"]), repos["flow"], art, triton, req, full,
+                                  want_ids)
+
+
+def _store_faults_are_unavailable(fs_repo: Path, repo: Path, art: Path, server, req, full, want_ids) -> None:
+    """The store holds another version's snapshot, then cannot be read (its item table gone): a session request
+    without item features gets UNAVAILABLE (HTTP 503), never another version's features; one that carries them
+    still answers. The store is put back as the flow left it."""
+    import shutil
+    import sqlite3
+
+    from tritonclient.utils import InferenceServerException
+
+    from pipeline_lib.features import snapshot, stage, store
+    from pipeline_lib.serving.session_client import SessionClient
+
+    def check(match: str) -> None:
+        for proto, url, status in (("http", server.http_url, "503"), ("grpc", server.grpc_url, "UNAVAILABLE")):
+            with SessionClient(url, proto, "recsys_session") as client:
+                with pytest.raises(InferenceServerException, match=match) as exc:
+                    client.recommend(req.drop(columns=["item_category"]))
+                assert status in str(exc.value.status()), (proto, exc.value)
+                np.testing.assert_array_equal(client.recommend(full)[0], want_ids)
+
+    other = fs_repo.parent / "other_version" / "topk"  # version 1's tables under another snapshot id
+    shutil.copytree(snapshot.snapshot_dir(art), snapshot.snapshot_dir(other))
+    meta = json.loads((snapshot.snapshot_dir(other) / snapshot.META_FILE).read_text())
+    (snapshot.snapshot_dir(other) / snapshot.META_FILE).write_text(json.dumps({**meta, "id": "another-snapshot"}))
+    table = f"{store.project_name(fs_repo)}_{store.ITEM_VIEW}"
+    try:
+        store.materialize(store.read_pointer(repo / "recsys_session"), other, 2)
+        check("holds version 2's features")
+        stage.restore(repo, "recsys_session", 1)
+        with sqlite3.connect(fs_repo / "online.db") as db:
+            db.execute(f"ALTER TABLE {table} RENAME TO {table}_gone")
+        check("feature store unreachable")
+    finally:
+        with sqlite3.connect(fs_repo / "online.db") as db:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (f"{table}_gone",)).fetchone():
+                db.execute(f"ALTER TABLE {table}_gone RENAME TO {table}")
+        stage.restore(repo, "recsys_session", 1)
+    assert store.store_state(fs_repo)["version"] == 1
 
 
 @pytest.mark.integration

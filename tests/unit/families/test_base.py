@@ -11,6 +11,8 @@ from pipeline_lib.export.parity import ParityError, check_parity
 from pipeline_lib.families import FAMILIES, RankingFamily, RetrievalFamily, SessionFamily, TaskFamily, get_family
 from pipeline_lib.release import gate
 
+from tests.unit.features.test_store import redis_server  # noqa: F401 - fixture
+
 
 
 @pytest.mark.parametrize("family", list(FAMILIES.values()))
@@ -98,3 +100,41 @@ def test_one_gate_decides_for_every_metric_direction(tmp_path):
     base = gate.BaselineArgs({"most_popular": {"recall@10": 0.4}}, 0.30, "recall@10", model_name="gru")
     d = gate.decide(cand, None, None, scorer, "recall@10", 0.0, base)
     assert not d.promote and d.reason.startswith("gru recall@10 0.30000 does not beat most_popular 0.40000")
+
+
+def test_a_run_whose_redis_is_down_at_the_features_stage_serves_the_previous_version_again(tmp_path, redis_server):
+    """The features stage runs after promotion: with the run's Redis down it fails with an error naming the store,
+    and the version it promoted does not stay served beside the previous version's features: the previous version
+    serves again (a first run, with nothing served before, says what its users get). A real redis-server, killed."""
+    import time
+
+    from pipeline_lib.features import store
+    from pipeline_lib.serving import repository
+    from tests.unit.features.test_store import _train, _version
+
+    proc, port = redis_server
+    repo = tmp_path / "repo"
+    for version in (1, 2):
+        _version(repo, version, _train(version), model="recsys")
+        (repo / "recsys" / str(version) / "model_config.pbtxt").write_text('name: "recsys"\nbackend: "python"\n')
+    cfg = load_config(None, {"export": {"model_repository": str(repo), "model_name": "recsys"},
+                             "serving": {"notify_live_server": False},
+                             "features": {"online_store": "redis", "redis_connection": f"127.0.0.1:{port}",
+                                          "repo": str(tmp_path / "fs")}})
+    fam = get_family(cfg)
+    repository.promote(repo, "recsys", 1)
+    assert fam.features(1, None)["version"] == 1  # run 1: promoted, its features stored
+    previous = repository.promote(repo, "recsys", 2)["previous"]  # run 2: promoted, then Redis goes down
+    proc.kill()
+    proc.wait(timeout=10)
+    t0 = time.perf_counter()
+    with pytest.raises(store.FeatureStoreError, match=rf"into the redis store at 127\.0\.0\.1:{port} \(Feast repo .*"
+                       r"Version 2 is not served: version 1 serves again \(its features could not be rewritten"):
+        fam.features(2, previous)
+    print(f"features stage with Redis down: failed and stepped back in {time.perf_counter() - t0:.2f} s")
+    assert repository.served_version(repo, "recsys") == 1
+    with pytest.raises(store.FeatureStoreError, match="Nothing was served before this run: version 1 serves full"):
+        fam.features(1, None)
+    assert repository.served_version(repo, "recsys") == 1
+    secret = store.StoreSettings(tmp_path, "redis", "redis:6379,password=s3cret,db=1")
+    assert "s3cret" not in secret.where() and secret.where().startswith("redis:6379 ")

@@ -2,6 +2,7 @@
 snapshot, materialize, lookup, the version check, rollback refusal. Tiny synthetic data, no Triton."""
 import json
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -127,10 +128,51 @@ def test_redis_online_store_round_trip_and_unreachable(tmp_path, redis_server):
     users = snapshot.stored_users(art, 2)
     found, cold = lookup.fetch(np.array(users))
     assert not cold.any() and found["age"] == snapshot.offline_rows(art, users)["age"].tolist()
-    proc.terminate()
+    # the lookup's client is bounded (store.bound_redis): a hung Redis (stopped: it accepts, never answers) fails the
+    # lookup after 2 x 0.5 s (redis-py's defaults: ~60 s), a Redis that closed the pooled connections is reconnected
+    # at once, a killed one fails at once (redis-py's defaults: ~3 s of retries)
+    subprocess.run(["redis-cli", "-p", str(port), "client", "kill", "type", "normal"], check=True, capture_output=True)
+    assert lookup.fetch(np.array(users))[1].tolist() == [False, False]
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        took = _failed_lookup_seconds(lookup, users)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    print(f"user lookup with Redis hung: {took:.3f} s")
+    assert 0.9 < took < 3.0, took
+    assert lookup.fetch(np.array(users))[1].tolist() == [False, False]
+    proc.kill()
     proc.wait(timeout=10)
-    with pytest.raises(store.FeatureStoreError, match="unreachable"):
+    took = _failed_lookup_seconds(lookup, users)
+    print(f"user lookup with Redis killed: {took:.3f} s")
+    assert took < 0.5, took
+
+
+def test_a_redis_store_that_does_not_answer_is_named_before_a_run(tmp_path, redis_server):
+    """stage.check_store (the flow and `recsys run` call it first): a Redis that answers passes, a killed one is
+    refused at once with its host:port and what to do; SQLite and features off need no check."""
+    from pipeline_lib.config import load_config
+
+    proc, port = redis_server
+    cfg = load_config(None, {"features": {"online_store": "redis", "redis_connection": f"127.0.0.1:{port},db=1"}})
+    stage.check_store(cfg)
+    proc.kill()
+    proc.wait(timeout=10)
+    t0 = time.perf_counter()
+    with pytest.raises(store.FeatureStoreError, match=rf"the redis online store at 127\.0\.0\.1:{port} \(Feast repo .*"
+                       r"does not answer .*nothing was run. Start it, or fix features.redis_connection"):
+        stage.check_store(cfg)
+    assert time.perf_counter() - t0 < 1.0
+    stage.check_store(load_config(None, {"features": {"online_store": "redis", "enabled": False}}))
+    stage.check_store(load_config(None, {}))  # sqlite
+
+
+def _failed_lookup_seconds(lookup: UserLookup, users: list) -> float:
+    t0 = time.perf_counter()
+    with pytest.raises(store.FeatureStoreError, match="unreachable") as exc:
         lookup.fetch(np.array(users))
+    assert exc.value.triton_code == "UNAVAILABLE"
+    return time.perf_counter() - t0
 
 
 def test_the_direct_sqlite_read_equals_feasts_get_online_features(tmp_path):
