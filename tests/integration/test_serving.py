@@ -719,16 +719,26 @@ def test_ranking_by_user_id_with_dynamic_batching_answers_each_request_as_offlin
 
     server, art, offline = served_by_id
     users, items = snapshot.stored_users(art, 4), snapshot.stored_items(art, 6)
-    clients = [RecsysClient(server.http_url if k % 2 else server.grpc_url, "http" if k % 2 else "grpc",
-                            "recsys_uid_batched") for k in range(4)]
+    with RecsysClient(server.grpc_url, "grpc", "recsys_uid_batched") as c:
+        columns = c.raw_columns
     want = {u: offline([u] * len(items), items) for u in users}
-    full = {u: snapshot.offline_pairs(art, [u] * len(items), items)[clients[0].raw_columns] for u in users}
+    full = {u: snapshot.offline_pairs(art, [u] * len(items), items)[columns] for u in users}
+
+    def client(k: int) -> RecsysClient:  # its own client in its own thread (the HTTP client is not thread-safe)
+        return RecsysClient(server.http_url if k % 2 else server.grpc_url, "http" if k % 2 else "grpc",
+                            "recsys_uid_batched")
 
     def by_id(k: int):
-        return lambda: clients[k].predict_user([users[k]], items, "user_id", "item_id")[0]
+        def call():
+            with client(k) as c:
+                return c.predict_user([users[k]], items, "user_id", "item_id")[0]
+        return call
 
     def by_rows(k: int):
-        return lambda: clients[k].predict(full[users[k]])
+        def call():
+            with client(k) as c:
+                return c.predict(full[users[k]])
+        return call
 
     def rounds(calls: list, n: int) -> tuple[int, int]:
         """``n`` rounds of ``calls`` sent together, every answer checked; -> (requests, executions) Triton counted."""
@@ -740,13 +750,9 @@ def test_ranking_by_user_id_with_dynamic_batching_answers_each_request_as_offlin
         r1, e1 = _executions(server, "recsys_uid_batched")
         return r1 - r0, e1 - e0
 
-    try:
-        same_id, same_full = rounds([("id", 0), ("id", 1)], 4), rounds([("rows", 0), ("rows", 1)], 4)
-        mixed_pairs = rounds([("id", 0), ("rows", 1)], 4)
-        mixed = rounds([("id", 0), ("rows", 1), ("id", 2), ("rows", 3)], 3)
-    finally:
-        for c in clients:
-            c.close()
+    same_id, same_full = rounds([("id", 0), ("id", 1)], 4), rounds([("rows", 0), ("rows", 1)], 4)
+    mixed_pairs = rounds([("id", 0), ("rows", 1)], 4)
+    mixed = rounds([("id", 0), ("rows", 1), ("id", 2), ("rows", 3)], 3)
     counts = {"same_id": same_id, "same_full": same_full, "mixed_pairs": mixed_pairs, "mixed": mixed}
     assert [n for n, _ in counts.values()] == [8, 8, 8, 12], counts
     assert same_id[1] < 8 and same_full[1] < 8, counts  # sent together, same inputs: queued into one execution
