@@ -170,6 +170,12 @@ def markdown(r: dict) -> str:
                   "Per request, one client; in-process = the served model.py's path in this process.", ""]
         lines += topk_markdown(r["topk"]) + [""]
 
+    if r.get("user_id"):
+        from benchmarks.user_id import markdown as user_id_markdown
+
+        lines += ["## User-id requests: the feature store behind the endpoint (`benchmarks/user_id.py`)", ""]
+        lines += user_id_markdown(r["user_id"]) + [""]
+
     if r.get("impressions"):
         from benchmarks.impressions_bench import markdown as impressions_markdown
 

@@ -6,6 +6,7 @@
     uv run --frozen --no-sync python -m benchmarks.run --with topk   # + top-k serving (retrieval, two-stage)
     uv run --frozen --no-sync python -m benchmarks.run --skip etl,etl_peers,train,serving,serving_peers,e2e --with topk  # top-k only
     uv run --frozen --no-sync python -m benchmarks.run --skip train,e2e --peers-etl-rows 1e6,1e7   # peers, bigger
+    uv run --frozen --no-sync python -m benchmarks.run --skip etl,etl_peers,train,serving_peers,impressions,e2e --with topk  # user-id section
 
 Writes ``benchmarks/results/latest.json`` and ``benchmarks/results/latest.md`` (git-ignored;
 README.md / benchmarks/README.md keep a copy of the figures). Everything is measured in one run on
@@ -31,7 +32,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("etl", "etl_peers", "train", "serving", "serving_peers", "topk", "impressions", "e2e")
+SECTIONS = ("etl", "etl_peers", "train", "serving", "serving_peers", "topk", "impressions", "e2e", "user_id")
 OPTIONAL = ("topk",)  # not in the default run (keeps `make bench` under 15 min here); add with --with
 
 FULL = {"etl_rows": [1_000_000, 10_000_000], "train_rows": 1_000_000, "serve_model_rows": 20_000,
@@ -150,6 +151,7 @@ def main(argv=None) -> dict:
         section("topk", lambda: topk_section(a, work))
     section("impressions", lambda: impressions_section(a, work))
     section("e2e", lambda: e2e_section(a, work))
+    section("user_id", lambda: user_id_section(a, results, work))
 
     results["total_seconds"] = round(time.perf_counter() - t_all, 1)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -263,13 +265,23 @@ def impressions_section(a: argparse.Namespace, work: Path) -> dict:
 
 def topk_section(a: argparse.Namespace, work: Path) -> dict:
     """The top-k section with the run's options (request caps shared with the serving sections)."""
-    from benchmarks import topk_bench
+    from benchmarks import latency, topk_bench
 
     data = json.loads(a.topk_overrides_json) if a.topk_overrides_json else None
     items = topk_bench.ANN_ITEMS if a.topk_ann_items is None else a.topk_ann_items
     return topk_bench.bench(work / "topk", quick=a.quick, data=data, ann_items=items,
-                            calls=topk_bench.budget(a.quick, a.serve_requests, a.serve_seconds),
+                            calls=latency.budget(a.quick, a.serve_requests, a.serve_seconds),
                             prefect_api=a.prefect_api_url)
+
+
+def user_id_section(a: argparse.Namespace, results: dict, work: Path) -> dict:
+    """User-id vs full-feature requests, served (benchmarks/user_id.py): the top-k section's two-stage rows (moved
+    out of its results) and the serving section's model as a ranking user-id version, on a Triton of its own."""
+    from benchmarks import latency, user_id
+
+    topk_rows = (results.get("topk") or {}).get("two_stage", {}).pop("user_id", None)
+    return user_id.section(topk_rows, work / "serving", work / "user_id",
+                           latency.budget(a.quick, a.serve_requests, a.serve_seconds))
 
 
 def _write(results: dict, out_dir: Path) -> None:

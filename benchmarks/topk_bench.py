@@ -16,9 +16,9 @@ synthetic catalogue of ``ann_items`` item embeddings of the default model's size
 queries) and recall@10 of the index against exact top-10 on held-out queries. Alone:
 ``uv run --frozen --no-sync python -m benchmarks.topk_bench --ann-only [--items N] [--quick]``.
 
-User-id requests (``user_id_bench``): the two-stage version answers requests that carry only the user id from
-the feature store its flow run filled; per protocol and batch (1, 64) the full-feature and user-id request p50/p99
-and the store lookup alone. Alone, on a published model: ``... -m benchmarks.topk_bench --user-id REPO MODEL``.
+User-id requests (``benchmarks.user_id.topk``): the two-stage version answers requests that carry only the user id
+from the feature store its flow run filled; measured on this section's server (key ``user_id`` of the version) and
+reported by the ``user_id`` section (``benchmarks/user_id.py``), which moves them into its own table.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks.latency import budget, timed
+
 # a serving benchmark: its 1-epoch model is published whether or not it beats the baselines
 RUN = {"model": {"type": "two_tower", "retrieval": {"k": 10, "rerank_with": "dlrm", "candidates": 100}},
        "gate": {"require_beat_baseline": False}}
@@ -36,26 +38,6 @@ DATA = {"data": {"synthetic": {"n_interactions": 20_000}}, "model": {"epochs": 1
 NAMES = ("two_tower", "two_stage")
 ANN_ITEMS = 1_000_000
 ANN_CLUSTERS = 2_000  # synthetic embeddings: a mixture of this many Gaussian clusters (learned ones group)
-
-
-def _timed(fn, n: int, seconds: float) -> dict:
-    fn()
-    lat, deadline = [], time.perf_counter() + seconds
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        lat.append(time.perf_counter() - t0)
-        if t0 > deadline:
-            break
-    a = np.asarray(lat) * 1000.0
-    return {"requests": len(lat), "p50_ms": round(float(np.percentile(a, 50)), 3),
-            "p99_ms": round(float(np.percentile(a, 99)), 3)}
-
-
-def budget(quick: bool = False, requests_cap: int | None = None, seconds_cap: float | None = None) -> tuple:
-    """(calls, seconds) per timed point: 100 / 4 s, quick 30 / 2 s, each capped when a cap is given."""
-    n, secs = (30, 2.0) if quick else (100, 4.0)
-    return (min(n, requests_cap) if requests_cap else n), (seconds_cap or secs)
 
 
 def in_process(repo: Path, model: str, rows: pd.DataFrame, calls: tuple = budget()):
@@ -72,8 +54,8 @@ def in_process(repo: Path, model: str, rows: pd.DataFrame, calls: tuple = budget
     for batch in (1, 64):
         req = rows.head(batch)[rec.request_columns].reset_index(drop=True)
         cols = raw_to_columns(req)
-        fast = _timed(lambda: rec.recommend_columns(cols), n, secs)
-        nvt = _timed(lambda: rec.recommend(req), max(min(n, 10), n // 5), secs)
+        fast = timed(lambda: rec.recommend_columns(cols), n, secs)
+        nvt = timed(lambda: rec.recommend(req), max(min(n, 10), n // 5), secs)
         out["in_process"].append({"batch": batch, "compiled": fast, "nvtabular": nvt,
                                   "nvtabular_over_compiled_p50": round(nvt["p50_ms"] / fast["p50_ms"], 1)})
     return rec, out
@@ -94,50 +76,8 @@ def served(url: str, protocol: str, model: str, rec, rows: pd.DataFrame, calls: 
                 raise AssertionError(f"{model}: served top-k differs from in-process top-k")
             inputs = c.build_inputs(req)
             outputs = [c._tc.InferRequestedOutput(x) for x in ("item_ids", "scores")]
-            r = _timed(lambda: c._client.infer(model, inputs, outputs=outputs), n, secs)
+            r = timed(lambda: c._client.infer(model, inputs, outputs=outputs), n, secs)
             out.append({"protocol": protocol, "batch": batch, **r})
-    return out
-
-
-def user_id_bench(url: str, protocol: str, model_dir: Path, calls: tuple = budget()) -> list[dict]:
-    """User-id requests (the served model reads the feature store) against full-feature requests for the same
-    stored users, batch 1 and 64, one client; the answers are checked equal first. Also the store lookup alone
-    (:class:`pipeline_lib.features.lookup.UserLookup`, Feast ``get_online_features``, in this process)."""
-    from pipeline_lib.export.topk import TOPK_DIR
-    from pipeline_lib.features import snapshot
-    from pipeline_lib.features.lookup import UserLookup
-    from pipeline_lib.features.store import read_pointer
-    from pipeline_lib.serving.client import RecsysClient
-
-    version = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
-    art, model = model_dir / str(version) / TOPK_DIR, model_dir.name
-    snap = snapshot.Snapshot.load(snapshot.snapshot_dir(art))
-    store = read_pointer(model_dir)
-    lookup = UserLookup(art, model_dir)
-    n, secs = calls
-    out = []
-    with RecsysClient(url, protocol, model) as c:
-        columns = c.raw_columns
-        for batch in (1, 64):
-            users = snapshot.stored_users(art, batch)
-            full = snapshot.offline_rows(art, users)[[col for col in columns if col != "exclude_item_ids"]]
-            by_id = c.recommend_user(users, snap.user_id)
-            if not np.array_equal(by_id[0], c.recommend(full)[0]):
-                raise AssertionError(f"{model}: user-id top-k differs from the full-feature top-k")
-            outputs = [c._tc.InferRequestedOutput(x) for x in ("item_ids", "scores")]
-            full_in = c.build_inputs(full)
-            id_in = c.inputs_from_arrays(c.to_arrays(pd.DataFrame({snap.user_id: users}), partial=True))
-            f = _timed(lambda: c._client.infer(model, full_in, outputs=outputs), n, secs)
-            u = _timed(lambda: c._client.infer(model, id_in, outputs=outputs), n, secs)
-            ids = np.asarray(users)
-            look = _timed(lambda: lookup.fetch(ids), n, secs)
-            rows = [{snap.user_id: v} for v in users]
-            feast = _timed(lambda: lookup.store.get_online_features(features=lookup.refs, entity_rows=rows).to_dict(),
-                           n, secs)
-            out.append({"protocol": protocol, "batch": batch, "full_features": f, "user_id": u, "store_lookup": look,
-                        "feast_get_online_features": feast,
-                        "online_store": store.online_store if store else None,
-                        "user_id_minus_full_p50_ms": round(u["p50_ms"] - f["p50_ms"], 3)})
     return out
 
 
@@ -176,10 +116,10 @@ def ann_case(n: int, dim: int, clustered: bool, quick: bool = False, k: int = 10
     for batch in (1, 64):
         q = queries[:batch]
         if batch == 1:
-            exact = _timed(lambda: retrieval.top_k(q, items, k), 3 if quick else 5, 5.0)
+            exact = timed(lambda: retrieval.top_k(q, items, k), 3 if quick else 5, 5.0)
         else:
             exact = {"requests": 1, "p50_ms": round(exact64_ms, 3), "p99_ms": round(exact64_ms, 3)}
-        approx = _timed(lambda: ann.search(index, q, items, k), n_calls, 5.0)
+        approx = timed(lambda: ann.search(index, q, items, k), n_calls, 5.0)
         out["batches"].append({"batch": batch, "exact": exact, "ann": approx,
                                "exact_over_ann_p50": round(exact["p50_ms"] / approx["p50_ms"], 1)})
     return out
@@ -220,7 +160,7 @@ def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: 
     see ``e2e_bench.bench``."""
     import shutil
 
-    from benchmarks import e2e_bench
+    from benchmarks import e2e_bench, user_id
     from pipeline_lib.serving import repository
     from pipeline_lib.export import topk
     from pipeline_lib.config import ColumnsConfig
@@ -249,7 +189,7 @@ def bench(work: Path, quick: bool = False, data: dict | None = None, ann_items: 
                 results[name]["served"] += served(url, protocol, f"topk_{name}", recs[name], rows, calls)
                 if (repo / f"topk_{name}" / "feature_store.json").is_file():  # the flow's features stage filled it
                     results[name].setdefault("user_id", []).extend(
-                        user_id_bench(url, protocol, repo / f"topk_{name}", calls))
+                        user_id.topk(url, protocol, repo / f"topk_{name}", calls, family=name))
     if ann_items:
         results["ann"] = ann_bench(ann_items, quick)
     return results
@@ -269,43 +209,9 @@ def markdown(r: dict) -> list[str]:
                          f"| {ip['compiled']['p50_ms']} | {ip['nvtabular']['p50_ms']} | {ip['nvtabular_over_compiled_p50']}x "
                          f"| {g.get('p50_ms')} ({g.get('p99_ms')}) | {h.get('p50_ms')} ({h.get('p99_ms')}) |")
     lines.append("")
-    for name, v in r.items():
-        if name != "ann" and v.get("user_id"):
-            lines += ["", *user_id_markdown(name, v["user_id"])]
-    lines.append("")
     lines.append("Compiled transform enabled at export: "
                  + ", ".join(f"{k}: {v['fast_transform'].get('enabled')}" for k, v in r.items() if k != "ann"))
     return lines + (["", *ann_markdown(r["ann"])] if r.get("ann") else [])
-
-
-def user_id_markdown(name: str, rows: list[dict]) -> list[str]:
-    lines = [f"{name}: user-id requests (features + history read from the feature store inside the served model) vs "
-             "full-feature requests, same users, one client; store lookup = the served model's lookup in process "
-             "(SQLite read directly; Redis through Feast), and Feast's get_online_features for the same users:", "",
-             "| protocol | batch | full-feature p50 ms (p99) | user-id p50 ms (p99) | difference p50 ms "
-             "| served lookup p50 ms (p99) | Feast get_online_features p50 ms (p99) | online store |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        f, u, s = r["full_features"], r["user_id"], r["store_lookup"]
-        g = r.get("feast_get_online_features") or {}
-        lines.append(f"| {r['protocol']} | {r['batch']} | {f['p50_ms']} ({f['p99_ms']}) | {u['p50_ms']} ({u['p99_ms']}) "
-                     f"| {r['user_id_minus_full_p50_ms']} | {s['p50_ms']} ({s['p99_ms']}) | {g.get('p50_ms')} "
-                     f"({g.get('p99_ms')}) | {r['online_store']} |")
-    return lines
-
-
-def user_id_only(model_repository: Path, model: str, quick: bool) -> list[dict]:
-    """User-id vs full-feature figures of one published top-k model (its store filled by a run): Triton on
-    free ports over ``model_repository``, gRPC and HTTP."""
-    from pipeline_lib.serving.server import TritonServer
-
-    calls = budget(quick)
-    server = TritonServer.on_free_ports(model_repository, log_file=Path("/tmp") / f"user_id_bench_{model}.log")
-    out: list[dict] = []
-    with server.start(timeout_s=300, models=[model]):
-        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
-            out += user_id_bench(url, protocol, model_repository / model, calls)
-    return out
 
 
 def ann_markdown(r: dict) -> list[str]:
@@ -325,18 +231,13 @@ if __name__ == "__main__":
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.topk_bench", description="exact vs ANN top-k alone")
     p.add_argument("--ann-only", action="store_true", help="run only the synthetic ANN benchmark")
-    p.add_argument("--user-id", nargs=2, metavar=("MODEL_REPOSITORY", "MODEL"),
-                   help="only the user-id vs full-feature figures of a published top-k model whose store a run filled")
     p.add_argument("--items", type=int, default=ANN_ITEMS)
     p.add_argument("--quick", action="store_true", help="the clustered catalogue only, fewer calls")
     a = p.parse_args()
-    if a.user_id:
-        uid = user_id_only(Path(a.user_id[0]), a.user_id[1], a.quick)
-        print(json.dumps(uid, indent=2))
-        print("\n".join(user_id_markdown(a.user_id[1], uid)))
-    elif a.ann_only:
+    if a.ann_only:
         res = ann_bench(a.items, a.quick)
         print(json.dumps(res, indent=2))
         print("\n".join(ann_markdown(res)))
     else:
-        p.error("give --ann-only or --user-id (the full top-k benchmark runs from `make bench`)")
+        p.error("give --ann-only (the full top-k benchmark runs from `make bench`; user-id figures of one published "
+                "version: python -m benchmarks.user_id)")

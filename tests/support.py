@@ -36,3 +36,35 @@ def check_bench_section(saved: dict, md: str, name: str) -> dict:
     assert {"started", "finished", "machine", "params", "total_seconds"} <= set(saved)
     assert md.startswith("# Benchmark results")
     return saved[name]
+
+
+def start_redis():
+    """A real redis-server on a free loopback port (no persistence), answering PING; -> (process, port), or None
+    when redis-server is not installed (apt-get install redis-server; .ci/run installs it). The caller stops it."""
+    import shutil
+    import subprocess
+    import time
+
+    from pipeline_lib.serving.server import free_port
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        return None
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while True:
+        try:
+            import socket
+
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc, port
+        except OSError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            proc.terminate()
+            raise RuntimeError(f"redis-server did not start on port {port}")
+        time.sleep(0.1)

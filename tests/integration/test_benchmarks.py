@@ -114,16 +114,30 @@ def test_top_k_section_tiny(bench_serving_suite):
         assert {(s["protocol"], s["batch"]) for s in v["served"]} == {(p, b) for p in ("grpc", "http") for b in (1, 64)}
         assert all(1 <= s["requests"] <= 3 and s["p50_ms"] <= s["p99_ms"] for s in v["served"])
     assert r["two_stage"]["candidates"] == 100 and r["two_tower"]["candidates"] == 10
-    # user-id requests: the two-stage flow filled its feature store; the same users by id and as full rows
-    uid = r["two_stage"]["user_id"]
-    assert {(x["protocol"], x["batch"]) for x in uid} == {(p, b) for p in ("grpc", "http") for b in (1, 64)}
-    assert all(x["online_store"] == "sqlite" and 0 < x["store_lookup"]["p50_ms"] <= x["store_lookup"]["p99_ms"]
-               and x["user_id"]["requests"] >= 1 for x in uid)
-    assert "user_id" not in r["two_tower"] and "user-id requests" in b.md
+    # its user-id figures moved to the user_id section (test_user_id_section_tiny)
+    assert "user_id" not in r["two_tower"] and "user_id" not in r["two_stage"]
     cases = r["ann"]["cases"]
     assert [(c["items"], c["catalogue"]) for c in cases] == [(4000, "clustered"), (4000, "isotropic")]
     assert all(0 <= c["recall_at_10"] <= 1 and [x["batch"] for x in c["batches"]] == [1, 64] for c in cases)
     assert "## Top-k serving" in b.md and "two_stage (100 candidates" in b.md and "Exact vs ANN" in b.md
+
+
+def test_user_id_section_tiny(bench_serving_suite):
+    """User-id vs full-feature requests, both served, in one table: the two-stage version's (its flow filled its
+    store; measured on the top-k section's server) and the serving section's model made a ranking user-id version
+    (snapshot + SQLite store here, its own Triton); every answer was checked equal to the full-feature one first."""
+    b = bench_serving_suite
+    r = check_bench_section(b.saved, b.md, "user_id")
+    assert r["topk_measured"] is True and r["ranking_measured"] is True
+    points = {(x["family"], x["protocol"], x["batch"]) for x in r["rows"]}
+    assert points == {(f, p, n) for f in ("two_stage", "ranking") for p in ("grpc", "http") for n in (1, 64)}
+    for x in r["rows"]:
+        assert x["online_store"] == "sqlite" and x["user_id"]["requests"] >= 1 and x["full_features"]["requests"] >= 1
+        assert 0 < x["store_lookup"]["p50_ms"] <= x["store_lookup"]["p99_ms"]
+        assert x["user_id_minus_full_p50_ms"] == round(x["user_id"]["p50_ms"] - x["full_features"]["p50_ms"], 3)
+        assert (x["feast_get_online_features"] is None) == (x["family"] == "ranking")
+    assert "## User-id requests" in b.md and "| ranking | grpc | 64 |" in b.md and "| two_stage | http | 1 |" in b.md
+    print("section seconds:", b.saved["section_seconds"])  # shown with -rP: what the user_id section adds
 
 
 def test_serving_peers_on_one_triton(bench_serving_suite):

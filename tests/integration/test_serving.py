@@ -1,4 +1,5 @@
 """A real tritonserver process (from the nvidia-pytriton wheel) serving the exported ensemble."""
+import json
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pipeline_lib.serving import repository
 from pipeline_lib.serving.client import BadRequestError, RecsysClient, RequestError
 from pipeline_lib.serving.server import ServerError, TritonServer
 from pipeline_lib.release.smoke import smoke_test
+from tests.support import start_redis
 
 pytestmark = pytest.mark.integration
 MAX_ROWS = 500
@@ -541,11 +543,40 @@ def test_dynamic_batching_shared_memory_client_gets_its_own_rows(served_batched)
 # -- ranking by user id: user_id + item_id, every other column from the feature store ------------------------
 
 
+UID_BATCH_DELAY_US = 100_000  # recsys_uid_batched: long enough that requests sent together are queued together
+
+
+def _with_dynamic_batching(config: Path, max_batch_size: int, delay_us: int) -> None:
+    """A version config with Triton's dynamic batcher on, as ``export.install_serving_model`` writes it for
+    ``serving.dynamic_batching`` (every input a ragged-batch input; one request = one batch entry)."""
+    import tritonclient.grpc.model_config_pb2 as mc
+    from google.protobuf import text_format
+
+    cfg = text_format.Parse(config.read_text(), mc.ModelConfig())
+    cfg.max_batch_size = max_batch_size
+    for inp in cfg.input:
+        inp.allow_ragged_batch = True
+    cfg.dynamic_batching.max_queue_delay_microseconds = delay_us
+    config.write_text(text_format.MessageToString(cfg))
+
+
 @pytest.fixture(scope="module")
-def served_by_id(trained, served, tmp_path_factory):
+def ranking_redis():
+    """A real redis-server for ``recsys_uid_redis`` (tests.support.start_redis); None when it is not installed."""
+    started = start_redis()
+    yield started
+    if started is not None and started[0].poll() is None:
+        started[0].terminate()
+        started[0].wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served_by_id(trained, served, ranking_redis, tmp_path_factory):
     """The served version again, with a feature snapshot of the training split and user-id requests in its config,
-    as ``recsys_uid`` (its SQLite store filled, as the flow's features stage does) and ``recsys_nostore`` (its
-    feature_store.json names a store that does not exist): one more Triton serving both."""
+    as ``recsys_uid`` (its SQLite store filled, as the flow's features stage does), ``recsys_uid_batched`` (the same
+    with Triton's dynamic batcher on, reading the same store), ``recsys_nostore`` (its feature_store.json names a
+    store that does not exist) and, where redis-server is installed, ``recsys_uid_redis`` (its store a real Redis,
+    ``ranking_redis``): one more Triton serving them."""
     import shutil
 
     import nvtabular as nvt
@@ -566,13 +597,21 @@ def served_by_id(trained, served, tmp_path_factory):
     feature_serving.allow_user_id_requests(config, cols.user_id, (cols.item_id,))
     repo = tmp / "model_repository"
     text = config.read_text()
-    for name in ("recsys_uid", "recsys_nostore"):
+    names = ["recsys_uid", "recsys_nostore", "recsys_uid_batched"] + (["recsys_uid_redis"] if ranking_redis else [])
+    for name in names:
         config.write_text(text.replace('name: "recsys"', f'name: "{name}"', 1))
+        if name == "recsys_uid_batched":  # as export_ensemble writes serving.dynamic_batching, then user-id inputs
+            _with_dynamic_batching(config, max_batch_size=8, delay_us=UID_BATCH_DELAY_US)
         repository.publish(vdir, config, repo, name)
         repository.promote(repo, name, 1)
     settings = store.StoreSettings(tmp / "feature_store" / "recsys_uid")
     store.materialize(settings, repo / "recsys_uid" / "1" / export.ENSEMBLE_SUBDIR, 1)
     store.write_pointer(repo / "recsys_uid", settings)
+    store.write_pointer(repo / "recsys_uid_batched", settings)
+    if ranking_redis:
+        redis = store.StoreSettings(tmp / "redis_fs" / "recsys_uid_redis", "redis", f"127.0.0.1:{ranking_redis[1]}")
+        store.materialize(redis, repo / "recsys_uid_redis" / "1" / export.ENSEMBLE_SUBDIR, 1)
+        store.write_pointer(repo / "recsys_uid_redis", redis)
     store.write_pointer(repo / "recsys_nostore", store.StoreSettings(tmp / "feature_store" / "never_filled"))
     workflow = nvt.Workflow.load(str(trained.etl.workflow_dir))
 
@@ -581,7 +620,7 @@ def served_by_id(trained, served, tmp_path_factory):
         return export.offline_scores(workflow, trained.model.model_dir, rows, "click")
 
     by_id = TritonServer.on_free_ports(repo, log_file=tmp / "triton.log")
-    by_id.start(timeout_s=240, models=["recsys_uid", "recsys_nostore"])
+    by_id.start(timeout_s=240, models=names)
     yield by_id, art, offline
     by_id.stop()
 
@@ -640,3 +679,111 @@ def test_ranking_by_user_id_without_a_reachable_store_is_503_and_full_rows_still
         with pytest.raises(InferenceServerException) as err:
             c.predict_user(users, items, "user_id", "item_id")
         assert "UNAVAILABLE" in str(err.value.status())
+
+
+def _together(calls: list) -> list:
+    """``calls`` (no-argument functions) started at the same moment, one thread each; -> their results (an
+    exception's repr for a call that raised)."""
+    import threading
+
+    barrier, out = threading.Barrier(len(calls)), [None] * len(calls)
+
+    def run(k: int) -> None:
+        barrier.wait()
+        try:
+            out[k] = calls[k]()
+        except Exception as exc:  # noqa: BLE001 - reported by the caller's assertion
+            out[k] = repr(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def _executions(server, model: str) -> tuple[int, int]:
+    with httpclient.InferenceServerClient(server.http_url) as c:
+        s = c.get_inference_statistics(model)["model_stats"][0]
+    return int(s["inference_count"]), int(s["execution_count"])
+
+
+def test_ranking_by_user_id_with_dynamic_batching_answers_each_request_as_offline(served_by_id):
+    """A ranking version with Triton's dynamic batcher on, user-id and full-feature requests sent at the same
+    moment by several clients (HTTP and gRPC): every answer equals the offline scores of its own pairs. Triton
+    queues requests with the same set of inputs into one execution, and never puts a user-id request (optional
+    inputs left out) in one execution with a full-feature request: its batcher only joins requests whose inputs
+    match those of the request that opened the batch (docs/serving.md, "Ranking by user id")."""
+    from pipeline_lib.features import snapshot
+
+    server, art, offline = served_by_id
+    users, items = snapshot.stored_users(art, 4), snapshot.stored_items(art, 6)
+    with RecsysClient(server.grpc_url, "grpc", "recsys_uid_batched") as c:
+        columns = c.raw_columns
+    want = {u: offline([u] * len(items), items) for u in users}
+    full = {u: snapshot.offline_pairs(art, [u] * len(items), items)[columns] for u in users}
+
+    def client(k: int) -> RecsysClient:  # its own client in its own thread (the HTTP client is not thread-safe)
+        return RecsysClient(server.http_url if k % 2 else server.grpc_url, "http" if k % 2 else "grpc",
+                            "recsys_uid_batched")
+
+    def by_id(k: int):
+        def call():
+            with client(k) as c:
+                return c.predict_user([users[k]], items, "user_id", "item_id")[0]
+        return call
+
+    def by_rows(k: int):
+        def call():
+            with client(k) as c:
+                return c.predict(full[users[k]])
+        return call
+
+    def rounds(calls: list, n: int) -> tuple[int, int]:
+        """``n`` rounds of ``calls`` sent together, every answer checked; -> (requests, executions) Triton counted."""
+        r0, e0 = _executions(server, "recsys_uid_batched")
+        for _ in range(n):
+            for (kind, k), got in zip(calls, _together([by_id(k) if kind == "id" else by_rows(k) for kind, k in calls])):
+                assert not isinstance(got, str), (kind, got)
+                np.testing.assert_allclose(got, want[users[k]], atol=1e-5, rtol=0, err_msg=kind)
+        r1, e1 = _executions(server, "recsys_uid_batched")
+        return r1 - r0, e1 - e0
+
+    same_id, same_full = rounds([("id", 0), ("id", 1)], 4), rounds([("rows", 0), ("rows", 1)], 4)
+    mixed_pairs = rounds([("id", 0), ("rows", 1)], 4)
+    mixed = rounds([("id", 0), ("rows", 1), ("id", 2), ("rows", 3)], 3)
+    counts = {"same_id": same_id, "same_full": same_full, "mixed_pairs": mixed_pairs, "mixed": mixed}
+    assert [n for n, _ in counts.values()] == [8, 8, 8, 12], counts
+    assert same_id[1] < 8 and same_full[1] < 8, counts  # sent together, same inputs: queued into one execution
+    assert mixed_pairs[1] == 8, counts  # a user-id and a full-feature request sent together: never one execution
+    assert mixed[1] >= 6, counts  # at best the two of each kind joined, each round
+
+
+def test_ranking_by_user_id_through_redis_equals_offline_and_a_stopped_redis_is_503(served_by_id, ranking_redis):
+    """``recsys_uid_redis`` reads a real Redis online store: the same scores as the offline scores of the stored
+    rows over gRPC and HTTP; with Redis stopped, user-id requests are UNAVAILABLE (HTTP 503) and full-feature
+    requests still answer. Last in the file: it stops the module's Redis."""
+    from pipeline_lib.features import snapshot
+
+    if ranking_redis is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+    server, art, offline = served_by_id
+    users, items = snapshot.stored_users(art, 3), snapshot.stored_items(art, 5)
+    assert json.loads((server.model_repository / "recsys_uid_redis" / "feature_store.json").read_text())[
+        "online_store"] == "redis"
+    for url, protocol in ((server.grpc_url, "grpc"), (server.http_url, "http")):
+        with RecsysClient(url, protocol, "recsys_uid_redis") as c:
+            scores, cold = c.predict_user([users[1]], items, "user_id", "item_id")
+            np.testing.assert_allclose(scores, offline([users[1]] * len(items), items), atol=1e-5, rtol=0)
+            scores, cold = c.predict_user(users, items[:3], "user_id", "item_id")
+            np.testing.assert_allclose(scores, offline(users, items[:3]), atol=1e-5, rtol=0)
+            assert cold.tolist() == [False] * 3
+    ranking_redis[0].terminate()
+    ranking_redis[0].wait(timeout=10)
+    with RecsysClient(server.http_url, "http", "recsys_uid_redis") as c:
+        with pytest.raises(InferenceServerException, match="unavailable: feature store") as err:
+            c.predict_user(users, items[:3], "user_id", "item_id")
+        assert err.value.status() == "503"
+        full = snapshot.offline_pairs(art, users, items[:3])[c.raw_columns]
+        np.testing.assert_allclose(c.predict(full), offline(users, items[:3]), atol=1e-5, rtol=0)

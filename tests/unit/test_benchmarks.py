@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks import etl_bench, run, serving_bench, topk_bench, train_bench
+from benchmarks import etl_bench, latency, run, serving_bench, topk_bench, train_bench, user_id
 from pipeline_lib.data import synthetic
 from pipeline_lib.etl import workflow as etl
 from pipeline_lib.config import ColumnsConfig, SplitConfig, SyntheticConfig
@@ -73,7 +73,7 @@ def test_the_default_run_keeps_its_full_plan():
     assert plan.model_from_run is None and serving_bench.WARMUP == 3
     assert [plan.budget(b) for b in plan.batches] == [(300, 8.0), (200, 8.0), (40, 8.0)]
     assert plan.breakdown_calls() == 30
-    assert topk_bench.budget() == (100, 4.0) and topk_bench.budget(True) == (30, 2.0)
+    assert latency.budget() == (100, 4.0) and latency.budget(True) == (30, 2.0)
 
 
 def test_serving_the_topk_reranker_needs_the_topk_section():
@@ -87,7 +87,25 @@ def test_request_caps_shrink_every_timed_point():
     assert [plan.budget(b) for b in (1, 64, 1024)] == [(3, 1.0), (3, 1.0), (3, 1.0)]
     assert serving_bench.Plan(quick=True).budget(1024) == (10, 4.0) and plan.breakdown_calls() == 3
     assert serving_bench.Plan(requests_cap=500).budget(1) == (300, 8.0)  # a cap never raises the budget
-    assert topk_bench.budget(False, 3, 0.5) == (3, 0.5) and topk_bench.budget(True, 500) == (30, 2.0)
+    assert latency.budget(False, 3, 0.5) == (3, 0.5) and latency.budget(True, 500) == (30, 2.0)
+
+
+def test_timed_stops_at_the_call_cap_or_once_the_seconds_pass():
+    calls = []
+    r = latency.timed(lambda: calls.append(1), 5, 60.0)
+    assert r["requests"] == 5 and len(calls) == 6 and 0 <= r["p50_ms"] <= r["p99_ms"]  # + one warm-up call
+    assert latency.timed(lambda: None, 1000, 0.0)["requests"] == 1  # the first call past the deadline ends it
+
+
+def test_user_id_table_has_one_row_per_family_point_and_says_what_did_not_run():
+    point = {"p50_ms": 1.0, "p99_ms": 2.0, "requests": 3}
+    rows = [{"family": "ranking", "protocol": "grpc", "batch": 64, "full_features": point, "user_id": point,
+             "user_id_minus_full_p50_ms": 0.0, "store_lookup": point, "feast_get_online_features": None,
+             "online_store": "sqlite"}]
+    md = "\n".join(user_id.markdown({"rows": rows, "topk_measured": False, "ranking_measured": True}))
+    assert "| ranking | grpc | 64 | 1.0 (2.0) | 1.0 (2.0) | 0.0 | 1.0 (2.0) | – | sqlite |" in md
+    assert "`--with topk` adds them" in md and "No ranking rows" not in md
+    assert "No ranking rows" in "\n".join(user_id.markdown({"rows": [], "topk_measured": True}))
 
 
 def test_topk_flow_overrides_keep_the_two_stage_run():
