@@ -62,7 +62,7 @@ def test_suite_etl_peers_and_training_sections_tiny(tmp_path, capsys):
     section trains on the ETL section's output of the same size with both feeds."""
     out = tmp_path / "results"
     res = run.main(["--etl-rows", "2000", "--peers-etl-rows", "2000", "--train-rows", "2000",
-                    "--skip", "serving,serving_peers,impressions,e2e",
+                    "--skip", "serving,serving_peers,impressions,e2e,user_id",
                     "--train-one-interpreter", "--train-unshuffled-only",  # the shuffled path: tests/unit/test_benchmarks.py
                     "--out", str(out), "--data-dir", str(tmp_path / "data")])
     saved, md = check_bench_results(res, out)
