@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from pipeline_lib.config import SESSION_CLASSICAL_TYPES
 from pipeline_lib.export.topk import TOPK_DIR
 from pipeline_lib.features.snapshot import has_snapshot
 from pipeline_lib.features.store import (FeatureStoreError, StoreSettings, check_reachable, materialize, read_pointer,
@@ -24,8 +25,20 @@ def version_artifacts(repo: Path, model: str, version: int) -> Path:
 def check_store(cfg) -> None:
     """Before a run: the Redis online store its ``features`` stage will write must answer (:class:`FeatureStoreError`
     naming it otherwise), so a run with Redis down fails in a second, not after training and promotion."""
-    if cfg.features.enabled and cfg.features.online_store == "redis":
+    if cfg.features.enabled and cfg.features.online_store == "redis" and writes_snapshot(cfg):
         check_reachable(StoreSettings.from_config(cfg))
+
+
+def writes_snapshot(cfg) -> bool:
+    """Whether the run's version may keep a feature snapshot: every family but a session run whose candidates are all
+    classical (session_knn / sequential_rules read no item features)."""
+    if cfg.task != "session":
+        return True
+    m = cfg.session.model
+    if m.candidates == "auto":
+        return True
+    types = [c.type for c in m.candidates] if isinstance(m.candidates, list) else [m.type]
+    return any(t not in SESSION_CLASSICAL_TYPES for t in types)
 
 
 def fill_store(cfg, version: int) -> Optional[dict]:

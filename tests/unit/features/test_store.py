@@ -163,6 +163,10 @@ def test_a_redis_store_that_does_not_answer_is_named_before_a_run(tmp_path, redi
                        r"does not answer .*nothing was run. Start it, or fix features.redis_connection"):
         stage.check_store(cfg)
     assert time.perf_counter() - t0 < 1.0
+    session = {"task": "session", "features": cfg.features.model_dump()}
+    stage.check_store(load_config(None, {**session, "session": {"model": {"type": "session_knn"}}}))  # no snapshot
+    with pytest.raises(store.FeatureStoreError):  # a deep session version keeps an item snapshot
+        stage.check_store(load_config(None, {**session, "session": {"model": {"type": "gru"}}}))
     stage.check_store(load_config(None, {"features": {"online_store": "redis", "enabled": False}}))
     stage.check_store(load_config(None, {}))  # sqlite
 
