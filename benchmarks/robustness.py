@@ -374,8 +374,10 @@ def build(ctx: Context, log: Callable[[str], None]) -> None:
 
     t0 = time.monotonic()
     for version, lam in ((1, 200.0), (2, 5.0)):  # two EASE versions: different regularisation, different answers
+        # full requests (user id + exclusions, history from the version's seen.npz): the feature store is not what
+        # this script checks (tests/integration/test_classical.py serves user-id requests through a store)
         rcfg = _cfg(ctx.tmp, f"ret{version}", model={"type": "ease", "classical": {"ease_lambda": lam}},
-                    export={"model_name": RET})
+                    export={"model_name": RET}, features={"enabled": False})
         rfam, rpaths = get_family(rcfg), new_run(rcfg)
         rtrained = rfam.train(rpaths, etl_out)  # ease reads the raw split of the ranking run's ETL
         rexp = rfam.export(rpaths, etl_out, rtrained)

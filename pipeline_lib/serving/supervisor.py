@@ -43,6 +43,7 @@ import numpy as np
 from pipeline_lib.serving.admin_key import ADMIN_HEADER
 from pipeline_lib.serving.repository import locked as repository_lock
 from pipeline_lib.serving.server import ServerError, Stub, TritonServer, is_alive
+from pipeline_lib.validate.requests import ERROR_PREFIXES
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,15 @@ _DEAD = re.compile(r"stub process|not healthy|is not ready|unknown model|unavail
                    r"failed to connect|connection", re.IGNORECASE)
 
 
+def answered_by_model(message: str) -> bool:
+    """Whether a failed probe was answered by the model's own code (alive) rather than by Triton for a model that
+    cannot run: any of the models' own error answers (:data:`~pipeline_lib.validate.requests.ERROR_PREFIXES`:
+    e.g. ``unavailable: no feature store ...`` for a probe that leaves a user-id version's features out while its
+    store is down -- a restart cannot fix the store, and full-feature requests still answer), or a message that
+    names none of Triton's "cannot run" causes (not "unknown model", which Triton answers with a 400 too)."""
+    return message.startswith(ERROR_PREFIXES) or not _DEAD.search(message)
+
+
 def probe(url: str, model: str, timeout_s: float = 10.0) -> Optional[str]:
     """None when ``model`` at ``url`` answers a real inference -- or its own code answers it with an
     error (a 400, or an exception about the zeros of the probe row): its process is alive -- else why not
@@ -109,7 +119,7 @@ def probe(url: str, model: str, timeout_s: float = 10.0) -> Optional[str]:
         return None
     except InferenceServerException as exc:
         msg = str(exc.message() or exc)
-        if exc.status() == "400" or not _DEAD.search(msg):
+        if answered_by_model(msg):
             return None  # the model's own code answered (refused the zeros, say): its process is alive
         return f"probe inference failed: {msg.splitlines()[0][:200]}"
     except Exception as exc:  # noqa: BLE001 - connection refused, timeout: all mean "not answering"

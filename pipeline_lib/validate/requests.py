@@ -69,6 +69,11 @@ class BadRequest(ValueError):
     """The request itself is wrong (the client's fault): answered as invalid-argument / HTTP 400."""
 
 
+# how every error answered by the project's served models begins (error_response): an answer that begins so came
+# from the model's own code, whose process is therefore alive (the supervisor's probe reads it so)
+ERROR_PREFIXES = ("bad request: ", "unavailable: ", "inference failed: ")
+
+
 def error_response(pb_utils, exc: BaseException):
     """Triton's error response for an exception raised while serving one request.
 

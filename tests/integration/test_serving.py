@@ -679,6 +679,11 @@ def test_ranking_by_user_id_without_a_reachable_store_is_503_and_full_rows_still
         with pytest.raises(InferenceServerException) as err:
             c.predict_user(users, items, "user_id", "item_id")
         assert "UNAVAILABLE" in str(err.value.status())
+    # the supervisor's probe (required inputs only: a user-id request here) gets the model's own 503: the model
+    # is alive, no restart (a restart cannot bring the store back; full-feature requests answer meanwhile)
+    from pipeline_lib.serving.supervisor import probe
+
+    assert probe(server.http_url, "recsys_nostore") is None
 
 
 def _together(calls: list) -> list:

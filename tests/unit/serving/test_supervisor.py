@@ -5,7 +5,7 @@ fault tests run the loop itself against a real `recsys serve`: tests/integration
 import time
 
 from pipeline_lib.serving.server import Stub, stub_of
-from pipeline_lib.serving.supervisor import _DEAD, probe_inputs, stub_death
+from pipeline_lib.serving.supervisor import _DEAD, answered_by_model, probe_inputs, stub_death
 
 
 def test_probe_row_from_a_config_fits_triton_checks():
@@ -29,6 +29,13 @@ def test_only_cannot_run_answers_count_as_failures():
     assert _DEAD.search("Request for unknown model: 'recsys' is not found")
     assert not _DEAD.search("bad request: input 'x' ends at 0 but 'y' has 1 values")
     assert not _DEAD.search("inference failed: ValueError: could not convert")
+    # the models' own answers mean a live process, also a 503 of a user-id version whose feature store is down
+    assert answered_by_model("unavailable: no feature store is set up for model 'ret' (...)")
+    assert answered_by_model("unavailable: feature store unreachable (redis at 127.0.0.1:1): ConnectionError")
+    assert answered_by_model("bad request: input 'k' must be >= 1")
+    assert not answered_by_model("Stub process 'recsys_0_0' is not healthy.")
+    assert not answered_by_model("Request for unknown model: 'recsys' is not found")  # Triton's own 400
+    assert answered_by_model("unexpected shape for input 'k' for model 'recsys'")  # Triton read the request
 
 
 def _stub(pid, version, model="recsys"):
