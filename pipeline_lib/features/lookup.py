@@ -9,7 +9,6 @@ that cannot be reached, was never filled, or holds another version's features ra
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -90,10 +89,7 @@ class UserLookup:
         self.model_dir = Path(model_dir)
         self.settings: Optional[StoreSettings] = None
         self.store: Any = None
-        self.last_lookup_s = 0.0
-        self.reader: Optional[SqliteReader] = None  # the SQLite store read directly (Feast's API for Redis)
-        self.refs = [f"{USER_VIEW}:{c}" for c in self.snap.user_columns] + [f"{USER_VIEW}:{SNAPSHOT_FIELD}"]
-        self.item_reader: Optional[SqliteReader] = None  # fetch_items: the item view read directly (SQLite)
+        self.readers: dict[str, SqliteReader] = {}  # per view: the SQLite store read directly (Feast's API for Redis)
 
     @property
     def user_id(self) -> str:
@@ -118,75 +114,54 @@ class UserLookup:
                 self.store = open_store(self.settings.repo)
                 bound_redis(self.store)  # Redis down: UNAVAILABLE within about a second, not ~3 s of retries
                 if self.settings.online_store == "sqlite":
-                    cols = self.snap.user_columns + [SNAPSHOT_FIELD]
-                    self.reader = SqliteReader(self.settings.repo / "online.db", project_name(self.settings.repo),
-                                               USER_VIEW, self.user_id, cols)
+                    db, project = self.settings.repo / "online.db", project_name(self.settings.repo)
+                    self.readers = {view: SqliteReader(db, project, view, key, cols + [SNAPSHOT_FIELD])
+                                    for view, key, cols in ((USER_VIEW, self.user_id, self.snap.user_columns),
+                                                            (ITEM_VIEW, self.snap.item_id, self.snap.item_columns))}
             except Exception as exc:  # noqa: BLE001 - a missing or broken repo
                 raise FeatureStoreError(f"feature store at {self.settings.repo} cannot be opened: "
                                         f"{type(exc).__name__}: {exc}") from exc
         return self.store
 
-    def fetch(self, user_ids: np.ndarray) -> tuple[dict[str, list], np.ndarray]:
-        """Stored user columns for ``user_ids`` (cold-start defaults where unknown) and the cold-start mask."""
-        ids = _python_ids(user_ids)
+    def _read(self, view: str, join_key: str, columns: list[str], ids: list) -> dict[str, list]:
+        """``{column: [value per id]}`` of ``view`` for ``ids``, the snapshot id column included (None where the
+        store holds nothing); :class:`FeatureStoreError` when the store cannot be read."""
         store = self._open()
-        t0 = time.perf_counter()
         try:
-            if self.reader is not None:
-                res = self.reader.read(ids)
-            else:
-                res = store.get_online_features(features=self.refs, entity_rows=[{self.user_id: u} for u in ids]).to_dict()
+            if view in self.readers:
+                return self.readers[view].read(ids)
+            return store.get_online_features(features=[f"{view}:{c}" for c in columns + [SNAPSHOT_FIELD]],
+                                             entity_rows=[{join_key: i} for i in ids]).to_dict()
         except Exception as exc:  # noqa: BLE001 - connection refused, missing table, timeout
             raise FeatureStoreError(f"feature store unreachable ({self.settings.online_store} at "  # type: ignore[union-attr]
                                     f"{self._where()}): {type(exc).__name__}: {str(exc)[:300]}") from exc
-        self.last_lookup_s = time.perf_counter() - t0
-        snaps = res[SNAPSHOT_FIELD]
-        mine = np.array([s == self.snap.id for s in snaps])
-        if any(s is not None and s != self.snap.id for s in snaps):
-            self._check_current()  # another version's rows: stale users of an older version, or the wrong version
-        cold = ~mine
+
+    def _filled(self, res: dict[str, list], columns: list[str], mine: np.ndarray, defaults: dict) -> dict[str, list]:
+        """The stored values where ``mine`` (this snapshot's rows), ``defaults`` elsewhere; lists as lists."""
         out = {}
-        for c in self.snap.user_columns:
-            default = self.snap.defaults.get(c)
-            out[c] = [v if m else (list(default) if isinstance(default, list) else default)
-                      for v, m in zip(res[c], mine)]
+        for c in columns:
+            default = defaults.get(c)
+            out[c] = [v if m else (list(default) if isinstance(default, list) else default) for v, m in zip(res[c], mine)]
             if c in self.snap.list_columns:
                 out[c] = [list(v) if v is not None else [] for v in out[c]]
-        return out, cold
+        return out
+
+    def fetch(self, user_ids: np.ndarray) -> tuple[dict[str, list], np.ndarray]:
+        """Stored user columns for ``user_ids`` (cold-start defaults where unknown) and the cold-start mask."""
+        res = self._read(USER_VIEW, self.user_id, self.snap.user_columns, _python_ids(user_ids))
+        snaps = res[SNAPSHOT_FIELD]
+        mine = np.array([s == self.snap.id for s in snaps], dtype=bool)
+        if any(s is not None and s != self.snap.id for s in snaps):
+            self._check_current()  # another version's rows: stale users of an older version, or the wrong version
+        return self._filled(res, self.snap.user_columns, mine, self.snap.defaults), ~mine
 
     def fetch_items(self, item_ids: np.ndarray) -> tuple[dict[str, list], np.ndarray]:
         """Stored item columns for ``item_ids`` (the snapshot's ``item_defaults`` where the store does not hold the
         item from this version's snapshot) and the unknown-item mask; the same store, readers and errors as
         :meth:`fetch`. Callers check the store's version through :meth:`fetch` (or :meth:`check_current`)."""
-        ids = _python_ids(item_ids)
-        store = self._open()
-        cols, read = self.snap.item_columns, self.snap.item_columns + [SNAPSHOT_FIELD]
-        t0 = time.perf_counter()
-        try:
-            if self.settings.online_store == "sqlite":  # type: ignore[union-attr]
-                if self.item_reader is None:
-                    self.item_reader = SqliteReader(self.settings.repo / "online.db",  # type: ignore[union-attr]
-                                                    project_name(self.settings.repo), ITEM_VIEW,  # type: ignore[union-attr]
-                                                    self.snap.item_id, read)
-                res = self.item_reader.read(ids)
-            else:
-                res = store.get_online_features(features=[f"{ITEM_VIEW}:{c}" for c in read],
-                                                entity_rows=[{self.snap.item_id: i} for i in ids]).to_dict()
-        except FeatureStoreError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - connection refused, missing table, timeout
-            raise FeatureStoreError(f"feature store unreachable ({self.settings.online_store} at "  # type: ignore[union-attr]
-                                    f"{self._where()}): {type(exc).__name__}: {str(exc)[:300]}") from exc
-        self.last_lookup_s += time.perf_counter() - t0
+        res = self._read(ITEM_VIEW, self.snap.item_id, self.snap.item_columns, _python_ids(item_ids))
         known = np.array([s == self.snap.id for s in res[SNAPSHOT_FIELD]], dtype=bool)  # an older snapshot's: unknown
-        out = {}
-        for c in cols:
-            default = self.snap.item_defaults.get(c)
-            out[c] = [v if k else (list(default) if isinstance(default, list) else default)
-                      for v, k in zip(res[c], known)]
-            if c in self.snap.list_columns:
-                out[c] = [list(v) if v is not None else [] for v in out[c]]
-        return out, ~known
+        return self._filled(res, self.snap.item_columns, known, self.snap.item_defaults), ~known
 
     def check_current(self) -> None:
         """The store must hold this version's snapshot (:class:`FeatureStoreError` otherwise): for a request whose
@@ -195,8 +170,7 @@ class UserLookup:
         self._check_current()
 
     def _where(self) -> str:
-        s = self.settings
-        return s.redis_connection.split(",")[0] if s is not None and s.online_store == "redis" else str(s.repo if s else "?")
+        return self.settings.where() if self.settings is not None else "?"
 
     def _check_current(self) -> None:
         """The store's meta row must name this version's snapshot; else the store is out of step with the model."""

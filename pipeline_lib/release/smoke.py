@@ -195,6 +195,14 @@ class UserRequests:
     item_column: str = ""
 
 
+def _check_cold(req: UserRequests, what: str, http_flags, grpc_flags) -> None:
+    """The served ``cold_start`` flags (HTTP, gRPC) must be set exactly where ``req`` expects (unknown users)."""
+    for name, flags in (("HTTP", http_flags), ("gRPC", grpc_flags)):
+        if list(map(bool, flags)) != list(req.cold):
+            raise ServingMismatch(f"{what} over {name}: cold_start {list(map(bool, flags))}, expected "
+                                  f"{list(req.cold)} for users {req.user_ids}")
+
+
 def pair_parity(req: UserRequests, http, grpc, atol: float) -> float:
     """Ranking user-id answers ((scores, cold_start) over HTTP and gRPC) == the offline scores of the same pairs'
     full rows; ``cold_start`` set exactly for the unknown users' rows. Returns the largest score difference."""
@@ -203,9 +211,7 @@ def pair_parity(req: UserRequests, http, grpc, atol: float) -> float:
     for name, got in (("HTTP", http), ("gRPC", grpc)):
         if not np.isfinite(got[0]).all():
             raise ServingMismatch(f"user-id ranking requests over {name}: non-finite scores {got[0].tolist()}")
-        if list(map(bool, got[1])) != list(req.cold):
-            raise ServingMismatch(f"user-id ranking requests over {name}: cold_start {list(map(bool, got[1]))}, "
-                                  f"expected {list(req.cold)} for users {req.user_ids}")
+    _check_cold(req, "user-id ranking requests", http[1], grpc[1])
     log.info("smoke test: %d (user, item) pairs sent as ids alone (features from the store) over HTTP and gRPC == "
              "offline scores of the same pairs' training rows (%d rows of an unknown user: cold start; max diff %.1e)",
              len(req.user_ids), sum(req.cold), diff)
@@ -219,10 +225,7 @@ def user_parity(req: UserRequests, http, grpc, atol: float) -> float:
 
     want = finish_top_k(*req.offline)[:2]
     diff = served_parity(http[:2], grpc[:2], want, atol)
-    for name, got in (("HTTP", http), ("gRPC", grpc)):
-        if list(map(bool, got[2])) != list(req.cold):
-            raise ServingMismatch(f"user-id requests over {name}: cold_start {list(map(bool, got[2]))}, expected "
-                                  f"{list(req.cold)} for users {req.user_ids}")
+    _check_cold(req, "user-id requests", http[2], grpc[2])
     log.info("smoke test: %d user-id requests (features from the store) over HTTP and gRPC == offline top-k of the "
              "same users' training rows (%d unknown: cold start)", len(req.user_ids), sum(req.cold))
     return diff

@@ -108,7 +108,8 @@ def answered_by_model(message: str) -> bool:
 
 def probe(url: str, model: str, timeout_s: float = 10.0) -> Optional[str]:
     """None when ``model`` at ``url`` answers a real inference -- or its own code answers it with an
-    error (a 400, or an exception about the zeros of the probe row): its process is alive -- else why not
+    error (:func:`answered_by_model`: a refusal of the probe's zeros, a feature store that is down): its
+    process is alive -- else why not
     (a dead python stub, the model not loaded, the server not answering)."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
