@@ -57,11 +57,13 @@ def topk(url: str, protocol: str, model_dir: Path, calls: tuple = budget(), fami
     from pipeline_lib.export.topk import TOPK_DIR
     from pipeline_lib.features import snapshot
     from pipeline_lib.features.lookup import UserLookup
+    from pipeline_lib.features.store import SNAPSHOT_FIELD, USER_VIEW
     from pipeline_lib.serving.client import RecsysClient
 
     art = model_dir / str(_latest(model_dir)) / TOPK_DIR
     snap = snapshot.Snapshot.load(snapshot.snapshot_dir(art))
     lookup = UserLookup(art, model_dir)
+    refs = [f"{USER_VIEW}:{c}" for c in snap.user_columns + [SNAPSHOT_FIELD]]  # what the lookup reads
     n, secs = calls
     out = []
     with RecsysClient(url, protocol, model_dir.name) as c:
@@ -77,7 +79,7 @@ def topk(url: str, protocol: str, model_dir: Path, calls: tuple = budget(), fami
                         **versus(c, c.build_inputs(full), id_in, outputs, calls),
                         "store_lookup": timed(lambda: lookup.fetch(ids), n, secs),
                         "feast_get_online_features": timed(lambda: lookup.store.get_online_features(
-                            features=lookup.refs, entity_rows=rows).to_dict(), n, secs),
+                            features=refs, entity_rows=rows).to_dict(), n, secs),
                         "online_store": _online_store(model_dir)})
     return out
 

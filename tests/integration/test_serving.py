@@ -1,6 +1,7 @@
 """A real tritonserver process (from the nvidia-pytriton wheel) serving the exported ensemble."""
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -752,7 +753,13 @@ def test_ranking_by_user_id_with_dynamic_batching_answers_each_request_as_offlin
             for (kind, k), got in zip(calls, _together([by_id(k) if kind == "id" else by_rows(k) for kind, k in calls])):
                 assert not isinstance(got, str), (kind, got)
                 np.testing.assert_allclose(got, want[users[k]], atol=1e-5, rtol=0, err_msg=kind)
+        # Triton updates its statistics after a response is sent: wait (up to 5 s) until every request is counted,
+        # so the last requests of one call are not counted in the next
+        deadline = time.monotonic() + 5.0
         r1, e1 = _executions(server, "recsys_uid_batched")
+        while r1 - r0 < n * len(calls) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            r1, e1 = _executions(server, "recsys_uid_batched")
         return r1 - r0, e1 - e0
 
     same_id, same_full = rounds([("id", 0), ("id", 1)], 4), rounds([("rows", 0), ("rows", 1)], 4)
